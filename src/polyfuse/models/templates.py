@@ -1,0 +1,85 @@
+"""Prompt and response tokenisation through each model's own chat template.
+
+This is polyfuse's sequence convention (spec `preference-objectives.md` section 6, project decision
+(e)), shared by sampling, SFT, DPO and the log-prob engine so that every stage sees the same tokens:
+
+- chat mode: the prompt is the template with `add_generation_prompt=True`; the response tokens are the
+  ids of the full conversation after that prefix, including the end-of-turn marker and anything the
+  template writes after it. Special tokens are added only if the template does not emit BOS itself.
+- plain mode (no template, or the prefix property fails): `"{Role}: {content}\n\n"` per message then
+  `"Assistant:"`; the response is `" " + text` plus EOS, concatenated as ids without re-tokenising.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from polyfuse.data.schemas import as_messages
+
+TemplateMode = Literal["chat", "plain"]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    prompt_ids: list[int]
+    response_ids: list[int]
+    mode: TemplateMode
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.prompt_ids + self.response_ids
+
+
+def _plain_prompt(messages: list[dict[str, str]]) -> str:
+    return "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
+
+
+def _bos(tokenizer) -> list[int]:
+    """The BOS id the tokenizer would add on its own, if any."""
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return probe[:1] if len(probe) > len(bare) and probe[0] == tokenizer.bos_token_id else []
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    """Tokenise a rendered template: add special tokens only when the text does not start with BOS."""
+    bos = tokenizer.bos_token
+    adds_own = bool(bos) and text.startswith(bos)
+    prefix = [] if adds_own else _bos(tokenizer)
+    return prefix + tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_prompt(tokenizer, prompt: Any, mode: TemplateMode | None = None) -> tuple[list[int], TemplateMode]:
+    """Token ids that ask `tokenizer`'s model for the assistant's next turn."""
+    messages = as_messages(prompt)
+    if (mode or ("chat" if has_chat_template(tokenizer) else "plain")) == "chat":
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return _ids(tokenizer, text), "chat"
+    return _bos(tokenizer) + tokenizer(_plain_prompt(messages), add_special_tokens=False)["input_ids"], "plain"
+
+
+def encode(tokenizer, prompt: Any, response: str) -> Encoded:
+    """Prompt ids and scored response ids of (prompt, response) under the model's own convention."""
+    messages = as_messages(prompt)
+    if has_chat_template(tokenizer):
+        prompt_ids, _ = render_prompt(tokenizer, messages, "chat")
+        full = tokenizer.apply_chat_template(
+            messages + [{"role": "assistant", "content": response}], tokenize=False, add_generation_prompt=False
+        )
+        full_ids = _ids(tokenizer, full)
+        if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
+            return Encoded(prompt_ids, full_ids[len(prompt_ids) :], "chat")
+    prompt_ids, _ = render_prompt(tokenizer, messages, "plain")
+    response_ids = tokenizer(" " + response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return Encoded(prompt_ids, response_ids, "plain")
+
+
+def decode_response(tokenizer, ids: list[int], mode: TemplateMode) -> str:
+    """The text of generated ids, without special tokens and the plain format's leading space."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return text.strip()
