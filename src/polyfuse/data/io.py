@@ -50,6 +50,9 @@ def write_rows(path: str | Path, rows: Iterable[BaseModel | dict[str, Any]]) -> 
     without suffix, a `datasets` folder. Returns the number of rows."""
     path = Path(path)
     records = [_as_dict(r) for r in rows]
+    if path.suffix != ".jsonl":  # columnar formats need the same columns in every row
+        columns = list(dict.fromkeys(k for r in records for k in r))
+        records = [{k: r.get(k) for k in columns} for r in records]
     if path.suffix == ".jsonl":
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     elif path.suffix == ".parquet":
@@ -141,7 +144,7 @@ def read_rows(
             problem = "expected a JSON object"
         else:
             try:
-                row = schema.model_validate(record)
+                row = schema.model_validate({k: v for k, v in record.items() if v is not None})
             except ValidationError as err:
                 problem = _explain(err)
             else:

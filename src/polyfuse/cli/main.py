@@ -1,0 +1,230 @@
+"""`polyfuse`: every pipeline stage as a command, plus `run` for whole recipes and `demo`.
+
+Stage commands take a YAML config (`--config`) validated before any model is loaded; `--set KEY=VALUE`
+(repeatable) overrides config keys. User mistakes print one clear message and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from polyfuse.errors import EXIT_USER_ERROR, UserError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fuse heterogeneous LLMs into one pivot model.")
+train_app = typer.Typer(no_args_is_help=True, help="Train the pivot: SFT or preference optimisation.")
+toy_app = typer.Typer(no_args_is_help=True, help="The offline toy world: tiny specialist sources and a weak pivot.")
+app.add_typer(train_app, name="train")
+app.add_typer(toy_app, name="toyworld")
+console = Console()
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config of this stage.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: KEY=VALUE (repeatable).")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/).")],
+    work_dir: Annotated[Path | None, typer.Option(help="Work directory (default: the recipe's work_dir).")] = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run a recipe's stages in order; finished stages are skipped, interrupted ones resume."""
+    from polyfuse.pipeline.recipe import load_recipe
+    from polyfuse.pipeline.runner import run_recipe
+
+    ctx = run_recipe(load_recipe(recipe, set_), work_dir, quiet=quiet)
+    console.print(f"[green]done[/]: {ctx.work_dir}")
+
+
+@app.command()
+def demo(
+    work_dir: Annotated[Path, typer.Option(help="Work directory.")] = Path("runs/demo"),
+    seed: Annotated[int, typer.Option(help="Recipe seed (sampling, split, training).")] = 0,
+    preset: Annotated[str, typer.Option(help="Toy world preset: default or tiny.")] = "default",
+    quiet: QuietOpt = False,
+) -> None:
+    """Build the toy world, run FuseChat-3.0 on it, and print the accuracy table and report."""
+    from polyfuse.pipeline.demo import run_demo
+
+    run_demo(work_dir, seed=seed, preset=preset, quiet=quiet)
+
+
+@app.command()
+def sample(
+    config: ConfigOpt,
+    prompts: Annotated[Path, typer.Option(help="Prompts (JSONL / Parquet / datasets folder of PromptRow).")],
+    out: OutOpt,
+    set_: SetOpt = None,
+    skip_invalid: Annotated[bool, typer.Option(help="Skip malformed prompt rows and report them.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Sample N responses per prompt from every model in the config (data parallel under accelerate)."""
+    from polyfuse.config import load_config
+    from polyfuse.data import PromptRow
+    from polyfuse.pipeline.sample import SampleConfig, run_sample
+
+    cfg = load_config(SampleConfig, config, set_)
+    console.print(f"wrote {run_sample(_read(prompts, PromptRow, skip_invalid), cfg, out, quiet=quiet)}")
+
+
+@app.command()
+def score(
+    config: ConfigOpt,
+    samples: Annotated[Path, typer.Option(help="Samples written by `polyfuse sample`.")],
+    out: OutOpt,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Score samples with reward models and verifiers (math, code sandbox, toy world)."""
+    from polyfuse.config import load_config
+    from polyfuse.data import SampleRow
+    from polyfuse.pipeline.score import ScoreConfig, run_score
+
+    cfg = load_config(ScoreConfig, config, set_)
+    console.print(f"wrote {run_score(_read(samples, SampleRow), cfg, out, quiet=quiet)}")
+
+
+@app.command()
+def pairs(
+    config: ConfigOpt,
+    scored: Annotated[Path, typer.Option(help="Scored samples written by `polyfuse score`.")],
+    out: OutOpt,
+    set_: SetOpt = None,
+) -> None:
+    """Build SFT rows and preference pairs with the FuseChat-3.0 rules (or WRPO / cross-model layouts)."""
+    import json
+
+    from polyfuse.config import load_config
+    from polyfuse.data import SampleRow
+    from polyfuse.pipeline.pairs import PairsConfig, run_pairs
+
+    cfg = load_config(PairsConfig, config, set_)
+    paths = run_pairs(_read(scored, SampleRow), cfg, out)
+    console.print_json(json.dumps(json.loads(paths["report"].read_text())))
+
+
+@train_app.command("sft")
+def train_sft_cmd(
+    config: ConfigOpt,
+    data: Annotated[Path, typer.Option(help="SFT rows (TRL prompt/completion).")],
+    model: Annotated[str, typer.Option(help="Pivot: hub id, folder or .gguf file.")],
+    out: OutOpt,
+    set_: SetOpt = None,
+) -> None:
+    """Supervised fine-tuning of the pivot on response tokens."""
+    from polyfuse.config import load_config
+    from polyfuse.data import SFTRow
+    from polyfuse.models import ModelSpec
+    from polyfuse.trainers import SFTTrainConfig, train_sft
+
+    cfg = load_config(SFTTrainConfig, config, set_)
+    console.print(f"saved {train_sft(ModelSpec(path=model), _read(data, SFTRow), cfg, out)}")
+
+
+@train_app.command("dpo")
+def train_dpo_cmd(
+    config: ConfigOpt,
+    data: Annotated[Path, typer.Option(help="Preference rows (TRL prompt/chosen/rejected).")],
+    model: Annotated[str, typer.Option(help="Initial pivot (the SFT checkpoint): also the reference.")],
+    out: OutOpt,
+    set_: SetOpt = None,
+) -> None:
+    """Preference optimisation (DPO, LN-DPO, ...): reference log-probs are computed once, before training."""
+    from polyfuse.config import load_config
+    from polyfuse.data import PreferenceRow
+    from polyfuse.models import ModelSpec
+    from polyfuse.trainers import PreferenceTrainConfig, train_preference
+
+    cfg = load_config(PreferenceTrainConfig, config, set_)
+    console.print(f"saved {train_preference(ModelSpec(path=model), _read(data, PreferenceRow), cfg, out)}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[list[str], typer.Option(help="Model to evaluate: folder, hub id or .gguf (repeatable).")],
+    data: Annotated[str, typer.Option(help="'toyworld', 'humaneval', a GSM8K-format JSONL, or a PromptRow file.")],
+    out: OutOpt,
+    limit: Annotated[int | None, typer.Option(help="Evaluate the first N prompts only.")] = None,
+    per_domain: Annotated[int, typer.Option(help="Toy world: held-out prompts per domain.")] = 100,
+    toy_preset: Annotated[str, typer.Option(help="Toy world preset for --data toyworld.")] = "default",
+    max_new_tokens: Annotated[int, typer.Option(help="Generation budget per prompt.")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Prompts per generate call.")] = 32,
+) -> None:
+    """Greedy accuracy per domain on held-out prompts: a table, results.json and a PNG bar chart."""
+    from polyfuse.evaluation import accuracy_table, evaluate, load_eval_set, write_eval_report
+    from polyfuse.models import ModelSpec
+
+    prompts, scorers = load_eval_set(data, limit=limit, per_domain=per_domain, toy_preset=toy_preset)
+    results = {}
+    for path in model:
+        spec = ModelSpec(path=path)
+        results[spec.label] = evaluate(spec, prompts, scorers, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    write_eval_report(results, out)
+    console.print(accuracy_table(results))
+
+
+@toy_app.command("build")
+def toy_build(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML ToyWorldConfig (overrides the preset).")] = None,
+    preset: Annotated[str, typer.Option(help="default or tiny.")] = "default",
+    cache_dir: Annotated[Path | None, typer.Option(help="Cache folder (default $POLYFUSE_CACHE or ~/.cache/polyfuse).")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Build (or reuse from cache) the toy world: sources, pivot, reward model, tokenizers."""
+    from polyfuse.toyworld import build_world
+
+    world = build_world(_toy_config(config, preset, set_), cache_dir=cache_dir)
+    console.print(f"toy world ready: {world.root}")
+
+
+@toy_app.command("info")
+def toy_info(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML ToyWorldConfig.")] = None,
+    preset: Annotated[str, typer.Option(help="default or tiny.")] = "default",
+    cache_dir: Annotated[Path | None, typer.Option(help="Cache folder.")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Held-out accuracy of every toy model on every domain."""
+    from polyfuse.evaluation import accuracy_table
+    from polyfuse.toyworld import build_world, world_info
+
+    world = build_world(_toy_config(config, preset, set_), cache_dir=cache_dir)
+    console.print(f"toy world: {world.root}")
+    console.print(accuracy_table(world_info(world)))
+
+
+def _toy_config(path: Path | None, preset: str, overrides: list[str] | None):
+    from polyfuse.config import apply_overrides, read_yaml, validate
+    from polyfuse.toyworld import ToyWorldConfig
+
+    base = ToyWorldConfig.preset(preset).model_dump()
+    base.update(read_yaml(path) if path else {})
+    return validate(ToyWorldConfig, apply_overrides(base, overrides), source=str(path or f"preset {preset}"))
+
+
+def _read(path: Path, schema, skip_invalid: bool = False):
+    from polyfuse.data.io import ReadReport, read_rows
+
+    report = ReadReport()
+    rows = read_rows(path, schema, skip_invalid=skip_invalid, report=report)
+    if report.skipped:
+        console.print(f"[yellow]{path}: {report.summary()}[/]")
+        for number, problem in report.skipped[:20]:
+            console.print(f"  line {number}: {problem}")
+    return rows
+
+
+def main() -> None:
+    """Entry point: user errors become one red line and exit code 2, never a traceback."""
+    try:
+        app()  # bad flags: typer's own usage message and exit code 2
+    except UserError as err:
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {err}", highlight=False)
+        sys.exit(EXIT_USER_ERROR)

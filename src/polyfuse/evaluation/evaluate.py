@@ -1,0 +1,134 @@
+"""Greedy evaluation: generate one response per prompt, judge it with the verifier for its domain.
+
+Each prompt is judged by the first verifier (in the order given) whose `applies_to` accepts it; a prompt
+no verifier accepts is an error, raised before any model is loaded. Accuracy is per domain; `average`
+is the unweighted mean over domains, `overall` the fraction of all prompts.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from pydantic import BaseModel
+
+from polyfuse.data.schemas import PromptRow, SampleRow, stable_id
+from polyfuse.errors import UserError
+from polyfuse.models import ModelSpec, load_model, load_tokenizer
+from polyfuse.pipeline.progress import progress_bar
+from polyfuse.sampling import SamplingParams, get_backend
+from polyfuse.scorers import SCORERS, Scorer, Verifier, build_scorer
+
+
+class EvalRecord(BaseModel):
+    prompt_id: str
+    domain: str
+    verifier: str
+    response: str
+    correct: bool
+    details: dict[str, Any] = {}
+
+
+class DomainScore(BaseModel):
+    correct: int
+    total: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total
+
+
+class EvalResult(BaseModel):
+    model: str
+    records: list[EvalRecord]
+
+    @property
+    def per_domain(self) -> dict[str, DomainScore]:
+        counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for record in self.records:
+            counts[record.domain][0] += record.correct
+            counts[record.domain][1] += 1
+        return {domain: DomainScore(correct=c, total=t) for domain, (c, t) in sorted(counts.items())}
+
+    @property
+    def average(self) -> float:
+        scores = self.per_domain.values()
+        return sum(s.accuracy for s in scores) / len(scores) if scores else 0.0
+
+    @property
+    def overall(self) -> float:
+        return sum(r.correct for r in self.records) / len(self.records) if self.records else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        domains = {d: {"correct": s.correct, "total": s.total, "accuracy": s.accuracy} for d, s in self.per_domain.items()}
+        return {"per_domain": domains, "average": self.average, "overall": self.overall}
+
+
+def default_verifiers() -> list[Scorer]:
+    """Every registered verifier whose config needs no options (math, code, and the toy world's once
+    `polyfuse.toyworld` is imported)."""
+    verifiers = []
+    for name in SCORERS.names():
+        scorer = SCORERS.get(name)
+        if issubclass(scorer, Verifier) and not any(f.is_required() for f in scorer.Config.model_fields.values()):
+            verifiers.append(build_scorer(scorer.Config()))
+    return verifiers
+
+
+def _as_sample(prompt: PromptRow, label: str, response: str, params: SamplingParams) -> SampleRow:
+    fields = prompt.model_dump()
+    fields.update(id=stable_id(prompt.id, label, 0), prompt_id=prompt.id, model=label, sample_index=0,
+                  response=response, sampling=params.model_dump(), seed=params.seed)
+    return SampleRow(**fields)
+
+
+def _pick_verifiers(rows: list[SampleRow], verifiers: list[Scorer]) -> list[Scorer]:
+    picked, unjudged = [], []
+    for row in rows:
+        verifier = next((v for v in verifiers if v.applies_to(row)), None)
+        picked.append(verifier)
+        if verifier is None:
+            unjudged.append(f"{row.prompt_id} (domain {row.domain!r})")
+    if unjudged:
+        names = ", ".join(v.name for v in verifiers) or "none"
+        raise UserError(
+            f"no verifier applies to {len(unjudged)} prompts, e.g. {', '.join(unjudged[:5])}; "
+            f"verifiers given: {names}. Add a verifier for those domains or give rows their answer/tests."
+        )
+    return picked
+
+
+def evaluate(
+    model: ModelSpec | tuple[Any, Any],
+    prompts: list[PromptRow],
+    scorers: list[Scorer],
+    batch_size: int = 8,
+    max_new_tokens: int = 512,
+    label: str | None = None,
+    quiet: bool = False,
+) -> EvalResult:
+    """Greedy-decode every prompt with `model` (a spec, or a loaded (model, tokenizer) pair) and judge it."""
+    label = label or (model.label if isinstance(model, ModelSpec) else "model")
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
+    verifiers = [s for s in scorers if s.kind == "verifier"]
+    picked = _pick_verifiers([_as_sample(p, label, "", params) for p in prompts], verifiers)
+    if isinstance(model, ModelSpec):
+        lm, tokenizer = load_model(model), load_tokenizer(model, padding_side="left")
+    else:
+        lm, tokenizer = model
+    backend = get_backend("transformers")(lm, tokenizer, batch_size)
+    with progress_bar(disable=quiet) as bar:
+        task = bar.add_task(f"eval {label}", total=len(prompts))
+        outputs = backend.generate([p.prompt for p in prompts], params, lambda n: bar.advance(task, n))
+    rows = [_as_sample(p, label, out[0], params) for p, out in zip(prompts, outputs, strict=True)]
+    verdicts: list[tuple[Any, dict[str, Any]] | None] = [None] * len(rows)
+    for verifier in {id(v): v for v in picked}.values():
+        indices = [i for i, v in enumerate(picked) if v is verifier]
+        for i, verdict in zip(indices, verifier.score([rows[i] for i in indices]), strict=True):
+            verdicts[i] = verdict
+    records = [
+        EvalRecord(prompt_id=row.prompt_id, domain=row.domain, verifier=v.name, response=row.response,
+                   correct=bool(verdict[0]), details=verdict[1])
+        for row, v, verdict in zip(rows, picked, verdicts, strict=True)
+    ]
+    return EvalResult(model=label, records=records)

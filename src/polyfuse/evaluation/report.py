@@ -1,0 +1,78 @@
+"""Accuracy reports: a rich table for the terminal, and results.json / results.md / accuracy.png plus
+per-example records on disk. Rows are models; columns are domains, then the average over domains."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from rich.table import Table
+
+from polyfuse.data.io import atomic_write_text, write_json, write_rows
+from polyfuse.evaluation.evaluate import EvalResult
+
+
+def _file_name(label: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", label)
+
+
+def _domains(results: dict[str, EvalResult]) -> list[str]:
+    return sorted({d for result in results.values() for d in result.per_domain})
+
+
+def _cells(result: EvalResult, domains: list[str]) -> list[str]:
+    scores = result.per_domain
+    cells = [f"{100 * scores[d].accuracy:.1f}" if d in scores else "-" for d in domains]
+    return cells + [f"{100 * result.average:.1f}"]
+
+
+def accuracy_table(results: dict[str, EvalResult]) -> Table:
+    domains = _domains(results)
+    table = Table(title="Accuracy (%)")
+    table.add_column("model")
+    for column in [*domains, "average"]:
+        table.add_column(column, justify="right")
+    for label, result in results.items():
+        table.add_row(label, *_cells(result, domains))
+    return table
+
+
+def _markdown(results: dict[str, EvalResult]) -> str:
+    domains = _domains(results)
+    lines = [
+        "| model | " + " | ".join([*domains, "average"]) + " |",
+        "|---|" + "---:|" * (len(domains) + 1),
+        *(f"| {label} | " + " | ".join(_cells(result, domains)) + " |" for label, result in results.items()),
+    ]
+    return "Accuracy (%), greedy decoding.\n\n" + "\n".join(lines) + "\n"
+
+
+def _chart(results: dict[str, EvalResult], path: Path) -> None:
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
+
+    groups = [*_domains(results), "average"]
+    width = 0.8 / max(len(results), 1)
+    figure = Figure(figsize=(max(6.0, len(groups) * (0.6 + 0.4 * len(results))), 4))
+    axes = figure.subplots()
+    for k, (label, result) in enumerate(results.items()):
+        scores = result.per_domain
+        values = [100 * scores[d].accuracy if d in scores else 0.0 for d in groups[:-1]] + [100 * result.average]
+        axes.bar([g + k * width - 0.4 + width / 2 for g in range(len(groups))], values, width, label=label)
+    axes.set_xticks(range(len(groups)), groups)
+    axes.set_ylabel("accuracy (%)")
+    axes.set_ylim(0, 100)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, format="png", dpi=120)
+
+
+def write_eval_report(results: dict[str, EvalResult], out_dir: str | Path) -> Path:
+    """Write results.json, results.md, accuracy.png and records/<model>.jsonl; returns `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "results.json", {label: result.summary() for label, result in results.items()})
+    atomic_write_text(out_dir / "results.md", _markdown(results))
+    _chart(results, out_dir / "accuracy.png")
+    for label, result in results.items():
+        write_rows(out_dir / "records" / f"{_file_name(label)}.jsonl", result.records)
+    return out_dir

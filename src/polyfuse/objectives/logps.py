@@ -1,0 +1,33 @@
+"""Per-sequence log-probs from logits: the one implementation shared by the trainers and the log-prob
+engine, so training and reference scoring count exactly the same tokens (spec section 6.6)."""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of log-probs of the scored tokens of each row, and their count.
+
+    `labels` is aligned with the input ids (`IGNORE_INDEX` on prompt and padding); token k is predicted by
+    `logits[k-1]`. The logits are upcast to fp32 one row at a time, which bounds the extra memory to one
+    row's vocabulary matrix.
+    """
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    safe_targets = targets.masked_fill(~mask, 0)
+    rows = []
+    for row_logits, row_targets in zip(logits[:, :-1], safe_targets, strict=True):
+        row = row_logits.float()
+        rows.append(row.gather(-1, row_targets[:, None]).squeeze(-1) - torch.logsumexp(row, dim=-1))
+    token_logps = torch.stack(rows) * mask
+    return token_logps.sum(-1), mask.sum(-1)
+
+
+def sft_token_loss(logits: torch.Tensor, labels: torch.Tensor, num_items: torch.Tensor | int | None = None) -> torch.Tensor:
+    """Negative log-likelihood of the scored tokens divided by `num_items` (the response tokens of the
+    whole optimiser step under gradient accumulation), or by this batch's token count when not given."""
+    sums, counts = sequence_logps(logits, labels)
+    return -sums.sum() / (counts.sum() if num_items is None else num_items)

@@ -1,0 +1,169 @@
+"""Recipe files: one YAML that names the models, the prompts and the settings of every stage.
+
+Paths of the form `toyworld://pivot` or `toyworld://sources/<name>` point into the recipe's toy world;
+they are resolved from the world's config hash alone, so validation needs no model and no build.
+Relative paths are relative to the current directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, model_validator
+
+from polyfuse.config import StrictModel, apply_overrides, read_yaml, validate
+from polyfuse.data.io import ReadReport, read_rows
+from polyfuse.data.schemas import PromptRow
+from polyfuse.errors import ConfigError
+from polyfuse.logprobs import ReferenceConfig
+from polyfuse.pipeline.pairs import PairsConfig
+from polyfuse.pipeline.sample import SampleConfig, SampledModel
+from polyfuse.pipeline.score import ScoreConfig
+from polyfuse.scorers import ScorerConfig
+from polyfuse.trainers import PreferenceTrainConfig, SFTTrainConfig
+
+STAGE_ORDER = ("prompts", "sample", "score", "pairs", "sft", "reference", "dpo", "eval")
+TOY_SCHEME = "toyworld://"
+
+
+class ToyWorldRef(StrictModel):
+    preset: Literal["default", "tiny"] = "default"
+    seed: int = 0
+    cache_dir: str | None = None
+
+
+class ToyPrompts(StrictModel):
+    split: Literal["train", "heldout"] = "train"
+    per_domain: int = Field(default=100, ge=1)
+    domains: list[str] | None = None
+
+
+class PromptSource(StrictModel):
+    """Prompts from a file (JSONL / Parquet / datasets folder of PromptRow) or from the toy world."""
+
+    path: str | None = None
+    toyworld: ToyPrompts | None = None
+    limit: int | None = Field(default=None, ge=1)
+    skip_invalid: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PromptSource:
+        if (self.path is None) == (self.toyworld is None):
+            raise ValueError("give exactly one of 'path' or 'toyworld'")
+        return self
+
+
+class SampleStage(StrictModel):
+    backend: str = "transformers"
+    batch_size: int = Field(default=32, ge=1)
+    chunk_size: int = Field(default=256, ge=1)
+    include_pivot: bool = False
+
+
+class EvalStage(StrictModel):
+    prompts: PromptSource
+    models: list[str] = Field(
+        default_factory=lambda: ["sources", "pivot", "sft", "dpo"],
+        description="'sources', 'pivot', a source name, or a training stage name (its output model).",
+    )
+    scorers: list[ScorerConfig] | None = Field(default=None, description="Default: the score stage's verifiers.")
+    batch_size: int = Field(default=64, ge=1)
+    max_new_tokens: int = Field(default=32, ge=1)
+
+
+class Recipe(StrictModel):
+    name: str
+    work_dir: str | None = None
+    seed: int = 0
+    toyworld: ToyWorldRef | None = None
+    sources: list[SampledModel] = Field(min_length=1)
+    pivot: SampledModel
+    stages: list[Literal[STAGE_ORDER]] = Field(default_factory=lambda: list(STAGE_ORDER))  # type: ignore[valid-type]
+    prompts: PromptSource
+    sample: SampleStage = Field(default_factory=SampleStage)
+    score: ScoreConfig | None = None
+    pairs: PairsConfig | None = None
+    sft: SFTTrainConfig | None = None
+    reference: ReferenceConfig | None = None
+    dpo: PreferenceTrainConfig | None = None
+    eval: EvalStage | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        for stage in self.stages:
+            if stage in ("score", "pairs", "sft", "reference", "dpo", "eval") and getattr(self, stage) is None:
+                raise ValueError(f"stage {stage!r} is listed in 'stages' but has no '{stage}' section")
+        if sorted(self.stages, key=STAGE_ORDER.index) != list(self.stages):
+            raise ValueError(f"stages must keep the order {list(STAGE_ORDER)}")
+        labels = [s.label for s in self.sources] + [self.pivot.label]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"model names must be unique, got {labels}")
+        return self
+
+    @property
+    def resolved_work_dir(self) -> Path:
+        return Path(self.work_dir or f"runs/{self.name}")
+
+    def sample_config(self) -> SampleConfig:
+        models = self.sources + ([self.pivot] if self.sample.include_pivot else [])
+        return SampleConfig(models=models, backend=self.sample.backend, batch_size=self.sample.batch_size,
+                            chunk_size=self.sample.chunk_size, seed=self.seed)
+
+    def world(self):
+        """The recipe's toy world, built on first use (cached by config hash)."""
+        from polyfuse.toyworld import ToyWorldConfig, build_world
+
+        if self.toyworld is None:
+            raise ConfigError("prompts.toyworld needs a 'toyworld' section in the recipe")
+        config = ToyWorldConfig.preset(self.toyworld.preset).model_copy(update={"seed": self.toyworld.seed})
+        return build_world(config, cache_dir=self.toyworld.cache_dir)
+
+    def load_prompts(self, source: PromptSource) -> list[PromptRow]:
+        if source.toyworld is not None:
+            spec = source.toyworld
+            rows = self.world().prompts(spec.split, per_domain=spec.per_domain, domains=spec.domains, seed=self.seed)
+        else:
+            report = ReadReport()
+            rows = read_rows(source.path, PromptRow, skip_invalid=source.skip_invalid, report=report)
+            if report.skipped:
+                from rich.console import Console
+
+                Console(stderr=True).print(f"[yellow]{source.path}: {report.summary()}[/]")
+        return rows[: source.limit] if source.limit else rows
+
+    def save_resolved(self, path: Path) -> None:
+        from polyfuse.data.io import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+
+
+def _resolve_toy_paths(node: Any, root: Path) -> Any:
+    if isinstance(node, dict):
+        return {k: _resolve_toy_paths(v, root) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve_toy_paths(v, root) for v in node]
+    if isinstance(node, str) and node.startswith(TOY_SCHEME):
+        return str(root / node.removeprefix(TOY_SCHEME))
+    return node
+
+
+def _uses_toy_paths(node: Any) -> bool:
+    if isinstance(node, dict):
+        return any(_uses_toy_paths(v) for v in node.values())
+    if isinstance(node, list):
+        return any(_uses_toy_paths(v) for v in node)
+    return isinstance(node, str) and node.startswith(TOY_SCHEME)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override, resolve `toyworld://` paths and validate a recipe; no model is loaded."""
+    data = apply_overrides(read_yaml(path), overrides)
+    if _uses_toy_paths(data):
+        from polyfuse.toyworld import ToyWorldConfig, world_dir
+
+        toy = validate(ToyWorldRef, data.get("toyworld") or {}, source=f"{path}: toyworld")
+        config = ToyWorldConfig.preset(toy.preset).model_copy(update={"seed": toy.seed})
+        data = _resolve_toy_paths(data, world_dir(config, toy.cache_dir))
+    return validate(Recipe, data, source=str(path))

@@ -1,0 +1,80 @@
+"""Stage `sample`: N responses per prompt from every model, each through its own chat template.
+
+Work is cut into (model, chunk of prompts) shards. Each shard is written atomically once finished, so a
+killed run resumes with the shards still missing. Under `accelerate launch`, processes take shards in
+turn (data parallel); each shard's seed depends only on the model, the chunk and the recipe seed, so
+the output does not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+from pydantic import Field
+
+from polyfuse.config import StrictModel
+from polyfuse.data.io import ShardStore, write_rows
+from polyfuse.data.schemas import PromptRow, SampleRow, stable_id
+from polyfuse.models import ModelSpec, load_model, load_tokenizer
+from polyfuse.pipeline.progress import progress_bar
+from polyfuse.sampling import SamplingParams, get_backend
+
+
+class SampledModel(ModelSpec):
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+
+
+class SampleConfig(StrictModel):
+    models: list[SampledModel] = Field(min_length=1)
+    backend: str = "transformers"
+    batch_size: int = Field(default=32, ge=1)
+    chunk_size: int = Field(default=256, ge=1, description="Prompts per resumable shard.")
+    seed: int = 0
+
+
+def _shard_seed(seed: int, model: str, chunk: int) -> int:
+    return int(stable_id("sample", seed, model, chunk), 16) % (2**31)
+
+
+def run_sample(prompts: list[PromptRow], config: SampleConfig, out_dir: str | Path, quiet: bool = False) -> Path:
+    from accelerate import PartialState
+
+    state = PartialState()
+    out_dir = Path(out_dir)
+    store = ShardStore(out_dir / "shards")
+    chunks = [prompts[i : i + config.chunk_size] for i in range(0, len(prompts), config.chunk_size)]
+    keys = [(m, c, f"{m.label}-{c:05d}") for m in config.models for c in range(len(chunks))]
+    mine = [k for i, k in enumerate(keys) if i % state.num_processes == state.process_index]
+    backend_cls = get_backend(config.backend)
+    with progress_bar(disable=quiet or not state.is_main_process) as bar:
+        for spec in config.models:
+            todo = [(c, key) for m, c, key in mine if m is spec and not store.done(key)]
+            if not todo:
+                continue
+            task = bar.add_task(f"sample {spec.label}", total=sum(len(chunks[c]) for c, _ in todo))
+            model, tokenizer = load_model(spec), load_tokenizer(spec, padding_side="left")
+            backend = backend_cls(model, tokenizer, batch_size=config.batch_size)
+            for c, key in todo:
+                params = spec.sampling.model_copy(update={"seed": _shard_seed(config.seed, spec.label, c)})
+                texts = backend.generate(
+                    [p.prompt for p in chunks[c]], params, progress=lambda n, t=task: bar.advance(t, n)
+                )
+                rows = [
+                    SampleRow(
+                        **prompt.model_dump(exclude_none=True, exclude={"id"}),
+                        id=f"{prompt.id}:{spec.label}:{k}", prompt_id=prompt.id, model=spec.label,
+                        sample_index=k, response=text, sampling=params.model_dump(), seed=params.seed,
+                    )
+                    for prompt, responses in zip(chunks[c], texts, strict=True)
+                    for k, text in enumerate(responses)
+                ]
+                store.write(key, rows)
+            del model, backend
+            gc.collect()
+    state.wait_for_everyone()
+    out = out_dir / "samples.jsonl"
+    if state.is_main_process:
+        write_rows(out, store.read_all(SampleRow, [key for _, _, key in keys]))
+    state.wait_for_everyone()
+    return out

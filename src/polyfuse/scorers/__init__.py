@@ -1,0 +1,37 @@
+"""Scorers: reward models (a number per response) and verifiers (pass/fail per response).
+
+Built-in: `reward_model`, `math`, `code`. Other modules register more on import (the toy world
+registers `toyworld` when `polyfuse.toyworld` is imported).
+"""
+
+from polyfuse.scorers.base import (
+    SCORERS,
+    Scorer,
+    ScorerConfig,
+    ScorerSettings,
+    Verifier,
+    build_scorer,
+    parse_scorer_config,
+)
+from polyfuse.scorers.code_tests import CodeConfig, CodeVerifier
+from polyfuse.scorers.math_answer import MathConfig, MathVerifier
+from polyfuse.scorers.reward_model import RewardModelConfig, RewardModelScorer
+from polyfuse.scorers.sandbox import SandboxResult, run_sandboxed
+
+__all__ = [
+    "SCORERS",
+    "CodeConfig",
+    "CodeVerifier",
+    "MathConfig",
+    "MathVerifier",
+    "RewardModelConfig",
+    "RewardModelScorer",
+    "SandboxResult",
+    "Scorer",
+    "ScorerConfig",
+    "ScorerSettings",
+    "Verifier",
+    "build_scorer",
+    "parse_scorer_config",
+    "run_sandboxed",
+]

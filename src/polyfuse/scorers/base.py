@@ -1,0 +1,103 @@
+"""The scorer interface: reward models give every response a number, verifiers a pass/fail verdict.
+
+Adding a scorer is one file: a config class (a `ScorerSettings` subclass whose `type` is a literal) and
+a `Scorer` (or, for pass/fail checks, `Verifier`) subclass registered under the same name::
+
+    class ToyConfig(ScorerSettings):
+        type: Literal["toy"] = "toy"
+        domains: list[str] | None = ["toy"]
+
+    @SCORERS.register("toy")
+    class ToyVerifier(Verifier):
+        Config = ToyConfig
+        def check(self, row):
+            return row.response.strip() == row.answer, {}
+
+`ScorerConfig` is the field type for configs: it picks the config class from `type` through the
+registry, so scorers registered by other modules (e.g. the toy world) validate like built-in ones.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import Field, SerializeAsAny, WrapValidator
+
+from polyfuse.config import StrictModel, validate
+from polyfuse.data.schemas import SampleRow
+from polyfuse.errors import ConfigError
+from polyfuse.registry import Registry
+
+
+class ScorerSettings(StrictModel):
+    """Options every scorer has. `name` is the key written into `rewards`/`verdicts` (default: `type`);
+    `domains` restricts the scorer to rows of those domains (None: any domain)."""
+
+    type: str
+    name: str | None = None
+    domains: list[str] | None = None
+    batch_size: int = Field(default=8, ge=1)
+
+
+class Scorer(ABC):
+    Config: ClassVar[type[ScorerSettings]]
+    kind: ClassVar[Literal["reward", "verifier"]]
+
+    def __init__(self, config: ScorerSettings, device: str | None = None):
+        self.config = config
+        self.name = config.name or config.type
+
+    def applies_to(self, row: SampleRow) -> bool:
+        return self.config.domains is None or row.domain in self.config.domains
+
+    @abstractmethod
+    def score(self, rows: list[SampleRow]) -> list[tuple[float | bool, dict[str, Any]]]:
+        """One (value, details) per row, in order."""
+
+
+class Verifier(Scorer):
+    """A pass/fail scorer; subclasses implement `check` for one row."""
+
+    kind = "verifier"
+
+    @abstractmethod
+    def check(self, row: SampleRow) -> tuple[bool, dict[str, Any]]: ...
+
+    def score(self, rows: list[SampleRow]) -> list[tuple[float | bool, dict[str, Any]]]:
+        return [self.check(row) for row in rows]
+
+
+SCORERS: Registry[type[Scorer]] = Registry("scorer")
+
+
+def _pick_config(value: Any, handler) -> ScorerSettings:
+    if isinstance(value, ScorerSettings):
+        return value
+    if not isinstance(value, dict) or "type" not in value:
+        raise ValueError(f"expected a mapping with a 'type' key (one of: {', '.join(SCORERS.names())})")
+    try:
+        scorer = SCORERS.get(value["type"])
+    except ConfigError as err:
+        raise ValueError(str(err)) from None
+    return scorer.Config.model_validate(value)
+
+
+ScorerConfig = Annotated[SerializeAsAny[ScorerSettings], WrapValidator(_pick_config)]
+
+
+class _OneScorer(StrictModel):
+    scorer: ScorerConfig
+
+
+def parse_scorer_config(data: dict[str, Any] | ScorerSettings, source: str = "scorer") -> ScorerSettings:
+    """A config mapping (e.g. `{"type": "math"}`) as the registered scorer's config class."""
+    if isinstance(data, ScorerSettings):
+        return data
+    return validate(_OneScorer, {"scorer": data}, source).scorer
+
+
+def build_scorer(config: ScorerSettings | dict[str, Any], device: str | None = None) -> Scorer:
+    """The scorer for `config`; `device` (if given) overrides the device of any model it loads."""
+    config = parse_scorer_config(config)
+    return SCORERS.get(config.type)(config, device=device)

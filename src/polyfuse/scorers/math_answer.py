@@ -1,0 +1,54 @@
+"""Rule-based maths answer checking with math-verify (gold first: `verify(gold, answer)`).
+
+Gold answers may be GSM8K style (`... #### 42`), LaTeX (`\\frac{1}{2}`, `\\boxed{2\\sqrt{2}}`) or plain
+numbers. In a response, a `#### x` line wins; otherwise math-verify extracts the answer (a `\\boxed{}`
+first, else the last expression). Text that yields nothing is retried as inline LaTeX (`$...$`), so bare
+LaTeX such as `\\sqrt{8}` parses.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Literal
+
+from math_verify import parse, verify
+
+from polyfuse.data.schemas import SampleRow
+from polyfuse.scorers.base import SCORERS, ScorerSettings, Verifier
+
+
+class MathConfig(ScorerSettings):
+    type: Literal["math"] = "math"
+    domains: list[str] | None = ["math"]
+
+
+def _final_answer(text: str) -> str:
+    """The text after the last `####` (GSM8K's answer marker), up to the end of that line."""
+    if "####" in text:
+        tail = text.rsplit("####", 1)[1].strip()
+        return tail.splitlines()[0] if tail else tail
+    return text
+
+
+def _parse(text: str, timeout: int | None) -> list:
+    text = _final_answer(text)
+    return parse(text, parsing_timeout=timeout) or parse(f"${text}$", parsing_timeout=timeout)
+
+
+@SCORERS.register("math")
+class MathVerifier(Verifier):
+    Config = MathConfig
+
+    def applies_to(self, row: SampleRow) -> bool:
+        return row.answer is not None and super().applies_to(row)
+
+    def check(self, row: SampleRow) -> tuple[bool, dict[str, Any]]:
+        # math-verify's timeouts use SIGALRM, which only works in the main thread; elsewhere they are
+        # turned off rather than letting every parse fail silently.
+        timeout = 5 if threading.current_thread() is threading.main_thread() else None
+        gold = _parse(row.answer or "", timeout)
+        if not gold:
+            return False, {"error": "gold answer could not be parsed", "gold": row.answer}
+        answer = _parse(row.response, timeout)
+        details = {"gold": str(gold[-1]), "extracted": str(answer[-1]) if answer else None}
+        return bool(answer) and verify(gold, answer, timeout_seconds=timeout), details

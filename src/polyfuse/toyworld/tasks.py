@@ -1,0 +1,162 @@
+"""The toy world's task domains: prompt generators with gold answers, verifiers and disjoint splits.
+
+Each domain is small enough for a tiny model to learn on a CPU in seconds, yet a model that has not
+learnt it scores near zero:
+
+- `arithmetic`: "What is 47 + 38?" -> "85" (two 2-digit operands, so carries matter),
+- `strings`: "Reverse the letters of KQZM." -> "MZQK" (3-5 random capitals),
+- `compare`: "Which number is largest: 47, 82, 19?" -> "82" (three 2-digit numbers).
+
+Task words are random capitals and every tokenizer of the world splits digits, and is trained on a
+corpus without capitals in a row, so each model sees digits and task letters one by one.
+
+A task belongs to the held-out split when a hash of its canonical form (domain + parameters, not the
+wording) falls under `HELDOUT_PERCENT`: the split does not depend on any seed, so train and held-out
+prompts never overlap, whichever seeds generate them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from polyfuse.data import PromptRow, stable_id
+from polyfuse.errors import ConfigError
+
+Split = Literal["train", "heldout"]
+HELDOUT_PERCENT = 20
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+Params = tuple
+
+
+@dataclass(frozen=True)
+class Domain:
+    """One task family. `draw` picks canonical parameters; `prompt` and `answer` render them;
+    `corrupt` gives a plausible wrong answer (for verifier tests and reward-model negatives)."""
+
+    name: str
+    draw: Callable[[random.Random], Params]
+    prompt: Callable[[Params], str]
+    answer: Callable[[Params], str]
+    corrupt: Callable[[random.Random, str], str]
+
+
+def _two_digit(rng: random.Random) -> int:
+    return rng.randint(10, 99)
+
+
+def _corrupt_number(rng: random.Random, gold: str) -> str:
+    """A near miss: off by a small amount, or one digit changed, or digits swapped."""
+    while True:
+        kind = rng.randrange(3)
+        if kind == 0:
+            wrong = str(max(0, int(gold) + rng.choice([-10, -2, -1, 1, 2, 10])))
+        elif kind == 1:
+            pos = rng.randrange(len(gold))
+            wrong = gold[:pos] + str(rng.randrange(10)) + gold[pos + 1 :]
+            wrong = str(int(wrong))
+        else:
+            wrong = gold[::-1].lstrip("0") or "0"
+        if wrong != gold:
+            return wrong
+
+
+def _corrupt_word(rng: random.Random, gold: str) -> str:
+    """A near miss: the word not reversed, two letters swapped, or one letter changed or dropped."""
+    while True:
+        kind = rng.randrange(4)
+        i = rng.randrange(len(gold))
+        if kind == 0:
+            wrong = gold[::-1]
+        elif kind == 1:
+            j = rng.randrange(len(gold))
+            chars = list(gold)
+            chars[i], chars[j] = chars[j], chars[i]
+            wrong = "".join(chars)
+        elif kind == 2:
+            wrong = gold[:i] + rng.choice(LETTERS) + gold[i + 1 :]
+        else:
+            wrong = gold[:i] + gold[i + 1 :]
+        if wrong != gold:
+            return wrong
+
+
+DOMAINS: dict[str, Domain] = {
+    d.name: d
+    for d in [
+        Domain(
+            "arithmetic",
+            draw=lambda rng: (_two_digit(rng), _two_digit(rng)),
+            prompt=lambda p: f"What is {p[0]} + {p[1]}?",
+            answer=lambda p: str(p[0] + p[1]),
+            corrupt=_corrupt_number,
+        ),
+        Domain(
+            "strings",
+            draw=lambda rng: ("".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 5))),),
+            prompt=lambda p: f"Reverse the letters of {p[0]}.",
+            answer=lambda p: p[0][::-1],
+            corrupt=_corrupt_word,
+        ),
+        Domain(
+            "compare",
+            draw=lambda rng: tuple(rng.sample(range(10, 100), 3)),
+            prompt=lambda p: f"Which number is largest: {p[0]}, {p[1]}, {p[2]}?",
+            answer=lambda p: str(max(p)),
+            corrupt=_corrupt_number,
+        ),
+    ]
+}
+
+
+def get_domain(name: str) -> Domain:
+    if name not in DOMAINS:
+        raise ConfigError(f"unknown toy domain {name!r}; expected one of: {', '.join(DOMAINS)}")
+    return DOMAINS[name]
+
+
+def split_of(domain: str, params: Params) -> Split:
+    digest = hashlib.sha1(f"{domain}:{params!r}".encode()).digest()
+    return "heldout" if int.from_bytes(digest[:4], "big") % 100 < HELDOUT_PERCENT else "train"
+
+
+def verify(response: str, answer: str) -> bool:
+    """Exact match after stripping surrounding whitespace (the models answer with the bare answer)."""
+    return response.strip() == answer.strip()
+
+
+def draw(domain: Domain, split: Split, rng: random.Random) -> Params:
+    """Parameters of one task of `split` (rejection sampling: about 1 in 5 draws is held-out)."""
+    while True:
+        params = domain.draw(rng)
+        if split_of(domain.name, params) == split:
+            return params
+
+
+def make_row(domain: Domain, params: Params) -> PromptRow:
+    prompt = domain.prompt(params)
+    return PromptRow(id=stable_id(domain.name, prompt), prompt=prompt, domain=domain.name, answer=domain.answer(params))
+
+
+def make_prompts(split: Split, domains: list[str], n: int, seed: int = 0) -> list[PromptRow]:
+    """`n` distinct prompts of `split`, spread evenly over `domains` (the first domains get the
+    remainder), each domain drawn from an RNG seeded by (seed, split, domain)."""
+    if split not in ("train", "heldout"):
+        raise ConfigError(f"split {split!r}: expected 'train' or 'heldout'")
+    rows: list[PromptRow] = []
+    for k, name in enumerate(domains):
+        domain = get_domain(name)
+        count = n // len(domains) + (1 if k < n % len(domains) else 0)
+        rng = random.Random(f"{seed}:{split}:{name}")
+        seen: dict[Params, None] = {}  # a dict keeps the drawing order
+        for _ in range(50 * count + 1000):
+            if len(seen) == count:
+                break
+            seen[draw(domain, split, rng)] = None
+        else:
+            raise ConfigError(f"{name}: cannot draw {count} distinct {split} prompts; ask for fewer")
+        rows.extend(make_row(domain, params) for params in seen)
+    return rows

@@ -1,0 +1,236 @@
+"""What SFT and preference training share: the config, the collator, the loss normalisation and saving.
+
+`PolyfuseTrainer` is a thin `transformers.Trainer`. Its loss is a *sum* over the micro-batch divided by
+the number of items (response tokens for SFT, pairs for preference objectives) of the whole optimiser
+step on all processes. Trainer counts those items over the accumulated micro-batches and passes the
+count to `compute_loss` as `num_items_in_batch`, so gradient accumulation and data parallelism do not
+change the loss: batch 1 x accumulation 4 gives the same update as batch 4 x accumulation 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+
+from polyfuse.config import StrictModel
+from polyfuse.logprobs import pad_batch
+from polyfuse.objectives import sequence_logps
+
+logger = logging.getLogger(__name__)
+
+
+class LoraSettings(StrictModel):
+    """A LoRA adapter (peft); the saved model has the adapter merged into plain weights."""
+
+    r: int = Field(default=16, ge=1)
+    alpha: float = Field(default=32.0, gt=0)
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class TrainConfig(StrictModel):
+    learning_rate: float = Field(default=1e-5, gt=0)
+    epochs: float = Field(default=1.0, gt=0)
+    batch_size: int = Field(default=8, ge=1, description="Micro-batch size per process.")
+    grad_accum: int = Field(default=1, ge=1)
+    max_length: int = Field(default=2048, ge=2, description="Longer rows are dropped, never truncated.")
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    max_grad_norm: float = Field(default=1.0, ge=0.0, description="0 disables clipping.")
+    optim: str = "adamw_torch"
+    seed: int = 42
+    shuffle: bool = True
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    logging_steps: int = Field(default=1, ge=1)
+    lora: LoraSettings | None = None
+
+
+@dataclass
+class SequenceCollator:
+    """Pads the responses of every role of a micro-batch into one forward: rows are ordered role by role
+    (all chosen, then all rejected, ...). Numeric `columns` become tensors of the batch."""
+
+    pad_token_id: int
+    roles: tuple[str, ...]
+    columns: tuple[str, ...] = ()
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids = [f[f"{role}_input_ids"] for role in self.roles for f in features]
+        prompt_lengths = [f[f"{role}_prompt_length"] for role in self.roles for f in features]
+        batch = pad_batch(ids, prompt_lengths, self.pad_token_id)
+        for name in self.columns:
+            batch[name] = torch.tensor([f[name] for f in features], dtype=torch.float32)
+        return batch
+
+
+class PolyfuseTrainer(Trainer):
+    """Subclasses give `summed_loss` (the loss summed over the micro-batch's items, and metrics) and
+    `count_items` (how many items a micro-batch holds)."""
+
+    loss_is_scaled_for_ga = True  # normalised by the items of the whole step, see `compute_loss`
+    roles: tuple[str, ...] = ()
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._metric_sums: dict[str, torch.Tensor] = {}
+        self._metric_counts: dict[str, int] = {}
+
+    def summed_loss(
+        self, inputs: dict[str, torch.Tensor], logps: torch.Tensor, ntokens: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def count_items(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        if not batch_samples:
+            return None
+        count = sum(self.count_items(b) for b in batch_samples).to(device)
+        return self.accelerator.reduce(count, "sum") if self.accelerator.num_processes > 1 else count
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        logps, ntokens = sequence_logps(outputs.logits, inputs["labels"])
+        total, metrics = self.summed_loss(inputs, logps, ntokens)
+        if num_items_in_batch is None:  # outside the training loop: this micro-batch alone
+            num_items_in_batch = self.count_items(inputs)
+        # DDP averages gradients over processes; scale back up so the step's loss is sum / items.
+        loss = total / num_items_in_batch * self.accelerator.num_processes
+        self._record(metrics)
+        return (loss, outputs) if return_outputs else loss
+
+    def _record(self, metrics: dict[str, torch.Tensor]) -> None:
+        for name, value in metrics.items():
+            value = value.detach().float()
+            self._metric_sums[name] = self._metric_sums.get(name, 0) + value.sum()
+            self._metric_counts[name] = self._metric_counts.get(name, 0) + value.numel()
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the mean of each recorded metric since the last log, over all processes."""
+        if self._metric_sums:
+            names = sorted(self._metric_sums)
+            sums = torch.stack([self._metric_sums[n] for n in names]).to(self.args.device)
+            counts = torch.tensor([float(self._metric_counts[n]) for n in names], device=self.args.device)
+            if self.accelerator.num_processes > 1:
+                sums, counts = self.accelerator.reduce(sums, "sum"), self.accelerator.reduce(counts, "sum")
+            logs.update({n: (s / c).item() for n, s, c in zip(names, sums, counts, strict=True)})
+            self._metric_sums, self._metric_counts = {}, {}
+        super().log(logs, start_time)
+
+
+def training_arguments(config: TrainConfig, output_dir: Path) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        num_train_epochs=config.epochs,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        optim=config.optim,
+        seed=config.seed,
+        train_sampling_strategy="random" if config.shuffle else "sequential",
+        bf16=config.bf16,
+        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        logging_steps=config.logging_steps,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+
+
+def prepare_model(model: Any, config: TrainConfig) -> Any:
+    """Wrap `model` in a LoRA adapter when configured (seeded, so runs are reproducible)."""
+    if config.lora is None:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    set_seed(config.seed)
+    lora = config.lora
+    peft_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def save_trained(trainer: PolyfuseTrainer, tokenizer: Any, out_dir: Path, summary: dict[str, Any]) -> Path:
+    """Save model (LoRA merged), tokenizer and a training summary as a plain HF folder, atomically: written
+    to a temporary folder beside `out_dir`, then renamed into place. Only the main process writes."""
+    out_dir = Path(out_dir)
+    trainer.accelerator.wait_for_everyone()
+    if trainer.accelerator.is_main_process:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+        staging = out_dir.with_name(f".{out_dir.name}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        summary = {**summary, "log_history": trainer.state.log_history}
+        (staging / "polyfuse_training.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        replace_folder(staging, out_dir)
+    trainer.accelerator.wait_for_everyone()
+    return out_dir
+
+
+def replace_folder(source: Path, target: Path) -> None:
+    """Move `source` to `target`; an existing `target` is swapped out first and removed only afterwards."""
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(source, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def run_training(
+    trainer_cls: type[PolyfuseTrainer],
+    model: Any,
+    tokenizer: Any,
+    features: list[dict[str, Any]],
+    collator: SequenceCollator,
+    config: TrainConfig,
+    out_dir: Path,
+    summary: dict[str, Any],
+    callbacks: list[TrainerCallback] | None = None,
+    **trainer_kwargs: Any,
+) -> Path:
+    """Train on pre-tokenised `features` and save the result to `out_dir`."""
+    from datasets import Dataset
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    model = prepare_model(model, config)
+    trainer = trainer_cls(
+        model=model,
+        args=training_arguments(config, out_dir.with_name(f".{out_dir.name}.work")),
+        data_collator=collator,
+        train_dataset=Dataset.from_list(features),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        **trainer_kwargs,
+    )
+    trainer.train()
+    summary = {**summary, "config": config.model_dump(), "examples": len(features)}
+    return save_trained(trainer, tokenizer, out_dir, summary)

@@ -1,0 +1,162 @@
+"""Preference optimisation (DPO, LN-DPO, and any objective in `polyfuse.objectives.OBJECTIVES`).
+
+No reference model is loaded while training: reference log-probs are precomputed `ref_*` columns.
+When they are missing, `ensure_reference_columns` scores the rows with the initial pivot M0 (the model
+about to be trained, before its first step). Each micro-batch is one forward over the concatenated
+responses (chosen, rejected, and any other role the objective asks for).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field, ValidationError, model_validator
+from transformers import TrainerCallback
+
+from polyfuse.data.schemas import PreferenceRow, response_text
+from polyfuse.errors import DataError
+from polyfuse.logprobs import LogpReport, check_reference_columns, compute_reference_logps, progress_bar, roles_of
+from polyfuse.models import ModelSpec, encode, load_model, load_tokenizer
+from polyfuse.objectives import OBJECTIVES, PreferenceBatch, PreferenceObjective
+from polyfuse.trainers.base import PolyfuseTrainer, SequenceCollator, TrainConfig, run_training
+
+logger = logging.getLogger(__name__)
+
+PRECOMPUTED_PREFIXES = ("ref_", "fuse_")
+
+
+class PreferenceTrainConfig(TrainConfig):
+    learning_rate: float = Field(default=1e-6, gt=0)
+    objective: str = "dpo"
+    beta: float | None = Field(default=None, gt=0, description="None: the objective's own default.")
+    objective_args: dict[str, Any] = Field(default_factory=dict, description="Other hyper-parameters of the objective.")
+    reference_batch_size: int = Field(default=8, ge=1)
+
+    @model_validator(mode="after")
+    def _objective_is_valid(self) -> PreferenceTrainConfig:
+        self.build_objective()
+        return self
+
+    def build_objective(self) -> PreferenceObjective:
+        cls = OBJECTIVES.get(self.objective)
+        args = {**self.objective_args, **({} if self.beta is None else {"beta": self.beta})}
+        try:
+            return cls.model_validate(args)
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+            raise ValueError(f"objective {self.objective!r}: {problems}") from None
+
+
+class PreferenceTrainer(PolyfuseTrainer):
+    """Hands the objective the policy's sums and counts per role plus every precomputed column."""
+
+    def __init__(self, *args: Any, objective: PreferenceObjective, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.objective = objective
+        self.roles = objective.roles
+
+    def summed_loss(self, inputs, logps, ntokens):
+        pairs = len(logps) // len(self.roles)
+        batch = PreferenceBatch(
+            logps=dict(zip(self.roles, logps.split(pairs), strict=True)),
+            ntokens=dict(zip(self.roles, ntokens.split(pairs), strict=True)),
+            columns={k: v for k, v in inputs.items() if k.startswith(PRECOMPUTED_PREFIXES)},
+            step=self.state.global_step,
+            total_steps=max(self.state.max_steps, 1),
+        )
+        losses, metrics = self.objective(batch)
+        return losses.sum(), metrics
+
+    def count_items(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.tensor(inputs["input_ids"].shape[0] // len(self.roles))
+
+
+def ensure_reference_columns(
+    model: Any,
+    tokenizer: Any,
+    rows: list[PreferenceRow],
+    objective: PreferenceObjective,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    report: LogpReport | None = None,
+) -> list[PreferenceRow]:
+    """Rows with every column the objective reads. Present columns are checked (mean*count = sum);
+    missing `ref_*` columns are computed with `model`, which must be the initial pivot M0."""
+    missing = {c for c in objective.columns for row in rows if getattr(row, c, None) is None}
+    unscorable = sorted(c for c in missing if not c.startswith("ref_"))
+    if unscorable:
+        raise DataError(f"preference data lacks {unscorable}; build it with the fusion data pipeline")
+    if not missing:
+        check_reference_columns(rows)
+        return rows
+    logger.info("scoring %d pairs with the initial model for reference columns %s", len(rows), sorted(missing))
+    total = sum(len(roles_of(row)) for row in rows)
+    with progress_bar("reference log-probs", total) as advance:
+        return compute_reference_logps(
+            model, tokenizer, rows, batch_size=batch_size, max_length=max_length, progress=advance, report=report
+        )
+
+
+def tokenize_pairs(
+    tokenizer: Any, rows: list[PreferenceRow], roles: tuple[str, ...], max_length: int
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Features for `SequenceCollator` (ids per role plus the precomputed columns every row has), and the
+    ids of rows dropped for exceeding `max_length`. A response whose token count differs from its
+    `ref_*_ntokens` column means the references scored other tokens: that is an error."""
+    columns = sorted(
+        name
+        for name in set().union(*(row.model_dump(exclude_none=True) for row in rows)) if rows else ()
+        if name.startswith(PRECOMPUTED_PREFIXES) and all(getattr(row, name, None) is not None for row in rows)
+    )
+    features, dropped = [], []
+    for row in rows:
+        feature: dict[str, Any] = {name: getattr(row, name) for name in columns}
+        for role in roles:
+            response = getattr(row, role, None)
+            if response is None:
+                raise DataError(f"row {row.id!r}: the objective needs a {role!r} response")
+            encoded = encode(tokenizer, row.prompt, response_text(response))
+            count = getattr(row, f"ref_{role}_ntokens", None)
+            if count is not None and count != len(encoded.response_ids):
+                raise DataError(
+                    f"row {row.id!r}: the {role} response has {len(encoded.response_ids)} tokens under the pivot's "
+                    f"tokenizer but ref_{role}_ntokens is {count}; the reference columns scored other tokens"
+                )
+            feature[f"{role}_input_ids"] = encoded.input_ids
+            feature[f"{role}_prompt_length"] = len(encoded.prompt_ids)
+        if max(len(feature[f"{role}_input_ids"]) for role in roles) > max_length:
+            dropped.append(row.id)
+        else:
+            features.append(feature)
+    return features, dropped
+
+
+def train_preference(
+    model_spec: ModelSpec,
+    rows: list[PreferenceRow],
+    config: PreferenceTrainConfig,
+    out_dir: str | Path,
+    callbacks: list[TrainerCallback] | None = None,
+) -> Path:
+    """Train `model_spec` (the initial pivot M0) with `config.objective` on `rows` and save a plain HF
+    folder (model + tokenizer) at `out_dir`. Missing reference columns are computed first."""
+    objective = config.build_objective()
+    tokenizer = load_tokenizer(model_spec)
+    model = load_model(model_spec)
+    report = LogpReport()
+    rows = ensure_reference_columns(
+        model, tokenizer, rows, objective, config.reference_batch_size, config.max_length, report
+    )
+    features, dropped = tokenize_pairs(tokenizer, rows, objective.roles, config.max_length)
+    dropped = report.dropped + dropped
+    if dropped:
+        logger.warning("preference training: dropped %d pairs longer than max_length %d", len(dropped), config.max_length)
+    columns = tuple(name for name in features[0] if name.startswith(PRECOMPUTED_PREFIXES)) if features else ()
+    collator = SequenceCollator(tokenizer.pad_token_id, objective.roles, columns)
+    summary = {"stage": "preference", "objective": objective.model_dump(), "model": model_spec.model_dump(), "dropped": dropped}
+    return run_training(
+        PreferenceTrainer, model, tokenizer, features, collator, config, Path(out_dir), summary, callbacks, objective=objective
+    )

@@ -1,0 +1,64 @@
+"""Supervised fine-tuning on TRL prompt-completion rows; the loss is on response tokens only."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+from transformers import TrainerCallback
+
+from polyfuse.data.schemas import SFTRow, response_text
+from polyfuse.models import ModelSpec, encode, load_model, load_tokenizer
+from polyfuse.objectives import IGNORE_INDEX
+from polyfuse.trainers.base import PolyfuseTrainer, SequenceCollator, TrainConfig, run_training
+
+logger = logging.getLogger(__name__)
+
+
+class SFTTrainConfig(TrainConfig):
+    learning_rate: float = Field(default=1e-5, gt=0)
+
+
+class SFTTrainer(PolyfuseTrainer):
+    """Mean token NLL over the response tokens of the whole optimiser step."""
+
+    roles = ("completion",)
+
+    def summed_loss(self, inputs, logps, ntokens):
+        return -logps.sum(), {}
+
+    def count_items(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (inputs["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+
+def tokenize_sft(tokenizer: Any, rows: list[SFTRow], max_length: int) -> tuple[list[dict[str, Any]], list[str]]:
+    """Features for `SequenceCollator`, and the ids of rows dropped for exceeding `max_length`."""
+    features, dropped = [], []
+    for row in rows:
+        encoded = encode(tokenizer, row.prompt, response_text(row.completion))
+        if len(encoded.input_ids) > max_length:
+            dropped.append(row.id)
+            continue
+        features.append({"completion_input_ids": encoded.input_ids, "completion_prompt_length": len(encoded.prompt_ids)})
+    return features, dropped
+
+
+def train_sft(
+    model_spec: ModelSpec,
+    rows: list[SFTRow],
+    config: SFTTrainConfig,
+    out_dir: str | Path,
+    callbacks: list[TrainerCallback] | None = None,
+) -> Path:
+    """Fine-tune `model_spec` on `rows` and save a plain HF folder (model + tokenizer) at `out_dir`."""
+    tokenizer = load_tokenizer(model_spec)
+    features, dropped = tokenize_sft(tokenizer, rows, config.max_length)
+    if dropped:
+        logger.warning("SFT: dropped %d rows longer than max_length %d", len(dropped), config.max_length)
+    model = load_model(model_spec)
+    collator = SequenceCollator(tokenizer.pad_token_id, SFTTrainer.roles)
+    summary = {"stage": "sft", "model": model_spec.model_dump(), "dropped": dropped}
+    return run_training(SFTTrainer, model, tokenizer, features, collator, config, Path(out_dir), summary, callbacks)

@@ -1,0 +1,83 @@
+"""Config validation names the key and the expected type; CLI errors exit with code 2, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from polyfuse.config import apply_overrides, load_config
+from polyfuse.errors import ConfigError
+from polyfuse.pipeline.pairs import PairsConfig
+from polyfuse.registry import Registry
+
+
+def test_wrong_type_names_key_and_type(tmp_path):
+    path = tmp_path / "pairs.yaml"
+    path.write_text("reward: rm\nsft_fraction: lots\n")
+    with pytest.raises(ConfigError, match=r"sft_fraction: Input should be a valid number.*got 'lots'"):
+        load_config(PairsConfig, path)
+
+
+def test_unknown_and_missing_keys(tmp_path):
+    path = tmp_path / "pairs.yaml"
+    path.write_text("sft_fractoin: 0.5\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(PairsConfig, path)
+    assert "sft_fractoin: unknown key" in str(err.value) and "reward: required key is missing" in str(err.value)
+
+
+def test_overrides_parse_yaml_scalars_and_nested_keys(tmp_path):
+    path = tmp_path / "pairs.yaml"
+    path.write_text("reward: rm\n")
+    cfg = load_config(PairsConfig, path, ["sft_fraction=0.25", "gap_window=[0.0, 2.5]", "pair_choice=largest_gap"])
+    assert (cfg.sft_fraction, cfg.gap_window, cfg.pair_choice) == (0.25, (0.0, 2.5), "largest_gap")
+    assert apply_overrides({}, ["a.b.c=3"]) == {"a": {"b": {"c": 3}}}
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        apply_overrides({}, ["novalue"])
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("reward: rm\nsft_fraction: [0.5\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml line \d+: not valid YAML"):
+        load_config(PairsConfig, path)
+
+
+def test_registry_unknown_name_lists_known():
+    reg: Registry[int] = Registry("thing")
+    reg.register("one")(1)
+    with pytest.raises(ConfigError, match="unknown thing 'two'; expected one of: one"):
+        reg.get("two")
+    with pytest.raises(ValueError, match="registered twice"):
+        reg.register("one")(2)
+
+
+def test_cli_config_error_exits_2_without_traceback(tmp_path):
+    path = tmp_path / "pairs.yaml"
+    path.write_text("reward: rm\nsft_fraction: 3\n")
+    scored = tmp_path / "scored.jsonl"
+    scored.write_text("")
+    proc = subprocess.run(
+        [sys.executable, "-c", "from polyfuse.cli.main import main; main()", "pairs", "--config", str(path),
+         "--scored", str(scored), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert "sft_fraction: Input should be less than or equal to 1" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_cli_bad_data_row_exits_2_with_line(tmp_path):
+    path = tmp_path / "pairs.yaml"
+    path.write_text("reward: rm\n")
+    scored = tmp_path / "scored.jsonl"
+    scored.write_text('{"id": "x"}\n')
+    proc = subprocess.run(
+        [sys.executable, "-c", "from polyfuse.cli.main import main; main()", "pairs", "--config", str(path),
+         "--scored", str(scored), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert "scored.jsonl:1: field 'prompt': missing" in proc.stderr
