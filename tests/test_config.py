@@ -25,13 +25,17 @@ def test_unknown_and_missing_keys(tmp_path):
     path.write_text("sft_fractoin: 0.5\n")
     with pytest.raises(ConfigError) as err:
         load_config(PairsConfig, path)
-    assert "sft_fractoin: unknown key" in str(err.value) and "reward: required key is missing" in str(err.value)
+    assert "sft_fractoin: unknown key" in str(err.value) and "reward: required key is missing" in str(
+        err.value
+    )
 
 
 def test_overrides_parse_yaml_scalars_and_nested_keys(tmp_path):
     path = tmp_path / "pairs.yaml"
     path.write_text("reward: rm\n")
-    cfg = load_config(PairsConfig, path, ["sft_fraction=0.25", "gap_window=[0.0, 2.5]", "pair_choice=largest_gap"])
+    cfg = load_config(
+        PairsConfig, path, ["sft_fraction=0.25", "gap_window=[0.0, 2.5]", "pair_choice=largest_gap"]
+    )
     assert (cfg.sft_fraction, cfg.gap_window, cfg.pair_choice) == (0.25, (0.0, 2.5), "largest_gap")
     assert apply_overrides({}, ["a.b.c=3"]) == {"a": {"b": {"c": 3}}}
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
@@ -60,9 +64,20 @@ def test_cli_config_error_exits_2_without_traceback(tmp_path):
     scored = tmp_path / "scored.jsonl"
     scored.write_text("")
     proc = subprocess.run(
-        [sys.executable, "-c", "from polyfuse.cli.main import main; main()", "pairs", "--config", str(path),
-         "--scored", str(scored), "--out", str(tmp_path / "out")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-c",
+            "from polyfuse.cli.main import main; main()",
+            "pairs",
+            "--config",
+            str(path),
+            "--scored",
+            str(scored),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
     assert "sft_fraction: Input should be less than or equal to 1" in proc.stderr
@@ -75,9 +90,20 @@ def test_cli_bad_data_row_exits_2_with_line(tmp_path):
     scored = tmp_path / "scored.jsonl"
     scored.write_text('{"id": "x"}\n')
     proc = subprocess.run(
-        [sys.executable, "-c", "from polyfuse.cli.main import main; main()", "pairs", "--config", str(path),
-         "--scored", str(scored), "--out", str(tmp_path / "out")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-c",
+            "from polyfuse.cli.main import main; main()",
+            "pairs",
+            "--config",
+            str(path),
+            "--scored",
+            str(scored),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
     assert "scored.jsonl:1: field 'prompt': missing" in proc.stderr

@@ -11,10 +11,21 @@ from polyfuse.data.io import ReadReport, ShardStore, read_metadata, write_metada
 from polyfuse.errors import DataError
 
 ROWS = [
-    PreferenceRow(id="a", prompt=[{"role": "user", "content": "2+2?"}], chosen=[{"role": "assistant", "content": "4"}],
-                  rejected=[{"role": "assistant", "content": "5"}], chosen_reward=0.7, rejected_reward=0.65),
-    PreferenceRow(id="b", prompt=[{"role": "user", "content": "hi"}], chosen=[{"role": "assistant", "content": "yo"}],
-                  rejected=[{"role": "assistant", "content": "no"}], ref_chosen_logps=-3.5),
+    PreferenceRow(
+        id="a",
+        prompt=[{"role": "user", "content": "2+2?"}],
+        chosen=[{"role": "assistant", "content": "4"}],
+        rejected=[{"role": "assistant", "content": "5"}],
+        chosen_reward=0.7,
+        rejected_reward=0.65,
+    ),
+    PreferenceRow(
+        id="b",
+        prompt=[{"role": "user", "content": "hi"}],
+        chosen=[{"role": "assistant", "content": "yo"}],
+        rejected=[{"role": "assistant", "content": "no"}],
+        ref_chosen_logps=-3.5,
+    ),
 ]
 
 
@@ -28,7 +39,9 @@ def test_round_trip(tmp_path, name):
 
 def test_trl_rows_load_unchanged(tmp_path):
     path = tmp_path / "trl.jsonl"
-    path.write_text(json.dumps({"id": "x", "prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}) + "\n")
+    path.write_text(
+        json.dumps({"id": "x", "prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}) + "\n"
+    )
     (row,) = read_rows(path, PreferenceRow)
     assert (row.prompt, row.chosen, row.rejected) == ("Hi", "Hello!", "Go away.")
 

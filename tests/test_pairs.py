@@ -12,8 +12,14 @@ from polyfuse.pipeline.pairs import PairsConfig, build_pairs, in_sft_split
 def sample(prompt, model, k, reward, correct=None):
     verdicts = {} if correct is None else {"check": correct}
     return SampleRow(
-        id=f"{prompt}:{model}:{k}", prompt_id=prompt, model=model, sample_index=k, prompt="q " + prompt,
-        response=f"{model}-{k}", rewards={"rm": reward}, verdicts=verdicts,
+        id=f"{prompt}:{model}:{k}",
+        prompt_id=prompt,
+        model=model,
+        sample_index=k,
+        prompt="q " + prompt,
+        response=f"{model}-{k}",
+        rewards={"rm": reward},
+        verdicts=verdicts,
     )
 
 
@@ -54,11 +60,15 @@ def test_intra_source_pair_correct_beats_incorrect_and_window_filters():
     p = po_prompt()
     rows = [
         # source a: best correct 0.55, worst incorrect 0.50 -> gap 0.05 inside [0.01, 0.1]
-        sample(p, "a", 0, 0.55, True), sample(p, "a", 1, 0.60, False), sample(p, "a", 2, 0.50, False),
+        sample(p, "a", 0, 0.55, True),
+        sample(p, "a", 1, 0.60, False),
+        sample(p, "a", 2, 0.50, False),
         # source b: gap 0.3 -> too large
-        sample(p, "b", 0, 0.9, True), sample(p, "b", 1, 0.6, False),
+        sample(p, "b", 0, 0.9, True),
+        sample(p, "b", 1, 0.6, False),
         # source c: gap 0.005 -> too small
-        sample(p, "c", 0, 0.505, True), sample(p, "c", 1, 0.5, False),
+        sample(p, "c", 0, 0.505, True),
+        sample(p, "c", 1, 0.5, False),
     ]
     _, pairs, report = build_pairs(rows, PairsConfig(reward="rm", sft_fraction=0.5))
     assert len(pairs) == 1
@@ -78,22 +88,28 @@ def test_pair_is_never_across_sources():
 def test_pair_choice_rules():
     p = po_prompt()
     rows = [
-        sample(p, "a", 0, 0.70, True), sample(p, "a", 1, 0.68, False),  # gap 0.02, chosen 0.70
-        sample(p, "b", 0, 0.60, True), sample(p, "b", 1, 0.52, False),  # gap 0.08, chosen 0.60
+        sample(p, "a", 0, 0.70, True),
+        sample(p, "a", 1, 0.68, False),  # gap 0.02, chosen 0.70
+        sample(p, "b", 0, 0.60, True),
+        sample(p, "b", 1, 0.52, False),  # gap 0.08, chosen 0.60
     ]
     cfg = PairsConfig(reward="rm", sft_fraction=0.5, pair_choice="highest_chosen_score")
     assert build_pairs(rows, cfg)[1][0].source == "a"
     cfg = PairsConfig(reward="rm", sft_fraction=0.5, pair_choice="largest_gap")
     assert build_pairs(rows, cfg)[1][0].source == "b"
-    picks = {build_pairs(rows, PairsConfig(reward="rm", sft_fraction=0.5, pair_choice="random"))[1][0].source
-             for _ in range(3)}
+    picks = {
+        build_pairs(rows, PairsConfig(reward="rm", sft_fraction=0.5, pair_choice="random"))[1][0].source
+        for _ in range(3)
+    }
     assert len(picks) == 1  # seeded: the same pick every time
 
 
 def test_unverified_pairs_use_best_and_worst_reward_and_cross_model_rule():
     p = po_prompt()
     rows = [sample(p, "a", 0, 0.30), sample(p, "a", 1, 0.35), sample(p, "b", 0, 0.9), sample(p, "b", 1, 0.1)]
-    _, pairs, _ = build_pairs(rows, PairsConfig(reward="rm", sft_fraction=0.5, gap_window=None, pair_choice="largest_gap"))
+    _, pairs, _ = build_pairs(
+        rows, PairsConfig(reward="rm", sft_fraction=0.5, gap_window=None, pair_choice="largest_gap")
+    )
     assert (pairs[0].chosen_id, pairs[0].rejected_id) == (f"{p}:b:0", f"{p}:b:1")
     _, pairs, _ = build_pairs(rows, PairsConfig(reward="rm", sft_fraction=0.5, pair_rule="cross_model"))
     assert (pairs[0].chosen_id, pairs[0].rejected_id, pairs[0].source) == (f"{p}:b:0", f"{p}:b:1", "b")
@@ -101,8 +117,13 @@ def test_unverified_pairs_use_best_and_worst_reward_and_cross_model_rule():
 
 def test_wrpo_layout_takes_best_source_and_target_best_worst():
     p = po_prompt()
-    rows = [sample(p, "a", 0, 0.8), sample(p, "b", 0, 0.9), sample(p, "pivot", 0, 0.5), sample(p, "pivot", 1, 0.2),
-            sample(p, "pivot", 2, 0.4)]
+    rows = [
+        sample(p, "a", 0, 0.8),
+        sample(p, "b", 0, 0.9),
+        sample(p, "pivot", 0, 0.5),
+        sample(p, "pivot", 1, 0.2),
+        sample(p, "pivot", 2, 0.4),
+    ]
     _, pairs, _ = build_pairs(rows, PairsConfig(reward="rm", sft_fraction=0.5, target="pivot"))
     pair = pairs[0]
     assert response_text(pair.chosen_source) == "b-0"

@@ -19,6 +19,8 @@ from polyfuse.pipeline.progress import progress_bar
 from polyfuse.sampling import SamplingParams, get_backend
 from polyfuse.scorers import SCORERS, Scorer, Verifier, build_scorer
 
+_VERIFY_CHUNK = 16  # rows per verifier call: keeps the progress bar moving and code sandboxes parallel
+
 
 class EvalRecord(BaseModel):
     prompt_id: str
@@ -117,15 +119,19 @@ def evaluate(
     else:
         lm, tokenizer = model
     backend = get_backend("transformers")(lm, tokenizer, batch_size)
+    verdicts: list[tuple[Any, dict[str, Any]]] = [(False, {})] * len(prompts)
     with progress_bar(disable=quiet) as bar:
-        task = bar.add_task(f"eval {label}", total=len(prompts))
-        outputs = backend.generate([p.prompt for p in prompts], params, lambda n: bar.advance(task, n))
-    rows = [_as_sample(p, label, out[0], params) for p, out in zip(prompts, outputs, strict=True)]
-    verdicts: list[tuple[Any, dict[str, Any]] | None] = [None] * len(rows)
-    for verifier in {id(v): v for v in picked}.values():
-        indices = [i for i, v in enumerate(picked) if v is verifier]
-        for i, verdict in zip(indices, verifier.score([rows[i] for i in indices]), strict=True):
-            verdicts[i] = verdict
+        generating = bar.add_task(f"generate {label}", total=len(prompts))
+        outputs = backend.generate([p.prompt for p in prompts], params, lambda n: bar.advance(generating, n))
+        rows = [_as_sample(p, label, out[0], params) for p, out in zip(prompts, outputs, strict=True)]
+        verifying = bar.add_task(f"verify {label}", total=len(rows))
+        for verifier in {id(v): v for v in picked}.values():
+            indices = [i for i, v in enumerate(picked) if v is verifier]
+            for start in range(0, len(indices), _VERIFY_CHUNK):
+                chunk = indices[start : start + _VERIFY_CHUNK]
+                for i, verdict in zip(chunk, verifier.score([rows[i] for i in chunk]), strict=True):
+                    verdicts[i] = verdict
+                bar.advance(verifying, len(chunk))
     records = [
         EvalRecord(prompt_id=row.prompt_id, domain=row.domain, verifier=v.name, response=row.response,
                    correct=bool(verdict[0]), details=verdict[1])

@@ -6,17 +6,22 @@ from polyfuse.logprobs.engine import (
     check_reference_columns,
     column_names,
     compute_reference_logps,
+    length_limit,
     pad_batch,
     progress_bar,
     roles_of,
 )
+from polyfuse.logprobs.reference import ReferenceConfig, add_reference_columns
 
 __all__ = [
     "RESPONSE_ROLES",
     "LogpReport",
+    "ReferenceConfig",
+    "add_reference_columns",
     "check_reference_columns",
     "column_names",
     "compute_reference_logps",
+    "length_limit",
     "pad_batch",
     "progress_bar",
     "roles_of",

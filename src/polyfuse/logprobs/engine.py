@@ -49,6 +49,12 @@ class LogpReport:
         return f"dropped {len(self.dropped)} pairs longer than max_length ({ids})"
 
 
+def length_limit(model: Any, max_length: int | None) -> int:
+    """The longest sequence to score or train on: `max_length`, capped at the model's context size."""
+    context = getattr(model.config, "max_position_embeddings", None) or 10**9
+    return context if max_length is None else min(max_length, context)
+
+
 def check_reference_columns(rows: list[PreferenceRow], prefix: str = "ref") -> None:
     """Fail loudly on a row whose (S, A, n) columns disagree or whose n is not positive."""
     for row in rows:
@@ -56,7 +62,9 @@ def check_reference_columns(rows: list[PreferenceRow], prefix: str = "ref") -> N
             sum_name, mean_name, count_name = column_names(role, prefix)
             total, mean, count = (getattr(row, name, None) for name in (sum_name, mean_name, count_name))
             if count is not None and count <= 0:
-                raise DataError(f"row {row.id!r}: {count_name} is {count}; a scored response has at least one token")
+                raise DataError(
+                    f"row {row.id!r}: {count_name} is {count}; a scored response has at least one token"
+                )
             if None not in (total, mean, count) and abs(mean * count - total) > 1e-5 + 1e-5 * abs(total):
                 raise DataError(
                     f"row {row.id!r}: {mean_name} * {count_name} = {mean * count} but {sum_name} = {total}; "
@@ -89,16 +97,17 @@ def compute_reference_logps(
     report: LogpReport | None = None,
 ) -> list[PreferenceRow]:
     """Rows with `ref_{role}_logps` (S), `ref_mean_{role}_logps` (A) and `ref_{role}_ntokens` (n) for every
-    response role, scored by `model` in eval mode. `max_length` defaults to the model's context size;
+    response role, scored by `model` in eval mode. `max_length` is capped at the model's context size;
     longer pairs are dropped (listed in `report`) or, with `overflow="error"`, raise `DataError`.
     `progress` is called with the number of sequences scored since the last call."""
-    if max_length is None:
-        max_length = getattr(model.config, "max_position_embeddings", None) or 10**9
+    max_length = length_limit(model, max_length)
     report = report if report is not None else LogpReport()
     kept: list[PreferenceRow] = []
     sequences: list[tuple[int, str, list[int], int]] = []  # (kept row index, role, ids, prompt length)
     for row in rows:
-        encoded = {role: encode(tokenizer, row.prompt, response_text(getattr(row, role))) for role in roles_of(row)}
+        encoded = {
+            role: encode(tokenizer, row.prompt, response_text(getattr(row, role))) for role in roles_of(row)
+        }
         longest = max(len(e.input_ids) for e in encoded.values())
         if longest > max_length:
             if overflow == "error":
@@ -121,10 +130,14 @@ def compute_reference_logps(
             chunk = sequences[start : start + batch_size]
             batch = pad_batch([s[2] for s in chunk], [s[3] for s in chunk], pad_id)
             logits = model(
-                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                use_cache=False,
             ).logits
             sums, counts = sequence_logps(logits, batch["labels"].to(device))
-            for (row_index, role, _, _), total, count in zip(chunk, sums.tolist(), counts.tolist(), strict=True):
+            for (row_index, role, _, _), total, count in zip(
+                chunk, sums.tolist(), counts.tolist(), strict=True
+            ):
                 sum_name, mean_name, count_name = column_names(role)
                 if count == 0:
                     raise DataError(f"row {kept[row_index].id!r}: the {role} response has no scored tokens")
@@ -137,10 +150,10 @@ def compute_reference_logps(
 
 
 @contextmanager
-def progress_bar(description: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar; yields the `advance(n)` callable that engines take as `progress`."""
-    from rich.progress import Progress
+def progress_bar(description: str, total: int, disable: bool = False) -> Iterator[Callable[[int], None]]:
+    """polyfuse's rich progress bar; yields the `advance(n)` callable that engines take as `progress`."""
+    from polyfuse.pipeline.progress import progress_bar as rich_progress
 
-    with Progress(transient=True) as bar:
+    with rich_progress(disable=disable) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)

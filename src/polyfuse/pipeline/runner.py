@@ -139,6 +139,13 @@ def _paths_in(node: Any, prefix: str = "") -> dict[str, str]:
     return found
 
 
+def _eval_inputs(ctx: Context) -> dict[str, str]:
+    from polyfuse.pipeline.evaluate import eval_models
+
+    models = {label: spec.path for label, spec in eval_models(ctx).items()}
+    return {**models, **_paths_in(ctx.recipe.eval.model_dump())}
+
+
 STAGES: dict[str, Stage] = {
     "prompts": Stage(_prompts_inputs, _prompts_run),
     "sample": Stage(lambda c: {"prompts": c.output("prompts", "prompts"), **_paths_in(c.recipe.sample_config().model_dump())}, _sample_run),
@@ -159,12 +166,6 @@ STAGES: dict[str, Stage] = {
     "eval": Stage(_eval_inputs, _eval_run),
 }
 
-
-def _eval_inputs(ctx: Context) -> dict[str, str]:
-    from polyfuse.pipeline.evaluate import eval_models
-
-    models = {label: spec.path for label, spec in eval_models(ctx).items()}
-    return {**models, **_paths_in(ctx.recipe.eval.model_dump())}
 
 
 def _stage_config(recipe: Recipe, name: str) -> dict[str, Any]:

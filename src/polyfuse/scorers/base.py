@@ -22,7 +22,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, SerializeAsAny, WrapValidator
+from pydantic import SerializeAsAny, WrapValidator
 
 from polyfuse.config import StrictModel, validate
 from polyfuse.data.schemas import SampleRow
@@ -37,7 +37,6 @@ class ScorerSettings(StrictModel):
     type: str
     name: str | None = None
     domains: list[str] | None = None
-    batch_size: int = Field(default=8, ge=1)
 
 
 class Scorer(ABC):
@@ -72,6 +71,8 @@ SCORERS: Registry[type[Scorer]] = Registry("scorer")
 
 
 def _pick_config(value: Any, handler) -> ScorerSettings:
+    """Validate with the config class of the scorer registered under `type` (an open union: scorers
+    registered by other modules validate like built-in ones)."""
     if isinstance(value, ScorerSettings):
         return value
     if not isinstance(value, dict) or "type" not in value:

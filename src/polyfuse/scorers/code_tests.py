@@ -60,7 +60,7 @@ def _context(prompt: str, entry_point: str) -> str:
         if not isinstance(node, _CONTEXT_KINDS) or getattr(node, "name", None) == entry_point:
             continue
         start = min([d.lineno for d in getattr(node, "decorator_list", [])] + [node.lineno])
-        kept.append("".join(lines[start - 1 : node.end_lineno]))
+        kept.append("".join(lines[start - 1 : node.end_lineno]).rstrip("\n"))
     return "\n".join(kept) + "\n\n" if kept else ""
 
 

@@ -1,9 +1,9 @@
 """Rule-based maths answer checking with math-verify (gold first: `verify(gold, answer)`).
 
 Gold answers may be GSM8K style (`... #### 42`), LaTeX (`\\frac{1}{2}`, `\\boxed{2\\sqrt{2}}`) or plain
-numbers. In a response, a `#### x` line wins; otherwise math-verify extracts the answer (a `\\boxed{}`
-first, else the last expression). Text that yields nothing is retried as inline LaTeX (`$...$`), so bare
-LaTeX such as `\\sqrt{8}` parses.
+numbers; what follows `####` (or the whole gold) is read as one LaTeX expression. In a response, a
+`#### x` line wins; otherwise math-verify extracts the answer (a `\\boxed{}` first, else the last
+expression), and a response that yields nothing is retried as inline LaTeX (`\\sqrt{8}` alone).
 """
 
 from __future__ import annotations
@@ -30,9 +30,13 @@ def _final_answer(text: str) -> str:
     return text
 
 
-def _parse(text: str, timeout: int | None) -> list:
+def _parse(text: str, timeout: int | None, is_gold: bool = False) -> list:
     text = _final_answer(text)
-    return parse(text, parsing_timeout=timeout) or parse(f"${text}$", parsing_timeout=timeout)
+    as_latex = f"${text}$"
+    if is_gold and "$" not in text and "\\boxed" not in text:
+        # A gold answer is the answer itself, so bare LaTeX is read whole (`2\\sqrt{2}` is not `2`).
+        return parse(as_latex, parsing_timeout=timeout) or parse(text, parsing_timeout=timeout)
+    return parse(text, parsing_timeout=timeout) or parse(as_latex, parsing_timeout=timeout)
 
 
 @SCORERS.register("math")
@@ -46,7 +50,7 @@ class MathVerifier(Verifier):
         # math-verify's timeouts use SIGALRM, which only works in the main thread; elsewhere they are
         # turned off rather than letting every parse fail silently.
         timeout = 5 if threading.current_thread() is threading.main_thread() else None
-        gold = _parse(row.answer or "", timeout)
+        gold = _parse(row.answer or "", timeout, is_gold=True)
         if not gold:
             return False, {"error": "gold answer could not be parsed", "gold": row.answer}
         answer = _parse(row.response, timeout)

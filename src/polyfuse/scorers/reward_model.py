@@ -30,7 +30,25 @@ class RewardModelConfig(ScorerSettings):
     type: Literal["reward_model"] = "reward_model"
     model: ModelSpec
     normalize: Literal["none", "sigmoid"] = "none"
+    batch_size: int = Field(default=8, ge=1)
     max_length: int | None = Field(default=None, ge=2, description="Keep only the last tokens of longer inputs.")
+
+
+def _refuse_custom_heads(spec: ModelSpec) -> None:
+    """Refuse ArmoRM-like checkpoints from their name or config, before loading any weights."""
+    from transformers import AutoConfig
+
+    folder, gguf = spec.location()
+    names = [spec.path]
+    try:
+        names += AutoConfig.from_pretrained(folder, revision=spec.revision, gguf_file=gguf).architectures or []
+    except (OSError, ValueError):
+        pass  # an unreadable checkpoint is reported by load_model
+    if any(head in name for head in _CUSTOM_HEADS for name in names):
+        raise ConfigError(
+            f"{spec.label}: ArmoRM uses a custom gating head (remote code) that the generic reward_model "
+            "scorer cannot reproduce; it is not supported"
+        )
 
 
 @SCORERS.register("reward_model")
@@ -42,14 +60,9 @@ class RewardModelScorer(Scorer):
     def __init__(self, config: RewardModelConfig, device: str | None = None):
         super().__init__(config, device)
         spec = config.model if device is None else config.model.model_copy(update={"device": device})
+        _refuse_custom_heads(spec)
         self.tokenizer = load_tokenizer(spec, padding_side="right")
         self.model = load_model(spec, task="sequence-classification")
-        architectures = " ".join(self.model.config.architectures or [])
-        if any(head in architectures or head in spec.path for head in _CUSTOM_HEADS):
-            raise ConfigError(
-                f"{spec.label}: ArmoRM uses a custom gating head that the generic reward_model scorer "
-                "cannot reproduce; it is not supported"
-            )
         if self.model.config.num_labels != 1:
             raise ConfigError(f"{spec.label}: a reward model needs num_labels=1, got {self.model.config.num_labels}")
         if self.model.config.pad_token_id is None:

@@ -10,7 +10,6 @@ change the loss: batch 1 x accumulation 4 gives the same update as batch 4 x acc
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -22,10 +21,9 @@ from pydantic import Field
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from polyfuse.config import StrictModel
+from polyfuse.errors import DataError
 from polyfuse.logprobs import pad_batch
 from polyfuse.objectives import sequence_logps
-
-logger = logging.getLogger(__name__)
 
 
 class LoraSettings(StrictModel):
@@ -79,7 +77,6 @@ class PolyfuseTrainer(Trainer):
     `count_items` (how many items a micro-batch holds)."""
 
     loss_is_scaled_for_ga = True  # normalised by the items of the whole step, see `compute_loss`
-    roles: tuple[str, ...] = ()
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -101,7 +98,9 @@ class PolyfuseTrainer(Trainer):
         return self.accelerator.reduce(count, "sum") if self.accelerator.num_processes > 1 else count
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        outputs = model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+        )
         logps, ntokens = sequence_logps(outputs.logits, inputs["labels"])
         total, metrics = self.summed_loss(inputs, logps, ntokens)
         if num_items_in_batch is None:  # outside the training loop: this micro-batch alone
@@ -130,9 +129,12 @@ class PolyfuseTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def training_arguments(config: TrainConfig, output_dir: Path) -> TrainingArguments:
+def training_arguments(config: TrainConfig, out_dir: str | Path) -> TrainingArguments:
+    """Building these also sets up the (distributed) device; Trainer's scratch folder is a hidden sibling of
+    `out_dir`, removed after saving."""
+    out_dir = Path(out_dir)
     return TrainingArguments(
-        output_dir=str(output_dir),
+        output_dir=str(out_dir.with_name(f".{out_dir.name}.work")),
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
         num_train_epochs=config.epochs,
@@ -145,14 +147,16 @@ def training_arguments(config: TrainConfig, output_dir: Path) -> TrainingArgumen
         seed=config.seed,
         train_sampling_strategy="random" if config.shuffle else "sequential",
         bf16=config.bf16,
-        gradient_checkpointing=config.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        activation_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
         logging_steps=config.logging_steps,
         save_strategy="no",
         eval_strategy="no",
         report_to="none",
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
 
 
@@ -190,6 +194,7 @@ def save_trained(trainer: PolyfuseTrainer, tokenizer: Any, out_dir: Path, summar
         summary = {**summary, "log_history": trainer.state.log_history}
         (staging / "polyfuse_training.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         replace_folder(staging, out_dir)
+        shutil.rmtree(trainer.args.output_dir, ignore_errors=True)  # Trainer's scratch folder
     trainer.accelerator.wait_for_everyone()
     return out_dir
 
@@ -210,6 +215,7 @@ def run_training(
     tokenizer: Any,
     features: list[dict[str, Any]],
     collator: SequenceCollator,
+    args: TrainingArguments,
     config: TrainConfig,
     out_dir: Path,
     summary: dict[str, Any],
@@ -219,12 +225,14 @@ def run_training(
     """Train on pre-tokenised `features` and save the result to `out_dir`."""
     from datasets import Dataset
 
+    if not features:
+        raise DataError("no training rows left (all were dropped or the data is empty)")
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     model = prepare_model(model, config)
     trainer = trainer_cls(
         model=model,
-        args=training_arguments(config, out_dir.with_name(f".{out_dir.name}.work")),
+        args=args,
         data_collator=collator,
         train_dataset=Dataset.from_list(features),
         processing_class=tokenizer,

@@ -18,10 +18,23 @@ from transformers import TrainerCallback
 
 from polyfuse.data.schemas import PreferenceRow, response_text
 from polyfuse.errors import DataError
-from polyfuse.logprobs import LogpReport, check_reference_columns, compute_reference_logps, progress_bar, roles_of
+from polyfuse.logprobs import (
+    LogpReport,
+    check_reference_columns,
+    compute_reference_logps,
+    length_limit,
+    progress_bar,
+    roles_of,
+)
 from polyfuse.models import ModelSpec, encode, load_model, load_tokenizer
 from polyfuse.objectives import OBJECTIVES, PreferenceBatch, PreferenceObjective
-from polyfuse.trainers.base import PolyfuseTrainer, SequenceCollator, TrainConfig, run_training
+from polyfuse.trainers.base import (
+    PolyfuseTrainer,
+    SequenceCollator,
+    TrainConfig,
+    run_training,
+    training_arguments,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +45,9 @@ class PreferenceTrainConfig(TrainConfig):
     learning_rate: float = Field(default=1e-6, gt=0)
     objective: str = "dpo"
     beta: float | None = Field(default=None, gt=0, description="None: the objective's own default.")
-    objective_args: dict[str, Any] = Field(default_factory=dict, description="Other hyper-parameters of the objective.")
+    objective_args: dict[str, Any] = Field(
+        default_factory=dict, description="Other hyper-parameters of the objective."
+    )
     reference_batch_size: int = Field(default=8, ge=1)
 
     @model_validator(mode="after")
@@ -92,11 +107,19 @@ def ensure_reference_columns(
     if not missing:
         check_reference_columns(rows)
         return rows
-    logger.info("scoring %d pairs with the initial model for reference columns %s", len(rows), sorted(missing))
+    logger.info(
+        "scoring %d pairs with the initial model for reference columns %s", len(rows), sorted(missing)
+    )
     total = sum(len(roles_of(row)) for row in rows)
     with progress_bar("reference log-probs", total) as advance:
         return compute_reference_logps(
-            model, tokenizer, rows, batch_size=batch_size, max_length=max_length, progress=advance, report=report
+            model,
+            tokenizer,
+            rows,
+            batch_size=batch_size,
+            max_length=max_length,
+            progress=advance,
+            report=report,
         )
 
 
@@ -106,9 +129,10 @@ def tokenize_pairs(
     """Features for `SequenceCollator` (ids per role plus the precomputed columns every row has), and the
     ids of rows dropped for exceeding `max_length`. A response whose token count differs from its
     `ref_*_ntokens` column means the references scored other tokens: that is an error."""
+    candidates = rows[0].model_dump(exclude_none=True) if rows else {}
     columns = sorted(
         name
-        for name in set().union(*(row.model_dump(exclude_none=True) for row in rows)) if rows else ()
+        for name in candidates
         if name.startswith(PRECOMPUTED_PREFIXES) and all(getattr(row, name, None) is not None for row in rows)
     )
     features, dropped = [], []
@@ -145,18 +169,37 @@ def train_preference(
     folder (model + tokenizer) at `out_dir`. Missing reference columns are computed first."""
     objective = config.build_objective()
     tokenizer = load_tokenizer(model_spec)
-    model = load_model(model_spec)
+    args = training_arguments(config, out_dir)
+    model = load_model(model_spec).to(args.device)  # score the references where training will run
+    max_length = length_limit(model, config.max_length)
     report = LogpReport()
     rows = ensure_reference_columns(
-        model, tokenizer, rows, objective, config.reference_batch_size, config.max_length, report
+        model, tokenizer, rows, objective, config.reference_batch_size, max_length, report
     )
-    features, dropped = tokenize_pairs(tokenizer, rows, objective.roles, config.max_length)
+    features, dropped = tokenize_pairs(tokenizer, rows, objective.roles, max_length)
     dropped = report.dropped + dropped
     if dropped:
-        logger.warning("preference training: dropped %d pairs longer than max_length %d", len(dropped), config.max_length)
+        logger.warning(
+            "preference training: dropped %d pairs longer than max_length %d", len(dropped), max_length
+        )
     columns = tuple(name for name in features[0] if name.startswith(PRECOMPUTED_PREFIXES)) if features else ()
     collator = SequenceCollator(tokenizer.pad_token_id, objective.roles, columns)
-    summary = {"stage": "preference", "objective": objective.model_dump(), "model": model_spec.model_dump(), "dropped": dropped}
+    summary = {
+        "stage": "preference",
+        "objective": objective.model_dump(),
+        "model": model_spec.model_dump(),
+        "dropped": dropped,
+    }
     return run_training(
-        PreferenceTrainer, model, tokenizer, features, collator, config, Path(out_dir), summary, callbacks, objective=objective
+        PreferenceTrainer,
+        model,
+        tokenizer,
+        features,
+        collator,
+        args,
+        config,
+        Path(out_dir),
+        summary,
+        callbacks,
+        objective=objective,
     )

@@ -7,19 +7,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field
 from transformers import TrainerCallback
 
 from polyfuse.data.schemas import SFTRow, response_text
+from polyfuse.logprobs import length_limit
 from polyfuse.models import ModelSpec, encode, load_model, load_tokenizer
 from polyfuse.objectives import IGNORE_INDEX
-from polyfuse.trainers.base import PolyfuseTrainer, SequenceCollator, TrainConfig, run_training
+from polyfuse.trainers.base import (
+    PolyfuseTrainer,
+    SequenceCollator,
+    TrainConfig,
+    run_training,
+    training_arguments,
+)
 
 logger = logging.getLogger(__name__)
 
 
 class SFTTrainConfig(TrainConfig):
-    learning_rate: float = Field(default=1e-5, gt=0)
+    """SFT takes the shared settings only; its own class keeps recipes and overrides explicit."""
 
 
 class SFTTrainer(PolyfuseTrainer):
@@ -34,7 +40,9 @@ class SFTTrainer(PolyfuseTrainer):
         return (inputs["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
-def tokenize_sft(tokenizer: Any, rows: list[SFTRow], max_length: int) -> tuple[list[dict[str, Any]], list[str]]:
+def tokenize_sft(
+    tokenizer: Any, rows: list[SFTRow], max_length: int
+) -> tuple[list[dict[str, Any]], list[str]]:
     """Features for `SequenceCollator`, and the ids of rows dropped for exceeding `max_length`."""
     features, dropped = [], []
     for row in rows:
@@ -42,7 +50,9 @@ def tokenize_sft(tokenizer: Any, rows: list[SFTRow], max_length: int) -> tuple[l
         if len(encoded.input_ids) > max_length:
             dropped.append(row.id)
             continue
-        features.append({"completion_input_ids": encoded.input_ids, "completion_prompt_length": len(encoded.prompt_ids)})
+        features.append(
+            {"completion_input_ids": encoded.input_ids, "completion_prompt_length": len(encoded.prompt_ids)}
+        )
     return features, dropped
 
 
@@ -55,10 +65,14 @@ def train_sft(
 ) -> Path:
     """Fine-tune `model_spec` on `rows` and save a plain HF folder (model + tokenizer) at `out_dir`."""
     tokenizer = load_tokenizer(model_spec)
-    features, dropped = tokenize_sft(tokenizer, rows, config.max_length)
-    if dropped:
-        logger.warning("SFT: dropped %d rows longer than max_length %d", len(dropped), config.max_length)
+    args = training_arguments(config, out_dir)
     model = load_model(model_spec)
+    max_length = length_limit(model, config.max_length)
+    features, dropped = tokenize_sft(tokenizer, rows, max_length)
+    if dropped:
+        logger.warning("SFT: dropped %d rows longer than max_length %d", len(dropped), max_length)
     collator = SequenceCollator(tokenizer.pad_token_id, SFTTrainer.roles)
     summary = {"stage": "sft", "model": model_spec.model_dump(), "dropped": dropped}
-    return run_training(SFTTrainer, model, tokenizer, features, collator, config, Path(out_dir), summary, callbacks)
+    return run_training(
+        SFTTrainer, model, tokenizer, features, collator, args, config, Path(out_dir), summary, callbacks
+    )

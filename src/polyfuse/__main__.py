@@ -1,0 +1,3 @@
+from polyfuse.cli.main import main
+
+main()

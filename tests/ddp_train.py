@@ -1,0 +1,57 @@
+"""SFT, then DPO from the SFT model: the script `tests/test_ddp.py` launches on 2 CPU processes and also
+calls in-process, with the same global batch, for comparison.
+
+Usage: ddp_train.py MODEL_DIR DATA_DIR OUT_DIR GRAD_ACCUM
+DATA_DIR holds sft.jsonl, pairs.jsonl, sft.json and preference.json (configs). Results go to OUT_DIR/sft
+and OUT_DIR/preference; each rank also saves its final parameters to OUT_DIR/<stage>.rank<N>.pt, so the
+test can check that the replicas agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from polyfuse.data import PreferenceRow, SFTRow, read_rows
+from polyfuse.models import ModelSpec
+from polyfuse.trainers import PreferenceTrainConfig, SFTTrainConfig, train_preference, train_sft
+
+
+class SaveRankParameters(TrainerCallback):
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, self.path)
+
+
+def main(model_dir: str, data_dir: str, out_dir: str, grad_accum: str) -> None:
+    data, out = Path(data_dir), Path(out_dir)
+    rank = int(os.environ.get("RANK", 0))  # set by the launcher; the process group starts later, in Trainer
+    sft_config = SFTTrainConfig(**json.loads((data / "sft.json").read_text()), grad_accum=int(grad_accum))
+    pref_config = PreferenceTrainConfig(
+        **json.loads((data / "preference.json").read_text()), grad_accum=int(grad_accum)
+    )
+    sft = train_sft(
+        ModelSpec(path=model_dir),
+        read_rows(data / "sft.jsonl", SFTRow),
+        sft_config,
+        out / "sft",
+        [SaveRankParameters(out / f"sft.rank{rank}.pt")],
+    )
+    train_preference(
+        ModelSpec(path=str(sft)),
+        read_rows(data / "pairs.jsonl", PreferenceRow),
+        pref_config,
+        out / "preference",
+        [SaveRankParameters(out / f"preference.rank{rank}.pt")],
+    )
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

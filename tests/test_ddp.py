@@ -1,0 +1,89 @@
+"""Data-parallel training: 2 CPU processes under `accelerate launch` against one process with the same
+global batch (2 per device x 2 processes = 2 per device x 2 accumulation steps)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ddp_train import main as train_locally
+from polyfuse.data import PreferenceRow, SFTRow, write_rows
+from tiny_lm import build_tiny_model, sentence
+
+HERE = Path(__file__).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_inputs(folder: Path) -> None:
+    rng = random.Random(0)
+    # Completions of very different lengths: each rank sees its own token count, so SFT is only right if
+    # the count is summed over processes.
+    write_rows(
+        folder / "sft.jsonl",
+        [SFTRow(id=f"s{i}", prompt=sentence(rng), completion=sentence(rng, 1, 25)) for i in range(8)],
+    )
+    write_rows(
+        folder / "pairs.jsonl",
+        [
+            PreferenceRow(id=f"p{i}", prompt=sentence(rng), chosen=sentence(rng), rejected=sentence(rng))
+            for i in range(8)
+        ],
+    )
+    # Plain SGD without clipping: the update is -lr * gradient, so a wrong loss scale cannot hide.
+    common = {"batch_size": 2, "epochs": 1, "warmup_ratio": 0.0, "lr_scheduler": "constant", "optim": "sgd",
+              "max_grad_norm": 0.0, "learning_rate": 0.5}  # fmt: skip
+    (folder / "sft.json").write_text(json.dumps(common))
+    (folder / "preference.json").write_text(json.dumps({**common, "beta": 0.5}))
+
+
+def params(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def losses(path: Path) -> list[float]:
+    history = json.loads((path / "polyfuse_training.json").read_text())["log_history"]
+    return [entry["loss"] for entry in history if "loss" in entry]
+
+
+def test_two_process_ddp_matches_single_process(tmp_path):
+    model_dir = build_tiny_model(tmp_path / "pivot")
+    write_inputs(tmp_path)
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()),
+        str(HERE / "ddp_train.py"), model_dir, str(tmp_path), str(tmp_path / "ddp"), "1",
+    ]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    train_locally(model_dir, str(tmp_path), str(tmp_path / "single"), "2")
+
+    for stage in ("sft", "preference"):
+        rank0 = torch.load(tmp_path / "ddp" / f"{stage}.rank0.pt")
+        rank1 = torch.load(tmp_path / "ddp" / f"{stage}.rank1.pt")
+        assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), f"{stage}: replicas diverged"
+        ddp, single = params(tmp_path / "ddp" / stage), params(tmp_path / "single" / stage)
+        initial = params(Path(model_dir)) if stage == "sft" else params(tmp_path / "single" / "sft")
+        assert max((ddp[k] - single[k]).abs().max().item() for k in ddp) < 1e-5, stage
+        assert max((single[k] - initial[k]).abs().max().item() for k in single) > 1e-3, (
+            f"{stage} did not train"
+        )
+        ddp_losses, single_losses = losses(tmp_path / "ddp" / stage), losses(tmp_path / "single" / stage)
+        assert len(ddp_losses) == len(single_losses) == 2
+        assert ddp_losses == pytest.approx(single_losses, abs=1e-6), stage

@@ -1,0 +1,234 @@
+"""Evaluation: greedy generation, per-domain verifier choice and accuracy, loaders, report files."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Literal
+
+import pytest
+import torch
+from matplotlib.image import imread
+from rich.console import Console
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from polyfuse.data import PromptRow, write_rows
+from polyfuse.errors import DataError, UserError
+from polyfuse.evaluation import (
+    EvalRecord,
+    EvalResult,
+    accuracy_table,
+    default_verifiers,
+    evaluate,
+    load_eval_set,
+    load_gsm8k,
+    write_eval_report,
+)
+from polyfuse.models import ModelSpec
+from polyfuse.scorers import ScorerSettings, Verifier
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+)
+MAX_NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A randomly initialised 2-layer Llama with a byte-level tokenizer and a chat template."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    core = Tokenizer(
+        models.BPE(vocab={c: i for i, c in enumerate(["<pad>", "<s>", "</s>", *alphabet])}, merges=[])
+    )
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def greedy_alone(model, tokenizer, prompt: str) -> str:
+    """The greedy response to one prompt, generated unbatched without the evaluation code."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    out = model.generate(ids, do_sample=False, max_new_tokens=MAX_NEW_TOKENS, pad_token_id=0, eos_token_id=2)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+class ExactConfig(ScorerSettings):
+    type: Literal["exact_test"] = "exact_test"
+
+
+class ExactMatch(Verifier):
+    Config = ExactConfig
+
+    def check(self, row):
+        return row.response == row.answer, {"expected": row.answer}
+
+
+PROMPTS = {"a1": "alpha", "a2": "alpha", "a3": "alpha", "b1": "beta", "b2": "beta"}
+RIGHT = {"a1", "a3", "b2"}  # these rows get the model's own greedy response as their answer
+
+
+def test_evaluate_accuracy_equals_independent_verdicts(tiny_model_dir):
+    model, tokenizer = (
+        LlamaForCausalLM.from_pretrained(tiny_model_dir).eval(),
+        AutoTokenizer.from_pretrained(tiny_model_dir),
+    )
+    expected_responses = {pid: greedy_alone(model, tokenizer, f"Question {pid}?") for pid in PROMPTS}
+    assert all(expected_responses.values()) and len(set(expected_responses.values())) > 1
+    prompts = [
+        PromptRow(
+            id=pid,
+            prompt=f"Question {pid}?",
+            domain=domain,
+            answer=expected_responses[pid] if pid in RIGHT else "not this",
+        )
+        for pid, domain in PROMPTS.items()
+    ]
+    verifiers = [
+        ExactMatch(ExactConfig(name="exact-alpha", domains=["alpha"])),
+        ExactMatch(ExactConfig(name="exact-beta", domains=["beta"])),
+    ]
+    result = evaluate(
+        ModelSpec(path=str(tiny_model_dir), name="tiny"),
+        prompts,
+        verifiers,
+        batch_size=2,
+        max_new_tokens=MAX_NEW_TOKENS,
+        quiet=True,
+    )
+    assert result.model == "tiny"
+    assert {r.prompt_id: r.response for r in result.records} == expected_responses
+    assert {r.prompt_id: r.verifier for r in result.records} == {p: f"exact-{d}" for p, d in PROMPTS.items()}
+    assert {r.prompt_id for r in result.records if r.correct} == RIGHT
+    scores = result.per_domain
+    assert (scores["alpha"].correct, scores["alpha"].total, scores["beta"].correct, scores["beta"].total) == (
+        2,
+        3,
+        1,
+        2,
+    )
+    assert result.average == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert result.overall == pytest.approx(3 / 5)
+
+
+def test_evaluate_with_a_loaded_pair_and_the_math_verifier(tiny_model_dir):
+    from polyfuse.models import load_model, load_tokenizer
+
+    spec = ModelSpec(path=str(tiny_model_dir))
+    pair = (load_model(spec), load_tokenizer(spec, padding_side="left"))
+    prompts = [PromptRow(id="m1", prompt="What is 6 * 7?", domain="math", answer="6 * 7 = 42\n#### 42")]
+    result = evaluate(
+        pair, prompts, default_verifiers(), max_new_tokens=MAX_NEW_TOKENS, label="pair", quiet=True
+    )
+    record = result.records[0]
+    assert (result.model, record.verifier) == ("pair", "math")
+    # A random model does not answer 42; whatever it said, the verdict is math-verify's.
+    assert record.correct is False and record.details["gold"] == "42"
+
+
+def test_evaluate_refuses_prompts_no_verifier_judges_before_loading():
+    prompts = [PromptRow(id="g1", prompt="Hello", domain="poetry")]
+    with pytest.raises(UserError, match=r"no verifier applies to 1 prompts, e\.g\. g1 \(domain 'poetry'\)"):
+        evaluate(ModelSpec(path="/nonexistent/model"), prompts, default_verifiers(), quiet=True)
+
+
+def test_default_verifiers_are_verifiers_only():
+    names = {v.name for v in default_verifiers()}
+    assert {"math", "code"} <= names and "reward_model" not in names
+
+
+def result(model: str, verdicts: dict[str, list[bool]]) -> EvalResult:
+    records = [
+        EvalRecord(prompt_id=f"{domain}-{i}", domain=domain, verifier="v", response=f"r{i}", correct=ok)
+        for domain, values in verdicts.items()
+        for i, ok in enumerate(values)
+    ]
+    return EvalResult(model=model, records=records)
+
+
+def test_report_files_and_table(tmp_path):
+    results = {
+        "pivot": result("pivot", {"math": [True, False, False, True], "code": [True]}),
+        "fused/v1": result("fused/v1", {"math": [True, True, True, False], "toy": [False, True]}),
+    }
+    out = write_eval_report(results, tmp_path / "report")
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["pivot"]["per_domain"]["math"] == {"correct": 2, "total": 4, "accuracy": 0.5}
+    assert summary["pivot"]["average"] == pytest.approx(0.75) and summary["pivot"][
+        "overall"
+    ] == pytest.approx(0.6)
+    assert summary["fused/v1"]["average"] == pytest.approx((0.75 + 0.5) / 2)
+    markdown = (out / "results.md").read_text().splitlines()
+    assert "| model | code | math | toy | average |" in markdown
+    assert "| pivot | 100.0 | 50.0 | - | 75.0 |" in markdown
+    assert "| fused/v1 | - | 75.0 | 50.0 | 62.5 |" in markdown
+    png = out / "accuracy.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert imread(png).shape[0] > 100
+    records = (out / "records" / "fused_v1.jsonl").read_text().splitlines()
+    assert len(records) == 6 and json.loads(records[0])["prompt_id"] == "math-0"
+    console = Console(file=io.StringIO(), width=120)
+    console.print(accuracy_table(results))
+    table_rows = console.file.getvalue().splitlines()
+    assert any("pivot" in line and "100.0" in line and "75.0" in line for line in table_rows)
+
+
+def test_gsm8k_loader(tmp_path):
+    path = tmp_path / "gsm8k.jsonl"
+    lines = [
+        {
+            "question": "Natalia sold 48 clips in April and half as many in May. How many in total?",
+            "answer": "48/2 = 24 in May.\n48+24 = 72\n#### 72",
+        },
+        {"question": "Weng earns $12 an hour. How much for 50 minutes?", "answer": "12/60*50 = 10\n#### 10"},
+        {"question": "What is 1000 + 234?", "answer": "#### 1,234", "id": "own-id"},
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    rows = load_gsm8k(path)
+    assert [r.id for r in rows] == ["gsm8k-0", "gsm8k-1", "own-id"]
+    assert rows[0].prompt == lines[0]["question"] and rows[0].answer.endswith("#### 72")
+    assert {r.domain for r in rows} == {"math"} and len(load_eval_set(f"gsm8k:{path}", limit=2)) == 2
+    path.write_text(json.dumps(lines[0]) + "\n" + json.dumps({"question": "x", "answer": "no marker"}) + "\n")
+    with pytest.raises(DataError, match=r"gsm8k\.jsonl:2: field 'answer' has no '####"):
+        load_gsm8k(path)
+    path.write_text(json.dumps({"question": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"gsm8k\.jsonl:1: expected an object with string fields"):
+        load_gsm8k(path)
+
+
+def test_humaneval_and_prompt_file_loaders(tmp_path):
+    rows = load_eval_set("humaneval", limit=2)
+    assert [r.id for r in rows] == ["HumanEval/0", "HumanEval/1"]
+    assert (
+        rows[0].domain == "code"
+        and rows[0].entry_point == "has_close_elements"
+        and "def check" in rows[0].tests
+    )
+    assert len(load_eval_set("humaneval")) == 164
+    path = tmp_path / "prompts.jsonl"
+    write_rows(path, [PromptRow(id="t1", prompt="2+2?", domain="math", answer="4")])
+    assert load_eval_set(str(path)) == [PromptRow(id="t1", prompt="2+2?", domain="math", answer="4")]

