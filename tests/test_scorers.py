@@ -204,7 +204,7 @@ def test_code_verifier_plain_asserts_batch_and_applies_to():
         ),
         code_row("def total(xs):\n    while True:\n        pass\n"),
     ]
-    results = build_scorer({"type": "code", "timeout_s": 1, "workers": 2}).score(rows)
+    results = build_scorer({"type": "code", "timeout_s": 2, "workers": 2}).score(rows)
     assert [v for v, _ in results] == [True, False, False]
     assert results[1][1]["returncode"] == 1 and "AssertionError" in results[1][1]["stderr"]
     assert results[2][1]["timed_out"] is True

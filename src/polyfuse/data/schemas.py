@@ -108,7 +108,8 @@ class SFTRow(Row):
 
 class PreferenceRow(Row):
     """TRL preference row, plus provenance. `chosen_source` holds WRPO's y_ws (the best source response)
-    when the row is in the WRPO layout; reference log-prob columns are added by the log-prob engine."""
+    when the row is in the WRPO layout. The `ref_*` columns (sum, mean and token count under the initial
+    pivot, spec `preference-objectives.md` section 7) are added by the log-prob engine."""
 
     prompt: PromptField
     chosen: ResponseField
@@ -124,3 +125,7 @@ class PreferenceRow(Row):
     chosen_source: ResponseField | None = None
     ref_chosen_logps: float | None = None
     ref_rejected_logps: float | None = None
+    ref_mean_chosen_logps: float | None = None
+    ref_mean_rejected_logps: float | None = None
+    ref_chosen_ntokens: int | None = None
+    ref_rejected_ntokens: int | None = None

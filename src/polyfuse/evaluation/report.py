@@ -3,13 +3,14 @@ per-example records on disk. Rows are models; columns are domains, then the aver
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 from rich.table import Table
 
-from polyfuse.data.io import atomic_write_text, write_json, write_rows
-from polyfuse.evaluation.evaluate import EvalResult
+from polyfuse.data.io import atomic_write_text, read_rows, write_json, write_rows
+from polyfuse.evaluation.evaluate import EvalRecord, EvalResult
 
 
 def _file_name(label: str) -> str:
@@ -64,6 +65,16 @@ def _chart(results: dict[str, EvalResult], path: Path) -> None:
     axes.legend()
     figure.tight_layout()
     figure.savefig(path, format="png", dpi=120)
+
+
+def load_eval_report(out_dir: str | Path) -> dict[str, EvalResult]:
+    """The results written by `write_eval_report`, back as `EvalResult`s (from the per-example records)."""
+    out_dir = Path(out_dir)
+    labels = json.loads((out_dir / "results.json").read_text())
+    return {
+        label: EvalResult(model=label, records=read_rows(out_dir / "records" / f"{_file_name(label)}.jsonl", EvalRecord))
+        for label in labels
+    }
 
 
 def write_eval_report(results: dict[str, EvalResult], out_dir: str | Path) -> Path:

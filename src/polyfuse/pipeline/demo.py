@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 
 from polyfuse.data.io import atomic_write_text
-from polyfuse.evaluation import EvalResult, accuracy_table
+from polyfuse.evaluation import EvalResult, accuracy_table, load_eval_report
 from polyfuse.pipeline.recipe import load_recipe
 from polyfuse.pipeline.runner import run_recipe
 
@@ -30,7 +30,7 @@ def run_demo(work_dir: str | Path, seed: int = 0, preset: str = "default", quiet
     recipe = load_recipe(recipe_path(DEMO_RECIPE), [f"seed={seed}", f"toyworld.preset={preset}"])
     ctx = run_recipe(recipe, work_dir, quiet=quiet)
     wall = time.perf_counter() - started
-    results = load_results(Path(ctx.output("eval", "results")))
+    results = load_eval_report(Path(ctx.output("eval", "results")).parent)
     console.print(accuracy_table(results))
     pairs = json.loads(Path(ctx.output("pairs", "report")).read_text())
     summary = {
@@ -42,10 +42,6 @@ def run_demo(work_dir: str | Path, seed: int = 0, preset: str = "default", quiet
     atomic_write_text(work_dir / "report.md", _markdown(summary, results, ctx.output("eval", "chart"), work_dir))
     console.print(f"report: {work_dir / 'report.md'} (wall time {wall:.0f}s)")
     return summary
-
-
-def load_results(path: Path) -> dict[str, EvalResult]:
-    return {label: EvalResult.model_validate(data) for label, data in json.loads(path.read_text()).items()}
 
 
 def _markdown(summary: dict, results: dict[str, EvalResult], chart: str, work_dir: Path) -> str:

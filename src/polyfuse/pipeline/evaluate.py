@@ -48,5 +48,6 @@ def run_eval_stage(ctx: Context, folder: Path) -> dict[str, str]:
                         quiet=ctx.quiet)
         for label, spec in eval_models(ctx).items()
     }
-    paths = write_eval_report(results, folder)
-    return {k: str(v) for k, v in paths.items()}
+    write_eval_report(results, folder)
+    return {"results": str(folder / "results.json"), "table": str(folder / "results.md"),
+            "chart": str(folder / "accuracy.png")}
