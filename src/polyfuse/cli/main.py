@@ -149,25 +149,33 @@ def train_dpo_cmd(
 @app.command("eval")
 def eval_cmd(
     model: Annotated[list[str], typer.Option(help="Model to evaluate: folder, hub id or .gguf (repeatable).")],
-    data: Annotated[str, typer.Option(help="'toyworld', 'humaneval', a GSM8K-format JSONL, or a PromptRow file.")],
+    data: Annotated[str, typer.Option(help="'toyworld', 'humaneval', 'gsm8k:<file.jsonl>', or a PromptRow file.")],
     out: OutOpt,
     limit: Annotated[int | None, typer.Option(help="Evaluate the first N prompts only.")] = None,
     per_domain: Annotated[int, typer.Option(help="Toy world: held-out prompts per domain.")] = 100,
     toy_preset: Annotated[str, typer.Option(help="Toy world preset for --data toyworld.")] = "default",
-    max_new_tokens: Annotated[int, typer.Option(help="Generation budget per prompt.")] = 64,
-    batch_size: Annotated[int, typer.Option(help="Prompts per generate call.")] = 32,
+    max_new_tokens: Annotated[int, typer.Option(help="Generation budget per prompt.")] = 512,
+    batch_size: Annotated[int, typer.Option(help="Prompts per generate call.")] = 16,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Greedy accuracy per domain on held-out prompts: a table, results.json and a PNG bar chart."""
-    from polyfuse.evaluation import accuracy_table, evaluate, load_eval_set, write_eval_report
+    """Greedy accuracy per domain on held-out prompts: a table, results.json, results.md and a PNG bar chart."""
+    from polyfuse.evaluation import accuracy_table, default_verifiers, evaluate, load_eval_set, write_eval_report
     from polyfuse.models import ModelSpec
+    from polyfuse.toyworld import ToyWorldConfig, build_world
 
-    prompts, scorers = load_eval_set(data, limit=limit, per_domain=per_domain, toy_preset=toy_preset)
+    if data == "toyworld":
+        prompts = build_world(ToyWorldConfig.preset(toy_preset)).prompts("heldout", per_domain=per_domain)[:limit]
+    else:
+        prompts = load_eval_set(data, limit)
+    scorers = default_verifiers()
     results = {}
     for path in model:
         spec = ModelSpec(path=path)
-        results[spec.label] = evaluate(spec, prompts, scorers, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        results[spec.label] = evaluate(spec, prompts, scorers, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                       quiet=quiet)
     write_eval_report(results, out)
     console.print(accuracy_table(results))
+    console.print(f"report: {out}")
 
 
 @toy_app.command("build")
@@ -223,6 +231,10 @@ def _read(path: Path, schema, skip_invalid: bool = False):
 
 def main() -> None:
     """Entry point: user errors become one red line and exit code 2, never a traceback."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # polyfuse reports progress itself; keep transformers' chatter out
+    hf_logging.disable_progress_bar()
     try:
         app()  # bad flags: typer's own usage message and exit code 2
     except UserError as err:

@@ -13,6 +13,7 @@ from polyfuse.data.io import ShardStore, write_rows
 from polyfuse.data.schemas import SampleRow
 from polyfuse.pipeline.progress import progress_bar
 from polyfuse.scorers import ScorerConfig, build_scorer
+from polyfuse.toyworld import scorer as _toy_scorer  # noqa: F401  registers the `toyworld` verifier
 
 
 class ScoreConfig(StrictModel):

@@ -3,7 +3,8 @@
 Each domain is small enough for a tiny model to learn on a CPU in seconds, yet a model that has not
 learnt it scores near zero:
 
-- `arithmetic`: "What is 47 + 38?" -> "85" (two 2-digit operands, so carries matter),
+- `arithmetic`: "What is 47 + 8?" -> "55" (a 2-digit and a 1-digit operand: carries matter; two
+  2-digit operands take tiny models thousands of steps, too slow for a CPU build),
 - `strings`: "Reverse the letters of KQZM." -> "MZQK" (3-5 random capitals),
 - `compare`: "Which number is largest: 47, 82, 19?" -> "82" (three 2-digit numbers).
 
@@ -35,42 +36,53 @@ Params = tuple
 @dataclass(frozen=True)
 class Domain:
     """One task family. `draw` picks canonical parameters; `prompt` and `answer` render them;
-    `corrupt` gives a plausible wrong answer (for verifier tests and reward-model negatives)."""
+    `corrupt` gives a plausible wrong answer to a task (for verifier tests and reward-model negatives)."""
 
     name: str
     draw: Callable[[random.Random], Params]
     prompt: Callable[[Params], str]
     answer: Callable[[Params], str]
-    corrupt: Callable[[random.Random, str], str]
+    corrupt: Callable[[random.Random, Params], str]
 
 
 def _two_digit(rng: random.Random) -> int:
     return rng.randint(10, 99)
 
 
-def _corrupt_number(rng: random.Random, gold: str) -> str:
-    """A near miss: off by a small amount, or one digit changed, or digits swapped."""
+def _near_number(rng: random.Random, gold: str) -> str:
+    """A near miss: off by a little, one digit changed, or the digits reversed."""
     while True:
         kind = rng.randrange(3)
         if kind == 0:
             wrong = str(max(0, int(gold) + rng.choice([-10, -2, -1, 1, 2, 10])))
         elif kind == 1:
             pos = rng.randrange(len(gold))
-            wrong = gold[:pos] + str(rng.randrange(10)) + gold[pos + 1 :]
-            wrong = str(int(wrong))
+            wrong = str(int(gold[:pos] + str(rng.randrange(10)) + gold[pos + 1 :]))
         else:
-            wrong = gold[::-1].lstrip("0") or "0"
+            wrong = str(int(gold[::-1]))
         if wrong != gold:
             return wrong
 
 
-def _corrupt_word(rng: random.Random, gold: str) -> str:
-    """A near miss: the word not reversed, two letters swapped, or one letter changed or dropped."""
+def _wrong_sum(rng: random.Random, params: Params) -> str:
+    return _near_number(rng, str(sum(params)))
+
+
+def _wrong_max(rng: random.Random, params: Params) -> str:
+    """Half the time another number of the list (the usual mistake), else a near miss."""
+    gold = max(params)
+    if rng.random() < 0.5:
+        return str(rng.choice([p for p in params if p != gold]))
+    return _near_number(rng, str(gold))
+
+
+def _wrong_reversal(rng: random.Random, params: Params) -> str:
+    """The word as given, two letters swapped, one letter changed, dropped or added."""
+    gold = params[0][::-1]
     while True:
-        kind = rng.randrange(4)
-        i = rng.randrange(len(gold))
+        kind, i = rng.randrange(5), rng.randrange(len(gold))
         if kind == 0:
-            wrong = gold[::-1]
+            wrong = params[0]
         elif kind == 1:
             j = rng.randrange(len(gold))
             chars = list(gold)
@@ -78,8 +90,10 @@ def _corrupt_word(rng: random.Random, gold: str) -> str:
             wrong = "".join(chars)
         elif kind == 2:
             wrong = gold[:i] + rng.choice(LETTERS) + gold[i + 1 :]
-        else:
+        elif kind == 3:
             wrong = gold[:i] + gold[i + 1 :]
+        else:
+            wrong = gold[:i] + rng.choice(LETTERS) + gold[i:]
         if wrong != gold:
             return wrong
 
@@ -89,24 +103,24 @@ DOMAINS: dict[str, Domain] = {
     for d in [
         Domain(
             "arithmetic",
-            draw=lambda rng: (_two_digit(rng), _two_digit(rng)),
+            draw=lambda rng: (_two_digit(rng), rng.randint(1, 9)),
             prompt=lambda p: f"What is {p[0]} + {p[1]}?",
             answer=lambda p: str(p[0] + p[1]),
-            corrupt=_corrupt_number,
+            corrupt=_wrong_sum,
         ),
         Domain(
             "strings",
             draw=lambda rng: ("".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 5))),),
             prompt=lambda p: f"Reverse the letters of {p[0]}.",
             answer=lambda p: p[0][::-1],
-            corrupt=_corrupt_word,
+            corrupt=_wrong_reversal,
         ),
         Domain(
             "compare",
             draw=lambda rng: tuple(rng.sample(range(10, 100), 3)),
             prompt=lambda p: f"Which number is largest: {p[0]}, {p[1]}, {p[2]}?",
             answer=lambda p: str(max(p)),
-            corrupt=_corrupt_number,
+            corrupt=_wrong_max,
         ),
     ]
 }
@@ -141,22 +155,24 @@ def make_row(domain: Domain, params: Params) -> PromptRow:
     return PromptRow(id=stable_id(domain.name, prompt), prompt=prompt, domain=domain.name, answer=domain.answer(params))
 
 
-def make_prompts(split: Split, domains: list[str], n: int, seed: int = 0) -> list[PromptRow]:
-    """`n` distinct prompts of `split`, spread evenly over `domains` (the first domains get the
-    remainder), each domain drawn from an RNG seeded by (seed, split, domain)."""
+def distinct_tasks(name: str, split: Split, count: int, seed: int = 0) -> list[Params]:
+    """`count` distinct tasks of one domain and split, in drawing order, from an RNG seeded by
+    (seed, split, domain)."""
     if split not in ("train", "heldout"):
         raise ConfigError(f"split {split!r}: expected 'train' or 'heldout'")
+    domain, rng = get_domain(name), random.Random(f"{seed}:{split}:{name}")
+    seen: dict[Params, None] = {}  # a dict keeps the drawing order
+    for _ in range(50 * count + 1000):
+        if len(seen) == count:
+            return list(seen)
+        seen[draw(domain, split, rng)] = None
+    raise ConfigError(f"{name}: cannot draw {count} distinct {split} prompts (only {len(seen)} found); ask for fewer")
+
+
+def make_prompts(split: Split, domains: list[str], n: int, seed: int = 0) -> list[PromptRow]:
+    """`n` distinct prompts of `split`, spread evenly over `domains` (the first domains get the remainder)."""
     rows: list[PromptRow] = []
     for k, name in enumerate(domains):
-        domain = get_domain(name)
         count = n // len(domains) + (1 if k < n % len(domains) else 0)
-        rng = random.Random(f"{seed}:{split}:{name}")
-        seen: dict[Params, None] = {}  # a dict keeps the drawing order
-        for _ in range(50 * count + 1000):
-            if len(seen) == count:
-                break
-            seen[draw(domain, split, rng)] = None
-        else:
-            raise ConfigError(f"{name}: cannot draw {count} distinct {split} prompts; ask for fewer")
-        rows.extend(make_row(domain, params) for params in seen)
+        rows.extend(make_row(get_domain(name), params) for params in distinct_tasks(name, split, count, seed))
     return rows

@@ -97,6 +97,7 @@ def training_corpus(seed: int, lines: int = 3000) -> list[str]:
     for i in range(lines):
         domain = list(DOMAINS.values())[i % len(DOMAINS)]
         corpus.append(f"User: {domain.prompt(domain.draw(rng)).lower()}\n\nAssistant:")
+        corpus.append("system user assistant model")
         words = ["".join(rng.choices(_SYLLABLES, k=rng.randint(1, 3))) for _ in range(rng.randint(4, 12))]
         corpus.append(" ".join(words).capitalize() + rng.choice([".", "?", "!", ","]))
     return corpus
@@ -110,7 +111,7 @@ def _pipeline(algorithm: Algorithm, vocab_size: int, specials: list[str], alphab
             [pre_tokenizers.Split(ISOLATE, "isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False)]
         )
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
+        trainer = trainers.BpeTrainer(show_progress=False, 
             vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
         )
         return tok, trainer
@@ -119,17 +120,17 @@ def _pipeline(algorithm: Algorithm, vocab_size: int, specials: list[str], alphab
     )
     if algorithm == "bpe-metaspace":
         tok = Tokenizer(models.BPE(unk_token=specials[0]))
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet)
+        trainer = trainers.BpeTrainer(show_progress=False, vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet)
         tok.decoder = decoders.Metaspace(prepend_scheme="first")
     elif algorithm == "unigram":
         tok = Tokenizer(models.Unigram())
-        trainer = trainers.UnigramTrainer(
+        trainer = trainers.UnigramTrainer(show_progress=False, 
             vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, unk_token=specials[0]
         )
         tok.decoder = decoders.Metaspace(prepend_scheme="first")
     else:
         tok = Tokenizer(models.WordPiece(unk_token=specials[0]))
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet)
+        trainer = trainers.WordPieceTrainer(show_progress=False, vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet)
         # Word boundaries live in the "▁" marks, so "##" is dropped without inserting spaces.
         tok.decoder = decoders.Sequence([decoders.Replace("##", ""), decoders.Metaspace(prepend_scheme="first")])
     tok.pre_tokenizer = metaspace
@@ -137,7 +138,7 @@ def _pipeline(algorithm: Algorithm, vocab_size: int, specials: list[str], alphab
 
 
 def train_tokenizer(
-    algorithm: Algorithm, vocab_size: int, template: TemplateName, seed: int = 0
+    algorithm: Algorithm, vocab_size: int, template: TemplateName, seed: int = 0, corpus_lines: int = 3000
 ) -> PreTrainedTokenizerFast:
     """A Hugging Face fast tokenizer trained on the toy corpus, with special tokens and chat template."""
     spec = TEMPLATES[template]
@@ -145,7 +146,7 @@ def train_tokenizer(
     specials = list(dict.fromkeys([unk, spec.pad, spec.eos, *([spec.bos] if spec.bos else []), *spec.extra]))
     alphabet = sorted(set(LETTERS + LETTERS.lower() + "0123456789 .,?!:+-\n▁"))
     tok, trainer = _pipeline(algorithm, vocab_size, specials, alphabet)
-    tok.train_from_iterator(training_corpus(seed), trainer=trainer)
+    tok.train_from_iterator(training_corpus(seed, corpus_lines), trainer=trainer)
     if spec.bos:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{spec.bos} $A", pair=f"{spec.bos} $A $B", special_tokens=[(spec.bos, tok.token_to_id(spec.bos))]

@@ -1,0 +1,185 @@
+"""Building, caching and opening toy worlds.
+
+Layout of a world (ordinary Hugging Face folders, loadable without polyfuse)::
+
+    <cache>/<config hash>/
+        sources/<name>/   causal LM + tokenizer with its chat template (one per source)
+        pivot/            the weak generalist to fuse into
+        reward_model/     one-logit sequence classifier trained on verifier labels
+        world.json        config, specialties, build time, final training losses
+
+A world is built in a hidden temporary folder and renamed into place once complete, so an
+interrupted build never leaves a half world; a complete world is recognised by its `world.json`
+and reused at once.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from polyfuse.data import PromptRow
+from polyfuse.data.io import write_json
+from polyfuse.errors import UserError
+from polyfuse.toyworld.config import ModelRecipe, ToyWorldConfig
+from polyfuse.toyworld.tasks import Split, draw, get_domain, make_prompts, make_row
+from polyfuse.toyworld.tokenizers import train_tokenizer
+from polyfuse.toyworld.train import make_model, train_lm, train_reward_model
+
+WORLD_FILE = "world.json"
+
+
+def default_cache_dir() -> Path:
+    """`$POLYFUSE_CACHE/toyworld`, else `~/.cache/polyfuse/toyworld`."""
+    return Path(os.environ.get("POLYFUSE_CACHE") or "~/.cache/polyfuse").expanduser() / "toyworld"
+
+
+def world_dir(config: ToyWorldConfig, cache_dir: str | Path | None = None) -> Path:
+    """Where the world of `config` lives (built or not): `<cache>/<config hash>`."""
+    return Path(cache_dir).expanduser() / config.key() if cache_dir else default_cache_dir() / config.key()
+
+
+@dataclass(frozen=True)
+class World:
+    root: Path
+    config: ToyWorldConfig
+
+    @classmethod
+    def open(cls, root: str | Path) -> World:
+        import json
+
+        root = Path(root)
+        meta_path = root / WORLD_FILE
+        if not meta_path.is_file():
+            raise UserError(f"{root}: not a toy world (no {WORLD_FILE}); build it with `polyfuse toyworld build`")
+        return cls(root, ToyWorldConfig.model_validate(json.loads(meta_path.read_text())["config"]))
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.config.domains)
+
+    @property
+    def source_paths(self) -> dict[str, Path]:
+        return {s.name: self.root / "sources" / s.name for s in self.config.sources}
+
+    @property
+    def pivot_path(self) -> Path:
+        return self.root / "pivot"
+
+    @property
+    def reward_model_path(self) -> Path:
+        return self.root / "reward_model"
+
+    @property
+    def specialties(self) -> dict[str, str | None]:
+        """Source name -> the domain it specialises in."""
+        return {s.name: s.specialty for s in self.config.sources}
+
+    def prompts(self, split: Split = "heldout", per_domain: int = 100, domains: list[str] | None = None,
+                seed: int = 0) -> list[PromptRow]:
+        """`per_domain` distinct prompts of each domain from `split`; the split never depends on `seed`."""
+        domains = domains or self.domains
+        return make_prompts(split, domains, per_domain * len(domains), seed)
+
+
+def _seed(config: ToyWorldConfig, name: str) -> int:
+    return zlib.crc32(f"{config.seed}:{name}".encode())
+
+
+def _training_rows(config: ToyWorldConfig, recipe: ModelRecipe) -> list[PromptRow]:
+    """`train_pool` training prompts (with repeats) drawn by the recipe's domain mixture."""
+    rng = random.Random(_seed(config, recipe.name))
+    domains = config.domains
+    if recipe.specialty in domains and len(domains) > 1:
+        rest = (1 - recipe.specialty_share) / (len(domains) - 1)
+        weights = [recipe.specialty_share if d == recipe.specialty else rest for d in domains]
+    else:
+        weights = [1.0] * len(domains)
+    rows = []
+    for name in rng.choices(domains, weights, k=config.train_pool):
+        domain = get_domain(name)
+        rows.append(make_row(domain, draw(domain, "train", rng)))
+    return rows
+
+
+def _reward_examples(config: ToyWorldConfig) -> list[tuple[PromptRow, str, bool]]:
+    """Balanced verifier labels: each training prompt once with its gold answer, once with a near miss."""
+    rng = random.Random(_seed(config, "reward-examples"))
+    examples = []
+    for k in range(config.train_pool // 2):
+        domain = get_domain(config.domains[k % len(config.domains)])
+        params = draw(domain, "train", rng)
+        row = make_row(domain, params)
+        examples += [(row, row.answer, True), (row, domain.corrupt(rng, params), False)]
+    return examples
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _build_model(config: ToyWorldConfig, recipe: ModelRecipe, out: Path, bar, reward: bool = False) -> float:
+    seed = _seed(config, recipe.name)
+    tokenizer = train_tokenizer(recipe.tokenizer, recipe.vocab_size, recipe.template, config.seed, config.corpus_lines)
+    torch.manual_seed(seed)
+    model = make_model(recipe, tokenizer, classifier=reward)
+    task = bar.add_task(f"train {recipe.name}", total=recipe.steps)
+    advance = lambda: bar.advance(task)  # noqa: E731
+    if reward:
+        loss = train_reward_model(model, tokenizer, recipe, _reward_examples(config), seed, advance)
+    else:
+        loss = train_lm(model, tokenizer, recipe, _training_rows(config, recipe), seed, advance)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return loss
+
+
+def build_world(config: ToyWorldConfig, cache_dir: str | Path | None = None, progress: bool = True) -> World:
+    """The world of `config`, from the cache when it was built before, else built now (minutes on
+    2 CPU cores for the default preset, seconds for `tiny`)."""
+    from polyfuse.pipeline.progress import progress_bar
+
+    root = world_dir(config, cache_dir)
+    if (root / WORLD_FILE).is_file():
+        return World.open(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    started = time.perf_counter()
+    losses: dict[str, float] = {}
+    try:
+        with _threads(config.threads), progress_bar(disable=not progress) as bar:
+            for recipe in config.sources:
+                losses[recipe.name] = _build_model(config, recipe, tmp / "sources" / recipe.name, bar)
+            losses["pivot"] = _build_model(config, config.pivot, tmp / "pivot", bar)
+            losses["reward_model"] = _build_model(config, config.reward_model, tmp / "reward_model", bar, reward=True)
+        write_json(tmp / WORLD_FILE, {
+            "config": config.model_dump(mode="json"), "key": config.key(),
+            "specialties": {s.name: s.specialty for s in config.sources},
+            "final_loss": losses, "build_seconds": round(time.perf_counter() - started, 1),
+        })
+        if root.exists():  # an incomplete leftover (no world.json); a complete one was returned above
+            shutil.rmtree(root)
+        os.rename(tmp, root)
+    except OSError:
+        if not (root / WORLD_FILE).is_file():
+            raise
+        # Another process finished the same world first; theirs is identical.
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return World.open(root)
