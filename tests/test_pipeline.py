@@ -34,6 +34,12 @@ def tiny_overrides(cache_dir: Path) -> list[str]:
     ]
 
 
+def tiny_world_sources() -> list[str]:
+    from polyfuse.toyworld import ToyWorldConfig
+
+    return [s.name for s in ToyWorldConfig.preset("tiny").sources]
+
+
 def digest(path: Path) -> str:
     if path.is_dir():
         return hashlib.sha256(b"".join(digest(p).encode() for p in sorted(path.rglob("*.safetensors")))).hexdigest()
@@ -77,7 +83,7 @@ def test_every_stage_leaves_a_manifest_and_consistent_rows(reference_run):
         assert pair.ref_chosen_ntokens > 0
         assert abs(pair.ref_mean_chosen_logps * pair.ref_chosen_ntokens - pair.ref_chosen_logps) < 1e-4
     results = json.loads((work / "eval/results.json").read_text())
-    assert list(results) == ["llama-arithmetic", "qwen-strings", "gpt2-compare", "pivot", "pivot+SFT", "pivot+SFT+DPO"]
+    assert list(results) == [*tiny_world_sources(), "pivot", "pivot+SFT", "pivot+SFT+DPO"]
     assert (work / "eval/accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -30,6 +30,7 @@ import torch
 from polyfuse.data import PromptRow
 from polyfuse.data.io import write_json
 from polyfuse.errors import UserError
+from polyfuse.models import encode
 from polyfuse.toyworld.config import ModelRecipe, ToyWorldConfig
 from polyfuse.toyworld.tasks import Split, draw, get_domain, make_prompts, make_row
 from polyfuse.toyworld.tokenizers import train_tokenizer
@@ -96,16 +97,11 @@ def _seed(config: ToyWorldConfig, name: str) -> int:
 
 
 def _training_rows(config: ToyWorldConfig, recipe: ModelRecipe) -> list[PromptRow]:
-    """`train_pool` training prompts (with repeats) drawn by the recipe's domain mixture."""
+    """`train_pool` training prompts (with repeats) drawn by the recipe's task mixture."""
     rng = random.Random(_seed(config, recipe.name))
-    domains = config.domains
-    if recipe.specialty in domains and len(domains) > 1:
-        rest = (1 - recipe.specialty_share) / (len(domains) - 1)
-        weights = [recipe.specialty_share if d == recipe.specialty else rest for d in domains]
-    else:
-        weights = [1.0] * len(domains)
+    mixture = recipe.mixture or dict.fromkeys(config.domains, 1.0)
     rows = []
-    for name in rng.choices(domains, weights, k=config.train_pool):
+    for name in rng.choices(list(mixture), list(mixture.values()), k=config.train_pool):
         domain = get_domain(name)
         rows.append(make_row(domain, draw(domain, "train", rng)))
     return rows
@@ -133,7 +129,19 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _check_reload(folder: Path, tokenizer, rows: list[PromptRow]) -> None:
+    """The saved folder must load back, with plain AutoTokenizer, into the tokenizer the model was
+    trained with (for some model types transformers swaps in a tokenizer class of its own)."""
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(folder)
+    for row in rows[:16]:
+        if encode(loaded, row.prompt, row.answer) != encode(tokenizer, row.prompt, row.answer):
+            raise RuntimeError(f"{folder}: AutoTokenizer loads the tokenizer differently ({type(loaded).__name__})")
+
+
 def _build_model(config: ToyWorldConfig, recipe: ModelRecipe, out: Path, bar, reward: bool = False) -> float:
+    """Train the tokenizer and the model of `recipe`, save both to `out`; returns the last loss."""
     seed = _seed(config, recipe.name)
     tokenizer = train_tokenizer(recipe.tokenizer, recipe.vocab_size, recipe.template, config.seed, config.corpus_lines)
     torch.manual_seed(seed)
@@ -141,12 +149,30 @@ def _build_model(config: ToyWorldConfig, recipe: ModelRecipe, out: Path, bar, re
     task = bar.add_task(f"train {recipe.name}", total=recipe.steps)
     advance = lambda: bar.advance(task)  # noqa: E731
     if reward:
-        loss = train_reward_model(model, tokenizer, recipe, _reward_examples(config), seed, advance)
+        examples = _reward_examples(config)
+        loss = train_reward_model(model, tokenizer, recipe, examples, seed, advance)
+        rows = [row for row, _, _ in examples]
     else:
-        loss = train_lm(model, tokenizer, recipe, _training_rows(config, recipe), seed, advance)
+        rows = _training_rows(config, recipe)
+        loss = train_lm(model, tokenizer, recipe, rows, seed, advance)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    _check_reload(out, tokenizer, rows)
     return loss
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No per-file tqdm bars from transformers while saving (the build has its own bars)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def build_world(config: ToyWorldConfig, cache_dir: str | Path | None = None, progress: bool = True) -> World:
@@ -163,7 +189,7 @@ def build_world(config: ToyWorldConfig, cache_dir: str | Path | None = None, pro
     started = time.perf_counter()
     losses: dict[str, float] = {}
     try:
-        with _threads(config.threads), progress_bar(disable=not progress) as bar:
+        with _threads(config.threads), _quiet_transformers(), progress_bar(disable=not progress) as bar:
             for recipe in config.sources:
                 losses[recipe.name] = _build_model(config, recipe, tmp / "sources" / recipe.name, bar)
             losses["pivot"] = _build_model(config, config.pivot, tmp / "pivot", bar)

@@ -14,18 +14,21 @@ from pydantic import Field, model_validator
 
 from polyfuse.config import StrictModel
 from polyfuse.errors import ConfigError
-from polyfuse.toyworld.tasks import DOMAINS
+from polyfuse.toyworld.tasks import DOMAINS, SISTER_TASKS
 from polyfuse.toyworld.tokenizers import Algorithm, TemplateName
 
 FORMAT_VERSION = 1
-Architecture = Literal["llama", "qwen2", "gpt2", "mistral"]
+# Not qwen2: transformers 5 loads a qwen2 folder's tokenizer as Qwen2Tokenizer whatever the folder says,
+# which rebuilds a byte-level BPE and breaks any other tokenizer; qwen3 folders keep theirs.
+Architecture = Literal["llama", "qwen3", "gpt2", "mistral"]
 
 
 class ModelRecipe(StrictModel):
     """One toy model: architecture, tokenizer, template, size and training.
 
-    `specialty` is the domain that gets `specialty_share` of its training examples (the rest are
-    spread evenly over the other domains); None trains a generalist on all domains equally."""
+    `mixture` gives the relative weight of each task (domains and sister tasks) in its training
+    examples; None means all of the world's domains equally. A source's specialty is its heaviest
+    domain. The reward model ignores `mixture` (it is trained on all domains)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     architecture: Architecture = "llama"
@@ -35,24 +38,32 @@ class ModelRecipe(StrictModel):
     hidden_size: int = Field(default=128, ge=8)
     layers: int = Field(default=2, ge=1)
     heads: int = Field(default=4, ge=1)
-    specialty: str | None = None
-    specialty_share: float = Field(default=0.9, ge=0.0, le=1.0)
+    mixture: dict[str, float] | None = None
     steps: int = Field(default=600, ge=1)
     batch_size: int = Field(default=64, ge=1)
-    learning_rate: float = Field(default=3e-3, gt=0)
+    learning_rate: float = Field(default=1e-3, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> ModelRecipe:
         if self.hidden_size % self.heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by heads {self.heads}")
-        if self.specialty is not None and self.specialty not in DOMAINS:
-            raise ValueError(f"specialty {self.specialty!r} is not a toy domain ({', '.join(DOMAINS)})")
+        unknown = sorted(set(self.mixture or {}) - set(DOMAINS) - set(SISTER_TASKS))
+        if unknown:
+            raise ValueError(f"mixture: unknown tasks {unknown}; expected some of {[*DOMAINS, *SISTER_TASKS]}")
+        if self.mixture is not None and (not self.mixture or min(self.mixture.values()) < 0 or not sum(self.mixture.values())):
+            raise ValueError("mixture: weights must be >= 0 with a positive total")
         return self
+
+    @property
+    def specialty(self) -> str | None:
+        """The domain with the largest weight in `mixture` (None for a uniform generalist)."""
+        weights = {k: v for k, v in (self.mixture or {}).items() if k in DOMAINS}
+        return max(weights, key=weights.__getitem__) if weights else None
 
 
 class ToyWorldConfig(StrictModel):
-    """The whole world. `reward_model` is trained as a sequence classifier on verifier labels
-    (gold answers vs near misses); its `specialty` is ignored."""
+    """The whole world. `reward_model` is trained as a one-logit sequence classifier on verifier
+    labels (gold answers vs near misses of every domain)."""
 
     seed: int = 0
     domains: list[str] = Field(default_factory=lambda: list(DOMAINS))
@@ -85,27 +96,30 @@ class ToyWorldConfig(StrictModel):
         return cls.model_validate(PRESETS[name])
 
 
+def _specialist(domain: str, share: float = 0.9) -> dict[str, float]:
+    return {d: share if d == domain else (1 - share) / (len(DOMAINS) - 1) for d in DOMAINS}
+
+
 _SOURCES = [
-    dict(name="llama-arithmetic", architecture="llama", tokenizer="bpe-bytelevel", vocab_size=512,
-         template="llama3", specialty="arithmetic"),
-    dict(name="qwen-strings", architecture="qwen2", tokenizer="unigram", vocab_size=384,
-         template="chatml", specialty="strings"),
-    dict(name="gpt2-compare", architecture="gpt2", tokenizer="wordpiece", vocab_size=320,
-         template="none", specialty="compare"),
+    dict(name="llama-compare", architecture="llama", tokenizer="bpe-bytelevel", vocab_size=512,
+         template="llama3", mixture=_specialist("compare")),
+    dict(name="qwen-strings", architecture="qwen3", tokenizer="unigram", vocab_size=384,
+         template="chatml", mixture=_specialist("strings"), steps=400),
+    dict(name="gpt2-arithmetic", architecture="gpt2", tokenizer="wordpiece", vocab_size=320,
+         template="none", mixture=_specialist("arithmetic")),
 ]
-_PIVOT = dict(name="pivot", architecture="mistral", tokenizer="bpe-metaspace", vocab_size=448, template="zephyr")
-_REWARD = dict(name="reward_model", architecture="llama", tokenizer="bpe-bytelevel", vocab_size=288, template="gemma")
+_PIVOT = dict(name="pivot", architecture="mistral", tokenizer="bpe-metaspace", vocab_size=448, template="zephyr",
+              hidden_size=96, mixture={t: 1.0 for t in SISTER_TASKS}, steps=300)
+_REWARD = dict(name="reward_model", architecture="llama", tokenizer="bpe-bytelevel", vocab_size=288,
+               template="gemma", hidden_size=96, steps=300)
+_TINY = dict(hidden_size=16, layers=1, heads=2, steps=4, batch_size=8)
 
 PRESETS: dict[str, dict] = {
-    "default": dict(
-        sources=_SOURCES,
-        pivot={**_PIVOT, "hidden_size": 96, "steps": 60},
-        reward_model={**_REWARD, "steps": 300},
-    ),
+    "default": dict(sources=_SOURCES, pivot=_PIVOT, reward_model=_REWARD),
     "tiny": dict(
-        sources=[{**s, "hidden_size": 16, "layers": 1, "heads": 2, "steps": 4, "batch_size": 8} for s in _SOURCES],
-        pivot={**_PIVOT, "hidden_size": 16, "layers": 1, "heads": 2, "steps": 4, "batch_size": 8},
-        reward_model={**_REWARD, "hidden_size": 16, "layers": 1, "heads": 2, "steps": 4, "batch_size": 8},
+        sources=[{**s, **_TINY} for s in _SOURCES],
+        pivot={**_PIVOT, **_TINY},
+        reward_model={**_REWARD, **_TINY},
         corpus_lines=200,
         train_pool=64,
     ),

@@ -8,12 +8,15 @@ learnt it scores near zero:
 - `strings`: "Reverse the letters of KQZM." -> "MZQK" (3-5 random capitals),
 - `compare`: "Which number is largest: 47, 82, 19?" -> "82" (three 2-digit numbers).
 
+Three sister tasks (`SISTER_TASKS`: subtraction, copying, minimum) share the formats but not the
+answers; only the pivot is trained on them.
+
 Task words are random capitals and every tokenizer of the world splits digits, and is trained on a
 corpus without capitals in a row, so each model sees digits and task letters one by one.
 
-A task belongs to the held-out split when a hash of its canonical form (domain + parameters, not the
-wording) falls under `HELDOUT_PERCENT`: the split does not depend on any seed, so train and held-out
-prompts never overlap, whichever seeds generate them.
+A task belongs to the held-out split when a hash of its parameters (not its wording) falls under
+`HELDOUT_PERCENT`: the split does not depend on any seed, so train and held-out prompts never overlap
+whichever seeds generate them, and a sister task never shows the pivot the operands of a held-out task.
 """
 
 from __future__ import annotations
@@ -98,6 +101,14 @@ def _wrong_reversal(rng: random.Random, params: Params) -> str:
             return wrong
 
 
+def _word(rng: random.Random) -> Params:
+    return ("".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 5))),)
+
+
+def _no_corruption(rng: random.Random, params: Params) -> str:
+    raise NotImplementedError("sister tasks are only used to pretrain the pivot")
+
+
 DOMAINS: dict[str, Domain] = {
     d.name: d
     for d in [
@@ -110,7 +121,7 @@ DOMAINS: dict[str, Domain] = {
         ),
         Domain(
             "strings",
-            draw=lambda rng: ("".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 5))),),
+            draw=_word,
             prompt=lambda p: f"Reverse the letters of {p[0]}.",
             answer=lambda p: p[0][::-1],
             corrupt=_wrong_reversal,
@@ -125,15 +136,33 @@ DOMAINS: dict[str, Domain] = {
     ]
 }
 
+# Sister tasks: same format and building blocks (reading digits, copying letters, picking one of three
+# numbers), different answers. The pivot is pretrained on them, so it starts near zero on every domain
+# yet learns the real tasks from a few hundred fine-tuning steps: that is what fusion has to supply.
+SISTER_TASKS: dict[str, Domain] = {
+    d.name: d
+    for d in [
+        Domain("subtract", draw=lambda rng: (_two_digit(rng), rng.randint(1, 9)),
+               prompt=lambda p: f"What is {p[0]} - {p[1]}?", answer=lambda p: str(p[0] - p[1]), corrupt=_no_corruption),
+        Domain("copy", draw=_word, prompt=lambda p: f"Repeat the letters of {p[0]}.", answer=lambda p: p[0],
+               corrupt=_no_corruption),
+        Domain("minimum", draw=lambda rng: tuple(rng.sample(range(10, 100), 3)),
+               prompt=lambda p: f"Which number is smallest: {p[0]}, {p[1]}, {p[2]}?", answer=lambda p: str(min(p)),
+               corrupt=_no_corruption),
+    ]
+}
+
 
 def get_domain(name: str) -> Domain:
-    if name not in DOMAINS:
-        raise ConfigError(f"unknown toy domain {name!r}; expected one of: {', '.join(DOMAINS)}")
-    return DOMAINS[name]
+    """A domain or sister task by name."""
+    found = DOMAINS.get(name) or SISTER_TASKS.get(name)
+    if found is None:
+        raise ConfigError(f"unknown toy task {name!r}; expected one of: {', '.join([*DOMAINS, *SISTER_TASKS])}")
+    return found
 
 
-def split_of(domain: str, params: Params) -> Split:
-    digest = hashlib.sha1(f"{domain}:{params!r}".encode()).digest()
+def split_of(params: Params) -> Split:
+    digest = hashlib.sha1(repr(params).encode()).digest()
     return "heldout" if int.from_bytes(digest[:4], "big") % 100 < HELDOUT_PERCENT else "train"
 
 
@@ -146,7 +175,7 @@ def draw(domain: Domain, split: Split, rng: random.Random) -> Params:
     """Parameters of one task of `split` (rejection sampling: about 1 in 5 draws is held-out)."""
     while True:
         params = domain.draw(rng)
-        if split_of(domain.name, params) == split:
+        if split_of(params) == split:
             return params
 
 

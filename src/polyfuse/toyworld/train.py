@@ -24,9 +24,9 @@ from transformers import (
     MistralConfig,
     MistralForCausalLM,
     MistralForSequenceClassification,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen2ForSequenceClassification,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3ForSequenceClassification,
 )
 
 from polyfuse.data import PromptRow
@@ -36,7 +36,7 @@ from polyfuse.toyworld.config import ModelRecipe
 MAX_POSITIONS = 128
 _CLASSES = {
     "llama": (LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, Qwen3ForSequenceClassification),
     "mistral": (MistralConfig, MistralForCausalLM, MistralForSequenceClassification),
     "gpt2": (GPT2Config, GPT2LMHeadModel, GPT2ForSequenceClassification),
 }
@@ -51,12 +51,15 @@ def make_model(recipe: ModelRecipe, tokenizer, classifier: bool = False):
         special.update(num_labels=1)
     if recipe.architecture == "gpt2":
         config = config_cls(vocab_size=len(tokenizer), n_embd=recipe.hidden_size, n_layer=recipe.layers,
-                            n_head=recipe.heads, n_positions=MAX_POSITIONS, **special)
+                            n_head=recipe.heads, n_inner=2 * recipe.hidden_size, n_positions=MAX_POSITIONS,
+                            **special)
     else:
         config = config_cls(vocab_size=len(tokenizer), hidden_size=recipe.hidden_size,
                             intermediate_size=2 * recipe.hidden_size, num_hidden_layers=recipe.layers,
                             num_attention_heads=recipe.heads, num_key_value_heads=recipe.heads,
                             max_position_embeddings=MAX_POSITIONS, **special)
+    if not classifier:
+        config.loss_type = "ForCausalLM"  # GPT-2 configs leave it unset and transformers warns
     model = (cls_cls if classifier else lm_cls)(config)
     if not classifier:
         model.generation_config.update(**{k: v for k, v in special.items() if k.endswith("token_id")})
@@ -115,7 +118,7 @@ def _fit(model, recipe: ModelRecipe, n: int, loss_of: Callable[[list[int]], torc
         if advance is not None:
             advance()
     model.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
 def train_lm(model, tokenizer, recipe: ModelRecipe, rows: list[PromptRow], seed: int,
