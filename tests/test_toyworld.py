@@ -16,7 +16,14 @@ from polyfuse.data import SampleRow
 from polyfuse.errors import ConfigError
 from polyfuse.models import encode, render_prompt
 from polyfuse.scorers import SCORERS, build_scorer
-from polyfuse.toyworld import DOMAINS, ToyWorldConfig, build_world, reward_model_accuracy, world_dir, world_info
+from polyfuse.toyworld import (
+    DOMAINS,
+    ToyWorldConfig,
+    build_world,
+    reward_model_accuracy,
+    world_dir,
+    world_info,
+)
 from polyfuse.toyworld import build as build_module
 from polyfuse.toyworld.tasks import SISTER_TASKS, distinct_tasks, get_domain, make_prompts, split_of, verify
 
@@ -198,7 +205,7 @@ def test_build_is_deterministic_cached_and_atomic(tiny_world, tmp_path, monkeypa
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(build_module, "_build_model", crash)
+    monkeypatch.setattr(build_module, "_run_job", crash)
     with pytest.raises(KeyboardInterrupt):
         build_world(config, cache_dir=tmp_path / "b", progress=False)
     assert list((tmp_path / "b").iterdir()) == []  # no half world, no temporary folder left

@@ -24,6 +24,11 @@ def recipe_path(name: str) -> Path:
 
 def run_demo(work_dir: str | Path, seed: int = 0, preset: str = "default", quiet: bool = False) -> dict:
     """Run the demo recipe; returns the summary written to `report.json`."""
+    import torch
+
+    # The toy models are tiny: one thread is as fast as two, and it cannot be slowed down by
+    # oversubscription when other processes share the cores.
+    torch.set_num_threads(1)
     console = Console()
     work_dir = Path(work_dir)
     started = time.perf_counter()

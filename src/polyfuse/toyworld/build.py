@@ -15,15 +15,20 @@ and reused at once.
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 import os
 import random
 import shutil
+import sys
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,13 +56,13 @@ def world_dir(config: ToyWorldConfig, cache_dir: str | Path | None = None) -> Pa
 
 @dataclass(frozen=True)
 class World:
+    """A built world: where its models are, which source knows which domain, and its prompts."""
+
     root: Path
     config: ToyWorldConfig
 
     @classmethod
     def open(cls, root: str | Path) -> World:
-        import json
-
         root = Path(root)
         meta_path = root / WORLD_FILE
         if not meta_path.is_file():
@@ -140,25 +145,92 @@ def _check_reload(folder: Path, tokenizer, rows: list[PromptRow]) -> None:
             raise RuntimeError(f"{folder}: AutoTokenizer loads the tokenizer differently ({type(loaded).__name__})")
 
 
-def _build_model(config: ToyWorldConfig, recipe: ModelRecipe, out: Path, bar, reward: bool = False) -> float:
-    """Train the tokenizer and the model of `recipe`, save both to `out`; returns the last loss."""
+@dataclass(frozen=True)
+class _Job:
+    """One model to build: its recipe, its folder inside the world, and whether it is the reward model."""
+
+    recipe: ModelRecipe
+    folder: str
+    reward: bool = False
+
+    @property
+    def cost(self) -> int:
+        return self.recipe.steps * self.recipe.hidden_size * self.recipe.layers
+
+
+def _jobs(config: ToyWorldConfig) -> list[_Job]:
+    return [
+        *(_Job(s, f"sources/{s.name}") for s in config.sources),
+        _Job(config.pivot, "pivot"),
+        _Job(config.reward_model, "reward_model", reward=True),
+    ]
+
+
+def _run_job(config: ToyWorldConfig, job: _Job, root: Path, advance: Callable[[], None]) -> float:
+    """Train the tokenizer and model of `job`, save both under `root`; returns the last loss.
+    Every job runs with `config.threads` torch threads, so weights do not depend on `workers`."""
+    recipe, out = job.recipe, root / job.folder
     seed = _seed(config, recipe.name)
-    tokenizer = train_tokenizer(recipe.tokenizer, recipe.vocab_size, recipe.template, config.seed, config.corpus_lines)
-    torch.manual_seed(seed)
-    model = make_model(recipe, tokenizer, classifier=reward)
-    task = bar.add_task(f"train {recipe.name}", total=recipe.steps)
-    advance = lambda: bar.advance(task)  # noqa: E731
-    if reward:
-        examples = _reward_examples(config)
-        loss = train_reward_model(model, tokenizer, recipe, examples, seed, advance)
-        rows = [row for row, _, _ in examples]
-    else:
-        rows = _training_rows(config, recipe)
-        loss = train_lm(model, tokenizer, recipe, rows, seed, advance)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    _check_reload(out, tokenizer, rows)
+    with _threads(config.threads), _quiet_transformers():
+        tokenizer = train_tokenizer(recipe.tokenizer, recipe.vocab_size, recipe.template, config.seed, config.corpus_lines)
+        torch.manual_seed(seed)
+        model = make_model(recipe, tokenizer, classifier=job.reward)
+        if job.reward:
+            examples = _reward_examples(config)
+            loss = train_reward_model(model, tokenizer, recipe, examples, seed, advance)
+            rows = [row for row, _, _ in examples]
+        else:
+            rows = _training_rows(config, recipe)
+            loss = train_lm(model, tokenizer, recipe, rows, seed, advance)
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        _check_reload(out, tokenizer, rows)
     return loss
+
+
+_PROGRESS: Any = None  # in a worker process: the queue that carries finished steps to the parent
+
+
+def _init_worker(queue: Any) -> None:
+    global _PROGRESS
+    _PROGRESS = queue
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # a forked child must not use the parent's thread pool
+
+
+def _worker_job(config: ToyWorldConfig, job: _Job, root: Path) -> float:
+    return _run_job(config, job, root, lambda: _PROGRESS.put(job.folder))
+
+
+def _train_all(config: ToyWorldConfig, root: Path, bar) -> dict[str, float]:
+    """Build every model, in this process or (workers > 1) in worker processes, longest jobs first."""
+    jobs = sorted(_jobs(config), key=lambda j: j.cost, reverse=True)
+    tasks = {job.folder: bar.add_task(f"train {job.recipe.name}", total=job.recipe.steps) for job in jobs}
+    if config.workers == 1:
+        return {
+            job.recipe.name: _run_job(config, job, root, lambda t=tasks[job.folder]: bar.advance(t)) for job in jobs
+        }
+    # Fork on Linux: workers start at once and callers need no `if __name__ == "__main__"` guard.
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    queue = context.Queue()
+
+    def drain() -> None:
+        while not queue.empty():
+            bar.advance(tasks[queue.get()])
+
+    losses: dict[str, float] = {}
+    pool = ProcessPoolExecutor(config.workers, mp_context=context, initializer=_init_worker, initargs=(queue,))
+    try:
+        futures = {pool.submit(_worker_job, config, job, root): job for job in jobs}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            drain()
+            for future in done:
+                losses[futures[future].recipe.name] = future.result()  # re-raises a worker's error
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    drain()
+    return losses
 
 
 @contextmanager
@@ -176,8 +248,8 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 def build_world(config: ToyWorldConfig, cache_dir: str | Path | None = None, progress: bool = True) -> World:
-    """The world of `config`, from the cache when it was built before, else built now (minutes on
-    2 CPU cores for the default preset, seconds for `tiny`)."""
+    """The world of `config`, from the cache when it was built before, else built now (about two
+    minutes on 2 CPU cores for the default preset, a second for `tiny`)."""
     from polyfuse.pipeline.progress import progress_bar
 
     root = world_dir(config, cache_dir)
@@ -187,13 +259,9 @@ def build_world(config: ToyWorldConfig, cache_dir: str | Path | None = None, pro
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     started = time.perf_counter()
-    losses: dict[str, float] = {}
     try:
-        with _threads(config.threads), _quiet_transformers(), progress_bar(disable=not progress) as bar:
-            for recipe in config.sources:
-                losses[recipe.name] = _build_model(config, recipe, tmp / "sources" / recipe.name, bar)
-            losses["pivot"] = _build_model(config, config.pivot, tmp / "pivot", bar)
-            losses["reward_model"] = _build_model(config, config.reward_model, tmp / "reward_model", bar, reward=True)
+        with progress_bar(disable=not progress) as bar:
+            losses = _train_all(config, tmp, bar)
         write_json(tmp / WORLD_FILE, {
             "config": config.model_dump(mode="json"), "key": config.key(),
             "specialties": {s.name: s.specialty for s in config.sources},

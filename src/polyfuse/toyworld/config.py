@@ -72,7 +72,8 @@ class ToyWorldConfig(StrictModel):
     reward_model: ModelRecipe
     corpus_lines: int = Field(default=3000, ge=10, description="Tokenizer training corpus size.")
     train_pool: int = Field(default=6000, ge=10, description="Distinct training examples drawn per model.")
-    threads: int = Field(default=2, ge=1, description="torch threads while building.")
+    threads: int = Field(default=1, ge=1, description="torch threads per model being trained.")
+    workers: int = Field(default=2, ge=1, description="Models trained at once, each in its own process.")
 
     @model_validator(mode="after")
     def _check(self) -> ToyWorldConfig:
@@ -96,7 +97,7 @@ class ToyWorldConfig(StrictModel):
         return cls.model_validate(PRESETS[name])
 
 
-def _specialist(domain: str, share: float = 0.9) -> dict[str, float]:
+def _specialist(domain: str, share: float = 0.94) -> dict[str, float]:
     return {d: share if d == domain else (1 - share) / (len(DOMAINS) - 1) for d in DOMAINS}
 
 
@@ -111,7 +112,7 @@ _SOURCES = [
 _PIVOT = dict(name="pivot", architecture="mistral", tokenizer="bpe-metaspace", vocab_size=448, template="zephyr",
               hidden_size=96, mixture={t: 1.0 for t in SISTER_TASKS}, steps=300)
 _REWARD = dict(name="reward_model", architecture="llama", tokenizer="bpe-bytelevel", vocab_size=288,
-               template="gemma", hidden_size=96, steps=300)
+               template="gemma", hidden_size=64, layers=3, steps=600)
 _TINY = dict(hidden_size=16, layers=1, heads=2, steps=4, batch_size=8)
 
 PRESETS: dict[str, dict] = {
@@ -122,5 +123,6 @@ PRESETS: dict[str, dict] = {
         reward_model={**_REWARD, **_TINY},
         corpus_lines=200,
         train_pool=64,
+        workers=1,
     ),
 }

@@ -11,8 +11,8 @@ learnt it scores near zero:
 Three sister tasks (`SISTER_TASKS`: subtraction, copying, minimum) share the formats but not the
 answers; only the pivot is trained on them.
 
-Task words are random capitals and every tokenizer of the world splits digits, and is trained on a
-corpus without capitals in a row, so each model sees digits and task letters one by one.
+Task words are random capitals, and every tokenizer of the world isolates digits and runs of
+capitals, so each model sees numbers and task words one symbol at a time.
 
 A task belongs to the held-out split when a hash of its parameters (not its wording) falls under
 `HELDOUT_PERCENT`: the split does not depend on any seed, so train and held-out prompts never overlap
@@ -39,17 +39,25 @@ Params = tuple
 @dataclass(frozen=True)
 class Domain:
     """One task family. `draw` picks canonical parameters; `prompt` and `answer` render them;
-    `corrupt` gives a plausible wrong answer to a task (for verifier tests and reward-model negatives)."""
+    `corrupt` gives a plausible wrong answer (reward-model negatives, verifier tests)."""
 
     name: str
     draw: Callable[[random.Random], Params]
     prompt: Callable[[Params], str]
     answer: Callable[[Params], str]
-    corrupt: Callable[[random.Random, Params], str]
+    corrupt: Callable[[random.Random, Params], str] | None = None
 
 
-def _two_digit(rng: random.Random) -> int:
-    return rng.randint(10, 99)
+def _sum_operands(rng: random.Random) -> Params:
+    return (rng.randint(10, 99), rng.randint(1, 9))
+
+
+def _three_numbers(rng: random.Random) -> Params:
+    return tuple(rng.sample(range(10, 100), 3))
+
+
+def _word(rng: random.Random) -> Params:
+    return ("".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 5))),)
 
 
 def _near_number(rng: random.Random, gold: str) -> str:
@@ -101,56 +109,26 @@ def _wrong_reversal(rng: random.Random, params: Params) -> str:
             return wrong
 
 
-def _word(rng: random.Random) -> Params:
-    return ("".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 5))),)
+def _domains(*domains: Domain) -> dict[str, Domain]:
+    return {d.name: d for d in domains}
 
 
-def _no_corruption(rng: random.Random, params: Params) -> str:
-    raise NotImplementedError("sister tasks are only used to pretrain the pivot")
+DOMAINS = _domains(
+    Domain("arithmetic", _sum_operands, lambda p: f"What is {p[0]} + {p[1]}?", lambda p: str(p[0] + p[1]), _wrong_sum),
+    Domain("strings", _word, lambda p: f"Reverse the letters of {p[0]}.", lambda p: p[0][::-1], _wrong_reversal),
+    Domain("compare", _three_numbers, lambda p: "Which number is largest: {}, {}, {}?".format(*p),
+           lambda p: str(max(p)), _wrong_max),
+)
 
-
-DOMAINS: dict[str, Domain] = {
-    d.name: d
-    for d in [
-        Domain(
-            "arithmetic",
-            draw=lambda rng: (_two_digit(rng), rng.randint(1, 9)),
-            prompt=lambda p: f"What is {p[0]} + {p[1]}?",
-            answer=lambda p: str(p[0] + p[1]),
-            corrupt=_wrong_sum,
-        ),
-        Domain(
-            "strings",
-            draw=_word,
-            prompt=lambda p: f"Reverse the letters of {p[0]}.",
-            answer=lambda p: p[0][::-1],
-            corrupt=_wrong_reversal,
-        ),
-        Domain(
-            "compare",
-            draw=lambda rng: tuple(rng.sample(range(10, 100), 3)),
-            prompt=lambda p: f"Which number is largest: {p[0]}, {p[1]}, {p[2]}?",
-            answer=lambda p: str(max(p)),
-            corrupt=_wrong_max,
-        ),
-    ]
-}
-
-# Sister tasks: same format and building blocks (reading digits, copying letters, picking one of three
-# numbers), different answers. The pivot is pretrained on them, so it starts near zero on every domain
-# yet learns the real tasks from a few hundred fine-tuning steps: that is what fusion has to supply.
-SISTER_TASKS: dict[str, Domain] = {
-    d.name: d
-    for d in [
-        Domain("subtract", draw=lambda rng: (_two_digit(rng), rng.randint(1, 9)),
-               prompt=lambda p: f"What is {p[0]} - {p[1]}?", answer=lambda p: str(p[0] - p[1]), corrupt=_no_corruption),
-        Domain("copy", draw=_word, prompt=lambda p: f"Repeat the letters of {p[0]}.", answer=lambda p: p[0],
-               corrupt=_no_corruption),
-        Domain("minimum", draw=lambda rng: tuple(rng.sample(range(10, 100), 3)),
-               prompt=lambda p: f"Which number is smallest: {p[0]}, {p[1]}, {p[2]}?", answer=lambda p: str(min(p)),
-               corrupt=_no_corruption),
-    ]
-}
+# Sister tasks: the same formats and building blocks (reading digits, copying letters, picking one of
+# three numbers) with different answers. The pivot is pretrained on them, so it starts near zero on
+# every domain yet learns the real tasks from a few hundred fine-tuning steps: fusion supplies those.
+SISTER_TASKS = _domains(
+    Domain("subtract", _sum_operands, lambda p: f"What is {p[0]} - {p[1]}?", lambda p: str(p[0] - p[1])),
+    Domain("copy", _word, lambda p: f"Repeat the letters of {p[0]}.", lambda p: p[0]),
+    Domain("minimum", _three_numbers, lambda p: "Which number is smallest: {}, {}, {}?".format(*p),
+           lambda p: str(min(p))),
+)
 
 
 def get_domain(name: str) -> Domain:
@@ -162,6 +140,7 @@ def get_domain(name: str) -> Domain:
 
 
 def split_of(params: Params) -> Split:
+    """"heldout" for about `HELDOUT_PERCENT`% of all tasks, by a hash of the parameters alone."""
     digest = hashlib.sha1(repr(params).encode()).digest()
     return "heldout" if int.from_bytes(digest[:4], "big") % 100 < HELDOUT_PERCENT else "train"
 

@@ -12,6 +12,7 @@ The eos token is the template's end-of-turn token, so generation stops at the en
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from typing import Literal
@@ -90,51 +91,71 @@ _SYLLABLES = [c + v for c in "bcdfghklmnprstvwz" for v in "aeiou"]
 
 
 def training_corpus(seed: int, lines: int = 3000) -> list[str]:
-    """Prompts of every domain (task words in lower case, so no capital runs are learnt), the plain
-    format's role names, and pseudo-English filler that gives the algorithms something to merge."""
+    """Every symbol on its own, role names, prompts of every domain in the plain format, and
+    pseudo-English filler that gives the algorithms something to merge."""
     rng = random.Random(f"corpus:{seed}")
-    corpus = []
+    corpus = [f"{LETTERS} {LETTERS.lower()} 0123456789 .,?!:+-"] * 20 + ["system user assistant model"] * lines
     for i in range(lines):
         domain = list(DOMAINS.values())[i % len(DOMAINS)]
-        corpus.append(f"User: {domain.prompt(domain.draw(rng)).lower()}\n\nAssistant:")
-        corpus.append("system user assistant model")
+        corpus.append(f"User: {domain.prompt(domain.draw(rng))}\n\nAssistant:")
         words = ["".join(rng.choices(_SYLLABLES, k=rng.randint(1, 3))) for _ in range(rng.randint(4, 12))]
         corpus.append(" ".join(words).capitalize() + rng.choice([".", "?", "!", ","]))
     return corpus
 
 
-def _pipeline(algorithm: Algorithm, vocab_size: int, specials: list[str], alphabet: list[str]):
-    """(Tokenizer, trainer) for an algorithm; all isolate digits, capital runs and newlines."""
+def _metaspace() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence(
+        [pre_tokenizers.Metaspace(prepend_scheme="first"), pre_tokenizers.Split(ISOLATE, "isolated")]
+    )
+
+
+def _train(algorithm: Algorithm, vocab_size: int, specials: list[str], corpus: list[str]) -> Tokenizer:
+    """The bare `tokenizers` pipeline of one algorithm, trained on `corpus`, reproducibly.
+
+    `tokenizers`' Unigram and WordPiece trainers are not bit-for-bit reproducible (parallel float
+    sums, hash-map order), so Unigram scores are rounded and re-sorted, and the WordPiece vocabulary
+    is derived from a (reproducible) BPE one: each BPE piece as a word start and as a "##" suffix."""
+    alphabet = sorted(set(LETTERS + LETTERS.lower() + "0123456789.,?!:+-\n▁"))
+    common = dict(special_tokens=specials, show_progress=False)
     if algorithm == "bpe-bytelevel":
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(ISOLATE, "isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False)]
         )
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(show_progress=False, 
-            vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        )
-        return tok, trainer
-    metaspace = pre_tokenizers.Sequence(
-        [pre_tokenizers.Metaspace(prepend_scheme="first"), pre_tokenizers.Split(ISOLATE, "isolated")]
-    )
-    if algorithm == "bpe-metaspace":
-        tok = Tokenizer(models.BPE(unk_token=specials[0]))
-        trainer = trainers.BpeTrainer(show_progress=False, vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet)
-        tok.decoder = decoders.Metaspace(prepend_scheme="first")
-    elif algorithm == "unigram":
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), **common)
+        tok.train_from_iterator(corpus, trainer=trainer)
+        return tok
+    if algorithm == "unigram":
         tok = Tokenizer(models.Unigram())
-        trainer = trainers.UnigramTrainer(show_progress=False, 
-            vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, unk_token=specials[0]
-        )
+        tok.pre_tokenizer = _metaspace()
+        # No initial alphabet: the trainer would append unseen symbols in hash-map order.
+        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, unk_token=specials[0], **common)
+        tok.train_from_iterator(corpus, trainer=trainer)
+        data = json.loads(tok.to_str())
+        pieces = [(piece, round(score, 6)) for piece, score in data["model"]["vocab"][len(specials) :]]
+        data["model"]["vocab"][len(specials) :] = sorted(pieces, key=lambda p: (-p[1], p[0]))
+        tok = Tokenizer.from_str(json.dumps(data))
         tok.decoder = decoders.Metaspace(prepend_scheme="first")
-    else:
-        tok = Tokenizer(models.WordPiece(unk_token=specials[0]))
-        trainer = trainers.WordPieceTrainer(show_progress=False, vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet)
-        # Word boundaries live in the "▁" marks, so "##" is dropped without inserting spaces.
-        tok.decoder = decoders.Sequence([decoders.Replace("##", ""), decoders.Metaspace(prepend_scheme="first")])
-    tok.pre_tokenizer = metaspace
-    return tok, trainer
+        return tok
+    size = vocab_size if algorithm == "bpe-metaspace" else (vocab_size + len(specials)) // 2
+    tok = Tokenizer(models.BPE(unk_token=specials[0]))
+    tok.pre_tokenizer = _metaspace()
+    tok.train_from_iterator(corpus, trainer=trainers.BpeTrainer(vocab_size=size, initial_alphabet=alphabet, **common))
+    tok.decoder = decoders.Metaspace(prepend_scheme="first")
+    if algorithm == "bpe-metaspace":
+        return tok
+    pieces = sorted(tok.get_vocab().items(), key=lambda item: item[1])[len(specials) :]
+    vocab = {token: i for i, token in enumerate(specials)}
+    for piece, _ in pieces:
+        for token in (piece,) if piece.startswith("▁") else (piece, "##" + piece):
+            vocab.setdefault(token, len(vocab))
+    wordpiece = Tokenizer(models.WordPiece(vocab, unk_token=specials[0]))
+    wordpiece.pre_tokenizer = _metaspace()
+    # Word boundaries live in the "▁" marks, so "##" is dropped without inserting spaces.
+    wordpiece.decoder = decoders.Sequence([decoders.Replace("##", ""), decoders.Metaspace(prepend_scheme="first")])
+    wordpiece.add_special_tokens(specials)
+    return wordpiece
 
 
 def train_tokenizer(
@@ -144,9 +165,7 @@ def train_tokenizer(
     spec = TEMPLATES[template]
     unk = "<unk>"
     specials = list(dict.fromkeys([unk, spec.pad, spec.eos, *([spec.bos] if spec.bos else []), *spec.extra]))
-    alphabet = sorted(set(LETTERS + LETTERS.lower() + "0123456789 .,?!:+-\n▁"))
-    tok, trainer = _pipeline(algorithm, vocab_size, specials, alphabet)
-    tok.train_from_iterator(training_corpus(seed, corpus_lines), trainer=trainer)
+    tok = _train(algorithm, vocab_size, specials, training_corpus(seed, corpus_lines))
     if spec.bos:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{spec.bos} $A", pair=f"{spec.bos} $A $B", special_tokens=[(spec.bos, tok.token_to_id(spec.bos))]

@@ -57,11 +57,11 @@ def make_model(recipe: ModelRecipe, tokenizer, classifier: bool = False):
         config = config_cls(vocab_size=len(tokenizer), hidden_size=recipe.hidden_size,
                             intermediate_size=2 * recipe.hidden_size, num_hidden_layers=recipe.layers,
                             num_attention_heads=recipe.heads, num_key_value_heads=recipe.heads,
+                            head_dim=recipe.hidden_size // recipe.heads,  # Qwen3 defaults to 128
                             max_position_embeddings=MAX_POSITIONS, **special)
-    if not classifier:
-        config.loss_type = "ForCausalLM"  # GPT-2 configs leave it unset and transformers warns
     model = (cls_cls if classifier else lm_cls)(config)
     if not classifier:
+        model.loss_type = "ForCausalLM"  # transformers cannot tell it from the name GPT2LMHeadModel, and warns
         model.generation_config.update(**{k: v for k, v in special.items() if k.endswith("token_id")})
     return model
 

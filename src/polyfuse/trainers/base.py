@@ -73,8 +73,9 @@ class SequenceCollator:
 
 
 class PolyfuseTrainer(Trainer):
-    """Subclasses give `summed_loss` (the loss summed over the micro-batch's items, and metrics) and
-    `count_items` (how many items a micro-batch holds)."""
+    """Subclasses define `summed_loss(inputs, logps, ntokens) -> (loss summed over the micro-batch's items,
+    metrics)` and `count_items(inputs) -> tensor` (how many items a micro-batch holds: response tokens for
+    SFT, pairs for preference objectives)."""
 
     loss_is_scaled_for_ga = True  # normalised by the items of the whole step, see `compute_loss`
 
@@ -82,14 +83,6 @@ class PolyfuseTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self._metric_sums: dict[str, torch.Tensor] = {}
         self._metric_counts: dict[str, int] = {}
-
-    def summed_loss(
-        self, inputs: dict[str, torch.Tensor], logps: torch.Tensor, ntokens: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        raise NotImplementedError
-
-    def count_items(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
         if not batch_samples:
