@@ -13,12 +13,13 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from polyfuse.config import validate
 from polyfuse.data import SampleRow
-from polyfuse.errors import ConfigError
+from polyfuse.errors import ConfigError, UserError
 from polyfuse.models import encode, render_prompt
 from polyfuse.scorers import SCORERS, build_scorer
 from polyfuse.toyworld import (
     DOMAINS,
     ToyWorldConfig,
+    World,
     build_world,
     reward_model_accuracy,
     world_dir,
@@ -162,6 +163,9 @@ def test_world_paths_and_metadata(tiny_world):
     rows = tiny_world.prompts("train", per_domain=4, seed=2)
     assert len(rows) == 12 and {r.domain for r in rows} == set(DOMAINS)
     assert len(tiny_world.prompts("heldout", per_domain=3, domains=["strings"])) == 3
+    assert World.open(tiny_world.root) == tiny_world
+    with pytest.raises(UserError, match="not a toy world"):
+        World.open(tiny_world.root / "pivot")
 
 
 def test_tokenizers_and_templates_differ(tiny_world):
@@ -193,8 +197,10 @@ def test_encode_prefix_rule_and_end_of_turn_hold_for_every_model(tiny_world):
 
 
 def test_build_is_deterministic_cached_and_atomic(tiny_world, tmp_path, monkeypatch):
+    """A second build (in two worker processes this time) gives the same bytes; a third is a cache hit;
+    a build that dies half way leaves nothing behind."""
     config = ToyWorldConfig.preset("tiny")
-    again = build_world(config, cache_dir=tmp_path / "a", progress=False)
+    again = build_world(config.model_copy(update={"workers": 2}), cache_dir=tmp_path / "a", progress=False)
     for (_, first), (_, second) in zip(_models(tiny_world), _models(again), strict=True):
         assert _weights_hash(first) == _weights_hash(second)
     assert _weights_hash(tiny_world.reward_model_path) == _weights_hash(again.reward_model_path)

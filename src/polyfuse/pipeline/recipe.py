@@ -111,14 +111,14 @@ class Recipe(StrictModel):
         return SampleConfig(models=models, backend=self.sample.backend, batch_size=self.sample.batch_size,
                             chunk_size=self.sample.chunk_size, seed=self.seed)
 
-    def world(self):
+    def world(self, quiet: bool = False):
         """The recipe's toy world, built on first use (cached by config hash)."""
         from polyfuse.toyworld import ToyWorldConfig, build_world
 
         if self.toyworld is None:
             raise ConfigError("prompts.toyworld needs a 'toyworld' section in the recipe")
         config = ToyWorldConfig.preset(self.toyworld.preset).model_copy(update={"seed": self.toyworld.seed})
-        return build_world(config, cache_dir=self.toyworld.cache_dir)
+        return build_world(config, cache_dir=self.toyworld.cache_dir, progress=not quiet)
 
     def load_prompts(self, source: PromptSource) -> list[PromptRow]:
         if source.toyworld is not None:

@@ -179,7 +179,7 @@ def run_recipe(recipe: Recipe, work_dir: str | Path | None = None, quiet: bool =
     ctx = Context(recipe=recipe, work_dir=Path(work_dir or recipe.resolved_work_dir), quiet=quiet)
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
     if recipe.toyworld is not None:
-        recipe.world()  # built once and cached; every toyworld:// path must exist before hashing inputs
+        recipe.world(quiet)  # built once and cached; every toyworld:// path must exist before hashing inputs
     recipe.save_resolved(ctx.work_dir / "recipe.resolved.yaml")
     for name in recipe.stages:
         stage = STAGES[name]

@@ -25,9 +25,10 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 import torch
@@ -214,8 +215,9 @@ def _train_all(config: ToyWorldConfig, root: Path, bar) -> dict[str, float]:
     queue = context.Queue()
 
     def drain() -> None:
-        while not queue.empty():
-            bar.advance(tasks[queue.get()])
+        with suppress(Empty):
+            while True:
+                bar.advance(tasks[queue.get_nowait()])
 
     losses: dict[str, float] = {}
     pool = ProcessPoolExecutor(config.workers, mp_context=context, initializer=_init_worker, initargs=(queue,))
@@ -229,7 +231,8 @@ def _train_all(config: ToyWorldConfig, root: Path, bar) -> dict[str, float]:
                 losses[futures[future].recipe.name] = future.result()  # re-raises a worker's error
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    drain()
+    for job in jobs:  # steps still in the queue's pipe when the last worker finished
+        bar.update(tasks[job.folder], completed=job.recipe.steps)
     return losses
 
 
@@ -267,13 +270,12 @@ def build_world(config: ToyWorldConfig, cache_dir: str | Path | None = None, pro
             "specialties": {s.name: s.specialty for s in config.sources},
             "final_loss": losses, "build_seconds": round(time.perf_counter() - started, 1),
         })
-        if root.exists():  # an incomplete leftover (no world.json); a complete one was returned above
-            shutil.rmtree(root)
-        os.rename(tmp, root)
+        if not (root / WORLD_FILE).is_file():  # else another process finished the same world meanwhile
+            shutil.rmtree(root, ignore_errors=True)  # an incomplete leftover
+            os.rename(tmp, root)
     except OSError:
-        if not (root / WORLD_FILE).is_file():
+        if not (root / WORLD_FILE).is_file():  # lost a race for the rename to an identical world: fine
             raise
-        # Another process finished the same world first; theirs is identical.
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return World.open(root)

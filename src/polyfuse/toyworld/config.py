@@ -50,7 +50,8 @@ class ModelRecipe(StrictModel):
         unknown = sorted(set(self.mixture or {}) - set(DOMAINS) - set(SISTER_TASKS))
         if unknown:
             raise ValueError(f"mixture: unknown tasks {unknown}; expected some of {[*DOMAINS, *SISTER_TASKS]}")
-        if self.mixture is not None and (not self.mixture or min(self.mixture.values()) < 0 or not sum(self.mixture.values())):
+        weights = list(self.mixture.values()) if self.mixture is not None else [1.0]
+        if not weights or min(weights) < 0 or sum(weights) <= 0:
             raise ValueError("mixture: weights must be >= 0 with a positive total")
         return self
 
@@ -71,7 +72,7 @@ class ToyWorldConfig(StrictModel):
     pivot: ModelRecipe
     reward_model: ModelRecipe
     corpus_lines: int = Field(default=3000, ge=10, description="Tokenizer training corpus size.")
-    train_pool: int = Field(default=6000, ge=10, description="Distinct training examples drawn per model.")
+    train_pool: int = Field(default=6000, ge=10, description="Training examples drawn (with repeats) per model.")
     threads: int = Field(default=1, ge=1, description="torch threads per model being trained.")
     workers: int = Field(default=2, ge=1, description="Models trained at once, each in its own process.")
 
@@ -86,8 +87,9 @@ class ToyWorldConfig(StrictModel):
         return self
 
     def key(self) -> str:
-        """The cache key: a hash of the config and the build format."""
-        blob = json.dumps([FORMAT_VERSION, self.model_dump(mode="json")], sort_keys=True)
+        """The cache key: a hash of the config and the build format (`workers` changes only the
+        speed of a build, not its weights, so it is left out)."""
+        blob = json.dumps([FORMAT_VERSION, self.model_dump(mode="json", exclude={"workers"})], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @classmethod
