@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import yaml
-from test_ddp import free_port
 
 from polyfuse.data import SampleRow, read_rows, write_rows
 from polyfuse.pipeline.sample import SampleConfig, run_sample
+from test_ddp import free_port
 
 
 def sample_config(world) -> SampleConfig:

@@ -159,7 +159,13 @@ def eval_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Greedy accuracy per domain on held-out prompts: a table, results.json, results.md and a PNG bar chart."""
-    from polyfuse.evaluation import accuracy_table, default_verifiers, evaluate, load_eval_set, write_eval_report
+    from polyfuse.evaluation import (
+        accuracy_table,
+        default_verifiers,
+        evaluate,
+        load_eval_set,
+        write_eval_report,
+    )
     from polyfuse.models import ModelSpec
     from polyfuse.toyworld import ToyWorldConfig, build_world
 
