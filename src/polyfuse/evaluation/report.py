@@ -62,7 +62,7 @@ def _chart(results: dict[str, EvalResult], path: Path) -> None:
     axes.set_xticks(range(len(groups)), groups)
     axes.set_ylabel("accuracy (%)")
     axes.set_ylim(0, 100)
-    axes.legend()
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # outside the bars
     figure.tight_layout()
     figure.savefig(path, format="png", dpi=120)
 
