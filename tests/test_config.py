@@ -58,52 +58,30 @@ def test_registry_unknown_name_lists_known():
         reg.register("one")(2)
 
 
-def test_cli_config_error_exits_2_without_traceback(tmp_path):
-    path = tmp_path / "pairs.yaml"
-    path.write_text("reward: rm\nsft_fraction: 3\n")
-    scored = tmp_path / "scored.jsonl"
-    scored.write_text("")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from polyfuse.cli.main import main; main()",
-            "pairs",
-            "--config",
-            str(path),
-            "--scored",
-            str(scored),
-            "--out",
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
+def run_pairs_cli(tmp_path, config: str, scored: str) -> subprocess.CompletedProcess:
+    (tmp_path / "pairs.yaml").write_text(config)
+    (tmp_path / "scored.jsonl").write_text(scored)
+    return subprocess.run(
+        [sys.executable, "-m", "polyfuse", "pairs", "--config", str(tmp_path / "pairs.yaml"),
+         "--scored", str(tmp_path / "scored.jsonl"), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True,
     )
+
+
+def test_cli_config_error_exits_2_without_traceback(tmp_path):
+    proc = run_pairs_cli(tmp_path, "reward: rm\nsft_fraction: 3\n", "")
     assert proc.returncode == 2
     assert "sft_fraction: Input should be less than or equal to 1" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
 def test_cli_bad_data_row_exits_2_with_line(tmp_path):
-    path = tmp_path / "pairs.yaml"
-    path.write_text("reward: rm\n")
-    scored = tmp_path / "scored.jsonl"
-    scored.write_text('{"id": "x"}\n')
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from polyfuse.cli.main import main; main()",
-            "pairs",
-            "--config",
-            str(path),
-            "--scored",
-            str(scored),
-            "--out",
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    proc = run_pairs_cli(tmp_path, "reward: rm\n", '{"id": "x"}\n')
     assert proc.returncode == 2
     assert "scored.jsonl:1: field 'prompt': missing" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_cli_unknown_flag_exits_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "polyfuse", "pairs", "--bogus"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "No such option" in proc.stderr
