@@ -12,6 +12,7 @@ import torch
 from polyfuse.errors import UserError
 from polyfuse.models import ModelSpec, encode, load_model, load_tokenizer, render_prompt
 from polyfuse.sampling import SamplingParams, get_backend
+from tiny_lm import build_tiny_model
 
 
 def smollm2_gguf() -> Path:
@@ -60,26 +61,17 @@ def test_plain_fallback_has_no_double_bos_and_scores_eos(smollm2):
 
 
 def test_pickle_weights_are_refused_unless_allowed(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from safetensors.torch import load_file
 
-    config = LlamaConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
     folder = tmp_path / "pickled"
-    folder.mkdir()
-    config.save_pretrained(folder)
-    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    build_tiny_model(folder)
+    weights = folder / "model.safetensors"
+    torch.save(load_file(weights), folder / "pytorch_model.bin")
+    weights.unlink()
     with pytest.raises(UserError, match="only safetensors are read unless allow_pickle"):
         load_model(ModelSpec(path=str(folder)))
     loaded = load_model(ModelSpec(path=str(folder), allow_pickle=True))
-    assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert torch.equal(loaded.model.embed_tokens.weight, torch.load(folder / "pytorch_model.bin")["model.embed_tokens.weight"])
 
 
 def test_missing_model_is_a_user_error(tmp_path):

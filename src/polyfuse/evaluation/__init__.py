@@ -2,7 +2,7 @@
 
 from polyfuse.evaluation.datasets import load_eval_set, load_gsm8k, load_humaneval
 from polyfuse.evaluation.evaluate import DomainScore, EvalRecord, EvalResult, default_verifiers, evaluate
-from polyfuse.evaluation.report import accuracy_table, load_eval_report, write_eval_report
+from polyfuse.evaluation.report import accuracy_table, load_eval_report, markdown_table, write_eval_report
 
 __all__ = [
     "DomainScore",
@@ -15,5 +15,6 @@ __all__ = [
     "load_eval_set",
     "load_gsm8k",
     "load_humaneval",
+    "markdown_table",
     "write_eval_report",
 ]

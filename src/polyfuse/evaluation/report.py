@@ -38,7 +38,8 @@ def accuracy_table(results: dict[str, EvalResult]) -> Table:
     return table
 
 
-def _markdown(results: dict[str, EvalResult]) -> str:
+def markdown_table(results: dict[str, EvalResult]) -> str:
+    """Rows = models, columns = domains then the average, in percent."""
     domains = _domains(results)
     lines = [
         "| model | " + " | ".join([*domains, "average"]) + " |",
@@ -82,7 +83,7 @@ def write_eval_report(results: dict[str, EvalResult], out_dir: str | Path) -> Pa
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "results.json", {label: result.summary() for label, result in results.items()})
-    atomic_write_text(out_dir / "results.md", _markdown(results))
+    atomic_write_text(out_dir / "results.md", markdown_table(results))
     _chart(results, out_dir / "accuracy.png")
     for label, result in results.items():
         write_rows(out_dir / "records" / f"{_file_name(label)}.jsonl", result.records)

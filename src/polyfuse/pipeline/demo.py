@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from importlib import resources
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 
 from polyfuse.data.io import atomic_write_text
-from polyfuse.evaluation import EvalResult, accuracy_table, load_eval_report
+from polyfuse.evaluation import EvalResult, accuracy_table, load_eval_report, markdown_table
 from polyfuse.pipeline.recipe import load_recipe
 from polyfuse.pipeline.runner import run_recipe
 
@@ -50,17 +51,12 @@ def run_demo(work_dir: str | Path, seed: int = 0, preset: str = "default", quiet
 
 
 def _markdown(summary: dict, results: dict[str, EvalResult], chart: str, work_dir: Path) -> str:
-    domains = sorted({d for r in results.values() for d in r.per_domain})
-    rows = [f"| {label} | " + " | ".join(
-        f"{100 * r.per_domain[d].accuracy:.1f}" if d in r.per_domain else "-" for d in domains
-    ) + f" | {100 * r.average:.1f} |" for label, r in results.items()]
     pairs = ", ".join(f"{k} {v}" for k, v in summary["pairs"].items())
     stages = ", ".join(f"{k} {v}s" for k, v in summary["stage_wall_s"].items())
     return "\n".join([
         f"# polyfuse demo: FuseChat-3.0 on the toy world (seed {summary['seed']})", "",
         f"Wall time {summary['wall_s']}s ({stages}).", "",
-        "Held-out accuracy (%), greedy decoding:", "",
-        "| model | " + " | ".join([*domains, "average"]) + " |", "|---|" + "---:|" * (len(domains) + 1), *rows, "",
-        f"![accuracy]({Path(chart).relative_to(work_dir.resolve()) if Path(chart).is_absolute() else chart})", "",
+        "On held-out prompts. " + markdown_table(results),
+        f"![accuracy]({os.path.relpath(chart, work_dir)})", "",
         f"Data: {pairs}.", "",
     ])
