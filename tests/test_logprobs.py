@@ -1,4 +1,5 @@
-"""The reference log-prob engine against a naive one-sequence-at-a-time forward on a tiny Llama."""
+"""The log-prob engine against a naive one-sequence-at-a-time forward, on a tiny Llama and on the toy
+world's heterogeneous models (Llama, Qwen3 and GPT-2 with absolute positions, three tokenizers)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ from polyfuse.data.io import read_metadata
 from polyfuse.errors import DataError
 from polyfuse.logprobs import (
     LogpReport,
-    ReferenceConfig,
-    add_reference_columns,
-    check_reference_columns,
+    LogprobsSettings,
+    check_logp_columns,
     column_names,
     compute_reference_logps,
+    fusion_sources,
+    plan_batches,
     roles_of,
+    run_logprobs,
+    score_rows,
 )
 from polyfuse.models import ModelSpec, encode, load_model, load_tokenizer
 from tiny_lm import build_tiny_model, sentence
@@ -63,7 +67,7 @@ def test_engine_matches_naive_forward_and_is_self_consistent(pivot):
     model, tokenizer = pivot
     rows = make_rows(7)
     seen = []
-    scored = compute_reference_logps(model, tokenizer, rows, batch_size=4, progress=seen.append)
+    scored = compute_reference_logps(model, tokenizer, rows, token_budget=64, progress=seen.append)
     assert sum(seen) == 7 * 2 + 1  # chosen + rejected per row, plus the one chosen_source
     assert [r.id for r in scored] == [r.id for r in rows]
     for row in scored:
@@ -82,11 +86,11 @@ def test_engine_matches_naive_forward_and_is_self_consistent(pivot):
     )
 
 
-def test_batch_size_does_not_change_results(pivot):
+def test_token_budget_does_not_change_results(pivot):
     model, tokenizer = pivot
     rows = make_rows(9, seed=1)
-    one = compute_reference_logps(model, tokenizer, rows, batch_size=1)
-    many = compute_reference_logps(model, tokenizer, rows, batch_size=5)
+    one = compute_reference_logps(model, tokenizer, rows, token_budget=1)  # one sequence per forward
+    many = compute_reference_logps(model, tokenizer, rows, token_budget=10_000)  # everything in one
     for a, b in zip(one, many, strict=True):
         assert a.ref_chosen_logps == pytest.approx(b.ref_chosen_logps, abs=1e-5)
         assert a.ref_rejected_logps == pytest.approx(b.ref_rejected_logps, abs=1e-5)
@@ -119,7 +123,18 @@ def test_long_pairs_are_dropped_and_reported_or_rejected(pivot):
     assert report.dropped == ["too-long"]
 
 
-def test_check_reference_columns_fails_loudly():
+def test_plan_batches_respects_the_budget_and_covers_every_sequence():
+    lengths = [5, 17, 3, 9, 9, 40, 1, 12]
+    batches = plan_batches(lengths, token_budget=30)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for batch in batches:
+        assert lengths[batch[0]] == max(lengths[i] for i in batch)  # the first is the longest
+        assert len(batch) == 1 or len(batch) * lengths[batch[0]] <= 30
+    assert batches[0] == [5]  # 40 tokens: over budget, alone, and first
+    assert [lengths[i] for i in batches[1]] == [17]  # 2 x 17 > 30
+
+
+def test_check_logp_columns_fails_loudly():
     good = PreferenceRow(
         id="a",
         prompt="p",
@@ -128,28 +143,113 @@ def test_check_reference_columns_fails_loudly():
         ref_chosen_logps=-6.0,
         ref_mean_chosen_logps=-2.0,
         ref_chosen_ntokens=3,
+        fuse_chosen_logps=[-6.0, -1.0],
+        fuse_mean_chosen_logps=[-1.5, -1.0],
+        fuse_chosen_ntokens=[4, 1],
     )
-    check_reference_columns([good])
+    check_logp_columns([good], "ref")
+    check_logp_columns([good], "fuse")
     bad_mean = good.model_copy(update={"ref_mean_chosen_logps": -2.001})
     with pytest.raises(DataError, match="row 'a': ref_mean_chosen_logps \\* ref_chosen_ntokens"):
-        check_reference_columns([bad_mean])
+        check_logp_columns([bad_mean])
     empty = good.model_copy(update={"ref_chosen_ntokens": 0})
     with pytest.raises(DataError, match="ref_chosen_ntokens is 0"):
-        check_reference_columns([empty])
+        check_logp_columns([empty])
+    bad_source = good.model_copy(update={"fuse_mean_chosen_logps": [-1.5, -1.1]})
+    with pytest.raises(DataError, match="fuse_mean_chosen_logps \\* fuse_chosen_ntokens"):
+        check_logp_columns([bad_source], "fuse")
+    short = good.model_copy(update={"fuse_chosen_ntokens": [4]})
+    with pytest.raises(DataError, match="differ in length"):
+        check_logp_columns([short], "fuse")
 
 
-def test_reference_stage_writes_rows_and_metadata(pivot, tmp_path):
-    model, tokenizer = pivot
-    spec = ModelSpec(path=model.name_or_path)
-    rows = make_rows(4, seed=4) + [
-        PreferenceRow(id="long", prompt="the", chosen=" ".join(["cat"] * 70), rejected="no")
+def toy_rows(world, count: int) -> list[PreferenceRow]:
+    prompts = world.prompts("train", per_domain=count)
+    return [
+        PreferenceRow(id=p.id, prompt=p.prompt, chosen=p.answer, rejected=prompts[-1 - i].answer + " no")
+        for i, p in enumerate(prompts)
     ]
-    out = add_reference_columns(
-        spec, rows, ReferenceConfig(batch_size=3), tmp_path / "pairs.jsonl", quiet=True
-    )
+
+
+def test_every_toy_model_matches_the_naive_forward(tiny_world):
+    """Left padding with explicit position ids and `logits_to_keep` change nothing, for every
+    architecture of the toy world (GPT-2 has learned absolute positions)."""
+    rows = toy_rows(tiny_world, 3)
+    for path in [*tiny_world.source_paths.values(), tiny_world.pivot_path]:
+        spec = ModelSpec(path=str(path))
+        model, tokenizer = load_model(spec), load_tokenizer(spec)
+        encoded = [{role: encode(tokenizer, r.prompt, response_text(getattr(r, role))) for role in roles_of(r)}
+                   for r in rows]
+        scores = score_rows(model, tokenizer, encoded, token_budget=200)
+        for row, row_scores in zip(rows, scores, strict=True):
+            for role, (total, count) in row_scores.items():
+                expected_total, expected_count = naive_logps(model, tokenizer, row.prompt, response_text(getattr(row, role)))
+                assert count == expected_count
+                assert total == pytest.approx(expected_total, abs=1e-4), (path.name, row.id, role)
+
+
+def test_logprobs_stage_writes_pivot_and_source_columns_with_named_sources(tiny_world, tmp_path):
+    pivot = ModelSpec(name="pivot", path=str(tiny_world.pivot_path))
+    sources = [ModelSpec(name=name, path=str(path)) for name, path in tiny_world.source_paths.items()]
+    rows = toy_rows(tiny_world, 4)
+    long_row = PreferenceRow(id="long", prompt="1 + 1 =", chosen="2 " * 200, rejected="3")
+    out = run_logprobs(pivot, sources, [*rows, long_row], LogprobsSettings(token_budget=256, chunk_size=5),
+                       tmp_path / "pairs.jsonl", quiet=True)
     written = read_rows(out, PreferenceRow)
-    expected = compute_reference_logps(model, tokenizer, rows[:4], batch_size=3)
-    assert [r.model_dump() for r in written] == [r.model_dump() for r in expected]  # a lossless round trip
+    assert [r.id for r in written] == [r.id for r in rows]  # order kept, the long pair dropped for all
+    expected_ref = compute_reference_logps(load_model(pivot), load_tokenizer(pivot), rows)
+    for row, ref in zip(written, expected_ref, strict=True):
+        for role in ("chosen", "rejected"):
+            for name in column_names(role):
+                assert getattr(row, name) == pytest.approx(getattr(ref, name), abs=1e-5)
+    for k, source in enumerate(sources):
+        expected = compute_reference_logps(load_model(source), load_tokenizer(source), rows)
+        for row, ref in zip(written, expected, strict=True):
+            for role in ("chosen", "rejected"):
+                for ref_name, fuse_name in zip(column_names(role), column_names(role, "fuse"), strict=True):
+                    assert getattr(row, fuse_name)[k] == pytest.approx(getattr(ref, ref_name), abs=1e-5)
+    # Different tokenizers count the same text differently: the lists are per-source, not copies.
+    assert len({tuple(r.fuse_chosen_ntokens) for r in written}) > 1 or len(set(written[0].fuse_chosen_ntokens)) > 1
     meta = read_metadata(out)
-    assert meta["dropped"] == ["long"] and meta["rows"] == 4
-    assert meta["reference"]["template_mode"] == "chat" and meta["convention"]
+    assert [s["name"] for s in meta["sources"]] == [s.label for s in sources]
+    assert meta["pivot"]["name"] == "pivot" and meta["pivot"]["hash"] and meta["convention"]
+    assert meta["sources"][0]["template_mode"] in ("chat", "plain")
+    assert meta["rows"] == len(rows) and meta["dropped"][0]["id"] == "long" and "pivot" in meta["dropped"][0]["models"]
+    assert fusion_sources(out, written) == [s.label for s in sources]
+
+
+def test_logprobs_stage_resumes_from_its_finished_shards(tiny_world, tmp_path, monkeypatch):
+    pivot = ModelSpec(name="pivot", path=str(tiny_world.pivot_path))
+    sources = [ModelSpec(name=name, path=str(path)) for name, path in tiny_world.source_paths.items()]
+    rows = toy_rows(tiny_world, 4)
+    settings = LogprobsSettings(chunk_size=5)
+    out = run_logprobs(pivot, sources, rows, settings, tmp_path / "pairs.jsonl", quiet=True)
+    first = out.read_bytes()
+    shards = sorted((tmp_path / "shards-pairs.jsonl").glob("*.jsonl"))
+    assert len(shards) == 4 * 3  # 4 models x 3 chunks of 5 rows (12 rows)
+    lost = shards[4]  # a crash before this shard was written
+    lost.unlink()
+    out.unlink()
+    loaded = []
+    import polyfuse.logprobs.stage as stage
+
+    original = stage.load_model
+    monkeypatch.setattr(stage, "load_model", lambda spec: loaded.append(spec.label) or original(spec))
+    run_logprobs(pivot, sources, rows, settings, out, quiet=True)
+    assert out.read_bytes() == first  # same rows, none lost or duplicated
+    assert loaded == [sources[0].label] and lost.name.startswith(f"01-{sources[0].label}-")  # only its model reloaded
+
+
+def test_fusion_sources_refuses_unnamed_or_misshapen_lists(tmp_path):
+    from polyfuse.data.io import write_metadata, write_rows
+
+    row = PreferenceRow(id="a", prompt="p", chosen="c", rejected="r", fuse_mean_chosen_logps=[-1.0, -2.0])
+    path = tmp_path / "pairs.jsonl"
+    write_rows(path, [row])
+    with pytest.raises(DataError, match="lists no sources"):
+        fusion_sources(path, [row])
+    write_metadata(path, {"sources": [{"name": "a"}, {"name": "b"}, {"name": "c"}]})
+    with pytest.raises(DataError, match="row 'a': fuse_mean_chosen_logps must be a list with one value per source"):
+        fusion_sources(path, [row])
+    write_metadata(path, {"sources": [{"name": "a"}, {"name": "b"}]})
+    assert fusion_sources(path, [row]) == ["a", "b"]

@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 
 from polyfuse.data import PreferenceRow, SampleRow, SFTRow, read_rows
+from polyfuse.data.io import read_metadata
 from polyfuse.pipeline.demo import recipe_path
 from polyfuse.pipeline.recipe import load_recipe
 from polyfuse.pipeline.runner import run_recipe
 
-STAGES = ["prompts", "sample", "score", "pairs", "sft", "reference", "dpo", "eval"]
+STAGES = ["prompts", "sample", "score", "pairs", "sft", "logprobs", "po", "eval"]
 
 
 def tiny_overrides(cache_dir: Path) -> list[str]:
@@ -28,7 +29,7 @@ def tiny_overrides(cache_dir: Path) -> list[str]:
     return [
         "toyworld.preset=tiny", f"toyworld.cache_dir={cache_dir}", "prompts.toyworld.per_domain=6",
         "eval.prompts.toyworld.per_domain=4", "sample.chunk_size=4", "sample.batch_size=8", "score.chunk_size=16",
-        "sft.epochs=1", "sft.batch_size=4", "dpo.batch_size=4", "pairs.gap_window=null", "pairs.sft_fraction=0.5",
+        "sft.epochs=1", "sft.batch_size=4", "po.batch_size=4", "pairs.gap_window=null", "pairs.sft_fraction=0.5",
         'score.scorers=[{type: reward_model, name: rm, model: {path: "toyworld://reward_model"}}]',
         "eval.scorers=[{type: toyworld}]",
     ]
@@ -49,7 +50,7 @@ def digest(path: Path) -> str:
 def outputs(work: Path) -> dict[str, str]:
     return {name: digest(work / name) for name in [
         "sample/samples.jsonl", "score/scored.jsonl", "pairs/sft.jsonl", "pairs/preference.jsonl",
-        "reference/preference.jsonl", "sft/model", "dpo/model", "eval/results.json",
+        "logprobs/preference.jsonl", "sft/model", "po/model", "eval/results.json",
     ]}
 
 
@@ -77,7 +78,7 @@ def test_every_stage_leaves_a_manifest_and_consistent_rows(reference_run):
     assert [s.id for s in scored] == [s.id for s in samples]
     assert all(set(s.rewards) == {"rm"} for s in scored)
     sft = read_rows(work / "pairs/sft.jsonl", SFTRow)
-    pairs = read_rows(work / "reference/preference.jsonl", PreferenceRow)
+    pairs = read_rows(work / "logprobs/preference.jsonl", PreferenceRow)
     assert not {r.id for r in sft} & {p.id for p in pairs}  # SFT and PO prompts are disjoint
     for pair in pairs:
         assert pair.ref_chosen_ntokens > 0
@@ -85,6 +86,27 @@ def test_every_stage_leaves_a_manifest_and_consistent_rows(reference_run):
     results = json.loads((work / "eval/results.json").read_text())
     assert list(results) == [*tiny_world_sources(), "pivot", "pivot+SFT", "pivot+SFT+DPO"]
     assert (work / "eval/accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_infifpo_recipe_scores_every_source_and_logs_the_selected_one(tiny_world, tmp_path):
+    """The InfiFPO recipe end to end: pivot samples too, cross-model pairs, M0 + source log-probs,
+    InfiFPO training that loads no source and logs which source max-margin picked, by name."""
+    overrides = [*tiny_overrides(tiny_world.root.parent), "eval.models=[sft, po]", "sample.batch_size=16"]
+    recipe = load_recipe(recipe_path("infifpo-toy.yaml"), overrides)
+    work = tmp_path / "work"
+    run_recipe(recipe, work, quiet=True)
+    samples = read_rows(work / "sample/samples.jsonl", SampleRow)
+    assert {s.model for s in samples} == {*tiny_world_sources(), "pivot"}
+    pairs = read_rows(work / "logprobs/preference.jsonl", PreferenceRow)
+    sources = [s["name"] for s in read_metadata(work / "logprobs/preference.jsonl")["sources"]]
+    assert sources == tiny_world_sources()
+    assert pairs and all(len(p.fuse_mean_chosen_logps) == len(sources) for p in pairs)
+    log = json.loads((work / "po/model/polyfuse_training.json").read_text())["log_history"]
+    picked = {k: v for k, v in log[0].items() if k.startswith("fusion/selected/")}
+    assert set(picked) == {f"fusion/selected/{name}" for name in ["M0", *sources]}
+    assert sum(picked.values()) == pytest.approx(1.0)
+    results = json.loads((work / "eval/results.json").read_text())
+    assert list(results) == ["pivot+SFT", "pivot+SFT+INFIFPO"]
 
 
 def test_rerun_skips_finished_stages(reference_run, tiny_world):
@@ -99,11 +121,11 @@ def test_changed_config_reruns_that_stage_and_what_follows(reference_run, tiny_w
 
     work = tmp_path / "work"
     shutil.copytree(reference_run, work)
-    recipe = load_recipe(recipe_path("fusechat3-toy.yaml"), [*tiny_overrides(tiny_world.root.parent), "dpo.beta=0.2"])
+    recipe = load_recipe(recipe_path("fusechat3-toy.yaml"), [*tiny_overrides(tiny_world.root.parent), "po.beta=0.2"])
     before = {s: (work / s / "manifest.json").stat().st_mtime_ns for s in STAGES}
     run_recipe(recipe, work, quiet=True)
     after = {s: (work / s / "manifest.json").stat().st_mtime_ns for s in STAGES}
-    assert [s for s in STAGES if after[s] != before[s]] == ["dpo", "eval"]
+    assert [s for s in STAGES if after[s] != before[s]] == ["po", "eval"]
 
 
 def _run_cli(work: Path, overrides: list[str]) -> subprocess.Popen:

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from polyfuse.errors import EXIT_USER_ERROR, UserError
 
@@ -128,22 +129,63 @@ def train_sft_cmd(
     console.print(f"saved {train_sft(ModelSpec(path=model), _read(data, SFTRow), cfg, out)}")
 
 
-@train_app.command("dpo")
-def train_dpo_cmd(
+def _train_preference_command(objective: str, summary: str):
+    def command(
+        data: Annotated[Path, typer.Option(help="Preference rows (TRL prompt/chosen/rejected), e.g. from `polyfuse logprobs`.")],
+        model: Annotated[str, typer.Option(help="Initial pivot M0 (the SFT checkpoint): hub id, folder or .gguf.")],
+        out: OutOpt,
+        config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML training config.")] = None,
+        set_: SetOpt = None,
+    ) -> None:
+        from polyfuse.config import apply_overrides, read_yaml, validate
+        from polyfuse.errors import ConfigError
+        from polyfuse.data import PreferenceRow
+        from polyfuse.logprobs import fusion_sources
+        from polyfuse.models import ModelSpec
+        from polyfuse.trainers import PreferenceTrainConfig, train_preference
+
+        values = apply_overrides(read_yaml(config) if config else {}, set_)
+        if values.setdefault("objective", objective) != objective:
+            raise ConfigError(f"{config}: objective is {values['objective']!r} but the command is `train {objective}`")
+        cfg = validate(PreferenceTrainConfig, values, source=str(config or "config"))
+        rows = _read(data, PreferenceRow)
+        saved = train_preference(ModelSpec(path=model), rows, cfg, out, source_names=fusion_sources(data, rows))
+        console.print(f"saved {saved}")
+
+    command.__doc__ = escape(summary)  # typer renders help as rich markup
+    return command
+
+
+def _register_preference_commands() -> None:
+    """One `polyfuse train <objective>` per registered objective (adding an objective file adds a command)."""
+    from polyfuse.objectives import OBJECTIVES
+
+    for name in OBJECTIVES.names():
+        cls = OBJECTIVES.get(name)
+        summary = (cls.__doc__ or name).strip().splitlines()[0]
+        train_app.command(name.replace("_", "-"))(_train_preference_command(name, summary))
+
+
+_register_preference_commands()
+
+
+@app.command()
+def logprobs(
     config: ConfigOpt,
-    data: Annotated[Path, typer.Option(help="Preference rows (TRL prompt/chosen/rejected).")],
-    model: Annotated[str, typer.Option(help="Initial pivot (the SFT checkpoint): also the reference.")],
-    out: OutOpt,
+    data: Annotated[Path, typer.Option(help="Preference rows (TRL prompt/chosen/rejected, and chosen_source for WRPO).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output file (.jsonl / .parquet / folder).")],
     set_: SetOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Preference optimisation (DPO, LN-DPO, ...): reference log-probs are computed once, before training."""
+    """Sequence log-probs of every pair under the initial pivot (ref_*) and every source (fuse_*), each model
+    through its own tokenizer and chat template; resumable, data parallel under accelerate."""
     from polyfuse.config import load_config
     from polyfuse.data import PreferenceRow
-    from polyfuse.models import ModelSpec
-    from polyfuse.trainers import PreferenceTrainConfig, train_preference
+    from polyfuse.logprobs import LogprobsConfig, LogprobsSettings, run_logprobs
 
-    cfg = load_config(PreferenceTrainConfig, config, set_)
-    console.print(f"saved {train_preference(ModelSpec(path=model), _read(data, PreferenceRow), cfg, out)}")
+    cfg = load_config(LogprobsConfig, config, set_)
+    settings = LogprobsSettings.model_validate(cfg.model_dump(include=set(LogprobsSettings.model_fields)))
+    console.print(f"wrote {run_logprobs(cfg.pivot, cfg.sources, _read(data, PreferenceRow), settings, out, quiet)}")
 
 
 @app.command("eval")

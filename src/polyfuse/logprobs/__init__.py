@@ -1,28 +1,39 @@
-"""Reference log-prob engine: precomputed S, A and n columns, so no reference model is loaded in training."""
+"""Sequence log-prob engine: precomputed S, A and n columns of the initial pivot (`ref_*`) and of every
+source (`fuse_*`), so no reference or source model is loaded in training."""
 
 from polyfuse.logprobs.engine import (
     RESPONSE_ROLES,
     LogpReport,
-    check_reference_columns,
+    check_logp_columns,
     column_names,
     compute_reference_logps,
+    encode_row,
     length_limit,
     pad_batch,
+    plan_batches,
     progress_bar,
     roles_of,
+    score_rows,
+    score_sequences,
 )
-from polyfuse.logprobs.reference import ReferenceConfig, add_reference_columns
+from polyfuse.logprobs.stage import LogprobsConfig, LogprobsSettings, fusion_sources, run_logprobs
 
 __all__ = [
     "RESPONSE_ROLES",
     "LogpReport",
-    "ReferenceConfig",
-    "add_reference_columns",
-    "check_reference_columns",
+    "LogprobsConfig",
+    "LogprobsSettings",
+    "check_logp_columns",
     "column_names",
     "compute_reference_logps",
+    "encode_row",
+    "fusion_sources",
     "length_limit",
     "pad_batch",
+    "plan_batches",
     "progress_bar",
     "roles_of",
+    "run_logprobs",
+    "score_rows",
+    "score_sequences",
 ]

@@ -1,16 +1,24 @@
-"""Reference log-probs: S, A and n of every response of every pair under one model (spec section 6).
+"""Sequence log-probs: S, A and n of every response of every pair under one model (spec section 6).
 
 Sequences are encoded with `polyfuse.models.encode` (the scored tokens are the response ids of the
-convention), sorted by length so that each batch pads little, scored by an HF forward with fp32
-log-softmax, and checked: `|A*n - S| <= 1e-5 + 1e-5*|S|` on every row, and n >= 1. A pair whose
-prompt + response exceeds `max_length` is dropped whole (never truncated: the policy must see exactly
-the text the reference scored) and reported.
+convention) and scored by an HF forward with fp32 log-softmax. Speed comes from three things:
+
+- batches are cut by a **token budget** over length-sorted sequences, so a batch pads only to the
+  next-longest sequence, and chosen, rejected (and WRPO's source response) share forwards;
+- sequences are **left-padded** (with explicit position ids), so every response ends at the last
+  position and the LM head runs only on the last `max response length + 1` positions
+  (`logits_to_keep`): prompt tokens are never projected onto the vocabulary;
+- log-probs are accumulated in fp32 whatever the model's dtype.
+
+Every row is checked: `|A*n - S| <= 1e-5 + 1e-5*|S|` and n >= 1. A pair whose prompt + response exceeds
+`max_length` is dropped whole (never truncated: the policy must see exactly the text the references
+scored) and reported.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -19,13 +27,14 @@ import torch
 
 from polyfuse.data.schemas import PreferenceRow, response_text
 from polyfuse.errors import DataError
-from polyfuse.models.templates import encode
+from polyfuse.models.templates import Encoded, encode
 from polyfuse.objectives.logps import IGNORE_INDEX, sequence_logps
 
 logger = logging.getLogger(__name__)
 
 # Responses a preference row can hold; `chosen_source` is WRPO's y_ws and is scored when present.
 RESPONSE_ROLES = ("chosen", "rejected", "chosen_source")
+DEFAULT_TOKEN_BUDGET = 4096
 
 
 def column_names(role: str, prefix: str = "ref") -> tuple[str, str, str]:
@@ -36,6 +45,11 @@ def column_names(role: str, prefix: str = "ref") -> tuple[str, str, str]:
 
 def roles_of(row: PreferenceRow) -> list[str]:
     return [role for role in RESPONSE_ROLES if getattr(row, role, None) is not None]
+
+
+def encode_row(tokenizer: Any, row: PreferenceRow) -> dict[str, Encoded]:
+    """Every response of a pair under one tokenizer's convention."""
+    return {role: encode(tokenizer, row.prompt, response_text(getattr(row, role))) for role in roles_of(row)}
 
 
 @dataclass
@@ -49,104 +63,171 @@ class LogpReport:
         return f"dropped {len(self.dropped)} pairs longer than max_length ({ids})"
 
 
-def length_limit(model: Any, max_length: int | None) -> int:
+def length_limit(model_config: Any, max_length: int | None) -> int:
     """The longest sequence to score or train on: `max_length`, capped at the model's context size."""
-    context = getattr(model.config, "max_position_embeddings", None) or 10**9
+    context = getattr(model_config, "max_position_embeddings", None) or 10**9
     return context if max_length is None else min(max_length, context)
 
 
-def check_reference_columns(rows: list[PreferenceRow], prefix: str = "ref") -> None:
-    """Fail loudly on a row whose (S, A, n) columns disagree or whose n is not positive."""
+def _as_list(value: Any) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def check_logp_columns(rows: list[PreferenceRow], prefix: str = "ref") -> None:
+    """Fail loudly on a row whose (S, A, n) columns disagree or whose n is not positive. `fuse_*`
+    columns hold one value per source and are checked element by element."""
     for row in rows:
         for role in roles_of(row):
             sum_name, mean_name, count_name = column_names(role, prefix)
-            total, mean, count = (getattr(row, name, None) for name in (sum_name, mean_name, count_name))
-            if count is not None and count <= 0:
-                raise DataError(
-                    f"row {row.id!r}: {count_name} is {count}; a scored response has at least one token"
-                )
-            if None not in (total, mean, count) and abs(mean * count - total) > 1e-5 + 1e-5 * abs(total):
-                raise DataError(
-                    f"row {row.id!r}: {mean_name} * {count_name} = {mean * count} but {sum_name} = {total}; "
-                    "the mean and sum columns must come from the same scoring run"
-                )
+            values = [getattr(row, name, None) for name in (sum_name, mean_name, count_name)]
+            if None in values:
+                continue
+            totals, means, counts = (_as_list(v) for v in values)
+            if not len(totals) == len(means) == len(counts):
+                raise DataError(f"row {row.id!r}: {sum_name}, {mean_name} and {count_name} differ in length")
+            for total, mean, count in zip(totals, means, counts, strict=True):
+                if count <= 0:
+                    raise DataError(
+                        f"row {row.id!r}: {count_name} is {count}; a scored response has at least one token"
+                    )
+                if abs(mean * count - total) > 1e-5 + 1e-5 * abs(total):
+                    raise DataError(
+                        f"row {row.id!r}: {mean_name} * {count_name} = {mean * count} but {sum_name} = {total}; "
+                        "the mean and sum columns must come from the same scoring run"
+                    )
 
 
-def pad_batch(sequences: list[list[int]], prompt_lengths: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded `input_ids`, `attention_mask` and `labels` (IGNORE_INDEX on prompt and padding)."""
+def pad_batch(
+    sequences: list[list[int]],
+    prompt_lengths: list[int],
+    pad_id: int,
+    side: Literal["right", "left"] = "right",
+) -> dict[str, torch.Tensor]:
+    """Padded `input_ids`, `attention_mask`, `position_ids` and `labels` (IGNORE_INDEX on prompt and
+    padding). Position ids count real tokens only, so left padding gives the same positions as none."""
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
     for i, (seq, prompt_length) in enumerate(zip(sequences, prompt_lengths, strict=True)):
+        start = width - len(seq) if side == "left" else 0
         ids = torch.tensor(seq, dtype=torch.long)
-        input_ids[i, : len(seq)] = ids
-        attention_mask[i, : len(seq)] = 1
-        labels[i, prompt_length : len(seq)] = ids[prompt_length:]
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        input_ids[i, start : start + len(seq)] = ids
+        attention_mask[i, start : start + len(seq)] = 1
+        labels[i, start + prompt_length : start + len(seq)] = ids[prompt_length:]
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "labels": labels}
+
+
+def plan_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Indices of `lengths` grouped longest first so that `rows x longest row <= token_budget` (a
+    sequence longer than the budget gets a batch of its own). Memory problems show on the first batch."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for index in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= token_budget:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
+def score_sequences(
+    model: Any,
+    sequences: list[tuple[list[int], int]],
+    pad_id: int,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
+    progress: Callable[[int], None] | None = None,
+) -> list[tuple[float, int]]:
+    """(S, n) of each `(input ids, prompt length)` sequence, in input order, under `model` in eval mode."""
+    device = next(model.parameters()).device
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)
+    model.eval()
+    with torch.inference_mode():
+        for indices in plan_batches([len(ids) for ids, _ in sequences], token_budget):
+            chunk = [sequences[i] for i in indices]
+            batch = pad_batch([ids for ids, _ in chunk], [p for _, p in chunk], pad_id, side="left")
+            keep = min(max(len(ids) - p for ids, p in chunk) + 1, batch["input_ids"].shape[1])
+            logits = model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                position_ids=batch["position_ids"].to(device),
+                logits_to_keep=keep,
+                use_cache=False,
+            ).logits
+            sums, counts = sequence_logps(logits, batch["labels"][:, -keep:].to(device))
+            for index, total, count in zip(indices, sums.tolist(), counts.tolist(), strict=True):
+                results[index] = (total, count)
+            if progress is not None:
+                progress(len(chunk))
+    return results
 
 
 def compute_reference_logps(
     model: Any,
     tokenizer: Any,
     rows: list[PreferenceRow],
-    batch_size: int = 8,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
     max_length: int | None = None,
     overflow: Literal["drop", "error"] = "drop",
     progress: Callable[[int], None] | None = None,
     report: LogpReport | None = None,
 ) -> list[PreferenceRow]:
     """Rows with `ref_{role}_logps` (S), `ref_mean_{role}_logps` (A) and `ref_{role}_ntokens` (n) for every
-    response role, scored by `model` in eval mode. `max_length` is capped at the model's context size;
-    longer pairs are dropped (listed in `report`) or, with `overflow="error"`, raise `DataError`.
+    response role under `model` (the initial pivot M0). `max_length` is capped at the model's context
+    size; longer pairs are dropped (listed in `report`) or, with `overflow="error"`, raise `DataError`.
     `progress` is called with the number of sequences scored since the last call."""
-    max_length = length_limit(model, max_length)
+    max_length = length_limit(model.config, max_length)
     report = report if report is not None else LogpReport()
     kept: list[PreferenceRow] = []
-    sequences: list[tuple[int, str, list[int], int]] = []  # (kept row index, role, ids, prompt length)
+    encoded: list[dict[str, Encoded]] = []
     for row in rows:
-        encoded = {
-            role: encode(tokenizer, row.prompt, response_text(getattr(row, role))) for role in roles_of(row)
-        }
-        longest = max(len(e.input_ids) for e in encoded.values())
+        responses = encode_row(tokenizer, row)
+        longest = max(len(e.input_ids) for e in responses.values())
         if longest > max_length:
             if overflow == "error":
                 raise DataError(f"row {row.id!r}: {longest} tokens exceed max_length {max_length}")
             report.dropped.append(row.id)
             continue
-        for role, e in encoded.items():
-            sequences.append((len(kept), role, e.input_ids, len(e.prompt_ids)))
         kept.append(row)
+        encoded.append(responses)
     if report.dropped:
         logger.warning("reference log-probs: %s", report.summary())
-
-    sequences.sort(key=lambda s: len(s[2]), reverse=True)  # longest first: memory problems show at once
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    updates: list[dict[str, float | int]] = [{} for _ in kept]
-    model.eval()
-    with torch.inference_mode():
-        for start in range(0, len(sequences), batch_size):
-            chunk = sequences[start : start + batch_size]
-            batch = pad_batch([s[2] for s in chunk], [s[3] for s in chunk], pad_id)
-            logits = model(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-                use_cache=False,
-            ).logits
-            sums, counts = sequence_logps(logits, batch["labels"].to(device))
-            for (row_index, role, _, _), total, count in zip(
-                chunk, sums.tolist(), counts.tolist(), strict=True
-            ):
-                sum_name, mean_name, count_name = column_names(role)
-                if count == 0:
-                    raise DataError(f"row {kept[row_index].id!r}: the {role} response has no scored tokens")
-                updates[row_index].update({sum_name: total, mean_name: total / count, count_name: count})
-            if progress is not None:
-                progress(len(chunk))
-    scored = [row.model_copy(update=update) for row, update in zip(kept, updates, strict=True)]
-    check_reference_columns(scored)
+    scores = score_rows(model, tokenizer, encoded, token_budget, progress)
+    scored = [
+        row.model_copy(update=logp_columns(row.id, values, "ref"))
+        for row, values in zip(kept, scores, strict=True)
+    ]
+    check_logp_columns(scored)
     return scored
+
+
+def score_rows(
+    model: Any,
+    tokenizer: Any,
+    encoded: list[dict[str, Encoded]],
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
+    progress: Callable[[int], None] | None = None,
+) -> list[dict[str, tuple[float, int]]]:
+    """role -> (S, n) for each row's encoded responses; all responses of all rows share the batches."""
+    flat = [(i, role, e) for i, responses in enumerate(encoded) for role, e in responses.items()]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    scores = score_sequences(model, [(e.input_ids, len(e.prompt_ids)) for _, _, e in flat], pad_id, token_budget, progress)
+    out: list[dict[str, tuple[float, int]]] = [{} for _ in encoded]
+    for (i, role, _), score in zip(flat, scores, strict=True):
+        out[i][role] = score
+    return out
+
+
+def logp_columns(row_id: str, scores: dict[str, tuple[float, int]], prefix: str) -> dict[str, float | int]:
+    """The (S, A, n) columns of one row's scores; a response with no scored token is an error."""
+    columns: dict[str, float | int] = {}
+    for role, (total, count) in scores.items():
+        if count == 0:
+            raise DataError(f"row {row_id!r}: the {role} response has no scored tokens")
+        sum_name, mean_name, count_name = column_names(role, prefix)
+        columns.update({sum_name: total, mean_name: total / count, count_name: count})
+    return columns
 
 
 @contextmanager

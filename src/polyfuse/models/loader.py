@@ -69,6 +69,17 @@ def load_tokenizer(spec: ModelSpec, padding_side: str = "right"):
     return tokenizer
 
 
+def load_config(spec: ModelSpec):
+    """The model's `PretrainedConfig` (context size, architecture) without loading weights."""
+    from transformers import AutoConfig
+
+    folder, _ = spec.location()
+    try:
+        return AutoConfig.from_pretrained(folder, **_common_kwargs(spec))
+    except (OSError, ValueError) as err:
+        raise UserError(f"{spec.label}: cannot load config from {folder!r}: {err}") from None
+
+
 def load_model(spec: ModelSpec, task: Literal["causal-lm", "sequence-classification"] = "causal-lm"):
     """Load a model in eval mode on `spec.device`."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification

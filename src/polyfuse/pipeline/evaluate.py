@@ -25,9 +25,9 @@ def eval_models(ctx: Context) -> dict[str, ModelSpec]:
             chosen["pivot"] = recipe.pivot
         elif name in sources:
             chosen[name] = sources[name]
-        elif name in recipe.stages and name in ("sft", "dpo"):
-            trained = [s for s in recipe.stages[: recipe.stages.index(name) + 1] if s in ("sft", "dpo")]
-            label = "pivot+" + "+".join(s.upper() for s in trained)
+        elif name in recipe.stages and name in ("sft", "po"):
+            trained = [s for s in recipe.stages[: recipe.stages.index(name) + 1] if s in ("sft", "po")]
+            label = "pivot+" + "+".join("SFT" if s == "sft" else recipe.po.objective.upper() for s in trained)
             chosen[label] = recipe.pivot.model_copy(update={"path": ctx.output(name, "model"), "gguf_file": None})
         else:
             raise ConfigError(f"eval.models: {name!r} is neither 'sources', 'pivot', a source name nor a run training stage")

@@ -17,14 +17,14 @@ from polyfuse.config import StrictModel, apply_overrides, read_yaml, validate
 from polyfuse.data.io import ReadReport, read_rows
 from polyfuse.data.schemas import PromptRow
 from polyfuse.errors import ConfigError
-from polyfuse.logprobs import ReferenceConfig
+from polyfuse.logprobs import LogprobsSettings
 from polyfuse.pipeline.pairs import PairsConfig
 from polyfuse.pipeline.sample import SampleConfig, SampledModel
 from polyfuse.pipeline.score import ScoreConfig
 from polyfuse.scorers import ScorerConfig
 from polyfuse.trainers import PreferenceTrainConfig, SFTTrainConfig
 
-STAGE_ORDER = ("prompts", "sample", "score", "pairs", "sft", "reference", "dpo", "eval")
+STAGE_ORDER = ("prompts", "sample", "score", "pairs", "sft", "logprobs", "po", "eval")
 TOY_SCHEME = "toyworld://"
 
 
@@ -62,10 +62,17 @@ class SampleStage(StrictModel):
     include_pivot: bool = False
 
 
+class LogprobsStage(LogprobsSettings):
+    """Sequence log-probs of the pairs under the current pivot (`ref_*`) and, with `sources: true`, under
+    every source of the recipe (`fuse_*`, for InfiFPO)."""
+
+    sources: bool = True
+
+
 class EvalStage(StrictModel):
     prompts: PromptSource
     models: list[str] = Field(
-        default_factory=lambda: ["sources", "pivot", "sft", "dpo"],
+        default_factory=lambda: ["sources", "pivot", "sft", "po"],
         description="'sources', 'pivot', a source name, or a training stage name (its output model).",
     )
     scorers: list[ScorerConfig] | None = Field(default=None, description="Default: the score stage's verifiers.")
@@ -86,14 +93,14 @@ class Recipe(StrictModel):
     score: ScoreConfig | None = None
     pairs: PairsConfig | None = None
     sft: SFTTrainConfig | None = None
-    reference: ReferenceConfig | None = None
-    dpo: PreferenceTrainConfig | None = None
+    logprobs: LogprobsStage | None = None
+    po: PreferenceTrainConfig | None = None
     eval: EvalStage | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
         for stage in self.stages:
-            if stage in ("score", "pairs", "sft", "reference", "dpo", "eval") and getattr(self, stage) is None:
+            if stage in ("score", "pairs", "sft", "logprobs", "po", "eval") and getattr(self, stage) is None:
                 raise ValueError(f"stage {stage!r} is listed in 'stages' but has no '{stage}' section")
         if sorted(self.stages, key=STAGE_ORDER.index) != list(self.stages):
             raise ValueError(f"stages must keep the order {list(STAGE_ORDER)}")

@@ -100,21 +100,32 @@ def _sft_run(ctx: Context, folder: Path) -> dict[str, str]:
     return {"model": str(model)}
 
 
-def _reference_run(ctx: Context, folder: Path) -> dict[str, str]:
-    from polyfuse.logprobs import add_reference_columns
+def _logprobs_sources(ctx: Context) -> list[ModelSpec]:
+    if not ctx.recipe.logprobs.sources:
+        return []
+    return [ModelSpec.model_validate(s.model_dump(exclude={"sampling"})) for s in ctx.recipe.sources]
+
+
+def _logprobs_run(ctx: Context, folder: Path) -> dict[str, str]:
+    from polyfuse.logprobs import run_logprobs
 
     rows = read_rows(ctx.output("pairs", "preference"), PreferenceRow)
     out = folder / "preference.jsonl"
-    add_reference_columns(ctx.current_pivot("reference"), rows, ctx.recipe.reference, out, quiet=ctx.quiet)
+    run_logprobs(ctx.current_pivot("logprobs"), _logprobs_sources(ctx), rows, ctx.recipe.logprobs, out, ctx.quiet)
     return {"preference": str(out)}
 
 
-def _dpo_run(ctx: Context, folder: Path) -> dict[str, str]:
+def _preference_data(ctx: Context) -> str:
+    return ctx.outputs.get("logprobs", {}).get("preference") or ctx.output("pairs", "preference")
+
+
+def _po_run(ctx: Context, folder: Path) -> dict[str, str]:
+    from polyfuse.logprobs import fusion_sources
     from polyfuse.trainers import train_preference
 
-    source = ctx.outputs.get("reference", {}).get("preference") or ctx.output("pairs", "preference")
-    rows = read_rows(source, PreferenceRow)
-    model = train_preference(ctx.current_pivot("dpo"), rows, ctx.recipe.dpo, folder / "model")
+    rows = read_rows(_preference_data(ctx), PreferenceRow)
+    sources = fusion_sources(_preference_data(ctx), rows)
+    model = train_preference(ctx.current_pivot("po"), rows, ctx.recipe.po, folder / "model", source_names=sources)
     return {"model": str(model)}
 
 
@@ -152,17 +163,15 @@ STAGES: dict[str, Stage] = {
     "score": Stage(lambda c: {"samples": c.output("sample", "samples"), **_paths_in(c.recipe.score.model_dump())}, _score_run),
     "pairs": Stage(lambda c: {"scored": c.output("score", "scored")}, _pairs_run),
     "sft": Stage(lambda c: {"sft": c.output("pairs", "sft"), "pivot": c.current_pivot("sft").path}, _sft_run),
-    "reference": Stage(
-        lambda c: {"preference": c.output("pairs", "preference"), "pivot": c.current_pivot("reference").path},
-        _reference_run,
-    ),
-    "dpo": Stage(
+    "logprobs": Stage(
         lambda c: {
-            "preference": c.outputs.get("reference", {}).get("preference") or c.output("pairs", "preference"),
-            "pivot": c.current_pivot("dpo").path,
+            "preference": c.output("pairs", "preference"),
+            "pivot": c.current_pivot("logprobs").path,
+            **{f"sources[{i}]": s.path for i, s in enumerate(_logprobs_sources(c))},
         },
-        _dpo_run,
+        _logprobs_run,
     ),
+    "po": Stage(lambda c: {"preference": _preference_data(c), "pivot": c.current_pivot("po").path}, _po_run),
     "eval": Stage(_eval_inputs, _eval_run),
 }
 

@@ -20,7 +20,7 @@ from polyfuse.data.schemas import PreferenceRow, response_text
 from polyfuse.errors import DataError
 from polyfuse.logprobs import (
     LogpReport,
-    check_reference_columns,
+    check_logp_columns,
     compute_reference_logps,
     length_limit,
     progress_bar,
@@ -48,7 +48,9 @@ class PreferenceTrainConfig(TrainConfig):
     objective_args: dict[str, Any] = Field(
         default_factory=dict, description="Other hyper-parameters of the objective."
     )
-    reference_batch_size: int = Field(default=8, ge=1)
+    reference_token_budget: int = Field(
+        default=4096, ge=1, description="Padded tokens per forward when missing ref_* columns are computed."
+    )
 
     @model_validator(mode="after")
     def _objective_is_valid(self) -> PreferenceTrainConfig:
@@ -66,12 +68,20 @@ class PreferenceTrainConfig(TrainConfig):
 
 
 class PreferenceTrainer(PolyfuseTrainer):
-    """Hands the objective the policy's sums and counts per role plus every precomputed column."""
+    """Hands the objective the policy's sums and counts per role plus every precomputed column.
 
-    def __init__(self, *args: Any, objective: PreferenceObjective, **kwargs: Any):
+    Metrics an objective reports per fusion candidate (`fusion/selected/0`, ... with 0 the initial pivot
+    and i the i-th source) are logged under the candidates' names (`fusion/selected/M0`, ...)."""
+
+    def __init__(self, *args: Any, objective: PreferenceObjective, candidates: list[str], **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.objective = objective
         self.roles = objective.roles
+        self.candidates = candidates
+
+    def _named(self, metric: str) -> str:
+        head, _, index = metric.rpartition("/")
+        return f"{head}/{self.candidates[int(index)]}" if index.isdigit() and int(index) < len(self.candidates) else metric
 
     def summed_loss(self, inputs, logps, ntokens):
         pairs = len(logps) // len(self.roles)
@@ -83,7 +93,7 @@ class PreferenceTrainer(PolyfuseTrainer):
             total_steps=max(self.state.max_steps, 1),
         )
         losses, metrics = self.objective(batch)
-        return losses.sum(), metrics
+        return losses.sum(), {self._named(name): value for name, value in metrics.items()}
 
     def count_items(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.tensor(inputs["input_ids"].shape[0] // len(self.roles))
@@ -94,18 +104,19 @@ def ensure_reference_columns(
     tokenizer: Any,
     rows: list[PreferenceRow],
     objective: PreferenceObjective,
-    batch_size: int = 8,
+    token_budget: int = 4096,
     max_length: int | None = None,
     report: LogpReport | None = None,
 ) -> list[PreferenceRow]:
     """Rows with every column the objective reads. Present columns are checked (mean*count = sum);
     missing `ref_*` columns are computed with `model`, which must be the initial pivot M0."""
-    missing = {c for c in objective.columns for row in rows if getattr(row, c, None) is None}
+    missing = {c for c in objective.required_columns() for row in rows if getattr(row, c, None) is None}
     unscorable = sorted(c for c in missing if not c.startswith("ref_"))
     if unscorable:
         raise DataError(f"preference data lacks {unscorable}; build it with the fusion data pipeline")
     if not missing:
-        check_reference_columns(rows)
+        check_logp_columns(rows, "ref")
+        check_logp_columns(rows, "fuse")
         return rows
     logger.info(
         "scoring %d pairs with the initial model for reference columns %s", len(rows), sorted(missing)
@@ -116,7 +127,7 @@ def ensure_reference_columns(
             model,
             tokenizer,
             rows,
-            batch_size=batch_size,
+            token_budget=token_budget,
             max_length=max_length,
             progress=advance,
             report=report,
@@ -164,17 +175,19 @@ def train_preference(
     config: PreferenceTrainConfig,
     out_dir: str | Path,
     callbacks: list[TrainerCallback] | None = None,
+    source_names: list[str] | None = None,
 ) -> Path:
     """Train `model_spec` (the initial pivot M0) with `config.objective` on `rows` and save a plain HF
-    folder (model + tokenizer) at `out_dir`. Missing reference columns are computed first."""
+    folder (model + tokenizer) at `out_dir`. Missing `ref_*` columns are computed first; `fuse_*` columns
+    must be there already (`polyfuse logprobs`), their sources named by `source_names` in list order."""
     objective = config.build_objective()
     tokenizer = load_tokenizer(model_spec)
     args = training_arguments(config, out_dir)
     model = load_model(model_spec).to(args.device)  # score the references where training will run
-    max_length = length_limit(model, config.max_length)
+    max_length = length_limit(model.config, config.max_length)
     report = LogpReport()
     rows = ensure_reference_columns(
-        model, tokenizer, rows, objective, config.reference_batch_size, max_length, report
+        model, tokenizer, rows, objective, config.reference_token_budget, max_length, report
     )
     features, dropped = tokenize_pairs(tokenizer, rows, objective.roles, max_length)
     dropped = report.dropped + dropped
@@ -189,6 +202,7 @@ def train_preference(
         "objective": objective.model_dump(),
         "model": model_spec.model_dump(),
         "dropped": dropped,
+        "sources": source_names or [],
     }
     return run_training(
         PreferenceTrainer,
@@ -202,4 +216,5 @@ def train_preference(
         summary,
         callbacks,
         objective=objective,
+        candidates=["M0", *(source_names or [])],
     )

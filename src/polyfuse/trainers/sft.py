@@ -67,7 +67,7 @@ def train_sft(
     tokenizer = load_tokenizer(model_spec)
     args = training_arguments(config, out_dir)
     model = load_model(model_spec)
-    max_length = length_limit(model, config.max_length)
+    max_length = length_limit(model.config, config.max_length)
     features, dropped = tokenize_sft(tokenizer, rows, max_length)
     if dropped:
         logger.warning("SFT: dropped %d rows longer than max_length %d", len(dropped), max_length)

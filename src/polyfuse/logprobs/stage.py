@@ -1,0 +1,194 @@
+"""`polyfuse logprobs`: score a preference file once with the initial pivot M0 and every source.
+
+Each model scores the fixed text of every response through its **own** tokenizer and chat template
+(spec section 6). M0's values become the `ref_*` columns; the sources' become `fuse_*` lists in the
+order of `sources`, whose names are recorded in the metadata sidecar (`<out>.meta.json`): a trainer
+never infers which source a list position is from position alone.
+
+Length policy: every model encodes every pair first (tokenisers only, no weights). A pair too long for
+*any* model is dropped for all of them, so the references and the policy score the same pairs; the
+dropped ids and the models they were too long for are reported in the metadata.
+
+Work is cut into (model, chunk of rows) shards written atomically: a killed run keeps its finished
+shards and scores only the missing ones. Under `accelerate launch` processes take shards in turn.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from polyfuse.config import StrictModel
+from polyfuse.data.io import ShardStore, read_metadata, write_metadata, write_rows
+from polyfuse.data.schemas import PreferenceRow
+from polyfuse.errors import ConfigError, DataError
+from polyfuse.logprobs.engine import (
+    DEFAULT_TOKEN_BUDGET,
+    check_logp_columns,
+    column_names,
+    encode_row,
+    length_limit,
+    logp_columns,
+    score_rows,
+)
+from polyfuse.models import ModelSpec, load_config, load_model, load_tokenizer
+
+# Version of the sequence convention (spec section 6) the columns were computed with.
+CONVENTION = "polyfuse-logps-1"
+
+
+class LogprobsSettings(StrictModel):
+    token_budget: int = Field(
+        default=DEFAULT_TOKEN_BUDGET, ge=1, description="Padded tokens per forward (rows x longest row)."
+    )
+    max_length: int | None = Field(default=None, ge=2, description="None: each model's context size.")
+    overflow: Literal["drop", "error"] = "drop"
+    chunk_size: int = Field(default=1024, ge=1, description="Rows per resumable shard.")
+
+
+class LogprobsConfig(LogprobsSettings):
+    """`polyfuse logprobs --config`: the models and the settings."""
+
+    pivot: ModelSpec = Field(description="The initial pivot M0 (the SFT checkpoint): the ref_* columns.")
+    sources: list[ModelSpec] = Field(default_factory=list, description="The fuse_* columns, in this order.")
+
+
+class ShardScores(StrictModel):
+    id: str
+    scores: dict[str, tuple[float, int]]  # role -> (S, n)
+
+
+def _model_record(spec: ModelSpec, tokenizer: Any, modes: Counter) -> dict[str, Any]:
+    from polyfuse.pipeline.manifest import hash_path
+
+    folder, gguf = spec.location()
+    return {
+        **spec.model_dump(),
+        "name": spec.label,
+        "hash": hash_path(Path(folder) / gguf if gguf else folder),
+        "tokenizer": type(tokenizer).__name__,
+        "vocab_size": len(tokenizer),
+        "template_mode": modes.most_common(1)[0][0] if len(modes) == 1 else dict(modes),
+    }
+
+
+def run_logprobs(
+    pivot: ModelSpec,
+    sources: list[ModelSpec],
+    rows: list[PreferenceRow],
+    settings: LogprobsSettings,
+    out: str | Path,
+    quiet: bool = False,
+) -> Path:
+    """Write `rows` with M0's `ref_*` columns and the sources' `fuse_*` lists to `out` (format by
+    suffix), plus its metadata sidecar. Shards live in `<out's folder>/shards-<out's name>/`."""
+    from accelerate import PartialState
+
+    from polyfuse.pipeline.progress import progress_bar
+
+    models = [pivot, *sources]
+    labels = [m.label for m in models]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"model names must be unique, got {labels}")
+    if not rows:
+        raise DataError("no preference rows to score")
+    state = PartialState()
+    out = Path(out)
+    tokenizers = [load_tokenizer(m) for m in models]
+    limits = [length_limit(load_config(m), settings.max_length) for m in models]
+    encoded = [[encode_row(tok, row) for row in rows] for tok in tokenizers]
+
+    kept, dropped = [], []
+    for i, row in enumerate(rows):
+        too_long = [
+            labels[k] for k in range(len(models)) if max(len(e.input_ids) for e in encoded[k][i].values()) > limits[k]
+        ]
+        if not too_long:
+            kept.append(i)
+        elif settings.overflow == "error":
+            raise DataError(f"row {row.id!r}: longer than max_length for {too_long}")
+        else:
+            dropped.append({"id": row.id, "models": too_long})
+
+    chunks = [kept[i : i + settings.chunk_size] for i in range(0, len(kept), settings.chunk_size)]
+    keys = [(k, c, f"{k:02d}-{labels[k]}-{c:05d}") for k in range(len(models)) for c in range(len(chunks))]
+    mine = [key for n, key in enumerate(keys) if n % state.num_processes == state.process_index]
+    store = ShardStore(out.parent / f"shards-{out.name}")
+    with progress_bar(disable=quiet or not state.is_main_process) as bar:
+        for k, spec in enumerate(models):
+            todo = [(c, key) for m, c, key in mine if m == k and not store.done(key)]
+            if not todo:
+                continue
+            sequences = sum(len(encoded[k][i]) for c, _ in todo for i in chunks[c])
+            task = bar.add_task(f"log-probs {spec.label}", total=sequences)
+            model = load_model(spec)
+            for c, key in todo:
+                scores = score_rows(
+                    model, tokenizers[k], [encoded[k][i] for i in chunks[c]], settings.token_budget,
+                    lambda n, t=task: bar.advance(t, n),
+                )
+                store.write(key, [ShardScores(id=rows[i].id, scores=s) for i, s in zip(chunks[c], scores, strict=True)])
+            del model
+            gc.collect()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        per_model = [
+            [s.scores for s in store.read_all(ShardScores, [key for m, _, key in keys if m == k])]
+            for k in range(len(models))
+        ]
+        scored = [_with_columns(rows[i], [scores[n] for scores in per_model]) for n, i in enumerate(kept)]
+        check_logp_columns(scored, "ref")
+        check_logp_columns(scored, "fuse")
+        write_rows(out, scored)
+        records = [
+            _model_record(m, tok, Counter(e.mode for row in enc for e in row.values()))
+            for m, tok, enc in zip(models, tokenizers, encoded, strict=True)
+        ]
+        write_metadata(out, {
+            "pivot": records[0],
+            "sources": records[1:],
+            "convention": CONVENTION,
+            "backend": "transformers",
+            "token_budget": settings.token_budget,
+            "max_length": {label: limit for label, limit in zip(labels, limits, strict=True)},
+            "rows": len(scored),
+            "dropped": dropped,
+        })
+    state.wait_for_everyone()
+    return out
+
+
+def _with_columns(row: PreferenceRow, scores: list[dict[str, tuple[float, int]]]) -> PreferenceRow:
+    """`ref_*` from M0 (scores[0]); `fuse_*` lists, one entry per source, from the rest."""
+    update = logp_columns(row.id, scores[0], "ref")
+    for role in scores[0]:
+        per_source = [logp_columns(row.id, {role: s[role]}, "fuse") for s in scores[1:]]
+        if per_source:
+            for name in column_names(role, "fuse"):
+                update[name] = [columns[name] for columns in per_source]
+    return row.model_copy(update=update)
+
+
+def fusion_sources(path: str | Path, rows: list[PreferenceRow]) -> list[str]:
+    """The ordered source names of a preference file's `fuse_*` columns, from its metadata; refuses a file
+    with `fuse_*` columns but no source list, and rows whose lists do not have one value per source."""
+    names = [s["name"] for s in read_metadata(path).get("sources", [])]
+    fuse_columns = sorted({c for row in rows for c in (row.model_extra or {}) if c.startswith("fuse_")})
+    if fuse_columns and not names:
+        raise DataError(
+            f"{path}: has {fuse_columns} but its metadata ({path}.meta.json) lists no sources; "
+            "write it with `polyfuse logprobs`"
+        )
+    for row in rows:
+        for column in fuse_columns:
+            value = getattr(row, column, None)
+            if not isinstance(value, list) or len(value) != len(names):
+                raise DataError(
+                    f"{path}: row {row.id!r}: {column} must be a list with one value per source "
+                    f"({len(names)}: {names}), got {value!r}"
+                )
+    return names
