@@ -1,4 +1,4 @@
-"""SFT, then DPO from the SFT model: the script `tests/test_ddp.py` launches on 2 CPU processes and also
+"""SFT, then InfiFPO from the SFT model: the script `tests/test_ddp.py` launches on 2 CPU processes and also
 calls in-process, with the same global batch, for comparison.
 
 Usage: ddp_train.py MODEL_DIR DATA_DIR OUT_DIR GRAD_ACCUM
@@ -18,6 +18,7 @@ import torch
 from transformers import TrainerCallback
 
 from polyfuse.data import PreferenceRow, SFTRow, read_rows
+from polyfuse.logprobs import fusion_sources
 from polyfuse.models import ModelSpec
 from polyfuse.trainers import PreferenceTrainConfig, SFTTrainConfig, train_preference, train_sft
 
@@ -44,12 +45,14 @@ def main(model_dir: str, data_dir: str, out_dir: str, grad_accum: str) -> None:
         out / "sft",
         [SaveRankParameters(out / f"sft.rank{rank}.pt")],
     )
+    pairs = read_rows(data / "pairs.jsonl", PreferenceRow)
     train_preference(
         ModelSpec(path=str(sft)),
-        read_rows(data / "pairs.jsonl", PreferenceRow),
+        pairs,
         pref_config,
         out / "preference",
         [SaveRankParameters(out / f"preference.rank{rank}.pt")],
+        source_names=fusion_sources(data / "pairs.jsonl", pairs),
     )
 
 

@@ -1,5 +1,6 @@
 """Data-parallel training: 2 CPU processes under `accelerate launch` against one process with the same
-global batch (2 per device x 2 processes = 2 per device x 2 accumulation steps)."""
+global batch (2 per device x 2 processes = 2 per device x 2 accumulation steps). The preference stage is
+InfiFPO with two (synthetic) sources, so the fused reference columns travel through DDP too."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from safetensors.torch import load_file
 
 from ddp_train import main as train_locally
 from polyfuse.data import PreferenceRow, SFTRow, write_rows
-from tiny_lm import build_tiny_model, sentence
+from polyfuse.data.io import write_metadata
+from tiny_lm import build_tiny_model, sentence, source_columns
 
 HERE = Path(__file__).parent
 
@@ -39,15 +41,20 @@ def write_inputs(folder: Path) -> None:
     write_rows(
         folder / "pairs.jsonl",
         [
-            PreferenceRow(id=f"p{i}", prompt=sentence(rng), chosen=sentence(rng), rejected=sentence(rng))
+            PreferenceRow(
+                id=f"p{i}", prompt=sentence(rng), chosen=sentence(rng), rejected=sentence(rng),
+                **source_columns(rng, sources=2),
+            )
             for i in range(8)
         ],
     )
+    write_metadata(folder / "pairs.jsonl", {"sources": [{"name": "src-a"}, {"name": "src-b"}]})
     # Plain SGD without clipping: the update is -lr * gradient, so a wrong loss scale cannot hide.
     common = {"batch_size": 2, "epochs": 1, "warmup_ratio": 0.0, "lr_scheduler": "constant", "optim": "sgd",
               "max_grad_norm": 0.0, "learning_rate": 0.5}  # fmt: skip
     (folder / "sft.json").write_text(json.dumps(common))
-    (folder / "preference.json").write_text(json.dumps({**common, "beta": 0.5}))
+    (folder / "preference.json").write_text(json.dumps({**common, "beta": 0.5, "objective": "infifpo"}))
+
 
 
 def params(path: Path) -> dict[str, torch.Tensor]:
@@ -87,3 +94,6 @@ def test_two_process_ddp_matches_single_process(tmp_path):
         ddp_losses, single_losses = losses(tmp_path / "ddp" / stage), losses(tmp_path / "single" / stage)
         assert len(ddp_losses) == len(single_losses) == 2
         assert ddp_losses == pytest.approx(single_losses, abs=1e-6), stage
+    history = json.loads((tmp_path / "ddp" / "preference" / "polyfuse_training.json").read_text())["log_history"]
+    picked = [sum(v for k, v in entry.items() if k.startswith("fusion/selected/")) for entry in history if "loss" in entry]
+    assert picked == pytest.approx([1.0, 1.0])  # fractions over M0, src-a and src-b, gathered over both ranks

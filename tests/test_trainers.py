@@ -24,7 +24,7 @@ from polyfuse.trainers import (
     train_preference,
     train_sft,
 )
-from tiny_lm import build_tiny_model, sentence
+from tiny_lm import build_tiny_model, sentence, source_columns
 
 # Plain SGD, constant lr, no clipping: the update is exactly -lr * gradient, so any change in how the loss
 # is normalised shows up in the parameters (Adam's first step would hide a uniform scale error).
@@ -207,3 +207,37 @@ def test_reference_counts_must_match_the_trainers_tokens(spec):
         features[0]["chosen_input_ids"][features[0]["chosen_prompt_length"] :]
         == encode(tokenizer, "the cat", "a dog").response_ids
     )
+
+
+def test_wrpo_alpha_follows_completed_optimiser_steps(spec, tmp_path):
+    """alpha(t) = alpha_max * t / T with t counted after gradient accumulation: 3 optimiser steps of 2
+    micro-batches each give alpha 0, 1/3 and 2/3 of alpha_max, the same for both micro-batches of a step."""
+    rng = random.Random(7)
+    rows = [row.model_copy(update={"chosen_source": sentence(rng, 1, 15)}) for row in pair_rows(6, seed=7)]
+    config = PreferenceTrainConfig(
+        objective="wrpo", objective_args={"alpha_max": 0.3}, batch_size=1, grad_accum=2, learning_rate=1e-3,
+        warmup_ratio=0.0, shuffle=False,
+    )
+    out = train_preference(spec, rows, config, tmp_path / "wrpo")
+    history = json.loads((out / "polyfuse_training.json").read_text())["log_history"]
+    alphas = [entry["wrpo/alpha"] for entry in history if "wrpo/alpha" in entry]
+    assert alphas == pytest.approx([0.0, 0.1, 0.2])
+    assert {"rewards/accuracies_source", "rewards/accuracies_target", "rewards/accuracies"} <= history[0].keys()
+
+
+def test_infifpo_with_lora_reads_source_columns_and_trains_only_adapters(spec, tmp_path):
+    rng = random.Random(11)
+    rows = [row.model_copy(update=source_columns(rng, sources=3)) for row in pair_rows(6, seed=11)]
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    config = PreferenceTrainConfig(objective="infifpo", batch_size=3, learning_rate=1e-2, warmup_ratio=0.0, lora=lora)
+    spy = TrainableNames()
+    out = train_preference(spec, rows, config, tmp_path / "infifpo", callbacks=[spy], source_names=["a", "b", "c"])
+    assert spy.names and all("lora_" in n for n in spy.names)
+    summary = json.loads((out / "polyfuse_training.json").read_text())
+    first = summary["log_history"][0]
+    assert summary["sources"] == ["a", "b", "c"] and summary["objective"]["beta"] == 2.5
+    picked = {k.removeprefix("fusion/selected/"): v for k, v in first.items() if k.startswith("fusion/selected/")}
+    assert picked.keys() == {"M0", "a", "b", "c"} and sum(picked.values()) == pytest.approx(1.0)
+    assert first["fusion/ref_margin"] >= first["fusion/pivot_margin"] - 1e-6  # clipping: never below M0's margin
+    with pytest.raises(DataError, match="fuse_mean_chosen_logps"):
+        train_preference(spec, pair_rows(2), config, tmp_path / "no-sources")

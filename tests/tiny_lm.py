@@ -60,3 +60,15 @@ def build_tiny_model(folder: Path, seed: int = 0) -> str:
 
 def sentence(rng: random.Random, low: int = 2, high: int = 12) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+
+
+def source_columns(rng: random.Random, sources: int) -> dict[str, list]:
+    """Consistent `fuse_*` lists (sum = mean x count) for chosen and rejected."""
+    columns: dict[str, list] = {}
+    for role in ("chosen", "rejected"):
+        counts = [rng.randint(3, 9) for _ in range(sources)]
+        means = [rng.uniform(-6.0, -2.0) for _ in range(sources)]
+        columns[f"fuse_{role}_ntokens"] = counts
+        columns[f"fuse_mean_{role}_logps"] = means
+        columns[f"fuse_{role}_logps"] = [m * n for m, n in zip(means, counts, strict=True)]
+    return columns
