@@ -93,7 +93,7 @@ def test_two_process_ddp_matches_single_process(tmp_path):
         )
         ddp_losses, single_losses = losses(tmp_path / "ddp" / stage), losses(tmp_path / "single" / stage)
         assert len(ddp_losses) == len(single_losses) == 2
-        assert ddp_losses == pytest.approx(single_losses, abs=1e-6), stage
+        assert ddp_losses == pytest.approx(single_losses, abs=1e-5), stage  # summation order differs
     history = json.loads((tmp_path / "ddp" / "preference" / "polyfuse_training.json").read_text())["log_history"]
     picked = [sum(v for k, v in entry.items() if k.startswith("fusion/selected/")) for entry in history if "loss" in entry]
     assert picked == pytest.approx([1.0, 1.0])  # fractions over M0, src-a and src-b, gathered over both ranks

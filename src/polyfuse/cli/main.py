@@ -138,8 +138,8 @@ def _train_preference_command(objective: str, summary: str):
         set_: SetOpt = None,
     ) -> None:
         from polyfuse.config import apply_overrides, read_yaml, validate
-        from polyfuse.errors import ConfigError
         from polyfuse.data import PreferenceRow
+        from polyfuse.errors import ConfigError
         from polyfuse.logprobs import fusion_sources
         from polyfuse.models import ModelSpec
         from polyfuse.trainers import PreferenceTrainConfig, train_preference

@@ -7,9 +7,28 @@ just by being a file in the package.
 import importlib
 import pkgutil
 
-from polyfuse.objectives.base import OBJECTIVES, PreferenceBatch, PreferenceObjective, reward_metrics
+from polyfuse.objectives.base import (
+    OBJECTIVES,
+    PreferenceBatch,
+    PreferenceObjective,
+    logps_column,
+    reward_metrics,
+)
 from polyfuse.objectives.dpo import DPO, LengthNormalizedDPO, dpo_loss
+from polyfuse.objectives.infifpo import (
+    FusedReferenceObjective,
+    InfiFPO,
+    InfiFPOIPO,
+    InfiFPOWRPO,
+    clip_to_pivot,
+    confidence_fuse,
+    fuse_references,
+    fused_reference,
+    infifpo_loss,
+)
+from polyfuse.objectives.ipo import IPO, ipo_loss
 from polyfuse.objectives.logps import IGNORE_INDEX, sequence_logps, sft_token_loss
+from polyfuse.objectives.wrpo import WRPO, wrpo_alpha, wrpo_loss
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -17,12 +36,27 @@ for _module in pkgutil.iter_modules(__path__):
 __all__ = [
     "DPO",
     "IGNORE_INDEX",
+    "IPO",
     "OBJECTIVES",
+    "WRPO",
+    "FusedReferenceObjective",
+    "InfiFPO",
+    "InfiFPOIPO",
+    "InfiFPOWRPO",
     "LengthNormalizedDPO",
     "PreferenceBatch",
     "PreferenceObjective",
+    "clip_to_pivot",
+    "confidence_fuse",
     "dpo_loss",
+    "fuse_references",
+    "fused_reference",
+    "infifpo_loss",
+    "ipo_loss",
+    "logps_column",
     "reward_metrics",
     "sequence_logps",
     "sft_token_loss",
+    "wrpo_alpha",
+    "wrpo_loss",
 ]

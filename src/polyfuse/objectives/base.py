@@ -35,6 +35,10 @@ class PreferenceBatch:
         """A = S / n for the policy."""
         return self.logps[role] / self.ntokens[role]
 
+    def policy_logps(self, role: str, length_normalize: bool) -> torch.Tensor:
+        """lp(pi, y): the per-token mean A with length normalisation, else the sum S."""
+        return self.mean_logps(role) if length_normalize else self.logps[role]
+
     def column(self, name: str) -> torch.Tensor:
         """A precomputed column, detached: reference and source values are constants of the loss."""
         if name not in self.columns:
@@ -47,18 +51,28 @@ class PreferenceObjective(StrictModel):
     metrics are per-pair or scalar tensors named like TRL's (`rewards/chosen`, `logps/chosen`, ...).
 
     `roles` are the responses the policy scores (row fields, concatenated into one forward); `columns`
-    are the precomputed columns the loss reads, checked before training starts."""
+    are the precomputed columns the loss reads, checked before training starts through
+    `required_columns()`, which objectives with setting-dependent columns override."""
 
     roles: ClassVar[tuple[str, ...]] = ("chosen", "rejected")
     columns: ClassVar[tuple[str, ...]] = ()
 
     beta: float = Field(gt=0)
 
+    def required_columns(self) -> tuple[str, ...]:
+        """The columns this instance reads; objectives whose columns depend on their settings override it."""
+        return self.columns
+
     @abstractmethod
     def __call__(self, batch: PreferenceBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
 
 OBJECTIVES: Registry[type[PreferenceObjective]] = Registry("preference objective")
+
+
+def logps_column(prefix: str, role: str, length_normalize: bool) -> str:
+    """Name of a precomputed column: `ref` (M0) or `fuse` (sources), per-token means or sums, for `role`."""
+    return f"{prefix}_mean_{role}_logps" if length_normalize else f"{prefix}_{role}_logps"
 
 
 def reward_metrics(
