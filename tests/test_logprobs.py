@@ -3,12 +3,15 @@ world's heterogeneous models (Llama, Qwen3 and GPT-2 with absolute positions, th
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from polyfuse.data import PreferenceRow, read_rows, response_text
+from polyfuse.data import PreferenceRow, read_rows, response_text, write_rows
 from polyfuse.data.io import read_metadata
 from polyfuse.errors import DataError
 from polyfuse.logprobs import (
@@ -253,3 +256,33 @@ def test_fusion_sources_refuses_unnamed_or_misshapen_lists(tmp_path):
         fusion_sources(path, [row])
     write_metadata(path, {"sources": [{"name": "a"}, {"name": "b"}]})
     assert fusion_sources(path, [row]) == ["a", "b"]
+
+
+def polyfuse_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "polyfuse", *map(str, args)], capture_output=True, text=True)
+
+
+def test_cli_logprobs_then_train_infifpo(tiny_world, tmp_path):
+    sources = list(tiny_world.source_paths.items())[:2]
+    config = {"pivot": {"name": "pivot", "path": str(tiny_world.pivot_path)}, "token_budget": 512,
+              "sources": [{"name": name, "path": str(path)} for name, path in sources]}
+    (tmp_path / "logprobs.yaml").write_text(json.dumps(config))  # JSON is YAML
+    write_rows(tmp_path / "pairs.jsonl", toy_rows(tiny_world, 2))
+    scored = tmp_path / "scored.jsonl"
+    proc = polyfuse_cli("logprobs", "-c", tmp_path / "logprobs.yaml", "--data", tmp_path / "pairs.jsonl", "--out", scored, "-q")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [s["name"] for s in read_metadata(scored)["sources"]] == [name for name, _ in sources]
+
+    train = ["--data", scored, "--model", tiny_world.pivot_path, "--set", "epochs=1", "--set", "batch_size=3"]
+    proc = polyfuse_cli("train", "infifpo", *train, "--out", tmp_path / "model", "--set", "objective_args={fusion: average}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "model" / "polyfuse_training.json").read_text())
+    assert summary["sources"] == [name for name, _ in sources] and summary["objective"]["fusion"] == "average"
+
+    (tmp_path / "dpo.yaml").write_text("objective: dpo\n")
+    proc = polyfuse_cli("train", "infifpo", *train, "--out", tmp_path / "x", "-c", tmp_path / "dpo.yaml")
+    assert proc.returncode == 2 and "objective is 'dpo' but the command is `train infifpo`" in proc.stderr
+    write_rows(tmp_path / "unnamed.jsonl", read_rows(scored, PreferenceRow))  # rows without the metadata
+    proc = polyfuse_cli("train", "infifpo", "--data", tmp_path / "unnamed.jsonl", "--model", tiny_world.pivot_path,
+                        "--out", tmp_path / "y")
+    assert proc.returncode == 2 and "lists no sources" in proc.stderr and "Traceback" not in proc.stderr
