@@ -188,6 +188,27 @@ def logprobs(
     console.print(f"wrote {run_logprobs(cfg.pivot, cfg.sources, _read(data, PreferenceRow), settings, out, quiet)}")
 
 
+@app.command()
+def merge(
+    config: Annotated[Path, typer.Argument(help="mergekit-style merge YAML (merge_method, base_model, models, ...).")],
+    out: Annotated[Path, typer.Argument(help="Output model folder (an interrupted merge resumes here).")],
+    set_: SetOpt = None,
+    allow_pickle: Annotated[bool, typer.Option(help="Also read pickle (.bin) checkpoints; they can run code.")] = False,
+    max_shard_size: Annotated[str, typer.Option(help="Output shard limit in bytes: 5GB, 500MB, 4GiB.")] = "5GB",
+    smoke_check: Annotated[bool, typer.Option(help="Load the output, one forward pass, perplexity vs the base.")] = True,
+    quiet: QuietOpt = False,
+) -> None:
+    """Merge same-architecture checkpoints tensor by tensor in bounded memory (linear, TIES, DARE, SCE, ...);
+    the config is checked against every model's config and safetensors headers before any tensor is read."""
+    from polyfuse.merge import MergeOptions, load_merge_config, run_merge
+
+    cfg = load_merge_config(config, set_)
+    options = MergeOptions(allow_pickle=allow_pickle, max_shard_size=max_shard_size, smoke_check=smoke_check,
+                           quiet=quiet)
+    result = run_merge(cfg, out, source=str(config), options=options, console=console)
+    console.print(f"[green]merged[/]: {result.out} ({len(result.files)} shards)")
+
+
 @app.command("eval")
 def eval_cmd(
     model: Annotated[list[str], typer.Option(help="Model to evaluate: folder, hub id or .gguf (repeatable).")],

@@ -1,0 +1,49 @@
+"""Model Breadcrumbs (arXiv 2312.06795): per tensor keep the middle band of |tau| — drop the top `gamma`
+fraction (outliers) and the smallest entries, keeping floor(density * n) — then task arithmetic
+(`breadcrumbs`) or TIES election (`breadcrumbs_ties`).
+
+Unlike mergekit, a tensor with gamma * n < 1 keeps its middle band (mergekit zeroes the whole delta there).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from polyfuse.merge.methods.base import MERGE_METHODS, TensorTask
+from polyfuse.merge.methods.sparsify import magnitude_trim
+from polyfuse.merge.methods.task_arithmetic import TaskVectorMerge
+
+
+class _Breadcrumbs(TaskVectorMerge):
+    defaults = {
+        "lambda": 1.0,
+        "int8_mask": False,
+        "normalize": False,
+        "rescale": False,
+        "rescale_mode": "l1_norm",
+    }
+    model_defaults = {"weight": None, "density": 1.0, "gamma": 0.01}
+
+    def sparsify(self, task: TensorTask, index: int, tau: torch.Tensor) -> torch.Tensor:
+        rescale, mode = self.rescale_settings(task)
+        return magnitude_trim(
+            tau,
+            float(self.model_param(task, index, "density")),
+            gamma=float(self.model_param(task, index, "gamma")),
+            name=task.name,
+            rescale=rescale,
+            mode=mode,
+        )
+
+
+@MERGE_METHODS.register("breadcrumbs")
+class Breadcrumbs(_Breadcrumbs):
+    name = "breadcrumbs"
+    description = "Model Breadcrumbs: drop outliers and small entries, weighted sum"
+
+
+@MERGE_METHODS.register("breadcrumbs_ties")
+class BreadcrumbsTies(_Breadcrumbs):
+    name = "breadcrumbs_ties"
+    description = "Model Breadcrumbs + TIES: drop outliers and small entries, sign election, disjoint merge"
+    consensus = True

@@ -1,0 +1,101 @@
+"""SCE (FuseChat 2.0, arXiv 2408.07990): Select, Calculate, Erase, per tensor over the K task vectors.
+
+1. Select: M keeps the top floor(select_topk * nnz(v)) positions of the elementwise population variance
+   v = Var_i(tau_i) (nnz counts v > 0); select_topk >= 1 keeps everything.
+2. Calculate: eta_i = mean((M tau_i)^2) / sum_j mean((M tau_j)^2); uniform 1/K if the sum is below 1e-6.
+3. Erase: s = sign of sum_i M tau_i (>= 0 counts as +); model i takes part where sign(M tau_i) == s.
+4. Fuse: th = th0 + sum_i eta_i keep_i M tau_i / max(sum_i eta_i keep_i, 1e-6).
+
+`sce_mask: upstream` (default) is upstream mergekit's `sce`, as above. `sce_mask: weights_only` reproduces the
+FuseAI fork that built FuseChat-7B-v2.0: M only enters eta; Erase and Fuse use the unmasked task vectors, a
+zero divisor is replaced by 1, and eta falls back to uniform only when the sum is exactly 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from polyfuse.errors import ConfigError
+from polyfuse.merge.methods.base import MERGE_METHODS, MergeMethod, TensorTask
+from polyfuse.merge.methods.sparsify import weighted_merge
+
+SCE_MASK_MODES = ("upstream", "weights_only")
+ETA_SUM_EPS = 1e-6  # upstream: a smaller sum of mean squares gives uniform eta
+DIVISOR_FLOOR = 1e-6  # upstream: the fuse divisor is clamped to at least this
+
+
+def variance_mask(taus: Sequence[torch.Tensor], select_topk: float) -> torch.Tensor | None:
+    """Boolean mask of the top floor(select_topk * nnz(v)) positions by elementwise population variance;
+    None (keep all) for select_topk >= 1, all False for select_topk <= 0 or when that count is 0."""
+    if select_topk >= 1:
+        return None
+    if select_topk <= 0:
+        return torch.zeros_like(taus[0], dtype=torch.bool)
+    mean = torch.zeros_like(taus[0])
+    for tau in taus:
+        mean.add_(tau)
+    mean /= len(taus)
+    variance = torch.zeros_like(taus[0])
+    for tau in taus:
+        centred = tau - mean
+        variance.addcmul_(centred, centred)
+    variance /= len(taus)
+    del mean
+    k = int(select_topk * int(torch.count_nonzero(variance > 0)))
+    mask = torch.zeros(variance.numel(), dtype=torch.bool, device=variance.device)
+    if k > 0:
+        mask[torch.topk(variance.reshape(-1), k, sorted=False).indices] = True
+    return mask.reshape(variance.shape)
+
+
+def sce_weights(masked: Sequence[torch.Tensor], zero_sum_below: float = ETA_SUM_EPS) -> list[float]:
+    """eta_i = mean(x_i^2) / sum_j mean(x_j^2); uniform 1/K when the sum is below `zero_sum_below`
+    (0 means exactly zero)."""
+    energies = [float(torch.linalg.vector_norm(x)) ** 2 / max(x.numel(), 1) for x in masked]
+    total = sum(energies)
+    if total < zero_sum_below or total == 0:
+        return [1.0 / len(masked)] * len(masked)
+    return [e / total for e in energies]
+
+
+@MERGE_METHODS.register("sce")
+class Sce(MergeMethod):
+    name = "sce"
+    description = "SCE (FuseChat 2.0): variance select, energy weights, sign erase, fuse"
+    defaults = {"select_topk": 1.0, "sce_mask": "upstream", "int8_mask": False}
+    model_defaults = {}
+
+    def eta(self, task: TensorTask) -> list[float]:
+        """The per-model merge coefficients of this tensor (for logs and tests)."""
+        return self._select(task.to_fp32())[2]
+
+    def _select(self, task: TensorTask) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
+        """(tau_i, M tau_i, eta_i) of an fp32 task."""
+        taus = task.deltas()
+        mask = variance_mask(taus, float(self.param(task, "select_topk")))
+        masked = taus if mask is None else [tau * mask for tau in taus]
+        upstream = self._mode(task) == "upstream"
+        return taus, masked, sce_weights(masked, ETA_SUM_EPS if upstream else 0.0)
+
+    def _mode(self, task: TensorTask) -> str:
+        mode = str(self.param(task, "sce_mask"))
+        if mode not in SCE_MASK_MODES:
+            raise ConfigError(f"sce_mask must be one of {', '.join(SCE_MASK_MODES)}; got {mode!r}")
+        return mode
+
+    def merge(self, task: TensorTask) -> torch.Tensor:
+        task = task.to_fp32()
+        assert task.base is not None, "sce needs a base model"
+        upstream = self._mode(task) == "upstream"
+        taus, masked, eta = self._select(task)
+        mixed = weighted_merge(
+            masked if upstream else taus,
+            eta,
+            consensus=True,
+            normalize=True,
+            elect_weighted=False,
+            divisor_floor=DIVISOR_FLOOR if upstream else None,
+        )
+        return task.base + mixed

@@ -1,0 +1,142 @@
+"""Everything in the output folder besides the weights: config.json, tokenizer, chat template,
+generation config, and the resolved merge config that explains each value in plain words.
+
+mergekit users often do not know what `weight`, `density` or `rescale` did to their merge (spec section
+13); the resolved config answers that next to the weights, and it is itself a runnable config.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from polyfuse.data.io import atomic_write_text, write_json
+from polyfuse.merge.config import CHAT_TEMPLATES, ENGINE_PARAMS, FilterValue, MergeConfig
+from polyfuse.merge.plan import MergePlan
+
+RESOLVED = "merge_config.resolved.yaml"
+
+
+def write_extras(cfg: MergeConfig, plan: MergePlan, out: Path) -> None:
+    reference = plan.inputs[0]
+    config = dict(reference.config)
+    config["dtype"] = plan.out_dtype
+    if "torch_dtype" in config:
+        config["torch_dtype"] = plan.out_dtype
+    if plan.vocab is not None:
+        config["vocab_size"] = plan.vocab.rows
+        config["tie_word_embeddings"] = not plan.has_head
+    write_json(out / "config.json", config)
+    generation = reference.folder / "generation_config.json"
+    if generation.is_file():
+        shutil.copyfile(generation, out / "generation_config.json")
+    _write_tokenizer(cfg, plan, out)
+    atomic_write_text(out / RESOLVED, render_resolved(cfg, plan))
+
+
+def _write_tokenizer(cfg: MergeConfig, plan: MergePlan, out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    folder = plan.inputs[plan.tokenizer_input].folder
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except (OSError, ValueError, TypeError):
+        return  # an input without tokenizer files: the output has none either (checked in plan_vocab)
+    if plan.vocab is not None and plan.vocab.added_tokens:
+        tokenizer.add_tokens(plan.vocab.added_tokens)
+    template = cfg.chat_template
+    if template in CHAT_TEMPLATES:
+        tokenizer.chat_template = CHAT_TEMPLATES[template]
+    elif template not in (None, "auto"):
+        tokenizer.chat_template = template
+    tokenizer.save_pretrained(str(out))
+
+
+def _pct(value: Any) -> str:
+    return f"{float(value) * 100:g}%"
+
+
+EXPLAIN = {
+    "weight": lambda v: f"weight {v} = this model's tensors (or task vector) count {v}x",
+    "density": lambda v: f"density {v} = keep {_pct(v)} of each task vector's entries, drop the rest",
+    "gamma": lambda v: f"gamma {v} = also drop the largest {_pct(v)} of each task vector's entries as outliers",
+    "epsilon": lambda v: f"epsilon {v} = keep probabilities range over density ± {v}, by magnitude rank",
+    "lambda": lambda v: f"lambda {v} = the merged task vector is scaled by {v} before it is added to the base",
+    "normalize": lambda v: ("normalize true = divide by the sum of the weights, so weights act as shares" if v
+                            else "normalize false = weights are used as given, not divided by their sum"),
+    "rescale": lambda v: ("rescale true = the kept entries are scaled up to make up for the dropped ones" if v
+                          else "rescale false = dropped entries are not compensated"),
+    "rescale_mode": lambda v: f"rescale_mode {v} = " + ("match each tensor's L1 norm (mergekit)" if v == "l1_norm"
+                                                        else "scale kept entries by 1/density (the paper's rule)"),
+    "t": lambda v: f"t {v} = position between the base (t = 0) and the other model (t = 1)",
+    "select_topk": lambda v: f"select_topk {v} = keep the {_pct(v)} of positions where the task vectors vary most",
+    "filter_wise": lambda v: ("filter_wise true = similarity per row" if v
+                              else "filter_wise false = similarity over the whole tensor"),
+    "int8_mask": lambda v: f"int8_mask {json.dumps(v)} = mergekit's memory-saving mask storage; the result is the same",
+    "sce_mask": lambda v: f"sce_mask {v} = where SCE's variance mask applies",
+    "seed": lambda v: f"seed {v} = random masks are seeded by (seed, tensor name, model index): reruns agree",
+    "k0": lambda v: f"k0 {v} = RSAF (polyfuse reconstruction) keeps {_pct(v)} of a tensor at median rate and no skew",
+    "a": lambda v: f"a {v} = RSAF: how strongly the keep ratio grows with the tensor's rate of change",
+    "b": lambda v: f"b {v} = RSAF: how strongly the keep ratio shrinks with the skewness of |delta|",
+    "k_min": lambda v: f"k_min {v} = RSAF never keeps less than {_pct(v)} of a tensor",
+    "k_max": lambda v: f"k_max {v} = RSAF never keeps more than {_pct(v)} of a tensor",
+}
+
+
+def explain(name: str, value: Any, given: bool, num_layers: int) -> str:
+    origin = "" if given else " (default)"
+    if isinstance(value, list) and value and isinstance(value[0], FilterValue):
+        return f"{name}: chosen per tensor; the first filter contained in the tensor name wins{origin}"
+    if isinstance(value, list):
+        return (f"{name}: a gradient over the {num_layers} layers, {value[0]} at layer 0 to {value[-1]} at layer "
+                f"{num_layers - 1}; embeddings, final norm and lm_head get {value[0]}{origin}")
+    text = EXPLAIN[name](value) if name in EXPLAIN else f"{name} {value} = a parameter of this method"
+    return text + origin
+
+
+def render_resolved(cfg: MergeConfig, plan: MergePlan) -> str:
+    """The config with every default filled in, one explanation per value as a YAML comment."""
+    method = cfg.method()
+    layers = plan.num_layers
+    lines = [
+        "# Resolved by `polyfuse merge`: every default filled in; this file is itself a valid config.",
+        "# Arithmetic always runs in float32; out_dtype is how the merged tensors are stored.",
+        f"merge_method: {cfg.merge_method}  # {method.description or method.name}",
+    ]
+    if cfg.base_model is not None:
+        role = ("task vectors are taken against this model" if method.requires_base
+                else "the output follows its tensor order, config and tokenizer; merged only if listed in models")
+        lines.append(f"base_model: {_value(cfg.base_model)}  # {role}")
+    lines.append("models:")
+    for _, entry in cfg.merged_models():
+        lines.append(f"  - model: {_value(entry.model)}")
+        if method.model_defaults:
+            lines.append("    parameters:")
+        for key, default in method.model_defaults.items():
+            given = key in entry.parameters or key in cfg.parameters
+            value = entry.parameters.get(key, cfg.parameters.get(key, default))
+            lines.append(f"      {key}: {_value(value)}  # {explain(key, value, given, layers)}")
+    lines.append("parameters:")
+    for key, default in {**method.defaults, **ENGINE_PARAMS}.items():
+        value = cfg.parameters.get(key, default)
+        lines.append(f"  {key}: {_value(value)}  # {explain(key, value, key in cfg.parameters, layers)}")
+    lines.append("dtype: float32  # compute dtype: polyfuse computes in float32 whatever this says")
+    lines.append(f"out_dtype: {plan.out_dtype}  # the merged tensors are saved as {plan.out_dtype}")
+    remap = "rows remapped by token string" if plan.vocab is not None and plan.vocab.remaps else "no remap needed"
+    if cfg.tokenizer_source == "union":
+        lines.append(f"tokenizer_source: union  # the base's tokenizer plus every model's other tokens; {remap}")
+    else:
+        origin = plan.inputs[plan.tokenizer_input].ref
+        lines.append(f"tokenizer_source: {_value(cfg.tokenizer_source or 'base')}  # the output tokenizer is "
+                     f"{origin}'s; {remap}")
+    lines.append(f"chat_template: {_value(cfg.chat_template or 'auto')}  # auto = the tokenizer source's template")
+    return "\n".join(lines) + "\n"
+
+
+def _value(value: Any) -> str:
+    """JSON is valid YAML flow style: one line per value, whatever its type."""
+    if isinstance(value, list):
+        return json.dumps([v.model_dump(exclude_none=True) if isinstance(v, FilterValue) else v for v in value])
+    return json.dumps(value)

@@ -1,0 +1,217 @@
+"""Input models for the merge: find the folder, read config.json and the safetensors HEADERS, read tensors.
+
+Indexing reads only the first bytes of every shard (the JSON header: names, dtypes, shapes), so every
+compatibility check runs before any tensor data is touched; for a hub model the headers come over HTTP
+range requests and the weights are downloaded only after the checks passed. Reading keeps one open
+shard per model and reopens only when a key lives in another shard (spec section 12). Pickle
+checkpoints (`.bin`) are read only with `allow_pickle`, memory-mapped, like `polyfuse.models.loader`.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from polyfuse.errors import ConfigError
+
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
+               "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+TORCH_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+               torch.bool: "BOOL"}
+_HUB_FILES = ["*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]  # no weights
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str  # safetensors spelling: F32, BF16, ...
+
+    @property
+    def floating(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count
+
+
+@dataclass
+class ModelSource:
+    """One input model as its headers describe it; `where` names its config key in messages."""
+
+    where: str
+    ref: str
+    folder: Path
+    config: dict[str, Any]
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)  # in file order
+    pickle: bool = False
+    hub: bool = False  # a hub snapshot: headers read remotely, weights fetched after validation
+
+    @property
+    def label(self) -> str:
+        return f"{self.where} ({self.ref})"
+
+
+def index_model(ref: str, where: str, allow_pickle: bool = False) -> ModelSource:
+    folder, hub = _folder(ref, where)
+    config_file = folder / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{where}: {config_file}: model config not readable ({err})") from None
+    source = ModelSource(where, ref, folder, config, hub=hub)
+    if not (hub and _hub_headers(source)):
+        _local_headers(source, allow_pickle)
+    _check_index(folder, source, where)
+    return source
+
+
+def fetch_weights(source: ModelSource) -> None:
+    """Download a hub model's safetensors shards; only after every check passed on the headers."""
+    if not source.hub:
+        return
+    from huggingface_hub import snapshot_download
+
+    names = sorted({info.file.name for info in source.tensors.values()})
+    snapshot_download(source.ref, revision=source.folder.name, allow_patterns=names)
+
+
+def _local_headers(source: ModelSource, allow_pickle: bool) -> None:
+    folder, where = source.folder, source.where
+    safetensors = _shard_files(folder, "model.safetensors")
+    if safetensors:
+        for file in safetensors:
+            source.tensors.update(_safetensors_header(file, where))
+        return
+    pickles = _shard_files(folder, "pytorch_model.bin")
+    if not pickles:
+        raise ConfigError(f"{where}: {folder}: no model.safetensors (or index) found")
+    if not allow_pickle:
+        raise ConfigError(f"{where}: {folder} has only pickle weights ({pickles[0].name}); pickles can run "
+                          f"code when loaded, so they are read only with --allow-pickle")
+    if source.hub:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(source.ref, revision=folder.name, allow_patterns=["*.bin"])
+    source.pickle = True
+    for file in pickles:
+        try:
+            state = _load_pickle(file)
+        except (OSError, RuntimeError, pickle.UnpicklingError) as err:
+            raise ConfigError(f"{where}: {file}: not a readable checkpoint ({err})") from None
+        for key, tensor in state.items():
+            source.tensors[key] = TensorInfo(file, tuple(tensor.shape), TORCH_NAMES.get(tensor.dtype, "?"))
+
+
+def _hub_headers(source: ModelSource) -> bool:
+    """Headers of a hub model's safetensors over HTTP range requests, without downloading the weights;
+    False when the repo has no safetensors (pickles are then the local path's business)."""
+    from huggingface_hub import get_safetensors_metadata
+    from huggingface_hub.errors import NotASafetensorsRepoError
+
+    try:
+        metadata = get_safetensors_metadata(source.ref, revision=source.folder.name)
+    except NotASafetensorsRepoError:
+        return False
+    except Exception as err:  # network, auth: the user's to fix
+        raise ConfigError(f"{source.where}: cannot read the safetensors headers of {source.ref!r}: {err}") from None
+    for name, file in metadata.files_metadata.items():
+        ordered = sorted(file.tensors.items(), key=lambda item: item[1].data_offsets[0])
+        source.tensors.update({key: TensorInfo(source.folder / name, tuple(info.shape), info.dtype)
+                               for key, info in ordered})
+    return True
+
+
+def _folder(ref: str, where: str) -> tuple[Path, bool]:
+    """(local folder, is it a hub snapshot). A hub model is fetched without its weights here: config,
+    index and tokenizer files only; the snapshot folder's name is the commit, pinned for later fetches."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path, False
+    if path.exists() or ref.startswith((".", "/", "~")) or ref.count("/") != 1:
+        raise ConfigError(f"{where}: {ref}: not a model folder (expected a local folder or a hub id org/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(ref, allow_patterns=_HUB_FILES)), True
+    except Exception as err:  # network, auth, missing repo: all the user's to fix
+        raise ConfigError(f"{where}: cannot download {ref!r} from the hub: {err}") from None
+
+
+def _shard_files(folder: Path, single: str) -> list[Path]:
+    index = folder / f"{single}.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as err:
+            raise ConfigError(f"{index}: not a readable shard index ({err})") from None
+        return [folder / name for name in dict.fromkeys(weight_map.values())]
+    return [folder / single] if (folder / single).is_file() else []
+
+
+def _check_index(folder: Path, source: ModelSource, where: str) -> None:
+    """Every key the index promises must be in the shard it names."""
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        index = folder / f"{single}.index.json"
+        if index.is_file() and source.pickle == single.endswith(".bin"):
+            for key, name in json.loads(index.read_text())["weight_map"].items():
+                info = source.tensors.get(key)
+                if info is None or info.file.name != name:
+                    raise ConfigError(f"{where}: {index}: {key} is not in {name}")
+
+
+def _safetensors_header(file: Path, where: str) -> dict[str, TensorInfo]:
+    """Parse the header only: 8 bytes of length, then JSON; ordered by data offset (the file's order)."""
+    try:
+        with open(file, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > 100_000_000:
+                raise ValueError(f"header length {length} is implausible")
+            header = json.loads(handle.read(length))
+        header.pop("__metadata__", None)
+        ordered = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
+        return {key: TensorInfo(file, tuple(meta["shape"]), meta["dtype"]) for key, meta in ordered}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as err:
+        raise ConfigError(f"{where}: {file}: not a readable safetensors file ({err!r})") from None
+
+
+def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
+    return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+
+
+class ModelReader:
+    """Reads one model's tensors with one open shard at a time."""
+
+    def __init__(self, source: ModelSource):
+        self.source = source
+        self._file: Path | None = None
+        self._handle: Any = None
+
+    def read(self, key: str) -> torch.Tensor:
+        info = self.source.tensors[key]
+        if info.file != self._file:
+            self._handle = None  # release the previous shard's map before opening the next
+            self._handle = _load_pickle(info.file) if self.source.pickle else _open_safetensors(info.file)
+            self._file = info.file
+        return self._handle[key] if self.source.pickle else self._handle.get_tensor(key)
+
+    def close(self) -> None:
+        self._handle = self._file = None
+
+
+def _open_safetensors(file: Path):
+    from safetensors import safe_open
+
+    return safe_open(str(file), framework="pt", device="cpu")

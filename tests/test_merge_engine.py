@@ -1,0 +1,548 @@
+"""The streaming merge engine: config resolution and refusals, header checks, tied heads, vocabulary remap,
+sharded resumable output, the memory bound, extras and the CLI, on tiny Llama "fine-tunes"."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from polyfuse.errors import ConfigError
+from polyfuse.merge import MergeOptions, load_merge_config, run_merge
+from polyfuse.merge.config import MergeConfig, ParamResolver
+from polyfuse.merge.methods.base import MERGE_METHODS, MergeMethod, TensorTask
+from polyfuse.merge.sources import ModelReader
+from polyfuse.merge.writer import INDEX, MANIFEST
+from tiny_lm import CHAT_TEMPLATE, SPECIALS, WORDS, build_tiny_model
+
+
+class WeightedSum(MergeMethod):
+    """th0 + scale * sum_i w_i tau_i: simple enough to check by hand (test-only method)."""
+
+    name = "engine_test_sum"
+    description = "test: weighted sum of task vectors"
+    defaults = {"scale": 1.0}
+    model_defaults = {"weight": None, "density": 1.0}
+
+    def merge(self, task: TensorTask) -> torch.Tensor:
+        deltas = task.deltas()
+        total = sum(p["weight"] * d for p, d in zip(task.model_params, deltas, strict=True))
+        return task.base + task.params["scale"] * total
+
+
+if WeightedSum.name not in MERGE_METHODS:
+    MERGE_METHODS.register(WeightedSum.name)(WeightedSum)
+
+FAST = MergeOptions(smoke_check=False, quiet=True, max_shard_size="1GB")
+
+
+def finetune(base: str, folder: Path, seed: int, tokenizer=None, shard: str = "20KB") -> str:
+    """A copy of `base` with every weight nudged; saved in several shards."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(base)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.02)
+    model.save_pretrained(folder, max_shard_size=shard)
+    (tokenizer or AutoTokenizer.from_pretrained(base)).save_pretrained(folder)
+    return str(folder)
+
+
+def weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+def write_config(folder: Path, config: dict, name: str = "merge.yaml") -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def merge(tmp_path: Path, config: dict, out: str = "out", options: MergeOptions = FAST):
+    path = write_config(tmp_path, config)
+    return run_merge(load_merge_config(path), tmp_path / out, source=str(path), options=options)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    base = build_tiny_model(root / "base", seed=0)
+    return {"base": base, "ft1": finetune(base, root / "ft1", 1), "ft2": finetune(base, root / "ft2", 2)}
+
+
+def sum_config(zoo, **extra) -> dict:
+    config = {
+        "merge_method": WeightedSum.name,
+        "base_model": zoo["base"],
+        "models": [{"model": zoo["ft1"], "parameters": {"weight": 1.0}},
+                   {"model": zoo["ft2"], "parameters": {"weight": 0.5}}],
+    }
+    config.update(extra)
+    return config
+
+
+@pytest.fixture
+def no_tensor_reads(monkeypatch):
+    def read(self, key):
+        raise AssertionError(f"a tensor was read ({key}) before validation finished")
+
+    monkeypatch.setattr(ModelReader, "read", read)
+
+
+# ----------------------------------------------------------------------------- config and resolution
+
+
+def test_gradient_filter_and_precedence():
+    cfg = MergeConfig.model_validate({
+        "merge_method": WeightedSum.name, "base_model": "b",
+        "models": [{"model": "m1", "parameters": {"weight": [0.0, 1.0]}},
+                   {"model": "m2", "parameters": {"density": [{"filter": "mlp", "value": 0.2}, {"value": 0.7}]}}],
+        "parameters": {"weight": 2.0, "density": 0.9,
+                       "scale": [{"filter": "self_attn", "value": [1.0, 3.0]}, {"filter": "*", "value": 0.5}]},
+    })
+    resolver = ParamResolver(cfg, num_layers=3)
+    assert resolver.model_params("model.layers.0.mlp.up_proj.weight") == [
+        {"weight": 0.0, "density": 0.9}, {"weight": 2.0, "density": 0.2}]
+    middle = "model.layers.1.self_attn.q_proj.weight"
+    assert resolver.model_params(middle)[0]["weight"] == pytest.approx(0.5)
+    assert resolver.params(middle)["scale"] == pytest.approx(2.0)  # gradient inside a filter entry
+    assert resolver.params("model.layers.2.self_attn.o_proj.weight")["scale"] == pytest.approx(3.0)
+    assert resolver.model_params("model.layers.2.mlp.down_proj.weight")[0]["weight"] == pytest.approx(1.0)
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):  # t = 0: first value
+        assert resolver.model_params(name)[0]["weight"] == 0.0
+        assert resolver.params(name)["scale"] == 0.5  # the `*` fallback
+        assert resolver.model_params(name)[1]["density"] == 0.7
+
+
+def test_required_weight_and_overrides(tmp_path):
+    config = {"merge_method": WeightedSum.name, "base_model": "b", "models": [{"model": "m1"}]}
+    with pytest.raises(ConfigError, match=r"models\[0\]\.parameters\.weight: required by engine_test_sum"):
+        load_merge_config(write_config(tmp_path, config))
+    cfg = load_merge_config(write_config(tmp_path, config), ["parameters.weight=0.3", "parameters.scale=2"])
+    assert cfg.parameters == {"weight": 0.3, "scale": 2}
+    with pytest.raises(ConfigError, match=r"parameters\.scale: expected a float"):
+        ParamResolver(load_merge_config(write_config(tmp_path, config), ["parameters.weight=1",
+                                                                          "parameters.scale=high"]), 2).params("x")
+    with pytest.raises(ConfigError, match=r"parameters\.densty: unknown parameter"):
+        load_merge_config(write_config(tmp_path, config), ["parameters.weight=1", "parameters.densty=0.5"])
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"slices": [{"sources": [{"model": "x", "layer_range": [0, 2]}]}]}, r"slices: not supported"),
+    ({"modules": {"text": {}}}, r"modules: not supported"),
+    ({"models": [{"model": "x", "layer_range": [0, 1]}]}, r"models\[0\]\.layer_range: not supported"),
+    ({"merge_method": "frankenmerge"}, r"merge_method: unknown merge method 'frankenmerge'"),
+    ({"models": []}, r"needs at least 1 non-base models"),
+    ({"base_model": None}, r"base_model: required by engine_test_sum"),
+])
+def test_refused_by_name_before_reading(tmp_path, zoo, no_tensor_reads, change, message):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(Path(zoo["base"], "config.json").read_text())
+    (broken / "model.safetensors").write_bytes(b"\xff" * 64)  # reading it would fail loudly
+    config = sum_config(zoo)
+    config["models"][0]["model"] = str(broken)
+    config.update(change)
+    with pytest.raises(ConfigError, match=message):
+        load_merge_config(write_config(tmp_path, config))
+
+
+def test_unreadable_safetensors_is_a_config_error(tmp_path, zoo, no_tensor_reads):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(Path(zoo["base"], "config.json").read_text())
+    (broken / "model.safetensors").write_bytes(b"\xff" * 64)
+    config = sum_config(zoo)
+    config["models"][1]["model"] = str(broken)
+    with pytest.raises(ConfigError, match=r"models\[1\]: .*model.safetensors: not a readable safetensors"):
+        merge(tmp_path, config)
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"models\[1\]: .*config.json: model config not readable"):
+        merge(tmp_path, config)
+    assert not (tmp_path / "out").exists()
+
+
+def variant(base: str, folder: Path, **changes) -> str:
+    """A model of another shape: the base's config with `changes`, random weights, the base's tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_pretrained(base)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(base).save_pretrained(folder)
+    return str(folder)
+
+
+def test_shape_and_architecture_mismatch_from_headers(tmp_path, zoo, no_tensor_reads):
+    config = sum_config(zoo)
+    config["models"][1]["model"] = variant(zoo["base"], tmp_path / "wide", intermediate_size=48)
+    with pytest.raises(ConfigError, match=r"models\[1\].*mlp\.\w+_proj\.weight has shape \[\d+, \d+\] but the base"):
+        merge(tmp_path, config)
+    config["models"][1]["model"] = variant(zoo["base"], tmp_path / "deep", num_hidden_layers=3)
+    with pytest.raises(ConfigError, match=r"num_hidden_layers is 3 but the base's is 2"):
+        merge(tmp_path, config)
+
+
+def test_hub_models_checked_from_remote_headers_before_download(tmp_path, zoo, monkeypatch):
+    """A hub model's shapes are checked from its safetensors headers (range requests); the weights are
+    fetched only once every check passed. The hub is faked by local folders."""
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+    from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata
+    from huggingface_hub.utils import TensorInfo as HubTensor
+
+    repos = {"org/ft2": Path(zoo["ft2"]), "org/wide": Path(variant(zoo["base"], tmp_path / "wide", intermediate_size=48))}
+    downloaded: list[str] = []
+
+    def snapshot_download(repo, revision=None, allow_patterns=(), **_):
+        folder = tmp_path / "hub" / repo.replace("/", "--") / "snapshots" / "c0ffee"
+        folder.mkdir(parents=True, exist_ok=True)
+        for file in repos[repo].iterdir():
+            if any(fnmatch.fnmatch(file.name, pattern) for pattern in allow_patterns):
+                shutil.copy(file, folder / file.name)
+                downloaded.append(file.name)
+        return str(folder)
+
+    def get_safetensors_metadata(repo, revision=None, **_):
+        assert revision == "c0ffee"
+        files = {}
+        for file in repos[repo].glob("*.safetensors"):
+            header = json.loads(file.read_bytes()[8: 8 + int.from_bytes(file.read_bytes()[:8], "little")])
+            header.pop("__metadata__", None)
+            files[file.name] = SafetensorsFileMetadata(metadata={}, tensors={
+                k: HubTensor(dtype=v["dtype"], shape=v["shape"], data_offsets=tuple(v["data_offsets"]))
+                for k, v in header.items()})
+        weight_map = {key: name for name, meta in files.items() for key in meta.tensors}
+        return SafetensorsRepoMetadata(metadata=None, sharded=len(files) > 1, weight_map=weight_map,
+                                       files_metadata=files)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", get_safetensors_metadata)
+    config = sum_config(zoo)
+    config["models"][1]["model"] = "org/wide"
+    with pytest.raises(ConfigError, match=r"models\[1\] \(org/wide\): model.layers.0.mlp"):
+        merge(tmp_path, config)
+    assert downloaded and not [name for name in downloaded if name.endswith(".safetensors")]
+    config["models"][1]["model"] = "org/ft2"
+    hub = weights(merge(tmp_path, config).out)
+    assert [name for name in downloaded if name.endswith(".safetensors")]
+    for key, value in weights(merge(tmp_path, sum_config(zoo), out="local").out).items():
+        torch.testing.assert_close(hub[key], value)
+
+
+# ----------------------------------------------------------------------------- heads and vocabularies
+
+
+def tied_copy(base: str, folder: Path) -> str:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_pretrained(base)
+    config.tie_word_embeddings = True
+    model = LlamaForCausalLM(config)
+    state = {k: v for k, v in weights(base).items() if k != "lm_head.weight"}
+    model.load_state_dict(state, strict=False)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(base).save_pretrained(folder)
+    return str(folder)
+
+
+def test_tied_base_and_untied_model_give_a_head(tmp_path, zoo):
+    tied = tied_copy(zoo["base"], tmp_path / "tied")
+    assert "lm_head.weight" not in weights(tied)
+    config = {"merge_method": WeightedSum.name, "base_model": tied,
+              "models": [{"model": zoo["ft1"], "parameters": {"weight": 0.5}}]}
+    result = merge(tmp_path, config)
+    out, base, ft = weights(result.out), weights(tied), weights(zoo["ft1"])
+    embed = base["model.embed_tokens.weight"]
+    torch.testing.assert_close(out["lm_head.weight"], embed + 0.5 * (ft["lm_head.weight"] - embed))
+    torch.testing.assert_close(out["model.embed_tokens.weight"], embed + 0.5 * (ft["model.embed_tokens.weight"] - embed))
+    assert json.loads((result.out / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def permuted_tokenizer(words: list[str]):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(SPECIALS + words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>")
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIALS[4:]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def test_vocabulary_remapped_by_token_string(tmp_path, zoo):
+    """ft2's vocabulary is shuffled, lacks "cat" and has "zebra": rows must meet by token, not by index."""
+    from transformers import AutoTokenizer
+
+    words = [w for w in WORDS if w != "cat"] + ["zebra"]
+    random.Random(0).shuffle(words)
+    shuffled = permuted_tokenizer(words)
+    folder = Path(finetune(zoo["base"], tmp_path / "shuffled", 5, tokenizer=shuffled))
+    base_vocab = AutoTokenizer.from_pretrained(zoo["base"]).get_vocab()
+    new_vocab = shuffled.get_vocab()
+    tuned = weights(folder)
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):  # same tokens, same meaning: rows follow ids
+        rows = tuned[key].clone()
+        for token, new_id in new_vocab.items():
+            rows[new_id] = tuned[key][base_vocab[token]] if token in base_vocab else torch.randn(rows.shape[1])
+        tuned[key] = rows
+    from safetensors.torch import save_file
+
+    for file in folder.glob("*.safetensors"):
+        file.unlink()
+    (folder / "model.safetensors.index.json").unlink()
+    save_file(tuned, folder / "model.safetensors", metadata={"format": "pt"})
+
+    config = sum_config(zoo)
+    config["models"][1] = {"model": str(folder), "parameters": {"weight": 0.5}}
+    with pytest.raises(ConfigError, match=r"different vocabulary.*tokenizer_source: base"):
+        merge(tmp_path, config)
+    result = merge(tmp_path, {**config, "tokenizer_source": "base"})
+    out, base, ft1 = weights(result.out), weights(zoo["base"]), weights(zoo["ft1"])
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        for token, idx in base_vocab.items():
+            row2 = tuned[key][new_vocab[token]] if token in new_vocab else base[key][idx]  # lacking: base row
+            expected = base[key][idx] + (ft1[key][idx] - base[key][idx]) + 0.5 * (row2 - base[key][idx])
+            torch.testing.assert_close(out[key][idx], expected, msg=f"{key} row of {token!r}")
+    key = "model.layers.1.mlp.up_proj.weight"
+    torch.testing.assert_close(out[key], base[key] + (ft1[key] - base[key]) + 0.5 * (tuned[key] - base[key]))
+    assert AutoTokenizer.from_pretrained(result.out).get_vocab() == base_vocab
+
+    union = merge(tmp_path, {**config, "tokenizer_source": "union"}, out="union")
+    merged, vocab = weights(union.out), AutoTokenizer.from_pretrained(union.out).get_vocab()
+    assert vocab["zebra"] == len(base_vocab) and json.loads((union.out / "config.json").read_text())["vocab_size"] == 32
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):  # only ft2 has zebra: its row, whatever the weights
+        torch.testing.assert_close(merged[key][vocab["zebra"]], tuned[key][new_vocab["zebra"]])
+        torch.testing.assert_close(merged[key][: len(base_vocab)], out[key])
+
+
+def test_padding_rows_beyond_the_tokenizer(tmp_path, zoo):
+    """The base pads its embedding to 40 rows (its tokenizer has 31 tokens); an unpadded fine-tune merges
+    without a tokenizer rule, and the output keeps the base's 40 rows, padding rows the base's own."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    padded = tmp_path / "padded"
+    shutil.copytree(zoo["base"], padded)
+    tensors = weights(padded)
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        tensors[key] = torch.cat([tensors[key], torch.randn(9, tensors[key].shape[1])])
+    save_file(tensors, padded / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((padded / "config.json").read_text())
+    (padded / "config.json").write_text(json.dumps({**config, "vocab_size": 40}))
+    result = merge(tmp_path, {"merge_method": WeightedSum.name, "base_model": str(padded),
+                              "models": [{"model": zoo["ft1"], "parameters": {"weight": 1.0}}]})
+    out, ft1 = weights(result.out), weights(zoo["ft1"])
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert out[key].shape[0] == 40
+        torch.testing.assert_close(out[key][:31], ft1[key])
+        torch.testing.assert_close(out[key][31:], tensors[key][31:])
+    assert json.loads((result.out / "config.json").read_text())["vocab_size"] == 40
+
+
+# ----------------------------------------------------------------------------- output, resume, memory
+
+
+def test_sharded_output_respects_byte_limit_and_resumes(tmp_path, zoo, monkeypatch):
+    limit = 10_000
+    options = MergeOptions(smoke_check=False, quiet=True, max_shard_size=limit)
+    calls, armed = [], [True]
+    original = WeightedSum.merge
+
+    def crashing(self, task):
+        calls.append(task.name)
+        if armed[0] and len(calls) == 12:
+            raise RuntimeError("simulated crash")
+        return original(self, task)
+
+    monkeypatch.setattr(WeightedSum, "merge", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        merge(tmp_path, sum_config(zoo), options=options)
+    out = tmp_path / "out"
+    done = json.loads((out / MANIFEST).read_text())["done"]
+    assert done and not (out / INDEX).exists()
+    stamps = {f: ((out / f).stat().st_mtime_ns, (out / f).stat().st_ino) for f in done}
+
+    calls.clear()
+    armed[0] = False
+    result = merge(tmp_path, sum_config(zoo), options=options)
+    assert {f: ((out / f).stat().st_mtime_ns, (out / f).stat().st_ino) for f in done} == stamps
+    total = len(weights(zoo["base"]))
+    assert len(calls) == result.merged < total  # finished shards were neither re-read nor re-merged
+    index = json.loads((out / INDEX).read_text())
+    assert sorted(set(index["weight_map"].values())) == result.files and len(result.files) > 2
+    from safetensors import safe_open
+
+    for file in result.files:
+        with safe_open(str(out / file), framework="pt") as handle:
+            assert sum(handle.get_tensor(k).nbytes for k in handle.keys()) <= limit
+    monkeypatch.setattr(WeightedSum, "merge", original)
+    fresh = merge(tmp_path, sum_config(zoo), out="fresh", options=options)
+    resumed, clean = weights(out), weights(fresh.out)
+    assert resumed.keys() == clean.keys()
+    for key in clean:
+        torch.testing.assert_close(resumed[key], clean[key])
+
+
+def test_changed_config_does_not_resume_into_old_output(tmp_path, zoo):
+    merge(tmp_path, sum_config(zoo))
+    with pytest.raises(ConfigError, match="holds a merge of a different config"):
+        merge(tmp_path, sum_config(zoo, parameters={"scale": 0.5}))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty and holds no polyfuse merge"):
+        merge(tmp_path, sum_config(zoo), out="other")
+
+
+def test_at_most_one_tensor_per_model_alive(tmp_path, zoo, monkeypatch):
+    """Instrument the reader: when a model reads a tensor, none of its earlier ones may still be alive."""
+    alive: dict[int, list[weakref.ref]] = {}
+    peak = [0]
+    original = ModelReader.read
+
+    def tracked(self, key):
+        refs = alive.setdefault(id(self), [])
+        refs[:] = [r for r in refs if r() is not None]
+        assert not refs, f"{self.source.where}: a previous tensor is still alive when reading {key}"
+        tensor = original(self, key)
+        refs.append(weakref.ref(tensor))
+        peak[0] = max(peak[0], sum(1 for rs in alive.values() for r in rs if r() is not None))
+        return tensor
+
+    monkeypatch.setattr(ModelReader, "read", tracked)
+    merge(tmp_path, sum_config(zoo))
+    assert peak[0] == 3  # base + two models, never more
+
+
+def test_pickle_checkpoints_need_allow_pickle(tmp_path, zoo):
+    import shutil
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(zoo["ft2"], pickled, ignore=shutil.ignore_patterns("*.safetensors*"))
+    torch.save(weights(zoo["ft2"]), pickled / "pytorch_model.bin")
+    config = sum_config(zoo)
+    config["models"][1]["model"] = str(pickled)
+    with pytest.raises(ConfigError, match=r"models\[1\]: .* has only pickle weights .*--allow-pickle"):
+        merge(tmp_path, config)
+    allowed = merge(tmp_path, config, options=MergeOptions(smoke_check=False, quiet=True, allow_pickle=True))
+    reference = merge(tmp_path, sum_config(zoo), out="reference")
+    for key, value in weights(reference.out).items():
+        torch.testing.assert_close(weights(allowed.out)[key], value)
+
+
+class TwoPass(WeightedSum):
+    """A statistics pass first: every tensor's size, summed; merge checks it saw the whole model."""
+
+    name = "engine_test_two_pass"
+
+    def tensor_statistics(self, task: TensorTask) -> dict:
+        return {"numel": task.base.numel()}
+
+    def finish_statistics(self, per_tensor: dict) -> dict:
+        return {"total": sum(s["numel"] for s in per_tensor.values()), "tensors": len(per_tensor)}
+
+    def merge(self, task: TensorTask) -> torch.Tensor:
+        assert task.statistics["tensors"] == 21, task.statistics
+        return super().merge(task)
+
+
+if TwoPass.name not in MERGE_METHODS:
+    MERGE_METHODS.register(TwoPass.name)(TwoPass)
+
+
+def test_two_pass_method_gets_whole_model_statistics(tmp_path, zoo):
+    two = weights(merge(tmp_path, sum_config(zoo, merge_method=TwoPass.name)).out)
+    one = weights(merge(tmp_path, sum_config(zoo), out="one").out)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key])
+
+
+# ----------------------------------------------------------------------------- real methods, extras, CLI
+
+
+@pytest.mark.parametrize("name", [n for n in MERGE_METHODS.names() if not n.startswith("engine_test")])
+def test_every_registered_method_runs_end_to_end(tmp_path, zoo, name):
+    method = MERGE_METHODS.get(name)
+    sources = [zoo["ft1"], zoo["ft2"]][: method.max_models or 2]
+    per_model = {k: v for k, v in {"weight": 1.0, "density": 0.7}.items() if k in method.model_defaults}
+    config = {"merge_method": name, "base_model": zoo["base"],
+              "models": [{"model": m, "parameters": per_model} for m in sources],
+              "parameters": {"t": 0.5} if "t" in method.defaults else {}}
+    out, base = weights(merge(tmp_path, config).out), weights(zoo["base"])
+    assert out.keys() == base.keys()
+    for key, value in out.items():
+        assert value.shape == base[key].shape and torch.isfinite(value).all(), key
+
+
+def test_linear_is_the_weighted_average(tmp_path, zoo):
+    if "linear" not in MERGE_METHODS:
+        pytest.skip("linear is not registered")
+    config = {"merge_method": "linear", "base_model": zoo["base"],
+              "models": [{"model": zoo["ft1"], "parameters": {"weight": 1.0}},
+                         {"model": zoo["ft2"], "parameters": {"weight": 3.0}}]}
+    out, a, b = weights(merge(tmp_path, config).out), weights(zoo["ft1"]), weights(zoo["ft2"])
+    for key in a:
+        torch.testing.assert_close(out[key], (a[key] + 3 * b[key]) / 4)
+
+
+def test_ties_output_loads_generates_and_explains_itself(tmp_path, zoo):
+    if "ties" not in MERGE_METHODS:
+        pytest.skip("ties is not registered")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = {"merge_method": "ties", "base_model": zoo["base"], "out_dtype": "bfloat16",
+              "models": [{"model": zoo["ft1"], "parameters": {"weight": 1.0, "density": 0.5}},
+                         {"model": zoo["ft2"], "parameters": {"weight": [0.5, 1.0], "density": 0.5}}]}
+    result = merge(tmp_path, config, options=MergeOptions(quiet=True))
+    assert result.smoke is not None and torch.isfinite(torch.tensor(result.smoke.perplexity))
+    model = AutoModelForCausalLM.from_pretrained(result.out)
+    assert model.dtype == torch.bfloat16
+    tokenizer = AutoTokenizer.from_pretrained(result.out)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "the cat"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    generated = model.generate(**prompt, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+    assert (result.out / "generation_config.json").is_file()
+    out, base = weights(result.out), weights(zoo["base"])
+    ties = MERGE_METHODS.get("ties")()
+    for key, weight2 in (("model.layers.1.mlp.up_proj.weight", 1.0), ("model.embed_tokens.weight", 0.5)):
+        task = TensorTask(name=key, base=base[key], models=[weights(zoo["ft1"])[key], weights(zoo["ft2"])[key]],
+                          model_params=[{"weight": 1.0, "density": 0.5}, {"weight": weight2, "density": 0.5}],
+                          params=dict(ties.defaults))
+        torch.testing.assert_close(out[key], ties.merge(task).to(torch.bfloat16))  # gradient read per layer
+
+    resolved = (result.out / "merge_config.resolved.yaml").read_text()
+    assert "density 0.5 = keep 50% of each task vector's entries" in resolved
+    assert "normalize true = divide by the sum of the weights" in resolved and "(default)" in resolved
+    assert "a gradient over the 2 layers" in resolved and "seed: 0" in resolved
+    again = load_merge_config(result.out / "merge_config.resolved.yaml")  # itself a runnable config
+    assert again.parameters["normalize"] is True and again.models[1].parameters["weight"] == [0.5, 1.0]
+
+
+def test_cli_bad_config_exits_2(tmp_path, zoo):
+    path = write_config(tmp_path, sum_config(zoo, merge_method="frankenmerge"))
+    proc = subprocess.run([sys.executable, "-m", "polyfuse", "merge", str(path), str(tmp_path / "out")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "merge_method: unknown merge method 'frankenmerge'" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
