@@ -130,6 +130,19 @@ def test_wrpo_layout_takes_best_source_and_target_best_worst():
     assert (pair.chosen_id, pair.rejected_id) == (f"{p}:pivot:0", f"{p}:pivot:1")
 
 
+def test_wrpo_source_response_is_verifier_correct_when_verified():
+    p = po_prompt()
+    rows = [
+        sample(p, "a", 0, 0.9, False),
+        sample(p, "b", 0, 0.6, True),
+        sample(p, "pivot", 0, 0.5, True),
+        sample(p, "pivot", 1, 0.7, False),
+    ]
+    _, pairs, _ = build_pairs(rows, PairsConfig(reward="rm", sft_fraction=0.5, target="pivot"))
+    assert response_text(pairs[0].chosen_source) == "b-0"
+    assert (pairs[0].chosen_id, pairs[0].rejected_id) == (f"{p}:pivot:0", f"{p}:pivot:1")
+
+
 def test_missing_reward_key_is_a_config_error():
     p = po_prompt()
     rows = [sample(p, "a", 0, 0.8, True), sample(p, "a", 1, 0.7, False)]

@@ -67,6 +67,11 @@ def _worst(rows: list[SampleRow], key: str) -> SampleRow:
     return min(rows, key=lambda r: (_reward(r, key), r.sample_index))
 
 
+def _verified_pool(rows: list[SampleRow]) -> list[SampleRow]:
+    """The verifier-correct rows when any row was verified, else all rows: the candidates for a best response."""
+    return [r for r in rows if r.correct] if any(r.correct is not None for r in rows) else rows
+
+
 def _ranked_pair(rows: list[SampleRow], key: str) -> tuple[SampleRow, SampleRow] | None:
     """(chosen, rejected) from one candidate set: correct vs incorrect when verified, else best vs worst."""
     verified = [r for r in rows if r.correct is not None]
@@ -105,7 +110,7 @@ def build_pairs(samples: list[SampleRow], config: PairsConfig) -> tuple[list[SFT
         sources = [r for r in rows if r.model in allowed]
         if in_sft_split(prompt_id, config.sft_fraction, config.seed):
             counts["sft_prompts"] += 1
-            pool = [r for r in sources if r.correct] if any(r.correct is not None for r in sources) else sources
+            pool = _verified_pool(sources)
             if not pool:
                 counts["dropped_sft_all_fail"] += 1
                 continue
@@ -157,14 +162,15 @@ def build_pairs(samples: list[SampleRow], config: PairsConfig) -> tuple[list[SFT
 
 
 def _wrpo_triple(prompt_id, rows, sources, config, counts) -> PreferenceRow | None:
-    """WRPO layout: chosen_source = best source response (y_ws); chosen / rejected = the target's best and
-    worst samples (y_wt, y_l)."""
+    """WRPO layout: chosen_source = best source response (y_ws; among the verifier-correct ones when verified,
+    like the SFT target); chosen / rejected = the target's best and worst samples (y_wt, y_l)."""
     key = config.reward
     target = [r for r in rows if r.model == config.target]
-    if not sources or len(target) < 2:
+    pool = _verified_pool(sources)
+    if not pool or len(target) < 2:
         counts["dropped_po_no_pair"] += 1
         return None
-    y_ws = _best(sources, key)
+    y_ws = _best(pool, key)
     ranked = _ranked_pair(target, key)
     if ranked is None:
         counts["dropped_po_no_pair"] += 1
