@@ -132,6 +132,24 @@ def plan_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
     return batches
 
 
+def forward_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """(S, n) of every row of a padded batch on the model's device, and the model outputs. The LM head runs
+    only from the first position that predicts a scored token of some row (`logits_to_keep`): with left
+    padding that is the longest response + 1 positions, so prompts are never projected onto the vocabulary."""
+    labels = batch["labels"]
+    scored = (labels[:, 1:] != IGNORE_INDEX).any(0)
+    first = int(scored.int().argmax()) if bool(scored.any()) else 0
+    outputs = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=labels.shape[1] - first,
+        use_cache=False,
+    )
+    sums, counts = sequence_logps(outputs.logits, labels[:, first:])
+    return sums, counts, outputs
+
+
 def score_sequences(
     model: Any,
     sequences: list[tuple[list[int], int]],
@@ -147,15 +165,7 @@ def score_sequences(
         for indices in plan_batches([len(ids) for ids, _ in sequences], token_budget):
             chunk = [sequences[i] for i in indices]
             batch = pad_batch([ids for ids, _ in chunk], [p for _, p in chunk], pad_id, side="left")
-            keep = min(max(len(ids) - p for ids, p in chunk) + 1, batch["input_ids"].shape[1])
-            logits = model(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-                position_ids=batch["position_ids"].to(device),
-                logits_to_keep=keep,
-                use_cache=False,
-            ).logits
-            sums, counts = sequence_logps(logits, batch["labels"][:, -keep:].to(device))
+            sums, counts, _ = forward_logps(model, {k: v.to(device) for k, v in batch.items()})
             for index, total, count in zip(indices, sums.tolist(), counts.tolist(), strict=True):
                 results[index] = (total, count)
             if progress is not None:

@@ -22,8 +22,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from polyfuse.config import StrictModel
 from polyfuse.errors import DataError
-from polyfuse.logprobs import pad_batch
-from polyfuse.objectives import sequence_logps
+from polyfuse.logprobs import forward_logps, pad_batch
 
 
 class LoraSettings(StrictModel):
@@ -57,7 +56,8 @@ class TrainConfig(StrictModel):
 @dataclass
 class SequenceCollator:
     """Pads the responses of every role of a micro-batch into one forward: rows are ordered role by role
-    (all chosen, then all rejected, ...). Numeric `columns` become tensors of the batch."""
+    (all chosen, then all rejected, ...). Numeric `columns` become tensors of the batch. Left padding puts
+    every response at the end, so the LM head runs on response positions only (`forward_logps`)."""
 
     pad_token_id: int
     roles: tuple[str, ...]
@@ -66,7 +66,7 @@ class SequenceCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids = [f[f"{role}_input_ids"] for role in self.roles for f in features]
         prompt_lengths = [f[f"{role}_prompt_length"] for role in self.roles for f in features]
-        batch = pad_batch(ids, prompt_lengths, self.pad_token_id)
+        batch = pad_batch(ids, prompt_lengths, self.pad_token_id, side="left")
         for name in self.columns:
             batch[name] = torch.tensor([f[name] for f in features], dtype=torch.float32)
         return batch
@@ -91,10 +91,7 @@ class PolyfuseTrainer(Trainer):
         return self.accelerator.reduce(count, "sum") if self.accelerator.num_processes > 1 else count
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
-        )
-        logps, ntokens = sequence_logps(outputs.logits, inputs["labels"])
+        logps, ntokens, outputs = forward_logps(model, inputs)
         total, metrics = self.summed_loss(inputs, logps, ntokens)
         if num_items_in_batch is None:  # outside the training loop: this micro-batch alone
             num_items_in_batch = self.count_items(inputs)
