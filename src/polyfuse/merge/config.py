@@ -102,8 +102,15 @@ def load_methods():
 
 def load_merge_config(path: str | Path, overrides: list[str] | None = None) -> MergeConfig:
     """Read, refuse by name, validate the schema, then check the method's needs; no model is touched."""
-    source = str(path)
-    raw = apply_overrides(read_yaml(path), overrides)
+    return parse_merge_config(apply_overrides(read_yaml(path), overrides), str(path))
+
+
+def parse_merge_config(raw: Any, source: str, check: bool = True) -> MergeConfig:
+    """A config from its YAML data: refuse by name, validate the schema, then (with `check`) the method's
+    needs. A recipe's `merge` section checks later (`check=False`): its base and models may still be names
+    of stages whose outputs do not exist yet."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping, got {type(raw).__name__}")
     refuse_by_name(raw, source)
     methods = load_methods()
     name = raw.get("merge_method")
@@ -113,7 +120,8 @@ def load_merge_config(path: str | Path, overrides: list[str] | None = None) -> M
         known = ", ".join(methods.names()) or "none registered"
         raise ConfigError(f"{source}: merge_method: unknown merge method {name!r}; expected one of: {known}")
     cfg = validate(MergeConfig, raw, source=source)
-    check_method(cfg, source)
+    if check:
+        check_method(cfg, source)
     return cfg
 
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from polyfuse.data.io import write_rows
 from polyfuse.errors import ConfigError
 from polyfuse.models import ModelSpec
+from polyfuse.pipeline.recipe import MODEL_STAGES
 
 if TYPE_CHECKING:
     from polyfuse.pipeline.runner import Context
@@ -25,13 +26,22 @@ def eval_models(ctx: Context) -> dict[str, ModelSpec]:
             chosen["pivot"] = recipe.pivot
         elif name in sources:
             chosen[name] = sources[name]
-        elif name in recipe.stages and name in ("sft", "po"):
-            trained = [s for s in recipe.stages[: recipe.stages.index(name) + 1] if s in ("sft", "po")]
-            label = "pivot+" + "+".join("SFT" if s == "sft" else recipe.po.objective.upper() for s in trained)
+        elif name in recipe.stages and name in MODEL_STAGES:
+            steps = [s for s in recipe.stages[: recipe.stages.index(name) + 1] if s in MODEL_STAGES]
+            label = "pivot+" + "+".join(_step_label(ctx, s) for s in steps)
             chosen[label] = recipe.pivot.model_copy(update={"path": ctx.output(name, "model"), "gguf_file": None})
         else:
-            raise ConfigError(f"eval.models: {name!r} is neither 'sources', 'pivot', a source name nor a run training stage")
+            raise ConfigError(f"eval.models: {name!r} is neither 'sources', 'pivot', a source name nor a run model stage")
     return chosen
+
+
+def _step_label(ctx: Context, stage: str) -> str:
+    """How a model stage shows in a label: SFT, the preference objective (DPO, ...), MERGE(method)."""
+    if stage == "sft":
+        return "SFT"
+    if stage == "merge":
+        return f"MERGE({ctx.recipe.merge.merge_method})"
+    return ctx.recipe.po.objective.upper()
 
 
 def run_eval_stage(ctx: Context, folder: Path) -> dict[str, str]:

@@ -3,6 +3,11 @@
 Paths of the form `toyworld://pivot` or `toyworld://sources/<name>` point into the recipe's toy world;
 they are resolved from the world's config hash alone, so validation needs no model and no build.
 Relative paths are relative to the current directory.
+
+In the `merge` section, a model may also be named instead of given as a path: `pivot` (the recipe's pivot),
+a source name, or a stage that ran before `merge` (`sft`: its output model; `stage:key`: its output `key`).
+Stage names are reserved: write `./sft` for a folder of that name. `base_model` defaults to the current
+pivot (the latest model a stage produced), and the merged model becomes the pivot of the stages after it.
 """
 
 from __future__ import annotations
@@ -11,21 +16,31 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from polyfuse.config import StrictModel, apply_overrides, read_yaml, validate
 from polyfuse.data.io import ReadReport, read_rows
 from polyfuse.data.schemas import PromptRow
 from polyfuse.errors import ConfigError
 from polyfuse.logprobs import LogprobsSettings
+from polyfuse.merge.config import MergeConfig, check_method, parse_merge_config
 from polyfuse.pipeline.pairs import PairsConfig
 from polyfuse.pipeline.sample import SampleConfig, SampledModel
 from polyfuse.pipeline.score import ScoreConfig
 from polyfuse.scorers import ScorerConfig
 from polyfuse.trainers import PreferenceTrainConfig, SFTTrainConfig
 
-STAGE_ORDER = ("prompts", "sample", "score", "pairs", "sft", "logprobs", "po", "eval")
+STAGE_ORDER = ("prompts", "sample", "score", "pairs", "sft", "merge", "logprobs", "po", "eval")
+DEFAULT_STAGES = tuple(s for s in STAGE_ORDER if s != "merge")  # a merge needs models to merge: opt in
+MODEL_STAGES = ("sft", "merge", "po")  # stages whose output `model` is the pivot of the stages after them
 TOY_SCHEME = "toyworld://"
+CURRENT_PIVOT = "<current pivot>"  # the merge base before the stages run; resolved by the merge stage
+
+
+def stage_reference(name: str) -> tuple[str, str] | None:
+    """(stage, output key) when a merge model `name` names a stage (`sft`, `sft:model`), else None."""
+    stage, _, key = name.partition(":")
+    return (stage, key or "model") if stage in STAGE_ORDER else None
 
 
 class ToyWorldRef(StrictModel):
@@ -73,7 +88,7 @@ class EvalStage(StrictModel):
     prompts: PromptSource
     models: list[str] = Field(
         default_factory=lambda: ["sources", "pivot", "sft", "po"],
-        description="'sources', 'pivot', a source name, or a training stage name (its output model).",
+        description="'sources', 'pivot', a source name, or a model stage name (sft, merge, po: its output model).",
     )
     scorers: list[ScorerConfig] | None = Field(default=None, description="Default: the score stage's verifiers.")
     batch_size: int = Field(default=64, ge=1)
@@ -87,12 +102,13 @@ class Recipe(StrictModel):
     toyworld: ToyWorldRef | None = None
     sources: list[SampledModel] = Field(min_length=1)
     pivot: SampledModel
-    stages: list[Literal[STAGE_ORDER]] = Field(default_factory=lambda: list(STAGE_ORDER))  # type: ignore[valid-type]
+    stages: list[Literal[STAGE_ORDER]] = Field(default_factory=lambda: list(DEFAULT_STAGES))  # type: ignore[valid-type]
     prompts: PromptSource
     sample: SampleStage = Field(default_factory=SampleStage)
     score: ScoreConfig | None = None
     pairs: PairsConfig | None = None
     sft: SFTTrainConfig | None = None
+    merge: MergeConfig | None = Field(default=None, description="A mergekit-style config; see the module doc.")
     logprobs: LogprobsStage | None = None
     po: PreferenceTrainConfig | None = None
     eval: EvalStage | None = None
@@ -100,14 +116,35 @@ class Recipe(StrictModel):
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
         for stage in self.stages:
-            if stage in ("score", "pairs", "sft", "logprobs", "po", "eval") and getattr(self, stage) is None:
+            if stage in ("score", "pairs", "sft", "merge", "logprobs", "po", "eval") and getattr(self, stage) is None:
                 raise ValueError(f"stage {stage!r} is listed in 'stages' but has no '{stage}' section")
         if sorted(self.stages, key=STAGE_ORDER.index) != list(self.stages):
             raise ValueError(f"stages must keep the order {list(STAGE_ORDER)}")
         labels = [s.label for s in self.sources] + [self.pivot.label]
         if len(set(labels)) != len(labels):
             raise ValueError(f"model names must be unique, got {labels}")
+        if "merge" in self.stages:
+            self._check_merge()
         return self
+
+    @field_validator("merge", mode="before")
+    @classmethod
+    def _parse_merge(cls, value: Any) -> Any:
+        """mergekit's refusals and the method name first, with the merge engine's own messages."""
+        return value if value is None or isinstance(value, MergeConfig) else parse_merge_config(value, "merge", check=False)
+
+    def _check_merge(self) -> None:
+        """Named stages must run before `merge`; the method's needs are checked with the base defaulted."""
+        earlier = self.stages[: self.stages.index("merge")]
+        names = [self.merge.base_model, self.merge.tokenizer_source, *(e.model for e in self.merge.models)]
+        for name in filter(None, names):
+            reference = stage_reference(name)
+            if reference and reference[0] not in earlier:
+                raise ValueError(f"merge: {name!r} names the stage {reference[0]!r}, which does not run before merge")
+            if reference and reference[1] == "model" and reference[0] not in MODEL_STAGES:
+                raise ValueError(f"merge: {name!r}: the stage {reference[0]!r} makes no model "
+                                 f"(model stages: {', '.join(MODEL_STAGES)}; or name an output, stage:key)")
+        check_method(self.merge.model_copy(update={"base_model": self.merge.base_model or CURRENT_PIVOT}), "merge")
 
     @property
     def resolved_work_dir(self) -> Path:

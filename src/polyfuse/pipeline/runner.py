@@ -39,6 +39,8 @@ class Context:
     def output(self, stage: str, key: str) -> str:
         if stage not in self.outputs:
             raise ConfigError(f"stages: '{stage}' must run before the stages that use its {key!r}")
+        if key not in self.outputs[stage]:
+            raise ConfigError(f"stage '{stage}' has no output {key!r}; it has {', '.join(self.outputs[stage])}")
         return self.outputs[stage][key]
 
     def current_pivot(self, before: str) -> ModelSpec:
@@ -98,6 +100,18 @@ def _sft_run(ctx: Context, folder: Path) -> dict[str, str]:
     rows = read_rows(ctx.output("pairs", "sft"), SFTRow)
     model = train_sft(ctx.current_pivot("sft"), rows, ctx.recipe.sft, folder / "model")
     return {"model": str(model)}
+
+
+def _merge_inputs(ctx: Context) -> dict[str, str]:
+    from polyfuse.pipeline.merge import merge_inputs
+
+    return merge_inputs(ctx)
+
+
+def _merge_run(ctx: Context, folder: Path) -> dict[str, str]:
+    from polyfuse.pipeline.merge import run_merge_stage
+
+    return run_merge_stage(ctx, folder)
 
 
 def _logprobs_sources(ctx: Context) -> list[ModelSpec]:
@@ -163,6 +177,7 @@ STAGES: dict[str, Stage] = {
     "score": Stage(lambda c: {"samples": c.output("sample", "samples"), **_paths_in(c.recipe.score.model_dump())}, _score_run),
     "pairs": Stage(lambda c: {"scored": c.output("score", "scored")}, _pairs_run),
     "sft": Stage(lambda c: {"sft": c.output("pairs", "sft"), "pivot": c.current_pivot("sft").path}, _sft_run),
+    "merge": Stage(_merge_inputs, _merge_run),
     "logprobs": Stage(
         lambda c: {
             "preference": c.output("pairs", "preference"),
@@ -174,7 +189,6 @@ STAGES: dict[str, Stage] = {
     "po": Stage(lambda c: {"preference": _preference_data(c), "pivot": c.current_pivot("po").path}, _po_run),
     "eval": Stage(_eval_inputs, _eval_run),
 }
-
 
 
 def _stage_config(recipe: Recipe, name: str) -> dict[str, Any]:
