@@ -113,6 +113,17 @@ class Recipe(StrictModel):
     po: PreferenceTrainConfig | None = None
     eval: EvalStage | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_sections(cls, data: Any) -> Any:
+        """The recipe's `seed` is the default seed of the split and of training, so one number changes the
+        whole run; a section's own `seed` wins."""
+        if isinstance(data, dict):
+            for section in ("pairs", "sft", "po"):
+                if isinstance(data.get(section), dict):
+                    data[section] = {"seed": data.get("seed", 0), **data[section]}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
         for stage in self.stages:
