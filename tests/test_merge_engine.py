@@ -494,9 +494,22 @@ def test_every_registered_method_runs_end_to_end(tmp_path, zoo, name):
         assert value.shape == base[key].shape and torch.isfinite(value).all(), key
 
 
+def test_rsaf_reports_keep_ratios_and_realised_density(tmp_path, zoo):
+    config = {"merge_method": "rsaf", "base_model": zoo["base"],
+              "models": [{"model": zoo["ft1"]}, {"model": zoo["ft2"]}], "parameters": {"k_min": 0.2, "k_max": 0.8}}
+    out = merge(tmp_path, config).out
+    report = json.loads((out / "merge_report.json").read_text())
+    sizes = {k: v.numel() for k, v in weights(zoo["base"]).items() if v.is_floating_point()}
+    assert report["method"].startswith("RSAF (polyfuse reconstruction)")
+    assert set(report["keep_ratios"]) <= set(sizes) and report["keep_ratios"]
+    for i, density in enumerate(report["realised_density"]):
+        ratios = {name: ks[i] for name, ks in report["keep_ratios"].items()}
+        assert all(0.2 <= k <= 0.8 for k in ratios.values())
+        expected = sum(k * sizes[n] for n, k in ratios.items()) / sum(sizes[n] for n in ratios)
+        assert density == pytest.approx(expected)
+
+
 def test_linear_is_the_weighted_average(tmp_path, zoo):
-    if "linear" not in MERGE_METHODS:
-        pytest.skip("linear is not registered")
     config = {"merge_method": "linear", "base_model": zoo["base"],
               "models": [{"model": zoo["ft1"], "parameters": {"weight": 1.0}},
                          {"model": zoo["ft2"], "parameters": {"weight": 3.0}}]}
@@ -506,8 +519,6 @@ def test_linear_is_the_weighted_average(tmp_path, zoo):
 
 
 def test_ties_output_loads_generates_and_explains_itself(tmp_path, zoo):
-    if "ties" not in MERGE_METHODS:
-        pytest.skip("ties is not registered")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = {"merge_method": "ties", "base_model": zoo["base"], "out_dtype": "bfloat16",

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from polyfuse.data.io import write_json
 from polyfuse.merge.config import MergeConfig
 from polyfuse.merge.methods.base import MergeMethod, TensorTask
 from polyfuse.merge.output import write_extras
@@ -83,6 +84,12 @@ def run_merge(cfg: MergeConfig, out: str | Path, source: str = "config", options
             reader.close()
     writer.finish()
     write_extras(cfg, plan, out)
+    report = method.report()
+    if report:
+        write_json(out / "merge_report.json", report)
+        if "realised_density" in report:
+            densities = ", ".join(f"{d:.3f}" for d in report["realised_density"])
+            console.print(f"{report['method']}: realised density per model {densities} (merge_report.json)")
     smoke = None
     if options.smoke_check:
         smoke = smoke_check(str(out), str(plan.inputs[0].folder), options.allow_pickle)

@@ -94,5 +94,9 @@ class MergeMethod(ABC):
         """Whole-model statistics from every tensor's; handed to `merge` as `task.statistics`."""
         return {}
 
+    def report(self) -> dict[str, Any]:
+        """What the method decided while merging, for `merge_report.json` (e.g. RSAF's keep ratios); {}: nothing."""
+        return {}
+
 
 MERGE_METHODS: Registry[type[MergeMethod]] = Registry("merge method")

@@ -91,9 +91,8 @@ class Rsaf(TaskVectorMerge):
     model_defaults = {"weight": 1.0}
 
     def __init__(self) -> None:
-        self.keep_ratio_log: dict[
-            str, list[float]
-        ] = {}  # tensor name -> realised k per source, filled by merge
+        self.keep_ratio_log: dict[str, list[float]] = {}  # tensor name -> realised k per source, filled by merge
+        self.numel: dict[str, int] = {}  # tensor name -> entries, to weight the realised density
 
     def tensor_statistics(self, task: TensorTask) -> dict[str, Any]:
         """{"rate": [r_i], "skewness": [s_i], "l1": [||delta_i||_1]} over the sources of this tensor."""
@@ -139,8 +138,21 @@ class Rsaf(TaskVectorMerge):
         assert task.base is not None, "rsaf needs a base model"
         ratios = self.keep_ratios(task)
         self.keep_ratio_log[task.name] = ratios
+        self.numel[task.name] = task.models[0].numel()
         sparse = [
             magnitude_trim(model - task.base, k, name=task.name)
             for model, k in zip(task.models, ratios, strict=True)
         ]
         return self.combine(task, sparse)
+
+    def report(self) -> dict[str, Any]:
+        """k per tensor and source, and each source's realised density: the parameter-count-weighted mean of its
+        k over the tensors this run merged (spec section 9: compare with TIES at that density)."""
+        if not self.keep_ratio_log:
+            return {}
+        total = sum(self.numel.values())
+        sources = len(next(iter(self.keep_ratio_log.values())))
+        density = [
+            sum(ks[i] * self.numel[name] for name, ks in self.keep_ratio_log.items()) / total for i in range(sources)
+        ]
+        return {"method": self.description, "realised_density": density, "keep_ratios": self.keep_ratio_log}
