@@ -60,8 +60,10 @@ def _pct(value: Any) -> str:
 
 EXPLAIN = {
     "weight": lambda v: f"weight {v} = this model's tensors (or task vector) count {v}x",
-    "density": lambda v: f"density {v} = keep {_pct(v)} of each task vector's entries, drop the rest",
-    "gamma": lambda v: f"gamma {v} = also drop the largest {_pct(v)} of each task vector's entries as outliers",
+    "density": lambda v: (f"density {v} = keep {_pct(v)} of each task vector's entries, drop the rest" if float(v) < 1
+                          else f"density {v} = keep every entry: no sparsification (as in mergekit)"),
+    "gamma": lambda v: f"gamma {v} = also drop the largest {_pct(v)} of each task vector's entries as outliers "
+                       "(only when density < 1)",
     "epsilon": lambda v: f"epsilon {v} = keep probabilities range over density ± {v}, by magnitude rank",
     "lambda": lambda v: f"lambda {v} = the merged task vector is scaled by {v} before it is added to the base",
     "normalize": lambda v: ("normalize true = divide by the sum of the weights, so weights act as shares" if v
