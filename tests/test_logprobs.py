@@ -286,3 +286,25 @@ def test_cli_logprobs_then_train_infifpo(tiny_world, tmp_path):
     proc = polyfuse_cli("train", "infifpo", "--data", tmp_path / "unnamed.jsonl", "--model", tiny_world.pivot_path,
                         "--out", tmp_path / "y")
     assert proc.returncode == 2 and "lists no sources" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_models_that_post_process_logits_are_scored_with_their_own_forward(caplog):
+    """Gemma-2 soft-caps its logits after the head: the head-only path would be wrong, the first-batch
+    check notices and the whole run falls back to the model's forward."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from polyfuse.logprobs import score_sequences
+
+    torch.manual_seed(0)
+    config = Gemma2Config(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                          num_key_value_heads=1, head_dim=16, vocab_size=60, final_logit_softcapping=0.5)
+    model = Gemma2ForCausalLM(config).eval()
+    rng = random.Random(0)
+    sequences = [([rng.randrange(1, 60) for _ in range(rng.randint(4, 12))], 2) for _ in range(6)]
+    scores = score_sequences(model, sequences, pad_id=0, token_budget=24)
+    assert "post-processes its logits" in caplog.text
+    for (ids, prompt_length), (total, count) in zip(sequences, scores, strict=True):
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+        expected = sum(log_probs[k - 1, ids[k]].item() for k in range(prompt_length, len(ids)))
+        assert count == len(ids) - prompt_length and total == pytest.approx(expected, abs=1e-4)

@@ -5,9 +5,11 @@ convention) and scored by an HF forward with fp32 log-softmax. Speed comes from 
 
 - batches are cut by a **token budget** over length-sorted sequences, so a batch pads only to the
   next-longest sequence, and chosen, rejected (and WRPO's source response) share forwards;
-- sequences are **left-padded** (with explicit position ids), so every response ends at the last
-  position and the LM head runs only on the last `max response length + 1` positions
-  (`logits_to_keep`): prompt tokens are never projected onto the vocabulary;
+- the LM head runs only on the positions that predict a scored token, in chunks of `HEAD_CHUNK`
+  positions (`response_logps`): prompt and padding positions are never projected onto the vocabulary,
+  and the fp32 logits never exceed one chunk x vocabulary (a 262k vocabulary makes the head the larger
+  half of a small model's work). The first batch is also scored by the model's own forward; if the two
+  disagree (a model that post-processes its logits), the whole run uses the model's own forward;
 - log-probs are accumulated in fp32 whatever the model's dtype.
 
 Every row is checked: `|A*n - S| <= 1e-5 + 1e-5*|S|` and n >= 1. A pair whose prompt + response exceeds
@@ -35,6 +37,7 @@ logger = logging.getLogger(__name__)
 # Responses a preference row can hold; `chosen_source` is WRPO's y_ws and is scored when present.
 RESPONSE_ROLES = ("chosen", "rejected", "chosen_source")
 DEFAULT_TOKEN_BUDGET = 4096
+HEAD_CHUNK = 512  # scored positions per LM-head call in `response_logps`
 
 
 def column_names(role: str, prefix: str = "ref") -> tuple[str, str, str]:
@@ -150,6 +153,36 @@ def forward_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
     return sums, counts, outputs
 
 
+def response_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, n) of every row of a padded batch: the decoder's hidden states at the positions that predict a
+    scored token, through the output embeddings chunk by chunk, fp32 log-softmax. Inference only: it calls
+    the decoder and the head directly, past any wrapper's forward."""
+    hidden = model.get_decoder()(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    ).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    states, tokens = hidden[rows, cols], targets[rows, cols]  # position k predicts token k + 1
+    head = model.get_output_embeddings()
+    token_logps = torch.cat([
+        _token_logps(head(states[i : i + HEAD_CHUNK]).float(), tokens[i : i + HEAD_CHUNK])
+        for i in range(0, len(tokens), HEAD_CHUNK)
+    ]) if len(tokens) else hidden.new_zeros(0, dtype=torch.float32)
+    sums = torch.zeros(len(targets), dtype=torch.float32, device=hidden.device).index_add_(0, rows, token_logps)
+    return sums, (targets != IGNORE_INDEX).sum(-1)
+
+
+def _token_logps(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return logits.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _agree(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool(((a - b).abs() <= 1e-3 + 1e-5 * b.abs()).all())
+
+
 def score_sequences(
     model: Any,
     sequences: list[tuple[list[int], int]],
@@ -160,12 +193,22 @@ def score_sequences(
     """(S, n) of each `(input ids, prompt length)` sequence, in input order, under `model` in eval mode."""
     device = next(model.parameters()).device
     results: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)
+    head_only = None  # whether `response_logps` reproduces the model's own forward (checked on batch 1)
     model.eval()
     with torch.inference_mode():
         for indices in plan_batches([len(ids) for ids, _ in sequences], token_budget):
             chunk = [sequences[i] for i in indices]
             batch = pad_batch([ids for ids, _ in chunk], [p for _, p in chunk], pad_id, side="left")
-            sums, counts, _ = forward_logps(model, {k: v.to(device) for k, v in batch.items()})
+            batch = {k: v.to(device) for k, v in batch.items()}
+            if head_only is None:
+                sums, counts, _ = forward_logps(model, batch)
+                head_only = _agree(response_logps(model, batch)[0], sums)
+                if not head_only:
+                    logger.warning("%s post-processes its logits: scoring with its own forward", type(model).__name__)
+            elif head_only:
+                sums, counts = response_logps(model, batch)
+            else:
+                sums, counts, _ = forward_logps(model, batch)
             for index, total, count in zip(indices, sums.tolist(), counts.tolist(), strict=True):
                 results[index] = (total, count)
             if progress is not None:
