@@ -308,3 +308,27 @@ def test_models_that_post_process_logits_are_scored_with_their_own_forward(caplo
             log_probs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
         expected = sum(log_probs[k - 1, ids[k]].item() for k in range(prompt_length, len(ids)))
         assert count == len(ids) - prompt_length and total == pytest.approx(expected, abs=1e-4)
+
+
+def test_two_processes_under_accelerate_write_the_same_file(tiny_world, tmp_path):
+    """Data parallel: processes take (model, chunk) shards in turn; the assembled file equals one process's."""
+    import os
+
+    from test_ddp import free_port
+
+    config = {"pivot": {"name": "pivot", "path": str(tiny_world.pivot_path)}, "chunk_size": 4,
+              "sources": [{"name": name, "path": str(path)} for name, path in tiny_world.source_paths.items()]}
+    (tmp_path / "logprobs.yaml").write_text(json.dumps(config))
+    write_rows(tmp_path / "pairs.jsonl", toy_rows(tiny_world, 3))
+    args = ["-m", "polyfuse", "logprobs", "-c", str(tmp_path / "logprobs.yaml"), "--data", str(tmp_path / "pairs.jsonl"), "-q"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port())]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([*launch, *args, "--out", str(tmp_path / "ddp" / "out.jsonl")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = polyfuse_cli(*args[2:], "--out", tmp_path / "single" / "out.jsonl")
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert (tmp_path / "ddp" / "out.jsonl").read_bytes() == (tmp_path / "single" / "out.jsonl").read_bytes()
+    assert len(list((tmp_path / "ddp" / "shards-out.jsonl").glob("*.jsonl"))) == 4 * 3  # 4 models x 3 chunks
