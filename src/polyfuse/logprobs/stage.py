@@ -5,9 +5,11 @@ Each model scores the fixed text of every response through its **own** tokenizer
 order of `sources`, whose names are recorded in the metadata sidecar (`<out>.meta.json`): a trainer
 never infers which source a list position is from position alone.
 
-Length policy: every model encodes every pair first (tokenisers only, no weights). A pair too long for
-*any* model is dropped for all of them, so the references and the policy score the same pairs; the
-dropped ids and the models they were too long for are reported in the metadata.
+Length policy: every model's tokenizer measures every pair first (no weights; only the lengths are
+kept, the ids are encoded again chunk by chunk while scoring, so memory does not grow with models x
+rows x tokens). A pair too long for *any* model is dropped for all of them, so the references and the
+policy score the same pairs; the dropped ids and the models they were too long for are reported in
+the metadata.
 
 Work is cut into (model, chunk of rows) shards written atomically: a killed run keeps its finished
 shards and scores only the missing ones. Under `accelerate launch` processes take shards in turn.
@@ -33,6 +35,7 @@ from polyfuse.logprobs.engine import (
     encode_row,
     length_limit,
     logp_columns,
+    roles_of,
     score_rows,
 )
 from polyfuse.models import ModelSpec, load_config, load_model, load_tokenizer
@@ -100,13 +103,17 @@ def run_logprobs(
     out = Path(out)
     tokenizers = [load_tokenizer(m) for m in models]
     limits = [length_limit(load_config(m), settings.max_length) for m in models]
-    encoded = [[encode_row(tok, row) for row in rows] for tok in tokenizers]
+    lengths: list[list[int]] = [[] for _ in models]  # per model: the longest response's sequence, per row
+    modes: list[Counter] = [Counter() for _ in models]  # per model: template modes seen
+    for k, tokenizer in enumerate(tokenizers):
+        for row in rows:
+            responses = encode_row(tokenizer, row).values()
+            lengths[k].append(max(len(e.input_ids) for e in responses))
+            modes[k].update(e.mode for e in responses)
 
     kept, dropped = [], []
     for i, row in enumerate(rows):
-        too_long = [
-            labels[k] for k in range(len(models)) if max(len(e.input_ids) for e in encoded[k][i].values()) > limits[k]
-        ]
+        too_long = [labels[k] for k in range(len(models)) if lengths[k][i] > limits[k]]
         if not too_long:
             kept.append(i)
         elif settings.overflow == "error":
@@ -123,12 +130,12 @@ def run_logprobs(
             todo = [(c, key) for m, c, key in mine if m == k and not store.done(key)]
             if not todo:
                 continue
-            sequences = sum(len(encoded[k][i]) for c, _ in todo for i in chunks[c])
+            sequences = sum(len(roles_of(rows[i])) for c, _ in todo for i in chunks[c])
             task = bar.add_task(f"log-probs {spec.label}", total=sequences)
             model = load_model(spec)
             for c, key in todo:
                 scores = score_rows(
-                    model, tokenizers[k], [encoded[k][i] for i in chunks[c]], settings.token_budget,
+                    model, tokenizers[k], [encode_row(tokenizers[k], rows[i]) for i in chunks[c]], settings.token_budget,
                     lambda n, t=task: bar.advance(t, n),
                 )
                 store.write(key, [ShardScores(id=rows[i].id, scores=s) for i, s in zip(chunks[c], scores, strict=True)])
@@ -144,10 +151,7 @@ def run_logprobs(
         check_logp_columns(scored, "ref")
         check_logp_columns(scored, "fuse")
         write_rows(out, scored)
-        records = [
-            _model_record(m, tok, Counter(e.mode for row in enc for e in row.values()))
-            for m, tok, enc in zip(models, tokenizers, encoded, strict=True)
-        ]
+        records = [_model_record(m, tok, seen) for m, tok, seen in zip(models, tokenizers, modes, strict=True)]
         write_metadata(out, {
             "pivot": records[0],
             "sources": records[1:],
