@@ -30,12 +30,12 @@ import dataclasses
 import json
 import re
 import statistics
-import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from _seeds import cached_json, cell_values, chart, markdown, mean_sd, timed
 
 from polyfuse.data.io import read_rows, write_json
 from polyfuse.data.schemas import PreferenceRow, PromptRow, SampleRow, response_text
@@ -96,22 +96,6 @@ METHODS = [
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def timed(times: dict[str, float], key: str, fn: Callable[[], Any]) -> Any:
-    """Run `fn`; record its wall time under `key` unless an earlier (uncached) run recorded it already."""
-    started = time.perf_counter()
-    result = fn()
-    times.setdefault(key, round(time.perf_counter() - started, 1))
-    return result
-
-
-def cached_json(path: Path, compute: Callable[[], dict]) -> dict:
-    if path.is_file():
-        return json.loads(path.read_text())
-    value = compute()
-    write_json(path, value)
-    return value
-
-
 def trained_spec(recipe: Recipe, path: str | Path) -> ModelSpec:
     """The pivot's spec pointing at a trained folder (same template and settings as the pivot)."""
     return recipe.pivot.model_copy(update={"path": str(path), "gguf_file": None})
@@ -332,30 +316,6 @@ def run_seed(seed: int, preset: str, seed_dir: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ report
-def cell_values(runs: list[dict], label: str, column: str) -> list[float]:
-    return [
-        100
-        * (
-            run["accuracy"][label]["average"]
-            if column == "average"
-            else run["accuracy"][label]["per_domain"][column]["accuracy"]
-        )
-        for run in runs
-    ]
-
-
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def markdown(runs: list[dict], labels: list[str], columns: list[str]) -> str:
-    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    for label in labels:
-        cells = ["{:.1f} ± {:.1f}".format(*mean_sd(cell_values(runs, label, c))) for c in columns]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def paired_vs_sft(runs: list[dict], labels: list[str]) -> str:
     """Average accuracy minus the same seed's SFT model (every PO run starts from it): mean ± sd over seeds,
     and the number of seeds where the method is above / level with / below SFT."""
@@ -372,40 +332,6 @@ def paired_vs_sft(runs: list[dict], labels: list[str]) -> str:
             f"| {label} | {{:+.1f}} ± {{:.1f}} | {' / '.join(map(str, signs))} |".format(*mean_sd(diffs))
         )
     return "\n".join(lines)
-
-
-def chart(runs: list[dict], labels: list[str], columns: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    width = 0.85 / len(labels)
-    figure, axes = plt.subplots(figsize=(4 + 3.2 * len(columns), 5))
-    colors = plt.get_cmap("tab20").colors
-    for k, label in enumerate(labels):
-        stats = [mean_sd(cell_values(runs, label, c)) for c in columns]
-        xs = [g - 0.425 + width * (k + 0.5) for g in range(len(columns))]
-        reference = label.endswith("(source)") or label == PIVOT_LABEL
-        axes.bar(
-            xs,
-            [m for m, _ in stats],
-            width,
-            yerr=[s for _, s in stats],
-            capsize=1.5,
-            label=label,
-            color=colors[k % len(colors)],
-            hatch="//" if reference else None,
-            edgecolor="white",
-        )
-    axes.set_xticks(range(len(columns)), columns)
-    axes.set_ylabel("held-out accuracy (%)")
-    axes.set_ylim(0, 105)
-    axes.set_title(f"InfiFPO ablation on the toy world (mean ± sd over seeds {[r['seed'] for r in runs]})")
-    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def print_details(runs: list[dict]) -> None:
@@ -452,7 +378,8 @@ def main() -> None:
     columns = [*runs[0]["accuracy"][labels[0]]["per_domain"], "average"]
     table = markdown(runs, labels, columns)
     paired = paired_vs_sft(runs, labels)
-    chart(runs, labels, columns, out / "infifpo_ablation.png")
+    chart(runs, labels, columns, out / "infifpo_ablation.png", "InfiFPO ablation on the toy world",
+          lambda label: label.endswith("(source)") or label == PIVOT_LABEL)
     settings = {
         "preset": args.preset,
         "recipe": RECIPE,

@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 import yaml
+from _seeds import cached_json, chart, markdown, timed
 from rich.console import Console
 
 from polyfuse.data.io import atomic_write_text, write_json
@@ -114,22 +115,6 @@ def scaled(domain: str, scale: float) -> Method:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def cached_json(path: Path, compute: Callable[[], dict]) -> dict:
-    if path.is_file():
-        return json.loads(path.read_text())
-    value = compute()
-    write_json(path, value)
-    return value
-
-
-def timed(times: dict[str, float], key: str, fn: Callable[[], Any]) -> Any:
-    """Run `fn`; record its wall time under `key` unless an earlier (uncached) run recorded it already."""
-    started = time.perf_counter()
-    result = fn()
-    times.setdefault(key, round(time.perf_counter() - started, 1))
-    return result
-
-
 def spec(label: str, path: str | Path) -> ModelSpec:
     return ModelSpec(name=label, path=str(path))
 
@@ -278,15 +263,6 @@ class SeedRun:
 
 
 # ------------------------------------------------------------------------------------------------ report
-def cell_values(runs: list[dict], label: str, column: str) -> list[float]:
-    return [100 * (run["accuracy"][label]["average"] if column == "average"
-                   else run["accuracy"][label]["per_domain"][column]["accuracy"]) for run in runs]
-
-
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def row_labels(runs: list[dict]) -> list[str]:
     """Labels in first-seed order; the matched-TIES label carries each seed's density, so it is renamed."""
     return [label for label in runs[0]["accuracy"] if not label.startswith(MATCHED_KEY)] + [MATCHED_KEY]
@@ -296,14 +272,6 @@ def unify_matched(runs: list[dict]) -> None:
     for run in runs:
         for label in [lb for lb in run["accuracy"] if lb.startswith(MATCHED_KEY)]:
             run["accuracy"][MATCHED_KEY] = run["accuracy"].pop(label)
-
-
-def markdown(runs: list[dict], labels: list[str], columns: list[str]) -> str:
-    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    for label in labels:
-        cells = ["{:.1f} ± {:.1f}".format(*mean_sd(cell_values(runs, label, c))) for c in columns]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def rsaf_vs_ties(runs: list[dict]) -> str:
@@ -325,31 +293,6 @@ def task_vector_table(runs: list[dict]) -> str:
     lines += ["", "| pair | cosine |", "|---|---:|"]
     lines += [f"| {pair} | {mean('cosine', pair):.2f} |" for pair in first["cosine"]]
     return "\n".join(lines)
-
-
-def chart(runs: list[dict], labels: list[str], columns: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    width = 0.85 / len(labels)
-    figure, axes = plt.subplots(figsize=(4 + 3.4 * len(columns), 5))
-    colors = plt.get_cmap("tab20").colors
-    for k, label in enumerate(labels):
-        stats = [mean_sd(cell_values(runs, label, c)) for c in columns]
-        xs = [g - 0.425 + width * (k + 0.5) for g in range(len(columns))]
-        reference = label.startswith("pivot")  # the pivot and its copies, hatched
-        axes.bar(xs, [m for m, _ in stats], width, yerr=[s for _, s in stats], capsize=1.5, label=label,
-                 color=colors[k % len(colors)], hatch="//" if reference else None, edgecolor="white")
-    axes.set_xticks(range(len(columns)), columns)
-    axes.set_ylabel("held-out accuracy (%)")
-    axes.set_ylim(0, 105)
-    axes.set_title(f"Merging domain-specialised pivot copies (mean ± sd over seeds {[r['seed'] for r in runs]})")
-    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def settings(sft: dict[str, Any]) -> dict[str, Any]:
@@ -393,7 +336,8 @@ def main() -> None:
     print(f"\nSeeds {args.seeds}; held-out accuracy (%), mean ± standard deviation over seeds.")
     for name, table in tables.items():
         print(f"\n{name}:\n\n{table}")
-    chart(runs, labels, columns, out / "merge_methods_toy.png")
+    chart(runs, labels, columns, out / "merge_methods_toy.png", "Merging domain-specialised pivot copies",
+          lambda label: label.startswith("pivot"))
     wall = round(time.perf_counter() - started, 1)
     write_json(out / "merge_methods_toy.json",
                {"seeds": args.seeds, "settings": settings(sft), "scales": SCALES, "runs": runs, "tables": tables,
