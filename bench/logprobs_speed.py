@@ -191,13 +191,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  round {round_ + 1}: {name:10s} {times[name][-1]:7.2f} s wall, {cpu_times[name][-1]:7.2f} s CPU",
                   flush=True)
 
-    # fp32 sums of hundreds of log-probs differ in the last bits between batch shapes: |dS| is held to
-    # 1e-3 plus 1e-6 |S| (a few ulps of S), and the per-token mean to 1e-5.
+    # fp32 sums of hundreds of log-probs differ in the last bits between batch shapes and summation orders
+    # (about sqrt(n) ulps of S): |dS| is held to 1e-3 plus 5e-6 |S|, and the per-token mean to 1e-5.
     for name in ("(a) naive", "(b) bound"):
         pairs_ = list(zip(results["engine"], results[name], strict=True))
         delta = max(abs(e[0] - o[0]) for e, o in pairs_)
         mean_delta = max(abs(e[0] - o[0]) / e[1] for e, o in pairs_)
-        within = all(abs(e[0] - o[0]) <= 1e-3 + 1e-6 * abs(e[0]) for e, o in pairs_)
+        within = all(abs(e[0] - o[0]) <= 1e-3 + 5e-6 * abs(e[0]) for e, o in pairs_)
         counts_agree = all(e[1] == o[1] for e, o in pairs_)
         print(f"engine vs {name}: max |dS| = {delta:.2e} (|S| up to {max(abs(e[0]) for e in results['engine']):.0f}), "
               f"max |dA| = {mean_delta:.2e}, counts agree: {counts_agree}")
