@@ -106,31 +106,11 @@ def gemma3_gguf() -> Path:
 
 def build_tiny(folder: Path, max_positions: int = 2048) -> Path:
     """A 2-layer random Llama with the word-level chat tokenizer of `tests/tiny_lm.py` (long context)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    if not (folder / "config.json").exists():
+        sys.path.insert(0, str(REPO / "tests"))
+        from tiny_lm import build_tiny_model
 
-    if (folder / "config.json").exists():
-        return folder
-    sys.path.insert(0, str(REPO / "tests"))
-    from tiny_lm import build_tokenizer
-
-    tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_positions,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+        build_tiny_model(folder, max_positions=max_positions)
     return folder
 
 

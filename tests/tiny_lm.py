@@ -32,7 +32,7 @@ def build_tokenizer():
     return tokenizer
 
 
-def build_tiny_model(folder: Path, seed: int = 0) -> str:
+def build_tiny_model(folder: Path, seed: int = 0, max_positions: int = 64) -> str:
     """Save a 2-layer random Llama and its tokenizer in `folder`; returns the folder as a string."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -45,7 +45,7 @@ def build_tiny_model(folder: Path, seed: int = 0) -> str:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=64,
+        max_position_embeddings=max_positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
