@@ -58,20 +58,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _pairs import build_tiny, smollm2_gguf
+from _pairs import WORDS, build_tiny, smollm2_gguf
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_TAG = "PO_STEP_SPEED_RESULT "
-WORDS = (
-    "the of and to in is that for it as with was on be by this are from or have an they which one you were "
-    "all we when there can more if some out so what time about would these two may first then do any like "
-    "other could has into only new over also after most made well way many before must through back years "
-    "where much your good should people because such little very still world between both life being under "
-    "never day same another know while last might great old year off come since against right came take three "
-    "himself few house use during without again place around however home small found thought went say part "
-    "once general high upon school every does number state water light always system problem answer question "
-    "function value proof result method model data compute reason step example therefore follows equation"
-).split()
 
 
 # ----------------------------------------------------------------------------------------------- setup
