@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
                   flush=True)
 
     # fp32 sums of hundreds of log-probs differ in the last bits between batch shapes and summation orders
-    # (about sqrt(n) ulps of S): |dS| is held to 1e-3 plus 5e-6 |S|, and the per-token mean to 1e-5.
+    # (about sqrt(n) ulps of S): |dS| is held to 1e-3 plus 5e-6 |S|, and the per-token mean to 2e-5.
     for name in ("(a) naive", "(b) bound"):
         pairs_ = list(zip(results["engine"], results[name], strict=True))
         delta = max(abs(e[0] - o[0]) for e, o in pairs_)
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         counts_agree = all(e[1] == o[1] for e, o in pairs_)
         print(f"engine vs {name}: max |dS| = {delta:.2e} (|S| up to {max(abs(e[0]) for e in results['engine']):.0f}), "
               f"max |dA| = {mean_delta:.2e}, counts agree: {counts_agree}")
-        assert counts_agree and within and mean_delta < 1e-5, f"engine and {name} disagree"
+        assert counts_agree and within and mean_delta < 2e-5, f"engine and {name} disagree"
 
     positions = padding_report(sequences, args.batch_size, args.token_budget)
     print(f"\n{tokens} real tokens; median of {args.repeats} interleaved rounds; peak RSS {peak_rss_mib():.0f} MiB")
