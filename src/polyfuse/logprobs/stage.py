@@ -46,7 +46,10 @@ CONVENTION = "polyfuse-logps-1"
 
 class LogprobsSettings(StrictModel):
     token_budget: int = Field(
-        default=DEFAULT_TOKEN_BUDGET, ge=1, description="Padded tokens per forward (rows x longest row)."
+        default=DEFAULT_TOKEN_BUDGET,
+        ge=1,
+        description="Padded tokens per forward (rows x longest row). On CPU, for models of 100M parameters "
+        "or more, 1 (one unpadded sequence per forward) is fastest; batching pays on GPUs and for tiny models.",
     )
     max_length: int | None = Field(default=None, ge=2, description="None: each model's context size.")
     overflow: Literal["drop", "error"] = "drop"
