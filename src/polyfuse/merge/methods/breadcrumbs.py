@@ -15,13 +15,7 @@ from polyfuse.merge.methods.task_arithmetic import TaskVectorMerge
 
 
 class _Breadcrumbs(TaskVectorMerge):
-    defaults = {
-        "lambda": 1.0,
-        "int8_mask": False,
-        "normalize": False,
-        "rescale": False,
-        "rescale_mode": "l1_norm",
-    }
+    defaults = {**TaskVectorMerge.defaults, "normalize": False, "rescale": False, "rescale_mode": "l1_norm"}
     model_defaults = {"weight": None, "density": 1.0, "gamma": 0.01}
 
     def sparsify(self, task: TensorTask, index: int, tau: torch.Tensor) -> torch.Tensor:

@@ -17,13 +17,7 @@ from polyfuse.merge.methods.task_arithmetic import TaskVectorMerge
 
 
 class _Dare(TaskVectorMerge):
-    defaults = {
-        "lambda": 1.0,
-        "int8_mask": False,
-        "normalize": False,
-        "rescale": True,
-        "rescale_mode": "paper",
-    }
+    defaults = {**TaskVectorMerge.defaults, "normalize": False, "rescale": True, "rescale_mode": "paper"}
     model_defaults = {"weight": None, "density": 1.0}
 
     def sparsify(self, task: TensorTask, index: int, tau: torch.Tensor) -> torch.Tensor:

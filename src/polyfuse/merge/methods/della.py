@@ -34,23 +34,11 @@ class Della(_Della):
     name = "della"
     description = "DELLA: magnitude-ranked random drop, rescale, sign election, disjoint mean"
     consensus = True
-    defaults = {
-        "lambda": 1.0,
-        "int8_mask": False,
-        "normalize": True,
-        "rescale": True,
-        "rescale_mode": "paper",
-    }
+    defaults = {**TaskVectorMerge.defaults, "normalize": True, "rescale": True, "rescale_mode": "paper"}
 
 
 @MERGE_METHODS.register("della_linear")
 class DellaLinear(_Della):
     name = "della_linear"
     description = "DELLA + task arithmetic: magnitude-ranked random drop, rescale, weighted sum"
-    defaults = {
-        "lambda": 1.0,
-        "int8_mask": False,
-        "normalize": False,
-        "rescale": True,
-        "rescale_mode": "paper",
-    }
+    defaults = {**TaskVectorMerge.defaults, "normalize": False, "rescale": True, "rescale_mode": "paper"}

@@ -133,10 +133,7 @@ def dare_drop(
     if density <= 0:
         logger.warning("%s: DARE density %g drops the whole task vector", name or "tensor", density)
         return torch.zeros_like(tau)
-    if mask is None:
-        mask = bernoulli_mask(density, tau.shape, generator)
-    mask = mask.to(device=tau.device, dtype=torch.bool)
-    return rescale_masked(tau, mask, rescale=rescale, mode=mode, keep_prob=density)
+    return random_drop(tau, density, generator, mask, rescale=rescale, mode=mode)
 
 
 def della_keep_probabilities(
@@ -177,10 +174,24 @@ def della_magprune(
     if density >= 1:
         return tau
     probs = della_keep_probabilities(tau, density, epsilon, name)
+    return random_drop(tau, probs, generator, mask, rescale=rescale, mode=mode)
+
+
+def random_drop(
+    tau: torch.Tensor,
+    keep_prob: float | torch.Tensor,
+    generator: torch.Generator | None,
+    mask: torch.Tensor | None,
+    *,
+    rescale: bool,
+    mode: str,
+) -> torch.Tensor:
+    """Keep each entry with `keep_prob` (a scalar for DARE, one per entry for DELLA) or where the given
+    `mask` is set, then rescale the survivors."""
     if mask is None:
-        mask = bernoulli_mask(probs, tau.shape, generator)
+        mask = bernoulli_mask(keep_prob, tau.shape, generator)
     mask = mask.to(device=tau.device, dtype=torch.bool)
-    return rescale_masked(tau, mask, rescale=rescale, mode=mode, keep_prob=probs)
+    return rescale_masked(tau, mask, rescale=rescale, mode=mode, keep_prob=keep_prob)
 
 
 def weighted_merge(

@@ -15,13 +15,7 @@ class Ties(TaskVectorMerge):
     name = "ties"
     description = "TIES: magnitude trim to density, sign election, disjoint mean"
     consensus = True
-    defaults = {
-        "lambda": 1.0,
-        "int8_mask": False,
-        "normalize": True,
-        "rescale": False,
-        "rescale_mode": "l1_norm",
-    }
+    defaults = {**TaskVectorMerge.defaults, "normalize": True, "rescale": False, "rescale_mode": "l1_norm"}
     model_defaults = {"weight": None, "density": 1.0}
 
     def sparsify(self, task: TensorTask, index: int, tau: torch.Tensor) -> torch.Tensor:
