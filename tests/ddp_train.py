@@ -1,10 +1,12 @@
-"""SFT, then InfiFPO from the SFT model: the script `tests/test_ddp.py` launches on 2 CPU processes and also
-calls in-process, with the same global batch, for comparison.
+"""SFT, then InfiFPO from the SFT model, and distillation from the initial model: the script
+`tests/test_ddp.py` launches on 2 CPU processes and also calls in-process, with the same global batch,
+for comparison.
 
 Usage: ddp_train.py MODEL_DIR DATA_DIR OUT_DIR GRAD_ACCUM
-DATA_DIR holds sft.jsonl, pairs.jsonl, sft.json and preference.json (configs). Results go to OUT_DIR/sft
-and OUT_DIR/preference; each rank also saves its final parameters to OUT_DIR/<stage>.rank<N>.pt, so the
-test can check that the replicas agree.
+DATA_DIR holds sft.jsonl, pairs.jsonl, a teacher store `teacher/`, and sft.json, preference.json and
+distill.json (configs). Results go to OUT_DIR/sft, OUT_DIR/preference and OUT_DIR/distill; each rank
+also saves its final parameters to OUT_DIR/<stage>.rank<N>.pt, so the test can check that the replicas
+agree.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ from transformers import TrainerCallback
 from polyfuse.data import PreferenceRow, SFTRow, read_rows
 from polyfuse.logprobs import fusion_sources
 from polyfuse.models import ModelSpec
-from polyfuse.trainers import PreferenceTrainConfig, SFTTrainConfig, train_preference, train_sft
+from polyfuse.trainers import (
+    DistillTrainConfig,
+    PreferenceTrainConfig,
+    SFTTrainConfig,
+    train_distill,
+    train_preference,
+    train_sft,
+)
 
 
 class SaveRankParameters(TrainerCallback):
@@ -53,6 +62,15 @@ def main(model_dir: str, data_dir: str, out_dir: str, grad_accum: str) -> None:
         out / "preference",
         [SaveRankParameters(out / f"preference.rank{rank}.pt")],
         source_names=fusion_sources(data / "pairs.jsonl", pairs),
+    )
+    distill_config = DistillTrainConfig(**json.loads((data / "distill.json").read_text()), grad_accum=int(grad_accum))
+    train_distill(
+        ModelSpec(path=model_dir),
+        read_rows(data / "sft.jsonl", SFTRow),
+        data / "teacher",
+        distill_config,
+        out / "distill",
+        [SaveRankParameters(out / f"distill.rank{rank}.pt")],
     )
 
 

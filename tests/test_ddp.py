@@ -1,6 +1,8 @@
 """Data-parallel training: 2 CPU processes under `accelerate launch` against one process with the same
 global batch (2 per device x 2 processes = 2 per device x 2 accumulation steps). The preference stage is
-InfiFPO with two (synthetic) sources, so the fused reference columns travel through DDP too."""
+InfiFPO with two (synthetic) sources, so the fused reference columns travel through DDP too; the
+distillation stage is unified ULD with uncertainty weights over two stored teachers. `polyfuse teacher`
+under 2 processes writes the same outputs as one."""
 
 from __future__ import annotations
 
@@ -12,13 +14,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from ddp_train import main as train_locally
-from polyfuse.data import PreferenceRow, SFTRow, write_rows
+from polyfuse.data import PreferenceRow, SFTRow, read_rows, write_rows
 from polyfuse.data.io import write_metadata
+from polyfuse.models import ModelSpec
+from polyfuse.teacher import TeacherSettings, open_stores, run_teacher
 from tiny_lm import build_tiny_model, sentence, source_columns
 
 HERE = Path(__file__).parent
@@ -30,7 +35,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_inputs(folder: Path) -> None:
+def write_inputs(folder: Path, teachers: list[str]) -> None:
     rng = random.Random(0)
     # Completions of very different lengths: each rank sees its own token count, so SFT is only right if
     # the count is summed over processes.
@@ -54,6 +59,12 @@ def write_inputs(folder: Path) -> None:
               "max_grad_norm": 0.0, "learning_rate": 0.5}  # fmt: skip
     (folder / "sft.json").write_text(json.dumps(common))
     (folder / "preference.json").write_text(json.dumps({**common, "beta": 0.5, "objective": "infifpo"}))
+    (folder / "distill.json").write_text(json.dumps(
+        {**common, "objective": "uld", "objective_args": {"top_k": 4, "weighting": "uncertainty"}}
+    ))
+    specs = [ModelSpec(name=f"teacher-{i}", path=path) for i, path in enumerate(teachers)]
+    run_teacher(specs, read_rows(folder / "sft.jsonl", SFTRow), TeacherSettings(top_k=4, chunk_size=3),
+                folder / "teacher", quiet=True)
 
 
 
@@ -66,27 +77,31 @@ def losses(path: Path) -> list[float]:
     return [entry["loss"] for entry in history if "loss" in entry]
 
 
-def test_two_process_ddp_matches_single_process(tmp_path):
-    model_dir = build_tiny_model(tmp_path / "pivot")
-    write_inputs(tmp_path)
+def launch(script_args: list[str]) -> subprocess.CompletedProcess:
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()),
-        str(HERE / "ddp_train.py"), model_dir, str(tmp_path), str(tmp_path / "ddp"), "1",
+        "--main_process_port", str(free_port()), *script_args,
     ]  # fmt: skip
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+
+
+def test_two_process_ddp_matches_single_process(tmp_path):
+    model_dir = build_tiny_model(tmp_path / "pivot")
+    teachers = [build_tiny_model(tmp_path / f"teacher-{i}", seed=i + 1) for i in range(2)]
+    write_inputs(tmp_path, teachers)
+    result = launch([str(HERE / "ddp_train.py"), model_dir, str(tmp_path), str(tmp_path / "ddp"), "1"])
     assert result.returncode == 0, result.stderr[-4000:]
 
     train_locally(model_dir, str(tmp_path), str(tmp_path / "single"), "2")
 
-    for stage in ("sft", "preference"):
+    for stage in ("sft", "preference", "distill"):
         rank0 = torch.load(tmp_path / "ddp" / f"{stage}.rank0.pt")
         rank1 = torch.load(tmp_path / "ddp" / f"{stage}.rank1.pt")
         assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), f"{stage}: replicas diverged"
         ddp, single = params(tmp_path / "ddp" / stage), params(tmp_path / "single" / stage)
-        initial = params(Path(model_dir)) if stage == "sft" else params(tmp_path / "single" / "sft")
+        initial = params(tmp_path / "single" / "sft") if stage == "preference" else params(Path(model_dir))
         assert max((ddp[k] - single[k]).abs().max().item() for k in ddp) < 1e-5, stage
         assert max((single[k] - initial[k]).abs().max().item() for k in single) > 1e-3, (
             f"{stage} did not train"
@@ -97,3 +112,22 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     history = json.loads((tmp_path / "ddp" / "preference" / "polyfuse_training.json").read_text())["log_history"]
     picked = [sum(v for k, v in entry.items() if k.startswith("fusion/selected/")) for entry in history if "loss" in entry]
     assert picked == pytest.approx([1.0, 1.0])  # fractions over M0, src-a and src-b, gathered over both ranks
+
+
+def test_teacher_under_two_processes_stores_what_one_process_stores(tmp_path):
+    teachers = [build_tiny_model(tmp_path / f"teacher-{i}", seed=i + 1) for i in range(2)]
+    rng = random.Random(1)
+    write_rows(tmp_path / "sft.jsonl", [SFTRow(id=f"s{i}", prompt=sentence(rng), completion=sentence(rng)) for i in range(7)])
+    config = {"top_k": 3, "chunk_size": 2, "models": [{"name": f"t{i}", "path": p} for i, p in enumerate(teachers)]}
+    (tmp_path / "teacher.yaml").write_text(json.dumps(config))
+    cli = ["-m", "polyfuse", "teacher", "-c", str(tmp_path / "teacher.yaml"), "--data", str(tmp_path / "sft.jsonl"), "-q"]
+    result = launch([*cli, "-o", str(tmp_path / "ddp")])
+    assert result.returncode == 0, result.stderr[-4000:]
+    single = subprocess.run([sys.executable, *cli, "-o", str(tmp_path / "single")], capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-4000:]
+    for ddp, one in zip(open_stores(tmp_path / "ddp"), open_stores(tmp_path / "single"), strict=True):
+        assert ddp.manifest["examples"] == one.manifest["examples"] and len(ddp.shards()) == 4
+        for (id_a, a), (id_b, b) in zip(ddp.examples(), one.examples(), strict=True):
+            assert id_a == id_b
+            assert all(np.array_equal(getattr(a, k), getattr(b, k)) for k in ("token_ids", "spans", "topk_ids", "topk_logits"))
+            assert np.allclose(a.token_logps, b.token_logps, atol=1e-6)

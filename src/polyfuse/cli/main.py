@@ -17,7 +17,7 @@ from rich.markup import escape
 from polyfuse.errors import EXIT_USER_ERROR, UserError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fuse heterogeneous LLMs into one pivot model.")
-train_app = typer.Typer(no_args_is_help=True, help="Train the pivot: SFT or preference optimisation.")
+train_app = typer.Typer(no_args_is_help=True, help="Train the pivot: SFT, distillation or preference optimisation.")
 toy_app = typer.Typer(no_args_is_help=True, help="The offline toy world: tiny specialist sources and a weak pivot.")
 app.add_typer(train_app, name="train")
 app.add_typer(toy_app, name="toyworld")
@@ -129,6 +129,26 @@ def train_sft_cmd(
     console.print(f"saved {train_sft(ModelSpec(path=model), _read(data, SFTRow), cfg, out)}")
 
 
+@train_app.command("distill")
+def train_distill_cmd(
+    data: Annotated[Path, typer.Option(help="SFT rows (TRL prompt/completion): the texts the teachers ran on.")],
+    teachers: Annotated[Path, typer.Option(help="Teacher store written by `polyfuse teacher`.")],
+    model: Annotated[str, typer.Option(help="Pivot (student): hub id, folder or .gguf file.")],
+    out: OutOpt,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML training config.")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Explicit fusion: CE on the gold response plus ULD (InfiFusion) or fused soft targets (FuseLLM) against
+    the stored teacher outputs; no teacher model is loaded."""
+    from polyfuse.config import load_config
+    from polyfuse.data import SFTRow
+    from polyfuse.models import ModelSpec
+    from polyfuse.trainers import DistillTrainConfig, train_distill
+
+    cfg = load_config(DistillTrainConfig, config, set_)
+    console.print(f"saved {train_distill(ModelSpec(path=model), _read(data, SFTRow), teachers, cfg, out)}")
+
+
 def _train_preference_command(objective: str, summary: str):
     def command(
         data: Annotated[Path, typer.Option(help="Preference rows (TRL prompt/chosen/rejected), e.g. from `polyfuse logprobs`.")],
@@ -186,6 +206,25 @@ def logprobs(
     cfg = load_config(LogprobsConfig, config, set_)
     settings = LogprobsSettings.model_validate(cfg.model_dump(include=set(LogprobsSettings.model_fields)))
     console.print(f"wrote {run_logprobs(cfg.pivot, cfg.sources, _read(data, PreferenceRow), settings, out, quiet)}")
+
+
+@app.command()
+def teacher(
+    config: ConfigOpt,
+    data: Annotated[Path, typer.Option(help="SFT rows (TRL prompt/completion): the training texts.")],
+    out: OutOpt,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Store every model's top-K next-token logits over the response tokens of the training texts, each model
+    through its own tokenizer and chat template; resumable, data parallel under accelerate."""
+    from polyfuse.config import load_config
+    from polyfuse.data import SFTRow
+    from polyfuse.teacher import TeacherConfig, TeacherSettings, run_teacher
+
+    cfg = load_config(TeacherConfig, config, set_)
+    settings = TeacherSettings.model_validate(cfg.model_dump(include=set(TeacherSettings.model_fields)))
+    console.print(f"wrote {run_teacher(cfg.models, _read(data, SFTRow), settings, out, quiet)}")
 
 
 @app.command()

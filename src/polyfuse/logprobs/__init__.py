@@ -9,6 +9,7 @@ from polyfuse.logprobs.engine import (
     compute_reference_logps,
     encode_row,
     forward_logps,
+    head_logits,
     length_limit,
     pad_batch,
     plan_batches,
@@ -16,6 +17,7 @@ from polyfuse.logprobs.engine import (
     roles_of,
     score_rows,
     score_sequences,
+    scored_hidden_states,
 )
 from polyfuse.logprobs.stage import LogprobsConfig, LogprobsSettings, fusion_sources, run_logprobs
 
@@ -29,6 +31,7 @@ __all__ = [
     "compute_reference_logps",
     "encode_row",
     "forward_logps",
+    "head_logits",
     "fusion_sources",
     "length_limit",
     "pad_batch",
@@ -38,4 +41,5 @@ __all__ = [
     "run_logprobs",
     "score_rows",
     "score_sequences",
+    "scored_hidden_states",
 ]

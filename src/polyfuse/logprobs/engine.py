@@ -153,10 +153,9 @@ def forward_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
     return sums, counts, outputs
 
 
-def response_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S, n) of every row of a padded batch: the decoder's hidden states at the positions that predict a
-    scored token, through the output embeddings chunk by chunk, fp32 log-softmax. Inference only: it calls
-    the decoder and the head directly, past any wrapper's forward."""
+def scored_hidden_states(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(states, tokens, rows): the decoder's last hidden states at the positions that predict a scored
+    token, those tokens, and the row of each, in row-major order (position k predicts token k + 1)."""
     hidden = model.get_decoder()(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
@@ -165,14 +164,30 @@ def response_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     ).last_hidden_state
     targets = batch["labels"][:, 1:]
     rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-    states, tokens = hidden[rows, cols], targets[rows, cols]  # position k predicts token k + 1
+    return hidden[rows, cols], targets[rows, cols], rows
+
+
+def head_logits(model: Any, states: torch.Tensor) -> Iterator[torch.Tensor]:
+    """fp32 logits of `states` through the output embeddings, `HEAD_CHUNK` positions at a time, so the
+    logits never exceed one chunk x vocabulary."""
     head = model.get_output_embeddings()
-    token_logps = torch.cat([
-        _token_logps(head(states[i : i + HEAD_CHUNK]).float(), tokens[i : i + HEAD_CHUNK])
-        for i in range(0, len(tokens), HEAD_CHUNK)
-    ]) if len(tokens) else hidden.new_zeros(0, dtype=torch.float32)
-    sums = torch.zeros(len(targets), dtype=torch.float32, device=hidden.device).index_add_(0, rows, token_logps)
-    return sums, (targets != IGNORE_INDEX).sum(-1)
+    for i in range(0, len(states), HEAD_CHUNK):
+        yield head(states[i : i + HEAD_CHUNK]).float()
+
+
+def response_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, n) of every row of a padded batch: the decoder's hidden states at the positions that predict a
+    scored token, through the output embeddings chunk by chunk, fp32 log-softmax. Inference only: it calls
+    the decoder and the head directly, past any wrapper's forward."""
+    states, tokens, rows = scored_hidden_states(model, batch)
+    chunks = [
+        _token_logps(logits, tokens[i * HEAD_CHUNK : i * HEAD_CHUNK + len(logits)])
+        for i, logits in enumerate(head_logits(model, states))
+    ]
+    token_logps = torch.cat(chunks) if chunks else states.new_zeros(0, dtype=torch.float32)
+    batch_size = batch["labels"].shape[0]
+    sums = torch.zeros(batch_size, dtype=torch.float32, device=states.device).index_add_(0, rows, token_logps)
+    return sums, (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
 
 
 def _token_logps(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -68,7 +68,7 @@ class ShardScores(StrictModel):
     scores: dict[str, tuple[float, int]]  # role -> (S, n)
 
 
-def _model_record(spec: ModelSpec, tokenizer: Any, modes: Counter) -> dict[str, Any]:
+def model_record(spec: ModelSpec, tokenizer: Any, modes: Counter) -> dict[str, Any]:
     from polyfuse.pipeline.manifest import hash_path
 
     folder, gguf = spec.location()
@@ -154,7 +154,7 @@ def run_logprobs(
         check_logp_columns(scored, "ref")
         check_logp_columns(scored, "fuse")
         write_rows(out, scored)
-        records = [_model_record(m, tok, seen) for m, tok, seen in zip(models, tokenizers, modes, strict=True)]
+        records = [model_record(m, tok, seen) for m, tok, seen in zip(models, tokenizers, modes, strict=True)]
         write_metadata(out, {
             "pivot": records[0],
             "sources": records[1:],

@@ -41,6 +41,8 @@ def _step_label(ctx: Context, stage: str) -> str:
         return "SFT"
     if stage == "merge":
         return f"MERGE({ctx.recipe.merge.merge_method})"
+    if stage == "distill":
+        return ctx.recipe.distill.objective.upper()
     return ctx.recipe.po.objective.upper()
 
 

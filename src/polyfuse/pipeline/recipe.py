@@ -28,11 +28,15 @@ from polyfuse.pipeline.pairs import PairsConfig
 from polyfuse.pipeline.sample import SampleConfig, SampledModel
 from polyfuse.pipeline.score import ScoreConfig
 from polyfuse.scorers import ScorerConfig
-from polyfuse.trainers import PreferenceTrainConfig, SFTTrainConfig
+from polyfuse.teacher import TeacherSettings
+from polyfuse.trainers import DistillTrainConfig, PreferenceTrainConfig, SFTTrainConfig
 
-STAGE_ORDER = ("prompts", "sample", "score", "pairs", "sft", "merge", "logprobs", "po", "eval")
-DEFAULT_STAGES = tuple(s for s in STAGE_ORDER if s != "merge")  # a merge needs models to merge: opt in
-MODEL_STAGES = ("sft", "merge", "po")  # stages whose output `model` is the pivot of the stages after them
+STAGE_ORDER = (
+    "prompts", "sample", "score", "pairs", "sft", "teacher", "distill", "merge", "logprobs", "po", "eval"
+)
+# FuseChat-3.0; explicit fusion (teacher, distill) and merging are opted into by listing them
+DEFAULT_STAGES = tuple(s for s in STAGE_ORDER if s not in ("teacher", "distill", "merge"))
+MODEL_STAGES = ("sft", "distill", "merge", "po")  # stages whose output `model` is the pivot of the stages after them
 TOY_SCHEME = "toyworld://"
 CURRENT_PIVOT = "<current pivot>"  # the merge base before the stages run; resolved by the merge stage
 
@@ -84,6 +88,24 @@ class LogprobsStage(LogprobsSettings):
     sources: bool = True
 
 
+class TeacherStage(TeacherSettings):
+    """Top-K outputs of every source on the SFT rows; `include_pivot` adds the current pivot's own
+    (FuseLLM / FuseChat candidates)."""
+
+    include_pivot: bool = False
+    data: str | None = Field(default=None, description="SFT rows (TRL prompt/completion); default: the pairs stage's.")
+
+
+class DistillStage(DistillTrainConfig):
+    """Distillation on the SFT rows against the `teacher` stage's outputs: one `unified` run with every
+    teacher, or one `pairwise` run per source (then merge them in a `merge` stage)."""
+
+    strategy: Literal["unified", "pairwise"] = "unified"
+
+    def train_config(self) -> DistillTrainConfig:
+        return DistillTrainConfig.model_validate(self.model_dump(exclude={"strategy"}))
+
+
 class EvalStage(StrictModel):
     prompts: PromptSource
     models: list[str] = Field(
@@ -108,6 +130,8 @@ class Recipe(StrictModel):
     score: ScoreConfig | None = None
     pairs: PairsConfig | None = None
     sft: SFTTrainConfig | None = None
+    teacher: TeacherStage | None = None
+    distill: DistillStage | None = None
     merge: MergeConfig | None = Field(default=None, description="A mergekit-style config; see the module doc.")
     logprobs: LogprobsStage | None = None
     po: PreferenceTrainConfig | None = None
@@ -119,7 +143,7 @@ class Recipe(StrictModel):
         """The recipe's `seed` is the default seed of the split and of training, so one number changes the
         whole run; a section's own `seed` wins."""
         if isinstance(data, dict):
-            for section in ("pairs", "sft", "po"):
+            for section in ("pairs", "sft", "distill", "po"):
                 if isinstance(data.get(section), dict):
                     data[section] = {"seed": data.get("seed", 0), **data[section]}
         return data
@@ -127,7 +151,7 @@ class Recipe(StrictModel):
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
         for stage in self.stages:
-            if stage in ("score", "pairs", "sft", "merge", "logprobs", "po", "eval") and getattr(self, stage) is None:
+            if stage not in ("prompts", "sample") and getattr(self, stage) is None:  # those two have defaults
                 raise ValueError(f"stage {stage!r} is listed in 'stages' but has no '{stage}' section")
         if sorted(self.stages, key=STAGE_ORDER.index) != list(self.stages):
             raise ValueError(f"stages must keep the order {list(STAGE_ORDER)}")

@@ -102,6 +102,24 @@ def _sft_run(ctx: Context, folder: Path) -> dict[str, str]:
     return {"model": str(model)}
 
 
+def _teacher_inputs(ctx: Context) -> dict[str, str]:
+    from polyfuse.pipeline.distill import teacher_models, training_rows
+
+    return {"sft": training_rows(ctx), **{f"models[{i}]": m.path for i, m in enumerate(teacher_models(ctx))}}
+
+
+def _teacher_run(ctx: Context, folder: Path) -> dict[str, str]:
+    from polyfuse.pipeline.distill import run_teacher_stage
+
+    return run_teacher_stage(ctx, folder)
+
+
+def _distill_run(ctx: Context, folder: Path) -> dict[str, str]:
+    from polyfuse.pipeline.distill import run_distill_stage
+
+    return run_distill_stage(ctx, folder)
+
+
 def _merge_inputs(ctx: Context) -> dict[str, str]:
     from polyfuse.pipeline.merge import merge_inputs
 
@@ -177,6 +195,12 @@ STAGES: dict[str, Stage] = {
     "score": Stage(lambda c: {"samples": c.output("sample", "samples"), **_paths_in(c.recipe.score.model_dump())}, _score_run),
     "pairs": Stage(lambda c: {"scored": c.output("score", "scored")}, _pairs_run),
     "sft": Stage(lambda c: {"sft": c.output("pairs", "sft"), "pivot": c.current_pivot("sft").path}, _sft_run),
+    "teacher": Stage(_teacher_inputs, _teacher_run),
+    "distill": Stage(
+        lambda c: {"sft": c.output("teacher", "sft"), "store": c.output("teacher", "store"),
+                   "pivot": c.current_pivot("distill").path},
+        _distill_run,
+    ),
     "merge": Stage(_merge_inputs, _merge_run),
     "logprobs": Stage(
         lambda c: {

@@ -1,6 +1,7 @@
-"""Thin `transformers.Trainer` subclasses for SFT and preference training, and their entry points."""
+"""Thin `transformers.Trainer` subclasses for SFT, distillation and preference training, and their entry points."""
 
 from polyfuse.trainers.base import LoraSettings, PolyfuseTrainer, SequenceCollator, TrainConfig
+from polyfuse.trainers.distill import DistillCollator, DistillTrainConfig, DistillTrainer, train_distill
 from polyfuse.trainers.preference import (
     PreferenceTrainConfig,
     PreferenceTrainer,
@@ -11,6 +12,9 @@ from polyfuse.trainers.preference import (
 from polyfuse.trainers.sft import SFTTrainConfig, SFTTrainer, tokenize_sft, train_sft
 
 __all__ = [
+    "DistillCollator",
+    "DistillTrainConfig",
+    "DistillTrainer",
     "LoraSettings",
     "PolyfuseTrainer",
     "PreferenceTrainConfig",
@@ -22,6 +26,7 @@ __all__ = [
     "ensure_reference_columns",
     "tokenize_pairs",
     "tokenize_sft",
+    "train_distill",
     "train_preference",
     "train_sft",
 ]

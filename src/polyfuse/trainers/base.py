@@ -74,8 +74,8 @@ class SequenceCollator:
 
 class PolyfuseTrainer(Trainer):
     """Subclasses define `summed_loss(inputs, logps, ntokens) -> (loss summed over the micro-batch's items,
-    metrics)` and `count_items(inputs) -> tensor` (how many items a micro-batch holds: response tokens for
-    SFT, pairs for preference objectives)."""
+    metrics)` (or override `micro_batch_loss`) and `count_items(inputs) -> tensor` (how many items a
+    micro-batch holds: response tokens for SFT and distillation, pairs for preference objectives)."""
 
     loss_is_scaled_for_ga = True  # normalised by the items of the whole step, see `compute_loss`
 
@@ -90,9 +90,14 @@ class PolyfuseTrainer(Trainer):
         count = sum(self.count_items(b) for b in batch_samples).to(device)
         return self.accelerator.reduce(count, "sum") if self.accelerator.num_processes > 1 else count
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def micro_batch_loss(self, model, inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any]:
+        """(loss summed over the micro-batch's items, metrics, model outputs); per-sequence log-probs by
+        default, which distillation overrides because it needs the logits themselves."""
         logps, ntokens, outputs = forward_logps(model, inputs)
-        total, metrics = self.summed_loss(inputs, logps, ntokens)
+        return *self.summed_loss(inputs, logps, ntokens), outputs
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        total, metrics, outputs = self.micro_batch_loss(model, inputs)
         if num_items_in_batch is None:  # outside the training loop: this micro-batch alone
             num_items_in_batch = self.count_items(inputs)
         # DDP averages gradients over processes; scale back up so the step's loss is sum / items.
@@ -203,7 +208,7 @@ def run_training(
     trainer_cls: type[PolyfuseTrainer],
     model: Any,
     tokenizer: Any,
-    features: list[dict[str, Any]],
+    features: list[dict[str, Any]] | Any,
     collator: SequenceCollator,
     args: TrainingArguments,
     config: TrainConfig,
@@ -212,10 +217,11 @@ def run_training(
     callbacks: list[TrainerCallback] | None = None,
     **trainer_kwargs: Any,
 ) -> Path:
-    """Train on pre-tokenised `features` and save the result to `out_dir`."""
+    """Train on pre-tokenised `features` (a list, or a `datasets.Dataset` kept on disk) and save the result
+    to `out_dir`."""
     from datasets import Dataset
 
-    if not features:
+    if len(features) == 0:
         raise DataError("no training rows left (all were dropped or the data is empty)")
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -224,7 +230,7 @@ def run_training(
         model=model,
         args=args,
         data_collator=collator,
-        train_dataset=Dataset.from_list(features),
+        train_dataset=features if isinstance(features, Dataset) else Dataset.from_list(features),
         processing_class=tokenizer,
         callbacks=callbacks,
         **trainer_kwargs,

@@ -1,0 +1,232 @@
+"""`polyfuse teacher`: run every model once over the training texts and store its top-K outputs.
+
+Each model reads the same (prompt, response) rows through its **own** tokenizer and chat template; only
+response positions are kept (`store.py` describes what is stored). The LM head runs on those positions
+only, chunk by chunk, so the full-vocabulary logits never exceed one chunk (as in the log-prob engine).
+
+Work is cut into (model, chunk of rows) shards, each written atomically: a killed run keeps its finished
+shards and computes only the missing ones, and under `accelerate launch` the processes take shards in
+turn. A model's folder records a fingerprint (model hash, data, settings); a rerun with other data or
+settings starts that model over, and leaves the other models' outputs alone. Rows longer than a model's
+`max_length` are left out for that model only (listed in its manifest); training then uses the other
+teachers, or the gold tokens alone, for them.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from polyfuse.config import StrictModel
+from polyfuse.data.io import write_json
+from polyfuse.data.schemas import SFTRow, response_text
+from polyfuse.errors import ConfigError, DataError
+from polyfuse.logprobs import (
+    forward_logps,
+    head_logits,
+    length_limit,
+    pad_batch,
+    plan_batches,
+    scored_hidden_states,
+)
+from polyfuse.logprobs.engine import DEFAULT_TOKEN_BUDGET, HEAD_CHUNK
+from polyfuse.logprobs.stage import model_record
+from polyfuse.models import ModelSpec, load_config, load_model, load_tokenizer
+from polyfuse.objectives import IGNORE_INDEX
+from polyfuse.objectives.distill import logit_std
+from polyfuse.teacher.store import FORMAT, TeacherExample, text_hash, write_shard
+
+
+class TeacherSettings(StrictModel):
+    top_k: int = Field(default=10, ge=1, description="Logits kept per response position.")
+    token_budget: int = Field(
+        default=DEFAULT_TOKEN_BUDGET, ge=1, description="Padded tokens per forward; 1 is fastest on CPU."
+    )
+    max_length: int | None = Field(default=None, ge=2, description="None: each model's context size.")
+    chunk_size: int = Field(default=1000, ge=1, description="Examples per shard (the unit of resumption).")
+
+
+class TeacherConfig(TeacherSettings):
+    """`polyfuse teacher --config`: the models and the settings."""
+
+    models: list[ModelSpec] = Field(min_length=1, description="Sources (and the pivot, for FuseLLM's MinCE).")
+
+
+def row_hashes(rows: list[SFTRow]) -> dict[str, str]:
+    return {row.id: text_hash(row.prompt, response_text(row.completion)) for row in rows}
+
+
+def _topk_outputs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    values, ids = logits.topk(min(k, logits.shape[-1]), dim=-1)
+    token_logps = logits.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return {"topk_ids": ids, "topk_logits": values, "std": logit_std(logits), "token_logps": token_logps}
+
+
+def response_topk(model: Any, batch: dict[str, torch.Tensor], k: int, head_only: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Top-K outputs at every position that predicts a response token (row-major), and each one's row.
+    `head_only`: decoder states through the output embeddings (`head_logits`); otherwise the model's own
+    forward, for models that post-process their logits."""
+    if head_only:
+        states, tokens, rows = scored_hidden_states(model, batch)
+        chunks = [
+            _topk_outputs(logits, tokens[i * HEAD_CHUNK : i * HEAD_CHUNK + len(logits)], k)
+            for i, logits in enumerate(head_logits(model, states))
+        ]
+    else:
+        _, _, outputs = forward_logps(model, batch)
+        labels = batch["labels"][:, batch["labels"].shape[1] - outputs.logits.shape[1] :][:, 1:]
+        rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
+        positions, tokens = outputs.logits[rows, cols], labels[rows, cols]
+        chunks = [
+            _topk_outputs(positions[i : i + HEAD_CHUNK].float(), tokens[i : i + HEAD_CHUNK], k)
+            for i in range(0, len(tokens), HEAD_CHUNK)
+        ]
+    if not chunks:
+        raise DataError("a batch has no response tokens")
+    return {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}, rows
+
+
+def _score_chunk(model: Any, tokenizer: Any, encoded: list[tuple[str, Any, list]], settings: TeacherSettings,
+                 head_only: list[bool | None], advance) -> dict[str, TeacherExample]:
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    results: dict[int, TeacherExample] = {}
+    model.eval()
+    with torch.inference_mode():
+        for indices in plan_batches([len(e.input_ids) for _, e, _ in encoded], settings.token_budget):
+            chunk = [encoded[i][1] for i in indices]
+            batch = pad_batch([e.input_ids for e in chunk], [len(e.prompt_ids) for e in chunk], pad_id, side="left")
+            batch = {name: value.to(device) for name, value in batch.items()}
+            if head_only[0] is None:  # the first batch decides, as in the log-prob engine
+                fast, _ = response_topk(model, batch, settings.top_k, head_only=True)
+                slow, _ = response_topk(model, batch, settings.top_k, head_only=False)
+                head_only[0] = bool(torch.allclose(fast["token_logps"], slow["token_logps"], atol=1e-3, rtol=1e-4))
+            outputs, rows = response_topk(model, batch, settings.top_k, head_only[0])
+            rows = rows.cpu()
+            for position, index in enumerate(indices):
+                mine = rows == position
+                _, enc, spans = encoded[index]
+                results[index] = TeacherExample(
+                    token_ids=np.asarray(enc.response_ids, dtype=np.int32),
+                    spans=np.asarray([s if s is not None else (-1, -1) for s in spans], dtype=np.int32).reshape(-1, 2),
+                    topk_ids=outputs["topk_ids"][mine].cpu().numpy().astype(np.int32),
+                    topk_logits=outputs["topk_logits"][mine].cpu().numpy().astype(np.float16),
+                    std=outputs["std"][mine].cpu().numpy().astype(np.float32),
+                    token_logps=outputs["token_logps"][mine].cpu().numpy().astype(np.float32),
+                )
+            advance(len(indices))
+    return {encoded[i][0]: results[i] for i in range(len(encoded))}
+
+
+def _fingerprint(record: dict[str, Any], settings: TeacherSettings, data: str) -> str:
+    blob = json.dumps({"model": record["hash"], "settings": settings.model_dump(), "data": data, "format": FORMAT},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def run_teacher(
+    models: list[ModelSpec],
+    rows: list[SFTRow],
+    settings: TeacherSettings,
+    out: str | Path,
+    quiet: bool = False,
+) -> Path:
+    """Write every model's top-K outputs on `rows` under `out/<model name>/`; resumable, data parallel."""
+    from accelerate import PartialState
+
+    from polyfuse.alignment import response_spans
+    from polyfuse.pipeline.progress import progress_bar
+
+    labels = [m.label for m in models]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"model names must be unique, got {labels}")
+    if not rows:
+        raise DataError("no training rows to run the teachers on")
+    state = PartialState()
+    out = Path(out)
+    hashes = row_hashes(rows)
+    data = hashlib.sha256(json.dumps(hashes).encode()).hexdigest()
+    chunks = [rows[i : i + settings.chunk_size] for i in range(0, len(rows), settings.chunk_size)]
+    keys = [(k, c) for k in range(len(models)) for c in range(len(chunks))]
+    mine = {key for n, key in enumerate(keys) if n % state.num_processes == state.process_index}
+    with progress_bar(disable=quiet or not state.is_main_process) as bar:
+        for k, spec in enumerate(models):
+            folder = out / spec.label
+            tokenizer = load_tokenizer(spec)
+            limit = length_limit(load_config(spec), settings.max_length)
+            modes = Counter(  # the template mode, from a sample of rows
+                response_spans(tokenizer, row.prompt, response_text(row.completion))[0].mode for row in rows[:50]
+            )
+            record = model_record(spec, tokenizer, modes)
+            fingerprint = _fingerprint(record, settings, data)
+            if state.is_main_process:
+                _start_folder(folder, fingerprint)
+            state.wait_for_everyone()
+            todo = [c for c in range(len(chunks)) if (k, c) in mine and not _shard(folder, c).exists()]
+            model, head_only = None, [None]
+            task = bar.add_task(f"teacher {spec.label}", total=sum(len(chunks[c]) for c in todo))
+            for c in todo:
+                encoded = []
+                for row in chunks[c]:
+                    enc, spans = response_spans(tokenizer, row.prompt, response_text(row.completion))
+                    if len(enc.input_ids) <= limit:
+                        encoded.append((row.id, enc, spans))
+                model = model if model is not None else load_model(spec)
+                examples = _score_chunk(model, tokenizer, encoded, settings, head_only, lambda n, t=task: bar.advance(t, n))
+                write_shard(_shard(folder, c), examples)
+            del model
+            gc.collect()
+            state.wait_for_everyone()
+            if state.is_main_process:
+                _finish_folder(folder, fingerprint, record, settings, hashes, len(chunks))
+            state.wait_for_everyone()
+    return out
+
+
+def _shard(folder: Path, chunk: int) -> Path:
+    return folder / f"shard-{chunk:05d}.npz"
+
+
+def _start_folder(folder: Path, fingerprint: str) -> None:
+    """Keep a folder computed with the same fingerprint (resume); start over for anything else."""
+    manifest = folder / "manifest.json"
+    if folder.exists() and (not manifest.exists() or json.loads(manifest.read_text()).get("fingerprint") != fingerprint):
+        shutil.rmtree(folder)
+    if not manifest.exists():
+        write_json(manifest, {"format": FORMAT, "fingerprint": fingerprint, "complete": False})
+
+
+def _finish_folder(folder: Path, fingerprint: str, record: dict[str, Any], settings: TeacherSettings,
+                   hashes: dict[str, str], n_chunks: int) -> None:
+    shards = [_shard(folder, c) for c in range(n_chunks)]
+    stored: list[str] = []
+    positions = 0
+    for shard in shards:
+        with np.load(shard, allow_pickle=False) as arrays:
+            stored.extend(arrays["example_ids"].tolist())
+            positions += int(arrays["offsets"][-1])
+    kept = set(stored)
+    size = sum(s.stat().st_size for s in shards)
+    write_json(folder / "manifest.json", {
+        "format": FORMAT,
+        "fingerprint": fingerprint,
+        "complete": True,
+        "model": record,
+        "top_k": settings.top_k,
+        "settings": settings.model_dump(),
+        "shards": [s.name for s in shards],
+        "examples": {i: hashes[i] for i in stored},  # id -> text hash, checked against the training rows
+        "dropped": [i for i in hashes if i not in kept],
+        "positions": positions,
+        "bytes": size,
+        "bytes_per_position": size / max(positions, 1),
+    })

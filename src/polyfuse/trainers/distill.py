@@ -1,0 +1,193 @@
+"""Explicit fusion by distillation (`polyfuse train distill`): CE on the gold response plus a loss against
+the teachers' precomputed top-K outputs (ULD for InfiFusion, soft-target CE for FuseLLM / FuseChat).
+
+No teacher model is loaded: targets are built once from the teacher store (`polyfuse.teacher.targets`)
+into an on-disk `datasets.Dataset`, sparse (K entries per position and teacher), so memory does not grow
+with the vocabulary. The loss is a sum over response tokens divided by the response tokens of the whole
+optimiser step on all processes (`PolyfuseTrainer`), so gradient accumulation and DDP do not change it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, ValidationError, model_validator
+from transformers import TrainerCallback
+
+from polyfuse.data.schemas import SFTRow, response_text
+from polyfuse.errors import DataError, UserError
+from polyfuse.logprobs import length_limit
+from polyfuse.models import ModelSpec, load_model, load_tokenizer
+from polyfuse.objectives import IGNORE_INDEX
+from polyfuse.objectives.distill import DISTILL_OBJECTIVES, DistillBatch, DistillObjective
+from polyfuse.trainers.base import (
+    PolyfuseTrainer,
+    SequenceCollator,
+    TrainConfig,
+    run_training,
+    training_arguments,
+)
+
+logger = logging.getLogger(__name__)
+
+TARGET_FIELDS = ("teacher_probs", "teacher_mask", "teacher_entropy", "target_ids", "target_probs")
+
+
+class DistillTrainConfig(TrainConfig):
+    objective: str = Field(default="uld", description="A distillation objective: uld (InfiFusion) or fusellm.")
+    objective_args: dict[str, Any] = Field(default_factory=dict, description="Its hyper-parameters.")
+    teachers: list[str] | None = Field(
+        default=None, description="Teacher names in the store, in this order; None: every teacher stored."
+    )
+    alignment: Literal["positional", "offsets", "dp"] | None = Field(
+        default=None, description="None: the objective's own (uld: positional, as published; fusellm: offsets)."
+    )
+
+    @model_validator(mode="after")
+    def _objective_is_valid(self) -> DistillTrainConfig:
+        self.build_objective()
+        return self
+
+    def build_objective(self) -> DistillObjective:
+        cls = DISTILL_OBJECTIVES.get(self.objective)
+        try:
+            return cls.model_validate(self.objective_args)
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+            raise ValueError(f"objective {self.objective!r}: {problems}") from None
+
+    def resolved_alignment(self) -> str:
+        return self.alignment or self.build_objective().default_alignment
+
+
+@dataclass
+class DistillCollator(SequenceCollator):
+    """Pads the sequences, and concatenates each row's per-position targets in row order: the order of the
+    scored positions of the left-padded batch (`labels[:, 1:] != IGNORE_INDEX`, row-major)."""
+
+    fields: tuple[str, ...] = ()
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = super().__call__(features)
+        for name in ("teacher_probs", "teacher_mask", "teacher_entropy"):
+            if name in self.fields:
+                dtype = torch.bool if name == "teacher_mask" else torch.float32
+                batch[name] = torch.cat([torch.tensor(f[name], dtype=dtype) for f in features])
+        if "target_ids" in self.fields:
+            positions = [(ids, probs) for f in features for ids, probs in zip(f["target_ids"], f["target_probs"], strict=True)]
+            width = max(len(ids) for ids, _ in positions)
+            target_ids = torch.zeros((len(positions), width), dtype=torch.long)
+            target_probs = torch.zeros((len(positions), width), dtype=torch.float32)
+            for n, (ids, probs) in enumerate(positions):
+                target_ids[n, : len(ids)] = torch.tensor(ids)
+                target_probs[n, : len(probs)] = torch.tensor(probs)
+            batch["target_ids"], batch["target_probs"] = target_ids, target_probs
+        return batch
+
+
+class DistillTrainer(PolyfuseTrainer):
+    """The student's logits at the response positions, with the targets, go to a `DistillObjective`."""
+
+    def __init__(self, *args: Any, objective: DistillObjective, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.objective = objective
+
+    def micro_batch_loss(self, model, inputs):
+        labels = inputs["labels"]
+        scored = (labels[:, 1:] != IGNORE_INDEX).any(0)
+        first = int(scored.int().argmax()) if bool(scored.any()) else 0
+        outputs = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            position_ids=inputs["position_ids"],
+            logits_to_keep=labels.shape[1] - first,
+            use_cache=False,
+        )
+        targets = labels[:, first + 1 :]
+        rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+        batch = DistillBatch(
+            logits=outputs.logits[:, :-1][rows, cols],
+            labels=targets[rows, cols],
+            **{name: inputs[name] for name in TARGET_FIELDS if name in inputs},
+        )
+        for name in TARGET_FIELDS:
+            value = getattr(batch, name)
+            if value is not None and len(value) != len(batch.labels):
+                raise DataError(f"{name} has {len(value)} positions for {len(batch.labels)} response tokens")
+        losses, metrics = self.objective(batch)
+        return losses.sum(), metrics, outputs
+
+    def count_items(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (inputs["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+
+def build_features(pivot_tokenizer: Any, rows: list[SFTRow], teacher_dir: str | Path, config: DistillTrainConfig,
+                   max_length: int, cache_dir: Path) -> tuple[Any, list[str], list[str]]:
+    """The training set with its targets (an on-disk Dataset), the teacher names, and the dropped row ids."""
+    from datasets import Dataset
+    from datasets.exceptions import DatasetGenerationError
+
+    from polyfuse.teacher import open_stores
+    from polyfuse.teacher.store import text_hash
+    from polyfuse.teacher.targets import distill_features, load_teachers
+
+    objective = config.build_objective()
+    alignment = config.resolved_alignment()
+    stores = open_stores(teacher_dir, config.teachers)
+    hashes = {row.id: text_hash(row.prompt, response_text(row.completion)) for row in rows}
+    for store in stores:
+        store.check_rows(hashes)
+    vocab = getattr(objective, "vocab_map", None) if "target_ids" in objective.required_fields() else None
+    teachers = load_teachers(stores, pivot_tokenizer, alignment, vocab)
+    dropped: list[str] = []
+    shutil.rmtree(cache_dir, ignore_errors=True)
+
+    def generate():
+        yield from distill_features(pivot_tokenizer, rows, teachers, objective.required_fields(), alignment,
+                                    max_length, objective, dropped)
+
+    try:
+        dataset = Dataset.from_generator(generate, cache_dir=str(cache_dir), keep_in_memory=False)
+    except DatasetGenerationError as err:  # a data problem found while building: report it, not the wrapper
+        raise err.__cause__ if isinstance(err.__cause__, UserError) else err from None
+    return dataset, [s.name for s in stores], dropped
+
+
+def train_distill(
+    model_spec: ModelSpec,
+    rows: list[SFTRow],
+    teacher_dir: str | Path,
+    config: DistillTrainConfig,
+    out_dir: str | Path,
+    callbacks: list[TrainerCallback] | None = None,
+) -> Path:
+    """Distil the teachers stored in `teacher_dir` (`polyfuse teacher`) into `model_spec` on `rows` and save
+    a plain HF folder at `out_dir`."""
+    objective = config.build_objective()
+    out_dir = Path(out_dir)
+    tokenizer = load_tokenizer(model_spec)
+    args = training_arguments(config, out_dir)
+    model = load_model(model_spec)
+    max_length = length_limit(model.config, config.max_length)
+    cache_dir = out_dir.with_name(f".{out_dir.name}.targets-{args.process_index}")  # one per process: no races
+    features, teachers, dropped = build_features(tokenizer, rows, teacher_dir, config, max_length, cache_dir)
+    if dropped:
+        logger.warning("distillation: dropped %d rows longer than max_length %d", len(dropped), max_length)
+    collator = DistillCollator(tokenizer.pad_token_id, ("completion",), fields=objective.required_fields())
+    summary = {
+        "stage": "distill",
+        "objective": {"name": config.objective, **objective.model_dump()},
+        "alignment": config.resolved_alignment(),
+        "teachers": teachers,
+        "model": model_spec.model_dump(),
+        "dropped": dropped,
+    }
+    saved = run_training(DistillTrainer, model, tokenizer, features, collator, args, config, out_dir, summary,
+                         callbacks, objective=objective)
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    return saved
