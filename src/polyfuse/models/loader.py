@@ -95,4 +95,9 @@ def load_model(spec: ModelSpec, task: Literal["causal-lm", "sequence-classificat
     except OSError as err:
         hint = "" if spec.allow_pickle else " (only safetensors are read unless allow_pickle: true)"
         raise UserError(f"{spec.label}: cannot load model from {folder!r}{hint}: {err}") from None
+    if gguf is not None:
+        # transformers de-quantises GGUF weights into dense tensors of `dtype` but keeps a quantizer marker,
+        # which makes Trainer refuse to fine-tune and save_pretrained write a GGUF quantization config.
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
     return model.to(spec.device).eval()
