@@ -4,7 +4,8 @@ SmolLM2-135M-Instruct (student, 49k vocabulary), on CPU.
 What it does, each phase in its own process so that its peak memory is its own:
 1. `teacher`: `polyfuse.teacher.run_teacher` stores Gemma-3's top-10 logits over the response tokens of
    `--texts` synthetic chat texts (its own plain prompt format: the GGUF has no chat template), and SmolLM2's
-   own (FuseLLM's candidates include the pivot). Prints tokens per second and stored bytes per position.
+   own (FuseLLM's candidates include the pivot). Prints, per model, the load time, the scoring time, the
+   response positions stored per second of scoring, and the stored bytes per position.
 2. `uld`: `train_distill` with InfiFusion's ULD (positional alignment, logit standardisation, top-10)
    for `--steps` optimiser steps; no teacher model is loaded.
 3. `fusellm`: the MinED vocabulary map Gemma-3 -> SmolLM2 (built once and cached), character-offset
@@ -49,6 +50,24 @@ def models():
             ModelSpec(name="gemma3", path=str(gemma.parent), gguf_file=gemma.name))
 
 
+def time_model_loading() -> dict:
+    """Wrap the loader `run_teacher` calls, so that model loading can be taken out of the scoring time."""
+    import polyfuse.teacher.run as teacher_run
+
+    spent = {"s": 0.0}
+    load = teacher_run.load_model
+
+    def timed(*args, **kwargs):
+        begun = time.perf_counter()
+        try:
+            return load(*args, **kwargs)
+        finally:
+            spent["s"] += time.perf_counter() - begun
+
+    teacher_run.load_model = timed
+    return spent
+
+
 def phase(name: str, args: argparse.Namespace) -> dict:
     import torch
 
@@ -61,12 +80,17 @@ def phase(name: str, args: argparse.Namespace) -> dict:
     store = args.work_dir / "store"
     started = time.perf_counter()
     if name == "teacher":
-        run_teacher([teacher, student], rows, TeacherSettings(top_k=10, token_budget=1), store, quiet=True)
-        result = {}
-        for opened in open_stores(store):
-            manifest = opened.manifest
-            result[opened.name] = {"positions": manifest["positions"], "bytes": manifest["bytes"],
-                                   "bytes_per_position": round(manifest["bytes_per_position"], 1)}
+        result, loading = {}, time_model_loading()
+        for spec in (teacher, student):  # one model at a time, model loading timed apart from the rest
+            begun, loaded_before = time.perf_counter(), loading["s"]
+            run_teacher([spec], rows, TeacherSettings(top_k=10, token_budget=1), store, quiet=True)
+            manifest = open_stores(store, [spec.label])[0].manifest
+            load_s = loading["s"] - loaded_before
+            scoring = time.perf_counter() - begun - load_s
+            result[spec.label] = {"positions": manifest["positions"], "bytes": manifest["bytes"],
+                                  "bytes_per_position": round(manifest["bytes_per_position"], 1),
+                                  "model_load_s": round(load_s, 1), "scoring_s": round(scoring, 1),
+                                  "positions_per_s": round(manifest["positions"] / scoring, 1)}
     else:
         batch = max(1, args.texts // args.steps)
         objective = {"uld": {"objective": "uld", "teachers": ["gemma3"]},
