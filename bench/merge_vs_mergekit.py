@@ -62,7 +62,7 @@ DENSITY, EPSILON = 0.5, 0.15
 RANDOM_METHODS = {"dare_linear", "dare_ties", "della", "della_linear"}
 DIFF_TOL = 1e-6  # entries differing by more than this x max(|value|, 1) are counted (fp32 rounding is ~6e-8 x)
 HEAD, EMBED = "lm_head.weight", "model.embed_tokens.weight"
-# What the numbers mean, checked by hand on the SmolLM2 run of 2026-11-21 (re-check after changing either tool).
+# What the numbers mean, checked by hand on the SmolLM2 runs of 2026-11-21 (re-check after changing either tool).
 FINDINGS = [
     "Tied head: SmolLM2 stores no `lm_head.weight`; both tools write the same 272 tensor names (no head, "
     "`tie_word_embeddings: true`) in the same 3 shards, so every tensor is compared with its namesake.",
@@ -81,11 +81,20 @@ FINDINGS = [
     "DARE / DELLA: masks are seeded differently (polyfuse per seed, tensor and model; mergekit one global torch "
     "seed), so only statistics compare: the kept fraction matches the expected 1 - prod_i(1 - p_i) for both "
     "and the std of the merged delta agrees; per-tensor std ratios spread most on small 1-D norm tensors.",
-    "Memory: polyfuse peaks above mergekit on task_arithmetic, dare_linear, breadcrumbs, sce and slerp (by "
-    "40-140 MiB). For the task-vector family the cause is `TaskVectorMerge.merge` (task_arithmetic.py) keeping "
-    "the K input tensors alive next to their K deltas and building `base + lambda * mixed` out of place: a "
-    "what-if that forms each delta in place (`model.sub_(base)`) and finishes with `mixed.mul_(lam).add_(base)` "
-    "gave bit-identical task_arithmetic output at 963 MiB peak instead of 1504 (mergekit 1403).",
+    "Memory: polyfuse peaks below mergekit on every method (0.66-0.94 of its peak RSS). The reader gives each "
+    "tensor memory of its own (a positioned read, no memory map whose pages stay resident until the shard "
+    "closes) and hands it to the method, which forms the task vectors and the result in place (`TensorTask`'s "
+    "ownership rule); the outputs are bit-identical to the previous version's for all 12 methods (sha256 per "
+    "tensor). What the task_arithmetic peak (about 966 MiB, at `embed_tokens`: 28.3M entries, 108 MiB in fp32) "
+    "is made of, measured in-process: about 230 MiB interpreter, torch and polyfuse imports; about 190 MiB from "
+    "loading the four tokenizers for the vocabulary check (most of it the first load, whose transformers modules "
+    "stay imported); 4 x 108 MiB for the base's and the three models' embeddings; 108 MiB for the merged sum. "
+    "The sparsifying methods add their masks and `topk` buffers on top.",
+    "Time: the machine was shared with other engineers' test runs and benches (1-minute load average 1.5-5.2, "
+    "mean 3.6, on 2 cores, sampled every 20 s), so the time of one command swings by up to 6x between runs "
+    "(dare_ties: 80 s in a single run, 12.4 s best of 3); the tools take turns in every repeat and the fastest "
+    "run counts. linear, ties, della, della_linear and model_stock ran once (repeats 1) and have the noisiest "
+    "times; the other methods are best of 3.",
 ]
 TIME = "/usr/bin/time"  # GNU time: %M is the child's peak RSS in KiB, %U / %S its user / system CPU seconds
 
@@ -261,15 +270,20 @@ def mergekit_cmd(config: Path, out: Path, shard: str, seed: int) -> list[str]:
             "--quiet"]
 
 
-def timed(cmd: list[str], out: Path, log: Path, repeats: int) -> Run:
-    """The fastest of `repeats` runs (each from an empty output folder: polyfuse would resume otherwise);
-    peak RSS is the largest seen."""
-    runs = []
+def timed(tools: list[tuple[list[str], Path, Path]], repeats: int) -> list[Run]:
+    """Per tool (command, output folder, log): the fastest of `repeats` runs and the largest peak RSS seen. The tools
+    take turns in every repeat, so a burst of load from other jobs hits them alike. Each run starts from an empty
+    output folder (polyfuse would resume otherwise)."""
+    runs: list[list[Run]] = [[] for _ in tools]
     for _ in range(repeats):
-        shutil.rmtree(out, ignore_errors=True)
-        runs.append(run_tool(cmd, log))
-    best = min(runs, key=lambda r: r.wall_s)
-    return Run(best.wall_s, max(r.peak_rss for r in runs), str(log), min(r.cpu_s for r in runs))
+        for (cmd, out, log), seen in zip(tools, runs, strict=True):
+            shutil.rmtree(out, ignore_errors=True)
+            seen.append(run_tool(cmd, log))
+    best = []
+    for (_, _, log), seen in zip(tools, runs, strict=True):
+        fastest = min(seen, key=lambda r: r.wall_s)
+        best.append(Run(fastest.wall_s, max(r.peak_rss for r in seen), str(log), min(r.cpu_s for r in seen)))
+    return best
 
 
 # -------------------------------------------------------------------------------------------- compare
@@ -465,7 +479,8 @@ def section(rows: list[Row], args: argparse.Namespace, setup: str, notes: list[s
         "",
         f"`python bench/merge_vs_mergekit.py{' --tiny' if args.tiny else ''}` ({time.strftime('%Y-%m-%d')}): "
         f"{setup}. Each tool runs in its own subprocess (wall and CPU (user + system) time include its start-up "
-        f"and imports; peak RSS of the tool's process via GNU `time`), best of {repeats} run(s) per tool; "
+        f"and imports; peak RSS of the tool's process via GNU `time`), best of {repeats} run(s) per tool, the "
+        f"tools taking turns (peak RSS: the largest of the runs); "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores when the report was written (other "
         f"jobs share the machine: CPU time is the steadier figure). Both tools write {args.out_shard_size} shards in "
         "float32 with their tokenizer; polyfuse with `--no-smoke-check`. Same YAML for both "
@@ -503,10 +518,9 @@ def run_method(method: str, shared: dict, extra: dict, work: Path, args: argpars
     pf_out, mk_out = out / f"{method}-polyfuse", out / f"{method}-mergekit"
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
-    pf = timed(polyfuse_cmd(pf_cfg, pf_out, args.out_shard_size), pf_out, logs / f"{method}-polyfuse.log",
-               args.repeats)
-    mk = timed(mergekit_cmd(mk_cfg, mk_out, args.out_shard_size, args.seed), mk_out,
-               logs / f"{method}-mergekit.log", args.repeats)
+    pf, mk = timed([(polyfuse_cmd(pf_cfg, pf_out, args.out_shard_size), pf_out, logs / f"{method}-polyfuse.log"),
+                    (mergekit_cmd(mk_cfg, mk_out, args.out_shard_size, args.seed), mk_out,
+                     logs / f"{method}-mergekit.log")], args.repeats)
     reference = folders["ft1"] if method == "linear" else folders["base"]
     models = [Weights(folders[m]) for m in MODELS[1:]]
     return Row(method, pf, mk, compare(method, pf_out, mk_out, reference, models), args.repeats)
@@ -517,7 +531,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="tiny random Llamas instead of SmolLM2-135M")
     parser.add_argument("--work", type=Path, default=None, help="work dir (default runs/merge-vs-mergekit[-tiny])")
     parser.add_argument("--methods", default=None, help="comma-separated subset (default: all shared methods)")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per tool and method; the fastest counts")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs per tool and method, the tools taking turns; the fastest counts")
     parser.add_argument("--input-shard-size", default="100MB", help="shard size of the built inputs")
     parser.add_argument("--out-shard-size", default="200MB", help="output shard size, for both tools")
     parser.add_argument("--seed", type=int, default=0, help="mergekit's --random-seed")

@@ -18,7 +18,7 @@ from polyfuse.errors import ConfigError
 from polyfuse.merge import MergeOptions, load_merge_config, run_merge
 from polyfuse.merge.config import MergeConfig, ParamResolver
 from polyfuse.merge.methods.base import MERGE_METHODS, MergeMethod, TensorTask
-from polyfuse.merge.sources import ModelReader
+from polyfuse.merge.sources import ModelReader, index_model
 from polyfuse.merge.writer import INDEX, MANIFEST
 from tiny_lm import CHAT_TEMPLATE, SPECIALS, WORDS, build_tiny_model
 
@@ -432,6 +432,19 @@ def test_at_most_one_tensor_per_model_alive(tmp_path, zoo, monkeypatch):
     monkeypatch.setattr(ModelReader, "read", tracked)
     merge(tmp_path, sum_config(zoo))
     assert peak[0] == 3  # base + two models, never more
+
+
+def test_a_read_tensor_is_the_callers_to_overwrite(zoo):
+    """Methods work in place on what the reader returns: a write must reach neither the file nor a later read of
+    the same key (a tied head reads `embed_tokens` a second time)."""
+    reader = ModelReader(index_model(zoo["base"], "base_model"))
+    key = next(iter(reader.source.tensors))
+    first = reader.read(key)
+    expected = first.clone()
+    first.add_(1.0)
+    assert torch.equal(reader.read(key), expected)
+    reader.close()
+    assert torch.equal(weights(zoo["base"])[key], expected)
 
 
 def test_pickle_checkpoints_need_allow_pickle(tmp_path, zoo):

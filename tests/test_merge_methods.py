@@ -493,6 +493,29 @@ def test_all_zero_deltas_give_the_base(method):
     assert torch.equal(out, base)
 
 
+@pytest.mark.parametrize("method", [m for m, _ in ALL_WITH_BASE] + ["slerp", "linear"])
+def test_methods_leave_borrowed_tensors_alone_and_overwrite_owned_ones_to_the_same_result(method):
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(8, 16, generator=g)
+    models = [base + 0.05 * torch.randn(8, 16, generator=g) for _ in range(1 if method == "slerp" else 2)]
+
+    def make(owned: bool) -> TensorTask:
+        ins = [m.clone() for m in models] if owned else models
+        if method == "slerp":
+            t = task(ins, base=base.clone() if owned else base, t=0.3)
+        elif method == "linear":
+            t = task(ins, model_params=[{"weight": 1.0}, {"weight": 2.0}])
+        else:
+            t = edge_task(method, ins, base.clone() if owned else base)
+        t.owned = owned
+        return t
+
+    originals = [t.clone() for t in (base, *models)]
+    borrowed = MERGE_METHODS.get(method)().merge(make(owned=False))
+    assert all(torch.equal(t, o) for t, o in zip((base, *models), originals, strict=True))
+    assert torch.equal(MERGE_METHODS.get(method)().merge(make(owned=True)), borrowed)
+
+
 def test_slerp_and_linear_fp32_from_bf16():
     v0 = T([1.0, 0.3]).bfloat16()
     v1 = T([0.2, 1.0]).bfloat16()

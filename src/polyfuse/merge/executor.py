@@ -1,7 +1,8 @@
 """`polyfuse merge`: validate, plan, then merge tensor by tensor in bounded memory (spec section 12).
 
 At any moment the engine holds one tensor per input (fp32), the method's working copies, and one
-output shard, whatever the model size. Tensors are read memory-mapped, one shard handle per model.
+output shard, whatever the model size. Tensors are read one at a time into memory the task owns (one
+shard handle per model; `sources.ModelReader`), so methods work on them in place.
 Methods that need whole-model statistics get a read-only statistics pass first.
 """
 
@@ -115,7 +116,8 @@ def _size(nbytes: float) -> str:
 
 def read_task(method: MergeMethod, plan: MergePlan, readers: list[ModelReader], tensor: TensorPlan,
               statistics: dict[str, Any]) -> TensorTask:
-    """Read one tensor from every input (fp32, rows in the output vocabulary) as a `TensorTask`."""
+    """Read one tensor from every input (fp32, rows in the output vocabulary) as a `TensorTask` that owns them:
+    nothing else holds these tensors, so the method may overwrite them."""
     remap = tensor.vocab and plan.vocab is not None and plan.vocab.remaps
     with_base = plan.has_base and (method.requires_base or remap)
     indices = ([0] if with_base else []) + plan.merged
@@ -127,7 +129,7 @@ def read_task(method: MergeMethod, plan: MergePlan, readers: list[ModelReader], 
     return TensorTask(
         name=tensor.name, base=base if method.requires_base else None, models=values,
         model_params=resolver.model_params(tensor.name), params=resolver.params(tensor.name),
-        seed=resolver.seed(), statistics=statistics,
+        seed=resolver.seed(), statistics=statistics, owned=True,
     )
 
 

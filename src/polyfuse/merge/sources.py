@@ -5,6 +5,12 @@ compatibility check runs before any tensor data is touched; for a hub model the 
 range requests and the weights are downloaded only after the checks passed. Reading keeps one open
 shard per model and reopens only when a key lives in another shard (spec section 12). Pickle
 checkpoints (`.bin`) are read only with `allow_pickle`, memory-mapped, like `polyfuse.models.loader`.
+
+A tensor is read into fresh memory with one positioned read, not memory-mapped as the spec suggests: a
+mapped shard keeps every page it served resident until the shard is closed (up to a shard per model on
+top of the merge's own tensors), and a method could not write to mapped tensors in place (writes to a
+private mapping would show in a later read of the same key, e.g. a tied head). A read tensor belongs
+to its caller and is freed when the caller drops it.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import pickle
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -26,6 +32,8 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2":
 TORCH_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
                torch.bool: "BOOL"}
+SAFETENSORS_DTYPES = {name: dtype for dtype, name in TORCH_NAMES.items()} | {"F8_E4M3": torch.float8_e4m3fn,
+                                                                            "F8_E5M2": torch.float8_e5m2}
 _HUB_FILES = ["*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]  # no weights
 
 
@@ -172,15 +180,21 @@ def _check_index(folder: Path, source: ModelSource, where: str) -> None:
                     raise ConfigError(f"{where}: {index}: {key} is not in {name}")
 
 
+def _read_header(handle: BinaryIO) -> tuple[int, dict[str, Any]]:
+    """(offset of the data, {key: {"dtype", "shape", "data_offsets"}}) of an open safetensors file."""
+    (length,) = struct.unpack("<Q", handle.read(8))
+    if length > 100_000_000:
+        raise ValueError(f"header length {length} is implausible")
+    header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return 8 + length, header
+
+
 def _safetensors_header(file: Path, where: str) -> dict[str, TensorInfo]:
     """Parse the header only: 8 bytes of length, then JSON; ordered by data offset (the file's order)."""
     try:
         with open(file, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            if length > 100_000_000:
-                raise ValueError(f"header length {length} is implausible")
-            header = json.loads(handle.read(length))
-        header.pop("__metadata__", None)
+            _, header = _read_header(handle)
         ordered = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
         return {key: TensorInfo(file, tuple(meta["shape"]), meta["dtype"]) for key, meta in ordered}
     except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as err:
@@ -192,26 +206,42 @@ def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
 
 
 class ModelReader:
-    """Reads one model's tensors with one open shard at a time."""
+    """Reads one model's tensors with one open shard at a time; every read returns a tensor of its own."""
 
     def __init__(self, source: ModelSource):
         self.source = source
         self._file: Path | None = None
         self._handle: Any = None
+        self._start = 0  # safetensors: where the data begins
+        self._offsets: dict[str, Any] = {}  # safetensors: key -> its header entry
 
     def read(self, key: str) -> torch.Tensor:
         info = self.source.tensors[key]
         if info.file != self._file:
-            self._handle = None  # release the previous shard's map before opening the next
-            self._handle = _load_pickle(info.file) if self.source.pickle else _open_safetensors(info.file)
+            self.close()  # release the previous shard before opening the next
+            if self.source.pickle:
+                self._handle = _load_pickle(info.file)
+            else:
+                self._handle = open(info.file, "rb")  # kept open across reads; closed by close()
+                self._start, self._offsets = _read_header(self._handle)
             self._file = info.file
-        return self._handle[key] if self.source.pickle else self._handle.get_tensor(key)
+        if self.source.pickle:
+            return self._handle[key].clone()  # mapped storage: a write would show in later reads
+        return self._read_safetensors(key, info)
+
+    def _read_safetensors(self, key: str, info: TensorInfo) -> torch.Tensor:
+        begin, end = self._offsets[key]["data_offsets"]
+        tensor = torch.empty(info.shape, dtype=SAFETENSORS_DTYPES[info.dtype])
+        if end > begin:
+            self._handle.seek(self._start + begin)
+            read = self._handle.readinto(tensor.reshape(-1).view(torch.uint8).numpy())
+            if read != end - begin:
+                raise ConfigError(f"{self.source.where}: {info.file}: {key} is truncated ({read} of {end - begin} "
+                                  f"bytes)")
+        return tensor
 
     def close(self) -> None:
+        if self._handle is not None and not self.source.pickle:
+            self._handle.close()
         self._handle = self._file = None
-
-
-def _open_safetensors(file: Path):
-    from safetensors import safe_open
-
-    return safe_open(str(file), framework="pt", device="cpu")
+        self._offsets = {}

@@ -96,7 +96,9 @@ def response_topk(model: Any, batch: dict[str, torch.Tensor], k: int, head_only:
 
 
 def _score_chunk(model: Any, tokenizer: Any, encoded: list[tuple[str, Any, list]], settings: TeacherSettings,
-                 head_only: list[bool | None], advance) -> dict[str, TeacherExample]:
+                 head_only: bool | None, advance) -> tuple[dict[str, TeacherExample], bool | None]:
+    """The examples of one chunk, and whether the head-only path reproduces the model's own forward (decided
+    on the first batch of the run, as in the log-prob engine; None until a batch was scored)."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     results: dict[int, TeacherExample] = {}
@@ -106,11 +108,11 @@ def _score_chunk(model: Any, tokenizer: Any, encoded: list[tuple[str, Any, list]
             chunk = [encoded[i][1] for i in indices]
             batch = pad_batch([e.input_ids for e in chunk], [len(e.prompt_ids) for e in chunk], pad_id, side="left")
             batch = {name: value.to(device) for name, value in batch.items()}
-            if head_only[0] is None:  # the first batch decides, as in the log-prob engine
+            if head_only is None:
                 fast, _ = response_topk(model, batch, settings.top_k, head_only=True)
                 slow, _ = response_topk(model, batch, settings.top_k, head_only=False)
-                head_only[0] = bool(torch.allclose(fast["token_logps"], slow["token_logps"], atol=1e-3, rtol=1e-4))
-            outputs, rows = response_topk(model, batch, settings.top_k, head_only[0])
+                head_only = bool(torch.allclose(fast["token_logps"], slow["token_logps"], atol=1e-3, rtol=1e-4))
+            outputs, rows = response_topk(model, batch, settings.top_k, head_only)
             rows = rows.cpu()
             for position, index in enumerate(indices):
                 mine = rows == position
@@ -124,7 +126,7 @@ def _score_chunk(model: Any, tokenizer: Any, encoded: list[tuple[str, Any, list]
                     token_logps=outputs["token_logps"][mine].cpu().numpy().astype(np.float32),
                 )
             advance(len(indices))
-    return {encoded[i][0]: results[i] for i in range(len(encoded))}
+    return {encoded[i][0]: results[i] for i in range(len(encoded))}, head_only
 
 
 def _fingerprint(record: dict[str, Any], settings: TeacherSettings, data: str) -> str:
@@ -172,7 +174,7 @@ def run_teacher(
                 _start_folder(folder, fingerprint)
             state.wait_for_everyone()
             todo = [c for c in range(len(chunks)) if (k, c) in mine and not _shard(folder, c).exists()]
-            model, head_only = None, [None]
+            model, head_only = None, None
             task = bar.add_task(f"teacher {spec.label}", total=sum(len(chunks[c]) for c in todo))
             for c in todo:
                 encoded = []
@@ -181,7 +183,8 @@ def run_teacher(
                     if len(enc.input_ids) <= limit:
                         encoded.append((row.id, enc, spans))
                 model = model if model is not None else load_model(spec)
-                examples = _score_chunk(model, tokenizer, encoded, settings, head_only, lambda n, t=task: bar.advance(t, n))
+                examples, head_only = _score_chunk(model, tokenizer, encoded, settings, head_only,
+                                                   lambda n, t=task: bar.advance(t, n))
                 write_shard(_shard(folder, c), examples)
             del model
             gc.collect()

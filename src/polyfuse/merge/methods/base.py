@@ -1,9 +1,9 @@
 """The merge-method interface: one tensor of every model in (fp32), the merged tensor out.
 
-A method is a pure function of the tensors of one parameter name and its resolved parameters, so the
-streaming executor can run it tensor by tensor in bounded memory. Methods that need statistics over
-the whole model first (RSAF's median rate) implement `tensor_statistics` and `finish_statistics`; the
-executor then makes a statistics pass before the merge pass.
+A method is a function of the tensors of one parameter name and its resolved parameters, so the streaming
+executor can run it tensor by tensor in bounded memory; it works in place on tensors it owns (`TensorTask`).
+Methods that need statistics over the whole model first (RSAF's median rate) implement `tensor_statistics` and
+`finish_statistics`; the executor then makes a statistics pass before the merge pass.
 
 Adding a method is adding one file in this package that subclasses `MergeMethod` and registers it in
 `MERGE_METHODS`.
@@ -24,7 +24,12 @@ from polyfuse.registry import Registry
 
 @dataclass
 class TensorTask:
-    """Everything a method sees for one parameter name. Tensors are fp32 and share one shape."""
+    """Everything a method sees for one parameter name. Tensors share one shape.
+
+    Ownership: a method may overwrite the tensors of the task `to_fp32` returns, so deltas and sums are formed in
+    place instead of as K more large tensors. A task marked `owned` hands its tensors over as they are: the
+    executor reads fresh ones for every task and drops them after the merge. Any other task's tensors are lent:
+    `to_fp32` copies them, and the caller's tensors are never written to."""
 
     name: str
     base: torch.Tensor | None  # th0; None for methods that need no base
@@ -33,11 +38,16 @@ class TensorTask:
     params: dict[str, Any]  # global, resolved for this tensor, defaults filled: lambda, normalize, t, ...
     seed: int = 0  # the config's global seed
     statistics: dict[str, Any] = field(default_factory=dict)  # from `finish_statistics`, for two-pass methods
+    owned: bool = False  # the method may overwrite base and models (see above)
 
     def deltas(self) -> list[torch.Tensor]:
-        """tau_i = th_i - th0."""
+        """tau_i = th_i - th0, formed in place: afterwards `models` hold the task vectors, so call it once, on a
+        task that owns its tensors (from `to_fp32`)."""
         assert self.base is not None, "this method needs a base model"
-        return [model - self.base for model in self.models]
+        assert self.owned, "deltas are formed in place: call to_fp32() first"
+        for model in self.models:
+            model.sub_(self.base)
+        return self.models
 
     def generator(self, model_index: int) -> torch.Generator:
         """A generator seeded from (global seed, tensor name, model index), so random methods give the same
@@ -46,11 +56,19 @@ class TensorTask:
         return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
     def to_fp32(self) -> TensorTask:
-        """The same task with every tensor upcast to fp32 (a no-op for tensors already fp32)."""
+        """The same task, owning fp32 tensors: upcasts are new tensors anyway; fp32 tensors are taken as they are
+        when this task owns them, else cloned."""
+
+        def owned_fp32(tensor: torch.Tensor) -> torch.Tensor:
+            if tensor.dtype != torch.float32:
+                return tensor.float()
+            return tensor if self.owned else tensor.clone()
+
         return replace(
             self,
-            base=None if self.base is None else self.base.float(),
-            models=[model.float() for model in self.models],
+            base=None if self.base is None else owned_fp32(self.base),
+            models=[owned_fp32(model) for model in self.models],
+            owned=True,
         )
 
 

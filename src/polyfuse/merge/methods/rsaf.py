@@ -139,11 +139,10 @@ class Rsaf(TaskVectorMerge):
         ratios = self.keep_ratios(task)
         self.keep_ratio_log[task.name] = ratios
         self.numel[task.name] = task.models[0].numel()
-        sparse = [
-            magnitude_trim(model - task.base, k, name=task.name)
-            for model, k in zip(task.models, ratios, strict=True)
-        ]
-        return self.combine(task, sparse)
+        return self.combine(task, self.sparsify_all(task, task.deltas()))
+
+    def sparsify(self, task: TensorTask, index: int, tau: torch.Tensor) -> torch.Tensor:
+        return magnitude_trim(tau, self.keep_ratio_log[task.name][index], name=task.name)
 
     def report(self) -> dict[str, Any]:
         """k per tensor and source, and each source's realised density: the parameter-count-weighted mean of its

@@ -50,13 +50,16 @@ def variance_mask(taus: Sequence[torch.Tensor], select_topk: float) -> torch.Ten
     return mask.reshape(variance.shape)
 
 
-def sce_weights(masked: Sequence[torch.Tensor], zero_sum_below: float = ETA_SUM_EPS) -> list[float]:
-    """eta_i = mean(x_i^2) / sum_j mean(x_j^2); uniform 1/K when the sum is below `zero_sum_below`
-    (0 means exactly zero)."""
-    energies = [float(torch.linalg.vector_norm(x)) ** 2 / max(x.numel(), 1) for x in masked]
+def mean_square(x: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(x)) ** 2 / max(x.numel(), 1)
+
+
+def sce_weights(energies: Sequence[float], zero_sum_below: float = ETA_SUM_EPS) -> list[float]:
+    """eta_i = e_i / sum_j e_j from the mean squares e_i = mean(x_i^2) of the masked task vectors; uniform 1/K
+    when the sum is below `zero_sum_below` (0 means exactly zero)."""
     total = sum(energies)
     if total < zero_sum_below or total == 0:
-        return [1.0 / len(masked)] * len(masked)
+        return [1.0 / len(energies)] * len(energies)
     return [e / total for e in energies]
 
 
@@ -69,15 +72,20 @@ class Sce(MergeMethod):
 
     def eta(self, task: TensorTask) -> list[float]:
         """The per-model merge coefficients of this tensor (for logs and tests)."""
-        return self._select(task.to_fp32())[2]
+        return self._select(task.to_fp32())[1]
 
-    def _select(self, task: TensorTask) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
-        """(tau_i, M tau_i, eta_i) of an fp32 task."""
+    def _select(self, task: TensorTask) -> tuple[list[torch.Tensor], list[float]]:
+        """(the task vectors to fuse, eta_i) of an fp32 task that owns its tensors. Upstream fuses the masked
+        task vectors, masked in place; weights_only masks a temporary copy of one at a time for eta."""
         taus = task.deltas()
         mask = variance_mask(taus, float(self.param(task, "select_topk")))
-        masked = taus if mask is None else [tau * mask for tau in taus]
-        upstream = self._mode(task) == "upstream"
-        return taus, masked, sce_weights(masked, ETA_SUM_EPS if upstream else 0.0)
+        if self._mode(task) == "weights_only":
+            energies = [mean_square(tau if mask is None else tau * mask) for tau in taus]
+            return taus, sce_weights(energies, 0.0)
+        if mask is not None:
+            for tau in taus:
+                tau.mul_(mask)
+        return taus, sce_weights([mean_square(tau) for tau in taus], ETA_SUM_EPS)
 
     def _mode(self, task: TensorTask) -> str:
         mode = str(self.param(task, "sce_mask"))
@@ -89,13 +97,13 @@ class Sce(MergeMethod):
         task = task.to_fp32()
         assert task.base is not None, "sce needs a base model"
         upstream = self._mode(task) == "upstream"
-        taus, masked, eta = self._select(task)
+        taus, eta = self._select(task)
         mixed = weighted_merge(
-            masked if upstream else taus,
+            taus,
             eta,
             consensus=True,
             normalize=True,
             elect_weighted=False,
             divisor_floor=DIVISOR_FLOOR if upstream else None,
         )
-        return task.base + mixed
+        return mixed.add_(task.base)

@@ -17,6 +17,7 @@ DOT_THRESHOLD = 0.9995
 
 
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """The interpolated tensor, formed in place in `v0` (`v1` is scaled in place too): the caller owns both."""
     a = v0.reshape(-1)
     b = v1.reshape(-1)
     norm_a = float(torch.linalg.vector_norm(a))
@@ -25,10 +26,10 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
         (norm_a if norm_a > NORM_EPS else 1.0) * (norm_b if norm_b > NORM_EPS else 1.0)
     )
     if abs(dot) > DOT_THRESHOLD:
-        return (1 - t) * v0 + t * v1
+        return v0.mul_(1 - t).add_(v1.mul_(t))
     omega = math.acos(max(-1.0, min(1.0, dot)))
     sin_omega = math.sin(omega)
-    return (math.sin((1 - t) * omega) / sin_omega) * v0 + (math.sin(t * omega) / sin_omega) * v1
+    return v0.mul_(math.sin((1 - t) * omega) / sin_omega).add_(v1.mul_(math.sin(t * omega) / sin_omega))
 
 
 @MERGE_METHODS.register("slerp")

@@ -45,13 +45,18 @@ class TaskVectorMerge(MergeMethod):
             consensus=self.consensus,
             normalize=bool(self.param(task, "normalize")),
         )
-        return task.base + float(self.param(task, "lambda")) * mixed
+        return mixed.mul_(float(self.param(task, "lambda"))).add_(task.base)
 
     def merge(self, task: TensorTask) -> torch.Tensor:
         task = task.to_fp32()
-        assert task.base is not None, f"{self.name} needs a base model"
-        sparse = [self.sparsify(task, i, model - task.base) for i, model in enumerate(task.models)]
-        return self.combine(task, sparse)
+        return self.combine(task, self.sparsify_all(task, task.deltas()))
+
+    def sparsify_all(self, task: TensorTask, taus: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Sparsify the task vectors one by one, each replacing its input in `taus`, so only one unsparsified
+        task vector is alive next to the sparse ones."""
+        for i in range(len(taus)):
+            taus[i] = self.sparsify(task, i, taus[i])
+        return taus
 
 
 @MERGE_METHODS.register("task_arithmetic")
