@@ -76,3 +76,18 @@ def chart(runs: list[dict], labels: list[str], columns: list[str], path: Path, t
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def evaluate_cached(spec: Any, label: str, recipe: Any, path: Path) -> dict:
+    """Greedy held-out accuracy of `spec` on the recipe's eval prompts and verifiers, cached at `path`."""
+    from polyfuse.evaluation import evaluate
+    from polyfuse.scorers import build_scorer
+
+    def compute() -> dict:
+        prompts = recipe.load_prompts(recipe.eval.prompts)
+        configs = recipe.eval.scorers or [c for c in recipe.score.scorers if c.type != "reward_model"]
+        result = evaluate(spec, prompts, [build_scorer(c) for c in configs], batch_size=recipe.eval.batch_size,
+                          max_new_tokens=recipe.eval.max_new_tokens, label=label, quiet=True)
+        return result.summary()
+
+    return cached_json(path, compute)

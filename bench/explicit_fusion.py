@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _seeds import cached_json, cell_values, chart, markdown, mean_sd, timed
+from _seeds import cell_values, chart, evaluate_cached, markdown, mean_sd, timed
 from rich.console import Console
 
 from polyfuse.data.io import read_rows, write_json
@@ -138,20 +138,6 @@ def training_log(model_dir: Path) -> dict[str, Any]:
         "kd": [kd[0], kd[-1]] if kd else None,
         "teachers_aligned": statistics.mean(logged("kd/teachers_aligned")) if logged("kd/teachers_aligned") else None,
     }
-
-
-def evaluate_cached(spec: ModelSpec, label: str, recipe: Recipe, path: Path) -> dict:
-    from polyfuse.evaluation import evaluate
-    from polyfuse.scorers import build_scorer
-
-    def compute() -> dict:
-        prompts = recipe.load_prompts(recipe.eval.prompts)
-        configs = recipe.eval.scorers or [c for c in recipe.score.scorers if c.type != "reward_model"]
-        result = evaluate(spec, prompts, [build_scorer(c) for c in configs], batch_size=recipe.eval.batch_size,
-                          max_new_tokens=recipe.eval.max_new_tokens, label=label, quiet=True)
-        return result.summary()
-
-    return cached_json(path, compute)
 
 
 def run_seed(seed: int, preset: str, seed_dir: Path) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _seeds import cached_json, cell_values, chart, markdown, mean_sd, timed
+from _seeds import cell_values, chart, evaluate_cached, markdown, mean_sd, timed
 
 from polyfuse.data.io import read_rows, write_json
 from polyfuse.data.schemas import PreferenceRow, PromptRow, SampleRow, response_text
@@ -251,28 +251,6 @@ def training_log(model_dir: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ eval
-def evaluate_cached(spec: ModelSpec, label: str, recipe: Recipe, path: Path) -> dict:
-    from polyfuse.evaluation import evaluate
-    from polyfuse.scorers import build_scorer
-
-    def compute() -> dict:
-        prompts = recipe.load_prompts(recipe.eval.prompts)
-        configs = recipe.eval.scorers or [c for c in recipe.score.scorers if c.type != "reward_model"]
-        scorers = [build_scorer(c) for c in configs]
-        result = evaluate(
-            spec,
-            prompts,
-            scorers,
-            batch_size=recipe.eval.batch_size,
-            max_new_tokens=recipe.eval.max_new_tokens,
-            label=label,
-            quiet=True,
-        )
-        return result.summary()
-
-    return cached_json(path, compute)
-
-
 # ---------------------------------------------------------------------------------------------- one seed
 def run_seed(seed: int, preset: str, seed_dir: Path) -> dict[str, Any]:
     """Data, training and evaluation of every method for one seed; returns the seed's raw numbers."""

@@ -135,10 +135,11 @@ def plan_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
     return batches
 
 
-def forward_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """(S, n) of every row of a padded batch on the model's device, and the model outputs. The LM head runs
-    only from the first position that predicts a scored token of some row (`logits_to_keep`): with left
-    padding that is the longest response + 1 positions, so prompts are never projected onto the vocabulary."""
+def forward_response(model: Any, batch: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
+    """The model's own forward with the LM head only from the first position that predicts a scored token of
+    some row (`logits_to_keep`): with left padding that is the longest response + 1 positions, so prompts are
+    never projected onto the vocabulary. Returns the outputs and the labels cut to the kept positions (kept
+    position k predicts label k + 1)."""
     labels = batch["labels"]
     scored = (labels[:, 1:] != IGNORE_INDEX).any(0)
     first = int(scored.int().argmax()) if bool(scored.any()) else 0
@@ -149,7 +150,13 @@ def forward_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
         logits_to_keep=labels.shape[1] - first,
         use_cache=False,
     )
-    sums, counts = sequence_logps(outputs.logits, labels[:, first:])
+    return outputs, labels[:, first:]
+
+
+def forward_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """(S, n) of every row of a padded batch on the model's device, and the model outputs (`forward_response`)."""
+    outputs, labels = forward_response(model, batch)
+    sums, counts = sequence_logps(outputs.logits, labels)
     return sums, counts, outputs
 
 

@@ -31,7 +31,7 @@ from polyfuse.data.io import write_json
 from polyfuse.data.schemas import SFTRow, response_text
 from polyfuse.errors import ConfigError, DataError
 from polyfuse.logprobs import (
-    forward_logps,
+    forward_response,
     head_logits,
     length_limit,
     pad_batch,
@@ -82,8 +82,8 @@ def response_topk(model: Any, batch: dict[str, torch.Tensor], k: int, head_only:
             for i, logits in enumerate(head_logits(model, states))
         ]
     else:
-        _, _, outputs = forward_logps(model, batch)
-        labels = batch["labels"][:, batch["labels"].shape[1] - outputs.logits.shape[1] :][:, 1:]
+        outputs, labels = forward_response(model, batch)
+        labels = labels[:, 1:]
         rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
         positions, tokens = outputs.logits[rows, cols], labels[rows, cols]
         chunks = [

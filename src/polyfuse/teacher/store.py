@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from polyfuse.data.io import atomic_write
 from polyfuse.errors import DataError
 
 FORMAT = "polyfuse-teacher-1"
@@ -67,17 +66,7 @@ def write_shard(path: Path, examples: dict[str, TeacherExample]) -> None:
     }
     for name in ARRAYS:
         arrays[name] = np.concatenate([getattr(examples[i], name) for i in ids]) if ids else np.zeros(0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez_compressed(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda handle: np.savez_compressed(handle, **arrays))
 
 
 def read_shard(path: Path) -> dict[str, TeacherExample]:

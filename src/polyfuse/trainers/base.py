@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, ValidationError
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from polyfuse.config import StrictModel
@@ -32,6 +32,16 @@ class LoraSettings(StrictModel):
     alpha: float = Field(default=32.0, gt=0)
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+def build_registered(registry: Any, name: str, args: dict[str, Any]) -> Any:
+    """The registered class `name` validated with `args`; problems become one ValueError naming the objective,
+    which the config's validation reports with the key it came from."""
+    try:
+        return registry.get(name).model_validate(args)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise ValueError(f"objective {name!r}: {problems}") from None
 
 
 class TrainConfig(StrictModel):

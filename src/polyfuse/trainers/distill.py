@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 from transformers import TrainerCallback
 
 from polyfuse.data.schemas import SFTRow, response_text
 from polyfuse.errors import DataError, UserError
-from polyfuse.logprobs import length_limit
+from polyfuse.logprobs import forward_response, length_limit
 from polyfuse.models import ModelSpec, load_model, load_tokenizer
 from polyfuse.objectives import IGNORE_INDEX
 from polyfuse.objectives.distill import DISTILL_OBJECTIVES, DistillBatch, DistillObjective
@@ -29,6 +29,7 @@ from polyfuse.trainers.base import (
     PolyfuseTrainer,
     SequenceCollator,
     TrainConfig,
+    build_registered,
     run_training,
     training_arguments,
 )
@@ -54,12 +55,7 @@ class DistillTrainConfig(TrainConfig):
         return self
 
     def build_objective(self) -> DistillObjective:
-        cls = DISTILL_OBJECTIVES.get(self.objective)
-        try:
-            return cls.model_validate(self.objective_args)
-        except ValidationError as err:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-            raise ValueError(f"objective {self.objective!r}: {problems}") from None
+        return build_registered(DISTILL_OBJECTIVES, self.objective, self.objective_args)
 
     def resolved_alignment(self) -> str:
         return self.alignment or self.build_objective().default_alignment
@@ -98,20 +94,11 @@ class DistillTrainer(PolyfuseTrainer):
         self.objective = objective
 
     def micro_batch_loss(self, model, inputs):
-        labels = inputs["labels"]
-        scored = (labels[:, 1:] != IGNORE_INDEX).any(0)
-        first = int(scored.int().argmax()) if bool(scored.any()) else 0
-        outputs = model(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            position_ids=inputs["position_ids"],
-            logits_to_keep=labels.shape[1] - first,
-            use_cache=False,
-        )
-        targets = labels[:, first + 1 :]
-        rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+        outputs, labels = forward_response(model, inputs)
+        targets = labels[:, 1:]
+        rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # row-major, as the collator concatenates
         batch = DistillBatch(
-            logits=outputs.logits[:, :-1][rows, cols],
+            logits=outputs.logits[rows, cols],
             labels=targets[rows, cols],
             **{name: inputs[name] for name in TARGET_FIELDS if name in inputs},
         )

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 from transformers import TrainerCallback
 
 from polyfuse.data.schemas import PreferenceRow, response_text
@@ -32,6 +32,7 @@ from polyfuse.trainers.base import (
     PolyfuseTrainer,
     SequenceCollator,
     TrainConfig,
+    build_registered,
     run_training,
     training_arguments,
 )
@@ -58,13 +59,8 @@ class PreferenceTrainConfig(TrainConfig):
         return self
 
     def build_objective(self) -> PreferenceObjective:
-        cls = OBJECTIVES.get(self.objective)
         args = {**self.objective_args, **({} if self.beta is None else {"beta": self.beta})}
-        try:
-            return cls.model_validate(args)
-        except ValidationError as err:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-            raise ValueError(f"objective {self.objective!r}: {problems}") from None
+        return build_registered(OBJECTIVES, self.objective, args)
 
 
 class PreferenceTrainer(PolyfuseTrainer):
