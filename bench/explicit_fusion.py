@@ -97,7 +97,7 @@ def train_method(method: Method, recipe: Recipe, rows: list[SFTRow], store: Path
     config = DistillTrainConfig.model_validate({
         **train_settings(recipe), "objective": method.objective,
         "objective_args": {**recipe.distill.objective_args, **method.args} if method.objective == "uld" else method.args,
-        "teachers": [*sources, pivot.label] if method.with_pivot else sources,
+        "teachers": [pivot.label, *sources] if method.with_pivot else sources,
     })
     out = folder / "model"
     if out.is_dir():

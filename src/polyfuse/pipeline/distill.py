@@ -31,8 +31,8 @@ def teacher_models(ctx: Context) -> list[ModelSpec]:
     sources = [ModelSpec.model_validate(s.model_dump(exclude={"sampling"})) for s in ctx.recipe.sources]
     if not ctx.recipe.teacher.include_pivot:
         return sources
-    pivot = ctx.current_pivot("teacher")
-    return [*sources, ModelSpec.model_validate(pivot.model_dump(exclude={"sampling"}))]
+    pivot = ctx.current_pivot("teacher")  # first: MinCE ties go to the first candidate, the pivot itself
+    return [ModelSpec.model_validate(pivot.model_dump(exclude={"sampling"})), *sources]
 
 
 def training_rows(ctx: Context) -> str:
@@ -64,7 +64,7 @@ def run_distill_stage(ctx: Context, folder: Path) -> dict[str, str]:
     for source in ctx.recipe.sources:
         out = folder / source.label
         if not (out / "polyfuse_training.json").exists():  # saved atomically: present means finished
-            pairwise = config.model_copy(update={"teachers": [source.label, *own]})
+            pairwise = config.model_copy(update={"teachers": [*own, source.label]})
             train_distill(pivot, rows, store, pairwise, out)
         outputs[source.label] = str(out)
     return outputs
