@@ -139,7 +139,7 @@ def test_self_distillation_targets_are_the_pivots_own_distribution(models, store
     for alignment in ("positional", "offsets"):
         uld = DistillTrainConfig(objective="uld", objective_args={"top_k": 5, "weighting": "uncertainty"}).build_objective()
         teachers = load_teachers(pivot_store, tokenizer, alignment, None)
-        features = list(distill_features(tokenizer, data, teachers, uld.required_fields(), alignment, 64, uld, []))
+        features = list(distill_features(tokenizer, data, teachers, uld.required_fields(), 64, uld, []))
         for row, feature in zip(data, features, strict=True):
             own = student_uld_probs(logits[row.id], k=5)
             stored = torch.tensor(feature["teacher_probs"])
@@ -147,7 +147,7 @@ def test_self_distillation_targets_are_the_pivots_own_distribution(models, store
             assert uld_distance(own, stored).max() < 2e-3, alignment
         fusellm = DistillTrainConfig(objective="fusellm", objective_args={"top_k": 5}).build_objective()
         teachers = load_teachers(pivot_store, tokenizer, alignment, "mined")
-        features = list(distill_features(tokenizer, data, teachers, fusellm.required_fields(), alignment, 64, fusellm, []))
+        features = list(distill_features(tokenizer, data, teachers, fusellm.required_fields(), 64, fusellm, []))
         for row, feature in zip(data, features, strict=True):
             values, ids = logits[row.id].topk(5)
             assert feature["target_ids"] == ids.tolist()
@@ -159,7 +159,7 @@ def test_min_ce_picks_the_candidate_with_the_lowest_ce_per_example(models, store
     stores = open_stores(store, ["teacher-a", "teacher-b"])
     objective = DistillTrainConfig(objective="fusellm", objective_args={"top_k": 5}).build_objective()
     teachers = load_teachers(stores, tokenizer, "offsets", "exact")
-    features = list(distill_features(tokenizer, rows(), teachers, objective.required_fields(), "offsets", 64, objective, []))
+    features = list(distill_features(tokenizer, rows(), teachers, objective.required_fields(), 64, objective, []))
     by_id = [dict(s.examples()) for s in stores]
     for row, feature in zip(rows(), features, strict=True):
         best = min(range(2), key=lambda t: by_id[t][row.id].cross_entropy)
@@ -245,3 +245,45 @@ def test_cli_teacher_then_distill_and_exit_2_on_user_errors(models, tmp_path):
         proc = polyfuse_cli(*args)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr
+
+
+class SlowTokenizer:
+    """A tokenizer without offsets (a "slow" one): everything but `is_fast` comes from the wrapped one."""
+
+    is_fast = False
+
+    def __init__(self, fast):
+        self._fast = fast
+
+    def __getattr__(self, name):
+        return getattr(self._fast, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._fast(*args, **kwargs)
+
+    def __len__(self):
+        return len(self._fast)
+
+
+def test_a_teacher_without_offsets_is_aligned_by_the_edit_distance_dp(models, store, tmp_path, monkeypatch):
+    """Spec section 3.4: a model without offsets falls back to the DP; on the same tokenization the DP finds
+    the same one-to-one groups as the offsets, so the targets are the same."""
+    import polyfuse.teacher.run as teacher_run
+
+    monkeypatch.setattr(teacher_run, "load_tokenizer", lambda spec: SlowTokenizer(load_tokenizer(spec)))
+    slow_store = tmp_path / "slow"
+    run_teacher([models["teacher-a"]], rows(), TeacherSettings(top_k=5, chunk_size=4), slow_store, quiet=True)
+    slow = open_stores(slow_store, ["teacher-a"])
+    assert slow[0].manifest["model"]["offsets"] is False
+    assert all((example.spans == -1).all() for _, example in slow[0].examples())
+
+    tokenizer = load_tokenizer(models["pivot"])
+    objective = DistillTrainConfig(objective="fusellm", objective_args={"top_k": 5}).build_objective()
+    fast_teachers = load_teachers(open_stores(store, ["teacher-a"]), tokenizer, "offsets", "mined")
+    slow_teachers = load_teachers(slow, tokenizer, "offsets", "mined")
+    assert [t.alignment for t in slow_teachers] == ["dp"]
+    needs = objective.required_fields()
+    by_offsets = list(distill_features(tokenizer, rows(), fast_teachers, needs, 64, objective, []))
+    by_dp = list(distill_features(tokenizer, rows(), slow_teachers, needs, 64, objective, []))
+    assert by_dp == by_offsets
+    assert any(len(ids) > 1 for feature in by_dp for ids in feature["target_ids"])  # not all one-hot fallbacks

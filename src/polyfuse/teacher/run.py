@@ -40,7 +40,7 @@ from polyfuse.logprobs import (
 )
 from polyfuse.logprobs.engine import DEFAULT_TOKEN_BUDGET, HEAD_CHUNK
 from polyfuse.logprobs.stage import model_record
-from polyfuse.models import ModelSpec, load_config, load_model, load_tokenizer
+from polyfuse.models import ModelSpec, encode, load_config, load_model, load_tokenizer
 from polyfuse.objectives import IGNORE_INDEX
 from polyfuse.objectives.distill import logit_std
 from polyfuse.teacher.store import FORMAT, TeacherExample, text_hash, write_shard
@@ -129,6 +129,17 @@ def _score_chunk(model: Any, tokenizer: Any, encoded: list[tuple[str, Any, list]
     return {encoded[i][0]: results[i] for i in range(len(encoded))}, head_only
 
 
+def spans_if_fast(tokenizer: Any, prompt: Any, response: str) -> tuple[Any, list]:
+    """`encode()`'s ids with their character spans; a slow tokenizer has no offsets, so its spans are all
+    None and training aligns it by the edit-distance DP instead (`polyfuse.teacher.targets`)."""
+    from polyfuse.alignment import response_spans
+
+    if getattr(tokenizer, "is_fast", False):
+        return response_spans(tokenizer, prompt, response)
+    encoded = encode(tokenizer, prompt, response)
+    return encoded, [None] * len(encoded.response_ids)
+
+
 def _fingerprint(record: dict[str, Any], settings: TeacherSettings, data: str) -> str:
     blob = json.dumps({"model": record["hash"], "settings": settings.model_dump(), "data": data, "format": FORMAT},
                       sort_keys=True)
@@ -145,7 +156,6 @@ def run_teacher(
     """Write every model's top-K outputs on `rows` under `out/<model name>/`; resumable, data parallel."""
     from accelerate import PartialState
 
-    from polyfuse.alignment import response_spans
     from polyfuse.pipeline.progress import progress_bar
 
     labels = [m.label for m in models]
@@ -166,9 +176,9 @@ def run_teacher(
             tokenizer = load_tokenizer(spec)
             limit = length_limit(load_config(spec), settings.max_length)
             modes = Counter(  # the template mode, from a sample of rows
-                response_spans(tokenizer, row.prompt, response_text(row.completion))[0].mode for row in rows[:50]
+                encode(tokenizer, row.prompt, response_text(row.completion)).mode for row in rows[:50]
             )
-            record = model_record(spec, tokenizer, modes)
+            record = {**model_record(spec, tokenizer, modes), "offsets": bool(getattr(tokenizer, "is_fast", False))}
             fingerprint = _fingerprint(record, settings, data)
             if state.is_main_process:
                 _start_folder(folder, fingerprint)
@@ -179,7 +189,7 @@ def run_teacher(
             for c in todo:
                 encoded = []
                 for row in chunks[c]:
-                    enc, spans = response_spans(tokenizer, row.prompt, response_text(row.completion))
+                    enc, spans = spans_if_fast(tokenizer, row.prompt, response_text(row.completion))
                     if len(enc.input_ids) <= limit:
                         encoded.append((row.id, enc, spans))
                 model = model if model is not None else load_model(spec)

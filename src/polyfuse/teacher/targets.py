@@ -45,10 +45,12 @@ Groups = list[tuple[list[int], list[int]]]
 
 @dataclass
 class Teacher:
-    """A store with what aligning to the pivot needs: its tokenizer's token bytes and, for FuseLLM, the
-    map of its ids into the pivot vocabulary (identity when it shares the pivot's vocabulary)."""
+    """A store with what aligning to the pivot needs: how (`alignment`; a teacher whose tokenizer had no
+    offsets falls back from `offsets` to `dp`), its tokenizer's token bytes and, for FuseLLM, the map of its
+    ids into the pivot vocabulary (identity when it shares the pivot's vocabulary)."""
 
     store: TeacherStore
+    alignment: Alignment
     token_bytes: list[bytes | None] | None = None
     to_pivot: np.ndarray | None = None
     same_vocab: bool = False
@@ -61,8 +63,9 @@ def load_teachers(stores: list[TeacherStore], pivot_tokenizer: Any, alignment: A
 
     teachers = []
     for store in stores:
-        teacher = Teacher(store)
-        if alignment == "dp" or vocab is not None:
+        without_offsets = alignment == "offsets" and not store.manifest["model"].get("offsets", True)
+        teacher = Teacher(store, "dp" if without_offsets else alignment)
+        if teacher.alignment == "dp" or vocab is not None:
             record = store.manifest["model"]
             tokenizer = load_tokenizer(ModelSpec.model_validate({k: record[k] for k in ModelSpec.model_fields if k in record}))
             teacher.same_vocab = tokenizer.get_vocab() == pivot_tokenizer.get_vocab()
@@ -86,19 +89,25 @@ def align_groups(alignment: Alignment, student_spans: list, teacher: TeacherExam
     teacher_spans = teacher.span_list()
     if alignment == "offsets":
         groups = align_offsets(student_spans, teacher_spans)
-    else:
-        spanned_s = [j for j, s in enumerate(student_spans) if s is not None]
-        spanned_t = [k for k, s in enumerate(teacher_spans) if s is not None]
-        raw = align_dp([student_bytes[j] for j in spanned_s], [teacher_bytes[k] for k in spanned_t])
-        groups = [([spanned_s[a] for a in left], [spanned_t[b] for b in right]) for left, right in raw]
+    else:  # the DP over the text tokens: those with bytes, before the first special token
+        text_s, text_t = _text_tokens(student_bytes), _text_tokens(teacher_bytes)
+        raw = align_dp([student_bytes[j] for j in text_s], [teacher_bytes[k] for k in text_t])
+        groups = [([text_s[a] for a in left], [text_t[b] for b in right]) for left, right in raw]
+        texts = set(text_t)
+        teacher_spans = [(0, 0) if k in texts else None for k in range(n_teacher)]  # which tokens are text
     end_s, end_t = _end_of_turn(student_spans), _end_of_turn(teacher_spans)
     if end_s is not None and end_t is not None:
         groups.append(([end_s], [end_t]))
     return groups
 
 
+def _text_tokens(pieces: list[bytes | None]) -> list[int]:
+    end = next((k for k, piece in enumerate(pieces) if piece is None), len(pieces))  # template text follows
+    return [k for k in range(end) if pieces[k]]
+
+
 def _end_of_turn(spans: list) -> int | None:
-    """The first span-less (special) token after the last text token, if any."""
+    """The first span-less (non-text) token after the last text token, if any."""
     last_text = max((i for i, s in enumerate(spans) if s is not None), default=-1)
     return next((i for i in range(last_text + 1, len(spans)) if spans[i] is None), None)
 
@@ -182,7 +191,6 @@ def distill_features(
     rows: list[SFTRow],
     teachers: list[Teacher],
     needs: tuple[str, ...],
-    alignment: Alignment,
     max_length: int,
     objective: Any,
     dropped: list[str],
@@ -192,7 +200,8 @@ def distill_features(
     time, in row order, so memory holds one shard per teacher."""
     from polyfuse.alignment import response_spans, token_bytes
 
-    pivot_bytes = token_bytes(pivot_tokenizer) if ("target_ids" in needs or alignment == "dp") else None
+    uses_dp = any(t.alignment == "dp" for t in teachers)
+    pivot_bytes = token_bytes(pivot_tokenizer) if ("target_ids" in needs or uses_dp) else None
     lookups = [_ShardedLookup(t.store) for t in teachers]
     for row in rows:
         encoded, spans = response_spans(pivot_tokenizer, row.prompt, response_text(row.completion))
@@ -200,11 +209,11 @@ def distill_features(
             dropped.append(row.id)
             continue
         labels = list(encoded.response_ids)
-        student_bytes = [pivot_bytes[y] for y in labels] if alignment == "dp" else None
+        student_bytes = [pivot_bytes[y] for y in labels] if uses_dp else None
         examples = [lookup.get(row.id) for lookup in lookups]
         groups = [
             None if ex is None else align_groups(
-                alignment, spans, ex, student_bytes,
+                t.alignment, spans, ex, student_bytes,
                 None if t.token_bytes is None else [t.token_bytes[int(q)] for q in ex.token_ids],
             )
             for ex, t in zip(examples, teachers, strict=True)

@@ -135,8 +135,8 @@ def build_features(pivot_tokenizer: Any, rows: list[SFTRow], teacher_dir: str | 
     shutil.rmtree(cache_dir, ignore_errors=True)
 
     def generate():
-        yield from distill_features(pivot_tokenizer, rows, teachers, objective.required_fields(), alignment,
-                                    max_length, objective, dropped)
+        yield from distill_features(pivot_tokenizer, rows, teachers, objective.required_fields(), max_length,
+                                    objective, dropped)
 
     try:
         dataset = Dataset.from_generator(generate, cache_dir=str(cache_dir), keep_in_memory=False)
