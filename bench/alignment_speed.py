@@ -39,29 +39,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _pairs import gemma3_gguf, smollm2_gguf, synthetic_pairs  # noqa: E402
+from _pairs import REPO, gemma3_gguf, smollm2_gguf, synthetic_pairs  # noqa: E402
 
-
-def reference_dp(tokens_a: list[bytes], tokens_b: list[bytes]) -> list[tuple[int, int]]:
-    """FuseLLM's DTW as written there: a Python loop over every cell, edit distance in each."""
-    from rapidfuzz.distance import Levenshtein
-
-    a = [t.decode("latin-1") for t in tokens_a]
-    b = [t.decode("latin-1") for t in tokens_b]
-    m, n = len(a), len(b)
-    table = [[float("inf")] * (n + 1) for _ in range(m + 1)]
-    table[0][0] = 0
-    for i in range(1, m + 1):
-        for j in range(1, n + 1):
-            table[i][j] = Levenshtein.distance(a[i - 1], b[j - 1]) + min(
-                table[i - 1][j - 1], table[i - 1][j], table[i][j - 1])
-    i, j, path = m, n, [(m - 1, n - 1)]
-    while i > 1 or j > 1:
-        options = [table[i - 1][j - 1], table[i - 1][j], table[i][j - 1]]
-        move = options.index(min(options))
-        i, j = (i - 1, j - 1) if move == 0 else (i - 1, j) if move == 1 else (i, j - 1)
-        path.append((i - 1, j - 1))
-    return path[::-1]
+sys.path.insert(0, str(REPO / "tests"))
+from dtw_reference import reference_dp  # noqa: E402
 
 
 def path_of(groups) -> set[tuple[int, int]]:
