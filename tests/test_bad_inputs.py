@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_lm import build_tiny_model
 
 from polyfuse.config import read_yaml
 from polyfuse.data.io import ShardStore, atomic_write_text, read_rows, remove_stale_temporaries, write_rows
@@ -19,6 +18,7 @@ from polyfuse.data.schemas import PromptRow
 from polyfuse.errors import UserError
 from polyfuse.models import ModelSpec, load_model, load_tokenizer
 from polyfuse.models.loader import looks_local
+from tiny_lm import build_tiny_model
 
 
 def test_non_utf8_yaml_names_the_file(tmp_path):
@@ -98,11 +98,11 @@ def test_stale_temporaries_of_dead_writers_are_removed_but_live_ones_kept(tmp_pa
 
 def test_a_killed_atomic_write_is_cleaned_on_resume(tmp_path):
     script = (
-        "import os, sys; sys.path.insert(0, %r)\n"
+        "import os, sys; sys.path.insert(0, {!r})\n"
         "from polyfuse.data import io\n"
         "def write(handle):\n    handle.write(b'half'); handle.flush(); os._exit(9)\n"
-        "io.atomic_write(%r, write)\n"
-    ) % (str(Path(__file__).parents[1] / "src"), str(tmp_path / "shard.jsonl"))
+        "io.atomic_write({!r}, write)\n"
+    ).format(str(Path(__file__).parents[1] / "src"), str(tmp_path / "shard.jsonl"))
     assert subprocess.run([sys.executable, "-c", script]).returncode == 9
     assert [p.name for p in tmp_path.iterdir()][0].endswith(".tmp")
     ShardStore(tmp_path)
