@@ -175,3 +175,25 @@ def test_atomic_text_write_replaces_and_keeps_mode(tmp_path):
     atomic_write_text(path, "one")
     atomic_write_text(path, "two")
     assert path.read_text() == "two" and stat.S_IMODE(path.stat().st_mode) & 0o044
+
+
+def test_toyworld_cache_follows_xdg(monkeypatch, tmp_path):
+    from polyfuse.toyworld import default_cache_dir
+
+    monkeypatch.delenv("POLYFUSE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "polyfuse" / "toyworld"
+    monkeypatch.setenv("POLYFUSE_CACHE", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine" / "toyworld"
+
+
+def test_a_killed_toyworld_build_leaves_nothing_after_the_next_build(tmp_path):
+    from polyfuse.data.io import _HOST
+    from polyfuse.toyworld import ToyWorldConfig, build_world, world_dir
+
+    config = ToyWorldConfig.preset("tiny")
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    leftover = tmp_path / f".{config.key()}.{_HOST}-{dead}-abc.tmp"
+    (leftover / "qwen-strings").mkdir(parents=True)
+    build_world(config, cache_dir=tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [world_dir(config, tmp_path).name]

@@ -66,6 +66,14 @@ def remove_stale_temporaries(folder: str | Path) -> int:
     return removed
 
 
+def temporary_folder(path: str | Path) -> Path:
+    """A new empty folder beside `path`, named so that `remove_stale_temporaries` clears it if its writer dies."""
+    path = Path(path)
+    folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp"))
+    os.chmod(folder, 0o777 & ~_umask())  # mkdtemp's 0700 would make the final folder private
+    return folder
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -105,14 +113,13 @@ def atomic_write_folder(path: str | Path, write: Callable[[Path], Any]) -> None:
     the old or the new folder (or, between the two renames, the old one under its temporary name)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp"))
+    tmp = temporary_folder(path)
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
         write(tmp)
         _fsync_tree(tmp)
         old = None
         if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp"))
+            old = temporary_folder(path)
             os.replace(path, old / path.name)
         os.replace(tmp, path)
         if old is not None:
