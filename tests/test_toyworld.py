@@ -226,6 +226,7 @@ def test_world_info_and_reward_model_accuracy_run(tiny_world):
     assert set(ranking) == set(DOMAINS) and all(0.0 <= v <= 1.0 for v in ranking.values())
 
 
+@pytest.mark.slow
 def test_every_tokenizer_algorithm_trains_reproducibly_across_processes():
     """`tokenizers` iterates hash maps in a per-process random order; the toy world's tokenizer files
     must still be identical on every build (the Unigram fallback characters used to swap ids)."""
