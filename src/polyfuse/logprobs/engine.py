@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -303,13 +302,3 @@ def logp_columns(row_id: str, scores: dict[str, tuple[float, int]], prefix: str)
         sum_name, mean_name, count_name = column_names(role, prefix)
         columns.update({sum_name: total, mean_name: total / count, count_name: count})
     return columns
-
-
-@contextmanager
-def progress_bar(description: str, total: int, disable: bool = False) -> Iterator[Callable[[int], None]]:
-    """polyfuse's rich progress bar; yields the `advance(n)` callable that engines take as `progress`."""
-    from polyfuse.pipeline.progress import progress_bar as rich_progress
-
-    with rich_progress(disable=disable) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)

@@ -39,8 +39,8 @@ from polyfuse.logprobs import (
     scored_hidden_states,
 )
 from polyfuse.logprobs.engine import DEFAULT_TOKEN_BUDGET, HEAD_CHUNK
-from polyfuse.logprobs.stage import model_record
 from polyfuse.models import ModelSpec, encode, load_config, load_model, load_tokenizer
+from polyfuse.models.records import model_record
 from polyfuse.objectives import IGNORE_INDEX
 from polyfuse.objectives.distill import logit_std
 from polyfuse.teacher.store import FORMAT, TeacherExample, text_hash, write_shard
@@ -156,7 +156,7 @@ def run_teacher(
     """Write every model's top-K outputs on `rows` under `out/<model name>/`; resumable, data parallel."""
     from accelerate import PartialState
 
-    from polyfuse.pipeline.progress import progress_bar
+    from polyfuse.progress import progress_bar
 
     labels = [m.label for m in models]
     if len(set(labels)) != len(labels):

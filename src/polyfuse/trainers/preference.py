@@ -23,11 +23,11 @@ from polyfuse.logprobs import (
     check_logp_columns,
     compute_reference_logps,
     length_limit,
-    progress_bar,
     roles_of,
 )
 from polyfuse.models import ModelSpec, encode, load_model, load_tokenizer
 from polyfuse.objectives import OBJECTIVES, PreferenceBatch, PreferenceObjective
+from polyfuse.progress import progress_task
 from polyfuse.trainers.base import (
     PolyfuseTrainer,
     SequenceCollator,
@@ -118,7 +118,7 @@ def ensure_reference_columns(
         "scoring %d pairs with the initial model for reference columns %s", len(rows), sorted(missing)
     )
     total = sum(len(roles_of(row)) for row in rows)
-    with progress_bar("reference log-probs", total) as advance:
+    with progress_task("reference log-probs", total) as advance:
         return compute_reference_logps(
             model,
             tokenizer,
