@@ -8,16 +8,9 @@ from polyfuse.logprobs.engine import (
     column_names,
     compute_reference_logps,
     encode_row,
-    forward_logps,
-    forward_response,
-    head_logits,
-    length_limit,
-    pad_batch,
-    plan_batches,
     roles_of,
     score_rows,
     score_sequences,
-    scored_hidden_states,
 )
 from polyfuse.logprobs.stage import LogprobsConfig, LogprobsSettings, fusion_sources, run_logprobs
 
@@ -30,16 +23,9 @@ __all__ = [
     "column_names",
     "compute_reference_logps",
     "encode_row",
-    "forward_logps",
-    "forward_response",
-    "head_logits",
     "fusion_sources",
-    "length_limit",
-    "pad_batch",
-    "plan_batches",
     "roles_of",
     "run_logprobs",
     "score_rows",
     "score_sequences",
-    "scored_hidden_states",
 ]

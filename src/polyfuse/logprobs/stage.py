@@ -29,16 +29,15 @@ from polyfuse.data.io import ShardStore, read_metadata, write_metadata, write_ro
 from polyfuse.data.schemas import PreferenceRow
 from polyfuse.errors import ConfigError, DataError
 from polyfuse.logprobs.engine import (
-    DEFAULT_TOKEN_BUDGET,
     check_logp_columns,
     column_names,
     encode_row,
-    length_limit,
     logp_columns,
     roles_of,
     score_rows,
 )
 from polyfuse.models import ModelSpec, load_config, load_model, load_tokenizer
+from polyfuse.models.forward import DEFAULT_TOKEN_BUDGET, length_limit
 from polyfuse.models.records import model_record
 
 # Version of the sequence convention (spec section 6) the columns were computed with.
