@@ -17,11 +17,12 @@ from typing import Any
 
 from rich.console import Console
 
+from polyfuse.data.hashing import hash_path
 from polyfuse.data.io import read_rows, write_rows
 from polyfuse.data.schemas import PreferenceRow, PromptRow, SampleRow, SFTRow
 from polyfuse.errors import ConfigError
 from polyfuse.models import ModelSpec
-from polyfuse.pipeline.manifest import Manifest, fingerprint, hash_path
+from polyfuse.pipeline.manifest import Manifest, fingerprint
 from polyfuse.pipeline.recipe import Recipe
 
 console = Console(stderr=True)

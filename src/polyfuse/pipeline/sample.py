@@ -17,7 +17,7 @@ from polyfuse.config import StrictModel
 from polyfuse.data.io import ShardStore, write_rows
 from polyfuse.data.schemas import PromptRow, SampleRow, stable_id
 from polyfuse.models import ModelSpec, load_model, load_tokenizer
-from polyfuse.pipeline.progress import progress_bar
+from polyfuse.progress import progress_bar
 from polyfuse.sampling import SamplingParams, get_backend
 
 

@@ -11,7 +11,7 @@ from pydantic import Field
 from polyfuse.config import StrictModel
 from polyfuse.data.io import ShardStore, write_rows
 from polyfuse.data.schemas import SampleRow
-from polyfuse.pipeline.progress import progress_bar
+from polyfuse.progress import progress_bar
 from polyfuse.scorers import ScorerConfig, build_scorer
 from polyfuse.toyworld import scorer as _toy_scorer  # noqa: F401  registers the `toyworld` verifier
 

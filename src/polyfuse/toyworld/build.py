@@ -255,7 +255,7 @@ def _quiet_transformers() -> Iterator[None]:
 def build_world(config: ToyWorldConfig, cache_dir: str | Path | None = None, progress: bool = True) -> World:
     """The world of `config`, from the cache when it was built before, else built now (about two
     minutes on 2 CPU cores for the default preset, a second for `tiny`)."""
-    from polyfuse.pipeline.progress import progress_bar
+    from polyfuse.progress import progress_bar
 
     root = world_dir(config, cache_dir)
     if (root / WORLD_FILE).is_file():
