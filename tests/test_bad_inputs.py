@@ -197,3 +197,48 @@ def test_a_killed_toyworld_build_leaves_nothing_after_the_next_build(tmp_path):
     (leftover / "qwen-strings").mkdir(parents=True)
     build_world(config, cache_dir=tmp_path, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [world_dir(config, tmp_path).name]
+
+
+def _polyfuse(args: list[str], wrap: list[str] | None = None, preexec=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    return subprocess.run([*(wrap or []), sys.executable, "-m", "polyfuse", *args], capture_output=True, text=True,
+                          env=env, preexec_fn=preexec)
+
+
+def _in_tmpfs(folder: Path, options: str) -> list[str]:
+    """Run the command in a private mount namespace where `folder` is a small tmpfs (root only, as in CI)."""
+    return ["unshare", "--mount", "sh", "-c", f'mount -t tmpfs -o {options} tmpfs "{folder}" && exec "$@"', "sh"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root to mount a tmpfs")
+@pytest.mark.parametrize("case, options, message", [
+    ("full disk", "size=64k", "no space left on the device"),
+    ("read-only", "ro", "the file system is read-only"),
+])
+def test_disk_refusals_are_clear_errors_that_leave_nothing(tmp_path, case, options, message):
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    check = f'{sys.executable} -m polyfuse toyworld build --preset tiny --cache-dir "{folder}"; code=$?; echo LEFT:; ls -A "{folder}"; exit $code'
+    result = subprocess.run([*_in_tmpfs(folder, options), "sh", "-c", check], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: cannot write" in result.stderr and message in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout.rstrip().endswith("LEFT:")  # `ls -A` inside the namespace: no temporary folder left
+
+
+def test_file_size_limit_is_a_clear_error(tmp_path):
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    result = _polyfuse(["toyworld", "build", "--preset", "tiny", "--cache-dir", str(tmp_path)], preexec=limit)
+    assert result.returncode == 2 and "file too large" in result.stderr and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_location_that_is_a_file(tmp_path):
+    (tmp_path / "taken").write_text("the user's file")
+    result = _polyfuse(["toyworld", "build", "--preset", "tiny", "--cache-dir", str(tmp_path / "taken" / "cache")])
+    assert result.returncode == 2 and "a part of this path is a file, expected a folder" in result.stderr
+    assert (tmp_path / "taken").read_text() == "the user's file"

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from polyfuse.errors import EXIT_USER_ERROR, UserError
+from polyfuse.errors import EXIT_USER_ERROR, UserError, storage_error
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fuse heterogeneous LLMs into one pivot model.")
 train_app = typer.Typer(no_args_is_help=True, help="Train the pivot: SFT, distillation or preference optimisation.")
@@ -290,7 +290,7 @@ def eval_cmd(
 def toy_build(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML ToyWorldConfig (overrides the preset).")] = None,
     preset: Annotated[str, typer.Option(help="default or tiny.")] = "default",
-    cache_dir: Annotated[Path | None, typer.Option(help="Cache folder (default $POLYFUSE_CACHE or ~/.cache/polyfuse).")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Cache folder (default $POLYFUSE_CACHE, else $XDG_CACHE_HOME/polyfuse, else ~/.cache/polyfuse).")] = None,
     set_: SetOpt = None,
 ) -> None:
     """Build (or reuse from cache) the toy world: sources, pivot, reward model, tokenizers."""
@@ -347,4 +347,9 @@ def main() -> None:
         app()  # bad flags: typer's own usage message and exit code 2
     except UserError as err:
         Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {err}", highlight=False)
+        sys.exit(EXIT_USER_ERROR)
+    except Exception as err:  # a full disk, a read-only folder, a file where a folder must go
+        if (user_error := storage_error(err)) is None:
+            raise
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {user_error}", highlight=False)
         sys.exit(EXIT_USER_ERROR)
