@@ -8,6 +8,7 @@ back up is still a dependency that runs back up.
 from __future__ import annotations
 
 import ast
+from collections import defaultdict
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "polyfuse"
@@ -70,3 +71,25 @@ def test_no_import_runs_back_up():
         if unit_of(a) != unit_of(b) and FLOOR[unit_of(b)] >= FLOOR[unit_of(a)]
     )
     assert not upward, "imports that run back up or sideways:\n" + "\n".join(upward)
+
+
+def test_no_import_circle():
+    graph = import_graph()
+    state: dict[str, int] = defaultdict(int)  # 0 new, 1 on the stack, 2 finished
+    circles: list[list[str]] = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state[nxt] == 1:
+                circles.append(stack[stack.index(nxt):] + [nxt])
+            elif state[nxt] == 0:
+                visit(nxt, stack)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if state[node] == 0:
+            visit(node, [])
+    assert not circles, "import circles:\n" + "\n".join(" -> ".join(c) for c in circles)

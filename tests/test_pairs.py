@@ -6,7 +6,7 @@ import pytest
 
 from polyfuse.data.schemas import SampleRow, response_text
 from polyfuse.errors import ConfigError
-from polyfuse.pipeline.pairs import PairsConfig, build_pairs, in_sft_split
+from polyfuse.pipeline.stages.pairs import PairsConfig, build_pairs, in_sft_split
 
 
 def sample(prompt, model, k, reward, correct=None):

@@ -67,6 +67,8 @@ def _describe(err: dict[str, Any]) -> str:
         return f"{key}: unknown key"
     if kind == "missing":
         return f"{key}: required key is missing"
+    if not err["loc"]:  # a check across keys: the input is the whole config, the message says what is wrong
+        return f"{key}: {err['msg'].removeprefix('Value error, ')}"
     given = err.get("input")
     return f"{key}: {err['msg']} (got {given!r})"
 

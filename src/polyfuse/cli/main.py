@@ -69,7 +69,7 @@ def sample(
     """Sample N responses per prompt from every model in the config (data parallel under accelerate)."""
     from polyfuse.config import load_config
     from polyfuse.data import PromptRow
-    from polyfuse.pipeline.sample import SampleConfig, run_sample
+    from polyfuse.pipeline.stages.sample import SampleConfig, run_sample
 
     cfg = load_config(SampleConfig, config, set_)
     console.print(f"wrote {run_sample(_read(prompts, PromptRow, skip_invalid), cfg, out, quiet=quiet)}")
@@ -86,7 +86,7 @@ def score(
     """Score samples with reward models and verifiers (math, code sandbox, toy world)."""
     from polyfuse.config import load_config
     from polyfuse.data import SampleRow
-    from polyfuse.pipeline.score import ScoreConfig, run_score
+    from polyfuse.pipeline.stages.score import ScoreConfig, run_score
 
     cfg = load_config(ScoreConfig, config, set_)
     console.print(f"wrote {run_score(_read(samples, SampleRow), cfg, out, quiet=quiet)}")
@@ -104,7 +104,7 @@ def pairs(
 
     from polyfuse.config import load_config
     from polyfuse.data import SampleRow
-    from polyfuse.pipeline.pairs import PairsConfig, run_pairs
+    from polyfuse.pipeline.stages.pairs import PairsConfig, run_pairs
 
     cfg = load_config(PairsConfig, config, set_)
     paths = run_pairs(_read(scored, SampleRow), cfg, out)

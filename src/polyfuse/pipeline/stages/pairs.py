@@ -28,9 +28,10 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from polyfuse.config import StrictModel
-from polyfuse.data.io import write_json, write_rows
+from polyfuse.data.io import read_rows, write_json, write_rows
 from polyfuse.data.schemas import PreferenceRow, SampleRow, SFTRow, assistant, stable_id
 from polyfuse.errors import ConfigError
+from polyfuse.pipeline.context import STAGES, Context, Stage
 
 
 class PairsConfig(StrictModel):
@@ -204,3 +205,19 @@ def run_pairs(samples: list[SampleRow], config: PairsConfig, out_dir: str | Path
             reasons = ", ".join(f"{k} {v}" for k, v in report.items() if k.startswith(("dropped", "candidates")))
             warnings.warn(f"pairs: 0 {kind} from {report[prompts]} prompts ({reasons}); see {paths['report']}", stacklevel=2)
     return paths
+
+
+@STAGES.register("pairs")
+class PairsStage(Stage):
+    name = "pairs"
+    position = 40
+    section = PairsConfig
+    seeded = True
+    needs = ("score",)
+
+    def inputs(self, ctx: Context) -> dict[str, str]:
+        return {"scored": ctx.output("score", "scored")}
+
+    def run(self, ctx: Context, folder: Path) -> dict[str, str]:
+        samples = read_rows(ctx.output("score", "scored"), SampleRow)
+        return {k: str(v) for k, v in run_pairs(samples, ctx.recipe.pairs, folder).items()}
