@@ -192,7 +192,7 @@ def test_preference_rows_with_no_preference_are_invalid_data(tmp_path):
 
 
 def test_zero_pairs_is_a_warning_that_says_why(tmp_path):
-    from polyfuse.pipeline.pairs import run_pairs
+    from polyfuse.pipeline.stages.pairs import run_pairs
 
     p = po_prompt()
     rows = [sample(p, "a", 0, 0.50), sample(p, "a", 1, 0.49)]  # gap 0.01, below the window
