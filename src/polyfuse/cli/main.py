@@ -248,16 +248,37 @@ def merge(
     console.print(f"[green]merged[/]: {result.out} ({len(result.files)} shards)")
 
 
+
+def named_models(models: list[str]) -> dict[str, str]:
+    """Row name -> path for `--model` values, in the order given. `NAME=PATH` names a row; otherwise the
+    folder's name, made unique by its parent folders when two share it (`sft/model`, `po/model`: every
+    stage writes `model`)."""
+    pairs = [item.partition("=") for item in models]
+    pairs = [(name, path) if sep and name and "/" not in name else (None, name + sep + path) for name, sep, path in pairs]
+    parts = {path: Path(path.rstrip("/")).parts for name, path in pairs if name is None}
+    named: dict[str, str] = {}
+    for name, path in pairs:
+        if name is None:
+            depth = 1
+            while depth < len(parts[path]) and sum(p[-depth:] == parts[path][-depth:] for p in parts.values()) > 1:
+                depth += 1
+            name = "/".join(parts[path][-depth:]).removesuffix(".gguf")
+        if name in named:
+            raise UserError(f"--model: two models are named {name!r}; name them with NAME=PATH")
+        named[name] = path
+    return named
+
+
 @app.command("eval")
 def eval_cmd(
-    model: Annotated[list[str], typer.Option(help="Model to evaluate: folder, hub id or .gguf (repeatable).")],
+    model: Annotated[list[str], typer.Option(help="Model to evaluate: folder, hub id or .gguf, or NAME=PATH to name its row (repeatable).")],
     data: Annotated[str, typer.Option(help="'toyworld', 'humaneval', 'gsm8k:<file.jsonl>', or a PromptRow file.")],
     out: OutOpt,
-    limit: Annotated[int | None, typer.Option(help="Evaluate the first N prompts only.")] = None,
-    per_domain: Annotated[int, typer.Option(help="Toy world: held-out prompts per domain.")] = 100,
+    limit: Annotated[int | None, typer.Option(min=1, help="Evaluate the first N prompts only.")] = None,
+    per_domain: Annotated[int, typer.Option(min=1, help="Toy world: held-out prompts per domain.")] = 100,
     toy_preset: Annotated[str, typer.Option(help="Toy world preset for --data toyworld.")] = "default",
-    max_new_tokens: Annotated[int, typer.Option(help="Generation budget per prompt.")] = 512,
-    batch_size: Annotated[int, typer.Option(help="Prompts per generate call.")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation budget per prompt.")] = 256,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per generate call.")] = 16,
     quiet: QuietOpt = False,
 ) -> None:
     """Greedy accuracy per domain on held-out prompts: a table, results.json, results.md and a PNG bar chart."""
@@ -277,8 +298,8 @@ def eval_cmd(
         prompts = load_eval_set(data, limit)
     scorers = default_verifiers()
     results = {}
-    for path in model:
-        spec = ModelSpec(path=path)
+    for name, path in named_models(model).items():
+        spec = ModelSpec(name=name, path=path)
         results[spec.label] = evaluate(spec, prompts, scorers, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                        quiet=quiet)
     write_eval_report(results, out)
