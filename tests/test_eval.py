@@ -264,3 +264,13 @@ def test_chart_tells_sources_from_pivot_stages(tmp_path):
     assert len(set(colours)) == 5
     assert all(c[2] > c[0] for c in colours[:2]) and all(c[0] > c[2] for c in colours[2:])  # blue vs orange
     assert colours[4][1] < colours[2][1]  # the last stage is the darkest
+
+
+def test_version_flag():
+    from typer.testing import CliRunner
+
+    from polyfuse import __version__
+    from polyfuse.cli.main import app
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"polyfuse {__version__}"

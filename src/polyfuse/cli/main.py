@@ -19,6 +19,21 @@ from polyfuse.errors import EXIT_USER_ERROR, UserError, storage_error
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fuse heterogeneous LLMs into one pivot model.")
 train_app = typer.Typer(no_args_is_help=True, help="Train the pivot: SFT, distillation or preference optimisation.")
 toy_app = typer.Typer(no_args_is_help=True, help="The offline toy world: tiny specialist sources and a weak pivot.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from polyfuse import __version__
+
+        print(f"polyfuse {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Fuse heterogeneous LLMs into one pivot model."""
 app.add_typer(train_app, name="train")
 app.add_typer(toy_app, name="toyworld")
 console = Console()
