@@ -375,6 +375,12 @@ def _read(path: Path, schema, skip_invalid: bool = False):
 
 def main() -> None:
     """Entry point: user errors become one red line and exit code 2, never a traceback."""
+    import os
+
+    # polyfuse shows one rich progress display per stage; the libraries' own tqdm bars (the GGUF
+    # de-quantiser's, `datasets`' split bars) would only interleave with it. Read when tqdm is imported.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # polyfuse reports progress itself; keep transformers' chatter out
