@@ -124,14 +124,18 @@ EXPLAIN = {
 }
 
 
-def explain(name: str, value: Any, given: bool, num_layers: int) -> str:
+def explain(name: str, value: Any, given: bool, num_layers: int, method=None) -> str:
     origin = "" if given else " (default)"
     if isinstance(value, FilterValue) or (isinstance(value, list) and value and isinstance(value[0], FilterValue)):
         return f"{name}: chosen per tensor; the first filter contained in the tensor name wins{origin}"
     if isinstance(value, list):
         return (f"{name}: a gradient over the {num_layers} layers, {value[0]} at layer 0 to {value[-1]} at layer "
                 f"{num_layers - 1}; embeddings, final norm and lm_head get {value[0]}{origin}")
-    text = EXPLAIN[name](value) if name in EXPLAIN else f"{name} {value} = a parameter of this method"
+    own = getattr(method, "explanations", {})
+    if name in own:
+        text = own[name].format(v=value)
+    else:
+        text = EXPLAIN[name](value) if name in EXPLAIN else f"{name} {value} = a parameter of this method"
     return text + origin
 
 
@@ -176,12 +180,14 @@ def render_resolved(cfg: MergeConfig, plan: MergePlan) -> str:
                 lines.append("    parameters:")
             lines += _model_lines(method, [entry.parameters, cfg.parameters], layers, "      ")
     lines.append("parameters:")
-    defaults = {}
+    defaults, owner = {}, {}
     for piece in plan.slices:
         defaults.update(piece.method.defaults)
+        owner.update(dict.fromkeys(piece.method.defaults, piece.method))
     for key, default in {**defaults, **ENGINE_PARAMS}.items():
         value = cfg.parameters.get(key, default)
-        lines.append(f"  {key}: {_value(value)}  # {explain(key, value, key in cfg.parameters, layers)}")
+        lines.append(f"  {key}: {_value(value)}  # "
+                     f"{explain(key, value, key in cfg.parameters, layers, owner.get(key))}")
     lines.append("dtype: float32  # compute dtype: polyfuse computes in float32 whatever this says")
     lines.append(f"out_dtype: {plan.out_dtype}  # the merged tensors are saved as {plan.out_dtype}")
     remap = "rows remapped by token string" if plan.vocab is not None and plan.vocab.remaps else "no remap needed"
@@ -211,7 +217,8 @@ def _model_lines(method, layers_of_params: list[dict[str, Any]], num_layers: int
     for key, default in method.model_defaults.items():
         given = next((p for p in layers_of_params if key in p), None)
         value = given[key] if given is not None else default
-        lines.append(f"{indent}{key}: {_value(value)}  # {explain(key, value, given is not None, num_layers)}")
+        lines.append(f"{indent}{key}: {_value(value)}  # "
+                     f"{explain(key, value, given is not None, num_layers, method)}")
     return lines
 
 

@@ -85,6 +85,7 @@ class MergeMethod(ABC):
     defaults: ClassVar[dict[str, Any]] = {}
     model_defaults: ClassVar[dict[str, Any]] = {}
     description: ClassVar[str] = ""  # one line for logs and the resolved config
+    explanations: ClassVar[dict[str, str]] = {}  # parameter -> what its value means here ("{v}": the value)
 
     @abstractmethod
     def merge(self, task: TensorTask) -> torch.Tensor: ...
