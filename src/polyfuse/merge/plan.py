@@ -30,6 +30,7 @@ from polyfuse.merge.vocab import VocabPlan, embed_key, head_key, plan_vocab
 OUT_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 _ARCH_KEYS = ("architectures", "model_type", "hidden_size")
 _STACK = re.compile(r"^(.*?(?:^|\.)(?:layers|h|blocks|layer)\.)(\d+)\.(.+)$")
+PRE_WORDS = ("embed", "wte.", "wpe.")  # tensors before the layers (token, position embeddings); the rest follow them
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 
@@ -258,12 +259,11 @@ def _sliced_tensors(pieces: list[OutputSlice], position: dict[int, int], inputs:
                 raise ConfigError(f"{where}: {entry.where}.layer_range: [{start}, {end}] is outside "
                                   f"{entry.model}'s {count} layers (0 to {count - 1})")
     reference = inputs[0]
-    layer_names = [n for n in reference.tensors if split_layer(n)]
     outside = [n for n in reference.tensors if not split_layer(n)]
     if any(heads) and heads[0] is None:
         outside.append(next(h for h in heads if h))
     first, last = pieces[0], pieces[-1]
-    pre = [n for n in outside if n == embed_key(reference) or "embed" in n]
+    pre = [n for n in outside if n == embed_key(reference) or any(w in n for w in PRE_WORDS)]
     post = [n for n in outside if n not in pre]
     tensors = []
     for name in pre:
@@ -279,7 +279,7 @@ def _sliced_tensors(pieces: list[OutputSlice], position: dict[int, int], inputs:
             lead_layer = lead.layer_range[0] + offset
             output_layers.append((position[id(lead)], lead_layer))
             suffixes = [split_layer(n)[2] for n in inputs[position[id(lead)]].tensors
-                        if split_layer(n)[:2] == (prefix, lead_layer)] if lead else []
+                        if split_layer(n) and split_layer(n)[:2] == (prefix, lead_layer)]
             for suffix in suffixes:
                 keys = []
                 for entry in piece.inputs:
@@ -292,7 +292,6 @@ def _sliced_tensors(pieces: list[OutputSlice], position: dict[int, int], inputs:
         tensors.append(_tensor_plan(name, [(position[id(e)], _key(inputs[position[id(e)]], name,
                                                                 heads[position[id(e)]])) for e in last.inputs],
                                     last, 0.0, inputs, heads, vocab, dtype))
-    del layer_names
     return tensors, output_layers
 
 
