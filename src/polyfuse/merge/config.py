@@ -343,6 +343,11 @@ def check_method(cfg: MergeConfig, source: str) -> None:
         for key, default in method.defaults.items():
             if default is None and key not in piece.parameters and key not in cfg.parameters:
                 raise ConfigError(f"{source}: parameters.{key}: required by {name}")
+    for ref in cfg.referenced_models():
+        if "+" in ref and not Path(ref).exists():
+            raise ConfigError(f"{source}: {ref}: mergekit's `model+lora` syntax (a LoRA adapter applied on the fly) "
+                              f"is not supported; merge the adapter into its model first (peft's "
+                              f"merge_and_unload) and give that folder")
     pieces = output_slices(cfg)
     for key in cfg.parameters:
         if not any(key in p.method.defaults or key in p.method.model_defaults for p in pieces):
