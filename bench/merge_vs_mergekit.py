@@ -96,6 +96,18 @@ FINDINGS = [
     "run counts. linear, ties, della, della_linear and model_stock ran once (repeats 1) and have the noisiest "
     "times; the other methods are best of 3.",
 ]
+# The same, for the methods and slices added later (their own section, `--section`), checked on the 2026-12-02 run.
+OTHER_FINDINGS = [
+    "arcee_fusion: `embed_tokens` (28.3M entries) is above the 1M entries from which both tools estimate the "
+    "importance quartiles by random draws (polyfuse seeded per tensor, mergekit from the global generator), so "
+    "the thresholds differ slightly and 18,643 of its entries land on the other side; every other tensor is "
+    "identical.",
+    "karcher merges 4 inputs here: the base is appended to the 3 models, as mergekit does. nuslerp: the first "
+    "two fine-tunes around the base, per row. slices_passthrough stacks 20 layers of ft1 and 20 of ft2 (layers "
+    "10-29) into 40; slices_slerp is examples/gradient-slerp.yml over all 30 layers.",
+    "multislerp is best of 3 runs (a first single run gave a wall ratio of 1.16 at CPU ratio 0.94, under load "
+    "from other jobs); the others ran once. Peak RSS is below mergekit's on every row (0.44-0.88).",
+]
 TIME = "/usr/bin/time"  # GNU time: %M is the child's peak RSS in KiB, %U / %S its user / system CPU seconds
 
 
@@ -590,7 +602,7 @@ def main() -> None:
     setup = (f"{'tiny random Llama' if args.tiny else 'SmolLM2-135M-Instruct (GGUF Q4_1 dequantised)'}, "
              f"{params:,} parameters stored once (tied head: {HEAD not in base.names()}), base + 3 "
              f"seeded fine-tunes, fp32 safetensors in {files} shards of <= {args.input_shard_size}")
-    notes = name_notes(rows) + ([] if args.tiny or args.section != SECTION else FINDINGS)
+    notes = name_notes(rows) + ([] if args.tiny else FINDINGS if args.section == SECTION else OTHER_FINDINGS)
     print()
     print(table(rows))
     print(f"\n{setup}\nVersions: {versions()}")

@@ -72,7 +72,7 @@ def bpe_tokenizer(vocab_size: int, added: list[str]):
     from transformers import PreTrainedTokenizerFast
 
     tokens = ["<unk>", "<s>", "</s>"] + [f"_tok_{i}" for i in range(3, vocab_size)]
-    data = {"version": "1.0", "model": {"type": "BPE", "vocab": dict(zip(tokens, range(vocab_size))), "merges": []},
+    data = {"version": "1.0", "model": {"type": "BPE", "vocab": dict(zip(tokens, range(vocab_size), strict=True)), "merges": []},
             "added_tokens": []}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(data)),
                                         bos_token="<s>", eos_token="</s>", unk_token="<unk>")

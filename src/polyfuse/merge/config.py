@@ -8,7 +8,6 @@ downloading (spec section 13). Header-level checks (shapes, vocabularies) live i
 from __future__ import annotations
 
 import logging
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path

@@ -35,8 +35,8 @@ HEAD_NAMES = ("lm_head.weight", "embed_out.weight", "output.weight")
 
 
 def embed_key(source: ModelSource) -> str | None:
-    """The input-token embedding: from the model's own declaration when the config names the text model's
-    embedding class layout, else by the usual tensor names."""
+    """The input-token embedding, by the usual tensor names (also under a multimodal wrapper, e.g.
+    `language_model.model.embed_tokens.weight`)."""
     return next((k for k in source.tensors if k.endswith(EMBED_SUFFIXES)), None)
 
 
