@@ -96,6 +96,18 @@ FINDINGS = [
     "run counts. linear, ties, della, della_linear and model_stock ran once (repeats 1) and have the noisiest "
     "times; the other methods are best of 3.",
 ]
+# The same, for the methods and slices added later (their own section, `--section`), checked on the 2026-12-02 run.
+OTHER_FINDINGS = [
+    "arcee_fusion: `embed_tokens` (28.3M entries) is above the 1M entries from which both tools estimate the "
+    "importance quartiles by random draws (polyfuse seeded per tensor, mergekit from the global generator), so "
+    "the thresholds differ slightly and 18,643 of its entries land on the other side; every other tensor is "
+    "identical.",
+    "karcher merges 4 inputs here: the base is appended to the 3 models, as mergekit does. nuslerp: the first "
+    "two fine-tunes around the base, per row. slices_passthrough stacks 20 layers of ft1 and 20 of ft2 (layers "
+    "10-29) into 40; slices_slerp is examples/gradient-slerp.yml over all 30 layers.",
+    "multislerp is best of 3 runs (a first single run gave a wall ratio of 1.16 at CPU ratio 0.94, under load "
+    "from other jobs); the others ran once. Peak RSS is below mergekit's on every row (0.44-0.88).",
+]
 TIME = "/usr/bin/time"  # GNU time: %M is the child's peak RSS in KiB, %U / %S its user / system CPU seconds
 
 
@@ -186,6 +198,7 @@ def warm_cache(folders: dict[str, Path]) -> None:
 def method_configs(folders: dict[str, Path]) -> dict[str, tuple[dict, dict]]:
     """method -> (the shared mergekit config, polyfuse-only `parameters` to add)."""
     base = str(folders["base"])
+    LAYERS = json.loads((folders["base"] / "config.json").read_text())["num_hidden_layers"]  # noqa: N806
     fts = [str(folders[m]) for m in MODELS[1:]]
 
     def models(**per_model) -> list[dict]:
@@ -217,6 +230,24 @@ def method_configs(folders: dict[str, Path]) -> dict[str, tuple[dict, dict]]:
         "sce": (cfg("sce", bare, select_topk=0.5), {}),
         "model_stock": (cfg("model_stock", bare), {}),
         "slerp": (cfg("slerp", [{"model": base}, {"model": fts[0]}], t=[0.2, 0.8]), {}),
+        # mergekit's other methods (issue 13)
+        "passthrough": ({"merge_method": "passthrough", "dtype": "float32", "models": [
+            {"model": fts[0], "parameters": {"scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1.0}]}}]}, {}),
+        "nuslerp": (cfg("nuslerp", models()[:2], nuslerp_flatten=False), {}),
+        "multislerp": (cfg("multislerp", models()), {}),
+        "karcher": (cfg("karcher", bare, max_iter=5), {}),
+        "nearswap": (cfg("nearswap", bare[:1], t=1e-4), {}),
+        "arcee_fusion": (cfg("arcee_fusion", bare[:1]), {}),
+        "ram": (cfg("ram", bare), {}),
+        "ramplus_tl": (cfg("ramplus_tl", bare, r=0.05, alpha=1.0), {}),
+        # layer stacking (two fine-tunes' overlapping layer ranges, 1.5x the depth) and a sliced gradient SLERP
+        "slices_passthrough": ({"merge_method": "passthrough", "dtype": "float32", "slices": [
+            {"sources": [{"model": fts[0], "layer_range": [0, 2 * LAYERS // 3]}]},
+            {"sources": [{"model": fts[1], "layer_range": [LAYERS // 3, LAYERS]}]}]}, {}),
+        "slices_slerp": ({"merge_method": "slerp", "dtype": "float32", "base_model": base, "slices": [
+            {"sources": [{"model": base, "layer_range": [0, LAYERS]}, {"model": fts[0], "layer_range": [0, LAYERS]}]}],
+            "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                                 {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]}}, {}),
     }
 
 
@@ -383,7 +414,7 @@ def compare(method: str, pf_dir: Path, mk_dir: Path, reference: Path, models: li
         result.numel += a.numel()
         if diff > result.max_diff or not result.worst:
             result.max_diff, result.worst = diff, name
-        base = ref.get(name).float()
+        base = ref.get(name).float() if name in ref.names() or name == HEAD else a.float()  # stacked layers: none
         da, db = a.float() - base, b.float() - base
         result.max_delta = max(result.max_delta, float(da.abs().max()))
         moments["polyfuse"].add(da)
@@ -474,10 +505,11 @@ def name_notes(rows: list[Row]) -> list[str]:
 
 def section(rows: list[Row], args: argparse.Namespace, setup: str, notes: list[str]) -> str:
     repeats = "/".join(sorted({str(r.repeats) for r in rows}))
+    methods = "" if args.section == SECTION else f" --methods {','.join(r.method for r in rows)}"
     body = [
-        SECTION,
+        args.section,
         "",
-        f"`python bench/merge_vs_mergekit.py{' --tiny' if args.tiny else ''}` ({time.strftime('%Y-%m-%d')}): "
+        f"`python bench/merge_vs_mergekit.py{' --tiny' if args.tiny else ''}{methods}` ({time.strftime('%Y-%m-%d')}): "
         f"{setup}. Each tool runs in its own subprocess (wall and CPU (user + system) time include its start-up "
         f"and imports; peak RSS of the tool's process via GNU `time`), best of {repeats} run(s) per tool, the "
         f"tools taking turns (peak RSS: the largest of the runs); "
@@ -495,14 +527,14 @@ def section(rows: list[Row], args: argparse.Namespace, setup: str, notes: list[s
     return "\n".join(body).rstrip() + "\n"
 
 
-def write_doc(text: str) -> None:
+def write_doc(text: str, title: str = SECTION) -> None:
     """Append our section, or replace it if a previous run wrote it; other sections stay as they are."""
     current = DOC.read_text() if DOC.exists() else "# Performance\n"
-    start = current.find(SECTION + "\n")
+    start = current.find(title + "\n")
     if start < 0:
         current = current.rstrip("\n") + "\n\n" + text
     else:
-        end = current.find("\n## ", start + len(SECTION))
+        end = current.find("\n## ", start + len(title))
         tail = "" if end < 0 else current[end:]
         current = current[:start] + text + tail
     DOC.parent.mkdir(parents=True, exist_ok=True)
@@ -537,6 +569,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out-shard-size", default="200MB", help="output shard size, for both tools")
     parser.add_argument("--seed", type=int, default=0, help="mergekit's --random-seed")
     parser.add_argument("--no-doc", action="store_true", help="do not write docs/performance.md")
+    parser.add_argument("--section", default=SECTION,
+                        help="docs/performance.md section to write (replaced on a rerun), e.g. for a subset of methods")
     parser.add_argument("--reuse", action="store_true",
                         help="reuse the saved result of a method already measured (work/results/METHOD.json)")
     return parser.parse_args()
@@ -568,15 +602,15 @@ def main() -> None:
     setup = (f"{'tiny random Llama' if args.tiny else 'SmolLM2-135M-Instruct (GGUF Q4_1 dequantised)'}, "
              f"{params:,} parameters stored once (tied head: {HEAD not in base.names()}), base + 3 "
              f"seeded fine-tunes, fp32 safetensors in {files} shards of <= {args.input_shard_size}")
-    notes = name_notes(rows) + ([] if args.tiny else FINDINGS)
+    notes = name_notes(rows) + ([] if args.tiny else FINDINGS if args.section == SECTION else OTHER_FINDINGS)
     print()
     print(table(rows))
     print(f"\n{setup}\nVersions: {versions()}")
     for note in notes:
         print("-", note)
     if not args.no_doc:
-        write_doc(section(rows, args, setup, notes))
-        print(f"wrote {DOC.relative_to(ROOT)} ({SECTION})")
+        write_doc(section(rows, args, setup, notes), args.section)
+        print(f"wrote {DOC.relative_to(ROOT)} ({args.section})")
 
 
 if __name__ == "__main__":

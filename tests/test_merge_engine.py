@@ -114,18 +114,47 @@ def test_gradient_filter_and_precedence():
         "parameters": {"weight": 2.0, "density": 0.9,
                        "scale": [{"filter": "self_attn", "value": [1.0, 3.0]}, {"filter": "*", "value": 0.5}]},
     })
-    resolver = ParamResolver(cfg, num_layers=3)
-    assert resolver.model_params("model.layers.0.mlp.up_proj.weight") == [
-        {"weight": 0.0, "density": 0.9}, {"weight": 2.0, "density": 0.2}]
+    resolver = ParamResolver.of(cfg)
+    up = "model.layers.0.mlp.up_proj.weight"
+    assert resolver.model_params([up, up], 0.0) == [{"weight": 0.0, "density": 0.9}, {"weight": 2.0, "density": 0.2}]
     middle = "model.layers.1.self_attn.q_proj.weight"
-    assert resolver.model_params(middle)[0]["weight"] == pytest.approx(0.5)
-    assert resolver.params(middle)["scale"] == pytest.approx(2.0)  # gradient inside a filter entry
-    assert resolver.params("model.layers.2.self_attn.o_proj.weight")["scale"] == pytest.approx(3.0)
-    assert resolver.model_params("model.layers.2.mlp.down_proj.weight")[0]["weight"] == pytest.approx(1.0)
-    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):  # t = 0: first value
-        assert resolver.model_params(name)[0]["weight"] == 0.0
-        assert resolver.params(name)["scale"] == 0.5  # the `*` fallback
-        assert resolver.model_params(name)[1]["density"] == 0.7
+    assert resolver.model_params([middle, middle], 0.5)[0]["weight"] == pytest.approx(0.5)
+    assert resolver.params(middle, 0.5)["scale"] == pytest.approx(2.0)  # gradient inside a filter entry
+    assert resolver.params("model.layers.2.self_attn.o_proj.weight", 1.0)["scale"] == pytest.approx(3.0)
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        assert resolver.params(name, 0.0)["scale"] == 0.5  # the `*` fallback
+        assert resolver.model_params([name, name], 0.0)[1]["density"] == 0.7
+
+
+@pytest.mark.parametrize(("entries", "mlp", "attn"), [
+    ([{"value": 0.5}, {"filter": "mlp", "value": 1.0}], 0.5, 0.5),  # a fallback listed first shadows the filter
+    ([{"filter": "mlp", "value": 1.0}, {"value": 0.5}], 1.0, 0.5),
+    ([{"filter": "*", "value": 0.25}, {"filter": "mlp", "value": 1.0}], 0.25, 0.25),
+    ([{"filter": "layers.0", "value": 2.0}, {"filter": "mlp", "value": 1.0}, {"value": 0.0}], 2.0, 2.0),
+])
+def test_filter_lists_take_the_first_entry_that_applies(entries, mlp, attn):
+    """mergekit's `evaluate_setting`: entries are tried in list order; the first that applies wins."""
+    cfg = MergeConfig.model_validate({"merge_method": WeightedSum.name, "base_model": "b",
+                                      "models": [{"model": "m1", "parameters": {"weight": entries}}]})
+    resolver = ParamResolver.of(cfg)
+    assert resolver.model_params(["model.layers.0.mlp.up_proj.weight"], 0.0)[0]["weight"] == mlp
+    assert resolver.model_params(["model.layers.0.self_attn.q_proj.weight"], 0.0)[0]["weight"] == attn
+
+
+def test_single_filter_entry_and_discrete_gradients():
+    """A lone `{filter, value}` mapping is a one-entry list; a gradient of booleans picks int(t * (n - 1))."""
+    from polyfuse.merge.config import resolve_value
+
+    cfg = MergeConfig.model_validate({"merge_method": WeightedSum.name, "base_model": "b",
+                                      "models": [{"model": "m1", "parameters": {
+                                          "weight": {"filter": "mlp", "value": 3.0}}}],
+                                      "parameters": {"weight": 1.0}})
+    resolver = ParamResolver.of(cfg)
+    assert resolver.model_params(["a.mlp.w"], 0.0)[0]["weight"] == 3.0
+    assert resolver.model_params(["a.attn.w"], 0.0)[0]["weight"] == 1.0  # no entry applies: the next level
+    assert resolve_value([False, True, True], "x", 0.49) is False
+    assert resolve_value([False, True, True], "x", 0.5) is True
+    assert resolve_value([0.0, 1.0, 3.0], "x", 0.75) == pytest.approx(2.0)
 
 
 def test_required_weight_and_overrides(tmp_path):
@@ -135,18 +164,18 @@ def test_required_weight_and_overrides(tmp_path):
     cfg = load_merge_config(write_config(tmp_path, config), ["parameters.weight=0.3", "parameters.scale=2"])
     assert cfg.parameters == {"weight": 0.3, "scale": 2}
     with pytest.raises(ConfigError, match=r"parameters\.scale: expected a float"):
-        ParamResolver(load_merge_config(write_config(tmp_path, config), ["parameters.weight=1",
-                                                                          "parameters.scale=high"]), 2).params("x")
+        ParamResolver.of(load_merge_config(write_config(tmp_path, config), ["parameters.weight=1",
+                                                                            "parameters.scale=high"])).params("x", 0)
     with pytest.raises(ConfigError, match=r"parameters\.densty: unknown parameter"):
         load_merge_config(write_config(tmp_path, config), ["parameters.weight=1", "parameters.densty=0.5"])
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"slices": [{"sources": [{"model": "x", "layer_range": [0, 2]}]}]}, r"slices: not supported"),
-    ({"modules": {"text": {}}}, r"modules: not supported"),
-    ({"models": [{"model": "x", "layer_range": [0, 1]}]}, r"models\[0\]\.layer_range: not supported"),
+    ({"slices": [{"sources": [{"model": "x", "layer_range": [0, 2]}]}]}, r"exactly one of `models` and `slices`"),
+    ({"modules": {"text": {}}}, r"modules: not supported: mergekit's per-module sections"),
+    ({"models": [{"model": "x", "layer_range": [0, 1]}]}, r"models\.0\.layer_range"),
     ({"merge_method": "frankenmerge"}, r"merge_method: unknown merge method 'frankenmerge'"),
-    ({"models": []}, r"needs at least 1 non-base models"),
+    ({"models": []}, r"give exactly one of `models` and `slices`"),
     ({"base_model": None}, r"base_model: required by engine_test_sum"),
 ])
 def test_refused_by_name_before_reading(tmp_path, zoo, no_tensor_reads, change, message):
@@ -498,9 +527,10 @@ def test_every_registered_method_runs_end_to_end(tmp_path, zoo, name):
     method = MERGE_METHODS.get(name)
     sources = [zoo["ft1"], zoo["ft2"]][: method.max_models or 2]
     per_model = {k: v for k, v in {"weight": 1.0, "density": 0.7}.items() if k in method.model_defaults}
-    config = {"merge_method": name, "base_model": zoo["base"],
-              "models": [{"model": m, "parameters": per_model} for m in sources],
+    config = {"merge_method": name, "models": [{"model": m, "parameters": per_model} for m in sources],
               "parameters": {"t": 0.5} if "t" in method.defaults else {}}
+    if name != "passthrough":  # passthrough takes one input, and mergekit appends the base to the inputs
+        config["base_model"] = zoo["base"]
     out, base = weights(merge(tmp_path, config).out), weights(zoo["base"])
     assert out.keys() == base.keys()
     for key, value in out.items():

@@ -100,7 +100,7 @@ def test_names_resolve_to_stage_outputs_sources_and_paths(tiny_world, tmp_path):
     ("merge.models=[{model: pairs, parameters: {weight: 1.0}}]", "the stage 'pairs' makes no model"),
     ("merge.merge_method=nonsense", "unknown merge method 'nonsense'"),
     ("merge.merge_method=slerp", "parameters.t: required by slerp"),
-    ("merge.slices=[]", "slices: not supported"),
+    ("merge.modules={}", "modules: not supported"),
     ("merge.models=[{model: pivot}]", "parameters.weight: required by task_arithmetic"),
 ])
 def test_bad_merge_sections_fail_when_the_recipe_loads(tiny_world, change, message):

@@ -54,17 +54,20 @@ def run_merge(cfg: MergeConfig, out: str | Path, source: str = "config", options
     options = options or MergeOptions()
     console = console or Console()
     out = Path(out)
-    method = cfg.method()()
     plan = build_plan(cfg, source, options.allow_pickle)
+    methods = [piece.method() for piece in plan.slices]
     limit = parse_size(options.max_shard_size)
     writer = ShardWriter(out, [(t.name, t.nbytes) for t in plan.tensors], limit, _fingerprint(cfg, plan, limit))
     writer.open()  # the last check before reading tensors: folder ours, writable, enough disk
     estimate = memory_estimate(plan, limit)
-    console.print(f"merge {cfg.merge_method}: {len(plan.merged)} models, {len(plan.tensors)} tensors, "
+    layout = f"{len(plan.slices)} slices, {plan.num_layers} layers" if cfg.slices else f"{len(plan.inputs)} models"
+    console.print(f"merge {cfg.merge_method}: {layout}, {len(plan.tensors)} tensors, "
                   f"{len(writer.files)} shards ({_size(sum(writer.sizes.values()))} on disk); "
                   f"peak memory estimate {_size(estimate)} "
-                  f"(({len(plan.merged)}+1) x {_size(plan.largest * 4)} largest fp32 tensor x {WORKING_COPIES}"
+                  f"({plan.widest} inputs x {_size(plan.largest * 4)} largest fp32 tensor x {WORKING_COPIES}"
                   f" + one {_size(min(limit, sum(writer.sizes.values())))} shard)")
+    for note in plan.vocab.notes if plan.vocab is not None else []:
+        console.print(f"tokenizer: {note}")
     for model in plan.inputs:
         fetch_weights(model)
     pending = set(writer.pending())
@@ -74,36 +77,43 @@ def run_merge(cfg: MergeConfig, out: str | Path, source: str = "config", options
     readers = [ModelReader(s) for s in plan.inputs]
     try:
         with progress_bar(disable=options.quiet) as bar:
-            statistics = _statistics_pass(method, plan, readers, bar) if pending else {}
+            statistics = [_statistics_pass(m, plan, readers, bar, i) if pending else {}
+                          for i, m in enumerate(methods)]
             task = bar.add_task(f"merge {cfg.merge_method}", total=len(pending))
             for tensor in plan.tensors:
                 if tensor.name in pending:
-                    writer.add(tensor.name, merge_tensor(method, plan, readers, tensor, statistics))
+                    method = methods[tensor.slice]
+                    writer.add(tensor.name, merge_tensor(method, plan, readers, tensor, statistics[tensor.slice]))
                     bar.advance(task)
     finally:
         for reader in readers:
             reader.close()
     writer.finish()
     write_extras(cfg, plan, out)
-    report = method.report()
-    if report:
+    reports = [m.report() for m in methods]
+    if any(reports):
+        report = reports[0] if len(reports) == 1 else {"slices": reports}
         write_json(out / "merge_report.json", report)
-        if "realised_density" in report:
-            densities = ", ".join(f"{d:.3f}" for d in report["realised_density"])
-            console.print(f"{report['method']}: realised density per model {densities} (merge_report.json)")
+        for item in reports:
+            if "realised_density" in item:
+                densities = ", ".join(f"{d:.3f}" for d in item["realised_density"])
+                console.print(f"{item['method']}: realised density per model {densities} (merge_report.json)")
     smoke = None
     if options.smoke_check:
         smoke = smoke_check(str(out), str(plan.inputs[0].folder), options.allow_pickle)
-        reference = "base" if plan.has_base else "first model"
-        console.print(f"smoke check: finite logits; perplexity {smoke.perplexity:.3f} "
-                      f"({reference} {smoke.base_perplexity:.3f})")
+        if smoke.skipped:
+            console.print(f"smoke check skipped: {smoke.skipped}")
+        else:
+            reference = "base" if plan.has_base else "first model"
+            console.print(f"smoke check: finite logits; perplexity {smoke.perplexity:.3f} "
+                          f"({reference} {smoke.base_perplexity:.3f}){smoke.detail}")
     return MergeResult(out, writer.files, estimate, len(pending), smoke)
 
 
 def memory_estimate(plan: MergePlan, shard_limit: int) -> int:
-    """(K + 1) x the largest tensor in fp32 x the working-copy budget, plus one output shard."""
+    """(inputs of the widest tensor) x the largest tensor in fp32 x the working-copy budget, plus one shard."""
     total = sum(t.nbytes for t in plan.tensors)
-    return (len(plan.merged) + 1) * plan.largest * 4 * WORKING_COPIES + min(shard_limit, total)
+    return plan.widest * plan.largest * 4 * WORKING_COPIES + min(shard_limit, total)
 
 
 def _size(nbytes: float) -> str:
@@ -116,27 +126,28 @@ def _size(nbytes: float) -> str:
 
 def read_task(method: MergeMethod, plan: MergePlan, readers: list[ModelReader], tensor: TensorPlan,
               statistics: dict[str, Any]) -> TensorTask:
-    """Read one tensor from every input (fp32, rows in the output vocabulary) as a `TensorTask` that owns them:
-    nothing else holds these tensors, so the method may overwrite them."""
+    """Read one tensor from every input of its slice (fp32, rows in the output vocabulary) as a `TensorTask`
+    that owns them: nothing else holds these tensors, so the method may overwrite them."""
     remap = tensor.vocab and plan.vocab is not None and plan.vocab.remaps
-    with_base = plan.has_base and (method.requires_base or remap)
-    indices = ([0] if with_base else []) + plan.merged
-    values = [readers[i].read(tensor.keys[i]).float() for i in indices]
+    inputs = [i for i, _ in tensor.sources]
+    values = [readers[i].read(key).float() for i, key in tensor.sources]
     if remap:
-        values = remap_rows(values, [plan.vocab.maps[i] for i in indices], plan.vocab.rows, with_base)
-    base = values.pop(0) if with_base else None
-    resolver = plan.resolver
+        values = remap_rows(values, inputs, plan.vocab, tensor.base)
+    base = values.pop(tensor.base) if tensor.base is not None else None
+    resolver = plan.resolvers[tensor.slice]
+    keys = [key for k, (_, key) in enumerate(tensor.sources) if k != tensor.base]
     return TensorTask(
-        name=tensor.name, base=base if method.requires_base else None, models=values,
-        model_params=resolver.model_params(tensor.name), params=resolver.params(tensor.name),
+        name=tensor.name, base=base, models=values,
+        model_params=resolver.model_params(keys, tensor.t), params=resolver.params(tensor.name, tensor.t),
         seed=resolver.seed(), statistics=statistics, owned=True,
     )
 
 
 def merge_tensor(method: MergeMethod, plan: MergePlan, readers: list[ModelReader], tensor: TensorPlan,
                  statistics: dict[str, Any]) -> torch.Tensor:
-    if tensor.dtype not in FLOAT_DTYPES:  # integer buffers are not weights: the base's, as is
-        return readers[0].read(tensor.keys[0])
+    if tensor.dtype not in FLOAT_DTYPES:  # integer buffers are not weights: the base's (or first input's), as is
+        index, key = tensor.sources[tensor.base or 0]
+        return readers[index].read(key)
     result = method.merge(read_task(method, plan, readers, tensor, statistics))
     if tuple(result.shape) != tensor.shape:
         raise RuntimeError(f"{method.name} returned shape {list(result.shape)} for {tensor.name}, "
@@ -144,11 +155,12 @@ def merge_tensor(method: MergeMethod, plan: MergePlan, readers: list[ModelReader
     return result.to(DTYPES[plan.out_dtype])
 
 
-def _statistics_pass(method: MergeMethod, plan: MergePlan, readers: list[ModelReader], bar) -> dict[str, Any]:
-    """Pass 1 for two-pass methods (RSAF): small per-tensor statistics, then whole-model ones."""
+def _statistics_pass(method: MergeMethod, plan: MergePlan, readers: list[ModelReader], bar,
+                     piece: int = 0) -> dict[str, Any]:
+    """Pass 1 for two-pass methods (RSAF): small per-tensor statistics of one slice, then whole-slice ones."""
     if type(method).tensor_statistics is MergeMethod.tensor_statistics:
         return {}
-    floats = [t for t in plan.tensors if t.dtype in FLOAT_DTYPES]
+    floats = [t for t in plan.tensors if t.dtype in FLOAT_DTYPES and t.slice == piece]
     task = bar.add_task("statistics", total=len(floats))
     per_tensor = {}
     for tensor in floats:

@@ -1,21 +1,33 @@
-"""Vocabulary rules (spec section 11): rows are matched by token string, never by raw row index.
+"""Vocabulary rules (spec section 11, mergekit's `tokenizer:` block): rows are matched by token string,
+never by raw row index.
 
-Each input gets a row map: for every output row, the row of that input holding the same token, or -1
-when the input lacks it. Identical vocabularies give the identity map and cost nothing. Rows past
-`len(tokenizer)` are padding: they align by index only where both sides are padding, and the output
-keeps the base's padded row count. A token an input lacks takes the base's row if the base has it,
-else the mean of the inputs that have it (the only one, when one has it).
+Each input gets a row map: for every output row, the row of that input holding the same token, or -1 when
+the input lacks it. Identical vocabularies give the identity map and cost nothing. A token an input lacks
+(or every input, with `force`) takes a default row, as mergekit's `PermutedVocabulary`: the row the
+`tokenizer.tokens` entry names (a model's row for the token, `model_token` by id or string, or `zero`), else
+the only input that has it, else zero when none has it, else the base's row when the base has it, else the
+mean of the inputs that have it.
+
+Padded rows: tokenizer ids at or beyond a model's embedding rows have no row in that model (mergekit strips
+them; polyfuse keeps the token and treats it as missing there). Without `pad_to_multiple_of` the output keeps
+the base's padded row count (a polyfuse decision: mergekit shrinks it to the tokenizer length), and padding
+rows align by index where both sides are padding. With `pad_to_multiple_of` (mergekit) the output has
+len(tokenizer) rows rounded up to the multiple, and every padding row is the mean of the model's token rows.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from polyfuse.errors import ConfigError
 from polyfuse.merge.sources import ModelSource
+
+if TYPE_CHECKING:
+    from polyfuse.merge.config import MergeConfig
 
 logger = logging.getLogger(__name__)
 EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "tok_embeddings.weight")
@@ -23,22 +35,43 @@ HEAD_NAMES = ("lm_head.weight", "embed_out.weight", "output.weight")
 
 
 def embed_key(source: ModelSource) -> str | None:
+    """The input-token embedding, by the usual tensor names (also under a multimodal wrapper, e.g.
+    `language_model.model.embed_tokens.weight`)."""
     return next((k for k in source.tensors if k.endswith(EMBED_SUFFIXES)), None)
 
 
 def head_key(source: ModelSource) -> str | None:
-    return next((k for k in source.tensors if k in HEAD_NAMES), None)
+    """The output head, when stored: `lm_head.weight` or its variants, at the top or under a multimodal
+    wrapper (`language_model.lm_head.weight`); None for a tied head (read from the embedding)."""
+    return next((k for k in source.tensors if k in HEAD_NAMES or k.endswith(tuple(f".{h}" for h in HEAD_NAMES))
+                 and "vision" not in k), None)
+
+
+@dataclass
+class Fill:
+    """A default row for output row `row`: `rule` is `zero`, `auto` (the module docstring's rule) or `row`
+    (input `input`'s row `source_row`); `force` also replaces the row where inputs have the token."""
+
+    row: int
+    rule: str
+    input: int = -1
+    source_row: int = -1
+    force: bool = False
+    token: str = ""
 
 
 @dataclass
 class VocabPlan:
-    rows: int  # output rows (the base's padded count, or more for a larger output vocabulary)
+    rows: int  # output rows
     maps: list[torch.Tensor | None]  # per input: source row per output row, -1 = lacking; None = identity
-    added_tokens: list[str] = field(default_factory=list)  # `union`: appended to the base tokenizer
+    added_tokens: list[str] = field(default_factory=list)  # appended to the output tokenizer
+    fills: list[Fill] = field(default_factory=list)  # explicit `tokenizer.tokens` rules
+    mean_padding_from: int | None = None  # pad_to_multiple_of: rows from here are each model's mean token row
+    notes: list[str] = field(default_factory=list)  # stated in the resolved config
 
     @property
     def remaps(self) -> bool:
-        return any(m is not None for m in self.maps)
+        return any(m is not None for m in self.maps) or bool(self.fills) or self.mean_padding_from is not None
 
 
 def read_vocab(source: ModelSource) -> dict[str, int] | None:
@@ -47,46 +80,96 @@ def read_vocab(source: ModelSource) -> dict[str, int] | None:
 
     try:
         return AutoTokenizer.from_pretrained(str(source.folder), trust_remote_code=False).get_vocab()
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
 
 
-def plan_vocab(inputs: list[ModelSource], rows: list[int], tokenizer_source: str | None, source_index: int,
+def plan_vocab(inputs: list[ModelSource], rows: list[int], cfg: MergeConfig, source_index: int | None,
                where: str) -> VocabPlan:
     """Row maps for every input. `rows[i]`: input i's embedding rows; `source_index`: the input whose
     tokenizer the output uses (ignored for `union`)."""
+    from polyfuse.merge.config import same_model
+
+    choice = cfg.token_source()
     vocabs = [read_vocab(source) for source in inputs]
+    notes = []
+    missing = [s for s, v in zip(inputs, vocabs, strict=True) if v is None]
+    if choice is None and missing:  # no tokenizer decision: rows merge by index, shapes already checked
+        names = ", ".join(s.label for s in missing)
+        notes.append(f"{names}: no tokenizer files; embedding rows merged by index (no tokenizer decision "
+                     f"needs them)")
+        return VocabPlan(rows[0], [None] * len(inputs), notes=notes)
     reference = vocabs[0]
     for i, (source, vocab) in enumerate(zip(inputs, vocabs, strict=True)):
         if vocab is None:
             if rows[i] != rows[0] or reference is None:
                 raise ConfigError(f"{source.label}: no readable tokenizer, so its embedding rows cannot be "
                                   f"matched to the base's by token; add the tokenizer files")
-            logger.warning("%s: no tokenizer; assuming the base's (same row count)", source.label)
+            notes.append(f"{source.label}: no tokenizer files; assumed to be the base's (same row count), as "
+                         f"mergekit does")
             vocabs[i] = vocab = reference
-        beyond = [t for t, idx in vocab.items() if idx >= rows[i]]
+        beyond = sorted((idx, t) for t, idx in vocab.items() if idx >= rows[i])
         if beyond:
-            raise ConfigError(f"{source.label}: tokenizer has ids beyond the {rows[i]} embedding rows "
-                              f"(e.g. {beyond[0]!r}); the checkpoint and its tokenizer do not match")
-    if tokenizer_source is None:
-        for source, vocab in zip(inputs[1:], vocabs[1:], strict=True):
-            if vocab != reference:
-                raise ConfigError(f"{where}: {_difference(source, vocab, reference)}. Merging rows by index "
+            notes.append(f"{source.label}: {len(beyond)} tokenizer ids at or beyond its {rows[i]} embedding rows "
+                         f"(e.g. {beyond[0][1]!r}, id {beyond[0][0]}); treated as tokens it lacks")
+    usable = [{t: idx for t, idx in v.items() if idx < n} for v, n in zip(vocabs, rows, strict=True)]
+    if choice is None:
+        for source, vocab in zip(inputs[1:], usable[1:], strict=True):
+            if vocab != usable[0]:
+                raise ConfigError(f"{where}: {_difference(source, vocab, usable[0])}. Merging rows by index "
                                   f"would mix different tokens; set tokenizer_source: base to remap rows by "
                                   f"token string, or distil into the pivot vocabulary first")
     added: list[str] = []
-    if tokenizer_source == "union":
-        output = dict(reference)
-        for vocab in vocabs[1:]:
+    if choice == "union":
+        output = dict(vocabs[0])
+        for vocab in usable[1:]:
             for token in sorted(vocab, key=vocab.__getitem__):
                 if token not in output:
                     added.append(token)
                     output[token] = len(output)
     else:
-        output = vocabs[source_index]
-    out_rows = max(rows[0], max(output.values()) + 1)
-    maps = [_row_map(output, vocab, n, out_rows) for vocab, n in zip(vocabs, rows, strict=True)]
-    return VocabPlan(out_rows, maps, added)
+        output = dict(vocabs[source_index or 0])
+    token_rules = (cfg.tokenizer.tokens or {}) if cfg.tokenizer is not None else {}
+    for token in token_rules:
+        if token not in output:
+            added.append(token)
+            output[token] = max(output.values(), default=-1) + 1
+    length = max(output.values(), default=-1) + 1
+    pad = cfg.tokenizer.pad_to_multiple_of if cfg.tokenizer is not None else None
+    if pad:
+        out_rows = -(-length // pad) * pad
+    else:
+        out_rows = max(rows[0], length) if choice is not None else rows[0]
+    maps = [_row_map(output, vocab, n, out_rows, padding=not pad) for vocab, n in zip(usable, rows, strict=True)]
+    fills = []
+    for token, rule in token_rules.items():
+        fills.append(_fill(output[token], token, rule, inputs, vocabs, same_model, where))
+    return VocabPlan(out_rows, maps, added, fills, length if pad and out_rows > length else None, notes)
+
+
+def _fill(row: int, token: str, rule, inputs: list[ModelSource], vocabs: list[dict[str, int] | None],
+          same_model, where: str) -> Fill:
+    """The explicit default of one `tokenizer.tokens` entry; checked from tokenizers before any tensor is read."""
+    source = rule.source
+    at = f"{where}: tokenizer.tokens.{token}"
+    if source is None:
+        return Fill(row, "auto", force=rule.force, token=token)
+    if getattr(source, "kind", None) == "zero":
+        return Fill(row, "zero", force=rule.force, token=token)
+    model = source if isinstance(source, str) else source.model
+    index = next((i for i, s in enumerate(inputs) if same_model(s.ref, model)), -1)
+    if index < 0:
+        raise ConfigError(f"{at}: model {model!r} is not one of the config's models")
+    vocab = vocabs[index] or {}
+    if isinstance(source, str):
+        if token not in vocab:
+            raise ConfigError(f"{at}: {model} has no token {token!r}")
+        return Fill(row, "row", index, vocab[token], rule.force, token)
+    if source.token_id is not None:
+        return Fill(row, "row", index, source.token_id, rule.force, token)
+    if source.token not in vocab:
+        raise ConfigError(f"{at}: {model} has no token {source.token!r}")
+    return Fill(row, "row", index, vocab[source.token], rule.force, token)
 
 
 def _difference(source: ModelSource, vocab: dict[str, int], reference: dict[str, int]) -> str:
@@ -99,33 +182,62 @@ def _difference(source: ModelSource, vocab: dict[str, int], reference: dict[str,
     return f"{source.label} has a different vocabulary: token {extra!r} is not in the base's"
 
 
-def _row_map(output: dict[str, int], vocab: dict[str, int], rows: int, out_rows: int) -> torch.Tensor | None:
+def _row_map(output: dict[str, int], vocab: dict[str, int], rows: int, out_rows: int,
+             padding: bool) -> torch.Tensor | None:
     mapping = torch.full((out_rows,), -1, dtype=torch.long)
     for token, idx in output.items():
-        mapping[idx] = vocab.get(token, -1)
-    padding_from = max(max(vocab.values()) + 1, max(output.values()) + 1)
-    if padding_from < rows:  # padding meets padding by index
-        mapping[padding_from:rows] = torch.arange(padding_from, rows)
+        if idx < out_rows:
+            mapping[idx] = vocab.get(token, -1)
+    if padding:
+        padding_from = max(max(vocab.values(), default=-1) + 1, max(output.values(), default=-1) + 1)
+        if padding_from < min(rows, out_rows):  # padding meets padding by index
+            mapping[padding_from:min(rows, out_rows)] = torch.arange(padding_from, min(rows, out_rows))
     if rows == out_rows and torch.equal(mapping, torch.arange(out_rows)):
         return None
     return mapping
 
 
-def remap_rows(tensors: list[torch.Tensor], maps: list[torch.Tensor | None], rows: int,
-               has_base: bool) -> list[torch.Tensor]:
-    """Put every input's rows into the output vocabulary and fill the rows it lacks (module docstring);
-    with `has_base`, tensors[0] is the base. Fills are computed for the few rows some input lacks only,
-    so a 150k-row embedding costs one gathered copy per remapped input, not several."""
+def remap_rows(tensors: list[torch.Tensor], inputs: list[int], plan: VocabPlan,
+               base: int | None) -> list[torch.Tensor]:
+    """Put every tensor's rows into the output vocabulary and fill the rows it lacks (module docstring).
+    `inputs[k]`: the plan input tensors[k] comes from; `base`: the position of the base in `tensors`, if any.
+    Fills are computed for the few rows some input lacks only, so a 150k-row embedding costs one gathered
+    copy per remapped input, not several."""
+    rows = plan.rows
+    maps = [plan.maps[i] for i in inputs]
     gathered = [t if m is None else t[m.clamp(min=0)] for t, m in zip(tensors, maps, strict=True)]
     present = torch.stack([torch.ones(rows, dtype=torch.bool) if m is None else m >= 0 for m in maps])
-    holes = (~present).any(0).nonzero().squeeze(1)
+    forced = torch.zeros(rows, dtype=torch.bool)
+    for fill in plan.fills:
+        forced[fill.row] = fill.force
+    if plan.mean_padding_from is not None:
+        present[:, plan.mean_padding_from:] = True  # filled below from each model's own mean
+    holes = ((~present).any(0) | forced).nonzero().squeeze(1)
     if len(holes):
         have = present[:, holes].unsqueeze(-1)
         candidates = torch.stack([g[holes] for g in gathered])
-        fill = (candidates * have).sum(0) / have.sum(0).clamp(min=1)
-        if has_base:
-            fill = torch.where(have[0], candidates[0], fill)
+        count = have.sum(0)
+        fill = (candidates * have).sum(0) / count.clamp(min=1)  # mean; zero where none has it
+        if base is not None:
+            fill = torch.where(have[base] & (count > 1), candidates[base], fill)
+        position = {int(r): n for n, r in enumerate(holes)}
+        for rule in plan.fills:
+            if rule.rule == "zero":
+                fill[position[rule.row]] = 0
+            elif rule.rule == "row":
+                if rule.input not in inputs:
+                    raise ConfigError(f"tokenizer.tokens.{rule.token}: its embedding comes from a model that "
+                                      f"does not feed this tensor")
+                source = tensors[inputs.index(rule.input)]
+                if not 0 <= rule.source_row < source.shape[0]:
+                    raise ConfigError(f"tokenizer.tokens.{rule.token}: token id {rule.source_row} is out of "
+                                      f"range for a tensor of {source.shape[0]} rows")
+                fill[position[rule.row]] = source[rule.source_row]
         for g, p in zip(gathered, present, strict=True):
-            lacking = ~p[holes]
-            g[holes[lacking]] = fill[lacking]  # only copies made by the gather are written to
+            replace = ~p[holes] | forced[holes]
+            g[holes[replace]] = fill[replace]  # only copies made by the gather are written to
+    if plan.mean_padding_from is not None:
+        start = plan.mean_padding_from
+        for g in gathered:
+            g[start:] = g[:start].mean(0)
     return gathered

@@ -77,12 +77,15 @@ class MergeMethod(ABC):
     config: `defaults` (global), `model_defaults` (per model; a name mapped to None is required)."""
 
     name: ClassVar[str]
-    requires_base: ClassVar[bool] = True
-    min_models: ClassVar[int] = 1  # non-base models
+    # mergekit's base policy: "required" (task vectors against it), "optional" (used as the base when given),
+    # "ignored" (the base, when given, is one more plain input, as mergekit appends it to the inputs)
+    base_policy: ClassVar[str] = "required"
+    min_models: ClassVar[int] = 1  # non-base models (all inputs for base_policy "ignored")
     max_models: ClassVar[int | None] = None
     defaults: ClassVar[dict[str, Any]] = {}
     model_defaults: ClassVar[dict[str, Any]] = {}
     description: ClassVar[str] = ""  # one line for logs and the resolved config
+    explanations: ClassVar[dict[str, str]] = {}  # parameter -> what its value means here ("{v}": the value)
 
     @abstractmethod
     def merge(self, task: TensorTask) -> torch.Tensor: ...

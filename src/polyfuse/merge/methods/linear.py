@@ -1,7 +1,7 @@
 """Linear merge (model soup): th = sum_i w_i th_i / sum_i w_i, or the plain weighted sum without normalize.
 
-No base model is needed; a base model, if the config names one, takes part only when it is also listed among
-the models (the executor decides what `task.models` holds).
+No base model is needed. A base model the config names is one more input, as in mergekit (which appends it to
+the inputs); polyfuse leaves it out when it has no weight (mergekit stops there), see `config.output_slices`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from polyfuse.merge.methods.sparsify import weighted_merge
 class Linear(MergeMethod):
     name = "linear"
     description = "linear (model soup): sum_i w_i th_i / sum_i w_i"
-    requires_base = False
+    base_policy = "ignored"
     defaults = {"normalize": True}
     model_defaults = {"weight": None}
 
