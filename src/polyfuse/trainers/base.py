@@ -61,6 +61,12 @@ class TrainConfig(StrictModel):
     gradient_checkpointing: bool = False
     logging_steps: int = Field(default=1, ge=1)
     lora: LoraSettings | None = None
+    disable_dropout: bool = Field(
+        default=False,
+        description="Set every dropout of the policy to 0 while training (nn.Dropout modules and config-level "
+        "rates such as Llama's attention_dropout); the saved config keeps the model's own rates. Preference "
+        "objectives default to true, as TRL's DPOTrainer; SFT and distillation keep the model's dropout.",
+    )
 
 
 @dataclass
@@ -183,6 +189,53 @@ def prepare_model(model: Any, config: TrainConfig) -> Any:
     return get_peft_model(model, peft_config)
 
 
+def disable_dropout(model: Any) -> dict[tuple[int, str], float]:
+    """Set every dropout rate of `model` to 0 and return the config-level rates it changed, keyed by
+    (id of the config, attribute), so that saving can write the model's own rates back.
+
+    TRL zeroes `nn.Dropout` modules only; attention dropout read from a float attribute (Llama's
+    `attention_dropout`, passed to the attention kernel while `model.training`) is not a module, so the
+    float attributes named like a dropout rate are zeroed too, on the modules and on the configs."""
+    changed: dict[tuple[int, str], float] = {}
+    configs = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+            continue
+        for name, value in vars(module).items():
+            if _is_dropout_rate(name, value):
+                setattr(module, name, 0.0)
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            configs[id(config)] = config
+            for sub in ("text_config", "vision_config", "audio_config"):  # composite configs
+                if getattr(config, sub, None) is not None:
+                    configs[id(getattr(config, sub))] = getattr(config, sub)
+    for key, config in configs.items():
+        for name, value in list(vars(config).items()):
+            if _is_dropout_rate(name, value):
+                changed[(key, name)] = value
+                setattr(config, name, 0.0)
+    model._polyfuse_dropout = (changed, configs)
+    return changed
+
+
+def _is_dropout_rate(name: str, value: Any) -> bool:
+    return (
+        isinstance(value, float)
+        and not isinstance(value, bool)
+        and value > 0
+        and ("dropout" in name or name.endswith("pdrop"))
+    )
+
+
+def restore_dropout_config(model: Any) -> None:
+    """Write back the config-level dropout rates `disable_dropout` zeroed (before saving the model)."""
+    changed, configs = getattr(model, "_polyfuse_dropout", ({}, {}))
+    for (key, name), value in changed.items():
+        setattr(configs[key], name, value)
+
+
 def save_trained(trainer: PolyfuseTrainer, tokenizer: Any, out_dir: Path, summary: dict[str, Any]) -> Path:
     """Save model (LoRA merged), tokenizer and a training summary as a plain HF folder, atomically: written
     to a temporary folder beside `out_dir`, then renamed into place. Only the main process writes."""
@@ -190,6 +243,7 @@ def save_trained(trainer: PolyfuseTrainer, tokenizer: Any, out_dir: Path, summar
     trainer.accelerator.wait_for_everyone()
     if trainer.accelerator.is_main_process:
         model = trainer.accelerator.unwrap_model(trainer.model)
+        restore_dropout_config(model)
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
         staging = out_dir.with_name(f".{out_dir.name}.tmp")
@@ -236,6 +290,8 @@ def run_training(
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     model = prepare_model(model, config)
+    if config.disable_dropout:
+        disable_dropout(model)
     trainer = trainer_cls(
         model=model,
         args=args,

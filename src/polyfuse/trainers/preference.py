@@ -44,6 +44,11 @@ PRECOMPUTED_PREFIXES = ("ref_", "fuse_")
 
 class PreferenceTrainConfig(TrainConfig):
     learning_rate: float = Field(default=1e-6, gt=0)
+    disable_dropout: bool = Field(
+        default=True,
+        description="As TRL: the policy's log-probs are compared with references scored without dropout "
+        "(M0 in eval mode), so at step 0 DPO's loss is ln 2.",
+    )
     objective: str = "dpo"
     beta: float | None = Field(default=None, gt=0, description="None: the objective's own default.")
     objective_args: dict[str, Any] = Field(
