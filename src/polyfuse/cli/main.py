@@ -27,6 +27,9 @@ ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config of 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: KEY=VALUE (repeatable).")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume", help="Continue from the last complete checkpoint of this run (same config and data).")
+]
 
 
 @app.command()
@@ -118,6 +121,7 @@ def train_sft_cmd(
     model: Annotated[str, typer.Option(help="Pivot: hub id, folder or .gguf file.")],
     out: OutOpt,
     set_: SetOpt = None,
+    resume: ResumeOpt = False,
 ) -> None:
     """Supervised fine-tuning of the pivot on response tokens."""
     from polyfuse.config import load_config
@@ -126,7 +130,7 @@ def train_sft_cmd(
     from polyfuse.trainers import SFTTrainConfig, train_sft
 
     cfg = load_config(SFTTrainConfig, config, set_)
-    console.print(f"saved {train_sft(ModelSpec(path=model), _read(data, SFTRow), cfg, out)}")
+    console.print(f"saved {train_sft(ModelSpec(path=model), _read(data, SFTRow), cfg, out, resume=resume)}")
 
 
 @train_app.command("distill")
@@ -137,6 +141,7 @@ def train_distill_cmd(
     out: OutOpt,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML training config.")] = None,
     set_: SetOpt = None,
+    resume: ResumeOpt = False,
 ) -> None:
     """Explicit fusion: CE on the gold response plus ULD (InfiFusion) or fused soft targets (FuseLLM) against
     the stored teacher outputs; no teacher model is loaded."""
@@ -146,7 +151,7 @@ def train_distill_cmd(
     from polyfuse.trainers import DistillTrainConfig, train_distill
 
     cfg = load_config(DistillTrainConfig, config, set_)
-    console.print(f"saved {train_distill(ModelSpec(path=model), _read(data, SFTRow), teachers, cfg, out)}")
+    console.print(f"saved {train_distill(ModelSpec(path=model), _read(data, SFTRow), teachers, cfg, out, resume=resume)}")
 
 
 def _train_preference_command(objective: str, summary: str):
@@ -156,6 +161,7 @@ def _train_preference_command(objective: str, summary: str):
         out: OutOpt,
         config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML training config.")] = None,
         set_: SetOpt = None,
+        resume: ResumeOpt = False,
     ) -> None:
         from polyfuse.config import apply_overrides, read_yaml, validate
         from polyfuse.data import PreferenceRow
@@ -169,7 +175,9 @@ def _train_preference_command(objective: str, summary: str):
             raise ConfigError(f"{config}: objective is {values['objective']!r} but the command is `train {objective}`")
         cfg = validate(PreferenceTrainConfig, values, source=str(config or "config"))
         rows = _read(data, PreferenceRow)
-        saved = train_preference(ModelSpec(path=model), rows, cfg, out, source_names=fusion_sources(data, rows))
+        saved = train_preference(
+            ModelSpec(path=model), rows, cfg, out, source_names=fusion_sources(data, rows), resume=resume
+        )
         console.print(f"saved {saved}")
 
     command.__doc__ = escape(summary)  # typer renders help as rich markup

@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from polyfuse.config import StrictModel
 from polyfuse.errors import DataError
 from polyfuse.logprobs import forward_logps, pad_batch
+from polyfuse.trainers.checkpoints import CompleteCheckpoints, fingerprint, resolve_resume
 
 
 class LoraSettings(StrictModel):
@@ -45,6 +46,14 @@ def build_registered(registry: Any, name: str, args: dict[str, Any]) -> Any:
 
 
 class TrainConfig(StrictModel):
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, value: Any) -> Any:
+        """Trainer's spellings: a name, a list, "none" or "all"."""
+        if isinstance(value, str):
+            value = [value]
+        return [] if value in (None, ["none"]) else value
+
     learning_rate: float = Field(default=1e-5, gt=0)
     epochs: float = Field(default=1.0, gt=0)
     batch_size: int = Field(default=8, ge=1, description="Micro-batch size per process.")
@@ -60,6 +69,23 @@ class TrainConfig(StrictModel):
     bf16: bool = False
     gradient_checkpointing: bool = False
     logging_steps: int = Field(default=1, ge=1)
+    save_steps: int = Field(
+        default=500, ge=0,
+        description="Write a resumable checkpoint (weights, optimizer, scheduler, RNG, data position) every "
+        "this many optimiser steps; 0: none. A killed run resumes from the last complete one.",
+    )
+    save_total_limit: int | None = Field(
+        default=2, ge=1, description="Complete checkpoints kept (the oldest go first); None: all."
+    )
+    report_to: list[str] = Field(
+        default_factory=list,
+        description="Experiment trackers, as Trainer names them: tensorboard, wandb, mlflow, trackio, ...; "
+        "empty: none.",
+    )
+    run_name: str | None = Field(default=None, description="The run's name in the trackers.")
+    logging_dir: str | None = Field(
+        default=None, description="TensorBoard event folder; None: <output's parent>/logs/<output's name>."
+    )
     lora: LoraSettings | None = None
     disable_dropout: bool = Field(
         default=False,
@@ -161,9 +187,12 @@ def training_arguments(config: TrainConfig, out_dir: str | Path) -> TrainingArgu
         activation_checkpointing=config.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
         logging_steps=config.logging_steps,
-        save_strategy="no",
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
+        save_total_limit=None,  # applied to complete checkpoints only (`CompleteCheckpoints`)
         eval_strategy="no",
-        report_to="none",
+        report_to=[name for name in config.report_to if name != "tensorboard"] or "none",
+        run_name=config.run_name,
         remove_unused_columns=False,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
@@ -268,6 +297,18 @@ def replace_folder(source: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def tracking_callbacks(config: TrainConfig, out_dir: Path) -> list[TrainerCallback]:
+    """TensorBoard writes to `config.logging_dir` (Trainer's default is inside its scratch folder, which
+    is removed after saving); the other trackers are Trainer's own, through `report_to`."""
+    if "tensorboard" not in config.report_to:
+        return []
+    from transformers.integrations import TensorBoardCallback
+
+    callback = TensorBoardCallback()
+    callback.logging_dir = config.logging_dir or str(out_dir.parent / "logs" / out_dir.name)
+    return [callback]
+
+
 def run_training(
     trainer_cls: type[PolyfuseTrainer],
     model: Any,
@@ -279,16 +320,20 @@ def run_training(
     out_dir: Path,
     summary: dict[str, Any],
     callbacks: list[TrainerCallback] | None = None,
+    resume: bool | None = None,
     **trainer_kwargs: Any,
 ) -> Path:
     """Train on pre-tokenised `features` (a list, or a `datasets.Dataset` kept on disk) and save the result
-    to `out_dir`."""
+    to `out_dir`. `resume`: see `checkpoints.resolve_resume` (None: resume this run's last complete
+    checkpoint if there is one, as recipes do; True: `--resume`; False: start at step 0)."""
     from datasets import Dataset
 
     if len(features) == 0:
         raise DataError("no training rows left (all were dropped or the data is empty)")
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    expected = fingerprint(config, summary, args.world_size)
+    checkpoint = resolve_resume(Path(args.output_dir), expected, resume, args.process_index == 0)
     model = prepare_model(model, config)
     if config.disable_dropout:
         disable_dropout(model)
@@ -298,9 +343,9 @@ def run_training(
         data_collator=collator,
         train_dataset=features if isinstance(features, Dataset) else Dataset.from_list(features),
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=[*tracking_callbacks(config, out_dir), *(callbacks or []), CompleteCheckpoints(expected, config.save_total_limit)],
         **trainer_kwargs,
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=checkpoint)
     summary = {**summary, "config": config.model_dump(), "examples": len(features)}
     return save_trained(trainer, tokenizer, out_dir, summary)

@@ -33,6 +33,7 @@ from polyfuse.trainers.base import (
     run_training,
     training_arguments,
 )
+from polyfuse.trainers.checkpoints import data_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ def train_distill(
     config: DistillTrainConfig,
     out_dir: str | Path,
     callbacks: list[TrainerCallback] | None = None,
+    resume: bool | None = None,
 ) -> Path:
     """Distil the teachers stored in `teacher_dir` (`polyfuse teacher`) into `model_spec` on `rows` and save
     a plain HF folder at `out_dir`."""
@@ -172,9 +174,10 @@ def train_distill(
         "alignment": config.resolved_alignment(),
         "teachers": teachers,
         "model": model_spec.model_dump(),
+        "data": data_fingerprint(rows),
         "dropped": dropped,
     }
     saved = run_training(DistillTrainer, model, tokenizer, features, collator, args, config, out_dir, summary,
-                         callbacks, objective=objective)
+                         callbacks, resume, objective=objective)
     shutil.rmtree(cache_dir, ignore_errors=True)
     return saved

@@ -36,6 +36,7 @@ from polyfuse.trainers.base import (
     run_training,
     training_arguments,
 )
+from polyfuse.trainers.checkpoints import data_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -176,12 +177,14 @@ def train_preference(
     config: PreferenceTrainConfig,
     out_dir: str | Path,
     callbacks: list[TrainerCallback] | None = None,
+    resume: bool | None = None,
     source_names: list[str] | None = None,
 ) -> Path:
     """Train `model_spec` (the initial pivot M0) with `config.objective` on `rows` and save a plain HF
     folder (model + tokenizer) at `out_dir`. Missing `ref_*` columns are computed first; `fuse_*` columns
     must be there already (`polyfuse logprobs`), their sources named by `source_names` in list order."""
     objective = config.build_objective()
+    data_hash = data_fingerprint(rows)
     tokenizer = load_tokenizer(model_spec)
     args = training_arguments(config, out_dir)
     model = load_model(model_spec).to(args.device)  # score the references where training will run
@@ -202,6 +205,7 @@ def train_preference(
         "stage": "preference",
         "objective": objective.model_dump(),
         "model": model_spec.model_dump(),
+        "data": data_hash,
         "dropped": dropped,
         "sources": source_names or [],
     }
@@ -216,6 +220,7 @@ def train_preference(
         Path(out_dir),
         summary,
         callbacks,
+        resume,
         objective=objective,
         candidates=["M0", *(source_names or [])],
     )

@@ -20,6 +20,7 @@ from polyfuse.trainers.base import (
     run_training,
     training_arguments,
 )
+from polyfuse.trainers.checkpoints import data_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ def train_sft(
     config: SFTTrainConfig,
     out_dir: str | Path,
     callbacks: list[TrainerCallback] | None = None,
+    resume: bool | None = None,
 ) -> Path:
     """Fine-tune `model_spec` on `rows` and save a plain HF folder (model + tokenizer) at `out_dir`."""
     tokenizer = load_tokenizer(model_spec)
@@ -72,7 +74,7 @@ def train_sft(
     if dropped:
         logger.warning("SFT: dropped %d rows longer than max_length %d", len(dropped), max_length)
     collator = SequenceCollator(tokenizer.pad_token_id, SFTTrainer.roles)
-    summary = {"stage": "sft", "model": model_spec.model_dump(), "dropped": dropped}
+    summary = {"stage": "sft", "model": model_spec.model_dump(), "data": data_fingerprint(rows), "dropped": dropped}
     return run_training(
-        SFTTrainer, model, tokenizer, features, collator, args, config, Path(out_dir), summary, callbacks
+        SFTTrainer, model, tokenizer, features, collator, args, config, Path(out_dir), summary, callbacks, resume
     )
