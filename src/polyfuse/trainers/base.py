@@ -24,6 +24,7 @@ from polyfuse.config import StrictModel
 from polyfuse.errors import DataError
 from polyfuse.logprobs import forward_logps, pad_batch
 from polyfuse.trainers.checkpoints import CompleteCheckpoints, fingerprint, resolve_resume
+from polyfuse.trainers.distributed import check_lora_supported, distributed_summary, fsdp_from_launcher
 
 
 class LoraSettings(StrictModel):
@@ -126,6 +127,23 @@ class PolyfuseTrainer(Trainer):
         self._metric_sums: dict[str, torch.Tensor] = {}
         self._metric_counts: dict[str, int] = {}
 
+    def create_accelerator_and_postprocess(self) -> None:
+        """FSDP on CPU processes too: accelerate records the FSDP plugin only for accelerator devices and
+        otherwise trains plain DDP (MULTI_CPU), silently; here the plugin built from `fsdp_config` is put
+        in place, and `accelerator.prepare` then shards the model with FSDP2 over the gloo group."""
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled:
+            from accelerate.state import PartialState
+            from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+            plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            if self.accelerator.mixed_precision != "no":
+                plugin.set_mixed_precision(self.accelerator.mixed_precision)
+            self.accelerator.state.fsdp_plugin = plugin
+            self.accelerator.state.distributed_type = DistributedType.FSDP
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as accelerate's own state does
+            self.is_fsdp_enabled = True
+
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
         if not batch_samples:
             return None
@@ -170,6 +188,7 @@ def training_arguments(config: TrainConfig, out_dir: str | Path) -> TrainingArgu
     """Building these also sets up the (distributed) device; Trainer's scratch folder is a hidden sibling of
     `out_dir`, removed after saving."""
     out_dir = Path(out_dir)
+    check_lora_supported(config.lora)
     return TrainingArguments(
         output_dir=str(out_dir.with_name(f".{out_dir.name}.work")),
         per_device_train_batch_size=config.batch_size,
@@ -197,6 +216,7 @@ def training_arguments(config: TrainConfig, out_dir: str | Path) -> TrainingArgu
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
         dataloader_pin_memory=torch.cuda.is_available(),
+        **fsdp_from_launcher(),
     )
 
 
@@ -267,23 +287,28 @@ def restore_dropout_config(model: Any) -> None:
 
 def save_trained(trainer: PolyfuseTrainer, tokenizer: Any, out_dir: Path, summary: dict[str, Any]) -> Path:
     """Save model (LoRA merged), tokenizer and a training summary as a plain HF folder, atomically: written
-    to a temporary folder beside `out_dir`, then renamed into place. Only the main process writes."""
+    to a temporary folder beside `out_dir`, then renamed into place. Sharded weights (FSDP, DeepSpeed
+    ZeRO-3) are gathered into a full state dict by every process together (`accelerator.get_state_dict`,
+    a collective); then only the main process writes."""
     out_dir = Path(out_dir)
-    trainer.accelerator.wait_for_everyone()
-    if trainer.accelerator.is_main_process:
-        model = trainer.accelerator.unwrap_model(trainer.model)
+    accelerator = trainer.accelerator
+    accelerator.wait_for_everyone()
+    sharded = summary.get("distributed", {}).get("type") in ("FSDP", "DEEPSPEED")
+    state_dict = accelerator.get_state_dict(trainer.model) if sharded else None
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(trainer.model)
         restore_dropout_config(model)
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
         staging = out_dir.with_name(f".{out_dir.name}.tmp")
         shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, state_dict=state_dict)
         tokenizer.save_pretrained(staging)
         summary = {**summary, "log_history": trainer.state.log_history}
         (staging / "polyfuse_training.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         replace_folder(staging, out_dir)
         shutil.rmtree(trainer.args.output_dir, ignore_errors=True)  # Trainer's scratch folder
-    trainer.accelerator.wait_for_everyone()
+    accelerator.wait_for_everyone()
     return out_dir
 
 
@@ -346,6 +371,7 @@ def run_training(
         callbacks=[*tracking_callbacks(config, out_dir), *(callbacks or []), CompleteCheckpoints(expected, config.save_total_limit)],
         **trainer_kwargs,
     )
+    distributed = distributed_summary(trainer.accelerator)
     trainer.train(resume_from_checkpoint=checkpoint)
-    summary = {**summary, "config": config.model_dump(), "examples": len(features)}
+    summary = {**summary, "config": config.model_dump(), "examples": len(features), "distributed": distributed}
     return save_trained(trainer, tokenizer, out_dir, summary)

@@ -111,11 +111,18 @@ def resolve_resume(work_dir: Path, expected: str, resume: bool | None, is_main: 
 
 class CompleteCheckpoints(TrainerCallback):
     """After Trainer wrote `checkpoint-N` on every process: the marker (main process, last, atomically),
-    then `save_total_limit` over complete checkpoints."""
+    then `save_total_limit` over complete checkpoints. Must be the last callback (its `on_save` runs after
+    every other one)."""
 
     def __init__(self, expected: str, limit: int | None):
         self.expected = expected
         self.limit = limit
+
+    def on_step_end(self, args, state, control, **kwargs):
+        """No checkpoint after the last step (Trainer's habit): the final model is saved right after it."""
+        if state.global_step >= state.max_steps and state.global_step % args.save_steps:
+            control.should_save = False
+        return control
 
     def on_save(self, args, state, control, **kwargs):
         barrier()  # every process has written its part (sharded model/optimizer, RNG state)
