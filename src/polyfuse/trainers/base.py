@@ -88,6 +88,9 @@ class TrainConfig(StrictModel):
         default=None, description="TensorBoard event folder; None: <output's parent>/logs/<output's name>."
     )
     lora: LoraSettings | None = None
+    force: bool = Field(
+        default=False, description="Train even when the memory estimate exceeds the memory of the devices."
+    )
     disable_dropout: bool = Field(
         default=False,
         description="Set every dropout of the policy to 0 while training (nn.Dropout modules and config-level "

@@ -34,6 +34,7 @@ from polyfuse.trainers.base import (
     training_arguments,
 )
 from polyfuse.trainers.checkpoints import data_fingerprint
+from polyfuse.trainers.memory import check_memory
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +162,7 @@ def train_distill(
     out_dir = Path(out_dir)
     tokenizer = load_tokenizer(model_spec)
     args = training_arguments(config, out_dir)
+    check_memory(model_spec, config, 1)
     model = load_model(model_spec)
     max_length = length_limit(model.config, config.max_length)
     cache_dir = out_dir.with_name(f".{out_dir.name}.targets-{args.process_index}")  # one per process: no races

@@ -37,6 +37,7 @@ from polyfuse.trainers.base import (
     training_arguments,
 )
 from polyfuse.trainers.checkpoints import data_fingerprint
+from polyfuse.trainers.memory import check_memory
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +188,7 @@ def train_preference(
     data_hash = data_fingerprint(rows)
     tokenizer = load_tokenizer(model_spec)
     args = training_arguments(config, out_dir)
+    check_memory(model_spec, config, len(objective.roles))
     model = load_model(model_spec).to(args.device)  # score the references where training will run
     max_length = length_limit(model.config, config.max_length)
     report = LogpReport()

@@ -21,6 +21,7 @@ from polyfuse.trainers.base import (
     training_arguments,
 )
 from polyfuse.trainers.checkpoints import data_fingerprint
+from polyfuse.trainers.memory import check_memory
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ def train_sft(
     """Fine-tune `model_spec` on `rows` and save a plain HF folder (model + tokenizer) at `out_dir`."""
     tokenizer = load_tokenizer(model_spec)
     args = training_arguments(config, out_dir)
+    check_memory(model_spec, config, 1)
     model = load_model(model_spec)
     max_length = length_limit(model.config, config.max_length)
     features, dropped = tokenize_sft(tokenizer, rows, max_length)
