@@ -1,6 +1,6 @@
 """SFT, then InfiFPO from the SFT model, and distillation from the initial model: the script
-`tests/test_ddp.py` launches on 2 CPU processes and also calls in-process, with the same global batch,
-for comparison.
+`tests/test_ddp.py` launches on 2 CPU processes (DDP, and FSDP2 with examples/accelerate/fsdp2.yaml)
+and also calls in-process, with the same global batch, for comparison.
 
 Usage: ddp_train.py MODEL_DIR DATA_DIR OUT_DIR GRAD_ACCUM
 DATA_DIR holds sft.jsonl, pairs.jsonl, a teacher store `teacher/`, and sft.json, preference.json and
@@ -37,7 +37,14 @@ class SaveRankParameters(TrainerCallback):
         self.path = path
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, self.path)
+        from torch.distributed.tensor import DTensor
+
+        # Under FSDP2 each rank holds shards (DTensor): gather them (a collective, on every rank alike).
+        local = model.state_dict()
+        state_dict = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in local.items()}
+        held = sum(v.to_local().numel() if isinstance(v, DTensor) else v.numel() for v in local.values())
+        self.path.with_suffix(".numel").write_text(f"{held} {sum(v.numel() for v in state_dict.values())}")
+        torch.save({k: v.detach().cpu().clone() for k, v in state_dict.items()}, self.path)
 
 
 def main(model_dir: str, data_dir: str, out_dir: str, grad_accum: str) -> None:

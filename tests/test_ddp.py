@@ -1,7 +1,9 @@
 """Data-parallel training: 2 CPU processes under `accelerate launch` against one process with the same
 global batch (2 per device x 2 processes = 2 per device x 2 accumulation steps). The preference stage is
 InfiFPO with two (synthetic) sources, so the fused reference columns travel through DDP too; the
-distillation stage is unified ULD with uncertainty weights over two stored teachers. `polyfuse teacher`
+distillation stage is unified ULD with uncertainty weights over two stored teachers. The same three
+stages under FSDP2 (2 CPU processes, gloo) give the same losses and a gathered plain HF folder equal
+to the single-process weights. `polyfuse teacher`
 under 2 processes writes the same outputs as one."""
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from ddp_train import main as train_locally
 from polyfuse.data import PreferenceRow, SFTRow, read_rows, write_rows
@@ -27,6 +30,7 @@ from polyfuse.teacher import TeacherSettings, open_stores, run_teacher
 from tiny_lm import build_tiny_model, sentence, source_columns
 
 HERE = Path(__file__).parent
+FSDP2_CONFIG = HERE.parent / "examples" / "accelerate" / "fsdp2.yaml"
 
 
 def free_port() -> int:
@@ -77,41 +81,74 @@ def losses(path: Path) -> list[float]:
     return [entry["loss"] for entry in history if "loss" in entry]
 
 
-def launch(script_args: list[str]) -> subprocess.CompletedProcess:
+def launch(script_args: list[str], config: list[str] | None = None) -> subprocess.CompletedProcess:
+    """2 CPU processes under `accelerate launch`: plain DDP, or what the accelerate `config` file says."""
+    how = ["--config_file", *config] if config else ["--multi_gpu"]
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()), *script_args,
     ]  # fmt: skip
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
 
 
-def test_two_process_ddp_matches_single_process(tmp_path):
-    model_dir = build_tiny_model(tmp_path / "pivot")
-    teachers = [build_tiny_model(tmp_path / f"teacher-{i}", seed=i + 1) for i in range(2)]
-    write_inputs(tmp_path, teachers)
-    result = launch([str(HERE / "ddp_train.py"), model_dir, str(tmp_path), str(tmp_path / "ddp"), "1"])
-    assert result.returncode == 0, result.stderr[-4000:]
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """Models, data and teacher store, and the single-process run the launched runs are compared with."""
+    folder = tmp_path_factory.mktemp("distributed")
+    model_dir = build_tiny_model(folder / "pivot")
+    teachers = [build_tiny_model(folder / f"teacher-{i}", seed=i + 1) for i in range(2)]
+    write_inputs(folder, teachers)
+    train_locally(model_dir, str(folder), str(folder / "single"), "2")
+    return folder
 
-    train_locally(model_dir, str(tmp_path), str(tmp_path / "single"), "2")
 
+def compare_with_single_process(world: Path, launched: Path, kind: str) -> dict[str, tuple[float, float]]:
+    """Per stage: (max loss difference, max weight difference) against the single process; asserts the
+    bounds, that the replicas agree, and what `polyfuse_training.json` records as used."""
+    figures = {}
     for stage in ("sft", "preference", "distill"):
-        rank0 = torch.load(tmp_path / "ddp" / f"{stage}.rank0.pt")
-        rank1 = torch.load(tmp_path / "ddp" / f"{stage}.rank1.pt")
+        rank0 = torch.load(launched / f"{stage}.rank0.pt")
+        rank1 = torch.load(launched / f"{stage}.rank1.pt")
         assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), f"{stage}: replicas diverged"
-        ddp, single = params(tmp_path / "ddp" / stage), params(tmp_path / "single" / stage)
-        initial = params(tmp_path / "single" / "sft") if stage == "preference" else params(Path(model_dir))
-        assert max((ddp[k] - single[k]).abs().max().item() for k in ddp) < 1e-5, stage
-        assert max((single[k] - initial[k]).abs().max().item() for k in single) > 1e-3, (
-            f"{stage} did not train"
-        )
-        ddp_losses, single_losses = losses(tmp_path / "ddp" / stage), losses(tmp_path / "single" / stage)
-        assert len(ddp_losses) == len(single_losses) == 2
-        assert ddp_losses == pytest.approx(single_losses, abs=1e-5), stage  # summation order differs
-    history = json.loads((tmp_path / "ddp" / "preference" / "polyfuse_training.json").read_text())["log_history"]
+        for rank in (0, 1):  # parameters each rank held while training, of all parameters
+            held, total = map(int, (launched / f"{stage}.rank{rank}.numel").read_text().split())
+            assert held < 0.6 * total if kind == "FSDP" else held == total, (stage, rank, held, total)
+        folder, single = launched / stage, params(world / "single" / stage)
+        saved = {k: v.detach() for k, v in AutoModelForCausalLM.from_pretrained(folder).state_dict().items()}
+        assert saved.keys() == single.keys()
+        initial = params(world / "single" / "sft") if stage == "preference" else params(world / "pivot")
+        weight_difference = max((saved[k] - single[k]).abs().max().item() for k in single)
+        assert weight_difference < 1e-5, stage
+        assert max((single[k] - initial[k]).abs().max().item() for k in single) > 1e-3, f"{stage} did not train"
+        launched_losses, single_losses = losses(folder), losses(world / "single" / stage)
+        assert len(launched_losses) == len(single_losses) == 2
+        assert launched_losses == pytest.approx(single_losses, abs=1e-5), stage  # summation order differs
+        distributed = json.loads((folder / "polyfuse_training.json").read_text())["distributed"]
+        assert distributed["type"] == kind and distributed["processes"] == 2, distributed
+        figures[stage] = (max(abs(a - b) for a, b in zip(launched_losses, single_losses, strict=True)), weight_difference)
+    print(kind, {stage: f"loss {a:.2e}, weights {b:.2e}" for stage, (a, b) in figures.items()})
+    return figures
+
+
+def test_two_process_ddp_matches_single_process(world):
+    result = launch([str(HERE / "ddp_train.py"), str(world / "pivot"), str(world), str(world / "ddp"), "1"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    compare_with_single_process(world, world / "ddp", "DDP")
+    history = json.loads((world / "ddp" / "preference" / "polyfuse_training.json").read_text())["log_history"]
     picked = [sum(v for k, v in entry.items() if k.startswith("fusion/selected/")) for entry in history if "loss" in entry]
     assert picked == pytest.approx([1.0, 1.0])  # fractions over M0, src-a and src-b, gathered over both ranks
+
+
+@pytest.mark.slow
+def test_two_process_fsdp2_shards_and_matches_single_process(world):
+    """`accelerate launch --config_file examples/accelerate/fsdp2.yaml` on CPU processes really shards
+    (accelerate alone would train plain DDP there), and the gathered final model equals one process's."""
+    result = launch([str(HERE / "ddp_train.py"), str(world / "pivot"), str(world), str(world / "fsdp"), "1"],
+                    [str(FSDP2_CONFIG)])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    compare_with_single_process(world, world / "fsdp", "FSDP")
 
 
 def test_teacher_under_two_processes_stores_what_one_process_stores(tmp_path):

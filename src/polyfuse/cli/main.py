@@ -42,6 +42,10 @@ ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config of 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: KEY=VALUE (repeatable).")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Train even when the memory estimate says it cannot fit.")]
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume", help="Continue from the last complete checkpoint of this run (same config and data).")
+]
 
 
 @app.command()
@@ -133,6 +137,8 @@ def train_sft_cmd(
     model: Annotated[str, typer.Option(help="Pivot: hub id, folder or .gguf file.")],
     out: OutOpt,
     set_: SetOpt = None,
+    resume: ResumeOpt = False,
+    force: ForceOpt = False,
 ) -> None:
     """Supervised fine-tuning of the pivot on response tokens."""
     from polyfuse.config import load_config
@@ -140,8 +146,8 @@ def train_sft_cmd(
     from polyfuse.models import ModelSpec
     from polyfuse.trainers import SFTTrainConfig, train_sft
 
-    cfg = load_config(SFTTrainConfig, config, set_)
-    console.print(f"saved {train_sft(ModelSpec(path=model), _read(data, SFTRow), cfg, out)}")
+    cfg = load_config(SFTTrainConfig, config, [*(set_ or []), *(["force=true"] if force else [])])
+    console.print(f"saved {train_sft(ModelSpec(path=model), _read(data, SFTRow), cfg, out, resume=resume)}")
 
 
 @train_app.command("distill")
@@ -152,6 +158,8 @@ def train_distill_cmd(
     out: OutOpt,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML training config.")] = None,
     set_: SetOpt = None,
+    resume: ResumeOpt = False,
+    force: ForceOpt = False,
 ) -> None:
     """Explicit fusion: CE on the gold response plus ULD (InfiFusion) or fused soft targets (FuseLLM) against
     the stored teacher outputs; no teacher model is loaded."""
@@ -160,8 +168,8 @@ def train_distill_cmd(
     from polyfuse.models import ModelSpec
     from polyfuse.trainers import DistillTrainConfig, train_distill
 
-    cfg = load_config(DistillTrainConfig, config, set_)
-    console.print(f"saved {train_distill(ModelSpec(path=model), _read(data, SFTRow), teachers, cfg, out)}")
+    cfg = load_config(DistillTrainConfig, config, [*(set_ or []), *(["force=true"] if force else [])])
+    console.print(f"saved {train_distill(ModelSpec(path=model), _read(data, SFTRow), teachers, cfg, out, resume=resume)}")
 
 
 def _train_preference_command(objective: str, summary: str):
@@ -171,6 +179,8 @@ def _train_preference_command(objective: str, summary: str):
         out: OutOpt,
         config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML training config.")] = None,
         set_: SetOpt = None,
+        resume: ResumeOpt = False,
+        force: ForceOpt = False,
     ) -> None:
         from polyfuse.config import apply_overrides, read_yaml, validate
         from polyfuse.data import PreferenceRow
@@ -179,12 +189,14 @@ def _train_preference_command(objective: str, summary: str):
         from polyfuse.models import ModelSpec
         from polyfuse.trainers import PreferenceTrainConfig, train_preference
 
-        values = apply_overrides(read_yaml(config) if config else {}, set_)
+        values = apply_overrides(read_yaml(config) if config else {}, [*(set_ or []), *(["force=true"] if force else [])])
         if values.setdefault("objective", objective) != objective:
             raise ConfigError(f"{config}: objective is {values['objective']!r} but the command is `train {objective}`")
         cfg = validate(PreferenceTrainConfig, values, source=str(config or "config"))
         rows = _read(data, PreferenceRow)
-        saved = train_preference(ModelSpec(path=model), rows, cfg, out, source_names=fusion_sources(data, rows))
+        saved = train_preference(
+            ModelSpec(path=model), rows, cfg, out, source_names=fusion_sources(data, rows), resume=resume
+        )
         console.print(f"saved {saved}")
 
     command.__doc__ = escape(summary)  # typer renders help as rich markup

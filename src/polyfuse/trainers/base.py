@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from polyfuse.config import StrictModel
 from polyfuse.errors import DataError
 from polyfuse.models.forward import forward_logps, pad_batch
+from polyfuse.trainers.checkpoints import CompleteCheckpoints, fingerprint, resolve_resume
+from polyfuse.trainers.distributed import check_lora_supported, distributed_summary, fsdp_from_launcher
 
 
 class LoraSettings(StrictModel):
@@ -45,6 +47,14 @@ def build_registered(registry: Any, name: str, args: dict[str, Any]) -> Any:
 
 
 class TrainConfig(StrictModel):
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, value: Any) -> Any:
+        """Trainer's spellings: a name, a list, "none" or "all"."""
+        if isinstance(value, str):
+            value = [value]
+        return [] if value in (None, ["none"]) else value
+
     learning_rate: float = Field(default=1e-5, gt=0)
     epochs: float = Field(default=1.0, gt=0)
     batch_size: int = Field(default=8, ge=1, description="Micro-batch size per process.")
@@ -60,7 +70,33 @@ class TrainConfig(StrictModel):
     bf16: bool = False
     gradient_checkpointing: bool = False
     logging_steps: int = Field(default=1, ge=1)
+    save_steps: int = Field(
+        default=500, ge=0,
+        description="Write a resumable checkpoint (weights, optimizer, scheduler, RNG, data position) every "
+        "this many optimiser steps; 0: none. A killed run resumes from the last complete one.",
+    )
+    save_total_limit: int | None = Field(
+        default=2, ge=1, description="Complete checkpoints kept (the oldest go first); None: all."
+    )
+    report_to: list[str] = Field(
+        default_factory=list,
+        description="Experiment trackers, as Trainer names them: tensorboard, wandb, mlflow, trackio, ...; "
+        "empty: none.",
+    )
+    run_name: str | None = Field(default=None, description="The run's name in the trackers.")
+    logging_dir: str | None = Field(
+        default=None, description="TensorBoard event folder; None: <output's parent>/logs/<output's name>."
+    )
     lora: LoraSettings | None = None
+    force: bool = Field(
+        default=False, description="Train even when the memory estimate exceeds the memory of the devices."
+    )
+    disable_dropout: bool = Field(
+        default=False,
+        description="Set every dropout of the policy to 0 while training (nn.Dropout modules and config-level "
+        "rates such as Llama's attention_dropout); the saved config keeps the model's own rates. Preference "
+        "objectives default to true, as TRL's DPOTrainer; SFT and distillation keep the model's dropout.",
+    )
 
 
 @dataclass
@@ -93,6 +129,23 @@ class PolyfuseTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self._metric_sums: dict[str, torch.Tensor] = {}
         self._metric_counts: dict[str, int] = {}
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """FSDP on CPU processes too: accelerate records the FSDP plugin only for accelerator devices and
+        otherwise trains plain DDP (MULTI_CPU), silently; here the plugin built from `fsdp_config` is put
+        in place, and `accelerator.prepare` then shards the model with FSDP2 over the gloo group."""
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled:
+            from accelerate.state import PartialState
+            from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+            plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            if self.accelerator.mixed_precision != "no":
+                plugin.set_mixed_precision(self.accelerator.mixed_precision)
+            self.accelerator.state.fsdp_plugin = plugin
+            self.accelerator.state.distributed_type = DistributedType.FSDP
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as accelerate's own state does
+            self.is_fsdp_enabled = True
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
         if not batch_samples:
@@ -138,6 +191,7 @@ def training_arguments(config: TrainConfig, out_dir: str | Path) -> TrainingArgu
     """Building these also sets up the (distributed) device; Trainer's scratch folder is a hidden sibling of
     `out_dir`, removed after saving."""
     out_dir = Path(out_dir)
+    check_lora_supported(config.lora)
     return TrainingArguments(
         output_dir=str(out_dir.with_name(f".{out_dir.name}.work")),
         per_device_train_batch_size=config.batch_size,
@@ -155,13 +209,17 @@ def training_arguments(config: TrainConfig, out_dir: str | Path) -> TrainingArgu
         activation_checkpointing=config.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
         logging_steps=config.logging_steps,
-        save_strategy="no",
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
+        save_total_limit=None,  # applied to complete checkpoints only (`CompleteCheckpoints`)
         eval_strategy="no",
-        report_to="none",
+        report_to=[name for name in config.report_to if name != "tensorboard"] or "none",
+        run_name=config.run_name,
         remove_unused_columns=False,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
         dataloader_pin_memory=torch.cuda.is_available(),
+        **fsdp_from_launcher(),
     )
 
 
@@ -183,24 +241,77 @@ def prepare_model(model: Any, config: TrainConfig) -> Any:
     return get_peft_model(model, peft_config)
 
 
+def disable_dropout(model: Any) -> dict[tuple[int, str], float]:
+    """Set every dropout rate of `model` to 0 and return the config-level rates it changed, keyed by
+    (id of the config, attribute), so that saving can write the model's own rates back.
+
+    TRL zeroes `nn.Dropout` modules only; attention dropout read from a float attribute (Llama's
+    `attention_dropout`, passed to the attention kernel while `model.training`) is not a module, so the
+    float attributes named like a dropout rate are zeroed too, on the modules and on the configs."""
+    changed: dict[tuple[int, str], float] = {}
+    configs = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+            continue
+        for name, value in vars(module).items():
+            if _is_dropout_rate(name, value):
+                setattr(module, name, 0.0)
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            configs[id(config)] = config
+            for sub in ("text_config", "vision_config", "audio_config"):  # composite configs
+                if getattr(config, sub, None) is not None:
+                    configs[id(getattr(config, sub))] = getattr(config, sub)
+    for key, config in configs.items():
+        for name, value in list(vars(config).items()):
+            if _is_dropout_rate(name, value):
+                changed[(key, name)] = value
+                setattr(config, name, 0.0)
+    model._polyfuse_dropout = (changed, configs)
+    return changed
+
+
+def _is_dropout_rate(name: str, value: Any) -> bool:
+    return (
+        isinstance(value, float)
+        and not isinstance(value, bool)
+        and value > 0
+        and ("dropout" in name or name.endswith("pdrop"))
+    )
+
+
+def restore_dropout_config(model: Any) -> None:
+    """Write back the config-level dropout rates `disable_dropout` zeroed (before saving the model)."""
+    changed, configs = getattr(model, "_polyfuse_dropout", ({}, {}))
+    for (key, name), value in changed.items():
+        setattr(configs[key], name, value)
+
+
 def save_trained(trainer: PolyfuseTrainer, tokenizer: Any, out_dir: Path, summary: dict[str, Any]) -> Path:
     """Save model (LoRA merged), tokenizer and a training summary as a plain HF folder, atomically: written
-    to a temporary folder beside `out_dir`, then renamed into place. Only the main process writes."""
+    to a temporary folder beside `out_dir`, then renamed into place. Sharded weights (FSDP, DeepSpeed
+    ZeRO-3) are gathered into a full state dict by every process together (`accelerator.get_state_dict`,
+    a collective); then only the main process writes."""
     out_dir = Path(out_dir)
-    trainer.accelerator.wait_for_everyone()
-    if trainer.accelerator.is_main_process:
-        model = trainer.accelerator.unwrap_model(trainer.model)
+    accelerator = trainer.accelerator
+    accelerator.wait_for_everyone()
+    sharded = summary.get("distributed", {}).get("type") in ("FSDP", "DEEPSPEED")
+    state_dict = accelerator.get_state_dict(trainer.model) if sharded else None
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(trainer.model)
+        restore_dropout_config(model)
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
         staging = out_dir.with_name(f".{out_dir.name}.tmp")
         shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, state_dict=state_dict)
         tokenizer.save_pretrained(staging)
         summary = {**summary, "log_history": trainer.state.log_history}
         (staging / "polyfuse_training.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         replace_folder(staging, out_dir)
         shutil.rmtree(trainer.args.output_dir, ignore_errors=True)  # Trainer's scratch folder
-    trainer.accelerator.wait_for_everyone()
+    accelerator.wait_for_everyone()
     return out_dir
 
 
@@ -214,6 +325,18 @@ def replace_folder(source: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def tracking_callbacks(config: TrainConfig, out_dir: Path) -> list[TrainerCallback]:
+    """TensorBoard writes to `config.logging_dir` (Trainer's default is inside its scratch folder, which
+    is removed after saving); the other trackers are Trainer's own, through `report_to`."""
+    if "tensorboard" not in config.report_to:
+        return []
+    from transformers.integrations import TensorBoardCallback
+
+    callback = TensorBoardCallback()
+    callback.logging_dir = config.logging_dir or str(out_dir.parent / "logs" / out_dir.name)
+    return [callback]
+
+
 def run_training(
     trainer_cls: type[PolyfuseTrainer],
     model: Any,
@@ -225,26 +348,33 @@ def run_training(
     out_dir: Path,
     summary: dict[str, Any],
     callbacks: list[TrainerCallback] | None = None,
+    resume: bool | None = None,
     **trainer_kwargs: Any,
 ) -> Path:
     """Train on pre-tokenised `features` (a list, or a `datasets.Dataset` kept on disk) and save the result
-    to `out_dir`."""
+    to `out_dir`. `resume`: see `checkpoints.resolve_resume` (None: resume this run's last complete
+    checkpoint if there is one, as recipes do; True: `--resume`; False: start at step 0)."""
     from datasets import Dataset
 
     if len(features) == 0:
         raise DataError("no training rows left (all were dropped or the data is empty)")
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    expected = fingerprint(config, summary, args.world_size)
+    checkpoint = resolve_resume(Path(args.output_dir), expected, resume, args.process_index == 0)
     model = prepare_model(model, config)
+    if config.disable_dropout:
+        disable_dropout(model)
     trainer = trainer_cls(
         model=model,
         args=args,
         data_collator=collator,
         train_dataset=features if isinstance(features, Dataset) else Dataset.from_list(features),
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=[*tracking_callbacks(config, out_dir), *(callbacks or []), CompleteCheckpoints(expected, config.save_total_limit)],
         **trainer_kwargs,
     )
-    trainer.train()
-    summary = {**summary, "config": config.model_dump(), "examples": len(features)}
+    distributed = distributed_summary(trainer.accelerator)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    summary = {**summary, "config": config.model_dump(), "examples": len(features), "distributed": distributed}
     return save_trained(trainer, tokenizer, out_dir, summary)

@@ -33,6 +33,8 @@ from polyfuse.trainers.base import (
     run_training,
     training_arguments,
 )
+from polyfuse.trainers.checkpoints import data_fingerprint
+from polyfuse.trainers.memory import check_memory
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +154,7 @@ def train_distill(
     config: DistillTrainConfig,
     out_dir: str | Path,
     callbacks: list[TrainerCallback] | None = None,
+    resume: bool | None = None,
 ) -> Path:
     """Distil the teachers stored in `teacher_dir` (`polyfuse teacher`) into `model_spec` on `rows` and save
     a plain HF folder at `out_dir`."""
@@ -159,6 +162,7 @@ def train_distill(
     out_dir = Path(out_dir)
     tokenizer = load_tokenizer(model_spec)
     args = training_arguments(config, out_dir)
+    check_memory(model_spec, config, 1)
     model = load_model(model_spec)
     max_length = length_limit(model.config, config.max_length)
     cache_dir = out_dir.with_name(f".{out_dir.name}.targets-{args.process_index}")  # one per process: no races
@@ -172,9 +176,10 @@ def train_distill(
         "alignment": config.resolved_alignment(),
         "teachers": teachers,
         "model": model_spec.model_dump(),
+        "data": data_fingerprint(rows),
         "dropped": dropped,
     }
     saved = run_training(DistillTrainer, model, tokenizer, features, collator, args, config, out_dir, summary,
-                         callbacks, objective=objective)
+                         callbacks, resume, objective=objective)
     shutil.rmtree(cache_dir, ignore_errors=True)
     return saved

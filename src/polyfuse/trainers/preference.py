@@ -36,6 +36,8 @@ from polyfuse.trainers.base import (
     run_training,
     training_arguments,
 )
+from polyfuse.trainers.checkpoints import data_fingerprint
+from polyfuse.trainers.memory import check_memory
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,11 @@ PRECOMPUTED_PREFIXES = ("ref_", "fuse_")
 
 class PreferenceTrainConfig(TrainConfig):
     learning_rate: float = Field(default=1e-6, gt=0)
+    disable_dropout: bool = Field(
+        default=True,
+        description="As TRL: the policy's log-probs are compared with references scored without dropout "
+        "(M0 in eval mode), so at step 0 DPO's loss is ln 2.",
+    )
     objective: str = "dpo"
     beta: float | None = Field(default=None, gt=0, description="None: the objective's own default.")
     objective_args: dict[str, Any] = Field(
@@ -171,14 +178,17 @@ def train_preference(
     config: PreferenceTrainConfig,
     out_dir: str | Path,
     callbacks: list[TrainerCallback] | None = None,
+    resume: bool | None = None,
     source_names: list[str] | None = None,
 ) -> Path:
     """Train `model_spec` (the initial pivot M0) with `config.objective` on `rows` and save a plain HF
     folder (model + tokenizer) at `out_dir`. Missing `ref_*` columns are computed first; `fuse_*` columns
     must be there already (`polyfuse logprobs`), their sources named by `source_names` in list order."""
     objective = config.build_objective()
+    data_hash = data_fingerprint(rows)
     tokenizer = load_tokenizer(model_spec)
     args = training_arguments(config, out_dir)
+    check_memory(model_spec, config, len(objective.roles))
     model = load_model(model_spec).to(args.device)  # score the references where training will run
     max_length = length_limit(model.config, config.max_length)
     report = LogpReport()
@@ -197,6 +207,7 @@ def train_preference(
         "stage": "preference",
         "objective": objective.model_dump(),
         "model": model_spec.model_dump(),
+        "data": data_hash,
         "dropped": dropped,
         "sources": source_names or [],
     }
@@ -211,6 +222,7 @@ def train_preference(
         Path(out_dir),
         summary,
         callbacks,
+        resume,
         objective=objective,
         candidates=["M0", *(source_names or [])],
     )

@@ -20,6 +20,8 @@ from polyfuse.trainers.base import (
     run_training,
     training_arguments,
 )
+from polyfuse.trainers.checkpoints import data_fingerprint
+from polyfuse.trainers.memory import check_memory
 
 logger = logging.getLogger(__name__)
 
@@ -62,17 +64,19 @@ def train_sft(
     config: SFTTrainConfig,
     out_dir: str | Path,
     callbacks: list[TrainerCallback] | None = None,
+    resume: bool | None = None,
 ) -> Path:
     """Fine-tune `model_spec` on `rows` and save a plain HF folder (model + tokenizer) at `out_dir`."""
     tokenizer = load_tokenizer(model_spec)
     args = training_arguments(config, out_dir)
+    check_memory(model_spec, config, 1)
     model = load_model(model_spec)
     max_length = length_limit(model.config, config.max_length)
     features, dropped = tokenize_sft(tokenizer, rows, max_length)
     if dropped:
         logger.warning("SFT: dropped %d rows longer than max_length %d", len(dropped), max_length)
     collator = SequenceCollator(pad_token_id(tokenizer), SFTTrainer.roles)
-    summary = {"stage": "sft", "model": model_spec.model_dump(), "dropped": dropped}
+    summary = {"stage": "sft", "model": model_spec.model_dump(), "data": data_fingerprint(rows), "dropped": dropped}
     return run_training(
-        SFTTrainer, model, tokenizer, features, collator, args, config, Path(out_dir), summary, callbacks
+        SFTTrainer, model, tokenizer, features, collator, args, config, Path(out_dir), summary, callbacks, resume
     )
