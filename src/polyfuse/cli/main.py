@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from polyfuse.errors import EXIT_USER_ERROR, UserError
+from polyfuse.errors import EXIT_USER_ERROR, UserError, storage_error
 
 
 class _TrainCommands(TyperGroup):
@@ -51,6 +51,21 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fuse heterog
 train_app = typer.Typer(cls=_TrainCommands, no_args_is_help=True,
                         help="Train the pivot: SFT, distillation or preference optimisation.")
 toy_app = typer.Typer(no_args_is_help=True, help="The offline toy world: tiny specialist sources and a weak pivot.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from polyfuse import __version__
+
+        print(f"polyfuse {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Fuse heterogeneous LLMs into one pivot model."""
 app.add_typer(train_app, name="train")
 app.add_typer(toy_app, name="toyworld")
 console = Console()
@@ -277,16 +292,37 @@ def merge(
     console.print(f"[green]merged[/]: {result.out} ({len(result.files)} shards)")
 
 
+
+def named_models(models: list[str]) -> dict[str, str]:
+    """Row name -> path for `--model` values, in the order given. `NAME=PATH` names a row; otherwise the
+    folder's name, made unique by its parent folders when two share it (`sft/model`, `po/model`: every
+    stage writes `model`)."""
+    pairs = [item.partition("=") for item in models]
+    pairs = [(name, path) if sep and name and "/" not in name else (None, name + sep + path) for name, sep, path in pairs]
+    parts = {path: Path(path.rstrip("/")).parts for name, path in pairs if name is None}
+    named: dict[str, str] = {}
+    for name, path in pairs:
+        if name is None:
+            depth = 1
+            while depth < len(parts[path]) and sum(p[-depth:] == parts[path][-depth:] for p in parts.values()) > 1:
+                depth += 1
+            name = "/".join(parts[path][-depth:]).removesuffix(".gguf")
+        if name in named:
+            raise UserError(f"--model: two models are named {name!r}; name them with NAME=PATH")
+        named[name] = path
+    return named
+
+
 @app.command("eval")
 def eval_cmd(
-    model: Annotated[list[str], typer.Option(help="Model to evaluate: folder, hub id or .gguf (repeatable).")],
+    model: Annotated[list[str], typer.Option(help="Model to evaluate: folder, hub id or .gguf, or NAME=PATH to name its row (repeatable).")],
     data: Annotated[str, typer.Option(help="'toyworld', 'humaneval', 'gsm8k:<file.jsonl>', or a PromptRow file.")],
     out: OutOpt,
-    limit: Annotated[int | None, typer.Option(help="Evaluate the first N prompts only.")] = None,
-    per_domain: Annotated[int, typer.Option(help="Toy world: held-out prompts per domain.")] = 100,
+    limit: Annotated[int | None, typer.Option(min=1, help="Evaluate the first N prompts only.")] = None,
+    per_domain: Annotated[int, typer.Option(min=1, help="Toy world: held-out prompts per domain.")] = 100,
     toy_preset: Annotated[str, typer.Option(help="Toy world preset for --data toyworld.")] = "default",
-    max_new_tokens: Annotated[int, typer.Option(help="Generation budget per prompt.")] = 512,
-    batch_size: Annotated[int, typer.Option(help="Prompts per generate call.")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation budget per prompt.")] = 256,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per generate call.")] = 16,
     quiet: QuietOpt = False,
 ) -> None:
     """Greedy accuracy per domain on held-out prompts: a table, results.json, results.md and a PNG bar chart."""
@@ -306,8 +342,8 @@ def eval_cmd(
         prompts = load_eval_set(data, limit)
     scorers = default_verifiers()
     results = {}
-    for path in model:
-        spec = ModelSpec(path=path)
+    for name, path in named_models(model).items():
+        spec = ModelSpec(name=name, path=path)
         results[spec.label] = evaluate(spec, prompts, scorers, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                        quiet=quiet)
     write_eval_report(results, out)
@@ -319,7 +355,7 @@ def eval_cmd(
 def toy_build(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML ToyWorldConfig (overrides the preset).")] = None,
     preset: Annotated[str, typer.Option(help="default or tiny.")] = "default",
-    cache_dir: Annotated[Path | None, typer.Option(help="Cache folder (default $POLYFUSE_CACHE or ~/.cache/polyfuse).")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Cache folder (default $POLYFUSE_CACHE, else $XDG_CACHE_HOME/polyfuse, else ~/.cache/polyfuse).")] = None,
     set_: SetOpt = None,
 ) -> None:
     """Build (or reuse from cache) the toy world: sources, pivot, reward model, tokenizers."""
@@ -382,4 +418,9 @@ def main() -> None:
         app()  # bad flags: typer's own usage message and exit code 2
     except UserError as err:
         Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {err}", highlight=False)
+        sys.exit(EXIT_USER_ERROR)
+    except Exception as err:  # a full disk, a read-only folder, a file where a folder must go
+        if (user_error := storage_error(err)) is None:
+            raise
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {user_error}", highlight=False)
         sys.exit(EXIT_USER_ERROR)

@@ -27,7 +27,7 @@ import torch
 from pydantic import Field
 
 from polyfuse.config import StrictModel
-from polyfuse.data.io import write_json
+from polyfuse.data.io import remove_stale_temporaries, write_json
 from polyfuse.data.schemas import SFTRow, response_text
 from polyfuse.data.sharded import ShardPlan
 from polyfuse.errors import ConfigError, DataError
@@ -203,6 +203,7 @@ def _start_folder(folder: Path, fingerprint: str) -> None:
     manifest = folder / "manifest.json"
     if folder.exists() and (not manifest.exists() or json.loads(manifest.read_text()).get("fingerprint") != fingerprint):
         shutil.rmtree(folder)
+    remove_stale_temporaries(folder)  # shards whose writer was killed before its rename
     if not manifest.exists():
         write_json(manifest, {"format": FORMAT, "fingerprint": fingerprint, "complete": False})
 

@@ -100,6 +100,6 @@ class EvalStage(Stage):
                             max_new_tokens=config.max_new_tokens, quiet=ctx.quiet)
             for label, spec in eval_models(ctx).items()
         }
-        write_eval_report(results, folder)
+        write_eval_report(results, folder, sources={s.label for s in ctx.recipe.sources})
         return {"results": str(folder / "results.json"), "table": str(folder / "results.md"),
                 "chart": str(folder / "accuracy.png")}
