@@ -12,3 +12,24 @@ def tiny_world(tmp_path_factory):
     from polyfuse.toyworld import ToyWorldConfig, build_world
 
     return build_world(ToyWorldConfig.preset("tiny"), cache_dir=tmp_path_factory.mktemp("toyworld"), progress=False)
+
+
+# The end-to-end and subprocess tests: whole recipes, model training, launched processes. They run in CI
+# (`pytest`); `pytest -m "not slow"` is the fast lane for development. Kept in one place so the marks are
+# not repeated in every file (a test may also carry `@pytest.mark.slow` itself).
+SLOW_MODULES = {"test_pipeline", "test_distill_recipes", "test_ddp", "test_multiprocess_run"}
+SLOW_TESTS = {
+    "test_merge_stage": {"test_merge_of_the_current_pivot_is_task_arithmetic_by_hand", "test_eval_lists_the_merged_model",
+                         "test_rerun_skips_the_merge_and_a_changed_weight_redoes_it"},
+    "test_sample": {"test_two_processes_give_the_same_rows_as_one"},
+    "test_logprobs": {"test_cli_logprobs_then_train_infifpo", "test_two_processes_under_accelerate_write_the_same_file"},
+    "test_distill": {"test_cli_teacher_then_distill_and_exit_2_on_user_errors"},
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in SLOW_MODULES or item.originalname in SLOW_TESTS.get(module, ()):
+            item.add_marker(pytest.mark.slow)

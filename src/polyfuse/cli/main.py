@@ -2,22 +2,54 @@
 
 Stage commands take a YAML config (`--config`) validated before any model is loaded; `--set KEY=VALUE`
 (repeatable) overrides config keys. User mistakes print one clear message and exit with code 2.
+
+This module imports only typer and rich at load time: torch and transformers are imported by the command
+that runs, so `polyfuse --help` (and a mistyped flag) answers at once.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from polyfuse.errors import EXIT_USER_ERROR, UserError, storage_error
 
+
+class _TrainCommands(TyperGroup):
+    """`polyfuse train`: its fixed commands plus one per registered preference objective, built the first
+    time the group lists or looks up a command it does not have (importing the objectives imports torch)."""
+
+    def _add_objective_commands(self) -> None:
+        if getattr(self, "_objectives_added", False):
+            return
+        self._objectives_added = True
+        commands = typer.Typer()
+        _register_preference_commands(commands)
+        built = typer.main.get_command(commands)
+        for name, command in (built.commands.items() if hasattr(built, "commands") else [(built.name, built)]):
+            self.add_command(command, name)
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        self._add_objective_commands()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is None:
+            self._add_objective_commands()
+            command = super().get_command(ctx, cmd_name)
+        return command
+
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fuse heterogeneous LLMs into one pivot model.")
-train_app = typer.Typer(no_args_is_help=True, help="Train the pivot: SFT, distillation or preference optimisation.")
+train_app = typer.Typer(cls=_TrainCommands, no_args_is_help=True,
+                        help="Train the pivot: SFT, distillation or preference optimisation.")
 toy_app = typer.Typer(no_args_is_help=True, help="The offline toy world: tiny specialist sources and a weak pivot.")
 
 
@@ -33,7 +65,14 @@ def _print_version(value: bool) -> None:
 def _root(
     version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
-    """Fuse heterogeneous LLMs into one pivot model."""
+    # Runs before any command (not for `--help`): polyfuse reports progress itself, so transformers'
+    # chatter stays out. (A comment, not a docstring: typer would show a docstring as the app's help.)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 app.add_typer(train_app, name="train")
 app.add_typer(toy_app, name="toyworld")
 console = Console()
@@ -203,17 +242,14 @@ def _train_preference_command(objective: str, summary: str):
     return command
 
 
-def _register_preference_commands() -> None:
+def _register_preference_commands(target: typer.Typer) -> None:
     """One `polyfuse train <objective>` per registered objective (adding an objective file adds a command)."""
     from polyfuse.objectives import OBJECTIVES
 
     for name in OBJECTIVES.names():
         cls = OBJECTIVES.get(name)
         summary = (cls.__doc__ or name).strip().splitlines()[0]
-        train_app.command(name.replace("_", "-"))(_train_preference_command(name, summary))
-
-
-_register_preference_commands()
+        target.command(name.replace("_", "-"))(_train_preference_command(name, summary))
 
 
 @app.command()
@@ -393,10 +429,6 @@ def main() -> None:
     # de-quantiser's, `datasets`' split bars) would only interleave with it. Read when tqdm is imported.
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # polyfuse reports progress itself; keep transformers' chatter out
-    hf_logging.disable_progress_bar()
     try:
         app()  # bad flags: typer's own usage message and exit code 2
     except UserError as err:

@@ -27,6 +27,7 @@ from pydantic import Field
 from polyfuse.config import StrictModel
 from polyfuse.data.io import ShardStore, read_metadata, write_metadata, write_rows
 from polyfuse.data.schemas import PreferenceRow
+from polyfuse.data.sharded import ShardPlan
 from polyfuse.errors import ConfigError, DataError
 from polyfuse.logprobs.engine import (
     check_logp_columns,
@@ -78,8 +79,6 @@ def run_logprobs(
 ) -> Path:
     """Write `rows` with M0's `ref_*` columns and the sources' `fuse_*` lists to `out` (format by
     suffix), plus its metadata sidecar. Shards live in `<out's folder>/shards-<out's name>/`."""
-    from accelerate import PartialState
-
     from polyfuse.progress import progress_bar
 
     models = [pivot, *sources]
@@ -88,7 +87,6 @@ def run_logprobs(
         raise ConfigError(f"model names must be unique, got {labels}")
     if not rows:
         raise DataError("no preference rows to score")
-    state = PartialState()
     out = Path(out)
     tokenizers = [load_tokenizer(m) for m in models]
     limits = [length_limit(load_config(m), settings.max_length) for m in models]
@@ -111,12 +109,12 @@ def run_logprobs(
             dropped.append({"id": row.id, "models": too_long})
 
     chunks = [kept[i : i + settings.chunk_size] for i in range(0, len(kept), settings.chunk_size)]
-    keys = [(k, c, f"{k:02d}-{labels[k]}-{c:05d}") for k in range(len(models)) for c in range(len(chunks))]
-    mine = [key for n, key in enumerate(keys) if n % state.num_processes == state.process_index]
+    keys = [[f"{k:02d}-{labels[k]}-{c:05d}" for c in range(len(chunks))] for k in range(len(models))]
+    plan = ShardPlan(len(models), len(chunks))
     store = ShardStore(out.parent / f"shards-{out.name}")
-    with progress_bar(disable=quiet or not state.is_main_process) as bar:
+    with progress_bar(disable=quiet or not plan.is_main) as bar:
         for k, spec in enumerate(models):
-            todo = [(c, key) for m, c, key in mine if m == k and not store.done(key)]
+            todo = [(c, keys[k][c]) for c in plan.todo(k, lambda c, k=k: store.done(keys[k][c]))]
             if not todo:
                 continue
             sequences = sum(len(roles_of(rows[i])) for c, _ in todo for i in chunks[c])
@@ -130,12 +128,9 @@ def run_logprobs(
                 store.write(key, [ShardScores(id=rows[i].id, scores=s) for i, s in zip(chunks[c], scores, strict=True)])
             del model
             gc.collect()
-    state.wait_for_everyone()
-    if state.is_main_process:
-        per_model = [
-            [s.scores for s in store.read_all(ShardScores, [key for m, _, key in keys if m == k])]
-            for k in range(len(models))
-        ]
+
+    def gather() -> None:
+        per_model = [[s.scores for s in store.read_all(ShardScores, keys[k])] for k in range(len(models))]
         scored = [_with_columns(rows[i], [scores[n] for scores in per_model]) for n, i in enumerate(kept)]
         check_logp_columns(scored, "ref")
         check_logp_columns(scored, "fuse")
@@ -151,7 +146,8 @@ def run_logprobs(
             "rows": len(scored),
             "dropped": dropped,
         })
-    state.wait_for_everyone()
+
+    plan.on_main(gather)
     return out
 
 

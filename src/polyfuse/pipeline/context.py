@@ -56,6 +56,8 @@ class Stage:
     - `default`: the stage is in the stage list of a recipe that gives none (the FuseChat-3.0 pipeline);
     - `makes_model`: its output `model` is the pivot of the stages after it;
     - `seeded`: the recipe's `seed` is the default `seed` of its section;
+    - `every_process`: under `accelerate launch` the stage runs on every process, which share its work
+      (sharded inference, data-parallel training); any other stage runs on the main process alone;
     - `needs`: the stages that must run before it (`requires` when that depends on the recipe).
     """
 
@@ -67,6 +69,7 @@ class Stage:
     default: ClassVar[bool] = True
     makes_model: ClassVar[bool] = False
     seeded: ClassVar[bool] = False
+    every_process: ClassVar[bool] = False
     needs: ClassVar[tuple[str, ...]] = ()
 
     def field(self) -> tuple[Any, Any]:

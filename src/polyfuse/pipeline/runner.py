@@ -4,6 +4,14 @@ Each stage runs in `<work_dir>/<stage>/` and records a manifest (resolved config
 package versions). A finished stage whose config and inputs are unchanged is skipped; a stage whose
 fingerprint changed starts over in a clean folder; an unfinished one resumes from its finished shards.
 Stages only communicate through files, so a killed run, rerun, gives the same result.
+
+Under `accelerate launch` every process runs this loop. The main process alone decides (fingerprint,
+skip), deletes and creates stage folders and writes manifests, and tells the others; a stage that spreads
+its work over the processes (`Stage.every_process`: sharded inference, data-parallel training) runs on
+all of them, any other stage on the main process only while the others wait for its manifest to say done.
+They wait on the file, not on a collective barrier, so a long single-process stage (a big model's
+evaluation, a merge) cannot run into the process group's timeout; if the main process dies, the launcher
+stops the others.
 """
 
 from __future__ import annotations
@@ -15,39 +23,72 @@ from pathlib import Path
 from rich.console import Console
 
 from polyfuse.data.hashing import hash_path
+from polyfuse.data.sharded import process_state
 from polyfuse.pipeline.context import Context, stage
 from polyfuse.pipeline.manifest import Manifest, fingerprint
 from polyfuse.pipeline.recipe import Recipe
 
 console = Console(stderr=True)
+POLL_S = 0.5  # how often a waiting process looks at the main process's manifest
+
+
+def _broadcast(state, value):
+    """`value` as the main process has it, on every process."""
+    if state.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]
+
+
+def _wait_until_done(manifest: Manifest, print_: str) -> None:
+    while not manifest.is_done(print_):
+        time.sleep(POLL_S)
 
 
 def run_recipe(recipe: Recipe, work_dir: str | Path | None = None, quiet: bool = False) -> Context:
     """Run (or resume) every stage of `recipe`; returns the context with every stage's outputs."""
-    ctx = Context(recipe=recipe, work_dir=Path(work_dir or recipe.resolved_work_dir), quiet=quiet)
-    ctx.work_dir.mkdir(parents=True, exist_ok=True)
-    if recipe.toyworld is not None:
-        recipe.world(quiet)  # built once and cached; every toyworld:// path must exist before hashing inputs
-    recipe.save_resolved(ctx.work_dir / "recipe.resolved.yaml")
+    state = process_state()
+    main = state.is_main_process
+    ctx = Context(recipe=recipe, work_dir=Path(work_dir or recipe.resolved_work_dir), quiet=quiet or not main)
+    say = console.print if main else (lambda *_: None)
+    if main:
+        ctx.work_dir.mkdir(parents=True, exist_ok=True)
+        if recipe.toyworld is not None:
+            recipe.world(quiet)  # built once and cached; every toyworld:// path must exist before hashing inputs
+        recipe.save_resolved(ctx.work_dir / "recipe.resolved.yaml")
+    state.wait_for_everyone()
     for name in recipe.stages:
         step = stage(name)
         folder = ctx.work_dir / name
         manifest = Manifest(folder)
-        inputs = {k: hash_path(v) for k, v in step.inputs(ctx).items()}
-        config = step.config(recipe)
-        print_ = fingerprint(config, inputs)
-        if manifest.is_done(print_):
+        decision = None
+        if main:
+            inputs = {k: hash_path(v) for k, v in step.inputs(ctx).items()}
+            config = step.config(recipe)
+            print_ = fingerprint(config, inputs)
+            done = manifest.is_done(print_)
+            if not done:
+                if manifest.read().get("fingerprint") not in (None, print_):
+                    shutil.rmtree(folder)  # config or inputs changed: partial work is not reusable
+                folder.mkdir(parents=True, exist_ok=True)
+                manifest.start(name, config, inputs, print_)
+            decision = (print_, done)
+        print_, done = _broadcast(state, decision)
+        if done:
             ctx.outputs[name] = manifest.read()["outputs"]
-            console.print(f"[green]✓[/] {name}: finished earlier, skipped")
+            say(f"[green]✓[/] {name}: finished earlier, skipped")
             continue
-        if manifest.read().get("fingerprint") not in (None, print_):
-            shutil.rmtree(folder)  # config or inputs changed: partial work is not reusable
-        folder.mkdir(parents=True, exist_ok=True)
-        manifest.start(name, config, inputs, print_)
-        console.print(f"[bold]▶ {name}[/]")
+        say(f"[bold]▶ {name}[/]")
         started = time.perf_counter()
-        outputs = step.run(ctx, folder)
-        manifest.finish(outputs)
-        ctx.outputs[name] = outputs
-        console.print(f"[green]✓[/] {name}: done in {time.perf_counter() - started:.1f}s")
+        if main or step.every_process:
+            outputs = step.run(ctx, folder)
+        if main:
+            manifest.finish(outputs)
+        if step.every_process:
+            state.wait_for_everyone()
+        elif not main:
+            _wait_until_done(manifest, print_)
+        ctx.outputs[name] = manifest.read()["outputs"]
+        say(f"[green]✓[/] {name}: done in {time.perf_counter() - started:.1f}s")
     return ctx

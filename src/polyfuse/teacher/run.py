@@ -29,6 +29,7 @@ from pydantic import Field
 from polyfuse.config import StrictModel
 from polyfuse.data.io import remove_stale_temporaries, write_json
 from polyfuse.data.schemas import SFTRow, response_text
+from polyfuse.data.sharded import ShardPlan
 from polyfuse.errors import ConfigError, DataError
 from polyfuse.models import ModelSpec, encode, load_config, load_model, load_tokenizer
 from polyfuse.models.forward import (
@@ -151,8 +152,6 @@ def run_teacher(
     quiet: bool = False,
 ) -> Path:
     """Write every model's top-K outputs on `rows` under `out/<model name>/`; resumable, data parallel."""
-    from accelerate import PartialState
-
     from polyfuse.progress import progress_bar
 
     labels = [m.label for m in models]
@@ -160,14 +159,12 @@ def run_teacher(
         raise ConfigError(f"model names must be unique, got {labels}")
     if not rows:
         raise DataError("no training rows to run the teachers on")
-    state = PartialState()
     out = Path(out)
     hashes = row_hashes(rows)
     data = hashlib.sha256(json.dumps(hashes).encode()).hexdigest()
     chunks = [rows[i : i + settings.chunk_size] for i in range(0, len(rows), settings.chunk_size)]
-    keys = [(k, c) for k in range(len(models)) for c in range(len(chunks))]
-    mine = {key for n, key in enumerate(keys) if n % state.num_processes == state.process_index}
-    with progress_bar(disable=quiet or not state.is_main_process) as bar:
+    plan = ShardPlan(len(models), len(chunks))
+    with progress_bar(disable=quiet or not plan.is_main) as bar:
         for k, spec in enumerate(models):
             folder = out / spec.label
             tokenizer = load_tokenizer(spec)
@@ -177,10 +174,8 @@ def run_teacher(
             )
             record = {**model_record(spec, tokenizer, modes), "offsets": bool(getattr(tokenizer, "is_fast", False))}
             fingerprint = _fingerprint(record, settings, data)
-            if state.is_main_process:
-                _start_folder(folder, fingerprint)
-            state.wait_for_everyone()
-            todo = [c for c in range(len(chunks)) if (k, c) in mine and not _shard(folder, c).exists()]
+            plan.on_main(lambda: _start_folder(folder, fingerprint))  # noqa: B023  (called at once)
+            todo = plan.todo(k, lambda c: _shard(folder, c).exists())  # noqa: B023
             model, head_only = None, None
             task = bar.add_task(f"teacher {spec.label}", total=sum(len(chunks[c]) for c in todo))
             for c in todo:
@@ -195,10 +190,7 @@ def run_teacher(
                 write_shard(_shard(folder, c), examples)
             del model
             gc.collect()
-            state.wait_for_everyone()
-            if state.is_main_process:
-                _finish_folder(folder, fingerprint, record, settings, hashes, len(chunks))
-            state.wait_for_everyone()
+            plan.on_main(lambda: _finish_folder(folder, fingerprint, record, settings, hashes, len(chunks)))  # noqa: B023
     return out
 
 

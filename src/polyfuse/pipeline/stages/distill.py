@@ -36,6 +36,7 @@ class DistillStage(Stage):
     name = "distill"
     position = 70
     section = DistillSection
+    every_process = True
     default = False  # explicit fusion is opted into by listing it
     makes_model = True
     seeded = True

@@ -23,6 +23,7 @@ class LogprobsStage(Stage):
     name = "logprobs"
     position = 90
     section = LogprobsSection
+    every_process = True
     needs = ("pairs",)
 
     def sources(self, ctx: Context) -> list[ModelSpec]:

@@ -20,6 +20,7 @@ class POStage(Stage):
     name = "po"
     position = 100
     section = PreferenceTrainConfig
+    every_process = True
     makes_model = True
     seeded = True
     needs = ("pairs",)

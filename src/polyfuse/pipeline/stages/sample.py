@@ -1,9 +1,9 @@
 """Stage `sample`: N responses per prompt from every model, each through its own chat template.
 
-Work is cut into (model, chunk of prompts) shards. Each shard is written atomically once finished, so a
-killed run resumes with the shards still missing. Under `accelerate launch`, processes take shards in
-turn (data parallel); each shard's seed depends only on the model, the chunk and the recipe seed, so
-the output does not depend on the number of processes.
+Work is cut into (model, chunk of prompts) shards (`polyfuse.data.sharded`): each is written atomically
+once finished, so a killed run resumes with the shards still missing, and under `accelerate launch` the
+processes take shards in turn. Each shard's seed depends only on the model, the chunk and the recipe
+seed, so the output does not depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pydantic import Field
 from polyfuse.config import StrictModel
 from polyfuse.data.io import ShardStore, read_rows, write_rows
 from polyfuse.data.schemas import PromptRow, SampleRow, stable_id
+from polyfuse.data.sharded import ShardPlan
 from polyfuse.models import ModelSpec, load_model, load_tokenizer
 from polyfuse.pipeline.context import STAGES, Context, Stage, paths_in
 from polyfuse.progress import progress_bar
@@ -39,18 +40,15 @@ def _shard_seed(seed: int, model: str, chunk: int) -> int:
 
 
 def run_sample(prompts: list[PromptRow], config: SampleConfig, out_dir: str | Path, quiet: bool = False) -> Path:
-    from accelerate import PartialState
-
-    state = PartialState()
     out_dir = Path(out_dir)
     store = ShardStore(out_dir / "shards")
     chunks = [prompts[i : i + config.chunk_size] for i in range(0, len(prompts), config.chunk_size)]
-    keys = [(m, c, f"{m.label}-{c:05d}") for m in config.models for c in range(len(chunks))]
-    mine = [k for i, k in enumerate(keys) if i % state.num_processes == state.process_index]
+    keys = [[f"{spec.label}-{c:05d}" for c in range(len(chunks))] for spec in config.models]
+    plan = ShardPlan(len(config.models), len(chunks))
     backend_cls = get_backend(config.backend)
-    with progress_bar(disable=quiet or not state.is_main_process) as bar:
-        for spec in config.models:
-            todo = [(c, key) for m, c, key in mine if m is spec and not store.done(key)]
+    with progress_bar(disable=quiet or not plan.is_main) as bar:
+        for m, spec in enumerate(config.models):
+            todo = [(c, keys[m][c]) for c in plan.todo(m, lambda c, m=m: store.done(keys[m][c]))]
             if not todo:
                 continue
             task = bar.add_task(f"sample {spec.label}", total=sum(len(chunks[c]) for c, _ in todo))
@@ -73,11 +71,8 @@ def run_sample(prompts: list[PromptRow], config: SampleConfig, out_dir: str | Pa
                 store.write(key, rows)
             del model, backend
             gc.collect()
-    state.wait_for_everyone()
     out = out_dir / "samples.jsonl"
-    if state.is_main_process:
-        write_rows(out, store.read_all(SampleRow, [key for _, _, key in keys]))
-    state.wait_for_everyone()
+    plan.on_main(lambda: write_rows(out, store.read_all(SampleRow, [key for row in keys for key in row])))
     return out
 
 
@@ -97,6 +92,7 @@ class SampleStage(Stage):
     position = 20
     section = SampleSection
     section_default = True
+    every_process = True
     needs = ("prompts",)
 
     def sample_config(self, recipe) -> SampleConfig:

@@ -1,5 +1,6 @@
 """Stage `score`: every sample gets a reward from each reward scorer and a verdict from each verifier
-that applies to it. Resumable by chunk of samples, like `sample`."""
+that applies to it. Resumable by chunk of samples and data parallel under `accelerate launch`, like
+`sample` (`polyfuse.data.sharded`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pydantic import Field
 from polyfuse.config import StrictModel
 from polyfuse.data.io import ShardStore, read_rows, write_rows
 from polyfuse.data.schemas import SampleRow
+from polyfuse.data.sharded import ShardPlan
 from polyfuse.pipeline.context import STAGES, Context, Stage, paths_in
 from polyfuse.progress import progress_bar
 from polyfuse.scorers import ScorerConfig, build_scorer
@@ -28,10 +30,11 @@ def run_score(samples: list[SampleRow], config: ScoreConfig, out_dir: str | Path
     store = ShardStore(out_dir / "shards")
     chunks = [samples[i : i + config.chunk_size] for i in range(0, len(samples), config.chunk_size)]
     keys = [f"scored-{c:05d}" for c in range(len(chunks))]
-    todo = [c for c, key in enumerate(keys) if not store.done(key)]
+    plan = ShardPlan(1, len(chunks))
+    todo = plan.todo(0, lambda c: store.done(keys[c]))
     if todo:
         scorers = [build_scorer(cfg, device=config.device) for cfg in config.scorers]
-        with progress_bar(disable=quiet) as bar:
+        with progress_bar(disable=quiet or not plan.is_main) as bar:
             task = bar.add_task("score", total=sum(len(chunks[c]) for c in todo))
             for c in todo:
                 rows = [row.model_copy(deep=True) for row in chunks[c]]
@@ -49,7 +52,7 @@ def run_score(samples: list[SampleRow], config: ScoreConfig, out_dir: str | Path
         del scorers
         gc.collect()
     out = out_dir / "scored.jsonl"
-    write_rows(out, store.read_all(SampleRow, keys))
+    plan.on_main(lambda: write_rows(out, store.read_all(SampleRow, keys)))
     return out
 
 
@@ -58,6 +61,7 @@ class ScoreStage(Stage):
     name = "score"
     position = 30
     section = ScoreConfig
+    every_process = True
     needs = ("sample",)
 
     def inputs(self, ctx: Context) -> dict[str, str]:

@@ -15,6 +15,7 @@ class SFTStage(Stage):
     name = "sft"
     position = 50
     section = SFTTrainConfig
+    every_process = True
     makes_model = True
     seeded = True
     needs = ("pairs",)

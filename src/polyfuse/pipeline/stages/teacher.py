@@ -41,6 +41,7 @@ class TeacherStage(Stage):
     name = "teacher"
     position = 60
     section = TeacherSection
+    every_process = True
     default = False  # explicit fusion is opted into by listing it
 
     def requires(self, recipe) -> tuple[str, ...]:
