@@ -206,7 +206,7 @@ def test_code_verifier_plain_asserts_batch_and_applies_to():
     ]
     results = build_scorer({"type": "code", "timeout_s": 2, "workers": 2}).score(rows)
     assert [v for v, _ in results] == [True, False, False]
-    assert results[1][1]["returncode"] == 1 and "AssertionError" in results[1][1]["stderr"]
+    assert results[1][1]["failure"] is None and "AssertionError" in results[1][1]["error"]
     assert results[2][1]["timed_out"] is True
     chat_prompt = [{"role": "user", "content": "Write total(xs)."}]
     verdict, details = verifier.check(code_row("def summe(xs):\n    return sum(xs)\n", prompt=chat_prompt))
