@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from fractions import Fraction
 
 import pytest
@@ -177,3 +178,36 @@ def test_unsafe_local_still_decides_the_verdict_outside(name):
     verdict, details = unsafe.check(code_row(f"{FORGERIES[name]}\ndef total(xs):\n{body}"))
     assert verdict is False and details["isolation"] == "unsafe-local"
     assert not os.path.exists("main.py")
+
+
+def test_evaluation_refuses_before_loading_the_model(monkeypatch):
+    from polyfuse.evaluation import default_verifiers, evaluate, load_humaneval
+    from polyfuse.models import ModelSpec
+
+    monkeypatch.setattr(sandbox, "isolation_problem", lambda: "bubblewrap (`bwrap`) is not installed")
+    missing = ModelSpec(path="/nonexistent/model")  # loading it would fail with another error
+    with pytest.raises(ConfigError, match="refuses to run model-written code"):
+        evaluate(missing, load_humaneval(limit=2), default_verifiers(), quiet=True)
+    assert any(v.config.unsafe_local for v in default_verifiers(unsafe_local_code=True) if v.name == "code")
+
+
+@needs_bwrap
+def test_without_a_cgroup_the_pid_namespace_still_takes_every_process_down(monkeypatch):
+    token = f"polyfuse-nocgroup-{os.getpid()}"
+    monkeypatch.setattr(sandbox, "_cgroup_base", lambda: None)
+    with Sandbox(Limits(timeout_s=5)) as box:
+        box.load(
+            "import os, sys\nif os.fork() == 0:\n    os.setsid()\n"
+            f"    os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', {token!r}])\n"
+        )
+        assert box.isolation == "bwrap+rlimit"
+    box.close()
+    time.sleep(0.3)
+    alive = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and token.encode() in open(f"/proc/{entry}/cmdline", "rb").read():
+                alive.append(entry if "State:\tZ" not in open(f"/proc/{entry}/status").read() else None)
+        except OSError:
+            pass
+    assert [a for a in alive if a] == []

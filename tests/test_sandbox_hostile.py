@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(
     isolation_problem() is not None and not os.environ.get("CI"), reason=f"no sandbox: {isolation_problem()}"
 )
 
-TIMEOUT_S = 3.0
+TIMEOUT_S = 4.0
 TOKEN = f"polyfuse-hostile-{os.getpid()}"  # marks processes started by the snippets
 SECRET = "hunter2-" + TOKEN
 PROMPT = 'def total(xs):\n    """Sum of xs."""\n'
@@ -297,7 +297,7 @@ def test_hostile_snippet_fails_and_is_contained(scored, name):
     assert verdict is False, details
     text = json.dumps(details)
     assert SECRET not in text  # nothing read from the host reaches the data
-    assert details["duration_s"] < TIMEOUT_S + 2.0, details  # nothing holds the scorer past the limit
+    assert details["duration_s"] < TIMEOUT_S + 3.0, details  # nothing holds the scorer past the limit
     assert details["isolation"].startswith("bwrap")
 
 
@@ -320,7 +320,7 @@ def test_no_process_outlives_its_sandbox(scored):
 
 
 def test_the_scorer_survives_and_finishes_in_time(scored):
-    # 38 snippets, most of which run into the 3 s limit, 4 at a time
+    # 38 snippets, a few of which run into the time limit, 4 at a time
     assert scored["elapsed"] < 60
     assert os.getppid() > 1
 

@@ -143,6 +143,9 @@ class CodeVerifier(Verifier):
     def applies_to(self, row: SampleRow) -> bool:
         return bool(row.tests) and super().applies_to(row)
 
+    def require_ready(self) -> None:
+        require_isolation(self.config.unsafe_local)
+
     def check(self, row: SampleRow) -> tuple[bool, dict[str, Any]]:
         require_isolation(self.config.unsafe_local)
         program, built_from = build_program(row.response, row.prompt, row.entry_point)
