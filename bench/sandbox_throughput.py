@@ -106,7 +106,8 @@ def main() -> None:
             verdicts = run()
             elapsed = time.perf_counter() - start
             if sum(verdicts) != len(rows):
-                raise SystemExit(f"{name}: only {sum(verdicts)}/{len(rows)} canonical solutions passed")
+                failed = [row.id for row, ok in zip(rows, verdicts, strict=True) if not ok]
+                raise SystemExit(f"{name}: only {sum(verdicts)}/{len(rows)} canonical solutions passed; failed: {failed}")
             best[name] = min(best[name], elapsed)
             print(f"round {round_index + 1} {name:>12}: {elapsed:6.2f} s", flush=True)
     print(f"\n{len(rows)} HumanEval problems, {args.workers} workers, best of {args.rounds}; "
