@@ -42,11 +42,11 @@ from polyfuse.data.schemas import PreferenceRow, PromptRow, SampleRow, response_
 from polyfuse.logprobs import LogprobsSettings, fusion_sources, run_logprobs
 from polyfuse.models import ModelSpec
 from polyfuse.pipeline.demo import recipe_path
-from polyfuse.pipeline.pairs import in_sft_split, run_pairs
 from polyfuse.pipeline.recipe import Recipe, load_recipe
 from polyfuse.pipeline.runner import run_recipe
-from polyfuse.pipeline.sample import SampleConfig, SampledModel, run_sample
-from polyfuse.pipeline.score import run_score
+from polyfuse.pipeline.stages.pairs import in_sft_split, run_pairs
+from polyfuse.pipeline.stages.sample import SampleConfig, SampledModel, run_sample
+from polyfuse.pipeline.stages.score import run_score
 from polyfuse.sampling import SamplingParams
 from polyfuse.trainers import PreferenceTrainConfig, train_preference
 

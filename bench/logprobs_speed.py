@@ -100,7 +100,7 @@ def flatten(encoded: list[dict[str, Any]]) -> list[Sequence]:
 
 def padding_report(sequences: list[Sequence], batch_size: int, token_budget: int) -> dict[str, dict[str, int]]:
     """Positions each method runs the transformer on (padded) and the LM head on."""
-    from polyfuse.logprobs.engine import plan_batches
+    from polyfuse.models.forward import plan_batches
 
     lengths = [len(ids) for ids, _ in sequences]
     naive = sum(

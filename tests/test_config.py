@@ -9,7 +9,7 @@ import pytest
 
 from polyfuse.config import apply_overrides, load_config
 from polyfuse.errors import ConfigError
-from polyfuse.pipeline.pairs import PairsConfig
+from polyfuse.pipeline.stages.pairs import PairsConfig
 from polyfuse.registry import Registry
 
 

@@ -119,8 +119,12 @@ def test_a_rerun_computes_only_missing_shards_and_a_changed_setting_restarts_tha
     times = {p: p.stat().st_mtime_ns for p in shards}
     lost = out / "teacher-a" / "shard-00001.npz"
     lost.unlink()
+    from polyfuse.data.io import _HOST
+
+    killed = out / "teacher-a" / f".shard-00001.npz.{_HOST}-{2**22 + 7}-x1.tmp"  # a writer killed mid-shard
+    killed.write_bytes(b"half a shard")
     run_teacher([models["teacher-a"], models["teacher-b"]], rows(), settings, out, quiet=True)
-    assert lost.exists()
+    assert lost.exists() and not killed.exists()
     assert all(p.stat().st_mtime_ns == t for p, t in times.items() if p != lost)
 
     # Another K for teacher-a only: teacher-b's folder is a separate artefact and stays as it was.

@@ -232,3 +232,45 @@ def test_humaneval_and_prompt_file_loaders(tmp_path):
     path = tmp_path / "prompts.jsonl"
     write_rows(path, [PromptRow(id="t1", prompt="2+2?", domain="math", answer="4")])
     assert load_eval_set(str(path)) == [PromptRow(id="t1", prompt="2+2?", domain="math", answer="4")]
+
+
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--max-new-tokens", "-1"), ("--limit", "0")])
+def test_eval_flags_out_of_range_are_usage_errors(tmp_path, flag, value):
+    from typer.testing import CliRunner
+
+    from polyfuse.cli.main import app
+
+    result = CliRunner().invoke(app, ["eval", "--model", "m", "--data", "toyworld", "--out", str(tmp_path / "o"), flag, value])
+    assert result.exit_code == 2 and "Invalid value" in result.output and flag in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_models_sharing_a_folder_name_get_distinct_rows():
+    from polyfuse.cli.main import named_models
+
+    assert named_models(["runs/x/sft/model", "runs/x/po/model", "qwen=runs/a", "other/pivot", "m.gguf"]) == {
+        "sft/model": "runs/x/sft/model", "po/model": "runs/x/po/model", "qwen": "runs/a",
+        "pivot": "other/pivot", "m": "m.gguf",
+    }
+    with pytest.raises(UserError, match="two models are named 'a'"):
+        named_models(["a=one", "a=two"])
+
+
+def test_chart_tells_sources_from_pivot_stages(tmp_path):
+    from polyfuse.evaluation.report import _colours
+
+    labels = ["qwen", "llama", "pivot", "sft", "po"]
+    colours = _colours(labels, {"qwen", "llama"})
+    assert len(set(colours)) == 5
+    assert all(c[2] > c[0] for c in colours[:2]) and all(c[0] > c[2] for c in colours[2:])  # blue vs orange
+    assert colours[4][1] < colours[2][1]  # the last stage is the darkest
+
+
+def test_version_flag():
+    from typer.testing import CliRunner
+
+    from polyfuse import __version__
+    from polyfuse.cli.main import app
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"polyfuse {__version__}"

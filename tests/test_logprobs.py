@@ -21,12 +21,12 @@ from polyfuse.logprobs import (
     column_names,
     compute_reference_logps,
     fusion_sources,
-    plan_batches,
     roles_of,
     run_logprobs,
     score_rows,
 )
 from polyfuse.models import ModelSpec, encode, load_model, load_tokenizer
+from polyfuse.models.forward import plan_batches
 from tiny_lm import build_tiny_model, sentence
 
 

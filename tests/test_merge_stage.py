@@ -11,10 +11,11 @@ import pytest
 from safetensors.torch import load_file
 
 from polyfuse.errors import ConfigError
+from polyfuse.pipeline.context import Context
 from polyfuse.pipeline.demo import recipe_path
-from polyfuse.pipeline.merge import resolved_merge_config
 from polyfuse.pipeline.recipe import load_recipe
-from polyfuse.pipeline.runner import Context, run_recipe
+from polyfuse.pipeline.runner import run_recipe
+from polyfuse.pipeline.stages.merge import resolved_merge_config
 from test_pipeline import tiny_overrides
 
 STAGES = "[prompts, sample, score, pairs, sft, merge, eval]"

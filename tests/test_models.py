@@ -75,7 +75,7 @@ def test_pickle_weights_are_refused_unless_allowed(tmp_path):
 
 
 def test_missing_model_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="cannot load"):
+    with pytest.raises(UserError, match="nowhere: no such folder"):
         load_model(ModelSpec(path=str(tmp_path / "nowhere")))
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from polyfuse.data.schemas import SampleRow, response_text
 from polyfuse.errors import ConfigError
-from polyfuse.pipeline.pairs import PairsConfig, build_pairs, in_sft_split
+from polyfuse.pipeline.stages.pairs import PairsConfig, build_pairs, in_sft_split
 
 
 def sample(prompt, model, k, reward, correct=None):
@@ -153,3 +153,48 @@ def test_missing_reward_key_is_a_config_error():
 def test_window_bounds_are_validated():
     with pytest.raises(ValueError, match="above upper bound"):
         PairsConfig(reward="rm", gap_window=(0.2, 0.1))
+
+
+def test_a_reward_no_sample_has_is_refused_even_when_no_pair_would_need_it():
+    p = sft_prompt()
+    rows = [sample(p, "a", 0, 0.8, False), sample(p, "a", 1, 0.7, False)]  # all fail: no reward is ever read
+    with pytest.raises(ConfigError, match="no reward 'armo' in any sample; the samples have: rm"):
+        build_pairs(rows, PairsConfig(reward="armo", sft_fraction=0.5))
+
+
+def test_identical_or_empty_responses_never_make_a_pair():
+    p = po_prompt()
+    twins = [sample(p, "a", 0, 0.9), sample(p, "a", 1, 0.1)]
+    twins[1] = twins[1].model_copy(update={"response": twins[0].response})
+    empty = [sample(p, "b", 0, 0.9), sample(p, "b", 1, 0.1)]
+    empty[1] = empty[1].model_copy(update={"response": "  "})
+    config = PairsConfig(reward="rm", sft_fraction=0.5, gap_window=None)
+    _, pairs, report = build_pairs(twins + empty, config)
+    assert pairs == [] and report["candidates_no_valid_pair"] == 2
+
+
+def test_preference_rows_with_no_preference_are_invalid_data(tmp_path):
+    from polyfuse.data.io import read_rows
+    from polyfuse.data.schemas import PreferenceRow
+    from polyfuse.errors import DataError
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"id": "1", "prompt": "q", "chosen": "yes", "rejected": "no"}\n'
+                    '{"id": "2", "prompt": "q", "chosen": "same", "rejected": "same"}\n')
+    with pytest.raises(DataError, match=r"pairs\.jsonl:2: .*chosen and rejected are the same response"):
+        read_rows(path, PreferenceRow)
+    path.write_text('{"id": "1", "prompt": "q", "chosen": [{"role": "assistant", "content": ""}], "rejected": "no"}\n')
+    with pytest.raises(DataError, match=r"pairs\.jsonl:1: .*chosen response is empty"):
+        read_rows(path, PreferenceRow)
+    path.write_text('{"id": "1", "prompt": " ", "chosen": "a", "rejected": "b"}\n')
+    with pytest.raises(DataError, match=r"pairs\.jsonl:1: field 'prompt': .*prompt is empty"):
+        read_rows(path, PreferenceRow)
+
+
+def test_zero_pairs_is_a_warning_that_says_why(tmp_path):
+    from polyfuse.pipeline.stages.pairs import run_pairs
+
+    p = po_prompt()
+    rows = [sample(p, "a", 0, 0.50), sample(p, "a", 1, 0.49)]  # gap 0.01, below the window
+    with pytest.warns(UserWarning, match=r"0 preference pairs from 1 prompts \(.*candidates_gap_too_small 1"):
+        run_pairs(rows, PairsConfig(reward="rm", sft_fraction=0.5, gap_window=(0.1, 1.0)), tmp_path)

@@ -10,7 +10,7 @@ import sys
 import yaml
 
 from polyfuse.data import SampleRow, read_rows, write_rows
-from polyfuse.pipeline.sample import SampleConfig, run_sample
+from polyfuse.pipeline.stages.sample import SampleConfig, run_sample
 from test_ddp import free_port
 
 

@@ -224,3 +224,21 @@ def test_world_info_and_reward_model_accuracy_run(tiny_world):
         assert set(result.per_domain) == set(DOMAINS) and all(s.total == 4 for s in result.per_domain.values())
     ranking = reward_model_accuracy(tiny_world, per_domain=4)
     assert set(ranking) == set(DOMAINS) and all(0.0 <= v <= 1.0 for v in ranking.values())
+
+
+@pytest.mark.slow
+def test_every_tokenizer_algorithm_trains_reproducibly_across_processes():
+    """`tokenizers` iterates hash maps in a per-process random order; the toy world's tokenizer files
+    must still be identical on every build (the Unigram fallback characters used to swap ids)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import hashlib\nfrom polyfuse.toyworld.tokenizers import train_tokenizer\n"
+        "for alg, size, template in [('unigram', 384, 'chatml'), ('bpe-bytelevel', 288, 'gemma'),"
+        " ('bpe-metaspace', 448, 'zephyr'), ('wordpiece', 320, 'none')]:\n"
+        "    tok = train_tokenizer(alg, size, template, corpus_lines=1000)\n"
+        "    print(hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest())\n"
+    )
+    runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout for _ in range(3)]
+    assert len(runs[0].split()) == 4 and runs[0] == runs[1] == runs[2]

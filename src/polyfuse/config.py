@@ -27,7 +27,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save the file as UTF-8") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -65,6 +67,8 @@ def _describe(err: dict[str, Any]) -> str:
         return f"{key}: unknown key"
     if kind == "missing":
         return f"{key}: required key is missing"
+    if not err["loc"]:  # a check across keys: the input is the whole config, the message says what is wrong
+        return f"{key}: {err['msg'].removeprefix('Value error, ')}"
     given = err.get("input")
     return f"{key}: {err['msg']} (got {given!r})"
 

@@ -7,6 +7,10 @@ traceback.
 
 from __future__ import annotations
 
+import errno
+import os
+import re
+
 EXIT_USER_ERROR = 2
 
 
@@ -20,3 +24,35 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A data file has a malformed row; the message names the file and line."""
+
+
+class StorageError(UserError):
+    """The disk refused a write: read-only file system, no space, file too large, no permission, or an
+    output path of the wrong kind (a file where a folder must go)."""
+
+
+_STORAGE_ERRNOS = {
+    errno.EROFS: "the file system is read-only",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for this file system or the process's file-size limit",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOTDIR: "a part of this path is a file, expected a folder",
+    errno.EEXIST: "exists and is not a folder",
+    errno.EISDIR: "is a folder, expected a file",
+}
+
+
+def storage_error(err: BaseException) -> StorageError | None:
+    """The user-facing form of an error that the user's disk or paths caused, else None (a bug).
+
+    Libraries written in Rust (safetensors, tokenizers) raise their own exception types for I/O failures,
+    with Rust's "(os error N)" in the text."""
+    code, where = getattr(err, "errno", None), getattr(err, "filename", None)
+    if code is None:
+        found = re.search(r"os error (\d+)", str(err))
+        code = int(found.group(1)) if found else None
+    if code not in _STORAGE_ERRNOS:
+        return None
+    return StorageError(f"cannot write {where or 'the output'}: {_STORAGE_ERRNOS[code]} ({os.strerror(code)})")

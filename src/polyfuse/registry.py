@@ -1,11 +1,16 @@
 """One tiny registry class, used for every family of pluggable things.
 
-Objectives, scorers, sampling backends and (later) merge methods each own one `Registry`; adding a
-method is writing one file that decorates its class or function with `@REGISTRY.register("name")`.
+Objectives, scorers, sampling backends, merge methods and recipe stages each own one `Registry`, filled
+the same way: the registry names the package its members live in, and on the first lookup it imports
+every module of that package, each of which decorates its class with `@REGISTRY.register("name")`. So
+adding a method is writing one file in that package, and nothing has to list it anywhere else. (A module
+outside the package may still register into it when imported, like the toy world's verifier.)
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -15,9 +20,11 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, family: str):
+    def __init__(self, family: str, package: str | None = None):
         self.family = family
+        self.package = package
         self._items: dict[str, T] = {}
+        self._filled = package is None
 
     def register(self, name: str) -> Callable[[T], T]:
         def decorator(item: T) -> T:
@@ -28,14 +35,26 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def fill(self) -> None:
+        """Import every module of the registry's package (each registers its members), once."""
+        if self._filled:
+            return
+        self._filled = True
+        package = importlib.import_module(self.package)
+        for module in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{self.package}.{module.name}")
+
     def get(self, name: str) -> T:
+        self.fill()
         if name not in self._items:
             known = ", ".join(sorted(self._items)) or "none"
             raise ConfigError(f"unknown {self.family} {name!r}; expected one of: {known}")
         return self._items[name]
 
     def names(self) -> list[str]:
+        self.fill()
         return sorted(self._items)
 
     def __contains__(self, name: str) -> bool:
+        self.fill()
         return name in self._items

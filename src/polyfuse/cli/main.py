@@ -14,11 +14,26 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from polyfuse.errors import EXIT_USER_ERROR, UserError
+from polyfuse.errors import EXIT_USER_ERROR, UserError, storage_error
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fuse heterogeneous LLMs into one pivot model.")
 train_app = typer.Typer(no_args_is_help=True, help="Train the pivot: SFT, distillation or preference optimisation.")
 toy_app = typer.Typer(no_args_is_help=True, help="The offline toy world: tiny specialist sources and a weak pivot.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from polyfuse import __version__
+
+        print(f"polyfuse {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Fuse heterogeneous LLMs into one pivot model."""
 app.add_typer(train_app, name="train")
 app.add_typer(toy_app, name="toyworld")
 console = Console()
@@ -69,7 +84,7 @@ def sample(
     """Sample N responses per prompt from every model in the config (data parallel under accelerate)."""
     from polyfuse.config import load_config
     from polyfuse.data import PromptRow
-    from polyfuse.pipeline.sample import SampleConfig, run_sample
+    from polyfuse.pipeline.stages.sample import SampleConfig, run_sample
 
     cfg = load_config(SampleConfig, config, set_)
     console.print(f"wrote {run_sample(_read(prompts, PromptRow, skip_invalid), cfg, out, quiet=quiet)}")
@@ -86,7 +101,7 @@ def score(
     """Score samples with reward models and verifiers (math, code sandbox, toy world)."""
     from polyfuse.config import load_config
     from polyfuse.data import SampleRow
-    from polyfuse.pipeline.score import ScoreConfig, run_score
+    from polyfuse.pipeline.stages.score import ScoreConfig, run_score
 
     cfg = load_config(ScoreConfig, config, set_)
     console.print(f"wrote {run_score(_read(samples, SampleRow), cfg, out, quiet=quiet)}")
@@ -104,7 +119,7 @@ def pairs(
 
     from polyfuse.config import load_config
     from polyfuse.data import SampleRow
-    from polyfuse.pipeline.pairs import PairsConfig, run_pairs
+    from polyfuse.pipeline.stages.pairs import PairsConfig, run_pairs
 
     cfg = load_config(PairsConfig, config, set_)
     paths = run_pairs(_read(scored, SampleRow), cfg, out)
@@ -248,16 +263,37 @@ def merge(
     console.print(f"[green]merged[/]: {result.out} ({len(result.files)} shards)")
 
 
+
+def named_models(models: list[str]) -> dict[str, str]:
+    """Row name -> path for `--model` values, in the order given. `NAME=PATH` names a row; otherwise the
+    folder's name, made unique by its parent folders when two share it (`sft/model`, `po/model`: every
+    stage writes `model`)."""
+    pairs = [item.partition("=") for item in models]
+    pairs = [(name, path) if sep and name and "/" not in name else (None, name + sep + path) for name, sep, path in pairs]
+    parts = {path: Path(path.rstrip("/")).parts for name, path in pairs if name is None}
+    named: dict[str, str] = {}
+    for name, path in pairs:
+        if name is None:
+            depth = 1
+            while depth < len(parts[path]) and sum(p[-depth:] == parts[path][-depth:] for p in parts.values()) > 1:
+                depth += 1
+            name = "/".join(parts[path][-depth:]).removesuffix(".gguf")
+        if name in named:
+            raise UserError(f"--model: two models are named {name!r}; name them with NAME=PATH")
+        named[name] = path
+    return named
+
+
 @app.command("eval")
 def eval_cmd(
-    model: Annotated[list[str], typer.Option(help="Model to evaluate: folder, hub id or .gguf (repeatable).")],
+    model: Annotated[list[str], typer.Option(help="Model to evaluate: folder, hub id or .gguf, or NAME=PATH to name its row (repeatable).")],
     data: Annotated[str, typer.Option(help="'toyworld', 'humaneval', 'gsm8k:<file.jsonl>', or a PromptRow file.")],
     out: OutOpt,
-    limit: Annotated[int | None, typer.Option(help="Evaluate the first N prompts only.")] = None,
-    per_domain: Annotated[int, typer.Option(help="Toy world: held-out prompts per domain.")] = 100,
+    limit: Annotated[int | None, typer.Option(min=1, help="Evaluate the first N prompts only.")] = None,
+    per_domain: Annotated[int, typer.Option(min=1, help="Toy world: held-out prompts per domain.")] = 100,
     toy_preset: Annotated[str, typer.Option(help="Toy world preset for --data toyworld.")] = "default",
-    max_new_tokens: Annotated[int, typer.Option(help="Generation budget per prompt.")] = 512,
-    batch_size: Annotated[int, typer.Option(help="Prompts per generate call.")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation budget per prompt.")] = 256,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per generate call.")] = 16,
     unsafe_local_code: Annotated[bool, typer.Option(
         help="Run generated code without the bubblewrap sandbox (it can then touch your files and processes)."
     )] = False,
@@ -280,8 +316,8 @@ def eval_cmd(
         prompts = load_eval_set(data, limit)
     scorers = default_verifiers(unsafe_local_code)
     results = {}
-    for path in model:
-        spec = ModelSpec(path=path)
+    for name, path in named_models(model).items():
+        spec = ModelSpec(name=name, path=path)
         results[spec.label] = evaluate(spec, prompts, scorers, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                        quiet=quiet)
     write_eval_report(results, out)
@@ -293,7 +329,7 @@ def eval_cmd(
 def toy_build(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML ToyWorldConfig (overrides the preset).")] = None,
     preset: Annotated[str, typer.Option(help="default or tiny.")] = "default",
-    cache_dir: Annotated[Path | None, typer.Option(help="Cache folder (default $POLYFUSE_CACHE or ~/.cache/polyfuse).")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Cache folder (default $POLYFUSE_CACHE, else $XDG_CACHE_HOME/polyfuse, else ~/.cache/polyfuse).")] = None,
     set_: SetOpt = None,
 ) -> None:
     """Build (or reuse from cache) the toy world: sources, pivot, reward model, tokenizers."""
@@ -350,4 +386,9 @@ def main() -> None:
         app()  # bad flags: typer's own usage message and exit code 2
     except UserError as err:
         Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {err}", highlight=False)
+        sys.exit(EXIT_USER_ERROR)
+    except Exception as err:  # a full disk, a read-only folder, a file where a folder must go
+        if (user_error := storage_error(err)) is None:
+            raise
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {user_error}", highlight=False)
         sys.exit(EXIT_USER_ERROR)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -26,12 +29,73 @@ def _as_dict(row: BaseModel | dict[str, Any]) -> dict[str, Any]:
     return row.model_dump(mode="json", exclude_none=True) if isinstance(row, BaseModel) else row
 
 
+_HOST = socket.gethostname().replace(".", "_")
+
+
+def _temp_prefix(path: Path) -> str:
+    """Temporary names carry the host and PID of their writer, so a later run can tell a leftover of a killed
+    process (safe to delete) from a file another live process is still writing."""
+    return f".{path.name}.{_HOST}-{os.getpid()}-"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path) -> int:
+    """Delete the temporary files and folders that killed writers on this host left in `folder`."""
+    folder = Path(folder)
+    removed = 0
+    if not folder.is_dir():
+        return 0
+    for entry in folder.iterdir():
+        match = re.fullmatch(rf"\..+\.{re.escape(_HOST)}-(\d+)-[^.]*\.tmp", entry.name)
+        if match is None or _process_alive(int(match.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def temporary_folder(path: str | Path) -> Path:
+    """A new empty folder beside `path`, named so that `remove_stale_temporaries` clears it if its writer dies."""
+    path = Path(path)
+    folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp"))
+    os.chmod(folder, 0o777 & ~_umask())  # mkdtemp's 0700 would make the final folder private
+    return folder
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_tree(root: Path) -> None:
+    for file in [root, *root.rglob("*")]:
+        if file.is_file():
+            with file.open("rb") as handle:
+                os.fsync(handle.fileno())
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
-    """`write` fills a temporary file in the same folder, which is then renamed into place."""
+    """`write` fills a temporary file in the same folder, which is then renamed into place.
+
+    The file gets the user's umask (like every HF tool), not `mkstemp`'s private 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -39,6 +103,29 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_folder(path: str | Path, write: Callable[[Path], Any]) -> None:
+    """`write` fills a temporary folder beside `path`, which then replaces `path`.
+
+    The old copy is renamed aside before the new one moves in and deleted only after, so a kill leaves
+    the old or the new folder (or, between the two renames, the old one under its temporary name)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_folder(path)
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+        old = None
+        if path.exists():
+            old = temporary_folder(path)
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -64,20 +151,11 @@ def write_rows(path: str | Path, rows: Iterable[BaseModel | dict[str, Any]]) -> 
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        pq.write_table(pa.Table.from_pylist(records), tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda handle: pq.write_table(pa.Table.from_pylist(records), handle))
     elif path.suffix == "":
-        import shutil
-
         from datasets import Dataset
 
-        tmp = path.with_name(f".{path.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        Dataset.from_list(records).save_to_disk(str(tmp))
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        atomic_write_folder(path, lambda tmp: Dataset.from_list(records).save_to_disk(str(tmp)))
     else:
         raise DataError(f"{path}: unsupported data format {path.suffix!r}; use .jsonl, .parquet or a folder")
     return len(records)
@@ -85,9 +163,15 @@ def write_rows(path: str | Path, rows: Iterable[BaseModel | dict[str, Any]]) -> 
 
 def _raw_records(path: Path) -> Iterator[tuple[int, Any]]:
     """(line or row number, record) pairs; JSON syntax errors are reported with their line."""
+    if path.suffix in (".jsonl", ".json", ".parquet") and path.is_dir():
+        raise DataError(f"{path}: is a folder, expected a {path.suffix} file")
     if path.suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
+        with path.open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(f"{path}:{number}: not UTF-8 text (byte {err.start}: {err.reason})") from None
                 if not line.strip():
                     continue
                 try:
@@ -95,14 +179,27 @@ def _raw_records(path: Path) -> Iterator[tuple[int, Any]]:
                 except json.JSONDecodeError as err:
                     yield number, err
     elif path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        for number, record in enumerate(pq.read_table(path).to_pylist(), start=1):
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as err:
+            raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+        for number, record in enumerate(table.to_pylist(), start=1):
             yield number, record
     elif path.is_dir():
         from datasets import load_from_disk
 
-        for number, record in enumerate(load_from_disk(str(path)), start=1):
+        if not (path / "dataset_info.json").is_file() and not (path / "dataset_dict.json").is_file():
+            raise DataError(f"{path}: a folder, but not a `datasets` folder saved with save_to_disk (no dataset_info.json)")
+        try:
+            dataset = load_from_disk(str(path))
+        except (OSError, ValueError) as err:
+            raise DataError(f"{path}: cannot read this `datasets` folder ({err})") from None
+        if not hasattr(dataset, "features"):
+            raise DataError(f"{path}: a DatasetDict with splits {list(dataset)}; give the folder of one split")
+        for number, record in enumerate(dataset, start=1):
             yield number, record
     else:
         raise DataError(f"{path}: unsupported data format; use .jsonl, .parquet or a datasets folder")
@@ -140,6 +237,7 @@ def read_rows(
     if not path.exists():
         raise DataError(f"{path}: data file not found")
     rows: list[R] = []
+    invalid, first_invalid = 0, 0
     seen: dict[str, int] = {}
     for number, record in _raw_records(path):
         problem = None
@@ -162,8 +260,12 @@ def read_rows(
         if problem is not None:
             if not skip_invalid:
                 raise DataError(f"{path}:{number}: {problem}")
+            invalid += 1
+            first_invalid = first_invalid or number
             if report is not None:
                 report.skipped.append((number, problem))
+    if invalid and not rows:
+        raise DataError(f"{path}: every row is invalid ({invalid} rows; the first on line {first_invalid}); nothing to read")
     return rows
 
 
@@ -184,6 +286,7 @@ class ShardStore:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.folder)
 
     def path(self, key: str) -> Path:
         return self.folder / f"{key}.jsonl"

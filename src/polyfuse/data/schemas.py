@@ -12,7 +12,7 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Role = Literal["system", "user", "assistant", "tool"]
 
@@ -53,6 +53,14 @@ def stable_id(*parts: Any) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
+def _check_prompt(cls, value: PromptField) -> PromptField:
+    if isinstance(value, list) and not value:
+        raise ValueError("prompt has no messages")
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("prompt is empty")
+    return value
+
+
 class Row(BaseModel):
     model_config = ConfigDict(extra="allow")
     id: str = Field(min_length=1)
@@ -68,12 +76,7 @@ class PromptRow(Row):
     tests: str | None = None
     entry_point: str | None = None
 
-    @field_validator("prompt")
-    @classmethod
-    def _non_empty(cls, value: PromptField) -> PromptField:
-        if isinstance(value, list) and not value:
-            raise ValueError("prompt has no messages")
-        return value
+    _non_empty = field_validator("prompt")(_check_prompt)
 
 
 class SampleRow(PromptRow):
@@ -105,6 +108,8 @@ class SFTRow(Row):
     sample_id: str | None = None
     reward: float | None = None
 
+    _non_empty = field_validator("prompt")(_check_prompt)
+
 
 class PreferenceRow(Row):
     """TRL preference row, plus provenance. `chosen_source` holds WRPO's y_ws (the best source response)
@@ -129,3 +134,15 @@ class PreferenceRow(Row):
     ref_mean_rejected_logps: float | None = None
     ref_chosen_ntokens: int | None = None
     ref_rejected_ntokens: int | None = None
+
+    _non_empty = field_validator("prompt")(_check_prompt)
+
+    @model_validator(mode="after")
+    def _a_real_preference(self) -> PreferenceRow:
+        # An empty side or chosen == rejected trains at loss ln 2 with a zero gradient: a data bug, not a pair.
+        chosen, rejected = response_text(self.chosen), response_text(self.rejected)
+        if not chosen.strip() or not rejected.strip():
+            raise ValueError(f"{'chosen' if not chosen.strip() else 'rejected'} response is empty")
+        if chosen == rejected:
+            raise ValueError("chosen and rejected are the same response")
+        return self

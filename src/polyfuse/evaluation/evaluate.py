@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from polyfuse.data.schemas import PromptRow, SampleRow, stable_id
 from polyfuse.errors import UserError
 from polyfuse.models import ModelSpec, load_model, load_tokenizer
-from polyfuse.pipeline.progress import progress_bar
+from polyfuse.progress import progress_bar
 from polyfuse.sampling import SamplingParams, get_backend
 from polyfuse.scorers import SCORERS, Scorer, Verifier, build_scorer
 

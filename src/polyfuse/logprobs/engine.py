@@ -1,16 +1,10 @@
 """Sequence log-probs: S, A and n of every response of every pair under one model (spec section 6).
 
 Sequences are encoded with `polyfuse.models.encode` (the scored tokens are the response ids of the
-convention) and scored by an HF forward with fp32 log-softmax. Speed comes from three things:
-
-- batches are cut by a **token budget** over length-sorted sequences, so a batch pads only to the
-  next-longest sequence, and chosen, rejected (and WRPO's source response) share forwards;
-- the LM head runs only on the positions that predict a scored token, in chunks of `HEAD_CHUNK`
-  positions (`response_logps`): prompt and padding positions are never projected onto the vocabulary,
-  and the fp32 logits never exceed one chunk x vocabulary (a 262k vocabulary makes the head the larger
-  half of a small model's work). The first batch is also scored by the model's own forward; if the two
-  disagree (a model that post-processes its logits), the whole run uses the model's own forward;
-- log-probs are accumulated in fp32 whatever the model's dtype.
+convention) and scored by the shared forward kernel (`polyfuse.models.forward`): token-budget batches
+over length-sorted sequences (chosen, rejected and WRPO's source response share forwards), the LM head
+on response positions only (checked once per run against the model's own forward, which is used instead
+when the two disagree), log-probs accumulated in fp32 whatever the model's dtype.
 
 Every row is checked: `|A*n - S| <= 1e-5 + 1e-5*|S|` and n >= 1. A pair whose prompt + response exceeds
 `max_length` is dropped whole (never truncated: the policy must see exactly the text the references
@@ -20,8 +14,7 @@ scored) and reported.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -29,15 +22,22 @@ import torch
 
 from polyfuse.data.schemas import PreferenceRow, response_text
 from polyfuse.errors import DataError
+from polyfuse.models.forward import (
+    DEFAULT_TOKEN_BUDGET,
+    forward_logps,
+    head_only_agrees,
+    length_limit,
+    pad_batch,
+    pad_token_id,
+    plan_batches,
+    response_logps,
+)
 from polyfuse.models.templates import Encoded, encode
-from polyfuse.objectives.logps import IGNORE_INDEX, sequence_logps
 
 logger = logging.getLogger(__name__)
 
 # Responses a preference row can hold; `chosen_source` is WRPO's y_ws and is scored when present.
 RESPONSE_ROLES = ("chosen", "rejected", "chosen_source")
-DEFAULT_TOKEN_BUDGET = 4096
-HEAD_CHUNK = 512  # scored positions per LM-head call in `response_logps`
 
 
 def column_names(role: str, prefix: str = "ref") -> tuple[str, str, str]:
@@ -64,12 +64,6 @@ class LogpReport:
     def summary(self) -> str:
         ids = ", ".join(self.dropped[:10]) + (" ..." if len(self.dropped) > 10 else "")
         return f"dropped {len(self.dropped)} pairs longer than max_length ({ids})"
-
-
-def length_limit(model_config: Any, max_length: int | None) -> int:
-    """The longest sequence to score or train on: `max_length`, capped at the model's context size."""
-    context = getattr(model_config, "max_position_embeddings", None) or 10**9
-    return context if max_length is None else min(max_length, context)
 
 
 def _as_list(value: Any) -> list:
@@ -100,111 +94,6 @@ def check_logp_columns(rows: list[PreferenceRow], prefix: str = "ref") -> None:
                     )
 
 
-def pad_batch(
-    sequences: list[list[int]],
-    prompt_lengths: list[int],
-    pad_id: int,
-    side: Literal["right", "left"] = "right",
-) -> dict[str, torch.Tensor]:
-    """Padded `input_ids`, `attention_mask`, `position_ids` and `labels` (IGNORE_INDEX on prompt and
-    padding). Position ids count real tokens only, so left padding gives the same positions as none."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
-    for i, (seq, prompt_length) in enumerate(zip(sequences, prompt_lengths, strict=True)):
-        start = width - len(seq) if side == "left" else 0
-        ids = torch.tensor(seq, dtype=torch.long)
-        input_ids[i, start : start + len(seq)] = ids
-        attention_mask[i, start : start + len(seq)] = 1
-        labels[i, start + prompt_length : start + len(seq)] = ids[prompt_length:]
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "labels": labels}
-
-
-def plan_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
-    """Indices of `lengths` grouped longest first so that `rows x longest row <= token_budget` (a
-    sequence longer than the budget gets a batch of its own). Memory problems show on the first batch."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for index in order:
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= token_budget:
-            batches[-1].append(index)
-        else:
-            batches.append([index])
-    return batches
-
-
-def forward_response(model: Any, batch: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
-    """The model's own forward with the LM head only from the first position that predicts a scored token of
-    some row (`logits_to_keep`): with left padding that is the longest response + 1 positions, so prompts are
-    never projected onto the vocabulary. Returns the outputs and the labels cut to the kept positions (kept
-    position k predicts label k + 1)."""
-    labels = batch["labels"]
-    scored = (labels[:, 1:] != IGNORE_INDEX).any(0)
-    first = int(scored.int().argmax()) if bool(scored.any()) else 0
-    outputs = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        logits_to_keep=labels.shape[1] - first,
-        use_cache=False,
-    )
-    return outputs, labels[:, first:]
-
-
-def forward_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """(S, n) of every row of a padded batch on the model's device, and the model outputs (`forward_response`)."""
-    outputs, labels = forward_response(model, batch)
-    sums, counts = sequence_logps(outputs.logits, labels)
-    return sums, counts, outputs
-
-
-def scored_hidden_states(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(states, tokens, rows): the decoder's last hidden states at the positions that predict a scored
-    token, those tokens, and the row of each, in row-major order (position k predicts token k + 1)."""
-    hidden = model.get_decoder()(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        use_cache=False,
-    ).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-    return hidden[rows, cols], targets[rows, cols], rows
-
-
-def head_logits(model: Any, states: torch.Tensor) -> Iterator[torch.Tensor]:
-    """fp32 logits of `states` through the output embeddings, `HEAD_CHUNK` positions at a time, so the
-    logits never exceed one chunk x vocabulary."""
-    head = model.get_output_embeddings()
-    for i in range(0, len(states), HEAD_CHUNK):
-        yield head(states[i : i + HEAD_CHUNK]).float()
-
-
-def response_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S, n) of every row of a padded batch: the decoder's hidden states at the positions that predict a
-    scored token, through the output embeddings chunk by chunk, fp32 log-softmax. Inference only: it calls
-    the decoder and the head directly, past any wrapper's forward."""
-    states, tokens, rows = scored_hidden_states(model, batch)
-    chunks = [
-        _token_logps(logits, tokens[i * HEAD_CHUNK : i * HEAD_CHUNK + len(logits)])
-        for i, logits in enumerate(head_logits(model, states))
-    ]
-    token_logps = torch.cat(chunks) if chunks else states.new_zeros(0, dtype=torch.float32)
-    batch_size = batch["labels"].shape[0]
-    sums = torch.zeros(batch_size, dtype=torch.float32, device=states.device).index_add_(0, rows, token_logps)
-    return sums, (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
-
-
-def _token_logps(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return logits.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
-def _agree(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return bool(((a - b).abs() <= 1e-3 + 1e-5 * b.abs()).all())
-
-
 def score_sequences(
     model: Any,
     sequences: list[tuple[list[int], int]],
@@ -223,11 +112,8 @@ def score_sequences(
             batch = pad_batch([ids for ids, _ in chunk], [p for _, p in chunk], pad_id, side="left")
             batch = {k: v.to(device) for k, v in batch.items()}
             if head_only is None:
-                sums, counts, _ = forward_logps(model, batch)
-                head_only = _agree(response_logps(model, batch)[0], sums)
-                if not head_only:
-                    logger.warning("%s post-processes its logits: scoring with its own forward", type(model).__name__)
-            elif head_only:
+                head_only = head_only_agrees(model, batch)
+            if head_only:
                 sums, counts = response_logps(model, batch)
             else:
                 sums, counts, _ = forward_logps(model, batch)
@@ -286,8 +172,8 @@ def score_rows(
 ) -> list[dict[str, tuple[float, int]]]:
     """role -> (S, n) for each row's encoded responses; all responses of all rows share the batches."""
     flat = [(i, role, e) for i, responses in enumerate(encoded) for role, e in responses.items()]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    scores = score_sequences(model, [(e.input_ids, len(e.prompt_ids)) for _, _, e in flat], pad_id, token_budget, progress)
+    sequences = [(e.input_ids, len(e.prompt_ids)) for _, _, e in flat]
+    scores = score_sequences(model, sequences, pad_token_id(tokenizer), token_budget, progress)
     out: list[dict[str, tuple[float, int]]] = [{} for _ in encoded]
     for (i, role, _), score in zip(flat, scores, strict=True):
         out[i][role] = score
@@ -303,13 +189,3 @@ def logp_columns(row_id: str, scores: dict[str, tuple[float, int]], prefix: str)
         sum_name, mean_name, count_name = column_names(role, prefix)
         columns.update({sum_name: total, mean_name: total / count, count_name: count})
     return columns
-
-
-@contextmanager
-def progress_bar(description: str, total: int, disable: bool = False) -> Iterator[Callable[[int], None]]:
-    """polyfuse's rich progress bar; yields the `advance(n)` callable that engines take as `progress`."""
-    from polyfuse.pipeline.progress import progress_bar as rich_progress
-
-    with rich_progress(disable=disable) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import gc
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field
 
@@ -29,16 +29,16 @@ from polyfuse.data.io import ShardStore, read_metadata, write_metadata, write_ro
 from polyfuse.data.schemas import PreferenceRow
 from polyfuse.errors import ConfigError, DataError
 from polyfuse.logprobs.engine import (
-    DEFAULT_TOKEN_BUDGET,
     check_logp_columns,
     column_names,
     encode_row,
-    length_limit,
     logp_columns,
     roles_of,
     score_rows,
 )
 from polyfuse.models import ModelSpec, load_config, load_model, load_tokenizer
+from polyfuse.models.forward import DEFAULT_TOKEN_BUDGET, length_limit
+from polyfuse.models.records import model_record
 
 # Version of the sequence convention (spec section 6) the columns were computed with.
 CONVENTION = "polyfuse-logps-1"
@@ -68,20 +68,6 @@ class ShardScores(StrictModel):
     scores: dict[str, tuple[float, int]]  # role -> (S, n)
 
 
-def model_record(spec: ModelSpec, tokenizer: Any, modes: Counter) -> dict[str, Any]:
-    from polyfuse.pipeline.manifest import hash_path
-
-    folder, gguf = spec.location()
-    return {
-        **spec.model_dump(),
-        "name": spec.label,
-        "hash": hash_path(Path(folder) / gguf if gguf else folder),
-        "tokenizer": type(tokenizer).__name__,
-        "vocab_size": len(tokenizer),
-        "template_mode": modes.most_common(1)[0][0] if len(modes) == 1 else dict(modes),
-    }
-
-
 def run_logprobs(
     pivot: ModelSpec,
     sources: list[ModelSpec],
@@ -94,7 +80,7 @@ def run_logprobs(
     suffix), plus its metadata sidecar. Shards live in `<out's folder>/shards-<out's name>/`."""
     from accelerate import PartialState
 
-    from polyfuse.pipeline.progress import progress_bar
+    from polyfuse.progress import progress_bar
 
     models = [pivot, *sources]
     labels = [m.label for m in models]

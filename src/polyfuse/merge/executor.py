@@ -27,7 +27,7 @@ from polyfuse.merge.sources import FLOAT_DTYPES, ModelReader, fetch_weights
 from polyfuse.merge.vocab import remap_rows
 from polyfuse.merge.writer import ShardWriter, parse_size
 from polyfuse.models.loader import DTYPES
-from polyfuse.pipeline.progress import progress_bar
+from polyfuse.progress import progress_bar
 
 WORKING_COPIES = 3  # stacked deltas, masks and the result: the method's budget per input tensor
 

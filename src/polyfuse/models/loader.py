@@ -6,11 +6,13 @@ explicitly allows pickles (`allow_pickle: true`). GGUF files are not pickles and
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import Field
+from safetensors import SafetensorError
 
 from polyfuse.config import StrictModel
 from polyfuse.errors import UserError
@@ -43,10 +45,59 @@ class ModelSpec(StrictModel):
         return self.path, self.gguf_file
 
 
-def _common_kwargs(spec: ModelSpec) -> dict:
+def looks_local(path: str) -> bool:
+    """Whether `path` can only mean a local folder or file, never a hub id (`org/name`).
+
+    A hub id has at most one slash and no leading `.`, `/` or `~`; a path whose first part is an existing
+    folder (`models/pivot` with a `models/` here) is local too. Offline (`HF_HUB_OFFLINE=1`) everything is local.
+    Deciding this up front turns a typo in a local path into "no such folder" at once, instead of a minute
+    of retried hub requests ending in an unrelated message.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or path.endswith(".gguf"):
+        return True
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path:
+        return True
+    return "/" in path and Path(path.split("/", 1)[0]).is_dir()
+
+
+def check_device(spec: ModelSpec) -> None:
+    """Refuse a device this machine does not have, before any weight is read."""
+    import torch
+
+    try:
+        device = torch.device(spec.device)
+    except RuntimeError:
+        raise UserError(f"{spec.label}: device {spec.device!r} is not a device name (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise UserError(f"{spec.label}: device {spec.device!r} not available (this machine has {count} CUDA devices)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{spec.label}: device 'mps' not available on this machine")
+
+
+def check_location(spec: ModelSpec, needs_config: bool = True) -> None:
+    """Refuse a missing folder, a folder without `config.json` or a file that is not GGUF, naming the path."""
     folder, gguf = spec.location()
-    if gguf is not None and not (Path(folder) / gguf).is_file() and Path(folder).exists():
-        raise UserError(f"{spec.label}: GGUF file {Path(folder) / gguf} not found")
+    if gguf is not None:
+        file = Path(folder) / gguf
+        if not file.is_file():
+            raise UserError(f"{spec.label}: GGUF file {file} not found")
+        with file.open("rb") as handle:
+            if handle.read(4) != b"GGUF":
+                raise UserError(f"{spec.label}: {file} is not a GGUF file (it does not start with the GGUF magic bytes)")
+        return
+    local = Path(folder).expanduser()
+    if local.exists() or looks_local(folder):
+        if not local.is_dir():
+            kind = "is a file, expected a model folder" if local.exists() else "no such folder"
+            raise UserError(f"{spec.label}: {folder}: {kind}")
+        if needs_config and not (local / "config.json").is_file():
+            raise UserError(f"{spec.label}: {folder}: no config.json in this folder; is it a Hugging Face model folder?")
+
+
+def _common_kwargs(spec: ModelSpec) -> dict:
+    _, gguf = spec.location()
     kwargs: dict = {"trust_remote_code": spec.trust_remote_code}
     if spec.revision:
         kwargs["revision"] = spec.revision
@@ -59,6 +110,7 @@ def load_tokenizer(spec: ModelSpec, padding_side: str = "right"):
     from transformers import AutoTokenizer
 
     folder, _ = spec.location()
+    check_location(spec, needs_config=False)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **_common_kwargs(spec))
     except (OSError, ValueError) as err:
@@ -74,6 +126,7 @@ def load_config(spec: ModelSpec):
     from transformers import AutoConfig
 
     folder, _ = spec.location()
+    check_location(spec)
     try:
         return AutoConfig.from_pretrained(folder, **_common_kwargs(spec))
     except (OSError, ValueError) as err:
@@ -86,6 +139,8 @@ def load_model(spec: ModelSpec, task: Literal["causal-lm", "sequence-classificat
 
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     folder, gguf = spec.location()
+    check_location(spec)
+    check_device(spec)
     kwargs = _common_kwargs(spec)
     kwargs["dtype"] = "auto" if spec.dtype == "auto" else DTYPES[spec.dtype]
     if gguf is None and not spec.allow_pickle:
@@ -95,6 +150,8 @@ def load_model(spec: ModelSpec, task: Literal["causal-lm", "sequence-classificat
     except OSError as err:
         hint = "" if spec.allow_pickle else " (only safetensors are read unless allow_pickle: true)"
         raise UserError(f"{spec.label}: cannot load model from {folder!r}{hint}: {err}") from None
+    except (SafetensorError, ValueError) as err:  # a truncated or corrupted weights file, an unknown model type
+        raise UserError(f"{spec.label}: cannot load model from {folder!r}: {err}") from None
     if gguf is not None:
         # transformers de-quantises GGUF weights into dense tensors of `dtype` but keeps a quantizer marker,
         # which makes Trainer refuse to fine-tune and save_pretrained write a GGUF quantization config.

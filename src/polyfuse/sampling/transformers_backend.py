@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from polyfuse.models.forward import pad_token_id
 from polyfuse.models.templates import decode_response, render_prompt
 from polyfuse.sampling.base import BACKENDS, Backend, SamplingParams
 
@@ -18,7 +19,7 @@ class TransformersBackend(Backend):
         encoded = [render_prompt(tokenizer, p) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i][0]))
         results: list[list[str]] = [[] for _ in prompts]
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad_id = pad_token_id(tokenizer)
         eos = model.generation_config.eos_token_id
         if eos is None:
             eos = tokenizer.eos_token_id

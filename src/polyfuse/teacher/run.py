@@ -27,21 +27,24 @@ import torch
 from pydantic import Field
 
 from polyfuse.config import StrictModel
-from polyfuse.data.io import write_json
+from polyfuse.data.io import remove_stale_temporaries, write_json
 from polyfuse.data.schemas import SFTRow, response_text
 from polyfuse.errors import ConfigError, DataError
-from polyfuse.logprobs import (
-    forward_response,
+from polyfuse.models import ModelSpec, encode, load_config, load_model, load_tokenizer
+from polyfuse.models.forward import (
+    DEFAULT_TOKEN_BUDGET,
+    HEAD_CHUNK,
+    forward_scored_logits,
     head_logits,
+    head_only_agrees,
     length_limit,
     pad_batch,
+    pad_token_id,
     plan_batches,
     scored_hidden_states,
+    token_logps,
 )
-from polyfuse.logprobs.engine import DEFAULT_TOKEN_BUDGET, HEAD_CHUNK
-from polyfuse.logprobs.stage import model_record
-from polyfuse.models import ModelSpec, encode, load_config, load_model, load_tokenizer
-from polyfuse.objectives import IGNORE_INDEX
+from polyfuse.models.records import model_record
 from polyfuse.objectives.distill import logit_std
 from polyfuse.teacher.store import FORMAT, TeacherExample, text_hash, write_shard
 
@@ -67,8 +70,7 @@ def row_hashes(rows: list[SFTRow]) -> dict[str, str]:
 
 def _topk_outputs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
     values, ids = logits.topk(min(k, logits.shape[-1]), dim=-1)
-    token_logps = logits.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return {"topk_ids": ids, "topk_logits": values, "std": logit_std(logits), "token_logps": token_logps}
+    return {"topk_ids": ids, "topk_logits": values, "std": logit_std(logits), "token_logps": token_logps(logits, tokens)}
 
 
 def response_topk(model: Any, batch: dict[str, torch.Tensor], k: int, head_only: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -82,10 +84,7 @@ def response_topk(model: Any, batch: dict[str, torch.Tensor], k: int, head_only:
             for i, logits in enumerate(head_logits(model, states))
         ]
     else:
-        outputs, labels = forward_response(model, batch)
-        labels = labels[:, 1:]
-        rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
-        positions, tokens = outputs.logits[rows, cols], labels[rows, cols]
+        positions, tokens, rows = forward_scored_logits(model, batch)
         chunks = [
             _topk_outputs(positions[i : i + HEAD_CHUNK].float(), tokens[i : i + HEAD_CHUNK], k)
             for i in range(0, len(tokens), HEAD_CHUNK)
@@ -99,7 +98,7 @@ def _score_chunk(model: Any, tokenizer: Any, encoded: list[tuple[str, Any, list]
                  head_only: bool | None, advance) -> tuple[dict[str, TeacherExample], bool | None]:
     """The examples of one chunk, and whether the head-only path reproduces the model's own forward (decided
     on the first batch of the run, as in the log-prob engine; None until a batch was scored)."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     results: dict[int, TeacherExample] = {}
     model.eval()
@@ -109,9 +108,7 @@ def _score_chunk(model: Any, tokenizer: Any, encoded: list[tuple[str, Any, list]
             batch = pad_batch([e.input_ids for e in chunk], [len(e.prompt_ids) for e in chunk], pad_id, side="left")
             batch = {name: value.to(device) for name, value in batch.items()}
             if head_only is None:
-                fast, _ = response_topk(model, batch, settings.top_k, head_only=True)
-                slow, _ = response_topk(model, batch, settings.top_k, head_only=False)
-                head_only = bool(torch.allclose(fast["token_logps"], slow["token_logps"], atol=1e-3, rtol=1e-4))
+                head_only = head_only_agrees(model, batch)
             outputs, rows = response_topk(model, batch, settings.top_k, head_only)
             rows = rows.cpu()
             for position, index in enumerate(indices):
@@ -156,7 +153,7 @@ def run_teacher(
     """Write every model's top-K outputs on `rows` under `out/<model name>/`; resumable, data parallel."""
     from accelerate import PartialState
 
-    from polyfuse.pipeline.progress import progress_bar
+    from polyfuse.progress import progress_bar
 
     labels = [m.label for m in models]
     if len(set(labels)) != len(labels):
@@ -214,6 +211,7 @@ def _start_folder(folder: Path, fingerprint: str) -> None:
     manifest = folder / "manifest.json"
     if folder.exists() and (not manifest.exists() or json.loads(manifest.read_text()).get("fingerprint") != fingerprint):
         shutil.rmtree(folder)
+    remove_stale_temporaries(folder)  # shards whose writer was killed before its rename
     if not manifest.exists():
         write_json(manifest, {"format": FORMAT, "fingerprint": fingerprint, "complete": False})
 

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from polyfuse.data import PromptRow
-from polyfuse.data.io import write_json
+from polyfuse.data.io import remove_stale_temporaries, temporary_folder, write_json
 from polyfuse.errors import UserError
 from polyfuse.models import encode
 from polyfuse.toyworld.config import ModelRecipe, ToyWorldConfig
@@ -46,8 +46,10 @@ WORLD_FILE = "world.json"
 
 
 def default_cache_dir() -> Path:
-    """`$POLYFUSE_CACHE/toyworld`, else `~/.cache/polyfuse/toyworld`."""
-    return Path(os.environ.get("POLYFUSE_CACHE") or "~/.cache/polyfuse").expanduser() / "toyworld"
+    """`$POLYFUSE_CACHE/toyworld`, else `$XDG_CACHE_HOME/polyfuse/toyworld`, else `~/.cache/polyfuse/toyworld`."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = os.environ.get("POLYFUSE_CACHE") or (str(Path(xdg) / "polyfuse") if xdg else "~/.cache/polyfuse")
+    return Path(base).expanduser() / "toyworld"
 
 
 def world_dir(config: ToyWorldConfig, cache_dir: str | Path | None = None) -> Path:
@@ -253,14 +255,14 @@ def _quiet_transformers() -> Iterator[None]:
 def build_world(config: ToyWorldConfig, cache_dir: str | Path | None = None, progress: bool = True) -> World:
     """The world of `config`, from the cache when it was built before, else built now (about two
     minutes on 2 CPU cores for the default preset, a second for `tiny`)."""
-    from polyfuse.pipeline.progress import progress_bar
+    from polyfuse.progress import progress_bar
 
     root = world_dir(config, cache_dir)
     if (root / WORLD_FILE).is_file():
         return World.open(root)
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_stale_temporaries(root.parent)  # builds killed before their rename
+    tmp = temporary_folder(root)
     started = time.perf_counter()
     try:
         with progress_bar(disable=not progress) as bar:

@@ -17,7 +17,7 @@ from polyfuse.errors import ConfigError
 from polyfuse.toyworld.tasks import DOMAINS, SISTER_TASKS
 from polyfuse.toyworld.tokenizers import Algorithm, TemplateName
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: Unigram fallback characters in a reproducible order
 # Not qwen2: transformers 5 loads a qwen2 folder's tokenizer as Qwen2Tokenizer whatever the folder says,
 # which rebuilds a byte-level BPE and breaks any other tokenizer; qwen3 folders keep theirs.
 Architecture = Literal["llama", "qwen3", "gpt2", "mistral"]

@@ -109,6 +109,21 @@ def _metaspace() -> pre_tokenizers.PreTokenizer:
     )
 
 
+def _canonical_unigram(pieces: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """Unigram pieces in an order that does not depend on the trainer's hash-map order.
+
+    The trainer keeps every character it pruned as a fallback piece, scored just below the lowest real piece
+    and 1e-4 apart, in hash-map order: the same characters get different scores (and ids) on every build.
+    Below the lowest score that no single character shares, pieces are put in string order (single
+    characters first) and given that tail's scores in descending order; above it, by score then string."""
+    single_scores = {score for piece, score in pieces if len(piece) == 1}
+    floor = min((score for piece, score in pieces if len(piece) > 1 and score not in single_scores), default=float("inf"))
+    head = sorted([p for p in pieces if p[1] >= floor], key=lambda p: (-p[1], p[0]))
+    tail = [p for p in pieces if p[1] < floor]
+    names = sorted((piece for piece, _ in tail), key=lambda piece: (len(piece) > 1, piece))
+    return head + list(zip(names, sorted((score for _, score in tail), reverse=True), strict=True))
+
+
 def _train(algorithm: Algorithm, vocab_size: int, specials: list[str], corpus: list[str]) -> Tokenizer:
     """The bare `tokenizers` pipeline of one algorithm, trained on `corpus`, reproducibly.
 
@@ -134,7 +149,7 @@ def _train(algorithm: Algorithm, vocab_size: int, specials: list[str], corpus: l
         tok.train_from_iterator(corpus, trainer=trainer)
         data = json.loads(tok.to_str())
         pieces = [(piece, round(score, 6)) for piece, score in data["model"]["vocab"][len(specials) :]]
-        data["model"]["vocab"][len(specials) :] = sorted(pieces, key=lambda p: (-p[1], p[0]))
+        data["model"]["vocab"][len(specials) :] = _canonical_unigram(pieces)
         tok = Tokenizer.from_str(json.dumps(data))
         tok.decoder = decoders.Metaspace(prepend_scheme="first")
         return tok

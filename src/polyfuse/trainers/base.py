@@ -22,7 +22,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from polyfuse.config import StrictModel
 from polyfuse.errors import DataError
-from polyfuse.logprobs import forward_logps, pad_batch
+from polyfuse.models.forward import forward_logps, pad_batch
 
 
 class LoraSettings(StrictModel):

@@ -21,8 +21,8 @@ from transformers import TrainerCallback
 
 from polyfuse.data.schemas import SFTRow, response_text
 from polyfuse.errors import DataError, UserError
-from polyfuse.logprobs import forward_response, length_limit
 from polyfuse.models import ModelSpec, load_model, load_tokenizer
+from polyfuse.models.forward import forward_response, length_limit, pad_token_id
 from polyfuse.objectives import IGNORE_INDEX
 from polyfuse.objectives.distill import DISTILL_OBJECTIVES, DistillBatch, DistillObjective
 from polyfuse.trainers.base import (
@@ -165,7 +165,7 @@ def train_distill(
     features, teachers, dropped = build_features(tokenizer, rows, teacher_dir, config, max_length, cache_dir)
     if dropped:
         logger.warning("distillation: dropped %d rows longer than max_length %d", len(dropped), max_length)
-    collator = DistillCollator(tokenizer.pad_token_id, ("completion",), fields=objective.required_fields())
+    collator = DistillCollator(pad_token_id(tokenizer), ("completion",), fields=objective.required_fields())
     summary = {
         "stage": "distill",
         "objective": {"name": config.objective, **objective.model_dump()},

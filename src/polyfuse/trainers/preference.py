@@ -22,12 +22,12 @@ from polyfuse.logprobs import (
     LogpReport,
     check_logp_columns,
     compute_reference_logps,
-    length_limit,
-    progress_bar,
     roles_of,
 )
 from polyfuse.models import ModelSpec, encode, load_model, load_tokenizer
+from polyfuse.models.forward import length_limit, pad_token_id
 from polyfuse.objectives import OBJECTIVES, PreferenceBatch, PreferenceObjective
+from polyfuse.progress import progress_task
 from polyfuse.trainers.base import (
     PolyfuseTrainer,
     SequenceCollator,
@@ -118,7 +118,7 @@ def ensure_reference_columns(
         "scoring %d pairs with the initial model for reference columns %s", len(rows), sorted(missing)
     )
     total = sum(len(roles_of(row)) for row in rows)
-    with progress_bar("reference log-probs", total) as advance:
+    with progress_task("reference log-probs", total) as advance:
         return compute_reference_logps(
             model,
             tokenizer,
@@ -192,7 +192,7 @@ def train_preference(
             "preference training: dropped %d pairs longer than max_length %d", len(dropped), max_length
         )
     columns = tuple(name for name in features[0] if name.startswith(PRECOMPUTED_PREFIXES)) if features else ()
-    collator = SequenceCollator(tokenizer.pad_token_id, objective.roles, columns)
+    collator = SequenceCollator(pad_token_id(tokenizer), objective.roles, columns)
     summary = {
         "stage": "preference",
         "objective": objective.model_dump(),

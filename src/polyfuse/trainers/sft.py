@@ -10,8 +10,8 @@ import torch
 from transformers import TrainerCallback
 
 from polyfuse.data.schemas import SFTRow, response_text
-from polyfuse.logprobs import length_limit
 from polyfuse.models import ModelSpec, encode, load_model, load_tokenizer
+from polyfuse.models.forward import length_limit, pad_token_id
 from polyfuse.objectives import IGNORE_INDEX
 from polyfuse.trainers.base import (
     PolyfuseTrainer,
@@ -71,7 +71,7 @@ def train_sft(
     features, dropped = tokenize_sft(tokenizer, rows, max_length)
     if dropped:
         logger.warning("SFT: dropped %d rows longer than max_length %d", len(dropped), max_length)
-    collator = SequenceCollator(tokenizer.pad_token_id, SFTTrainer.roles)
+    collator = SequenceCollator(pad_token_id(tokenizer), SFTTrainer.roles)
     summary = {"stage": "sft", "model": model_spec.model_dump(), "dropped": dropped}
     return run_training(
         SFTTrainer, model, tokenizer, features, collator, args, config, Path(out_dir), summary, callbacks

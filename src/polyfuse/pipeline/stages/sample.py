@@ -14,10 +14,11 @@ from pathlib import Path
 from pydantic import Field
 
 from polyfuse.config import StrictModel
-from polyfuse.data.io import ShardStore, write_rows
+from polyfuse.data.io import ShardStore, read_rows, write_rows
 from polyfuse.data.schemas import PromptRow, SampleRow, stable_id
 from polyfuse.models import ModelSpec, load_model, load_tokenizer
-from polyfuse.pipeline.progress import progress_bar
+from polyfuse.pipeline.context import STAGES, Context, Stage, paths_in
+from polyfuse.progress import progress_bar
 from polyfuse.sampling import SamplingParams, get_backend
 
 
@@ -78,3 +79,35 @@ def run_sample(prompts: list[PromptRow], config: SampleConfig, out_dir: str | Pa
         write_rows(out, store.read_all(SampleRow, [key for _, _, key in keys]))
     state.wait_for_everyone()
     return out
+
+
+class SampleSection(StrictModel):
+    """The recipe's `sample` section; the models are the recipe's sources (and, with `include_pivot`, the
+    pivot), the seed is the recipe's."""
+
+    backend: str = "transformers"
+    batch_size: int = Field(default=32, ge=1)
+    chunk_size: int = Field(default=256, ge=1)
+    include_pivot: bool = False
+
+
+@STAGES.register("sample")
+class SampleStage(Stage):
+    name = "sample"
+    position = 20
+    section = SampleSection
+    section_default = True
+    needs = ("prompts",)
+
+    def sample_config(self, recipe) -> SampleConfig:
+        section = recipe.sample
+        models = recipe.sources + ([recipe.pivot] if section.include_pivot else [])
+        return SampleConfig(models=models, backend=section.backend, batch_size=section.batch_size,
+                            chunk_size=section.chunk_size, seed=recipe.seed)
+
+    def inputs(self, ctx: Context) -> dict[str, str]:
+        return {"prompts": ctx.output("prompts", "prompts"), **paths_in(self.sample_config(ctx.recipe).model_dump())}
+
+    def run(self, ctx: Context, folder: Path) -> dict[str, str]:
+        prompts = read_rows(ctx.output("prompts", "prompts"), PromptRow)
+        return {"samples": str(run_sample(prompts, self.sample_config(ctx.recipe), folder, quiet=ctx.quiet))}

@@ -20,6 +20,7 @@ Counts for every filter go to `report.json`.
 from __future__ import annotations
 
 import random
+import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Literal
@@ -27,9 +28,10 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from polyfuse.config import StrictModel
-from polyfuse.data.io import write_json, write_rows
+from polyfuse.data.io import read_rows, write_json, write_rows
 from polyfuse.data.schemas import PreferenceRow, SampleRow, SFTRow, assistant, stable_id
 from polyfuse.errors import ConfigError
+from polyfuse.pipeline.context import STAGES, Context, Stage
 
 
 class PairsConfig(StrictModel):
@@ -73,16 +75,21 @@ def _verified_pool(rows: list[SampleRow]) -> list[SampleRow]:
 
 
 def _ranked_pair(rows: list[SampleRow], key: str) -> tuple[SampleRow, SampleRow] | None:
-    """(chosen, rejected) from one candidate set: correct vs incorrect when verified, else best vs worst."""
+    """(chosen, rejected) from one candidate set: correct vs incorrect when verified, else best vs worst.
+    Empty responses never enter a pair, and neither does a pair of two identical texts (no preference)."""
+    rows = [r for r in rows if r.response.strip()]
     verified = [r for r in rows if r.correct is not None]
     if verified:
         good = [r for r in rows if r.correct]
         bad = [r for r in rows if r.correct is False]
-        return (_best(good, key), _worst(bad, key)) if good and bad else None
+        if not good or not bad:
+            return None
+        chosen, rejected = _best(good, key), _worst(bad, key)
+        return (chosen, rejected) if chosen.response != rejected.response else None
     if len(rows) < 2:
         return None
     chosen, rejected = _best(rows, key), _worst(rows, key)
-    return (chosen, rejected) if chosen.id != rejected.id else None
+    return (chosen, rejected) if chosen.response != rejected.response else None
 
 
 def _pair_row(prompt_id: str, chosen: SampleRow, rejected: SampleRow, key: str) -> PreferenceRow:
@@ -102,6 +109,11 @@ def build_pairs(samples: list[SampleRow], config: PairsConfig) -> tuple[list[SFT
     order = list(dict.fromkeys(r.model for r in samples))
     allowed = set(config.sources or order) - ({config.target} if config.target else set())
     key = config.reward
+    if samples and not any(key in r.rewards for r in samples):
+        available = sorted({k for r in samples for k in r.rewards})
+        raise ConfigError(
+            f"pairs.reward: no reward {key!r} in any sample; the samples have: {', '.join(available) or 'no rewards'}"
+        )
     counts: Counter[str] = Counter()
     sft_rows: list[SFTRow] = []
     pair_rows: list[PreferenceRow] = []
@@ -188,4 +200,24 @@ def run_pairs(samples: list[SampleRow], config: PairsConfig, out_dir: str | Path
     write_rows(paths["sft"], sft_rows)
     write_rows(paths["preference"], pair_rows)
     write_json(paths["report"], report)
+    for kind, rows, prompts in (("SFT rows", sft_rows, "sft_prompts"), ("preference pairs", pair_rows, "po_prompts")):
+        if report.get(prompts) and not rows:
+            reasons = ", ".join(f"{k} {v}" for k, v in report.items() if k.startswith(("dropped", "candidates")))
+            warnings.warn(f"pairs: 0 {kind} from {report[prompts]} prompts ({reasons}); see {paths['report']}", stacklevel=2)
     return paths
+
+
+@STAGES.register("pairs")
+class PairsStage(Stage):
+    name = "pairs"
+    position = 40
+    section = PairsConfig
+    seeded = True
+    needs = ("score",)
+
+    def inputs(self, ctx: Context) -> dict[str, str]:
+        return {"scored": ctx.output("score", "scored")}
+
+    def run(self, ctx: Context, folder: Path) -> dict[str, str]:
+        samples = read_rows(ctx.output("score", "scored"), SampleRow)
+        return {k: str(v) for k, v in run_pairs(samples, ctx.recipe.pairs, folder).items()}

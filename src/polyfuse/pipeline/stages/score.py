@@ -9,9 +9,10 @@ from pathlib import Path
 from pydantic import Field
 
 from polyfuse.config import StrictModel
-from polyfuse.data.io import ShardStore, write_rows
+from polyfuse.data.io import ShardStore, read_rows, write_rows
 from polyfuse.data.schemas import SampleRow
-from polyfuse.pipeline.progress import progress_bar
+from polyfuse.pipeline.context import STAGES, Context, Stage, paths_in
+from polyfuse.progress import progress_bar
 from polyfuse.scorers import ScorerConfig, build_scorer
 from polyfuse.toyworld import scorer as _toy_scorer  # noqa: F401  registers the `toyworld` verifier
 
@@ -50,3 +51,18 @@ def run_score(samples: list[SampleRow], config: ScoreConfig, out_dir: str | Path
     out = out_dir / "scored.jsonl"
     write_rows(out, store.read_all(SampleRow, keys))
     return out
+
+
+@STAGES.register("score")
+class ScoreStage(Stage):
+    name = "score"
+    position = 30
+    section = ScoreConfig
+    needs = ("sample",)
+
+    def inputs(self, ctx: Context) -> dict[str, str]:
+        return {"samples": ctx.output("sample", "samples"), **paths_in(ctx.recipe.score.model_dump())}
+
+    def run(self, ctx: Context, folder: Path) -> dict[str, str]:
+        samples = read_rows(ctx.output("sample", "samples"), SampleRow)
+        return {"scored": str(run_score(samples, ctx.recipe.score, folder, quiet=ctx.quiet))}

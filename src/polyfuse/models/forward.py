@@ -1,0 +1,175 @@
+"""The forward kernel shared by scoring, teacher outputs, training and sampling.
+
+One way to lay out sequences and run a causal LM over their responses:
+
+- `pad_batch`: prompt + response ids padded into a batch whose labels hold the response tokens only;
+  position ids count real tokens, so left padding gives the same positions as none;
+- `plan_batches`: batches cut by a **token budget** over length-sorted sequences, so a batch pads only to
+  the next-longest sequence;
+- the **response-only head**: the LM head runs only on positions that predict a response token, either
+  through the model's own forward (`forward_response`, `logits_to_keep`) or, for inference, straight from
+  the decoder's hidden states through the output embeddings `HEAD_CHUNK` positions at a time
+  (`scored_hidden_states` + `head_logits`), so prompts and padding are never projected onto the vocabulary
+  and fp32 logits never exceed one chunk x vocabulary (a 262k vocabulary makes the head the larger half
+  of a small model's work);
+- `head_only_agrees`: the one check that the hidden-state path reproduces the model's own forward (a model
+  that post-processes its logits, e.g. Gemma's soft-capping, does not), run on a run's first batch;
+- `pad_token_id`: the pad id of a tokenizer without one is its EOS (the padding is masked out anyway).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+
+from polyfuse.objectives.logps import IGNORE_INDEX, sequence_logps
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TOKEN_BUDGET = 4096
+HEAD_CHUNK = 512  # scored positions per LM-head call
+HEAD_ATOL, HEAD_RTOL = 1e-3, 1e-4  # per-token log-prob agreement of the two head paths (fp32)
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id padding is written with: the tokenizer's pad token, else its EOS token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def length_limit(model_config: Any, max_length: int | None) -> int:
+    """The longest sequence to score or train on: `max_length`, capped at the model's context size."""
+    context = getattr(model_config, "max_position_embeddings", None) or 10**9
+    return context if max_length is None else min(max_length, context)
+
+
+def pad_batch(
+    sequences: list[list[int]],
+    prompt_lengths: list[int],
+    pad_id: int,
+    side: Literal["right", "left"] = "right",
+) -> dict[str, torch.Tensor]:
+    """Padded `input_ids`, `attention_mask`, `position_ids` and `labels` (IGNORE_INDEX on prompt and
+    padding). Position ids count real tokens only, so left padding gives the same positions as none."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (seq, prompt_length) in enumerate(zip(sequences, prompt_lengths, strict=True)):
+        start = width - len(seq) if side == "left" else 0
+        ids = torch.tensor(seq, dtype=torch.long)
+        input_ids[i, start : start + len(seq)] = ids
+        attention_mask[i, start : start + len(seq)] = 1
+        labels[i, start + prompt_length : start + len(seq)] = ids[prompt_length:]
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "labels": labels}
+
+
+def plan_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Indices of `lengths` grouped longest first so that `rows x longest row <= token_budget` (a
+    sequence longer than the budget gets a batch of its own). Memory problems show on the first batch."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for index in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= token_budget:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
+def forward_response(model: Any, batch: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
+    """The model's own forward with the LM head only from the first position that predicts a scored token of
+    some row (`logits_to_keep`): with left padding that is the longest response + 1 positions, so prompts are
+    never projected onto the vocabulary. Returns the outputs and the labels cut to the kept positions (kept
+    position k predicts label k + 1)."""
+    labels = batch["labels"]
+    scored = (labels[:, 1:] != IGNORE_INDEX).any(0)
+    first = int(scored.int().argmax()) if bool(scored.any()) else 0
+    outputs = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=labels.shape[1] - first,
+        use_cache=False,
+    )
+    return outputs, labels[:, first:]
+
+
+def forward_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """(S, n) of every row of a padded batch on the model's device, and the model outputs (`forward_response`)."""
+    outputs, labels = forward_response(model, batch)
+    sums, counts = sequence_logps(outputs.logits, labels)
+    return sums, counts, outputs
+
+
+def forward_scored_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, tokens, rows) at the positions that predict a scored token, row-major, by the model's own
+    forward: the same layout as `scored_hidden_states`, for models whose head path cannot be used."""
+    outputs, labels = forward_response(model, batch)
+    targets = labels[:, 1:]
+    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    return outputs.logits[rows, cols], targets[rows, cols], rows
+
+
+def scored_hidden_states(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(states, tokens, rows): the decoder's last hidden states at the positions that predict a scored
+    token, those tokens, and the row of each, in row-major order (position k predicts token k + 1)."""
+    hidden = model.get_decoder()(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    ).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    return hidden[rows, cols], targets[rows, cols], rows
+
+
+def head_logits(model: Any, states: torch.Tensor) -> Iterator[torch.Tensor]:
+    """fp32 logits of `states` through the output embeddings, `HEAD_CHUNK` positions at a time, so the
+    logits never exceed one chunk x vocabulary."""
+    head = model.get_output_embeddings()
+    for i in range(0, len(states), HEAD_CHUNK):
+        yield head(states[i : i + HEAD_CHUNK]).float()
+
+
+def token_logps(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) at each position, fp32 log-softmax."""
+    logits = logits.float()
+    return logits.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def head_token_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs, rows) of every scored token by the hidden-state path, row-major."""
+    states, tokens, rows = scored_hidden_states(model, batch)
+    chunks = [
+        token_logps(logits, tokens[i * HEAD_CHUNK : i * HEAD_CHUNK + len(logits)])
+        for i, logits in enumerate(head_logits(model, states))
+    ]
+    return (torch.cat(chunks) if chunks else states.new_zeros(0, dtype=torch.float32)), rows
+
+
+def response_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, n) of every row of a padded batch: the decoder's hidden states at the positions that predict a
+    scored token, through the output embeddings chunk by chunk, fp32 log-softmax. Inference only: it calls
+    the decoder and the head directly, past any wrapper's forward."""
+    logps, rows = head_token_logps(model, batch)
+    batch_size = batch["labels"].shape[0]
+    sums = torch.zeros(batch_size, dtype=torch.float32, device=logps.device).index_add_(0, rows, logps)
+    return sums, (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
+
+
+def head_only_agrees(model: Any, batch: dict[str, torch.Tensor]) -> bool:
+    """Whether the hidden-state head path gives the model's own per-token log-probs on `batch`
+    (`|a - b| <= HEAD_ATOL + HEAD_RTOL |b|`). A model that post-processes its logits fails; callers then
+    use the model's own forward for the whole run."""
+    fast, _ = head_token_logps(model, batch)
+    logits, tokens, _ = forward_scored_logits(model, batch)
+    slow = token_logps(logits, tokens)
+    agrees = bool(((fast - slow).abs() <= HEAD_ATOL + HEAD_RTOL * slow.abs()).all())
+    if not agrees:
+        logger.warning("%s post-processes its logits: scoring with its own forward", type(model).__name__)
+    return agrees

@@ -1,0 +1,136 @@
+"""What every stage of a recipe sees: the `Context` of a run and the `Stage` protocol.
+
+A stage is one file in `polyfuse.pipeline.stages` that subclasses `Stage` and registers itself in
+`STAGES`; the recipe schema, the default stage list, the checks across stages and the runner all read
+the registry, so adding a stage touches nothing else. This module imports no stage and no recipe: the
+stages, the recipe and the runner are built on it, never the other way round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import Field
+
+from polyfuse.errors import ConfigError
+from polyfuse.models import ModelSpec
+from polyfuse.registry import Registry
+
+
+@dataclass
+class Context:
+    """What stages know: the recipe (a `polyfuse.pipeline.recipe.Recipe`), where the work goes, and the
+    outputs of the stages before."""
+
+    recipe: Any
+    work_dir: Path
+    outputs: dict[str, dict[str, str]] = field(default_factory=dict)
+    quiet: bool = False
+
+    def output(self, stage: str, key: str) -> str:
+        if stage not in self.outputs:
+            raise ConfigError(f"stages: '{stage}' must run before the stages that use its {key!r}")
+        if key not in self.outputs[stage]:
+            raise ConfigError(f"stage '{stage}' has no output {key!r}; it has {', '.join(self.outputs[stage])}")
+        return self.outputs[stage][key]
+
+    def current_pivot(self, before: str) -> ModelSpec:
+        """The pivot as it stands before stage `before`: the latest trained model, else the recipe's pivot."""
+        names = self.recipe.stages
+        for stage in reversed(names[: names.index(before)]):
+            if "model" in self.outputs.get(stage, {}):
+                return self.recipe.pivot.model_copy(update={"path": self.outputs[stage]["model"], "gguf_file": None})
+        return self.recipe.pivot
+
+
+class Stage:
+    """One step of a recipe. A subclass sets the class attributes and implements `run` (and `inputs` when
+    it reads files or models), then registers itself: `@STAGES.register("name")`.
+
+    - `position`: where the stage sits in the fixed order of a recipe's stages (lower runs first);
+    - `section`: the schema of the stage's recipe section (a pydantic model), `None` for none;
+      `required`: the recipe must have the section; `section_default`: a listed stage without a section
+      runs with the section's defaults;
+    - `default`: the stage is in the stage list of a recipe that gives none (the FuseChat-3.0 pipeline);
+    - `makes_model`: its output `model` is the pivot of the stages after it;
+    - `seeded`: the recipe's `seed` is the default `seed` of its section;
+    - `needs`: the stages that must run before it (`requires` when that depends on the recipe).
+    """
+
+    name: ClassVar[str]
+    position: ClassVar[int]
+    section: ClassVar[Any] = None
+    required: ClassVar[bool] = False
+    section_default: ClassVar[bool] = False
+    default: ClassVar[bool] = True
+    makes_model: ClassVar[bool] = False
+    seeded: ClassVar[bool] = False
+    needs: ClassVar[tuple[str, ...]] = ()
+
+    def field(self) -> tuple[Any, Any]:
+        """(annotation, default) of the stage's field in the recipe schema."""
+        if self.required:
+            return self.section, ...
+        if self.section_default:
+            return self.section, Field(default_factory=self.section)
+        return self.section | None, None
+
+    def requires(self, recipe: Any) -> tuple[str, ...]:
+        return self.needs
+
+    def check(self, recipe: Any) -> None:
+        """Cross-stage needs beyond `requires`, checked when the recipe loads; raise ValueError."""
+
+    def config(self, recipe: Any) -> dict[str, Any]:
+        """What the stage's fingerprint hashes besides its inputs: its resolved section and the seed."""
+        section = getattr(recipe, self.name, None)
+        resolved = section.model_dump(mode="json") if hasattr(section, "model_dump") else section
+        return {"section": resolved, "seed": recipe.seed}
+
+    def inputs(self, ctx: Context) -> dict[str, str]:
+        """The files and models the stage reads, name -> path (hashed into its fingerprint)."""
+        return {}
+
+    def run(self, ctx: Context, folder: Path) -> dict[str, str]:
+        """Do the work in `folder`; return the outputs, name -> path."""
+        raise NotImplementedError
+
+
+STAGES: Registry[type[Stage]] = Registry("stage", package="polyfuse.pipeline.stages")
+
+
+def stage(name: str) -> Stage:
+    return STAGES.get(name)()
+
+
+def stage_order() -> list[str]:
+    """Every registered stage, in the order a recipe runs them."""
+    return sorted(STAGES.names(), key=lambda name: STAGES.get(name).position)
+
+
+def model_stages() -> list[str]:
+    """The stages whose output `model` is the pivot of the stages after them."""
+    return [name for name in stage_order() if STAGES.get(name).makes_model]
+
+
+def stage_reference(name: str) -> tuple[str, str] | None:
+    """(stage, output key) when a model `name` names a stage (`sft`, `sft:model`), else None."""
+    stage_name, _, key = name.partition(":")
+    return (stage_name, key or "model") if stage_name in STAGES else None
+
+
+def paths_in(node: Any, prefix: str = "") -> dict[str, str]:
+    """Every `path` value in a config section (models, reward models), keyed by where it sits."""
+    found: dict[str, str] = {}
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "path" and isinstance(value, str):
+                found[prefix or "path"] = value
+            else:
+                found.update(paths_in(value, f"{prefix}.{key}" if prefix else key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found.update(paths_in(value, f"{prefix}[{i}]"))
+    return found

@@ -1,0 +1,105 @@
+"""Stage `eval`: greedy accuracy of the recipe's models on held-out prompts, as a table, JSON and PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from polyfuse.config import StrictModel
+from polyfuse.data.io import write_rows
+from polyfuse.models import ModelSpec
+from polyfuse.pipeline.context import STAGES, Context, Stage, model_stages, paths_in
+from polyfuse.pipeline.stages.prompts import PromptSource
+from polyfuse.scorers import ScorerConfig
+
+
+class EvalSection(StrictModel):
+    prompts: PromptSource
+    models: list[str] = Field(
+        default_factory=lambda: ["sources", "pivot", "sft", "po"],
+        description="'sources', 'pivot', a source name, or a model stage name (sft, merge, po: its output model).",
+    )
+    scorers: list[ScorerConfig] | None = Field(default=None, description="Default: the score stage's verifiers.")
+    batch_size: int = Field(default=64, ge=1)
+    max_new_tokens: int = Field(default=32, ge=1)
+
+
+def _unknown_model(recipe, name: str) -> bool:
+    sources = {s.label for s in recipe.sources}
+    return name not in ("sources", "pivot", *sources) and not (name in recipe.stages and name in model_stages())
+
+
+def eval_models(ctx: Context) -> dict[str, ModelSpec]:
+    """Display label -> model, in the order the recipe's `eval.models` lists them."""
+    recipe = ctx.recipe
+    sources = {s.label: s for s in recipe.sources}
+    makers = model_stages()
+    chosen: dict[str, ModelSpec] = {}
+    for name in recipe.eval.models:
+        if name == "sources":
+            chosen.update({label: spec for label, spec in sources.items()})
+        elif name == "pivot":
+            chosen["pivot"] = recipe.pivot
+        elif name in sources:
+            chosen[name] = sources[name]
+        else:
+            steps = [s for s in recipe.stages[: recipe.stages.index(name) + 1] if s in makers]
+            label = "pivot+" + "+".join(_step_label(ctx, s) for s in steps)
+            chosen[label] = recipe.pivot.model_copy(update={"path": ctx.output(name, "model"), "gguf_file": None})
+    return chosen
+
+
+def _step_label(ctx: Context, stage: str) -> str:
+    """How a model stage shows in a label: SFT, the preference objective (DPO, ...), MERGE(method)."""
+    if stage == "sft":
+        return "SFT"
+    if stage == "merge":
+        return f"MERGE({ctx.recipe.merge.merge_method})"
+    if stage == "distill":
+        return ctx.recipe.distill.objective.upper()
+    return ctx.recipe.po.objective.upper()
+
+
+def scorer_configs(recipe) -> list[ScorerConfig]:
+    """The section's scorers, else the score stage's verifiers (a reward model gives no accuracy)."""
+    if recipe.eval.scorers is not None:
+        return recipe.eval.scorers
+    return [c for c in recipe.score.scorers if c.type != "reward_model"]
+
+
+@STAGES.register("eval")
+class EvalStage(Stage):
+    name = "eval"
+    position = 110
+    section = EvalSection
+
+    def check(self, recipe) -> None:
+        if recipe.eval.scorers is None and recipe.score is None:
+            raise ValueError("eval: no scorers to grade with; give 'eval.scorers' (e.g. [{type: math}]) "
+                             "or a 'score' section, whose verifiers eval then uses")
+        unknown = [name for name in recipe.eval.models if _unknown_model(recipe, name)]
+        if unknown:
+            raise ValueError(f"eval.models: {', '.join(map(repr, unknown))}: neither 'sources', 'pivot', a source "
+                             f"name nor a model stage of this recipe ({', '.join(s for s in recipe.stages if s in model_stages()) or 'none'})")
+
+    def inputs(self, ctx: Context) -> dict[str, str]:
+        models = {label: spec.path for label, spec in eval_models(ctx).items()}
+        return {**models, **paths_in(ctx.recipe.eval.model_dump())}
+
+    def run(self, ctx: Context, folder: Path) -> dict[str, str]:
+        from polyfuse.evaluation import evaluate, write_eval_report
+        from polyfuse.scorers import build_scorer
+
+        config = ctx.recipe.eval
+        prompts = ctx.recipe.load_prompts(config.prompts)
+        write_rows(folder / "prompts.jsonl", prompts)
+        scorers = [build_scorer(c) for c in scorer_configs(ctx.recipe)]
+        results = {
+            label: evaluate(spec, prompts, scorers, batch_size=config.batch_size,
+                            max_new_tokens=config.max_new_tokens, quiet=ctx.quiet)
+            for label, spec in eval_models(ctx).items()
+        }
+        write_eval_report(results, folder, sources={s.label for s in ctx.recipe.sources})
+        return {"results": str(folder / "results.json"), "table": str(folder / "results.md"),
+                "chart": str(folder / "accuracy.png")}

@@ -1,0 +1,97 @@
+"""Stage `merge`: the recipe's `merge` section, a mergekit-style config, run by the merge engine.
+
+Recipes fuse in steps (InfiFusion, FuseChat 2.0: distil each source into its own copy of the pivot, then
+merge the copies), so a merge must be able to name models that only exist once earlier stages have run.
+In the `merge` section a model may be given as a path or named: `pivot` (the recipe's pivot), a source
+name, or a stage that ran before `merge` (`sft`: its output model; `stage:key`: its output `key`). Stage
+names are reserved: write `./sft` for a folder of that name. `base_model` defaults to the current pivot
+(the latest model a stage produced), the merge seed to the recipe's, and the merged model becomes the
+pivot of the stages after it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field
+
+from polyfuse.merge.config import MergeConfig, check_method, parse_merge_config
+from polyfuse.pipeline.context import STAGES, Context, Stage, model_stages, stage_reference
+
+SOURCE = "merge"  # how error messages name the recipe section
+NOT_MODELS = ("base", "union")  # `tokenizer_source` values that name no model
+CURRENT_PIVOT = "<current pivot>"  # the merge base before the stages run; resolved when the stage runs
+
+
+def _parse(value: Any) -> Any:
+    """mergekit's refusals and the method name first, with the merge engine's own messages."""
+    return value if value is None or isinstance(value, MergeConfig) else parse_merge_config(value, SOURCE, check=False)
+
+
+def model_path(ctx: Context, name: str) -> str:
+    """The path a merge model name stands for: a stage's output, the recipe's pivot, a source, or `name`."""
+    reference = stage_reference(name)
+    if reference is not None:
+        return ctx.output(*reference)
+    if name == "pivot":
+        return ctx.recipe.pivot.path
+    return next((s.path for s in ctx.recipe.sources if s.label == name), name)
+
+
+def resolved_merge_config(ctx: Context) -> MergeConfig:
+    """The `merge` section with every name resolved to a path, the base defaulted to the current pivot and
+    `parameters.seed` to the recipe's seed; checked like a `polyfuse merge` config."""
+    section = ctx.recipe.merge
+    tokenizer = section.tokenizer_source
+    cfg = section.model_copy(update={
+        "base_model": model_path(ctx, section.base_model) if section.base_model else ctx.current_pivot("merge").path,
+        "models": [e.model_copy(update={"model": model_path(ctx, e.model)}) for e in section.models],
+        "tokenizer_source": tokenizer if tokenizer in (None, *NOT_MODELS) else model_path(ctx, tokenizer),
+        "parameters": {"seed": ctx.recipe.seed, **section.parameters},
+    })
+    check_method(cfg, SOURCE)
+    return cfg
+
+
+@STAGES.register("merge")
+class MergeStage(Stage):
+    name = "merge"
+    position = 80
+    section = MergeConfig
+    default = False  # merging is opted into by listing it
+    makes_model = True
+
+    def field(self) -> tuple[Any, Any]:
+        annotation = Annotated[MergeConfig | None, BeforeValidator(_parse)]
+        return annotation, Field(default=None, description="A mergekit-style config; see polyfuse.pipeline.stages.merge.")
+
+    def check(self, recipe) -> None:
+        """Named stages must run before `merge`; the method's needs are checked with the base defaulted."""
+        earlier = recipe.stages[: recipe.stages.index("merge")]
+        makers = model_stages()
+        names = [recipe.merge.base_model, recipe.merge.tokenizer_source, *(e.model for e in recipe.merge.models)]
+        for name in filter(None, names):
+            reference = stage_reference(name)
+            if reference and reference[0] not in earlier:
+                raise ValueError(f"merge: {name!r} names the stage {reference[0]!r}, which does not run before merge")
+            if reference and reference[1] == "model" and reference[0] not in makers:
+                raise ValueError(f"merge: {name!r}: the stage {reference[0]!r} makes no model "
+                                 f"(model stages: {', '.join(makers)}; or name an output, stage:key)")
+        check_method(recipe.merge.model_copy(update={"base_model": recipe.merge.base_model or CURRENT_PIVOT}), SOURCE)
+
+    def inputs(self, ctx: Context) -> dict[str, str]:
+        """The models the merge reads."""
+        cfg = resolved_merge_config(ctx)
+        return {"base_model": cfg.base_model, **{f"models[{i}]": e.model for i, e in enumerate(cfg.models)}}
+
+    def run(self, ctx: Context, folder: Path) -> dict[str, str]:
+        """Merge into `<folder>/model` (the engine resumes an interrupted merge from its finished shards)."""
+        from rich.console import Console
+
+        from polyfuse.merge import MergeOptions, run_merge
+
+        out = folder / "model"
+        run_merge(resolved_merge_config(ctx), out, SOURCE, MergeOptions(quiet=ctx.quiet),
+                  Console(stderr=True, quiet=ctx.quiet))
+        return {"model": str(out)}

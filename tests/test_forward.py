@@ -1,0 +1,66 @@
+"""The shared forward kernel: the head-only path, the one check that guards it, and the pad-id rule."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from polyfuse.models.forward import (
+    forward_logps,
+    head_only_agrees,
+    pad_batch,
+    pad_token_id,
+    response_logps,
+)
+
+
+def _batch(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    rng = random.Random(seed)
+    sequences = [[rng.randrange(1, vocab) for _ in range(rng.randint(4, 12))] for _ in range(5)]
+    return pad_batch(sequences, [2] * len(sequences), pad_id=0, side="left")
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def _softcapped_gemma():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                          num_key_value_heads=1, head_dim=16, vocab_size=60, final_logit_softcapping=0.5)
+    return Gemma2ForCausalLM(config).eval()
+
+
+def test_head_only_path_equals_the_models_own_forward_and_the_check_says_so():
+    model, batch = _llama(), _batch(60)
+    with torch.inference_mode():
+        fast, fast_counts = response_logps(model, batch)
+        slow, slow_counts, _ = forward_logps(model, batch)
+        assert head_only_agrees(model, batch)
+    assert torch.equal(fast_counts, slow_counts)
+    assert torch.allclose(fast, slow.float(), atol=1e-4)
+
+
+def test_the_check_refuses_a_model_that_post_processes_its_logits(caplog):
+    model, batch = _softcapped_gemma(), _batch(60)
+    with torch.inference_mode():
+        assert not head_only_agrees(model, batch)
+        fast, _ = response_logps(model, batch)
+        slow, _, _ = forward_logps(model, batch)
+    assert (fast - slow).abs().max() > 1e-2  # the two paths really differ: the check is not vacuous
+    assert "post-processes its logits" in caplog.text
+
+
+@pytest.mark.parametrize(("pad", "eos", "expected"), [(3, 7, 3), (None, 7, 7), (0, 7, 0)])
+def test_pad_id_is_the_pad_token_else_eos(pad, eos, expected):
+    assert pad_token_id(SimpleNamespace(pad_token_id=pad, eos_token_id=eos)) == expected

@@ -1,0 +1,124 @@
+"""The stage registry: one file per stage, the recipe schema built from it, each stage's own checks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import Field
+
+from polyfuse.config import StrictModel
+from polyfuse.errors import ConfigError
+from polyfuse.pipeline import recipe as recipe_module
+from polyfuse.pipeline.context import STAGES, Context, Stage, model_stages, stage_order
+from polyfuse.pipeline.recipe import Recipe, load_recipe
+
+STAGE_FILES = Path(recipe_module.__file__).parent / "stages"
+ORDER = ["prompts", "sample", "score", "pairs", "sft", "teacher", "distill", "merge", "logprobs", "po", "eval"]
+
+
+def test_one_file_per_stage_each_registering_the_stage_of_its_name():
+    files = sorted(p.stem for p in STAGE_FILES.glob("*.py") if p.stem != "__init__")
+    assert sorted(STAGES.names()) == files
+    for name in files:
+        cls = STAGES.get(name)
+        assert cls.name == name and cls.__module__ == f"polyfuse.pipeline.stages.{name}"
+    assert stage_order() == ORDER
+    assert model_stages() == ["sft", "distill", "merge", "po"]
+
+
+def test_the_recipe_schema_is_built_from_the_registry():
+    fields = Recipe.model_fields
+    assert [name for name in fields if name in STAGES] == ORDER  # one section per stage, in stage order
+    assert fields["prompts"].is_required()
+    assert Recipe.model_fields["stages"].default_factory() == [
+        "prompts", "sample", "score", "pairs", "sft", "logprobs", "po", "eval"  # opt-in: teacher, distill, merge
+    ]
+
+
+def _recipe(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text("name: t\nsources: [{name: a, path: ./a}]\npivot: {name: p, path: ./p}\n"
+                    "prompts: {path: prompts.jsonl}\n" + body)
+    return path
+
+
+def test_eval_without_score_or_scorers_fails_when_the_recipe_loads(tmp_path):
+    path = _recipe(tmp_path, "stages: [prompts, eval]\neval: {prompts: {path: held.jsonl}, models: [pivot]}\n")
+    with pytest.raises(ConfigError, match="eval: no scorers to grade with; give 'eval.scorers'"):
+        load_recipe(path)
+    with_scorers = _recipe(tmp_path, "stages: [prompts, eval]\n"
+                           "eval: {prompts: {path: held.jsonl}, models: [pivot], scorers: [{type: math}]}\n")
+    assert load_recipe(with_scorers).eval.scorers[0].type == "math"
+
+
+def test_eval_without_score_exits_2_with_the_message_and_no_traceback(tmp_path):
+    path = _recipe(tmp_path, "stages: [prompts, eval]\neval: {prompts: {path: held.jsonl}, models: [pivot]}\n")
+    proc = subprocess.run([sys.executable, "-m", "polyfuse", "run", str(path), "--work-dir", str(tmp_path / "w")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "eval: no scorers to grade with" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "w").exists()  # refused before any work
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("stages: [prompts, score]\nscore: {scorers: [{type: math}]}\n",
+     "stage 'score' needs the stage 'sample' to run before it"),
+    ("stages: [prompts, eval]\neval: {prompts: {path: h.jsonl}, scorers: [{type: math}], models: [pivot, po]}\n",
+     "eval.models: 'po': neither 'sources', 'pivot', a source name nor a model stage of this recipe"),
+    ("stages: [prompts, sample, score]\n", "stage 'score' is listed in 'stages' but has no 'score' section"),
+])
+def test_each_stage_checks_what_it_needs_from_the_others(tmp_path, body, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_recipe(_recipe(tmp_path, body))
+
+
+class CountSection(StrictModel):
+    every: int = Field(default=2, ge=1)
+
+
+class CountStage(Stage):
+    """A stage written for this test only: every `every`-th prompt, counted."""
+
+    name = "count"
+    position = 25  # after sample
+    section = CountSection
+    default = False
+    needs = ("prompts",)
+
+    def inputs(self, ctx: Context) -> dict[str, str]:
+        return {"prompts": ctx.output("prompts", "prompts")}
+
+    def run(self, ctx: Context, folder: Path) -> dict[str, str]:
+        lines = Path(ctx.output("prompts", "prompts")).read_text().splitlines()
+        out = folder / "count.txt"
+        out.write_text(str(len(lines[:: ctx.recipe.count.every])))
+        return {"count": str(out)}
+
+
+@pytest.fixture
+def count_stage():
+    STAGES.register("count")(CountStage)
+    yield recipe_module._recipe_schema()
+    del STAGES._items["count"]
+
+
+def test_adding_a_stage_is_one_class_registered(count_stage, tmp_path):
+    """A new stage needs nothing but its registered class: the schema, the order and the runner follow."""
+    from polyfuse.config import read_yaml, validate
+    from polyfuse.data.io import write_rows
+    from polyfuse.data.schemas import PromptRow
+    from polyfuse.pipeline.runner import run_recipe
+
+    write_rows(tmp_path / "prompts.jsonl", [PromptRow(id=f"p{i}", prompt=f"q{i}") for i in range(5)])
+    data = read_yaml(_recipe(tmp_path, "stages: [prompts, count]\ncount: {every: 2}\n"))
+    data["prompts"] = {"path": str(tmp_path / "prompts.jsonl")}
+    recipe = validate(count_stage, data)
+    assert stage_order().index("count") == stage_order().index("sample") + 1
+    ctx = run_recipe(recipe, tmp_path / "work", quiet=True)
+    assert Path(ctx.output("count", "count")).read_text() == "3"
+    with pytest.raises(ConfigError, match="count.every"):
+        validate(count_stage, {**data, "count": {"every": 0}})
