@@ -72,4 +72,6 @@ def test_every_corrupted_solution_fails(verifier, record_property, name, body):
     report(record_property, f"corrupted_{name}", sum(v for v, _ in results))
     assert [v for v, _ in results] == [False] * len(PROBLEMS)
     # They fail by running the tests, not because the program is broken or slow.
-    assert all(d["stage"] == "tests" and not d["timed_out"] and d["returncode"] == 1 for _, d in results)
+    assert all(d["stage"] == "tests" and d["failure"] is None and d["error"] for _, d in results)
+    expected = "ValueError: corrupted" if name == "raise" else ("AssertionError", "TypeError")
+    assert all(any(e in d["error"] for e in ([expected] if isinstance(expected, str) else expected)) for _, d in results)

@@ -206,13 +206,30 @@ def test_code_verifier_plain_asserts_batch_and_applies_to():
     ]
     results = build_scorer({"type": "code", "timeout_s": 2, "workers": 2}).score(rows)
     assert [v for v, _ in results] == [True, False, False]
-    assert results[1][1]["returncode"] == 1 and "AssertionError" in results[1][1]["stderr"]
+    assert results[1][1]["failure"] is None and "AssertionError" in results[1][1]["error"]
     assert results[2][1]["timed_out"] is True
     chat_prompt = [{"role": "user", "content": "Write total(xs)."}]
     verdict, details = verifier.check(code_row("def summe(xs):\n    return sum(xs)\n", prompt=chat_prompt))
     assert verdict is False and details["stage"] == "static" and "'total' is not defined" in details["error"]
     assert not verifier.applies_to(code_row("x", tests=None))
     assert not verifier.applies_to(code_row("x", domain="math"))
+
+
+def test_code_verifier_stdin_stdout_tests_compare_in_the_scorer():
+    tests = '{"inputs": ["1 2\\n", "5 7\\n"], "outputs": ["3\\n", "12"]}'
+    verifier = build_scorer({"type": "code", "timeout_s": 20})  # generous: only a loaded machine gets near it
+
+    def judge(response):
+        return verifier.check(code_row(response, prompt="Read two integers, print their sum.", tests=tests, entry_point=None))
+
+    right = "a, b = map(int, input().split())\nprint(a + b)   \n"
+    assert judge(f"```python\n{right}```")[0] is True
+    verdict, details = judge("a, b = map(int, input().split())\nprint(a * b)\n")
+    assert verdict is False and details["error"] == "case 0: wrong output"
+    verdict, details = judge("import sys\nprint(3)\nsys.exit(0)\n")  # right once, by luck: fails the second case
+    assert verdict is False and details["error"] == "case 1: wrong output"
+    verdict, details = judge("import os\nos.write(1, b'3\\n')\nos._exit(1)\n")
+    assert verdict is False and details["error"] == "case 0: exit status 1"
 
 
 # --- reward models -------------------------------------------------------------------------------

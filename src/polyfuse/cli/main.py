@@ -342,6 +342,9 @@ def eval_cmd(
     toy_preset: Annotated[str, typer.Option(help="Toy world preset for --data toyworld.")] = "default",
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation budget per prompt.")] = 256,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per generate call.")] = 16,
+    unsafe_local_code: Annotated[bool, typer.Option(
+        help="Run generated code without the bubblewrap sandbox (it can then touch your files and processes)."
+    )] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Greedy accuracy per domain on held-out prompts: a table, results.json, results.md and a PNG bar chart."""
@@ -359,7 +362,7 @@ def eval_cmd(
         prompts = build_world(ToyWorldConfig.preset(toy_preset)).prompts("heldout", per_domain=per_domain)[:limit]
     else:
         prompts = load_eval_set(data, limit)
-    scorers = default_verifiers()
+    scorers = default_verifiers(unsafe_local_code)
     results = {}
     for name, path in named_models(model).items():
         spec = ModelSpec(name=name, path=path)

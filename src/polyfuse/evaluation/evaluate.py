@@ -66,14 +66,16 @@ class EvalResult(BaseModel):
         return {"per_domain": domains, "average": self.average, "overall": self.overall}
 
 
-def default_verifiers() -> list[Scorer]:
+def default_verifiers(unsafe_local_code: bool = False) -> list[Scorer]:
     """Every registered verifier whose config needs no options (math, code, and the toy world's once
-    `polyfuse.toyworld` is imported)."""
+    `polyfuse.toyworld` is imported). `unsafe_local_code` runs the code verifier without its sandbox
+    (see `CodeConfig.unsafe_local`)."""
     verifiers = []
     for name in SCORERS.names():
         scorer = SCORERS.get(name)
         if issubclass(scorer, Verifier) and not any(f.is_required() for f in scorer.Config.model_fields.values()):
-            verifiers.append(build_scorer(scorer.Config()))
+            options = {"unsafe_local": True} if name == "code" and unsafe_local_code else {}
+            verifiers.append(build_scorer(scorer.Config(**options)))
     return verifiers
 
 
@@ -114,6 +116,8 @@ def evaluate(
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
     verifiers = [s for s in scorers if s.kind == "verifier"]
     picked = _pick_verifiers([_as_sample(p, label, "", params) for p in prompts], verifiers)
+    for verifier in {id(v): v for v in picked}.values():
+        verifier.require_ready()  # e.g. the code sandbox: refuse before the model is loaded
     if isinstance(model, ModelSpec):
         lm, tokenizer = load_model(model), load_tokenizer(model, padding_side="left")
     else:

@@ -16,7 +16,7 @@ from polyfuse.scorers.base import (
 from polyfuse.scorers.code_tests import CodeConfig, CodeVerifier
 from polyfuse.scorers.math_answer import MathConfig, MathVerifier
 from polyfuse.scorers.reward_model import RewardModelConfig, RewardModelScorer
-from polyfuse.scorers.sandbox import SandboxResult, run_sandboxed
+from polyfuse.scorers.sandbox import Limits, Sandbox, SandboxFailure, SandboxReport, run_script
 
 __all__ = [
     "SCORERS",
@@ -26,12 +26,15 @@ __all__ = [
     "MathVerifier",
     "RewardModelConfig",
     "RewardModelScorer",
-    "SandboxResult",
+    "Limits",
+    "Sandbox",
+    "SandboxFailure",
+    "SandboxReport",
     "Scorer",
     "ScorerConfig",
     "ScorerSettings",
     "Verifier",
     "build_scorer",
     "parse_scorer_config",
-    "run_sandboxed",
+    "run_script",
 ]

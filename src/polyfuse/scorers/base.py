@@ -50,6 +50,10 @@ class Scorer(ABC):
     def applies_to(self, row: SampleRow) -> bool:
         return self.config.domains is None or row.domain in self.config.domains
 
+    def require_ready(self) -> None:
+        """Raise a UserError if this scorer cannot run on this machine; called before heavy work."""
+        return None
+
     @abstractmethod
     def score(self, rows: list[SampleRow]) -> list[tuple[float | bool, dict[str, Any]]]:
         """One (value, details) per row, in order."""

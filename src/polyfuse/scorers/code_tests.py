@@ -15,7 +15,10 @@ entry point, the tests as plain statements (e.g. MBPP `assert` lines).
 from __future__ import annotations
 
 import ast
+import builtins
+import json
 import re
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
@@ -23,7 +26,7 @@ from pydantic import Field
 
 from polyfuse.data.schemas import SampleRow
 from polyfuse.scorers.base import SCORERS, ScorerSettings, Verifier
-from polyfuse.scorers.sandbox import run_sandboxed
+from polyfuse.scorers.sandbox import Limits, Sandbox, require_isolation, run_script
 
 _FENCE = re.compile(r"```(python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 _STDERR_TAIL = 2000
@@ -34,10 +37,22 @@ _CONTEXT_KINDS = (ast.Import, ast.ImportFrom, ast.Assign, *_DEFINITIONS)
 class CodeConfig(ScorerSettings):
     type: Literal["code"] = "code"
     domains: list[str] | None = ["code"]
-    timeout_s: float = Field(default=10.0, gt=0)
-    memory_mb: int = Field(default=1024, ge=64)
+    timeout_s: float = Field(default=10.0, gt=0, description="Wall time of one response's sandbox.")
+    memory_mb: int = Field(default=1024, ge=64, description="Memory of one sandbox, all its processes together.")
+    max_processes: int = Field(default=16, ge=1, description="Processes and threads in one sandbox.")
     max_output_bytes: int = Field(default=64 * 1024, ge=1024)
     workers: int = Field(default=2, ge=1, description="Sandboxes run at the same time.")
+    unsafe_local: bool = Field(
+        default=False,
+        description="Run model code without bubblewrap (the verdict still cannot be forged, but the code can "
+        "read and change your files, see and signal your processes and leave processes running).",
+    )
+
+    def limits(self) -> Limits:
+        return Limits(
+            timeout_s=self.timeout_s, memory_mb=self.memory_mb, max_processes=self.max_processes,
+            max_output_bytes=self.max_output_bytes,
+        )
 
 
 def _top_level(code: str) -> list[ast.stmt] | None:
@@ -79,6 +94,47 @@ def build_program(response: str, prompt: Any, entry_point: str | None) -> tuple[
     return code, "response"
 
 
+def _free_names(tests: str) -> list[str]:
+    """Names the tests read, in order of first use (the candidate may define some of them)."""
+    seen: dict[str, None] = {}
+    for node in ast.walk(ast.parse(tests)):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            seen.setdefault(node.id)
+    return list(seen)
+
+
+def _trusted_namespace(prompt: Any, entry_point: str | None) -> dict[str, Any]:
+    """The tests' globals: the prompt's own imports and helpers (HumanEval/32's `poly`, /38's
+    `encode_cyclic`), run here from the trusted prompt, never from the response."""
+    namespace: dict[str, Any] = {"__name__": "__tests__", "__builtins__": builtins}
+    if isinstance(prompt, str) and entry_point:
+        exec(compile(_context(prompt, entry_point), "<prompt>", "exec"), namespace)
+    return namespace
+
+
+def _stdio_cases(tests: str) -> list[tuple[str, str]] | None:
+    """APPS-style stdin/stdout tests (`{"inputs": [...], "outputs": [...]}`), or None for Python tests."""
+    if not tests.lstrip().startswith("{"):
+        return None
+    try:
+        spec = json.loads(tests)
+    except json.JSONDecodeError:
+        return None
+    inputs, outputs = spec.get("inputs"), spec.get("outputs")
+    if "fn_name" in spec or not isinstance(inputs, list) or not isinstance(outputs, list) or len(inputs) != len(outputs):
+        return None
+    if not all(isinstance(x, str) for x in inputs + outputs):
+        return None
+    return list(zip(inputs, outputs, strict=True))
+
+
+def _same_output(got: str, expected: str) -> bool:
+    """Judge-style comparison: line by line, trailing whitespace and trailing blank lines ignored."""
+    def lines(text: str) -> list[str]:
+        return [line.rstrip() for line in text.rstrip().splitlines()]
+    return lines(got) == lines(expected)
+
+
 @SCORERS.register("code")
 class CodeVerifier(Verifier):
     Config = CodeConfig
@@ -87,7 +143,11 @@ class CodeVerifier(Verifier):
     def applies_to(self, row: SampleRow) -> bool:
         return bool(row.tests) and super().applies_to(row)
 
+    def require_ready(self) -> None:
+        require_isolation(self.config.unsafe_local)
+
     def check(self, row: SampleRow) -> tuple[bool, dict[str, Any]]:
+        require_isolation(self.config.unsafe_local)
         program, built_from = build_program(row.response, row.prompt, row.entry_point)
         details: dict[str, Any] = {"program": built_from}
         try:
@@ -96,15 +156,61 @@ class CodeVerifier(Verifier):
             return False, {**details, "stage": "static", "error": f"{type(err).__name__}: {err}"}
         if row.entry_point and not _defines(program, row.entry_point):
             return False, {**details, "stage": "static", "error": f"{row.entry_point!r} is not defined"}
-        harness = f"{program}\n\n{row.tests}\n"
-        if row.entry_point:
-            harness += f"\ncheck({row.entry_point})\n"
-        cfg = self.config
-        result = run_sandboxed(harness, cfg.timeout_s, cfg.memory_mb, cfg.max_output_bytes)
-        return result.passed, {
-            **details, "stage": "tests", "returncode": result.returncode, "timed_out": result.timed_out,
-            "duration_s": result.duration_s, "network_isolated": result.network_isolated,
-            "stderr": result.stderr[-_STDERR_TAIL:],
+        cases = None if row.entry_point else _stdio_cases(row.tests)
+        if cases is not None:
+            return self._check_stdio(program, cases, details)
+        return self._check_calls(program, row, details)
+
+    def _check_calls(self, program: str, row: SampleRow, details: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+        """The tests run here, in the scorer, with the candidate's functions as proxies into its sandbox."""
+        try:
+            tests = compile(row.tests, "<tests>", "exec")
+            namespace = _trusted_namespace(row.prompt, row.entry_point)
+        except Exception as err:  # noqa: BLE001 - the row's own tests or prompt are broken: a fail, not a crash
+            return False, {**details, "stage": "static", "error": f"the row's tests cannot run: {type(err).__name__}: {err}"}
+        error = None
+        with Sandbox(self.config.limits(), self.config.unsafe_local) as box:
+            try:
+                box.load(program)
+                wanted = [n for n in _free_names(row.tests) if n not in namespace and not hasattr(builtins, n)]
+                if row.entry_point:
+                    wanted.append(row.entry_point)
+                for name, found in box.resolve(wanted).items():
+                    if found[0] == "callable":
+                        namespace[name] = box.function(name)
+                    elif found[0] == "value":
+                        namespace[name] = found[1]
+                exec(tests, namespace)
+                if row.entry_point:
+                    namespace["check"](namespace[row.entry_point])
+            except BaseException:  # noqa: BLE001 - any failure of the candidate or a test is a fail
+                error = traceback.format_exc(limit=-3)
+        report = box.close()
+        passed = error is None and report.failure is None
+        return passed, {
+            **details, "stage": "tests", "timed_out": report.timed_out, "failure": report.failure,
+            "duration_s": report.duration_s, "isolation": report.isolation,
+            "error": None if error is None else error[-_STDERR_TAIL:], "stderr": report.stderr[-_STDERR_TAIL:],
+        }
+
+    def _check_stdio(self, program: str, cases: list[tuple[str, str]], details: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+        """One fresh sandbox per case; the output is compared here."""
+        duration, isolation = 0.0, ""
+        for index, (given, expected) in enumerate(cases):
+            returncode, report = run_script(program, given, self.config.limits(), self.config.unsafe_local)
+            duration += report.duration_s
+            isolation = report.isolation
+            ok = returncode == 0 and not report.output_truncated and _same_output(report.stdout, expected)
+            if not ok:
+                why = report.failure or (f"exit status {returncode}" if returncode else "wrong output")
+                return False, {
+                    **details, "stage": "tests", "timed_out": report.timed_out, "failure": report.failure,
+                    "duration_s": round(duration, 3), "isolation": isolation, "error": f"case {index}: {why}",
+                    "stderr": report.stderr[-_STDERR_TAIL:],
+                }
+        return True, {
+            **details, "stage": "tests", "timed_out": False, "failure": None, "duration_s": round(duration, 3),
+            "isolation": isolation, "error": None, "stderr": "",
         }
 
     def score(self, rows: list[SampleRow]) -> list[tuple[float | bool, dict[str, Any]]]:
