@@ -49,8 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import polyfuse.scorers.sandbox_wire as sandbox_wire
 from polyfuse.errors import ConfigError
-from polyfuse.scorers import sandbox_wire
 from polyfuse.scorers.sandbox_wire import WireError, encode_message, from_wire, to_wire
 
 SANDBOX_UID = 65534  # "nobody" inside the user namespace
