@@ -8,6 +8,7 @@ stages, the recipe and the runner are built on it, never the other way round.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -45,7 +46,7 @@ class Context:
         return self.recipe.pivot
 
 
-class Stage:
+class Stage(ABC):
     """One step of a recipe. A subclass sets the class attributes and implements `run` (and `inputs` when
     it reads files or models), then registers itself: `@STAGES.register("name")`.
 
@@ -83,7 +84,7 @@ class Stage:
     def requires(self, recipe: Any) -> tuple[str, ...]:
         return self.needs
 
-    def check(self, recipe: Any) -> None:
+    def check(self, recipe: Any) -> None:  # noqa: B027 (a hook: most stages need no check)
         """Cross-stage needs beyond `requires`, checked when the recipe loads; raise ValueError."""
 
     def config(self, recipe: Any) -> dict[str, Any]:
@@ -96,9 +97,9 @@ class Stage:
         """The files and models the stage reads, name -> path (hashed into its fingerprint)."""
         return {}
 
+    @abstractmethod
     def run(self, ctx: Context, folder: Path) -> dict[str, str]:
         """Do the work in `folder`; return the outputs, name -> path."""
-        raise NotImplementedError
 
 
 STAGES: Registry[type[Stage]] = Registry("stage", package="polyfuse.pipeline.stages")
