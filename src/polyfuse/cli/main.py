@@ -66,6 +66,14 @@ def _root(
     version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     """Fuse heterogeneous LLMs into one pivot model."""
+    # Runs before any command (not for `--help`), so the CLI starts without importing torch: polyfuse
+    # reports progress itself, transformers' chatter stays out.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 app.add_typer(train_app, name="train")
 app.add_typer(toy_app, name="toyworld")
 console = Console()
@@ -400,16 +408,6 @@ def _read(path: Path, schema, skip_invalid: bool = False):
         for number, problem in report.skipped[:20]:
             console.print(f"  line {number}: {problem}")
     return rows
-
-
-@app.callback()
-def _quiet_transformers() -> None:
-    # Runs before any command (not for `--help`): polyfuse reports progress itself, so transformers'
-    # chatter stays out. (A comment, not a docstring: typer would show a docstring as the app's help.)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 def main() -> None:
