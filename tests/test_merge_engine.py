@@ -163,7 +163,7 @@ def test_required_weight_and_overrides(tmp_path):
         load_merge_config(write_config(tmp_path, config))
     cfg = load_merge_config(write_config(tmp_path, config), ["parameters.weight=0.3", "parameters.scale=2"])
     assert cfg.parameters == {"weight": 0.3, "scale": 2}
-    with pytest.raises(ConfigError, match=r"parameters\.scale: expected a float"):
+    with pytest.raises(ConfigError, match=r"parameters\.scale: expected a number \(got 'high'\)"):
         ParamResolver.of(load_merge_config(write_config(tmp_path, config), ["parameters.weight=1",
                                                                             "parameters.scale=high"])).params("x", 0)
     with pytest.raises(ConfigError, match=r"parameters\.densty: unknown parameter"):

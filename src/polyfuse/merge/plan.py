@@ -123,10 +123,9 @@ def build_plan(cfg: MergeConfig, source: str, allow_pickle: bool = False) -> Mer
     else:
         tensors, output_layers = _whole_tensors(pieces[0], position, inputs, heads, vocab, dtype), None
     resolvers = [ParamResolver(cfg, piece, source) for piece in pieces]
-    for tensor in tensors:  # every parameter resolves for every tensor, or we stop here
-        resolver = resolvers[tensor.slice]
-        resolver.params(tensor.name, tensor.t)
-        resolver.model_params([k for i, (_, k) in enumerate(tensor.sources) if i != tensor.base], tensor.t)
+    for tensor in tensors:  # every parameter resolves to a usable value for every tensor, or we stop here
+        resolvers[tensor.slice].check(tensor.name, [k for i, (_, k) in enumerate(tensor.sources) if i != tensor.base],
+                                      tensor.t)
     resolvers[0].seed()
     return MergePlan(inputs, pieces, resolvers, tensors, vocab, out_dtype, has_head, tokenizer_input,
                      cfg.base_model is not None, output_layers)

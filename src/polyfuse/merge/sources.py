@@ -15,6 +15,7 @@ to its caller and is freed when the caller drops it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import struct
@@ -94,6 +95,8 @@ def fetch_weights(source: ModelSource) -> None:
 
     names = sorted({info.file.name for info in source.tensors.values()})
     snapshot_download(source.ref, revision=source.folder.name, allow_patterns=names)
+    for name in names:  # the data lengths, now that the files are here
+        _safetensors_header(source.folder / name, source.where)
 
 
 def _local_headers(source: ModelSource, allow_pickle: bool) -> None:
@@ -191,14 +194,58 @@ def _read_header(handle: BinaryIO) -> tuple[int, dict[str, Any]]:
 
 
 def _safetensors_header(file: Path, where: str) -> dict[str, TensorInfo]:
-    """Parse the header only: 8 bytes of length, then JSON; ordered by data offset (the file's order)."""
+    """Parse the header only: 8 bytes of length, then JSON; ordered by data offset (the file's order). Every
+    tensor's byte range must fit its dtype and shape and lie inside the file, so a truncated or damaged shard is
+    refused here, before any tensor is merged, not found half-way through the merge."""
     try:
         with open(file, "rb") as handle:
-            _, header = _read_header(handle)
+            start, header = _read_header(handle)
         ordered = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
-        return {key: TensorInfo(file, tuple(meta["shape"]), meta["dtype"]) for key, meta in ordered}
+        tensors = {key: TensorInfo(file, tuple(meta["shape"]), meta["dtype"]) for key, meta in ordered}
+        check_data_lengths(file, start, {key: meta["data_offsets"] for key, meta in ordered}, tensors, where)
+        return tensors
     except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as err:
         raise ConfigError(f"{where}: {file}: not a readable safetensors file ({err!r})") from None
+
+
+def check_data_lengths(file: Path, start: int, offsets: dict[str, list[int]], tensors: dict[str, TensorInfo],
+                       where: str) -> None:
+    """Each tensor's [begin, end) holds exactly numel x dtype bytes and ends inside the file (its size on disk)."""
+    size = file.stat().st_size
+    for key, (begin, end) in offsets.items():
+        info = tensors[key]
+        if info.dtype not in SAFETENSORS_DTYPES:
+            raise ConfigError(f"{where}: {file}: tensor {key} has dtype {info.dtype}, which polyfuse cannot merge "
+                              f"(expected one of {', '.join(SAFETENSORS_DTYPES)})")
+        expected = info.numel * DTYPE_BYTES[info.dtype]
+        if end - begin != expected or begin < 0:
+            raise ConfigError(f"{where}: {file}: tensor {key} has {end - begin} bytes of data for {info.dtype} "
+                              f"{list(info.shape)} ({expected} expected); the file is damaged")
+        if start + end > size:
+            raise ConfigError(f"{where}: {file}: tensor {key} ends at byte {start + end} but the file has "
+                              f"{size} bytes: the file is truncated (an interrupted download or copy?)")
+
+
+STAMP_BYTES = 64  # per tensor: a retrained model of the same shapes differs in the first entries of its tensors
+
+
+def file_stamp(file: Path) -> str:
+    """What a weights file holds, cheaply: its size plus a hash of its safetensors header and the first bytes of
+    every tensor (one small read each, never the weights); for a pickle, its size plus a hash of the zip's end,
+    whose directory lists a CRC of every stored tensor. Unchanged by touching or copying the file."""
+    digest = hashlib.sha256(str(file.stat().st_size).encode())
+    with open(file, "rb") as handle:
+        if file.suffix == ".safetensors":
+            start, header = _read_header(handle)
+            handle.seek(0)
+            digest.update(handle.read(start))
+            for begin, end in sorted(meta["data_offsets"] for meta in header.values()):
+                handle.seek(start + begin)
+                digest.update(handle.read(min(STAMP_BYTES, end - begin)))
+        else:
+            handle.seek(max(0, file.stat().st_size - (1 << 16)))
+            digest.update(handle.read())
+    return digest.hexdigest()
 
 
 def _load_pickle(file: Path) -> dict[str, torch.Tensor]:

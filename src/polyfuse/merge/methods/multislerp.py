@@ -16,6 +16,7 @@ import torch
 
 from polyfuse.errors import UserError
 from polyfuse.merge.methods.base import MERGE_METHODS, MergeMethod, TensorTask
+from polyfuse.merge.methods.sparsify import check_weight_sum
 
 
 @MERGE_METHODS.register("multislerp")
@@ -31,6 +32,11 @@ class MultiSlerp(MergeMethod):
         "normalize_weights": "normalize_weights {v} = true: weights are divided by their sum",
         "eps": "eps {v} = guards the norms against division by zero",
     }
+
+    @classmethod
+    def check(cls, params, model_params) -> None:
+        if params["normalize_weights"] and len(model_params) > 1:
+            check_weight_sum(model_params, "multislerp with normalize_weights: true")
 
     def merge(self, task: TensorTask) -> torch.Tensor:
         task = task.to_fp32()

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from polyfuse.merge.methods.base import MERGE_METHODS, MergeMethod, TensorTask
+from polyfuse.merge.methods.base import MERGE_METHODS, InvalidParameter, MergeMethod, TensorTask
 
 NORM_EPS = 1e-8
 DOT_THRESHOLD = 0.9995
@@ -40,6 +40,12 @@ class Slerp(MergeMethod):
     max_models = 1
     defaults = {"t": None}  # required
     model_defaults = {}
+
+    @classmethod
+    def check(cls, params, model_params) -> None:
+        """mergekit has no rule for t outside [0, 1] (its formula extrapolates past either model): refused."""
+        if not 0 <= params["t"] <= 1:
+            raise InvalidParameter("t", f"must be between 0 (the base) and 1 (the other model) (got {params['t']})")
 
     def merge(self, task: TensorTask) -> torch.Tensor:
         task = task.to_fp32()
