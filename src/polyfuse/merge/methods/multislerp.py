@@ -17,6 +17,7 @@ import torch
 from polyfuse.errors import UserError
 from polyfuse.merge.methods.base import MERGE_METHODS, MergeMethod, TensorTask
 from polyfuse.merge.methods.sparsify import check_weight_sum
+from polyfuse.merge.methods.sphere import blend
 
 
 @MERGE_METHODS.register("multislerp")
@@ -60,7 +61,7 @@ class MultiSlerp(MergeMethod):
         mean_norm = torch.linalg.vector_norm(mean)
         if mean_norm < eps:
             if len(models) == 2:
-                out = models[0].mul_(float(weights[0])).add_(models[1].mul_(float(weights[1])))
+                out = blend(models[0], models[1], float(weights[0]), float(weights[1]))
                 return out.add_(base) if base is not None else out
             raise UserError(f"multislerp: {task.name}: the weighted sum of the input tensors is zero (antipodal "
                             f"inputs with balancing weights); use different weights")
