@@ -18,6 +18,7 @@ from pydantic import field_validator, model_validator
 from polyfuse.config import StrictModel, apply_overrides, read_yaml, validate
 from polyfuse.errors import ConfigError
 from polyfuse.merge.methods.base import MERGE_METHODS, InvalidParameter, MergeMethod
+from polyfuse.merge.sources import split_reference
 
 DType = Literal["float32", "bfloat16", "float16"]
 Scalar = bool | int | float | str
@@ -343,10 +344,10 @@ def check_method(cfg: MergeConfig, source: str) -> None:
             if default is None and key not in piece.parameters and key not in cfg.parameters:
                 raise ConfigError(f"{source}: parameters.{key}: required by {name}")
     for ref in cfg.referenced_models():
-        if "+" in ref and not Path(ref).exists():
-            raise ConfigError(f"{source}: {ref}: mergekit's `model+lora` syntax (a LoRA adapter applied on the fly) "
-                              f"is not supported; merge the adapter into its model first (peft's "
-                              f"merge_and_unload) and give that folder")
+        try:
+            split_reference(ref)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
     pieces = output_slices(cfg)
     for key in cfg.parameters:
         if not any(key in p.method.defaults or key in p.method.model_defaults for p in pieces):

@@ -85,6 +85,7 @@ def run_merge(cfg: MergeConfig, out: str | Path, source: str = "config", options
             console.print(f"smoke check skipped: {smoke.skipped}")
         else:
             reference = "base" if plan.has_base else "first model"
+            reference += " without its LoRA" if plan.inputs[0].lora else ""
             console.print(f"smoke check: finite logits; perplexity {smoke.perplexity:.3f} "
                           f"({reference} {smoke.base_perplexity:.3f}){smoke.detail}")
     return MergeResult(out, writer.files, memory_estimate(plan, limit), len(pending), smoke)
@@ -190,8 +191,9 @@ def _fingerprint(cfg: MergeConfig, plan: MergePlan, limit: int) -> str:
     """Config, plan, shard limit and what the inputs' files hold (`sources.file_stamp`: never their paths' mtimes,
     so touching or copying an input keeps a resume valid; a hub snapshot's path names its commit): a resume must
     merge the same thing."""
-    files = sorted({(info.file, s.hub) for s in plan.inputs for info in s.tensors.values()})
-    stamp = [[str(f)] if hub else [str(f), file_stamp(f)] for f, hub in files]
+    files = {(info.file, s.hub) for s in plan.inputs for info in s.tensors.values()}
+    files |= {(info.file, False) for s in plan.inputs if s.lora for info in s.lora.weights.tensors.values()}
+    stamp = [[str(f)] if hub else [str(f), file_stamp(f)] for f, hub in sorted(files)]
     data = {"config": cfg.model_dump(mode="json"), "plan": describe(plan), "limit": limit, "files": stamp,
-            "out_dtype": plan.out_dtype}
+            "out_dtype": plan.out_dtype, "adapters": [s.lora.config if s.lora else None for s in plan.inputs]}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

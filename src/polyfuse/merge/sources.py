@@ -21,11 +21,14 @@ import pickle
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 
 from polyfuse.errors import ConfigError
+
+if TYPE_CHECKING:
+    from polyfuse.merge.lora import LoraAdapter
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
@@ -67,20 +70,35 @@ class ModelSource:
     tensors: dict[str, TensorInfo] = field(default_factory=dict)  # in file order
     pickle: bool = False
     hub: bool = False  # a hub snapshot: headers read remotely, weights fetched after validation
+    repo: str = ""  # the model's path or hub id: `ref` without a `+lora` part
+    lora_ref: str | None = None  # mergekit's `model+lora`: the adapter applied while reading (`lora`)
+    lora: LoraAdapter | None = None
 
     @property
     def label(self) -> str:
         return f"{self.where} ({self.ref})"
 
 
+def split_reference(ref: str) -> tuple[str, str | None]:
+    """mergekit's `model+lora`: (model, adapter); a path that exists is a model even with a '+' in its name."""
+    if "+" not in ref or Path(ref).expanduser().exists():
+        return ref, None
+    parts = ref.split("+")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"{ref}: expected MODEL+LORA, one model and one LoRA adapter (mergekit's syntax)")
+    return parts[0], parts[1]
+
+
 def index_model(ref: str, where: str, allow_pickle: bool = False) -> ModelSource:
-    folder, hub = _folder(ref, where)
+    """A model's config and weight headers; a `+lora` part is recorded (`lora_ref`), matched by the plan."""
+    repo, lora_ref = split_reference(ref)
+    folder, hub = _folder(repo, where)
     config_file = folder / "config.json"
     try:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as err:
         raise ConfigError(f"{where}: {config_file}: model config not readable ({err})") from None
-    source = ModelSource(where, ref, folder, config, hub=hub)
+    source = ModelSource(where, ref, folder, config, hub=hub, repo=repo, lora_ref=lora_ref)
     if not (hub and _hub_headers(source)):
         _local_headers(source, allow_pickle)
     _check_index(folder, source, where)
@@ -94,9 +112,9 @@ def fetch_weights(source: ModelSource) -> None:
     from huggingface_hub import snapshot_download
 
     names = sorted({info.file.name for info in source.tensors.values()})
-    snapshot_download(source.ref, revision=source.folder.name, allow_patterns=names)
+    snapshot_download(source.repo, revision=source.folder.name, allow_patterns=names)
     for name in names:  # the data lengths, now that the files are here
-        _safetensors_header(source.folder / name, source.where)
+        safetensors_header(source.folder / name, source.where)
 
 
 def _local_headers(source: ModelSource, allow_pickle: bool) -> None:
@@ -104,7 +122,7 @@ def _local_headers(source: ModelSource, allow_pickle: bool) -> None:
     safetensors = _shard_files(folder, "model.safetensors")
     if safetensors:
         for file in safetensors:
-            source.tensors.update(_safetensors_header(file, where))
+            source.tensors.update(safetensors_header(file, where))
         return
     pickles = _shard_files(folder, "pytorch_model.bin")
     if not pickles:
@@ -115,15 +133,19 @@ def _local_headers(source: ModelSource, allow_pickle: bool) -> None:
     if source.hub:
         from huggingface_hub import snapshot_download
 
-        snapshot_download(source.ref, revision=folder.name, allow_patterns=["*.bin"])
+        snapshot_download(source.repo, revision=folder.name, allow_patterns=["*.bin"])
     source.pickle = True
     for file in pickles:
-        try:
-            state = _load_pickle(file)
-        except (OSError, RuntimeError, pickle.UnpicklingError) as err:
-            raise ConfigError(f"{where}: {file}: not a readable checkpoint ({err})") from None
-        for key, tensor in state.items():
-            source.tensors[key] = TensorInfo(file, tuple(tensor.shape), TORCH_NAMES.get(tensor.dtype, "?"))
+        source.tensors.update(pickle_tensors(file, where))
+
+
+def pickle_tensors(file: Path, where: str) -> dict[str, TensorInfo]:
+    """Names, shapes and dtypes of a pickle checkpoint (memory-mapped, weights_only)."""
+    try:
+        state = _load_pickle(file)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as err:
+        raise ConfigError(f"{where}: {file}: not a readable checkpoint ({err})") from None
+    return {key: TensorInfo(file, tuple(tensor.shape), TORCH_NAMES.get(tensor.dtype, "?")) for key, tensor in state.items()}
 
 
 def _hub_headers(source: ModelSource) -> bool:
@@ -133,11 +155,11 @@ def _hub_headers(source: ModelSource) -> bool:
     from huggingface_hub.errors import NotASafetensorsRepoError
 
     try:
-        metadata = get_safetensors_metadata(source.ref, revision=source.folder.name)
+        metadata = get_safetensors_metadata(source.repo, revision=source.folder.name)
     except NotASafetensorsRepoError:
         return False
     except Exception as err:  # network, auth: the user's to fix
-        raise ConfigError(f"{source.where}: cannot read the safetensors headers of {source.ref!r}: {err}") from None
+        raise ConfigError(f"{source.where}: cannot read the safetensors headers of {source.repo!r}: {err}") from None
     for name, file in metadata.files_metadata.items():
         ordered = sorted(file.tensors.items(), key=lambda item: item[1].data_offsets[0])
         source.tensors.update({key: TensorInfo(source.folder / name, tuple(info.shape), info.dtype)
@@ -193,7 +215,7 @@ def _read_header(handle: BinaryIO) -> tuple[int, dict[str, Any]]:
     return 8 + length, header
 
 
-def _safetensors_header(file: Path, where: str) -> dict[str, TensorInfo]:
+def safetensors_header(file: Path, where: str) -> dict[str, TensorInfo]:
     """Parse the header only: 8 bytes of length, then JSON; ordered by data offset (the file's order). Every
     tensor's byte range must fit its dtype and shape and lie inside the file, so a truncated or damaged shard is
     refused here, before any tensor is merged, not found half-way through the merge."""
@@ -257,12 +279,22 @@ class ModelReader:
 
     def __init__(self, source: ModelSource):
         self.source = source
+        self._adapter: ModelReader | None = None  # reads the LoRA adapter's tensors, when the model has one
         self._file: Path | None = None
         self._handle: Any = None
         self._start = 0  # safetensors: where the data begins
         self._offsets: dict[str, Any] = {}  # safetensors: key -> its header entry
 
     def read(self, key: str) -> torch.Tensor:
+        """Tensor `key` as stored, or adapted by the model's LoRA adapter (then in fp32)."""
+        tensor = self._read(key)
+        lora = self.source.lora
+        if lora is not None and lora.touches(key):
+            self._adapter = self._adapter or ModelReader(lora.weights)
+            tensor = lora.apply(key, tensor, self._adapter.read)
+        return tensor
+
+    def _read(self, key: str) -> torch.Tensor:
         info = self.source.tensors[key]
         if info.file != self._file:
             self.close()  # release the previous shard before opening the next
@@ -288,6 +320,8 @@ class ModelReader:
         return tensor
 
     def close(self) -> None:
+        if self._adapter is not None:
+            self._adapter.close()
         if self._handle is not None and not self.source.pickle:
             self._handle.close()
         self._handle = self._file = None
