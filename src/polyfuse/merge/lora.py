@@ -4,8 +4,10 @@ mergekit loads the model and the adapter with peft and merges them (`merge_and_u
 before merging. polyfuse applies the adapter to each tensor as it is read, with peft's merge rule, so the
 adapted model is never written out or held whole:
 
-- LoRA (`lora_A` [r, in], `lora_B` [out, r]): W + s B A, transposed for `fan_in_fan_out` layers (GPT-2's
-  Conv1D); embedding LoRA (`lora_embedding_A` [r, vocab], `lora_embedding_B` [dim, r]): W + s (B A)^T;
+- LoRA (`lora_A` [r, in], `lora_B` [out, r]): W + s B A, or W + s (B A)^T for a layer stored [in, out]
+  (GPT-2's Conv1D; peft sets fan_in_fan_out by layer type, polyfuse tells it from the shapes, and from the
+  config's `fan_in_fan_out` for a square layer); embedding LoRA (`lora_embedding_A` [r, vocab],
+  `lora_embedding_B` [dim, r]): W + s (B A)^T;
 - s = alpha / r, or alpha / sqrt(r) with `use_rslora`; r and alpha per module from `rank_pattern` /
   `alpha_pattern` (peft's rule: the first pattern the module name ends with, as a regex);
 - DoRA (`use_dora`, `lora_magnitude_vector` m): m / ||W + s B A||_row * (W + s B A), per output row;
@@ -60,7 +62,8 @@ class LoraPatch:
     b: str | None = None
     bias: str | None = None
     magnitude: str | None = None
-    embedding: bool = False  # delta = (B A)^T
+    embedding: bool = False  # an embedding LoRA
+    transposed: bool = False  # the weight is stored [in, out]: delta = (B A)^T
     scale: float = 1.0
 
 
@@ -73,10 +76,6 @@ class LoraAdapter:
     weights: ModelSource  # the adapter's weight file, read like a model's
     patches: dict[str, list[LoraPatch]] = field(default_factory=dict)  # model tensor key -> LoRA modules on it
     replacements: dict[str, str] = field(default_factory=dict)  # model tensor key -> adapter key of a saved tensor
-
-    @property
-    def fan_in_fan_out(self) -> bool:
-        return bool(self.config.get("fan_in_fan_out"))
 
     def touches(self, key: str) -> bool:
         return key in self.patches or key in self.replacements
@@ -91,16 +90,16 @@ class LoraAdapter:
                 tensor = tensor + read(patch.bias).float() * patch.scale
                 continue
             delta = read(patch.b).float() @ read(patch.a).float()
-            if patch.embedding or self.fan_in_fan_out:
+            if patch.transposed:
                 delta = delta.T
             delta = delta * patch.scale
             if patch.magnitude is None:
                 tensor = tensor + delta
                 continue
-            adapted = tensor + delta
-            rows = adapted.T if self.fan_in_fan_out else adapted
+            adapted = tensor + delta  # DoRA: each output's norm set to its magnitude
+            rows = adapted.T if patch.transposed else adapted
             factor = read(patch.magnitude).float() / torch.linalg.norm(rows, dim=1)
-            tensor = factor.view(1, -1) * adapted if self.fan_in_fan_out else factor.view(-1, 1) * adapted
+            tensor = factor.view(1, -1) * adapted if patch.transposed else factor.view(-1, 1) * adapted
         return tensor
 
 
@@ -189,13 +188,14 @@ def _match(adapter: LoraAdapter, label: str, file: Path, model: dict[str, Tensor
         target = f"{module}.weight" if f"{module}.weight" in model else aliases.get(f"{module}.weight")
         if target is None:
             raise ConfigError(f"{label}: adapts {module}, but the model has no tensor {module}.weight")
-        shape = (a[1], b[0]) if patch.embedding or adapter.fan_in_fan_out else (b[0], a[1])
-        if tuple(model[target].shape) != shape:
-            raise ConfigError(f"{label}: {module}: its LoRA update is {list(shape)} but the model's {target} is "
-                              f"{list(model[target].shape)}")
-        rows = shape[1] if adapter.fan_in_fan_out else shape[0]
+        stored, out_in = tuple(model[target].shape), (b[0], a[1])
+        patch.transposed = patch.embedding or (stored == out_in[::-1] and (stored != out_in or
+                                                                             bool(config.get("fan_in_fan_out"))))
+        if stored != (out_in[::-1] if patch.transposed else out_in):
+            raise ConfigError(f"{label}: {module}: its LoRA update is {list(out_in)} but the model's {target} is "
+                              f"{list(stored)}")
         if patch.magnitude is not None and (patch.embedding or
-                                            tuple(adapter.weights.tensors[patch.magnitude].shape) != (rows,)):
+                                            tuple(adapter.weights.tensors[patch.magnitude].shape) != (out_in[0],)):
             raise ConfigError(f"{label}: {module}: DoRA is applied to linear layers only, one magnitude per output")
         adapter.patches.setdefault(target, []).append(patch)
         if patch.bias is None:
