@@ -21,14 +21,11 @@ import pickle
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import torch
 
 from polyfuse.errors import ConfigError
-
-if TYPE_CHECKING:
-    from polyfuse.merge.lora import LoraAdapter
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
@@ -59,6 +56,16 @@ class TensorInfo:
         return count
 
 
+class Adapter(Protocol):
+    """What changes a model's tensors as they are read (`merge.lora.LoraAdapter`)."""
+
+    weights: ModelSource  # the adapter's own tensors
+
+    def touches(self, key: str) -> bool: ...
+
+    def apply(self, key: str, tensor: torch.Tensor, read) -> torch.Tensor: ...
+
+
 @dataclass
 class ModelSource:
     """One input model as its headers describe it; `where` names its config key in messages."""
@@ -72,7 +79,7 @@ class ModelSource:
     hub: bool = False  # a hub snapshot: headers read remotely, weights fetched after validation
     repo: str = ""  # the model's path or hub id: `ref` without a `+lora` part
     lora_ref: str | None = None  # mergekit's `model+lora`: the adapter applied while reading (`lora`)
-    lora: LoraAdapter | None = None
+    lora: Adapter | None = None
 
     @property
     def label(self) -> str:
