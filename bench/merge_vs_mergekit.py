@@ -185,6 +185,27 @@ def build_inputs(work: Path, tiny: bool, shard_size: str) -> dict[str, Path]:
     return folders
 
 
+def build_adapter(work: Path, base: Path) -> Path:
+    """A peft LoRA adapter on the base (rank 16 on every linear layer, alpha 32, random non-zero B scaled to a
+    small update), for the `model+lora` row; reused when already built."""
+    folder = work / "inputs" / "lora"
+    if (folder / "adapter_model.safetensors").exists():
+        return folder
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                           LoraConfig(r=16, lora_alpha=32, target_modules=targets, init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(0.01)
+    model.save_pretrained(folder)
+    return folder
+
+
 def warm_cache(folders: dict[str, Path]) -> None:
     """Read every input file once so neither tool pays the cold-disk cost alone."""
     for folder in folders.values():
@@ -244,6 +265,10 @@ def method_configs(folders: dict[str, Path]) -> dict[str, tuple[dict, dict]]:
         "slices_passthrough": ({"merge_method": "passthrough", "dtype": "float32", "slices": [
             {"sources": [{"model": fts[0], "layer_range": [0, 2 * LAYERS // 3]}]},
             {"sources": [{"model": fts[1], "layer_range": [LAYERS // 3, LAYERS]}]}]}, {}),
+        # mergekit's model+lora: the adapter applied while reading (polyfuse) or merged into a cache first (mergekit)
+        "model_plus_lora": ({"merge_method": "linear", "dtype": "float32", "models": [
+            {"model": f"{base}+{folders['lora']}", "parameters": {"weight": 1.0}},
+            {"model": fts[0], "parameters": {"weight": 0.5}}]}, {}),
         "slices_slerp": ({"merge_method": "slerp", "dtype": "float32", "base_model": base, "slices": [
             {"sources": [{"model": base, "layer_range": [0, LAYERS]}, {"model": fts[0], "layer_range": [0, LAYERS]}]}],
             "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
@@ -296,9 +321,10 @@ def polyfuse_cmd(config: Path, out: Path, shard: str) -> list[str]:
 
 
 def mergekit_cmd(config: Path, out: Path, shard: str, seed: int) -> list[str]:
+    """The LoRA merge cache lives in the output folder, so every run merges its adapters afresh."""
     exe = shutil.which("mergekit-yaml") or sys.exit("mergekit is missing: pip install --no-deps mergekit==0.1.5")
     return [exe, str(config), str(out), "--out-shard-size", shard.removesuffix("B"), "--random-seed", str(seed),
-            "--quiet"]
+            "--lora-merge-cache", str(out / "lora-cache"), "--quiet"]
 
 
 def timed(tools: list[tuple[list[str], Path, Path]], repeats: int) -> list[Run]:
@@ -542,6 +568,39 @@ def write_doc(text: str, title: str = SECTION) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- main
+EXTRACT_RANK = 32
+
+
+def run_extract(work: Path, args: argparse.Namespace, folders: dict[str, Path]) -> Row:
+    """`polyfuse merge extract-lora` against `mergekit-extract-lora` on (base, ft1) at rank 32: time, peak RSS and
+    the adapters' tensors compared by name (a tied head is saved by mergekit only, as modules_to_save)."""
+    out, logs = work / "out", work / "logs"
+    out.mkdir(exist_ok=True)
+    logs.mkdir(exist_ok=True)
+    pf_out, mk_out = out / "extract_lora-polyfuse", out / "extract_lora-mergekit"
+    exe = shutil.which("polyfuse") or sys.exit("the `polyfuse` command is not on PATH (pip install -e .)")
+    mk = shutil.which("mergekit-extract-lora") or sys.exit("mergekit is missing: pip install --no-deps mergekit==0.1.5")
+    base, tuned = str(folders["base"]), str(folders["ft1"])
+    pf_run, mk_run = timed([
+        ([exe, "merge", "extract-lora", base, tuned, str(pf_out), "--rank", str(EXTRACT_RANK), "-q"], pf_out,
+         logs / "extract_lora-polyfuse.log"),
+        ([mk, "--model", tuned, "--base-model", base, "--out-path", str(mk_out), "--max-rank", str(EXTRACT_RANK)],
+         mk_out, logs / "extract_lora-mergekit.log")], args.repeats)
+    from safetensors.torch import load_file
+
+    a, b = load_file(pf_out / "adapter_model.safetensors"), load_file(mk_out / "adapter_model.safetensors")
+    cmp = Comparison(only_polyfuse=sorted(set(a) - set(b)), only_mergekit=sorted(set(b) - set(a)))
+    for name in sorted(set(a) & set(b)):
+        gap = (a[name].float() - b[name].float()).abs()
+        if float(gap.max()) > cmp.max_diff or not cmp.worst:
+            cmp.max_diff, cmp.worst = float(gap.max()), name
+        cmp.max_delta = max(cmp.max_delta, float(b[name].abs().max()))
+        cmp.differing += int((gap > DIFF_TOL * b[name].float().abs().clamp(min=1)).sum())
+        cmp.numel += gap.numel()
+        cmp.dtypes = sorted(set(cmp.dtypes) | {str(a[name].dtype)})
+    return Row("extract_lora", pf_run, mk_run, cmp, args.repeats)
+
+
 def run_method(method: str, shared: dict, extra: dict, work: Path, args: argparse.Namespace,
                folders: dict[str, Path]) -> Row:
     pf_cfg, mk_cfg = write_configs(work, method, shared, extra)
@@ -581,10 +640,11 @@ def main() -> None:
     work = args.work or ROOT / "runs" / ("merge-vs-mergekit-tiny" if args.tiny else "merge-vs-mergekit")
     work.mkdir(parents=True, exist_ok=True)
     folders = build_inputs(work, args.tiny, args.input_shard_size)
+    folders["lora"] = build_adapter(work, folders["base"])
     warm_cache(folders)
     configs = method_configs(folders)
-    chosen = args.methods.split(",") if args.methods else list(configs)
-    unknown = set(chosen) - set(configs)
+    chosen = args.methods.split(",") if args.methods else [*configs, "extract_lora"]
+    unknown = set(chosen) - set(configs) - {"extract_lora"}
     if unknown:
         sys.exit(f"unknown methods {sorted(unknown)}; expected some of {', '.join(configs)}")
     rows = []
@@ -592,6 +652,8 @@ def main() -> None:
         saved = work / "results" / f"{method}.json"
         if args.reuse and saved.exists():
             rows.append(Row.load(saved))
+        elif method == "extract_lora":
+            rows.append(run_extract(work, args, folders))
         else:
             rows.append(run_method(method, *configs[method], work, args, folders))
             rows[-1].save(work / "results")

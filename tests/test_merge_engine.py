@@ -239,8 +239,10 @@ def test_hub_models_checked_from_remote_headers_before_download(tmp_path, zoo, m
 
     repos = {"org/ft2": Path(zoo["ft2"]), "org/wide": Path(variant(zoo["base"], tmp_path / "wide", intermediate_size=48))}
     downloaded: list[str] = []
+    revisions: list[str | None] = []
 
     def snapshot_download(repo, revision=None, allow_patterns=(), **_):
+        revisions.append(revision)
         folder = tmp_path / "hub" / repo.replace("/", "--") / "snapshots" / "c0ffee"
         folder.mkdir(parents=True, exist_ok=True)
         for file in repos[repo].iterdir():
@@ -269,9 +271,10 @@ def test_hub_models_checked_from_remote_headers_before_download(tmp_path, zoo, m
     with pytest.raises(ConfigError, match=r"models\[1\] \(org/wide\): model.layers.0.mlp"):
         merge(tmp_path, config)
     assert downloaded and not [name for name in downloaded if name.endswith(".safetensors")]
-    config["models"][1]["model"] = "org/ft2"
+    config["models"][1]["model"] = "org/ft2@v1"  # mergekit's revision syntax: pinned, then fetched by commit
+    revisions.clear()
     hub = weights(merge(tmp_path, config).out)
-    assert [name for name in downloaded if name.endswith(".safetensors")]
+    assert [name for name in downloaded if name.endswith(".safetensors")] and revisions == ["v1", "c0ffee"]
     for key, value in weights(merge(tmp_path, sum_config(zoo), out="local").out).items():
         torch.testing.assert_close(hub[key], value)
 

@@ -141,12 +141,13 @@ def _adapter_folder(ref: str, label: str) -> Path:
     folder = Path(ref).expanduser()
     if folder.is_dir():
         return folder
-    if folder.exists() or ref.startswith((".", "/", "~")) or ref.count("/") != 1:
+    repo, _, revision = ref.partition("@")  # mergekit's org/name@revision
+    if folder.exists() or ref.startswith((".", "/", "~")) or repo.count("/") != 1:
         raise ConfigError(f"{label}: not a folder (expected a peft adapter folder with {ADAPTER_CONFIG}, or a hub id)")
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(ref, allow_patterns=[ADAPTER_CONFIG, *ADAPTER_WEIGHTS]))
+        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=[ADAPTER_CONFIG, *ADAPTER_WEIGHTS]))
     except Exception as err:  # network, auth, missing repo: all the user's to fix
         raise ConfigError(f"{label}: cannot download {ref!r} from the hub: {err}") from None
 

@@ -105,7 +105,8 @@ def index_model(ref: str, where: str, allow_pickle: bool = False) -> ModelSource
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as err:
         raise ConfigError(f"{where}: {config_file}: model config not readable ({err})") from None
-    source = ModelSource(where, ref, folder, config, hub=hub, repo=repo, lora_ref=lora_ref)
+    source = ModelSource(where, ref, folder, config, hub=hub, repo=repo.partition("@")[0] if hub else repo,
+                         lora_ref=lora_ref)
     if not (hub and _hub_headers(source)):
         _local_headers(source, allow_pickle)
     _check_index(folder, source, where)
@@ -175,17 +176,19 @@ def _hub_headers(source: ModelSource) -> bool:
 
 
 def _folder(ref: str, where: str) -> tuple[Path, bool]:
-    """(local folder, is it a hub snapshot). A hub model is fetched without its weights here: config,
-    index and tokenizer files only; the snapshot folder's name is the commit, pinned for later fetches."""
+    """(local folder, is it a hub snapshot). A hub model (`org/name`, or mergekit's `org/name@revision`) is
+    fetched without its weights here: config, index and tokenizer files only; the snapshot folder's name is the
+    commit, pinned for later fetches."""
     path = Path(ref).expanduser()
     if path.is_dir():
         return path, False
-    if path.exists() or ref.startswith((".", "/", "~")) or ref.count("/") != 1:
+    repo, _, revision = ref.partition("@")
+    if path.exists() or ref.startswith((".", "/", "~")) or repo.count("/") != 1:
         raise ConfigError(f"{where}: {ref}: not a model folder (expected a local folder or a hub id org/name)")
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(ref, allow_patterns=_HUB_FILES)), True
+        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=_HUB_FILES)), True
     except Exception as err:  # network, auth, missing repo: all the user's to fix
         raise ConfigError(f"{where}: cannot download {ref!r} from the hub: {err}") from None
 
