@@ -255,3 +255,37 @@ def test_extract_matches_mergekit_extract_lora(tmp_path, models, flags):
     a, b = (json.loads((tmp_path / side / "adapter_config.json").read_text()) for side in ("ours", "theirs"))
     assert sorted(a.pop("target_modules")) == sorted(b.pop("target_modules"))
     assert a.pop("lora_bias") is False and a == b  # the only key mergekit leaves out
+
+
+def test_bias_deltas_are_applied_when_every_decomposed_module_has_a_bias(tmp_path, caplog):
+    """Qwen2 has biases on q, k and v only. Restricted to those, the adapter sets lora_bias and peft (and
+    `BASE+OUT`) restore the tuned biases; over every linear layer it cannot (o_proj and the MLP have none), so the
+    bias deltas are saved as mergekit does but peft, and polyfuse with it, leaves them out."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "base")
+    model = Qwen2ForCausalLM.from_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape) * 0.05)
+    model.save_pretrained(tmp_path / "tuned")
+    base, tuned = str(tmp_path / "base"), str(tmp_path / "tuned")
+    qkv = extract_lora(base, tuned, tmp_path / "qkv", ExtractOptions(max_rank=32, include=["_proj$"], quiet=True,
+                                                                    exclude=["o_proj", "mlp"]))
+    assert json.loads((qkv.out / "adapter_config.json").read_text())["lora_bias"] is True
+    wanted = weights(tuned)
+    for adapted in (peft_merged(base, str(qkv.out), "Qwen2ForCausalLM"), passthrough(tmp_path, f"{base}+{qkv.out}")):
+        for key in ("model.layers.0.self_attn.q_proj.bias", "model.layers.0.self_attn.v_proj.weight"):
+            torch.testing.assert_close(adapted[key], wanted[key], atol=3e-6, rtol=0, msg=key)
+    every = extract_lora(base, tuned, tmp_path / "all", ExtractOptions(max_rank=32, quiet=True))
+    assert "saved as lora_B.bias as mergekit does" in caplog.text
+    assert json.loads((every.out / "adapter_config.json").read_text())["lora_bias"] is False
+    by_peft = peft_merged(base, str(every.out), "Qwen2ForCausalLM")
+    by_polyfuse = passthrough(tmp_path, f"{base}+{every.out}", "all_out")
+    assert "peft does not load them, and neither does polyfuse" in caplog.text
+    key = "model.layers.0.self_attn.k_proj.bias"
+    torch.testing.assert_close(by_polyfuse[key], by_peft[key], atol=0, rtol=0)
+    torch.testing.assert_close(by_polyfuse[key], weights(base)[key], atol=0, rtol=0)

@@ -56,7 +56,8 @@ def run_merge(cfg: MergeConfig, out: str | Path, source: str = "config", options
     console = console or Console()
     out = Path(out)
     if out.exists() and not out.is_dir():  # before the headers are read: the cheapest refusal first
-        raise ConfigError(f"{out}: is a file, expected an output folder")
+        raise ConfigError(f"{out}: is a file, expected an output folder (a new or empty folder, or one holding "
+                          f"this merge to resume)")
     plan = build_plan(cfg, source, options.allow_pickle)
     methods = [piece.method() for piece in plan.slices]
     limit = parse_size(options.max_shard_size)

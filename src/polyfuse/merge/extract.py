@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from polyfuse.data.io import atomic_write_folder, write_json
+from polyfuse.data.io import atomic_write_folder, remove_stale_temporaries, write_json
 from polyfuse.errors import ConfigError
 from polyfuse.merge.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX
 from polyfuse.merge.plan import index_input
@@ -114,6 +114,12 @@ def extract_lora(base: str, tuned: str, out: str | Path, options: ExtractOptions
     rank = max(ranks.values())
     others = {name: r for name, r in ranks.items() if r != rank}
     decomposed = [m for m in modules if m.name in ranks]
+    lora_bias = all(m.bias and m.kind == "lora" for m in decomposed)
+    biased = [m.name for m in decomposed if m.bias]
+    if biased and not lora_bias:
+        logger.warning("%d decomposed modules have a bias delta (e.g. %s), saved as lora_B.bias as mergekit does; "
+                       "peft applies those only with lora_bias, which needs a bias on every target module",
+                       len(biased), biased[0])
     config = {
         "base_model_name_or_path": base,
         "peft_type": "LORA",
@@ -128,7 +134,7 @@ def extract_lora(base: str, tuned: str, out: str | Path, options: ExtractOptions
         "lora_dropout": 0.0,
         "fan_in_fan_out": False,
         "inference_mode": True,
-        "lora_bias": all(m.bias and m.kind == "lora" for m in decomposed),
+        "lora_bias": lora_bias,
     }
 
     def write(folder: Path) -> None:
@@ -137,6 +143,7 @@ def extract_lora(base: str, tuned: str, out: str | Path, options: ExtractOptions
         save_file(tensors, str(folder / ADAPTER_WEIGHTS[0]), metadata={"format": "pt"})
         write_json(folder / ADAPTER_CONFIG, config)
 
+    remove_stale_temporaries(out.parent)  # a killed run's temporary folder
     atomic_write_folder(out, write)
     worst = max(errors, default=0.0)
     console.print(f"extract-lora: {len(ranks)} modules decomposed (rank {min(ranks.values())}-{rank}), "

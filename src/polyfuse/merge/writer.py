@@ -73,10 +73,7 @@ class ShardWriter:
         self._buffer: dict[str, torch.Tensor] = {}
 
     def check(self) -> None:
-        """Refuse before any work: an output path that is a file, a folder holding other files or another merge."""
-        if self.out.exists() and not self.out.is_dir():
-            raise ConfigError(f"{self.out}: is a file, expected an output folder (a new or empty folder, or one "
-                              f"holding this merge to resume)")
+        """Refuse before any work: a folder holding other files or another merge."""
         manifest = self._read_manifest()
         foreign = sorted(p.name for p in self.out.iterdir() if not self._temporary(p.name)) if self.out.is_dir() else []
         if manifest is None and foreign:
