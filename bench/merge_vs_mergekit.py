@@ -20,8 +20,12 @@ What it does
    DARE and DELLA draw random masks (polyfuse: per (seed, tensor, model); mergekit: one global torch
    seed), so for them it compares statistics of the merged delta instead: the fraction of non-zero
    entries and its mean and std; polyfuse gets `rescale_mode: l1_norm` (mergekit's `rescale: true`).
-4. Prints a table and writes it to `docs/performance.md`, section `## Weight merging vs mergekit`
-   (replaced on a rerun; other sections are left alone).
+4. Two LoRA rows: `model_plus_lora` merges `base+adapter` (a peft adapter, rank 16 on every linear layer,
+   built once under `--work`) with ft1, mergekit merging the adapter into a fresh `--lora-merge-cache` in each
+   run; `extract_lora` runs `polyfuse merge extract-lora` and `mergekit-extract-lora` on (base, ft1) at rank 32
+   and compares the adapters' tensors by name.
+5. Prints a table and writes it to `docs/performance.md`, section `## Weight merging vs mergekit`
+   (replaced on a rerun; other sections are left alone), or the section `--section` names.
 
 Run it
 ------
@@ -30,6 +34,8 @@ Run it
     python bench/merge_vs_mergekit.py                     # SmolLM2-135M, all methods (~10 min on 2 cores)
     python bench/merge_vs_mergekit.py --tiny --no-doc     # tiny Llamas, seconds
     python bench/merge_vs_mergekit.py --methods ties,dare_ties --repeats 3
+    python bench/merge_vs_mergekit.py --methods model_plus_lora,extract_lora --section "## Weight merging vs \
+        mergekit: LoRA, and reruns with fsynced shards"
 """
 
 from __future__ import annotations
@@ -70,7 +76,8 @@ FINDINGS = [
     "`max(1, int(d*n))` entries (as polyfuse) and breadcrumbs with `int(gamma*n) = 0` keeps the top `d*n` "
     "(as polyfuse) instead of zeroing the tensor. It also applies `lambda` to DELLA, as polyfuse does. Still "
     "different, not triggered here: DELLA on one-entry rows (mergekit raises in `torch.bernoulli` on NaN "
-    "probabilities; polyfuse uses q = 0.5) and linear's zero weight sum (polyfuse divides by 1).",
+    "probabilities; polyfuse uses q = 0.5) and linear's zero weight sum (mergekit divides by zero; polyfuse "
+    "refuses it).",
     "TIES / breadcrumbs: the few differing entries are ties. Task vectors of fp32 checkpoints are multiples "
     "of the base weight's ulp, so exact equal |tau| at the top-k cut are common in large tensors; polyfuse "
     "picks among them with `torch.topk`, mergekit with an unstable `torch.argsort`, and the other entry "
@@ -108,6 +115,22 @@ OTHER_FINDINGS = [
     "multislerp is best of 3 runs (a first single run gave a wall ratio of 1.16 at CPU ratio 0.94, under load "
     "from other jobs); the others ran once. Peak RSS is below mergekit's on every row (0.44-0.88).",
 ]
+# The same, for the LoRA rows and the reruns after the writer's changes (fsync, content fingerprint), 2026-12-06.
+LORA_FINDINGS = [
+    "model_plus_lora: mergekit loads the model with transformers, merges the adapter with peft and saves the "
+    "merged copy into its LoRA cache before it merges (most of its time and memory); polyfuse applies the adapter "
+    "to each tensor as it reads it. Identical outputs.",
+    "extract_lora: every tensor both tools write is identical (210 modules at rank 32, the embedding and norms "
+    "saved whole). mergekit also writes `lm_head.weight`: SmolLM2's head is tied, and mergekit saves it again as a "
+    "module to save; polyfuse leaves a tied head to the embedding (peft would apply both to the one shared weight).",
+    "Reruns: the writer now fsyncs every shard before renaming it, the resume fingerprint reads the first 64 bytes "
+    "of every input tensor instead of file times, and slerp / nuslerp / karcher / multislerp share one helper "
+    "(outputs bit-identical, sha256 of the merged shards before and after). Load average 4-8 on 2 cores from "
+    "other jobs during these runs: the CPU ratio is the steadier figure.",
+]
+OTHER_SECTION = "## Weight merging vs mergekit: the other methods and slices"
+LORA_SECTION = "## Weight merging vs mergekit: LoRA, and reruns with fsynced shards"
+SECTION_FINDINGS = {SECTION: FINDINGS, OTHER_SECTION: OTHER_FINDINGS, LORA_SECTION: LORA_FINDINGS}
 TIME = "/usr/bin/time"  # GNU time: %M is the child's peak RSS in KiB, %U / %S its user / system CPU seconds
 
 
@@ -523,9 +546,9 @@ def name_notes(rows: list[Row]) -> list[str]:
     notes = []
     for r in rows:
         if r.cmp.only_polyfuse or r.cmp.only_mergekit:
+            tied = "" if r.method == "extract_lora" else f" (a missing tied head is compared with `{EMBED}`)"
             notes.append(f"{r.method}: tensors only in polyfuse's output {r.cmp.only_polyfuse}, "
-                         f"only in mergekit's {r.cmp.only_mergekit} (a missing tied head is compared with "
-                         f"`{EMBED}`)")
+                         f"only in mergekit's {r.cmp.only_mergekit}{tied}")
     return notes
 
 
@@ -664,7 +687,7 @@ def main() -> None:
     setup = (f"{'tiny random Llama' if args.tiny else 'SmolLM2-135M-Instruct (GGUF Q4_1 dequantised)'}, "
              f"{params:,} parameters stored once (tied head: {HEAD not in base.names()}), base + 3 "
              f"seeded fine-tunes, fp32 safetensors in {files} shards of <= {args.input_shard_size}")
-    notes = name_notes(rows) + ([] if args.tiny else FINDINGS if args.section == SECTION else OTHER_FINDINGS)
+    notes = name_notes(rows) + ([] if args.tiny else SECTION_FINDINGS.get(args.section, []))
     print()
     print(table(rows))
     print(f"\n{setup}\nVersions: {versions()}")
