@@ -118,7 +118,7 @@ def test_bad_parameters_exit_2_naming_the_key_and_leave_nothing(tmp_path, zoo, m
 
 def test_density_zero_drops_the_task_vector_as_mergekit(tmp_path, zoo):
     """mergekit's rule for a density <= 0 (`magnitude`, `della_magprune`): the model's task vector is dropped, so
-    TIES of one model at density 0 is the base, and at density 1 is the model."""
+    TIES of one model at density 0 is the base."""
     config = ties(zoo, models=[{"model": zoo["ft1"], "parameters": {"weight": 1.0, "density": 0.0}}])
     path = tmp_path / "zero.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -234,13 +234,13 @@ def safetensors_header(file: Path, where: str) -> dict[str, TensorInfo]:
             start, header = _read_header(handle)
         ordered = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
         tensors = {key: TensorInfo(file, tuple(meta["shape"]), meta["dtype"]) for key, meta in ordered}
-        check_data_lengths(file, start, {key: meta["data_offsets"] for key, meta in ordered}, tensors, where)
+        _check_data_lengths(file, start, {key: meta["data_offsets"] for key, meta in ordered}, tensors, where)
         return tensors
     except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as err:
         raise ConfigError(f"{where}: {file}: not a readable safetensors file ({err!r})") from None
 
 
-def check_data_lengths(file: Path, start: int, offsets: dict[str, list[int]], tensors: dict[str, TensorInfo],
+def _check_data_lengths(file: Path, start: int, offsets: dict[str, list[int]], tensors: dict[str, TensorInfo],
                        where: str) -> None:
     """Each tensor's [begin, end) holds exactly numel x dtype bytes and ends inside the file (its size on disk)."""
     size = file.stat().st_size

@@ -72,7 +72,7 @@ class ShardWriter:
         self.created = False  # this run made the output folder
         self._buffer: dict[str, torch.Tensor] = {}
 
-    def check(self) -> None:
+    def _check(self) -> None:
         """Refuse before any work: a folder holding other files or another merge."""
         manifest = self._read_manifest()
         foreign = sorted(p.name for p in self.out.iterdir() if not self._temporary(p.name)) if self.out.is_dir() else []
@@ -87,9 +87,9 @@ class ShardWriter:
             self.done = [f for f in manifest.get("done", []) if f in self.files and (self.out / f).is_file()]
 
     def open(self) -> None:
-        """`check`, then free disk space; then create the folder (or clear a killed run's temporary files from it)
+        """`_check`, then free disk space; then create the folder (or clear a killed run's temporary files from it)
         and record the manifest, the last step before any tensor is read."""
-        self.check()
+        self._check()
         needed = sum(self.sizes[name] for name in self.pending())
         existing = next(p for p in (self.out, *self.out.parents) if p.exists())
         free = shutil.disk_usage(existing).free
