@@ -320,17 +320,22 @@ class Run:
     cpu_s: float | None = None  # user + system CPU seconds: steadier than wall time on a shared machine
 
 
-def run_tool(cmd: list[str], log: Path) -> Run:
+def run_tool(cmd: list[str], log: Path, out: Path) -> Run:
     """One subprocess under `/usr/bin/time`: wall time, CPU time and the tool's own peak RSS. (`os.wait4` on a child
     forked from this process would report at least this process's RSS: Linux keeps the RSS high-water mark
-    across fork and exec, and this process holds the models it built.)"""
+    across fork and exec, and this process holds the models it built.) The wall time runs until the output is on
+    disk: every file under `out` is fsynced after the tool exits (polyfuse fsyncs its shards itself, mergekit
+    leaves them to the page cache), so neither tool is billed for the other's write-back."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     usage = log.with_suffix(".time")
     os.sync()  # the previous run's output is still being written back: don't bill it to this one
-    with open(log, "w") as out:
+    with open(log, "w") as log_file:
         start = time.perf_counter()
-        code = subprocess.call([TIME, "-f", "%M %U %S", "-o", str(usage), *cmd], stdout=out, stderr=subprocess.STDOUT,
-                               env=env)
+        code = subprocess.call([TIME, "-f", "%M %U %S", "-o", str(usage), *cmd], stdout=log_file,
+                               stderr=subprocess.STDOUT, env=env)
+        for file in (f for f in out.rglob("*") if f.is_file()):
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
         wall = time.perf_counter() - start
     if code:
         sys.exit(f"{cmd[0]} failed (exit {code}); see {log}:\n{log.read_text()[-3000:]}")
@@ -358,7 +363,7 @@ def timed(tools: list[tuple[list[str], Path, Path]], repeats: int) -> list[Run]:
     for _ in range(repeats):
         for (cmd, out, log), seen in zip(tools, runs, strict=True):
             shutil.rmtree(out, ignore_errors=True)
-            seen.append(run_tool(cmd, log))
+            seen.append(run_tool(cmd, log, out))
     best = []
     for (_, _, log), seen in zip(tools, runs, strict=True):
         fastest = min(seen, key=lambda r: r.wall_s)
@@ -560,7 +565,8 @@ def section(rows: list[Row], args: argparse.Namespace, setup: str, notes: list[s
         "",
         f"`python bench/merge_vs_mergekit.py{' --tiny' if args.tiny else ''}{methods}` ({time.strftime('%Y-%m-%d')}): "
         f"{setup}. Each tool runs in its own subprocess (wall and CPU (user + system) time include its start-up "
-        f"and imports; peak RSS of the tool's process via GNU `time`), best of {repeats} run(s) per tool, the "
+        f"and imports, wall time until its output is fsynced to disk; peak RSS of the tool's process via GNU "
+        f"`time`), best of {repeats} run(s) per tool, the "
         f"tools taking turns (peak RSS: the largest of the runs); "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores when the report was written (other "
         f"jobs share the machine: CPU time is the steadier figure). Both tools write {args.out_shard_size} shards in "
