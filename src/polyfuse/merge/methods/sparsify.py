@@ -1,7 +1,8 @@
 """Tensor pieces shared by the merge methods: magnitude trim (TIES, breadcrumbs, RSAF), random drop and
 rescale (DARE, DELLA), and the weighted sum with optional TIES sign election and disjoint mean.
 
-Every function takes and returns fp32 tensors and is pure apart from the warnings it logs. Random masks are
+Every function takes and returns fp32 tensors and is pure apart from the warnings it logs, except that
+`weighted_merge` without election sums into its first input. Random masks are
 drawn on the CPU from the generator they are given and then moved to the tensor's device, so a seed gives the
 same mask on every device.
 """
@@ -221,20 +222,22 @@ def weighted_merge(
 ) -> torch.Tensor:
     """sum_i w_i delta_i, normalised or not, with or without TIES sign election.
 
-    Without election the divisor is sum_i w_i, replaced by 1 when |.| < 1e-8. With election: s = +1 where
+    Without election the sum is formed in place in deltas[0] (the caller owns the deltas: `TensorTask`'s rule), so
+    no extra tensor is needed; the divisor is sum_i w_i, replaced by 1 when |.| < 1e-8. With election: s = +1 where
     sum_i w_i delta_i >= 0 (sum_i delta_i when not `elect_weighted`, as SCE does), else -1; model i takes part
     in an entry where sign(w_i delta_i) == s (zeros never agree); the divisor is sum_i w_i [takes part], a zero
     one replaced by 1 (or, with `divisor_floor`, clamped to at least that)."""
     assert deltas and len(deltas) == len(weights), (len(deltas), len(weights))
-    mixed = torch.zeros_like(deltas[0])
     if not consensus:
-        for delta, weight in zip(deltas, weights, strict=True):
+        mixed = deltas[0].mul_(float(weights[0]))
+        for delta, weight in zip(deltas[1:], weights[1:], strict=True):
             mixed.add_(delta, alpha=float(weight))
         if normalize:
             total = float(sum(float(w) for w in weights))
             mixed /= total if abs(total) >= SUM_DIVISOR_EPS else 1.0
         return mixed
 
+    mixed = torch.zeros_like(deltas[0])
     election = torch.zeros_like(deltas[0])
     for delta, weight in zip(deltas, weights, strict=True):
         election.add_(delta, alpha=float(weight) if elect_weighted else 1.0)
