@@ -367,6 +367,30 @@ def test_vocabulary_remapped_by_token_string(tmp_path, zoo):
         torch.testing.assert_close(merged[key][: len(base_vocab)], out[key])
 
 
+def test_identical_tokenizer_files_are_not_loaded_and_a_changed_one_is(tmp_path, zoo, monkeypatch):
+    """No tokenizer setting and byte-identical tokenizer files: the rows match by index without loading any
+    tokenizer (time and memory); one changed file and the vocabularies are read and compared again."""
+    import shutil
+
+    import polyfuse.merge.vocab as vocab
+
+    copies = {name: Path(shutil.copytree(zoo[name], tmp_path / name)) for name in ("ft1", "ft2")}
+    for copy in copies.values():  # the base's tokenizer files, byte for byte
+        for file in Path(zoo["base"]).iterdir():
+            if file.name in vocab.TOKENIZER_FILES:
+                shutil.copyfile(file, copy / file.name)
+    loaded = []
+    real = vocab.read_vocab
+    monkeypatch.setattr(vocab, "read_vocab", lambda source: loaded.append(source.ref) or real(source))
+    config = sum_config({**zoo, **{k: str(v) for k, v in copies.items()}})
+    merge(tmp_path, config)
+    assert loaded == []
+    config_file = copies["ft2"] / "tokenizer_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "model_max_length": 7}))
+    merge(tmp_path, config, out="changed")
+    assert len(loaded) == 3
+
+
 def test_padding_rows_beyond_the_tokenizer(tmp_path, zoo):
     """The base pads its embedding to 40 rows (its tokenizer has 31 tokens); an unpadded fine-tune merges
     without a tokenizer rule, and the output keeps the base's 40 rows, padding rows the base's own."""
