@@ -120,13 +120,20 @@ LORA_FINDINGS = [
     "model_plus_lora: mergekit loads the model with transformers, merges the adapter with peft and saves the "
     "merged copy into its LoRA cache before it merges (most of its time and memory); polyfuse applies the adapter "
     "to each tensor as it reads it. Identical outputs.",
-    "extract_lora: every tensor both tools write is identical (210 modules at rank 32, the embedding and norms "
-    "saved whole). mergekit also writes `lm_head.weight`: SmolLM2's head is tied, and mergekit saves it again as a "
-    "module to save; polyfuse leaves a tied head to the embedding (peft would apply both to the one shared weight).",
-    "Reruns: the writer now fsyncs every shard before renaming it, the resume fingerprint reads the first 64 bytes "
-    "of every input tensor instead of file times, and slerp / nuslerp / karcher / multislerp share one helper "
-    "(outputs bit-identical, sha256 of the merged shards before and after). Load average 4-8 on 2 cores from "
-    "other jobs during these runs: the CPU ratio is the steadier figure.",
+    "extract_lora (rank 32, best of 3 at load average below 3; both spend most of their time in torch's SVD of "
+    "the same fp32 deltas, and single runs under load varied from 14 to 132 s): every tensor both tools write is "
+    "identical (210 modules at rank 32; the embedding and norms saved whole). mergekit also writes "
+    "`lm_head.weight`: SmolLM2's head is tied, and mergekit saves it again as a module to save; polyfuse leaves a "
+    "tied head to the embedding (peft would apply both to the one shared weight).",
+    "Reruns of methods measured before: polyfuse now fsyncs every shard before renaming it (the wall time here "
+    "runs until both tools' outputs are on disk), fingerprints inputs by content (the first 64 bytes of every "
+    "tensor) instead of file times, loads no tokenizer when every input's tokenizer files are byte-identical "
+    "and no tokenizer setting asks for one (the RSS drop against the first table: linear 830 -> 589 MiB), and "
+    "forms a weighted sum without election in its first task vector (one tensor less). slerp / nuslerp / "
+    "karcher / multislerp share one helper: outputs bit-identical (sha256 of the merged shards before and "
+    "after). Load average 5-8 on 2 cores from other jobs during most of these runs (linear, best of 3, "
+    "ran at load 2.8, hence its much shorter times; under load 7 it gave 31.1 s vs 30.2 s at CPU ratio 0.86): "
+    "CPU time is the steadier figure.",
 ]
 OTHER_SECTION = "## Weight merging vs mergekit: the other methods and slices"
 LORA_SECTION = "## Weight merging vs mergekit: LoRA, and reruns with fsynced shards"
@@ -681,11 +688,11 @@ def main() -> None:
         saved = work / "results" / f"{method}.json"
         if args.reuse and saved.exists():
             rows.append(Row.load(saved))
-        elif method == "extract_lora":
-            rows.append(run_extract(work, args, folders))
         else:
-            rows.append(run_method(method, *configs[method], work, args, folders))
-            rows[-1].save(work / "results")
+            run = run_extract(work, args, folders) if method == "extract_lora" else \
+                run_method(method, *configs[method], work, args, folders)
+            rows.append(run)
+            run.save(work / "results")
         print(table(rows[-1:]).splitlines()[-1], flush=True)
     base = Weights(folders["base"])
     params = sum(base.get(n).numel() for n in base.names())
