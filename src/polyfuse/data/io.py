@@ -220,8 +220,9 @@ class ReadReport:
 def _explain(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "row"
-        parts.append(f"field {key!r}: {'missing' if e['type'] == 'missing' else e['msg']}")
+        message = "missing" if e["type"] == "missing" else e["msg"].removeprefix("Value error, ")
+        key = ".".join(str(p) for p in e["loc"])
+        parts.append(f"field {key!r}: {message}" if key else message)  # no key: a check across fields
     return "; ".join(parts)
 
 
@@ -281,11 +282,11 @@ def write_metadata(path: str | Path, metadata: dict[str, Any]) -> None:
 
 class ShardStore:
     """Numbered JSONL shards in one folder. Each shard is written whole and atomically, so after a
-    crash a shard either exists complete or not at all; `missing()` tells a rerun what is left."""
+    crash a shard either exists complete or not at all; `done()` tells a rerun what is left. The folder is
+    made with the first shard: a command refused before its first shard leaves nothing behind."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.folder)
 
     def path(self, key: str) -> Path:

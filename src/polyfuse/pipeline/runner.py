@@ -23,10 +23,14 @@ from pathlib import Path
 from rich.console import Console
 
 from polyfuse.data.hashing import hash_path
+from polyfuse.data.io import write_json
 from polyfuse.data.sharded import process_state
-from polyfuse.pipeline.context import Context, stage
+from polyfuse.errors import ConfigError
+from polyfuse.models.loader import check_models, looks_local
+from polyfuse.pipeline.context import Context, paths_in, stage
 from polyfuse.pipeline.manifest import Manifest, fingerprint
 from polyfuse.pipeline.recipe import Recipe
+from polyfuse.progress import is_quiet
 
 console = Console(stderr=True)
 POLL_S = 0.5  # how often a waiting process looks at the main process's manifest
@@ -46,16 +50,31 @@ def _wait_until_done(manifest: Manifest, print_: str) -> None:
         time.sleep(POLL_S)
 
 
+def _check_inputs(recipe: Recipe) -> None:
+    """Every model path and device, and every local data path, of the stages to run, before the first stage
+    writes anything: a typo in the last stage's section must not cost the run up to it."""
+    sections = [getattr(recipe, name, None) for name in recipe.stages]
+    check_models([recipe.sources, recipe.pivot, *sections])
+    for where, path in paths_in(recipe.model_dump(mode="json", include=set(recipe.stages))).items():
+        if looks_local(path) and not Path(path).expanduser().exists():
+            raise ConfigError(f"{where}: {path}: no such file or folder")
+
+
 def run_recipe(recipe: Recipe, work_dir: str | Path | None = None, quiet: bool = False) -> Context:
     """Run (or resume) every stage of `recipe`; returns the context with every stage's outputs."""
+    started = time.perf_counter()
     state = process_state()
     main = state.is_main_process
     ctx = Context(recipe=recipe, work_dir=Path(work_dir or recipe.resolved_work_dir), quiet=quiet or not main)
-    say = console.print if main else (lambda *_: None)
+    say = console.print if main and not (quiet or is_quiet()) else (lambda *_: None)
+    timings: dict[str, dict] = {}
     if main:
-        ctx.work_dir.mkdir(parents=True, exist_ok=True)
         if recipe.toyworld is not None:
-            recipe.world(quiet)  # built once and cached; every toyworld:// path must exist before hashing inputs
+            world_started = time.perf_counter()
+            recipe.world(ctx.quiet)  # built once and cached; every toyworld:// path must exist before hashing inputs
+            timings["toy world (build or cache)"] = {"wall_s": round(time.perf_counter() - world_started, 2)}
+        _check_inputs(recipe)
+        ctx.work_dir.mkdir(parents=True, exist_ok=True)
         recipe.save_resolved(ctx.work_dir / "recipe.resolved.yaml")
     state.wait_for_everyone()
     for name in recipe.stages:
@@ -77,10 +96,11 @@ def run_recipe(recipe: Recipe, work_dir: str | Path | None = None, quiet: bool =
         print_, done = _broadcast(state, decision)
         if done:
             ctx.outputs[name] = manifest.read()["outputs"]
+            timings[name] = {"wall_s": manifest.read().get("wall_s"), "skipped": True}
             say(f"[green]✓[/] {name}: finished earlier, skipped")
             continue
         say(f"[bold]▶ {name}[/]")
-        started = time.perf_counter()
+        stage_started = time.perf_counter()
         if main or step.every_process:
             outputs = step.run(ctx, folder)
         if main:
@@ -90,5 +110,9 @@ def run_recipe(recipe: Recipe, work_dir: str | Path | None = None, quiet: bool =
         elif not main:
             _wait_until_done(manifest, print_)
         ctx.outputs[name] = manifest.read()["outputs"]
-        say(f"[green]✓[/] {name}: done in {time.perf_counter() - started:.1f}s")
+        timings[name] = {"wall_s": round(time.perf_counter() - stage_started, 2)}
+        say(f"[green]✓[/] {name}: done in {timings[name]['wall_s']:.1f}s")
+    if main:  # this run's wall times, the toy world's build included (a skipped stage: its earlier time)
+        write_json(ctx.work_dir / "run.json", {"recipe": recipe.name, "wall_s": round(time.perf_counter() - started, 2),
+                                               "steps": timings})
     return ctx

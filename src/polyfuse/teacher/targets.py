@@ -37,7 +37,7 @@ from polyfuse.objectives.distill import (
     teacher_uld_probs,
     topk_entropy,
 )
-from polyfuse.teacher.store import TeacherExample, TeacherStore
+from polyfuse.teacher.store import TeacherExample, TeacherStore, read_shard, read_shard_ids
 
 Alignment = Literal["positional", "offsets", "dp"]
 Groups = list[tuple[list[int], list[int]]]
@@ -242,8 +242,7 @@ class _ShardedLookup:
         self.store = store
         self.where = {}
         for shard in store.shards():
-            with np.load(shard, allow_pickle=False) as arrays:
-                self.where.update(dict.fromkeys(arrays["example_ids"].tolist(), shard))
+            self.where.update(dict.fromkeys(read_shard_ids(shard), shard))
         self.loaded: tuple[Any, dict[str, TeacherExample]] = (None, {})
 
     def get(self, example_id: str) -> TeacherExample | None:
@@ -251,8 +250,6 @@ class _ShardedLookup:
         if shard is None:
             return None  # too long for this teacher
         if self.loaded[0] != shard:
-            from polyfuse.teacher.store import read_shard
-
             self.loaded = (shard, read_shard(shard))
         example = self.loaded[1][example_id]
         if len(example.topk_ids) != len(example.token_ids):

@@ -21,8 +21,8 @@ class EvalSection(StrictModel):
         description="'sources', 'pivot', a source name, or a model stage name (sft, merge, po: its output model).",
     )
     scorers: list[ScorerConfig] | None = Field(default=None, description="Default: the score stage's verifiers.")
-    batch_size: int = Field(default=64, ge=1)
-    max_new_tokens: int = Field(default=32, ge=1)
+    batch_size: int = Field(default=64, ge=1, description="Prompts per generate call.")
+    max_new_tokens: int = Field(default=32, ge=1, description="Generation budget per prompt (greedy).")
 
 
 def _unknown_model(recipe, name: str) -> bool:
@@ -97,7 +97,7 @@ class EvalStage(Stage):
         scorers = [build_scorer(c) for c in scorer_configs(ctx.recipe)]
         results = {
             label: evaluate(spec, prompts, scorers, batch_size=config.batch_size,
-                            max_new_tokens=config.max_new_tokens, quiet=ctx.quiet)
+                            max_new_tokens=config.max_new_tokens, label=label, quiet=ctx.quiet)
             for label, spec in eval_models(ctx).items()
         }
         write_eval_report(results, folder, sources={s.label for s in ctx.recipe.sources})
