@@ -1,18 +1,28 @@
-"""Bad inputs to the data readers, config reader and model loader: each is a `UserError` that names the
-file (and line or field) and says what was expected, never a traceback; refused writes leave nothing behind."""
+"""Bad inputs, from the data readers and the model loader up to every command: each is a `UserError` that
+names the file (and line or key) and says what was expected, exit code 2, never a traceback; a refused
+command leaves nothing behind. The table `CASES` at the end runs one user mistake per case through the CLI."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
+import json
 import os
 import re
+import shlex
 import shutil
 import stat
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
+from polyfuse.cli.main import main
 from polyfuse.config import read_yaml
 from polyfuse.data.io import ShardStore, atomic_write_text, read_rows, remove_stale_temporaries, write_rows
 from polyfuse.data.schemas import PromptRow
@@ -254,17 +264,6 @@ def test_output_location_that_is_a_file(tmp_path):
 # `{world}` is the tiny toy world; `files` are the case's own (bad) inputs, written before it runs.
 # ---------------------------------------------------------------------------------------------------------
 
-import contextlib  # noqa: E402
-import hashlib  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import shlex  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Any  # noqa: E402
-
-import yaml  # noqa: E402
-
-from polyfuse.cli.main import main  # noqa: E402
 
 FOLDER = object()  # a `files` value: make an empty folder
 
@@ -290,6 +289,8 @@ def _write(path: Path, content: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if content is FOLDER:
         path.mkdir()
+    elif callable(content):
+        content(path)
     elif isinstance(content, Copy):
         shutil.copytree(content.source, path)
         if content.truncate:
@@ -303,6 +304,12 @@ def _write(path: Path, content: Any) -> None:
         path.write_text("".join(json.dumps(row) + "\n" for row in content))
     else:
         path.write_text(yaml.safe_dump(content, sort_keys=False))
+
+
+def _dataset_dict(path: Path) -> None:
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"train": Dataset.from_list(PROMPTS)}).save_to_disk(str(path))
 
 
 def run_cli(argv: list[str]) -> tuple[int, str]:
@@ -417,7 +424,7 @@ CASES = [
     Case("prompts-folder-not-datasets", "sample -c {kit}/sample.yaml --prompts data -o out", r"data: a folder, but not a `datasets` folder",
          {"data/notes.txt": "hello"}),
     # sample: models and output
-    Case("sample-out-is-a-file", "sample -c {kit}/sample.yaml --prompts {kit}/prompts.jsonl -o out", r"out.*(is a file|not a folder)",
+    Case("sample-out-is-a-file", "sample -c {kit}/sample.yaml --prompts {kit}/prompts.jsonl -o out", r"out: is a file, expected a folder",
          {"out": "the user's file"}),
     Case("sample-no-models", "sample -c bad.yaml --prompts {kit}/prompts.jsonl -o out", r"models: List should have at least 1 item",
          {"bad.yaml": {"models": []}}),
@@ -442,7 +449,7 @@ CASES = [
          {"bad.yaml": {"scorers": [{"name": "x"}]}}),
     Case("score-reward-model-missing", "score -c bad.yaml --samples {kit}/samples.jsonl -o out", r"rm/none: no such folder",
          {"bad.yaml": {"scorers": [{"type": "reward_model", "model": {"path": "rm/none"}}]}, "rm": FOLDER}),
-    Case("score-out-is-a-file", "score -c {kit}/score.yaml --samples {kit}/samples.jsonl -o out", r"out.*(is a file|not a folder)",
+    Case("score-out-is-a-file", "score -c {kit}/score.yaml --samples {kit}/samples.jsonl -o out", r"out: is a file, expected a folder",
          {"out": "the user's file"}),
     # pairs
     Case("pairs-reward-no-sample-has", "pairs -c {kit}/pairs.yaml --set reward=judge --scored {kit}/scored.jsonl -o out",
@@ -454,7 +461,7 @@ CASES = [
          r"gap_window"),
     Case("pairs-unknown-rule", "pairs -c {kit}/pairs.yaml --set pair_rule=best --scored {kit}/scored.jsonl -o out",
          r"pair_rule: Input should be 'intra_source' or 'cross_model'"),
-    Case("pairs-out-is-a-file", "pairs -c {kit}/pairs.yaml --scored {kit}/scored.jsonl -o out", r"out.*(is a file|not a folder)",
+    Case("pairs-out-is-a-file", "pairs -c {kit}/pairs.yaml --scored {kit}/scored.jsonl -o out", r"out: is a file, expected a folder",
          {"out": "the user's file"}),
     # logprobs
     Case("logprobs-chosen-is-rejected", "logprobs -c {kit}/logprobs.yaml --data p.jsonl -o out.jsonl",
@@ -468,7 +475,7 @@ CASES = [
     Case("logprobs-out-is-a-folder", "logprobs -c {kit}/logprobs.yaml --data {kit}/preference.jsonl -o out.jsonl",
          r"out\.jsonl.*folder", {"out.jsonl": FOLDER}),
     Case("logprobs-out-in-a-file", "logprobs -c {kit}/logprobs.yaml --data {kit}/preference.jsonl -o taken/out.jsonl",
-         r"taken.*(a part of this path is a file|not a folder)", {"taken": "the user's file"}),
+         r"taken/out\.jsonl: taken is a file, expected a folder", {"taken": "the user's file"}),
     Case("logprobs-pivot-device", "logprobs -c {kit}/logprobs.yaml --set pivot.device=cuda:7 --data {kit}/preference.jsonl -o o.jsonl",
          r"device 'cuda:7' not available"),
     # teacher
@@ -478,7 +485,7 @@ CASES = [
          r"models: List should have at least 1 item"),
     Case("teacher-top-k-zero", "teacher -c {kit}/teacher.yaml --set top_k=0 --data {kit}/sft.jsonl -o out",
          r"top_k: Input should be greater than or equal to 1"),
-    Case("teacher-out-is-a-file", "teacher -c {kit}/teacher.yaml --data {kit}/sft.jsonl -o out", r"out.*(is a file|not a folder)",
+    Case("teacher-out-is-a-file", "teacher -c {kit}/teacher.yaml --data {kit}/sft.jsonl -o out", r"out: is a file, expected a folder",
          {"out": "the user's file"}),
     # train sft / distill / preference objectives
     Case("sft-unknown-scheduler", "train sft -c {kit}/train.yaml --set lr_scheduler=cosinus --data {kit}/sft.jsonl --model {world}/pivot -o out",
@@ -494,7 +501,7 @@ CASES = [
     Case("sft-lora-rank-zero", "train sft -c {kit}/train.yaml --set lora.r=0 --data {kit}/sft.jsonl --model {world}/pivot -o out",
          r"lora\.r: Input should be greater than or equal to 1"),
     Case("sft-out-is-a-file", "train sft -c {kit}/train.yaml --data {kit}/sft.jsonl --model {world}/pivot -o out",
-         r"out.*(is a file|not a folder)", {"out": "the user's file"}),
+         r"out: is a file, expected a folder", {"out": "the user's file"}),
     Case("sft-empty-data", "train sft -c {kit}/train.yaml --data d.jsonl --model {world}/pivot -o out", r"d\.jsonl: no rows",
          {"d.jsonl": "\n"}),
     Case("sft-model-missing", "train sft -c {kit}/train.yaml --data {kit}/sft.jsonl --model ./pivot -o out", r"pivot: no such folder"),
@@ -530,7 +537,7 @@ CASES = [
     Case("eval-gsm8k-file-missing", "eval --model {world}/pivot --data gsm8k:none.jsonl -o out", r"none\.jsonl: GSM8K file not found"),
     Case("eval-same-name-twice", "eval --model a={world}/pivot --model a={world}/reward_model --data toyworld -o out",
          r"--model: two models are named 'a'"),
-    Case("eval-out-is-a-file", "eval --model {world}/pivot --data {kit}/prompts.jsonl -o out", r"out.*(is a file|not a folder)",
+    Case("eval-out-is-a-file", "eval --model {world}/pivot --data {kit}/prompts.jsonl -o out", r"out: is a file, expected a folder",
          {"out": "the user's file"}),
     Case("eval-unknown-preset", "eval --model {world}/pivot --data toyworld --toy-preset huge -o out", r"huge.*(default|tiny)"),
     Case("eval-model-missing", "eval --model ./none --data {kit}/prompts.jsonl -o out", r"none: no such folder"),
@@ -545,12 +552,12 @@ CASES = [
          r"eval: no scorers to grade with"),
     Case("run-unknown-scheduler", "run {kit}/recipe.yaml --set sft.lr_scheduler=cosinus --work-dir w", r"sft\.lr_scheduler: 'cosinus'"),
     Case("run-unknown-optim", "run {kit}/recipe.yaml --set po.optim=adam --work-dir w", r"po\.optim: 'adam'"),
-    Case("run-work-dir-is-a-file", "run {kit}/recipe.yaml --work-dir w", r"w.*(is a file|not a folder)", {"w": "the user's file"}),
+    Case("run-work-dir-is-a-file", "run {kit}/recipe.yaml --work-dir w", r"w: is a file, expected a folder", {"w": "the user's file"}),
     Case("run-source-missing", "run {kit}/recipe.yaml --set sources.0.path=models/none --work-dir w", r"models/none: no such",
          {"models": FOLDER}),
     Case("run-pairs-reward-unknown", "run {kit}/recipe.yaml --set pairs.reward=judge --work-dir w", r"pairs\.reward.*'judge'"),
     Case("demo-unknown-preset", "demo --preset huge --work-dir w", r"huge.*(default|tiny)"),
-    Case("demo-work-dir-is-a-file", "demo --preset tiny --work-dir w", r"w.*(is a file|not a folder)", {"w": "the user's file"}),
+    Case("demo-work-dir-is-a-file", "demo --preset tiny --work-dir w", r"w: is a file, expected a folder", {"w": "the user's file"}),
     # toy world
     Case("toyworld-unknown-preset", "toyworld build --preset huge --cache-dir c", r"huge.*(default|tiny)"),
     Case("toyworld-unknown-key", "toyworld build -c bad.yaml --cache-dir c", r"bad\.yaml: invalid config\n.*colour: unknown key",
@@ -565,7 +572,9 @@ CASES = [
     Case("prompts-unknown-role", "sample -c {kit}/sample.yaml --prompts p.jsonl -o out", r"p\.jsonl:1: field 'prompt.*role'",
          {"p.jsonl": [{"id": "a", "prompt": [{"role": "robot", "content": "hi"}]}]}),
     Case("prompts-dataset-dict", "sample -c {kit}/sample.yaml --prompts data -o out", r"data: a DatasetDict with splits \['train'\]",
-         {"data/dataset_dict.json": '{"splits": ["train"]}', "data/train/dataset_info.json": "{}"}),
+         {"data": _dataset_dict}),
+    Case("prompts-damaged-datasets-folder", "sample -c {kit}/sample.yaml --prompts data -o out",
+         r"data: cannot read this `datasets` folder", {"data/dataset_dict.json": '{"splits": ["train"]}'}),
     Case("sft-corrupt-parquet", "train sft --data d.parquet --model {world}/pivot -o out", r"d\.parquet: not a readable Parquet file",
          {"d.parquet": b"PAR1" + b"\0" * 64 + b"PAR1"}),
     Case("sft-model-not-gguf", "train sft --data {kit}/sft.jsonl --model m.gguf -o out", r"m\.gguf is not a GGUF file",
@@ -581,7 +590,7 @@ CASES = [
                        "ref_mean_rejected_logps": -1.0, "ref_chosen_ntokens": 2, "ref_rejected_ntokens": 2}]}),
     Case("logprobs-unknown-overflow", "logprobs -c {kit}/logprobs.yaml --set overflow=truncate --data {kit}/preference.jsonl -o o.jsonl",
          r"overflow: Input should be 'drop' or 'error'"),
-    Case("eval-empty-model-path", "eval --model a= --data {kit}/prompts.jsonl -o out", r"--model 'a=': no path"),
+    Case("eval-empty-model-path", "eval --model a= --data {kit}/prompts.jsonl -o out", r"--model a=: no path after the '='"),
     Case("eval-bad-prompt-rows", "eval --model {world}/pivot --data p.jsonl -o out", r"p\.jsonl:1: field 'prompt': missing",
          {"p.jsonl": [{"id": "a"}]}),
     Case("run-recipe-not-utf8", "run r.yaml", r"r\.yaml: not UTF-8 text", {"r.yaml": b"name: caf\xe9\n"}),

@@ -526,14 +526,7 @@ def _checked_model(path: str):
 
 def _output_folder(out: Path) -> Path:
     """`out`, refused at once when it, or a folder it would sit in, is a file (before any work is done)."""
-    from polyfuse.errors import StorageError
-
-    for place in [out, *out.parents]:
-        if place.exists():
-            if not place.is_dir():
-                what = "is a file, expected a folder" if place == out else f"{place} is a file, expected a folder"
-                raise StorageError(f"{out}: {what}")
-            break
+    _no_file_in_the_way(out, [out, *out.parents])
     return out
 
 
@@ -546,8 +539,20 @@ def _output_file(out: Path) -> Path:
         raise DataError(f"{out}: unsupported data format {out.suffix!r}; use .jsonl, .parquet or a folder")
     if out.suffix and out.is_dir():
         raise StorageError(f"{out}: is a folder, expected a {out.suffix} file")
-    _output_folder(out.parent)
+    _no_file_in_the_way(out, [out, *out.parents] if not out.suffix else list(out.parents))
     return out
+
+
+def _no_file_in_the_way(out: Path, folders: list[Path]) -> None:
+    """The first of `folders` (`out` and its parents) that exists must be a folder."""
+    from polyfuse.errors import StorageError
+
+    for place in folders:
+        if place.exists():
+            if not place.is_dir():
+                what = "is a file, expected a folder" if place == out else f"{place} is a file, expected a folder"
+                raise StorageError(f"{out}: {what}")
+            return
 
 
 def _one_paragraph_help(*typer_apps: typer.Typer) -> None:

@@ -18,18 +18,22 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+from pydantic import BaseModel
 from rich.console import Console
 
 from polyfuse.data.hashing import hash_path
 from polyfuse.data.io import write_json
 from polyfuse.data.sharded import process_state
 from polyfuse.errors import ConfigError
-from polyfuse.models.loader import check_models, looks_local
-from polyfuse.pipeline.context import Context, paths_in, stage
+from polyfuse.models.loader import check_models
+from polyfuse.pipeline.context import Context, stage
 from polyfuse.pipeline.manifest import Manifest, fingerprint
 from polyfuse.pipeline.recipe import Recipe
+from polyfuse.pipeline.stages.prompts import PromptSource
 from polyfuse.progress import is_quiet
 
 console = Console(stderr=True)
@@ -51,13 +55,25 @@ def _wait_until_done(manifest: Manifest, print_: str) -> None:
 
 
 def _check_inputs(recipe: Recipe) -> None:
-    """Every model path and device, and every local data path, of the stages to run, before the first stage
+    """Every model path and device, and every prompts file, of the stages to run, before the first stage
     writes anything: a typo in the last stage's section must not cost the run up to it."""
-    sections = [getattr(recipe, name, None) for name in recipe.stages]
-    check_models([recipe.sources, recipe.pivot, *sections])
-    for where, path in paths_in(recipe.model_dump(mode="json", include=set(recipe.stages))).items():
-        if looks_local(path) and not Path(path).expanduser().exists():
-            raise ConfigError(f"{where}: {path}: no such file or folder")
+    sections = {name: getattr(recipe, name, None) for name in recipe.stages}
+    check_models([recipe.sources, recipe.pivot, *sections.values()])
+    for where, source in _prompt_sources(sections):
+        if source.path is not None and not Path(source.path).expanduser().exists():
+            raise ConfigError(f"{where}.path: {source.path}: data file not found")
+
+
+def _prompt_sources(node: Any, where: str = "") -> Iterator[tuple[str, PromptSource]]:
+    """Every `PromptSource` in a config, with the dotted key it sits at."""
+    if isinstance(node, PromptSource):
+        yield where, node
+    elif isinstance(node, BaseModel):
+        for name in type(node).model_fields:
+            yield from _prompt_sources(getattr(node, name), f"{where}.{name}")
+    elif isinstance(node, dict):
+        for name, value in node.items():
+            yield from _prompt_sources(value, f"{where}.{name}".lstrip("."))
 
 
 def run_recipe(recipe: Recipe, work_dir: str | Path | None = None, quiet: bool = False) -> Context:
