@@ -525,8 +525,12 @@ def _checked_model(path: str):
 
 
 def _output_folder(out: Path) -> Path:
-    """`out`, refused at once when it, or a folder it would sit in, is a file (before any work is done)."""
+    """`out`, refused at once when it, or a folder it would sit in, is a file (before any work is done);
+    the temporary files of a writer killed in it earlier are removed."""
+    from polyfuse.data.io import remove_stale_temporaries
+
     _no_file_in_the_way(out, [out, *out.parents])
+    remove_stale_temporaries(out, recursive=True)
     return out
 
 
@@ -539,7 +543,12 @@ def _output_file(out: Path) -> Path:
         raise DataError(f"{out}: unsupported data format {out.suffix!r}; use .jsonl, .parquet or a folder")
     if out.suffix and out.is_dir():
         raise StorageError(f"{out}: is a folder, expected a {out.suffix} file")
-    _no_file_in_the_way(out, [out, *out.parents] if not out.suffix else list(out.parents))
+    if not out.suffix:
+        return _output_folder(out)
+    from polyfuse.data.io import remove_stale_temporaries
+
+    _no_file_in_the_way(out, list(out.parents))
+    remove_stale_temporaries(out.parent)
     return out
 
 

@@ -48,21 +48,27 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(folder: str | Path) -> int:
-    """Delete the temporary files and folders that killed writers on this host left in `folder`."""
+def remove_stale_temporaries(folder: str | Path, recursive: bool = False) -> int:
+    """Delete the temporary files and folders that killed writers on this host left in `folder` (and, with
+    `recursive`, in every folder below it); returns how many."""
     folder = Path(folder)
-    removed = 0
     if not folder.is_dir():
         return 0
-    for entry in folder.iterdir():
-        match = re.fullmatch(rf"\..+\.{re.escape(_HOST)}-(\d+)-[^.]*\.tmp", entry.name)
-        if match is None or _process_alive(int(match.group(1))):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-        removed += 1
+    removed = 0
+    for root, folders, files in os.walk(folder):
+        for name in [*folders, *files]:
+            match = re.fullmatch(rf"\..+\.{re.escape(_HOST)}-(\d+)-[^.]*\.tmp", name)
+            if match is None or _process_alive(int(match.group(1))):
+                continue
+            entry = Path(root) / name
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed += 1
+        if not recursive:
+            break
+        folders[:] = [name for name in folders if (Path(root) / name).is_dir()]  # not into removed ones
     return removed
 
 

@@ -26,7 +26,7 @@ from pydantic import BaseModel
 from rich.console import Console
 
 from polyfuse.data.hashing import hash_path
-from polyfuse.data.io import write_json
+from polyfuse.data.io import remove_stale_temporaries, write_json
 from polyfuse.data.sharded import process_state
 from polyfuse.errors import ConfigError
 from polyfuse.models.loader import check_models
@@ -34,7 +34,7 @@ from polyfuse.pipeline.context import Context, stage
 from polyfuse.pipeline.manifest import Manifest, fingerprint
 from polyfuse.pipeline.recipe import Recipe
 from polyfuse.pipeline.stages.prompts import PromptSource
-from polyfuse.progress import is_quiet
+from polyfuse.progress import is_quiet, set_quiet
 
 console = Console(stderr=True)
 POLL_S = 0.5  # how often a waiting process looks at the main process's manifest
@@ -77,12 +77,22 @@ def _prompt_sources(node: Any, where: str = "") -> Iterator[tuple[str, PromptSou
 
 
 def run_recipe(recipe: Recipe, work_dir: str | Path | None = None, quiet: bool = False) -> Context:
-    """Run (or resume) every stage of `recipe`; returns the context with every stage's outputs."""
+    """Run (or resume) every stage of `recipe`; returns the context with every stage's outputs. `quiet`: no
+    progress bars, stage lines or notes."""
+    was_quiet = is_quiet()
+    set_quiet(quiet or was_quiet)
+    try:
+        return _run(recipe, work_dir, quiet)
+    finally:
+        set_quiet(was_quiet)
+
+
+def _run(recipe: Recipe, work_dir: str | Path | None, quiet: bool) -> Context:
     started = time.perf_counter()
     state = process_state()
     main = state.is_main_process
     ctx = Context(recipe=recipe, work_dir=Path(work_dir or recipe.resolved_work_dir), quiet=quiet or not main)
-    say = console.print if main and not (quiet or is_quiet()) else (lambda *_: None)
+    say = console.print if main and not is_quiet() else (lambda *_: None)
     timings: dict[str, dict] = {}
     if main:
         if recipe.toyworld is not None:
@@ -91,6 +101,7 @@ def run_recipe(recipe: Recipe, work_dir: str | Path | None = None, quiet: bool =
             timings["toy world (build or cache)"] = {"wall_s": round(time.perf_counter() - world_started, 2)}
         _check_inputs(recipe)
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(ctx.work_dir, recursive=True)  # of writers killed in an earlier run
         recipe.save_resolved(ctx.work_dir / "recipe.resolved.yaml")
     state.wait_for_everyone()
     for name in recipe.stages:
