@@ -52,12 +52,15 @@ def stage_names() -> list[str]:
     return sorted({*_command_configs(), *sections, *(n.replace("_", "-") for n in OBJECTIVES.names())})
 
 
-def stage_config(stage: str) -> type:
-    """The config class `config show STAGE` documents."""
+def stage_config(stage: str, recipe: bool = False) -> type:
+    """The config class `config show STAGE` documents: the stage command's, or (`recipe`) the recipe
+    section's."""
     from polyfuse.objectives import OBJECTIVES
     from polyfuse.pipeline.context import STAGES
 
     commands = _command_configs()
+    if recipe and stage in STAGES.names() and STAGES.get(stage).section is not None:
+        return STAGES.get(stage).section
     if stage in commands:
         return commands[stage]
     if stage.replace("-", "_") in OBJECTIVES.names():
@@ -81,13 +84,13 @@ RECIPE_TITLE = ("A recipe (`polyfuse run RECIPE`): the models, the stages to run
                 "the toy world of the `toyworld` key.")
 
 
-def stage_config_yaml(stage: str) -> str:
+def stage_config_yaml(stage: str, recipe: bool = False) -> str:
     """`polyfuse config show STAGE`'s output."""
-    text = annotated_yaml(stage_config(stage), _variants(), title=RECIPE_TITLE if stage == "recipe" else None)
+    text = annotated_yaml(stage_config(stage, recipe), _variants(), title=RECIPE_TITLE if stage == "recipe" else None)
     if stage == "recipe":
         from polyfuse.pipeline.context import stage_order
 
         text += ("# stages: the stages to run, in this order: " + ", ".join(stage_order()) + ".\n"
                  "# Then one section per stage, named after it: `polyfuse config show STAGE` documents each.\n")
-    return f"# polyfuse config show {stage}\n{text}"
+    return f"# polyfuse config show {stage}{' --recipe' * recipe}\n{text}"
 

@@ -150,12 +150,13 @@ def demo(
 @config_app.command("show")
 def config_show(
     stage: Annotated[str, typer.Argument(help="sample, score, pairs, logprobs, teacher, sft, distill, po (or an objective: dpo, ipo, ...), prompts, eval, merge, toyworld or recipe.")],
+    recipe: Annotated[bool, typer.Option("--recipe", help="The stage's section of a recipe (its models come from the recipe's sources and pivot).")] = False,
 ) -> None:
     """Print a stage's config as YAML with its defaults, each key annotated with its type, constraints and
     meaning: a starting point for `--config` files and recipe sections."""
     from polyfuse.cli.config_docs import stage_config_yaml
 
-    print(stage_config_yaml(stage), end="")
+    print(stage_config_yaml(stage, recipe), end="")
 
 
 @app.command()

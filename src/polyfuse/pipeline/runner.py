@@ -55,25 +55,27 @@ def _wait_until_done(manifest: Manifest, print_: str) -> None:
 
 
 def _check_inputs(recipe: Recipe) -> None:
-    """Every model path and device, and every prompts file, of the stages to run, before the first stage
-    writes anything: a typo in the last stage's section must not cost the run up to it."""
+    """Every model path and device, and every data file, of the stages to run, before the first stage writes
+    anything: a typo in the last stage's section must not cost the run up to it."""
     sections = {name: getattr(recipe, name, None) for name in recipe.stages}
     check_models([recipe.sources, recipe.pivot, *sections.values()])
-    for where, source in _prompt_sources(sections):
-        if source.path is not None and not Path(source.path).expanduser().exists():
-            raise ConfigError(f"{where}.path: {source.path}: data file not found")
+    for where, path in _data_paths(sections):
+        if not Path(path).expanduser().exists():
+            raise ConfigError(f"{where}: {path}: data file not found")
 
 
-def _prompt_sources(node: Any, where: str = "") -> Iterator[tuple[str, PromptSource]]:
-    """Every `PromptSource` in a config, with the dotted key it sits at."""
-    if isinstance(node, PromptSource):
-        yield where, node
-    elif isinstance(node, BaseModel):
+def _data_paths(node: Any, where: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted key, path) of every data file a config names: a `PromptSource`'s `path` and any `data` key."""
+    if isinstance(node, BaseModel):
         for name in type(node).model_fields:
-            yield from _prompt_sources(getattr(node, name), f"{where}.{name}")
+            value, key = getattr(node, name), f"{where}.{name}".lstrip(".")
+            if isinstance(value, str) and (name == "data" or (name == "path" and isinstance(node, PromptSource))):
+                yield key, value
+            else:
+                yield from _data_paths(value, key)
     elif isinstance(node, dict):
         for name, value in node.items():
-            yield from _prompt_sources(value, f"{where}.{name}".lstrip("."))
+            yield from _data_paths(value, f"{where}.{name}".lstrip("."))
 
 
 def run_recipe(recipe: Recipe, work_dir: str | Path | None = None, quiet: bool = False) -> Context:

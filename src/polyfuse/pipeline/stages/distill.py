@@ -15,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from pydantic import Field
+
 from polyfuse.data.io import read_rows
 from polyfuse.data.schemas import SFTRow
 from polyfuse.pipeline.context import STAGES, Context, Stage
@@ -25,7 +27,8 @@ class DistillSection(DistillTrainConfig):
     """Distillation on the SFT rows against the `teacher` stage's outputs: one `unified` run with every
     teacher, or one `pairwise` run per source (then merge them in a `merge` stage)."""
 
-    strategy: Literal["unified", "pairwise"] = "unified"
+    strategy: Literal["unified", "pairwise"] = Field(
+        default="unified", description="One run with every teacher, or one run per source (merge them after).")
 
     def train_config(self) -> DistillTrainConfig:
         return DistillTrainConfig.model_validate(self.model_dump(exclude={"strategy"}))

@@ -19,7 +19,7 @@ class TeacherSection(TeacherSettings):
     """Top-K outputs of every source on the SFT rows; `include_pivot` adds the current pivot's own
     (FuseLLM / FuseChat candidates)."""
 
-    include_pivot: bool = False
+    include_pivot: bool = Field(default=False, description="The current pivot is a teacher too (FuseLLM's MinCE candidates).")
     data: str | None = Field(default=None, description="SFT rows (TRL prompt/completion); default: the pairs stage's.")
 
 
