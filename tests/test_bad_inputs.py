@@ -89,6 +89,24 @@ def test_writes_follow_the_umask_and_leave_no_temporaries(tmp_path, suffix):
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
+def test_folder_writes_follow_the_umask_even_when_the_writer_makes_private_files(tmp_path):
+    """safetensors writes 0600 files; a saved model, like every output, gets the user's umask."""
+    from polyfuse.data.io import atomic_write_folder
+
+    def write(folder: Path) -> None:
+        (folder / "weights").write_bytes(b"w")
+        os.chmod(folder / "weights", 0o600)
+        (folder / "sub").mkdir(mode=0o700)
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_folder(tmp_path / "model", write)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [tmp_path / "model", *(tmp_path / "model").iterdir()]}
+    assert modes == {"model": 0o750, "weights": 0o640, "sub": 0o750}
+
+
 def test_stale_temporaries_of_dead_writers_are_removed_but_live_ones_kept(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
@@ -101,10 +119,15 @@ def test_stale_temporaries_of_dead_writers_are_removed_but_live_ones_kept(tmp_pa
     stale_dir.mkdir()
     live.write_text("being written")
     other_host.write_text("another machine's")
+    nested = tmp_path / "eval" / "records" / f".a.jsonl.{host}-{dead_pid}-n.tmp"
+    nested.parent.mkdir(parents=True)
+    nested.write_text("half")
     ShardStore(tmp_path)  # a resuming stage opens its store
     assert not stale_file.exists() and not stale_dir.exists()
-    assert live.exists() and other_host.exists()
+    assert live.exists() and other_host.exists() and nested.exists()
     assert remove_stale_temporaries(tmp_path) == 0
+    assert remove_stale_temporaries(tmp_path, recursive=True) == 1  # what a rerun of a recipe does
+    assert not nested.exists() and live.exists()
 
 
 def test_a_killed_atomic_write_is_cleaned_on_resume(tmp_path):

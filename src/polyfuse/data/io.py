@@ -93,6 +93,15 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(handle.fileno())
 
 
+def follow_umask(root: str | Path) -> None:
+    """Give `root` and everything in it the modes the user's umask gives new files and folders: writers
+    such as safetensors create private (0600) files, and HF tools' outputs follow the umask."""
+    mask = _umask()
+    for entry in [Path(root), *Path(root).rglob("*")]:
+        if not entry.is_symlink():
+            os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~mask)
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     """`write` fills a temporary file in the same folder, which is then renamed into place.
 
@@ -122,6 +131,7 @@ def atomic_write_folder(path: str | Path, write: Callable[[Path], Any]) -> None:
     tmp = temporary_folder(path)
     try:
         write(tmp)
+        follow_umask(tmp)
         _fsync_tree(tmp)
         old = None
         if path.exists():

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from polyfuse.config import StrictModel
+from polyfuse.data.io import atomic_write_folder
 from polyfuse.errors import DataError
 from polyfuse.models.forward import forward_logps, pad_batch
 from polyfuse.progress import progress_bar
@@ -338,8 +338,8 @@ def restore_dropout_config(model: Any) -> None:
 
 
 def save_trained(trainer: PolyfuseTrainer, tokenizer: Any, out_dir: Path, summary: dict[str, Any]) -> Path:
-    """Save model (LoRA merged), tokenizer and a training summary as a plain HF folder, atomically: written
-    to a temporary folder beside `out_dir`, then renamed into place. Sharded weights (FSDP, DeepSpeed
+    """Save model (LoRA merged), tokenizer and a training summary as a plain HF folder, atomically
+    (`atomic_write_folder`: a temporary folder beside `out_dir`, renamed into place, files with the umask). Sharded weights (FSDP, DeepSpeed
     ZeRO-3) are gathered into a full state dict by every process together (`accelerator.get_state_dict`,
     a collective); then only the main process writes."""
     out_dir = Path(out_dir)
@@ -352,26 +352,17 @@ def save_trained(trainer: PolyfuseTrainer, tokenizer: Any, out_dir: Path, summar
         restore_dropout_config(model)
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
-        staging = out_dir.with_name(f".{out_dir.name}.tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(staging, state_dict=state_dict)
-        tokenizer.save_pretrained(staging)
         summary = {**summary, "log_history": trainer.state.log_history}
-        (staging / "polyfuse_training.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        replace_folder(staging, out_dir)
+
+        def write(staging: Path) -> None:
+            model.save_pretrained(staging, state_dict=state_dict)
+            tokenizer.save_pretrained(staging)
+            (staging / "polyfuse_training.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+        atomic_write_folder(out_dir, write)
         shutil.rmtree(trainer.args.output_dir, ignore_errors=True)  # Trainer's scratch folder
     accelerator.wait_for_everyone()
     return out_dir
-
-
-def replace_folder(source: Path, target: Path) -> None:
-    """Move `source` to `target`; an existing `target` is swapped out first and removed only afterwards."""
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(source, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 class TrainingProgress(TrainerCallback):
