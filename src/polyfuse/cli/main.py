@@ -104,8 +104,10 @@ LogprobsConfigOpt = _config_option("the initial pivot M0 (ref_* columns) and the
 TeacherConfigOpt = _config_option("the teacher models and how many logits to keep per position", "teacher")
 SFTConfigOpt = _config_option("learning rate, epochs, batch size, LoRA, checkpoints, trackers", "sft", optional=True)
 DistillConfigOpt = _config_option("the objective (uld, fusellm), alignment and the training settings", "distill", optional=True)
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: KEY=VALUE, e.g. models.0.device=cuda:1 (repeatable).")]
-OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (a rerun resumes here).")]
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", help="Override a config key: KEY=VALUE (repeatable); a number picks a list item: models.0.device=cuda:1.")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
+ShardedOutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder; a rerun keeps the shards finished here.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", callback=_set_quiet,
                                         help="Quiet: no progress bars or notes; warnings, errors and the result only.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Train even when the memory estimate says it cannot fit.")]
@@ -163,7 +165,7 @@ def config_show(
 def sample(
     config: SampleConfigOpt,
     prompts: Annotated[Path, typer.Option(help="Prompts: .jsonl, .parquet or a `datasets` folder of rows with id and prompt.")],
-    out: OutOpt,
+    out: ShardedOutOpt,
     set_: SetOpt = None,
     skip_invalid: Annotated[bool, typer.Option(help="Skip malformed prompt rows and report them.")] = False,
     quiet: QuietOpt = False,
@@ -183,7 +185,7 @@ def sample(
 def score(
     config: ScoreConfigOpt,
     samples: Annotated[Path, typer.Option(help="Samples written by `polyfuse sample`.")],
-    out: OutOpt,
+    out: ShardedOutOpt,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -342,7 +344,7 @@ def logprobs(
 def teacher(
     config: TeacherConfigOpt,
     data: Annotated[Path, typer.Option(help="SFT rows (TRL prompt/completion): the training texts.")],
-    out: OutOpt,
+    out: ShardedOutOpt,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
