@@ -89,6 +89,17 @@ def test_writes_follow_the_umask_and_leave_no_temporaries(tmp_path, suffix):
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
+def test_a_stage_whose_input_an_earlier_stage_left_empty_names_it(tmp_path):
+    from polyfuse.pipeline.runner import _refuse_empty_inputs
+
+    (tmp_path / "pairs").mkdir()
+    (tmp_path / "pairs" / "sft.jsonl").write_text("")
+    (tmp_path / "pairs" / "report.json").write_text("{}")
+    with pytest.raises(UserError, match=r"stage 'sft': its input .*pairs/sft\.jsonl has no rows; stage 'pairs' kept "
+                                        r"none \(see .*pairs/report\.json\)"):
+        _refuse_empty_inputs("sft", {"sft": str(tmp_path / "pairs" / "sft.jsonl")}, tmp_path)
+
+
 def test_folder_writes_follow_the_umask_even_when_the_writer_makes_private_files(tmp_path):
     """safetensors writes 0600 files; a saved model, like every output, gets the user's umask."""
     from polyfuse.data.io import atomic_write_folder
@@ -578,6 +589,8 @@ CASES = [
     Case("run-work-dir-is-a-file", "run {kit}/recipe.yaml --work-dir w", r"w: is a file, expected a folder", {"w": "the user's file"}),
     Case("run-source-missing", "run {kit}/recipe.yaml --set sources.0.path=models/none --work-dir w", r"models/none: no such",
          {"models": FOLDER}),
+    Case("run-no-sft-rows", "run {kit}/recipe.yaml --set pairs.sft_fraction=0 --work-dir w",
+         r"pairs\.sft_fraction is 0: no prompt gives SFT rows, but the recipe runs 'sft'"),
     Case("run-pairs-reward-unknown", "run {kit}/recipe.yaml --set pairs.reward=judge --work-dir w", r"pairs\.reward.*'judge'"),
     Case("demo-unknown-preset", "demo --preset huge --work-dir w", r"huge.*(default|tiny)"),
     Case("demo-work-dir-is-a-file", "demo --preset tiny --work-dir w", r"w: is a file, expected a folder", {"w": "the user's file"}),

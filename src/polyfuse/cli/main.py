@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -579,6 +580,11 @@ def _one_paragraph_help(*typer_apps: typer.Typer) -> None:
 _one_paragraph_help(app, train_app, toy_app, config_app)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one yellow line (`warning: ...`), not Python's file:line format; shown even with -q."""
+    Console(stderr=True, soft_wrap=True).print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point (`argv`: the arguments, default `sys.argv[1:]`): user errors become one red line and exit
     code 2, never a traceback."""
@@ -588,6 +594,7 @@ def main(argv: list[str] | None = None) -> None:
     # de-quantiser's, `datasets`' split bars) would only interleave with it. Read when tqdm is imported.
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    warnings.showwarning = _show_warning
     try:
         app(args=argv, prog_name="polyfuse")  # bad flags: typer's own usage message and exit code 2
     except UserError as err:

@@ -28,7 +28,7 @@ from rich.console import Console
 from polyfuse.data.hashing import hash_path
 from polyfuse.data.io import remove_stale_temporaries, write_json
 from polyfuse.data.sharded import process_state
-from polyfuse.errors import ConfigError
+from polyfuse.errors import ConfigError, DataError
 from polyfuse.models.loader import check_models
 from polyfuse.pipeline.context import Context, stage
 from polyfuse.pipeline.manifest import Manifest, fingerprint
@@ -78,6 +78,19 @@ def _data_paths(node: Any, where: str = "") -> Iterator[tuple[str, str]]:
             yield from _data_paths(value, f"{where}.{name}".lstrip("."))
 
 
+def _refuse_empty_inputs(name: str, inputs: dict[str, str], work_dir: Path) -> None:
+    """A stage whose input rows an earlier stage left empty (e.g. `pairs` kept no SFT row) stops before it
+    starts, naming the file and the stage that wrote it."""
+    for path in map(Path, inputs.values()):
+        if path.suffix == ".jsonl" and path.is_file() and path.stat().st_size == 0:
+            message = f"stage '{name}': its input {path} has no rows"
+            if path.is_relative_to(work_dir):
+                writer = path.relative_to(work_dir).parts[0]
+                report = work_dir / writer / "report.json"
+                message += f"; stage '{writer}' kept none" + (f" (see {report})" if report.exists() else "")
+            raise DataError(message)
+
+
 def run_recipe(recipe: Recipe, work_dir: str | Path | None = None, quiet: bool = False) -> Context:
     """Run (or resume) every stage of `recipe`; returns the context with every stage's outputs. `quiet`: no
     progress bars, stage lines or notes."""
@@ -117,6 +130,7 @@ def _run(recipe: Recipe, work_dir: str | Path | None, quiet: bool) -> Context:
             print_ = fingerprint(config, inputs)
             done = manifest.is_done(print_)
             if not done:
+                _refuse_empty_inputs(name, step.inputs(ctx), ctx.work_dir)
                 if manifest.read().get("fingerprint") not in (None, print_):
                     shutil.rmtree(folder)  # config or inputs changed: partial work is not reusable
                 folder.mkdir(parents=True, exist_ok=True)

@@ -226,6 +226,10 @@ class PairsStage(Stage):
         if recipe.pairs.reward not in rewards:
             raise ValueError(f"pairs.reward: {recipe.pairs.reward!r} is not a reward scorer of the score stage; "
                              f"its reward scorers: {', '.join(rewards) or 'none (add a reward_model scorer)'}")
+        for fraction, stage, rows in ((0.0, "sft", "SFT rows"), (1.0, "po", "preference pairs")):
+            if recipe.pairs.sft_fraction == fraction and stage in recipe.stages:
+                raise ValueError(f"pairs.sft_fraction is {fraction:g}: no prompt gives {rows}, but the recipe runs "
+                                 f"'{stage}'")
 
     def inputs(self, ctx: Context) -> dict[str, str]:
         return {"scored": ctx.output("score", "scored")}
