@@ -271,15 +271,23 @@ def test_disk_refusals_are_clear_errors_that_leave_nothing(tmp_path, case, optio
     assert result.stdout.rstrip().endswith("LEFT:")  # `ls -A` inside the namespace: no temporary folder left
 
 
-def test_file_size_limit_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("command, limit, written", [
+    ("toyworld build --preset tiny --cache-dir out", 20_000, r"out/[0-9a-f]{16}"),
+    ("train sft --data {kit}/sft.jsonl --model {world}/pivot -o out -q", 20_000, "out"),  # safetensors (Rust)
+    ("sample -c {kit}/sample.yaml --prompts {kit}/prompts.jsonl -o out -q", 300, r"out/shards/pivot-00000\.jsonl"),
+], ids=["toyworld", "train", "sample"])
+def test_file_size_limit_is_a_clear_error_naming_the_output(command, limit, written, kit, tiny_world, tmp_path):
     import resource
 
-    def limit():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+    def set_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    result = _polyfuse(["toyworld", "build", "--preset", "tiny", "--cache-dir", str(tmp_path)], preexec=limit)
-    assert result.returncode == 2 and "file too large" in result.stderr and "Traceback" not in result.stderr
-    assert list(tmp_path.iterdir()) == []
+    args = shlex.split(command.format(kit=kit, world=tiny_world.root))
+    result = subprocess.run([sys.executable, "-m", "polyfuse", *args], capture_output=True, text=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}, preexec_fn=set_limit)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert re.search(rf"error: cannot write {written}: file too large", result.stderr), result.stderr
+    assert list(tmp_path.iterdir()) == []  # no temporary file, no empty output folder, no Trainer scratch
 
 
 def test_output_location_that_is_a_file(tmp_path):

@@ -11,7 +11,9 @@ that runs, so `polyfuse --help` (and a mistyped flag) answers at once.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -528,14 +530,29 @@ def _checked_model(path: str):
     return spec
 
 
+# The outermost output folders a command is about to create: removed again, if still empty, when the
+# command is refused (a failed model load, a full disk), so a refused command leaves nothing behind.
+_new_folders: list[Path] = []
+
+
 def _output_folder(out: Path) -> Path:
     """`out`, refused at once when it, or a folder it would sit in, is a file (before any work is done);
     the temporary files of a writer killed in it earlier are removed."""
     from polyfuse.data.io import remove_stale_temporaries
 
     _no_file_in_the_way(out, [out, *out.parents])
+    missing = [place for place in [out, *out.parents] if not place.exists()]
+    if missing:
+        _new_folders.append(missing[-1])
     remove_stale_temporaries(out, recursive=True)
     return out
+
+
+def _remove_new_empty_folders() -> None:
+    for folder in _new_folders:
+        for root, _, _ in os.walk(folder, topdown=False):
+            with contextlib.suppress(OSError):  # not empty: it holds work a rerun resumes from
+                os.rmdir(root)
 
 
 def _output_file(out: Path) -> Path:
@@ -588,8 +605,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def main(argv: list[str] | None = None) -> None:
     """Entry point (`argv`: the arguments, default `sys.argv[1:]`): user errors become one red line and exit
     code 2, never a traceback."""
-    import os
-
+    _new_folders.clear()
     # polyfuse shows one rich progress display per stage; the libraries' own tqdm bars (the GGUF
     # de-quantiser's, `datasets`' split bars) would only interleave with it. Read when tqdm is imported.
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -597,11 +613,10 @@ def main(argv: list[str] | None = None) -> None:
     warnings.showwarning = _show_warning
     try:
         app(args=argv, prog_name="polyfuse")  # bad flags: typer's own usage message and exit code 2
-    except UserError as err:
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {err}", highlight=False)
-        sys.exit(EXIT_USER_ERROR)
-    except Exception as err:  # a full disk, a read-only folder, a file where a folder must go
-        if (user_error := storage_error(err)) is None:
+    except Exception as err:  # a user error; a full disk, a read-only folder, a file where a folder must go
+        user_error = err if isinstance(err, UserError) else storage_error(err)
+        if user_error is None:
             raise
+        _remove_new_empty_folders()
         Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {user_error}", highlight=False)
         sys.exit(EXIT_USER_ERROR)

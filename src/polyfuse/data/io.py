@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from polyfuse.errors import DataError
+from polyfuse.errors import DataError, storage_error
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -116,8 +116,9 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        raise_for_storage(err, path)
         raise
 
 
@@ -140,9 +141,18 @@ def atomic_write_folder(path: str | Path, write: Callable[[Path], Any]) -> None:
         os.replace(tmp, path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise_for_storage(err, path)
         raise
+
+
+def raise_for_storage(err: BaseException, path: Path) -> None:
+    """A full disk, a read-only folder or a file-size limit met while writing `path`: a `StorageError` that
+    names `path` (the write's own error often names no file)."""
+    problem = storage_error(err, where=path)
+    if problem is not None and problem is not err:
+        raise problem from err
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -27,7 +27,7 @@ from polyfuse.data.io import atomic_write_folder
 from polyfuse.errors import DataError
 from polyfuse.models.forward import forward_logps, pad_batch
 from polyfuse.progress import progress_bar
-from polyfuse.trainers.checkpoints import CompleteCheckpoints, fingerprint, resolve_resume
+from polyfuse.trainers.checkpoints import CompleteCheckpoints, checkpoints, fingerprint, resolve_resume
 from polyfuse.trainers.distributed import check_lora_supported, distributed_summary, fsdp_from_launcher
 
 
@@ -422,9 +422,8 @@ def run_training(
 ) -> Path:
     """Train on pre-tokenised `features` (a list, or a `datasets.Dataset` kept on disk) and save the result
     to `out_dir`. `resume`: see `checkpoints.resolve_resume` (None: resume this run's last complete
-    checkpoint if there is one, as recipes do; True: `--resume`; False: start at step 0)."""
-    from datasets import Dataset
-
+    checkpoint if there is one, as recipes do; True: `--resume`; False: start at step 0). A failed run
+    leaves Trainer's scratch folder only when it holds checkpoints to resume from."""
     if len(features) == 0:
         dropped = len(summary.get("dropped") or [])
         raise DataError(f"no training rows: all {dropped} rows are longer than max_length {config.max_length} tokens; "
@@ -436,6 +435,20 @@ def run_training(
     model = prepare_model(model, config)
     if config.disable_dropout:
         disable_dropout(model)
+    try:
+        return _train_and_save(trainer_cls, model, tokenizer, features, collator, args, config, out_dir, summary,
+                               callbacks, checkpoint, expected, **trainer_kwargs)
+    except BaseException:
+        scratch = Path(args.output_dir)  # keep it only for the checkpoints a rerun can resume from
+        if args.process_index == 0 and scratch.is_dir() and not checkpoints(scratch):
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
+
+
+def _train_and_save(trainer_cls, model, tokenizer, features, collator, args, config, out_dir, summary, callbacks,
+                    checkpoint, expected, **trainer_kwargs) -> Path:
+    from datasets import Dataset
+
     trainer = trainer_cls(
         model=model,
         args=args,
