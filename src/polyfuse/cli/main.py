@@ -471,7 +471,8 @@ def toy_build(
     """Build (or reuse from cache) the toy world: sources, pivot, reward model, tokenizers."""
     from polyfuse.toyworld import build_world
 
-    world = build_world(_toy_config(config, preset, set_), cache_dir=cache_dir, progress=not quiet)
+    world = build_world(_toy_config(config, preset, set_), cache_dir=cache_dir and _output_folder(cache_dir),
+                        progress=not quiet)
     console.print(f"toy world ready: {world.root}")
 
 
