@@ -11,7 +11,7 @@ import pytest
 
 from polyfuse.data import PreferenceRow, SFTRow, write_rows
 from polyfuse.evaluation import EvalRecord, EvalResult, write_eval_report
-from polyfuse.evaluation.report import Gain, describe_gains, gains
+from polyfuse.evaluation.report import describe_gains, gains
 from polyfuse.pipeline.context import Context
 from polyfuse.pipeline.summary import write_run_report
 
