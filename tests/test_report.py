@@ -4,16 +4,18 @@ not improve; and `report.md` / `report.json` of a run, whose wall-time table cov
 
 from __future__ import annotations
 
+import io
 import json
 import math
 
 import pytest
+from rich.console import Console
 
 from polyfuse.data import PreferenceRow, SFTRow, write_rows
 from polyfuse.evaluation import EvalRecord, EvalResult, write_eval_report
 from polyfuse.evaluation.report import describe_gains, gains
 from polyfuse.pipeline.context import Context
-from polyfuse.pipeline.summary import write_run_report
+from polyfuse.pipeline.summary import print_run_summary, write_run_report
 
 
 def result(model: str, verdicts: dict[str, list[int]]) -> EvalResult:
@@ -85,6 +87,9 @@ def test_run_report_covers_the_whole_run(tmp_path):
         "pairs": {"sft": str(work / "pairs/sft.jsonl"), "preference": str(work / "pairs/preference.jsonl"),
                   "report": str(work / "pairs/report.json")},
     })
+    printed = Console(file=io.StringIO(), width=120)
+    print_run_summary(ctx, printed)  # what `polyfuse run` ends with
+    assert "Accuracy (%)" in printed.file.getvalue() and f"report: {work / 'report.md'}" in printed.file.getvalue()
     path, results = write_run_report(ctx)
     text = path.read_text()
     assert list(results) == list(RUN)

@@ -457,7 +457,7 @@ def eval_cmd(
                for spec in specs}
     write_eval_report(results, out)
     console.print(accuracy_table(results))
-    console.print(f"report: {out / 'results.md'}")
+    console.print(f"report: {out / 'results.md'}", soft_wrap=True)
 
 
 @toy_app.command("build")

@@ -84,8 +84,8 @@ def print_run_summary(ctx: Context, console: Console) -> None:
     """What `polyfuse run` ends with: the accuracy table and the report's path, or the work folder."""
     written = write_run_report(ctx)
     if written is None:
-        console.print(f"[green]done[/]: {ctx.work_dir}")
+        console.print(f"[green]done[/]: {ctx.work_dir}", soft_wrap=True)
         return
     path, results = written
     console.print(accuracy_table(results))
-    console.print(f"[green]done[/]: {ctx.work_dir}; report: {path}")
+    console.print(f"[green]done[/]: {ctx.work_dir}; report: {path}", soft_wrap=True)  # paths stay whole
