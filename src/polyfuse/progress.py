@@ -33,7 +33,7 @@ def is_quiet() -> bool:
 
 
 def note(message: str) -> None:
-    """An informational line on stderr (a memory estimate, a resumed checkpoint), unless quiet."""
+    """An informational line on stderr (e.g. the memory estimate before training), unless quiet."""
     if not _quiet:
         print(message, file=sys.stderr, flush=True)
 
