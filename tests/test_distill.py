@@ -20,8 +20,8 @@ from polyfuse.errors import DataError
 from polyfuse.models import ModelSpec, load_model, load_tokenizer
 from polyfuse.objectives.distill import logit_std, student_uld_probs, uld_distance
 from polyfuse.teacher import (
+    TeacherConfig,
     TeacherExample,
-    TeacherSettings,
     open_stores,
     read_shard,
     run_teacher,
@@ -52,8 +52,8 @@ def rows(count: int = 6, seed: int = 0) -> list[SFTRow]:
 @pytest.fixture(scope="module")
 def store(models, tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher") / "store"
-    settings = TeacherSettings(top_k=5, chunk_size=4)
-    run_teacher([models["pivot"], models["teacher-a"], models["teacher-b"]], rows(), settings, out, quiet=True)
+    config = TeacherConfig(models=[models["pivot"], models["teacher-a"], models["teacher-b"]], top_k=5, chunk_size=4)
+    run_teacher(rows(), config, out, quiet=True)
     return out
 
 
@@ -112,8 +112,8 @@ def test_stored_outputs_equal_the_models_own_forward(models, store):
 
 def test_a_rerun_computes_only_missing_shards_and_a_changed_setting_restarts_that_model(models, tmp_path):
     out = tmp_path / "store"
-    settings = TeacherSettings(top_k=3, chunk_size=2)
-    run_teacher([models["teacher-a"], models["teacher-b"]], rows(), settings, out, quiet=True)
+    config = TeacherConfig(models=[models["teacher-a"], models["teacher-b"]], top_k=3, chunk_size=2)
+    run_teacher(rows(), config, out, quiet=True)
     shards = sorted(out.glob("*/shard-*.npz"))
     assert len(shards) == 6
     times = {p: p.stat().st_mtime_ns for p in shards}
@@ -123,12 +123,12 @@ def test_a_rerun_computes_only_missing_shards_and_a_changed_setting_restarts_tha
 
     killed = out / "teacher-a" / f".shard-00001.npz.{_HOST}-{2**22 + 7}-x1.tmp"  # a writer killed mid-shard
     killed.write_bytes(b"half a shard")
-    run_teacher([models["teacher-a"], models["teacher-b"]], rows(), settings, out, quiet=True)
+    run_teacher(rows(), config, out, quiet=True)
     assert lost.exists() and not killed.exists()
     assert all(p.stat().st_mtime_ns == t for p, t in times.items() if p != lost)
 
     # Another K for teacher-a only: teacher-b's folder is a separate artefact and stays as it was.
-    run_teacher([models["teacher-a"]], rows(), TeacherSettings(top_k=2, chunk_size=2), out, quiet=True)
+    run_teacher(rows(), TeacherConfig(models=[models["teacher-a"]], top_k=2, chunk_size=2), out, quiet=True)
     assert open_stores(out, ["teacher-a"])[0].top_k == 2
     assert all(p.stat().st_mtime_ns == t for p, t in times.items() if "teacher-b" in str(p))
 
@@ -276,7 +276,7 @@ def test_a_teacher_without_offsets_is_aligned_by_the_edit_distance_dp(models, st
 
     monkeypatch.setattr(teacher_run, "load_tokenizer", lambda spec: SlowTokenizer(load_tokenizer(spec)))
     slow_store = tmp_path / "slow"
-    run_teacher([models["teacher-a"]], rows(), TeacherSettings(top_k=5, chunk_size=4), slow_store, quiet=True)
+    run_teacher(rows(), TeacherConfig(models=[models["teacher-a"]], top_k=5, chunk_size=4), slow_store, quiet=True)
     slow = open_stores(slow_store, ["teacher-a"])
     assert slow[0].manifest["model"]["offsets"] is False
     assert all((example.spans == -1).all() for _, example in slow[0].examples())

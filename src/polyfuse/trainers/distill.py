@@ -13,7 +13,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -42,6 +42,10 @@ TARGET_FIELDS = ("teacher_probs", "teacher_mask", "teacher_entropy", "target_ids
 
 
 class DistillTrainConfig(TrainConfig):
+    """`polyfuse train distill --config` and a recipe's `distill` section."""
+
+    recipe_only: ClassVar[tuple[str, ...]] = ("strategy",)
+
     objective: str = Field(default="uld", description="A distillation objective: uld (InfiFusion) or fusellm.")
     objective_args: dict[str, Any] = Field(default_factory=dict, description="Its hyper-parameters.")
     teachers: list[str] | None = Field(
@@ -49,6 +53,10 @@ class DistillTrainConfig(TrainConfig):
     )
     alignment: Literal["positional", "offsets", "dp"] | None = Field(
         default=None, description="None: the objective's own (uld: positional, as published; fusellm: offsets)."
+    )
+    strategy: Literal["unified", "pairwise"] = Field(
+        default="unified",
+        description="Recipe: one run with every teacher (`unified`), or one per source (`pairwise`, then merge them).",
     )
 
     @model_validator(mode="after")

@@ -13,7 +13,6 @@ A pairwise run that finished is kept when the stage resumes after a kill.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from polyfuse.data.io import read_rows
 from polyfuse.data.schemas import SFTRow
@@ -21,21 +20,11 @@ from polyfuse.pipeline.context import STAGES, Context, Stage
 from polyfuse.trainers import DistillTrainConfig
 
 
-class DistillSection(DistillTrainConfig):
-    """Distillation on the SFT rows against the `teacher` stage's outputs: one `unified` run with every
-    teacher, or one `pairwise` run per source (then merge them in a `merge` stage)."""
-
-    strategy: Literal["unified", "pairwise"] = "unified"
-
-    def train_config(self) -> DistillTrainConfig:
-        return DistillTrainConfig.model_validate(self.model_dump(exclude={"strategy"}))
-
-
 @STAGES.register("distill")
 class DistillStage(Stage):
     name = "distill"
     position = 70
-    section = DistillSection
+    section = DistillTrainConfig
     every_process = True
     default = False  # explicit fusion is opted into by listing it
     makes_model = True
@@ -49,16 +38,15 @@ class DistillStage(Stage):
     def run(self, ctx: Context, folder: Path) -> dict[str, str]:
         from polyfuse.trainers import train_distill
 
-        section = ctx.recipe.distill
-        config = section.train_config()
+        config = ctx.recipe.distill
         rows = read_rows(ctx.output("teacher", "sft"), SFTRow)
         store = ctx.output("teacher", "store")
         pivot = ctx.current_pivot("distill")
-        if section.strategy == "unified":
+        if config.strategy == "unified":
             return {"model": str(train_distill(pivot, rows, store, config, folder / "model"))}
         own = [pivot.label] if ctx.recipe.teacher.include_pivot else []
         outputs = {}
-        for source in ctx.recipe.sources:
+        for source in ctx.recipe.teacher.models:
             out = folder / source.label
             if not (out / "polyfuse_training.json").exists():  # saved atomically: present means finished
                 pairwise = config.model_copy(update={"teachers": [*own, source.label]})
