@@ -127,6 +127,26 @@ class Stage(ABC):
         """Do the work in `folder`; return the outputs, name -> path."""
 
 
+class TrainingStage(Stage):
+    """A stage that trains the current pivot into the pivot of the stages after it (sft, distill, po): it
+    runs on every process (data-parallel training), takes the recipe's seed, and reads the files it trains
+    on (`training_data`) and the pivot."""
+
+    every_process = True
+    makes_model = True
+    seeded = True
+
+    @abstractmethod
+    def training_data(self, ctx: Context) -> dict[str, str]:
+        """The files it trains on, name -> path."""
+
+    def pivot(self, ctx: Context) -> ModelSpec:
+        return ctx.current_pivot(self.name)
+
+    def inputs(self, ctx: Context) -> dict[str, str]:
+        return {**self.training_data(ctx), "pivot": self.pivot(ctx).path}
+
+
 STAGES: Registry[type[Stage]] = Registry("stage", package="polyfuse.pipeline.stages")
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from transformers import TrainerCallback
 
 from polyfuse.data.schemas import SFTRow, response_text
@@ -26,10 +26,9 @@ from polyfuse.models.forward import forward_response, length_limit, pad_token_id
 from polyfuse.objectives import IGNORE_INDEX
 from polyfuse.objectives.distill import DISTILL_OBJECTIVES, DistillBatch, DistillObjective
 from polyfuse.trainers.base import (
+    ObjectiveTrainConfig,
     PolyfuseTrainer,
     SequenceCollator,
-    TrainConfig,
-    build_registered,
     run_training,
     training_arguments,
 )
@@ -41,13 +40,13 @@ logger = logging.getLogger(__name__)
 TARGET_FIELDS = ("teacher_probs", "teacher_mask", "teacher_entropy", "target_ids", "target_probs")
 
 
-class DistillTrainConfig(TrainConfig):
+class DistillTrainConfig(ObjectiveTrainConfig):
     """`polyfuse train distill --config` and a recipe's `distill` section."""
 
     recipe_only: ClassVar[tuple[str, ...]] = ("strategy",)
+    objectives = DISTILL_OBJECTIVES
 
     objective: str = Field(default="uld", description="A distillation objective: uld (InfiFusion) or fusellm.")
-    objective_args: dict[str, Any] = Field(default_factory=dict, description="Its hyper-parameters.")
     teachers: list[str] | None = Field(
         default=None, description="Teacher names in the store, in this order; None: every teacher stored."
     )
@@ -58,14 +57,6 @@ class DistillTrainConfig(TrainConfig):
         default="unified",
         description="Recipe: one run with every teacher (`unified`), or one per source (`pairwise`, then merge them).",
     )
-
-    @model_validator(mode="after")
-    def _objective_is_valid(self) -> DistillTrainConfig:
-        self.build_objective()
-        return self
-
-    def build_objective(self) -> DistillObjective:
-        return build_registered(DISTILL_OBJECTIVES, self.objective, self.objective_args)
 
     def resolved_alignment(self) -> str:
         return self.alignment or self.build_objective().default_alignment

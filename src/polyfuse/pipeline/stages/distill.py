@@ -16,24 +16,20 @@ from pathlib import Path
 
 from polyfuse.data.io import read_rows
 from polyfuse.data.schemas import SFTRow
-from polyfuse.pipeline.context import STAGES, Context, Stage
+from polyfuse.pipeline.context import STAGES, Context, TrainingStage
 from polyfuse.trainers import DistillTrainConfig
 
 
 @STAGES.register("distill")
-class DistillStage(Stage):
+class DistillStage(TrainingStage):
     name = "distill"
     position = 70
     section = DistillTrainConfig
-    every_process = True
     default = False  # explicit fusion is opted into by listing it
-    makes_model = True
-    seeded = True
     needs = ("teacher",)
 
-    def inputs(self, ctx: Context) -> dict[str, str]:
-        return {"sft": ctx.output("teacher", "sft"), "store": ctx.output("teacher", "store"),
-                "pivot": ctx.current_pivot("distill").path}
+    def training_data(self, ctx: Context) -> dict[str, str]:
+        return {"sft": ctx.output("teacher", "sft"), "store": ctx.output("teacher", "store")}
 
     def run(self, ctx: Context, folder: Path) -> dict[str, str]:
         from polyfuse.trainers import train_distill
@@ -41,7 +37,7 @@ class DistillStage(Stage):
         config = ctx.recipe.distill
         rows = read_rows(ctx.output("teacher", "sft"), SFTRow)
         store = ctx.output("teacher", "store")
-        pivot = ctx.current_pivot("distill")
+        pivot = self.pivot(ctx)
         if config.strategy == "unified":
             return {"model": str(train_distill(pivot, rows, store, config, folder / "model"))}
         own = [pivot.label] if ctx.recipe.teacher.include_pivot else []
