@@ -1,8 +1,56 @@
-"""Shared fixtures."""
+"""Shared fixtures, and the test process's settings."""
 
 from __future__ import annotations
 
+import os
+import sys
+from dataclasses import dataclass
+
 import pytest
+
+# One intra-op thread (read when torch is imported, after this file; inherited by the processes tests start).
+# The test models are tiny, so a second thread costs more in start-up and synchronisation than it saves,
+# and on a shared machine spinning OpenMP threads fight the other jobs: measured on the fast lane's
+# training, log-prob and distillation tests at load ~4.5 on 2 cores, 57 s with two threads, 27 s with one.
+# Set OMP_NUM_THREADS to choose otherwise.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@dataclass
+class CliRun:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def polyfuse_cli(capsys, monkeypatch):
+    """`polyfuse ARGS...` through its entry point (`polyfuse.cli.main.main`) in this process, without the
+    seconds a new interpreter spends importing torch: its exit code, stdout and stderr. The settings the
+    entry point changes for its process (progress bars, transformers' verbosity) are restored after."""
+    from transformers.utils import logging as hf_logging
+
+    from polyfuse.cli.main import main
+
+    for key in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        monkeypatch.setenv(key, os.environ.get(key, "1"))
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+
+    def run(*args) -> CliRun:
+        monkeypatch.setattr(sys, "argv", ["polyfuse", *map(str, args)])
+        capsys.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+        out, err = capsys.readouterr()
+        return CliRun(code, out, err)
+
+    yield run
+    hf_logging.set_verbosity(verbosity)
+    if bars:
+        hf_logging.enable_progress_bar()
 
 
 @pytest.fixture(scope="session")

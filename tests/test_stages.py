@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -54,10 +52,9 @@ def test_eval_without_score_or_scorers_fails_when_the_recipe_loads(tmp_path):
     assert load_recipe(with_scorers).eval.scorers[0].type == "math"
 
 
-def test_eval_without_score_exits_2_with_the_message_and_no_traceback(tmp_path):
+def test_eval_without_score_exits_2_with_the_message_and_no_traceback(polyfuse_cli, tmp_path):
     path = _recipe(tmp_path, "stages: [prompts, eval]\neval: {prompts: {path: held.jsonl}, models: [pivot]}\n")
-    proc = subprocess.run([sys.executable, "-m", "polyfuse", "run", str(path), "--work-dir", str(tmp_path / "w")],
-                          capture_output=True, text=True)
+    proc = polyfuse_cli("run", path, "--work-dir", tmp_path / "w")
     assert proc.returncode == 2
     assert "eval: no scorers to grade with" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
