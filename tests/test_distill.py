@@ -18,7 +18,17 @@ from polyfuse.alignment import response_spans
 from polyfuse.data import SFTRow, response_text, write_rows
 from polyfuse.errors import DataError
 from polyfuse.models import ModelSpec, load_model, load_tokenizer
-from polyfuse.objectives.distill import logit_std, student_uld_probs, uld_distance
+from polyfuse.objectives import (
+    DISTILL_OBJECTIVES,
+    AlignedRow,
+    DistillBatch,
+    DistillObjective,
+    TargetField,
+    logit_std,
+    student_uld_probs,
+    token_cross_entropy,
+    uld_distance,
+)
 from polyfuse.teacher import (
     TeacherConfig,
     TeacherExample,
@@ -143,7 +153,7 @@ def test_self_distillation_targets_are_the_pivots_own_distribution(models, store
     for alignment in ("positional", "offsets"):
         uld = DistillTrainConfig(objective="uld", objective_args={"top_k": 5, "weighting": "uncertainty"}).build_objective()
         teachers = load_teachers(pivot_store, tokenizer, alignment, None)
-        features = list(distill_features(tokenizer, data, teachers, uld.required_fields(), 64, uld, []))
+        features = list(distill_features(tokenizer, data, teachers, uld, 64, []))
         for row, feature in zip(data, features, strict=True):
             own = student_uld_probs(logits[row.id], k=5)
             stored = torch.tensor(feature["teacher_probs"])
@@ -151,7 +161,7 @@ def test_self_distillation_targets_are_the_pivots_own_distribution(models, store
             assert uld_distance(own, stored).max() < 2e-3, alignment
         fusellm = DistillTrainConfig(objective="fusellm", objective_args={"top_k": 5}).build_objective()
         teachers = load_teachers(pivot_store, tokenizer, alignment, "mined")
-        features = list(distill_features(tokenizer, data, teachers, fusellm.required_fields(), 64, fusellm, []))
+        features = list(distill_features(tokenizer, data, teachers, fusellm, 64, []))
         for row, feature in zip(data, features, strict=True):
             values, ids = logits[row.id].topk(5)
             assert feature["target_ids"] == ids.tolist()
@@ -163,7 +173,7 @@ def test_min_ce_picks_the_candidate_with_the_lowest_ce_per_example(models, store
     stores = open_stores(store, ["teacher-a", "teacher-b"])
     objective = DistillTrainConfig(objective="fusellm", objective_args={"top_k": 5}).build_objective()
     teachers = load_teachers(stores, tokenizer, "offsets", "exact")
-    features = list(distill_features(tokenizer, rows(), teachers, objective.required_fields(), 64, objective, []))
+    features = list(distill_features(tokenizer, rows(), teachers, objective, 64, []))
     by_id = [dict(s.examples()) for s in stores]
     for row, feature in zip(rows(), features, strict=True):
         best = min(range(2), key=lambda t: by_id[t][row.id].cross_entropy)
@@ -286,8 +296,51 @@ def test_a_teacher_without_offsets_is_aligned_by_the_edit_distance_dp(models, st
     fast_teachers = load_teachers(open_stores(store, ["teacher-a"]), tokenizer, "offsets", "mined")
     slow_teachers = load_teachers(slow, tokenizer, "offsets", "mined")
     assert [t.alignment for t in slow_teachers] == ["dp"]
-    needs = objective.required_fields()
-    by_offsets = list(distill_features(tokenizer, rows(), fast_teachers, needs, 64, objective, []))
-    by_dp = list(distill_features(tokenizer, rows(), slow_teachers, needs, 64, objective, []))
+    by_offsets = list(distill_features(tokenizer, rows(), fast_teachers, objective, 64, []))
+    by_dp = list(distill_features(tokenizer, rows(), slow_teachers, objective, 64, []))
     assert by_dp == by_offsets
     assert any(len(ids) > 1 for feature in by_dp for ids in feature["target_ids"])  # not all one-hot fallbacks
+
+
+class ConfidenceCE(DistillObjective):
+    """Written for the test below: CE weighted per position by how sure the aligned teachers were of their own
+    token (the mean of their stored token probabilities; 1 where no teacher is aligned)."""
+
+    target_fields = {"confidence": TargetField(torch.float32)}
+    default_alignment = "positional"
+
+    def targets(self, row: AlignedRow) -> dict:
+        confidence = []
+        for j in range(len(row.labels)):
+            probs = [float(np.exp(example.token_logps[right[0]]))
+                     for example, groups in zip(row.examples, row.groups, strict=True) if example is not None
+                     for left, right in groups if left[0] == j]
+            confidence.append(sum(probs) / len(probs) if probs else 1.0)
+        return {"confidence": confidence}
+
+    def __call__(self, batch: DistillBatch):
+        ce = token_cross_entropy(batch.logits, batch.labels)
+        return batch.require("confidence") * ce, {"loss/ce": ce.detach()}
+
+
+@pytest.fixture
+def confidence_ce():
+    DISTILL_OBJECTIVES.register("confidence_ce")(ConfidenceCE)
+    yield
+    del DISTILL_OBJECTIVES._items["confidence_ce"]
+
+
+def test_a_new_distillation_objective_is_one_class_registered(confidence_ce, models, store, tmp_path):
+    """Its declared targets are built from the store and batched for its loss; nothing else names it."""
+    tokenizer = load_tokenizer(models["pivot"])
+    objective = DistillTrainConfig(objective="confidence_ce").build_objective()
+    teachers = load_teachers(open_stores(store, ["pivot"]), tokenizer, "positional", objective.vocabulary_map())
+    features = list(distill_features(tokenizer, rows(), teachers, objective, 64, []))
+    stored = dict(open_stores(store, ["pivot"])[0].examples())
+    for row, feature in zip(rows(), features, strict=True):
+        assert np.allclose(feature["confidence"], np.exp(stored[row.id].token_logps), atol=1e-6)
+    args = {"objective": "confidence_ce", "teachers": ["teacher-a", "teacher-b"], **EXACT_STEP}
+    micro = train_distill(models["pivot"], rows(4), store, DistillTrainConfig(batch_size=1, grad_accum=4, **args), tmp_path / "m")
+    full = train_distill(models["pivot"], rows(4), store, DistillTrainConfig(batch_size=4, grad_accum=1, **args), tmp_path / "f")
+    assert max_difference(trained(micro), trained(full)) < 1e-6
+    assert max_difference(trained(full), load_file(f"{models['pivot'].path}/model.safetensors")) > 1e-3

@@ -171,10 +171,11 @@ def stage_reference(name: str) -> tuple[str, str] | None:
 
 
 def model_specs(models: list[Any]) -> list[Any]:
-    """The recipe's `sources` (raw, as `fill` sees them) as plain model specs: without their sampling
-    parameters. An entry that is not a spec is left as it is, for validation to report."""
+    """Recipe models (raw, as `fill` sees them, or validated) as plain model specs: the keys of `ModelSpec`
+    alone, without a source's sampling parameters. An entry that is not a spec is left as it is, for
+    validation to report."""
     plain = [m.model_dump(exclude_unset=True) if hasattr(m, "model_dump") else m for m in models]
-    return [{k: v for k, v in m.items() if k != "sampling"} if isinstance(m, dict) else m for m in plain]
+    return [{k: v for k, v in m.items() if k in ModelSpec.model_fields} if isinstance(m, dict) else m for m in plain]
 
 
 def paths_in(node: Any, prefix: str = "") -> dict[str, str]:

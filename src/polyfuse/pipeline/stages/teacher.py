@@ -20,7 +20,7 @@ def teacher_models(ctx: Context) -> list[ModelSpec]:
     if not config.include_pivot:
         return config.models
     pivot = ctx.current_pivot("teacher")  # first: MinCE ties go to the first candidate, the pivot itself
-    return [ModelSpec.model_validate(pivot.model_dump(exclude={"sampling"})), *config.models]
+    return [ModelSpec.model_validate(model_specs([pivot])[0]), *config.models]
 
 
 def training_rows(ctx: Context) -> str:
