@@ -8,7 +8,6 @@ downloading (spec section 13). Header-level checks (shapes, vocabularies) live i
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +30,6 @@ CHAT_TEMPLATES = {
               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
 }
 IGNORED_PARAMS = {"int8_mask": "a mergekit memory trick; polyfuse always computes in fp32"}
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 _FALLBACK = (None, "*")
 logger = logging.getLogger(__name__)
 
@@ -367,12 +365,6 @@ def _check_name(key: str, method: type[MergeMethod], known: set[str], where: str
         return
     raise ConfigError(f"{where}: unknown parameter for {method.name}; expected one of: "
                       f"{', '.join(sorted(set(method.model_defaults) | set(method.defaults)))}")
-
-
-def layer_index(tensor: str) -> int | None:
-    """The decoder layer a tensor belongs to; None for embeddings, final norm and lm_head."""
-    match = _LAYER.search(tensor)
-    return int(match.group(1)) if match else None
 
 
 def layer_position(layer: int | None, num_layers: int) -> float:
