@@ -20,6 +20,12 @@ class into another by field name. The pattern, for a stage and its engine:
 - What exists only once the run reaches the stage (the current pivot, the files of earlier stages) is
   not config: the stage reads it from the `Context` in `inputs` and `run` and hands it to the engine as
   an argument, as the trainers take the pivot.
+
+So `teacher`'s `models` default to the recipe's sources (`fill`), `include_pivot` is recipe-only and puts
+the current pivot first when the stage runs. In the same way `sample`'s models are the sources (plus the
+recipe's pivot with `include_pivot`) and its seed the recipe's, both filled by `fill`; `logprobs` hands
+the current pivot to its engine when it runs, and `fill` can turn a recipe's `sources: true` into the
+list of the recipe's sources (`model_specs`), so recipes keep their key.
 """
 
 from __future__ import annotations
