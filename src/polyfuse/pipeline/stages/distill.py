@@ -2,10 +2,11 @@
 one of two strategies (InfiFusion's pairwise and unified fusion, FuseLLM / FuseChat):
 
 - `unified`: one run with every stored teacher, giving the stage's `model`;
-- `pairwise`: one run per source, each with that source alone (plus the pivot's own outputs when they
-  are stored, FuseChat's pairwise candidates), giving one model per source under the source's name. A
-  `merge` stage then merges them, naming them `distill:<source>`; its base defaults to the pivot the
-  copies started from, so the task vectors are taken relative to it.
+- `pairwise`: one run per teacher model (the sources, unless the teacher section lists its own), each
+  with that teacher alone (plus the pivot's own outputs when they are stored, FuseChat's pairwise
+  candidates), giving one model per teacher under its name. A `merge` stage then merges them, naming
+  them `distill:<source>`; its base defaults to the pivot the copies started from, so the task vectors
+  are taken relative to it.
 
 A pairwise run that finished is kept when the stage resumes after a kill.
 """
@@ -42,10 +43,10 @@ class DistillStage(TrainingStage):
             return {"model": str(train_distill(pivot, rows, store, config, folder / "model"))}
         own = [pivot.label] if ctx.recipe.teacher.include_pivot else []
         outputs = {}
-        for source in ctx.recipe.teacher.models:
-            out = folder / source.label
+        for teacher in ctx.recipe.teacher.models:
+            out = folder / teacher.label
             if not (out / "polyfuse_training.json").exists():  # saved atomically: present means finished
-                pairwise = config.model_copy(update={"teachers": [*own, source.label]})
+                pairwise = config.model_copy(update={"teachers": [*own, teacher.label]})
                 train_distill(pivot, rows, store, pairwise, out)
-            outputs[source.label] = str(out)
+            outputs[teacher.label] = str(out)
         return outputs

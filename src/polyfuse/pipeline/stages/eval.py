@@ -78,7 +78,7 @@ class EvalStage(Stage):
         if "prompts" in section:
             section["prompts"] = seeded_source(section["prompts"], recipe.get("seed", 0))
         score = recipe.get("score")
-        if "scorers" not in section and isinstance(score, dict) and isinstance(score.get("scorers"), list):
+        if section.get("scorers") is None and isinstance(score, dict) and isinstance(score.get("scorers"), list):
             section["scorers"] = [c for c in score["scorers"] if _type_of(c) != "reward_model"]
         return section
 
