@@ -81,7 +81,6 @@ SLOW_TESTS = {
                          "test_rerun_skips_the_merge_and_a_changed_weight_redoes_it"},
     "test_sample": {"test_two_processes_give_the_same_rows_as_one"},
     "test_logprobs": {"test_cli_logprobs_then_train_infifpo", "test_two_processes_under_accelerate_write_the_same_file"},
-    "test_distill": {"test_cli_teacher_then_distill_and_exit_2_on_user_errors"},
 }
 
 

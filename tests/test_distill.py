@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -230,11 +228,7 @@ def test_outputs_for_other_data_are_refused(models, store, tmp_path):
         train_distill(models["pivot"], other, store, DistillTrainConfig(teachers=["teacher-a"]), tmp_path / "x")
 
 
-def polyfuse_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "polyfuse", *map(str, args)], capture_output=True, text=True)
-
-
-def test_cli_teacher_then_distill_and_exit_2_on_user_errors(models, tmp_path):
+def test_cli_teacher_then_distill_and_exit_2_on_user_errors(polyfuse_cli, models, tmp_path):
     data = tmp_path / "sft.jsonl"
     write_rows(data, rows(3))
     config = tmp_path / "teacher.yaml"
