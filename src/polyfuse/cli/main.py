@@ -283,11 +283,10 @@ def teacher(
     through its own tokenizer and chat template; resumable, data parallel under accelerate."""
     from polyfuse.config import load_config
     from polyfuse.data import SFTRow
-    from polyfuse.teacher import TeacherConfig, TeacherSettings, run_teacher
+    from polyfuse.teacher import TeacherConfig, run_teacher
 
     cfg = load_config(TeacherConfig, config, set_)
-    settings = TeacherSettings.model_validate(cfg.model_dump(include=set(TeacherSettings.model_fields)))
-    console.print(f"wrote {run_teacher(cfg.models, _read(data, SFTRow), settings, out, quiet)}")
+    console.print(f"wrote {run_teacher(_read(data, SFTRow), cfg, out, quiet)}")
 
 
 @app.command()
