@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -20,7 +20,11 @@ M = TypeVar("M", bound=BaseModel)
 
 
 class StrictModel(BaseModel):
+    """`recipe_only`: the keys only a recipe's section reads (a stage's config class is also the `--config`
+    of its command, which refuses them rather than ignore them)."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    recipe_only: ClassVar[tuple[str, ...]] = ()
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -97,8 +101,13 @@ def validate(model: type[M], data: dict[str, Any], source: str = "config") -> M:
 
 
 def load_config(model: type[M], path: str | Path | None, overrides: list[str] | None = None) -> M:
-    data = read_yaml(path) if path is not None else {}
-    return validate(model, apply_overrides(data, overrides), source=config_source(path, overrides))
+    """A stage command's `--config` (with `--set` overrides), validated as the stage's config class."""
+    data = apply_overrides(read_yaml(path) if path is not None else {}, overrides)
+    source = config_source(path, overrides)
+    for key in getattr(model, "recipe_only", ()):
+        if key in data:
+            raise ConfigError(f"{source}: {key}: only a recipe's section reads this key; remove it from a command's config")
+    return validate(model, data, source=source)
 
 
 def config_source(path: str | Path | None, overrides: list[str] | None) -> str:

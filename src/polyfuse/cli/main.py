@@ -355,13 +355,12 @@ def teacher(
     through its own tokenizer and chat template; resumable, data parallel under accelerate."""
     from polyfuse.config import load_config
     from polyfuse.data import SFTRow
-    from polyfuse.teacher import TeacherConfig, TeacherSettings, run_teacher
+    from polyfuse.teacher import TeacherConfig, run_teacher
 
     cfg = load_config(TeacherConfig, config, set_)
-    settings = TeacherSettings.model_validate(cfg.model_dump(include=set(TeacherSettings.model_fields)))
     rows = _read(data, SFTRow)
     _check_models(cfg)
-    console.print(f"wrote {run_teacher(cfg.models, rows, settings, _output_folder(out), quiet)}")
+    console.print(f"wrote {run_teacher(rows, cfg, _output_folder(out), quiet)}")
 
 
 @app.command()
