@@ -119,14 +119,14 @@ def config_source(path: str | Path | None, overrides: list[str] | None) -> str:
 
 
 def annotated_yaml(model: type[BaseModel], variants: dict[type, list[type]] | None = None,
-                   title: str | None = None) -> str:
+                   title: str | None = None, exclude: tuple[str, ...] = ()) -> str:
     """`model`'s keys as a YAML document of their defaults, each key preceded by a comment with its type,
     constraints, default and description (what `polyfuse config show` prints). Nested models are expanded
     (an optional one commented out); `variants` maps a base model to the concrete models a field may hold
     (e.g. one per scorer type), each shown as one list item. `title` (default: the model's docstring) heads
-    the document."""
+    the document; `exclude` leaves top-level keys out."""
     lines = _comment(title or _doc(model), "")
-    _emit(model, lines, "", variants or {})
+    _emit(model, lines, "", variants or {}, exclude)
     return "\n".join(lines) + "\n"
 
 
@@ -134,8 +134,11 @@ def _doc(model: type) -> str:
     return " ".join((model.__doc__ or "").split())
 
 
-def _emit(model: type[BaseModel], lines: list[str], indent: str, variants: dict[type, list[type]]) -> None:
+def _emit(model: type[BaseModel], lines: list[str], indent: str, variants: dict[type, list[type]],
+          exclude: tuple[str, ...] = ()) -> None:
     for name, field in model.model_fields.items():
+        if name in exclude:
+            continue
         required = field.is_required()
         default = None if required else field.get_default(call_default_factory=True)
         nested = _model_in(field.annotation)

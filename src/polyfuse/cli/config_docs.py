@@ -86,7 +86,9 @@ RECIPE_TITLE = ("A recipe (`polyfuse run RECIPE`): the models, the stages to run
 
 def stage_config_yaml(stage: str, recipe: bool = False) -> str:
     """`polyfuse config show STAGE`'s output."""
-    text = annotated_yaml(stage_config(stage, recipe), _variants(), title=RECIPE_TITLE if stage == "recipe" else None)
+    model = stage_config(stage, recipe)
+    text = annotated_yaml(model, _variants(), title=RECIPE_TITLE if stage == "recipe" else None,
+                          exclude=() if recipe else getattr(model, "recipe_only", ()))  # a command refuses these
     if stage == "recipe":
         from polyfuse.pipeline.context import stage_order
 
