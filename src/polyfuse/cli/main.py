@@ -606,6 +606,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point (`argv`: the arguments, default `sys.argv[1:]`): user errors become one red line and exit
     code 2, never a traceback."""
     _new_folders.clear()
+    _set_quiet(False)  # each command's -q sets it; a command without the flag is not quiet
     # polyfuse shows one rich progress display per stage; the libraries' own tqdm bars (the GGUF
     # de-quantiser's, `datasets`' split bars) would only interleave with it. Read when tqdm is imported.
     os.environ.setdefault("TQDM_DISABLE", "1")
