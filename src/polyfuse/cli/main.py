@@ -438,6 +438,7 @@ def eval_cmd(
         write_eval_report,
     )
     from polyfuse.models import ModelSpec
+    from polyfuse.progress import progress_bar
     from polyfuse.toyworld import ToyWorldConfig, build_world
 
     specs = [ModelSpec(name=name, path=path) for name, path in named_models(model).items()]
@@ -452,8 +453,9 @@ def eval_cmd(
         prompts = load_eval_set(data, limit)
     scorers = default_verifiers(unsafe_local_code)
     budget = max_new_tokens or DEFAULT_NEW_TOKENS.get(data, 256)
-    results = {spec.label: evaluate(spec, prompts, scorers, batch_size=batch_size, max_new_tokens=budget, quiet=quiet)
-               for spec in specs}
+    with progress_bar(disable=quiet) as bar:  # one display, two bars per model
+        results = {spec.label: evaluate(spec, prompts, scorers, batch_size=batch_size, max_new_tokens=budget, bar=bar)
+                   for spec in specs}
     write_eval_report(results, out)
     console.print(accuracy_table(results))
     console.print(f"report: {out / 'results.md'}", soft_wrap=True)

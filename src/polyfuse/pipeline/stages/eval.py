@@ -12,6 +12,7 @@ from polyfuse.data.io import write_rows
 from polyfuse.models import ModelSpec
 from polyfuse.pipeline.context import STAGES, Context, Stage, model_stages, paths_in
 from polyfuse.pipeline.stages.prompts import PromptSource, seeded_source
+from polyfuse.progress import progress_bar
 from polyfuse.scorers import ScorerConfig
 
 
@@ -103,11 +104,12 @@ class EvalStage(Stage):
         prompts = ctx.recipe.load_prompts(config.prompts)
         write_rows(folder / "prompts.jsonl", prompts)
         scorers = [build_scorer(c) for c in config.scorers]
-        results = {
-            label: evaluate(spec, prompts, scorers, batch_size=config.batch_size,
-                            max_new_tokens=config.max_new_tokens, label=label, quiet=ctx.quiet)
-            for label, spec in eval_models(ctx).items()
-        }
+        with progress_bar(disable=ctx.quiet) as bar:  # one display, two bars per model
+            results = {
+                label: evaluate(spec, prompts, scorers, batch_size=config.batch_size,
+                                max_new_tokens=config.max_new_tokens, label=label, bar=bar)
+                for label, spec in eval_models(ctx).items()
+            }
         write_eval_report(results, folder, sources={s.label for s in ctx.recipe.sources})
         return {"results": str(folder / "results.json"), "table": str(folder / "results.md"),
                 "chart": str(folder / "accuracy.png")}
