@@ -411,6 +411,8 @@ BAD_UTF8 = b"models:\n  - path: caf\xe9\n"
 CASES = [
     # configs and overrides, through `sample`
     Case("config-missing", "sample -c nope.yaml --prompts {kit}/prompts.jsonl -o out", r"nope\.yaml: config file not found"),
+    Case("config-a-folder", "sample -c conf --prompts {kit}/prompts.jsonl -o out", r"conf: is a folder, expected a YAML config file",
+         {"conf": FOLDER}),
     Case("config-not-utf8", "sample -c bad.yaml --prompts {kit}/prompts.jsonl -o out", r"bad\.yaml: not UTF-8 text",
          {"bad.yaml": BAD_UTF8}),
     Case("config-bad-yaml", "sample -c bad.yaml --prompts {kit}/prompts.jsonl -o out", r"bad\.yaml line 2: not valid YAML",

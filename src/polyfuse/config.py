@@ -29,6 +29,8 @@ class StrictModel(BaseModel):
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, expected a YAML config file")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
