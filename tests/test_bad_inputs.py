@@ -290,7 +290,6 @@ def test_file_size_limit_is_a_clear_error_naming_the_output(command, limit, writ
     assert list(tmp_path.iterdir()) == []  # no temporary file, no empty output folder, no Trainer scratch
 
 
-
 # ---------------------------------------------------------------------------------------------------------
 # The bad-input table: one user mistake per case, through the real entry point (`polyfuse.cli.main.main`, in
 # this process). Every case must exit with code 2 and print one `error:` message matching `expected` (what
@@ -298,7 +297,6 @@ def test_file_size_limit_is_a_clear_error_naming_the_output(command, limit, writ
 # files untouched. The command runs in the case's own folder; `{kit}` holds valid inputs for every command,
 # `{world}` is the tiny toy world; `files` are the case's own (bad) inputs, written before it runs.
 # ---------------------------------------------------------------------------------------------------------
-
 
 FOLDER = object()  # a `files` value: make an empty folder
 
@@ -309,6 +307,7 @@ class Copy:
 
     source: str
     truncate: str | None = None
+
 
 PROMPTS = [{"id": f"p{i}", "prompt": f"{i} + {i} =", "domain": "arithmetic", "answer": str(2 * i)} for i in range(3)]
 SAMPLES = [
@@ -374,7 +373,7 @@ def kit(tiny_world, tmp_path_factory) -> Path:
 
     root, world = tmp_path_factory.mktemp("kit"), tiny_world.root
     pivot = {"name": "pivot", "path": str(world / "pivot")}
-    source = {"name": "src", "path": str(world / "sources" / tiny_world_source(world))}
+    source = {"name": "src", "path": str(min((world / "sources").iterdir()))}
     recipe = yaml.safe_load(recipe_path("fusechat3-toy.yaml").read_text())
     for name, content in {
         "prompts.jsonl": PROMPTS, "samples.jsonl": SAMPLES, "scored.jsonl": SCORED, "sft.jsonl": SFT,
@@ -393,10 +392,6 @@ def kit(tiny_world, tmp_path_factory) -> Path:
                             "--out", str(root / "teachers"), "-q"])
     assert code == 0, output
     return root
-
-
-def tiny_world_source(world: Path) -> str:
-    return sorted(p.name for p in (world / "sources").iterdir())[0]
 
 
 @dataclass
