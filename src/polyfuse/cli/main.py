@@ -141,7 +141,7 @@ def run(
 def demo(
     work_dir: Annotated[Path, typer.Option(help="Work directory.")] = Path("runs/demo"),
     seed: Annotated[int, typer.Option(help="Recipe seed (sampling, split, training).")] = 0,
-    preset: Annotated[str, typer.Option(help="Toy world preset: default or tiny.")] = "default",
+    preset: Annotated[str, typer.Option(help="Toy world preset: default, or tiny (a smoke test in seconds, on fewer prompts).")] = "default",
     quiet: QuietOpt = False,
 ) -> None:
     """Build the toy world, run FuseChat-3.0 on it, and print the accuracy table and the report's path."""
