@@ -358,9 +358,9 @@ def restore_dropout_config(model: Any) -> None:
 
 def save_trained(trainer: PolyfuseTrainer, tokenizer: Any, out_dir: Path, summary: dict[str, Any]) -> Path:
     """Save model (LoRA merged), tokenizer and a training summary as a plain HF folder, atomically
-    (`atomic_write_folder`: a temporary folder beside `out_dir`, renamed into place, files with the umask). Sharded weights (FSDP, DeepSpeed
-    ZeRO-3) are gathered into a full state dict by every process together (`accelerator.get_state_dict`,
-    a collective); then only the main process writes."""
+    (`atomic_write_folder`: a temporary folder beside `out_dir` renamed into place, files with the user's
+    umask). Sharded weights (FSDP, DeepSpeed ZeRO-3) are gathered into a full state dict by every process
+    together (`accelerator.get_state_dict`, a collective); then only the main process writes."""
     out_dir = Path(out_dir)
     accelerator = trainer.accelerator
     accelerator.wait_for_everyone()
@@ -408,6 +408,9 @@ class TrainingProgress(TrainerCallback):
             self.bar.update(self.task, description=f"{self.description} (loss {float(logs['loss']):.4g})")
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
@@ -479,8 +482,12 @@ def _train_and_save(trainer_cls, model, tokenizer, features, collator, args, con
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(TrainingProgress(f"train {getattr(config, 'objective', None) or summary['stage']}"))
+    progress = TrainingProgress(f"train {getattr(config, 'objective', None) or summary['stage']}")
+    trainer.add_callback(progress)
     distributed = distributed_summary(trainer.accelerator)
-    trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        progress.close()  # also when training fails: the terminal gets its cursor back
     summary = {**summary, "config": config.model_dump(), "examples": len(features), "distributed": distributed}
     return save_trained(trainer, tokenizer, out_dir, summary)
