@@ -8,9 +8,11 @@ is the unweighted mean over domains, `overall` the fraction of all prompts.
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import nullcontext
 from typing import Any
 
 from pydantic import BaseModel
+from rich.progress import Progress
 
 from polyfuse.data.schemas import PromptRow, SampleRow, stable_id
 from polyfuse.errors import UserError
@@ -110,8 +112,10 @@ def evaluate(
     max_new_tokens: int = 512,
     label: str | None = None,
     quiet: bool = False,
+    bar: Progress | None = None,
 ) -> EvalResult:
-    """Greedy-decode every prompt with `model` (a spec, or a loaded (model, tokenizer) pair) and judge it."""
+    """Greedy-decode every prompt with `model` (a spec, or a loaded (model, tokenizer) pair) and judge it.
+    `bar`: a progress display to add this model's bars to (one display for several models), else its own."""
     label = label or (model.label if isinstance(model, ModelSpec) else "model")
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
     verifiers = [s for s in scorers if s.kind == "verifier"]
@@ -124,7 +128,7 @@ def evaluate(
         lm, tokenizer = model
     backend = get_backend("transformers")(lm, tokenizer, batch_size)
     verdicts: list[tuple[Any, dict[str, Any]]] = [(False, {})] * len(prompts)
-    with progress_bar(disable=quiet) as bar:
+    with nullcontext(bar) if bar is not None else progress_bar(disable=quiet) as bar:
         generating = bar.add_task(f"generate {label}", total=len(prompts))
         outputs = backend.generate([p.prompt for p in prompts], params, lambda n: bar.advance(generating, n))
         rows = [_as_sample(p, label, out[0], params) for p, out in zip(prompts, outputs, strict=True)]

@@ -53,7 +53,7 @@ class LogprobsSettings(StrictModel):
         "or more, 1 (one unpadded sequence per forward) is fastest; batching pays on GPUs and for tiny models.",
     )
     max_length: int | None = Field(default=None, ge=2, description="None: each model's context size.")
-    overflow: Literal["drop", "error"] = "drop"
+    overflow: Literal["drop", "error"] = Field(default="drop", description="A pair longer than max_length: drop it (and count it), or stop.")
     chunk_size: int = Field(default=1024, ge=1, description="Rows per resumable shard.")
 
 

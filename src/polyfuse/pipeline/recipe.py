@@ -29,30 +29,35 @@ TOY_SCHEME = "toyworld://"
 
 
 class ToyWorldRef(StrictModel):
-    preset: Literal["default", "tiny"] = "default"
-    seed: int = 0
-    cache_dir: str | None = None
+    """The toy world the recipe's toyworld:// paths point into (built on first use, then cached)."""
+
+    preset: Literal["default", "tiny"] = Field(default="default", description="default, or tiny (seconds to build, for tests).")
+    seed: int = Field(default=0, description="World seed: the toy models' weights and data.")
+    cache_dir: str | None = Field(default=None, description="None: $POLYFUSE_CACHE, else $XDG_CACHE_HOME/polyfuse, else ~/.cache/polyfuse.")
 
 
 class RecipeBase(StrictModel):
     """The fields every recipe has; `Recipe` adds one field per registered stage."""
 
-    name: str
-    work_dir: str | None = None
-    seed: int = 0
+    name: str = Field(description="The run's name.")
+    work_dir: str | None = Field(default=None, description="None: runs/<name>; every stage writes in <work_dir>/<stage>.")
+    seed: int = Field(default=0, description="Default seed of sampling, the split and training (a section's own seed wins).")
     toyworld: ToyWorldRef | None = None
-    sources: list[SampledModel] = Field(min_length=1)
-    pivot: SampledModel
+    sources: list[SampledModel] = Field(min_length=1, description="The source models, each with its sampling settings.")
+    pivot: SampledModel = Field(description="The pivot (target) model.")
 
     @model_validator(mode="before")
     @classmethod
-    def _seed_sections(cls, data: Any) -> Any:
-        """The recipe's `seed` is the default seed of the split and of training, so one number changes the
-        whole run; a section's own `seed` wins."""
+    def _fill_sections(cls, data: Any) -> Any:
+        """Each stage fills its section with what comes from the rest of the recipe (`Stage.fill`): the
+        recipe's `seed`, so one number changes the whole run, its sources as models, ...; what a section
+        gives itself wins."""
         if isinstance(data, dict):
             for name in STAGES.names():
-                if STAGES.get(name).seeded and isinstance(data.get(name), dict):
-                    data[name] = {"seed": data.get("seed", 0), **data[name]}
+                spec = stage(name)
+                section = data.get(name, {} if spec.section_default else None)
+                if isinstance(section, dict):
+                    data[name] = spec.fill(dict(section), data)
         return data
 
     @model_validator(mode="after")
@@ -91,7 +96,7 @@ class RecipeBase(StrictModel):
     def load_prompts(self, source: PromptSource) -> list[PromptRow]:
         if source.toyworld is not None:
             spec = source.toyworld
-            rows = self.world().prompts(spec.split, per_domain=spec.per_domain, domains=spec.domains, seed=self.seed)
+            rows = self.world().prompts(spec.split, per_domain=spec.per_domain, domains=spec.domains, seed=spec.seed)
         else:
             report = ReadReport()
             rows = read_rows(source.path, PromptRow, skip_invalid=source.skip_invalid, report=report)

@@ -146,4 +146,4 @@ def check_density(model_params: list[dict[str, Any]]) -> None:
                                               f"{'1' if density > 1 else '0'})", i)
 
 
-MERGE_METHODS: Registry[type[MergeMethod]] = Registry("merge method")
+MERGE_METHODS: Registry[type[MergeMethod]] = Registry("merge method", package="polyfuse.merge.methods")

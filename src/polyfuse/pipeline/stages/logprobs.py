@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import Field
+
 from polyfuse.data.io import read_rows
 from polyfuse.data.schemas import PreferenceRow
 from polyfuse.logprobs import LogprobsSettings
@@ -15,7 +17,7 @@ from polyfuse.pipeline.context import STAGES, Context, Stage
 class LogprobsSection(LogprobsSettings):
     """The engine's settings; the models are the recipe's current pivot and (with `sources`) its sources."""
 
-    sources: bool = True
+    sources: bool = Field(default=True, description="Score the sources too (fuse_* columns, InfiFPO); false: the pivot only.")
 
 
 @STAGES.register("logprobs")

@@ -24,15 +24,17 @@ from polyfuse.sampling import SamplingParams, get_backend
 
 
 class SampledModel(ModelSpec):
+    """A model and how to sample from it."""
+
     sampling: SamplingParams = Field(default_factory=SamplingParams)
 
 
 class SampleConfig(StrictModel):
-    models: list[SampledModel] = Field(min_length=1)
-    backend: str = "transformers"
-    batch_size: int = Field(default=32, ge=1)
+    models: list[SampledModel] = Field(min_length=1, description="The models to sample from, each with its sampling settings.")
+    backend: str = Field(default="transformers", description="The generation engine.")
+    batch_size: int = Field(default=32, ge=1, description="Prompts per generate call.")
     chunk_size: int = Field(default=256, ge=1, description="Prompts per resumable shard.")
-    seed: int = 0
+    seed: int = Field(default=0, description="Seed the shards' sampling seeds derive from.")
 
 
 def _shard_seed(seed: int, model: str, chunk: int) -> int:
@@ -80,10 +82,10 @@ class SampleSection(StrictModel):
     """The recipe's `sample` section; the models are the recipe's sources (and, with `include_pivot`, the
     pivot), the seed is the recipe's."""
 
-    backend: str = "transformers"
-    batch_size: int = Field(default=32, ge=1)
-    chunk_size: int = Field(default=256, ge=1)
-    include_pivot: bool = False
+    backend: str = Field(default="transformers", description="The generation engine.")
+    batch_size: int = Field(default=32, ge=1, description="Prompts per generate call.")
+    chunk_size: int = Field(default=256, ge=1, description="Prompts per resumable shard.")
+    include_pivot: bool = Field(default=False, description="Sample the pivot too (InfiFPO's cross-model pairs).")
 
 
 @STAGES.register("sample")
