@@ -205,7 +205,8 @@ def test_extract_then_apply_misses_by_the_truncated_singular_values(tmp_path, mo
     Frobenius norm: sqrt(2^2 + 1^2) = 2.236068 for k = 2, 1 for k = 3."""
     expected = math.sqrt(sum(s * s for s in SINGULAR[rank:]))
     result = extract_lora(models["base"], models["tuned"], tmp_path / "adapter", ExtractOptions(max_rank=rank, quiet=True))
-    assert set(result.ranks.values()) == {rank}
+    assert set(result.ranks.values()) == {rank} and len(result.ranks) == 14
+    assert result.modules_to_save == ["embed_tokens", "input_layernorm", "post_attention_layernorm", "norm", "lm_head"]
     assert result.worst_error == pytest.approx(expected / math.sqrt(sum(s * s for s in SINGULAR)), rel=1e-4)
     tuned = weights(models["tuned"])
     by_peft = peft_merged(models["base"], str(result.out))

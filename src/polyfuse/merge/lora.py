@@ -57,7 +57,6 @@ REFUSED = {  # adapter_config.json keys whose non-empty value changes what mergi
 class LoraPatch:
     """One adapted module's effect on one model tensor."""
 
-    module: str
     a: str | None = None  # adapter keys
     b: str | None = None
     bias: str | None = None
@@ -71,7 +70,6 @@ class LoraPatch:
 class LoraAdapter:
     """A peft LoRA adapter matched against one model's tensors: what to do to each tensor the merge reads."""
 
-    ref: str
     config: dict[str, Any]
     weights: ModelSource  # the adapter's weight file, read like a model's
     patches: dict[str, list[LoraPatch]] = field(default_factory=dict)  # model tensor key -> LoRA modules on it
@@ -131,7 +129,7 @@ def read_adapter(ref: str, model: ModelSource, aliases: dict[str, str], allow_pi
         weights.tensors = pickle_tensors(file, label)
     else:
         weights.tensors = safetensors_header(file, label)
-    adapter = LoraAdapter(ref, config, weights)
+    adapter = LoraAdapter(config, weights)
     _match(adapter, label, file, model.tensors, aliases)
     return adapter
 
@@ -163,7 +161,7 @@ def _match(adapter: LoraAdapter, label: str, file: Path, model: dict[str, Tensor
         suffix = next((s for s in _PARTS if name.endswith("." + s)), None)
         owner = name.rsplit(".", 1)[0]
         if suffix is not None:
-            patch = modules.setdefault(name[: -len(suffix) - 1], LoraPatch(name[: -len(suffix) - 1]))
+            patch = modules.setdefault(name[: -len(suffix) - 1], LoraPatch())
             setattr(patch, _PARTS[suffix], key)
             patch.embedding |= suffix.startswith("lora_embedding_")
         elif owner.endswith(".base_layer"):  # an embedding saved whole (peft's save_embedding_layers)
