@@ -20,8 +20,12 @@ What it does
    DARE and DELLA draw random masks (polyfuse: per (seed, tensor, model); mergekit: one global torch
    seed), so for them it compares statistics of the merged delta instead: the fraction of non-zero
    entries and its mean and std; polyfuse gets `rescale_mode: l1_norm` (mergekit's `rescale: true`).
-4. Prints a table and writes it to `docs/performance.md`, section `## Weight merging vs mergekit`
-   (replaced on a rerun; other sections are left alone).
+4. Two LoRA rows: `model_plus_lora` merges `base+adapter` (a peft adapter, rank 16 on every linear layer,
+   built once under `--work`) with ft1, mergekit merging the adapter into a fresh `--lora-merge-cache` in each
+   run; `extract_lora` runs `polyfuse merge extract-lora` and `mergekit-extract-lora` on (base, ft1) at rank 32
+   and compares the adapters' tensors by name.
+5. Prints a table and writes it to `docs/performance.md`, section `## Weight merging vs mergekit`
+   (replaced on a rerun; other sections are left alone), or the section `--section` names.
 
 Run it
 ------
@@ -30,6 +34,8 @@ Run it
     python bench/merge_vs_mergekit.py                     # SmolLM2-135M, all methods (~10 min on 2 cores)
     python bench/merge_vs_mergekit.py --tiny --no-doc     # tiny Llamas, seconds
     python bench/merge_vs_mergekit.py --methods ties,dare_ties --repeats 3
+    python bench/merge_vs_mergekit.py --methods model_plus_lora,extract_lora --section "## Weight merging vs \
+        mergekit: LoRA, and reruns with fsynced shards"
 """
 
 from __future__ import annotations
@@ -70,7 +76,8 @@ FINDINGS = [
     "`max(1, int(d*n))` entries (as polyfuse) and breadcrumbs with `int(gamma*n) = 0` keeps the top `d*n` "
     "(as polyfuse) instead of zeroing the tensor. It also applies `lambda` to DELLA, as polyfuse does. Still "
     "different, not triggered here: DELLA on one-entry rows (mergekit raises in `torch.bernoulli` on NaN "
-    "probabilities; polyfuse uses q = 0.5) and linear's zero weight sum (polyfuse divides by 1).",
+    "probabilities; polyfuse uses q = 0.5) and linear's zero weight sum (mergekit divides by zero; polyfuse "
+    "refuses it).",
     "TIES / breadcrumbs: the few differing entries are ties. Task vectors of fp32 checkpoints are multiples "
     "of the base weight's ulp, so exact equal |tau| at the top-k cut are common in large tensors; polyfuse "
     "picks among them with `torch.topk`, mergekit with an unstable `torch.argsort`, and the other entry "
@@ -108,6 +115,29 @@ OTHER_FINDINGS = [
     "multislerp is best of 3 runs (a first single run gave a wall ratio of 1.16 at CPU ratio 0.94, under load "
     "from other jobs); the others ran once. Peak RSS is below mergekit's on every row (0.44-0.88).",
 ]
+# The same, for the LoRA rows and the reruns after the writer's changes (fsync, content fingerprint), 2026-12-06.
+LORA_FINDINGS = [
+    "model_plus_lora: mergekit loads the model with transformers, merges the adapter with peft and saves the "
+    "merged copy into its LoRA cache before it merges (most of its time and memory); polyfuse applies the adapter "
+    "to each tensor as it reads it. Identical outputs.",
+    "extract_lora (rank 32, best of 3 at load average below 3; both spend most of their time in torch's SVD of "
+    "the same fp32 deltas, and single runs under load varied from 14 to 132 s): every tensor both tools write is "
+    "identical (210 modules at rank 32; the embedding and norms saved whole). mergekit also writes "
+    "`lm_head.weight`: SmolLM2's head is tied, and mergekit saves it again as a module to save; polyfuse leaves a "
+    "tied head to the embedding (peft would apply both to the one shared weight).",
+    "Reruns of methods measured before: polyfuse now fsyncs every shard before renaming it (the wall time here "
+    "runs until both tools' outputs are on disk), fingerprints inputs by content (the first 64 bytes of every "
+    "tensor) instead of file times, loads no tokenizer when every input's tokenizer files are byte-identical "
+    "and no tokenizer setting asks for one (the RSS drop against the first table: linear 830 -> 589 MiB), and "
+    "forms a weighted sum without election in its first task vector (one tensor less). slerp / nuslerp / "
+    "karcher / multislerp share one helper: outputs bit-identical (sha256 of the merged shards before and "
+    "after). Load average 5-8 on 2 cores from other jobs during most of these runs (linear, best of 3, "
+    "ran at load 2.8, hence its much shorter times; under load 7 it gave 31.1 s vs 30.2 s at CPU ratio 0.86): "
+    "CPU time is the steadier figure.",
+]
+OTHER_SECTION = "## Weight merging vs mergekit: the other methods and slices"
+LORA_SECTION = "## Weight merging vs mergekit: LoRA, and reruns with fsynced shards"
+SECTION_FINDINGS = {SECTION: FINDINGS, OTHER_SECTION: OTHER_FINDINGS, LORA_SECTION: LORA_FINDINGS}
 TIME = "/usr/bin/time"  # GNU time: %M is the child's peak RSS in KiB, %U / %S its user / system CPU seconds
 
 
@@ -185,6 +215,27 @@ def build_inputs(work: Path, tiny: bool, shard_size: str) -> dict[str, Path]:
     return folders
 
 
+def build_adapter(work: Path, base: Path) -> Path:
+    """A peft LoRA adapter on the base (rank 16 on every linear layer, alpha 32, random non-zero B scaled to a
+    small update), for the `model+lora` row; reused when already built."""
+    folder = work / "inputs" / "lora"
+    if (folder / "adapter_model.safetensors").exists():
+        return folder
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                           LoraConfig(r=16, lora_alpha=32, target_modules=targets, init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(0.01)
+    model.save_pretrained(folder)
+    return folder
+
+
 def warm_cache(folders: dict[str, Path]) -> None:
     """Read every input file once so neither tool pays the cold-disk cost alone."""
     for folder in folders.values():
@@ -244,6 +295,10 @@ def method_configs(folders: dict[str, Path]) -> dict[str, tuple[dict, dict]]:
         "slices_passthrough": ({"merge_method": "passthrough", "dtype": "float32", "slices": [
             {"sources": [{"model": fts[0], "layer_range": [0, 2 * LAYERS // 3]}]},
             {"sources": [{"model": fts[1], "layer_range": [LAYERS // 3, LAYERS]}]}]}, {}),
+        # mergekit's model+lora: the adapter applied while reading (polyfuse) or merged into a cache first (mergekit)
+        "model_plus_lora": ({"merge_method": "linear", "dtype": "float32", "models": [
+            {"model": f"{base}+{folders['lora']}", "parameters": {"weight": 1.0}},
+            {"model": fts[0], "parameters": {"weight": 0.5}}]}, {}),
         "slices_slerp": ({"merge_method": "slerp", "dtype": "float32", "base_model": base, "slices": [
             {"sources": [{"model": base, "layer_range": [0, LAYERS]}, {"model": fts[0], "layer_range": [0, LAYERS]}]}],
             "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
@@ -272,17 +327,22 @@ class Run:
     cpu_s: float | None = None  # user + system CPU seconds: steadier than wall time on a shared machine
 
 
-def run_tool(cmd: list[str], log: Path) -> Run:
+def run_tool(cmd: list[str], log: Path, out: Path) -> Run:
     """One subprocess under `/usr/bin/time`: wall time, CPU time and the tool's own peak RSS. (`os.wait4` on a child
     forked from this process would report at least this process's RSS: Linux keeps the RSS high-water mark
-    across fork and exec, and this process holds the models it built.)"""
+    across fork and exec, and this process holds the models it built.) The wall time runs until the output is on
+    disk: every file under `out` is fsynced after the tool exits (polyfuse fsyncs its shards itself, mergekit
+    leaves them to the page cache), so neither tool is billed for the other's write-back."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     usage = log.with_suffix(".time")
     os.sync()  # the previous run's output is still being written back: don't bill it to this one
-    with open(log, "w") as out:
+    with open(log, "w") as log_file:
         start = time.perf_counter()
-        code = subprocess.call([TIME, "-f", "%M %U %S", "-o", str(usage), *cmd], stdout=out, stderr=subprocess.STDOUT,
-                               env=env)
+        code = subprocess.call([TIME, "-f", "%M %U %S", "-o", str(usage), *cmd], stdout=log_file,
+                               stderr=subprocess.STDOUT, env=env)
+        for file in (f for f in out.rglob("*") if f.is_file()):
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
         wall = time.perf_counter() - start
     if code:
         sys.exit(f"{cmd[0]} failed (exit {code}); see {log}:\n{log.read_text()[-3000:]}")
@@ -296,9 +356,10 @@ def polyfuse_cmd(config: Path, out: Path, shard: str) -> list[str]:
 
 
 def mergekit_cmd(config: Path, out: Path, shard: str, seed: int) -> list[str]:
+    """The LoRA merge cache lives in the output folder, so every run merges its adapters afresh."""
     exe = shutil.which("mergekit-yaml") or sys.exit("mergekit is missing: pip install --no-deps mergekit==0.1.5")
     return [exe, str(config), str(out), "--out-shard-size", shard.removesuffix("B"), "--random-seed", str(seed),
-            "--quiet"]
+            "--lora-merge-cache", str(out / "lora-cache"), "--quiet"]
 
 
 def timed(tools: list[tuple[list[str], Path, Path]], repeats: int) -> list[Run]:
@@ -309,7 +370,7 @@ def timed(tools: list[tuple[list[str], Path, Path]], repeats: int) -> list[Run]:
     for _ in range(repeats):
         for (cmd, out, log), seen in zip(tools, runs, strict=True):
             shutil.rmtree(out, ignore_errors=True)
-            seen.append(run_tool(cmd, log))
+            seen.append(run_tool(cmd, log, out))
     best = []
     for (_, _, log), seen in zip(tools, runs, strict=True):
         fastest = min(seen, key=lambda r: r.wall_s)
@@ -497,9 +558,9 @@ def name_notes(rows: list[Row]) -> list[str]:
     notes = []
     for r in rows:
         if r.cmp.only_polyfuse or r.cmp.only_mergekit:
+            tied = "" if r.method == "extract_lora" else f" (a missing tied head is compared with `{EMBED}`)"
             notes.append(f"{r.method}: tensors only in polyfuse's output {r.cmp.only_polyfuse}, "
-                         f"only in mergekit's {r.cmp.only_mergekit} (a missing tied head is compared with "
-                         f"`{EMBED}`)")
+                         f"only in mergekit's {r.cmp.only_mergekit}{tied}")
     return notes
 
 
@@ -511,7 +572,8 @@ def section(rows: list[Row], args: argparse.Namespace, setup: str, notes: list[s
         "",
         f"`python bench/merge_vs_mergekit.py{' --tiny' if args.tiny else ''}{methods}` ({time.strftime('%Y-%m-%d')}): "
         f"{setup}. Each tool runs in its own subprocess (wall and CPU (user + system) time include its start-up "
-        f"and imports; peak RSS of the tool's process via GNU `time`), best of {repeats} run(s) per tool, the "
+        f"and imports, wall time until its output is fsynced to disk; peak RSS of the tool's process via GNU "
+        f"`time`), best of {repeats} run(s) per tool, the "
         f"tools taking turns (peak RSS: the largest of the runs); "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores when the report was written (other "
         f"jobs share the machine: CPU time is the steadier figure). Both tools write {args.out_shard_size} shards in "
@@ -542,6 +604,39 @@ def write_doc(text: str, title: str = SECTION) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- main
+EXTRACT_RANK = 32
+
+
+def run_extract(work: Path, args: argparse.Namespace, folders: dict[str, Path]) -> Row:
+    """`polyfuse merge extract-lora` against `mergekit-extract-lora` on (base, ft1) at rank 32: time, peak RSS and
+    the adapters' tensors compared by name (a tied head is saved by mergekit only, as modules_to_save)."""
+    out, logs = work / "out", work / "logs"
+    out.mkdir(exist_ok=True)
+    logs.mkdir(exist_ok=True)
+    pf_out, mk_out = out / "extract_lora-polyfuse", out / "extract_lora-mergekit"
+    exe = shutil.which("polyfuse") or sys.exit("the `polyfuse` command is not on PATH (pip install -e .)")
+    mk = shutil.which("mergekit-extract-lora") or sys.exit("mergekit is missing: pip install --no-deps mergekit==0.1.5")
+    base, tuned = str(folders["base"]), str(folders["ft1"])
+    pf_run, mk_run = timed([
+        ([exe, "merge", "extract-lora", base, tuned, str(pf_out), "--rank", str(EXTRACT_RANK), "-q"], pf_out,
+         logs / "extract_lora-polyfuse.log"),
+        ([mk, "--model", tuned, "--base-model", base, "--out-path", str(mk_out), "--max-rank", str(EXTRACT_RANK)],
+         mk_out, logs / "extract_lora-mergekit.log")], args.repeats)
+    from safetensors.torch import load_file
+
+    a, b = load_file(pf_out / "adapter_model.safetensors"), load_file(mk_out / "adapter_model.safetensors")
+    cmp = Comparison(only_polyfuse=sorted(set(a) - set(b)), only_mergekit=sorted(set(b) - set(a)))
+    for name in sorted(set(a) & set(b)):
+        gap = (a[name].float() - b[name].float()).abs()
+        if float(gap.max()) > cmp.max_diff or not cmp.worst:
+            cmp.max_diff, cmp.worst = float(gap.max()), name
+        cmp.max_delta = max(cmp.max_delta, float(b[name].abs().max()))
+        cmp.differing += int((gap > DIFF_TOL * b[name].float().abs().clamp(min=1)).sum())
+        cmp.numel += gap.numel()
+        cmp.dtypes = sorted(set(cmp.dtypes) | {str(a[name].dtype)})
+    return Row("extract_lora", pf_run, mk_run, cmp, args.repeats)
+
+
 def run_method(method: str, shared: dict, extra: dict, work: Path, args: argparse.Namespace,
                folders: dict[str, Path]) -> Row:
     pf_cfg, mk_cfg = write_configs(work, method, shared, extra)
@@ -581,10 +676,11 @@ def main() -> None:
     work = args.work or ROOT / "runs" / ("merge-vs-mergekit-tiny" if args.tiny else "merge-vs-mergekit")
     work.mkdir(parents=True, exist_ok=True)
     folders = build_inputs(work, args.tiny, args.input_shard_size)
+    folders["lora"] = build_adapter(work, folders["base"])
     warm_cache(folders)
     configs = method_configs(folders)
-    chosen = args.methods.split(",") if args.methods else list(configs)
-    unknown = set(chosen) - set(configs)
+    chosen = args.methods.split(",") if args.methods else [*configs, "extract_lora"]
+    unknown = set(chosen) - set(configs) - {"extract_lora"}
     if unknown:
         sys.exit(f"unknown methods {sorted(unknown)}; expected some of {', '.join(configs)}")
     rows = []
@@ -593,8 +689,10 @@ def main() -> None:
         if args.reuse and saved.exists():
             rows.append(Row.load(saved))
         else:
-            rows.append(run_method(method, *configs[method], work, args, folders))
-            rows[-1].save(work / "results")
+            run = run_extract(work, args, folders) if method == "extract_lora" else \
+                run_method(method, *configs[method], work, args, folders)
+            rows.append(run)
+            run.save(work / "results")
         print(table(rows[-1:]).splitlines()[-1], flush=True)
     base = Weights(folders["base"])
     params = sum(base.get(n).numel() for n in base.names())
@@ -602,7 +700,7 @@ def main() -> None:
     setup = (f"{'tiny random Llama' if args.tiny else 'SmolLM2-135M-Instruct (GGUF Q4_1 dequantised)'}, "
              f"{params:,} parameters stored once (tied head: {HEAD not in base.names()}), base + 3 "
              f"seeded fine-tunes, fp32 safetensors in {files} shards of <= {args.input_shard_size}")
-    notes = name_notes(rows) + ([] if args.tiny else FINDINGS if args.section == SECTION else OTHER_FINDINGS)
+    notes = name_notes(rows) + ([] if args.tiny else SECTION_FINDINGS.get(args.section, []))
     print()
     print(table(rows))
     print(f"\n{setup}\nVersions: {versions()}")

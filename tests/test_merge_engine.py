@@ -161,7 +161,7 @@ def test_required_weight_and_overrides(tmp_path):
         load_merge_config(write_config(tmp_path, config))
     cfg = load_merge_config(write_config(tmp_path, config), ["parameters.weight=0.3", "parameters.scale=2"])
     assert cfg.parameters == {"weight": 0.3, "scale": 2}
-    with pytest.raises(ConfigError, match=r"parameters\.scale: expected a float"):
+    with pytest.raises(ConfigError, match=r"parameters\.scale: expected a number \(got 'high'\)"):
         ParamResolver.of(load_merge_config(write_config(tmp_path, config), ["parameters.weight=1",
                                                                             "parameters.scale=high"])).params("x", 0)
     with pytest.raises(ConfigError, match=r"parameters\.densty: unknown parameter"):
@@ -237,8 +237,10 @@ def test_hub_models_checked_from_remote_headers_before_download(tmp_path, zoo, m
 
     repos = {"org/ft2": Path(zoo["ft2"]), "org/wide": Path(variant(zoo["base"], tmp_path / "wide", intermediate_size=48))}
     downloaded: list[str] = []
+    revisions: list[str | None] = []
 
     def snapshot_download(repo, revision=None, allow_patterns=(), **_):
+        revisions.append(revision)
         folder = tmp_path / "hub" / repo.replace("/", "--") / "snapshots" / "c0ffee"
         folder.mkdir(parents=True, exist_ok=True)
         for file in repos[repo].iterdir():
@@ -267,9 +269,10 @@ def test_hub_models_checked_from_remote_headers_before_download(tmp_path, zoo, m
     with pytest.raises(ConfigError, match=r"models\[1\] \(org/wide\): model.layers.0.mlp"):
         merge(tmp_path, config)
     assert downloaded and not [name for name in downloaded if name.endswith(".safetensors")]
-    config["models"][1]["model"] = "org/ft2"
+    config["models"][1]["model"] = "org/ft2@v1"  # mergekit's revision syntax: pinned, then fetched by commit
+    revisions.clear()
     hub = weights(merge(tmp_path, config).out)
-    assert [name for name in downloaded if name.endswith(".safetensors")]
+    assert [name for name in downloaded if name.endswith(".safetensors")] and revisions == ["v1", "c0ffee"]
     for key, value in weights(merge(tmp_path, sum_config(zoo), out="local").out).items():
         torch.testing.assert_close(hub[key], value)
 
@@ -360,6 +363,30 @@ def test_vocabulary_remapped_by_token_string(tmp_path, zoo):
     for key in ("model.embed_tokens.weight", "lm_head.weight"):  # only ft2 has zebra: its row, whatever the weights
         torch.testing.assert_close(merged[key][vocab["zebra"]], tuned[key][new_vocab["zebra"]])
         torch.testing.assert_close(merged[key][: len(base_vocab)], out[key])
+
+
+def test_identical_tokenizer_files_are_not_loaded_and_a_changed_one_is(tmp_path, zoo, monkeypatch):
+    """No tokenizer setting and byte-identical tokenizer files: the rows match by index without loading any
+    tokenizer (time and memory); one changed file and the vocabularies are read and compared again."""
+    import shutil
+
+    import polyfuse.merge.vocab as vocab
+
+    copies = {name: Path(shutil.copytree(zoo[name], tmp_path / name)) for name in ("ft1", "ft2")}
+    for copy in copies.values():  # the base's tokenizer files, byte for byte
+        for file in Path(zoo["base"]).iterdir():
+            if file.name in vocab.TOKENIZER_FILES:
+                shutil.copyfile(file, copy / file.name)
+    loaded = []
+    real = vocab.read_vocab
+    monkeypatch.setattr(vocab, "read_vocab", lambda source: loaded.append(source.ref) or real(source))
+    config = sum_config({**zoo, **{k: str(v) for k, v in copies.items()}})
+    merge(tmp_path, config)
+    assert loaded == []
+    config_file = copies["ft2"] / "tokenizer_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "model_max_length": 7}))
+    merge(tmp_path, config, out="changed")
+    assert len(loaded) == 3
 
 
 def test_padding_rows_beyond_the_tokenizer(tmp_path, zoo):

@@ -411,3 +411,24 @@ def test_pad_to_multiple_of_matches_mergekit(tmp_path, pico):
     a, b = weights(ours)["model.embed_tokens.weight"], weights(theirs)["model.embed_tokens.weight"]
     assert a.shape[0] == b.shape[0] == 80 and json.loads((ours / "config.json").read_text())["vocab_size"] == 80
     torch.testing.assert_close(a[66:], b[66:], atol=TOLERANCE, rtol=0)  # padding: the mean token row
+
+
+# --- tests/test_chat_template.py -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("template", "needle"), [("chatml", "<|im_start|>"),
+                                                  ("{{messages[0]['content']}}", "{{messages[0]['content']}}")])
+def test_chat_templates_match_mergekit(tmp_path, pico, template, needle):
+    """bfloat16, as mergekit's test: mergekit rounds the inputs to bf16 before its fp32 sum, polyfuse only the
+    result, so the weights agree to one bf16 rounding step."""
+    from transformers import AutoTokenizer
+
+    config = {"merge_method": "linear", "base_model": pico["tok_base"], "dtype": "bfloat16", "chat_template": template,
+              "models": [{"model": pico["tok_base"], "parameters": {"weight": 0.5}},
+                         {"model": pico["a"], "parameters": {"weight": 0.5}}]}
+    ours, theirs = run_both(tmp_path, config)
+    a, b = weights(ours), weights(theirs)
+    assert a.keys() == b.keys()
+    for key in a:  # one bf16 step at the inputs' scale (|w| < 1/16: 2^-12 = 2.4e-4; the largest difference seen)
+        torch.testing.assert_close(a[key].float(), b[key].float(), atol=2**-12, rtol=0, msg=key)
+    for folder in (ours, theirs):
+        assert needle in AutoTokenizer.from_pretrained(str(folder)).chat_template

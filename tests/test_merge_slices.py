@@ -137,9 +137,3 @@ def test_smoke_check_probes_with_ids_when_the_text_encodes_to_none(tmp_path, dee
     result = run_merge(parse_merge_config(config, "c"), tmp_path / "out", "c", MergeOptions(quiet=True))
     assert "encodes the probe text to fewer than 2 ids: probed with ids 0..31" in result.smoke.detail
     assert result.smoke.perplexity == pytest.approx(result.smoke.base_perplexity)
-
-
-def test_model_plus_lora_syntax_is_refused_by_name(tmp_path, deep):
-    config = {"merge_method": "linear", "models": [{"model": deep["a"] + "+org/adapter", "parameters": {"weight": 1}}]}
-    with pytest.raises(ConfigError, match=r"mergekit's `model\+lora` syntax .* is not supported"):
-        parse_merge_config(config, "c")

@@ -363,7 +363,24 @@ def teacher(
     console.print(f"wrote {run_teacher(rows, cfg, _output_folder(out), quiet)}")
 
 
-@app.command()
+class _MergeCommands(TyperGroup):
+    """`polyfuse merge CONFIG OUT` merges (the hidden `run` command); `polyfuse merge extract-lora ...` extracts."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+merge_app = typer.Typer(cls=_MergeCommands, no_args_is_help=True, help=(
+    "polyfuse merge CONFIG OUT [OPTIONS]: merge same-architecture checkpoints tensor by tensor in bounded memory "
+    "(a mergekit YAML: linear, TIES, DARE, SCE, slices, model+lora ...), checked against every model's config and "
+    "safetensors headers before any tensor is read; an interrupted merge resumes in OUT. `polyfuse merge run "
+    "--help` lists its options."))
+app.add_typer(merge_app, name="merge")
+
+
+@merge_app.command("run", hidden=True)
 def merge(
     config: Annotated[Path, typer.Argument(help="mergekit-style merge YAML (merge_method, base_model, models, ...).")],
     out: Annotated[Path, typer.Argument(help="Output model folder (an interrupted merge resumes here).")],
@@ -383,6 +400,31 @@ def merge(
     result = run_merge(cfg, out, source=str(config), options=options, console=console)
     console.print(f"[green]merged[/]: {result.out} ({len(result.files)} shards)")
 
+
+@merge_app.command("extract-lora")
+def merge_extract_lora(
+    base: Annotated[str, typer.Argument(help="Base model: folder, hub id, or MODEL+LORA.")],
+    tuned: Annotated[str, typer.Argument(help="Fine-tuned model of the same architecture.")],
+    out: Annotated[Path, typer.Argument(help="Adapter folder to write (adapter_config.json, adapter_model.safetensors).")],
+    rank: Annotated[int, typer.Option("--rank", "--max-rank", help="Largest LoRA rank per module.")] = 128,
+    sv_epsilon: Annotated[float, typer.Option(help="Also drop singular values at or below this.")] = 0.0,
+    embed_lora: Annotated[bool, typer.Option(help="Decompose the embeddings too, instead of saving them whole.")] = False,
+    save_module: Annotated[list[str] | None, typer.Option(help="Save this module whole (repeatable).")] = None,
+    include_regex: Annotated[list[str] | None, typer.Option("--include-regex", "-i", help="Only modules matching (repeatable).")] = None,
+    exclude_regex: Annotated[list[str] | None, typer.Option("--exclude-regex", "-e", help="Skip modules matching (repeatable).")] = None,
+    skip_undecomposable: Annotated[bool, typer.Option(help="Skip modules that are neither linear nor embedding, instead of saving them whole.")] = False,
+    distribute_scale: Annotated[bool, typer.Option(help="Split the singular values between A and B (sqrt each).")] = True,
+    allow_pickle: Annotated[bool, typer.Option(help="Also read pickle (.bin) checkpoints; they can run code.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Extract a LoRA adapter for TUNED - BASE by truncated SVD, module by module (mergekit-extract-lora's
+    semantics); the adapter loads with peft and in `polyfuse merge` as BASE+OUT."""
+    from polyfuse.merge.extract import ExtractOptions, extract_lora
+
+    options = ExtractOptions(rank, distribute_scale, embed_lora, save_module or [], exclude_regex or [],
+                             include_regex or [], sv_epsilon, skip_undecomposable, allow_pickle, quiet)
+    result = extract_lora(base, tuned, out, options, console)
+    console.print(f"[green]extracted[/]: {result.out}")
 
 
 def named_models(models: list[str]) -> dict[str, str]:

@@ -16,7 +16,8 @@ from pydantic import field_validator, model_validator
 
 from polyfuse.config import StrictModel, apply_overrides, read_yaml, validate
 from polyfuse.errors import ConfigError
-from polyfuse.merge.methods.base import MERGE_METHODS, MergeMethod
+from polyfuse.merge.methods.base import MERGE_METHODS, InvalidParameter, MergeMethod
+from polyfuse.merge.sources import split_reference
 
 DType = Literal["float32", "bfloat16", "float16"]
 Scalar = bool | int | float | str
@@ -334,10 +335,10 @@ def check_method(cfg: MergeConfig, source: str) -> None:
             if default is None and key not in piece.parameters and key not in cfg.parameters:
                 raise ConfigError(f"{source}: parameters.{key}: required by {name}")
     for ref in cfg.referenced_models():
-        if "+" in ref and not Path(ref).exists():
-            raise ConfigError(f"{source}: {ref}: mergekit's `model+lora` syntax (a LoRA adapter applied on the fly) "
-                              f"is not supported; merge the adapter into its model first (peft's "
-                              f"merge_and_unload) and give that folder")
+        try:
+            split_reference(ref)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
     pieces = output_slices(cfg)
     for key in cfg.parameters:
         if not any(key in p.method.defaults or key in p.method.model_defaults for p in pieces):
@@ -421,6 +422,21 @@ class ParamResolver:
                  for key, default in self.method.model_defaults.items()}
                 for k, entry in self.models]
 
+    def check(self, tensor: str, keys: list[str], t: float) -> None:
+        """Every parameter of this tensor resolves, has its type and a value the method can use (`MergeMethod.check`);
+        a refusal names the key where the value was given."""
+        try:
+            self.method.check(self.params(tensor, t), self.model_params(keys, t))
+        except InvalidParameter as err:
+            layers = [(self.piece.parameters, f"{self.piece.where}.parameters"), (self.cfg.parameters, "parameters")]
+            if err.model is not None:
+                entry = self.models[err.model][1]
+                layers.insert(0, (entry.parameters, f"{entry.where}.parameters"))
+            given = next(((p[err.key], name) for p, name in layers if err.key in p), None)
+            where = f"{given[1]}.{err.key}" if given else f"{layers[0][1]}.{err.key} (its default)"
+            varies = given is not None and isinstance(given[0], list | FilterValue)
+            raise ConfigError(f"{self.source}: {where}: {err.message}{f' (at tensor {tensor})' if varies else ''}") from None
+
     @classmethod
     def of(cls, cfg: MergeConfig, slice_index: int = 0, source: str = "config") -> ParamResolver:
         return cls(cfg, output_slices(cfg)[slice_index], source)
@@ -445,13 +461,11 @@ class ParamResolver:
 
 
 def _check_type(value: Any, default: Any, where: str) -> None:
-    if default is None:
+    """`value` has the type of the method's default; a required parameter (default None: weight, t) is a number."""
+    if default is None or (isinstance(default, int | float) and not isinstance(default, bool)):
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number (got {value!r})")
         return
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int | float):
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, type(default))
+    ok = isinstance(value, bool) if isinstance(default, bool) else isinstance(value, type(default))
     if not ok:
         raise ConfigError(f"{where}: expected a {type(default).__name__} like the default {default!r} (got {value!r})")

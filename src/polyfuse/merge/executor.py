@@ -18,12 +18,13 @@ import torch
 from rich.console import Console
 
 from polyfuse.data.io import write_json
+from polyfuse.errors import ConfigError
 from polyfuse.merge.config import MergeConfig
 from polyfuse.merge.methods.base import MergeMethod, TensorTask
-from polyfuse.merge.output import write_extras
+from polyfuse.merge.output import EXTRA_FILES, REPORT, write_extras
 from polyfuse.merge.plan import MergePlan, TensorPlan, build_plan, describe
 from polyfuse.merge.smoke import SmokeResult, smoke_check
-from polyfuse.merge.sources import FLOAT_DTYPES, ModelReader, fetch_weights
+from polyfuse.merge.sources import FLOAT_DTYPES, ModelReader, fetch_weights, file_stamp
 from polyfuse.merge.vocab import remap_rows
 from polyfuse.merge.writer import ShardWriter, parse_size
 from polyfuse.models.loader import DTYPES
@@ -54,11 +55,46 @@ def run_merge(cfg: MergeConfig, out: str | Path, source: str = "config", options
     options = options or MergeOptions()
     console = console or Console()
     out = Path(out)
+    if out.exists() and not out.is_dir():  # before the headers are read: the cheapest refusal first
+        raise ConfigError(f"{out}: is a file, expected an output folder (a new or empty folder, or one holding "
+                          f"this merge to resume)")
     plan = build_plan(cfg, source, options.allow_pickle)
     methods = [piece.method() for piece in plan.slices]
     limit = parse_size(options.max_shard_size)
-    writer = ShardWriter(out, [(t.name, t.nbytes) for t in plan.tensors], limit, _fingerprint(cfg, plan, limit))
+    writer = ShardWriter(out, [(t.name, t.nbytes) for t in plan.tensors], limit, _fingerprint(cfg, plan, limit),
+                         EXTRA_FILES)
     writer.open()  # the last check before reading tensors: folder ours, writable, enough disk
+    try:
+        pending = _merge(cfg, plan, methods, writer, limit, options, console)
+    except BaseException:
+        writer.abandon()  # no temporary file left; a folder this run made and filled with nothing goes too
+        raise
+    writer.finish()
+    write_extras(cfg, plan, out)
+    reports = [m.report() for m in methods]
+    if any(reports):
+        report = reports[0] if len(reports) == 1 else {"slices": reports}
+        write_json(out / REPORT, report)
+        for item in reports:
+            if "realised_density" in item:
+                densities = ", ".join(f"{d:.3f}" for d in item["realised_density"])
+                console.print(f"{item['method']}: realised density per model {densities} ({REPORT})")
+    smoke = None
+    if options.smoke_check:
+        smoke = smoke_check(str(out), str(plan.inputs[0].folder), options.allow_pickle)
+        if smoke.skipped:
+            console.print(f"smoke check skipped: {smoke.skipped}")
+        else:
+            reference = "base" if plan.has_base else "first model"
+            reference += " without its LoRA" if plan.inputs[0].lora else ""
+            console.print(f"smoke check: finite logits; perplexity {smoke.perplexity:.3f} "
+                          f"({reference} {smoke.base_perplexity:.3f}){smoke.detail}")
+    return MergeResult(out, writer.files, memory_estimate(plan, limit), len(pending), smoke)
+
+
+def _merge(cfg: MergeConfig, plan: MergePlan, methods: list[MergeMethod], writer: ShardWriter, limit: int,
+           options: MergeOptions, console: Console) -> set[str]:
+    """Fetch hub weights, then merge and write every pending tensor; returns the tensor names merged."""
     estimate = memory_estimate(plan, limit)
     layout = f"{len(plan.slices)} slices, {plan.num_layers} layers" if cfg.slices else f"{len(plan.inputs)} models"
     console.print(f"merge {cfg.merge_method}: {layout}, {len(plan.tensors)} tensors, "
@@ -88,26 +124,7 @@ def run_merge(cfg: MergeConfig, out: str | Path, source: str = "config", options
     finally:
         for reader in readers:
             reader.close()
-    writer.finish()
-    write_extras(cfg, plan, out)
-    reports = [m.report() for m in methods]
-    if any(reports):
-        report = reports[0] if len(reports) == 1 else {"slices": reports}
-        write_json(out / "merge_report.json", report)
-        for item in reports:
-            if "realised_density" in item:
-                densities = ", ".join(f"{d:.3f}" for d in item["realised_density"])
-                console.print(f"{item['method']}: realised density per model {densities} (merge_report.json)")
-    smoke = None
-    if options.smoke_check:
-        smoke = smoke_check(str(out), str(plan.inputs[0].folder), options.allow_pickle)
-        if smoke.skipped:
-            console.print(f"smoke check skipped: {smoke.skipped}")
-        else:
-            reference = "base" if plan.has_base else "first model"
-            console.print(f"smoke check: finite logits; perplexity {smoke.perplexity:.3f} "
-                          f"({reference} {smoke.base_perplexity:.3f}){smoke.detail}")
-    return MergeResult(out, writer.files, estimate, len(pending), smoke)
+    return pending
 
 
 def memory_estimate(plan: MergePlan, shard_limit: int) -> int:
@@ -172,10 +189,12 @@ def _statistics_pass(method: MergeMethod, plan: MergePlan, readers: list[ModelRe
 
 
 def _fingerprint(cfg: MergeConfig, plan: MergePlan, limit: int) -> str:
-    """Config, plan, shard limit and the inputs' files (size, mtime; a hub snapshot's path names its commit):
-    a resume must merge the same thing."""
-    files = sorted({(info.file, s.hub) for s in plan.inputs for info in s.tensors.values()})
-    stamp = [[str(f)] if hub else [str(f), f.stat().st_size, f.stat().st_mtime_ns] for f, hub in files]
+    """Config, plan, shard limit and what the inputs' files hold (`sources.file_stamp`: never their paths' mtimes,
+    so touching or copying an input keeps a resume valid; a hub snapshot's path names its commit): a resume must
+    merge the same thing."""
+    files = {(info.file, s.hub) for s in plan.inputs for info in s.tensors.values()}
+    files |= {(info.file, False) for s in plan.inputs if s.lora for info in s.lora.weights.tensors.values()}
+    stamp = [[str(f)] if hub else [str(f), file_stamp(f)] for f, hub in sorted(files)]
     data = {"config": cfg.model_dump(mode="json"), "plan": describe(plan), "limit": limit, "files": stamp,
-            "out_dtype": plan.out_dtype}
+            "out_dtype": plan.out_dtype, "adapters": [s.lora.config if s.lora else None for s in plan.inputs]}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

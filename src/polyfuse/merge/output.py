@@ -17,6 +17,8 @@ from polyfuse.merge.config import CHAT_TEMPLATES, ENGINE_PARAMS, FilterValue, Me
 from polyfuse.merge.plan import LAYER_COUNT_KEYS, MergePlan, layer_stacks
 
 RESOLVED = "merge_config.resolved.yaml"
+REPORT = "merge_report.json"  # what a method decided while merging (RSAF's keep ratios)
+EXTRA_FILES = ("config.json", "generation_config.json", RESOLVED, REPORT)  # written atomically, beside the shards
 
 
 def write_extras(cfg: MergeConfig, plan: MergePlan, out: Path) -> None:

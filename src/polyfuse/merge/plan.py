@@ -24,8 +24,9 @@ from polyfuse.merge.config import (
     output_slices,
     same_model,
 )
+from polyfuse.merge.lora import read_adapter
 from polyfuse.merge.sources import DTYPE_BYTES, ModelSource, TensorInfo, index_model
-from polyfuse.merge.vocab import VocabPlan, embed_key, head_key, plan_vocab
+from polyfuse.merge.vocab import HEAD_NAMES, VocabPlan, embed_key, head_key, plan_vocab
 
 OUT_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 _ARCH_KEYS = ("architectures", "model_type", "hidden_size")
@@ -107,7 +108,7 @@ class MergePlan:
 
 def build_plan(cfg: MergeConfig, source: str, allow_pickle: bool = False) -> MergePlan:
     refs = cfg.referenced_models()
-    inputs = [index_model(ref, _where(cfg, ref), allow_pickle) for ref in refs]
+    inputs = [index_input(ref, _where(cfg, ref), allow_pickle) for ref in refs]
     pieces = output_slices(cfg)
     position = {id(e): _input_index(inputs, e.model) for p in pieces for e in p.inputs}
     reference = inputs[0]
@@ -123,13 +124,23 @@ def build_plan(cfg: MergeConfig, source: str, allow_pickle: bool = False) -> Mer
     else:
         tensors, output_layers = _whole_tensors(pieces[0], position, inputs, heads, vocab, dtype), None
     resolvers = [ParamResolver(cfg, piece, source) for piece in pieces]
-    for tensor in tensors:  # every parameter resolves for every tensor, or we stop here
-        resolver = resolvers[tensor.slice]
-        resolver.params(tensor.name, tensor.t)
-        resolver.model_params([k for i, (_, k) in enumerate(tensor.sources) if i != tensor.base], tensor.t)
+    for tensor in tensors:  # every parameter resolves to a usable value for every tensor, or we stop here
+        resolvers[tensor.slice].check(tensor.name, [k for i, (_, k) in enumerate(tensor.sources) if i != tensor.base],
+                                      tensor.t)
     resolvers[0].seed()
     return MergePlan(inputs, pieces, resolvers, tensors, vocab, out_dtype, has_head, tokenizer_input,
                      cfg.base_model is not None, output_layers)
+
+
+def index_input(ref: str, where: str, allow_pickle: bool = False) -> ModelSource:
+    """A model from its headers, with its `+lora` adapter (if any) matched to them: a LoRA on a tied head applies
+    to the embedding, as to peft's shared parameter."""
+    source = index_model(ref, where, allow_pickle)
+    if source.lora_ref is not None:
+        embed = embed_key(source)
+        aliases = dict.fromkeys(HEAD_NAMES, embed) if head_key(source) is None and embed else {}
+        source.lora = read_adapter(source.lora_ref, source, aliases, allow_pickle)
+    return source
 
 
 def _where(cfg: MergeConfig, ref: str) -> str:
@@ -232,8 +243,6 @@ def _key(source: ModelSource, name: str, head: str | None, layer_name: str | Non
 
 
 def _is_head(name: str) -> bool:
-    from polyfuse.merge.vocab import HEAD_NAMES
-
     return name in HEAD_NAMES or name.endswith(tuple(f".{h}" for h in HEAD_NAMES))
 
 

@@ -15,12 +15,13 @@ to its caller and is freed when the caller drops it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import torch
 
@@ -55,6 +56,16 @@ class TensorInfo:
         return count
 
 
+class Adapter(Protocol):
+    """What changes a model's tensors as they are read (`merge.lora.LoraAdapter`)."""
+
+    weights: ModelSource  # the adapter's own tensors
+
+    def touches(self, key: str) -> bool: ...
+
+    def apply(self, key: str, tensor: torch.Tensor, read) -> torch.Tensor: ...
+
+
 @dataclass
 class ModelSource:
     """One input model as its headers describe it; `where` names its config key in messages."""
@@ -66,20 +77,36 @@ class ModelSource:
     tensors: dict[str, TensorInfo] = field(default_factory=dict)  # in file order
     pickle: bool = False
     hub: bool = False  # a hub snapshot: headers read remotely, weights fetched after validation
+    repo: str = ""  # the model's path or hub id: `ref` without a `+lora` part
+    lora_ref: str | None = None  # mergekit's `model+lora`: the adapter applied while reading (`lora`)
+    lora: Adapter | None = None
 
     @property
     def label(self) -> str:
         return f"{self.where} ({self.ref})"
 
 
+def split_reference(ref: str) -> tuple[str, str | None]:
+    """mergekit's `model+lora`: (model, adapter); a path that exists is a model even with a '+' in its name."""
+    if "+" not in ref or Path(ref).expanduser().exists():
+        return ref, None
+    parts = ref.split("+")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"{ref}: expected MODEL+LORA, one model and one LoRA adapter (mergekit's syntax)")
+    return parts[0], parts[1]
+
+
 def index_model(ref: str, where: str, allow_pickle: bool = False) -> ModelSource:
-    folder, hub = _folder(ref, where)
+    """A model's config and weight headers; a `+lora` part is recorded (`lora_ref`), matched by the plan."""
+    repo, lora_ref = split_reference(ref)
+    folder, hub = _folder(repo, where)
     config_file = folder / "config.json"
     try:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as err:
         raise ConfigError(f"{where}: {config_file}: model config not readable ({err})") from None
-    source = ModelSource(where, ref, folder, config, hub=hub)
+    source = ModelSource(where, ref, folder, config, hub=hub, repo=repo.partition("@")[0] if hub else repo,
+                         lora_ref=lora_ref)
     if not (hub and _hub_headers(source)):
         _local_headers(source, allow_pickle)
     _check_index(folder, source, where)
@@ -93,7 +120,9 @@ def fetch_weights(source: ModelSource) -> None:
     from huggingface_hub import snapshot_download
 
     names = sorted({info.file.name for info in source.tensors.values()})
-    snapshot_download(source.ref, revision=source.folder.name, allow_patterns=names)
+    snapshot_download(source.repo, revision=source.folder.name, allow_patterns=names)
+    for name in names:  # the data lengths, now that the files are here
+        safetensors_header(source.folder / name, source.where)
 
 
 def _local_headers(source: ModelSource, allow_pickle: bool) -> None:
@@ -101,7 +130,7 @@ def _local_headers(source: ModelSource, allow_pickle: bool) -> None:
     safetensors = _shard_files(folder, "model.safetensors")
     if safetensors:
         for file in safetensors:
-            source.tensors.update(_safetensors_header(file, where))
+            source.tensors.update(safetensors_header(file, where))
         return
     pickles = _shard_files(folder, "pytorch_model.bin")
     if not pickles:
@@ -112,15 +141,19 @@ def _local_headers(source: ModelSource, allow_pickle: bool) -> None:
     if source.hub:
         from huggingface_hub import snapshot_download
 
-        snapshot_download(source.ref, revision=folder.name, allow_patterns=["*.bin"])
+        snapshot_download(source.repo, revision=folder.name, allow_patterns=["*.bin"])
     source.pickle = True
     for file in pickles:
-        try:
-            state = _load_pickle(file)
-        except (OSError, RuntimeError, pickle.UnpicklingError) as err:
-            raise ConfigError(f"{where}: {file}: not a readable checkpoint ({err})") from None
-        for key, tensor in state.items():
-            source.tensors[key] = TensorInfo(file, tuple(tensor.shape), TORCH_NAMES.get(tensor.dtype, "?"))
+        source.tensors.update(pickle_tensors(file, where))
+
+
+def pickle_tensors(file: Path, where: str) -> dict[str, TensorInfo]:
+    """Names, shapes and dtypes of a pickle checkpoint (memory-mapped, weights_only)."""
+    try:
+        state = _load_pickle(file)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as err:
+        raise ConfigError(f"{where}: {file}: not a readable checkpoint ({err})") from None
+    return {key: TensorInfo(file, tuple(tensor.shape), TORCH_NAMES.get(tensor.dtype, "?")) for key, tensor in state.items()}
 
 
 def _hub_headers(source: ModelSource) -> bool:
@@ -130,11 +163,11 @@ def _hub_headers(source: ModelSource) -> bool:
     from huggingface_hub.errors import NotASafetensorsRepoError
 
     try:
-        metadata = get_safetensors_metadata(source.ref, revision=source.folder.name)
+        metadata = get_safetensors_metadata(source.repo, revision=source.folder.name)
     except NotASafetensorsRepoError:
         return False
     except Exception as err:  # network, auth: the user's to fix
-        raise ConfigError(f"{source.where}: cannot read the safetensors headers of {source.ref!r}: {err}") from None
+        raise ConfigError(f"{source.where}: cannot read the safetensors headers of {source.repo!r}: {err}") from None
     for name, file in metadata.files_metadata.items():
         ordered = sorted(file.tensors.items(), key=lambda item: item[1].data_offsets[0])
         source.tensors.update({key: TensorInfo(source.folder / name, tuple(info.shape), info.dtype)
@@ -143,17 +176,19 @@ def _hub_headers(source: ModelSource) -> bool:
 
 
 def _folder(ref: str, where: str) -> tuple[Path, bool]:
-    """(local folder, is it a hub snapshot). A hub model is fetched without its weights here: config,
-    index and tokenizer files only; the snapshot folder's name is the commit, pinned for later fetches."""
+    """(local folder, is it a hub snapshot). A hub model (`org/name`, or mergekit's `org/name@revision`) is
+    fetched without its weights here: config, index and tokenizer files only; the snapshot folder's name is the
+    commit, pinned for later fetches."""
     path = Path(ref).expanduser()
     if path.is_dir():
         return path, False
-    if path.exists() or ref.startswith((".", "/", "~")) or ref.count("/") != 1:
+    repo, _, revision = ref.partition("@")
+    if path.exists() or ref.startswith((".", "/", "~")) or repo.count("/") != 1:
         raise ConfigError(f"{where}: {ref}: not a model folder (expected a local folder or a hub id org/name)")
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(ref, allow_patterns=_HUB_FILES)), True
+        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=_HUB_FILES)), True
     except Exception as err:  # network, auth, missing repo: all the user's to fix
         raise ConfigError(f"{where}: cannot download {ref!r} from the hub: {err}") from None
 
@@ -190,15 +225,59 @@ def _read_header(handle: BinaryIO) -> tuple[int, dict[str, Any]]:
     return 8 + length, header
 
 
-def _safetensors_header(file: Path, where: str) -> dict[str, TensorInfo]:
-    """Parse the header only: 8 bytes of length, then JSON; ordered by data offset (the file's order)."""
+def safetensors_header(file: Path, where: str) -> dict[str, TensorInfo]:
+    """Parse the header only: 8 bytes of length, then JSON; ordered by data offset (the file's order). Every
+    tensor's byte range must fit its dtype and shape and lie inside the file, so a truncated or damaged shard is
+    refused here, before any tensor is merged, not found half-way through the merge."""
     try:
         with open(file, "rb") as handle:
-            _, header = _read_header(handle)
+            start, header = _read_header(handle)
         ordered = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
-        return {key: TensorInfo(file, tuple(meta["shape"]), meta["dtype"]) for key, meta in ordered}
+        tensors = {key: TensorInfo(file, tuple(meta["shape"]), meta["dtype"]) for key, meta in ordered}
+        _check_data_lengths(file, start, {key: meta["data_offsets"] for key, meta in ordered}, tensors, where)
+        return tensors
     except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as err:
         raise ConfigError(f"{where}: {file}: not a readable safetensors file ({err!r})") from None
+
+
+def _check_data_lengths(file: Path, start: int, offsets: dict[str, list[int]], tensors: dict[str, TensorInfo],
+                       where: str) -> None:
+    """Each tensor's [begin, end) holds exactly numel x dtype bytes and ends inside the file (its size on disk)."""
+    size = file.stat().st_size
+    for key, (begin, end) in offsets.items():
+        info = tensors[key]
+        if info.dtype not in SAFETENSORS_DTYPES:
+            raise ConfigError(f"{where}: {file}: tensor {key} has dtype {info.dtype}, which polyfuse cannot merge "
+                              f"(expected one of {', '.join(SAFETENSORS_DTYPES)})")
+        expected = info.numel * DTYPE_BYTES[info.dtype]
+        if end - begin != expected or begin < 0:
+            raise ConfigError(f"{where}: {file}: tensor {key} has {end - begin} bytes of data for {info.dtype} "
+                              f"{list(info.shape)} ({expected} expected); the file is damaged")
+        if start + end > size:
+            raise ConfigError(f"{where}: {file}: tensor {key} ends at byte {start + end} but the file has "
+                              f"{size} bytes: the file is truncated (an interrupted download or copy?)")
+
+
+STAMP_BYTES = 64  # per tensor: a retrained model of the same shapes differs in the first entries of its tensors
+
+
+def file_stamp(file: Path) -> str:
+    """What a weights file holds, cheaply: its size plus a hash of its safetensors header and the first bytes of
+    every tensor (one small read each, never the weights); for a pickle, its size plus a hash of the zip's end,
+    whose directory lists a CRC of every stored tensor. Unchanged by touching or copying the file."""
+    digest = hashlib.sha256(str(file.stat().st_size).encode())
+    with open(file, "rb") as handle:
+        if file.suffix == ".safetensors":
+            start, header = _read_header(handle)
+            handle.seek(0)
+            digest.update(handle.read(start))
+            for begin, end in sorted(meta["data_offsets"] for meta in header.values()):
+                handle.seek(start + begin)
+                digest.update(handle.read(min(STAMP_BYTES, end - begin)))
+        else:
+            handle.seek(max(0, file.stat().st_size - (1 << 16)))
+            digest.update(handle.read())
+    return digest.hexdigest()
 
 
 def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
@@ -210,12 +289,22 @@ class ModelReader:
 
     def __init__(self, source: ModelSource):
         self.source = source
+        self._adapter: ModelReader | None = None  # reads the LoRA adapter's tensors, when the model has one
         self._file: Path | None = None
         self._handle: Any = None
         self._start = 0  # safetensors: where the data begins
         self._offsets: dict[str, Any] = {}  # safetensors: key -> its header entry
 
     def read(self, key: str) -> torch.Tensor:
+        """Tensor `key` as stored, or adapted by the model's LoRA adapter (then in fp32)."""
+        tensor = self._read(key)
+        lora = self.source.lora
+        if lora is not None and lora.touches(key):
+            self._adapter = self._adapter or ModelReader(lora.weights)
+            tensor = lora.apply(key, tensor, self._adapter.read)
+        return tensor
+
+    def _read(self, key: str) -> torch.Tensor:
         info = self.source.tensors[key]
         if info.file != self._file:
             self.close()  # release the previous shard before opening the next
@@ -241,6 +330,8 @@ class ModelReader:
         return tensor
 
     def close(self) -> None:
+        if self._adapter is not None:
+            self._adapter.close()
         if self._handle is not None and not self.source.pickle:
             self._handle.close()
         self._handle = self._file = None

@@ -90,6 +90,12 @@ class MergeMethod(ABC):
     @abstractmethod
     def merge(self, task: TensorTask) -> torch.Tensor: ...
 
+    @classmethod
+    def check(cls, params: dict[str, Any], model_params: list[dict[str, Any]]) -> None:
+        """Refuse parameter values this method cannot use (`InvalidParameter`), for one tensor's resolved
+        parameters; the plan calls it for every tensor before any is read."""
+        check_density(model_params)
+
     def param(self, task: TensorTask, key: str) -> Any:
         """A global parameter of `task`, falling back to this method's default; None means required."""
         value = task.params.get(key, self.defaults.get(key))
@@ -118,6 +124,26 @@ class MergeMethod(ABC):
     def report(self) -> dict[str, Any]:
         """What the method decided while merging, for `merge_report.json` (e.g. RSAF's keep ratios); {}: nothing."""
         return {}
+
+
+class InvalidParameter(ConfigError):
+    """A parameter value a method cannot use (raised by `MergeMethod.check` and the functions it calls); the plan
+    names where the value was given. `model`: the index of the non-base model whose parameter it is."""
+
+    def __init__(self, key: str, message: str, model: int | None = None):
+        super().__init__(f"{key}: {message}")
+        self.key, self.message, self.model = key, message, model
+
+
+def check_density(model_params: list[dict[str, Any]]) -> None:
+    """density is the fraction of a task vector's entries kept: 0 drops the task vector (mergekit's rule for a
+    density <= 0), 1 keeps it whole (mergekit's rule for >= 1). Outside [0, 1] it is a typo: refused."""
+    for i, params in enumerate(model_params):
+        density = params.get("density")
+        if density is not None and not 0 <= density <= 1:
+            raise InvalidParameter("density", f"must be between 0 and 1, the fraction of the task vector kept "
+                                              f"(got {density}; mergekit would treat it as "
+                                              f"{'1' if density > 1 else '0'})", i)
 
 
 MERGE_METHODS: Registry[type[MergeMethod]] = Registry("merge method", package="polyfuse.merge.methods")

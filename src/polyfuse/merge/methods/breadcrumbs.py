@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from polyfuse.merge.methods.base import MERGE_METHODS, TensorTask
+from polyfuse.merge.methods.base import MERGE_METHODS, InvalidParameter, TensorTask
 from polyfuse.merge.methods.sparsify import magnitude_trim
 from polyfuse.merge.methods.task_arithmetic import TaskVectorMerge
 
@@ -17,6 +17,14 @@ from polyfuse.merge.methods.task_arithmetic import TaskVectorMerge
 class _Breadcrumbs(TaskVectorMerge):
     defaults = {**TaskVectorMerge.defaults, "normalize": False, "rescale": False, "rescale_mode": "l1_norm"}
     model_defaults = {"weight": None, "density": 1.0, "gamma": 0.01}
+
+    @classmethod
+    def check(cls, params, model_params) -> None:
+        super().check(params, model_params)
+        for i, given in enumerate(model_params):
+            if not 0 <= given["gamma"] <= 1:
+                raise InvalidParameter("gamma", f"must be between 0 and 1, the fraction of largest entries dropped "
+                                                f"(got {given['gamma']})", i)
 
     def sparsify(self, task: TensorTask, index: int, tau: torch.Tensor) -> torch.Tensor:
         rescale, mode = self.rescale_settings(task)

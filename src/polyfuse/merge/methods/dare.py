@@ -24,7 +24,7 @@ class _Dare(TaskVectorMerge):
         rescale, mode = self.rescale_settings(task)
         density = float(self.model_param(task, index, "density"))
         return dare_drop(
-            tau, density, generator=task.generator(index), rescale=rescale, mode=mode, name=task.name
+            tau, density, generator=task.generator(index), rescale=rescale, mode=mode
         )
 
 

@@ -9,12 +9,19 @@ from __future__ import annotations
 import torch
 
 from polyfuse.merge.methods.base import MERGE_METHODS, TensorTask
-from polyfuse.merge.methods.sparsify import della_magprune
+from polyfuse.merge.methods.sparsify import check_epsilon, della_magprune
 from polyfuse.merge.methods.task_arithmetic import TaskVectorMerge
 
 
 class _Della(TaskVectorMerge):
     model_defaults = {"weight": None, "density": 1.0, "epsilon": 0.15}
+
+    @classmethod
+    def check(cls, params, model_params) -> None:
+        super().check(params, model_params)
+        for i, given in enumerate(model_params):
+            if 0 < given["density"] < 1:  # 0 and 1 need no keep probabilities (mergekit's rules)
+                check_epsilon(given["density"], given["epsilon"], model=i)
 
     def sparsify(self, task: TensorTask, index: int, tau: torch.Tensor) -> torch.Tensor:
         rescale, mode = self.rescale_settings(task)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from polyfuse.merge.methods.base import MERGE_METHODS, MergeMethod, TensorTask
+from polyfuse.merge.methods.sphere import blend
 
 
 def karcher_mean(tensors: list[torch.Tensor], alphas: list[float], max_iter: int, tol: float) -> torch.Tensor:
@@ -44,7 +45,7 @@ def karcher_mean(tensors: list[torch.Tensor], alphas: list[float], max_iter: int
         tangent_norm = torch.linalg.vector_norm(tangent)
         if float(tangent_norm) < tol:
             break
-        mean = torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)
+        mean = blend(mean, tangent / tangent_norm, torch.cos(tangent_norm), torch.sin(tangent_norm))  # exp map
         unit_norm = torch.linalg.vector_norm(mean)
         if float(unit_norm) > tol:
             mean = mean / unit_norm

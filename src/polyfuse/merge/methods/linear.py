@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from polyfuse.merge.methods.base import MERGE_METHODS, MergeMethod, TensorTask
-from polyfuse.merge.methods.sparsify import weighted_merge
+from polyfuse.merge.methods.sparsify import check_weight_sum, weighted_merge
 
 
 @MERGE_METHODS.register("linear")
@@ -19,6 +19,11 @@ class Linear(MergeMethod):
     base_policy = "ignored"
     defaults = {"normalize": True}
     model_defaults = {"weight": None}
+
+    @classmethod
+    def check(cls, params, model_params) -> None:
+        if params["normalize"]:
+            check_weight_sum(model_params, "linear with normalize: true")
 
     def merge(self, task: TensorTask) -> torch.Tensor:
         task = task.to_fp32()

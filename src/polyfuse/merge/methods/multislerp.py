@@ -16,6 +16,8 @@ import torch
 
 from polyfuse.errors import UserError
 from polyfuse.merge.methods.base import MERGE_METHODS, MergeMethod, TensorTask
+from polyfuse.merge.methods.sparsify import check_weight_sum
+from polyfuse.merge.methods.sphere import blend
 
 
 @MERGE_METHODS.register("multislerp")
@@ -31,6 +33,11 @@ class MultiSlerp(MergeMethod):
         "normalize_weights": "normalize_weights {v} = true: weights are divided by their sum",
         "eps": "eps {v} = guards the norms against division by zero",
     }
+
+    @classmethod
+    def check(cls, params, model_params) -> None:
+        if params["normalize_weights"] and len(model_params) > 1:
+            check_weight_sum(model_params, "multislerp with normalize_weights: true")
 
     def merge(self, task: TensorTask) -> torch.Tensor:
         task = task.to_fp32()
@@ -54,7 +61,7 @@ class MultiSlerp(MergeMethod):
         mean_norm = torch.linalg.vector_norm(mean)
         if mean_norm < eps:
             if len(models) == 2:
-                out = models[0].mul_(float(weights[0])).add_(models[1].mul_(float(weights[1])))
+                out = blend(models[0], models[1], float(weights[0]), float(weights[1]))
                 return out.add_(base) if base is not None else out
             raise UserError(f"multislerp: {task.name}: the weighted sum of the input tensors is zero (antipodal "
                             f"inputs with balancing weights); use different weights")

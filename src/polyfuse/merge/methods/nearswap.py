@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from polyfuse.merge.methods.base import MERGE_METHODS, MergeMethod, TensorTask
+from polyfuse.merge.methods.base import MERGE_METHODS, InvalidParameter, MergeMethod, TensorTask
 
 DIFF_FLOOR = 1e-6
 
@@ -23,6 +23,12 @@ class NearSwap(MergeMethod):
     model_defaults = {}
     explanations = {"t": "t {v} = entries within {v} of the base take the other model's value; farther ones "
                           "mix in proportion t / |difference|"}
+
+    @classmethod
+    def check(cls, params, model_params) -> None:
+        """A negative distance threshold would keep the base everywhere (mergekit has no rule): refused."""
+        if params["t"] < 0:
+            raise InvalidParameter("t", f"must be >= 0, a distance to the base (got {params['t']})")
 
     def merge(self, task: TensorTask) -> torch.Tensor:
         task = task.to_fp32()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from polyfuse.merge.methods.base import MERGE_METHODS, MergeMethod, TensorTask
+from polyfuse.merge.methods.sphere import blend, slerp_weights
 
 NORM_FLOOR = 1e-7
 COLINEAR_EPS = 1e-8
@@ -31,11 +32,8 @@ def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int = -1, flatten
     norm_b = torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp(min=NORM_FLOOR)
     cos = ((a * b).sum(dim=-1, keepdim=True) / (norm_a * norm_b)).clamp(-1, 1)
     colinear = (1 - cos.square()) <= COLINEAR_EPS**2
-    theta = torch.acos(torch.where(colinear, 0, cos))
-    sin_theta = torch.sin(theta)
-    coef_a = torch.where(colinear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
-    coef_b = torch.where(colinear, t, torch.sin(t * theta) / sin_theta)
-    out = a.mul_(coef_a).add_(b.mul_(coef_b))
+    arc_a, arc_b = slerp_weights(t, torch.where(colinear, 0, cos))
+    out = blend(a, b, torch.where(colinear, 1 - t, arc_a), torch.where(colinear, t, arc_b))
     if dim != -1 and not flatten:
         out = out.transpose(dim, -1)
     return out.reshape(shape)

@@ -19,8 +19,7 @@ from typing import Any
 
 import torch
 
-from polyfuse.errors import ConfigError
-from polyfuse.merge.methods.base import MERGE_METHODS, TensorTask
+from polyfuse.merge.methods.base import MERGE_METHODS, InvalidParameter, TensorTask
 from polyfuse.merge.methods.sparsify import magnitude_trim
 from polyfuse.merge.methods.task_arithmetic import TaskVectorMerge
 
@@ -112,12 +111,16 @@ class Rsaf(TaskVectorMerge):
             medians.append(statistics.median(rates) if rates else None)
         return {"rate_median": medians, "tensors": per_tensor}
 
+    @classmethod
+    def check(cls, params, model_params) -> None:
+        super().check(params, model_params)
+        k_min, k_max = (params.get(key, cls.defaults[key]) for key in ("k_min", "k_max"))
+        if not 0 < k_min <= k_max <= 1:
+            raise InvalidParameter("k_min", f"rsaf needs 0 < k_min <= k_max <= 1 (got k_min {k_min}, k_max {k_max})")
+
     def _settings(self, task: TensorTask) -> dict[str, float]:
         settings = {key: float(self.param(task, key)) for key in ("k0", "a", "b", "k_min", "k_max")}
-        if not 0 < settings["k_min"] <= settings["k_max"] <= 1:
-            raise ConfigError(
-                f"rsaf needs 0 < k_min <= k_max <= 1; got k_min {settings['k_min']}, k_max {settings['k_max']}"
-            )
+        self.check(settings, task.model_params)
         return settings
 
     def keep_ratios(self, task: TensorTask) -> list[float]:

@@ -17,8 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from polyfuse.errors import ConfigError
-from polyfuse.merge.methods.base import MERGE_METHODS, MergeMethod, TensorTask
+from polyfuse.merge.methods.base import MERGE_METHODS, InvalidParameter, MergeMethod, TensorTask
 from polyfuse.merge.methods.sparsify import weighted_merge
 
 SCE_MASK_MODES = ("upstream", "weights_only")
@@ -87,10 +86,14 @@ class Sce(MergeMethod):
                 tau.mul_(mask)
         return taus, sce_weights([mean_square(tau) for tau in taus], ETA_SUM_EPS)
 
+    @classmethod
+    def check(cls, params, model_params) -> None:
+        if params["sce_mask"] not in SCE_MASK_MODES:
+            raise InvalidParameter("sce_mask", f"expected one of {', '.join(SCE_MASK_MODES)} (got {params['sce_mask']!r})")
+
     def _mode(self, task: TensorTask) -> str:
-        mode = str(self.param(task, "sce_mask"))
-        if mode not in SCE_MASK_MODES:
-            raise ConfigError(f"sce_mask must be one of {', '.join(SCE_MASK_MODES)}; got {mode!r}")
+        mode = self.param(task, "sce_mask")
+        self.check({"sce_mask": mode}, task.model_params)
         return mode
 
     def merge(self, task: TensorTask) -> torch.Tensor:

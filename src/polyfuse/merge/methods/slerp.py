@@ -6,11 +6,10 @@ th = sin((1-t) W) / sin W * v0 + sin(t W) / sin W * v1 with W = arccos(u0 . u1),
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from polyfuse.merge.methods.base import MERGE_METHODS, MergeMethod, TensorTask
+from polyfuse.merge.methods.base import MERGE_METHODS, InvalidParameter, MergeMethod, TensorTask
+from polyfuse.merge.methods.sphere import blend, slerp_weights
 
 NORM_EPS = 1e-8
 DOT_THRESHOLD = 0.9995
@@ -26,10 +25,8 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
         (norm_a if norm_a > NORM_EPS else 1.0) * (norm_b if norm_b > NORM_EPS else 1.0)
     )
     if abs(dot) > DOT_THRESHOLD:
-        return v0.mul_(1 - t).add_(v1.mul_(t))
-    omega = math.acos(max(-1.0, min(1.0, dot)))
-    sin_omega = math.sin(omega)
-    return v0.mul_(math.sin((1 - t) * omega) / sin_omega).add_(v1.mul_(math.sin(t * omega) / sin_omega))
+        return blend(v0, v1, 1 - t, t)
+    return blend(v0, v1, *slerp_weights(t, max(-1.0, min(1.0, dot))))
 
 
 @MERGE_METHODS.register("slerp")
@@ -40,6 +37,12 @@ class Slerp(MergeMethod):
     max_models = 1
     defaults = {"t": None}  # required
     model_defaults = {}
+
+    @classmethod
+    def check(cls, params, model_params) -> None:
+        """mergekit has no rule for t outside [0, 1] (its formula extrapolates past either model): refused."""
+        if not 0 <= params["t"] <= 1:
+            raise InvalidParameter("t", f"must be between 0 (the base) and 1 (the other model) (got {params['t']})")
 
     def merge(self, task: TensorTask) -> torch.Tensor:
         task = task.to_fp32()

@@ -1,7 +1,8 @@
 """Tensor pieces shared by the merge methods: magnitude trim (TIES, breadcrumbs, RSAF), random drop and
 rescale (DARE, DELLA), and the weighted sum with optional TIES sign election and disjoint mean.
 
-Every function takes and returns fp32 tensors and is pure apart from the warnings it logs. Random masks are
+Every function takes and returns fp32 tensors and is pure apart from the warnings it logs, except that
+`weighted_merge` without election sums into its first input. Random masks are
 drawn on the CPU from the generator they are given and then moved to the tensor's device, so a seed gives the
 same mask on every device.
 """
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from polyfuse.errors import ConfigError
+from polyfuse.merge.methods.base import InvalidParameter
 
 logger = logging.getLogger("polyfuse.merge")
 
@@ -22,15 +23,25 @@ L1_RESCALE_EPS = 1e-7  # mergekit: no norm matching when either L1 norm is below
 SUM_DIVISOR_EPS = 1e-8  # normalize without sign election: a |sum w| below this divides by 1
 
 
+def check_weight_sum(model_params: list[dict], method: str) -> None:
+    """Weights used as shares (divided by their sum) cannot sum to 0: mergekit divides by zero there (NaN and
+    Inf weights), so it is refused, naming the last model's weight."""
+    total = sum(float(p["weight"]) for p in model_params)
+    if model_params and abs(total) < SUM_DIVISOR_EPS:
+        raise InvalidParameter("weight", f"the weights sum to {total:g}, but {method} divides by their sum; give "
+                                         f"weights with a non-zero sum (or turn normalizing off)",
+                               len(model_params) - 1)
+
+
 def check_rescale_mode(mode: str) -> str:
     if mode not in RESCALE_MODES:
-        raise ConfigError(f"rescale_mode must be one of {', '.join(RESCALE_MODES)}; got {mode!r}")
+        raise InvalidParameter("rescale_mode", f"expected one of {', '.join(RESCALE_MODES)} (got {mode!r})")
     return mode
 
 
 def keep_count(density: float, numel: int, name: str = "") -> int:
-    """Entries a magnitude trim keeps: floor(density * numel) as mergekit's int(), but at least 1 (mergekit fails
-    when it is 0; polyfuse keeps the largest entry and warns)."""
+    """Entries a magnitude trim keeps for a density in (0, 1): floor(density * numel) as mergekit's int(), but at
+    least 1 (as mergekit 0.1.5; polyfuse also warns)."""
     k = int(density * numel)
     if k < 1:
         logger.warning(
@@ -96,10 +107,12 @@ def magnitude_trim(
 ) -> torch.Tensor:
     """Keep the top `density` fraction of |tau| (TIES trim); with `gamma` > 0 first drop the top `gamma` fraction
     as outliers (Model Breadcrumbs: keep floor(d*n) entries after the floor(gamma*n) largest; when d + gamma > 1
-    fewer outliers are dropped). density >= 1 returns tau untouched."""
+    fewer outliers are dropped). density >= 1 returns tau untouched, density <= 0 drops it (mergekit's rules)."""
     n = tau.numel()
     if density >= 1 or n == 0:
         return tau
+    if density <= 0:
+        return torch.zeros_like(tau)
     n_keep = keep_count(density, n, name)
     n_top = int(gamma * n)
     n_top = max(0, min(n_top, n - n_keep))
@@ -124,16 +137,22 @@ def dare_drop(
     mask: torch.Tensor | None = None,
     rescale: bool = True,
     mode: str = "paper",
-    name: str = "",
 ) -> torch.Tensor:
     """DARE: keep each entry with probability `density` (or where the given `mask` is set), then rescale by 1/d
     ("paper") or by L1 norm matching ("l1_norm"). density >= 1 returns tau untouched; density <= 0 drops it."""
     if density >= 1:
         return tau
     if density <= 0:
-        logger.warning("%s: DARE density %g drops the whole task vector", name or "tensor", density)
         return torch.zeros_like(tau)
     return random_drop(tau, density, generator, mask, rescale=rescale, mode=mode)
+
+
+def check_epsilon(density: float, epsilon: float, name: str = "", model: int | None = None) -> None:
+    """DELLA's keep probabilities density +- epsilon must lie in (0, 1) (mergekit raises there too)."""
+    if epsilon < 0 or not (density - epsilon > 0 and density + epsilon < 1):
+        raise InvalidParameter("epsilon", f"{name + ': ' if name else ''}density {density} and epsilon {epsilon} "
+                                          f"need epsilon >= 0, density - epsilon > 0 and density + epsilon < 1",
+                               model)
 
 
 def della_keep_probabilities(
@@ -142,11 +161,7 @@ def della_keep_probabilities(
     """DELLA MagPrune keep probabilities: per row (the first dimension; a 1-D tensor is one row), rank |tau|
     ascending, q = (rank - 1)/(n - 1) (0.5 for a row of one entry), p = (d - eps) + 2 eps q.
     Requires d - eps > 0 and d + eps < 1. Equal magnitudes are ranked by position (stable sort)."""
-    if epsilon < 0 or not (density - epsilon > 0 and density + epsilon < 1):
-        raise ConfigError(
-            f"{name or 'della'}: density {density} and epsilon {epsilon} need epsilon >= 0, "
-            "density - epsilon > 0 and density + epsilon < 1"
-        )
+    check_epsilon(density, epsilon, name)
     rows = tau.reshape(1, -1) if tau.dim() < 2 else tau.reshape(tau.shape[0], -1)
     n = rows.shape[1]
     if n == 1:
@@ -170,9 +185,11 @@ def della_magprune(
     name: str = "",
 ) -> torch.Tensor:
     """DELLA: drop with the MagPrune keep probabilities, then rescale by 1/p per entry ("paper") or by L1 norm
-    matching ("l1_norm"). density >= 1 returns tau untouched."""
+    matching ("l1_norm"). density >= 1 returns tau untouched, density <= 0 drops it (mergekit's rules)."""
     if density >= 1:
         return tau
+    if density <= 0:
+        return torch.zeros_like(tau)
     probs = della_keep_probabilities(tau, density, epsilon, name)
     return random_drop(tau, probs, generator, mask, rescale=rescale, mode=mode)
 
@@ -205,20 +222,22 @@ def weighted_merge(
 ) -> torch.Tensor:
     """sum_i w_i delta_i, normalised or not, with or without TIES sign election.
 
-    Without election the divisor is sum_i w_i, replaced by 1 when |.| < 1e-8. With election: s = +1 where
+    Without election the sum is formed in place in deltas[0] (the caller owns the deltas: `TensorTask`'s rule), so
+    no extra tensor is needed; the divisor is sum_i w_i, replaced by 1 when |.| < 1e-8. With election: s = +1 where
     sum_i w_i delta_i >= 0 (sum_i delta_i when not `elect_weighted`, as SCE does), else -1; model i takes part
     in an entry where sign(w_i delta_i) == s (zeros never agree); the divisor is sum_i w_i [takes part], a zero
     one replaced by 1 (or, with `divisor_floor`, clamped to at least that)."""
     assert deltas and len(deltas) == len(weights), (len(deltas), len(weights))
-    mixed = torch.zeros_like(deltas[0])
     if not consensus:
-        for delta, weight in zip(deltas, weights, strict=True):
+        mixed = deltas[0].mul_(float(weights[0]))
+        for delta, weight in zip(deltas[1:], weights[1:], strict=True):
             mixed.add_(delta, alpha=float(weight))
         if normalize:
             total = float(sum(float(w) for w in weights))
             mixed /= total if abs(total) >= SUM_DIVISOR_EPS else 1.0
         return mixed
 
+    mixed = torch.zeros_like(deltas[0])
     election = torch.zeros_like(deltas[0])
     for delta, weight in zip(deltas, weights, strict=True):
         election.add_(delta, alpha=float(weight) if elect_weighted else 1.0)

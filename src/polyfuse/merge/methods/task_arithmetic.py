@@ -26,6 +26,14 @@ class TaskVectorMerge(MergeMethod):
     defaults: ClassVar[dict[str, Any]] = {"lambda": 1.0, "int8_mask": False, "normalize": False}
     model_defaults: ClassVar[dict[str, Any]] = {"weight": None}
 
+    @classmethod
+    def check(cls, params: dict[str, Any], model_params: list[dict[str, Any]]) -> None:
+        """Also the rescale mode. Weights summing to 0 with normalize: true follow mergekit's rule (the divisor
+        becomes 1), so they are not refused here."""
+        super().check(params, model_params)
+        if "rescale_mode" in params:
+            check_rescale_mode(str(params["rescale_mode"]))
+
     def sparsify(self, task: TensorTask, index: int, tau: torch.Tensor) -> torch.Tensor:
         return tau
 
