@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from polyfuse.config import StrictModel, apply_overrides, read_yaml, validate
 from polyfuse.errors import ConfigError
@@ -39,8 +39,8 @@ class FilterValue(StrictModel):
     """One entry of a filtered value. mergekit's rule: the FIRST entry, in list order, whose filter is missing,
     `*`, or a substring of the tensor name applies; a fallback listed before a filter shadows it."""
 
-    filter: str | None = None
-    value: Scalar | list[float]
+    filter: str | None = Field(default=None, description="A substring of the tensor names this entry applies to; none or `*`: every tensor.")
+    value: Scalar | list[float] = Field(description="A number, or a list of numbers interpolated over the layers (a gradient).")
 
 
 ParamValue = Scalar | list[float] | FilterValue | list[FilterValue]
@@ -48,16 +48,18 @@ Params = dict[str, ParamValue]
 
 
 class ModelEntry(StrictModel):
-    model: str
-    parameters: Params = {}
+    """One input model and its own parameters."""
+
+    model: str = Field(description="A local folder, hub id (`org/name@revision`), `MODEL+LORA`, or in a recipe a source or stage name.")
+    parameters: Params = Field(default={}, description="This model's parameters (weight, density, ...), overriding the config's.")
 
 
 class SliceSource(StrictModel):
     """One model's layers `[start, end)` feeding an output slice (mergekit's `InputSliceDefinition`)."""
 
-    model: str
-    layer_range: tuple[int, int]
-    parameters: Params = {}
+    model: str = Field(description="The model the layers come from.")
+    layer_range: tuple[int, int] = Field(description="[start, end): the layers taken, end excluded.")
+    parameters: Params = Field(default={}, description="This model's parameters in this slice.")
 
     @field_validator("layer_range")
     @classmethod
@@ -72,11 +74,11 @@ class SliceEntry(StrictModel):
     `merge_method` per slice is a polyfuse extension (mergekit has one method per config);
     `residual_weight` is accepted because mergekit accepts it; mergekit 0.1.5 does not use it, nor does polyfuse."""
 
-    sources: list[SliceSource]
-    base_model: str | None = None
-    parameters: Params = {}
-    merge_method: str | None = None
-    residual_weight: float | None = None
+    sources: list[SliceSource] = Field(description="The models and layer ranges merged into this slice.")
+    base_model: str | None = Field(default=None, description="The slice's base model; default: the config's.")
+    parameters: Params = Field(default={}, description="Parameters for this slice, overriding the config's.")
+    merge_method: str | None = Field(default=None, description="This slice's method; default: the config's.")
+    residual_weight: float | None = Field(default=None, description="Accepted as mergekit accepts it; unused (as in mergekit 0.1.5).")
 
     @field_validator("sources")
     @classmethod
@@ -96,10 +98,10 @@ class SliceEntry(StrictModel):
 class ModelToken(StrictModel):
     """A token's embedding taken from one model's row, by id or by token string (mergekit `model_token`)."""
 
-    kind: Literal["model_token"]
-    model: str
-    token_id: int | None = None
-    token: str | None = None
+    kind: Literal["model_token"] = Field(description="`model_token`: one model's embedding row.")
+    model: str = Field(description="The model whose row is taken.")
+    token_id: int | None = Field(default=None, description="The row by id (give this or `token`).")
+    token: str | None = Field(default=None, description="The row by token string (give this or `token_id`).")
 
     @model_validator(mode="after")
     def _one_of(self) -> ModelToken:
@@ -109,23 +111,27 @@ class ModelToken(StrictModel):
 
 
 class ZeroToken(StrictModel):
-    kind: Literal["zero"]
+    """An all-zero embedding row."""
+
+    kind: Literal["zero"] = Field(description="`zero`: a row of zeros.")
 
 
 class TokenEmbedding(StrictModel):
     """Where a token's embedding comes from; `force` uses it even where a model has the token."""
 
-    source: ModelToken | ZeroToken | str | None = None
-    force: bool = False
+    source: ModelToken | ZeroToken | str | None = Field(
+        default=None, description="A model name (its row for this token), a model_token or zero source; default: the merge's rule."
+    )
+    force: bool = Field(default=False, description="Use `source` even for models that have the token.")
 
 
 class TokenizerConfig(StrictModel):
     """mergekit's `tokenizer:` block: the output vocabulary (`base`, `union` or a model), per-token embedding
     sources, and the padded row count."""
 
-    source: str = "union"
-    tokens: dict[str, TokenEmbedding] | None = None
-    pad_to_multiple_of: int | None = None
+    source: str = Field(default="union", description="The output vocabulary: `union`, `base`, or a model's.")
+    tokens: dict[str, TokenEmbedding] | None = Field(default=None, description="Per token string: where its embedding comes from.")
+    pad_to_multiple_of: int | None = Field(default=None, description="Pad the embedding rows to a multiple of this.")
 
     @field_validator("pad_to_multiple_of")
     @classmethod
@@ -141,16 +147,16 @@ class MergeConfig(StrictModel):
     `slices`; `models` is the one-slice case (every model's full depth, the base appended when not listed,
     as mergekit normalises it)."""
 
-    merge_method: str
-    base_model: str | None = None
-    models: list[ModelEntry] = []
-    slices: list[SliceEntry] | None = None
-    parameters: Params = {}
-    dtype: DType | None = None
-    out_dtype: DType | None = None
-    tokenizer_source: str | None = None
-    tokenizer: TokenizerConfig | None = None
-    chat_template: str | None = None
+    merge_method: str = Field(description="The merge method: linear, ties, dare_ties, slerp, rsaf and the rest (docs/merge-compat.md lists them).")
+    base_model: str | None = Field(default=None, description="The model task vectors are taken against (methods that need one).")
+    models: list[ModelEntry] = Field(default=[], description="The input models (give this or `slices`).")
+    slices: list[SliceEntry] | None = Field(default=None, description="Layer ranges stacked into the output (give this or `models`).")
+    parameters: Params = Field(default={}, description="Method parameters for every model (weight, density, t, ...).")
+    dtype: DType | None = Field(default=None, description="Accepted as mergekit does; polyfuse computes in fp32. The default of `out_dtype`.")
+    out_dtype: DType | None = Field(default=None, description="The output's dtype; default: `dtype`, else the base model's.")
+    tokenizer_source: str | None = Field(default=None, description="mergekit's older form of `tokenizer.source`.")
+    tokenizer: TokenizerConfig | None = Field(default=None, description="The output vocabulary and per-token embeddings.")
+    chat_template: str | None = Field(default=None, description="A template name (chatml, ...) or literal Jinja for the output tokenizer.")
 
     @field_validator("parameters")
     @classmethod
