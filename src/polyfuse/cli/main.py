@@ -127,9 +127,12 @@ def sample(
     """Sample N responses per prompt from every model in the config (data parallel under accelerate)."""
     from polyfuse.config import load_config
     from polyfuse.data import PromptRow
+    from polyfuse.errors import ConfigError
     from polyfuse.pipeline.stages.sample import SampleConfig, run_sample
 
     cfg = load_config(SampleConfig, config, set_)
+    if cfg.include_pivot:
+        raise ConfigError(f"{config}: include_pivot: only a recipe has a pivot; list the model under models")
     console.print(f"wrote {run_sample(_read(prompts, PromptRow, skip_invalid), cfg, out, quiet=quiet)}")
 
 
@@ -264,11 +267,11 @@ def logprobs(
     through its own tokenizer and chat template; resumable, data parallel under accelerate."""
     from polyfuse.config import load_config
     from polyfuse.data import PreferenceRow
-    from polyfuse.logprobs import LogprobsConfig, LogprobsSettings, run_logprobs
+    from polyfuse.logprobs import LogprobsConfig, run_logprobs
 
     cfg = load_config(LogprobsConfig, config, set_)
-    settings = LogprobsSettings.model_validate(cfg.model_dump(include=set(LogprobsSettings.model_fields)))
-    console.print(f"wrote {run_logprobs(cfg.pivot, cfg.sources, _read(data, PreferenceRow), settings, out, quiet)}")
+    cfg.models()  # pivot and sources given: refused before the data is read
+    console.print(f"wrote {run_logprobs(cfg, _read(data, PreferenceRow), out, quiet)}")
 
 
 @app.command()
@@ -342,12 +345,14 @@ def eval_cmd(
     toy_preset: Annotated[str, typer.Option(help="Toy world preset for --data toyworld.")] = "default",
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation budget per prompt.")] = 256,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per generate call.")] = 16,
+    backend: Annotated[str, typer.Option(help="Inference backend with its default options: transformers or vllm.")] = "transformers",
     unsafe_local_code: Annotated[bool, typer.Option(
         help="Run generated code without the bubblewrap sandbox (it can then touch your files and processes)."
     )] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Greedy accuracy per domain on held-out prompts: a table, results.json, results.md and a PNG bar chart."""
+    from polyfuse.config import validate
     from polyfuse.evaluation import (
         accuracy_table,
         default_verifiers,
@@ -355,7 +360,7 @@ def eval_cmd(
         load_eval_set,
         write_eval_report,
     )
-    from polyfuse.models import ModelSpec
+    from polyfuse.sampling import EngineModel
     from polyfuse.toyworld import ToyWorldConfig, build_world
 
     if data == "toyworld":
@@ -365,7 +370,7 @@ def eval_cmd(
     scorers = default_verifiers(unsafe_local_code)
     results = {}
     for name, path in named_models(model).items():
-        spec = ModelSpec(name=name, path=path)
+        spec = validate(EngineModel, {"name": name, "path": path, "backend": backend}, source="--model/--backend")
         results[spec.label] = evaluate(spec, prompts, scorers, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                        quiet=quiet)
     write_eval_report(results, out)

@@ -14,9 +14,9 @@ from pydantic import BaseModel
 
 from polyfuse.data.schemas import PromptRow, SampleRow, stable_id
 from polyfuse.errors import UserError
-from polyfuse.models import ModelSpec, load_model, load_tokenizer
+from polyfuse.models import ModelSpec
 from polyfuse.progress import progress_bar
-from polyfuse.sampling import SamplingParams, get_backend
+from polyfuse.sampling import Backend, EngineModel, SamplingParams, build_backend
 from polyfuse.scorers import SCORERS, Scorer, Verifier, build_scorer
 
 _VERIFY_CHUNK = 16  # rows per verifier call: keeps the progress bar moving and code sandboxes parallel
@@ -103,7 +103,7 @@ def _pick_verifiers(rows: list[SampleRow], verifiers: list[Scorer]) -> list[Scor
 
 
 def evaluate(
-    model: ModelSpec | tuple[Any, Any],
+    model: ModelSpec | Backend,
     prompts: list[PromptRow],
     scorers: list[Scorer],
     batch_size: int = 8,
@@ -111,22 +111,28 @@ def evaluate(
     label: str | None = None,
     quiet: bool = False,
 ) -> EvalResult:
-    """Greedy-decode every prompt with `model` (a spec, or a loaded (model, tokenizer) pair) and judge it."""
-    label = label or (model.label if isinstance(model, ModelSpec) else "model")
+    """Greedy-decode every prompt with `model` and judge it. `model` is a spec (run through its `backend:`,
+    transformers for a plain `ModelSpec`, built and freed here) or a backend the caller built and keeps."""
+    label = label or (model.label if isinstance(model, ModelSpec) else model.spec.label)
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
     verifiers = [s for s in scorers if s.kind == "verifier"]
     picked = _pick_verifiers([_as_sample(p, label, "", params) for p in prompts], verifiers)
     for verifier in {id(v): v for v in picked}.values():
         verifier.require_ready()  # e.g. the code sandbox: refuse before the model is loaded
     if isinstance(model, ModelSpec):
-        lm, tokenizer = load_model(model), load_tokenizer(model, padding_side="left")
-    else:
-        lm, tokenizer = model
-    backend = get_backend("transformers")(lm, tokenizer, batch_size)
+        engine = model if isinstance(model, EngineModel) else EngineModel.model_validate(model.model_dump())
+        with build_backend(engine) as backend:
+            return _evaluate(backend, prompts, picked, params, batch_size, label, quiet)
+    return _evaluate(model, prompts, picked, params, batch_size, label, quiet)
+
+
+def _evaluate(backend: Backend, prompts: list[PromptRow], picked: list[Scorer], params: SamplingParams,
+              batch_size: int, label: str, quiet: bool) -> EvalResult:
     verdicts: list[tuple[Any, dict[str, Any]]] = [(False, {})] * len(prompts)
     with progress_bar(disable=quiet) as bar:
         generating = bar.add_task(f"generate {label}", total=len(prompts))
-        outputs = backend.generate([p.prompt for p in prompts], params, lambda n: bar.advance(generating, n))
+        outputs = backend.generate_all([p.prompt for p in prompts], params, batch_size=batch_size,
+                                       progress=lambda n: bar.advance(generating, n))
         rows = [_as_sample(p, label, out[0], params) for p, out in zip(prompts, outputs, strict=True)]
         verifying = bar.add_task(f"verify {label}", total=len(rows))
         for verifier in {id(v): v for v in picked}.values():

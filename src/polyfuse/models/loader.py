@@ -37,6 +37,10 @@ class ModelSpec(StrictModel):
     def label(self) -> str:
         return self.name or Path(self.path.rstrip("/")).name.removesuffix(".gguf")
 
+    def as_spec(self) -> ModelSpec:
+        """Just the model's location and loading options, without what a subclass adds (backend, sampling)."""
+        return ModelSpec.model_validate(self.model_dump(include=set(ModelSpec.model_fields)))
+
     def location(self) -> tuple[str, str | None]:
         """(folder or hub id, gguf file name or None)."""
         if self.gguf_file is None and self.path.endswith(".gguf"):
@@ -131,6 +135,20 @@ def load_config(spec: ModelSpec):
         return AutoConfig.from_pretrained(folder, **_common_kwargs(spec))
     except (OSError, ValueError) as err:
         raise UserError(f"{spec.label}: cannot load config from {folder!r}: {err}") from None
+
+
+def load_generation_config(spec: ModelSpec):
+    """The model's `GenerationConfig` (EOS ids, default sampling), as `generate` in transformers sees it: the
+    folder's `generation_config.json`, else derived from `config.json` (and always so for GGUF files)."""
+    from transformers import GenerationConfig
+
+    folder, gguf = spec.location()
+    if gguf is None:
+        try:
+            return GenerationConfig.from_pretrained(folder, revision=spec.revision)
+        except OSError:
+            pass
+    return GenerationConfig.from_model_config(load_config(spec))
 
 
 def load_model(spec: ModelSpec, task: Literal["causal-lm", "sequence-classification"] = "causal-lm"):

@@ -1,14 +1,16 @@
-"""Stage `sample`: N responses per prompt from every model, each through its own chat template.
+"""Stage `sample`: N responses per prompt from every model, each through its own chat template and its own
+backend (`backend:` per model: transformers, vllm, openai).
 
 Work is cut into (model, chunk of prompts) shards (`polyfuse.data.sharded`): each is written atomically
 once finished, so a killed run resumes with the shards still missing, and under `accelerate launch` the
-processes take shards in turn. Each shard's seed depends only on the model, the chunk and the recipe
-seed, so the output does not depend on the number of processes.
+processes take shards in turn. Within a shard every finished request is journaled as it arrives, so a run
+killed mid-shard (a slow server) resends none of them. Each shard's seed depends only on the model, the
+chunk and the recipe seed, and each request's seed on the shard's seed and its position, so the output
+does not depend on the number of processes or on where a run was killed.
 """
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 
 from pydantic import Field
@@ -17,22 +19,21 @@ from polyfuse.config import StrictModel
 from polyfuse.data.io import ShardStore, read_rows, write_rows
 from polyfuse.data.schemas import PromptRow, SampleRow, stable_id
 from polyfuse.data.sharded import ShardPlan
-from polyfuse.models import ModelSpec, load_model, load_tokenizer
+from polyfuse.errors import ConfigError
 from polyfuse.pipeline.context import STAGES, Context, Stage, paths_in
 from polyfuse.progress import progress_bar
-from polyfuse.sampling import SamplingParams, get_backend
-
-
-class SampledModel(ModelSpec):
-    sampling: SamplingParams = Field(default_factory=SamplingParams)
+from polyfuse.sampling import SampledModel, build_backend, request_seed
 
 
 class SampleConfig(StrictModel):
-    models: list[SampledModel] = Field(min_length=1)
-    backend: str = "transformers"
-    batch_size: int = Field(default=32, ge=1)
+    """`polyfuse sample --config` and a recipe's `sample` section. In a recipe the models are the recipe's
+    sources (and, with `include_pivot`, its pivot) and the seed is the recipe's unless the section sets one."""
+
+    models: list[SampledModel] = Field(default_factory=list, description="Recipes: filled from sources/pivot.")
+    batch_size: int = Field(default=32, ge=1, description="Prompts per engine call.")
     chunk_size: int = Field(default=256, ge=1, description="Prompts per resumable shard.")
     seed: int = 0
+    include_pivot: bool = Field(default=False, description="Recipes only: sample the pivot too.")
 
 
 def _shard_seed(seed: int, model: str, chunk: int) -> int:
@@ -40,66 +41,68 @@ def _shard_seed(seed: int, model: str, chunk: int) -> int:
 
 
 def run_sample(prompts: list[PromptRow], config: SampleConfig, out_dir: str | Path, quiet: bool = False) -> Path:
+    if not config.models:
+        raise ConfigError("sample: models: give at least one model to sample from")
     out_dir = Path(out_dir)
     store = ShardStore(out_dir / "shards")
     chunks = [prompts[i : i + config.chunk_size] for i in range(0, len(prompts), config.chunk_size)]
     keys = [[f"{spec.label}-{c:05d}" for c in range(len(chunks))] for spec in config.models]
     plan = ShardPlan(len(config.models), len(chunks))
-    backend_cls = get_backend(config.backend)
     with progress_bar(disable=quiet or not plan.is_main) as bar:
         for m, spec in enumerate(config.models):
             todo = [(c, keys[m][c]) for c in plan.todo(m, lambda c, m=m: store.done(keys[m][c]))]
             if not todo:
                 continue
             task = bar.add_task(f"sample {spec.label}", total=sum(len(chunks[c]) for c, _ in todo))
-            model, tokenizer = load_model(spec), load_tokenizer(spec, padding_side="left")
-            backend = backend_cls(model, tokenizer, batch_size=config.batch_size)
-            for c, key in todo:
-                params = spec.sampling.model_copy(update={"seed": _shard_seed(config.seed, spec.label, c)})
-                texts = backend.generate(
-                    [p.prompt for p in chunks[c]], params, progress=lambda n, t=task: bar.advance(t, n)
-                )
-                rows = [
-                    SampleRow(
-                        **prompt.model_dump(exclude_none=True, exclude={"id"}),
-                        id=f"{prompt.id}:{spec.label}:{k}", prompt_id=prompt.id, model=spec.label,
-                        sample_index=k, response=text, sampling=params.model_dump(), seed=params.seed,
-                    )
-                    for prompt, responses in zip(chunks[c], texts, strict=True)
-                    for k, text in enumerate(responses)
-                ]
-                store.write(key, rows)
-            del model, backend
-            gc.collect()
+            with build_backend(spec) as backend:  # freed before the next model's
+                for c, key in todo:
+                    params = spec.sampling.model_copy(update={"seed": _shard_seed(config.seed, spec.label, c)})
+                    responses = {record["index"]: record["responses"] for record in store.journaled(key)}
+                    bar.advance(task, len(responses))
+                    left = [i for i in range(len(chunks[c])) if i not in responses]
+
+                    def done(j: int, texts: list[str], left=left, key=key, responses=responses, task=task) -> None:
+                        responses[left[j]] = texts
+                        store.append(key, {"index": left[j], "responses": texts})
+                        bar.advance(task, 1)
+
+                    backend.generate([chunks[c][i].prompt for i in left], params, done,
+                                     [request_seed(params.seed, i) for i in left], config.batch_size)
+                    rows = [
+                        SampleRow(
+                            **prompt.model_dump(exclude_none=True, exclude={"id"}),
+                            id=f"{prompt.id}:{spec.label}:{k}", prompt_id=prompt.id, model=spec.label,
+                            sample_index=k, response=text, sampling=params.model_dump(), seed=params.seed,
+                        )
+                        for i, prompt in enumerate(chunks[c])
+                        for k, text in enumerate(responses[i])
+                    ]
+                    store.write(key, rows)
     out = out_dir / "samples.jsonl"
     plan.on_main(lambda: write_rows(out, store.read_all(SampleRow, [key for row in keys for key in row])))
     return out
-
-
-class SampleSection(StrictModel):
-    """The recipe's `sample` section; the models are the recipe's sources (and, with `include_pivot`, the
-    pivot), the seed is the recipe's."""
-
-    backend: str = "transformers"
-    batch_size: int = Field(default=32, ge=1)
-    chunk_size: int = Field(default=256, ge=1)
-    include_pivot: bool = False
 
 
 @STAGES.register("sample")
 class SampleStage(Stage):
     name = "sample"
     position = 20
-    section = SampleSection
+    section = SampleConfig
     section_default = True
     every_process = True
     needs = ("prompts",)
 
+    def check(self, recipe) -> None:
+        if recipe.sample.models:
+            raise ValueError("sample.models: a recipe samples its sources (and its pivot with "
+                             "sample.include_pivot); give the models there")
+
     def sample_config(self, recipe) -> SampleConfig:
         section = recipe.sample
-        models = recipe.sources + ([recipe.pivot] if section.include_pivot else [])
-        return SampleConfig(models=models, backend=section.backend, batch_size=section.batch_size,
-                            chunk_size=section.chunk_size, seed=recipe.seed)
+        update = {"models": recipe.sources + ([recipe.pivot] if section.include_pivot else [])}
+        if "seed" not in section.model_fields_set:
+            update["seed"] = recipe.seed
+        return section.model_copy(update=update)
 
     def inputs(self, ctx: Context) -> dict[str, str]:
         return {"prompts": ctx.output("prompts", "prompts"), **paths_in(self.sample_config(ctx.recipe).model_dump())}

@@ -24,11 +24,11 @@ class TeacherSection(TeacherSettings):
 
 
 def teacher_models(ctx: Context) -> list[ModelSpec]:
-    sources = [ModelSpec.model_validate(s.model_dump(exclude={"sampling"})) for s in ctx.recipe.sources]
+    sources = [s.as_spec() for s in ctx.recipe.sources]
     if not ctx.recipe.teacher.include_pivot:
         return sources
     pivot = ctx.current_pivot("teacher")  # first: MinCE ties go to the first candidate, the pivot itself
-    return [ModelSpec.model_validate(pivot.model_dump(exclude={"sampling"})), *sources]
+    return [pivot.as_spec(), *sources]
 
 
 def training_rows(ctx: Context) -> str:
