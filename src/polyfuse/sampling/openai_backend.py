@@ -89,7 +89,7 @@ class OpenAIBackend(Backend):
         try:
             asyncio.run(main())
         except openai.APITimeoutError:
-            raise UserError(f"{where}: no answer within {self.config.timeout:g} s, {tries} (backend.timeout)") from None
+            raise UserError(f"{where}: no answer within {self.config.timeout:g} s {tries} (backend.timeout)") from None
         except openai.APIConnectionError as err:
             raise UserError(f"{where}: cannot connect {tries} ({err.__cause__ or err}); is the server running?") from None
         except openai.APIStatusError as err:

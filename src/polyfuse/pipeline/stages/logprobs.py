@@ -39,6 +39,13 @@ class LogprobsStage(Stage):
         pivot = EngineModel.model_validate(ctx.current_pivot("logprobs").model_dump(exclude={"sampling"}))
         return section.model_copy(update={"pivot": pivot, "sources": sources})
 
+    def config(self, recipe) -> dict:
+        """The section with the sources it scores and their backends (the pivot's path is an input)."""
+        section = recipe.logprobs
+        sources = [] if section.sources is False else [s.model_dump(mode="json", exclude={"sampling"}) for s in recipe.sources]
+        return {"section": section.model_dump(mode="json"), "sources": sources,
+                "pivot_backend": (section.backend or recipe.pivot.backend).model_dump(mode="json")}
+
     def inputs(self, ctx: Context) -> dict[str, str]:
         config = self.logprobs_config(ctx)
         return {

@@ -104,6 +104,10 @@ class SampleStage(Stage):
             update["seed"] = recipe.seed
         return section.model_copy(update=update)
 
+    def config(self, recipe) -> dict:
+        """The filled config: a model's sampling settings or backend changed reruns the stage."""
+        return {"section": self.sample_config(recipe).model_dump(mode="json")}
+
     def inputs(self, ctx: Context) -> dict[str, str]:
         return {"prompts": ctx.output("prompts", "prompts"), **paths_in(self.sample_config(ctx.recipe).model_dump())}
 
