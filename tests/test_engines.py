@@ -106,3 +106,29 @@ def test_fusechat_toy_recipe_samples_every_source_through_vllm(vllm_python, tiny
     assert meta["backends"] == {"pivot": "transformers", **{name: "vllm" for name in names}}
     results = json.loads((work / "eval" / "results.json").read_text())
     assert set(names) <= set(results)
+
+
+def test_two_processes_share_the_shards_and_give_the_rows_of_one(vllm_python, tiny_world, tmp_path):
+    """Data parallel under `accelerate launch`: each process runs its own engine (in a process of its own,
+    since the launcher's process group is taken) on its shards and half the cores; per-request seeds make
+    the rows those of one process."""
+    from polyfuse.data import write_rows
+    from test_ddp import free_port
+
+    write_rows(tmp_path / "prompts.jsonl", tiny_world.prompts("train", per_domain=4))
+    models = [{"name": name, "path": str(path), "backend": {"type": "vllm", "max_num_seqs": 8},
+               "sampling": {"n": 2, "temperature": 0.9, "max_new_tokens": 8}}
+              for name, path in list(tiny_world.source_paths.items())[:2]]
+    (tmp_path / "sample.yaml").write_text(yaml.safe_dump({"models": models, "chunk_size": 6, "seed": 5}))
+    args = ["-m", "polyfuse", "sample", "--config", str(tmp_path / "sample.yaml"), "--prompts",
+            str(tmp_path / "prompts.jsonl"), "--quiet", "--out"]
+    one = subprocess.run([str(vllm_python), *args, str(tmp_path / "one")], env=engine_env(), capture_output=True,
+                         text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-4000:]
+    launch = [str(vllm_python), "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    two = subprocess.run([*launch, *args, str(tmp_path / "two")], env=engine_env(ACCELERATE_USE_CPU="true"),
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-4000:]
+    rows = [read_rows(tmp_path / out / "samples.jsonl", SampleRow) for out in ("one", "two")]
+    assert len(rows[0]) == 12 * 2 * 2 and [r.model_dump() for r in rows[1]] == [r.model_dump() for r in rows[0]]

@@ -6,6 +6,7 @@ CPU wheel) and stopped by its process id. It serves the tiny toy world's `llama-
   the server, equal to the transformers path) and evaluated through `backend: openai`.
 - `polyfuse sample` killed mid-run and run again resends none of the requests it had journaled, loses and
   duplicates no row, and gives the rows of an uninterrupted run (per-request seeds).
+- The chat endpoint (the server's template) answers as the completions endpoint (polyfuse's rendering).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from polyfuse.models import ModelSpec, load_model, load_tokenizer
 from polyfuse.pipeline.demo import recipe_path
 from polyfuse.pipeline.recipe import load_recipe
 from polyfuse.pipeline.runner import run_recipe
+from polyfuse.sampling import SampledModel, SamplingParams, build_backend
 from test_ddp import free_port
 from test_pipeline import tiny_overrides
 
@@ -154,3 +156,17 @@ def test_a_killed_client_resends_nothing_it_has(toy_server, tiny_world, tmp_path
     assert len(resumed) == 2 * len(prompts) and len({r.id for r in resumed}) == len(resumed)
     assert [r.model_dump() for r in resumed] == [r.model_dump() for r in whole]  # per-request seeds
     assert not journal.exists()
+
+
+def test_the_chat_endpoint_leaves_the_prompt_to_the_server_template(toy_server, tiny_world):
+    """`endpoint: chat` sends messages and the server applies its chat template; for a model whose template
+    polyfuse renders the same way, greedy answers are those of the completions endpoint (token ids)."""
+    prompts = [p.prompt for p in tiny_world.prompts("heldout", per_domain=2)]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
+    base = {"name": SERVED, "path": str(tiny_world.source_paths[SERVED])}
+    answers = []
+    for endpoint in ("completions", "chat"):
+        model = SampledModel.model_validate({**base, "backend": served_source(toy_server, endpoint=endpoint)})
+        with build_backend(model) as backend:
+            answers.append(backend.generate_all(prompts, greedy))
+    assert answers[1] == answers[0]

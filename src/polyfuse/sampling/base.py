@@ -33,7 +33,8 @@ from pydantic import Field, SerializeAsAny, WrapValidator
 from polyfuse.config import StrictModel
 from polyfuse.data.schemas import stable_id
 from polyfuse.errors import ConfigError
-from polyfuse.models import ModelSpec
+from polyfuse.models import ModelSpec, load_generation_config, load_tokenizer
+from polyfuse.models.forward import DEFAULT_TOKEN_BUDGET
 from polyfuse.registry import Registry
 
 
@@ -77,8 +78,6 @@ class Backend(ABC):
     loads_weights: ClassVar[bool] = True
 
     def __init__(self, spec: ModelSpec, config: BackendSettings):
-        from polyfuse.models import load_tokenizer
-
         self.spec, self.config = spec, config
         self.tokenizer = load_tokenizer(spec, padding_side="left")
 
@@ -103,7 +102,7 @@ class Backend(ABC):
         self.generate(prompts, params, done, seeds, batch_size)
         return results
 
-    def score(self, sequences: list[tuple[list[int], int]], token_budget: int = 4096,
+    def score(self, sequences: list[tuple[list[int], int]], token_budget: int = DEFAULT_TOKEN_BUDGET,
               progress: Callable[[int], None] | None = None) -> list[tuple[float, int]]:
         """(sum of the response tokens' log-probs in fp32, response token count) of each `(ids, prompt
         length)` sequence, in input order. `token_budget` bounds a forward's padded tokens where the
@@ -117,8 +116,6 @@ class Backend(ABC):
     def stop_token_ids(self) -> list[int]:
         """The ids that end a response: the model's generation config's EOS (one id or several), else its
         config's, else the tokenizer's; what `generate` in transformers stops on."""
-        from polyfuse.models import load_generation_config
-
         eos = load_generation_config(self.spec).eos_token_id
         if eos is None:
             eos = self.tokenizer.eos_token_id

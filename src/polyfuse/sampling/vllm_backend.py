@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 from pydantic import Field
@@ -58,9 +59,17 @@ def _on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
+def _launched() -> bool:
+    """Whether this process is one of several under a launcher (`accelerate launch`) that set up a process
+    group: an engine in this process would take that group for its own, so it gets a process of its own."""
+    import torch.distributed
+
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _cpu_environment() -> None:
     """The settings vLLM's CPU build needs here, unless the user set them (read when the engine starts)."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if _launched() else "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
@@ -103,6 +112,33 @@ def engine_kwargs(spec: ModelSpec, config: VllmSettings, on_cpu: bool, context: 
     return {**kwargs, **config.engine_args}
 
 
+@contextmanager
+def _own_gpus(tensor_parallel_size: int, on_cpu: bool) -> Iterator[None]:
+    """Under a multi-process launch on GPUs, each process's engine (started in processes of its own) sees
+    only its share of the GPUs: process r gets GPUs r*tp .. r*tp + tp - 1 of those visible. (Not tested
+    here: the test machines have no GPU.)"""
+    count, rank = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    if on_cpu or count == 1:
+        yield
+        return
+    import torch
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    share = devices[rank * tensor_parallel_size : (rank + 1) * tensor_parallel_size]
+    if len(share) < tensor_parallel_size:
+        raise UserError(f"{count} processes x tensor_parallel_size {tensor_parallel_size} need "
+                        f"{count * tensor_parallel_size} GPUs; {len(devices)} are visible")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(share)
+    try:
+        yield
+    finally:
+        if visible is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
+
+
 @BACKENDS.register("vllm")
 class VllmBackend(Backend):
     Config = VllmSettings
@@ -121,7 +157,10 @@ class VllmBackend(Backend):
             _cpu_environment()
         context = getattr(load_config(spec), "max_position_embeddings", None)
         self.kwargs = engine_kwargs(spec, config, on_cpu, context)
-        self.engine = vllm.LLM(**self.kwargs)
+        # In this process (no launcher), the engine sets up and must tear down torch.distributed itself.
+        self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" and not _launched()
+        with _own_gpus(config.tensor_parallel_size, on_cpu):
+            self.engine = vllm.LLM(**self.kwargs)
         self.stop_ids = self.stop_token_ids()
 
     def _sampling(self, params: SamplingParams, seed: int | None, **extra: Any) -> Any:
@@ -170,7 +209,8 @@ class VllmBackend(Backend):
             return
         self.engine.llm_engine.engine_core.shutdown()
         self.engine = None
-        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+        if self.in_process:
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-        cleanup_dist_env_and_memory()
+            cleanup_dist_env_and_memory()
         gc.collect()
