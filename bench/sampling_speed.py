@@ -6,10 +6,12 @@ exported to a safetensors folder in fp32), interleaved round by round.
 
 Every measurement runs in a fresh process of the vLLM venv (`polyfuse.sampling.vllm_env`, built on first
 use), so all three use the same torch; the server is started for its turn of each round and stopped after
-it, so an idle engine never competes with the others. Reported per backend: engine start (seconds until the
-backend was ready: model load, engine set-up, or the server answering /health), wall time of the sampling
-itself (after a short warm-up call), and generated tokens per CPU-second (the response texts re-tokenised, the same count for every
-backend; CPU time of the process, plus the server's process tree for the server backend). Best of the rounds.
+it, so an idle engine never competes with the others. Reported per backend: engine start (seconds until
+the backend was ready: model load, engine set-up, or the server answering /health), wall time of the
+sampling itself (after a short warm-up call), and generated tokens per CPU-second (the response texts
+re-tokenised, the same count for every backend; CPU time of the measuring process and its children,
+vLLM's engine process among them, plus the server's process tree for the server backend). Best of the
+rounds.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -76,16 +77,12 @@ def worker(args: argparse.Namespace) -> None:
     backend = build_backend(spec)
     started = time.perf_counter() - start
     backend.generate_all(prompts[:1], params.model_copy(update={"max_new_tokens": 4}))  # warm-up, not timed
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    cpu_before = usage.ru_utime + usage.ru_stime
-    server_before = cpu_seconds(args.server_pid) if args.server_pid else 0.0
+    processes = [os.getpid(), *([args.server_pid] if args.server_pid else [])]  # with vLLM's engine processes
+    cpu_before = sum(map(cpu_seconds, processes))
     start = time.perf_counter()
     texts = backend.generate_all(prompts, params, batch_size=args.prompts * args.n)
     wall = time.perf_counter() - start
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = usage.ru_utime + usage.ru_stime - cpu_before
-    if args.server_pid:
-        cpu += cpu_seconds(args.server_pid) - server_before
+    cpu = sum(map(cpu_seconds, processes)) - cpu_before
     backend.close()
     tokenizer = load_tokenizer(spec)
     tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for group in texts for t in group)

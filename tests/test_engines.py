@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import engine_env
@@ -85,13 +87,23 @@ def vllm_recipe(tiny_world, work) -> dict:
     return recipe
 
 
-def test_fusechat_toy_recipe_samples_every_source_through_vllm(vllm_python, tiny_world, tmp_path):
-    recipe = vllm_recipe(tiny_world, tmp_path / "work")
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    result = subprocess.run([str(vllm_python), "-m", "polyfuse", "run", str(tmp_path / "recipe.yaml"), "--quiet"],
-                            env=engine_env(), capture_output=True, text=True, timeout=900)
+@pytest.fixture(scope="module")
+def vllm_recipe_run(vllm_python, tiny_world, tmp_path_factory) -> tuple[Path, dict]:
+    """The recipe run once. Its nine engines (three sources: sampling, scoring, evaluation) run inside the
+    polyfuse process (VLLM_ENABLE_V1_MULTIPROCESSING=0): for tiny models the start dominates, and it is
+    half as long there; vLLM's default (an engine process of its own) is what the other tests run."""
+    folder = tmp_path_factory.mktemp("vllm-recipe")
+    recipe = vllm_recipe(tiny_world, folder / "work")
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = subprocess.run([str(vllm_python), "-m", "polyfuse", "run", str(folder / "recipe.yaml"), "--quiet"],
+                            env=engine_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"), capture_output=True, text=True,
+                            timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    work = tmp_path / "work"
+    return folder / "work", recipe
+
+
+def test_fusechat_toy_recipe_samples_every_source_through_vllm(vllm_recipe_run):
+    work, recipe = vllm_recipe_run
     samples = read_rows(work / "sample" / "samples.jsonl", SampleRow)
     prompts = len((work / "prompts" / "prompts.jsonl").read_text().splitlines())
     names = [s["name"] for s in recipe["sources"]]
@@ -108,27 +120,23 @@ def test_fusechat_toy_recipe_samples_every_source_through_vllm(vllm_python, tiny
     assert set(names) <= set(results)
 
 
-def test_two_processes_share_the_shards_and_give_the_rows_of_one(vllm_python, tiny_world, tmp_path):
-    """Data parallel under `accelerate launch`: each process runs its own engine (in a process of its own,
-    since the launcher's process group is taken) on its shards and half the cores; per-request seeds make
-    the rows those of one process."""
-    from polyfuse.data import write_rows
+def test_two_processes_share_the_shards_and_give_the_rows_of_one(vllm_python, vllm_recipe_run, tmp_path):
+    """Data parallel under `accelerate launch`: each process runs its own engine (in a process of its own)
+    on its shards and half the cores; per-request seeds make the rows those of the one-process recipe run."""
     from test_ddp import free_port
 
-    write_rows(tmp_path / "prompts.jsonl", tiny_world.prompts("train", per_domain=4))
-    models = [{"name": name, "path": str(path), "backend": {"type": "vllm", "max_num_seqs": 8},
-               "sampling": {"n": 2, "temperature": 0.9, "max_new_tokens": 8}}
-              for name, path in list(tiny_world.source_paths.items())[:2]]
-    (tmp_path / "sample.yaml").write_text(yaml.safe_dump({"models": models, "chunk_size": 6, "seed": 5}))
-    args = ["-m", "polyfuse", "sample", "--config", str(tmp_path / "sample.yaml"), "--prompts",
-            str(tmp_path / "prompts.jsonl"), "--quiet", "--out"]
-    one = subprocess.run([str(vllm_python), *args, str(tmp_path / "one")], env=engine_env(), capture_output=True,
-                         text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-4000:]
+    work, _ = vllm_recipe_run
+    config = json.loads((work / "sample" / "manifest.json").read_text())["config"]["section"]
+    config["models"] = config["models"][:1]  # three shards of one model: one engine per process
+    (tmp_path / "sample.yaml").write_text(yaml.safe_dump(config))
     launch = [str(vllm_python), "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
-    two = subprocess.run([*launch, *args, str(tmp_path / "two")], env=engine_env(ACCELERATE_USE_CPU="true"),
-                         capture_output=True, text=True, timeout=600)
+    two = subprocess.run([*launch, "-m", "polyfuse", "sample", "--config", str(tmp_path / "sample.yaml"), "--prompts",
+                          str(work / "prompts" / "prompts.jsonl"), "--quiet", "--out", str(tmp_path / "two")],
+                         env=engine_env(ACCELERATE_USE_CPU="true"), capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-4000:]
-    rows = [read_rows(tmp_path / out / "samples.jsonl", SampleRow) for out in ("one", "two")]
-    assert len(rows[0]) == 12 * 2 * 2 and [r.model_dump() for r in rows[1]] == [r.model_dump() for r in rows[0]]
+    name = config["models"][0]["name"]
+    one = [r for r in read_rows(work / "sample" / "samples.jsonl", SampleRow) if r.model == name]
+    parallel = read_rows(tmp_path / "two" / "samples.jsonl", SampleRow)
+    assert len(list((tmp_path / "two" / "shards").glob("*.jsonl"))) == 3
+    assert [r.model_dump() for r in parallel] == [r.model_dump() for r in one]

