@@ -71,7 +71,7 @@ def time_model_loading() -> dict:
 def phase(name: str, args: argparse.Namespace) -> dict:
     import torch
 
-    from polyfuse.teacher import TeacherSettings, open_stores, run_teacher
+    from polyfuse.teacher import TeacherConfig, open_stores, run_teacher
     from polyfuse.trainers import DistillTrainConfig, train_distill
 
     torch.set_num_threads(args.threads)
@@ -83,7 +83,7 @@ def phase(name: str, args: argparse.Namespace) -> dict:
         result, loading = {}, time_model_loading()
         for spec in (teacher, student):  # one model at a time, model loading timed apart from the rest
             begun, loaded_before = time.perf_counter(), loading["s"]
-            run_teacher([spec], rows, TeacherSettings(top_k=10, token_budget=1), store, quiet=True)
+            run_teacher(rows, TeacherConfig(models=[spec], top_k=10, token_budget=1), store, quiet=True)
             manifest = open_stores(store, [spec.label])[0].manifest
             load_s = loading["s"] - loaded_before
             scoring = time.perf_counter() - begun - load_s

@@ -140,7 +140,7 @@ def build_wrpo_data(recipe: Recipe, ctx: Any, sft: ModelSpec, folder: Path) -> P
     sources = [r for r in read_rows(ctx.output("score", "scored"), SampleRow) if r.model in names]
     pairs = recipe.pairs.model_copy(update={"target": TARGET, "sources": names})
     rows = read_rows(run_pairs(sources + scored, pairs, folder / "pairs")["preference"], PreferenceRow)
-    config = recipe.logprobs.model_copy(update={"pivot": EngineModel.model_validate(sft.as_spec().model_dump()), "sources": []})
+    config = recipe.logprobs.model_copy(update={"pivot": EngineModel.model_validate(sft.model_dump(exclude={"sampling"})), "sources": []})
     return run_logprobs(config, rows, out, quiet=True)
 
 

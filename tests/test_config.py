@@ -58,30 +58,28 @@ def test_registry_unknown_name_lists_known():
         reg.register("one")(2)
 
 
-def run_pairs_cli(tmp_path, config: str, scored: str) -> subprocess.CompletedProcess:
+def run_pairs_cli(polyfuse_cli, tmp_path, config: str, scored: str):
     (tmp_path / "pairs.yaml").write_text(config)
     (tmp_path / "scored.jsonl").write_text(scored)
-    return subprocess.run(
-        [sys.executable, "-m", "polyfuse", "pairs", "--config", str(tmp_path / "pairs.yaml"),
-         "--scored", str(tmp_path / "scored.jsonl"), "--out", str(tmp_path / "out")],
-        capture_output=True, text=True,
-    )
+    return polyfuse_cli("pairs", "--config", tmp_path / "pairs.yaml", "--scored", tmp_path / "scored.jsonl",
+                        "--out", tmp_path / "out")
 
 
-def test_cli_config_error_exits_2_without_traceback(tmp_path):
-    proc = run_pairs_cli(tmp_path, "reward: rm\nsft_fraction: 3\n", "")
+def test_cli_config_error_exits_2_without_traceback(polyfuse_cli, tmp_path):
+    proc = run_pairs_cli(polyfuse_cli, tmp_path, "reward: rm\nsft_fraction: 3\n", "")
     assert proc.returncode == 2
     assert "sft_fraction: Input should be less than or equal to 1" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
-def test_cli_bad_data_row_exits_2_with_line(tmp_path):
-    proc = run_pairs_cli(tmp_path, "reward: rm\n", '{"id": "x"}\n')
+def test_cli_bad_data_row_exits_2_with_line(polyfuse_cli, tmp_path):
+    proc = run_pairs_cli(polyfuse_cli, tmp_path, "reward: rm\n", '{"id": "x"}\n')
     assert proc.returncode == 2
     assert "scored.jsonl:1: field 'prompt': missing" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
 def test_cli_unknown_flag_exits_2(tmp_path):
+    """As a process of its own: the installed entry point answers a bad flag with typer's usage error."""
     proc = subprocess.run([sys.executable, "-m", "polyfuse", "pairs", "--bogus"], capture_output=True, text=True)
     assert proc.returncode == 2 and "No such option" in proc.stderr

@@ -26,7 +26,7 @@ from ddp_train import main as train_locally
 from polyfuse.data import PreferenceRow, SFTRow, read_rows, write_rows
 from polyfuse.data.io import write_metadata
 from polyfuse.models import ModelSpec
-from polyfuse.teacher import TeacherSettings, open_stores, run_teacher
+from polyfuse.teacher import TeacherConfig, open_stores, run_teacher
 from tiny_lm import build_tiny_model, sentence, source_columns
 
 HERE = Path(__file__).parent
@@ -67,7 +67,7 @@ def write_inputs(folder: Path, teachers: list[str]) -> None:
         {**common, "objective": "uld", "objective_args": {"top_k": 4, "weighting": "uncertainty"}}
     ))
     specs = [ModelSpec(name=f"teacher-{i}", path=path) for i, path in enumerate(teachers)]
-    run_teacher(specs, read_rows(folder / "sft.jsonl", SFTRow), TeacherSettings(top_k=4, chunk_size=3),
+    run_teacher(read_rows(folder / "sft.jsonl", SFTRow), TeacherConfig(models=specs, top_k=4, chunk_size=3),
                 folder / "teacher", quiet=True)
 
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,10 +16,20 @@ from polyfuse.alignment import response_spans
 from polyfuse.data import SFTRow, response_text, write_rows
 from polyfuse.errors import DataError
 from polyfuse.models import ModelSpec, load_model, load_tokenizer
-from polyfuse.objectives.distill import logit_std, student_uld_probs, uld_distance
+from polyfuse.objectives import (
+    DISTILL_OBJECTIVES,
+    AlignedRow,
+    DistillBatch,
+    DistillObjective,
+    TargetField,
+    logit_std,
+    student_uld_probs,
+    token_cross_entropy,
+    uld_distance,
+)
 from polyfuse.teacher import (
+    TeacherConfig,
     TeacherExample,
-    TeacherSettings,
     open_stores,
     read_shard,
     run_teacher,
@@ -52,8 +60,8 @@ def rows(count: int = 6, seed: int = 0) -> list[SFTRow]:
 @pytest.fixture(scope="module")
 def store(models, tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher") / "store"
-    settings = TeacherSettings(top_k=5, chunk_size=4)
-    run_teacher([models["pivot"], models["teacher-a"], models["teacher-b"]], rows(), settings, out, quiet=True)
+    config = TeacherConfig(models=[models["pivot"], models["teacher-a"], models["teacher-b"]], top_k=5, chunk_size=4)
+    run_teacher(rows(), config, out, quiet=True)
     return out
 
 
@@ -112,8 +120,8 @@ def test_stored_outputs_equal_the_models_own_forward(models, store):
 
 def test_a_rerun_computes_only_missing_shards_and_a_changed_setting_restarts_that_model(models, tmp_path):
     out = tmp_path / "store"
-    settings = TeacherSettings(top_k=3, chunk_size=2)
-    run_teacher([models["teacher-a"], models["teacher-b"]], rows(), settings, out, quiet=True)
+    config = TeacherConfig(models=[models["teacher-a"], models["teacher-b"]], top_k=3, chunk_size=2)
+    run_teacher(rows(), config, out, quiet=True)
     shards = sorted(out.glob("*/shard-*.npz"))
     assert len(shards) == 6
     times = {p: p.stat().st_mtime_ns for p in shards}
@@ -123,12 +131,12 @@ def test_a_rerun_computes_only_missing_shards_and_a_changed_setting_restarts_tha
 
     killed = out / "teacher-a" / f".shard-00001.npz.{_HOST}-{2**22 + 7}-x1.tmp"  # a writer killed mid-shard
     killed.write_bytes(b"half a shard")
-    run_teacher([models["teacher-a"], models["teacher-b"]], rows(), settings, out, quiet=True)
+    run_teacher(rows(), config, out, quiet=True)
     assert lost.exists() and not killed.exists()
     assert all(p.stat().st_mtime_ns == t for p, t in times.items() if p != lost)
 
     # Another K for teacher-a only: teacher-b's folder is a separate artefact and stays as it was.
-    run_teacher([models["teacher-a"]], rows(), TeacherSettings(top_k=2, chunk_size=2), out, quiet=True)
+    run_teacher(rows(), TeacherConfig(models=[models["teacher-a"]], top_k=2, chunk_size=2), out, quiet=True)
     assert open_stores(out, ["teacher-a"])[0].top_k == 2
     assert all(p.stat().st_mtime_ns == t for p, t in times.items() if "teacher-b" in str(p))
 
@@ -143,7 +151,7 @@ def test_self_distillation_targets_are_the_pivots_own_distribution(models, store
     for alignment in ("positional", "offsets"):
         uld = DistillTrainConfig(objective="uld", objective_args={"top_k": 5, "weighting": "uncertainty"}).build_objective()
         teachers = load_teachers(pivot_store, tokenizer, alignment, None)
-        features = list(distill_features(tokenizer, data, teachers, uld.required_fields(), 64, uld, []))
+        features = list(distill_features(tokenizer, data, teachers, uld, 64, []))
         for row, feature in zip(data, features, strict=True):
             own = student_uld_probs(logits[row.id], k=5)
             stored = torch.tensor(feature["teacher_probs"])
@@ -151,7 +159,7 @@ def test_self_distillation_targets_are_the_pivots_own_distribution(models, store
             assert uld_distance(own, stored).max() < 2e-3, alignment
         fusellm = DistillTrainConfig(objective="fusellm", objective_args={"top_k": 5}).build_objective()
         teachers = load_teachers(pivot_store, tokenizer, alignment, "mined")
-        features = list(distill_features(tokenizer, data, teachers, fusellm.required_fields(), 64, fusellm, []))
+        features = list(distill_features(tokenizer, data, teachers, fusellm, 64, []))
         for row, feature in zip(data, features, strict=True):
             values, ids = logits[row.id].topk(5)
             assert feature["target_ids"] == ids.tolist()
@@ -163,7 +171,7 @@ def test_min_ce_picks_the_candidate_with_the_lowest_ce_per_example(models, store
     stores = open_stores(store, ["teacher-a", "teacher-b"])
     objective = DistillTrainConfig(objective="fusellm", objective_args={"top_k": 5}).build_objective()
     teachers = load_teachers(stores, tokenizer, "offsets", "exact")
-    features = list(distill_features(tokenizer, rows(), teachers, objective.required_fields(), 64, objective, []))
+    features = list(distill_features(tokenizer, rows(), teachers, objective, 64, []))
     by_id = [dict(s.examples()) for s in stores]
     for row, feature in zip(rows(), features, strict=True):
         best = min(range(2), key=lambda t: by_id[t][row.id].cross_entropy)
@@ -220,11 +228,7 @@ def test_outputs_for_other_data_are_refused(models, store, tmp_path):
         train_distill(models["pivot"], other, store, DistillTrainConfig(teachers=["teacher-a"]), tmp_path / "x")
 
 
-def polyfuse_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "polyfuse", *map(str, args)], capture_output=True, text=True)
-
-
-def test_cli_teacher_then_distill_and_exit_2_on_user_errors(models, tmp_path):
+def test_cli_teacher_then_distill_and_exit_2_on_user_errors(polyfuse_cli, models, tmp_path):
     data = tmp_path / "sft.jsonl"
     write_rows(data, rows(3))
     config = tmp_path / "teacher.yaml"
@@ -276,7 +280,7 @@ def test_a_teacher_without_offsets_is_aligned_by_the_edit_distance_dp(models, st
 
     monkeypatch.setattr(teacher_run, "load_tokenizer", lambda spec: SlowTokenizer(load_tokenizer(spec)))
     slow_store = tmp_path / "slow"
-    run_teacher([models["teacher-a"]], rows(), TeacherSettings(top_k=5, chunk_size=4), slow_store, quiet=True)
+    run_teacher(rows(), TeacherConfig(models=[models["teacher-a"]], top_k=5, chunk_size=4), slow_store, quiet=True)
     slow = open_stores(slow_store, ["teacher-a"])
     assert slow[0].manifest["model"]["offsets"] is False
     assert all((example.spans == -1).all() for _, example in slow[0].examples())
@@ -286,8 +290,51 @@ def test_a_teacher_without_offsets_is_aligned_by_the_edit_distance_dp(models, st
     fast_teachers = load_teachers(open_stores(store, ["teacher-a"]), tokenizer, "offsets", "mined")
     slow_teachers = load_teachers(slow, tokenizer, "offsets", "mined")
     assert [t.alignment for t in slow_teachers] == ["dp"]
-    needs = objective.required_fields()
-    by_offsets = list(distill_features(tokenizer, rows(), fast_teachers, needs, 64, objective, []))
-    by_dp = list(distill_features(tokenizer, rows(), slow_teachers, needs, 64, objective, []))
+    by_offsets = list(distill_features(tokenizer, rows(), fast_teachers, objective, 64, []))
+    by_dp = list(distill_features(tokenizer, rows(), slow_teachers, objective, 64, []))
     assert by_dp == by_offsets
     assert any(len(ids) > 1 for feature in by_dp for ids in feature["target_ids"])  # not all one-hot fallbacks
+
+
+class ConfidenceCE(DistillObjective):
+    """Written for the test below: CE weighted per position by how sure the aligned teachers were of their own
+    token (the mean of their stored token probabilities; 1 where no teacher is aligned)."""
+
+    target_fields = {"confidence": TargetField(torch.float32)}
+    default_alignment = "positional"
+
+    def targets(self, row: AlignedRow) -> dict:
+        confidence = []
+        for j in range(len(row.labels)):
+            probs = [float(np.exp(example.token_logps[right[0]]))
+                     for example, groups in zip(row.examples, row.groups, strict=True) if example is not None
+                     for left, right in groups if left[0] == j]
+            confidence.append(sum(probs) / len(probs) if probs else 1.0)
+        return {"confidence": confidence}
+
+    def __call__(self, batch: DistillBatch):
+        ce = token_cross_entropy(batch.logits, batch.labels)
+        return batch.require("confidence") * ce, {"loss/ce": ce.detach()}
+
+
+@pytest.fixture
+def confidence_ce():
+    DISTILL_OBJECTIVES.register("confidence_ce")(ConfidenceCE)
+    yield
+    del DISTILL_OBJECTIVES._items["confidence_ce"]
+
+
+def test_a_new_distillation_objective_is_one_class_registered(confidence_ce, models, store, tmp_path):
+    """Its declared targets are built from the store and batched for its loss; nothing else names it."""
+    tokenizer = load_tokenizer(models["pivot"])
+    objective = DistillTrainConfig(objective="confidence_ce").build_objective()
+    teachers = load_teachers(open_stores(store, ["pivot"]), tokenizer, "positional", objective.vocabulary_map())
+    features = list(distill_features(tokenizer, rows(), teachers, objective, 64, []))
+    stored = dict(open_stores(store, ["pivot"])[0].examples())
+    for row, feature in zip(rows(), features, strict=True):
+        assert np.allclose(feature["confidence"], np.exp(stored[row.id].token_logps), atol=1e-6)
+    args = {"objective": "confidence_ce", "teachers": ["teacher-a", "teacher-b"], **EXACT_STEP}
+    micro = train_distill(models["pivot"], rows(4), store, DistillTrainConfig(batch_size=1, grad_accum=4, **args), tmp_path / "m")
+    full = train_distill(models["pivot"], rows(4), store, DistillTrainConfig(batch_size=4, grad_accum=1, **args), tmp_path / "f")
+    assert max_difference(trained(micro), trained(full)) < 1e-6
+    assert max_difference(trained(full), load_file(f"{models['pivot'].path}/model.safetensors")) > 1e-3

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 import weakref
 from pathlib import Path
 
@@ -593,10 +591,9 @@ def test_ties_output_loads_generates_and_explains_itself(tmp_path, zoo):
     assert again.parameters["normalize"] is True and again.models[1].parameters["weight"] == [0.5, 1.0]
 
 
-def test_cli_bad_config_exits_2(tmp_path, zoo):
+def test_cli_bad_config_exits_2(polyfuse_cli, tmp_path, zoo):
     path = write_config(tmp_path, sum_config(zoo, merge_method="frankenmerge"))
-    proc = subprocess.run([sys.executable, "-m", "polyfuse", "merge", str(path), str(tmp_path / "out")],
-                          capture_output=True, text=True)
+    proc = polyfuse_cli("merge", path, tmp_path / "out")
     assert proc.returncode == 2
     assert "merge_method: unknown merge method 'frankenmerge'" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout

@@ -10,14 +10,14 @@ import zlib
 import pytest
 import torch
 
-from polyfuse.merge.config import load_methods
+from polyfuse.merge.methods import MERGE_METHODS
 from polyfuse.merge.methods.base import TensorTask
 
 R = math.sqrt(0.5)
 
 
 def run(name: str, models, base=None, model_params=None, **params) -> torch.Tensor:
-    method = load_methods().get(name)()
+    method = MERGE_METHODS.get(name)()
     models = [torch.tensor(m, dtype=torch.float32) if not isinstance(m, torch.Tensor) else m.clone()
               for m in models]
     if base is not None and not isinstance(base, torch.Tensor):
@@ -149,7 +149,7 @@ def test_equal_to_mergekit(name, count, with_base, per_model, params, shape):
     generator = torch.Generator().manual_seed(zlib.crc32(f"{name}{shape}".encode()))
     base = torch.randn(shape, generator=generator)
     models = sparse_finetunes(base, count, generator)
-    method = load_methods().get(name)
+    method = MERGE_METHODS.get(name)
     full = {**method.defaults, **params}
     ours = run(name, models, base if with_base else None,
                model_params=[{k: v[i] for k, v in per_model.items()} for i in range(count)], **full)

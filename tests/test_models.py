@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from polyfuse.errors import UserError
-from polyfuse.models import ModelSpec, encode, load_model, load_tokenizer, render_prompt
+from polyfuse.models import ModelSpec, encode, load_model, render_prompt
 from polyfuse.sampling import SamplingParams
 from polyfuse.sampling.transformers_backend import TransformersBackend, TransformersSettings
 from tiny_lm import build_tiny_model
@@ -23,9 +23,9 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2(smollm2_tokenizer):
     spec = ModelSpec(path=str(smollm2_gguf()))
-    return spec, load_model(spec), load_tokenizer(spec, padding_side="left")
+    return spec, load_model(spec), smollm2_tokenizer
 
 
 def test_gguf_chat_convention_and_generation(smollm2):

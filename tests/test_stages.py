@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -54,10 +52,9 @@ def test_eval_without_score_or_scorers_fails_when_the_recipe_loads(tmp_path):
     assert load_recipe(with_scorers).eval.scorers[0].type == "math"
 
 
-def test_eval_without_score_exits_2_with_the_message_and_no_traceback(tmp_path):
+def test_eval_without_score_exits_2_with_the_message_and_no_traceback(polyfuse_cli, tmp_path):
     path = _recipe(tmp_path, "stages: [prompts, eval]\neval: {prompts: {path: held.jsonl}, models: [pivot]}\n")
-    proc = subprocess.run([sys.executable, "-m", "polyfuse", "run", str(path), "--work-dir", str(tmp_path / "w")],
-                          capture_output=True, text=True)
+    proc = polyfuse_cli("run", path, "--work-dir", tmp_path / "w")
     assert proc.returncode == 2
     assert "eval: no scorers to grade with" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
@@ -122,3 +119,60 @@ def test_adding_a_stage_is_one_class_registered(count_stage, tmp_path):
     assert Path(ctx.output("count", "count")).read_text() == "3"
     with pytest.raises(ConfigError, match="count.every"):
         validate(count_stage, {**data, "count": {"every": 0}})
+
+
+def test_every_shipped_recipe_loads_with_its_sections_filled_from_the_recipe():
+    """One config class per stage: what a section takes from the rest of the recipe (the seed, the sources
+    as teachers, the score stage's verifiers for eval) is filled when the recipe loads."""
+    from polyfuse.pipeline.demo import recipe_path
+
+    folder = recipe_path("fusechat3.yaml").parent
+    names = sorted(p.name for p in folder.glob("*.yaml"))
+    assert len(names) == 9
+    for name in names:
+        recipe = load_recipe(folder / name)
+        for section in ("pairs", "sft", "distill", "po"):
+            if getattr(recipe, section) is not None:
+                assert getattr(recipe, section).seed == recipe.seed, (name, section)
+        if recipe.teacher is not None:
+            assert [m.model_dump() for m in recipe.teacher.models] == [
+                s.model_dump(exclude={"sampling", "backend"}) for s in recipe.sources]
+        assert recipe.sample.models[: len(recipe.sources)] == recipe.sources and recipe.sample.seed == recipe.seed
+        if recipe.logprobs is not None and recipe.logprobs.sources:
+            assert [m.model_dump() for m in recipe.logprobs.sources] == [
+                s.model_dump(exclude={"sampling"}) for s in recipe.sources]
+        if recipe.merge is not None:
+            assert recipe.merge.parameters["seed"] == recipe.seed
+    fusechat3 = load_recipe(folder / "fusechat3.yaml")  # its eval section names no scorers: the verifiers grade
+    assert [c.type for c in fusechat3.eval.scorers] == ["math", "code"]
+    assert fusechat3.eval.scorers == [c for c in fusechat3.score.scorers if c.type != "reward_model"]
+
+
+def test_what_a_section_gives_itself_wins_over_the_recipe(tmp_path):
+    path = _recipe(tmp_path, "seed: 7\nstages: [prompts, teacher, distill]\n"
+                   "teacher: {data: sft.jsonl, models: [{name: t, path: ./t}], include_pivot: true}\n"
+                   "distill: {seed: 3, strategy: pairwise}\n")
+    recipe = load_recipe(path)
+    assert [m.label for m in recipe.teacher.models] == ["t"] and recipe.teacher.include_pivot
+    assert (recipe.distill.seed, recipe.distill.strategy) == (3, "pairwise")
+    toy = _recipe(tmp_path, "seed: 7\nstages: [prompts]\n")
+    toy.write_text(toy.read_text().replace("prompts: {path: prompts.jsonl}", "prompts: {toyworld: {split: train}}"))
+    assert load_recipe(toy).prompts.toyworld.seed == 7  # the toy world's prompt draw follows the recipe seed
+
+
+@pytest.mark.parametrize(("config", "body", "key"), [
+    ("TeacherConfig", "models: [{path: ./t}]\ninclude_pivot: true\n", "include_pivot"),
+    ("DistillTrainConfig", "strategy: pairwise\n", "strategy"),
+])
+def test_a_command_config_refuses_the_keys_only_a_recipe_reads(tmp_path, config, body, key):
+    from polyfuse.config import load_config
+    from polyfuse.teacher import TeacherConfig
+    from polyfuse.trainers import DistillTrainConfig
+
+    model = {"TeacherConfig": TeacherConfig, "DistillTrainConfig": DistillTrainConfig}[config]
+    path = tmp_path / "config.yaml"
+    path.write_text(body)
+    with pytest.raises(ConfigError, match=f"config.yaml: {key}: only a recipe's section reads this key"):
+        load_config(model, path)
+    path.write_text(body.replace(f"{key}:", "#"))
+    assert load_config(model, path) is not None  # the rest is a valid command config

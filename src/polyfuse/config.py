@@ -8,7 +8,7 @@ type and the value given, before any model is loaded.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -19,7 +19,11 @@ M = TypeVar("M", bound=BaseModel)
 
 
 class StrictModel(BaseModel):
+    """`recipe_only`: the keys only a recipe's section reads (a stage's config class is also the `--config`
+    of its command, which refuses them rather than ignore them)."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    recipe_only: ClassVar[tuple[str, ...]] = ()
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -82,5 +86,10 @@ def validate(model: type[M], data: dict[str, Any], source: str = "config") -> M:
 
 
 def load_config(model: type[M], path: str | Path | None, overrides: list[str] | None = None) -> M:
-    data = read_yaml(path) if path is not None else {}
-    return validate(model, apply_overrides(data, overrides), source=str(path or "config"))
+    """A stage command's `--config` (with `--set` overrides), validated as the stage's config class."""
+    data = apply_overrides(read_yaml(path) if path is not None else {}, overrides)
+    source = str(path or "config")
+    for key in getattr(model, "recipe_only", ()):
+        if key in data:
+            raise ConfigError(f"{source}: {key}: only a recipe's section reads this key; remove it from a command's config")
+    return validate(model, data, source=source)

@@ -18,7 +18,6 @@ from typing import Any
 from polyfuse.errors import DataError
 
 BYTE_LEVEL_MARKER = "Ġ"
-METASPACE_MARKER = "▁"
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 

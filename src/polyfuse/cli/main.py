@@ -127,12 +127,9 @@ def sample(
     """Sample N responses per prompt from every model in the config (data parallel under accelerate)."""
     from polyfuse.config import load_config
     from polyfuse.data import PromptRow
-    from polyfuse.errors import ConfigError
     from polyfuse.pipeline.stages.sample import SampleConfig, run_sample
 
     cfg = load_config(SampleConfig, config, set_)
-    if cfg.include_pivot:
-        raise ConfigError(f"{config}: include_pivot: only a recipe has a pivot; list the model under models")
     console.print(f"wrote {run_sample(_read(prompts, PromptRow, skip_invalid), cfg, out, quiet=quiet)}")
 
 
@@ -286,11 +283,10 @@ def teacher(
     through its own tokenizer and chat template; resumable, data parallel under accelerate."""
     from polyfuse.config import load_config
     from polyfuse.data import SFTRow
-    from polyfuse.teacher import TeacherConfig, TeacherSettings, run_teacher
+    from polyfuse.teacher import TeacherConfig, run_teacher
 
     cfg = load_config(TeacherConfig, config, set_)
-    settings = TeacherSettings.model_validate(cfg.model_dump(include=set(TeacherSettings.model_fields)))
-    console.print(f"wrote {run_teacher(cfg.models, _read(data, SFTRow), settings, out, quiet)}")
+    console.print(f"wrote {run_teacher(_read(data, SFTRow), cfg, out, quiet)}")
 
 
 @app.command()

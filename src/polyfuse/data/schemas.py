@@ -23,7 +23,6 @@ class Message(BaseModel):
     content: str
 
 
-Conversation = list[Message]
 PromptField = str | list[Message]
 ResponseField = str | list[Message]
 

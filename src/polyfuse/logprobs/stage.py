@@ -47,13 +47,11 @@ CONVENTION = "polyfuse-logps-1"
 
 class LogprobsConfig(StrictModel):
     """`polyfuse logprobs --config` and a recipe's `logprobs` section (one schema). In a recipe the pivot is
-    the current pivot (M0) and `sources` says whether the recipe's sources are scored too."""
+    the current pivot (M0), handed over when the stage runs, and `sources` is `true` (the default: the
+    recipe's sources) or `false` (none)."""
 
-    pivot: EngineModel | None = Field(default=None, description="M0 (the SFT checkpoint): the ref_* columns. Recipes: the current pivot.")
-    sources: list[EngineModel] | bool | None = Field(
-        default=None,
-        description="The fuse_* models, in this order. Recipes: true or unset (the recipe's sources) or false (none).",
-    )
+    pivot: EngineModel | None = Field(default=None, description="M0 (the SFT checkpoint): the ref_* columns.")
+    sources: list[EngineModel] = Field(default_factory=list, description="The fuse_* models, in this order.")
     backend: BackendConfig | None = Field(
         default=None, description="Score every model through this backend instead of its own `backend:`."
     )
@@ -72,9 +70,7 @@ class LogprobsConfig(StrictModel):
         """M0 then the sources, each with the backend it is scored with."""
         if self.pivot is None:
             raise ConfigError("logprobs: pivot: the initial pivot M0 (its ref_* columns) is required")
-        if self.sources is True:
-            raise ConfigError("logprobs: sources: true names a recipe's sources; list the models here")
-        models = [self.pivot, *(self.sources or [])]
+        models = [self.pivot, *self.sources]
         if self.backend is not None:
             models = [m.model_copy(update={"backend": self.backend}) for m in models]
         return models

@@ -8,7 +8,6 @@ downloading (spec section 13). Header-level checks (shapes, vocabularies) live i
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +30,6 @@ CHAT_TEMPLATES = {
               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
 }
 IGNORED_PARAMS = {"int8_mask": "a mergekit memory trick; polyfuse always computes in fp32"}
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 _FALLBACK = (None, "*")
 logger = logging.getLogger(__name__)
 
@@ -170,7 +168,7 @@ class MergeConfig(StrictModel):
         return self
 
     def method(self) -> type[MergeMethod]:
-        return load_methods().get(self.merge_method)
+        return MERGE_METHODS.get(self.merge_method)
 
     def merged_models(self) -> list[tuple[int, ModelEntry]]:
         """(index under `models`, entry) of the non-base models: the base may be repeated under `models`,
@@ -207,13 +205,6 @@ def same_model(a: str, b: str) -> bool:
     return a.rstrip("/") == b.rstrip("/")
 
 
-def load_methods():
-    """The registry, filled: importing the methods package imports (registers) every method file."""
-    import polyfuse.merge.methods  # noqa: F401
-
-    return MERGE_METHODS
-
-
 def load_merge_config(path: str | Path, overrides: list[str] | None = None) -> MergeConfig:
     """Read, refuse by name, validate the schema, then check the method's needs; no model is touched."""
     return parse_merge_config(apply_overrides(read_yaml(path), overrides), str(path))
@@ -232,7 +223,7 @@ def parse_merge_config(raw: Any, source: str, check: bool = True) -> MergeConfig
     for i, piece in enumerate(raw.get("slices") or []):
         if isinstance(piece, dict) and "merge_method" in piece:
             names.append((f"slices[{i}].merge_method", piece["merge_method"]))
-    methods = load_methods()
+    methods = MERGE_METHODS
     for where, name in names:
         if not isinstance(name, str) or name not in methods:
             known = ", ".join(methods.names()) or "none registered"
@@ -283,7 +274,7 @@ def output_slices(cfg: MergeConfig) -> list[OutputSlice]:
     out = []
     pieces = cfg.slices or [None]
     for index, piece in enumerate(pieces):
-        method = load_methods().get((piece.merge_method if piece else None) or cfg.merge_method)
+        method = MERGE_METHODS.get((piece.merge_method if piece else None) or cfg.merge_method)
         base_ref = (piece.base_model if piece else None) or cfg.base_model
         if piece is None:
             inputs = [SliceInput(e.model, e.parameters, f"models[{i}]", None) for i, e in enumerate(cfg.models)]
@@ -374,12 +365,6 @@ def _check_name(key: str, method: type[MergeMethod], known: set[str], where: str
         return
     raise ConfigError(f"{where}: unknown parameter for {method.name}; expected one of: "
                       f"{', '.join(sorted(set(method.model_defaults) | set(method.defaults)))}")
-
-
-def layer_index(tensor: str) -> int | None:
-    """The decoder layer a tensor belongs to; None for embeddings, final norm and lm_head."""
-    match = _LAYER.search(tensor)
-    return int(match.group(1)) if match else None
 
 
 def layer_position(layer: int | None, num_layers: int) -> float:

@@ -37,10 +37,6 @@ class ModelSpec(StrictModel):
     def label(self) -> str:
         return self.name or Path(self.path.rstrip("/")).name.removesuffix(".gguf")
 
-    def as_spec(self) -> ModelSpec:
-        """Just the model's location and loading options, without what a subclass adds (backend, sampling)."""
-        return ModelSpec.model_validate(self.model_dump(include=set(ModelSpec.model_fields)))
-
     def location(self) -> tuple[str, str | None]:
         """(folder or hub id, gguf file name or None)."""
         if self.gguf_file is None and self.path.endswith(".gguf"):

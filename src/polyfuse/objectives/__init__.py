@@ -1,11 +1,9 @@
-"""Training losses as pure functions of tensors: the SFT token loss and the preference objectives.
+"""Training losses as pure functions of tensors: the SFT token loss, the preference objectives
+(`OBJECTIVES`) and the distillation objectives (`DISTILL_OBJECTIVES`).
 
-Every module of this package is imported here, so a new objective registers itself in `OBJECTIVES`
-just by being a file in the package.
+Both registries name this package: on their first lookup they import every module of it, so a new
+objective registers itself just by being a file here.
 """
-
-import importlib
-import pkgutil
 
 from polyfuse.objectives.base import (
     OBJECTIVES,
@@ -16,25 +14,22 @@ from polyfuse.objectives.base import (
 )
 from polyfuse.objectives.distill import (
     DISTILL_OBJECTIVES,
+    AlignedRow,
     DistillBatch,
     DistillObjective,
-    FuseLLMObjective,
-    ULDObjective,
-    average_weights,
-    avg_ce_weights,
-    fuse_sparse,
+    TargetField,
     logit_std,
-    min_ce_choice,
-    soft_cross_entropy,
     standardize_logits,
-    student_uld_probs,
-    teacher_uld_probs,
     token_cross_entropy,
-    topk_entropy,
-    uld_distance,
-    uncertainty_weights,
 )
 from polyfuse.objectives.dpo import DPO, LengthNormalizedDPO, dpo_loss
+from polyfuse.objectives.fusellm import (
+    FuseLLMObjective,
+    avg_ce_weights,
+    fuse_sparse,
+    min_ce_choice,
+    soft_cross_entropy,
+)
 from polyfuse.objectives.infifpo import (
     FusedReferenceObjective,
     InfiFPO,
@@ -48,10 +43,16 @@ from polyfuse.objectives.infifpo import (
 )
 from polyfuse.objectives.ipo import IPO, ipo_loss
 from polyfuse.objectives.logps import IGNORE_INDEX, sequence_logps, sft_token_loss
+from polyfuse.objectives.uld import (
+    ULDObjective,
+    average_weights,
+    student_uld_probs,
+    teacher_uld_probs,
+    topk_entropy,
+    uld_distance,
+    uncertainty_weights,
+)
 from polyfuse.objectives.wrpo import WRPO, wrpo_alpha, wrpo_loss
-
-for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "DISTILL_OBJECTIVES",
@@ -60,6 +61,7 @@ __all__ = [
     "IPO",
     "OBJECTIVES",
     "WRPO",
+    "AlignedRow",
     "DistillBatch",
     "DistillObjective",
     "FuseLLMObjective",
@@ -70,6 +72,7 @@ __all__ = [
     "LengthNormalizedDPO",
     "PreferenceBatch",
     "PreferenceObjective",
+    "TargetField",
     "ULDObjective",
     "average_weights",
     "avg_ce_weights",

@@ -67,7 +67,7 @@ class PreferenceObjective(StrictModel):
     def __call__(self, batch: PreferenceBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
 
-OBJECTIVES: Registry[type[PreferenceObjective]] = Registry("preference objective")
+OBJECTIVES: Registry[type[PreferenceObjective]] = Registry("preference objective", package="polyfuse.objectives")
 
 
 def logps_column(prefix: str, role: str, length_normalize: bool) -> str:

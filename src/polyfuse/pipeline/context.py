@@ -4,6 +4,28 @@ A stage is one file in `polyfuse.pipeline.stages` that subclasses `Stage` and re
 `STAGES`; the recipe schema, the default stage list, the checks across stages and the runner all read
 the registry, so adding a stage touches nothing else. This module imports no stage and no recipe: the
 stages, the recipe and the runner are built on it, never the other way round.
+
+One config class per stage. A stage's `section` is the single pydantic class that holds everything the
+stage runs with: its engine's settings plus the keys only a recipe uses. The same class is the recipe's
+section and the `--config` of the stage's own command (`polyfuse pairs -c`, `polyfuse teacher -c`,
+`polyfuse train sft -c`, ...), and the engine function takes it as it is: nothing is copied from one
+class into another by field name. The pattern, for a stage and its engine:
+
+- Keys only a recipe reads (the teacher's `include_pivot`, distillation's `strategy`) live on the class
+  too and are listed in its `recipe_only`; a command's `--config` refuses them (`polyfuse.config.load_config`).
+- Values a section takes from the rest of the recipe (the recipe's `seed`, its sources as the models)
+  are filled in one place, the stage's `fill` hook: it runs on the raw section when the recipe loads,
+  before validation, and never overrides what the section itself says. A command's `--config` gives
+  them itself, so the class keeps them required where the engine needs them.
+- What exists only once the run reaches the stage (the current pivot, the files of earlier stages) is
+  not config: the stage reads it from the `Context` in `inputs` and `run` and hands it to the engine as
+  an argument, as the trainers take the pivot.
+
+So `teacher`'s `models` default to the recipe's sources (`fill`), `include_pivot` is recipe-only and puts
+the current pivot first when the stage runs. In the same way `sample`'s models are the sources (plus the
+recipe's pivot with `include_pivot`) and its seed the recipe's, both filled by `fill`; `logprobs` hands
+the current pivot to its engine when it runs, and `fill` can turn a recipe's `sources: true` into the
+list of the recipe's sources (`model_specs`), so recipes keep their key.
 """
 
 from __future__ import annotations
@@ -51,12 +73,12 @@ class Stage(ABC):
     it reads files or models), then registers itself: `@STAGES.register("name")`.
 
     - `position`: where the stage sits in the fixed order of a recipe's stages (lower runs first);
-    - `section`: the schema of the stage's recipe section (a pydantic model), `None` for none;
-      `required`: the recipe must have the section; `section_default`: a listed stage without a section
-      runs with the section's defaults;
+    - `section`: the stage's one config class (a pydantic model; see the module docstring), the schema of
+      its recipe section; `None` for none. `required`: the recipe must have the section;
+      `section_default`: a listed stage without a section runs with the section's defaults;
     - `default`: the stage is in the stage list of a recipe that gives none (the FuseChat-3.0 pipeline);
     - `makes_model`: its output `model` is the pivot of the stages after it;
-    - `seeded`: the recipe's `seed` is the default `seed` of its section;
+    - `seeded`: the recipe's `seed` is the default `seed` of its section (filled by `fill`);
     - `every_process`: under `accelerate launch` the stage runs on every process, which share its work
       (sharded inference, data-parallel training); any other stage runs on the main process alone;
     - `needs`: the stages that must run before it (`requires` when that depends on the recipe).
@@ -87,6 +109,15 @@ class Stage(ABC):
     def check(self, recipe: Any) -> None:  # noqa: B027 (a hook: most stages need no check)
         """Cross-stage needs beyond `requires`, checked when the recipe loads; raise ValueError."""
 
+    def fill(self, section: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
+        """The section as the recipe file gives it, with the values that come from the rest of the recipe
+        (`recipe`, also raw) filled in where the section does not give them; called once, when the recipe
+        loads, before validation. A seeded stage takes the recipe's seed; stages override this to fill more
+        (calling `super().fill` keeps the seed)."""
+        if self.seeded:
+            return {"seed": recipe.get("seed", 0), **section}
+        return section
+
     def config(self, recipe: Any) -> dict[str, Any]:
         """What the stage's fingerprint hashes besides its inputs: its resolved section and the seed."""
         section = getattr(recipe, self.name, None)
@@ -100,6 +131,26 @@ class Stage(ABC):
     @abstractmethod
     def run(self, ctx: Context, folder: Path) -> dict[str, str]:
         """Do the work in `folder`; return the outputs, name -> path."""
+
+
+class TrainingStage(Stage):
+    """A stage that trains the current pivot into the pivot of the stages after it (sft, distill, po): it
+    runs on every process (data-parallel training), takes the recipe's seed, and reads the files it trains
+    on (`training_data`) and the pivot."""
+
+    every_process = True
+    makes_model = True
+    seeded = True
+
+    @abstractmethod
+    def training_data(self, ctx: Context) -> dict[str, str]:
+        """The files it trains on, name -> path."""
+
+    def pivot(self, ctx: Context) -> ModelSpec:
+        return ctx.current_pivot(self.name)
+
+    def inputs(self, ctx: Context) -> dict[str, str]:
+        return {**self.training_data(ctx), "pivot": self.pivot(ctx).path}
 
 
 STAGES: Registry[type[Stage]] = Registry("stage", package="polyfuse.pipeline.stages")
@@ -123,6 +174,14 @@ def stage_reference(name: str) -> tuple[str, str] | None:
     """(stage, output key) when a model `name` names a stage (`sft`, `sft:model`), else None."""
     stage_name, _, key = name.partition(":")
     return (stage_name, key or "model") if stage_name in STAGES else None
+
+
+def model_specs(models: list[Any]) -> list[Any]:
+    """Recipe models (raw, as `fill` sees them, or validated) as plain model specs: the keys of `ModelSpec`
+    alone, without a source's sampling parameters. An entry that is not a spec is left as it is, for
+    validation to report."""
+    plain = [m.model_dump(exclude_unset=True) if hasattr(m, "model_dump") else m for m in models]
+    return [{k: v for k, v in m.items() if k in ModelSpec.model_fields} if isinstance(m, dict) else m for m in plain]
 
 
 def paths_in(node: Any, prefix: str = "") -> dict[str, str]:

@@ -46,13 +46,16 @@ class RecipeBase(StrictModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _seed_sections(cls, data: Any) -> Any:
-        """The recipe's `seed` is the default seed of the split and of training, so one number changes the
-        whole run; a section's own `seed` wins."""
+    def _fill_sections(cls, data: Any) -> Any:
+        """Each stage fills its section with what comes from the rest of the recipe (`Stage.fill`): the
+        recipe's `seed`, so one number changes the whole run, its sources as models, ...; what a section
+        gives itself wins."""
         if isinstance(data, dict):
             for name in STAGES.names():
-                if STAGES.get(name).seeded and isinstance(data.get(name), dict):
-                    data[name] = {"seed": data.get("seed", 0), **data[name]}
+                spec = stage(name)
+                section = data.get(name, {} if spec.section_default else None)
+                if isinstance(section, dict):
+                    data[name] = spec.fill(dict(section), data)
         return data
 
     @model_validator(mode="after")
@@ -91,7 +94,7 @@ class RecipeBase(StrictModel):
     def load_prompts(self, source: PromptSource) -> list[PromptRow]:
         if source.toyworld is not None:
             spec = source.toyworld
-            rows = self.world().prompts(spec.split, per_domain=spec.per_domain, domains=spec.domains, seed=self.seed)
+            rows = self.world().prompts(spec.split, per_domain=spec.per_domain, domains=spec.domains, seed=spec.seed)
         else:
             report = ReadReport()
             rows = read_rows(source.path, PromptRow, skip_invalid=source.skip_invalid, report=report)

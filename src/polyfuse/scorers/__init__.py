@@ -1,7 +1,8 @@
 """Scorers: reward models (a number per response) and verifiers (pass/fail per response).
 
-Built-in: `reward_model`, `math`, `code`. Other modules register more on import (the toy world
-registers `toyworld` when `polyfuse.toyworld` is imported).
+Built-in: `reward_model`, `math`, `code`; `SCORERS` imports every module of this package on its first
+lookup, so a new scorer is one file here. A module elsewhere may register one when it is imported (the toy
+world registers `toyworld` when `polyfuse.toyworld.scorer` is imported).
 """
 
 from polyfuse.scorers.base import (

@@ -71,7 +71,7 @@ class Verifier(Scorer):
         return [self.check(row) for row in rows]
 
 
-SCORERS: Registry[type[Scorer]] = Registry("scorer")
+SCORERS: Registry[type[Scorer]] = Registry("scorer", package="polyfuse.scorers")
 
 
 def _pick_config(value: Any, handler) -> ScorerSettings:

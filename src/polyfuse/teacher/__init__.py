@@ -1,14 +1,13 @@
 """Teacher outputs for explicit fusion: each source's top-K next-token logits over the training texts,
 computed once offline (`polyfuse teacher`), so no teacher model is loaded while distilling."""
 
-from polyfuse.teacher.run import TeacherConfig, TeacherSettings, response_topk, run_teacher
+from polyfuse.teacher.run import TeacherConfig, response_topk, run_teacher
 from polyfuse.teacher.store import FORMAT, TeacherExample, TeacherStore, open_stores, read_shard, write_shard
 
 __all__ = [
     "FORMAT",
     "TeacherConfig",
     "TeacherExample",
-    "TeacherSettings",
     "TeacherStore",
     "open_stores",
     "read_shard",

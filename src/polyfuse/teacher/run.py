@@ -20,7 +20,7 @@ import json
 import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -50,19 +50,30 @@ from polyfuse.objectives.distill import logit_std
 from polyfuse.teacher.store import FORMAT, TeacherExample, text_hash, write_shard
 
 
-class TeacherSettings(StrictModel):
+class TeacherConfig(StrictModel):
+    """`polyfuse teacher --config` and a recipe's `teacher` section: the models and the settings of the run,
+    plus two keys only a recipe reads."""
+
+    recipe_only: ClassVar[tuple[str, ...]] = ("include_pivot", "data")
+
+    models: list[ModelSpec] = Field(
+        min_length=1, description="The teachers; in a recipe: default its sources. FuseLLM's MinCE also runs the pivot."
+    )
     top_k: int = Field(default=10, ge=1, description="Logits kept per response position.")
     token_budget: int = Field(
         default=DEFAULT_TOKEN_BUDGET, ge=1, description="Padded tokens per forward; 1 is fastest on CPU."
     )
     max_length: int | None = Field(default=None, ge=2, description="None: each model's context size.")
     chunk_size: int = Field(default=1000, ge=1, description="Examples per shard (the unit of resumption).")
+    include_pivot: bool = Field(
+        default=False, description="Recipe: the current pivot runs too, first (FuseLLM / FuseChat candidates)."
+    )
+    data: str | None = Field(default=None, description="Recipe: SFT rows (TRL prompt/completion); default: the pairs stage's.")
 
-
-class TeacherConfig(TeacherSettings):
-    """`polyfuse teacher --config`: the models and the settings."""
-
-    models: list[ModelSpec] = Field(min_length=1, description="Sources (and the pivot, for FuseLLM's MinCE).")
+    def settings(self) -> dict[str, Any]:
+        """What a model's stored outputs depend on besides the model and the rows (in its fingerprint): every
+        key but the models and the recipe's own."""
+        return self.model_dump(exclude={"models", *self.recipe_only})
 
 
 def row_hashes(rows: list[SFTRow]) -> dict[str, str]:
@@ -95,7 +106,7 @@ def response_topk(model: Any, batch: dict[str, torch.Tensor], k: int, head_only:
     return {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}, rows
 
 
-def _score_chunk(model: Any, tokenizer: Any, encoded: list[tuple[str, Any, list]], settings: TeacherSettings,
+def _score_chunk(model: Any, tokenizer: Any, encoded: list[tuple[str, Any, list]], config: TeacherConfig,
                  head_only: bool | None, advance) -> tuple[dict[str, TeacherExample], bool | None]:
     """The examples of one chunk, and whether the head-only path reproduces the model's own forward (decided
     on the first batch of the run, as in the log-prob engine; None until a batch was scored)."""
@@ -104,13 +115,13 @@ def _score_chunk(model: Any, tokenizer: Any, encoded: list[tuple[str, Any, list]
     results: dict[int, TeacherExample] = {}
     model.eval()
     with torch.inference_mode():
-        for indices in plan_batches([len(e.input_ids) for _, e, _ in encoded], settings.token_budget):
+        for indices in plan_batches([len(e.input_ids) for _, e, _ in encoded], config.token_budget):
             chunk = [encoded[i][1] for i in indices]
             batch = pad_batch([e.input_ids for e in chunk], [len(e.prompt_ids) for e in chunk], pad_id, side="left")
             batch = {name: value.to(device) for name, value in batch.items()}
             if head_only is None:
                 head_only = head_only_agrees(model, batch)
-            outputs, rows = response_topk(model, batch, settings.top_k, head_only)
+            outputs, rows = response_topk(model, batch, config.top_k, head_only)
             rows = rows.cpu()
             for position, index in enumerate(indices):
                 mine = rows == position
@@ -138,22 +149,18 @@ def spans_if_fast(tokenizer: Any, prompt: Any, response: str) -> tuple[Any, list
     return encoded, [None] * len(encoded.response_ids)
 
 
-def _fingerprint(record: dict[str, Any], settings: TeacherSettings, data: str) -> str:
-    blob = json.dumps({"model": record["hash"], "settings": settings.model_dump(), "data": data, "format": FORMAT},
+def _fingerprint(record: dict[str, Any], config: TeacherConfig, data: str) -> str:
+    blob = json.dumps({"model": record["hash"], "settings": config.settings(), "data": data, "format": FORMAT},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def run_teacher(
-    models: list[ModelSpec],
-    rows: list[SFTRow],
-    settings: TeacherSettings,
-    out: str | Path,
-    quiet: bool = False,
-) -> Path:
-    """Write every model's top-K outputs on `rows` under `out/<model name>/`; resumable, data parallel."""
+def run_teacher(rows: list[SFTRow], config: TeacherConfig, out: str | Path, quiet: bool = False) -> Path:
+    """Write the top-K outputs of every model of `config` on `rows` under `out/<model name>/`; resumable,
+    data parallel."""
     from polyfuse.progress import progress_bar
 
+    models = config.models
     labels = [m.label for m in models]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"model names must be unique, got {labels}")
@@ -162,18 +169,18 @@ def run_teacher(
     out = Path(out)
     hashes = row_hashes(rows)
     data = hashlib.sha256(json.dumps(hashes).encode()).hexdigest()
-    chunks = [rows[i : i + settings.chunk_size] for i in range(0, len(rows), settings.chunk_size)]
+    chunks = [rows[i : i + config.chunk_size] for i in range(0, len(rows), config.chunk_size)]
     plan = ShardPlan(len(models), len(chunks))
     with progress_bar(disable=quiet or not plan.is_main) as bar:
         for k, spec in enumerate(models):
             folder = out / spec.label
             tokenizer = load_tokenizer(spec)
-            limit = length_limit(load_config(spec), settings.max_length)
+            limit = length_limit(load_config(spec), config.max_length)
             modes = Counter(  # the template mode, from a sample of rows
                 encode(tokenizer, row.prompt, response_text(row.completion)).mode for row in rows[:50]
             )
             record = {**model_record(spec, tokenizer, modes), "offsets": bool(getattr(tokenizer, "is_fast", False))}
-            fingerprint = _fingerprint(record, settings, data)
+            fingerprint = _fingerprint(record, config, data)
             plan.on_main(lambda: _start_folder(folder, fingerprint))  # noqa: B023  (called at once)
             todo = plan.todo(k, lambda c: _shard(folder, c).exists())  # noqa: B023
             model, head_only = None, None
@@ -185,12 +192,12 @@ def run_teacher(
                     if len(enc.input_ids) <= limit:
                         encoded.append((row.id, enc, spans))
                 model = model if model is not None else load_model(spec)
-                examples, head_only = _score_chunk(model, tokenizer, encoded, settings, head_only,
+                examples, head_only = _score_chunk(model, tokenizer, encoded, config, head_only,
                                                    lambda n, t=task: bar.advance(t, n))
                 write_shard(_shard(folder, c), examples)
             del model
             gc.collect()
-            plan.on_main(lambda: _finish_folder(folder, fingerprint, record, settings, hashes, len(chunks)))  # noqa: B023
+            plan.on_main(lambda: _finish_folder(folder, fingerprint, record, config, hashes, len(chunks)))  # noqa: B023
     return out
 
 
@@ -208,7 +215,7 @@ def _start_folder(folder: Path, fingerprint: str) -> None:
         write_json(manifest, {"format": FORMAT, "fingerprint": fingerprint, "complete": False})
 
 
-def _finish_folder(folder: Path, fingerprint: str, record: dict[str, Any], settings: TeacherSettings,
+def _finish_folder(folder: Path, fingerprint: str, record: dict[str, Any], config: TeacherConfig,
                    hashes: dict[str, str], n_chunks: int) -> None:
     shards = [_shard(folder, c) for c in range(n_chunks)]
     stored: list[str] = []
@@ -224,8 +231,8 @@ def _finish_folder(folder: Path, fingerprint: str, record: dict[str, Any], setti
         "fingerprint": fingerprint,
         "complete": True,
         "model": record,
-        "top_k": settings.top_k,
-        "settings": settings.model_dump(),
+        "top_k": config.top_k,
+        "settings": config.settings(),
         "shards": [s.name for s in shards],
         "examples": {i: hashes[i] for i in stored},  # id -> text hash, checked against the training rows
         "dropped": [i for i in hashes if i not in kept],

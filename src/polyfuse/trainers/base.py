@@ -15,15 +15,16 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from polyfuse.config import StrictModel
 from polyfuse.errors import DataError
 from polyfuse.models.forward import forward_logps, pad_batch
+from polyfuse.registry import Registry
 from polyfuse.trainers.checkpoints import CompleteCheckpoints, fingerprint, resolve_resume
 from polyfuse.trainers.distributed import check_lora_supported, distributed_summary, fsdp_from_launcher
 
@@ -35,16 +36,6 @@ class LoraSettings(StrictModel):
     alpha: float = Field(default=32.0, gt=0)
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
-
-
-def build_registered(registry: Any, name: str, args: dict[str, Any]) -> Any:
-    """The registered class `name` validated with `args`; problems become one ValueError naming the objective,
-    which the config's validation reports with the key it came from."""
-    try:
-        return registry.get(name).model_validate(args)
-    except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise ValueError(f"objective {name!r}: {problems}") from None
 
 
 class TrainConfig(StrictModel):
@@ -98,6 +89,34 @@ class TrainConfig(StrictModel):
         "rates such as Llama's attention_dropout); the saved config keeps the model's own rates. Preference "
         "objectives default to true, as TRL's DPOTrainer; SFT and distillation keep the model's dropout.",
     )
+
+
+class ObjectiveTrainConfig(TrainConfig):
+    """Training with a loss from a registry of objectives (`objectives`): its name and hyper-parameters,
+    checked when the config validates, so a wrong one fails before any model is loaded."""
+
+    objectives: ClassVar[Registry[Any]]
+
+    objective: str
+    objective_args: dict[str, Any] = Field(default_factory=dict, description="Its hyper-parameters.")
+
+    @model_validator(mode="after")
+    def _objective_is_valid(self) -> ObjectiveTrainConfig:
+        self.build_objective()
+        return self
+
+    def objective_values(self) -> dict[str, Any]:
+        """The hyper-parameters the objective is built with."""
+        return self.objective_args
+
+    def build_objective(self) -> Any:
+        """The objective; its problems become one ValueError naming it, which the config's validation
+        reports with the key it came from."""
+        try:
+            return self.objectives.get(self.objective).model_validate(self.objective_values())
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+            raise ValueError(f"objective {self.objective!r}: {problems}") from None
 
 
 @dataclass

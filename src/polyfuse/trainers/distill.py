@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from transformers import TrainerCallback
 
 from polyfuse.data.schemas import SFTRow, response_text
@@ -24,12 +24,11 @@ from polyfuse.errors import DataError, UserError
 from polyfuse.models import ModelSpec, load_model, load_tokenizer
 from polyfuse.models.forward import forward_response, length_limit, pad_token_id
 from polyfuse.objectives import IGNORE_INDEX
-from polyfuse.objectives.distill import DISTILL_OBJECTIVES, DistillBatch, DistillObjective
+from polyfuse.objectives.distill import DISTILL_OBJECTIVES, DistillBatch, DistillObjective, TargetField
 from polyfuse.trainers.base import (
+    ObjectiveTrainConfig,
     PolyfuseTrainer,
     SequenceCollator,
-    TrainConfig,
-    build_registered,
     run_training,
     training_arguments,
 )
@@ -38,26 +37,23 @@ from polyfuse.trainers.memory import check_memory
 
 logger = logging.getLogger(__name__)
 
-TARGET_FIELDS = ("teacher_probs", "teacher_mask", "teacher_entropy", "target_ids", "target_probs")
+class DistillTrainConfig(ObjectiveTrainConfig):
+    """`polyfuse train distill --config` and a recipe's `distill` section."""
 
+    recipe_only: ClassVar[tuple[str, ...]] = ("strategy",)
+    objectives = DISTILL_OBJECTIVES
 
-class DistillTrainConfig(TrainConfig):
     objective: str = Field(default="uld", description="A distillation objective: uld (InfiFusion) or fusellm.")
-    objective_args: dict[str, Any] = Field(default_factory=dict, description="Its hyper-parameters.")
     teachers: list[str] | None = Field(
         default=None, description="Teacher names in the store, in this order; None: every teacher stored."
     )
     alignment: Literal["positional", "offsets", "dp"] | None = Field(
         default=None, description="None: the objective's own (uld: positional, as published; fusellm: offsets)."
     )
-
-    @model_validator(mode="after")
-    def _objective_is_valid(self) -> DistillTrainConfig:
-        self.build_objective()
-        return self
-
-    def build_objective(self) -> DistillObjective:
-        return build_registered(DISTILL_OBJECTIVES, self.objective, self.objective_args)
+    strategy: Literal["unified", "pairwise"] = Field(
+        default="unified",
+        description="Recipe: one run with every teacher (`unified`), or one per source (`pairwise`, then merge them).",
+    )
 
     def resolved_alignment(self) -> str:
         return self.alignment or self.build_objective().default_alignment
@@ -66,25 +62,22 @@ class DistillTrainConfig(TrainConfig):
 @dataclass
 class DistillCollator(SequenceCollator):
     """Pads the sequences, and concatenates each row's per-position targets in row order: the order of the
-    scored positions of the left-padded batch (`labels[:, 1:] != IGNORE_INDEX`, row-major)."""
+    scored positions of the left-padded batch (`labels[:, 1:] != IGNORE_INDEX`, row-major). `fields`: the
+    objective's target fields, batched as each declares."""
 
-    fields: tuple[str, ...] = ()
+    fields: dict[str, TargetField] = field(default_factory=dict)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = super().__call__(features)
-        for name in ("teacher_probs", "teacher_mask", "teacher_entropy"):
-            if name in self.fields:
-                dtype = torch.bool if name == "teacher_mask" else torch.float32
-                batch[name] = torch.cat([torch.tensor(f[name], dtype=dtype) for f in features])
-        if "target_ids" in self.fields:
-            positions = [(ids, probs) for f in features for ids, probs in zip(f["target_ids"], f["target_probs"], strict=True)]
-            width = max(len(ids) for ids, _ in positions)
-            target_ids = torch.zeros((len(positions), width), dtype=torch.long)
-            target_probs = torch.zeros((len(positions), width), dtype=torch.float32)
-            for n, (ids, probs) in enumerate(positions):
-                target_ids[n, : len(ids)] = torch.tensor(ids)
-                target_probs[n, : len(probs)] = torch.tensor(probs)
-            batch["target_ids"], batch["target_probs"] = target_ids, target_probs
+        for name, spec in self.fields.items():
+            if not spec.sparse:
+                batch[name] = torch.cat([torch.tensor(f[name], dtype=spec.dtype) for f in features])
+                continue
+            positions = [entry for f in features for entry in f[name]]
+            padded = torch.zeros((len(positions), max(map(len, positions))), dtype=spec.dtype)
+            for n, entry in enumerate(positions):
+                padded[n, : len(entry)] = torch.tensor(entry, dtype=spec.dtype)
+            batch[name] = padded
         return batch
 
 
@@ -99,15 +92,11 @@ class DistillTrainer(PolyfuseTrainer):
         outputs, labels = forward_response(model, inputs)
         targets = labels[:, 1:]
         rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # row-major, as the collator concatenates
-        batch = DistillBatch(
-            logits=outputs.logits[rows, cols],
-            labels=targets[rows, cols],
-            **{name: inputs[name] for name in TARGET_FIELDS if name in inputs},
-        )
-        for name in TARGET_FIELDS:
-            value = getattr(batch, name)
-            if value is not None and len(value) != len(batch.labels):
-                raise DataError(f"{name} has {len(value)} positions for {len(batch.labels)} response tokens")
+        fields = {name: inputs[name] for name in self.objective.required_fields()}
+        for name, value in fields.items():
+            if len(value) != len(rows):
+                raise DataError(f"{name} has {len(value)} positions for {len(rows)} response tokens")
+        batch = DistillBatch(logits=outputs.logits[rows, cols], labels=targets[rows, cols], **fields)
         losses, metrics = self.objective(batch)
         return losses.sum(), metrics, outputs
 
@@ -131,14 +120,12 @@ def build_features(pivot_tokenizer: Any, rows: list[SFTRow], teacher_dir: str | 
     hashes = {row.id: text_hash(row.prompt, response_text(row.completion)) for row in rows}
     for store in stores:
         store.check_rows(hashes)
-    vocab = getattr(objective, "vocab_map", None) if "target_ids" in objective.required_fields() else None
-    teachers = load_teachers(stores, pivot_tokenizer, alignment, vocab)
+    teachers = load_teachers(stores, pivot_tokenizer, alignment, objective.vocabulary_map())
     dropped: list[str] = []
     shutil.rmtree(cache_dir, ignore_errors=True)
 
     def generate():
-        yield from distill_features(pivot_tokenizer, rows, teachers, objective.required_fields(), max_length,
-                                    objective, dropped)
+        yield from distill_features(pivot_tokenizer, rows, teachers, objective, max_length, dropped)
 
     try:
         dataset = Dataset.from_generator(generate, cache_dir=str(cache_dir), keep_in_memory=False)
@@ -169,7 +156,8 @@ def train_distill(
     features, teachers, dropped = build_features(tokenizer, rows, teacher_dir, config, max_length, cache_dir)
     if dropped:
         logger.warning("distillation: dropped %d rows longer than max_length %d", len(dropped), max_length)
-    collator = DistillCollator(pad_token_id(tokenizer), ("completion",), fields=objective.required_fields())
+    fields = {name: objective.target_fields[name] for name in objective.required_fields()}
+    collator = DistillCollator(pad_token_id(tokenizer), ("completion",), fields=fields)
     summary = {
         "stage": "distill",
         "objective": {"name": config.objective, **objective.model_dump()},

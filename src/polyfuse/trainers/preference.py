@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from transformers import TrainerCallback
 
 from polyfuse.data.schemas import PreferenceRow, response_text
@@ -29,10 +29,9 @@ from polyfuse.models.forward import length_limit, pad_token_id
 from polyfuse.objectives import OBJECTIVES, PreferenceBatch, PreferenceObjective
 from polyfuse.progress import progress_task
 from polyfuse.trainers.base import (
+    ObjectiveTrainConfig,
     PolyfuseTrainer,
     SequenceCollator,
-    TrainConfig,
-    build_registered,
     run_training,
     training_arguments,
 )
@@ -44,7 +43,11 @@ logger = logging.getLogger(__name__)
 PRECOMPUTED_PREFIXES = ("ref_", "fuse_")
 
 
-class PreferenceTrainConfig(TrainConfig):
+class PreferenceTrainConfig(ObjectiveTrainConfig):
+    """`polyfuse train <objective> --config` and a recipe's `po` section."""
+
+    objectives = OBJECTIVES
+
     learning_rate: float = Field(default=1e-6, gt=0)
     disable_dropout: bool = Field(
         default=True,
@@ -60,14 +63,8 @@ class PreferenceTrainConfig(TrainConfig):
         default=4096, ge=1, description="Padded tokens per forward when missing ref_* columns are computed."
     )
 
-    @model_validator(mode="after")
-    def _objective_is_valid(self) -> PreferenceTrainConfig:
-        self.build_objective()
-        return self
-
-    def build_objective(self) -> PreferenceObjective:
-        args = {**self.objective_args, **({} if self.beta is None else {"beta": self.beta})}
-        return build_registered(OBJECTIVES, self.objective, args)
+    def objective_values(self) -> dict[str, Any]:
+        return {**self.objective_args, **({} if self.beta is None else {"beta": self.beta})}
 
 
 class PreferenceTrainer(PolyfuseTrainer):

@@ -120,4 +120,4 @@ class MergeMethod(ABC):
         return {}
 
 
-MERGE_METHODS: Registry[type[MergeMethod]] = Registry("merge method")
+MERGE_METHODS: Registry[type[MergeMethod]] = Registry("merge method", package="polyfuse.merge.methods")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 
@@ -10,7 +11,7 @@ from polyfuse.config import StrictModel
 from polyfuse.data.io import write_rows
 from polyfuse.models import ModelSpec
 from polyfuse.pipeline.context import STAGES, Context, Stage, model_stages, paths_in
-from polyfuse.pipeline.stages.prompts import PromptSource
+from polyfuse.pipeline.stages.prompts import PromptSource, seeded_source
 from polyfuse.sampling import BACKENDS
 from polyfuse.scorers import ScorerConfig
 
@@ -21,9 +22,15 @@ class EvalSection(StrictModel):
         default_factory=lambda: ["sources", "pivot", "sft", "po"],
         description="'sources', 'pivot', a source name, or a model stage name (sft, merge, po: its output model).",
     )
-    scorers: list[ScorerConfig] | None = Field(default=None, description="Default: the score stage's verifiers.")
+    scorers: list[ScorerConfig] | None = Field(
+        default=None, description="Default: the verifiers of the recipe's score section (a reward model gives no accuracy)."
+    )
     batch_size: int = Field(default=64, ge=1)
     max_new_tokens: int = Field(default=32, ge=1)
+
+
+def _type_of(scorer: Any) -> Any:
+    return scorer.get("type") if isinstance(scorer, dict) else getattr(scorer, "type", None)
 
 
 def _unknown_model(recipe, name: str) -> bool:
@@ -62,21 +69,22 @@ def _step_label(ctx: Context, stage: str) -> str:
     return ctx.recipe.po.objective.upper()
 
 
-def scorer_configs(recipe) -> list[ScorerConfig]:
-    """The section's scorers, else the score stage's verifiers (a reward model gives no accuracy)."""
-    if recipe.eval.scorers is not None:
-        return recipe.eval.scorers
-    return [c for c in recipe.score.scorers if c.type != "reward_model"]
-
-
 @STAGES.register("eval")
 class EvalStage(Stage):
     name = "eval"
     position = 110
     section = EvalSection
 
+    def fill(self, section: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
+        if "prompts" in section:
+            section["prompts"] = seeded_source(section["prompts"], recipe.get("seed", 0))
+        score = recipe.get("score")
+        if section.get("scorers") is None and isinstance(score, dict) and isinstance(score.get("scorers"), list):
+            section["scorers"] = [c for c in score["scorers"] if _type_of(c) != "reward_model"]
+        return section
+
     def check(self, recipe) -> None:
-        if recipe.eval.scorers is None and recipe.score is None:
+        if recipe.eval.scorers is None:
             raise ValueError("eval: no scorers to grade with; give 'eval.scorers' (e.g. [{type: math}]) "
                              "or a 'score' section, whose verifiers eval then uses")
         trained = [name for name in recipe.eval.models if name in model_stages()]
@@ -99,7 +107,7 @@ class EvalStage(Stage):
         config = ctx.recipe.eval
         prompts = ctx.recipe.load_prompts(config.prompts)
         write_rows(folder / "prompts.jsonl", prompts)
-        scorers = [build_scorer(c) for c in scorer_configs(ctx.recipe)]
+        scorers = [build_scorer(c) for c in config.scorers]
         results = {
             label: evaluate(spec, prompts, scorers, batch_size=config.batch_size,
                             max_new_tokens=config.max_new_tokens, quiet=ctx.quiet)

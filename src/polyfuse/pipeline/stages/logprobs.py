@@ -5,12 +5,18 @@ its own `backend:` (or the section's `backend`)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from polyfuse.data.io import read_rows
 from polyfuse.data.schemas import PreferenceRow
 from polyfuse.logprobs import LogprobsConfig
 from polyfuse.pipeline.context import STAGES, Context, Stage, model_stages
 from polyfuse.sampling import BACKENDS, EngineModel
+
+
+def _without_sampling(model: Any) -> Any:
+    """A recipe model (raw) as the scoring engine takes it: its spec and backend, not its sampling."""
+    return {k: v for k, v in model.items() if k != "sampling"} if isinstance(model, dict) else model
 
 
 @STAGES.register("logprobs")
@@ -21,30 +27,31 @@ class LogprobsStage(Stage):
     every_process = True
     needs = ("pairs",)
 
+    def fill(self, section: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
+        """`sources: true` (the default) scores the recipe's sources, each with its own backend."""
+        sources = section.get("sources", True)
+        if isinstance(sources, bool) and isinstance(recipe.get("sources"), list):
+            section["sources"] = [_without_sampling(s) for s in recipe["sources"]] if sources else []
+        return section
+
     def check(self, recipe) -> None:
         section = recipe.logprobs
-        if section.pivot is not None or isinstance(section.sources, list):
-            raise ValueError("logprobs: a recipe scores its current pivot and (sources: true) its sources; "
-                             "give no 'pivot' or list of 'sources' here")
+        if section.pivot is not None:
+            raise ValueError("logprobs.pivot: a recipe scores its current pivot (the recipe's, or the model the "
+                             "last training stage made); remove the key")
         trained = [s for s in recipe.stages[: recipe.stages.index("logprobs")] if s in model_stages()]
         backend = section.backend or recipe.pivot.backend
         if trained and not BACKENDS.get(backend.type).loads_weights:
             raise ValueError(f"logprobs: the pivot is trained by {trained[-1]!r} before this stage, and backend "
                              f"{backend.type!r} serves a fixed model; set logprobs.backend to transformers or vllm")
 
-    def logprobs_config(self, ctx: Context) -> LogprobsConfig:
-        section = ctx.recipe.logprobs
-        sources = [] if section.sources is False else [EngineModel.model_validate(s.model_dump(exclude={"sampling"}))
-                                                       for s in ctx.recipe.sources]
-        pivot = EngineModel.model_validate(ctx.current_pivot("logprobs").model_dump(exclude={"sampling"}))
-        return section.model_copy(update={"pivot": pivot, "sources": sources})
-
     def config(self, recipe) -> dict:
-        """The section with the sources it scores and their backends (the pivot's path is an input)."""
-        section = recipe.logprobs
-        sources = [] if section.sources is False else [s.model_dump(mode="json", exclude={"sampling"}) for s in recipe.sources]
-        return {"section": section.model_dump(mode="json"), "sources": sources,
-                "pivot_backend": (section.backend or recipe.pivot.backend).model_dump(mode="json")}
+        """The section (its sources with their backends) and the pivot's backend (its path is an input)."""
+        return {**super().config(recipe), "pivot_backend": (recipe.logprobs.backend or recipe.pivot.backend).model_dump(mode="json")}
+
+    def logprobs_config(self, ctx: Context) -> LogprobsConfig:
+        pivot = _without_sampling(ctx.current_pivot("logprobs").model_dump())
+        return ctx.recipe.logprobs.model_copy(update={"pivot": EngineModel.model_validate(pivot)})
 
     def inputs(self, ctx: Context) -> dict[str, str]:
         config = self.logprobs_config(ctx)

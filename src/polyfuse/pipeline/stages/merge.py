@@ -40,15 +40,14 @@ def model_path(ctx: Context, name: str) -> str:
 
 
 def resolved_merge_config(ctx: Context) -> MergeConfig:
-    """The `merge` section with every name resolved to a path, the base defaulted to the current pivot and
-    `parameters.seed` to the recipe's seed; checked like a `polyfuse merge` config."""
+    """The `merge` section with every name resolved to a path and the base defaulted to the current pivot;
+    checked like a `polyfuse merge` config."""
     section = ctx.recipe.merge
     tokenizer = section.tokenizer_source
     cfg = section.model_copy(update={
         "base_model": model_path(ctx, section.base_model) if section.base_model else ctx.current_pivot("merge").path,
         "models": [e.model_copy(update={"model": model_path(ctx, e.model)}) for e in section.models],
         "tokenizer_source": tokenizer if tokenizer in (None, *NOT_MODELS) else model_path(ctx, tokenizer),
-        "parameters": {"seed": ctx.recipe.seed, **section.parameters},
     })
     check_method(cfg, SOURCE)
     return cfg
@@ -61,6 +60,13 @@ class MergeStage(Stage):
     section = MergeConfig
     default = False  # merging is opted into by listing it
     makes_model = True
+
+    def fill(self, section: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
+        """The merge seed (random masks: DARE, DELLA, ...) defaults to the recipe's."""
+        parameters = section.get("parameters")
+        if parameters is None or isinstance(parameters, dict):
+            section["parameters"] = {"seed": recipe.get("seed", 0), **(parameters or {})}
+        return section
 
     def field(self) -> tuple[Any, Any]:
         annotation = Annotated[MergeConfig | None, BeforeValidator(_parse)]

@@ -7,33 +7,26 @@ from pathlib import Path
 
 from polyfuse.data.io import read_rows
 from polyfuse.data.schemas import PreferenceRow
-from polyfuse.pipeline.context import STAGES, Context, Stage
+from polyfuse.pipeline.context import STAGES, Context, TrainingStage
 from polyfuse.trainers import PreferenceTrainConfig
 
 
-def preference_data(ctx: Context) -> str:
-    return ctx.outputs.get("logprobs", {}).get("preference") or ctx.output("pairs", "preference")
-
-
 @STAGES.register("po")
-class POStage(Stage):
+class POStage(TrainingStage):
     name = "po"
     position = 100
     section = PreferenceTrainConfig
-    every_process = True
-    makes_model = True
-    seeded = True
     needs = ("pairs",)
 
-    def inputs(self, ctx: Context) -> dict[str, str]:
-        return {"preference": preference_data(ctx), "pivot": ctx.current_pivot("po").path}
+    def training_data(self, ctx: Context) -> dict[str, str]:
+        return {"preference": ctx.outputs.get("logprobs", {}).get("preference") or ctx.output("pairs", "preference")}
 
     def run(self, ctx: Context, folder: Path) -> dict[str, str]:
         from polyfuse.logprobs import fusion_sources
         from polyfuse.trainers import train_preference
 
-        data = preference_data(ctx)
+        data = self.training_data(ctx)["preference"]
         rows = read_rows(data, PreferenceRow)
-        model = train_preference(ctx.current_pivot("po"), rows, ctx.recipe.po, folder / "model",
+        model = train_preference(self.pivot(ctx), rows, ctx.recipe.po, folder / "model",
                                  source_names=fusion_sources(data, rows))
         return {"model": str(model)}

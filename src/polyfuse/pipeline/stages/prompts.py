@@ -4,7 +4,7 @@ from the toy world, written once so the stages after it read one fixed file."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -17,6 +17,7 @@ class ToyPrompts(StrictModel):
     split: Literal["train", "heldout"] = "train"
     per_domain: int = Field(default=100, ge=1)
     domains: list[str] | None = None
+    seed: int = Field(default=0, description="Which prompts are drawn; in a recipe: default the recipe's seed.")
 
 
 class PromptSource(StrictModel):
@@ -34,12 +35,22 @@ class PromptSource(StrictModel):
         return self
 
 
+def seeded_source(source: Any, seed: int) -> Any:
+    """A raw prompt source whose toy-world draw takes `seed` unless it gives its own."""
+    if isinstance(source, dict) and isinstance(source.get("toyworld"), dict):
+        return {**source, "toyworld": {"seed": seed, **source["toyworld"]}}
+    return source
+
+
 @STAGES.register("prompts")
 class PromptsStage(Stage):
     name = "prompts"
     position = 10
     section = PromptSource
     required = True
+
+    def fill(self, section: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
+        return seeded_source(section, recipe.get("seed", 0))
 
     def inputs(self, ctx: Context) -> dict[str, str]:
         return {"prompts": ctx.recipe.prompts.path} if ctx.recipe.prompts.path else {}

@@ -12,6 +12,7 @@ does not depend on the number of processes or on where a run was killed.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, ClassVar
 
 from pydantic import Field
 
@@ -19,21 +20,22 @@ from polyfuse.config import StrictModel
 from polyfuse.data.io import ShardStore, read_rows, write_rows
 from polyfuse.data.schemas import PromptRow, SampleRow, stable_id
 from polyfuse.data.sharded import ShardPlan
-from polyfuse.errors import ConfigError
 from polyfuse.pipeline.context import STAGES, Context, Stage, paths_in
 from polyfuse.progress import progress_bar
 from polyfuse.sampling import SampledModel, build_backend, request_seed
 
 
 class SampleConfig(StrictModel):
-    """`polyfuse sample --config` and a recipe's `sample` section. In a recipe the models are the recipe's
-    sources (and, with `include_pivot`, its pivot) and the seed is the recipe's unless the section sets one."""
+    """`polyfuse sample --config` and a recipe's `sample` section: the models (in a recipe: its sources, and
+    its pivot with `include_pivot`), the seed (in a recipe: its seed) and the settings."""
 
-    models: list[SampledModel] = Field(default_factory=list, description="Recipes: filled from sources/pivot.")
+    recipe_only: ClassVar[tuple[str, ...]] = ("include_pivot",)
+
+    models: list[SampledModel] = Field(min_length=1, description="Each with its sampling settings and backend.")
     batch_size: int = Field(default=32, ge=1, description="Prompts per engine call.")
     chunk_size: int = Field(default=256, ge=1, description="Prompts per resumable shard.")
     seed: int = 0
-    include_pivot: bool = Field(default=False, description="Recipes only: sample the pivot too.")
+    include_pivot: bool = Field(default=False, description="Recipe: sample the pivot too.")
 
 
 def _shard_seed(seed: int, model: str, chunk: int) -> int:
@@ -41,8 +43,6 @@ def _shard_seed(seed: int, model: str, chunk: int) -> int:
 
 
 def run_sample(prompts: list[PromptRow], config: SampleConfig, out_dir: str | Path, quiet: bool = False) -> Path:
-    if not config.models:
-        raise ConfigError("sample: models: give at least one model to sample from")
     out_dir = Path(out_dir)
     store = ShardStore(out_dir / "shards")
     chunks = [prompts[i : i + config.chunk_size] for i in range(0, len(prompts), config.chunk_size)]
@@ -92,25 +92,18 @@ class SampleStage(Stage):
     every_process = True
     needs = ("prompts",)
 
-    def check(self, recipe) -> None:
-        if recipe.sample.models:
-            raise ValueError("sample.models: a recipe samples its sources (and its pivot with "
-                             "sample.include_pivot); give the models there")
+    seeded = True
 
-    def sample_config(self, recipe) -> SampleConfig:
-        section = recipe.sample
-        update = {"models": recipe.sources + ([recipe.pivot] if section.include_pivot else [])}
-        if "seed" not in section.model_fields_set:
-            update["seed"] = recipe.seed
-        return section.model_copy(update=update)
-
-    def config(self, recipe) -> dict:
-        """The filled config: a model's sampling settings or backend changed reruns the stage."""
-        return {"section": self.sample_config(recipe).model_dump(mode="json")}
+    def fill(self, section: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
+        section = super().fill(section, recipe)
+        if "models" not in section and isinstance(recipe.get("sources"), list):
+            pivot = [recipe["pivot"]] if section.get("include_pivot") and "pivot" in recipe else []
+            section["models"] = [*recipe["sources"], *pivot]
+        return section
 
     def inputs(self, ctx: Context) -> dict[str, str]:
-        return {"prompts": ctx.output("prompts", "prompts"), **paths_in(self.sample_config(ctx.recipe).model_dump())}
+        return {"prompts": ctx.output("prompts", "prompts"), **paths_in(ctx.recipe.sample.model_dump())}
 
     def run(self, ctx: Context, folder: Path) -> dict[str, str]:
         prompts = read_rows(ctx.output("prompts", "prompts"), PromptRow)
-        return {"samples": str(run_sample(prompts, self.sample_config(ctx.recipe), folder, quiet=ctx.quiet))}
+        return {"samples": str(run_sample(prompts, ctx.recipe.sample, folder, quiet=ctx.quiet))}

@@ -6,25 +6,22 @@ from pathlib import Path
 
 from polyfuse.data.io import read_rows
 from polyfuse.data.schemas import SFTRow
-from polyfuse.pipeline.context import STAGES, Context, Stage
+from polyfuse.pipeline.context import STAGES, Context, TrainingStage
 from polyfuse.trainers import SFTTrainConfig
 
 
 @STAGES.register("sft")
-class SFTStage(Stage):
+class SFTStage(TrainingStage):
     name = "sft"
     position = 50
     section = SFTTrainConfig
-    every_process = True
-    makes_model = True
-    seeded = True
     needs = ("pairs",)
 
-    def inputs(self, ctx: Context) -> dict[str, str]:
-        return {"sft": ctx.output("pairs", "sft"), "pivot": ctx.current_pivot("sft").path}
+    def training_data(self, ctx: Context) -> dict[str, str]:
+        return {"sft": ctx.output("pairs", "sft")}
 
     def run(self, ctx: Context, folder: Path) -> dict[str, str]:
         from polyfuse.trainers import train_sft
 
         rows = read_rows(ctx.output("pairs", "sft"), SFTRow)
-        return {"model": str(train_sft(ctx.current_pivot("sft"), rows, ctx.recipe.sft, folder / "model"))}
+        return {"model": str(train_sft(self.pivot(ctx), rows, ctx.recipe.sft, folder / "model"))}

@@ -1,34 +1,26 @@
-"""Stage `teacher`: every source (and, with `include_pivot`, the current pivot: FuseLLM's candidates
-include the pivot's own distribution) runs over the SFT rows (the pairs stage's, or the section's `data`
-file) and its top-K outputs are stored for the `distill` stage."""
+"""Stage `teacher`: every teacher (the recipe's sources, unless the section lists its own `models`, and with
+`include_pivot` the current pivot: FuseLLM's candidates include the pivot's own distribution) runs over
+the SFT rows (the pairs stage's, or the section's `data` file) and its top-K outputs are stored for the
+`distill` stage."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-from pydantic import Field
+from typing import Any
 
 from polyfuse.data.io import read_rows
 from polyfuse.data.schemas import SFTRow
 from polyfuse.models import ModelSpec
-from polyfuse.pipeline.context import STAGES, Context, Stage
-from polyfuse.teacher import TeacherSettings
-
-
-class TeacherSection(TeacherSettings):
-    """Top-K outputs of every source on the SFT rows; `include_pivot` adds the current pivot's own
-    (FuseLLM / FuseChat candidates)."""
-
-    include_pivot: bool = False
-    data: str | None = Field(default=None, description="SFT rows (TRL prompt/completion); default: the pairs stage's.")
+from polyfuse.pipeline.context import STAGES, Context, Stage, model_specs
+from polyfuse.teacher import TeacherConfig
 
 
 def teacher_models(ctx: Context) -> list[ModelSpec]:
-    sources = [s.as_spec() for s in ctx.recipe.sources]
-    if not ctx.recipe.teacher.include_pivot:
-        return sources
+    config = ctx.recipe.teacher
+    if not config.include_pivot:
+        return config.models
     pivot = ctx.current_pivot("teacher")  # first: MinCE ties go to the first candidate, the pivot itself
-    return [pivot.as_spec(), *sources]
+    return [ModelSpec.model_validate(model_specs([pivot])[0]), *config.models]
 
 
 def training_rows(ctx: Context) -> str:
@@ -40,9 +32,14 @@ def training_rows(ctx: Context) -> str:
 class TeacherStage(Stage):
     name = "teacher"
     position = 60
-    section = TeacherSection
+    section = TeacherConfig
     every_process = True
     default = False  # explicit fusion is opted into by listing it
+
+    def fill(self, section: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
+        if "models" not in section and isinstance(recipe.get("sources"), list):
+            section["models"] = model_specs(recipe["sources"])
+        return section
 
     def requires(self, recipe) -> tuple[str, ...]:
         return () if recipe.teacher is not None and recipe.teacher.data else ("pairs",)
@@ -53,7 +50,7 @@ class TeacherStage(Stage):
     def run(self, ctx: Context, folder: Path) -> dict[str, str]:
         from polyfuse.teacher import run_teacher
 
-        settings = TeacherSettings.model_validate(ctx.recipe.teacher.model_dump(include=set(TeacherSettings.model_fields)))
         data = training_rows(ctx)
-        out = run_teacher(teacher_models(ctx), read_rows(data, SFTRow), settings, folder / "store", quiet=ctx.quiet)
+        config = ctx.recipe.teacher.model_copy(update={"models": teacher_models(ctx)})
+        out = run_teacher(read_rows(data, SFTRow), config, folder / "store", quiet=ctx.quiet)
         return {"store": str(out), "sft": data}
