@@ -70,7 +70,8 @@ def worker(args: argparse.Namespace) -> None:
         backend_options.update(max_model_len=512, max_num_seqs=args.prompts * args.n)
     if args.worker == "openai":
         backend_options.update(base_url=args.url, model="smollm2", concurrency=args.prompts)
-    spec = EngineModel.model_validate({"name": "smollm2", "path": args.model, "backend": backend_options})
+    spec = EngineModel.model_validate({"name": "smollm2", "path": args.model, "dtype": args.dtype,
+                                       "backend": backend_options})
     prompts = PROMPTS[: args.prompts]
     params = SamplingParams(n=args.n, temperature=0.8, top_p=0.95, max_new_tokens=args.max_new_tokens, seed=1)
     start = time.perf_counter()
@@ -89,9 +90,9 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps({"backend": args.worker, "start_s": started, "wall_s": wall, "cpu_s": cpu, "tokens": tokens}))
 
 
-def start_server(python: Path, model: str, port: int, log: Path) -> tuple[subprocess.Popen, float]:
+def start_server(python: Path, model: str, port: int, log: Path, dtype: str) -> tuple[subprocess.Popen, float]:
     command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name",
-               "smollm2", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+               "smollm2", "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, "--enforce-eager",
                "--max-model-len", "512", "--max-num-seqs", "64", "--max-num-batched-tokens", str(64 * 512),
                "--disable-log-stats"]
     start = time.perf_counter()
@@ -134,6 +135,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="Weights and compute of every backend (the server's too).")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/polyfuse-sampling-speed"))
     parser.add_argument("--worker", choices=["transformers", "vllm", "openai"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -150,9 +153,9 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     model = str(export_smollm2(args.workdir / "SmolLM2-135M-Instruct"))
     common = [str(python), __file__, "--model", model, "--prompts", str(args.prompts), "--n", str(args.n),
-              "--max-new-tokens", str(args.max_new_tokens)]
+              "--max-new-tokens", str(args.max_new_tokens), "--dtype", args.dtype]
     results: dict[str, list[dict]] = {"transformers": [], "vllm": [], "openai": []}
-    print(f"load: {os.getloadavg()[0]:.1f}; {args.prompts} prompts x n={args.n} x {args.max_new_tokens} new tokens, "
+    print(f"load: {os.getloadavg()[0]:.1f}; {args.dtype}; {args.prompts} prompts x n={args.n} x {args.max_new_tokens} new tokens, "
           f"{args.rounds} rounds", flush=True)
     for round_ in range(args.rounds):
         order = ["transformers", "vllm", "openai"]
@@ -162,7 +165,7 @@ def main() -> None:
             server = None
             if name == "openai":
                 port = free_port()
-                server, server_start = start_server(python, model, port, args.workdir / "server.log")
+                server, server_start = start_server(python, model, port, args.workdir / "server.log", args.dtype)
                 extra = ["--url", f"http://127.0.0.1:{port}/v1", "--server-pid", str(server.pid)]
             try:
                 out = subprocess.run([*common, "--worker", name, *extra], capture_output=True, text=True,
