@@ -128,6 +128,7 @@ def test_two_processes_share_the_shards_and_give_the_rows_of_one(vllm_python, vl
     work, _ = vllm_recipe_run
     config = json.loads((work / "sample" / "manifest.json").read_text())["config"]["section"]
     config["models"] = config["models"][:1]  # three shards of one model: one engine per process
+    del config["include_pivot"]  # the recipe's own key
     (tmp_path / "sample.yaml").write_text(yaml.safe_dump(config))
     launch = [str(vllm_python), "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]

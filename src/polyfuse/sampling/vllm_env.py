@@ -50,7 +50,16 @@ def _wanted(polyfuse: str) -> dict[str, str]:
     """What the venv must hold; polyfuse is identified by its declared dependencies, not its code (run the
     code under test with PYTHONPATH), so editing polyfuse does not rebuild a 3.5 GB venv."""
     project = Path(polyfuse) / "pyproject.toml"
-    identity = hashlib.sha256(project.read_bytes()).hexdigest()[:16] if project.is_file() else polyfuse
+    identity = polyfuse
+    if project.is_file():
+        try:
+            import tomllib  # Python >= 3.11
+
+            declared = tomllib.loads(project.read_text())["project"]
+            blob = json.dumps([declared.get("dependencies"), declared.get("requires-python")])
+        except ImportError:
+            blob = project.read_text()
+        identity = hashlib.sha256(blob.encode()).hexdigest()[:16]
     return {"vllm": VLLM, "torch": TORCH, "polyfuse": identity, "python": sys.version.split()[0]}
 
 

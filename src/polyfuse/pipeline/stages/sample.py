@@ -90,9 +90,8 @@ class SampleStage(Stage):
     section = SampleConfig
     section_default = True
     every_process = True
-    needs = ("prompts",)
-
     seeded = True
+    needs = ("prompts",)
 
     def fill(self, section: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
         section = super().fill(section, recipe)
