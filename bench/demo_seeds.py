@@ -12,7 +12,10 @@ import argparse
 import statistics
 from pathlib import Path
 
+from polyfuse.evaluation import load_eval_report
+from polyfuse.evaluation.report import describe_gains
 from polyfuse.pipeline.demo import run_demo
+from polyfuse.toyworld import ToyWorldConfig
 
 
 def main() -> None:
@@ -36,6 +39,9 @@ def main() -> None:
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):.1f} ± {spread:.1f}")
         print(f"| {model} | " + " | ".join(cells) + " |")
+    runs = [load_eval_report(args.work_dir / f"seed{seed}" / "eval") for seed in args.seeds]
+    sources = {s.name for s in ToyWorldConfig.preset(args.preset).sources}
+    print("\n" + "\n".join(describe_gains(runs, sources, summaries[0]["domains"])))
     walls = [s["wall_s"] for s in summaries]
     print(f"\nDemo wall time per seed (s): {walls}")
     for seed, summary in zip(args.seeds, summaries, strict=True):

@@ -34,7 +34,7 @@ def test_a_backend_is_a_name_or_a_mapping_validated_by_its_own_options():
     model = SampledModel.model_validate({"path": "m", "backend": {"type": "openai", "base_url": "http://h/v1"}})
     assert isinstance(model.backend, OpenAISettings) and model.backend.concurrency == 16
     assert SampledModel(path="m").backend.type == "transformers"
-    with pytest.raises(ConfigError, match=r"backend: Value error, unknown backend 'vlm'; expected one of: openai, transformers, vllm"):
+    with pytest.raises(ConfigError, match=r"backend: unknown backend 'vlm'; expected one of: openai, transformers, vllm"):
         validate(SampledModel, {"path": "m", "backend": "vlm"})
     with pytest.raises(ConfigError, match="tensor_parallel"):
         validate(SampledModel, {"path": "m", "backend": {"type": "vllm", "tensor_parallel": 2}})

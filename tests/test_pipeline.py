@@ -16,7 +16,7 @@ import pytest
 
 from polyfuse.data import PreferenceRow, SampleRow, SFTRow, read_rows
 from polyfuse.data.io import read_metadata
-from polyfuse.pipeline.demo import recipe_path
+from polyfuse.pipeline.demo import TINY_OVERRIDES, recipe_path
 from polyfuse.pipeline.recipe import load_recipe
 from polyfuse.pipeline.runner import run_recipe
 
@@ -24,15 +24,8 @@ STAGES = ["prompts", "sample", "score", "pairs", "sft", "logprobs", "po", "eval"
 
 
 def tiny_overrides(cache_dir: Path) -> list[str]:
-    """The demo recipe, shrunk. The tiny world's models are barely trained and almost never correct, so
-    responses are ranked by the reward model alone (the verifier-less FuseChat-3.0 rule)."""
-    return [
-        "toyworld.preset=tiny", f"toyworld.cache_dir={cache_dir}", "prompts.toyworld.per_domain=6",
-        "eval.prompts.toyworld.per_domain=4", "sample.chunk_size=4", "sample.batch_size=8", "score.chunk_size=16",
-        "sft.epochs=1", "sft.batch_size=4", "po.batch_size=4", "pairs.gap_window=null", "pairs.sft_fraction=0.5",
-        'score.scorers=[{type: reward_model, name: rm, model: {path: "toyworld://reward_model"}}]',
-        "eval.scorers=[{type: toyworld}]",
-    ]
+    """The demo recipe, shrunk as `polyfuse demo --preset tiny` shrinks it, with the test session's cache."""
+    return ["toyworld.preset=tiny", f"toyworld.cache_dir={cache_dir}", *TINY_OVERRIDES]
 
 
 def tiny_world_sources() -> list[str]:

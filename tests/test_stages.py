@@ -37,8 +37,11 @@ def test_the_recipe_schema_is_built_from_the_registry():
 
 
 def _recipe(tmp_path: Path, body: str) -> Path:
+    for model in ("a", "p"):  # model folders, as the runner checks before the first stage (no stage loads them)
+        (tmp_path / model).mkdir(exist_ok=True)
+        (tmp_path / model / "config.json").write_text("{}")
     path = tmp_path / "recipe.yaml"
-    path.write_text("name: t\nsources: [{name: a, path: ./a}]\npivot: {name: p, path: ./p}\n"
+    path.write_text(f"name: t\nsources: [{{name: a, path: {tmp_path / 'a'}}}]\npivot: {{name: p, path: {tmp_path / 'p'}}}\n"
                     "prompts: {path: prompts.jsonl}\n" + body)
     return path
 

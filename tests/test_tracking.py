@@ -41,7 +41,18 @@ def test_tensorboard_event_file_holds_the_loss_series(tmp_path):
         assert [s.value for s in series] == pytest.approx([e[key] for e in history], rel=1e-6)  # float32 storage
 
 
-def test_report_to_accepts_trainers_spellings():
+def test_report_to_accepts_trainers_spellings_of_installed_trackers():
+    from pydantic import ValidationError
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
     assert SFTTrainConfig().report_to == [] and SFTTrainConfig(report_to="none").report_to == []
-    assert SFTTrainConfig(report_to="wandb").report_to == ["wandb"]
-    assert SFTTrainConfig(report_to=["tensorboard", "mlflow"]).report_to == ["tensorboard", "mlflow"]
+    assert SFTTrainConfig(report_to="tensorboard").report_to == ["tensorboard"]
+    assert SFTTrainConfig(report_to=["all"]).report_to == ["all"]
+    missing = sorted(set(INTEGRATION_TO_CALLBACK) - set(get_available_reporting_integrations()))
+    with pytest.raises(ValidationError, match=f"'{missing[0]}': its package is not installed"):
+        SFTTrainConfig(report_to=["tensorboard", missing[0]])  # refused before training, not by Trainer
+    with pytest.raises(ValidationError, match="'tensorbored' is not a tracker of transformers"):
+        SFTTrainConfig(report_to="tensorbored")

@@ -44,12 +44,15 @@ _STORAGE_ERRNOS = {
 }
 
 
-def storage_error(err: BaseException) -> StorageError | None:
-    """The user-facing form of an error that the user's disk or paths caused, else None (a bug).
+def storage_error(err: BaseException, where: object = None) -> StorageError | None:
+    """The user-facing form of an error that the user's disk or paths caused, else None (a bug). `where`
+    names the output when the error does not (a failed write has no file name).
 
     Libraries written in Rust (safetensors, tokenizers) raise their own exception types for I/O failures,
     with Rust's "(os error N)" in the text."""
-    code, where = getattr(err, "errno", None), getattr(err, "filename", None)
+    if isinstance(err, StorageError):
+        return err
+    code, where = getattr(err, "errno", None), getattr(err, "filename", None) or where
     if code is None:
         found = re.search(r"os error (\d+)", str(err))
         code = int(found.group(1)) if found else None

@@ -1,7 +1,13 @@
-"""One progress-bar style for every long loop (a ground-floor module: any package may use it)."""
+"""One progress-bar style for every long loop, and the process-wide quiet switch (a ground-floor module:
+any package may use it).
+
+`polyfuse ... -q` calls `set_quiet(True)`: every bar is then disabled and `note` prints nothing, so the
+output holds warnings, errors and the command's result only.
+"""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -14,12 +20,29 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    global _quiet
+    _quiet = quiet
+
+
+def is_quiet() -> bool:
+    return _quiet
+
+
+def note(message: str) -> None:
+    """An informational line on stderr (e.g. the memory estimate before training), unless quiet."""
+    if not _quiet:
+        print(message, file=sys.stderr, flush=True)
+
 
 def progress_bar(disable: bool = False) -> Progress:
     """A rich progress display; add one task per loop with `bar.add_task(description, total=...)`."""
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TimeRemainingColumn(), disable=disable, transient=False,
+        TimeElapsedColumn(), TimeRemainingColumn(), disable=disable or _quiet, transient=False,
     )
 
 

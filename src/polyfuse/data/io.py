@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from polyfuse.errors import DataError
+from polyfuse.errors import DataError, storage_error
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -48,21 +48,27 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(folder: str | Path) -> int:
-    """Delete the temporary files and folders that killed writers on this host left in `folder`."""
+def remove_stale_temporaries(folder: str | Path, recursive: bool = False) -> int:
+    """Delete the temporary files and folders that killed writers on this host left in `folder` (and, with
+    `recursive`, in every folder below it); returns how many."""
     folder = Path(folder)
-    removed = 0
     if not folder.is_dir():
         return 0
-    for entry in folder.iterdir():
-        match = re.fullmatch(rf"\..+\.{re.escape(_HOST)}-(\d+)-[^.]*\.tmp", entry.name)
-        if match is None or _process_alive(int(match.group(1))):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-        removed += 1
+    removed = 0
+    for root, folders, files in os.walk(folder):
+        for name in [*folders, *files]:
+            match = re.fullmatch(rf"\..+\.{re.escape(_HOST)}-(\d+)-[^.]*\.tmp", name)
+            if match is None or _process_alive(int(match.group(1))):
+                continue
+            entry = Path(root) / name
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed += 1
+        if not recursive:
+            break
+        folders[:] = [name for name in folders if (Path(root) / name).is_dir()]  # not into removed ones
     return removed
 
 
@@ -87,6 +93,15 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(handle.fileno())
 
 
+def follow_umask(root: str | Path) -> None:
+    """Give `root` and everything in it the modes the user's umask gives new files and folders: writers
+    such as safetensors create private (0600) files, and HF tools' outputs follow the umask."""
+    mask = _umask()
+    for entry in [Path(root), *Path(root).rglob("*")]:
+        if not entry.is_symlink():
+            os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~mask)
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     """`write` fills a temporary file in the same folder, which is then renamed into place.
 
@@ -101,8 +116,9 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        raise_for_storage(err, path)
         raise
 
 
@@ -116,6 +132,7 @@ def atomic_write_folder(path: str | Path, write: Callable[[Path], Any]) -> None:
     tmp = temporary_folder(path)
     try:
         write(tmp)
+        follow_umask(tmp)
         _fsync_tree(tmp)
         old = None
         if path.exists():
@@ -124,9 +141,18 @@ def atomic_write_folder(path: str | Path, write: Callable[[Path], Any]) -> None:
         os.replace(tmp, path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise_for_storage(err, path)
         raise
+
+
+def raise_for_storage(err: BaseException, path: Path) -> None:
+    """A full disk, a read-only folder or a file-size limit met while writing `path`: a `StorageError` that
+    names `path` (the write's own error often names no file)."""
+    problem = storage_error(err, where=path)
+    if problem is not None and problem is not err:
+        raise problem from err
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -220,8 +246,9 @@ class ReadReport:
 def _explain(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "row"
-        parts.append(f"field {key!r}: {'missing' if e['type'] == 'missing' else e['msg']}")
+        message = "missing" if e["type"] == "missing" else e["msg"].removeprefix("Value error, ")
+        key = ".".join(str(p) for p in e["loc"])
+        parts.append(f"field {key!r}: {message}" if key else message)  # no key: a check across fields
     return "; ".join(parts)
 
 
@@ -281,7 +308,8 @@ def write_metadata(path: str | Path, metadata: dict[str, Any]) -> None:
 
 class ShardStore:
     """Numbered JSONL shards in one folder. Each shard is written whole and atomically, so after a
-    crash a shard either exists complete or not at all; `done()` tells a rerun what is left.
+    crash a shard either exists complete or not at all; `done()` tells a rerun what is left. The folder is
+    made with the first shard: a command refused before its first shard leaves nothing behind.
 
     A shard being worked on may also keep a journal (`<key>.partial.jsonl`): records appended one line at
     a time as pieces of the shard finish (a server's requests), so a killed run redoes none of them. A
@@ -289,7 +317,6 @@ class ShardStore:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.folder)
 
     def path(self, key: str) -> Path:
@@ -308,6 +335,7 @@ class ShardStore:
     def append(self, key: str, record: dict[str, Any]) -> None:
         """Add one record to the shard's journal; written through before this returns, so it outlives a
         killed process."""
+        self.folder.mkdir(parents=True, exist_ok=True)
         with self.journal(key).open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 

@@ -8,9 +8,11 @@ is the unweighted mean over domains, `overall` the fraction of all prompts.
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import nullcontext
 from typing import Any
 
 from pydantic import BaseModel
+from rich.progress import Progress
 
 from polyfuse.data.schemas import PromptRow, SampleRow, stable_id
 from polyfuse.errors import UserError
@@ -110,9 +112,11 @@ def evaluate(
     max_new_tokens: int = 512,
     label: str | None = None,
     quiet: bool = False,
+    bar: Progress | None = None,
 ) -> EvalResult:
     """Greedy-decode every prompt with `model` and judge it. `model` is a spec (run through its `backend:`,
-    transformers for a plain `ModelSpec`, built and freed here) or a backend the caller built and keeps."""
+    transformers for a plain `ModelSpec`, built and freed here) or a backend the caller built and keeps.
+    `bar`: a progress display to add this model's bars to (one display for several models), else its own."""
     label = label or (model.label if isinstance(model, ModelSpec) else model.spec.label)
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
     verifiers = [s for s in scorers if s.kind == "verifier"]
@@ -122,14 +126,14 @@ def evaluate(
     if isinstance(model, ModelSpec):
         engine = model if isinstance(model, EngineModel) else EngineModel.model_validate(model.model_dump())
         with build_backend(engine) as backend:
-            return _evaluate(backend, prompts, picked, params, batch_size, label, quiet)
-    return _evaluate(model, prompts, picked, params, batch_size, label, quiet)
+            return _evaluate(backend, prompts, picked, params, batch_size, label, quiet, bar)
+    return _evaluate(model, prompts, picked, params, batch_size, label, quiet, bar)
 
 
 def _evaluate(backend: Backend, prompts: list[PromptRow], picked: list[Scorer], params: SamplingParams,
-              batch_size: int, label: str, quiet: bool) -> EvalResult:
+              batch_size: int, label: str, quiet: bool, bar: Progress | None) -> EvalResult:
     verdicts: list[tuple[Any, dict[str, Any]]] = [(False, {})] * len(prompts)
-    with progress_bar(disable=quiet) as bar:
+    with nullcontext(bar) if bar is not None else progress_bar(disable=quiet) as bar:
         generating = bar.add_task(f"generate {label}", total=len(prompts))
         outputs = backend.generate_all([p.prompt for p in prompts], params, batch_size=batch_size,
                                        progress=lambda n: bar.advance(generating, n))

@@ -1,10 +1,16 @@
 """Accuracy reports: a rich table for the terminal, and results.json / results.md / accuracy.png plus
-per-example records on disk. Rows are models; columns are domains, then the average over domains."""
+per-example records on disk. Rows are models; columns are domains, then the average over domains. A run's
+report (`run_report`) adds findings in words: what changed and by how much, with the noise, and why a
+domain did not improve when its training data says why."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import re
+import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.table import Table
@@ -107,3 +113,117 @@ def write_eval_report(
     for label, result in results.items():
         write_rows(out_dir / "records" / f"{_file_name(label)}.jsonl", result.records)
     return out_dir
+
+
+Z95 = 1.96  # two-sided 95% normal quantile
+
+
+@dataclass
+class Gain:
+    """A change in accuracy, in points, with its noise: the half-width of a 95% interval over the held-out
+    prompts (one run) or the standard deviation over seeds (several)."""
+
+    points: float
+    noise: float
+
+    @property
+    def clear(self) -> bool:
+        return self.points - self.noise > 0
+
+    def __str__(self) -> str:
+        return f"{self.points:+.1f} ± {self.noise:.1f}"
+
+
+def _paired(before: EvalResult, after: EvalResult, domain: str) -> tuple[float, float]:
+    """Mean and variance of the mean of `after - before` per prompt of `domain` (the same prompts)."""
+    base = {r.prompt_id: r.correct for r in before.records if r.domain == domain}
+    diffs = [int(r.correct) - int(base[r.prompt_id]) for r in after.records if r.domain == domain and r.prompt_id in base]
+    if not diffs:
+        return 0.0, 0.0
+    mean = sum(diffs) / len(diffs)
+    spread = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) if len(diffs) > 1 else 0.0
+    return mean, spread / len(diffs)
+
+
+def gains(runs: list[dict[str, EvalResult]], before: str, after: str) -> dict[str, Gain]:
+    """`after - before` per domain and on the average over domains ("average"). One run: paired 95% normal
+    intervals over the prompts; several runs (seeds): mean and standard deviation over the runs."""
+    domains = _domains({k: v for run in runs for k, v in run.items() if k in (before, after)})
+    per_run = []
+    for run in runs:
+        paired = {d: _paired(run[before], run[after], d) for d in domains}
+        average = sum(m for m, _ in paired.values()) / len(domains)
+        per_run.append({**paired, "average": (average, sum(v for _, v in paired.values()) / len(domains) ** 2)})
+    if len(runs) == 1:
+        return {k: Gain(100 * m, 100 * Z95 * math.sqrt(v)) for k, (m, v) in per_run[0].items()}
+    return {k: Gain(100 * statistics.mean(r[k][0] for r in per_run), 100 * statistics.stdev(r[k][0] for r in per_run))
+            for k in per_run[0]}
+
+
+def _mean_accuracy(runs: list[dict[str, EvalResult]], label: str, domain: str | None = None) -> float:
+    values = [r[label].average if domain is None else r[label].per_domain[domain].accuracy for r in runs]
+    return 100 * statistics.mean(values)
+
+
+def describe_gains(
+    runs: list[dict[str, EvalResult]], sources: set[str], domain_data: dict[str, dict[str, int]] | None = None,
+) -> list[str]:
+    """Markdown lines that say what fusion changed and by how much, with the noise, and why a domain did not
+    improve when the training data says why. `runs`: the results of one run, or of one run per seed (the
+    same models); the comparison is the pivot before fusion against the last trained model, step by step
+    through the stages between. `domain_data`: per domain, counts of its training data (`SFT rows`, `pairs`,
+    `correct samples`, `samples`)."""
+    labels = [label for label in runs[0] if label not in sources]
+    if len(labels) < 2:
+        return []
+    before, after = labels[0], labels[-1]
+    total = gains(runs, before, after)
+    prompts = sum(s.total for s in runs[0][after].per_domain.values())
+    noise = (f"95% interval over {prompts} held-out prompts, paired" if len(runs) == 1
+             else f"mean ± standard deviation over {len(runs)} seeds")
+    lines = [f"**{after}** averages {_mean_accuracy(runs, after):.1f}% against {_mean_accuracy(runs, before):.1f}% "
+             f"for **{before}**: {total['average']} points ({noise})."]
+    if sources & set(runs[0]):
+        best = max(sources & set(runs[0]), key=lambda s: _mean_accuracy(runs, s))
+        lines.append(f"The best source on average, {best}, has {_mean_accuracy(runs, best):.1f}%.")
+    if len(labels) > 2:
+        steps = [f"{before} {_mean_accuracy(runs, before):.1f}"]
+        steps += [f"{b} {_mean_accuracy(runs, b):.1f} ({gains(runs, a, b)['average']})" for a, b in itertools.pairwise(labels)]
+        lines.append("Step by step: " + " → ".join(steps) + ".")
+    lines.append("")
+    for domain in _domains({before: runs[0][before], after: runs[0][after]}):
+        gain = total[domain]
+        line = (f"- {domain}: {_mean_accuracy(runs, before, domain):.1f} → {_mean_accuracy(runs, after, domain):.1f} "
+                f"({gain})")
+        if not gain.clear:
+            line += ": no clear gain" + _why(domain, domain_data)
+        lines.append(line + ".")
+    return lines
+
+
+def _why(domain: str, domain_data: dict[str, dict[str, int]] | None) -> str:
+    """What the training data of `domain` held, against the other domains'."""
+    if not domain_data or domain not in domain_data:
+        return ""
+    mine, others = domain_data[domain], [v for k, v in domain_data.items() if k != domain]
+    parts = []
+    for key in ("SFT rows", "pairs"):
+        if key in mine:
+            spread = sorted(o.get(key, 0) for o in others)
+            elsewhere = f" (other domains {spread[0]}–{spread[-1]})" if spread else ""
+            parts.append(f"{key} {mine[key]}{elsewhere}")
+    if mine.get("samples"):
+        parts.append(f"{100 * mine['correct samples'] / mine['samples']:.0f}% of its {mine['samples']} sampled "
+                     "responses were correct")
+    return "; its training data: " + ", ".join(parts) if parts else ""
+
+
+def run_report(title: str, findings: list[str], results: dict[str, EvalResult], chart: str, data: list[str],
+               timings: list[tuple[str, str]]) -> str:
+    """The Markdown report of a run: the findings, the accuracy table and chart, the data, the wall times."""
+    return "\n".join([
+        f"# {title}", "", *findings, "",
+        "## Accuracy", "", "On held-out prompts. " + markdown_table(results), f"![accuracy]({chart})", "",
+        "## Data", "", *data, "",
+        "## Wall time", "", "| step | wall time |", "|---|---:|", *(f"| {step} | {time} |" for step, time in timings), "",
+    ])

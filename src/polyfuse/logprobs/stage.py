@@ -47,10 +47,10 @@ CONVENTION = "polyfuse-logps-1"
 
 class LogprobsConfig(StrictModel):
     """`polyfuse logprobs --config` and a recipe's `logprobs` section (one schema). In a recipe the pivot is
-    the current pivot (M0), handed over when the stage runs, and `sources` is `true` (the default: the
-    recipe's sources) or `false` (none)."""
+    the current pivot (M0: the recipe's pivot, or the model the last training stage made, handed over when
+    the stage runs), and `sources` is `true` (the default: the recipe's sources) or `false` (none)."""
 
-    pivot: EngineModel | None = Field(default=None, description="M0 (the SFT checkpoint): the ref_* columns.")
+    pivot: EngineModel = Field(description="M0 (the SFT checkpoint): the ref_* columns.")
     sources: list[EngineModel] = Field(default_factory=list, description="The fuse_* models, in this order.")
     backend: BackendConfig | None = Field(
         default=None, description="Score every model through this backend instead of its own `backend:`."
@@ -63,13 +63,11 @@ class LogprobsConfig(StrictModel):
         "for tiny models.",
     )
     max_length: int | None = Field(default=None, ge=2, description="None: each model's context size.")
-    overflow: Literal["drop", "error"] = "drop"
+    overflow: Literal["drop", "error"] = Field(default="drop", description="A pair longer than max_length: drop it (and count it), or stop.")
     chunk_size: int = Field(default=1024, ge=1, description="Rows per resumable shard.")
 
     def models(self) -> list[EngineModel]:
         """M0 then the sources, each with the backend it is scored with."""
-        if self.pivot is None:
-            raise ConfigError("logprobs: pivot: the initial pivot M0 (its ref_* columns) is required")
         models = [self.pivot, *self.sources]
         if self.backend is not None:
             models = [m.model_copy(update={"backend": self.backend}) for m in models]

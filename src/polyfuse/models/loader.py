@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import BaseModel, Field
 from safetensors import SafetensorError
 
 from polyfuse.config import StrictModel
@@ -25,13 +25,13 @@ class ModelSpec(StrictModel):
     file (or give the folder in `path` and the file name in `gguf_file`)."""
 
     name: str | None = Field(default=None, description="Short name used in data rows; defaults to the path's last part.")
-    path: str
-    gguf_file: str | None = None
-    revision: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
-    device: str = "cpu"
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
+    path: str = Field(description="Hub id (org/name), local folder, or .gguf file.")
+    gguf_file: str | None = Field(default=None, description="The .gguf file inside `path` (a folder or hub repo).")
+    revision: str | None = Field(default=None, description="Hub branch, tag or commit.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="float32", description="Weights' dtype; auto: the checkpoint's.")
+    device: str = Field(default="cpu", description="cpu, cuda, cuda:1, mps.")
+    trust_remote_code: bool = Field(default=False, description="Run the model repository's own Python code (only for repos you trust).")
+    allow_pickle: bool = Field(default=False, description="Also read pickle (.bin) weights, which can run code; default: safetensors only.")
 
     @property
     def label(self) -> str:
@@ -94,6 +94,23 @@ def check_location(spec: ModelSpec, needs_config: bool = True) -> None:
             raise UserError(f"{spec.label}: {folder}: {kind}")
         if needs_config and not (local / "config.json").is_file():
             raise UserError(f"{spec.label}: {folder}: no config.json in this folder; is it a Hugging Face model folder?")
+
+
+def check_models(config: Any) -> None:
+    """`check_location` and `check_device` for every `ModelSpec` inside a config (pydantic models, lists,
+    dicts), so that a wrong path or device is refused before any model is loaded or any output written."""
+    if isinstance(config, ModelSpec):
+        check_location(config)
+        check_device(config)
+    elif isinstance(config, BaseModel):
+        for name in type(config).model_fields:
+            check_models(getattr(config, name))
+    elif isinstance(config, list | tuple):
+        for item in config:
+            check_models(item)
+    elif isinstance(config, dict):
+        for item in config.values():
+            check_models(item)
 
 
 def _common_kwargs(spec: ModelSpec) -> dict:

@@ -37,8 +37,8 @@ class DPO(PreferenceObjective):
 
     columns = ("ref_chosen_logps", "ref_rejected_logps")
 
-    beta: float = Field(default=0.1, gt=0)
-    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
+    beta: float = Field(default=0.1, gt=0, description="Strength of the pull towards the reference (KL weight).")
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5, description="Assumed share of flipped labels (conservative DPO).")
 
     def __call__(self, batch: PreferenceBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return dpo_loss(

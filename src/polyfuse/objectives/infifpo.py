@@ -174,11 +174,11 @@ class FusedReferenceObjective(PreferenceObjective):
     """The reference-fusion settings shared by InfiFPO and its variants, and the columns they imply:
     M0's (`ref_*`) and, unless fusion is off, the sources' (`fuse_*`), means with LN and sums without."""
 
-    length_normalize: bool = True
-    clip: bool = True
-    fusion: Fusion = "max_margin"
-    max_margin: MaxMargin = "per_example"
-    confidence_eps: float = Field(default=1e-6, gt=0)
+    length_normalize: bool = Field(default=True, description="Per-token mean log-probs, each model over its own tokens.")
+    clip: bool = Field(default=True, description="Floor each source at M0 on chosen responses, cap it on rejected ones.")
+    fusion: Fusion = Field(default="max_margin", description="How the sources make one reference; none: M0 alone (DPO).")
+    max_margin: MaxMargin = Field(default="per_example", description="max_margin picks one candidate per pair or per response.")
+    confidence_eps: float = Field(default=1e-6, gt=0, description="eps of the confidence weights 1 / (-c + eps).")
 
     def required_columns(self) -> tuple[str, ...]:
         prefixes = ("ref",) if self.fusion == "none" else ("ref", "fuse")
@@ -209,9 +209,11 @@ class FusedReferenceObjective(PreferenceObjective):
 
 @OBJECTIVES.register("infifpo")
 class InfiFPO(FusedReferenceObjective):
-    """InfiFPO. beta defaults to 2.5 with LN and 0.1 without (project decision (c))."""
+    """InfiFPO: DPO against a reference fused from the sources' sequence log-probs, so sources with other
+    tokenizers teach the pivot without aligning vocabularies. beta defaults to 2.5 with length normalisation
+    and 0.1 without."""
 
-    beta: float | None = Field(default=None, gt=0)
+    beta: float | None = Field(default=None, gt=0, description="None: 2.5 with length_normalize, else 0.1.")
 
     @model_validator(mode="after")
     def _default_beta(self) -> InfiFPO:
@@ -249,8 +251,8 @@ class InfiFPOWRPO(InfiFPO):
 
     roles = WRPO_ROLES
 
-    alpha_max: float = Field(default=0.1, ge=0, le=1)
-    dynamic: bool = True
+    alpha_max: float = Field(default=0.1, ge=0, le=1, description="Final weight of the source response y_ws against y_wt.")
+    dynamic: bool = Field(default=True, description="Raise alpha linearly from 0 to alpha_max over the run; false: alpha_max throughout.")
 
     def __call__(self, batch: PreferenceBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         alpha = wrpo_alpha(batch.step, batch.total_steps, self.alpha_max, self.dynamic)
@@ -272,7 +274,7 @@ class InfiFPOIPO(FusedReferenceObjective):
     """InfiFPO-IPO (Eq. 22): `([lp(pi,y_w) - F_w] - [lp(pi,y_l) - F_l] - 1/(2*beta))^2`. Its beta is not
     published: polyfuse uses IPO's default, 0.1."""
 
-    beta: float = Field(default=0.1, gt=0)
+    beta: float = Field(default=0.1, gt=0, description="Regularisation: the target margin is 1 / (2 beta).")
 
     def __call__(self, batch: PreferenceBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         references, fusion_metrics = self.references(batch, {"chosen": 1.0})

@@ -36,8 +36,8 @@ def ipo_loss(
 class IPO(PreferenceObjective):
     """IPO against the initial pivot M0; beta 0.1 (TRL) targets a margin of 5."""
 
-    beta: float = Field(default=0.1, gt=0)
-    length_normalize: bool = True
+    beta: float = Field(default=0.1, gt=0, description="Regularisation: the target margin is 1 / (2 beta).")
+    length_normalize: bool = Field(default=True, description="Per-token mean log-probs instead of sums.")
 
     def required_columns(self) -> tuple[str, ...]:
         return tuple(logps_column("ref", role, self.length_normalize) for role in self.roles)

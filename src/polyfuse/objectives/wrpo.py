@@ -68,9 +68,9 @@ class WRPO(PreferenceObjective):
     roles = WRPO_ROLES
     columns = ("ref_chosen_source_logps", "ref_chosen_logps", "ref_rejected_logps")
 
-    beta: float = Field(default=0.01, gt=0)
-    alpha_max: float = Field(default=0.1, ge=0, le=1)
-    dynamic: bool = True
+    beta: float = Field(default=0.01, gt=0, description="Strength of the pull towards the reference (KL weight).")
+    alpha_max: float = Field(default=0.1, ge=0, le=1, description="Final weight of the source response y_ws against y_wt.")
+    dynamic: bool = Field(default=True, description="Raise alpha linearly from 0 to alpha_max over the run; false: alpha_max throughout.")
 
     def __call__(self, batch: PreferenceBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return wrpo_loss(

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import json
-import os
-import time
 from importlib import resources
 from pathlib import Path
 
 from rich.console import Console
 
-from polyfuse.data.io import atomic_write_text
-from polyfuse.evaluation import EvalResult, accuracy_table, load_eval_report, markdown_table
 from polyfuse.pipeline.recipe import load_recipe
 from polyfuse.pipeline.runner import run_recipe
+from polyfuse.pipeline.summary import print_run_summary
 
 DEMO_RECIPE = "fusechat3-toy.yaml"
+# The `tiny` world's models are barely trained and almost never correct, so its demo (a smoke test in
+# seconds) ranks responses by the reward model alone (FuseChat-3.0's verifier-less rule), on fewer prompts.
+TINY_OVERRIDES = [
+    "prompts.toyworld.per_domain=6", "eval.prompts.toyworld.per_domain=4", "sample.chunk_size=4",
+    "sample.batch_size=8", "score.chunk_size=16", "sft.epochs=1", "sft.batch_size=4", "po.batch_size=4",
+    "pairs.gap_window=null", "pairs.sft_fraction=0.5",
+    'score.scorers=[{type: reward_model, name: rm, model: {path: "toyworld://reward_model"}}]',
+    "eval.scorers=[{type: toyworld}]",
+]
 
 
 def recipe_path(name: str) -> Path:
@@ -24,39 +30,14 @@ def recipe_path(name: str) -> Path:
 
 
 def run_demo(work_dir: str | Path, seed: int = 0, preset: str = "default", quiet: bool = False) -> dict:
-    """Run the demo recipe; returns the summary written to `report.json`."""
+    """Run the demo recipe, print the accuracy table and the report's path; returns `report.json`'s content."""
     import torch
 
     # The toy models are tiny: one thread is as fast as two, and it cannot be slowed down by
     # oversubscription when other processes share the cores.
     torch.set_num_threads(1)
-    console = Console()
-    work_dir = Path(work_dir)
-    started = time.perf_counter()
-    recipe = load_recipe(recipe_path(DEMO_RECIPE), [f"seed={seed}", f"toyworld.preset={preset}"])
+    overrides = [f"seed={seed}", f"toyworld.preset={preset}", *(TINY_OVERRIDES if preset == "tiny" else [])]
+    recipe = load_recipe(recipe_path(DEMO_RECIPE), overrides)
     ctx = run_recipe(recipe, work_dir, quiet=quiet)
-    wall = time.perf_counter() - started
-    results = load_eval_report(Path(ctx.output("eval", "results")).parent)
-    console.print(accuracy_table(results))
-    pairs = json.loads(Path(ctx.output("pairs", "report")).read_text())
-    summary = {
-        "seed": seed, "preset": preset, "wall_s": round(wall, 1),
-        "accuracy": {label: r.summary() for label, r in results.items()}, "pairs": pairs,
-        "stage_wall_s": {s: json.loads((work_dir / s / "manifest.json").read_text()).get("wall_s") for s in recipe.stages},
-    }
-    atomic_write_text(work_dir / "report.json", json.dumps(summary, indent=2) + "\n")
-    atomic_write_text(work_dir / "report.md", _markdown(summary, results, ctx.output("eval", "chart"), work_dir))
-    console.print(f"report: {work_dir / 'report.md'} (wall time {wall:.0f}s)")
-    return summary
-
-
-def _markdown(summary: dict, results: dict[str, EvalResult], chart: str, work_dir: Path) -> str:
-    pairs = ", ".join(f"{k} {v}" for k, v in summary["pairs"].items())
-    stages = ", ".join(f"{k} {v}s" for k, v in summary["stage_wall_s"].items())
-    return "\n".join([
-        f"# polyfuse demo: FuseChat-3.0 on the toy world (seed {summary['seed']})", "",
-        f"Wall time {summary['wall_s']}s ({stages}).", "",
-        "On held-out prompts. " + markdown_table(results),
-        f"![accuracy]({os.path.relpath(chart, work_dir)})", "",
-        f"Data: {pairs}.", "",
-    ])
+    print_run_summary(ctx, Console())
+    return json.loads((Path(work_dir) / "report.json").read_text())

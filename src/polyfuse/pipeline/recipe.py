@@ -29,20 +29,22 @@ TOY_SCHEME = "toyworld://"
 
 
 class ToyWorldRef(StrictModel):
-    preset: Literal["default", "tiny"] = "default"
-    seed: int = 0
-    cache_dir: str | None = None
+    """The toy world the recipe's toyworld:// paths point into (built on first use, then cached)."""
+
+    preset: Literal["default", "tiny"] = Field(default="default", description="default, or tiny (seconds to build, for tests).")
+    seed: int = Field(default=0, description="World seed: the toy models' weights and data.")
+    cache_dir: str | None = Field(default=None, description="None: $POLYFUSE_CACHE, else $XDG_CACHE_HOME/polyfuse, else ~/.cache/polyfuse.")
 
 
 class RecipeBase(StrictModel):
     """The fields every recipe has; `Recipe` adds one field per registered stage."""
 
-    name: str
-    work_dir: str | None = None
-    seed: int = 0
+    name: str = Field(description="The run's name.")
+    work_dir: str | None = Field(default=None, description="None: runs/<name>; every stage writes in <work_dir>/<stage>.")
+    seed: int = Field(default=0, description="Default seed of sampling, the split and training (a section's own seed wins).")
     toyworld: ToyWorldRef | None = None
-    sources: list[SampledModel] = Field(min_length=1)
-    pivot: SampledModel
+    sources: list[SampledModel] = Field(min_length=1, description="The source models, each with its sampling settings.")
+    pivot: SampledModel = Field(description="The pivot (target) model.")
 
     @model_validator(mode="before")
     @classmethod

@@ -18,15 +18,23 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+from pydantic import BaseModel
 from rich.console import Console
 
 from polyfuse.data.hashing import hash_path
+from polyfuse.data.io import remove_stale_temporaries, write_json
 from polyfuse.data.sharded import process_state
+from polyfuse.errors import ConfigError, DataError
+from polyfuse.models.loader import check_models
 from polyfuse.pipeline.context import Context, stage
 from polyfuse.pipeline.manifest import Manifest, fingerprint
 from polyfuse.pipeline.recipe import Recipe
+from polyfuse.pipeline.stages.prompts import PromptSource
+from polyfuse.progress import is_quiet, set_quiet
 
 console = Console(stderr=True)
 POLL_S = 0.5  # how often a waiting process looks at the main process's manifest
@@ -46,16 +54,69 @@ def _wait_until_done(manifest: Manifest, print_: str) -> None:
         time.sleep(POLL_S)
 
 
+def _check_inputs(recipe: Recipe) -> None:
+    """Every model path and device, and every data file, of the stages to run, before the first stage writes
+    anything: a typo in the last stage's section must not cost the run up to it."""
+    sections = {name: getattr(recipe, name, None) for name in recipe.stages}
+    check_models([recipe.sources, recipe.pivot, *sections.values()])
+    for where, path in _data_paths(sections):
+        if not Path(path).expanduser().exists():
+            raise ConfigError(f"{where}: {path}: data file not found")
+
+
+def _data_paths(node: Any, where: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted key, path) of every data file a config names: a `PromptSource`'s `path` and any `data` key."""
+    if isinstance(node, BaseModel):
+        for name in type(node).model_fields:
+            value, key = getattr(node, name), f"{where}.{name}".lstrip(".")
+            if isinstance(value, str) and (name == "data" or (name == "path" and isinstance(node, PromptSource))):
+                yield key, value
+            else:
+                yield from _data_paths(value, key)
+    elif isinstance(node, dict):
+        for name, value in node.items():
+            yield from _data_paths(value, f"{where}.{name}".lstrip("."))
+
+
+def _refuse_empty_inputs(name: str, inputs: dict[str, str], work_dir: Path) -> None:
+    """A stage whose input rows an earlier stage left empty (e.g. `pairs` kept no SFT row) stops before it
+    starts, naming the file and the stage that wrote it."""
+    for path in map(Path, inputs.values()):
+        if path.suffix == ".jsonl" and path.is_file() and path.stat().st_size == 0:
+            message = f"stage '{name}': its input {path} has no rows"
+            if path.is_relative_to(work_dir):
+                writer = path.relative_to(work_dir).parts[0]
+                report = work_dir / writer / "report.json"
+                message += f"; stage '{writer}' kept none" + (f" (see {report})" if report.exists() else "")
+            raise DataError(message)
+
+
 def run_recipe(recipe: Recipe, work_dir: str | Path | None = None, quiet: bool = False) -> Context:
-    """Run (or resume) every stage of `recipe`; returns the context with every stage's outputs."""
+    """Run (or resume) every stage of `recipe`; returns the context with every stage's outputs. `quiet`: no
+    progress bars, stage lines or notes."""
+    was_quiet = is_quiet()
+    set_quiet(quiet or was_quiet)
+    try:
+        return _run(recipe, work_dir, quiet)
+    finally:
+        set_quiet(was_quiet)
+
+
+def _run(recipe: Recipe, work_dir: str | Path | None, quiet: bool) -> Context:
+    started = time.perf_counter()
     state = process_state()
     main = state.is_main_process
     ctx = Context(recipe=recipe, work_dir=Path(work_dir or recipe.resolved_work_dir), quiet=quiet or not main)
-    say = console.print if main else (lambda *_: None)
+    say = console.print if main and not is_quiet() else (lambda *_: None)
+    timings: dict[str, dict] = {}
     if main:
-        ctx.work_dir.mkdir(parents=True, exist_ok=True)
         if recipe.toyworld is not None:
-            recipe.world(quiet)  # built once and cached; every toyworld:// path must exist before hashing inputs
+            world_started = time.perf_counter()
+            recipe.world(ctx.quiet)  # built once and cached; every toyworld:// path must exist before hashing inputs
+            timings["toy world (build or cache)"] = {"wall_s": round(time.perf_counter() - world_started, 2)}
+        _check_inputs(recipe)
+        ctx.work_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(ctx.work_dir, recursive=True)  # of writers killed in an earlier run
         recipe.save_resolved(ctx.work_dir / "recipe.resolved.yaml")
     state.wait_for_everyone()
     for name in recipe.stages:
@@ -69,6 +130,7 @@ def run_recipe(recipe: Recipe, work_dir: str | Path | None = None, quiet: bool =
             print_ = fingerprint(config, inputs)
             done = manifest.is_done(print_)
             if not done:
+                _refuse_empty_inputs(name, step.inputs(ctx), ctx.work_dir)
                 if manifest.read().get("fingerprint") not in (None, print_):
                     shutil.rmtree(folder)  # config or inputs changed: partial work is not reusable
                 folder.mkdir(parents=True, exist_ok=True)
@@ -77,10 +139,11 @@ def run_recipe(recipe: Recipe, work_dir: str | Path | None = None, quiet: bool =
         print_, done = _broadcast(state, decision)
         if done:
             ctx.outputs[name] = manifest.read()["outputs"]
+            timings[name] = {"wall_s": manifest.read().get("wall_s"), "skipped": True}
             say(f"[green]✓[/] {name}: finished earlier, skipped")
             continue
         say(f"[bold]▶ {name}[/]")
-        started = time.perf_counter()
+        stage_started = time.perf_counter()
         if main or step.every_process:
             outputs = step.run(ctx, folder)
         if main:
@@ -90,5 +153,9 @@ def run_recipe(recipe: Recipe, work_dir: str | Path | None = None, quiet: bool =
         elif not main:
             _wait_until_done(manifest, print_)
         ctx.outputs[name] = manifest.read()["outputs"]
-        say(f"[green]✓[/] {name}: done in {time.perf_counter() - started:.1f}s")
+        timings[name] = {"wall_s": round(time.perf_counter() - stage_started, 2)}
+        say(f"[green]✓[/] {name}: done in {timings[name]['wall_s']:.1f}s")
+    if main:  # this run's wall times, the toy world's build included (a skipped stage: its earlier time)
+        write_json(ctx.work_dir / "run.json", {"recipe": recipe.name, "wall_s": round(time.perf_counter() - started, 2),
+                                               "steps": timings})
     return ctx

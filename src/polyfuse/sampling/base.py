@@ -41,12 +41,12 @@ from polyfuse.registry import Registry
 class SamplingParams(StrictModel):
     """Per-model sampling settings. temperature 0 means greedy decoding."""
 
-    n: int = Field(default=1, ge=1)
-    temperature: float = Field(default=0.8, ge=0.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0)
-    max_new_tokens: int = Field(default=256, ge=1)
-    seed: int = 0
+    n: int = Field(default=1, ge=1, description="Responses per prompt.")
+    temperature: float = Field(default=0.8, ge=0.0, description="0: greedy decoding.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling: keep the most likely tokens up to this mass.")
+    repetition_penalty: float = Field(default=1.0, gt=0.0, description="Above 1 discourages repeated tokens.")
+    max_new_tokens: int = Field(default=256, ge=1, description="Generation budget per response.")
+    seed: int = Field(default=0, description="Sampling seed (a stage derives one per shard from it).")
 
     @property
     def greedy(self) -> bool:
@@ -65,7 +65,7 @@ Done = Callable[[int, list[str]], None]
 class BackendSettings(StrictModel):
     """Options every backend has; `type` names the backend."""
 
-    type: str
+    type: str = Field(description="The backend: transformers, vllm or openai (or a name a module registered).")
 
 
 class Backend(ABC):

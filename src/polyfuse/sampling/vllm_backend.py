@@ -47,12 +47,12 @@ class VllmSettings(BackendSettings):
 
     type: Literal["vllm"] = "vllm"
     tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs one engine spans.")
-    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0, description="Share of each GPU's memory vLLM takes.")
     max_model_len: int | None = Field(default=None, ge=2, description=f"None: the model's context ({CPU_DEFAULT_MAX_MODEL_LEN} at most on CPU).")
     max_num_seqs: int | None = Field(default=None, ge=1, description=f"Sequences in flight (None: vLLM's default; {CPU_DEFAULT_MAX_NUM_SEQS} on CPU).")
-    max_num_batched_tokens: int | None = Field(default=None, ge=1)
+    max_num_batched_tokens: int | None = Field(default=None, ge=1, description="Tokens per engine step (None: vLLM's default; max_num_seqs x max_model_len on CPU).")
     enforce_eager: bool | None = Field(default=None, description="None: eager on CPU (compiling takes minutes there), vLLM's default elsewhere.")
-    enable_prefix_caching: bool | None = None
+    enable_prefix_caching: bool | None = Field(default=None, description="None: vLLM's default.")
     engine_args: dict[str, Any] = Field(default_factory=dict, description="Any other vllm.EngineArgs, passed as they are.")
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import SerializeAsAny, WrapValidator
+from pydantic import Field, SerializeAsAny, WrapValidator
 
 from polyfuse.config import StrictModel, validate
 from polyfuse.data.schemas import SampleRow
@@ -34,9 +34,9 @@ class ScorerSettings(StrictModel):
     """Options every scorer has. `name` is the key written into `rewards`/`verdicts` (default: `type`);
     `domains` restricts the scorer to rows of those domains (None: any domain)."""
 
-    type: str
-    name: str | None = None
-    domains: list[str] | None = None
+    type: str = Field(description="The scorer: reward_model, math, code, toyworld, ...")
+    name: str | None = Field(default=None, description="Key of its scores in the rows' rewards / verdicts; None: the type.")
+    domains: list[str] | None = Field(default=None, description="Score rows of these domains only; None: every domain.")
 
 
 class Scorer(ABC):

@@ -40,7 +40,7 @@ class CodeConfig(ScorerSettings):
     timeout_s: float = Field(default=10.0, gt=0, description="Wall time of one response's sandbox.")
     memory_mb: int = Field(default=1024, ge=64, description="Memory of one sandbox, all its processes together.")
     max_processes: int = Field(default=16, ge=1, description="Processes and threads in one sandbox.")
-    max_output_bytes: int = Field(default=64 * 1024, ge=1024)
+    max_output_bytes: int = Field(default=64 * 1024, ge=1024, description="Output kept from one sandbox.")
     workers: int = Field(default=2, ge=1, description="Sandboxes run at the same time.")
     unsafe_local: bool = Field(
         default=False,

@@ -28,9 +28,9 @@ _CUSTOM_HEADS = ("ArmoRM", "RewardModelWithGating")
 
 class RewardModelConfig(ScorerSettings):
     type: Literal["reward_model"] = "reward_model"
-    model: ModelSpec
-    normalize: Literal["none", "sigmoid"] = "none"
-    batch_size: int = Field(default=8, ge=1)
+    model: ModelSpec = Field(description="A sequence-classification model with one output (a reward head).")
+    normalize: Literal["none", "sigmoid"] = Field(default="none", description="sigmoid maps rewards into (0, 1).")
+    batch_size: int = Field(default=8, ge=1, description="Responses per forward.")
     max_length: int | None = Field(default=None, ge=2, description="Keep only the last tokens of longer inputs.")
 
 

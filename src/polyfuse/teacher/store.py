@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,10 +70,24 @@ def write_shard(path: Path, examples: dict[str, TeacherExample]) -> None:
     atomic_write(path, lambda handle: np.savez_compressed(handle, **arrays))
 
 
+def _read_arrays(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Arrays of a shard; a damaged shard (truncated, overwritten) is a `DataError` that says how to mend it."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in names}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise DataError(f"{path}: a damaged teacher shard ({err}); delete it and rerun `polyfuse teacher`, "
+                        "which recomputes only the missing shards") from None
+
+
+def read_shard_ids(path: Path) -> list[str]:
+    """The example ids a shard holds, in order."""
+    return _read_arrays(path, ("example_ids",))["example_ids"].tolist()
+
+
 def read_shard(path: Path) -> dict[str, TeacherExample]:
-    with np.load(path, allow_pickle=False) as data:
-        ids, offsets = data["example_ids"].tolist(), data["offsets"]
-        arrays = {name: data[name] for name in ARRAYS}
+    arrays = _read_arrays(path, ("example_ids", "offsets", *ARRAYS))
+    ids, offsets = arrays["example_ids"].tolist(), arrays["offsets"]
     return {
         example_id: TeacherExample(**{name: arrays[name][offsets[e] : offsets[e + 1]] for name in ARRAYS})
         for e, example_id in enumerate(ids)

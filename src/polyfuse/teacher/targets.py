@@ -23,7 +23,7 @@ from polyfuse.data.schemas import SFTRow, response_text
 from polyfuse.errors import DataError
 from polyfuse.models import ModelSpec, load_tokenizer
 from polyfuse.objectives.distill import AlignedRow, DistillObjective, Groups
-from polyfuse.teacher.store import TeacherExample, TeacherStore
+from polyfuse.teacher.store import TeacherExample, TeacherStore, read_shard, read_shard_ids
 
 Alignment = Literal["positional", "offsets", "dp"]
 
@@ -141,8 +141,7 @@ class _ShardedLookup:
         self.store = store
         self.where = {}
         for shard in store.shards():
-            with np.load(shard, allow_pickle=False) as arrays:
-                self.where.update(dict.fromkeys(arrays["example_ids"].tolist(), shard))
+            self.where.update(dict.fromkeys(read_shard_ids(shard), shard))
         self.loaded: tuple[Any, dict[str, TeacherExample]] = (None, {})
 
     def get(self, example_id: str) -> TeacherExample | None:
@@ -150,8 +149,6 @@ class _ShardedLookup:
         if shard is None:
             return None  # too long for this teacher
         if self.loaded[0] != shard:
-            from polyfuse.teacher.store import read_shard
-
             self.loaded = (shard, read_shard(shard))
         example = self.loaded[1][example_id]
         if len(example.topk_ids) != len(example.token_ids):

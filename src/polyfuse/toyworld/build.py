@@ -34,7 +34,13 @@ from typing import Any
 import torch
 
 from polyfuse.data import PromptRow
-from polyfuse.data.io import remove_stale_temporaries, temporary_folder, write_json
+from polyfuse.data.io import (
+    follow_umask,
+    raise_for_storage,
+    remove_stale_temporaries,
+    temporary_folder,
+    write_json,
+)
 from polyfuse.errors import UserError
 from polyfuse.models import encode
 from polyfuse.toyworld.config import ModelRecipe, ToyWorldConfig
@@ -274,10 +280,15 @@ def build_world(config: ToyWorldConfig, cache_dir: str | Path | None = None, pro
         })
         if not (root / WORLD_FILE).is_file():  # else another process finished the same world meanwhile
             shutil.rmtree(root, ignore_errors=True)  # an incomplete leftover
+            follow_umask(tmp)
             os.rename(tmp, root)
-    except OSError:
-        if not (root / WORLD_FILE).is_file():  # lost a race for the rename to an identical world: fine
+    except OSError as err:
+        if not (root / WORLD_FILE).is_file():  # else: lost a race for the rename to an identical world, fine
+            raise_for_storage(err, root)
             raise
+    except Exception as err:  # a full disk met by safetensors, which raises its own error type
+        raise_for_storage(err, root)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return World.open(root)

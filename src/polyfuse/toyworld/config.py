@@ -30,18 +30,18 @@ class ModelRecipe(StrictModel):
     examples; None means all of the world's domains equally. A source's specialty is its heaviest
     domain. The reward model ignores `mixture` (it is trained on all domains)."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    architecture: Architecture = "llama"
-    tokenizer: Algorithm = "bpe-bytelevel"
-    vocab_size: int = Field(default=400, ge=64)
-    template: TemplateName = "chatml"
-    hidden_size: int = Field(default=128, ge=8)
-    layers: int = Field(default=2, ge=1)
-    heads: int = Field(default=4, ge=1)
-    mixture: dict[str, float] | None = None
-    steps: int = Field(default=600, ge=1)
-    batch_size: int = Field(default=64, ge=1)
-    learning_rate: float = Field(default=1e-3, gt=0)
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Folder name of the model in the world.")
+    architecture: Architecture = Field(default="llama", description="transformers architecture.")
+    tokenizer: Algorithm = Field(default="bpe-bytelevel", description="Tokenizer algorithm, trained on the world's corpus.")
+    vocab_size: int = Field(default=400, ge=64, description="Tokenizer vocabulary size.")
+    template: TemplateName = Field(default="chatml", description="Chat template.")
+    hidden_size: int = Field(default=128, ge=8, description="Model width.")
+    layers: int = Field(default=2, ge=1, description="Transformer layers.")
+    heads: int = Field(default=4, ge=1, description="Attention heads (hidden_size must divide by it).")
+    mixture: dict[str, float] | None = Field(default=None, description="Task -> weight in its training data; None: every domain equally.")
+    steps: int = Field(default=600, ge=1, description="Training steps.")
+    batch_size: int = Field(default=64, ge=1, description="Training batch size.")
+    learning_rate: float = Field(default=1e-3, gt=0, description="Training learning rate.")
 
     @model_validator(mode="after")
     def _check(self) -> ModelRecipe:
@@ -66,11 +66,11 @@ class ToyWorldConfig(StrictModel):
     """The whole world. `reward_model` is trained as a one-logit sequence classifier on verifier
     labels (gold answers vs near misses of every domain)."""
 
-    seed: int = 0
-    domains: list[str] = Field(default_factory=lambda: list(DOMAINS))
-    sources: list[ModelRecipe] = Field(min_length=1)
-    pivot: ModelRecipe
-    reward_model: ModelRecipe
+    seed: int = Field(default=0, description="World seed: corpus, prompts, weights.")
+    domains: list[str] = Field(default_factory=lambda: list(DOMAINS), description="Task domains of the world.")
+    sources: list[ModelRecipe] = Field(min_length=1, description="The specialist source models.")
+    pivot: ModelRecipe = Field(description="The weak pivot.")
+    reward_model: ModelRecipe = Field(description="The reward model (a one-logit sequence classifier).")
     corpus_lines: int = Field(default=3000, ge=10, description="Tokenizer training corpus size.")
     train_pool: int = Field(default=6000, ge=10, description="Training examples drawn (with repeats) per model.")
     threads: int = Field(default=1, ge=1, description="torch threads per model being trained.")

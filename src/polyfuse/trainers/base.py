@@ -9,33 +9,39 @@ change the loss: batch 1 x accumulation 4 gives the same update as batch 4 x acc
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, ValidationError, field_validator, model_validator
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from polyfuse.config import StrictModel
+from polyfuse.data.io import atomic_write_folder
 from polyfuse.errors import DataError
 from polyfuse.models.forward import forward_logps, pad_batch
+from polyfuse.progress import progress_bar
 from polyfuse.registry import Registry
-from polyfuse.trainers.checkpoints import CompleteCheckpoints, fingerprint, resolve_resume
+from polyfuse.trainers.checkpoints import CompleteCheckpoints, checkpoints, fingerprint, resolve_resume
 from polyfuse.trainers.distributed import check_lora_supported, distributed_summary, fsdp_from_launcher
 
 
 class LoraSettings(StrictModel):
     """A LoRA adapter (peft); the saved model has the adapter merged into plain weights."""
 
-    r: int = Field(default=16, ge=1)
-    alpha: float = Field(default=32.0, gt=0)
-    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    r: int = Field(default=16, ge=1, description="Rank of the adapter matrices.")
+    alpha: float = Field(default=32.0, gt=0, description="Scaling: the update is alpha / r times A @ B.")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default="all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]), or every linear layer but the head."
+    )
 
 
 class TrainConfig(StrictModel):
@@ -47,21 +53,64 @@ class TrainConfig(StrictModel):
             value = [value]
         return [] if value in (None, ["none"]) else value
 
-    learning_rate: float = Field(default=1e-5, gt=0)
-    epochs: float = Field(default=1.0, gt=0)
+    @field_validator("report_to")
+    @classmethod
+    def _installed_trackers(cls, value: list[str]) -> list[str]:
+        from transformers.integrations.integration_utils import (
+            INTEGRATION_TO_CALLBACK,
+            get_available_reporting_integrations,
+        )
+
+        for name in value:
+            if name != "all" and name not in INTEGRATION_TO_CALLBACK:
+                raise ValueError(f"{name!r} is not a tracker of transformers; one of all, none, "
+                                 f"{', '.join(INTEGRATION_TO_CALLBACK)}")
+            if name != "all" and name not in get_available_reporting_integrations():
+                raise ValueError(f"{name!r}: its package is not installed (pip install {name})")
+        return value
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        from transformers.trainer_utils import SchedulerType
+
+        names = [s.value for s in SchedulerType]
+        if value not in names:
+            raise ValueError(f"{value!r} is not a learning-rate schedule of transformers; one of {', '.join(names)}")
+        return value
+
+    @field_validator("optim")
+    @classmethod
+    def _usable_optimizer(cls, value: str) -> str:
+        """A name transformers knows, whose package is installed: asked of Trainer itself, with the default
+        arguments (no model is needed for that)."""
+        from transformers.training_args import OptimizerNames
+
+        names = [o.value for o in OptimizerNames]
+        if value not in names:
+            raise ValueError(f"{value!r} is not an optimizer of transformers; one of {', '.join(names)}")
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments) if f.default is not dataclasses.MISSING}
+        try:
+            Trainer.get_optimizer_cls_and_kwargs(SimpleNamespace(**{**defaults, "optim": value}))
+        except (ImportError, ValueError) as err:
+            raise ValueError(f"{value!r} cannot be used here: {err}") from None
+        return value
+
+    learning_rate: float = Field(default=1e-5, gt=0, description="Peak learning rate.")
+    epochs: float = Field(default=1.0, gt=0, description="Passes over the data (fractions allowed).")
     batch_size: int = Field(default=8, ge=1, description="Micro-batch size per process.")
-    grad_accum: int = Field(default=1, ge=1)
+    grad_accum: int = Field(default=1, ge=1, description="Micro-batches per optimiser step.")
     max_length: int = Field(default=2048, ge=2, description="Longer rows are dropped, never truncated.")
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)
-    weight_decay: float = Field(default=0.0, ge=0.0)
+    lr_scheduler: str = Field(default="cosine", description="A transformers schedule: linear, cosine, constant, constant_with_warmup, ...")
+    warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0, description="Share of the steps spent warming up.")
+    weight_decay: float = Field(default=0.0, ge=0.0, description="Decoupled weight decay (AdamW).")
     max_grad_norm: float = Field(default=1.0, ge=0.0, description="0 disables clipping.")
-    optim: str = "adamw_torch"
-    seed: int = 42
-    shuffle: bool = True
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    logging_steps: int = Field(default=1, ge=1)
+    optim: str = Field(default="adamw_torch", description="A transformers optimizer: adamw_torch, adafactor, sgd, ...")
+    seed: int = Field(default=42, description="Seed of initialisation (LoRA), data order and dropout.")
+    shuffle: bool = Field(default=True, description="Shuffle the rows every epoch (false: file order).")
+    bf16: bool = Field(default=False, description="Mixed precision in bfloat16 (weights stay float32).")
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations in the backward pass: less memory, about 30% slower.")
+    logging_steps: int = Field(default=1, ge=1, description="Log loss and metrics every this many steps.")
     save_steps: int = Field(
         default=500, ge=0,
         description="Write a resumable checkpoint (weights, optimizer, scheduler, RNG, data position) every "
@@ -314,10 +363,10 @@ def restore_dropout_config(model: Any) -> None:
 
 
 def save_trained(trainer: PolyfuseTrainer, tokenizer: Any, out_dir: Path, summary: dict[str, Any]) -> Path:
-    """Save model (LoRA merged), tokenizer and a training summary as a plain HF folder, atomically: written
-    to a temporary folder beside `out_dir`, then renamed into place. Sharded weights (FSDP, DeepSpeed
-    ZeRO-3) are gathered into a full state dict by every process together (`accelerator.get_state_dict`,
-    a collective); then only the main process writes."""
+    """Save model (LoRA merged), tokenizer and a training summary as a plain HF folder, atomically
+    (`atomic_write_folder`: a temporary folder beside `out_dir` renamed into place, files with the user's
+    umask). Sharded weights (FSDP, DeepSpeed ZeRO-3) are gathered into a full state dict by every process
+    together (`accelerator.get_state_dict`, a collective); then only the main process writes."""
     out_dir = Path(out_dir)
     accelerator = trainer.accelerator
     accelerator.wait_for_everyone()
@@ -328,26 +377,49 @@ def save_trained(trainer: PolyfuseTrainer, tokenizer: Any, out_dir: Path, summar
         restore_dropout_config(model)
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
-        staging = out_dir.with_name(f".{out_dir.name}.tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(staging, state_dict=state_dict)
-        tokenizer.save_pretrained(staging)
         summary = {**summary, "log_history": trainer.state.log_history}
-        (staging / "polyfuse_training.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        replace_folder(staging, out_dir)
+
+        def write(staging: Path) -> None:
+            model.save_pretrained(staging, state_dict=state_dict)
+            tokenizer.save_pretrained(staging)
+            (staging / "polyfuse_training.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+        atomic_write_folder(out_dir, write)
         shutil.rmtree(trainer.args.output_dir, ignore_errors=True)  # Trainer's scratch folder
     accelerator.wait_for_everyone()
     return out_dir
 
 
-def replace_folder(source: Path, target: Path) -> None:
-    """Move `source` to `target`; an existing `target` is swapped out first and removed only afterwards."""
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(source, target)
-    shutil.rmtree(old, ignore_errors=True)
+class TrainingProgress(TrainerCallback):
+    """The training bar (optimiser steps, with the latest loss), on the main process and unless quiet. It
+    stands in for transformers' tqdm bar and for its printing of every raw log dict on stdout; the logs
+    are kept in `polyfuse_training.json`."""
+
+    def __init__(self, description: str):
+        self.description = description
+        self.bar, self.task = None, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = progress_bar()
+            self.bar.start()
+            self.task = self.bar.add_task(self.description, total=state.max_steps, completed=state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.update(self.task, description=f"{self.description} (loss {float(logs['loss']):.4g})")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
 
 
 def tracking_callbacks(config: TrainConfig, out_dir: Path) -> list[TrainerCallback]:
@@ -378,11 +450,12 @@ def run_training(
 ) -> Path:
     """Train on pre-tokenised `features` (a list, or a `datasets.Dataset` kept on disk) and save the result
     to `out_dir`. `resume`: see `checkpoints.resolve_resume` (None: resume this run's last complete
-    checkpoint if there is one, as recipes do; True: `--resume`; False: start at step 0)."""
-    from datasets import Dataset
-
+    checkpoint if there is one, as recipes do; True: `--resume`; False: start at step 0). A failed run
+    leaves Trainer's scratch folder only when it holds checkpoints to resume from."""
     if len(features) == 0:
-        raise DataError("no training rows left (all were dropped or the data is empty)")
+        dropped = len(summary.get("dropped") or [])
+        raise DataError(f"no training rows: all {dropped} rows are longer than max_length {config.max_length} tokens; "
+                        "raise max_length" if dropped else "no training rows: the data is empty")
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     expected = fingerprint(config, summary, args.world_size)
@@ -390,6 +463,20 @@ def run_training(
     model = prepare_model(model, config)
     if config.disable_dropout:
         disable_dropout(model)
+    try:
+        return _train_and_save(trainer_cls, model, tokenizer, features, collator, args, config, out_dir, summary,
+                               callbacks, checkpoint, expected, **trainer_kwargs)
+    except BaseException:
+        scratch = Path(args.output_dir)  # keep it only for the checkpoints a rerun can resume from
+        if args.process_index == 0 and scratch.is_dir() and not checkpoints(scratch):
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
+
+
+def _train_and_save(trainer_cls, model, tokenizer, features, collator, args, config, out_dir, summary, callbacks,
+                    checkpoint, expected, **trainer_kwargs) -> Path:
+    from datasets import Dataset
+
     trainer = trainer_cls(
         model=model,
         args=args,
@@ -399,7 +486,14 @@ def run_training(
         callbacks=[*tracking_callbacks(config, out_dir), *(callbacks or []), CompleteCheckpoints(expected, config.save_total_limit)],
         **trainer_kwargs,
     )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    progress = TrainingProgress(f"train {getattr(config, 'objective', None) or summary['stage']}")
+    trainer.add_callback(progress)
     distributed = distributed_summary(trainer.accelerator)
-    trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        progress.close()  # also when training fails: the terminal gets its cursor back
     summary = {**summary, "config": config.model_dump(), "examples": len(features), "distributed": distributed}
     return save_trained(trainer, tokenizer, out_dir, summary)

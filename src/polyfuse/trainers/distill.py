@@ -130,6 +130,7 @@ def build_features(pivot_tokenizer: Any, rows: list[SFTRow], teacher_dir: str | 
     try:
         dataset = Dataset.from_generator(generate, cache_dir=str(cache_dir), keep_in_memory=False)
     except DatasetGenerationError as err:  # a data problem found while building: report it, not the wrapper
+        shutil.rmtree(cache_dir, ignore_errors=True)
         raise err.__cause__ if isinstance(err.__cause__, UserError) else err from None
     return dataset, [s.name for s in stores], dropped
 

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from polyfuse.errors import UserError
+from polyfuse.progress import note
 from polyfuse.trainers.distributed import launcher_sharding
 
 logger = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def check_memory(spec: Any, config: Any, sequences_per_item: int) -> MemoryEstim
     """Print the estimate (main process) and refuse a run that cannot fit, unless `config.force`."""
     estimate = estimate_memory(spec, config, sequences_per_item)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(estimate.describe(), file=sys.stderr, flush=True)
+        note(estimate.describe())
     if estimate.available is not None and estimate.total > estimate.available and not config.force:
         raise UserError(
             f"{spec.label}: training needs about {estimate.total / GIB:.1f} GiB per {estimate.device} but "

@@ -12,6 +12,7 @@ from polyfuse.data.io import write_rows
 from polyfuse.models import ModelSpec
 from polyfuse.pipeline.context import STAGES, Context, Stage, model_stages, paths_in
 from polyfuse.pipeline.stages.prompts import PromptSource, seeded_source
+from polyfuse.progress import progress_bar
 from polyfuse.sampling import BACKENDS
 from polyfuse.scorers import ScorerConfig
 
@@ -25,8 +26,8 @@ class EvalSection(StrictModel):
     scorers: list[ScorerConfig] | None = Field(
         default=None, description="Default: the verifiers of the recipe's score section (a reward model gives no accuracy)."
     )
-    batch_size: int = Field(default=64, ge=1)
-    max_new_tokens: int = Field(default=32, ge=1)
+    batch_size: int = Field(default=64, ge=1, description="Prompts per generate call.")
+    max_new_tokens: int = Field(default=32, ge=1, description="Generation budget per prompt (greedy).")
 
 
 def _type_of(scorer: Any) -> Any:
@@ -108,11 +109,12 @@ class EvalStage(Stage):
         prompts = ctx.recipe.load_prompts(config.prompts)
         write_rows(folder / "prompts.jsonl", prompts)
         scorers = [build_scorer(c) for c in config.scorers]
-        results = {
-            label: evaluate(spec, prompts, scorers, batch_size=config.batch_size,
-                            max_new_tokens=config.max_new_tokens, quiet=ctx.quiet)
-            for label, spec in eval_models(ctx).items()
-        }
+        with progress_bar(disable=ctx.quiet) as bar:  # one display, two bars per model
+            results = {
+                label: evaluate(spec, prompts, scorers, batch_size=config.batch_size,
+                                max_new_tokens=config.max_new_tokens, label=label, bar=bar)
+                for label, spec in eval_models(ctx).items()
+            }
         write_eval_report(results, folder, sources={s.label for s in ctx.recipe.sources})
         return {"results": str(folder / "results.json"), "table": str(folder / "results.md"),
                 "chart": str(folder / "accuracy.png")}

@@ -28,7 +28,13 @@ class LogprobsStage(Stage):
     needs = ("pairs",)
 
     def fill(self, section: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
-        """`sources: true` (the default) scores the recipe's sources, each with its own backend."""
+        """The pivot is the recipe's (replaced by the current pivot when the stage runs); `sources: true` (the
+        default) scores the recipe's sources, each with its own backend."""
+        if "pivot" in section:
+            raise ValueError("logprobs.pivot: a recipe scores its current pivot (the recipe's, or the model the "
+                             "last training stage made); remove the key")
+        if isinstance(recipe.get("pivot"), dict):
+            section["pivot"] = _without_sampling(recipe["pivot"])
         sources = section.get("sources", True)
         if isinstance(sources, bool) and isinstance(recipe.get("sources"), list):
             section["sources"] = [_without_sampling(s) for s in recipe["sources"]] if sources else []
@@ -36,9 +42,6 @@ class LogprobsStage(Stage):
 
     def check(self, recipe) -> None:
         section = recipe.logprobs
-        if section.pivot is not None:
-            raise ValueError("logprobs.pivot: a recipe scores its current pivot (the recipe's, or the model the "
-                             "last training stage made); remove the key")
         trained = [s for s in recipe.stages[: recipe.stages.index("logprobs")] if s in model_stages()]
         backend = section.backend or recipe.pivot.backend
         if trained and not BACKENDS.get(backend.type).loads_weights:

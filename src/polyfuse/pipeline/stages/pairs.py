@@ -36,13 +36,16 @@ from polyfuse.pipeline.context import STAGES, Context, Stage
 
 class PairsConfig(StrictModel):
     reward: str = Field(description="Name of the reward scorer whose scores rank responses.")
-    gap_window: tuple[float, float] | None = (0.01, 0.1)
-    sft_fraction: float = Field(default=0.4, ge=0.0, le=1.0)
-    pair_rule: Literal["intra_source", "cross_model"] = "intra_source"
-    pair_choice: Literal["random", "highest_chosen_score", "largest_gap"] = "random"
+    gap_window: tuple[float, float] | None = Field(
+        default=(0.01, 0.1), description="Keep pairs whose reward gap lies in [low, high]; None: any gap.")
+    sft_fraction: float = Field(default=0.4, ge=0.0, le=1.0, description="Share of the prompts that give SFT rows; the rest give pairs.")
+    pair_rule: Literal["intra_source", "cross_model"] = Field(
+        default="intra_source", description="Pairs from one source's responses (FuseChat-3.0) or across models (InfiFPO).")
+    pair_choice: Literal["random", "highest_chosen_score", "largest_gap"] = Field(
+        default="random", description="Which valid pair a prompt keeps when it has several.")
     sources: list[str] | None = Field(default=None, description="Models that may give SFT targets and pairs; default all.")
     target: str | None = Field(default=None, description="WRPO: the SFT pivot whose samples give y_wt and y_l.")
-    seed: int = 0
+    seed: int = Field(default=0, description="Seed of the SFT / preference split and the random pair choice.")
 
     @model_validator(mode="after")
     def _window_order(self) -> PairsConfig:
@@ -112,7 +115,8 @@ def build_pairs(samples: list[SampleRow], config: PairsConfig) -> tuple[list[SFT
     if samples and not any(key in r.rewards for r in samples):
         available = sorted({k for r in samples for k in r.rewards})
         raise ConfigError(
-            f"pairs.reward: no reward {key!r} in any sample; the samples have: {', '.join(available) or 'no rewards'}"
+            f"pairs.reward: no reward {key!r} in any sample; the samples have: "
+            f"{', '.join(available) or 'no rewards (score them first: polyfuse score)'}"
         )
     counts: Counter[str] = Counter()
     sft_rows: list[SFTRow] = []
@@ -214,6 +218,18 @@ class PairsStage(Stage):
     section = PairsConfig
     seeded = True
     needs = ("score",)
+
+    def check(self, recipe) -> None:
+        from polyfuse.scorers import SCORERS
+
+        rewards = [c.name or c.type for c in recipe.score.scorers if SCORERS.get(c.type).kind == "reward"]
+        if recipe.pairs.reward not in rewards:
+            raise ValueError(f"pairs.reward: {recipe.pairs.reward!r} is not a reward scorer of the score stage; "
+                             f"its reward scorers: {', '.join(rewards) or 'none (add a reward_model scorer)'}")
+        for fraction, stage, rows in ((0.0, "sft", "SFT rows"), (1.0, "po", "preference pairs")):
+            if recipe.pairs.sft_fraction == fraction and stage in recipe.stages:
+                raise ValueError(f"pairs.sft_fraction is {fraction:g}: no prompt gives {rows}, but the recipe runs "
+                                 f"'{stage}'")
 
     def inputs(self, ctx: Context) -> dict[str, str]:
         return {"scored": ctx.output("score", "scored")}

@@ -34,7 +34,7 @@ class SampleConfig(StrictModel):
     models: list[SampledModel] = Field(min_length=1, description="Each with its sampling settings and backend.")
     batch_size: int = Field(default=32, ge=1, description="Prompts per engine call.")
     chunk_size: int = Field(default=256, ge=1, description="Prompts per resumable shard.")
-    seed: int = 0
+    seed: int = Field(default=0, description="The shards' and requests' sampling seeds derive from it.")
     include_pivot: bool = Field(default=False, description="Recipe: sample the pivot too.")
 
 

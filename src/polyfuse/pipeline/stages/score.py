@@ -20,9 +20,9 @@ from polyfuse.toyworld import scorer as _toy_scorer  # noqa: F401  registers the
 
 
 class ScoreConfig(StrictModel):
-    scorers: list[ScorerConfig] = Field(min_length=1)
+    scorers: list[ScorerConfig] = Field(min_length=1, description="Reward models and verifiers; every one scores every sample of its domains.")
     chunk_size: int = Field(default=1024, ge=1, description="Samples per resumable shard.")
-    device: str = "cpu"
+    device: str = Field(default="cpu", description="Device of the reward models.")
 
 
 def run_score(samples: list[SampleRow], config: ScoreConfig, out_dir: str | Path, quiet: bool = False) -> Path:

@@ -1,0 +1,100 @@
+"""`polyfuse config show STAGE`: a stage's config as annotated YAML, generated from its pydantic model, so the
+documentation of every key is the code that validates it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, create_model
+
+from polyfuse.config import annotated_yaml
+from polyfuse.errors import ConfigError
+
+
+def _command_configs() -> dict[str, type]:
+    """The configs that the stage commands' `--config` takes (a recipe section holds the same keys, less the
+    models, which a recipe names once in `sources` and `pivot`)."""
+    from polyfuse.logprobs import LogprobsConfig
+    from polyfuse.pipeline.recipe import RecipeBase
+    from polyfuse.pipeline.stages.pairs import PairsConfig
+    from polyfuse.pipeline.stages.sample import SampleConfig
+    from polyfuse.pipeline.stages.score import ScoreConfig
+    from polyfuse.teacher import TeacherConfig
+    from polyfuse.toyworld import ToyWorldConfig
+    from polyfuse.trainers import DistillTrainConfig, PreferenceTrainConfig, SFTTrainConfig
+
+    return {
+        "sample": SampleConfig, "score": ScoreConfig, "pairs": PairsConfig, "logprobs": LogprobsConfig,
+        "teacher": TeacherConfig, "sft": SFTTrainConfig, "distill": DistillTrainConfig, "po": PreferenceTrainConfig,
+        "toyworld": ToyWorldConfig, "recipe": RecipeBase,
+    }
+
+
+def _objective_config(name: str) -> type:
+    """The preference-training config with `objective: name` and that objective's own keys under
+    `objective_args` (what `polyfuse train NAME --config` takes)."""
+    from polyfuse.objectives import OBJECTIVES
+    from polyfuse.trainers import PreferenceTrainConfig
+
+    objective = OBJECTIVES.get(name)
+    return create_model(
+        f"{name} training", __base__=PreferenceTrainConfig, __doc__=PreferenceTrainConfig.__doc__,
+        objective=(Literal[name], Field(default=name, description="The preference objective.")),  # type: ignore[valid-type]
+        objective_args=(objective, Field(default_factory=objective, description=f"The hyper-parameters of {name}.")),
+    )
+
+
+def stage_names() -> list[str]:
+    from polyfuse.objectives import OBJECTIVES
+    from polyfuse.pipeline.context import STAGES
+
+    sections = [name for name in STAGES.names() if STAGES.get(name).section is not None]
+    return sorted({*_command_configs(), *sections, *(n.replace("_", "-") for n in OBJECTIVES.names())})
+
+
+def stage_config(stage: str, recipe: bool = False) -> type:
+    """The config class `config show STAGE` documents: the stage command's, or (`recipe`) the recipe
+    section's."""
+    from polyfuse.objectives import OBJECTIVES
+    from polyfuse.pipeline.context import STAGES
+
+    commands = _command_configs()
+    if recipe and stage in STAGES.names() and STAGES.get(stage).section is not None:
+        return STAGES.get(stage).section
+    if stage in commands:
+        return commands[stage]
+    if stage.replace("-", "_") in OBJECTIVES.names():
+        return _objective_config(stage.replace("-", "_"))
+    if stage in STAGES.names() and STAGES.get(stage).section is not None:
+        return STAGES.get(stage).section
+    raise ConfigError(f"no stage {stage!r}; config show knows: {', '.join(stage_names())}")
+
+
+def _variants() -> dict[type, list[type]]:
+    """Fields that hold one of several registered models: every scorer type and every backend is shown."""
+    from polyfuse.sampling import BACKENDS, BackendSettings
+    from polyfuse.scorers import SCORERS
+    from polyfuse.scorers.base import ScorerSettings
+    from polyfuse.toyworld import scorer  # noqa: F401  registers the `toyworld` verifier
+
+    return {ScorerSettings: [SCORERS.get(name).Config for name in SCORERS.names()],
+            BackendSettings: [BACKENDS.get(name).Config for name in BACKENDS.names()]}
+
+
+RECIPE_TITLE = ("A recipe (`polyfuse run RECIPE`): the models, the stages to run and one section per stage. Relative "
+                "paths are relative to the current folder; toyworld://pivot and toyworld://sources/NAME point into "
+                "the toy world of the `toyworld` key.")
+
+
+def stage_config_yaml(stage: str, recipe: bool = False) -> str:
+    """`polyfuse config show STAGE`'s output."""
+    model = stage_config(stage, recipe)
+    text = annotated_yaml(model, _variants(), title=RECIPE_TITLE if stage == "recipe" else None,
+                          exclude=() if recipe else getattr(model, "recipe_only", ()))  # a command refuses these
+    if stage == "recipe":
+        from polyfuse.pipeline.context import stage_order
+
+        text += ("# stages: the stages to run, in this order: " + ", ".join(stage_order()) + ".\n"
+                 "# Then one section per stage, named after it: `polyfuse config show STAGE` documents each.\n")
+    return f"# polyfuse config show {stage}{' --recipe' * recipe}\n{text}"
+
