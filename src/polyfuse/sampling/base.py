@@ -76,6 +76,10 @@ class Backend(ABC):
     # False for a backend that connects to a server serving a fixed model: it cannot run a model that a
     # recipe trains (a new folder), so stages refuse that combination when the recipe is validated.
     loads_weights: ClassVar[bool] = True
+    # True for a backend whose requests finish one by one and cost a round trip each (a server): the sample
+    # stage then journals every finished request, so a killed run resends none of them. Local engines
+    # finish a batch at once, and a killed run redoes the shard.
+    journals_requests: ClassVar[bool] = False
 
     def __init__(self, spec: ModelSpec, config: BackendSettings):
         self.spec, self.config = spec, config

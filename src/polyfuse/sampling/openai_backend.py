@@ -51,6 +51,7 @@ class OpenAISettings(BackendSettings):
 class OpenAIBackend(Backend):
     Config = OpenAISettings
     loads_weights = False
+    journals_requests = True
 
     def __init__(self, spec: ModelSpec, config: OpenAISettings):
         super().__init__(spec, config)

@@ -3,8 +3,8 @@ backend (`backend:` per model: transformers, vllm, openai).
 
 Work is cut into (model, chunk of prompts) shards (`polyfuse.data.sharded`): each is written atomically
 once finished, so a killed run resumes with the shards still missing, and under `accelerate launch` the
-processes take shards in turn. Within a shard every finished request is journaled as it arrives, so a run
-killed mid-shard (a slow server) resends none of them. Each shard's seed depends only on the model, the
+processes take shards in turn. Through a server (`backend: openai`) every finished request is also
+journaled as it arrives, so a run killed mid-shard resends none of them. Each shard's seed depends only on the model, the
 chunk and the recipe seed, and each request's seed on the shard's seed and its position, so the output
 does not depend on the number of processes or on where a run was killed.
 """
@@ -61,9 +61,11 @@ def run_sample(prompts: list[PromptRow], config: SampleConfig, out_dir: str | Pa
                     bar.advance(task, len(responses))
                     left = [i for i in range(len(chunks[c])) if i not in responses]
 
-                    def done(j: int, texts: list[str], left=left, key=key, responses=responses, task=task) -> None:
+                    def done(j: int, texts: list[str], left=left, key=key, responses=responses, task=task,
+                             journal=backend.journals_requests) -> None:
                         responses[left[j]] = texts
-                        store.append(key, {"index": left[j], "responses": texts})
+                        if journal:
+                            store.append(key, {"index": left[j], "responses": texts})
                         bar.advance(task, 1)
 
                     backend.generate([chunks[c][i].prompt for i in left], params, done,
