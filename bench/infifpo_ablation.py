@@ -39,15 +39,15 @@ from _seeds import cell_values, chart, evaluate_cached, markdown, mean_sd, timed
 
 from polyfuse.data.io import read_rows, write_json
 from polyfuse.data.schemas import PreferenceRow, PromptRow, SampleRow, response_text
-from polyfuse.logprobs import LogprobsSettings, fusion_sources, run_logprobs
+from polyfuse.logprobs import fusion_sources, run_logprobs
 from polyfuse.models import ModelSpec
 from polyfuse.pipeline.demo import recipe_path
 from polyfuse.pipeline.recipe import Recipe, load_recipe
 from polyfuse.pipeline.runner import run_recipe
 from polyfuse.pipeline.stages.pairs import in_sft_split, run_pairs
-from polyfuse.pipeline.stages.sample import SampleConfig, SampledModel, run_sample
+from polyfuse.pipeline.stages.sample import SampleConfig, run_sample
 from polyfuse.pipeline.stages.score import run_score
-from polyfuse.sampling import SamplingParams
+from polyfuse.sampling import EngineModel, SampledModel, SamplingParams
 from polyfuse.trainers import PreferenceTrainConfig, train_preference
 
 RECIPE = "infifpo-toy.yaml"
@@ -140,8 +140,8 @@ def build_wrpo_data(recipe: Recipe, ctx: Any, sft: ModelSpec, folder: Path) -> P
     sources = [r for r in read_rows(ctx.output("score", "scored"), SampleRow) if r.model in names]
     pairs = recipe.pairs.model_copy(update={"target": TARGET, "sources": names})
     rows = read_rows(run_pairs(sources + scored, pairs, folder / "pairs")["preference"], PreferenceRow)
-    settings = LogprobsSettings(**recipe.logprobs.model_dump(exclude={"sources"}))
-    return run_logprobs(sft, [], rows, settings, out, quiet=True)
+    config = recipe.logprobs.model_copy(update={"pivot": EngineModel.model_validate(sft.model_dump(exclude={"sampling"})), "sources": []})
+    return run_logprobs(config, rows, out, quiet=True)
 
 
 def data_counts(recipe: Recipe, ctx: Any, wrpo: Path) -> dict[str, Any]:

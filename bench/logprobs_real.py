@@ -43,9 +43,10 @@ from _pairs import gemma3_gguf, peak_rss_mib, smollm2_gguf, synthetic_pairs  # n
 
 def instrument(stage: Any, timings: dict[str, dict[str, float]], tokens: dict[str, dict[str, list[int]]]) -> None:
     """Wrap the loader, encoder and scorer that `stage.run_logprobs` calls, to time them per model."""
-    labels: dict[int, str] = {}  # id(tokenizer or model) -> model label
-    load_tokenizer, load_model, encode_row, score_rows = (
-        stage.load_tokenizer, stage.load_model, stage.encode_row, stage.score_rows
+    labels: dict[int, str] = {}  # id(tokenizer) -> model label
+    current: list[str] = []  # the label of the model whose backend is loaded
+    load_tokenizer, build_backend, encode_row, score_encoded = (
+        stage.load_tokenizer, stage.build_backend, stage.encode_row, stage.score_encoded
     )
 
     def timed(label: str, part: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -60,10 +61,9 @@ def instrument(stage: Any, timings: dict[str, dict[str, float]], tokens: dict[st
         labels[id(tokenizer)] = spec.label
         return tokenizer
 
-    def model_(spec: Any, *args: Any, **kwargs: Any) -> Any:
-        model = timed(spec.label, "model load", load_model, spec, *args, **kwargs)
-        labels[id(model)] = spec.label
-        return model
+    def backend_(spec: Any) -> Any:
+        current[:] = [spec.label]
+        return timed(spec.label, "model load", build_backend, spec)
 
     def encode_(tokenizer: Any, row: Any) -> Any:
         label = labels[id(tokenizer)]
@@ -73,12 +73,12 @@ def instrument(stage: Any, timings: dict[str, dict[str, float]], tokens: dict[st
             tokens[label][role].append(len(e.response_ids))
         return encoded
 
-    def score_(model: Any, tokenizer: Any, encoded: Any, *args: Any, **kwargs: Any) -> Any:
-        label = labels[id(model)]
+    def score_(score: Any, encoded: Any) -> Any:
+        label = current[0]
         tokens[label]["scored"].append(sum(len(e.input_ids) for row in encoded for e in row.values()))
-        return timed(label, "scoring", score_rows, model, tokenizer, encoded, *args, **kwargs)
+        return timed(label, "scoring", score_encoded, score, encoded)
 
-    stage.load_tokenizer, stage.load_model, stage.encode_row, stage.score_rows = tokenizer_, model_, encode_, score_
+    stage.load_tokenizer, stage.build_backend, stage.encode_row, stage.score_encoded = tokenizer_, backend_, encode_, score_
 
 
 def tokenizer_checks(label: str, tokenizer: Any, rows: list[Any]) -> list[str]:
@@ -138,8 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     pivot = ModelSpec(name="smollm2-135m-instruct", path=str(smollm2_gguf()))
     source = ModelSpec(name="gemma3-270m", path=str(gemma3_gguf()))
     rows = [PreferenceRow.model_validate(r) for r in synthetic_pairs(args.pairs, args.seed)]
-    settings = stage.LogprobsSettings(
-        max_length=args.max_length,
+    settings = stage.LogprobsConfig(
+        pivot=pivot.model_dump(), sources=[source.model_dump()], max_length=args.max_length,
         **({} if args.token_budget is None else {"token_budget": args.token_budget}),
     )
     timings: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(rows)} pairs, pivot {pivot.label}, source {source.label}, token budget {settings.token_budget}, "
           f"max_length {settings.max_length}, {args.threads} threads -> {out}", flush=True)
     start = time.perf_counter()
-    stage.run_logprobs(pivot, [source], rows, settings, out, quiet=True)
+    stage.run_logprobs(settings, rows, out, quiet=True)
     wall = time.perf_counter() - start
 
     scored = read_rows(out, PreferenceRow)

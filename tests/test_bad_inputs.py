@@ -470,7 +470,7 @@ CASES = [
          r"device 'cuda:7' not available"),
     Case("sample-top-p-zero", "sample -c bad.yaml --prompts {kit}/prompts.jsonl -o out", r"models\.0\.sampling\.top_p: Input should be greater than 0",
          {"bad.yaml": {"models": [{"path": "{world}/pivot", "sampling": {"top_p": 0}}]}}),
-    Case("sample-unknown-backend", "sample -c {kit}/sample.yaml --set backend=vlm --prompts {kit}/prompts.jsonl -o out",
+    Case("sample-unknown-backend", "sample -c {kit}/sample.yaml --set models.0.backend=vlm --prompts {kit}/prompts.jsonl -o out",
          r"backend.*'vlm'"),
     # score
     Case("score-prompts-not-samples", "score -c {kit}/score.yaml --samples {kit}/prompts.jsonl -o out",

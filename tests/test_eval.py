@@ -135,14 +135,15 @@ def test_evaluate_accuracy_equals_independent_verdicts(tiny_model_dir):
     assert result.overall == pytest.approx(3 / 5)
 
 
-def test_evaluate_with_a_loaded_pair_and_the_math_verifier(tiny_model_dir):
-    from polyfuse.models import load_model, load_tokenizer
+def test_evaluate_with_a_built_backend_and_the_math_verifier(tiny_model_dir):
+    from polyfuse.models import load_model
+    from polyfuse.sampling.transformers_backend import TransformersBackend, TransformersSettings
 
     spec = ModelSpec(path=str(tiny_model_dir))
-    pair = (load_model(spec), load_tokenizer(spec, padding_side="left"))
+    backend = TransformersBackend(spec, TransformersSettings(), model=load_model(spec))
     prompts = [PromptRow(id="m1", prompt="What is 6 * 7?", domain="math", answer="6 * 7 = 42\n#### 42")]
     result = evaluate(
-        pair, prompts, default_verifiers(), max_new_tokens=MAX_NEW_TOKENS, label="pair", quiet=True
+        backend, prompts, default_verifiers(), max_new_tokens=MAX_NEW_TOKENS, label="pair", quiet=True
     )
     record = result.records[0]
     assert (result.model, record.verifier) == ("pair", "math")

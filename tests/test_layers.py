@@ -20,8 +20,8 @@ FLOORS: list[set[str]] = [
     {"data"},
     {"objectives"},
     {"models"},
-    {"alignment", "sampling", "scorers", "logprobs", "merge"},
-    {"teacher", "evaluation"},
+    {"alignment", "sampling", "scorers", "merge"},
+    {"teacher", "evaluation", "logprobs"},  # logprobs scores through the sampling backends
     {"trainers", "toyworld"},
     {"pipeline"},
     {"cli"},

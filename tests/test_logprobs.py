@@ -16,7 +16,7 @@ from polyfuse.data.io import read_metadata
 from polyfuse.errors import DataError
 from polyfuse.logprobs import (
     LogpReport,
-    LogprobsSettings,
+    LogprobsConfig,
     check_logp_columns,
     column_names,
     compute_reference_logps,
@@ -196,8 +196,9 @@ def test_logprobs_stage_writes_pivot_and_source_columns_with_named_sources(tiny_
     sources = [ModelSpec(name=name, path=str(path)) for name, path in tiny_world.source_paths.items()]
     rows = toy_rows(tiny_world, 4)
     long_row = PreferenceRow(id="long", prompt="1 + 1 =", chosen="2 " * 200, rejected="3")
-    out = run_logprobs(pivot, sources, [*rows, long_row], LogprobsSettings(token_budget=256, chunk_size=5),
-                       tmp_path / "pairs.jsonl", quiet=True)
+    config = LogprobsConfig(pivot=pivot.model_dump(), sources=[s.model_dump() for s in sources], token_budget=256,
+                            chunk_size=5)
+    out = run_logprobs(config, [*rows, long_row], tmp_path / "pairs.jsonl", quiet=True)
     written = read_rows(out, PreferenceRow)
     assert [r.id for r in written] == [r.id for r in rows]  # order kept, the long pair dropped for all
     expected_ref = compute_reference_logps(load_model(pivot), load_tokenizer(pivot), rows)
@@ -225,8 +226,8 @@ def test_logprobs_stage_resumes_from_its_finished_shards(tiny_world, tmp_path, m
     pivot = ModelSpec(name="pivot", path=str(tiny_world.pivot_path))
     sources = [ModelSpec(name=name, path=str(path)) for name, path in tiny_world.source_paths.items()]
     rows = toy_rows(tiny_world, 4)
-    settings = LogprobsSettings(chunk_size=5)
-    out = run_logprobs(pivot, sources, rows, settings, tmp_path / "pairs.jsonl", quiet=True)
+    config = LogprobsConfig(pivot=pivot.model_dump(), sources=[s.model_dump() for s in sources], chunk_size=5)
+    out = run_logprobs(config, rows, tmp_path / "pairs.jsonl", quiet=True)
     first = out.read_bytes()
     shards = sorted((tmp_path / "shards-pairs.jsonl").glob("*.jsonl"))
     assert len(shards) == 4 * 3  # 4 models x 3 chunks of 5 rows (12 rows)
@@ -236,9 +237,9 @@ def test_logprobs_stage_resumes_from_its_finished_shards(tiny_world, tmp_path, m
     loaded = []
     import polyfuse.logprobs.stage as stage
 
-    original = stage.load_model
-    monkeypatch.setattr(stage, "load_model", lambda spec: loaded.append(spec.label) or original(spec))
-    run_logprobs(pivot, sources, rows, settings, out, quiet=True)
+    original = stage.build_backend
+    monkeypatch.setattr(stage, "build_backend", lambda spec: loaded.append(spec.label) or original(spec))
+    run_logprobs(config, rows, out, quiet=True)
     assert out.read_bytes() == first  # same rows, none lost or duplicated
     assert loaded == [sources[0].label] and lost.name.startswith(f"01-{sources[0].label}-")  # only its model reloaded
 

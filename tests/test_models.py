@@ -11,7 +11,8 @@ import torch
 
 from polyfuse.errors import UserError
 from polyfuse.models import ModelSpec, encode, load_model, render_prompt
-from polyfuse.sampling import SamplingParams, get_backend
+from polyfuse.sampling import SamplingParams
+from polyfuse.sampling.transformers_backend import TransformersBackend, TransformersSettings
 from tiny_lm import build_tiny_model
 
 
@@ -38,11 +39,11 @@ def test_gguf_chat_convention_and_generation(smollm2):
     assert tokenizer.decode(encoded.response_ids) == "4<|im_end|>\n"
     ids, mode = render_prompt(tokenizer, [{"role": "user", "content": "What is 2+2?"}])
     assert (ids, mode) == (encoded.prompt_ids, "chat")
-    backend = get_backend("transformers")(model, tokenizer, batch_size=2)
+    backend = TransformersBackend(spec, TransformersSettings(), model=model)
     greedy = SamplingParams(temperature=0, max_new_tokens=12)
-    first = backend.generate(["What is the capital of France?", "Say hi"], greedy)
+    first = backend.generate_all(["What is the capital of France?", "Say hi"], greedy, batch_size=2)
     assert "Paris" in first[0][0]
-    assert backend.generate(["What is the capital of France?", "Say hi"], greedy) == first
+    assert backend.generate_all(["What is the capital of France?", "Say hi"], greedy, batch_size=2) == first
 
 
 def test_plain_fallback_has_no_double_bos_and_scores_eos(smollm2):

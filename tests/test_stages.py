@@ -139,6 +139,10 @@ def test_every_shipped_recipe_loads_with_its_sections_filled_from_the_recipe():
                 assert getattr(recipe, section).seed == recipe.seed, (name, section)
         if recipe.teacher is not None:
             assert [m.model_dump() for m in recipe.teacher.models] == [
+                s.model_dump(exclude={"sampling", "backend"}) for s in recipe.sources]
+        assert recipe.sample.models[: len(recipe.sources)] == recipe.sources and recipe.sample.seed == recipe.seed
+        if recipe.logprobs is not None and recipe.logprobs.sources:
+            assert [m.model_dump() for m in recipe.logprobs.sources] == [
                 s.model_dump(exclude={"sampling"}) for s in recipe.sources]
         if recipe.merge is not None:
             assert recipe.merge.parameters["seed"] == recipe.seed

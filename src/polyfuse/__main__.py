@@ -1,3 +1,4 @@
 from polyfuse.cli.main import main
 
-main()
+if __name__ == "__main__":  # inference engines may spawn processes that import this module again
+    main()

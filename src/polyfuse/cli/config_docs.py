@@ -71,12 +71,14 @@ def stage_config(stage: str, recipe: bool = False) -> type:
 
 
 def _variants() -> dict[type, list[type]]:
-    """Fields that hold one of several registered models: every scorer type is shown."""
+    """Fields that hold one of several registered models: every scorer type and every backend is shown."""
+    from polyfuse.sampling import BACKENDS, BackendSettings
     from polyfuse.scorers import SCORERS
     from polyfuse.scorers.base import ScorerSettings
     from polyfuse.toyworld import scorer  # noqa: F401  registers the `toyworld` verifier
 
-    return {ScorerSettings: [SCORERS.get(name).Config for name in SCORERS.names()]}
+    return {ScorerSettings: [SCORERS.get(name).Config for name in SCORERS.names()],
+            BackendSettings: [BACKENDS.get(name).Config for name in BACKENDS.names()]}
 
 
 RECIPE_TITLE = ("A recipe (`polyfuse run RECIPE`): the models, the stages to run and one section per stage. Relative "

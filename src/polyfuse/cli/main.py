@@ -334,13 +334,12 @@ def logprobs(
     accelerate."""
     from polyfuse.config import load_config
     from polyfuse.data import PreferenceRow
-    from polyfuse.logprobs import LogprobsConfig, LogprobsSettings, run_logprobs
+    from polyfuse.logprobs import LogprobsConfig, run_logprobs
 
     cfg = load_config(LogprobsConfig, config, set_)
-    settings = LogprobsSettings.model_validate(cfg.model_dump(include=set(LogprobsSettings.model_fields)))
     rows = _read(data, PreferenceRow)
     _check_models(cfg)
-    console.print(f"wrote {run_logprobs(cfg.pivot, cfg.sources, rows, settings, _output_file(out), quiet)}")
+    console.print(f"wrote {run_logprobs(cfg, rows, _output_file(out), quiet)}")
 
 
 @app.command()
@@ -466,12 +465,14 @@ def eval_cmd(
     max_new_tokens: Annotated[int | None, typer.Option(
         min=1, help="Generation budget per prompt (default: 32 for toyworld, 512 for humaneval, else 256).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per generate call.")] = 16,
+    backend: Annotated[str, typer.Option(help="Inference backend with its default options: transformers or vllm.")] = "transformers",
     unsafe_local_code: Annotated[bool, typer.Option(
         help="Run generated code without the bubblewrap sandbox (it can then touch your files and processes)."
     )] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Greedy accuracy per domain on held-out prompts: a table, results.json, results.md and a PNG bar chart."""
+    from polyfuse.config import validate
     from polyfuse.evaluation import (
         accuracy_table,
         default_verifiers,
@@ -479,11 +480,12 @@ def eval_cmd(
         load_eval_set,
         write_eval_report,
     )
-    from polyfuse.models import ModelSpec
     from polyfuse.progress import progress_bar
+    from polyfuse.sampling import EngineModel
     from polyfuse.toyworld import ToyWorldConfig, build_world
 
-    specs = [ModelSpec(name=name, path=path) for name, path in named_models(model).items()]
+    specs = [validate(EngineModel, {"name": name, "path": path, "backend": backend}, source="--backend")
+             for name, path in named_models(model).items()]
     _check_models(specs)
     _output_folder(out)
     if data not in ("toyworld", "humaneval") and not data.startswith("gsm8k:") and not Path(data).exists():

@@ -309,7 +309,11 @@ def write_metadata(path: str | Path, metadata: dict[str, Any]) -> None:
 class ShardStore:
     """Numbered JSONL shards in one folder. Each shard is written whole and atomically, so after a
     crash a shard either exists complete or not at all; `done()` tells a rerun what is left. The folder is
-    made with the first shard: a command refused before its first shard leaves nothing behind."""
+    made with the first shard: a command refused before its first shard leaves nothing behind.
+
+    A shard being worked on may also keep a journal (`<key>.partial.jsonl`): records appended one line at
+    a time as pieces of the shard finish (a server's requests), so a killed run redoes none of them. A
+    line cut short by the kill is ignored; the journal is deleted once its shard is written."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -323,6 +327,30 @@ class ShardStore:
 
     def write(self, key: str, rows: Iterable[BaseModel | dict[str, Any]]) -> None:
         write_rows(self.path(key), rows)
+        self.journal(key).unlink(missing_ok=True)
+
+    def journal(self, key: str) -> Path:
+        return self.folder / f"{key}.partial.jsonl"
+
+    def append(self, key: str, record: dict[str, Any]) -> None:
+        """Add one record to the shard's journal; written through before this returns, so it outlives a
+        killed process."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with self.journal(key).open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def journaled(self, key: str) -> list[dict[str, Any]]:
+        """The complete records of the shard's journal, in the order they were appended. A last line that a
+        killed writer left unfinished is cut off the file, so the records appended next start on a line of
+        their own."""
+        path = self.journal(key)
+        if not path.exists():
+            return []
+        data = path.read_bytes()
+        complete = data.rfind(b"\n") + 1
+        if complete < len(data):
+            os.truncate(path, complete)
+        return [json.loads(line) for line in data[:complete].decode("utf-8").splitlines()]
 
     def read_all(self, schema: type[R], keys: Iterable[str]) -> list[R]:
         rows: list[R] = []

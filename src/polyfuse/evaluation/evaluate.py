@@ -16,9 +16,9 @@ from rich.progress import Progress
 
 from polyfuse.data.schemas import PromptRow, SampleRow, stable_id
 from polyfuse.errors import UserError
-from polyfuse.models import ModelSpec, load_model, load_tokenizer
+from polyfuse.models import ModelSpec
 from polyfuse.progress import progress_bar
-from polyfuse.sampling import SamplingParams, get_backend
+from polyfuse.sampling import Backend, EngineModel, SamplingParams, build_backend
 from polyfuse.scorers import SCORERS, Scorer, Verifier, build_scorer
 
 _VERIFY_CHUNK = 16  # rows per verifier call: keeps the progress bar moving and code sandboxes parallel
@@ -105,7 +105,7 @@ def _pick_verifiers(rows: list[SampleRow], verifiers: list[Scorer]) -> list[Scor
 
 
 def evaluate(
-    model: ModelSpec | tuple[Any, Any],
+    model: ModelSpec | Backend,
     prompts: list[PromptRow],
     scorers: list[Scorer],
     batch_size: int = 8,
@@ -114,23 +114,29 @@ def evaluate(
     quiet: bool = False,
     bar: Progress | None = None,
 ) -> EvalResult:
-    """Greedy-decode every prompt with `model` (a spec, or a loaded (model, tokenizer) pair) and judge it.
+    """Greedy-decode every prompt with `model` and judge it. `model` is a spec (run through its `backend:`,
+    transformers for a plain `ModelSpec`, built and freed here) or a backend the caller built and keeps.
     `bar`: a progress display to add this model's bars to (one display for several models), else its own."""
-    label = label or (model.label if isinstance(model, ModelSpec) else "model")
+    label = label or (model.label if isinstance(model, ModelSpec) else model.spec.label)
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
     verifiers = [s for s in scorers if s.kind == "verifier"]
     picked = _pick_verifiers([_as_sample(p, label, "", params) for p in prompts], verifiers)
     for verifier in {id(v): v for v in picked}.values():
         verifier.require_ready()  # e.g. the code sandbox: refuse before the model is loaded
     if isinstance(model, ModelSpec):
-        lm, tokenizer = load_model(model), load_tokenizer(model, padding_side="left")
-    else:
-        lm, tokenizer = model
-    backend = get_backend("transformers")(lm, tokenizer, batch_size)
+        engine = model if isinstance(model, EngineModel) else EngineModel.model_validate(model.model_dump())
+        with build_backend(engine) as backend:
+            return _evaluate(backend, prompts, picked, params, batch_size, label, quiet, bar)
+    return _evaluate(model, prompts, picked, params, batch_size, label, quiet, bar)
+
+
+def _evaluate(backend: Backend, prompts: list[PromptRow], picked: list[Scorer], params: SamplingParams,
+              batch_size: int, label: str, quiet: bool, bar: Progress | None) -> EvalResult:
     verdicts: list[tuple[Any, dict[str, Any]]] = [(False, {})] * len(prompts)
     with nullcontext(bar) if bar is not None else progress_bar(disable=quiet) as bar:
         generating = bar.add_task(f"generate {label}", total=len(prompts))
-        outputs = backend.generate([p.prompt for p in prompts], params, lambda n: bar.advance(generating, n))
+        outputs = backend.generate_all([p.prompt for p in prompts], params, batch_size=batch_size,
+                                       progress=lambda n: bar.advance(generating, n))
         rows = [_as_sample(p, label, out[0], params) for p, out in zip(prompts, outputs, strict=True)]
         verifying = bar.add_task(f"verify {label}", total=len(rows))
         for verifier in {id(v): v for v in picked}.values():

@@ -9,16 +9,16 @@ from polyfuse.logprobs.engine import (
     compute_reference_logps,
     encode_row,
     roles_of,
+    score_encoded,
     score_rows,
-    score_sequences,
 )
-from polyfuse.logprobs.stage import LogprobsConfig, LogprobsSettings, fusion_sources, run_logprobs
+from polyfuse.logprobs.stage import LogprobsConfig, fusion_sources, run_logprobs
+from polyfuse.models.forward import score_sequences
 
 __all__ = [
     "RESPONSE_ROLES",
     "LogpReport",
     "LogprobsConfig",
-    "LogprobsSettings",
     "check_logp_columns",
     "column_names",
     "compute_reference_logps",
@@ -26,6 +26,7 @@ __all__ = [
     "fusion_sources",
     "roles_of",
     "run_logprobs",
+    "score_encoded",
     "score_rows",
     "score_sequences",
 ]

@@ -18,20 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
-
 from polyfuse.data.schemas import PreferenceRow, response_text
 from polyfuse.errors import DataError
-from polyfuse.models.forward import (
-    DEFAULT_TOKEN_BUDGET,
-    forward_logps,
-    head_only_agrees,
-    length_limit,
-    pad_batch,
-    pad_token_id,
-    plan_batches,
-    response_logps,
-)
+from polyfuse.models.forward import DEFAULT_TOKEN_BUDGET, length_limit, pad_token_id, score_sequences
 from polyfuse.models.templates import Encoded, encode
 
 logger = logging.getLogger(__name__)
@@ -94,36 +83,6 @@ def check_logp_columns(rows: list[PreferenceRow], prefix: str = "ref") -> None:
                     )
 
 
-def score_sequences(
-    model: Any,
-    sequences: list[tuple[list[int], int]],
-    pad_id: int,
-    token_budget: int = DEFAULT_TOKEN_BUDGET,
-    progress: Callable[[int], None] | None = None,
-) -> list[tuple[float, int]]:
-    """(S, n) of each `(input ids, prompt length)` sequence, in input order, under `model` in eval mode."""
-    device = next(model.parameters()).device
-    results: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)
-    head_only = None  # whether `response_logps` reproduces the model's own forward (checked on batch 1)
-    model.eval()
-    with torch.inference_mode():
-        for indices in plan_batches([len(ids) for ids, _ in sequences], token_budget):
-            chunk = [sequences[i] for i in indices]
-            batch = pad_batch([ids for ids, _ in chunk], [p for _, p in chunk], pad_id, side="left")
-            batch = {k: v.to(device) for k, v in batch.items()}
-            if head_only is None:
-                head_only = head_only_agrees(model, batch)
-            if head_only:
-                sums, counts = response_logps(model, batch)
-            else:
-                sums, counts, _ = forward_logps(model, batch)
-            for index, total, count in zip(indices, sums.tolist(), counts.tolist(), strict=True):
-                results[index] = (total, count)
-            if progress is not None:
-                progress(len(chunk))
-    return results
-
-
 def compute_reference_logps(
     model: Any,
     tokenizer: Any,
@@ -170,13 +129,23 @@ def score_rows(
     token_budget: int = DEFAULT_TOKEN_BUDGET,
     progress: Callable[[int], None] | None = None,
 ) -> list[dict[str, tuple[float, int]]]:
-    """role -> (S, n) for each row's encoded responses; all responses of all rows share the batches."""
+    """role -> (S, n) for each row's encoded responses under a loaded model; all responses of all rows
+    share the batches."""
+    return score_encoded(
+        lambda sequences: score_sequences(model, sequences, pad_token_id(tokenizer), token_budget, progress), encoded
+    )
+
+
+def score_encoded(
+    score: Callable[[list[tuple[list[int], int]]], list[tuple[float, int]]], encoded: list[dict[str, Encoded]]
+) -> list[dict[str, tuple[float, int]]]:
+    """role -> (S, n) for each row's encoded responses, all scored in one call of `score` (a backend's
+    `score`, or the forward kernel's), which takes `(ids, prompt length)` sequences."""
     flat = [(i, role, e) for i, responses in enumerate(encoded) for role, e in responses.items()]
-    sequences = [(e.input_ids, len(e.prompt_ids)) for _, _, e in flat]
-    scores = score_sequences(model, sequences, pad_token_id(tokenizer), token_budget, progress)
+    scores = score([(e.input_ids, len(e.prompt_ids)) for _, _, e in flat])
     out: list[dict[str, tuple[float, int]]] = [{} for _ in encoded]
-    for (i, role, _), score in zip(flat, scores, strict=True):
-        out[i][role] = score
+    for (i, role, _), value in zip(flat, scores, strict=True):
+        out[i][role] = value
     return out
 
 

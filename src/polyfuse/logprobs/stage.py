@@ -17,7 +17,6 @@ shards and scores only the missing ones. Under `accelerate launch` processes tak
 
 from __future__ import annotations
 
-import gc
 from collections import Counter
 from pathlib import Path
 from typing import Literal
@@ -35,33 +34,44 @@ from polyfuse.logprobs.engine import (
     encode_row,
     logp_columns,
     roles_of,
-    score_rows,
+    score_encoded,
 )
-from polyfuse.models import ModelSpec, load_config, load_model, load_tokenizer
+from polyfuse.models import load_config, load_tokenizer
 from polyfuse.models.forward import DEFAULT_TOKEN_BUDGET, length_limit
 from polyfuse.models.records import model_record
+from polyfuse.sampling import BackendConfig, EngineModel, build_backend
 
 # Version of the sequence convention (spec section 6) the columns were computed with.
 CONVENTION = "polyfuse-logps-1"
 
 
-class LogprobsSettings(StrictModel):
+class LogprobsConfig(StrictModel):
+    """`polyfuse logprobs --config` and a recipe's `logprobs` section (one schema). In a recipe the pivot is
+    the current pivot (M0: the recipe's pivot, or the model the last training stage made, handed over when
+    the stage runs), and `sources` is `true` (the default: the recipe's sources) or `false` (none)."""
+
+    pivot: EngineModel = Field(description="M0 (the SFT checkpoint): the ref_* columns.")
+    sources: list[EngineModel] = Field(default_factory=list, description="The fuse_* models, in this order.")
+    backend: BackendConfig | None = Field(
+        default=None, description="Score every model through this backend instead of its own `backend:`."
+    )
     token_budget: int = Field(
         default=DEFAULT_TOKEN_BUDGET,
         ge=1,
-        description="Padded tokens per forward (rows x longest row). On CPU, for models of 100M parameters "
-        "or more, 1 (one unpadded sequence per forward) is fastest; batching pays on GPUs and for tiny models.",
+        description="transformers backend: padded tokens per forward (rows x longest row). On CPU, for models of "
+        "100M parameters or more, 1 (one unpadded sequence per forward) is fastest; batching pays on GPUs and "
+        "for tiny models.",
     )
     max_length: int | None = Field(default=None, ge=2, description="None: each model's context size.")
     overflow: Literal["drop", "error"] = Field(default="drop", description="A pair longer than max_length: drop it (and count it), or stop.")
     chunk_size: int = Field(default=1024, ge=1, description="Rows per resumable shard.")
 
-
-class LogprobsConfig(LogprobsSettings):
-    """`polyfuse logprobs --config`: the models and the settings."""
-
-    pivot: ModelSpec = Field(description="The initial pivot M0 (the SFT checkpoint): the ref_* columns.")
-    sources: list[ModelSpec] = Field(default_factory=list, description="The fuse_* columns, in this order.")
+    def models(self) -> list[EngineModel]:
+        """M0 then the sources, each with the backend it is scored with."""
+        models = [self.pivot, *self.sources]
+        if self.backend is not None:
+            models = [m.model_copy(update={"backend": self.backend}) for m in models]
+        return models
 
 
 class ShardScores(StrictModel):
@@ -69,19 +79,12 @@ class ShardScores(StrictModel):
     scores: dict[str, tuple[float, int]]  # role -> (S, n)
 
 
-def run_logprobs(
-    pivot: ModelSpec,
-    sources: list[ModelSpec],
-    rows: list[PreferenceRow],
-    settings: LogprobsSettings,
-    out: str | Path,
-    quiet: bool = False,
-) -> Path:
+def run_logprobs(config: LogprobsConfig, rows: list[PreferenceRow], out: str | Path, quiet: bool = False) -> Path:
     """Write `rows` with M0's `ref_*` columns and the sources' `fuse_*` lists to `out` (format by
     suffix), plus its metadata sidecar. Shards live in `<out's folder>/shards-<out's name>/`."""
     from polyfuse.progress import progress_bar
 
-    models = [pivot, *sources]
+    models = config.models()
     labels = [m.label for m in models]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"model names must be unique, got {labels}")
@@ -89,7 +92,7 @@ def run_logprobs(
         raise DataError("no preference rows to score")
     out = Path(out)
     tokenizers = [load_tokenizer(m) for m in models]
-    limits = [length_limit(load_config(m), settings.max_length) for m in models]
+    limits = [length_limit(load_config(m), config.max_length) for m in models]
     lengths: list[list[int]] = [[] for _ in models]  # per model: the longest response's sequence, per row
     modes: list[Counter] = [Counter() for _ in models]  # per model: template modes seen
     for k, tokenizer in enumerate(tokenizers):
@@ -103,12 +106,12 @@ def run_logprobs(
         too_long = [labels[k] for k in range(len(models)) if lengths[k][i] > limits[k]]
         if not too_long:
             kept.append(i)
-        elif settings.overflow == "error":
+        elif config.overflow == "error":
             raise DataError(f"row {row.id!r}: longer than max_length for {too_long}")
         else:
             dropped.append({"id": row.id, "models": too_long})
 
-    chunks = [kept[i : i + settings.chunk_size] for i in range(0, len(kept), settings.chunk_size)]
+    chunks = [kept[i : i + config.chunk_size] for i in range(0, len(kept), config.chunk_size)]
     keys = [[f"{k:02d}-{labels[k]}-{c:05d}" for c in range(len(chunks))] for k in range(len(models))]
     plan = ShardPlan(len(models), len(chunks))
     store = ShardStore(out.parent / f"shards-{out.name}")
@@ -119,15 +122,13 @@ def run_logprobs(
                 continue
             sequences = sum(len(roles_of(rows[i])) for c, _ in todo for i in chunks[c])
             task = bar.add_task(f"log-probs {spec.label}", total=sequences)
-            model = load_model(spec)
-            for c, key in todo:
-                scores = score_rows(
-                    model, tokenizers[k], [encode_row(tokenizers[k], rows[i]) for i in chunks[c]], settings.token_budget,
-                    lambda n, t=task: bar.advance(t, n),
-                )
-                store.write(key, [ShardScores(id=rows[i].id, scores=s) for i, s in zip(chunks[c], scores, strict=True)])
-            del model
-            gc.collect()
+            with build_backend(spec) as backend:  # freed before the next model's
+                for c, key in todo:
+                    scores = score_encoded(
+                        lambda sequences, t=task: backend.score(sequences, config.token_budget, lambda n: bar.advance(t, n)),
+                        [encode_row(tokenizers[k], rows[i]) for i in chunks[c]],
+                    )
+                    store.write(key, [ShardScores(id=rows[i].id, scores=s) for i, s in zip(chunks[c], scores, strict=True)])
 
     def gather() -> None:
         per_model = [[s.scores for s in store.read_all(ShardScores, keys[k])] for k in range(len(models))]
@@ -140,8 +141,8 @@ def run_logprobs(
             "pivot": records[0],
             "sources": records[1:],
             "convention": CONVENTION,
-            "backend": "transformers",
-            "token_budget": settings.token_budget,
+            "backends": {m.label: m.backend.type for m in models},
+            "token_budget": config.token_budget,
             "max_length": {label: limit for label, limit in zip(labels, limits, strict=True)},
             "rows": len(scored),
             "dropped": dropped,

@@ -20,7 +20,7 @@ One way to lay out sequences and run a causal LM over their responses:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -173,3 +173,33 @@ def head_only_agrees(model: Any, batch: dict[str, torch.Tensor]) -> bool:
     if not agrees:
         logger.warning("%s post-processes its logits: scoring with its own forward", type(model).__name__)
     return agrees
+
+
+def score_sequences(
+    model: Any,
+    sequences: list[tuple[list[int], int]],
+    pad_id: int,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
+    progress: Callable[[int], None] | None = None,
+) -> list[tuple[float, int]]:
+    """(S, n) of each `(input ids, prompt length)` sequence, in input order, under `model` in eval mode."""
+    device = next(model.parameters()).device
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)
+    head_only = None  # whether `response_logps` reproduces the model's own forward (checked on batch 1)
+    model.eval()
+    with torch.inference_mode():
+        for indices in plan_batches([len(ids) for ids, _ in sequences], token_budget):
+            chunk = [sequences[i] for i in indices]
+            batch = pad_batch([ids for ids, _ in chunk], [p for _, p in chunk], pad_id, side="left")
+            batch = {k: v.to(device) for k, v in batch.items()}
+            if head_only is None:
+                head_only = head_only_agrees(model, batch)
+            if head_only:
+                sums, counts = response_logps(model, batch)
+            else:
+                sums, counts, _ = forward_logps(model, batch)
+            for index, total, count in zip(indices, sums.tolist(), counts.tolist(), strict=True):
+                results[index] = (total, count)
+            if progress is not None:
+                progress(len(chunk))
+    return results

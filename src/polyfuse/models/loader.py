@@ -150,6 +150,20 @@ def load_config(spec: ModelSpec):
         raise UserError(f"{spec.label}: cannot load config from {folder!r}: {err}") from None
 
 
+def load_generation_config(spec: ModelSpec):
+    """The model's `GenerationConfig` (EOS ids, default sampling), as `generate` in transformers sees it: the
+    folder's `generation_config.json`, else derived from `config.json` (and always so for GGUF files)."""
+    from transformers import GenerationConfig
+
+    folder, gguf = spec.location()
+    if gguf is None:
+        try:
+            return GenerationConfig.from_pretrained(folder, revision=spec.revision)
+        except OSError:
+            pass
+    return GenerationConfig.from_model_config(load_config(spec))
+
+
 def load_model(spec: ModelSpec, task: Literal["causal-lm", "sequence-classification"] = "causal-lm"):
     """Load a model in eval mode on `spec.device`."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification

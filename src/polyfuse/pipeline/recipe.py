@@ -23,7 +23,7 @@ from polyfuse.data.schemas import PromptRow
 from polyfuse.errors import ConfigError
 from polyfuse.pipeline.context import STAGES, stage, stage_order
 from polyfuse.pipeline.stages.prompts import PromptSource
-from polyfuse.pipeline.stages.sample import SampledModel
+from polyfuse.sampling import SampledModel
 
 TOY_SCHEME = "toyworld://"
 

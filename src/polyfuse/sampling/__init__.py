@@ -1,8 +1,30 @@
-"""Sampling backends: N responses per prompt, each model through its own chat template."""
+"""Inference backends: how polyfuse samples from, evaluates and scores a model.
 
-from polyfuse.sampling.base import BACKENDS, Backend, SamplingParams, get_backend
+`transformers` (in this process, the default), `vllm` (vLLM's offline engine) and `openai` (any
+OpenAI-compatible server). A model picks one with its `backend:` field; each backend is one module of this
+package, registered in `BACKENDS` on the first lookup.
+"""
 
-# Backends register themselves on import.
-from polyfuse.sampling import transformers_backend  # noqa: E402,F401  isort: skip
+from polyfuse.sampling.base import (
+    BACKENDS,
+    Backend,
+    BackendConfig,
+    BackendSettings,
+    EngineModel,
+    SampledModel,
+    SamplingParams,
+    build_backend,
+    request_seed,
+)
 
-__all__ = ["BACKENDS", "Backend", "SamplingParams", "get_backend"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "BackendConfig",
+    "BackendSettings",
+    "EngineModel",
+    "SampledModel",
+    "SamplingParams",
+    "build_backend",
+    "request_seed",
+]

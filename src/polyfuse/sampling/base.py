@@ -1,14 +1,40 @@
-"""The backend interface. A backend turns (prompts, sampling parameters) into response texts; adding
-one (vLLM, an HTTP server) is one more file that subclasses `Backend` and registers itself."""
+"""The backend interface: how polyfuse runs inference on a model (sampling, evaluation, scoring).
+
+A backend is built from a model spec and its own options, and loads (or connects to) its model itself,
+so no weights are loaded twice and a stage never needs to know which engine runs. Adding one is one
+file in this package: an options class (a `BackendSettings` subclass whose `type` is a literal) and a
+`Backend` subclass registered under the same name::
+
+    class EchoSettings(BackendSettings):
+        type: Literal["echo"] = "echo"
+
+    @BACKENDS.register("echo")
+    class EchoBackend(Backend):
+        Config = EchoSettings
+        def generate(self, prompts, params, done, seeds=None, batch_size=32):
+            for i, prompt in enumerate(prompts):
+                done(i, [str(prompt)] * params.n)
+
+A model chooses its backend with its `backend:` field (`BackendConfig`: a name, or a mapping with `type`
+and the backend's options), validated with the model before anything starts.
+
+Every backend renders prompts with polyfuse's own template convention (`render_prompt`) and hands the
+engine token ids, so all backends condition on the same ids and responses are decoded the same way.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from collections.abc import Callable
+from typing import Annotated, Any, ClassVar
 
-from pydantic import Field
+from pydantic import Field, SerializeAsAny, WrapValidator
 
 from polyfuse.config import StrictModel
+from polyfuse.data.schemas import stable_id
+from polyfuse.errors import ConfigError
+from polyfuse.models import ModelSpec, load_generation_config, load_tokenizer
+from polyfuse.models.forward import DEFAULT_TOKEN_BUDGET
 from polyfuse.registry import Registry
 
 
@@ -27,22 +53,122 @@ class SamplingParams(StrictModel):
         return self.temperature == 0.0
 
 
-class Backend(ABC):
-    """Generates responses for one model. `generate` returns, per prompt, `params.n` texts."""
+def request_seed(seed: int, position: int) -> int:
+    """The seed of one request (prompt): a function of the shard's seed and the prompt's position in it,
+    so a resumed shard sends every remaining prompt with the seed it had in the first run."""
+    return int(stable_id("request", seed, position), 16) % (2**31)
 
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 16):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
+
+Done = Callable[[int, list[str]], None]
+
+
+class BackendSettings(StrictModel):
+    """Options every backend has; `type` names the backend."""
+
+    type: str = Field(description="The backend: transformers, vllm or openai (or a name a module registered).")
+
+
+class Backend(ABC):
+    """Runs inference on one model. Built from the model's spec and its backend options; loads or connects
+    to the model in `__init__` and frees it in `close` (also a context manager)."""
+
+    Config: ClassVar[type[BackendSettings]]
+    # False for a backend that connects to a server serving a fixed model: it cannot run a model that a
+    # recipe trains (a new folder), so stages refuse that combination when the recipe is validated.
+    loads_weights: ClassVar[bool] = True
+    # True for a backend whose requests finish one by one and cost a round trip each (a server): the sample
+    # stage then journals every finished request, so a killed run resends none of them. Local engines
+    # finish a batch at once, and a killed run redoes the shard.
+    journals_requests: ClassVar[bool] = False
+
+    def __init__(self, spec: ModelSpec, config: BackendSettings):
+        self.spec, self.config = spec, config
+        self.tokenizer = load_tokenizer(spec, padding_side="left")
 
     @abstractmethod
-    def generate(self, prompts: list[Any], params: SamplingParams, progress: Any = None) -> list[list[str]]:
-        """`prompts` are TRL prompts (strings or message lists). `progress` is an optional callable
-        called with the number of prompts finished since the last call."""
+    def generate(self, prompts: list[Any], params: SamplingParams, done: Done, seeds: list[int] | None = None,
+                 batch_size: int = 32) -> None:
+        """Call `done(index into prompts, params.n response texts)` as each request finishes, in any order
+        (the sample stage writes each one down, so a killed run resends nothing it has). `prompts` are TRL
+        prompts (strings or message lists); `seeds[i]` is the seed of prompt i (None: derived from
+        `params.seed`); `batch_size` is how many prompts one engine call takes."""
+
+    def generate_all(self, prompts: list[Any], params: SamplingParams, seeds: list[int] | None = None,
+                     batch_size: int = 32, progress: Callable[[int], None] | None = None) -> list[list[str]]:
+        """Every prompt's responses, in prompt order; `progress` is called with each finished count."""
+        results: list[list[str]] = [[] for _ in prompts]
+
+        def done(index: int, texts: list[str]) -> None:
+            results[index] = texts
+            if progress is not None:
+                progress(1)
+
+        self.generate(prompts, params, done, seeds, batch_size)
+        return results
+
+    def score(self, sequences: list[tuple[list[int], int]], token_budget: int = DEFAULT_TOKEN_BUDGET,
+              progress: Callable[[int], None] | None = None) -> list[tuple[float, int]]:
+        """(sum of the response tokens' log-probs in fp32, response token count) of each `(ids, prompt
+        length)` sequence, in input order. `token_budget` bounds a forward's padded tokens where the
+        backend batches itself (transformers); `progress` is called with each finished count."""
+        raise ConfigError(f"{self.spec.label}: the {self.config.type!r} backend cannot score sequences; "
+                          "use the transformers or vllm backend")
+
+    def seeds_for(self, prompts: list[Any], params: SamplingParams, seeds: list[int] | None) -> list[int]:
+        return seeds if seeds is not None else [request_seed(params.seed, i) for i in range(len(prompts))]
+
+    def stop_token_ids(self) -> list[int]:
+        """The ids that end a response: the model's generation config's EOS (one id or several), else its
+        config's, else the tokenizer's; what `generate` in transformers stops on."""
+        eos = load_generation_config(self.spec).eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return [eos] if isinstance(eos, int) else list(eos or [])
+
+    def close(self) -> None:  # noqa: B027 (a hook: only backends that hold an engine free one)
+        """Free the model (engine, memory, connections)."""
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
-BACKENDS: Registry[type[Backend]] = Registry("sampling backend")
+BACKENDS: Registry[type[Backend]] = Registry("backend", package="polyfuse.sampling")
 
 
-def get_backend(name: str) -> type[Backend]:
-    return BACKENDS.get(name)
+def _pick_config(value: Any, handler) -> BackendSettings:
+    """A backend name (`vllm`) or a mapping with `type`, validated by that backend's options class."""
+    if isinstance(value, BackendSettings):
+        return value
+    if isinstance(value, str):
+        value = {"type": value}
+    if not isinstance(value, dict) or "type" not in value:
+        raise ValueError(f"expected a backend name or a mapping with a 'type' key (one of: {', '.join(BACKENDS.names())})")
+    try:
+        backend = BACKENDS.get(value["type"])
+    except ConfigError as err:
+        raise ValueError(str(err)) from None
+    return backend.Config.model_validate(value)
+
+
+BackendConfig = Annotated[SerializeAsAny[BackendSettings], WrapValidator(_pick_config)]
+
+
+class EngineModel(ModelSpec):
+    """A model and the backend that runs it (default: transformers, in this process)."""
+
+    backend: BackendConfig = Field(default="transformers", validate_default=True,
+                                   description="transformers, vllm, openai, or a mapping {type: ..., options}.")
+
+
+class SampledModel(EngineModel):
+    """A model, its backend and its sampling settings: a recipe's source or pivot."""
+
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+
+
+def build_backend(model: EngineModel) -> Backend:
+    """The backend of `model`, loaded or connected."""
+    return BACKENDS.get(model.backend.type)(model, model.backend)

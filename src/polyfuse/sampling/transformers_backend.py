@@ -1,31 +1,42 @@
-"""Batched `generate` with transformers: left-padded batches of prompts sorted by length."""
+"""`backend: transformers` (the default): the model in this process, batched `generate` over left-padded
+prompts sorted by length, and sequence scoring by the shared forward kernel."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 
-from polyfuse.models.forward import pad_token_id
+from polyfuse.models import ModelSpec, load_model
+from polyfuse.models.forward import DEFAULT_TOKEN_BUDGET, pad_token_id, score_sequences
 from polyfuse.models.templates import decode_response, render_prompt
-from polyfuse.sampling.base import BACKENDS, Backend, SamplingParams
+from polyfuse.sampling.base import BACKENDS, Backend, BackendSettings, Done, SamplingParams
+
+
+class TransformersSettings(BackendSettings):
+    type: Literal["transformers"] = "transformers"
 
 
 @BACKENDS.register("transformers")
 class TransformersBackend(Backend):
+    Config = TransformersSettings
+
+    def __init__(self, spec: ModelSpec, config: TransformersSettings, model: Any = None):
+        """`model`: an already loaded model of `spec` (evaluation of a model in memory); else it is loaded."""
+        super().__init__(spec, config)
+        self.model = model if model is not None else load_model(spec)
+
     @torch.inference_mode()
-    def generate(self, prompts: list[Any], params: SamplingParams, progress: Any = None) -> list[list[str]]:
+    def generate(self, prompts: list[Any], params: SamplingParams, done: Done, seeds: list[int] | None = None,
+                 batch_size: int = 32) -> None:
         tokenizer, model = self.tokenizer, self.model
         encoded = [render_prompt(tokenizer, p) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i][0]))
-        results: list[list[str]] = [[] for _ in prompts]
         pad_id = pad_token_id(tokenizer)
-        eos = model.generation_config.eos_token_id
-        if eos is None:
-            eos = tokenizer.eos_token_id
+        eos = self.stop_token_ids()
         device = next(model.parameters()).device
-        per_batch = max(1, self.batch_size // params.n) if params.n > 1 else self.batch_size
-        generator_seed = params.seed
+        per_batch = max(1, batch_size // params.n) if params.n > 1 else batch_size
         for start in range(0, len(order), per_batch):
             batch = order[start : start + per_batch]
             width = max(len(encoded[i][0]) for i in batch)
@@ -35,8 +46,9 @@ class TransformersBackend(Backend):
                 seq = encoded[i][0]
                 ids[row, width - len(seq) :] = torch.tensor(seq)
                 mask[row, width - len(seq) :] = 1
-            # Seed per batch, so results do not depend on what ran before in this process.
-            torch.manual_seed(generator_seed + start)
+            # `generate` draws from one generator for the whole batch, so per-request seeds cannot apply:
+            # the batch is seeded by its offset, and results do not depend on what ran before in this process.
+            torch.manual_seed(params.seed + start)
             kwargs: dict[str, Any] = {
                 "max_new_tokens": params.max_new_tokens,
                 "num_return_sequences": params.n,
@@ -50,9 +62,13 @@ class TransformersBackend(Backend):
                 kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
             new = out[:, width:].tolist()
-            for k, seq in enumerate(new):
-                i = batch[k // params.n]
-                results[i].append(decode_response(tokenizer, seq, encoded[i][1]))
-            if progress is not None:
-                progress(len(batch))
-        return results
+            for k, i in enumerate(batch):
+                texts = new[k * params.n : (k + 1) * params.n]
+                done(i, [decode_response(tokenizer, seq, encoded[i][1]) for seq in texts])
+
+    def score(self, sequences: list[tuple[list[int], int]], token_budget: int = DEFAULT_TOKEN_BUDGET,
+              progress: Callable[[int], None] | None = None) -> list[tuple[float, int]]:
+        return score_sequences(self.model, sequences, pad_token_id(self.tokenizer), token_budget, progress)
+
+    def close(self) -> None:
+        self.model = None

@@ -10,6 +10,7 @@ change the loss: batch 1 x accumulation 4 gives the same update as batch 4 x acc
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import shutil
 from dataclasses import dataclass
@@ -255,6 +256,11 @@ class PolyfuseTrainer(Trainer):
         super().log(logs, start_time)
 
 
+# transformers renamed `gradient_checkpointing` to `activation_checkpointing` (5.20); vLLM 0.32 pins < 5.20.
+_CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in inspect.signature(TrainingArguments).parameters
+                  else "gradient_checkpointing")
+
+
 def training_arguments(config: TrainConfig, out_dir: str | Path) -> TrainingArguments:
     """Building these also sets up the (distributed) device; Trainer's scratch folder is a hidden sibling of
     `out_dir`, removed after saving."""
@@ -274,8 +280,8 @@ def training_arguments(config: TrainConfig, out_dir: str | Path) -> TrainingArgu
         seed=config.seed,
         train_sampling_strategy="random" if config.shuffle else "sequential",
         bf16=config.bf16,
-        activation_checkpointing=config.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        **{_CHECKPOINTING: config.gradient_checkpointing,
+           f"{_CHECKPOINTING}_kwargs": {"use_reentrant": False} if config.gradient_checkpointing else None},
         logging_steps=config.logging_steps,
         save_strategy="steps" if config.save_steps else "no",
         save_steps=config.save_steps or 500,

@@ -13,6 +13,7 @@ from polyfuse.models import ModelSpec
 from polyfuse.pipeline.context import STAGES, Context, Stage, model_stages, paths_in
 from polyfuse.pipeline.stages.prompts import PromptSource, seeded_source
 from polyfuse.progress import progress_bar
+from polyfuse.sampling import BACKENDS
 from polyfuse.scorers import ScorerConfig
 
 
@@ -87,6 +88,10 @@ class EvalStage(Stage):
         if recipe.eval.scorers is None:
             raise ValueError("eval: no scorers to grade with; give 'eval.scorers' (e.g. [{type: math}]) "
                              "or a 'score' section, whose verifiers eval then uses")
+        trained = [name for name in recipe.eval.models if name in model_stages()]
+        if trained and not BACKENDS.get(recipe.pivot.backend.type).loads_weights:
+            raise ValueError(f"eval.models: {trained[0]!r} is a model this recipe trains, and the pivot's backend "
+                             f"{recipe.pivot.backend.type!r} serves a fixed model; use transformers or vllm for the pivot")
         unknown = [name for name in recipe.eval.models if _unknown_model(recipe, name)]
         if unknown:
             raise ValueError(f"eval.models: {', '.join(map(repr, unknown))}: neither 'sources', 'pivot', a source "

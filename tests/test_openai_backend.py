@@ -1,0 +1,156 @@
+"""The `openai` backend against misbehaving servers: a tiny real HTTP server written here that answers
+500s, 429s, or too slowly, and a port where nothing listens. (The backend against a real vLLM server is
+tested in test_engines_server.py.) Retries happen, then one clear error; requests carry polyfuse's token
+ids and per-request seeds, at most `concurrency` at a time, and the API key only from the environment."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from polyfuse.errors import ConfigError, UserError
+from polyfuse.models import load_tokenizer, render_prompt
+from polyfuse.sampling import SampledModel, SamplingParams, build_backend, request_seed
+from test_ddp import free_port
+
+
+class Misbehaving:
+    """A local server for `/v1/completions`: answers `plan[i]` to the i-th request ("500", "429", "slow",
+    anything else a completion), records every request body and header, and the most requests in flight."""
+
+    def __init__(self, plan: list[str] | None = None, default: str = "ok", delay: float = 0.0):
+        self.plan, self.default, self.delay = list(plan or []), default, delay
+        self.bodies: list[dict] = []
+        self.headers: list[str | None] = []  # the Authorization header of each request
+        self.in_flight = self.most_in_flight = 0
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    action = server.plan.pop(0) if server.plan else server.default
+                    server.bodies.append(body)
+                    server.headers.append(self.headers.get("Authorization"))
+                    server.in_flight += 1
+                    server.most_in_flight = max(server.most_in_flight, server.in_flight)
+                try:
+                    if action == "slow":
+                        time.sleep(2.0)
+                    time.sleep(server.delay)
+                    if action in ("500", "429"):
+                        self.reply(int(action), {"error": {"message": f"planned {action}"}}, {"Retry-After": "0"})
+                    else:
+                        choices = [{"index": k, "text": f" answer {len(server.bodies)}.{k} ", "finish_reason": "stop",
+                                    "logprobs": None} for k in range(body.get("n", 1))]
+                        self.reply(200, {"id": "c", "object": "text_completion", "created": 0, "model": body["model"],
+                                         "choices": choices})
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+
+            def reply(self, status, payload, headers=None):
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def serve():
+    servers = []
+
+    def start(*args, **kwargs) -> Misbehaving:
+        servers.append(Misbehaving(*args, **kwargs))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def model(world, url: str, **options) -> SampledModel:
+    path = str(next(iter(world.source_paths.values())))
+    return SampledModel.model_validate({"name": "served", "path": path, "backend": {
+        "type": "openai", "base_url": url, "model": "toy", "max_retries": 2, "timeout": 5, **options}})
+
+
+PARAMS = SamplingParams(n=2, temperature=0.7, top_p=0.9, repetition_penalty=1.1, max_new_tokens=7, seed=11)
+
+
+def test_requests_carry_token_ids_seeds_and_the_mapped_parameters(tiny_world, serve, monkeypatch):
+    server = serve(delay=0.05)
+    monkeypatch.setenv("TOY_KEY", "sk-secret-123")
+    spec = model(tiny_world, server.url, api_key_env="TOY_KEY", concurrency=3)
+    prompts = [f"prompt {i}" for i in range(9)]
+    with build_backend(spec) as backend:
+        texts = backend.generate_all(prompts, PARAMS)
+    tokenizer = load_tokenizer(spec)
+    by_prompt = {tuple(body["prompt"]): body for body in server.bodies}
+    for i, prompt in enumerate(prompts):
+        body = by_prompt[tuple(render_prompt(tokenizer, prompt)[0])]  # polyfuse's rendering, as token ids
+        assert body["seed"] == request_seed(11, i)
+        assert (body["n"], body["temperature"], body["top_p"], body["max_tokens"], body["repetition_penalty"],
+                body["model"]) == (2, 0.7, 0.9, 7, 1.1, "toy")
+    assert all(len(t) == 2 and t[0].startswith("answer") for t in texts)  # n texts each, stripped
+    assert server.most_in_flight == 3  # bounded concurrency
+    assert set(server.headers) == {"Bearer sk-secret-123"}
+    assert "sk-secret" not in json.dumps(spec.model_dump())  # configs and manifests hold the variable's name only
+    monkeypatch.delenv("TOY_KEY")
+    with pytest.raises(ConfigError, match="environment variable TOY_KEY is not set"):
+        build_backend(spec)
+
+
+def test_429_and_500_are_retried(tiny_world, serve):
+    server = serve(plan=["429", "500"])
+    with build_backend(model(tiny_world, server.url)) as backend:
+        texts = backend.generate_all(["only prompt"], PARAMS)
+    assert len(server.bodies) == 3 and texts[0][0] == "answer 3.0"
+
+
+def test_500s_give_retries_then_one_clear_error(tiny_world, serve):
+    server = serve(default="500")
+    with build_backend(model(tiny_world, server.url)) as backend, pytest.raises(
+        UserError, match=r"served: http://127.0.0.1:\d+/v1: the server answered 500 after 3 tries: planned 500"
+    ):
+        backend.generate_all(["a prompt"], PARAMS)
+    assert len(server.bodies) == 3
+
+
+def test_timeouts_give_retries_then_one_clear_error(tiny_world, serve):
+    server = serve(default="slow")
+    with build_backend(model(tiny_world, server.url, timeout=0.3, max_retries=1)) as backend, pytest.raises(
+        UserError, match=r"no answer within 0.3 s after 2 tries \(backend.timeout\)"
+    ):
+        backend.generate_all(["a prompt"], PARAMS)
+    assert len(server.bodies) == 2
+
+
+def test_a_server_that_is_down_gives_retries_then_one_clear_error(tiny_world):
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    started = time.perf_counter()
+    with build_backend(model(tiny_world, url)) as backend, pytest.raises(
+        UserError, match=r"cannot connect after 3 tries .*; is the server running\?"
+    ):
+        backend.generate_all(["a prompt"], PARAMS)
+    assert time.perf_counter() - started > 0.5  # it backed off between the tries
