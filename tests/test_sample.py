@@ -54,7 +54,7 @@ def test_two_processes_give_the_same_rows_as_one(tiny_world, tmp_path):
     prompts = tiny_world.prompts("train", per_domain=2)
     write_rows(tmp_path / "prompts.jsonl", prompts)
     config = sample_config(tiny_world)
-    (tmp_path / "sample.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    (tmp_path / "sample.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json", exclude=set(config.recipe_only))))
     single = read_rows(run_sample(prompts, config, tmp_path / "single", quiet=True), SampleRow)
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
