@@ -122,6 +122,9 @@ SLOW_TESTS = {
                          "test_rerun_skips_the_merge_and_a_changed_weight_redoes_it"},
     "test_sample": {"test_two_processes_give_the_same_rows_as_one"},
     "test_logprobs": {"test_cli_logprobs_then_train_infifpo", "test_two_processes_under_accelerate_write_the_same_file"},
+    "test_checkpoints": {"test_killed_while_saving_resumes_from_the_last_complete_checkpoint_with_the_cli",
+                         "test_killed_after_a_step_resumes_automatically"},
+    "test_toyworld": {"test_every_tokenizer_algorithm_trains_reproducibly_across_processes"},
 }
 
 
