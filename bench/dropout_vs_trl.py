@@ -2,10 +2,10 @@
 `DPOTrainer`, each with dropout disabled (both tools' default) and kept.
 
 At step 0 the policy equals its reference M0, so with dropout off every pair's loss is
--log sigmoid(0) = ln 2 = 0.693147 (spec `preference-objectives.md` 8.1) in both tools; with dropout on the
-policy's log-probs are noisy while the reference's are not, and the loss moves away from ln 2. The
-tools tokenise the same conversational pairs with the same chat template; the reference of polyfuse is
-the precomputed `ref_*` columns (M0 in eval mode), TRL's a reference model scoring in eval mode.
+-log sigmoid(0) = ln 2 = 0.693147 in both tools; with dropout on the policy's log-probs are noisy while
+the reference's are not, and the loss moves away from ln 2. The tools tokenise the same conversational
+pairs with the same chat template; the reference of polyfuse is the precomputed `ref_*` columns (M0 in
+eval mode), TRL's a reference model scoring in eval mode.
 
     pip install --no-deps trl==1.16.0
     python bench/dropout_vs_trl.py

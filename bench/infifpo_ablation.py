@@ -117,7 +117,7 @@ def seed_recipe(seed: int, preset: str) -> Recipe:
 
 # ------------------------------------------------------------------------------------------------ WRPO data
 def build_wrpo_data(recipe: Recipe, ctx: Any, sft: ModelSpec, folder: Path) -> Path:
-    """WRPO triples (implicit-fusion-data.md section 2) on the recipe's PO prompts, with `ref_*` columns of
+    """WRPO triples (y_ws, y_wt, y_l: arXiv 2412.03187) on the recipe's PO prompts, with `ref_*` columns of
     all three roles under the SFT model. Sampling, scoring and log-probs resume from their shards."""
     out = folder / "preference.jsonl"
     if out.is_file():
@@ -178,7 +178,7 @@ def data_counts(recipe: Recipe, ctx: Any, wrpo: Path) -> dict[str, Any]:
 
 
 def max_margin_choice_by_domain(data: Path) -> dict[str, dict[str, float]]:
-    """Per domain, the fraction of pairs whose max-margin reference (LN, clip, per example: the spec default)
+    """Per domain, the fraction of pairs whose max-margin reference (LN, clip, per example: the default)
     is M0 or each source. It depends on the precomputed columns only, not on the policy."""
     import torch
 

@@ -72,9 +72,10 @@ HEAD, EMBED = "lm_head.weight", "model.embed_tokens.weight"
 FINDINGS = [
     "Tied head: SmolLM2 stores no `lm_head.weight`; both tools write the same 272 tensor names (no head, "
     "`tie_word_embeddings: true`) in the same 3 shards, so every tensor is compared with its namesake.",
-    "mergekit 0.1.5 no longer has two of the differences spec section 11 lists: its magnitude trim keeps "
-    "`max(1, int(d*n))` entries (as polyfuse) and breadcrumbs with `int(gamma*n) = 0` keeps the top `d*n` "
-    "(as polyfuse) instead of zeroing the tensor. It also applies `lambda` to DELLA, as polyfuse does. Still "
+    "mergekit 0.1.5 no longer has two of the differences polyfuse was designed against: its magnitude "
+    "trim keeps `max(1, int(d*n))` entries (as polyfuse) and breadcrumbs with `int(gamma*n) = 0` keeps "
+    "the top `d*n` (as polyfuse) instead of zeroing the tensor. It also applies `lambda` to DELLA, as "
+    "polyfuse does. Still "
     "different, not triggered here: DELLA on one-entry rows (mergekit raises in `torch.bernoulli` on NaN "
     "probabilities; polyfuse uses q = 0.5) and linear's zero weight sum (mergekit divides by zero; polyfuse "
     "refuses it).",
@@ -435,7 +436,8 @@ class Moments:
 
 
 def keep_probabilities(method: str, tau: torch.Tensor) -> torch.Tensor:
-    """The keep probability of every entry of one task vector under DARE or DELLA (the spec's, shared)."""
+    """The keep probability of every entry of one task vector under DARE or DELLA (the papers' rule,
+    as in mergekit)."""
     if method.startswith("della"):
         from polyfuse.merge.methods.sparsify import della_keep_probabilities
 

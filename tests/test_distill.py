@@ -274,7 +274,7 @@ class SlowTokenizer:
 
 
 def test_a_teacher_without_offsets_is_aligned_by_the_edit_distance_dp(models, store, tmp_path, monkeypatch):
-    """Spec section 3.4: a model without offsets falls back to the DP; on the same tokenization the DP finds
+    """A model without offsets (a slow tokenizer) falls back to the DP; on the same tokenization the DP finds
     the same one-to-one groups as the offsets, so the targets are the same."""
     import polyfuse.teacher.run as teacher_run
 

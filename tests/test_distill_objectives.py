@@ -1,4 +1,4 @@
-"""Explicit-fusion losses (spec explicit-fusion.md) as pure tensor functions: hand-computed values and invariants."""
+"""Explicit-fusion losses (FuseLLM, ULD) as pure tensor functions: hand-computed values and invariants."""
 
 from __future__ import annotations
 
@@ -117,8 +117,8 @@ def test_topk_entropy_hand_computed():
     assert close(topk_entropy(logits), [0.0, 2.302585, 0.562335, 0.0])
 
 
-def test_uncertainty_weights_spec_example_masking_and_detach():
-    # spec 2.5: H_A = 0, H_B = ln 10 -> softmax(0, -ln 10) = [1, 0.1] / 1.1 = [0.909091, 0.090909]
+def test_uncertainty_weights_hand_computed_masking_and_detach():
+    # A one-hot (H = 0), B uniform over 10 (H = ln 10): softmax(0, -ln 10) = [0.909091, 0.090909]
     entropy = t([[0.0, LN(10), 0.5], [1.0, 1.0, 1.0], [0.3, 0.2, 0.1]]).requires_grad_()
     mask = torch.tensor([[True, True, False], [True, True, True], [False, False, False]])
     weights = uncertainty_weights(entropy, mask)

@@ -1,6 +1,6 @@
 """Preference training disables dropout as TRL's DPOTrainer does, config-level attention dropout included:
-on a model with dropout, DPO's step-0 loss is ln 2 on every pair (spec section 8.1), and the saved model
-keeps its own dropout rates."""
+on a model with dropout, DPO's step-0 loss is ln 2 on every pair (policy = reference: -log sigmoid(0)),
+and the saved model keeps its own dropout rates."""
 
 from __future__ import annotations
 

@@ -368,7 +368,7 @@ def test_tokenizer_sources_match_mergekit(tmp_path, pico, source):
 def test_legacy_mode_keeps_the_base_tokenizer(tmp_path, pico):
     """No tokenizer setting: the base's tokenizer. The padded model's added tokens have ids beyond its 64 rows,
     so its rows are the base's tokens and merge by index, as in mergekit. A model whose extra rows are real
-    tokens (chatml) is refused: polyfuse never merges different tokens by row index (spec section 11)."""
+    tokens (chatml) is refused: polyfuse never merges different tokens by row index."""
     config = tokenizer_config([pico["tok_base"], pico["tok_padded"]], pico["tok_base"])
     ours, theirs = run_both(tmp_path / "padded", config)
     assert_same(ours, theirs, "linear")

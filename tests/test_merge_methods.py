@@ -1,4 +1,4 @@
-"""Weight-merge methods as pure per-tensor functions: the spec's hand-computed tables, determinism, fp32 math and
+"""Weight-merge methods as pure per-tensor functions: hand-computed tables, determinism, fp32 math and
 edge cases."""
 
 from __future__ import annotations

@@ -203,7 +203,7 @@ def test_sft_token_loss_is_mean_over_all_scored_tokens():
     assert sft_token_loss(logits, labels, num_items=14).item() == pytest.approx(expected.item() / 2, rel=1e-6)
 
 
-# --- IPO, WRPO, InfiFPO and its variants (spec sections 3-5, 8) ---------------------------------------
+# --- IPO, WRPO, InfiFPO and its variants ----------------------------------------------------------------
 
 WRPO_ROLES = ("chosen_source", "chosen", "rejected")
 FUSION_SETTINGS = [
@@ -364,7 +364,7 @@ def test_infifpo_wrpo_max_margin_weighs_both_chosen_responses_by_alpha():
         assert references["chosen"].item() == sources["chosen"][0, expected - 1].item()
 
 
-# Spec 8.2: the InfiXAI/InfiFPO README pair, three sources, policy = M0 at step 0.
+# The InfiXAI/InfiFPO README pair, three sources, policy = M0 at step 0.
 M0_SUMS, M0_COUNTS = (-16.809629440307617, -35.141197204589844), (241.0, 252.0)
 M0_MEANS = (-0.06974949687719345, -0.13944919407367706)
 SOURCE_MEANS = (
@@ -436,7 +436,8 @@ def test_infifpo_worked_example(settings, ref_margin, u, loss, weight, selected)
         assert torch.equal(metrics["fusion/clipped_rejected"], torch.zeros(1, 3))
 
 
-# Spec 8.3: LN values, beta 2.5, policy = M0 = (-1.0, -1.2).
+# Synthetic LN values, beta 2.5, policy = M0 = (-1.0, -1.2): source 1 keeps its margin 0.7; source 2
+# (-0.6, -0.7) clips to (-0.6, -1.2) on its rejected side.
 SYNTHETIC_M0 = (torch.tensor([-1.0]), torch.tensor([-1.2]))
 SYNTHETIC_SOURCES = (torch.tensor([[-0.8, -0.6]]), torch.tensor([[-1.5, -0.7]]))
 
@@ -482,7 +483,7 @@ def test_infifpo_synthetic_fallback_to_m0():
 
 
 def test_infifpo_ipo_hand_computed():
-    # spec 8.3 per-example reference margin 0.7, policy margin 0.2: (0.2 - 0.7 - 1/(2*0.1))^2 = 30.25
+    # synthetic case: per-example reference margin 0.7, policy margin 0.2: (0.2 - 0.7 - 1/(2*0.1))^2 = 30.25
     batch = PreferenceBatch(
         logps={"chosen": torch.tensor([-1.0]), "rejected": torch.tensor([-1.2])},
         ntokens={"chosen": torch.ones(1), "rejected": torch.ones(1)},

@@ -1,4 +1,4 @@
-"""Which response tokens of two tokenizers cover the same text (spec section 3, with 1.2 as fallback).
+"""Which response tokens of two tokenizers cover the same text: by character offsets, else FuseLLM's DP.
 
 Every model scores the same response string, each through its own template (`polyfuse.models.encode`).
 Aligning on character offsets of that string, never on decoded strings, survives a BOS on one side only,
@@ -156,7 +156,7 @@ def _edit_costs(tokens_a: list[bytes], tokens_b: list[bytes]) -> np.ndarray:
 
 
 def align_dp(tokens_a: list[bytes], tokens_b: list[bytes], band: int | None = None) -> list[Group]:
-    """FuseLLM's edit-distance DTW (spec 1.2) over canonical token bytes, as groups like `align_offsets`.
+    """FuseLLM's edit-distance DTW over canonical token bytes, as groups like `align_offsets`.
 
     D(0,0) = 0, D(i,0) = D(0,j) = inf, D(i,j) = c(i,j) + min(D(i-1,j-1), D(i-1,j), D(i,j-1)) with c the
     edit distance; the backtrack from (m,n) prefers the diagonal, then (i-1,j), then (i,j-1), as FuseLLM's

@@ -3,8 +3,8 @@
 Cross-tokenizer work compares tokens of different vocabularies, which spell the same text differently
 ('Ġhello', '▁hello', '##lo', '<0xE3>'). Everything here turns a vocabulary entry into the bytes it
 stands for, so the vocabulary map and the DP alignment compare like with like. The space marker is
-read from the tokenizer itself (spec 1.2): FuseChat's class-name table mapped Gemma to 'Ġ', but Gemma
-uses '▁'.
+read from the tokenizer itself (the tokens of " a"): FuseChat's class-name table mapped Gemma to 'Ġ',
+but Gemma uses '▁'.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Source id -> pivot id maps (spec 1.3, EM and MinED), computed once per tokenizer pair and cached.
+"""Source id -> pivot id maps (FuseLLM's EM and MinED), computed once per tokenizer pair and cached.
 
 The per-position targets of FuseLLM live in the pivot's vocabulary, so every source id in a stored top-K
 needs a pivot id. MinED compares one source token against the whole pivot vocabulary, which is the known
@@ -92,7 +92,8 @@ def vocab_map(source_tokenizer, pivot_tokenizer, method: Method = "mined",
     - "exact" (EM): the pivot token with the same canonical bytes (`token_bytes`, so 'Ġhello' and
       '▁hello' match), else -1;
     - "mined" (MinED): the exact match if any, else the pivot token at minimum edit distance over canonical
-      bytes (one byte one symbol), ties to the lowest pivot id (the spec's suggestion; unpublished).
+      bytes (one byte one symbol), ties to the lowest pivot id (FuseLLM publishes no tie rule; polyfuse's
+      choice).
     Under both, special tokens map by role (bos, eos, pad, unk) when the pivot has that role, and every
     other special to the pivot's unk, else its eos. The map is cached in `cache_dir` (default
     `DEFAULT_CACHE`, under `$POLYFUSE_CACHE` when set) and reused whenever both vocabularies are the same.

@@ -113,7 +113,7 @@ class SFTRow(Row):
 class PreferenceRow(Row):
     """TRL preference row, plus provenance. `chosen_source` holds WRPO's y_ws (the best source response)
     when the row is in the WRPO layout. The `ref_*` columns (sum, mean and token count under the initial
-    pivot, spec `preference-objectives.md` section 7) are added by the log-prob engine."""
+    pivot; the InfiXAI/InfiFPO README's names) are added by the log-prob engine."""
 
     prompt: PromptField
     chosen: ResponseField

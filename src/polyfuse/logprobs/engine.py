@@ -1,4 +1,4 @@
-"""Sequence log-probs: S, A and n of every response of every pair under one model (spec section 6).
+"""Sequence log-probs: S, A and n of every response of every pair under one model.
 
 Sequences are encoded with `polyfuse.models.encode` (the scored tokens are the response ids of the
 convention) and scored by the shared forward kernel (`polyfuse.models.forward`): token-budget batches
@@ -31,7 +31,8 @@ RESPONSE_ROLES = ("chosen", "rejected", "chosen_source")
 
 def column_names(role: str, prefix: str = "ref") -> tuple[str, str, str]:
     """(sum, mean, count) column names of one response role, e.g. `ref_chosen_logps`,
-    `ref_mean_chosen_logps`, `ref_chosen_ntokens` (spec section 7)."""
+    `ref_mean_chosen_logps`, `ref_chosen_ntokens` (the InfiXAI/InfiFPO README's names; the counts are
+    polyfuse's)."""
     return f"{prefix}_{role}_logps", f"{prefix}_mean_{role}_logps", f"{prefix}_{role}_ntokens"
 
 

@@ -1,9 +1,9 @@
 """`polyfuse logprobs`: score a preference file once with the initial pivot M0 and every source.
 
 Each model scores the fixed text of every response through its **own** tokenizer and chat template
-(spec section 6). M0's values become the `ref_*` columns; the sources' become `fuse_*` lists in the
-order of `sources`, whose names are recorded in the metadata sidecar (`<out>.meta.json`): a trainer
-never infers which source a list position is from position alone.
+(the convention of `polyfuse.models.templates`). M0's values become the `ref_*` columns; the sources'
+become `fuse_*` lists in the order of `sources`, whose names are recorded in the metadata sidecar
+(`<out>.meta.json`): a trainer never infers which source a list position is from position alone.
 
 Length policy: every model's tokenizer measures every pair first (no weights; only the lengths are
 kept, the ids are encoded again chunk by chunk while scoring, so memory does not grow with models x
@@ -41,7 +41,7 @@ from polyfuse.models.forward import DEFAULT_TOKEN_BUDGET, length_limit
 from polyfuse.models.records import model_record
 from polyfuse.sampling import BackendConfig, EngineModel, build_backend
 
-# Version of the sequence convention (spec section 6) the columns were computed with.
+# Version of the sequence convention (`polyfuse.models.templates`) the columns were computed with.
 CONVENTION = "polyfuse-logps-1"
 
 

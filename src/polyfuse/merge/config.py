@@ -2,7 +2,7 @@
 
 Everything here runs before a single tensor is read, so a bad method name, a missing weight or an
 unsupported `slices:` section fails in a second with exit code 2 instead of after an hour of
-downloading (spec section 13). Header-level checks (shapes, vocabularies) live in `plan.py`.
+downloading, a common mergekit complaint. Header-level checks (shapes, vocabularies) live in `plan.py`.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ class TokenizerConfig(StrictModel):
 
 
 class MergeConfig(StrictModel):
-    """A mergekit-compatible merge config (spec section 10). `dtype` is accepted for compatibility:
+    """A mergekit-compatible merge config (docs/merge-compat.md). `dtype` is accepted for compatibility:
     polyfuse always computes in fp32; it is the default of `out_dtype`. Exactly one of `models` and
     `slices`; `models` is the one-slice case (every model's full depth, the base appended when not listed,
     as mergekit normalises it)."""

@@ -1,4 +1,4 @@
-"""`polyfuse merge`: validate, plan, then merge tensor by tensor in bounded memory (spec section 12).
+"""`polyfuse merge`: validate, plan, then merge tensor by tensor in bounded memory.
 
 At any moment the engine holds one tensor per input (fp32), the method's working copies, and one
 output shard, whatever the model size. Tensors are read one at a time into memory the task owns (one

@@ -1,8 +1,8 @@
 """Everything in the output folder besides the weights: config.json, tokenizer, chat template,
 generation config, and the resolved merge config that explains each value in plain words.
 
-mergekit users often do not know what `weight`, `density` or `rescale` did to their merge (spec section
-13); the resolved config answers that next to the weights, and it is itself a runnable config.
+mergekit users often do not know what `weight`, `density` or `rescale` did to their merge; the
+resolved config answers that next to the weights, and it is itself a runnable config.
 """
 
 from __future__ import annotations

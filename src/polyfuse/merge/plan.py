@@ -6,7 +6,7 @@ depth and keeps the base's tensor order. With `slices:`, output layer j of a sli
 `start_k + j` of every source k; the tensors outside the layers come from the first slice (embeddings) or
 the last one (final norm, head), as in mergekit. Either way the order is deterministic, so the shard
 layout, and therefore resume, is. A tied model's head is an alias of its embedding; if any input has a
-separate head, the output has one (spec section 11).
+separate head, the output has one (as mergekit).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Post-merge smoke check: a "successful" merge can still be garbage (spec section 13).
+"""Post-merge smoke check: a "successful" merge can still be garbage (mergekit users report
+garbled output after merges that raised no error).
 
 Load the output like any checkpoint, with the class its config names (a causal LM through
 `polyfuse.models.load_model`; a multimodal model such as LLaVA through its own class, text only), run one

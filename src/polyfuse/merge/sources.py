@@ -3,12 +3,12 @@
 Indexing reads only the first bytes of every shard (the JSON header: names, dtypes, shapes), so every
 compatibility check runs before any tensor data is touched; for a hub model the headers come over HTTP
 range requests and the weights are downloaded only after the checks passed. Reading keeps one open
-shard per model and reopens only when a key lives in another shard (spec section 12). Pickle
-checkpoints (`.bin`) are read only with `allow_pickle`, memory-mapped, like `polyfuse.models.loader`.
+shard per model and reopens only when a key lives in another shard. Pickle checkpoints (`.bin`) are
+read only with `allow_pickle`, memory-mapped, like `polyfuse.models.loader`.
 
-A tensor is read into fresh memory with one positioned read, not memory-mapped as the spec suggests: a
-mapped shard keeps every page it served resident until the shard is closed (up to a shard per model on
-top of the merge's own tensors), and a method could not write to mapped tensors in place (writes to a
+A tensor is read into fresh memory with one positioned read, not memory-mapped: a mapped shard keeps
+every page it served resident until the shard is closed (up to a shard per model on top of the merge's
+own tensors), and a method could not write to mapped tensors in place (writes to a
 private mapping would show in a later read of the same key, e.g. a tied head). A read tensor belongs
 to its caller and is freed when the caller drops it.
 """

@@ -1,5 +1,5 @@
-"""Vocabulary rules (spec section 11, mergekit's `tokenizer:` block): rows are matched by token string,
-never by raw row index.
+"""Vocabulary rules (mergekit's `tokenizer:` block; docs/merge-compat.md): rows are matched by token
+string, never by raw row index.
 
 Each input gets a row map: for every output row, the row of that input holding the same token, or -1 when
 the input lacks it. Identical vocabularies give the identity map and cost nothing. A token an input lacks

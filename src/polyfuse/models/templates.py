@@ -1,7 +1,7 @@
 """Prompt and response tokenisation through each model's own chat template.
 
-This is polyfuse's sequence convention (spec `preference-objectives.md` section 6, project decision
-(e)), shared by sampling, SFT, DPO and the log-prob engine so that every stage sees the same tokens:
+This is polyfuse's sequence convention (docs/design.md, "The sequence convention"), shared by sampling,
+SFT, DPO and the log-prob engine so that every stage sees the same tokens:
 
 - chat mode: the prompt is the template with `add_generation_prompt=True`; the response tokens are the
   ids of the full conversation after that prefix, including the end-of-turn marker and anything the

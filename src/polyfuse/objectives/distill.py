@@ -1,4 +1,4 @@
-"""Explicit fusion (spec `explicit-fusion.md`): the interface of distillation objectives, and what they share.
+"""Explicit fusion: the interface of distillation objectives, and what they share.
 
 A distillation objective is one file in this package (`uld.py`, `fusellm.py`): a `DistillObjective`
 registered in `DISTILL_OBJECTIVES` that declares the per-position target fields it reads (`target_fields`, with
@@ -6,7 +6,8 @@ how the collator batches each), builds them for one training row from the teache
 aligned to the pivot's tokens (`targets`), and computes its loss from them (`__call__`). The data builder
 (`polyfuse.teacher.targets`) and the trainer (`polyfuse.trainers.distill`) read nothing else of it.
 
-Every loss is per response position: the trainer sums it and divides by the global token count (spec 0).
+Every loss is per response position: the trainer sums it and divides by the global token count
+(across accumulation steps and processes), so batch 1 x accumulation 4 equals batch 4 x accumulation 1.
 Teacher targets are constants; the student's logits are upcast to fp32 once and shared by every term.
 Standard deviations are the sample std (Bessel-corrected, torch's default), as in the logit-standardisation
 reference code (CVPR 2024, `logit.std(-1)`); over a vocabulary the two definitions differ by ~1/(2V).

@@ -1,8 +1,8 @@
 """DPO (arXiv 2305.18290) on sums, and LN-DPO (FuseChat-3.0): the same loss on per-token means.
 
-Spec `preference-objectives.md` sections 1-2. LN-DPO divides the policy's and the reference's log-probs
-by |y|, the response's token count in the pivot's tokenization (the `ref_*_ntokens` columns; the
-trainer checks that its own tokenization gives the same counts).
+LN-DPO divides the policy's and the reference's log-probs by |y|, the response's token count in the
+pivot's tokenization (the `ref_*_ntokens` columns; the trainer checks that its own tokenization gives
+the same counts).
 """
 
 from __future__ import annotations

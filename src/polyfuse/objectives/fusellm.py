@@ -1,4 +1,4 @@
-"""FuseLLM / FuseChat (spec `explicit-fusion.md` section 1): `lambda*CE + (1-lambda)*soft CE` against one
+"""FuseLLM / FuseChat (arXiv 2401.10491, 2408.07990): `lambda*CE + (1-lambda)*soft CE` against one
 fused sparse target in the pivot's vocabulary, built offline per training row.
 
 Per candidate (each teacher aligned to the pivot), the aligned source distribution is mapped into the pivot
@@ -71,7 +71,8 @@ def candidate_distributions(labels: list[int], example: Any, groups: Groups, tea
                             pivot_bytes: list[bytes | None], top_k: int,
                             temperature: float = 1.0) -> list[tuple[list[int], list[float]]]:
     """Per pivot response position: the candidate's distribution mapped into the pivot vocabulary where a
-    one-to-one group's tokens agree, else one-hot on the pivot's own token (spec 1.4)."""
+    one-to-one group's tokens agree, else one-hot on the pivot's own token (the label, not FuseLLM's
+    off-by-one current token)."""
     out: list[tuple[list[int], list[float]]] = [([y], [1.0]) for y in labels]
     for left, right in groups:
         if len(left) != 1 or len(right) != 1:

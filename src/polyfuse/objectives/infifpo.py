@@ -1,11 +1,12 @@
 """InfiFPO (arXiv 2505.13878): DPO against a reference fused from the sources' sequence log-probs, so the
-pivot learns from sources with other tokenizers without aligning vocabularies. Spec
-`preference-objectives.md` section 5; the WRPO and IPO variants are section 5.6.
+pivot learns from sources with other tokenizers without aligning vocabularies. What polyfuse decided
+where the paper is silent: docs/design.md ("InfiFPO and the WRPO / IPO family").
 
-The reference is built per pair in log space (project decision (b)): length-normalise (every model over
-its own tokens), clip each source against the initial pivot M0 (a floor on chosen responses, a ceiling on
-the rejected one), then fuse. Reference and source values are constants; only the policy's log-probs
-carry gradients. The authors' undocumented `ref_offset` is deliberately absent (decision (d)).
+The reference is built per pair in log space: length-normalise (every model over its own tokens: a
+tokenizer that splits a text finer gives it a lower sum whatever its quality), clip each source against
+the initial pivot M0 (a floor on chosen responses, a ceiling on the rejected one), then fuse. Reference
+and source values are constants; only the policy's log-probs carry gradients. The launch scripts'
+undocumented `ref_offset` is deliberately absent: the paper's loss has no such term.
 """
 
 from __future__ import annotations
@@ -245,9 +246,9 @@ class InfiFPOWRPO(InfiFPO):
     """InfiFPO-WRPO (Eq. 20): WRPO against the fused reference, roles as WRPO's.
 
     Both chosen responses get the floor clip and y_l the ceiling. Max-margin per example (not published;
-    spec 5.6 suggestion) maximises `alpha*c_i(y_ws) + (1-alpha)*c_i(y_wt) - c_i(y_l)` at the current
-    alpha, M0 being candidate 0. The betas are not published either: polyfuse uses InfiFPO's, 2.5 with
-    LN and 0.1 without."""
+    polyfuse's choice) maximises `alpha*c_i(y_ws) + (1-alpha)*c_i(y_wt) - c_i(y_l)` at the current alpha,
+    M0 being candidate 0; at alpha = 0 it is `infifpo`'s per-example max-margin. The betas are not
+    published either: polyfuse uses InfiFPO's, 2.5 with LN and 0.1 without."""
 
     roles = WRPO_ROLES
 

@@ -1,6 +1,6 @@
 """IPO (arXiv 2310.12036): a squared loss that pulls the reference-relative margin to 1/(2*beta) instead of
-pushing it to infinity. Spec `preference-objectives.md` section 3: per-token means by default, as TRL and
-the InfiFPO paper ("already length normalized") do.
+pushing it to infinity. Per-token means by default, as TRL and the InfiFPO paper ("already length
+normalized") do.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Per-sequence log-probs from logits: the one implementation shared by the trainers and the log-prob
-engine, so training and reference scoring count exactly the same tokens (spec section 6.6)."""
+engine, so training and reference scoring count exactly the same tokens."""
 
 from __future__ import annotations
 

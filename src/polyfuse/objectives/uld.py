@@ -1,4 +1,4 @@
-"""ULD (InfiFusion, spec `explicit-fusion.md` section 2): CE plus the weighted ULD distance between the
+"""ULD (InfiFusion, arXiv 2501.02795; ULD, arXiv 2402.12030): CE plus the weighted ULD distance between the
 student's and each teacher's sorted top-K probabilities after logit standardisation; needs no vocabulary
 mapping, since ULD compares sorted vectors.
 
@@ -33,8 +33,9 @@ def teacher_uld_probs(
 ) -> torch.Tensor:
     """`sort_desc(softmax(z_topK / tau))` [.., K] from a model's top-K raw logits [.., K] and its full-vocabulary
     std [..] (`logit_std`; unused without standardisation). The mean cancels inside the softmax, so
-    `z_topK / tau = l_topK / (tau * (std + eps))` up to a shift. Renormalised over the K entries (spec 2.2
-    suggestion). Padding entries are -inf and come out as trailing zeros; an all-padding row is all zeros."""
+    `z_topK / tau = l_topK / (tau * (std + eps))` up to a shift. Renormalised over the K entries (not
+    published; polyfuse's default). Padding entries are -inf and come out as trailing zeros; an
+    all-padding row is all zeros."""
     x = topk_logits.float()
     if standardize:
         if std is None:
@@ -68,7 +69,7 @@ def uld_distance(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> to
 
 def topk_entropy(topk_logits: torch.Tensor) -> torch.Tensor:
     """Entropy [..] of softmax over a model's raw top-K logits [.., K] (T = 1, renormalised over the K), the
-    uncertainty of the project decision (spec 2.5), in [0, ln K]. -inf padding is ignored; an all-padding
+    uncertainty of `uncertainty_weights`, in [0, ln K]. -inf padding is ignored; an all-padding
     row gives 0."""
     padding = torch.isneginf(topk_logits)
     log_p = torch.log_softmax(topk_logits.float(), dim=-1)
@@ -76,8 +77,9 @@ def topk_entropy(topk_logits: torch.Tensor) -> torch.Tensor:
 
 
 def uncertainty_weights(entropy: torch.Tensor, mask: torch.Tensor, tau_u: float = 1.0) -> torch.Tensor:
-    """Project decision (spec 2.5): `w = softmax over the aligned teachers of -H / tau_u` [N, T], detached.
-    Unaligned teachers get 0; a position with no aligned teacher gets all zeros."""
+    """`w = softmax over the aligned teachers of -H / tau_u` [N, T], detached: InfiFusion v1/v2 publish no
+    formula, this is polyfuse's (docs/design.md, "Explicit fusion"). Unaligned teachers get 0; a position
+    with no aligned teacher gets all zeros."""
     mask = mask.bool()
     scores = (-entropy.detach().float() / tau_u).masked_fill(~mask, float("-inf"))
     return torch.where(mask, torch.softmax(scores, dim=-1), 0.0)
@@ -122,7 +124,7 @@ class ULDObjective(DistillObjective):
         "teacher_mask": TargetField(torch.bool),  # [T]: teacher t has a position aligned to this one
         "teacher_entropy": TargetField(torch.float32),  # [T]: H of the raw top-K softmax, in [0, ln K]
     }
-    default_alignment = "positional"  # ULD's published rule (spec 2.3); `offsets` is the option
+    default_alignment = "positional"  # ULD's published rule; `offsets` is the option
 
     lambda_kd: float = Field(default=1.0, ge=0)
     top_k: int = Field(default=10, ge=1)

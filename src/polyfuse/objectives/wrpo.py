@@ -1,6 +1,6 @@
 """WRPO (arXiv 2412.03187): DPO whose chosen side is an alpha-weighted mix of a source's response y_ws and
 the pivot's own best response y_wt, with alpha ramped up over training so the policy first learns from
-its own distribution and only gradually from the sources'. Spec `preference-objectives.md` section 4.
+its own distribution and only gradually from the sources'.
 
 Roles: `chosen_source` = y_ws, `chosen` = y_wt, `rejected` = y_l.
 """

@@ -15,7 +15,8 @@ source computes that source only. A shard is a compressed `.npz` (no pickles) wr
 | `std` | P | float32 | the std of the full-vocabulary logits (`logit_std`, for logit standardisation) |
 | `token_logps` | P | float32 | log-prob of the token itself (the model's CE on the gold text, for MinCE) |
 
-Position p of an example holds the distribution that *predicts* its p-th response token (spec section 0).
+Position p of an example holds the distribution that *predicts* its p-th response token (logits at t predict
+token t+1), so aligned tokens pair the positions that predict them.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Distillation targets in the pivot's tokenization, built once from the teacher store before training.
 
-For every training row the pivot's response tokens are aligned with each teacher's (spec sections 0, 1.2,
-2.3 and 3); the objective then builds its own per-position targets from the aligned stored outputs
+For every training row the pivot's response tokens are aligned with each teacher's (the rules below);
+the objective then builds its own per-position targets from the aligned stored outputs
 (`DistillObjective.targets`: ULD's sorted top-K probabilities, FuseLLM's fused sparse target, ...).
 
 Alignment (`alignment`): `positional` pairs response index j with index j (ULD's published rule);

@@ -1,4 +1,4 @@
-"""Weight-merge methods as pure per-tensor functions (spec: docs of section "Weight merging").
+"""Weight-merge methods as pure per-tensor functions (docs/design.md, "Weight merging").
 
 `MERGE_METHODS` imports every module of this package on its first lookup, so a new method registers itself
 just by being a file in the package.

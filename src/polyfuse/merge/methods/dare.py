@@ -1,6 +1,6 @@
 """DARE (arXiv 2311.03099): drop each task-vector entry with probability 1 - density and rescale the rest.
 
-Rescale (project decision): by default the paper's 1/density, unbiased (E[result] = tau);
+Rescale: by default the paper's 1/density, unbiased (E[result] = tau);
 `rescale_mode: l1_norm` is mergekit's L1 norm matching per tensor; `rescale: false` turns rescaling off.
 Masks are seeded per (seed, tensor name, model index), so the merge does not depend on processing order.
 `dare_linear` then sums like task arithmetic; `dare_ties` elects signs and takes the disjoint sum (mergekit's

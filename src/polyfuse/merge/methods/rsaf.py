@@ -149,7 +149,7 @@ class Rsaf(TaskVectorMerge):
 
     def report(self) -> dict[str, Any]:
         """k per tensor and source, and each source's realised density: the parameter-count-weighted mean of its
-        k over the tensors this run merged (spec section 9: compare with TIES at that density)."""
+        k over the tensors this run merged (an RSAF benefit counts only against TIES at that density)."""
         if not self.keep_ratio_log:
             return {}
         total = sum(self.numel.values())

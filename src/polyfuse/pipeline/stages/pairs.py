@@ -1,5 +1,5 @@
-"""Stage `pairs`: SFT targets and preference pairs from scored samples (FuseChat-3.0, spec
-`implicit-fusion-data.md` sections 1.5-1.7; WRPO layout section 2; InfiFPO's cross-model rule 3.2).
+"""Stage `pairs`: SFT targets and preference pairs from scored samples: FuseChat-3.0's rules,
+WRPO's layout and InfiFPO's cross-model rule; what the papers leave open is in docs/design.md.
 
 Rules, per prompt:
 - Split: a prompt goes to SFT when `hash(seed, prompt id) < sft_fraction`, else to preference
@@ -12,7 +12,7 @@ Rules, per prompt:
   response always beats an incorrect one: the window only filters, it never swaps roles.
 - Cross-model pair (`pair_rule: cross_model`, InfiFPO): best vs worst over all models, no window.
 - One pair per PO prompt, chosen among the qualifying sources by `pair_choice`: `random` (seeded by the
-  prompt id and seed; keeps source diversity; the spec's suggested default), `highest_chosen_score` or
+  prompt id and seed; keeps source diversity; the default), `highest_chosen_score` or
   `largest_gap` (ties to the first source in config order).
 Counts for every filter go to `report.json`.
 """
