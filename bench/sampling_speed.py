@@ -81,7 +81,10 @@ def worker(args: argparse.Namespace) -> None:
     processes = [os.getpid(), *([args.server_pid] if args.server_pid else [])]  # with vLLM's engine processes
     cpu_before = sum(map(cpu_seconds, processes))
     start = time.perf_counter()
-    texts = backend.generate_all(prompts, params, batch_size=args.prompts * args.n)
+    # vLLM and the server take every prompt at once (they batch continuously); transformers takes
+    # `--batch-size` sequences per `generate` call (0: all of them in one call, its best case here).
+    sequences = args.batch_size if args.worker == "transformers" and args.batch_size else args.prompts * args.n
+    texts = backend.generate_all(prompts, params, batch_size=sequences)
     wall = time.perf_counter() - start
     cpu = sum(map(cpu_seconds, processes)) - cpu_before
     backend.close()
@@ -90,10 +93,10 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps({"backend": args.worker, "start_s": started, "wall_s": wall, "cpu_s": cpu, "tokens": tokens}))
 
 
-def start_server(python: Path, model: str, port: int, log: Path, dtype: str) -> tuple[subprocess.Popen, float]:
+def start_server(python: Path, model: str, port: int, log: Path, dtype: str, seqs: int) -> tuple[subprocess.Popen, float]:
     command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name",
                "smollm2", "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, "--enforce-eager",
-               "--max-model-len", "512", "--max-num-seqs", "64", "--max-num-batched-tokens", str(64 * 512),
+               "--max-model-len", "512", "--max-num-seqs", str(seqs), "--max-num-batched-tokens", str(seqs * 512),
                "--disable-log-stats"]
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
@@ -135,6 +138,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=0,
+                        help="Sequences per transformers generate call (the sample stage's batch_size); 0: all at once.")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="Weights and compute of every backend (the server's too).")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/polyfuse-sampling-speed"))
@@ -153,10 +158,10 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     model = str(export_smollm2(args.workdir / "SmolLM2-135M-Instruct"))
     common = [str(python), __file__, "--model", model, "--prompts", str(args.prompts), "--n", str(args.n),
-              "--max-new-tokens", str(args.max_new_tokens), "--dtype", args.dtype]
+              "--max-new-tokens", str(args.max_new_tokens), "--dtype", args.dtype, "--batch-size", str(args.batch_size)]
     results: dict[str, list[dict]] = {"transformers": [], "vllm": [], "openai": []}
     print(f"load: {os.getloadavg()[0]:.1f}; {args.dtype}; {args.prompts} prompts x n={args.n} x {args.max_new_tokens} new tokens, "
-          f"{args.rounds} rounds", flush=True)
+          f"transformers batch {args.batch_size or args.prompts * args.n} sequences, {args.rounds} rounds", flush=True)
     for round_ in range(args.rounds):
         order = ["transformers", "vllm", "openai"]
         order = order[round_ % 3 :] + order[: round_ % 3]  # interleaved: each backend goes first once in 3 rounds
@@ -165,7 +170,8 @@ def main() -> None:
             server = None
             if name == "openai":
                 port = free_port()
-                server, server_start = start_server(python, model, port, args.workdir / "server.log", args.dtype)
+                server, server_start = start_server(python, model, port, args.workdir / "server.log", args.dtype,
+                                                    args.prompts * args.n)
                 extra = ["--url", f"http://127.0.0.1:{port}/v1", "--server-pid", str(server.pid)]
             try:
                 out = subprocess.run([*common, "--worker", name, *extra], capture_output=True, text=True,
