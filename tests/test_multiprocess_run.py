@@ -1,10 +1,12 @@
 """`accelerate launch -m polyfuse run` with two processes gives the outputs of one process, rerun after
 rerun with changed seeds (every stage's folder is then deleted and redone): the sharded stages split
-their work, the single-process stages run once, and folders and manifests are written by one process."""
+their work, the single-process stages run once, and folders, manifests, `run.json` and the report are
+written by one process, which alone prints the accuracy table."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -63,7 +65,20 @@ def test_two_processes_rerun_with_changed_seeds_give_the_single_process_outputs(
         assert result.returncode == 0, result.stderr[-4000:]
         assert outputs(parallel) == outputs(single), f"seed {seed}"
         assert len(list((parallel / "sample" / "shards").glob("*.jsonl"))) > 2  # really sharded
+        assert_one_report_of_this_run(parallel, result, skipped=False)
     before = {p: p.stat().st_mtime_ns for p in parallel.rglob("manifest.json")}
     again = launch_two(parallel, overrides(cache, 3))  # unchanged: every stage is skipped
     assert again.returncode == 0, again.stderr[-4000:]
     assert {p: p.stat().st_mtime_ns for p in parallel.rglob("manifest.json")} == before
+    assert_one_report_of_this_run(parallel, again, skipped=True)
+
+
+def assert_one_report_of_this_run(work: Path, result: subprocess.CompletedProcess, skipped: bool) -> None:
+    """One accuracy table and one `done` line, and a report whose wall times are this run's `run.json`: every
+    stage ran (a changed seed) or every stage was skipped (a rerun), not an earlier run's times."""
+    assert result.stdout.count("Accuracy (%)") == 1 and result.stdout.count("done") == 1, result.stdout
+    run, report = (json.loads((work / name).read_text()) for name in ("run.json", "report.json"))
+    stages = STAGES.strip("[]").split(", ")
+    assert [step for step in run["steps"] if step in stages] == stages
+    assert all(run["steps"][stage].get("skipped", False) is skipped for stage in stages), run["steps"]
+    assert (report["steps"], report["wall_s"]) == (run["steps"], run["wall_s"])

@@ -11,7 +11,8 @@ its work over the processes (`Stage.every_process`: sharded inference, data-para
 all of them, any other stage on the main process only while the others wait for its manifest to say done.
 They wait on the file, not on a collective barrier, so a long single-process stage (a big model's
 evaluation, a merge) cannot run into the process group's timeout; if the main process dies, the launcher
-stops the others.
+stops the others. At the end the main process writes `run.json` (this run's wall times) and the report,
+and every process waits for it: none returns while they are missing or still an earlier run's.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from polyfuse.pipeline.context import Context, stage
 from polyfuse.pipeline.manifest import Manifest, fingerprint
 from polyfuse.pipeline.recipe import Recipe
 from polyfuse.pipeline.stages.prompts import PromptSource
+from polyfuse.pipeline.summary import write_run_report
 from polyfuse.progress import is_quiet, set_quiet
 
 console = Console(stderr=True)
@@ -158,4 +160,6 @@ def _run(recipe: Recipe, work_dir: str | Path | None, quiet: bool) -> Context:
     if main:  # this run's wall times, the toy world's build included (a skipped stage: its earlier time)
         write_json(ctx.work_dir / "run.json", {"recipe": recipe.name, "wall_s": round(time.perf_counter() - started, 2),
                                                "steps": timings})
+        write_run_report(ctx)
+    state.wait_for_everyone()  # no process returns before this run's run.json and report are written
     return ctx

@@ -1,5 +1,5 @@
-"""The end of a recipe run: `report.md` and `report.json` in the work folder, and what `polyfuse run` and
-`polyfuse demo` print (the accuracy table and the report's path).
+"""The end of a recipe run: `report.md` and `report.json` in the work folder (written by `run_recipe`), and what
+`polyfuse run` and `polyfuse demo` print (the accuracy table and the report's path).
 
 The report says in words what fusion changed and by how much, with the noise, and why a domain did not
 improve when its training data says why; its wall-time table covers the whole run, the toy world's build
@@ -18,9 +18,12 @@ from rich.console import Console
 
 from polyfuse.data import PreferenceRow, SampleRow, SFTRow, read_rows
 from polyfuse.data.io import atomic_write_text, write_json
-from polyfuse.evaluation import EvalResult, accuracy_table, load_eval_report
+from polyfuse.data.sharded import process_state
+from polyfuse.evaluation import accuracy_table, load_eval_report
 from polyfuse.evaluation.report import describe_gains, run_report
 from polyfuse.pipeline.context import Context
+
+REPORT = "report.md"
 
 
 def domain_data(ctx: Context) -> dict[str, dict[str, int]]:
@@ -57,9 +60,9 @@ def _data_lines(per_domain: dict[str, dict[str, int]], pairs: dict[str, Any]) ->
     return lines or ["No training data was built from samples."]
 
 
-def write_run_report(ctx: Context) -> tuple[Path, dict[str, EvalResult]] | None:
-    """Write `report.md` and `report.json` into the work folder when the recipe evaluates; returns the report's
-    path and the evaluation results, else None."""
+def write_run_report(ctx: Context) -> Path | None:
+    """Write `report.md` and `report.json` into the work folder when the recipe evaluates (`run_recipe` does, on
+    the main process, after `run.json`); returns the report's path, else None."""
     if "eval" not in ctx.outputs:
         return None
     recipe, work_dir = ctx.recipe, ctx.work_dir
@@ -70,22 +73,24 @@ def write_run_report(ctx: Context) -> tuple[Path, dict[str, EvalResult]] | None:
     run = json.loads((work_dir / "run.json").read_text())
     title = f"{recipe.name}: {' → '.join(recipe.stages)} (seed {recipe.seed})"
     chart = os.path.relpath(ctx.output("eval", "chart"), work_dir)
-    path = work_dir / "report.md"
+    path = work_dir / REPORT
     atomic_write_text(path, run_report(title, findings, results, chart, _data_lines(per_domain, pairs), _timings(run)))
     write_json(work_dir / "report.json", {
         "recipe": recipe.name, "seed": recipe.seed, "wall_s": run["wall_s"], "steps": run["steps"],
         "accuracy": {label: r.summary() for label, r in results.items()}, "pairs": pairs, "domains": per_domain,
         "findings": findings,
     })
-    return path, results
+    return path
 
 
 def print_run_summary(ctx: Context, console: Console) -> None:
-    """What `polyfuse run` ends with: the accuracy table and the report's path, or the work folder."""
-    written = write_run_report(ctx)
-    if written is None:
+    """What `polyfuse run` ends with: the accuracy table and the report's path, or the work folder. Printed by
+    the main process alone (under `accelerate launch` every process returns from `run_recipe`), from the report
+    `run_recipe` wrote."""
+    if not process_state().is_main_process:
+        return
+    if "eval" not in ctx.outputs:
         console.print(f"[green]done[/]: {ctx.work_dir}", soft_wrap=True)
         return
-    path, results = written
-    console.print(accuracy_table(results))
-    console.print(f"[green]done[/]: {ctx.work_dir}; report: {path}", soft_wrap=True)  # paths stay whole
+    console.print(accuracy_table(load_eval_report(Path(ctx.output("eval", "results")).parent)))
+    console.print(f"[green]done[/]: {ctx.work_dir}; report: {ctx.work_dir / REPORT}", soft_wrap=True)  # paths stay whole
