@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import subprocess
+import sys
 import time
 
 import pytest
@@ -15,7 +17,7 @@ from polyfuse.config import validate
 from polyfuse.data import SampleRow
 from polyfuse.errors import ConfigError, UserError
 from polyfuse.models import encode, render_prompt
-from polyfuse.scorers import SCORERS, build_scorer
+from polyfuse.scorers import SCORERS, ToyVerifierConfig, build_scorer, exact_match
 from polyfuse.toyworld import (
     DOMAINS,
     ToyWorldConfig,
@@ -26,7 +28,7 @@ from polyfuse.toyworld import (
     world_info,
 )
 from polyfuse.toyworld import build as build_module
-from polyfuse.toyworld.tasks import SISTER_TASKS, distinct_tasks, get_domain, make_prompts, split_of, verify
+from polyfuse.toyworld.tasks import SISTER_TASKS, distinct_tasks, get_domain, make_prompts, split_of
 
 ARCHITECTURES = {"llama": "llama", "qwen3": "qwen3", "gpt2": "gpt2", "mistral": "mistral"}
 
@@ -59,10 +61,10 @@ def test_verifier_accepts_gold_and_rejects_near_misses():
     for name, domain in DOMAINS.items():
         for params in distinct_tasks(name, "train", 50, seed=3):
             gold = domain.answer(params)
-            assert verify(gold, gold) and verify(f" {gold} \n", gold)
+            assert exact_match(gold, gold) and exact_match(f" {gold} \n", gold)
             wrong = domain.corrupt(rng, params)
-            assert wrong != gold and not verify(wrong, gold), (name, params, wrong)
-    assert not verify("55 apples", "55") and not verify("", "55")
+            assert wrong != gold and not exact_match(wrong, gold), (name, params, wrong)
+    assert not exact_match("55 apples", "55") and not exact_match("", "55")
 
 
 def test_registered_scorer_judges_toy_domains_only():
@@ -76,6 +78,19 @@ def test_registered_scorer_judges_toy_domains_only():
     assert scorer.applies_to(sample("compare", "82")) and not scorer.applies_to(sample("math", "82"))
     assert not scorer.applies_to(sample("compare", "82", answer=None))
     assert [v for v, _ in scorer.score([sample("compare", "82 "), sample("compare", "19")])] == [True, False]
+
+
+def test_the_verifier_judges_every_domain_of_the_world_by_default():
+    assert ToyVerifierConfig().domains == list(DOMAINS) == ["arithmetic", "strings", "compare"]
+
+
+def test_the_toyworld_verifier_is_registered_like_every_scorer():
+    """Filling the scorer registry finds the verifier in `polyfuse.scorers` (one file, no side import) and loads
+    nothing of the toy world, a floor above."""
+    code = ("import sys; from polyfuse.scorers import SCORERS; names = SCORERS.names(); "
+            "print(names, any(m.startswith('polyfuse.toyworld') for m in sys.modules))")
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert found.strip() == "['code', 'math', 'reward_model', 'toyworld'] False"
 
 
 def test_splits_are_disjoint_and_seed_independent():
@@ -104,7 +119,7 @@ def test_prompts_are_deterministic_and_distinct():
     assert first != make_prompts("heldout", list(DOMAINS), 30, seed=5)
     assert len({p.id for p in first}) == 30
     assert [sum(p.domain == d for p in first) for d in DOMAINS] == [10, 10, 10]
-    assert all(verify(p.answer, get_domain(p.domain).answer(_params_of(p))) for p in first)
+    assert all(exact_match(p.answer, get_domain(p.domain).answer(_params_of(p))) for p in first)
     with pytest.raises(ConfigError, match="cannot draw"):
         distinct_tasks("arithmetic", "heldout", 1000)  # only about 160 held-out sums exist
 

@@ -3,8 +3,7 @@
 Objectives, scorers, sampling backends, merge methods and recipe stages each own one `Registry`, filled
 the same way: the registry names the package its members live in, and on the first lookup it imports
 every module of that package, each of which decorates its class with `@REGISTRY.register("name")`. So
-adding a method is writing one file in that package, and nothing has to list it anywhere else. (A module
-outside the package may still register into it when imported, like the toy world's verifier.)
+adding a method is writing one file in that package, and nothing has to list it anywhere else.
 """
 
 from __future__ import annotations

@@ -75,7 +75,6 @@ def _variants() -> dict[type, list[type]]:
     from polyfuse.sampling import BACKENDS, BackendSettings
     from polyfuse.scorers import SCORERS
     from polyfuse.scorers.base import ScorerSettings
-    from polyfuse.toyworld import scorer  # noqa: F401  registers the `toyworld` verifier
 
     return {ScorerSettings: [SCORERS.get(name).Config for name in SCORERS.names()],
             BackendSettings: [BACKENDS.get(name).Config for name in BACKENDS.names()]}

@@ -1,8 +1,7 @@
 """Scorers: reward models (a number per response) and verifiers (pass/fail per response).
 
-Built-in: `reward_model`, `math`, `code`; `SCORERS` imports every module of this package on its first
-lookup, so a new scorer is one file here. A module elsewhere may register one when it is imported (the toy
-world registers `toyworld` when `polyfuse.toyworld.scorer` is imported).
+Built-in: `reward_model`, `math`, `code` and `toyworld` (the toy world's exact-match verifier); `SCORERS`
+imports every module of this package on its first lookup, so a new scorer is one file here.
 """
 
 from polyfuse.scorers.base import (
@@ -18,6 +17,7 @@ from polyfuse.scorers.code_tests import CodeConfig, CodeVerifier
 from polyfuse.scorers.math_answer import MathConfig, MathVerifier
 from polyfuse.scorers.reward_model import RewardModelConfig, RewardModelScorer
 from polyfuse.scorers.sandbox import Limits, Sandbox, SandboxFailure, SandboxReport, run_script
+from polyfuse.scorers.toyworld import ToyVerifier, ToyVerifierConfig, exact_match
 
 __all__ = [
     "SCORERS",
@@ -32,10 +32,13 @@ __all__ = [
     "SandboxFailure",
     "SandboxReport",
     "Scorer",
+    "ToyVerifier",
+    "ToyVerifierConfig",
     "ScorerConfig",
     "ScorerSettings",
     "Verifier",
     "build_scorer",
+    "exact_match",
     "parse_scorer_config",
     "run_script",
 ]

@@ -19,30 +19,26 @@ What is in it (default preset, measured on 3 seeds; held-out accuracy, greedy):
   answers vs near misses; it ranks gold above a near miss 75-88% of the time on `compare`, 58-68%
   on `strings`, and near chance on `arithmetic` (it would have to do the sum).
 
-Every model is a plain Hugging Face folder; importing this package registers the `toyworld`
-verifier in `polyfuse.scorers`. Module guide: `tasks` (domains, splits, verifier), `tokenizers`
+Every model is a plain Hugging Face folder; answers are checked by the `toyworld` verifier
+(`polyfuse.scorers.toyworld`: exact match). Module guide: `tasks` (domains, splits), `tokenizers`
 (tokenizer training, templates), `config` (recipes, presets, cache key), `train` (models and
-training loops), `build` (cache, parallel build, `World`), `info` (accuracies), `scorer`.
+training loops), `build` (cache, parallel build, `World`), `info` (accuracies).
 """
 
 from polyfuse.toyworld.build import World, build_world, default_cache_dir, world_dir
 from polyfuse.toyworld.config import ModelRecipe, ToyWorldConfig
 from polyfuse.toyworld.info import reward_model_accuracy, world_info
-from polyfuse.toyworld.scorer import ToyVerifier, ToyVerifierConfig
-from polyfuse.toyworld.tasks import DOMAINS, make_prompts, verify
+from polyfuse.toyworld.tasks import DOMAINS, make_prompts
 
 __all__ = [
     "DOMAINS",
     "ModelRecipe",
-    "ToyVerifier",
-    "ToyVerifierConfig",
     "ToyWorldConfig",
     "World",
     "build_world",
     "default_cache_dir",
     "make_prompts",
     "reward_model_accuracy",
-    "verify",
     "world_dir",
     "world_info",
 ]

@@ -8,8 +8,8 @@ import torch
 
 from polyfuse.evaluation import EvalResult, evaluate
 from polyfuse.models import ModelSpec, encode, load_model, load_tokenizer
+from polyfuse.scorers import build_scorer
 from polyfuse.toyworld.build import World
-from polyfuse.toyworld.scorer import ToyVerifier, ToyVerifierConfig
 from polyfuse.toyworld.tasks import distinct_tasks, get_domain, make_row
 
 INFO_SEED = 12345  # held-out prompts for `world_info`; any seed gives held-out tasks only
@@ -18,7 +18,7 @@ INFO_SEED = 12345  # held-out prompts for `world_info`; any seed gives held-out 
 def world_info(world: World, per_domain: int = 100, quiet: bool = True) -> dict[str, EvalResult]:
     """Held-out accuracy (greedy, `per_domain` prompts per domain) of every source and the pivot."""
     prompts = world.prompts("heldout", per_domain=per_domain, seed=INFO_SEED)
-    verifier = ToyVerifier(ToyVerifierConfig())
+    verifier = build_scorer({"type": "toyworld"})
     models = {**world.source_paths, "pivot": world.pivot_path}
     return {
         name: evaluate(ModelSpec(name=name, path=str(path)), prompts, [verifier], batch_size=64,

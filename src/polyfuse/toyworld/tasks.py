@@ -1,4 +1,5 @@
-"""The toy world's task domains: prompt generators with gold answers, verifiers and disjoint splits.
+"""The toy world's task domains: prompt generators with gold answers and disjoint splits (the answers are
+checked by the `toyworld` verifier, `polyfuse.scorers.toyworld`).
 
 Each domain is small enough for a tiny model to learn on a CPU in seconds, yet a model that has not
 learnt it scores near zero:
@@ -143,11 +144,6 @@ def split_of(params: Params) -> Split:
     """"heldout" for about `HELDOUT_PERCENT`% of all tasks, by a hash of the parameters alone."""
     digest = hashlib.sha1(repr(params).encode()).digest()
     return "heldout" if int.from_bytes(digest[:4], "big") % 100 < HELDOUT_PERCENT else "train"
-
-
-def verify(response: str, answer: str) -> bool:
-    """Exact match after stripping surrounding whitespace (the models answer with the bare answer)."""
-    return response.strip() == answer.strip()
 
 
 def draw(domain: Domain, split: Split, rng: random.Random) -> Params:

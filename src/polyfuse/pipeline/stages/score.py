@@ -16,7 +16,6 @@ from polyfuse.data.sharded import ShardPlan
 from polyfuse.pipeline.context import STAGES, Context, Stage, paths_in
 from polyfuse.progress import progress_bar
 from polyfuse.scorers import ScorerConfig, build_scorer
-from polyfuse.toyworld import scorer as _toy_scorer  # noqa: F401  registers the `toyworld` verifier
 
 
 class ScoreConfig(StrictModel):
