@@ -4,6 +4,7 @@ stage's config, so the docs cannot drift from the code."""
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 from typing import Literal
@@ -104,3 +105,39 @@ def test_every_key_of_every_stage_is_described():
         walk(stage_config(stage))
         walk(stage_config(stage, recipe=True))
     assert missing == []
+
+
+def _commented_blocks(text: str, key: str) -> list[dict]:
+    """The commented-out `# KEY:` blocks of `config show`'s output, each uncommented and read as YAML."""
+    lines, blocks = text.splitlines(), []
+    for i, line in enumerate(lines):
+        if (found := re.fullmatch(rf"( *)# {key}:", line)) is not None:
+            indent = found.group(1)
+            inside = f"{indent}#   "
+            body = [line, *itertools.takewhile(lambda x, inside=inside: x.startswith(inside), lines[i + 1:])]
+            blocks.append(yaml.safe_load("\n".join(x[len(indent) + 2:] for x in body))[key])
+    return blocks
+
+
+def test_config_show_lists_every_backend_with_its_options_and_defaults():
+    from polyfuse.sampling import BACKENDS
+    from polyfuse.sampling.openai_backend import OpenAISettings
+    from polyfuse.sampling.vllm_backend import VllmSettings
+
+    text = stage_config_yaml("sample")
+    assert yaml.safe_load(text)["models"][0]["backend"] == "transformers"  # the default, as a value
+    assert re.search(r"^    # backend: mapping, default transformers\. ", text, flags=re.M)
+    blocks = _commented_blocks(text, "backend")  # one per backend type, every key with its default
+    assert [b["type"] for b in blocks] == BACKENDS.names() == ["openai", "transformers", "vllm"]
+    openai, _, vllm = blocks
+    assert vllm["tensor_parallel_size"] == 1 and "    #   tensor_parallel_size: 1" in text.splitlines()
+    assert vllm == VllmSettings().model_dump(mode="json")
+    assert openai["base_url"] is None and "    #   base_url:" in text.splitlines()  # required: no default
+    served = {**openai, "base_url": "http://127.0.0.1:8000/v1"}
+    assert OpenAISettings.model_validate(served).model_dump(mode="json") == served
+    logprobs = stage_config_yaml("logprobs")  # the section's own backend is off (null); each type commented out
+    assert yaml.safe_load(logprobs)["backend"] is None
+    assert [b["type"] for b in _commented_blocks(logprobs, "backend")] == ["openai", "transformers", "vllm"] * 3
+    # eval's optional list of scorers: every scorer type, not the base class's keys alone
+    assert [s["type"] for s in _commented_blocks(stage_config_yaml("eval"), "scorers")[0]] == [
+        "code", "math", "reward_model", "toyworld"]

@@ -125,8 +125,9 @@ def annotated_yaml(model: type[BaseModel], variants: dict[type, list[type]] | No
     """`model`'s keys as a YAML document of their defaults, each key preceded by a comment with its type,
     constraints, default and description (what `polyfuse config show` prints). Nested models are expanded
     (an optional one commented out); `variants` maps a base model to the concrete models a field may hold
-    (e.g. one per scorer type), each shown as one list item. `title` (default: the model's docstring) heads
-    the document; `exclude` leaves top-level keys out."""
+    (one per scorer type, one per backend): a list shows each as one item, a single field its default
+    and each variant as a commented-out block. `title` (default: the model's docstring) heads the document;
+    `exclude` leaves top-level keys out."""
     lines = _comment(title or _doc(model), "")
     _emit(model, lines, "", variants or {}, exclude)
     return "\n".join(lines) + "\n"
@@ -144,24 +145,47 @@ def _emit(model: type[BaseModel], lines: list[str], indent: str, variants: dict[
         required = field.is_required()
         default = None if required else field.get_default(call_default_factory=True)
         nested = _model_in(field.annotation)
+        kinds = variants.get(nested, [nested])
         head = f"{name}: {_type_text(field.annotation)}{_constraints(field.metadata)}"
-        head += ", required" if required else (f", default {_flow(default)}" if nested is None or default is None else "")
+        if required:
+            head += ", required"
+        elif nested is None or default is None or len(kinds) > 1:  # else the block below shows the default
+            head += f", default {_flow(default)}"
         description = _description(model, name) or (_doc(nested) if nested is not None else "")
-        lines += _comment(f"{head}. {description}".rstrip(". ") + ".", indent)
+        text = f"{head}. {description}".rstrip()
+        lines += _comment(text if text.endswith(".") else f"{text}.", indent)
+        value = f"{indent}{name}: {'' if required else _flow(default)}".rstrip()
         if nested is None:
-            lines.append(f"{indent}{name}: {'' if required else _flow(default)}".rstrip())
-            continue
-        block: list[str] = []
-        if get_origin(_strip_annotated(field.annotation)) is list:
-            for item in variants.get(nested, [nested]):
-                block.append(f"{indent}  -" + (f"  # {_doc(item) or item.__name__}" if item is not nested else ""))
-                _emit(item, block, indent + "    ", variants)
+            entry = [value]
+        elif len(kinds) > 1 and not _holds_list(field.annotation):  # one of several models (a backend): the
+            block: list[str] = []  # default, then each model's keys, commented out
+            for item in kinds:
+                block += [f"{indent}{name}:", *_comment(_doc(item), indent + "  ")]
+                _emit(item, block, indent + "  ", variants)
+            entry = [value, *_commented(block, indent)]
         else:
-            _emit(nested, block, indent + "  ", variants)
-        if default is None and not required:  # optional and off: its keys, commented out
-            lines += [f"{indent}{name}: null", f"{indent}# {name}:", *(f"{indent}# {line[len(indent):]}" for line in block)]
-        else:
-            lines += [f"{indent}{name}:", *block]
+            block = [f"{indent}{name}:"]
+            if _holds_list(field.annotation):
+                for item in kinds:
+                    block += [f"{indent}  -", *(_comment(_doc(item), indent + "    ") if item is not nested else [])]
+                    _emit(item, block, indent + "    ", variants)
+            else:
+                _emit(nested, block, indent + "  ", variants)
+            off = default is None and not required  # optional and off: its keys, commented out
+            entry = [value, *_commented(block, indent)] if off else block
+        lines += entry
+
+
+def _commented(lines: list[str], indent: str) -> list[str]:
+    return [f"{indent}# {line[len(indent):]}" for line in lines]
+
+
+def _holds_list(annotation: Any) -> bool:
+    """A list field, optional or not."""
+    annotation = _strip_annotated(annotation)
+    if get_origin(annotation) in (Union, UnionType):
+        return any(_holds_list(a) for a in get_args(annotation) if a is not type(None))
+    return get_origin(annotation) is list
 
 
 def _description(model: type[BaseModel], name: str) -> str | None:

@@ -71,7 +71,8 @@ def stage_config(stage: str, recipe: bool = False) -> type:
 
 
 def _variants() -> dict[type, list[type]]:
-    """Fields that hold one of several registered models: every scorer type and every backend is shown."""
+    """Fields that hold one of several registered models: every scorer type and every backend is shown (a list
+    field: one item each; a single field: one commented-out block each)."""
     from polyfuse.sampling import BACKENDS, BackendSettings
     from polyfuse.scorers import SCORERS
     from polyfuse.scorers.base import ScorerSettings
