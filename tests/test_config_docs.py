@@ -141,3 +141,42 @@ def test_config_show_lists_every_backend_with_its_options_and_defaults():
     # eval's optional list of scorers: every scorer type, not the base class's keys alone
     assert [s["type"] for s in _commented_blocks(stage_config_yaml("eval"), "scorers")[0]] == [
         "code", "math", "reward_model", "toyworld"]
+
+
+@pytest.mark.parametrize("stage", ["sample", "logprobs", "teacher", "sft", "distill", "po"])
+def test_a_section_copied_from_config_show_recipe_validates_in_a_recipe(stage):
+    """`config show STAGE --recipe` shows the keys a recipe fills (its sources, its seed) commented out, and
+    leaves out those a recipe must not give (logprobs' pivot): the printed section is a valid recipe section,
+    and the recipe fills the rest."""
+    from polyfuse.pipeline.context import STAGES
+    from polyfuse.pipeline.recipe import Recipe
+
+    text = stage_config_yaml(stage, recipe=True)
+    section = yaml.safe_load(text)
+    fills = STAGES.get(stage)().recipe_fills()
+    assert set(section) == set(STAGES.get(stage).section.model_fields) - set(fills)
+    for key, words in fills.items():
+        if words is None:  # not the recipe's to give: not shown at all
+            assert not re.search(rf"^#? ?{key}:", text, flags=re.M), key
+        else:  # described, with where its value comes from, and commented out
+            assert re.search(rf"^# {key}: .*, in a recipe default ", text, flags=re.M) and f"\n# {key}:" in text
+    recipe = validate(Recipe, {
+        "name": "t", "seed": 5, "sources": [{"name": "a", "path": "a"}, {"name": "b", "path": "b"}],
+        "pivot": {"name": "p", "path": "p"}, "prompts": {"path": "p.jsonl"}, "score": {"scorers": [{"type": "math"}]},
+        "pairs": {"reward": "rm"}, "teacher": {}, "stages": ["prompts"], stage: section,
+    })
+    filled = getattr(recipe, stage)
+    assert getattr(filled, "seed", 5) == 5  # the recipe's seed, where the section has one
+    if stage in ("sample", "teacher", "logprobs"):  # the recipe's sources
+        assert [m.label for m in getattr(filled, "sources" if stage == "logprobs" else "models")] == ["a", "b"]
+
+
+def test_config_show_recipe_marks_what_the_recipe_fills():
+    sample = stage_config_yaml("sample", recipe=True)
+    assert "# models: list of mapping (length >= 1), in a recipe default the recipe's sources (and its pivot, with" in sample
+    assert "# seed: int, in a recipe default the recipe's seed." in sample and "\n# seed: 0\n" in sample
+    assert not re.search(r"^# models: .*required", sample, flags=re.M)  # the recipe gives them
+    logprobs = stage_config_yaml("logprobs", recipe=True)
+    assert "# sources: list of mapping, in a recipe default true: the recipe's sources, each with its own backend" in logprobs
+    assert not re.search(r"^#? ?pivot:", logprobs, flags=re.M)
+    assert re.search(r"^pivot:", stage_config_yaml("logprobs"), flags=re.M)  # a command's config names its M0

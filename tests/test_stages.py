@@ -179,3 +179,20 @@ def test_a_command_config_refuses_the_keys_only_a_recipe_reads(tmp_path, config,
         load_config(model, path)
     path.write_text(body.replace(f"{key}:", "#"))
     assert load_config(model, path) is not None  # the rest is a valid command config
+
+
+def test_recipe_fills_names_the_keys_that_fill_gives_a_section():
+    """What `config show STAGE --recipe` marks and the resolved recipe leaves out come from `recipe_fills`: it must
+    name exactly the keys `fill` adds to an empty section (merge: only the seed inside its parameters)."""
+    from polyfuse.pipeline.context import stage
+
+    raw = {"seed": 7, "sources": [{"name": "a", "path": "a", "sampling": {"n": 2}}], "pivot": {"name": "p", "path": "p"},
+           "score": {"scorers": [{"type": "reward_model", "model": {"path": "rm"}}, {"type": "math"}]}}
+    expected = {"prompts": set(), "sample": {"seed", "models"}, "score": set(), "pairs": {"seed"}, "sft": {"seed"},
+                "teacher": {"models"}, "distill": {"seed"}, "merge": set(), "logprobs": {"pivot", "sources"},
+                "po": {"seed"}, "eval": {"scorers"}}
+    assert {name: set(stage(name).recipe_fills()) for name in STAGES.names()} == expected
+    for name in STAGES.names():
+        filled = stage(name).fill({}, dict(raw))
+        assert (filled == {"parameters": {"seed": 7}}) if name == "merge" else set(filled) == expected[name], name
+    assert [k for k, v in stage("logprobs").recipe_fills().items() if v is None] == ["pivot"]  # set when it runs

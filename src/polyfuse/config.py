@@ -121,15 +121,16 @@ def config_source(path: str | Path | None, overrides: list[str] | None) -> str:
 
 
 def annotated_yaml(model: type[BaseModel], variants: dict[type, list[type]] | None = None,
-                   title: str | None = None, exclude: tuple[str, ...] = ()) -> str:
+                   title: str | None = None, exclude: tuple[str, ...] = (), filled: dict[str, str] | None = None) -> str:
     """`model`'s keys as a YAML document of their defaults, each key preceded by a comment with its type,
     constraints, default and description (what `polyfuse config show` prints). Nested models are expanded
     (an optional one commented out); `variants` maps a base model to the concrete models a field may hold
     (one per scorer type, one per backend): a list shows each as one item, a single field its default
     and each variant as a commented-out block. `title` (default: the model's docstring) heads the document;
-    `exclude` leaves top-level keys out."""
+    `exclude` leaves top-level keys out; `filled` (top-level key -> its value in words) marks the keys a
+    recipe fills from its other keys: described, their value commented out."""
     lines = _comment(title or _doc(model), "")
-    _emit(model, lines, "", variants or {}, exclude)
+    _emit(model, lines, "", variants or {}, exclude, filled or {})
     return "\n".join(lines) + "\n"
 
 
@@ -138,7 +139,8 @@ def _doc(model: type) -> str:
 
 
 def _emit(model: type[BaseModel], lines: list[str], indent: str, variants: dict[type, list[type]],
-          exclude: tuple[str, ...] = ()) -> None:
+          exclude: tuple[str, ...] = (), filled: dict[str, str] | None = None) -> None:
+    filled = filled or {}
     for name, field in model.model_fields.items():
         if name in exclude:
             continue
@@ -147,7 +149,9 @@ def _emit(model: type[BaseModel], lines: list[str], indent: str, variants: dict[
         nested = _model_in(field.annotation)
         kinds = variants.get(nested, [nested])
         head = f"{name}: {_type_text(field.annotation)}{_constraints(field.metadata)}"
-        if required:
+        if name in filled:
+            head += f", in a recipe default {filled[name]}"
+        elif required:
             head += ", required"
         elif nested is None or default is None or len(kinds) > 1:  # else the block below shows the default
             head += f", default {_flow(default)}"
@@ -173,7 +177,7 @@ def _emit(model: type[BaseModel], lines: list[str], indent: str, variants: dict[
                 _emit(nested, block, indent + "  ", variants)
             off = default is None and not required  # optional and off: its keys, commented out
             entry = [value, *_commented(block, indent)] if off else block
-        lines += entry
+        lines += _commented(entry, indent) if name in filled else entry
 
 
 def _commented(lines: list[str], indent: str) -> list[str]:

@@ -86,11 +86,22 @@ RECIPE_TITLE = ("A recipe (`polyfuse run RECIPE`): the models, the stages to run
                 "the toy world of the `toyworld` key.")
 
 
+def _recipe_fills(stage: str) -> dict[str, str | None]:
+    """The keys of a stage's recipe section that the recipe fills (`Stage.recipe_fills`)."""
+    from polyfuse.pipeline.context import STAGES
+
+    return STAGES.get(stage)().recipe_fills() if stage in STAGES.names() else {}
+
+
 def stage_config_yaml(stage: str, recipe: bool = False) -> str:
-    """`polyfuse config show STAGE`'s output."""
+    """`polyfuse config show STAGE`'s output. With `recipe`, the recipe section's: the keys the recipe fills from
+    its other keys are marked and commented out, and those a recipe does not give (set when the stage runs)
+    are left out; without, a command's: the keys only a recipe reads are left out (a command refuses them)."""
     model = stage_config(stage, recipe)
-    text = annotated_yaml(model, _variants(), title=RECIPE_TITLE if stage == "recipe" else None,
-                          exclude=() if recipe else getattr(model, "recipe_only", ()))  # a command refuses these
+    fills = _recipe_fills(stage) if recipe else {}
+    exclude = tuple(k for k, v in fills.items() if v is None) if recipe else getattr(model, "recipe_only", ())
+    text = annotated_yaml(model, _variants(), title=RECIPE_TITLE if stage == "recipe" else None, exclude=exclude,
+                          filled={k: v for k, v in fills.items() if v is not None})
     if stage == "recipe":
         from polyfuse.pipeline.context import stage_order
 

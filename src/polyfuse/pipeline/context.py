@@ -15,8 +15,8 @@ class into another by field name. The pattern, for a stage and its engine:
   too and are listed in its `recipe_only`; a command's `--config` refuses them (`polyfuse.config.load_config`).
 - Values a section takes from the rest of the recipe (the recipe's `seed`, its sources as the models)
   are filled in one place, the stage's `fill` hook: it runs on the raw section when the recipe loads,
-  before validation, and never overrides what the section itself says. A command's `--config` gives
-  them itself, so the class keeps them required where the engine needs them.
+  before validation, and never overrides what the section itself says; `recipe_fills` names those keys.
+  A command's `--config` gives them itself, so the class keeps them required where the engine needs them.
 - What exists only once the run reaches the stage (the current pivot, the files of earlier stages) is
   not config: the stage reads it from the `Context` in `inputs` and `run` and hands it to the engine as
   an argument, as the trainers take the pivot.
@@ -117,6 +117,12 @@ class Stage(ABC):
         if self.seeded:
             return {"seed": recipe.get("seed", 0), **section}
         return section
+
+    def recipe_fills(self) -> dict[str, str | None]:
+        """The section's keys whose value `fill` takes from the rest of the recipe when the section does not
+        give them, key -> that value in words (what `config show STAGE --recipe` says of them); None: a key
+        that is not the recipe's to give, set by the stage when it runs (left out of the resolved recipe)."""
+        return {"seed": "the recipe's seed"} if self.seeded else {}
 
     def config(self, recipe: Any) -> dict[str, Any]:
         """What the stage's fingerprint hashes besides its inputs: its resolved section and the seed."""

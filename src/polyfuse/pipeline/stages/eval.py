@@ -84,6 +84,9 @@ class EvalStage(Stage):
             section["scorers"] = [c for c in score["scorers"] if _type_of(c) != "reward_model"]
         return section
 
+    def recipe_fills(self) -> dict[str, str | None]:
+        return {"scorers": "the verifiers of the recipe's score section"}
+
     def check(self, recipe) -> None:
         if recipe.eval.scorers is None:
             raise ValueError("eval: no scorers to grade with; give 'eval.scorers' (e.g. [{type: math}]) "

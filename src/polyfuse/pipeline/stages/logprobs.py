@@ -40,6 +40,10 @@ class LogprobsStage(Stage):
             section["sources"] = [_without_sampling(s) for s in recipe["sources"]] if sources else []
         return section
 
+    def recipe_fills(self) -> dict[str, str | None]:
+        return {"pivot": None, "sources": "true: the recipe's sources, each with its own backend (the default); "
+                                          "false: none"}
+
     def check(self, recipe) -> None:
         section = recipe.logprobs
         trained = [s for s in recipe.stages[: recipe.stages.index("logprobs")] if s in model_stages()]

@@ -102,6 +102,9 @@ class SampleStage(Stage):
             section["models"] = [*recipe["sources"], *pivot]
         return section
 
+    def recipe_fills(self) -> dict[str, str | None]:
+        return {**super().recipe_fills(), "models": "the recipe's sources (and its pivot, with include_pivot)"}
+
     def inputs(self, ctx: Context) -> dict[str, str]:
         return {"prompts": ctx.output("prompts", "prompts"), **paths_in(ctx.recipe.sample.model_dump())}
 

@@ -41,6 +41,9 @@ class TeacherStage(Stage):
             section["models"] = model_specs(recipe["sources"])
         return section
 
+    def recipe_fills(self) -> dict[str, str | None]:
+        return {"models": "the recipe's sources"}
+
     def requires(self, recipe) -> tuple[str, ...]:
         return () if recipe.teacher is not None and recipe.teacher.data else ("pairs",)
 
