@@ -181,6 +181,42 @@ def test_a_command_config_refuses_the_keys_only_a_recipe_reads(tmp_path, config,
     assert load_config(model, path) is not None  # the rest is a valid command config
 
 
+def test_the_resolved_recipe_loads_again_with_the_same_sections_and_fingerprints(tmp_path):
+    """`recipe.resolved.yaml` (written by every run) loads as a recipe: every shipped recipe, dumped and loaded
+    again, is the same recipe, and every stage has the same fingerprint. It shows what the stages run with
+    (the filled sections), without the pivot logprobs scores, which only exists when the stage runs."""
+    import yaml
+
+    from polyfuse.pipeline.context import stage
+    from polyfuse.pipeline.demo import recipe_path
+    from polyfuse.pipeline.manifest import fingerprint
+
+    for path in sorted(recipe_path("fusechat3.yaml").parent.glob("*.yaml")):
+        recipe = load_recipe(path)
+        resolved = tmp_path / f"{path.stem}.resolved.yaml"
+        recipe.save_resolved(resolved)
+        again = load_recipe(resolved)
+        assert again.model_dump(mode="json") == recipe.model_dump(mode="json"), path.name
+        assert [fingerprint(stage(name).config(again), {}) for name in again.stages] == [
+            fingerprint(stage(name).config(recipe), {}) for name in recipe.stages], path.name
+    written = yaml.safe_load((tmp_path / "infifpo-toy.resolved.yaml").read_text())
+    assert "pivot" not in written["logprobs"]
+    assert [m["name"] for m in written["logprobs"]["sources"]] == ["llama-compare", "qwen-strings", "gpt2-arithmetic"]
+    assert [m["name"] for m in written["sample"]["models"]] == ["llama-compare", "qwen-strings", "gpt2-arithmetic", "pivot"]
+    assert written["sft"]["seed"] == written["po"]["seed"] == 0 and written["eval"]["scorers"] == [
+        {"type": "toyworld", "name": None, "domains": ["arithmetic", "strings", "compare"]}]
+    # the right pivot: the recipe's M0 at the top (toyworld:// resolved to the built world), and logprobs scores
+    # the model sft made, not M0
+    again, m0 = load_recipe(tmp_path / "infifpo-toy.resolved.yaml"), load_recipe(recipe_path("infifpo-toy.yaml")).pivot
+    assert (written["pivot"]["name"], written["pivot"]["path"]) == (again.pivot.name, again.pivot.path) == (
+        m0.name, m0.path) and m0.name == "pivot" and m0.path.endswith("/pivot")
+    sft_model = str(tmp_path / "sft" / "model")
+    ctx = Context(again, tmp_path, outputs={"pairs": {"preference": "p.jsonl"}, "sft": {"model": sft_model}})
+    scored = stage("logprobs").logprobs_config(ctx).pivot
+    assert (scored.name, scored.path, scored.backend.type) == ("pivot", sft_model, "transformers")
+    assert stage("logprobs").inputs(ctx)["pivot"] == sft_model  # what its manifest records
+
+
 def test_recipe_fills_names_the_keys_that_fill_gives_a_section():
     """What `config show STAGE --recipe` marks and the resolved recipe leaves out come from `recipe_fills`: it must
     name exactly the keys `fill` adds to an empty section (merge: only the seed inside its parameters)."""

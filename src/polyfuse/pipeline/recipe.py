@@ -107,11 +107,18 @@ class RecipeBase(StrictModel):
         return rows[: source.limit] if source.limit else rows
 
     def save_resolved(self, path: Path) -> None:
+        """The recipe as its stages run with it: every default and every value a section takes from the rest of
+        the recipe written out, without what a stage only learns when it runs; it loads as a recipe again."""
         from polyfuse.data.io import atomic_write_text
 
-        atomic_write_text(path, yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+        run_time = {name: {k for k, v in stage(name).recipe_fills().items() if v is None} for name in STAGES.names()}
+        resolved = self.model_dump(mode="json", exclude={name: keys for name, keys in run_time.items() if keys})
+        atomic_write_text(path, RESOLVED_HEADER + yaml.safe_dump(resolved, sort_keys=False))
 
 
+RESOLVED_HEADER = ("# The recipe as the run resolved it: defaults and the values sections take from the rest of the recipe\n"
+                   "# are written out. It loads as a recipe. Not written: what exists once earlier stages ran, such as\n"
+                   "# the current pivot that logprobs scores (the model the last training stage made).\n")
 
 
 def _recipe_schema() -> type[RecipeBase]:
