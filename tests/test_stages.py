@@ -232,3 +232,26 @@ def test_recipe_fills_names_the_keys_that_fill_gives_a_section():
         filled = stage(name).fill({}, dict(raw))
         assert (filled == {"parameters": {"seed": 7}}) if name == "merge" else set(filled) == expected[name], name
     assert [k for k, v in stage("logprobs").recipe_fills().items() if v is None] == ["pivot"]  # set when it runs
+
+
+def test_an_error_in_a_source_is_reported_once_where_it_is(tmp_path):
+    """The sections that copy the sources (sample, teacher, logprobs) do not repeat a source's errors; an error
+    in what a section gives itself is still reported, at its own key."""
+    body = ("stages: [prompts, sample, score, pairs, teacher, logprobs]\nsample: {include_pivot: true}\n"
+            "score: {scorers: [{type: math}]}\npairs: {reward: math}\nteacher: {}\nlogprobs: {sources: true}\n")
+    path = _recipe(tmp_path, body)
+    path.write_text(path.read_text().replace("name: a,", "name: a, devcie: cpu, sampling: {n: 0},")
+                    .replace("name: p,", "name: p, dtype: fp64,"))
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path)
+    assert str(err.value).splitlines()[1:] == [
+        "  sources.0.sampling.n: Input should be greater than or equal to 1 (got 0)",
+        "  sources.0.devcie: unknown key",
+        "  pivot.dtype: Input should be 'auto', 'float32', 'bfloat16' or 'float16' (got 'fp64')",
+    ]
+    path.write_text(path.read_text().replace("sample: {include_pivot: true}", "sample: {seed: null}")
+                    .replace("logprobs: {sources: true}", "logprobs: {sources: [{path: x, devcie: cpu}]}"))
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path)
+    assert str(err.value).splitlines()[4:] == ["  sample.seed: Input should be a valid integer (got None)",
+                                               "  logprobs.sources.0.devcie: unknown key"]

@@ -94,11 +94,19 @@ def _describe(err: dict[str, Any]) -> str:
     return f"{key}: {message} (got {given})"
 
 
+# The validation context's key for the places (locations, as tuples) that a validator filled with values
+# copied from elsewhere in the same config (a recipe's sources into its sample section): errors inside them
+# are the errors of the originals, which report them, so `validate` leaves them out.
+COPIED = "copied"
+
+
 def validate(model: type[M], data: dict[str, Any], source: str = "config") -> M:
+    context: dict[str, set[tuple]] = {COPIED: set()}
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=context)
     except ValidationError as exc:
-        lines = [_describe(e) for e in exc.errors()]
+        errors = [e for e in exc.errors() if not any(tuple(e["loc"][: len(c)]) == c for c in context[COPIED])]
+        lines = [_describe(e) for e in errors or exc.errors()]
         raise ConfigError(f"{source}: invalid config\n  " + "\n  ".join(lines)) from None
 
 

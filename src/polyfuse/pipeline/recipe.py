@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, create_model, model_validator
+from pydantic import Field, ValidationInfo, create_model, model_validator
 
-from polyfuse.config import StrictModel, apply_overrides, read_yaml, validate
+from polyfuse.config import COPIED, StrictModel, apply_overrides, read_yaml, validate
 from polyfuse.data.io import ReadReport, read_rows
 from polyfuse.data.schemas import PromptRow
 from polyfuse.errors import ConfigError
@@ -48,16 +48,20 @@ class RecipeBase(StrictModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _fill_sections(cls, data: Any) -> Any:
+    def _fill_sections(cls, data: Any, info: ValidationInfo) -> Any:
         """Each stage fills its section with what comes from the rest of the recipe (`Stage.fill`): the
         recipe's `seed`, so one number changes the whole run, its sources as models, ...; what a section
-        gives itself wins."""
+        gives itself wins. The filled keys are marked as copies (`polyfuse.config.COPIED`): a typo in a
+        source is reported once, at `sources`, not again at `sample.models`."""
+        copied = (info.context or {}).get(COPIED)  # set by `polyfuse.config.validate`
         if isinstance(data, dict):
             for name in STAGES.names():
                 spec = stage(name)
                 section = data.get(name, {} if spec.section_default else None)
                 if isinstance(section, dict):
                     data[name] = spec.fill(dict(section), data)
+                    if copied is not None:
+                        copied.update((name, key) for key in spec.recipe_fills() if not _own_value(section, data[name], key))
         return data
 
     @model_validator(mode="after")
@@ -119,6 +123,12 @@ class RecipeBase(StrictModel):
 RESOLVED_HEADER = ("# The recipe as the run resolved it: defaults and the values sections take from the rest of the recipe\n"
                    "# are written out. It loads as a recipe. Not written: what exists once earlier stages ran, such as\n"
                    "# the current pivot that logprobs scores (the model the last training stage made).\n")
+
+
+def _own_value(section: dict[str, Any], filled: dict[str, Any], key: str) -> bool:
+    """Whether the section gave `key` its value itself: kept by `fill`, and not a switch that `fill` turns into
+    the recipe's value (logprobs' `sources: true`)."""
+    return key in section and filled.get(key) is section[key] and not isinstance(section[key], bool)
 
 
 def _recipe_schema() -> type[RecipeBase]:
