@@ -180,3 +180,25 @@ def test_config_show_recipe_marks_what_the_recipe_fills():
     assert "# sources: list of mapping, in a recipe default true: the recipe's sources, each with its own backend" in logprobs
     assert not re.search(r"^#? ?pivot:", logprobs, flags=re.M)
     assert re.search(r"^pivot:", stage_config_yaml("logprobs"), flags=re.M)  # a command's config names its M0
+
+
+def test_design_names_each_registry_with_the_package_where_its_built_in_members_live():
+    """docs/design.md's list of registries: every registry with the package it imports, and every member that
+    polyfuse itself registers is a module of that package (nothing depends on a side import)."""
+    from polyfuse.merge.methods.base import MERGE_METHODS
+    from polyfuse.objectives.base import OBJECTIVES
+    from polyfuse.objectives.distill import DISTILL_OBJECTIVES
+    from polyfuse.pipeline.context import STAGES
+    from polyfuse.sampling.base import BACKENDS
+    from polyfuse.scorers.base import SCORERS
+
+    registries = {"OBJECTIVES": OBJECTIVES, "DISTILL_OBJECTIVES": DISTILL_OBJECTIVES, "SCORERS": SCORERS,
+                  "MERGE_METHODS": MERGE_METHODS, "STAGES": STAGES, "BACKENDS": BACKENDS}
+    design = " ".join((DOCS.parent / "design.md").read_text().split())
+    bullet = design[design.index("**Registries**"):]
+    bullet = bullet[: bullet.index(" - **")]
+    for name, registry in registries.items():
+        assert re.search(rf"`{name}`[^;]*: `{re.escape(registry.package)}`", bullet), name
+        members = {n: registry.get(n).__module__ for n in registry.names()}
+        outside = {n: m for n, m in members.items() if m.startswith("polyfuse.") and not m.startswith(f"{registry.package}.")}
+        assert members and outside == {}, name
