@@ -90,7 +90,10 @@ def worker(args: argparse.Namespace) -> None:
     backend.close()
     tokenizer = load_tokenizer(spec)
     tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for group in texts for t in group)
-    print(json.dumps({"backend": args.worker, "start_s": started, "wall_s": wall, "cpu_s": cpu, "tokens": tokens}))
+    import torch
+
+    print(json.dumps({"backend": args.worker, "start_s": started, "wall_s": wall, "cpu_s": cpu, "tokens": tokens,
+                      "threads": torch.get_num_threads()}))
 
 
 def start_server(python: Path, model: str, port: int, log: Path, dtype: str, seqs: int) -> tuple[subprocess.Popen, float]:
@@ -114,8 +117,10 @@ def start_server(python: Path, model: str, port: int, log: Path, dtype: str, seq
 def environment() -> dict[str, str]:
     from conftest import engine_env
 
-    cores = ",".join(map(str, sorted(os.sched_getaffinity(0))))
-    return engine_env(VLLM_CPU_OMP_THREADS_BIND=cores)
+    # Every backend may use every core: transformers' torch threads (tests/conftest.py, imported above, sets
+    # OMP_NUM_THREADS=1 for the test suite) and vLLM's bound OpenMP threads.
+    cores = sorted(os.sched_getaffinity(0))
+    return engine_env(VLLM_CPU_OMP_THREADS_BIND=",".join(map(str, cores)), OMP_NUM_THREADS=str(len(cores)))
 
 
 def export_smollm2(folder: Path) -> Path:
@@ -187,7 +192,7 @@ def main() -> None:
             results[name].append(record)
             print(f"round {round_ + 1} {name:12s} start {record['start_s']:6.1f} s  sampling {record['wall_s']:6.1f} s  "
                   f"{record['tokens']} tokens  {record['tokens_per_cpu_s']:6.1f} tokens/CPU-s  "
-                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
+                  f"(load {os.getloadavg()[0]:.1f}; {record['threads']} torch threads in the measuring process)", flush=True)
     best = {name: max(records, key=lambda r: r["tokens_per_cpu_s"]) for name, records in results.items()}
     base = best["transformers"]
     print("\n| backend | engine start (s) | sampling wall (s) | tokens / CPU-s | vs transformers (tokens/CPU-s) | vs transformers (wall) |")
