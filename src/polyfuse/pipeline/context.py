@@ -182,12 +182,13 @@ def stage_reference(name: str) -> tuple[str, str] | None:
     return (stage_name, key or "model") if stage_name in STAGES else None
 
 
-def model_specs(models: list[Any]) -> list[Any]:
-    """Recipe models (raw, as `fill` sees them, or validated) as plain model specs: the keys of `ModelSpec`
-    alone, without a source's sampling parameters. An entry that is not a spec is left as it is, for
-    validation to report."""
+def model_specs(models: list[Any], schema: type[ModelSpec] = ModelSpec) -> list[Any]:
+    """Recipe models (raw, as `fill` sees them, or validated) with the keys of `schema` alone: plain model specs
+    (`ModelSpec`, without a source's backend and sampling settings), or the models an engine runs
+    (`EngineModel`: with the backend). An entry that is not a mapping is left as it is, for validation to
+    report."""
     plain = [m.model_dump(exclude_unset=True) if hasattr(m, "model_dump") else m for m in models]
-    return [{k: v for k, v in m.items() if k in ModelSpec.model_fields} if isinstance(m, dict) else m for m in plain]
+    return [{k: v for k, v in m.items() if k in schema.model_fields} if isinstance(m, dict) else m for m in plain]
 
 
 def paths_in(node: Any, prefix: str = "") -> dict[str, str]:

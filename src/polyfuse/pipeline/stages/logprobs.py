@@ -10,13 +10,8 @@ from typing import Any
 from polyfuse.data.io import read_rows
 from polyfuse.data.schemas import PreferenceRow
 from polyfuse.logprobs import LogprobsConfig
-from polyfuse.pipeline.context import STAGES, Context, Stage, model_stages
+from polyfuse.pipeline.context import STAGES, Context, Stage, model_specs, model_stages
 from polyfuse.sampling import BACKENDS, EngineModel
-
-
-def _without_sampling(model: Any) -> Any:
-    """A recipe model (raw) as the scoring engine takes it: its spec and backend, not its sampling."""
-    return {k: v for k, v in model.items() if k != "sampling"} if isinstance(model, dict) else model
 
 
 @STAGES.register("logprobs")
@@ -34,10 +29,10 @@ class LogprobsStage(Stage):
             raise ValueError("logprobs.pivot: a recipe scores its current pivot (the recipe's, or the model the "
                              "last training stage made); remove the key")
         if isinstance(recipe.get("pivot"), dict):
-            section["pivot"] = _without_sampling(recipe["pivot"])
+            section["pivot"] = model_specs([recipe["pivot"]], EngineModel)[0]
         sources = section.get("sources", True)
         if isinstance(sources, bool) and isinstance(recipe.get("sources"), list):
-            section["sources"] = [_without_sampling(s) for s in recipe["sources"]] if sources else []
+            section["sources"] = model_specs(recipe["sources"], EngineModel) if sources else []
         return section
 
     def recipe_fills(self) -> dict[str, str | None]:
@@ -57,7 +52,7 @@ class LogprobsStage(Stage):
         return {**super().config(recipe), "pivot_backend": (recipe.logprobs.backend or recipe.pivot.backend).model_dump(mode="json")}
 
     def logprobs_config(self, ctx: Context) -> LogprobsConfig:
-        pivot = _without_sampling(ctx.current_pivot("logprobs").model_dump())
+        pivot = model_specs([ctx.current_pivot("logprobs")], EngineModel)[0]
         return ctx.recipe.logprobs.model_copy(update={"pivot": EngineModel.model_validate(pivot)})
 
     def inputs(self, ctx: Context) -> dict[str, str]:
