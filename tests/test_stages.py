@@ -255,3 +255,35 @@ def test_an_error_in_a_source_is_reported_once_where_it_is(tmp_path):
         load_recipe(path)
     assert str(err.value).splitlines()[4:] == ["  sample.seed: Input should be a valid integer (got None)",
                                                "  logprobs.sources.0.devcie: unknown key"]
+
+
+def test_one_walk_of_a_config_gives_the_model_paths_a_stage_hashes_and_the_data_files_it_checks():
+    """`walk_config` visits every value with where it sits (models, mappings, lists, depth first); the paths a
+    stage hashes (`paths_in`, keyed by their owner: these keys are in every fingerprint) and the data files a
+    run checks before it starts come from it."""
+    from polyfuse.config import walk_config
+    from polyfuse.pipeline.context import paths_in
+    from polyfuse.pipeline.runner import _data_paths
+    from polyfuse.pipeline.stages.prompts import PromptSource
+
+    class Leaf(StrictModel):
+        path: str
+        n: int = 1
+
+    class Tree(StrictModel):
+        leaf: Leaf
+        items: list[Leaf] = []
+        extra: dict = {}
+        prompts: PromptSource | None = None
+
+    tree = Tree(leaf=Leaf(path="a"), items=[Leaf(path="b")], extra={"k": [1, {"path": "c", "data": "d.jsonl"}]},
+                prompts={"path": "p.jsonl"})
+    assert [where for where, _ in walk_config(tree)] == [
+        "", "leaf", "leaf.path", "leaf.n", "items", "items[0]", "items[0].path", "items[0].n", "extra", "extra.k",
+        "extra.k[0]", "extra.k[1]", "extra.k[1].path", "extra.k[1].data", "prompts", "prompts.path",
+        "prompts.toyworld", "prompts.limit", "prompts.skip_invalid"]
+    assert paths_in(tree.model_dump()) == {"leaf": "a", "items[0]": "b", "extra.k[1]": "c", "prompts": "p.jsonl"}
+    assert paths_in({"path": "m"}) == {"path": "m"}
+    assert list(_data_paths({"s": tree})) == [("s.extra.k[1].data", "d.jsonl"), ("s.prompts.path", "p.jsonl")]
+    tree.prompts = PromptSource(toyworld={})  # no file to check
+    assert list(_data_paths({"s": tree})) == [("s.extra.k[1].data", "d.jsonl")]

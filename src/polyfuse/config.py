@@ -7,6 +7,7 @@ type and the value given, before any model is loaded.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
@@ -126,6 +127,23 @@ def config_source(path: str | Path | None, overrides: list[str] | None) -> str:
     if overrides:
         parts.append("--set " + " ".join(overrides))
     return " with ".join(parts) or "config"
+
+
+def walk_config(node: Any, where: str = "") -> Iterator[tuple[str, Any]]:
+    """Every value inside a config (pydantic models, mappings, lists), each with where it sits
+    (`sample.models[0].path`), the node itself first: the one walk behind the checks of a recipe's models
+    and data files and the model paths a stage hashes."""
+    yield where, node
+    if isinstance(node, BaseModel):
+        children = [(f"{where}.{name}" if where else name, getattr(node, name)) for name in type(node).model_fields]
+    elif isinstance(node, dict):
+        children = [(f"{where}.{key}" if where else str(key), value) for key, value in node.items()]
+    elif isinstance(node, list | tuple):
+        children = [(f"{where}[{i}]", value) for i, value in enumerate(node)]
+    else:
+        children = []
+    for key, value in children:
+        yield from walk_config(value, key)
 
 
 def annotated_yaml(model: type[BaseModel], variants: dict[type, list[type]] | None = None,

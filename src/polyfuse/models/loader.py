@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import Field
 from safetensors import SafetensorError
 
-from polyfuse.config import StrictModel
+from polyfuse.config import StrictModel, walk_config
 from polyfuse.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -99,18 +99,10 @@ def check_location(spec: ModelSpec, needs_config: bool = True) -> None:
 def check_models(config: Any) -> None:
     """`check_location` and `check_device` for every `ModelSpec` inside a config (pydantic models, lists,
     dicts), so that a wrong path or device is refused before any model is loaded or any output written."""
-    if isinstance(config, ModelSpec):
-        check_location(config)
-        check_device(config)
-    elif isinstance(config, BaseModel):
-        for name in type(config).model_fields:
-            check_models(getattr(config, name))
-    elif isinstance(config, list | tuple):
-        for item in config:
-            check_models(item)
-    elif isinstance(config, dict):
-        for item in config.values():
-            check_models(item)
+    for _, spec in walk_config(config):
+        if isinstance(spec, ModelSpec):
+            check_location(spec)
+            check_device(spec)
 
 
 def _common_kwargs(spec: ModelSpec) -> dict:

@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
+from polyfuse.config import walk_config
 from polyfuse.errors import ConfigError
 from polyfuse.models import ModelSpec
 from polyfuse.registry import Registry
@@ -191,16 +192,7 @@ def model_specs(models: list[Any], schema: type[ModelSpec] = ModelSpec) -> list[
     return [{k: v for k, v in m.items() if k in schema.model_fields} if isinstance(m, dict) else m for m in plain]
 
 
-def paths_in(node: Any, prefix: str = "") -> dict[str, str]:
-    """Every `path` value in a config section (models, reward models), keyed by where it sits."""
-    found: dict[str, str] = {}
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "path" and isinstance(value, str):
-                found[prefix or "path"] = value
-            else:
-                found.update(paths_in(value, f"{prefix}.{key}" if prefix else key))
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            found.update(paths_in(value, f"{prefix}[{i}]"))
-    return found
+def paths_in(node: Any) -> dict[str, str]:
+    """Every `path` value in a config section (models, reward models), keyed by where its owner sits."""
+    return {(where.removesuffix("path").removesuffix(".") or "path"): value for where, value in walk_config(node)
+            if isinstance(value, str) and (where == "path" or where.endswith(".path"))}

@@ -23,9 +23,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
 from rich.console import Console
 
+from polyfuse.config import walk_config
 from polyfuse.data.hashing import hash_path
 from polyfuse.data.io import remove_stale_temporaries, write_json
 from polyfuse.data.sharded import process_state
@@ -66,18 +66,13 @@ def _check_inputs(recipe: Recipe) -> None:
             raise ConfigError(f"{where}: {path}: data file not found")
 
 
-def _data_paths(node: Any, where: str = "") -> Iterator[tuple[str, str]]:
+def _data_paths(node: Any) -> Iterator[tuple[str, str]]:
     """(dotted key, path) of every data file a config names: a `PromptSource`'s `path` and any `data` key."""
-    if isinstance(node, BaseModel):
-        for name in type(node).model_fields:
-            value, key = getattr(node, name), f"{where}.{name}".lstrip(".")
-            if isinstance(value, str) and (name == "data" or (name == "path" and isinstance(node, PromptSource))):
-                yield key, value
-            else:
-                yield from _data_paths(value, key)
-    elif isinstance(node, dict):
-        for name, value in node.items():
-            yield from _data_paths(value, f"{where}.{name}".lstrip("."))
+    for where, value in walk_config(node):
+        if isinstance(value, PromptSource) and value.path is not None:
+            yield f"{where}.path", value.path
+        elif isinstance(value, str) and where.rpartition(".")[2] == "data":
+            yield where, value
 
 
 def _refuse_empty_inputs(name: str, inputs: dict[str, str], work_dir: Path) -> None:
