@@ -9,6 +9,7 @@ sampled (and scored, and evaluated) through `backend: vllm`.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -72,6 +73,15 @@ def test_vllm_backend_agrees_with_transformers_on_smollm2(vllm_python, smollm2_f
     print(f"log-prob sums: largest difference per token {worst:.2e}")
     assert worst <= 1e-4
 
+
+
+def test_the_venv_runs_this_checkouts_code_without_pythonpath(vllm_python, tmp_path):
+    """polyfuse is installed editable from this checkout (`polyfuse.sampling.vllm_env`), so a user who runs
+    `FOLDER/bin/python -m polyfuse` gets the checkout's current code, not the code of when the venv was built."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    found = subprocess.run([str(vllm_python), "-c", "import polyfuse; print(polyfuse.__file__)"], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(found) == Path(__file__).resolve().parents[1] / "src" / "polyfuse" / "__init__.py"
 
 def vllm_recipe(tiny_world, work) -> dict:
     """The demo recipe shrunk to the tiny world (as tests/test_pipeline.py does), every source on vLLM and
