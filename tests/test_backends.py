@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from polyfuse.config import validate
-from polyfuse.data.io import ShardStore
+from polyfuse.data.io import ShardStore, write_rows
 from polyfuse.errors import ConfigError
 from polyfuse.pipeline.demo import recipe_path
 from polyfuse.pipeline.recipe import load_recipe
@@ -68,6 +68,19 @@ def test_a_journal_keeps_complete_records_and_drops_a_cut_off_line(tmp_path):
     assert [r["index"] for r in store.journaled("m-00000")] == [0, 2, 1]
     store.write("m-00000", [{"id": "x"}])
     assert not store.journal("m-00000").exists() and store.done("m-00000")
+
+
+def test_a_journal_left_beside_its_finished_shard_is_deleted_by_the_next_store(tmp_path):
+    """A kill between the shard's rename and the journal's deletion leaves both; the shard is complete, so
+    the next run's store deletes the journal, and keeps the journal of a shard still missing."""
+    store = ShardStore(tmp_path)
+    for key in ("m-00000", "m-00001"):
+        store.append(key, {"index": 0, "responses": ["a"]})
+    write_rows(store.path("m-00000"), [{"id": "x"}])  # the shard renamed into place, then the kill
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-00000.jsonl", "m-00000.partial.jsonl", "m-00001.partial.jsonl"]
+    ShardStore(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-00000.jsonl", "m-00001.partial.jsonl"]
+    assert ShardStore(tmp_path).journaled("m-00001") == [{"index": 0, "responses": ["a"]}]
 
 
 def test_a_trained_pivot_cannot_be_run_by_a_server(tmp_path):

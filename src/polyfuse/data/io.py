@@ -313,11 +313,15 @@ class ShardStore:
 
     A shard being worked on may also keep a journal (`<key>.partial.jsonl`): records appended one line at
     a time as pieces of the shard finish (a server's requests), so a killed run redoes none of them. A
-    line cut short by the kill is ignored; the journal is deleted once its shard is written."""
+    line cut short by the kill is ignored; the journal is deleted once its shard is written (or, when a kill
+    came between the two, by the next store on the folder)."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         remove_stale_temporaries(self.folder)
+        for journal in self.folder.glob("*.partial.jsonl"):
+            if self.done(journal.name.removesuffix(".partial.jsonl")):
+                journal.unlink(missing_ok=True)  # processes of a launch may race here
 
     def path(self, key: str) -> Path:
         return self.folder / f"{key}.jsonl"
