@@ -138,22 +138,10 @@ class Backend(ABC):
 BACKENDS: Registry[type[Backend]] = Registry("backend", package="polyfuse.sampling")
 
 
-def _pick_config(value: Any, handler) -> BackendSettings:
-    """A backend name (`vllm`) or a mapping with `type`, validated by that backend's options class."""
-    if isinstance(value, BackendSettings):
-        return value
-    if isinstance(value, str):
-        value = {"type": value}
-    if not isinstance(value, dict) or "type" not in value:
-        raise ValueError(f"expected a backend name or a mapping with a 'type' key (one of: {', '.join(BACKENDS.names())})")
-    try:
-        backend = BACKENDS.get(value["type"])
-    except ConfigError as err:
-        raise ValueError(str(err)) from None
-    return backend.Config.model_validate(value)
-
-
-BackendConfig = Annotated[SerializeAsAny[BackendSettings], WrapValidator(_pick_config)]
+# A backend name (`vllm`) or a mapping with `type`, validated by that backend's options class.
+BackendConfig = Annotated[
+    SerializeAsAny[BackendSettings], WrapValidator(BACKENDS.config_validator(BackendSettings, by_name=True))
+]
 
 
 class EngineModel(ModelSpec):
