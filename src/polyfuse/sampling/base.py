@@ -38,19 +38,25 @@ from polyfuse.models.forward import DEFAULT_TOKEN_BUDGET
 from polyfuse.registry import Registry
 
 
-class SamplingParams(StrictModel):
-    """Per-model sampling settings. temperature 0 means greedy decoding."""
+class SamplingSettings(StrictModel):
+    """Per-model sampling settings (a model's `sampling:`). temperature 0 means greedy decoding. The seed is
+    not among them: the sample stage derives one per shard from its own `seed` (in a recipe, the recipe's)."""
 
     n: int = Field(default=1, ge=1, description="Responses per prompt.")
     temperature: float = Field(default=0.8, ge=0.0, description="0: greedy decoding.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling: keep the most likely tokens up to this mass.")
     repetition_penalty: float = Field(default=1.0, gt=0.0, description="Above 1 discourages repeated tokens.")
     max_new_tokens: int = Field(default=256, ge=1, description="Generation budget per response.")
-    seed: int = Field(default=0, description="Sampling seed (a stage derives one per shard from it).")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+class SamplingParams(SamplingSettings):
+    """What one `generate` call samples with: a model's settings and the seed its requests derive from."""
+
+    seed: int = Field(default=0, description="The requests' seeds derive from it (`request_seed`).")
 
 
 def request_seed(seed: int, position: int) -> int:
@@ -154,7 +160,7 @@ class EngineModel(ModelSpec):
 class SampledModel(EngineModel):
     """A model, its backend and its sampling settings: a recipe's source or pivot."""
 
-    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
 
 
 def build_backend(model: EngineModel) -> Backend:
