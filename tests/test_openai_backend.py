@@ -5,6 +5,7 @@ ids and per-request seeds, at most `concurrency` at a time, and the API key only
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -20,10 +21,15 @@ from test_ddp import free_port
 
 class Misbehaving:
     """A local server for `/v1/completions`: answers `plan[i]` to the i-th request ("500", "429", "slow",
-    anything else a completion), records every request body and header, and the most requests in flight."""
+    anything else a completion), records every request body and header, and the most requests in flight
+    (from its arrival until its answer is sent). `together`: requests are answered only in groups of that many
+    (a barrier; after 3 s without a full group, at once), each group held 0.2 s more once complete, so a client
+    that allows more requests in flight has sent one more meanwhile (a correct client gives exactly `together`
+    however slow the machine)."""
 
-    def __init__(self, plan: list[str] | None = None, default: str = "ok", delay: float = 0.0):
-        self.plan, self.default, self.delay = list(plan or []), default, delay
+    def __init__(self, plan: list[str] | None = None, default: str = "ok", together: int | None = None):
+        self.plan, self.default = list(plan or []), default
+        self.barrier = threading.Barrier(together, action=lambda: time.sleep(0.2), timeout=3.0) if together else None
         self.bodies: list[dict] = []
         self.headers: list[str | None] = []  # the Authorization header of each request
         self.in_flight = self.most_in_flight = 0
@@ -42,20 +48,23 @@ class Misbehaving:
                     server.headers.append(self.headers.get("Authorization"))
                     server.in_flight += 1
                     server.most_in_flight = max(server.most_in_flight, server.in_flight)
+                    answer = len(server.bodies)
                 try:
                     if action == "slow":
                         time.sleep(2.0)
-                    time.sleep(server.delay)
-                    if action in ("500", "429"):
-                        self.reply(int(action), {"error": {"message": f"planned {action}"}}, {"Retry-After": "0"})
-                    else:
-                        choices = [{"index": k, "text": f" answer {len(server.bodies)}.{k} ", "finish_reason": "stop",
-                                    "logprobs": None} for k in range(body.get("n", 1))]
-                        self.reply(200, {"id": "c", "object": "text_completion", "created": 0, "model": body["model"],
-                                         "choices": choices})
+                    if server.barrier is not None:
+                        with contextlib.suppress(threading.BrokenBarrierError):  # the count then tells
+                            server.barrier.wait()
                 finally:
-                    with server.lock:
+                    with server.lock:  # before the answer: the client may send its next request at once
                         server.in_flight -= 1
+                if action in ("500", "429"):
+                    self.reply(int(action), {"error": {"message": f"planned {action}"}}, {"Retry-After": "0"})
+                else:
+                    choices = [{"index": k, "text": f" answer {answer}.{k} ", "finish_reason": "stop",
+                                "logprobs": None} for k in range(body.get("n", 1))]
+                    self.reply(200, {"id": "c", "object": "text_completion", "created": 0, "model": body["model"],
+                                     "choices": choices})
 
             def reply(self, status, payload, headers=None):
                 data = json.dumps(payload).encode()
@@ -99,7 +108,7 @@ PARAMS = SamplingParams(n=2, temperature=0.7, top_p=0.9, repetition_penalty=1.1,
 
 
 def test_requests_carry_token_ids_seeds_and_the_mapped_parameters(tiny_world, serve, monkeypatch):
-    server = serve(delay=0.05)
+    server = serve(together=3)  # 9 requests answered 3 at a time: exactly 3 in flight, if the client allows 3
     monkeypatch.setenv("TOY_KEY", "sk-secret-123")
     spec = model(tiny_world, server.url, api_key_env="TOY_KEY", concurrency=3)
     prompts = [f"prompt {i}" for i in range(9)]
