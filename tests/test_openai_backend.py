@@ -130,6 +130,20 @@ def test_requests_carry_token_ids_seeds_and_the_mapped_parameters(tiny_world, se
         build_backend(spec)
 
 
+def test_it_runs_inside_a_running_event_loop(tiny_world, serve):
+    """From code that already runs an event loop (a Jupyter cell), where `asyncio.run` refuses."""
+    import asyncio
+
+    server = serve()
+
+    async def cell() -> list[list[str]]:
+        with build_backend(model(tiny_world, server.url)) as backend:
+            return backend.generate_all(["first prompt", "second prompt"], PARAMS)
+
+    texts = asyncio.run(cell())
+    assert len(server.bodies) == 2 and sorted(t[0] for t in texts) == ["answer 1.0", "answer 2.0"]
+
+
 def test_429_and_500_are_retried(tiny_world, serve):
     server = serve(plan=["429", "500"])
     with build_backend(model(tiny_world, server.url)) as backend:

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 from pydantic import Field
@@ -88,7 +89,7 @@ class OpenAIBackend(Backend):
         tries = f"after {self.config.max_retries + 1} tries"
         where = f"{self.spec.label}: {self.config.base_url}"
         try:
-            asyncio.run(main())
+            _run_to_completion(main)
         except openai.APITimeoutError:
             raise UserError(f"{where}: no answer within {self.config.timeout:g} s {tries} (backend.timeout)") from None
         except openai.APIConnectionError as err:
@@ -136,6 +137,18 @@ class OpenAIBackend(Backend):
 
         self._run(len(sequences), request)
         return results
+
+
+def _run_to_completion(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """`asyncio.run(main())`, also from code that runs inside an event loop (a Jupyter cell), where
+    `asyncio.run` refuses: then in a thread of its own, with its own loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(main())
+        return
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, main()).result()
 
 
 def _message(err: Any) -> str:
