@@ -294,7 +294,7 @@ def test_models_that_post_process_logits_are_scored_with_their_own_forward(caplo
     check notices and the whole run falls back to the model's forward."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    from polyfuse.logprobs import score_sequences
+    from polyfuse.models.forward import score_sequences
 
     torch.manual_seed(0)
     config = Gemma2Config(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
