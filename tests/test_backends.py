@@ -112,3 +112,27 @@ def test_cli_mistakes_exit_2_with_one_line(tmp_path):
                       "-o", str(tmp_path / "out.jsonl"))
     assert result.returncode == 2 and "sources: Input should be a valid list" in result.stderr, result.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.jsonl").exists()
+
+
+def test_one_served_model_cannot_score_several_models(tmp_path):
+    """`logprobs.backend` with `model:` would send the pivot's and every source's sequences to the one model the
+    server serves under that name (identical ref_* and fuse_* columns): refused in a command's config and in a
+    recipe, allowed for a pivot alone, and without `model:` (each model asked for by its path)."""
+    from polyfuse.config import read_yaml
+    from polyfuse.logprobs import LogprobsConfig
+
+    served = {"type": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "llama-70b"}
+    refusal = (r"backend: model 'llama-70b' would score the pivot and every source \({} models\) with the one model the "
+               r"server serves under that name; remove `model`")
+    config = {"pivot": {"path": "p"}, "sources": [{"path": "a"}, {"path": "b"}], "backend": served}
+    with pytest.raises(ConfigError, match=refusal.format(3)):
+        validate(LogprobsConfig, config)
+    assert validate(LogprobsConfig, {"pivot": {"path": "p"}, "backend": served}).backend.model == "llama-70b"
+    unnamed = validate(LogprobsConfig, {**config, "backend": {**served, "model": None}})
+    assert [m.backend.model for m in unnamed.models()] == [None] * 3
+
+    recipe = read_yaml(recipe_path("infifpo-toy.yaml"))
+    recipe["logprobs"]["backend"] = served
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ConfigError, match="logprobs." + refusal.format(4)):  # the recipe's pivot and 3 sources
+        load_recipe(tmp_path / "recipe.yaml")

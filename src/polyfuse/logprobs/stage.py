@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from polyfuse.config import StrictModel
 from polyfuse.data.io import ShardStore, read_metadata, write_metadata, write_rows
@@ -39,7 +39,7 @@ from polyfuse.logprobs.engine import (
 from polyfuse.models import load_config, load_tokenizer
 from polyfuse.models.forward import DEFAULT_TOKEN_BUDGET, length_limit
 from polyfuse.models.records import model_record
-from polyfuse.sampling import BackendConfig, EngineModel, build_backend
+from polyfuse.sampling import BackendConfig, BackendSettings, EngineModel, build_backend
 
 # Version of the sequence convention (`polyfuse.models.templates`) the columns were computed with.
 CONVENTION = "polyfuse-logps-1"
@@ -53,7 +53,8 @@ class LogprobsConfig(StrictModel):
     pivot: EngineModel = Field(description="M0 (the SFT checkpoint): the ref_* columns.")
     sources: list[EngineModel] = Field(default_factory=list, description="The fuse_* models, in this order.")
     backend: BackendConfig | None = Field(
-        default=None, description="Score every model through this backend instead of its own `backend:`."
+        default=None, description="Score every model through this backend instead of its own `backend:` (openai: "
+        "without `model`, each model is asked for by its path)."
     )
     token_budget: int = Field(
         default=DEFAULT_TOKEN_BUDGET,
@@ -65,6 +66,18 @@ class LogprobsConfig(StrictModel):
     max_length: int | None = Field(default=None, ge=2, description="None: each model's context size.")
     overflow: Literal["drop", "error"] = Field(default="drop", description="A pair longer than max_length: drop it (and count it), or stop.")
     chunk_size: int = Field(default=1024, ge=1, description="Rows per resumable shard.")
+
+    @field_validator("backend")
+    @classmethod
+    def _one_served_model_per_model(cls, backend: BackendSettings | None, info: ValidationInfo) -> BackendSettings | None:
+        """A server serves a model per name: one `model:` for several models would score them all with the same
+        served model, silently (identical ref_* and fuse_* columns)."""
+        scored = 1 + len(info.data.get("sources") or [])
+        if scored > 1 and getattr(backend, "model", None) is not None:
+            raise ValueError(f"model {backend.model!r} would score the pivot and every source ({scored} models) with "
+                             "the one model the server serves under that name; remove `model` (each model is then "
+                             "asked for by its path) or give each model its own backend")
+        return backend
 
     def models(self) -> list[EngineModel]:
         """M0 then the sources, each with the backend it is scored with."""
