@@ -1,9 +1,12 @@
-"""Explicit-fusion losses (FuseLLM, ULD) as pure tensor functions: hand-computed values and invariants."""
+"""Explicit-fusion losses (FuseLLM, ULD) as pure tensor functions: hand-computed values and invariants, and
+their targets built from plain arrays (no teacher store, model or tokenizer)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,8 +17,11 @@ from polyfuse.errors import ConfigError, DataError
 from polyfuse.objectives import (
     DISTILL_OBJECTIVES,
     OBJECTIVES,
+    AlignedRow,
     DistillBatch,
     FuseLLMObjective,
+    TeacherOutputs,
+    TeacherVocabulary,
     ULDObjective,
     average_weights,
     avg_ce_weights,
@@ -204,6 +210,70 @@ def test_fuse_sparse_union_support():
         [torch.tensor([4]), torch.tensor([1])], [t([1.0]), t([1.0])], avg_ce_weights([1.0, 1.0])
     )
     assert ids.tolist() == [1, 4] and close(probs, [0.5, 0.5])
+
+
+# ---- targets from the teachers' outputs -----------------------------------------------------------------
+
+
+def outputs(token_ids, topk_ids, topk_logits, std=None, token_logps=None) -> TeacherOutputs:
+    n = len(token_ids)
+    return TeacherOutputs(
+        token_ids=np.array(token_ids, dtype=np.int32),
+        topk_ids=np.array(topk_ids, dtype=np.int32),
+        topk_logits=np.array(topk_logits, dtype=np.float32),
+        std=np.array(std if std is not None else [1.0] * n, dtype=np.float32),
+        token_logps=np.array(token_logps if token_logps is not None else [0.0] * n, dtype=np.float32),
+    )
+
+
+def test_uld_targets_from_aligned_outputs_hand_computed():
+    # Teacher A: response position 0 <- its 0; the group ([1, 2], [1]) pairs first tokens: 1 <- its 1; 2 has none.
+    # Its 0: l/(std + eps) = [ln 3, 0] -> sorted probs [0.75, 0.25], zero-padded to K = 3; the entropy is of the
+    # raw logits: softmax([ln 3 / 2, 0]) = [0.633975, 0.366025] -> H 0.656806. Its 1: [0, -inf] -> [1, 0], H 0.
+    # Teacher B was too long for the row: no target.
+    teacher_a = outputs([1, 2], [[0, 1], [0, 1]], [[LN(3) / 2, 0.0], [0.0, -INF]], std=[0.5, 0.5])
+    row = AlignedRow(labels=[10, 11, 12], examples=[teacher_a, None], groups=[[([0], [0]), ([1, 2], [1])], None],
+                     vocabularies=[None, None], pivot_bytes=None)
+    targets = ULDObjective(top_k=3, weighting="uncertainty").targets(row)
+    assert close(t(targets["teacher_probs"]), [[[0.75, 0.25, 0], [0, 0, 0]], [[1, 0, 0], [0, 0, 0]], [[0, 0, 0]] * 2])
+    assert targets["teacher_mask"] == [[True, False], [True, False], [False, False]]
+    assert close(t(targets["teacher_entropy"]), [[0.656806, 0], [0, 0], [0, 0]])
+    assert list(ULDObjective(top_k=3).targets(row)) == ["teacher_probs", "teacher_mask"]  # only what it reads
+
+
+PIVOT_BYTES = [None, b"a", b"b", b"c", b"d", b"e", b"f", b"g", b"h", b"i"]
+
+
+def fusellm_row(ce_a: float = 1.0) -> AlignedRow:
+    """Pivot labels [5, 7, 9, 6]. Teacher A (CE `ce_a`), one-to-one on all four, top-2 logits mapped by
+    to_pivot: 0: its token 0 -> 5 agrees, top [5, unmapped] -> {5: 1}; 1: token 1 -> 7 agrees, logits
+    [ln 2, 0] / T 0.5 -> {7: 0.8, 8: 0.2}; 2: token 3 -> 8, but its bytes "i" are the label's, so it agrees,
+    top [8, 8] keeps the first -> {8: 1}; 3: token 2 "x" -> unmapped, no agreement -> one-hot {6: 1}.
+    Teacher B: too long. Teacher C (CE 2), aligned at 0 only: {5: 0.5, 6: 0.5}, one-hot elsewhere."""
+    teacher_a = outputs([0, 1, 3, 2], [[0, 2], [1, 3], [3, 4], [2, 0]], [[LN(3), 0], [LN(2), 0], [0, -1], [0, 0]],
+                        token_logps=[-ce_a] * 4)
+    teacher_c = outputs([0], [[0, 1]], [[0.0, 0.0]], token_logps=[-2.0])
+    vocab_a = TeacherVocabulary([b"e", b"g", b"x", b"i", b"y"], np.array([5, 7, -1, 8, 8], dtype=np.int32))
+    vocab_c = TeacherVocabulary([b"e", b"f"], np.array([5, 6], dtype=np.int32))
+    return AlignedRow(labels=[5, 7, 9, 6], examples=[teacher_a, None, teacher_c],
+                      groups=[[([j], [j]) for j in range(4)], None, [([0], [0])]],
+                      vocabularies=[vocab_a, None, vocab_c], pivot_bytes=PIVOT_BYTES)
+
+
+def test_fusellm_targets_from_aligned_outputs_hand_computed():
+    min_ce = FuseLLMObjective(top_k=2, temperature=0.5)
+    targets = min_ce.targets(fusellm_row())  # CE 1 < 2: A
+    assert targets["target_ids"] == [[5], [7, 8], [8], [6]]
+    assert close(t([p + [0] * (2 - len(p)) for p in targets["target_probs"]]), [[1, 0], [0.8, 0.2], [1, 0], [1, 0]])
+    targets = min_ce.targets(fusellm_row(ce_a=3.0))  # CE 3 > 2: C
+    assert targets == {"target_ids": [[5, 6], [7], [9], [6]], "target_probs": [[0.5, 0.5], [1.0], [1.0], [1.0]]}
+    # AvgCE: w = softmax([e^-1, e^-2]) = [0.557875, 0.442125] over the union of supports
+    targets = FuseLLMObjective(top_k=2, temperature=0.5, fusion="avg_ce").targets(fusellm_row())
+    assert targets["target_ids"] == [[5, 6], [7, 8], [8, 9], [6]]
+    expected = [[0.778938, 0.221062], [0.888425, 0.111575], [0.557875, 0.442125], [1.0, 0.0]]
+    assert close(t([p + [0] * (2 - len(p)) for p in targets["target_probs"]]), expected)
+    alone = dataclasses.replace(fusellm_row(), examples=[None, None, None])  # no teacher: the labels, one-hot
+    assert min_ce.targets(alone) == {"target_ids": [[5], [7], [9], [6]], "target_probs": [[1.0]] * 4}
 
 
 # ---- registered objectives -----------------------------------------------------------------------------

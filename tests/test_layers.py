@@ -3,12 +3,21 @@ components never depend on the recipes that use them, and no modules import each
 
 Every import counts, including those inside functions and under `TYPE_CHECKING`: a lazy import that runs
 back up is still a dependency that runs back up.
+
+A dependency can also run back up without an import: a parameter typed `Any` (or not typed) lets a function
+read a higher floor's objects by duck typing. The objectives, pure functions of tensors and arrays, are held
+to plain inputs.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
+import importlib
+import inspect
+import typing
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "polyfuse"
@@ -106,3 +115,47 @@ def test_a_package_exports_only_its_own_names():
         if not target.startswith(name + ".")
     )
     assert not foreign, "package __init__ files that re-export other packages' names:\n" + "\n".join(foreign)
+
+
+# What an objective may take: Python's own types, arrays and tensors, and the objectives' own types.
+PLAIN_MODULES = ("builtins", "types", "typing", "collections.abc", "numpy", "torch", "polyfuse.objectives")
+
+
+def annotation_types(hint: object) -> Iterator[object]:
+    """Every type an annotation names: `list[X | None]` gives list, the union, X and NoneType."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal or hint is Ellipsis:
+        return
+    yield hint if origin is None else origin
+    for arg in typing.get_args(hint):
+        yield from annotation_types(arg)
+
+
+def objective_inputs() -> Iterator[tuple[str, str, object]]:
+    """(where, name, annotation) of every parameter of the objectives' functions and methods and every field
+    of their dataclasses; an unannotated parameter comes as `Any`, as a type checker reads it."""
+    for name in sorted(m for m in import_graph() if unit_of(m) == "objectives"):
+        module = importlib.import_module(name)
+        own = [v for v in vars(module).values() if getattr(v, "__module__", None) == name]
+        functions = [f for f in own if inspect.isfunction(f)]
+        for cls in (c for c in own if inspect.isclass(c)):
+            written = (f for f in vars(cls).values() if inspect.isfunction(f))  # not those dataclass generates
+            functions += [f for f in written if f.__code__.co_filename == module.__file__]
+            if dataclasses.is_dataclass(cls):
+                hints = typing.get_type_hints(cls)
+                yield from ((f"{name}.{cls.__qualname__}", f.name, hints[f.name]) for f in dataclasses.fields(cls))
+        for function in functions:
+            hints = typing.get_type_hints(function)
+            for parameter in list(inspect.signature(function).parameters)[1 if "." in function.__qualname__ else 0:]:
+                yield f"{name}.{function.__qualname__}", parameter, hints.get(parameter, typing.Any)
+
+
+def test_objectives_take_plain_data_only():
+    """No objective reads another floor's objects, imported or not: every input is typed with plain types."""
+    foreign = sorted(
+        f"{where}({parameter}: {hint})"
+        for where, parameter, hint in objective_inputs()
+        for named in annotation_types(hint)
+        if named is typing.Any or not (getattr(named, "__module__", "") or "").startswith(PLAIN_MODULES)
+    )
+    assert not foreign, "objective inputs typed Any, untyped, or typed from another layer:\n" + "\n".join(foreign)

@@ -6,6 +6,9 @@ how the collator batches each), builds them for one training row from the teache
 aligned to the pivot's tokens (`targets`), and computes its loss from them (`__call__`). The data builder
 (`polyfuse.teacher.targets`) and the trainer (`polyfuse.trainers.distill`) read nothing else of it.
 
+An objective reads plain data defined here (`AlignedRow`: arrays, token ids and bytes), never the teacher
+store's or the data builder's objects, so it can be computed, and tested, from arrays alone.
+
 Every loss is per response position: the trainer sums it and divides by the global token count
 (across accumulation steps and processes), so batch 1 x accumulation 4 equals batch 4 x accumulation 1.
 Teacher targets are constants; the student's logits are upcast to fp32 once and shared by every term.
@@ -19,6 +22,7 @@ from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 
 from polyfuse.config import StrictModel
@@ -62,15 +66,40 @@ class TargetField:
     sparse: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
+class TeacherOutputs:
+    """One teacher's stored outputs on one training row, over its own P response tokens (its tokenizer):
+    position p holds the distribution that predicts its p-th token."""
+
+    token_ids: np.ndarray  # [P] its response tokens
+    topk_ids: np.ndarray  # [P, K] the top-K ids of the distribution predicting each token
+    topk_logits: np.ndarray  # [P, K] their raw logits
+    std: np.ndarray  # [P] the std of the full-vocabulary logits (`logit_std`, for logit standardisation)
+    token_logps: np.ndarray  # [P] the log-prob of each of its tokens
+
+    @property
+    def cross_entropy(self) -> float:
+        """CE_k: the teacher's mean NLL on the gold response, in its own tokens."""
+        return float(-self.token_logps.astype(np.float64).mean())
+
+
+@dataclass(frozen=True)
+class TeacherVocabulary:
+    """A teacher's vocabulary, as targets in the pivot's vocabulary need it (`vocabulary_map()`)."""
+
+    token_bytes: list[bytes | None]  # by teacher id: the token's text as bytes; None: a special token
+    to_pivot: np.ndarray  # [V_teacher] the pivot id of each teacher id; -1: none (an exact map)
+
+
+@dataclass(frozen=True)
 class AlignedRow:
     """One training row as the data builder hands it to `DistillObjective.targets`: the pivot's response
     tokens and, per teacher in store order, its stored outputs on the row and their alignment."""
 
     labels: list[int]  # the pivot's response token ids; position j predicts labels[j]
-    examples: list[Any | None]  # `polyfuse.teacher.TeacherExample` per teacher; None: the row was too long for it
+    examples: list[TeacherOutputs | None]  # per teacher; None: the row was too long for it
     groups: list[Groups | None]  # per teacher: its response tokens aligned to the pivot's
-    teachers: list[Any]  # `polyfuse.teacher.targets.Teacher`: token bytes and the map into the pivot vocabulary
+    vocabularies: list[TeacherVocabulary | None]  # per teacher; None: the objective asks for no vocabulary map
     pivot_bytes: list[bytes | None] | None  # the pivot's token bytes, when a vocabulary map is used
 
 
@@ -119,8 +148,8 @@ class DistillObjective(StrictModel):
         return tuple(self.target_fields)
 
     def vocabulary_map(self) -> Literal["exact", "mined"] | None:
-        """The map of each teacher's token ids into the pivot vocabulary its targets use (`Teacher.to_pivot`;
-        the pivot's and teachers' token bytes come with it); None: none."""
+        """How each teacher's token ids are mapped into the pivot vocabulary its targets use
+        (`AlignedRow.vocabularies`, with the pivot's token bytes); None: no map."""
         return None
 
     @abstractmethod

@@ -23,6 +23,8 @@ from polyfuse.objectives.distill import (
     DistillObjective,
     Groups,
     TargetField,
+    TeacherOutputs,
+    TeacherVocabulary,
     log_probs_at,
     token_cross_entropy,
 )
@@ -67,8 +69,8 @@ def fuse_sparse(
     return support[keep], fused[keep]
 
 
-def candidate_distributions(labels: list[int], example: Any, groups: Groups, teacher: Any,
-                            pivot_bytes: list[bytes | None], top_k: int,
+def candidate_distributions(labels: list[int], example: TeacherOutputs, groups: Groups,
+                            vocabulary: TeacherVocabulary, pivot_bytes: list[bytes | None], top_k: int,
                             temperature: float = 1.0) -> list[tuple[list[int], list[float]]]:
     """Per pivot response position: the candidate's distribution mapped into the pivot vocabulary where a
     one-to-one group's tokens agree, else one-hot on the pivot's own token (the label, not FuseLLM's
@@ -79,10 +81,11 @@ def candidate_distributions(labels: list[int], example: Any, groups: Groups, tea
             continue
         j, k = left[0], right[0]
         source_token = int(example.token_ids[k])
-        same_text = teacher.token_bytes[source_token] is not None and teacher.token_bytes[source_token] == pivot_bytes[labels[j]]
-        if not (same_text or teacher.to_pivot[source_token] == labels[j]):
+        source_bytes = vocabulary.token_bytes[source_token]
+        same_text = source_bytes is not None and source_bytes == pivot_bytes[labels[j]]
+        if not (same_text or vocabulary.to_pivot[source_token] == labels[j]):
             continue
-        mapped = teacher.to_pivot[example.topk_ids[k][:top_k]]
+        mapped = vocabulary.to_pivot[example.topk_ids[k][:top_k]]
         logits = example.topk_logits[k][:top_k].astype(np.float64)
         ids, kept = [], []
         for position, pivot_id in enumerate(mapped.tolist()):
@@ -144,8 +147,8 @@ class FuseLLMObjective(DistillObjective):
     def targets(self, row: AlignedRow) -> dict[str, Any]:
         per_candidate = [
             None if example is None else candidate_distributions(
-                row.labels, example, groups, teacher, row.pivot_bytes, self.top_k, self.temperature)
-            for example, groups, teacher in zip(row.examples, row.groups, row.teachers, strict=True)
+                row.labels, example, groups, vocabulary, row.pivot_bytes, self.top_k, self.temperature)
+            for example, groups, vocabulary in zip(row.examples, row.groups, row.vocabularies, strict=True)
         ]
         cross_entropies = [None if example is None else example.cross_entropy for example in row.examples]
         return fusellm_targets(row.labels, per_candidate, cross_entropies, self.fusion)

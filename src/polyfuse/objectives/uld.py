@@ -23,6 +23,7 @@ from polyfuse.objectives.distill import (
     DistillObjective,
     Groups,
     TargetField,
+    TeacherOutputs,
     logit_std,
     token_cross_entropy,
 )
@@ -91,7 +92,7 @@ def average_weights(mask: torch.Tensor) -> torch.Tensor:
     return weights / weights.sum(-1, keepdim=True).clamp(min=1)
 
 
-def uld_targets(n: int, examples: list[Any | None], groups: list[Groups | None], top_k: int,
+def uld_targets(n: int, examples: list[TeacherOutputs | None], groups: list[Groups | None], top_k: int,
                 tau: float, standardize: bool) -> dict[str, Any]:
     """`teacher_probs` [n][T][K], `teacher_mask` [n][T], `teacher_entropy` [n][T] for one row."""
     probs = np.zeros((n, len(examples), top_k), dtype=np.float32)

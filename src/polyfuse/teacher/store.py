@@ -25,7 +25,7 @@ import hashlib
 import json
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,29 +33,25 @@ import numpy as np
 
 from polyfuse.data.io import atomic_write
 from polyfuse.errors import DataError
+from polyfuse.objectives.distill import TeacherOutputs
 
 FORMAT = "polyfuse-teacher-1"
 ARRAYS = ("token_ids", "spans", "topk_ids", "topk_logits", "std", "token_logps")
 
 
-@dataclass
-class TeacherExample:
-    """One example's arrays (see the module table); P = the model's response tokens."""
+@dataclass(frozen=True)
+class TeacherExample(TeacherOutputs):
+    """One stored example's arrays (see the module table): what an objective reads, and each token's
+    character span, which only the alignment reads."""
 
-    token_ids: np.ndarray
     spans: np.ndarray
-    topk_ids: np.ndarray
-    topk_logits: np.ndarray
-    std: np.ndarray
-    token_logps: np.ndarray
-
-    @property
-    def cross_entropy(self) -> float:
-        """CE_k: the model's mean NLL on the gold response, in its own tokens."""
-        return float(-self.token_logps.astype(np.float64).mean())
 
     def span_list(self) -> list[tuple[int, int] | None]:
         return [None if start < 0 else (int(start), int(end)) for start, end in self.spans]
+
+    def outputs(self) -> TeacherOutputs:
+        """The arrays an objective reads, as the objectives' own plain type."""
+        return TeacherOutputs(**{f.name: getattr(self, f.name) for f in fields(TeacherOutputs)})
 
 
 def write_shard(path: Path, examples: dict[str, TeacherExample]) -> None:

@@ -1,8 +1,9 @@
 """Distillation targets in the pivot's tokenization, built once from the teacher store before training.
 
 For every training row the pivot's response tokens are aligned with each teacher's (the rules below);
-the objective then builds its own per-position targets from the aligned stored outputs
-(`DistillObjective.targets`: ULD's sorted top-K probabilities, FuseLLM's fused sparse target, ...).
+the objective then builds its own per-position targets from the aligned stored outputs, handed over as the
+objectives' own plain data (`AlignedRow`), not as store objects (`DistillObjective.targets`: ULD's sorted
+top-K probabilities, FuseLLM's fused sparse target, ...).
 
 Alignment (`alignment`): `positional` pairs response index j with index j (ULD's published rule);
 `offsets` aligns by character spans (`polyfuse.alignment.align_offsets`); `dp` is FuseLLM's edit-distance
@@ -22,7 +23,7 @@ import numpy as np
 from polyfuse.data.schemas import SFTRow, response_text
 from polyfuse.errors import DataError
 from polyfuse.models import ModelSpec, load_tokenizer
-from polyfuse.objectives.distill import AlignedRow, DistillObjective, Groups
+from polyfuse.objectives.distill import AlignedRow, DistillObjective, Groups, TeacherVocabulary
 from polyfuse.teacher.store import TeacherExample, TeacherStore, read_shard, read_shard_ids
 
 Alignment = Literal["positional", "offsets", "dp"]
@@ -31,14 +32,13 @@ Alignment = Literal["positional", "offsets", "dp"]
 @dataclass
 class Teacher:
     """A store with what aligning to the pivot needs: how (`alignment`; a teacher whose tokenizer had no
-    offsets falls back from `offsets` to `dp`), its tokenizer's token bytes and, for FuseLLM, the map of its
-    ids into the pivot vocabulary (identity when it shares the pivot's vocabulary)."""
+    offsets falls back from `offsets` to `dp`), its tokenizer's token bytes and, for an objective whose targets
+    are in the pivot's vocabulary, the map of its ids into it (identity when it shares the pivot's vocabulary)."""
 
     store: TeacherStore
     alignment: Alignment
     token_bytes: list[bytes | None] | None = None
-    to_pivot: np.ndarray | None = None
-    same_vocab: bool = False
+    vocabulary: TeacherVocabulary | None = None
 
 
 def load_teachers(stores: list[TeacherStore], pivot_tokenizer: Any, alignment: Alignment,
@@ -53,11 +53,12 @@ def load_teachers(stores: list[TeacherStore], pivot_tokenizer: Any, alignment: A
         if teacher.alignment == "dp" or vocab is not None:
             record = store.manifest["model"]
             tokenizer = load_tokenizer(ModelSpec.model_validate({k: record[k] for k in ModelSpec.model_fields if k in record}))
-            teacher.same_vocab = tokenizer.get_vocab() == pivot_tokenizer.get_vocab()
             teacher.token_bytes = token_bytes(tokenizer)
             if vocab is not None:
-                teacher.to_pivot = (np.arange(len(tokenizer), dtype=np.int32) if teacher.same_vocab
-                                    else vocab_map(tokenizer, pivot_tokenizer, vocab))
+                same_vocab = tokenizer.get_vocab() == pivot_tokenizer.get_vocab()
+                to_pivot = (np.arange(len(tokenizer), dtype=np.int32) if same_vocab
+                            else vocab_map(tokenizer, pivot_tokenizer, vocab))
+                teacher.vocabulary = TeacherVocabulary(teacher.token_bytes, to_pivot)
         teachers.append(teacher)
     return teachers
 
@@ -129,8 +130,10 @@ def distill_features(
             )
             for ex, t in zip(examples, teachers, strict=True)
         ]
+        aligned = AlignedRow(labels, [None if ex is None else ex.outputs() for ex in examples], groups,
+                             [t.vocabulary for t in teachers], pivot_bytes)
         yield {"completion_input_ids": encoded.input_ids, "completion_prompt_length": len(encoded.prompt_ids),
-               **objective.targets(AlignedRow(labels, examples, groups, teachers, pivot_bytes))}
+               **objective.targets(aligned)}
 
 
 class _ShardedLookup:
