@@ -17,9 +17,10 @@ import pytest
 import yaml
 
 from conftest import engine_env
-from polyfuse.data import PreferenceRow, SampleRow, read_rows
+from polyfuse.data import PreferenceRow, SampleRow, read_rows, write_rows
 from polyfuse.data.io import read_metadata
-from polyfuse.models import ModelSpec, encode, load_tokenizer
+from polyfuse.logprobs import compute_reference_logps, encode_row
+from polyfuse.models import ModelSpec, encode, load_model, load_tokenizer
 from polyfuse.models.forward import pad_token_id, score_sequences
 from polyfuse.pipeline.demo import recipe_path
 from polyfuse.sampling import SamplingParams
@@ -74,7 +75,6 @@ def test_vllm_backend_agrees_with_transformers_on_smollm2(vllm_python, smollm2_f
     assert worst <= 1e-4
 
 
-
 def test_the_venv_runs_this_checkouts_code_without_pythonpath(vllm_python, tmp_path):
     """polyfuse is installed editable from this checkout (`polyfuse.sampling.vllm_env`), so a user who runs
     `FOLDER/bin/python -m polyfuse` gets the checkout's current code, not the code of when the venv was built."""
@@ -82,6 +82,41 @@ def test_the_venv_runs_this_checkouts_code_without_pythonpath(vllm_python, tmp_p
     found = subprocess.run([str(vllm_python), "-c", "import polyfuse; print(polyfuse.__file__)"], env=env, cwd=tmp_path,
                            capture_output=True, text=True, check=True).stdout.strip()
     assert Path(found) == Path(__file__).resolve().parents[1] / "src" / "polyfuse" / "__init__.py"
+
+
+def test_pairs_longer_than_the_engines_max_model_len_are_dropped_before_anything_is_scored(vllm_python, tiny_world,
+                                                                                           tmp_path):
+    """A source on vLLM scores at most `max_model_len - 1` tokens (a request leaves one to generate): longer pairs
+    are dropped for every model when the stage starts, like pairs beyond a model's context, instead of stopping
+    the stage after the pivot's shards were written. The kept pairs' scores are the transformers path's."""
+    name = "llama-compare"
+    source = ModelSpec(name=name, path=str(tiny_world.source_paths[name]))
+    tokenizer = load_tokenizer(source)
+    rows = [PreferenceRow(id=f"r{k}", prompt="1 + 1 =", chosen="2 " * k, rejected="3") for k in range(1, 40, 3)]
+    length = {r.id: max(len(e.input_ids) for e in encode_row(tokenizer, r).values()) for r in rows}
+    max_model_len = length["r19"]  # within the model's 128 positions, but no room left to generate: dropped
+    too_long = [r.id for r in rows if length[r.id] > max_model_len - 1]
+    assert "r16" not in too_long and too_long[0] == "r19"
+    write_rows(tmp_path / "pairs.jsonl", rows)
+    config = {"pivot": {"name": "pivot", "path": str(tiny_world.pivot_path)},
+              "sources": [{**source.model_dump(), "backend": {"type": "vllm", "max_model_len": max_model_len}}]}
+    (tmp_path / "logprobs.yaml").write_text(yaml.safe_dump(config))
+    result = subprocess.run([str(vllm_python), "-m", "polyfuse", "logprobs", "--config", str(tmp_path / "logprobs.yaml"),
+                             "--data", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "scored.jsonl"), "-q"],
+                            env=engine_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    meta = read_metadata(tmp_path / "scored.jsonl")
+    assert meta["max_length"] == {"pivot": 128, name: max_model_len - 1}
+    assert meta["dropped"] == [{"id": i, "models": [name]} for i in too_long]
+    scored = read_rows(tmp_path / "scored.jsonl", PreferenceRow)
+    kept = [r for r in rows if r.id not in too_long]
+    assert [r.id for r in scored] == [r.id for r in kept]
+    expected = compute_reference_logps(load_model(source), tokenizer, kept)
+    for row, ref in zip(scored, expected, strict=True):
+        assert row.fuse_chosen_ntokens == [ref.ref_chosen_ntokens]
+        assert abs(row.fuse_chosen_logps[0] - ref.ref_chosen_logps) <= 1e-4 * ref.ref_chosen_ntokens
+
 
 def vllm_recipe(tiny_world, work) -> dict:
     """The demo recipe shrunk to the tiny world (as tests/test_pipeline.py does), every source on vLLM and

@@ -7,9 +7,10 @@ become `fuse_*` lists in the order of `sources`, whose names are recorded in the
 
 Length policy: every model's tokenizer measures every pair first (no weights; only the lengths are
 kept, the ids are encoded again chunk by chunk while scoring, so memory does not grow with models x
-rows x tokens). A pair too long for *any* model is dropped for all of them, so the references and the
-policy score the same pairs; the dropped ids and the models they were too long for are reported in
-the metadata.
+rows x tokens). A model's limit is `max_length`, capped at its context and at what its backend takes
+(vLLM's `max_model_len`), all known before anything is scored. A pair too long for *any* model is
+dropped for all of them, so the references and the policy score the same pairs; the dropped ids and
+the models they were too long for are reported in the metadata.
 
 Work is cut into (model, chunk of rows) shards written atomically: a killed run keeps its finished
 shards and scores only the missing ones. Under `accelerate launch` processes take shards in turn.
@@ -39,7 +40,7 @@ from polyfuse.logprobs.engine import (
 from polyfuse.models import load_config, load_tokenizer
 from polyfuse.models.forward import DEFAULT_TOKEN_BUDGET, length_limit
 from polyfuse.models.records import model_record
-from polyfuse.sampling import BackendConfig, BackendSettings, EngineModel, build_backend
+from polyfuse.sampling import BackendConfig, BackendSettings, EngineModel, backend_max_length, build_backend
 
 # Version of the sequence convention (`polyfuse.models.templates`) the columns were computed with.
 CONVENTION = "polyfuse-logps-1"
@@ -105,7 +106,7 @@ def run_logprobs(config: LogprobsConfig, rows: list[PreferenceRow], out: str | P
         raise DataError("no preference rows to score")
     out = Path(out)
     tokenizers = [load_tokenizer(m) for m in models]
-    limits = [length_limit(load_config(m), config.max_length) for m in models]
+    limits = [_limit(m, config.max_length) for m in models]
     lengths: list[list[int]] = [[] for _ in models]  # per model: the longest response's sequence, per row
     modes: list[Counter] = [Counter() for _ in models]  # per model: template modes seen
     for k, tokenizer in enumerate(tokenizers):
@@ -163,6 +164,14 @@ def run_logprobs(config: LogprobsConfig, rows: list[PreferenceRow], out: str | P
 
     plan.on_main(gather)
     return out
+
+
+def _limit(model: EngineModel, max_length: int | None) -> int:
+    """The longest pair `model` scores: `max_length`, capped at the model's context and at what its backend
+    takes (vLLM's `max_model_len`, 2048 on CPU by default), known before any engine starts."""
+    limit = length_limit(load_config(model), max_length)
+    backend = backend_max_length(model)
+    return limit if backend is None else min(limit, backend)
 
 
 def _with_columns(row: PreferenceRow, scores: list[dict[str, tuple[float, int]]]) -> PreferenceRow:

@@ -120,6 +120,13 @@ class Backend(ABC):
         raise ConfigError(f"{self.spec.label}: the {self.config.type!r} backend cannot score sequences; "
                           "use the transformers or vllm backend")
 
+    @classmethod
+    def max_length(cls, spec: ModelSpec, config: BackendSettings) -> int | None:
+        """The longest sequence (prompt and response tokens) the backend can score for this model, from the
+        options alone, before any engine starts (the log-prob stage drops longer pairs before it scores
+        anything); None: no limit of its own (the model's context still applies)."""
+        return None
+
     def seeds_for(self, prompts: list[Any], params: SamplingParams, seeds: list[int] | None) -> list[int]:
         return seeds if seeds is not None else [request_seed(params.seed, i) for i in range(len(prompts))]
 
@@ -166,3 +173,8 @@ class SampledModel(EngineModel):
 def build_backend(model: EngineModel) -> Backend:
     """The backend of `model`, loaded or connected."""
     return BACKENDS.get(model.backend.type)(model, model.backend)
+
+
+def backend_max_length(model: EngineModel) -> int | None:
+    """The longest sequence `model`'s backend can score (`Backend.max_length`), without starting it."""
+    return BACKENDS.get(model.backend.type).max_length(model, model.backend)
