@@ -66,7 +66,7 @@ def test_a_journal_keeps_complete_records_and_drops_a_cut_off_line(tmp_path):
     assert store.journaled("m-00000") == [{"index": 0, "responses": ["a"]}, {"index": 2, "responses": ["b"]}]
     store.append("m-00000", {"index": 1, "responses": ["c"]})
     assert [r["index"] for r in store.journaled("m-00000")] == [0, 2, 1]
-    store.write("m-00000", [{"id": "x"}])
+    store.write("m-00000", [{"id": "x"}], {"process": 0, "processes": 1})
     assert not store.journal("m-00000").exists() and store.done("m-00000")
 
 

@@ -167,7 +167,8 @@ def test_fusechat_toy_recipe_samples_every_source_through_vllm(vllm_recipe_run):
 
 def test_two_processes_share_the_shards_and_give_the_rows_of_one(vllm_python, vllm_recipe_run, tmp_path):
     """Data parallel under `accelerate launch`: each process runs its own engine (in a process of its own)
-    on its shards and half the cores; per-request seeds make the rows those of the one-process recipe run."""
+    on its shards (each shard's sidecar says which process wrote it) and half the cores; per-request seeds
+    make the rows those of the one-process recipe run."""
     from test_ddp import free_port
 
     work, _ = vllm_recipe_run
@@ -175,8 +176,9 @@ def test_two_processes_share_the_shards_and_give_the_rows_of_one(vllm_python, vl
     config["models"] = config["models"][:1]  # three shards of one model: one engine per process
     del config["include_pivot"]  # the recipe's own key
     (tmp_path / "sample.yaml").write_text(yaml.safe_dump(config))
-    launch = [str(vllm_python), "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    launch = [str(vllm_python), "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port())]  # without --multi_gpu, a machine with no GPU runs one process
     two = subprocess.run([*launch, "-m", "polyfuse", "sample", "--config", str(tmp_path / "sample.yaml"), "--prompts",
                           str(work / "prompts" / "prompts.jsonl"), "--quiet", "--out", str(tmp_path / "two")],
                          env=engine_env(ACCELERATE_USE_CPU="true"), capture_output=True, text=True, timeout=600)
@@ -184,5 +186,6 @@ def test_two_processes_share_the_shards_and_give_the_rows_of_one(vllm_python, vl
     name = config["models"][0]["name"]
     one = [r for r in read_rows(work / "sample" / "samples.jsonl", SampleRow) if r.model == name]
     parallel = read_rows(tmp_path / "two" / "samples.jsonl", SampleRow)
-    assert len(list((tmp_path / "two" / "shards").glob("*.jsonl"))) == 3
+    shards = sorted((tmp_path / "two" / "shards").glob("*.jsonl"))
+    assert [read_metadata(s) for s in shards] == [{"process": p, "processes": 2} for p in (0, 1, 0)]  # in turn
     assert [r.model_dump() for r in parallel] == [r.model_dump() for r in one]

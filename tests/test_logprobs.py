@@ -332,4 +332,6 @@ def test_two_processes_under_accelerate_write_the_same_file(tiny_world, tmp_path
     single = polyfuse_cli(*args[2:], "--out", tmp_path / "single" / "out.jsonl")
     assert single.returncode == 0, single.stderr[-3000:]
     assert (tmp_path / "ddp" / "out.jsonl").read_bytes() == (tmp_path / "single" / "out.jsonl").read_bytes()
-    assert len(list((tmp_path / "ddp" / "shards-out.jsonl").glob("*.jsonl"))) == 4 * 3  # 4 models x 3 chunks
+    shards = sorted((tmp_path / "ddp" / "shards-out.jsonl").glob("*.jsonl"))
+    assert len(shards) == 4 * 3  # 4 models x 3 chunks, taken in turn
+    assert [read_metadata(s)["process"] for s in shards] == [0, 1] * 6

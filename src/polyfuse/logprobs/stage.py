@@ -142,7 +142,8 @@ def run_logprobs(config: LogprobsConfig, rows: list[PreferenceRow], out: str | P
                         lambda sequences, t=task: backend.score(sequences, config.token_budget, lambda n: bar.advance(t, n)),
                         [encode_row(tokenizers[k], rows[i]) for i in chunks[c]],
                     )
-                    store.write(key, [ShardScores(id=rows[i].id, scores=s) for i, s in zip(chunks[c], scores, strict=True)])
+                    shard = [ShardScores(id=rows[i].id, scores=s) for i, s in zip(chunks[c], scores, strict=True)]
+                    store.write(key, shard, plan.writer)
 
     def gather() -> None:
         per_model = [[s.scores for s in store.read_all(ShardScores, keys[k])] for k in range(len(models))]

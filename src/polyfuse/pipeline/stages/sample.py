@@ -79,7 +79,7 @@ def run_sample(prompts: list[PromptRow], config: SampleConfig, out_dir: str | Pa
                         for i, prompt in enumerate(chunks[c])
                         for k, text in enumerate(responses[i])
                     ]
-                    store.write(key, rows)
+                    store.write(key, rows, plan.writer)
     out = out_dir / "samples.jsonl"
     plan.on_main(lambda: write_rows(out, store.read_all(SampleRow, [key for row in keys for key in row])))
     return out
