@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from polyfuse.config import validate
-from polyfuse.data.io import ShardStore
+from polyfuse.data.io import ShardStore, write_rows
 from polyfuse.errors import ConfigError
 from polyfuse.pipeline.demo import recipe_path
 from polyfuse.pipeline.recipe import load_recipe
@@ -66,8 +66,21 @@ def test_a_journal_keeps_complete_records_and_drops_a_cut_off_line(tmp_path):
     assert store.journaled("m-00000") == [{"index": 0, "responses": ["a"]}, {"index": 2, "responses": ["b"]}]
     store.append("m-00000", {"index": 1, "responses": ["c"]})
     assert [r["index"] for r in store.journaled("m-00000")] == [0, 2, 1]
-    store.write("m-00000", [{"id": "x"}])
+    store.write("m-00000", [{"id": "x"}], {"process": 0, "processes": 1})
     assert not store.journal("m-00000").exists() and store.done("m-00000")
+
+
+def test_a_journal_left_beside_its_finished_shard_is_deleted_by_the_next_store(tmp_path):
+    """A kill between the shard's rename and the journal's deletion leaves both; the shard is complete, so
+    the next run's store deletes the journal, and keeps the journal of a shard still missing."""
+    store = ShardStore(tmp_path)
+    for key in ("m-00000", "m-00001"):
+        store.append(key, {"index": 0, "responses": ["a"]})
+    write_rows(store.path("m-00000"), [{"id": "x"}])  # the shard renamed into place, then the kill
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-00000.jsonl", "m-00000.partial.jsonl", "m-00001.partial.jsonl"]
+    ShardStore(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-00000.jsonl", "m-00001.partial.jsonl"]
+    assert ShardStore(tmp_path).journaled("m-00001") == [{"index": 0, "responses": ["a"]}]
 
 
 def test_a_trained_pivot_cannot_be_run_by_a_server(tmp_path):
@@ -99,3 +112,27 @@ def test_cli_mistakes_exit_2_with_one_line(tmp_path):
                       "-o", str(tmp_path / "out.jsonl"))
     assert result.returncode == 2 and "sources: Input should be a valid list" in result.stderr, result.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.jsonl").exists()
+
+
+def test_one_served_model_cannot_score_several_models(tmp_path):
+    """`logprobs.backend` with `model:` would send the pivot's and every source's sequences to the one model the
+    server serves under that name (identical ref_* and fuse_* columns): refused in a command's config and in a
+    recipe, allowed for a pivot alone, and without `model:` (each model asked for by its path)."""
+    from polyfuse.config import read_yaml
+    from polyfuse.logprobs import LogprobsConfig
+
+    served = {"type": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "llama-70b"}
+    refusal = (r"backend: model 'llama-70b' would score the pivot and every source \({} models\) with the one model the "
+               r"server serves under that name; remove `model`")
+    config = {"pivot": {"path": "p"}, "sources": [{"path": "a"}, {"path": "b"}], "backend": served}
+    with pytest.raises(ConfigError, match=refusal.format(3)):
+        validate(LogprobsConfig, config)
+    assert validate(LogprobsConfig, {"pivot": {"path": "p"}, "backend": served}).backend.model == "llama-70b"
+    unnamed = validate(LogprobsConfig, {**config, "backend": {**served, "model": None}})
+    assert [m.backend.model for m in unnamed.models()] == [None] * 3
+
+    recipe = read_yaml(recipe_path("infifpo-toy.yaml"))
+    recipe["logprobs"]["backend"] = served
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ConfigError, match="logprobs." + refusal.format(4)):  # the recipe's pivot and 3 sources
+        load_recipe(tmp_path / "recipe.yaml")

@@ -58,6 +58,49 @@ def test_registry_unknown_name_lists_known():
         reg.register("one")(2)
 
 
+def test_registry_config_validator_picks_the_options_class_of_the_named_member():
+    """The one validator behind `backend:` and `scorers:` fields: `type` picks the member's `Config`; a member
+    registered after the field was defined validates too; a bare name only where `by_name`."""
+    from typing import Annotated, Literal
+
+    from pydantic import SerializeAsAny, WrapValidator
+
+    from polyfuse.config import StrictModel, validate
+
+    class Options(StrictModel):
+        type: str
+
+    class OneOptions(Options):
+        type: Literal["one"] = "one"
+        size: int = 1
+
+    things: Registry[type] = Registry("thing")
+    things.register("one")(type("One", (), {"Config": OneOptions}))
+
+    class Holder(StrictModel):
+        named: Annotated[SerializeAsAny[Options], WrapValidator(things.config_validator(Options, by_name=True))] = None
+        mapped: Annotated[SerializeAsAny[Options], WrapValidator(things.config_validator(Options))] = None
+
+    held = validate(Holder, {"named": "one", "mapped": {"type": "one", "size": 3}})
+    assert (type(held.named), held.named.size, type(held.mapped), held.mapped.size) == (OneOptions, 1, OneOptions, 3)
+    assert held.model_dump() == {"named": {"type": "one", "size": 1}, "mapped": {"type": "one", "size": 3}}
+    assert Holder(named=held.mapped).named is held.mapped  # an options object is kept as it is
+
+    class TwoOptions(Options):
+        type: Literal["two"] = "two"
+
+    things.register("two")(type("Two", (), {"Config": TwoOptions}))
+    assert type(validate(Holder, {"mapped": {"type": "two"}}).mapped) is TwoOptions
+    with pytest.raises(ConfigError, match=r"mapped: expected a mapping with a 'type' key \(one of: one, two\)"):
+        validate(Holder, {"mapped": "one"})
+    with pytest.raises(ConfigError, match=r"named: expected a thing name or a mapping with a 'type' key"):
+        validate(Holder, {"named": 3})
+    with pytest.raises(ConfigError, match=r"named: unknown thing 'three'; expected one of: one, two"):
+        validate(Holder, {"named": "three"})
+    with pytest.raises(ConfigError, match=r"mapped.sizes: unknown key"):
+        validate(Holder, {"mapped": {"type": "one", "sizes": 2}})
+
+
 def run_pairs_cli(polyfuse_cli, tmp_path, config: str, scored: str):
     (tmp_path / "pairs.yaml").write_text(config)
     (tmp_path / "scored.jsonl").write_text(scored)

@@ -89,11 +89,13 @@ def test_write_is_atomic_and_leaves_no_temp_files(tmp_path):
 
 def test_shard_store_resumes_without_duplicates(tmp_path):
     store = ShardStore(tmp_path / "shards")
-    store.write("s-00000", [PromptRow(id="1", prompt="a")])
+    store.write("s-00000", [PromptRow(id="1", prompt="a")], {"process": 0, "processes": 2})
     assert store.done("s-00000") and not store.done("s-00001")
-    store.write("s-00001", [PromptRow(id="2", prompt="b")])
-    store.write("s-00001", [PromptRow(id="2", prompt="b")])  # a rerun rewrites, never appends
+    store.write("s-00001", [PromptRow(id="2", prompt="b")], {"process": 1, "processes": 2})
+    store.write("s-00001", [PromptRow(id="2", prompt="b")], {"process": 0, "processes": 1})  # a rerun rewrites, never appends
     assert [r.id for r in store.read_all(PromptRow, ["s-00000", "s-00001"])] == ["1", "2"]
+    assert [read_metadata(store.path(k)) for k in ("s-00000", "s-00001")] == [{"process": 0, "processes": 2},
+                                                                              {"process": 0, "processes": 1}]
 
 
 def test_metadata_sidecar(tmp_path):

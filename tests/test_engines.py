@@ -9,6 +9,7 @@ sampled (and scored, and evaluated) through `backend: vllm`.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -16,9 +17,10 @@ import pytest
 import yaml
 
 from conftest import engine_env
-from polyfuse.data import PreferenceRow, SampleRow, read_rows
+from polyfuse.data import PreferenceRow, SampleRow, read_rows, write_rows
 from polyfuse.data.io import read_metadata
-from polyfuse.models import ModelSpec, encode, load_tokenizer
+from polyfuse.logprobs import compute_reference_logps, encode_row
+from polyfuse.models import ModelSpec, encode, load_model, load_tokenizer
 from polyfuse.models.forward import pad_token_id, score_sequences
 from polyfuse.pipeline.demo import recipe_path
 from polyfuse.sampling import SamplingParams
@@ -73,6 +75,49 @@ def test_vllm_backend_agrees_with_transformers_on_smollm2(vllm_python, smollm2_f
     assert worst <= 1e-4
 
 
+def test_the_venv_runs_this_checkouts_code_without_pythonpath(vllm_python, tmp_path):
+    """polyfuse is installed editable from this checkout (`polyfuse.sampling.vllm_env`), so a user who runs
+    `FOLDER/bin/python -m polyfuse` gets the checkout's current code, not the code of when the venv was built."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    found = subprocess.run([str(vllm_python), "-c", "import polyfuse; print(polyfuse.__file__)"], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(found) == Path(__file__).resolve().parents[1] / "src" / "polyfuse" / "__init__.py"
+
+
+def test_pairs_longer_than_the_engines_max_model_len_are_dropped_before_anything_is_scored(vllm_python, tiny_world,
+                                                                                           tmp_path):
+    """A source on vLLM scores at most `max_model_len - 1` tokens (a request leaves one to generate): longer pairs
+    are dropped for every model when the stage starts, like pairs beyond a model's context, instead of stopping
+    the stage after the pivot's shards were written. The kept pairs' scores are the transformers path's."""
+    name = "llama-compare"
+    source = ModelSpec(name=name, path=str(tiny_world.source_paths[name]))
+    tokenizer = load_tokenizer(source)
+    rows = [PreferenceRow(id=f"r{k}", prompt="1 + 1 =", chosen="2 " * k, rejected="3") for k in range(1, 40, 3)]
+    length = {r.id: max(len(e.input_ids) for e in encode_row(tokenizer, r).values()) for r in rows}
+    max_model_len = length["r19"]  # within the model's 128 positions, but no room left to generate: dropped
+    too_long = [r.id for r in rows if length[r.id] > max_model_len - 1]
+    assert "r16" not in too_long and too_long[0] == "r19"
+    write_rows(tmp_path / "pairs.jsonl", rows)
+    config = {"pivot": {"name": "pivot", "path": str(tiny_world.pivot_path)},
+              "sources": [{**source.model_dump(), "backend": {"type": "vllm", "max_model_len": max_model_len}}]}
+    (tmp_path / "logprobs.yaml").write_text(yaml.safe_dump(config))
+    result = subprocess.run([str(vllm_python), "-m", "polyfuse", "logprobs", "--config", str(tmp_path / "logprobs.yaml"),
+                             "--data", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "scored.jsonl"), "-q"],
+                            env=engine_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    meta = read_metadata(tmp_path / "scored.jsonl")
+    assert meta["max_length"] == {"pivot": 128, name: max_model_len - 1}
+    assert meta["dropped"] == [{"id": i, "models": [name]} for i in too_long]
+    scored = read_rows(tmp_path / "scored.jsonl", PreferenceRow)
+    kept = [r for r in rows if r.id not in too_long]
+    assert [r.id for r in scored] == [r.id for r in kept]
+    expected = compute_reference_logps(load_model(source), tokenizer, kept)
+    for row, ref in zip(scored, expected, strict=True):
+        assert row.fuse_chosen_ntokens == [ref.ref_chosen_ntokens]
+        assert abs(row.fuse_chosen_logps[0] - ref.ref_chosen_logps) <= 1e-4 * ref.ref_chosen_ntokens
+
+
 def vllm_recipe(tiny_world, work) -> dict:
     """The demo recipe shrunk to the tiny world (as tests/test_pipeline.py does), every source on vLLM and
     scored by it too (`logprobs.sources`)."""
@@ -122,7 +167,8 @@ def test_fusechat_toy_recipe_samples_every_source_through_vllm(vllm_recipe_run):
 
 def test_two_processes_share_the_shards_and_give_the_rows_of_one(vllm_python, vllm_recipe_run, tmp_path):
     """Data parallel under `accelerate launch`: each process runs its own engine (in a process of its own)
-    on its shards and half the cores; per-request seeds make the rows those of the one-process recipe run."""
+    on its shards (each shard's sidecar says which process wrote it) and half the cores; per-request seeds
+    make the rows those of the one-process recipe run."""
     from test_ddp import free_port
 
     work, _ = vllm_recipe_run
@@ -130,8 +176,9 @@ def test_two_processes_share_the_shards_and_give_the_rows_of_one(vllm_python, vl
     config["models"] = config["models"][:1]  # three shards of one model: one engine per process
     del config["include_pivot"]  # the recipe's own key
     (tmp_path / "sample.yaml").write_text(yaml.safe_dump(config))
-    launch = [str(vllm_python), "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    launch = [str(vllm_python), "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port())]  # without --multi_gpu, a machine with no GPU runs one process
     two = subprocess.run([*launch, "-m", "polyfuse", "sample", "--config", str(tmp_path / "sample.yaml"), "--prompts",
                           str(work / "prompts" / "prompts.jsonl"), "--quiet", "--out", str(tmp_path / "two")],
                          env=engine_env(ACCELERATE_USE_CPU="true"), capture_output=True, text=True, timeout=600)
@@ -139,5 +186,6 @@ def test_two_processes_share_the_shards_and_give_the_rows_of_one(vllm_python, vl
     name = config["models"][0]["name"]
     one = [r for r in read_rows(work / "sample" / "samples.jsonl", SampleRow) if r.model == name]
     parallel = read_rows(tmp_path / "two" / "samples.jsonl", SampleRow)
-    assert len(list((tmp_path / "two" / "shards").glob("*.jsonl"))) == 3
+    shards = sorted((tmp_path / "two" / "shards").glob("*.jsonl"))
+    assert [read_metadata(s) for s in shards] == [{"process": p, "processes": 2} for p in (0, 1, 0)]  # in turn
     assert [r.model_dump() for r in parallel] == [r.model_dump() for r in one]

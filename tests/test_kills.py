@@ -72,8 +72,10 @@ def digests(root: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
 
 
 def temporaries(root: Path) -> list[str]:
-    """Hidden or temporary entries: what a killed writer leaves (`.x.HOST-PID-*.tmp`, `.model.tmp`, ...)."""
-    return [str(p.relative_to(root)) for p in root.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")]
+    """Hidden or temporary entries: what a killed writer leaves (`.x.HOST-PID-*.tmp`, `.model.tmp`, ...), and
+    request journals (`<shard>.partial.jsonl`), which a finished run has none of."""
+    return [str(p.relative_to(root)) for p in root.rglob("*")
+            if p.name.startswith(".") or p.name.endswith((".tmp", ".partial.jsonl"))]
 
 
 def finished(work: Path) -> dict[str, float]:

@@ -104,6 +104,19 @@ def test_no_import_circle():
     assert not circles, "import circles:\n" + "\n".join(" -> ".join(c) for c in circles)
 
 
+def test_a_package_exports_only_its_own_names():
+    """A package's `__init__` re-exports names of its own modules only: a name of a lower floor is imported
+    from where it lives, so each name has one home."""
+    foreign = sorted(
+        f"{name} imports {target}"
+        for name, targets in import_graph().items()
+        if (PACKAGE.parent / name.replace(".", "/") / "__init__.py").is_file()
+        for target in targets
+        if not target.startswith(name + ".")
+    )
+    assert not foreign, "package __init__ files that re-export other packages' names:\n" + "\n".join(foreign)
+
+
 # What an objective may take: Python's own types, arrays and tensors, and the objectives' own types.
 PLAIN_MODULES = ("builtins", "types", "typing", "collections.abc", "numpy", "torch", "polyfuse.objectives")
 

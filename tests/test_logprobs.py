@@ -294,7 +294,7 @@ def test_models_that_post_process_logits_are_scored_with_their_own_forward(caplo
     check notices and the whole run falls back to the model's forward."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    from polyfuse.logprobs import score_sequences
+    from polyfuse.models.forward import score_sequences
 
     torch.manual_seed(0)
     config = Gemma2Config(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
@@ -332,4 +332,6 @@ def test_two_processes_under_accelerate_write_the_same_file(tiny_world, tmp_path
     single = polyfuse_cli(*args[2:], "--out", tmp_path / "single" / "out.jsonl")
     assert single.returncode == 0, single.stderr[-3000:]
     assert (tmp_path / "ddp" / "out.jsonl").read_bytes() == (tmp_path / "single" / "out.jsonl").read_bytes()
-    assert len(list((tmp_path / "ddp" / "shards-out.jsonl").glob("*.jsonl"))) == 4 * 3  # 4 models x 3 chunks
+    shards = sorted((tmp_path / "ddp" / "shards-out.jsonl").glob("*.jsonl"))
+    assert len(shards) == 4 * 3  # 4 models x 3 chunks, taken in turn
+    assert [read_metadata(s)["process"] for s in shards] == [0, 1] * 6

@@ -7,9 +7,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
+from polyfuse.config import validate
 from polyfuse.data import SampleRow, read_rows, write_rows
+from polyfuse.data.io import read_metadata
+from polyfuse.errors import ConfigError
 from polyfuse.pipeline.stages.sample import SampleConfig, run_sample
 from test_ddp import free_port
 
@@ -36,6 +40,15 @@ def test_rows_carry_provenance_and_are_reproducible(tiny_world, tmp_path):
     assert [r.response for r in again] == [r.response for r in rows]
     seeds = {(r.model, r.seed) for r in rows}
     assert len(seeds) == 2 * 2  # one seed per (model, chunk): 6 prompts / chunks of 3
+
+
+def test_a_models_sampling_settings_have_no_seed_of_their_own(tiny_world):
+    """The stage's seed (a recipe's seed) decides every shard's seed; a per-model `sampling.seed` would do
+    nothing, so it is refused rather than ignored."""
+    entry = sample_config(tiny_world).model_dump(mode="json", exclude=set(SampleConfig.recipe_only))
+    entry["models"][1]["sampling"]["seed"] = 7
+    with pytest.raises(ConfigError, match=r"^config: invalid config\n  models.1.sampling.seed: unknown key$"):
+        validate(SampleConfig, entry)
 
 
 def test_finished_shards_are_not_redone(tiny_world, tmp_path):
@@ -67,4 +80,5 @@ def test_two_processes_give_the_same_rows_as_one(tiny_world, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     parallel = read_rows(tmp_path / "ddp" / "samples.jsonl", SampleRow)
     assert [r.model_dump() for r in parallel] == [r.model_dump() for r in single]
-    assert len(list((tmp_path / "ddp" / "shards").glob("*.jsonl"))) == 4
+    shards = (tmp_path / "ddp" / "shards").glob("*.jsonl")
+    assert sorted(read_metadata(s)["process"] for s in shards) == [0, 0, 1, 1]  # 4 shards, taken in turn

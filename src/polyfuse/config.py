@@ -20,12 +20,44 @@ from polyfuse.errors import ConfigError
 M = TypeVar("M", bound=BaseModel)
 
 
+# The marker of a field that changes how a stage runs, not what it computes (a server's concurrency, timeout,
+# retries, key, address): `Field(..., json_schema_extra=NOT_FINGERPRINTED)`. A stage's fingerprint leaves such
+# fields out (`fingerprinted`), so changing one after a kill resumes the stage instead of starting it over.
+NOT_FINGERPRINTED = {"fingerprint": False}
+
+
 class StrictModel(BaseModel):
     """`recipe_only`: the keys only a recipe's section reads (a stage's config class is also the `--config`
     of its command, which refuses them rather than ignore them)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
     recipe_only: ClassVar[tuple[str, ...]] = ()
+
+
+def fingerprinted(model: BaseModel) -> dict[str, Any]:
+    """`model`'s JSON dump without the fields marked `NOT_FINGERPRINTED`, at any depth: what a stage's
+    fingerprint hashes."""
+    return model.model_dump(mode="json", exclude=_not_fingerprinted(model))
+
+
+def _not_fingerprinted(value: Any) -> dict | None:
+    """The pydantic `exclude` of the marked fields in `value` (a model, or lists and mappings of them)."""
+    if isinstance(value, BaseModel):
+        items = ((name, getattr(value, name), field) for name, field in type(value).model_fields.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((i, item, None) for i, item in enumerate(value))
+    elif isinstance(value, dict):
+        items = ((key, item, None) for key, item in value.items())
+    else:
+        return None
+    exclude: dict[Any, Any] = {}
+    for key, item, field in items:
+        extra = getattr(field, "json_schema_extra", None)
+        if isinstance(extra, dict) and extra.get("fingerprint") is False:
+            exclude[key] = True
+        elif (inner := _not_fingerprinted(item)) is not None:
+            exclude[key] = inner
+    return exclude or None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

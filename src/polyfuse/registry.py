@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from polyfuse.errors import ConfigError
 
@@ -57,3 +57,25 @@ class Registry(Generic[T]):
     def __contains__(self, name: str) -> bool:
         self.fill()
         return name in self._items
+
+    def config_validator(self, base: type, by_name: bool = False) -> Callable[[Any, Any], Any]:
+        """A pydantic wrap validator for a field holding a member's options: a mapping with `type` is validated
+        by the `Config` class of the member registered under that name (an open union: members registered by
+        any module validate like built-in ones); an instance of `base` is kept. `by_name`: a bare name stands
+        for `{type: name}`. Use: `Annotated[SerializeAsAny[Base], WrapValidator(REGISTRY.config_validator(Base))]`."""
+
+        def pick(value: Any, handler: Any) -> Any:
+            if isinstance(value, base):
+                return value
+            if by_name and isinstance(value, str):
+                value = {"type": value}
+            if not isinstance(value, dict) or "type" not in value:
+                name = f"a {self.family} name or " if by_name else ""
+                raise ValueError(f"expected {name}a mapping with a 'type' key (one of: {', '.join(self.names())})")
+            try:
+                member = self.get(value["type"])
+            except ConfigError as err:
+                raise ValueError(str(err)) from None
+            return member.Config.model_validate(value)
+
+        return pick

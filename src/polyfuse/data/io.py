@@ -309,15 +309,20 @@ def write_metadata(path: str | Path, metadata: dict[str, Any]) -> None:
 class ShardStore:
     """Numbered JSONL shards in one folder. Each shard is written whole and atomically, so after a
     crash a shard either exists complete or not at all; `done()` tells a rerun what is left. The folder is
-    made with the first shard: a command refused before its first shard leaves nothing behind.
+    made with the first shard: a command refused before its first shard leaves nothing behind. A shard's
+    sidecar (`<key>.jsonl.meta.json`) records which process of a launch wrote it.
 
     A shard being worked on may also keep a journal (`<key>.partial.jsonl`): records appended one line at
     a time as pieces of the shard finish (a server's requests), so a killed run redoes none of them. A
-    line cut short by the kill is ignored; the journal is deleted once its shard is written."""
+    line cut short by the kill is ignored; the journal is deleted once its shard is written (or, when a kill
+    came between the two, by the next store on the folder)."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         remove_stale_temporaries(self.folder)
+        for journal in self.folder.glob("*.partial.jsonl"):
+            if self.done(journal.name.removesuffix(".partial.jsonl")):
+                journal.unlink(missing_ok=True)  # processes of a launch may race here
 
     def path(self, key: str) -> Path:
         return self.folder / f"{key}.jsonl"
@@ -325,8 +330,11 @@ class ShardStore:
     def done(self, key: str) -> bool:
         return self.path(key).exists()
 
-    def write(self, key: str, rows: Iterable[BaseModel | dict[str, Any]]) -> None:
+    def write(self, key: str, rows: Iterable[BaseModel | dict[str, Any]], writer: dict[str, Any]) -> None:
+        """Write the shard, then its sidecar (`writer`: `ShardPlan.writer`): a write refused (full disk) leaves
+        nothing, and a kill between the two only a shard that does not say who wrote it."""
         write_rows(self.path(key), rows)
+        write_metadata(self.path(key), writer)
         self.journal(key).unlink(missing_ok=True)
 
     def journal(self, key: str) -> Path:

@@ -50,6 +50,11 @@ class ShardPlan:
     def is_main(self) -> bool:
         return bool(self.state.is_main_process)
 
+    @property
+    def writer(self) -> dict[str, int]:
+        """What a shard's sidecar records of the process that wrote it: which one, of how many."""
+        return {"process": self.state.process_index, "processes": self.state.num_processes}
+
     def todo(self, model: int, done: Callable[[int], bool]) -> list[int]:
         """The chunks of `model` that this process owns and that are not finished yet, in order."""
         return [c for c in range(self.chunks) if (model, c) in self.mine and not done(c)]

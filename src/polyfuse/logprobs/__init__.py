@@ -13,7 +13,6 @@ from polyfuse.logprobs.engine import (
     score_rows,
 )
 from polyfuse.logprobs.stage import LogprobsConfig, fusion_sources, run_logprobs
-from polyfuse.models.forward import score_sequences
 
 __all__ = [
     "RESPONSE_ROLES",
@@ -28,5 +27,4 @@ __all__ = [
     "run_logprobs",
     "score_encoded",
     "score_rows",
-    "score_sequences",
 ]

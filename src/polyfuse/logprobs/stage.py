@@ -7,9 +7,10 @@ become `fuse_*` lists in the order of `sources`, whose names are recorded in the
 
 Length policy: every model's tokenizer measures every pair first (no weights; only the lengths are
 kept, the ids are encoded again chunk by chunk while scoring, so memory does not grow with models x
-rows x tokens). A pair too long for *any* model is dropped for all of them, so the references and the
-policy score the same pairs; the dropped ids and the models they were too long for are reported in
-the metadata.
+rows x tokens). A model's limit is `max_length`, capped at its context and at what its backend takes
+(vLLM's `max_model_len`), all known before anything is scored. A pair too long for *any* model is
+dropped for all of them, so the references and the policy score the same pairs; the dropped ids and
+the models they were too long for are reported in the metadata.
 
 Work is cut into (model, chunk of rows) shards written atomically: a killed run keeps its finished
 shards and scores only the missing ones. Under `accelerate launch` processes take shards in turn.
@@ -21,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from polyfuse.config import StrictModel
 from polyfuse.data.io import ShardStore, read_metadata, write_metadata, write_rows
@@ -39,7 +40,7 @@ from polyfuse.logprobs.engine import (
 from polyfuse.models import load_config, load_tokenizer
 from polyfuse.models.forward import DEFAULT_TOKEN_BUDGET, length_limit
 from polyfuse.models.records import model_record
-from polyfuse.sampling import BackendConfig, EngineModel, build_backend
+from polyfuse.sampling import BackendConfig, BackendSettings, EngineModel, backend_max_length, build_backend
 
 # Version of the sequence convention (`polyfuse.models.templates`) the columns were computed with.
 CONVENTION = "polyfuse-logps-1"
@@ -53,7 +54,8 @@ class LogprobsConfig(StrictModel):
     pivot: EngineModel = Field(description="M0 (the SFT checkpoint): the ref_* columns.")
     sources: list[EngineModel] = Field(default_factory=list, description="The fuse_* models, in this order.")
     backend: BackendConfig | None = Field(
-        default=None, description="Score every model through this backend instead of its own `backend:`."
+        default=None, description="Score every model through this backend instead of its own `backend:` (openai: "
+        "without `model`, each model is asked for by its path)."
     )
     token_budget: int = Field(
         default=DEFAULT_TOKEN_BUDGET,
@@ -65,6 +67,18 @@ class LogprobsConfig(StrictModel):
     max_length: int | None = Field(default=None, ge=2, description="None: each model's context size.")
     overflow: Literal["drop", "error"] = Field(default="drop", description="A pair longer than max_length: drop it (and count it), or stop.")
     chunk_size: int = Field(default=1024, ge=1, description="Rows per resumable shard.")
+
+    @field_validator("backend")
+    @classmethod
+    def _one_served_model_per_model(cls, backend: BackendSettings | None, info: ValidationInfo) -> BackendSettings | None:
+        """A server serves a model per name: one `model:` for several models would score them all with the same
+        served model, silently (identical ref_* and fuse_* columns)."""
+        scored = 1 + len(info.data.get("sources") or [])
+        if scored > 1 and getattr(backend, "model", None) is not None:
+            raise ValueError(f"model {backend.model!r} would score the pivot and every source ({scored} models) with "
+                             "the one model the server serves under that name; remove `model` (each model is then "
+                             "asked for by its path) or give each model its own backend")
+        return backend
 
     def models(self) -> list[EngineModel]:
         """M0 then the sources, each with the backend it is scored with."""
@@ -92,7 +106,7 @@ def run_logprobs(config: LogprobsConfig, rows: list[PreferenceRow], out: str | P
         raise DataError("no preference rows to score")
     out = Path(out)
     tokenizers = [load_tokenizer(m) for m in models]
-    limits = [length_limit(load_config(m), config.max_length) for m in models]
+    limits = [_limit(m, config.max_length) for m in models]
     lengths: list[list[int]] = [[] for _ in models]  # per model: the longest response's sequence, per row
     modes: list[Counter] = [Counter() for _ in models]  # per model: template modes seen
     for k, tokenizer in enumerate(tokenizers):
@@ -128,7 +142,8 @@ def run_logprobs(config: LogprobsConfig, rows: list[PreferenceRow], out: str | P
                         lambda sequences, t=task: backend.score(sequences, config.token_budget, lambda n: bar.advance(t, n)),
                         [encode_row(tokenizers[k], rows[i]) for i in chunks[c]],
                     )
-                    store.write(key, [ShardScores(id=rows[i].id, scores=s) for i, s in zip(chunks[c], scores, strict=True)])
+                    shard = [ShardScores(id=rows[i].id, scores=s) for i, s in zip(chunks[c], scores, strict=True)]
+                    store.write(key, shard, plan.writer)
 
     def gather() -> None:
         per_model = [[s.scores for s in store.read_all(ShardScores, keys[k])] for k in range(len(models))]
@@ -150,6 +165,14 @@ def run_logprobs(config: LogprobsConfig, rows: list[PreferenceRow], out: str | P
 
     plan.on_main(gather)
     return out
+
+
+def _limit(model: EngineModel, max_length: int | None) -> int:
+    """The longest pair `model` scores: `max_length`, capped at the model's context and at what its backend
+    takes (vLLM's `max_model_len`, 2048 on CPU by default), known before any engine starts."""
+    limit = length_limit(load_config(model), max_length)
+    backend = backend_max_length(model)
+    return limit if backend is None else min(limit, backend)
 
 
 def _with_columns(row: PreferenceRow, scores: list[dict[str, tuple[float, int]]]) -> PreferenceRow:

@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 
-from polyfuse.config import walk_config
+from polyfuse.config import fingerprinted, walk_config
 from polyfuse.errors import ConfigError
 from polyfuse.models import ModelSpec
 from polyfuse.registry import Registry
@@ -126,9 +126,10 @@ class Stage(ABC):
         return {"seed": "the recipe's seed"} if self.seeded else {}
 
     def config(self, recipe: Any) -> dict[str, Any]:
-        """What the stage's fingerprint hashes besides its inputs: its resolved section and the seed."""
+        """What the stage's fingerprint hashes besides its inputs: its resolved section (without the settings
+        that do not change results, `NOT_FINGERPRINTED`) and the seed."""
         section = getattr(recipe, self.name, None)
-        resolved = section.model_dump(mode="json") if hasattr(section, "model_dump") else section
+        resolved = fingerprinted(section) if isinstance(section, BaseModel) else section
         return {"section": resolved, "seed": recipe.seed}
 
     def inputs(self, ctx: Context) -> dict[str, str]:

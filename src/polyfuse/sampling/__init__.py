@@ -13,6 +13,7 @@ from polyfuse.sampling.base import (
     EngineModel,
     SampledModel,
     SamplingParams,
+    backend_max_length,
     build_backend,
     request_seed,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "EngineModel",
     "SampledModel",
     "SamplingParams",
+    "backend_max_length",
     "build_backend",
     "request_seed",
 ]

@@ -38,19 +38,25 @@ from polyfuse.models.forward import DEFAULT_TOKEN_BUDGET
 from polyfuse.registry import Registry
 
 
-class SamplingParams(StrictModel):
-    """Per-model sampling settings. temperature 0 means greedy decoding."""
+class SamplingSettings(StrictModel):
+    """Per-model sampling settings (a model's `sampling:`). temperature 0 means greedy decoding. The seed is
+    not among them: the sample stage derives one per shard from its own `seed` (in a recipe, the recipe's)."""
 
     n: int = Field(default=1, ge=1, description="Responses per prompt.")
     temperature: float = Field(default=0.8, ge=0.0, description="0: greedy decoding.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling: keep the most likely tokens up to this mass.")
     repetition_penalty: float = Field(default=1.0, gt=0.0, description="Above 1 discourages repeated tokens.")
     max_new_tokens: int = Field(default=256, ge=1, description="Generation budget per response.")
-    seed: int = Field(default=0, description="Sampling seed (a stage derives one per shard from it).")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+class SamplingParams(SamplingSettings):
+    """What one `generate` call samples with: a model's settings and the seed its requests derive from."""
+
+    seed: int = Field(default=0, description="The requests' seeds derive from it (`request_seed`).")
 
 
 def request_seed(seed: int, position: int) -> int:
@@ -114,6 +120,13 @@ class Backend(ABC):
         raise ConfigError(f"{self.spec.label}: the {self.config.type!r} backend cannot score sequences; "
                           "use the transformers or vllm backend")
 
+    @classmethod
+    def max_length(cls, spec: ModelSpec, config: BackendSettings) -> int | None:
+        """The longest sequence (prompt and response tokens) the backend can score for this model, from the
+        options alone, before any engine starts (the log-prob stage drops longer pairs before it scores
+        anything); None: no limit of its own (the model's context still applies)."""
+        return None
+
     def seeds_for(self, prompts: list[Any], params: SamplingParams, seeds: list[int] | None) -> list[int]:
         return seeds if seeds is not None else [request_seed(params.seed, i) for i in range(len(prompts))]
 
@@ -138,22 +151,10 @@ class Backend(ABC):
 BACKENDS: Registry[type[Backend]] = Registry("backend", package="polyfuse.sampling")
 
 
-def _pick_config(value: Any, handler) -> BackendSettings:
-    """A backend name (`vllm`) or a mapping with `type`, validated by that backend's options class."""
-    if isinstance(value, BackendSettings):
-        return value
-    if isinstance(value, str):
-        value = {"type": value}
-    if not isinstance(value, dict) or "type" not in value:
-        raise ValueError(f"expected a backend name or a mapping with a 'type' key (one of: {', '.join(BACKENDS.names())})")
-    try:
-        backend = BACKENDS.get(value["type"])
-    except ConfigError as err:
-        raise ValueError(str(err)) from None
-    return backend.Config.model_validate(value)
-
-
-BackendConfig = Annotated[SerializeAsAny[BackendSettings], WrapValidator(_pick_config)]
+# A backend name (`vllm`) or a mapping with `type`, validated by that backend's options class.
+BackendConfig = Annotated[
+    SerializeAsAny[BackendSettings], WrapValidator(BACKENDS.config_validator(BackendSettings, by_name=True))
+]
 
 
 class EngineModel(ModelSpec):
@@ -166,9 +167,14 @@ class EngineModel(ModelSpec):
 class SampledModel(EngineModel):
     """A model, its backend and its sampling settings: a recipe's source or pivot."""
 
-    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
 
 
 def build_backend(model: EngineModel) -> Backend:
     """The backend of `model`, loaded or connected."""
     return BACKENDS.get(model.backend.type)(model, model.backend)
+
+
+def backend_max_length(model: EngineModel) -> int | None:
+    """The longest sequence `model`'s backend can score (`Backend.max_length`), without starting it."""
+    return BACKENDS.get(model.backend.type).max_length(model, model.backend)

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 from pydantic import Field
 
+from polyfuse.config import NOT_FINGERPRINTED
 from polyfuse.data.schemas import as_messages
 from polyfuse.errors import ConfigError, UserError
 from polyfuse.models import ModelSpec
@@ -34,17 +36,27 @@ from polyfuse.sampling.base import BACKENDS, Backend, BackendSettings, Done, Sam
 
 
 class OpenAISettings(BackendSettings):
+    """The server's address, served model and endpoint, and how requests are sent. Only `model`, `endpoint`
+    (and the model's path: its tokenizer) decide the answers; the others are left out of a stage's fingerprint,
+    so a run killed mid-way and resumed with another concurrency, timeout, key or address keeps what it has.
+    `base_url` among them: a URL does not identify the weights behind it (the same URL may serve another model
+    after a restart), and a server restarted at another address (another node, port) is the common reason
+    to change it mid-run."""
+
     type: Literal["openai"] = "openai"
-    base_url: str = Field(description="The server's API root, e.g. http://127.0.0.1:8000/v1.")
+    base_url: str = Field(description="The server's API root, e.g. http://127.0.0.1:8000/v1.",
+                          json_schema_extra=NOT_FINGERPRINTED)
     model: str | None = Field(default=None, description="The served model name (default: the model's path).")
     endpoint: Literal["completions", "chat"] = Field(
         default="completions",
         description="completions: polyfuse renders the prompt (token ids); chat: the server's template does.",
     )
-    api_key_env: str | None = Field(default=None, description="Environment variable holding the API key.")
-    concurrency: int = Field(default=16, ge=1, description="Requests in flight at most.")
-    timeout: float = Field(default=600.0, gt=0, description="Seconds per request try.")
-    max_retries: int = Field(default=5, ge=0, description="Retries of a request on 429, 5xx, timeouts, lost connections.")
+    api_key_env: str | None = Field(default=None, description="Environment variable holding the API key.",
+                                    json_schema_extra=NOT_FINGERPRINTED)
+    concurrency: int = Field(default=16, ge=1, description="Requests in flight at most.", json_schema_extra=NOT_FINGERPRINTED)
+    timeout: float = Field(default=600.0, gt=0, description="Seconds per request try.", json_schema_extra=NOT_FINGERPRINTED)
+    max_retries: int = Field(default=5, ge=0, description="Retries of a request on 429, 5xx, timeouts, lost connections.",
+                             json_schema_extra=NOT_FINGERPRINTED)
 
 
 @BACKENDS.register("openai")
@@ -88,7 +100,7 @@ class OpenAIBackend(Backend):
         tries = f"after {self.config.max_retries + 1} tries"
         where = f"{self.spec.label}: {self.config.base_url}"
         try:
-            asyncio.run(main())
+            _run_to_completion(main)
         except openai.APITimeoutError:
             raise UserError(f"{where}: no answer within {self.config.timeout:g} s {tries} (backend.timeout)") from None
         except openai.APIConnectionError as err:
@@ -136,6 +148,18 @@ class OpenAIBackend(Backend):
 
         self._run(len(sequences), request)
         return results
+
+
+def _run_to_completion(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """`asyncio.run(main())`, also from code that runs inside an event loop (a Jupyter cell), where
+    `asyncio.run` refuses: then in a thread of its own, with its own loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(main())
+        return
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, main()).result()
 
 
 def _message(err: Any) -> str:

@@ -33,7 +33,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from polyfuse.errors import UserError
-from polyfuse.models import ModelSpec
+from polyfuse.models import ModelSpec, load_config
 from polyfuse.models.templates import decode_response, render_prompt
 from polyfuse.sampling.base import BACKENDS, Backend, BackendSettings, Done, SamplingParams
 
@@ -56,10 +56,24 @@ class VllmSettings(BackendSettings):
     engine_args: dict[str, Any] = Field(default_factory=dict, description="Any other vllm.EngineArgs, passed as they are.")
 
 
+def _import_vllm(spec: ModelSpec) -> Any:
+    try:
+        import vllm
+    except ImportError:
+        raise UserError(f"{spec.label}: backend vllm needs vLLM: pip install 'polyfuse[vllm]' "
+                        "(CPU-only machines: see the README's 'Inference engines')") from None
+    return vllm
+
+
 def _on_cpu() -> bool:
     from vllm.platforms import current_platform
 
     return current_platform.is_cpu()
+
+
+def _context(spec: ModelSpec) -> int | None:
+    """The model's context size, from its config."""
+    return getattr(load_config(spec), "max_position_embeddings", None)
 
 
 def _launched() -> bool:
@@ -147,18 +161,11 @@ class VllmBackend(Backend):
 
     def __init__(self, spec: ModelSpec, config: VllmSettings):
         super().__init__(spec, config)
-        try:
-            import vllm
-        except ImportError:
-            raise UserError(f"{spec.label}: backend vllm needs vLLM: pip install 'polyfuse[vllm]' "
-                            "(CPU-only machines: see the README's 'Inference engines')") from None
-        from polyfuse.models import load_config
-
+        vllm = _import_vllm(spec)
         on_cpu = _on_cpu()
         if on_cpu:
             _cpu_environment()
-        context = getattr(load_config(spec), "max_position_embeddings", None)
-        self.kwargs = engine_kwargs(spec, config, on_cpu, context)
+        self.kwargs = engine_kwargs(spec, config, on_cpu, _context(spec))
         # An engine inside this process (VLLM_ENABLE_V1_MULTIPROCESSING=0: starts faster, samples slower on
         # CPU) sets up torch.distributed here, and must tear it down before the next model's engine starts.
         if _launched():
@@ -167,6 +174,16 @@ class VllmBackend(Backend):
         with _own_gpus(config.tensor_parallel_size, on_cpu):
             self.engine = vllm.LLM(**self.kwargs)
         self.stop_ids = self.stop_token_ids()
+
+    @classmethod
+    def max_length(cls, spec: ModelSpec, config: VllmSettings) -> int | None:
+        """The engine's `max_model_len` (as `engine_kwargs` sets it: 2048 at most on CPU unless asked), else the
+        model's context, less the one token a request must leave to generate. Without vLLM installed, the
+        error comes here, before any model is scored."""
+        _import_vllm(spec)
+        context = _context(spec)
+        limit = engine_kwargs(spec, config, _on_cpu(), context).get("max_model_len") or context
+        return None if limit is None else limit - 1
 
     def _sampling(self, params: SamplingParams, seed: int | None, **extra: Any) -> Any:
         from vllm import SamplingParams as VllmParams

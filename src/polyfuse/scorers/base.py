@@ -26,7 +26,6 @@ from pydantic import Field, SerializeAsAny, WrapValidator
 
 from polyfuse.config import StrictModel, validate
 from polyfuse.data.schemas import SampleRow
-from polyfuse.errors import ConfigError
 from polyfuse.registry import Registry
 
 
@@ -74,21 +73,8 @@ class Verifier(Scorer):
 SCORERS: Registry[type[Scorer]] = Registry("scorer", package="polyfuse.scorers")
 
 
-def _pick_config(value: Any, handler) -> ScorerSettings:
-    """Validate with the config class of the scorer registered under `type` (an open union: scorers
-    registered by other modules validate like built-in ones)."""
-    if isinstance(value, ScorerSettings):
-        return value
-    if not isinstance(value, dict) or "type" not in value:
-        raise ValueError(f"expected a mapping with a 'type' key (one of: {', '.join(SCORERS.names())})")
-    try:
-        scorer = SCORERS.get(value["type"])
-    except ConfigError as err:
-        raise ValueError(str(err)) from None
-    return scorer.Config.model_validate(value)
-
-
-ScorerConfig = Annotated[SerializeAsAny[ScorerSettings], WrapValidator(_pick_config)]
+# Validated by the config class of the scorer registered under `type`.
+ScorerConfig = Annotated[SerializeAsAny[ScorerSettings], WrapValidator(SCORERS.config_validator(ScorerSettings))]
 
 
 class _OneScorer(StrictModel):

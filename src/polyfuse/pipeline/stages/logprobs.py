@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from polyfuse.config import fingerprinted
 from polyfuse.data.io import read_rows
 from polyfuse.data.schemas import PreferenceRow
 from polyfuse.logprobs import LogprobsConfig
@@ -49,7 +50,7 @@ class LogprobsStage(Stage):
 
     def config(self, recipe) -> dict:
         """The section (its sources with their backends) and the pivot's backend (its path is an input)."""
-        return {**super().config(recipe), "pivot_backend": (recipe.logprobs.backend or recipe.pivot.backend).model_dump(mode="json")}
+        return {**super().config(recipe), "pivot_backend": fingerprinted(recipe.logprobs.backend or recipe.pivot.backend)}
 
     def logprobs_config(self, ctx: Context) -> LogprobsConfig:
         pivot = model_specs([ctx.current_pivot("logprobs")], EngineModel)[0]

@@ -22,7 +22,7 @@ from polyfuse.data.schemas import PromptRow, SampleRow, stable_id
 from polyfuse.data.sharded import ShardPlan
 from polyfuse.pipeline.context import STAGES, Context, Stage, paths_in
 from polyfuse.progress import progress_bar
-from polyfuse.sampling import SampledModel, build_backend, request_seed
+from polyfuse.sampling import SampledModel, SamplingParams, build_backend, request_seed
 
 
 class SampleConfig(StrictModel):
@@ -56,7 +56,7 @@ def run_sample(prompts: list[PromptRow], config: SampleConfig, out_dir: str | Pa
             task = bar.add_task(f"sample {spec.label}", total=sum(len(chunks[c]) for c, _ in todo))
             with build_backend(spec) as backend:  # freed before the next model's
                 for c, key in todo:
-                    params = spec.sampling.model_copy(update={"seed": _shard_seed(config.seed, spec.label, c)})
+                    params = SamplingParams(**spec.sampling.model_dump(), seed=_shard_seed(config.seed, spec.label, c))
                     responses = {record["index"]: record["responses"] for record in store.journaled(key)}
                     bar.advance(task, len(responses))
                     left = [i for i in range(len(chunks[c])) if i not in responses]
@@ -79,7 +79,7 @@ def run_sample(prompts: list[PromptRow], config: SampleConfig, out_dir: str | Pa
                         for i, prompt in enumerate(chunks[c])
                         for k, text in enumerate(responses[i])
                     ]
-                    store.write(key, rows)
+                    store.write(key, rows, plan.writer)
     out = out_dir / "samples.jsonl"
     plan.on_main(lambda: write_rows(out, store.read_all(SampleRow, [key for row in keys for key in row])))
     return out

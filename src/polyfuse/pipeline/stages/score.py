@@ -46,7 +46,7 @@ def run_score(samples: list[SampleRow], config: ScoreConfig, out_dir: str | Path
                             row.verdicts[scorer.name] = bool(value)
                         if details:
                             row.details[scorer.name] = details
-                store.write(keys[c], rows)
+                store.write(keys[c], rows, plan.writer)
                 bar.advance(task, len(rows))
         del scorers
         gc.collect()
