@@ -15,6 +15,9 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -185,3 +188,27 @@ def test_standalone_teacher_and_logprobs_killed_before_renames_give_the_same_out
             assert (killed / "scored.jsonl").read_bytes() == (reference / "scored.jsonl").read_bytes()
         assert temporaries(killed) == []
     print(f"teacher + logprobs: {kills} kills, outputs identical, 0 stray files")
+
+
+def test_ctrl_c_stops_a_toy_world_build_and_its_workers_at_once(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while two worker processes train
+    models: every process is gone within seconds (a worker does not finish the jobs it holds), exit code 130
+    with one line saying what is kept, and nothing left of the build (nor the cache folder it made)."""
+    cache = tmp_path / "cache"
+    command = [sys.executable, "-m", "polyfuse", "toyworld", "build", "--preset", "default", "--cache-dir", str(cache)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while not any(p.suffix == ".tmp" for p in cache.glob("*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)  # the workers are training
+    assert process.poll() is None, "the build ended before the interrupt"
+    interrupted = time.monotonic()
+    os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert time.monotonic() - interrupted < 15
+    assert process.returncode == 130
+    assert err.strip() == "interrupted: finished work is kept; the same command again resumes it (`train` commands with --resume)"
+    with pytest.raises(ProcessLookupError):  # no worker left behind in the group
+        os.killpg(process.pid, 0)
+    assert not cache.exists()  # the temporary folder removed, then the cache folder the command made

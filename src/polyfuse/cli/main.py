@@ -648,9 +648,12 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     Console(stderr=True, soft_wrap=True).print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False)
 
 
+EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT (128 + 2)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point (`argv`: the arguments, default `sys.argv[1:]`): user errors become one red line and exit
-    code 2, never a traceback."""
+    code 2, never a traceback; Ctrl-C one line saying what is kept, exit code 130."""
     _new_folders.clear()
     _set_quiet(False)  # each command's -q sets it; a command without the flag is not quiet
     # polyfuse shows one rich progress display per stage; the libraries' own tqdm bars (the GGUF
@@ -660,6 +663,13 @@ def main(argv: list[str] | None = None) -> None:
     warnings.showwarning = _show_warning
     try:
         app(args=argv, prog_name="polyfuse")  # bad flags: typer's own usage message and exit code 2
+    except SystemExit as stop:
+        if stop.code == EXIT_INTERRUPTED:  # Ctrl-C: typer has turned the KeyboardInterrupt into this exit
+            _remove_new_empty_folders()
+            Console(stderr=True, soft_wrap=True).print(
+                "[yellow]interrupted[/]: finished work is kept; the same command again resumes it "
+                "(`train` commands with --resume)", highlight=False)
+        raise
     except Exception as err:  # a user error; a full disk, a read-only folder, a file where a folder must go
         user_error = err if isinstance(err, UserError) else storage_error(err)
         if user_error is None:

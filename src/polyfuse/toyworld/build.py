@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 import zlib
@@ -204,10 +205,25 @@ def _init_worker(queue: Any) -> None:
     global _PROGRESS
     _PROGRESS = queue
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # a forked child must not use the parent's thread pool
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
 
 
 def _worker_job(config: ToyWorldConfig, job: _Job, root: Path) -> float:
     return _run_job(config, job, root, lambda: _PROGRESS.put(job.folder))
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Stop the workers now (a worker's error, Ctrl-C): `shutdown` alone waits for the jobs they already hold
+    (up to a minute each). Python 3.14 has `terminate_workers`; before it, the pool's own process table."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    if hasattr(pool, "terminate_workers"):
+        pool.terminate_workers()
+        return
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join()
 
 
 def _train_all(config: ToyWorldConfig, root: Path, bar) -> dict[str, float]:
@@ -237,8 +253,10 @@ def _train_all(config: ToyWorldConfig, root: Path, bar) -> dict[str, float]:
             drain()
             for future in done:
                 losses[futures[future].recipe.name] = future.result()  # re-raises a worker's error
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    except BaseException:
+        _stop_workers(pool)
+        raise
+    pool.shutdown(wait=True)
     for job in jobs:  # steps still in the queue's pipe when the last worker finished
         bar.update(tasks[job.folder], completed=job.recipe.steps)
     return losses
