@@ -31,7 +31,8 @@ TOY_SCHEME = "toyworld://"
 class ToyWorldRef(StrictModel):
     """The toy world the recipe's toyworld:// paths point into (built on first use, then cached)."""
 
-    preset: Literal["default", "tiny"] = Field(default="default", description="default, or tiny (seconds to build, for tests).")
+    preset: Literal["default", "tiny", "gym", "gym-tiny"] = Field(
+        default="default", description="default; tiny (seconds to build, for tests); gym (the fusion gym, docs/gym.md); gym-tiny.")
     seed: int = Field(default=0, description="World seed: the toy models' weights and data.")
     cache_dir: str | None = Field(default=None, description="None: $POLYFUSE_CACHE, else $XDG_CACHE_HOME/polyfuse, else ~/.cache/polyfuse.")
 

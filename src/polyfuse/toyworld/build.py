@@ -7,6 +7,11 @@ Layout of a world (ordinary Hugging Face folders, loadable without polyfuse)::
         pivot/            the weak generalist to fuse into
         reward_model/     one-logit sequence classifier trained on verifier labels
         world.json        config, specialties, build time, final training losses
+      a fusion gym (a config with a `gym` section) also has:
+        merging/base/                   the shared pretrained base
+        merging/specialists/<domain>/   the base + a LoRA fine-tune on one domain (merged into the weights)
+        merging/multitask/              the base + a LoRA fine-tune on every domain (FusionBench's baseline)
+        texts/gold.jsonl                gold training texts (SFT rows) that no source wrote
 
 A world is built in a hidden temporary folder and renamed into place once complete, so an
 interrupted build never leaves a half world; a complete world is recognised by its `world.json`
@@ -35,19 +40,21 @@ from typing import Any
 import torch
 
 from polyfuse.data import PromptRow
+from polyfuse.data import SFTRow
 from polyfuse.data.io import (
     follow_umask,
     raise_for_storage,
     remove_stale_temporaries,
     temporary_folder,
     write_json,
+    write_rows,
 )
 from polyfuse.errors import UserError
 from polyfuse.models import encode
-from polyfuse.toyworld.config import ModelRecipe, ToyWorldConfig
-from polyfuse.toyworld.tasks import Split, draw, get_domain, make_prompts, make_row
+from polyfuse.toyworld.config import LoraRecipe, ModelRecipe, ToyWorldConfig
+from polyfuse.toyworld.tasks import Split, distinct_tasks, draw, get_domain, make_prompts, make_row
 from polyfuse.toyworld.tokenizers import train_tokenizer
-from polyfuse.toyworld.train import make_model, train_lm, train_reward_model
+from polyfuse.toyworld.train import make_model, train_lm, train_reward_model, with_lora
 
 WORLD_FILE = "world.json"
 
@@ -100,9 +107,39 @@ class World:
         """Source name -> the domain it specialises in."""
         return {s.name: s.specialty for s in self.config.sources}
 
+    @property
+    def is_gym(self) -> bool:
+        return self.config.gym is not None
+
+    def _gym_path(self, relative: str) -> Path:
+        if not self.is_gym:
+            raise UserError(f"{self.root}: not a fusion gym (no merging models, no gold texts); use a gym preset")
+        return self.root / relative
+
+    @property
+    def merge_base_path(self) -> Path:
+        """The shared pretrained base of the merging specialists (a gym only)."""
+        return self._gym_path("merging/base")
+
+    @property
+    def specialist_paths(self) -> dict[str, Path]:
+        """Domain -> the base fine-tuned (LoRA, merged into the weights) on that domain (a gym only)."""
+        return {d: self._gym_path(f"merging/specialists/{d}") for d in self.domains}
+
+    @property
+    def multitask_path(self) -> Path:
+        """The base fine-tuned (LoRA) on every domain at once (a gym only)."""
+        return self._gym_path("merging/multitask")
+
+    @property
+    def gold_texts_path(self) -> Path:
+        """SFT rows of train prompts with their gold answers, `gold_texts_per_domain` per domain (a gym only)."""
+        return self._gym_path("texts/gold.jsonl")
+
     def prompts(self, split: Split = "heldout", per_domain: int = 100, domains: list[str] | None = None,
                 seed: int = 0) -> list[PromptRow]:
-        """`per_domain` distinct prompts of each domain from `split`; the split never depends on `seed`."""
+        """`per_domain` distinct prompts of each domain from `split` (a gym: train, validation or test; heldout
+        is test); the split never depends on `seed`."""
         domains = domains or self.domains
         return make_prompts(split, domains, per_domain * len(domains), seed)
 
@@ -157,23 +194,61 @@ def _check_reload(folder: Path, tokenizer, rows: list[PromptRow]) -> None:
 
 @dataclass(frozen=True)
 class _Job:
-    """One model to build: its recipe, its folder inside the world, and whether it is the reward model."""
+    """One model to build: its recipe, its folder inside the world, whether it is the reward model, and for a
+    LoRA fine-tune the folder of the model it starts from (built first) and its adapter."""
 
     recipe: ModelRecipe
     folder: str
     reward: bool = False
+    start: str | None = None
+    lora: LoraRecipe | None = None
 
     @property
     def cost(self) -> int:
         return self.recipe.steps * self.recipe.hidden_size * self.recipe.layers
 
 
+def _lora_job(base: ModelRecipe, name: str, mixture: dict[str, float] | None, lora: LoraRecipe, folder: str) -> _Job:
+    """A LoRA fine-tune of the base: the base's recipe (architecture, tokenizer) with its own name (its seed),
+    data mixture and training length."""
+    recipe = base.model_copy(update=dict(name=name, mixture=mixture, steps=lora.steps, batch_size=lora.batch_size,
+                                         learning_rate=lora.learning_rate))
+    return _Job(recipe, folder, start="merging/base", lora=lora)
+
+
 def _jobs(config: ToyWorldConfig) -> list[_Job]:
-    return [
+    jobs = [
         *(_Job(s, f"sources/{s.name}") for s in config.sources),
         _Job(config.pivot, "pivot"),
         _Job(config.reward_model, "reward_model", reward=True),
     ]
+    if config.gym is not None:
+        gym = config.gym
+        jobs += [
+            _Job(gym.base, "merging/base"),
+            *(_lora_job(gym.base, f"specialist-{d}", {d: 1.0}, gym.specialist, f"merging/specialists/{d}")
+              for d in config.domains),
+            _lora_job(gym.base, "multitask", None, gym.multitask, "merging/multitask"),
+        ]
+    return jobs
+
+
+def _next_jobs(jobs: list[_Job], finished: str | None) -> list[_Job]:
+    """The jobs that can start once `finished` is built (None: at the start), those that others start from
+    first (they are on the critical path), then the longest."""
+    ready = [job for job in jobs if job.start == finished]
+    return sorted(ready, key=lambda j: (not any(k.start == j.folder for k in jobs), -j.cost))
+
+
+def _gold_texts(config: ToyWorldConfig) -> list[SFTRow]:
+    """`gold_texts_per_domain` distinct train prompts of every domain with their gold answers."""
+    rows = []
+    for name in config.domains:
+        domain = get_domain(name)
+        for params in distinct_tasks(name, "train", config.gym.gold_texts_per_domain, seed=_seed(config, "gold-texts")):
+            row = make_row(domain, params)
+            rows.append(SFTRow(id=row.id, prompt=row.prompt, completion=row.answer, domain=name, source="gold"))
+    return rows
 
 
 def _run_job(config: ToyWorldConfig, job: _Job, root: Path, advance: Callable[[], None]) -> float:
@@ -182,7 +257,19 @@ def _run_job(config: ToyWorldConfig, job: _Job, root: Path, advance: Callable[[]
     recipe, out = job.recipe, root / job.folder
     seed = _seed(config, recipe.name)
     with _threads(config.threads), _quiet_transformers():
-        tokenizer = train_tokenizer(recipe.tokenizer, recipe.vocab_size, recipe.template, config.seed, config.corpus_lines)
+        tokenizer = train_tokenizer(recipe.tokenizer, recipe.vocab_size, recipe.template, config.seed,
+                                    config.corpus_lines, config.corpus_tasks)
+        if job.lora is not None:
+            from transformers import AutoModelForCausalLM
+
+            model = with_lora(AutoModelForCausalLM.from_pretrained(root / job.start), job.lora, seed)
+            rows = _training_rows(config, recipe)
+            loss = train_lm(model, tokenizer, recipe, rows, seed, advance)
+            model = model.merge_and_unload()
+            model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+            _check_reload(out, tokenizer, rows)
+            return loss
         torch.manual_seed(seed)
         model = make_model(recipe, tokenizer, classifier=job.reward)
         if job.reward:
@@ -227,13 +314,18 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
 
 
 def _train_all(config: ToyWorldConfig, root: Path, bar) -> dict[str, float]:
-    """Build every model, in this process or (workers > 1) in worker processes, longest jobs first."""
-    jobs = sorted(_jobs(config), key=lambda j: j.cost, reverse=True)
+    """Build every model, in this process or (workers > 1) in worker processes, longest jobs first (a
+    fine-tune once the model it starts from is built)."""
+    jobs = _jobs(config)
     tasks = {job.folder: bar.add_task(f"train {job.recipe.name}", total=job.recipe.steps) for job in jobs}
+    losses: dict[str, float] = {}
     if config.workers == 1:
-        return {
-            job.recipe.name: _run_job(config, job, root, lambda t=tasks[job.folder]: bar.advance(t)) for job in jobs
-        }
+        queue = _next_jobs(jobs, None)
+        while queue:
+            job = queue.pop(0)
+            losses[job.recipe.name] = _run_job(config, job, root, lambda t=tasks[job.folder]: bar.advance(t))
+            queue += _next_jobs(jobs, job.folder)
+        return losses
     # Fork on Linux: workers start at once and callers need no `if __name__ == "__main__"` guard.
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     queue = context.Queue()
@@ -243,16 +335,20 @@ def _train_all(config: ToyWorldConfig, root: Path, bar) -> dict[str, float]:
             while True:
                 bar.advance(tasks[queue.get_nowait()])
 
-    losses: dict[str, float] = {}
     pool = ProcessPoolExecutor(config.workers, mp_context=context, initializer=_init_worker, initargs=(queue,))
     try:
-        futures = {pool.submit(_worker_job, config, job, root): job for job in jobs}
+        futures = {pool.submit(_worker_job, config, job, root): job for job in _next_jobs(jobs, None)}
         pending = set(futures)
         while pending:
             done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
             drain()
             for future in done:
-                losses[futures[future].recipe.name] = future.result()  # re-raises a worker's error
+                finished = futures[future]
+                losses[finished.recipe.name] = future.result()  # re-raises a worker's error
+                for job in _next_jobs(jobs, finished.folder):
+                    started = pool.submit(_worker_job, config, job, root)
+                    futures[started] = job
+                    pending.add(started)
     except BaseException:
         _stop_workers(pool)
         raise
@@ -278,7 +374,7 @@ def _quiet_transformers() -> Iterator[None]:
 
 def build_world(config: ToyWorldConfig, cache_dir: str | Path | None = None, progress: bool = True) -> World:
     """The world of `config`, from the cache when it was built before, else built now (about two
-    minutes on 2 CPU cores for the default preset, a second for `tiny`)."""
+    minutes on 2 CPU cores for the default preset, a second for `tiny`; docs/results.md has the gym's)."""
     from polyfuse.progress import progress_bar
 
     root = world_dir(config, cache_dir)
@@ -291,6 +387,8 @@ def build_world(config: ToyWorldConfig, cache_dir: str | Path | None = None, pro
     try:
         with progress_bar(disable=not progress) as bar:
             losses = _train_all(config, tmp, bar)
+        if config.gym is not None:
+            write_rows(tmp / "texts" / "gold.jsonl", _gold_texts(config))
         write_json(tmp / WORLD_FILE, {
             "config": config.model_dump(mode="json"), "key": config.key(),
             "specialties": {s.name: s.specialty for s in config.sources},

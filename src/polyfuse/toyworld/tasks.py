@@ -12,12 +12,23 @@ learnt it scores near zero:
 Three sister tasks (`SISTER_TASKS`: subtraction, copying, minimum) share the formats but not the
 answers; only the pivot is trained on them.
 
+The fusion gym's domains (`GYM_DOMAINS`, with their sister tasks `GYM_SISTER_TASKS`) are larger
+versions of the same three families, with parameter spaces of 10^5 and more and a spread of
+difficulty (more digits, carries, longer words, more numbers), so that models land between 0 and 100%:
+
+- `addition`: "What is 3471 + 8?" (10-9999 plus 1-9, or 10-99 three times in ten),
+- `reversal`: "Reverse the letters of KQZMAB." (3-8 random capitals),
+- `largest`: "Which number is largest: 347, 58, 912, 400?" (3-5 distinct numbers of 10-999).
+
 Task words are random capitals, and every tokenizer of the world isolates digits and runs of
 capitals, so each model sees numbers and task words one symbol at a time.
 
 A task belongs to the held-out split when a hash of its parameters (not its wording) falls under
 `HELDOUT_PERCENT`: the split does not depend on any seed, so train and held-out prompts never overlap
 whichever seeds generate them, and a sister task never shows the pivot the operands of a held-out task.
+The gym's domains split three ways by the same hash: `test` is what the two-way scheme calls held-out
+(the lowest `HELDOUT_PERCENT` buckets), `validation` the next `VALIDATION_PERCENT`, `train` the rest;
+for them "heldout" names the test split.
 """
 
 from __future__ import annotations
@@ -31,8 +42,11 @@ from typing import Literal
 from polyfuse.data import PromptRow, stable_id
 from polyfuse.errors import ConfigError
 
-Split = Literal["train", "heldout"]
+Split = Literal["train", "heldout", "validation", "test"]
+TWO_WAY: tuple[Split, ...] = ("train", "heldout")
+THREE_WAY: tuple[Split, ...] = ("train", "validation", "test")
 HELDOUT_PERCENT = 20
+VALIDATION_PERCENT = 10  # three-way domains only
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 Params = tuple
 
@@ -47,6 +61,32 @@ class Domain:
     prompt: Callable[[Params], str]
     answer: Callable[[Params], str]
     corrupt: Callable[[random.Random, Params], str] | None = None
+    three_way: bool = False  # train / validation / test (the gym) instead of train / heldout
+
+    @property
+    def splits(self) -> tuple[Split, ...]:
+        return THREE_WAY if self.three_way else TWO_WAY
+
+    def split_of(self, params: Params) -> Split:
+        """The split of a task of this domain, by the hash of its parameters alone."""
+        bucket = _bucket(params)
+        if not self.three_way:
+            return "heldout" if bucket < HELDOUT_PERCENT else "train"
+        return "test" if bucket < HELDOUT_PERCENT else "validation" if bucket < HELDOUT_PERCENT + VALIDATION_PERCENT else "train"
+
+    def resolve_split(self, split: str) -> Split:
+        """`split` as this domain names it ("heldout" is the test split of a three-way domain)."""
+        if self.three_way and split == "heldout":
+            return "test"
+        if split not in self.splits:
+            raise ConfigError(f"split {split!r}: the toy domain {self.name!r} has the splits {', '.join(self.splits)}")
+        return split  # type: ignore[return-value]
+
+
+def _bucket(params: Params) -> int:
+    """0-99 from a hash of the parameters alone (not the wording, not any seed)."""
+    digest = hashlib.sha1(repr(params).encode()).digest()
+    return int.from_bytes(digest[:4], "big") % 100
 
 
 def _sum_operands(rng: random.Random) -> Params:
@@ -59,6 +99,23 @@ def _three_numbers(rng: random.Random) -> Params:
 
 def _word(rng: random.Random) -> Params:
     return ("".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 5))),)
+
+
+def _gym_operands(rng: random.Random) -> Params:
+    """10-9999 plus a one-digit number, or (three times in ten, the hard items) a two-digit one."""
+    return (rng.randint(10, 9999), rng.randint(1, 9) if rng.random() < 0.7 else rng.randint(10, 99))
+
+
+def _gym_numbers(rng: random.Random) -> Params:
+    return tuple(rng.sample(range(10, 1000), rng.randint(3, 5)))
+
+
+def _gym_word(rng: random.Random) -> Params:
+    return ("".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 8))),)
+
+
+def _list_prompt(question: str) -> Callable[[Params], str]:
+    return lambda p: f"Which number is {question}: {', '.join(map(str, p))}?"
 
 
 def _near_number(rng: random.Random, gold: str) -> str:
@@ -132,25 +189,43 @@ SISTER_TASKS = _domains(
 )
 
 
+# The fusion gym's domains: the same families, larger parameter spaces and a spread of difficulty, split
+# three ways. Their sister tasks pretrain the gym's pivot as SISTER_TASKS do the default one.
+GYM_DOMAINS = _domains(
+    Domain("addition", _gym_operands, lambda p: f"What is {p[0]} + {p[1]}?", lambda p: str(p[0] + p[1]), _wrong_sum,
+           three_way=True),
+    Domain("reversal", _gym_word, lambda p: f"Reverse the letters of {p[0]}.", lambda p: p[0][::-1], _wrong_reversal,
+           three_way=True),
+    Domain("largest", _gym_numbers, _list_prompt("largest"), lambda p: str(max(p)), _wrong_max, three_way=True),
+)
+GYM_SISTER_TASKS = _domains(
+    Domain("subtraction", _gym_operands, lambda p: f"What is {p[0]} - {p[1]}?", lambda p: str(p[0] - p[1]),
+           three_way=True),
+    Domain("repetition", _gym_word, lambda p: f"Repeat the letters of {p[0]}.", lambda p: p[0], three_way=True),
+    Domain("smallest", _gym_numbers, _list_prompt("smallest"), lambda p: str(min(p)), three_way=True),
+)
+ALL_TASKS = {**DOMAINS, **SISTER_TASKS, **GYM_DOMAINS, **GYM_SISTER_TASKS}
+
+
 def get_domain(name: str) -> Domain:
-    """A domain or sister task by name."""
-    found = DOMAINS.get(name) or SISTER_TASKS.get(name)
+    """A domain or sister task (of either world) by name."""
+    found = ALL_TASKS.get(name)
     if found is None:
-        raise ConfigError(f"unknown toy task {name!r}; expected one of: {', '.join([*DOMAINS, *SISTER_TASKS])}")
+        raise ConfigError(f"unknown toy task {name!r}; expected one of: {', '.join(ALL_TASKS)}")
     return found
 
 
 def split_of(params: Params) -> Split:
-    """"heldout" for about `HELDOUT_PERCENT`% of all tasks, by a hash of the parameters alone."""
-    digest = hashlib.sha1(repr(params).encode()).digest()
-    return "heldout" if int.from_bytes(digest[:4], "big") % 100 < HELDOUT_PERCENT else "train"
+    """"heldout" for about `HELDOUT_PERCENT`% of all tasks, by a hash of the parameters alone (the
+    two-way scheme of the default world's domains)."""
+    return "heldout" if _bucket(params) < HELDOUT_PERCENT else "train"
 
 
 def draw(domain: Domain, split: Split, rng: random.Random) -> Params:
     """Parameters of one task of `split` (rejection sampling: about 1 in 5 draws is held-out)."""
     while True:
         params = domain.draw(rng)
-        if split_of(params) == split:
+        if domain.split_of(params) == split:
             return params
 
 
@@ -162,9 +237,9 @@ def make_row(domain: Domain, params: Params) -> PromptRow:
 def distinct_tasks(name: str, split: Split, count: int, seed: int = 0) -> list[Params]:
     """`count` distinct tasks of one domain and split, in drawing order, from an RNG seeded by
     (seed, split, domain)."""
-    if split not in ("train", "heldout"):
-        raise ConfigError(f"split {split!r}: expected 'train' or 'heldout'")
-    domain, rng = get_domain(name), random.Random(f"{seed}:{split}:{name}")
+    domain = get_domain(name)
+    split = domain.resolve_split(split)
+    rng = random.Random(f"{seed}:{split}:{name}")
     seen: dict[Params, None] = {}  # a dict keeps the drawing order
     for _ in range(50 * count + 1000):
         if len(seen) == count:
