@@ -39,8 +39,7 @@ from typing import Any
 
 import torch
 
-from polyfuse.data import PromptRow
-from polyfuse.data import SFTRow
+from polyfuse.data import PromptRow, SFTRow
 from polyfuse.data.io import (
     follow_umask,
     raise_for_storage,
