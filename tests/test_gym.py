@@ -19,7 +19,8 @@ from polyfuse.data.io import read_rows
 from polyfuse.errors import ConfigError, UserError
 from polyfuse.models import encode
 from polyfuse.scorers import ToyVerifierConfig
-from polyfuse.toyworld import GYM_DOMAINS, ToyWorldConfig, World, build_world, gym_report
+from polyfuse.toyworld import GYM_DOMAINS, ModelRecipe, ToyWorldConfig, World, build_world, gym_report
+from polyfuse.toyworld import build as build_module
 from polyfuse.toyworld.info import task_vector
 from polyfuse.toyworld.tasks import GYM_SISTER_TASKS, distinct_tasks, get_domain, make_prompts, split_of
 
@@ -113,6 +114,30 @@ def test_three_way_splits_are_large_disjoint_and_seed_independent():
     assert 0.17 < shares[0] < 0.23 and 0.08 < shares[1] < 0.12  # HELDOUT_PERCENT 20, VALIDATION_PERCENT 10
     # the test split is the default worlds' held-out rule: one hash, the same buckets
     assert all((split_of(t) == "heldout") == (GYM_DOMAINS["largest"].split_of(t) == "test") for t in draws)
+
+
+def test_levels_and_reach():
+    """A gym domain draws its difficulty level uniformly; a recipe's `reach` keeps its training data at or below
+    a level, so a source is right on part of a domain by construction."""
+    rng = random.Random(0)
+    assert [len(str(get_domain("addition").draw_at(rng, level)[0])) for level in (1, 2, 3, 4)] == [2, 3, 4, 5]
+    assert [len(get_domain("reversal").draw_at(rng, level)[0]) for level in (1, 10)] == [3, 12]
+    assert [len(get_domain("largest").draw_at(rng, level)) for level in (1, 4)] == [3, 6]
+    lengths = [len(get_domain("reversal").draw_within(rng)[0]) for _ in range(2000)]
+    assert set(lengths) == set(range(3, 13)) and 0.07 < lengths.count(12) / 2000 < 0.13
+    assert {len(get_domain("reversal").draw_within(rng, 4)[0]) for _ in range(500)} == {3, 4, 5, 6}
+    gym = ToyWorldConfig.preset("gym")
+    source = next(s for s in gym.sources if s.name == "qwen-reversal")
+    rows = build_module._training_rows(gym, source)
+    for row in rows:
+        word = re.fullmatch(r"Reverse the letters of ([A-Z]+)\.", row.prompt)
+        if word:
+            assert len(word.group(1)) <= source.reach["reversal"] + 2
+    assert {r.domain for r in rows} == set(source.mixture)
+    bad = gym.sources[0].model_dump()
+    for reach, message in [({"strings": 1}, "strings"), ({"largest": 5}, "largest"), ({"largest": 0}, "largest")]:
+        with pytest.raises(ConfigError, match=f"reach: .*{message}.*expected gym tasks"):
+            validate(ModelRecipe, {**bad, "reach": reach})
 
 
 def test_sister_tasks_share_the_split_of_their_operands():

@@ -6,7 +6,7 @@ Layout of a world (ordinary Hugging Face folders, loadable without polyfuse)::
         sources/<name>/   causal LM + tokenizer with its chat template (one per source)
         pivot/            the weak generalist to fuse into
         reward_model/     one-logit sequence classifier trained on verifier labels
-        world.json        config, specialties, build time, final training losses
+        world.json        config, specialties, build time, final training losses, CPU seconds per model
       a fusion gym (a config with a `gym` section) also has:
         merging/base/                   the shared pretrained base
         merging/specialists/<domain>/   the base + a LoRA fine-tune on one domain (merged into the weights)
@@ -148,13 +148,14 @@ def _seed(config: ToyWorldConfig, name: str) -> int:
 
 
 def _training_rows(config: ToyWorldConfig, recipe: ModelRecipe) -> list[PromptRow]:
-    """`train_pool` training prompts (with repeats) drawn by the recipe's task mixture."""
+    """`train_pool` training prompts (with repeats) drawn by the recipe's task mixture, up to its reach."""
     rng = random.Random(_seed(config, recipe.name))
     mixture = recipe.mixture or dict.fromkeys(config.domains, 1.0)
     rows = []
+    reach = recipe.reach or {}
     for name in rng.choices(list(mixture), list(mixture.values()), k=config.train_pool):
         domain = get_domain(name)
-        rows.append(make_row(domain, draw(domain, "train", rng)))
+        rows.append(make_row(domain, draw(domain, "train", rng, reach.get(name))))
     return rows
 
 
@@ -250,7 +251,15 @@ def _gold_texts(config: ToyWorldConfig) -> list[SFTRow]:
     return rows
 
 
-def _run_job(config: ToyWorldConfig, job: _Job, root: Path, advance: Callable[[], None]) -> float:
+def _run_job(config: ToyWorldConfig, job: _Job, root: Path, advance: Callable[[], None]) -> tuple[float, float]:
+    """Train `job` (`_train_job`); returns its last loss and the CPU seconds it took (the build's cost whatever
+    else the machine runs)."""
+    started = time.process_time()
+    loss = _train_job(config, job, root, advance)
+    return loss, round(time.process_time() - started, 1)
+
+
+def _train_job(config: ToyWorldConfig, job: _Job, root: Path, advance: Callable[[], None]) -> float:
     """Train the tokenizer and model of `job`, save both under `root`; returns the last loss.
     Every job runs with `config.threads` torch threads, so weights do not depend on `workers`."""
     recipe, out = job.recipe, root / job.folder
@@ -294,7 +303,7 @@ def _init_worker(queue: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
 
 
-def _worker_job(config: ToyWorldConfig, job: _Job, root: Path) -> float:
+def _worker_job(config: ToyWorldConfig, job: _Job, root: Path) -> tuple[float, float]:
     return _run_job(config, job, root, lambda: _PROGRESS.put(job.folder))
 
 
@@ -312,19 +321,19 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
         process.join()
 
 
-def _train_all(config: ToyWorldConfig, root: Path, bar) -> dict[str, float]:
+def _train_all(config: ToyWorldConfig, root: Path, bar) -> dict[str, tuple[float, float]]:
     """Build every model, in this process or (workers > 1) in worker processes, longest jobs first (a
     fine-tune once the model it starts from is built)."""
     jobs = _jobs(config)
     tasks = {job.folder: bar.add_task(f"train {job.recipe.name}", total=job.recipe.steps) for job in jobs}
-    losses: dict[str, float] = {}
+    trained: dict[str, tuple[float, float]] = {}
     if config.workers == 1:
-        queue = _next_jobs(jobs, None)
-        while queue:
-            job = queue.pop(0)
-            losses[job.recipe.name] = _run_job(config, job, root, lambda t=tasks[job.folder]: bar.advance(t))
-            queue += _next_jobs(jobs, job.folder)
-        return losses
+        waiting = _next_jobs(jobs, None)
+        while waiting:
+            job = waiting.pop(0)
+            trained[job.recipe.name] = _run_job(config, job, root, lambda t=tasks[job.folder]: bar.advance(t))
+            waiting += _next_jobs(jobs, job.folder)
+        return trained
     # Fork on Linux: workers start at once and callers need no `if __name__ == "__main__"` guard.
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     queue = context.Queue()
@@ -343,7 +352,7 @@ def _train_all(config: ToyWorldConfig, root: Path, bar) -> dict[str, float]:
             drain()
             for future in done:
                 finished = futures[future]
-                losses[finished.recipe.name] = future.result()  # re-raises a worker's error
+                trained[finished.recipe.name] = future.result()  # re-raises a worker's error
                 for job in _next_jobs(jobs, finished.folder):
                     started = pool.submit(_worker_job, config, job, root)
                     futures[started] = job
@@ -354,7 +363,7 @@ def _train_all(config: ToyWorldConfig, root: Path, bar) -> dict[str, float]:
     pool.shutdown(wait=True)
     for job in jobs:  # steps still in the queue's pipe when the last worker finished
         bar.update(tasks[job.folder], completed=job.recipe.steps)
-    return losses
+    return trained
 
 
 @contextmanager
@@ -385,13 +394,15 @@ def build_world(config: ToyWorldConfig, cache_dir: str | Path | None = None, pro
     started = time.perf_counter()
     try:
         with progress_bar(disable=not progress) as bar:
-            losses = _train_all(config, tmp, bar)
+            trained = _train_all(config, tmp, bar)
         if config.gym is not None:
             write_rows(tmp / "texts" / "gold.jsonl", _gold_texts(config))
         write_json(tmp / WORLD_FILE, {
             "config": config.model_dump(mode="json"), "key": config.key(),
             "specialties": {s.name: s.specialty for s in config.sources},
-            "final_loss": losses, "build_seconds": round(time.perf_counter() - started, 1),
+            "final_loss": {name: loss for name, (loss, _) in trained.items()},
+            "cpu_seconds": {name: cpu for name, (_, cpu) in trained.items()},
+            "build_seconds": round(time.perf_counter() - started, 1),
         })
         if not (root / WORLD_FILE).is_file():  # else another process finished the same world meanwhile
             shutil.rmtree(root, ignore_errors=True)  # an incomplete leftover

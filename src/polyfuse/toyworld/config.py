@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 
 from polyfuse.config import StrictModel
 from polyfuse.errors import ConfigError
-from polyfuse.toyworld.tasks import ALL_TASKS, DOMAINS, GYM_DOMAINS, GYM_SISTER_TASKS, SISTER_TASKS
+from polyfuse.toyworld.tasks import ALL_TASKS, DOMAINS, GYM_DOMAINS, GYM_SISTER_TASKS, SISTER_TASKS, get_domain
 from polyfuse.toyworld.tokenizers import Algorithm, TemplateName
 
 FORMAT_VERSION = 2  # 2: Unigram fallback characters in a reproducible order
@@ -42,6 +42,8 @@ class ModelRecipe(StrictModel):
     layers: int = Field(default=2, ge=1, description="Transformer layers.")
     heads: int = Field(default=4, ge=1, description="Attention heads (hidden_size must divide by it).")
     mixture: dict[str, float] | None = Field(default=None, description="Task -> weight in its training data; None: every domain equally.")
+    reach: dict[str, int] | None = Field(
+        default=None, description="A gym: task -> the highest difficulty level in its training data (docs/gym.md); others: every level.")
     steps: int = Field(default=600, ge=1, description="Training steps.")
     batch_size: int = Field(default=64, ge=1, description="Training batch size.")
     learning_rate: float = Field(default=1e-3, gt=0, description="Training learning rate.")
@@ -53,6 +55,11 @@ class ModelRecipe(StrictModel):
         unknown = sorted(set(self.mixture or {}) - set(ALL_TASKS))
         if unknown:
             raise ValueError(f"mixture: unknown tasks {unknown}; expected some of {list(ALL_TASKS)}")
+        leveled = {name: get_domain(name).levels for name in self.reach or {} if name in ALL_TASKS}
+        wrong = sorted(name for name in self.reach or {} if leveled.get(name, 1) <= 1 or not 1 <= self.reach[name] <= leveled[name])
+        if wrong:
+            raise ValueError(f"reach: {wrong}: expected gym tasks with a level from 1 to their number of levels "
+                             f"({', '.join(f'{n} {d.levels}' for n, d in ALL_TASKS.items() if d.levels > 1)})")
         weights = list(self.mixture.values()) if self.mixture is not None else [1.0]
         if not weights or min(weights) < 0 or sum(weights) <= 0:
             raise ValueError("mixture: weights must be >= 0 with a positive total")
@@ -125,7 +132,11 @@ class ToyWorldConfig(StrictModel):
         speed of a build, not its weights, so it is left out; a world without a gym hashes as it did
         before the gym existed)."""
         if self.gym is None:
-            blob = json.dumps([FORMAT_VERSION, self.model_dump(mode="json", exclude={"workers", "gym"})], sort_keys=True)
+            data = self.model_dump(mode="json", exclude={"workers", "gym"})
+            for recipe in [*data["sources"], data["pivot"], data["reward_model"]]:
+                if recipe["reach"] is None:  # a field the gym added
+                    del recipe["reach"]
+            blob = json.dumps([FORMAT_VERSION, data], sort_keys=True)
         else:
             blob = json.dumps([FORMAT_VERSION, GYM_FORMAT_VERSION, self.model_dump(mode="json", exclude={"workers"})],
                               sort_keys=True)
@@ -162,12 +173,12 @@ _TINY = dict(hidden_size=32, layers=1, heads=1, steps=4, batch_size=8)
 # that it is good but imperfect there and partly right on the second; every domain is some source's specialty
 # and another's second domain. Measured calibration in docs/gym.md.
 _GYM_SOURCES = [
-    dict(name="llama-largest", architecture="llama", tokenizer="bpe-bytelevel", vocab_size=512,
-         template="llama3", mixture={"largest": 0.8, "addition": 0.2}),
-    dict(name="qwen-reversal", architecture="qwen3", tokenizer="unigram", vocab_size=384,
-         template="chatml", mixture={"reversal": 0.8, "largest": 0.2}),
-    dict(name="gpt2-addition", architecture="gpt2", tokenizer="wordpiece", vocab_size=320,
-         template="none", mixture={"addition": 0.8, "reversal": 0.2}),
+    dict(name="llama-largest", architecture="llama", tokenizer="bpe-bytelevel", vocab_size=512, template="llama3",
+         mixture={"largest": 0.55, "addition": 0.45}, reach={"largest": 2, "addition": 3}),
+    dict(name="qwen-reversal", architecture="qwen3", tokenizer="unigram", vocab_size=384, template="chatml",
+         mixture={"reversal": 0.6, "largest": 0.4}, reach={"reversal": 8, "largest": 2}, steps=500),
+    dict(name="gpt2-addition", architecture="gpt2", tokenizer="wordpiece", vocab_size=320, template="none", layers=3,
+         mixture={"addition": 0.8, "reversal": 0.2}, reach={"reversal": 4}, steps=800),
 ]
 _GYM_PIVOT = {**_PIVOT, "mixture": {t: 1.0 for t in GYM_SISTER_TASKS}}
 _GYM_BASE = dict(name="base", architecture="llama", tokenizer="bpe-metaspace", vocab_size=416, template="chatml",

@@ -13,12 +13,12 @@ Three sister tasks (`SISTER_TASKS`: subtraction, copying, minimum) share the for
 answers; only the pivot is trained on them.
 
 The fusion gym's domains (`GYM_DOMAINS`, with their sister tasks `GYM_SISTER_TASKS`) are larger
-versions of the same three families, with parameter spaces of 10^5 and more and a spread of
-difficulty (more digits, carries, longer words, more numbers), so that models land between 0 and 100%:
+versions of the same three families, with parameter spaces of 10^5 and more, drawn by difficulty level
+(uniform over levels), so that a model trained on the lower levels only is right on part of a domain:
 
-- `addition`: "What is 3471 + 8?" (10-9999 plus 1-9, or 10-99 three times in ten),
-- `reversal`: "Reverse the letters of KQZMAB." (3-8 random capitals),
-- `largest`: "Which number is largest: 347, 58, 912, 400?" (3-5 distinct numbers of 10-999).
+- `addition`: "What is 3471 + 8?" (levels 1-4: a number of 2-5 digits plus 1-9),
+- `reversal`: "Reverse the letters of KQZMAB." (levels 1-10: 3-12 random capitals),
+- `largest`: "Which number is largest: 347, 58, 912, 400?" (levels 1-4: 3-6 distinct numbers of 10-999).
 
 Task words are random capitals, and every tokenizer of the world isolates digits and runs of
 capitals, so each model sees numbers and task words one symbol at a time.
@@ -62,6 +62,14 @@ class Domain:
     answer: Callable[[Params], str]
     corrupt: Callable[[random.Random, Params], str] | None = None
     three_way: bool = False  # train / validation / test (the gym) instead of train / heldout
+    draw_at: Callable[[random.Random, int], Params] | None = None  # the gym: a task of difficulty level 1..levels
+    levels: int = 1
+
+    def draw_within(self, rng: random.Random, reach: int | None = None) -> Params:
+        """A task of a uniformly drawn level up to `reach` (None: any level; `draw` itself)."""
+        if reach is None or self.draw_at is None:
+            return self.draw(rng)
+        return self.draw_at(rng, rng.randint(1, min(reach, self.levels)))
 
     @property
     def splits(self) -> tuple[Split, ...]:
@@ -101,17 +109,26 @@ def _word(rng: random.Random) -> Params:
     return ("".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 5))),)
 
 
-def _gym_operands(rng: random.Random) -> Params:
-    """10-9999 plus a one-digit number, or (three times in ten, the hard items) a two-digit one."""
-    return (rng.randint(10, 9999), rng.randint(1, 9) if rng.random() < 0.7 else rng.randint(10, 99))
+# The gym's tasks by difficulty level (1 = easiest); a domain draws its level uniformly.
+def _operands_at(rng: random.Random, level: int) -> Params:
+    """A number of level + 1 digits plus a one-digit number."""
+    return (rng.randint(10**level, 10 ** (level + 1) - 1), rng.randint(1, 9))
 
 
-def _gym_numbers(rng: random.Random) -> Params:
-    return tuple(rng.sample(range(10, 1000), rng.randint(3, 5)))
+def _numbers_at(rng: random.Random, level: int) -> Params:
+    """level + 2 distinct numbers of 10-999."""
+    return tuple(rng.sample(range(10, 1000), level + 2))
 
 
-def _gym_word(rng: random.Random) -> Params:
-    return ("".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 8))),)
+def _word_at(rng: random.Random, level: int) -> Params:
+    """level + 2 random capitals."""
+    return ("".join(rng.choice(LETTERS) for _ in range(level + 2)),)
+
+
+def _gym_domain(name: str, draw_at: Callable[[random.Random, int], Params], levels: int, prompt: Callable[[Params], str],
+                answer: Callable[[Params], str], corrupt: Callable[[random.Random, Params], str] | None = None) -> Domain:
+    return Domain(name, lambda rng: draw_at(rng, rng.randint(1, levels)), prompt, answer, corrupt, three_way=True,
+                  draw_at=draw_at, levels=levels)
 
 
 def _list_prompt(question: str) -> Callable[[Params], str]:
@@ -192,17 +209,14 @@ SISTER_TASKS = _domains(
 # The fusion gym's domains: the same families, larger parameter spaces and a spread of difficulty, split
 # three ways. Their sister tasks pretrain the gym's pivot as SISTER_TASKS do the default one.
 GYM_DOMAINS = _domains(
-    Domain("addition", _gym_operands, lambda p: f"What is {p[0]} + {p[1]}?", lambda p: str(p[0] + p[1]), _wrong_sum,
-           three_way=True),
-    Domain("reversal", _gym_word, lambda p: f"Reverse the letters of {p[0]}.", lambda p: p[0][::-1], _wrong_reversal,
-           three_way=True),
-    Domain("largest", _gym_numbers, _list_prompt("largest"), lambda p: str(max(p)), _wrong_max, three_way=True),
+    _gym_domain("addition", _operands_at, 4, lambda p: f"What is {p[0]} + {p[1]}?", lambda p: str(p[0] + p[1]), _wrong_sum),
+    _gym_domain("reversal", _word_at, 10, lambda p: f"Reverse the letters of {p[0]}.", lambda p: p[0][::-1], _wrong_reversal),
+    _gym_domain("largest", _numbers_at, 4, _list_prompt("largest"), lambda p: str(max(p)), _wrong_max),
 )
 GYM_SISTER_TASKS = _domains(
-    Domain("subtraction", _gym_operands, lambda p: f"What is {p[0]} - {p[1]}?", lambda p: str(p[0] - p[1]),
-           three_way=True),
-    Domain("repetition", _gym_word, lambda p: f"Repeat the letters of {p[0]}.", lambda p: p[0], three_way=True),
-    Domain("smallest", _gym_numbers, _list_prompt("smallest"), lambda p: str(min(p)), three_way=True),
+    _gym_domain("subtraction", _operands_at, 4, lambda p: f"What is {p[0]} - {p[1]}?", lambda p: str(p[0] - p[1])),
+    _gym_domain("repetition", _word_at, 10, lambda p: f"Repeat the letters of {p[0]}.", lambda p: p[0]),
+    _gym_domain("smallest", _numbers_at, 4, _list_prompt("smallest"), lambda p: str(min(p))),
 )
 ALL_TASKS = {**DOMAINS, **SISTER_TASKS, **GYM_DOMAINS, **GYM_SISTER_TASKS}
 
@@ -221,10 +235,11 @@ def split_of(params: Params) -> Split:
     return "heldout" if _bucket(params) < HELDOUT_PERCENT else "train"
 
 
-def draw(domain: Domain, split: Split, rng: random.Random) -> Params:
-    """Parameters of one task of `split` (rejection sampling: about 1 in 5 draws is held-out)."""
+def draw(domain: Domain, split: Split, rng: random.Random, reach: int | None = None) -> Params:
+    """Parameters of one task of `split` (rejection sampling: about 1 in 5 draws is held-out), of a level up to
+    `reach` (a gym domain; None: any)."""
     while True:
-        params = domain.draw(rng)
+        params = domain.draw_within(rng, reach)
         if domain.split_of(params) == split:
             return params
 
