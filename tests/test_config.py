@@ -9,7 +9,7 @@ import pytest
 
 from polyfuse.config import apply_overrides, load_config
 from polyfuse.errors import ConfigError
-from polyfuse.pipeline.stages.pairs import PairsConfig
+from polyfuse.pairs import PairsConfig
 from polyfuse.registry import Registry
 
 
@@ -21,13 +21,13 @@ def test_wrong_type_names_key_and_type(tmp_path):
 
 
 def test_unknown_and_missing_keys(tmp_path):
-    path = tmp_path / "pairs.yaml"
-    path.write_text("sft_fractoin: 0.5\n")
+    from polyfuse.scorers import ScoreConfig
+
+    path = tmp_path / "score.yaml"
+    path.write_text("chunk_sise: 5\n")
     with pytest.raises(ConfigError) as err:
-        load_config(PairsConfig, path)
-    assert "sft_fractoin: unknown key" in str(err.value) and "reward: required key is missing" in str(
-        err.value
-    )
+        load_config(ScoreConfig, path)
+    assert "chunk_sise: unknown key" in str(err.value) and "scorers: required key is missing" in str(err.value)
 
 
 def test_overrides_parse_yaml_scalars_and_nested_keys(tmp_path):

@@ -129,8 +129,11 @@ def test_config_show_lists_every_backend_with_its_options_and_defaults():
     assert yaml.safe_load(text)["models"][0]["backend"] == "transformers"  # the default, as a value
     assert re.search(r"^    # backend: mapping, default transformers\. ", text, flags=re.M)
     blocks = _commented_blocks(text, "backend")  # one per backend type, every key with its default
-    assert [b["type"] for b in blocks] == BACKENDS.names() == ["openai", "transformers", "vllm"]
-    openai, _, vllm = blocks
+    assert [b["type"] for b in blocks] == BACKENDS.names() and {"openai", "transformers", "vllm"} <= set(BACKENDS.names())
+    for block in blocks:  # each registered backend's own keys and defaults (a new backend is checked the same way)
+        defaults = BACKENDS.get(block["type"]).Config.model_fields
+        assert set(block) == set(defaults), block["type"]
+    openai, vllm = (next(b for b in blocks if b["type"] == name) for name in ("openai", "vllm"))
     assert vllm["tensor_parallel_size"] == 1 and "    #   tensor_parallel_size: 1" in text.splitlines()
     assert vllm == VllmSettings().model_dump(mode="json")
     assert openai["base_url"] is None and "    #   base_url:" in text.splitlines()  # required: no default
@@ -138,7 +141,7 @@ def test_config_show_lists_every_backend_with_its_options_and_defaults():
     assert OpenAISettings.model_validate(served).model_dump(mode="json") == served
     logprobs = stage_config_yaml("logprobs")  # the section's own backend is off (null); each type commented out
     assert yaml.safe_load(logprobs)["backend"] is None
-    assert [b["type"] for b in _commented_blocks(logprobs, "backend")] == ["openai", "transformers", "vllm"] * 3
+    assert [b["type"] for b in _commented_blocks(logprobs, "backend")] == BACKENDS.names() * 3
     # eval's optional list of scorers: every registered scorer type (tests register their own too), not the base
     # class's keys alone
     scorers = [s["type"] for s in _commented_blocks(stage_config_yaml("eval"), "scorers")[0]]

@@ -10,7 +10,9 @@ from pydantic import Field
 from polyfuse.config import StrictModel
 from polyfuse.errors import ConfigError
 from polyfuse.pipeline import recipe as recipe_module
-from polyfuse.pipeline.context import STAGES, Context, Stage, model_stages, stage_order
+from polyfuse.data.io import atomic_write_text
+from polyfuse.data.schemas import PromptRow
+from polyfuse.pipeline.context import STAGES, CommandInput, Context, Stage, model_stages, stage_order
 from polyfuse.pipeline.recipe import Recipe, load_recipe
 
 STAGE_FILES = Path(recipe_module.__file__).parent / "stages"
@@ -46,20 +48,24 @@ def _recipe(tmp_path: Path, body: str) -> Path:
     return path
 
 
-def test_eval_without_score_or_scorers_fails_when_the_recipe_loads(tmp_path):
+def test_eval_without_score_or_scorers_grades_with_the_default_verifiers_as_the_command_does(tmp_path):
+    """One default: an eval section that names no scorers, in a recipe without a score section, grades with every
+    registered verifier that needs no options, as `polyfuse eval` does; a score section's verifiers win."""
+    from polyfuse.evaluation import default_verifier_configs
+
     path = _recipe(tmp_path, "stages: [prompts, eval]\neval: {prompts: {path: held.jsonl}, models: [pivot]}\n")
-    with pytest.raises(ConfigError, match="eval: no scorers to grade with; give 'eval.scorers'"):
-        load_recipe(path)
-    with_scorers = _recipe(tmp_path, "stages: [prompts, eval]\n"
-                           "eval: {prompts: {path: held.jsonl}, models: [pivot], scorers: [{type: math}]}\n")
-    assert load_recipe(with_scorers).eval.scorers[0].type == "math"
+    assert load_recipe(path).eval.scorers is None
+    assert {c.type for c in default_verifier_configs()} >= {"math", "code", "toyworld"}
+    with_score = _recipe(tmp_path, "stages: [prompts, eval]\nscore: {scorers: [{type: math}]}\n"
+                         "eval: {prompts: {path: held.jsonl}, models: [pivot]}\n")
+    assert [c.type for c in load_recipe(with_score).eval.scorers] == ["math"]
 
 
-def test_eval_without_score_exits_2_with_the_message_and_no_traceback(polyfuse_cli, tmp_path):
-    path = _recipe(tmp_path, "stages: [prompts, eval]\neval: {prompts: {path: held.jsonl}, models: [pivot]}\n")
+def test_a_recipe_error_exits_2_with_the_message_and_no_traceback(polyfuse_cli, tmp_path):
+    path = _recipe(tmp_path, "stages: [prompts, eval]\neval: {prompts: {path: held.jsonl}, models: [pivot, po]}\n")
     proc = polyfuse_cli("run", path, "--work-dir", tmp_path / "w")
     assert proc.returncode == 2
-    assert "eval: no scorers to grade with" in proc.stderr
+    assert "eval.models: 'po': neither 'sources', 'pivot'" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "w").exists()  # refused before any work
 
@@ -81,22 +87,26 @@ class CountSection(StrictModel):
 
 
 class CountStage(Stage):
-    """A stage written for this test only: every `every`-th prompt, counted."""
+    """Count every `every`-th prompt (a stage written for this test only)."""
 
     name = "count"
     position = 25  # after sample
     section = CountSection
     default = False
     needs = ("prompts",)
+    command = "count"
+    config_help = "how many prompts to step over"
+    command_inputs = (CommandInput("prompts", "Prompts.", schema=PromptRow),)
 
-    def inputs(self, ctx: Context) -> dict[str, str]:
+    def input_paths(self, ctx: Context) -> dict[str, str]:
         return {"prompts": ctx.output("prompts", "prompts")}
 
-    def run(self, ctx: Context, folder: Path) -> dict[str, str]:
-        lines = Path(ctx.output("prompts", "prompts")).read_text().splitlines()
-        out = folder / "count.txt"
-        out.write_text(str(len(lines[:: ctx.recipe.count.every])))
-        return {"count": str(out)}
+    def inputs(self, ctx: Context) -> dict[str, str]:
+        return self.input_paths(ctx)
+
+    def execute(self, config, inputs, out, quiet=False, resume=None) -> dict[str, str]:
+        atomic_write_text(out / "count.txt", str(len(inputs["prompts"].rows[:: config.every])))
+        return {"count": str(out / "count.txt")}
 
 
 @pytest.fixture
@@ -106,8 +116,9 @@ def count_stage():
     del STAGES._items["count"]
 
 
-def test_adding_a_stage_is_one_class_registered(count_stage, tmp_path):
-    """A new stage needs nothing but its registered class: the schema, the order and the runner follow."""
+def test_adding_a_stage_is_one_class_registered(count_stage, tmp_path, polyfuse_cli):
+    """A new stage needs nothing but its registered class: the schema, the order, the runner and its command
+    follow."""
     from polyfuse.config import read_yaml, validate
     from polyfuse.data.io import write_rows
     from polyfuse.data.schemas import PromptRow
@@ -122,6 +133,11 @@ def test_adding_a_stage_is_one_class_registered(count_stage, tmp_path):
     assert Path(ctx.output("count", "count")).read_text() == "3"
     with pytest.raises(ConfigError, match="count.every"):
         validate(count_stage, {**data, "count": {"every": 0}})
+    # and a command: its section is the --config, its input the --prompts option, and it runs the same `execute`
+    (tmp_path / "count.yaml").write_text("every: 2\n")
+    proc = polyfuse_cli("count", "-c", tmp_path / "count.yaml", "--prompts", tmp_path / "prompts.jsonl", "-o", tmp_path / "c")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "c" / "count.txt").read_text() == "3"
 
 
 def test_every_shipped_recipe_loads_with_its_sections_filled_from_the_recipe():
@@ -212,7 +228,7 @@ def test_the_resolved_recipe_loads_again_with_the_same_sections_and_fingerprints
         m0.name, m0.path) and m0.name == "pivot" and m0.path.endswith("/pivot")
     sft_model = str(tmp_path / "sft" / "model")
     ctx = Context(again, tmp_path, outputs={"pairs": {"preference": "p.jsonl"}, "sft": {"model": sft_model}})
-    scored = stage("logprobs").logprobs_config(ctx).pivot
+    scored = stage("logprobs").engine_config(ctx).pivot
     assert (scored.name, scored.path, scored.backend.type) == ("pivot", sft_model, "transformers")
     assert stage("logprobs").inputs(ctx)["pivot"] == sft_model  # what its manifest records
 
@@ -264,7 +280,7 @@ def test_one_walk_of_a_config_gives_the_model_paths_a_stage_hashes_and_the_data_
     from polyfuse.config import walk_config
     from polyfuse.pipeline.context import paths_in
     from polyfuse.pipeline.runner import _data_paths
-    from polyfuse.pipeline.stages.prompts import PromptSource
+    from polyfuse.pipeline.sources import PromptSource
 
     class Leaf(StrictModel):
         path: str

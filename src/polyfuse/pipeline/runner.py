@@ -34,7 +34,7 @@ from polyfuse.models.loader import check_models
 from polyfuse.pipeline.context import Context, stage
 from polyfuse.pipeline.manifest import Manifest, fingerprint
 from polyfuse.pipeline.recipe import Recipe
-from polyfuse.pipeline.stages.prompts import PromptSource
+from polyfuse.pipeline.sources import PromptSource, toy_world
 from polyfuse.pipeline.summary import write_run_report
 from polyfuse.progress import is_quiet, set_quiet
 
@@ -69,8 +69,8 @@ def _check_inputs(recipe: Recipe) -> None:
 def _data_paths(node: Any) -> Iterator[tuple[str, str]]:
     """(dotted key, path) of every data file a config names: a `PromptSource`'s `path` and any `data` key."""
     for where, value in walk_config(node):
-        if isinstance(value, PromptSource) and value.path is not None:
-            yield f"{where}.path", value.path
+        if isinstance(value, PromptSource) and value.data_file is not None:
+            yield f"{where}.path", value.data_file
         elif isinstance(value, str) and where.rpartition(".")[2] == "data":
             yield where, value
 
@@ -109,7 +109,7 @@ def _run(recipe: Recipe, work_dir: str | Path | None, quiet: bool) -> Context:
     if main:
         if recipe.toyworld is not None:
             world_started = time.perf_counter()
-            recipe.world(ctx.quiet)  # built once and cached; every toyworld:// path must exist before hashing inputs
+            toy_world(recipe.toyworld, ctx.quiet)  # built once and cached; every toyworld:// path must exist before hashing inputs
             timings["toy world (build or cache)"] = {"wall_s": round(time.perf_counter() - world_started, 2)}
         _check_inputs(recipe)
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
