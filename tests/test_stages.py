@@ -8,11 +8,11 @@ import pytest
 from pydantic import Field
 
 from polyfuse.config import StrictModel
-from polyfuse.errors import ConfigError
-from polyfuse.pipeline import recipe as recipe_module
 from polyfuse.data.io import atomic_write_text
 from polyfuse.data.schemas import PromptRow
-from polyfuse.pipeline.context import STAGES, CommandInput, Context, Stage, model_stages, stage_order
+from polyfuse.errors import ConfigError
+from polyfuse.pipeline import recipe as recipe_module
+from polyfuse.pipeline.context import STAGES, CommandInput, Context, Stage, model_stages, stage, stage_order
 from polyfuse.pipeline.recipe import Recipe, load_recipe
 
 STAGE_FILES = Path(recipe_module.__file__).parent / "stages"
@@ -303,3 +303,47 @@ def test_one_walk_of_a_config_gives_the_model_paths_a_stage_hashes_and_the_data_
     assert list(_data_paths({"s": tree})) == [("s.extra.k[1].data", "d.jsonl"), ("s.prompts.path", "p.jsonl")]
     tree.prompts = PromptSource(toyworld={})  # no file to check
     assert list(_data_paths({"s": tree})) == [("s.extra.k[1].data", "d.jsonl")]
+
+
+class PolishStage(Stage):
+    """A model stage written for this test only (never run)."""
+
+    name = "polish"
+    position = 105  # after po
+    default = False
+    makes_model = True
+
+    def execute(self, config, inputs, out, quiet=False, resume=None) -> dict[str, str]:
+        raise AssertionError("not run in this test")
+
+
+def test_a_model_stage_labels_its_own_model_and_eval_needs_no_po_section(tmp_path):
+    """Each model stage says how its model shows in an evaluation row (`Stage.label`); a stage eval does not know
+    is labelled by its name (before the hook, eval read `recipe.po.objective`: an AttributeError without `po`)."""
+    from polyfuse.config import read_yaml, validate
+    from polyfuse.pipeline.stages.eval import eval_models
+
+    STAGES.register("polish")(PolishStage)
+    try:
+        schema = recipe_module._recipe_schema()
+        body = ("stages: [prompts, polish, eval]\n"
+                "eval: {prompts: {path: h.jsonl}, scorers: [{type: math}], models: [pivot, polish]}\n")
+        recipe = validate(schema, read_yaml(_recipe(tmp_path, body)))
+        assert recipe.po is None
+        ctx = Context(recipe, tmp_path, outputs={"polish": {"model": str(tmp_path / "polished")}})
+        models = eval_models(ctx)
+        assert list(models) == ["pivot", "pivot+POLISH"] and models["pivot+POLISH"].path == str(tmp_path / "polished")
+    finally:
+        del STAGES._items["polish"]
+    full = load_recipe(_recipe(tmp_path, "stages: [prompts, sample, score, pairs, sft, po]\nscore: {scorers: [{type: math}]}\nsft: {}\n"
+                               "po: {objective: ln_dpo}\n"))
+    assert [stage(name).label(full) for name in ("sft", "po")] == ["SFT", "LN_DPO"]
+
+
+def test_pairs_reward_naming_a_verifier_says_to_leave_it_out(tmp_path):
+    """Issue 22: `pairs: {reward: math}` read as "rank by the math verifier"; verdicts always rank."""
+    body = "stages: [prompts, sample, score, pairs]\nscore: {scorers: [{type: math}]}\npairs: {reward: math}\n"
+    with pytest.raises(ConfigError, match="pairs.reward: 'math' is a verifier, not a reward scorer; verifier verdicts "
+                                          "always rank .*leave pairs.reward out"):
+        load_recipe(_recipe(tmp_path, body))
+    assert load_recipe(_recipe(tmp_path, body.replace("pairs: {reward: math}", "pairs: {}"))).pairs.reward is None

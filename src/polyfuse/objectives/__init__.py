@@ -21,7 +21,6 @@ from polyfuse.objectives.distill import (
     TeacherOutputs,
     TeacherVocabulary,
     logit_std,
-    standardize_logits,
     token_cross_entropy,
 )
 from polyfuse.objectives.dpo import DPO, LengthNormalizedDPO, dpo_loss
@@ -44,7 +43,7 @@ from polyfuse.objectives.infifpo import (
     infifpo_loss,
 )
 from polyfuse.objectives.ipo import IPO, ipo_loss
-from polyfuse.objectives.logps import IGNORE_INDEX, sequence_logps, sft_token_loss
+from polyfuse.objectives.logps import IGNORE_INDEX, sequence_logps
 from polyfuse.objectives.uld import (
     ULDObjective,
     average_weights,
@@ -93,9 +92,7 @@ __all__ = [
     "min_ce_choice",
     "reward_metrics",
     "sequence_logps",
-    "sft_token_loss",
     "soft_cross_entropy",
-    "standardize_logits",
     "student_uld_probs",
     "teacher_uld_probs",
     "token_cross_entropy",

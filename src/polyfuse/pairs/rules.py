@@ -111,8 +111,9 @@ class _Ranking:
         return self.key is not None or any(r.correct is not None for r in rows)
 
     def sft_pool(self, rows: list[SampleRow]) -> list[SampleRow]:
-        """The candidates for a best response: the verifier-correct rows when any row was verified, else all
-        rows when a reward ranks them, else none."""
+        """The candidates for a best response: the non-empty verifier-correct rows when any row was verified,
+        else every non-empty row when a reward ranks them, else none."""
+        rows = [r for r in rows if r.response.strip()]
         if any(r.correct is not None for r in rows):
             return [r for r in rows if r.correct]
         return rows if self.key is not None else []

@@ -55,7 +55,8 @@ class PreferenceTrainConfig(ObjectiveTrainConfig):
         description="As TRL: the policy's log-probs are compared with references scored without dropout "
         "(M0 in eval mode), so at step 0 DPO's loss is ln 2.",
     )
-    objective: str = Field(default="dpo", description="A preference objective: dpo, ln_dpo, ipo, wrpo, infifpo, ...")
+    objective: str = Field(default="dpo", description="A registered preference objective (`polyfuse train --help` lists "
+                           "them; an unknown name is refused with the list).")
     beta: float | None = Field(default=None, gt=0, description="None: the objective's own default.")
     objective_args: dict[str, Any] = Field(
         default_factory=dict, description="Other hyper-parameters of the objective."

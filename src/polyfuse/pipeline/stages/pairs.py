@@ -19,6 +19,7 @@ class PairsStage(Stage):
     name = "pairs"
     position = 40
     section = PairsConfig
+    section_default = True  # nothing is required: without a section the verifier verdicts rank
     seeded = True
     needs = ("score",)
     command = "pairs"
