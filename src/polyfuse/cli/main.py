@@ -1,6 +1,8 @@
 """`polyfuse`: every pipeline stage as a command, plus `run` for whole recipes, `demo`, and `config show`.
 
-Stage commands take a YAML config (`--config`) validated before any model is loaded; `--set KEY=VALUE`
+The stage commands are generated from the registered stages (`stage_commands`): a command is its stage, its
+`--config` the stage's section, and it runs the stage's `execute`, as `polyfuse run` does. They take a YAML
+config (`--config`) validated before any model is loaded; `--set KEY=VALUE`
 (repeatable) overrides config keys; `polyfuse config show STAGE` prints every key with its type, default
 and meaning. Inputs, models and output locations are checked before any work, so a user mistake prints one
 clear message, exits with code 2 and leaves nothing behind.
@@ -138,11 +140,11 @@ def stage_commands(prefix: str = "") -> dict[str, Any]:
 def _stage_callback(step: Any, command: Any) -> Any:
     """The function typer turns into `command`: one option per input of the stage (`--prompts`, `--data`,
     `--model`, ...), its section as `--config`, and the output; it runs the stage's `execute`."""
+    from pydantic import ValidationError
+
     from polyfuse.pipeline.context import TrainingStage
 
     training = isinstance(step, TrainingStage)
-    from pydantic import ValidationError
-
     try:
         step.section()
         optional = True  # every key has a default that validates: the config file may be left out
