@@ -45,6 +45,9 @@ def test_line_says_count_percent_rate_elapsed_and_eta():
     assert progress_line("score", 10, 10, 4, 2.5) == "score: 10/10 (100%), 2.5/s, elapsed 0:00:04"
     assert progress_line("score", 0, 10, 0, None) == "score: 0/10 (0%), elapsed 0:00:00"
     assert progress_line("build", 7, None, 3661, None) == "build: 7, elapsed 1:01:01"
+    assert progress_line("tokens", 1234567, 2469134.0, 10, 123456.7) == (
+        "tokens: 1234567/2469134 (50%), 123457/s, elapsed 0:00:10, ETA 0:00:10"
+    )
 
 
 @pytest.mark.parametrize(("name", "value"), [(INTERVAL_ENV, "soon"), (INTERVAL_ENV, "-1"), (STEP_ENV, "150")])

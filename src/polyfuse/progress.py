@@ -98,16 +98,20 @@ def _env_number(name: str, default: float, expected: str, low: float, high: floa
     return value
 
 
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
 def _clock(seconds: float) -> str:
     return str(timedelta(seconds=round(seconds)))
 
 
 def progress_line(description: str, done: float, total: float | None, elapsed: float, rate: float | None) -> str:
     """One plain progress line (no wall-clock stamp): done/total, percent, rate, elapsed and ETA."""
-    count = f"{done:g}/{total:g} ({100 * done / total:.0f}%)" if total else f"{done:g}"
+    count = f"{_number(done)}/{_number(total)} ({100 * done / total:.0f}%)" if total else _number(done)
     parts = [f"{description}: {count}"]
     if rate:
-        parts.append(f"{rate:.3g}/s" if rate >= 1 else f"{1 / rate:.3g} s each")
+        parts.append(f"{1 / rate:.3g} s each" if rate < 1 else f"{rate:.3g}/s" if rate < 1000 else f"{rate:.0f}/s")
     parts.append(f"elapsed {_clock(elapsed)}")
     if total and done < total and rate:
         parts.append(f"ETA {_clock((total - done) / rate)}")
@@ -144,7 +148,8 @@ class _Progress(Progress):
     def stop(self) -> None:
         if self._schedule is not None:
             with self._lock:  # a task that ended early (an error) or between two lines: where it stopped
-                lines = [self._line(t) for t, (_, done) in self._last.items() if self._tasks[t].completed != done]
+                lines = [self._line(t) for t, (_, done) in list(self._last.items())
+                         if t in self._tasks and self._tasks[t].completed != done]
             for line in lines:
                 self._print(line)
         super().stop()
