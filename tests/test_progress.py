@@ -114,7 +114,7 @@ def test_polyfuse_sample_prints_periodic_lines_and_q_silences_them(tiny_world, p
 def test_a_logged_run_to_a_file_shows_progress_while_it_runs(tiny_world, tmp_path):
     """As under nohup: stdout and stderr into a file, a new process, the schedule from the environment."""
     command = [sys.executable, "-m", "polyfuse", *sample_command(tiny_world, tmp_path), "--out", str(tmp_path / "out")]
-    env = {**os.environ, INTERVAL_ENV: "0.05", STEP_ENV: "0", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    env = {**os.environ, INTERVAL_ENV: "0.01", STEP_ENV: "0", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     with open(tmp_path / "run.log", "w") as log:
         proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=300)
     text = (tmp_path / "run.log").read_text()
