@@ -109,6 +109,7 @@ def test_cross_model_pairs_and_wrpo_triples_from_the_same_verdicts(work, polyfus
     proc = polyfuse_cli("pairs", "--set", "pair_rule=cross_model", "--set", "sft_fraction=0", "--scored", scored,
                         "-o", tmp_path / "cross")
     assert proc.returncode == 0, proc.stderr
+    assert "pairs: 12 prompts split 0 SFT / 12 preference (sft_fraction 0)" in proc.stderr  # the split, in the log
     cross = read_rows(tmp_path / "cross/preference.jsonl", PreferenceRow)
     assert cross and any(p.source is None for p in cross)  # some pairs span two models
     for pair in cross:
