@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -174,23 +175,30 @@ def _items(row: RowComparison) -> str:
     return str(low) if low == high else f"{low}–{high}"
 
 
-def comparison_table(comparison: Comparison) -> Table:
-    """Rows = domains then the average: items, accuracies, the difference with its interval, McNemar's p and
-    Holm's over the table, gold bits per byte and their difference (lower is better)."""
+def comparison_tables(comparison: Comparison) -> list[Table]:
+    """Accuracy (rows = domains then the average: items, accuracies, the difference in points with its
+    interval, McNemar's p and Holm's over the table), then gold bits per byte where measured (lower is better)."""
     rows = comparison.rows
     runs = f"{comparison.runs} runs" if comparison.runs > 1 else "1 run"
-    table = Table(title=f"{comparison.a} (A) vs {comparison.b} (B), {runs}; {comparison.interval}",
-                  caption="accuracy in %, differences A - B in points; bpb: gold bits per byte, lower is better")
-    for column in ("row", "items", "A %", "B %", "diff", "95% CI", "McNemar p", "Holm p", "bpb A", "bpb B",
-                   "bpb diff", "bpb 95% CI"):
-        table.add_column(column, justify="left" if column == "row" else "right")
+    accuracy = Table(title=f"{comparison.a} (A) vs {comparison.b} (B), {runs}; {comparison.interval}",
+                     caption="accuracy in %; diff = A - B in points", box=box.SIMPLE)
+    for column in ("row", "n", "A %", "B %", "diff [95% CI]", "McNemar p", "Holm p"):
+        accuracy.add_column(column, justify="left" if column == "row" else "right", no_wrap=column.startswith("diff"))
     for row, adjusted in zip(rows, holm([r.p for r in rows]), strict=True):
-        bpb = ([f"{row.bpb_a:.3f}", f"{row.bpb_b:.3f}", f"{row.bpb_diff.value:+.3f}",
-                _interval(row.bpb_diff.low, row.bpb_diff.high, 3)] if row.bpb_diff is not None else ["-"] * 4)
-        table.add_row(row.row, _items(row), f"{row.a:.1f}", f"{row.b:.1f}", f"{row.diff.value:+.1f}",
-                      _interval(row.diff.low, row.diff.high, 1), f"{row.p:.3g}", f"{adjusted:.3g}", *bpb,
-                      style="bold" if row.row == AVERAGE else None)
-    return table
+        accuracy.add_row(row.row, _items(row), f"{row.a:.1f}", f"{row.b:.1f}",
+                         f"{row.diff.value:+.1f} {_interval(row.diff.low, row.diff.high, 1)}", f"{row.p:.2g}",
+                         f"{adjusted:.2g}", style="bold" if row.row == AVERAGE else None)
+    with_bpb = [row for row in rows if row.bpb_diff is not None]
+    if not with_bpb:
+        return [accuracy]
+    bpb = Table(title="Gold bits per byte (lower is better)", caption="diff = A - B, < 0 favours A", box=box.SIMPLE)
+    for column in ("row", "A", "B", "diff [95% CI]"):
+        bpb.add_column(column, justify="left" if column == "row" else "right", no_wrap=column.startswith("diff"))
+    for row in with_bpb:
+        bpb.add_row(row.row, f"{row.bpb_a:.3f}", f"{row.bpb_b:.3f}",
+                    f"{row.bpb_diff.value:+.3f} {_interval(row.bpb_diff.low, row.bpb_diff.high, 3)}",
+                    style="bold" if row.row == AVERAGE else None)
+    return [accuracy, bpb]
 
 
 def comparison_chart(comparison: Comparison, path: Path) -> None:
@@ -224,7 +232,8 @@ def run_compare(a: Sequence[str], b: Sequence[str], console: Console, json_path:
     """`polyfuse compare`: load the runs (`PATH[:MODEL]`), compare, print the table, write the files."""
     comparison = compare_results([load_run(spec) for spec in a], [load_run(spec) for spec in b], level=level,
                                  resamples=resamples, seed=seed)
-    console.print(comparison_table(comparison))
+    for table in comparison_tables(comparison):
+        console.print(table)
     if json_path is not None:
         write_evidence(json_path, comparison_evidence(comparison, experiment))
         console.print(f"experiment file: {json_path}", soft_wrap=True)
