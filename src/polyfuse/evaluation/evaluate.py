@@ -168,10 +168,11 @@ class _Batching:
 
 def _check_golds(rows: list[SampleRow], picked: list[Scorer]) -> None:
     """An empty gold answer, or one the row's verifier cannot read, is an error before any model runs."""
-    problems = [f"{row.prompt_id} (empty gold answer)" if row.answer is not None and not row.answer.strip()
-                else f"{row.prompt_id} ({problem})" if (problem := verifier.gold_problem(row)) else None
-                for row, verifier in zip(rows, picked, strict=True)]
-    problems = [p for p in problems if p is not None]
+    problems = []
+    for row, verifier in zip(rows, picked, strict=True):
+        problem = "empty gold answer" if row.answer is not None and not row.answer.strip() else verifier.gold_problem(row)
+        if problem:
+            problems.append(f"{row.prompt_id} ({problem})")
     if problems:
         raise UserError(f"{len(problems)} prompts cannot be judged, e.g. {', '.join(problems[:5])}; "
                         "fix or drop them (an unjudgeable item would count as wrong)")
@@ -229,8 +230,9 @@ def _evaluate(backend: Backend, prompts: list[PromptRow], picked: list[Scorer], 
     verdicts: list[tuple[Any, dict[str, Any]]] = [(False, {})] * len(prompts)
     bits: list[float | None] = [None] * len(prompts)
     with nullcontext(bar) if bar is not None else progress_bar(disable=quiet) as bar:
-        if batching.bpb and any(gold_text(p) for p in prompts):
-            scoring = bar.add_task(f"gold bpb {label}", total=sum(1 for p in prompts if gold_text(p)))
+        with_gold = sum(1 for p in prompts if gold_text(p))
+        if batching.bpb and with_gold:
+            scoring = bar.add_task(f"gold bpb {label}", total=with_gold)
             bits = gold_bpb(backend, prompts, batching.token_budget, lambda n: bar.advance(scoring, n))
         generating = bar.add_task(f"generate {label}", total=len(prompts))
         outputs = backend.generate_all([p.prompt for p in prompts], params, batch_size=batching.batch_size,
