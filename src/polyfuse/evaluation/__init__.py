@@ -10,6 +10,7 @@ from polyfuse.evaluation.evaluate import (
     evaluate,
     gold_bpb,
     gold_text,
+    judges,
     records_file,
 )
 from polyfuse.evaluation.report import (
@@ -30,6 +31,7 @@ __all__ = [
     "evaluate",
     "gold_bpb",
     "gold_text",
+    "judges",
     "load_eval_report",
     "load_eval_set",
     "load_gsm8k",

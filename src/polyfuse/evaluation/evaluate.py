@@ -178,6 +178,18 @@ def _check_golds(rows: list[SampleRow], picked: list[Scorer]) -> None:
                         "fix or drop them (an unjudgeable item would count as wrong)")
 
 
+def judges(prompts: list[PromptRow], scorers: list[Scorer]) -> list[Scorer]:
+    """The verifier that judges each prompt, after the checks that need no model: every prompt has a verifier,
+    no gold answer is empty or unreadable to its verifier, every verifier can run here (the code sandbox).
+    A `UserError` names the prompts otherwise; callable before any stage runs (a recipe's check)."""
+    rows = [_as_sample(p, "check", "", SamplingParams(n=1, temperature=0.0)) for p in prompts]
+    picked = _pick_verifiers(rows, [s for s in scorers if s.kind == "verifier"])
+    _check_golds(rows, picked)
+    for verifier in {id(v): v for v in picked}.values():
+        verifier.require_ready()  # e.g. the code sandbox: refuse before the model is loaded
+    return picked
+
+
 def evaluate(
     model: ModelSpec | Backend,
     prompts: list[PromptRow],
@@ -197,12 +209,7 @@ def evaluate(
     `bar`: a progress display to add this model's bars to (one display for several models), else its own."""
     label = label or (model.label if isinstance(model, ModelSpec) else model.spec.label)
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
-    verifiers = [s for s in scorers if s.kind == "verifier"]
-    rows = [_as_sample(p, label, "", params) for p in prompts]
-    picked = _pick_verifiers(rows, verifiers)
-    _check_golds(rows, picked)
-    for verifier in {id(v): v for v in picked}.values():
-        verifier.require_ready()  # e.g. the code sandbox: refuse before the model is loaded
+    picked = judges(prompts, scorers)
     batching = _Batching(batch_size, token_budget, bpb)
     if isinstance(model, ModelSpec):
         engine = model if isinstance(model, EngineModel) else EngineModel.model_validate(model.model_dump())
