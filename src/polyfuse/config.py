@@ -71,6 +71,10 @@ class YamlMapping(dict):
         self.lines = lines
 
 
+for _dumper in (yaml.SafeDumper, yaml.Dumper):  # it dumps as the plain mapping it is
+    _dumper.add_representer(YamlMapping, yaml.representer.SafeRepresenter.represent_dict)
+
+
 def _node_lines(node: yaml.Node, path: tuple = ()) -> Iterator[tuple[tuple, int]]:
     """(path, line) of every mapping key and list item under a composed YAML node."""
     if isinstance(node, yaml.MappingNode):
