@@ -198,8 +198,7 @@ def _check_reward_head(config: Any, architectures: list[str], classifiers: list[
                               f"transformers would put a new, untrained one with {config.num_labels} outputs on it; {want}")
     elif config.num_labels != 1:
         labels = ", ".join(map(str, config.id2label.values()))
-        check.problems.append(f"a reward model needs num_labels=1, got {config.num_labels} ({labels}): a classifier "
-                              f"into labels, not a reward; {want}")
+        check.problems.append(f"a reward model needs num_labels=1, got {config.num_labels} ({labels}); {want}")
     else:
         check.found.append("1 output")
 
@@ -209,7 +208,8 @@ def _check_gguf(file: Path, check: ModelCheck, chat: bool) -> None:
     try:
         metadata, tensors = gguf_header(str(file), file.stat().st_mtime_ns, file.stat().st_size)
     except Exception as err:  # gguf's reader raises whatever a damaged file trips it into
-        check.problems.append(f"{file}: not a readable GGUF file ({type(err).__name__}: {_first_line(err)})")
+        check.problems.append(f"{file}: not a readable GGUF file, truncated or damaged "
+                              f"({type(err).__name__}: {_first_line(err)})")
         return
     architecture = metadata.get("general.architecture", "?")
     check.found.append(f"GGUF {architecture}, {tensors} tensors")

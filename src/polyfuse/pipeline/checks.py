@@ -114,7 +114,7 @@ def _merge_inputs(recipe: Any) -> Iterator[tuple[str, ModelSpec]]:
     named = {"pivot", *(source.label for source in recipe.sources)}
     for name in recipe.merge.referenced_models():
         if name not in named and stage_reference(name) is None:
-            yield f"merge ({name})", ModelSpec(path=split_reference(name)[0])
+            yield "merge", ModelSpec(path=split_reference(name)[0])
 
 
 def _data_paths(node: Any) -> Iterator[tuple[str, str]]:
