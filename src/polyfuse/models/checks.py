@@ -137,8 +137,9 @@ def raise_problems(problems: list[str]) -> None:
 
 
 def _dotted(where: str) -> str:
-    """`sample.models[0].path` as config errors write it: `sample.models.0.path`."""
-    return re.sub(r"\[(\d+)\]", r".\1", where)
+    """`sample.models[0].path` as config errors write it: `sample.models.0.path`; the items of a bare list
+    (`polyfuse eval`'s models) as `models.0`."""
+    return re.sub(r"\[(\d+)\]", r".\1", f"models{where}" if where.startswith("[") else where)
 
 
 def _check_checkpoint(spec: ModelSpec, check: ModelCheck, chat: bool) -> None:
