@@ -174,13 +174,12 @@ def _check_architecture(config: Any, check: ModelCheck, remote: bool) -> None:
     classifiers = [name for name in architectures if name.endswith("ForSequenceClassification")]
     kind = "causal LM" if causal else "sequence classifier"
     check.found.append(f"{kind} {config.model_type} ({', '.join(architectures) or 'no architectures listed'})")
+    mapping = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if causal else MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    auto = "AutoModelForCausalLM" if causal else "AutoModelForSequenceClassification"
     if remote:  # the repository's own code decides; transformers' mappings do not list it
-        auto = "AutoModelForCausalLM" if causal else "AutoModelForSequenceClassification"
         if auto not in config.auto_map:
             check.problems.append(f"its own code (auto_map: {', '.join(config.auto_map)}) provides no {auto}")
-        return
-    mapping = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if causal else MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
-    if config.model_type not in mapping:
+    elif config.model_type not in mapping:
         from transformers import __version__
 
         check.problems.append(f"transformers {__version__} has no {kind} class for model_type {config.model_type!r}")
