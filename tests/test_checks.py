@@ -71,7 +71,7 @@ def _recipe(tmp_path: Path, models: dict[str, Path], reward_model: str | Path | 
 def test_check_passes_a_right_recipe_listing_what_it_checked(polyfuse_cli, models, tmp_path):
     result = polyfuse_cli("run", "--check", _recipe(tmp_path, models))
     assert result.returncode == 0, result.stderr
-    assert "checked 2 models from their config and tokenizer files (no weights loaded)" in result.stdout
+    assert "checked 3 models from their config and tokenizer files (no weights loaded)" in result.stdout
     assert f"✓ sources.0 (a): {models['lm']}: causal LM llama (LlamaForCausalLM), tokenizer of 31 tokens, chat template" \
         in result.stdout
     assert f"✓ score.scorers.0.model (rm): {models['rm']}: sequence classifier llama (LlamaForSequenceClassification), " \
@@ -233,3 +233,19 @@ def test_a_merge_input_path_is_checked_before_the_first_stage(polyfuse_cli, mode
     result = polyfuse_cli("run", "--check", recipe)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: merge (none): {tmp_path / 'none'}: no such folder"
+
+
+def test_a_model_named_in_several_sections_is_checked_once_where_it_is_named_first(models, tmp_path):
+    """The sections that copy the sources (sample, teacher, logprobs) name no model twice; the pivot, a model of
+    its own name on the same folder, is listed (and checked) on its own line."""
+    from polyfuse.models.checks import models_in
+    from polyfuse.pipeline.recipe import load_recipe
+
+    recipe = load_recipe(_recipe(tmp_path, models, stages=["prompts", "sample", "score", "pairs", "teacher", "logprobs"],
+                                 sample={"include_pivot": True}, pairs={"reward": "rm"}, teacher={},
+                                 logprobs={"sources": True}))
+    sections = {name: getattr(recipe, name) for name in recipe.stages}
+    found = [(where, spec.label, task) for where, spec, task in models_in({"sources": recipe.sources, "pivot": recipe.pivot,
+                                                                           **sections})]
+    assert found == [("sources.0", "a", "causal-lm"), ("pivot", "p", "causal-lm"),
+                     ("score.scorers.0.model", "rm", "sequence-classification")]

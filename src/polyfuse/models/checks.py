@@ -96,7 +96,7 @@ def check_model(spec: ModelSpec, task: Task = "causal-lm", where: str = "model",
 
 def models_in(config: Any) -> list[tuple[str, ModelSpec, Task]]:
     """(config key, model, what it is used as) of every `ModelSpec` inside a config, each model once (a
-    recipe's sources reappear as the models of its stages): the key is where it is named first."""
+    recipe's sources reappear, by name, as the models of its stages): the key is where it is named first."""
     tasks: dict[str, Task] = {}
     found: dict[tuple, tuple[str, ModelSpec, Task]] = {}
     for where, node in walk_config(config):
@@ -107,7 +107,7 @@ def models_in(config: Any) -> list[tuple[str, ModelSpec, Task]]:
                     tasks[f"{where}.{name}" if where else name] = extra[MODEL_TASK]
         if isinstance(node, ModelSpec):
             task = tasks.get(where, "causal-lm")
-            key = (node.location(), node.revision, node.trust_remote_code, node.device, task)
+            key = (node.label, node.location(), node.revision, node.trust_remote_code, node.device, task)
             found.setdefault(key, (_dotted(where) or "model", node, task))
     return list(found.values())
 
