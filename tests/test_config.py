@@ -85,6 +85,10 @@ def test_a_recipe_error_names_its_line_through_sources_backends_and_sections(tmp
         "  line 8: prompts.limt: unknown key; did you mean 'limit'?",
         "  line 9: sample.batch_sise: unknown key; did you mean 'batch_size'?",
     ]
+    path.write_text("name: t\nsources: [{name: a, path: a}]\npivot: {name: p, path: p}\nprompts: {path: p.jsonl}\n"
+                    "stages: [sample, prompts]\n")  # a check across keys: the line of the key it names first
+    with pytest.raises(ConfigError, match=r"invalid config\n  line 5: stages must keep the order \['prompts', 'sample'"):
+        load_recipe(path)
 
 
 def test_overrides_parse_yaml_scalars_and_nested_keys(tmp_path):

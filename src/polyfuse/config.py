@@ -175,6 +175,12 @@ def _describe(err: dict[str, Any], model: type[BaseModel], data: Any) -> str:
     return f"{key}: {message} (got {given})"
 
 
+def _leading_key(message: str) -> tuple:
+    """The key a check across keys names first (`eval.models: ...`, `stages must keep ...`), as a location."""
+    first = message.removeprefix("Value error, ").split(":", 1)[0].split(" ", 1)[0]
+    return tuple(int(part) if part.isdigit() else part for part in first.split("."))
+
+
 def _line(lines: dict[tuple, int], loc: tuple) -> int | None:
     """The line of the key at `loc`, else of the nearest key above it that the file has (a missing key: the
     mapping that misses it)."""
@@ -256,7 +262,7 @@ def validate(model: type[M], data: dict[str, Any], source: str = "config") -> M:
         lines = getattr(data, "lines", {})
         described = []
         for error in errors or exc.errors():
-            line = _line(lines, tuple(error["loc"]))
+            line = _line(lines, tuple(error["loc"]) or _leading_key(error["msg"]))
             described.append(("" if line is None else f"line {line}: ") + _describe(error, model, data))
         raise ConfigError(f"{source}: invalid config\n  " + "\n  ".join(described)) from None
 
