@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -112,24 +113,21 @@ def models_in(config: Any) -> list[tuple[str, ModelSpec, Task]]:
     return list(found.values())
 
 
-def model_checks(config: Any) -> list[ModelCheck]:
-    """`check_model` for every model inside a config (pydantic models, lists, dicts)."""
-    return [check_model(spec, task, where) for where, spec, task in models_in(config)]
-
-
 def check_models(config: Any) -> list[ModelCheck]:
-    """Every model inside a config checked, before any is loaded or any output written: the problems raised as
-    one `UserError` (a line each), the warnings shown; what every stage command and `polyfuse run` call."""
-    checks = model_checks(config)
-    for check in checks:
-        for line in check.warning_lines():
-            warnings.warn(line, stacklevel=2)
-    raise_problems([line for check in checks for line in check.problem_lines()])
+    """Every model inside a config checked (`check_model`) before any is loaded or any output written, then
+    `enforce`d: what every stage command calls (`polyfuse run` checks the recipe's with `check_recipe`)."""
+    checks = [check_model(spec, task, where) for where, spec, task in models_in(config)]
+    enforce(checks)
     return checks
 
 
-def raise_problems(problems: list[str]) -> None:
-    """One problem as its own line; several as a list, one line each."""
+def enforce(checks: list[ModelCheck], problems: Iterable[str] = ()) -> None:
+    """Show the checks' warnings; raise their problems and `problems` as one `UserError`: one problem as its own
+    line, several as a list, one line each."""
+    for check in checks:
+        for line in check.warning_lines():
+            warnings.warn(line, stacklevel=3)
+    problems = [*(line for check in checks for line in check.problem_lines()), *problems]
     if len(problems) == 1:
         raise UserError(problems[0])
     if problems:

@@ -18,7 +18,6 @@ polyfuse's own and are left out, as are its prompts.
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 from polyfuse.config import walk_config
 from polyfuse.errors import UserError
 from polyfuse.models import ModelSpec
-from polyfuse.models.checks import ModelCheck, check_model, models_in, raise_problems
+from polyfuse.models.checks import ModelCheck, check_model, enforce, models_in
 from polyfuse.pipeline.context import stage_reference
 from polyfuse.pipeline.stages.prompts import PromptSource
 
@@ -41,12 +40,6 @@ class RecipeCheck:
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
-    def all_problems(self) -> list[str]:
-        return [*(line for check in self.models for line in check.problem_lines()), *self.problems]
-
-    def all_warnings(self) -> list[str]:
-        return [line for check in self.models for line in check.warning_lines()]
-
     def describe(self) -> str:
         """What was checked, a line per model and per data finding (`polyfuse run --check` prints it, then
         `enforce` shows the warnings and problems)."""
@@ -58,9 +51,7 @@ class RecipeCheck:
 
     def enforce(self) -> None:
         """Show the warnings; raise the problems as one `UserError`, a line each."""
-        for line in self.all_warnings():
-            warnings.warn(line, stacklevel=2)
-        raise_problems(self.all_problems())
+        enforce(self.models, self.problems)
 
 
 def check_recipe(recipe: Any) -> RecipeCheck:
