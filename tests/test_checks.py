@@ -42,7 +42,10 @@ def models(tmp_path_factory) -> dict[str, Path]:
         config.update(architectures=["LlamaForSequenceClassification"], id2label={str(i): f"LABEL_{i}" for i in range(labels)})
         (folders[name] / "config.json").write_text(json.dumps(config))
     for name, eos, template in (("chat-no-template", "<|end|>", None), ("base-no-template", "</s>", None),
-                                ("broken-template", "</s>", "{{ raise_exception('only system turns') }}")):
+                                ("broken-template", "</s>", "{{ raise_exception('only system turns') }}"),
+                                ("no-prefix-template", "</s>",  # the prompt asks with "yes", the answer is after "no"
+                                 "{% for m in messages %}{% if m['role'] == 'assistant' %}no {% endif %}{{ m['content'] }} "
+                                 "{% endfor %}{% if add_generation_prompt %}yes {% endif %}")):
         folders[name] = root / name
         folders[name].mkdir()
         (folders[name] / "config.json").write_text((folders["lm"] / "config.json").read_text())
@@ -138,6 +141,18 @@ def test_a_chat_model_without_its_template_is_an_error_a_base_model_without_one_
 def test_a_chat_template_that_fails_on_a_conversation_is_an_error(models):
     check = check_model(ModelSpec(path=str(models["broken-template"])))
     assert check.problems == ["its chat template fails on a user/assistant conversation: only system turns"]
+
+
+def test_a_template_whose_prompt_does_not_start_the_conversation_is_a_warning(polyfuse_cli, models, tmp_path):
+    check = check_model(ModelSpec(path=str(models["no-prefix-template"])), where="sources.0")
+    assert check.problems == [] and check.warnings == [
+        "its chat template does not render the prompt as the start of the conversation, so polyfuse prompts and "
+        "scores this model in its plain 'User: ... Assistant:' format"]
+    recipe = _recipe(tmp_path, models)
+    recipe.write_text(recipe.read_text().replace(f"path: {models['lm']}", f"path: {models['no-prefix-template']}", 1))
+    result = polyfuse_cli("run", "--check", recipe)
+    assert result.returncode == 0
+    assert "warning: sources.0 (a): its chat template does not render the prompt as the start" in result.stderr
 
 
 def test_a_missing_chat_template_where_required_stops_run_check(polyfuse_cli, models, tmp_path):
