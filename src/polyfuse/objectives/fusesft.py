@@ -80,7 +80,7 @@ class FuseSFT(UnpairedObjective):
 
     def items(self, columns: Mapping[str, torch.Tensor], rows: int) -> torch.Tensor:
         """The micro-batch's weight: its number of prompts when it holds all of their candidates."""
-        return columns[WEIGHT_COLUMN].sum()
+        return columns[WEIGHT_COLUMN].detach().sum()
 
     def __call__(self, batch: UnpairedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return fusesft_loss(-batch.mean_logps(COMPLETION), batch.column(WEIGHT_COLUMN))

@@ -50,7 +50,7 @@ def kto_loss(
     else:
         z0 = reference_point(policy_kl_logps, reference_kl_logps, rank_mean, clamp_min=0.0)
     losses, rewards, _ = value_losses(policy_logps, reference_logps, desirable, z0, beta)
-    weights = torch.where(desirable, desirable_weight, undesirable_weight).to(losses.dtype)
+    weights = torch.where(desirable, *(torch.full_like(losses, w) for w in (desirable_weight, undesirable_weight)))
     return weights * losses, {"kl": z0, **class_metrics(desirable, beta * rewards, policy_logps)}
 
 
