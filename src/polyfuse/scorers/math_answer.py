@@ -21,6 +21,9 @@ class MathConfig(ScorerSettings):
     type: Literal["math"] = "math"
     domains: list[str] | None = ["math"]
 
+    def misses(self, row: Any) -> str | None:
+        return super().misses(row) or (None if row.answer is not None else f"{self.name or self.type} needs the row's `answer`")
+
 
 def _final_answer(text: str) -> str:
     """The text after the last `####` (GSM8K's answer marker), up to the end of that line."""
@@ -48,9 +51,6 @@ def _timeout() -> int | None:
 @SCORERS.register("math")
 class MathVerifier(Verifier):
     Config = MathConfig
-
-    def applies_to(self, row: SampleRow) -> bool:
-        return row.answer is not None and super().applies_to(row)
 
     def gold_problem(self, row: SampleRow) -> str | None:
         return None if _parse(row.answer or "", _timeout(), is_gold=True) else "math-verify cannot parse its gold answer"
