@@ -15,7 +15,8 @@ import yaml
 from polyfuse.errors import ConfigError
 from polyfuse.merge import MergeOptions, load_merge_config, run_merge
 from polyfuse.merge.config import MergeConfig, ParamResolver
-from polyfuse.merge.methods.base import MERGE_METHODS, MergeMethod, TensorTask
+from polyfuse.merge.methods.base import MERGE_METHODS, MergeMethod, Param, TensorTask
+from polyfuse.merge.reference import ModelReference
 from polyfuse.merge.sources import ModelReader, index_model
 from polyfuse.merge.writer import INDEX, MANIFEST
 from tiny_lm import CHAT_TEMPLATE, SPECIALS, WORDS, build_tiny_model
@@ -26,8 +27,7 @@ class WeightedSum(MergeMethod):
 
     name = "engine_test_sum"
     description = "test: weighted sum of task vectors"
-    defaults = {"scale": 1.0}
-    model_defaults = {"weight": None, "density": 1.0}
+    parameters = (Param("weight", per_model=True), Param("density", 1.0, per_model=True), Param("scale", 1.0))
 
     def merge(self, task: TensorTask) -> torch.Tensor:
         deltas = task.deltas()
@@ -491,7 +491,7 @@ def test_at_most_one_tensor_per_model_alive(tmp_path, zoo, monkeypatch):
 def test_a_read_tensor_is_the_callers_to_overwrite(zoo):
     """Methods work in place on what the reader returns: a write must reach neither the file nor a later read of
     the same key (a tied head reads `embed_tokens` a second time)."""
-    reader = ModelReader(index_model(zoo["base"], "base_model"))
+    reader = ModelReader(index_model(ModelReference.parse(zoo["base"]), "base_model"))
     key = next(iter(reader.source.tensors))
     first = reader.read(key)
     expected = first.clone()

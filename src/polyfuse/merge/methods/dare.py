@@ -11,14 +11,20 @@ from __future__ import annotations
 
 import torch
 
-from polyfuse.merge.methods.base import MERGE_METHODS, TensorTask
+from polyfuse.merge.methods.base import DENSITY, MERGE_METHODS, WEIGHT, TensorTask
 from polyfuse.merge.methods.sparsify import dare_drop
-from polyfuse.merge.methods.task_arithmetic import TaskVectorMerge
+from polyfuse.merge.methods.task_arithmetic import (
+    INT8_MASK,
+    LAMBDA,
+    NORMALIZE,
+    RESCALE,
+    RESCALE_MODE,
+    TaskVectorMerge,
+)
 
 
 class _Dare(TaskVectorMerge):
-    defaults = {**TaskVectorMerge.defaults, "normalize": False, "rescale": True, "rescale_mode": "paper"}
-    model_defaults = {"weight": None, "density": 1.0}
+    parameters = (WEIGHT, DENSITY, LAMBDA, INT8_MASK, NORMALIZE, RESCALE, RESCALE_MODE)
 
     def sparsify(self, task: TensorTask, index: int, tau: torch.Tensor) -> torch.Tensor:
         rescale, mode = self.rescale_settings(task)
