@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import weakref
 from pathlib import Path
 
@@ -166,6 +167,44 @@ def test_required_weight_and_overrides(tmp_path):
                                                                             "parameters.scale=high"])).params("x", 0)
     with pytest.raises(ConfigError, match=r"parameters\.densty: unknown parameter"):
         load_merge_config(write_config(tmp_path, config), ["parameters.weight=1", "parameters.densty=0.5"])
+
+
+def test_each_parameter_is_declared_once_and_read_by_checks_docs_and_config_show():
+    """A method's `Param`s are its parameters everywhere: required ones are refused when missing, defaults are what
+    a merge gets, and docs/merge-compat.md's table and `polyfuse config show merge` are generated from them."""
+    from polyfuse.cli.config_docs import stage_config_yaml
+    from polyfuse.merge.config import parameter_reference
+
+    builtin = [n for n in MERGE_METHODS.names() if MERGE_METHODS.get(n).__module__.startswith("polyfuse.merge.methods.")]
+    table = ["| parameter | given | what it is | default, by method |", "|---|---|---|---|"]
+    for param, defaults in parameter_reference(builtin):
+        scope = "per model (or for all)" if param.per_model else "for the merge"
+        where = "; ".join(f"{default} {', '.join(f'`{m}`' if ' ' not in m else m for m in owners)}"
+                          for default, owners in defaults.items())
+        table.append(f"| `{param.name}` | {scope} | {param.description.replace('|', chr(92) + '|')} | {where} |")
+    assert "\n".join(table) + "\n" in (Path(__file__).parents[1] / "docs" / "merge-compat.md").read_text()
+    shown = " ".join(line.lstrip("#").strip() for line in stage_config_yaml("merge").splitlines())
+    for name in builtin:
+        method = MERGE_METHODS.get(name)
+        required = {p.name: 0.5 for p in method.parameters if p.required}
+        config = {"merge_method": name, "base_model": "b", "models": [{"model": "m1"}, {"model": "m2"}],
+                  "parameters": required}
+        resolver = ParamResolver.of(MergeConfig.model_validate(config))
+        resolver.check_given()
+        for param in method.parameters:
+            assert f"{param.name} ({'per model' if param.per_model else 'for the merge'}): {param.description};" in shown
+            if param.required:
+                lacking = MergeConfig.model_validate(
+                    {**config, "parameters": {k: v for k, v in required.items() if k != param.name}})
+                where = "models[0].parameters" if param.per_model else "parameters"
+                with pytest.raises(ConfigError, match=rf"{re.escape(where)}\.{param.name}: required by {name}"):
+                    ParamResolver.of(lacking).check_given()
+            elif param.per_model:
+                assert all(p[param.name] == param.default for p in resolver.model_params(["x", "x", "x"], 0.0))
+            else:
+                assert resolver.params("x", 0.0)[param.name] == param.default
+    with pytest.raises(TypeError, match="declare parameters as `parameters = "):
+        type("Legacy", (MergeMethod,), {"defaults": {"t": None}, "merge": lambda self, task: task.base})
 
 
 @pytest.mark.parametrize(("change", "message"), [

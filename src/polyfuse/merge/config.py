@@ -11,6 +11,7 @@ whose inputs are `ModelReference`s (`MergeConfig.output_slices`); everything aft
 from __future__ import annotations
 
 import logging
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,10 +96,6 @@ class SliceEntry(StrictModel):
         if len(lengths) > 1:
             raise ValueError(f"all sources of a slice must span the same number of layers (got {sorted(lengths)})")
         return value
-
-    @property
-    def length(self) -> int:
-        return self.sources[0].layer_range[1] - self.sources[0].layer_range[0]
 
 
 class ModelToken(StrictModel):
@@ -274,6 +271,18 @@ class MergeConfig(StrictModel):
         per-token sources), in that order, as often as it names it."""
         return [ModelReference.parse(owner[key]) for owner, key in _model_keys(self.model_dump(exclude_unset=True))]
 
+    @classmethod
+    def yaml_appendix(cls) -> str:
+        """What `polyfuse config show merge` adds after the keys: every method parameter, its default per method."""
+        lines = ["", *textwrap.wrap("Method parameters, under `parameters:` (for the merge) or under a model's "
+                                    "`parameters:` (the per-model ones, which `parameters:` gives every model):", 108)]
+        for param, defaults in parameter_reference():
+            given = "per model" if param.per_model else "for the merge"
+            where = "; ".join(f"{default} {', '.join(owners)}" for default, owners in defaults.items())
+            lines += textwrap.wrap(f"{param.name} ({given}): {param.description}; {where}.", 106,
+                                   initial_indent="  ", subsequent_indent="    ")
+        return "".join(f"#{' ' * bool(line)}{line}\n" for line in lines)
+
     def map_models(self, change: Callable[[ModelReference], ModelReference]) -> MergeConfig:
         """This config with every model it names (`named_models`) replaced by `change(reference)`."""
         data = self.model_dump(exclude_unset=True)
@@ -371,6 +380,24 @@ def check_method(cfg: MergeConfig, source: str) -> None:
     if template not in (None, "auto", *CHAT_TEMPLATES) and "{{" not in template and "{%" not in template:
         raise ConfigError(f"{source}: chat_template: {template!r} is neither auto, a built-in name "
                           f"({', '.join(CHAT_TEMPLATES)}) nor a Jinja template")
+
+
+def parameter_reference(methods: list[str] | None = None) -> list[tuple[Param, dict[str, list[str]]]]:
+    """Every parameter that `methods` (default: every registered one) and the engine read, once per declaration
+    (name, scope, description), with the methods that read it grouped by their default (`required` for none):
+    what `polyfuse config show merge` and docs/merge-compat.md list."""
+    rows: dict[tuple[str, bool, str], tuple[Param, dict[str, list[str]]]] = {}
+    declared = [(name, MERGE_METHODS.get(name).parameters) for name in methods or MERGE_METHODS.names()]
+    for owner, params in [*declared, ("every method (the engine)", ENGINE_PARAMETERS)]:
+        for param in params:
+            _, defaults = rows.setdefault((param.name, param.per_model, param.description), (param, {}))
+            default = "required by" if param.required else f"default {_text(param.default)} in"
+            defaults.setdefault(default, []).append(owner)
+    return sorted(rows.values(), key=lambda row: (row[0].name, row[0].per_model))
+
+
+def _text(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _known_params() -> dict[str, list[str]]:
