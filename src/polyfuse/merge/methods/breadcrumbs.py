@@ -12,21 +12,13 @@ import torch
 from polyfuse.merge.methods.base import (
     DENSITY,
     MERGE_METHODS,
-    WEIGHT,
     InvalidParameter,
     Param,
     TensorTask,
     percent,
 )
 from polyfuse.merge.methods.sparsify import magnitude_trim
-from polyfuse.merge.methods.task_arithmetic import (
-    INT8_MASK,
-    LAMBDA,
-    NORMALIZE,
-    RESCALE,
-    RESCALE_MODE,
-    TaskVectorMerge,
-)
+from polyfuse.merge.methods.task_arithmetic import TaskVectorMerge, family_parameters
 
 GAMMA = Param("gamma", 0.01, per_model=True, description="the fraction of largest task-vector entries dropped as outliers",
               explain=lambda v: f"gamma {v} = also drop the largest {percent(v)} of each task vector's entries as "
@@ -34,7 +26,7 @@ GAMMA = Param("gamma", 0.01, per_model=True, description="the fraction of larges
 
 
 class _Breadcrumbs(TaskVectorMerge):
-    parameters = (WEIGHT, DENSITY, GAMMA, LAMBDA, INT8_MASK, NORMALIZE, RESCALE.but(False), RESCALE_MODE.but("l1_norm"))
+    parameters = family_parameters(DENSITY, GAMMA, normalize=False, rescale=False, rescale_mode="l1_norm")
 
     @classmethod
     def check(cls, params, model_params) -> None:

@@ -11,20 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from polyfuse.merge.methods.base import DENSITY, MERGE_METHODS, WEIGHT, TensorTask
+from polyfuse.merge.methods.base import DENSITY, MERGE_METHODS, TensorTask
 from polyfuse.merge.methods.sparsify import dare_drop
-from polyfuse.merge.methods.task_arithmetic import (
-    INT8_MASK,
-    LAMBDA,
-    NORMALIZE,
-    RESCALE,
-    RESCALE_MODE,
-    TaskVectorMerge,
-)
+from polyfuse.merge.methods.task_arithmetic import TaskVectorMerge, family_parameters
 
 
 class _Dare(TaskVectorMerge):
-    parameters = (WEIGHT, DENSITY, LAMBDA, INT8_MASK, NORMALIZE, RESCALE, RESCALE_MODE)
+    parameters = family_parameters(DENSITY, normalize=False, rescale=True, rescale_mode="paper")
 
     def sparsify(self, task: TensorTask, index: int, tau: torch.Tensor) -> torch.Tensor:
         rescale, mode = self.rescale_settings(task)

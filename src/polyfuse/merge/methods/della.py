@@ -8,16 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from polyfuse.merge.methods.base import DENSITY, MERGE_METHODS, WEIGHT, Param, TensorTask
+from polyfuse.merge.methods.base import DENSITY, MERGE_METHODS, Param, TensorTask
 from polyfuse.merge.methods.sparsify import check_epsilon, della_magprune
-from polyfuse.merge.methods.task_arithmetic import (
-    INT8_MASK,
-    LAMBDA,
-    NORMALIZE,
-    RESCALE,
-    RESCALE_MODE,
-    TaskVectorMerge,
-)
+from polyfuse.merge.methods.task_arithmetic import TaskVectorMerge, family_parameters
 
 EPSILON = Param("epsilon", 0.15, per_model=True, description="keep probabilities range over density ± epsilon, by "
                                                           "magnitude rank",
@@ -25,7 +18,7 @@ EPSILON = Param("epsilon", 0.15, per_model=True, description="keep probabilities
 
 
 class _Della(TaskVectorMerge):
-    parameters = (WEIGHT, DENSITY, EPSILON, LAMBDA, INT8_MASK, NORMALIZE, RESCALE, RESCALE_MODE)
+    parameters = family_parameters(DENSITY, EPSILON, normalize=False, rescale=True, rescale_mode="paper")
 
     @classmethod
     def check(cls, params, model_params) -> None:
@@ -52,7 +45,7 @@ class Della(_Della):
     name = "della"
     description = "DELLA: magnitude-ranked random drop, rescale, sign election, disjoint mean"
     consensus = True
-    parameters = (WEIGHT, DENSITY, EPSILON, LAMBDA, INT8_MASK, NORMALIZE.but(True), RESCALE, RESCALE_MODE)
+    parameters = family_parameters(DENSITY, EPSILON, normalize=True, rescale=True, rescale_mode="paper")
 
 
 @MERGE_METHODS.register("della_linear")

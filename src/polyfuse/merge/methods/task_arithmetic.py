@@ -36,11 +36,20 @@ RESCALE_MODE = Param("rescale_mode", "paper", description="how to rescale: `pape
                                                                  "scale kept entries by 1/density (the paper's rule)"))
 
 
+def family_parameters(*per_model: Param, normalize: bool, rescale: bool | None = None,
+                      rescale_mode: str = "paper") -> tuple[Param, ...]:
+    """The parameters of a task-vector method: weight and its own per-model ones (density, gamma, epsilon), then
+    lambda, int8_mask, normalize and, for the methods that rescale what they keep, rescale and rescale_mode;
+    mergekit's methods of the family differ only in these defaults."""
+    rescaling = () if rescale is None else (RESCALE.but(rescale), RESCALE_MODE.but(rescale_mode))
+    return (WEIGHT, *per_model, LAMBDA, INT8_MASK, NORMALIZE.but(normalize), *rescaling)
+
+
 class TaskVectorMerge(MergeMethod):
     """th0 + lambda * combine_i(w_i * sparsify(tau_i)); subclasses override `sparsify` and the class flags."""
 
     consensus: ClassVar[bool] = False  # TIES sign election + disjoint merge
-    parameters = (WEIGHT, LAMBDA, INT8_MASK, NORMALIZE)
+    parameters = family_parameters(normalize=False)
 
     @classmethod
     def check(cls, params: dict[str, Any], model_params: list[dict[str, Any]]) -> None:
