@@ -169,6 +169,31 @@ def test_required_weight_and_overrides(tmp_path):
         load_merge_config(write_config(tmp_path, config), ["parameters.weight=1", "parameters.densty=0.5"])
 
 
+def test_map_models_reaches_every_model_the_config_names(tmp_path):
+    """`map_models` rewrites the base, `models:`, slice sources and bases, the tokenizer source and per-token sources
+    (either side of MODEL+LORA), never `union` or `base`; the normal form is rebuilt from the result."""
+    cfg = MergeConfig.model_validate({
+        "merge_method": "linear", "base_model": "b", "parameters": {"weight": 1.0},
+        "slices": [{"base_model": "s", "sources": [{"model": "m1+l1", "layer_range": [0, 1]},
+                                                    {"model": "m2", "layer_range": [0, 1]}]}],
+        "tokenizer": {"source": "m2", "tokens": {"<x>": {"source": "m1+l1"}, "<z>": {"source": {"kind": "zero"}},
+                                                 "<y>": {"source": {"kind": "model_token", "model": "m2", "token_id": 1}}}}})
+    assert [str(r) for r in cfg.named_models()] == ["b", "s", "m1+l1", "m2", "m2", "m1+l1", "m2"]
+    mapped = cfg.map_models(lambda r: ModelReference(f"/p/{r.path}", r.lora and f"/a/{r.lora}"))
+    assert [str(r) for r in mapped.named_models()] == ["/p/b", "/p/s", "/p/m1+/a/l1", "/p/m2", "/p/m2", "/p/m1+/a/l1",
+                                                       "/p/m2"]
+    assert mapped.referenced_models() == {ModelReference("/p/b"): "base_model", ModelReference("/p/s"): "slices[0].base_model",
+                                          ModelReference("/p/m1", "/a/l1"): "slices[0].sources[0]",
+                                          ModelReference("/p/m2"): "slices[0].sources[1]"}
+    assert mapped.output_slices[0].inputs[0].model == ModelReference("/p/m1", "/a/l1")
+    union = MergeConfig.model_validate({"merge_method": "linear", "models": [{"model": "m"}], "tokenizer_source": "union"})
+    assert union.map_models(lambda r: ModelReference("/p")).tokenizer_source == "union"
+    folder = tmp_path / "a+b"  # an existing path is a model even with a '+'; spellings of one folder are one model
+    folder.mkdir()
+    assert ModelReference.parse(str(folder)) == ModelReference.parse(f"{folder}/") != ModelReference.parse("a+b")
+    assert ModelReference.parse("a+b") == ModelReference("a", "b") and ModelReference.parse("org/name/") == ModelReference("org/name")
+
+
 def test_each_parameter_is_declared_once_and_read_by_checks_docs_and_config_show():
     """A method's `Param`s are its parameters everywhere: required ones are refused when missing, defaults are what
     a merge gets, and docs/merge-compat.md's table and `polyfuse config show merge` are generated from them."""

@@ -185,7 +185,7 @@ class MergeConfig(StrictModel):
     tokenizer_source: str | None = Field(default=None, description="mergekit's older form of `tokenizer.source`.")
     tokenizer: TokenizerConfig | None = Field(default=None, description="The output vocabulary and per-token embeddings.")
     chat_template: str | None = Field(default=None, description="A template name (chatml, ...) or literal Jinja for the output tokenizer.")
-    _models: dict[ModelReference, str] = PrivateAttr(default_factory=dict)
+    _referenced: dict[ModelReference, str] = PrivateAttr(default_factory=dict)  # model -> the key naming it first
     _slices: tuple[OutputSlice, ...] = PrivateAttr(default=())
 
     @field_validator("parameters")
@@ -203,7 +203,7 @@ class MergeConfig(StrictModel):
             raise ValueError("give exactly one of `models` and `slices`")
         if self.tokenizer is not None and self.tokenizer_source is not None:
             raise ValueError("give `tokenizer_source` or a `tokenizer` block, not both (as in mergekit)")
-        self._models = {}
+        self._referenced = {}
         base = self._reference(self.base_model, "base_model")
         self._slices = tuple(self._output_slice(index, piece, base) for index, piece in enumerate(self.slices or [None]))
         return self
@@ -215,7 +215,7 @@ class MergeConfig(StrictModel):
             reference = ModelReference.parse(text)
         except ConfigError as err:
             raise ValueError(f"{where}: {err}") from None
-        self._models.setdefault(reference, where)
+        self._referenced.setdefault(reference, where)
         return reference
 
     def _output_slice(self, index: int, piece: SliceEntry | None, base: ModelReference | None) -> OutputSlice:
@@ -255,7 +255,7 @@ class MergeConfig(StrictModel):
     def referenced_models(self) -> dict[ModelReference, str]:
         """Every model the config merges, the base first, each once, with the config key that names it first
         (mergekit's `referenced_models`)."""
-        return dict(self._models)
+        return dict(self._referenced)
 
     def method(self) -> type[MergeMethod]:
         return MERGE_METHODS.get(self.merge_method)
