@@ -76,8 +76,11 @@ def _root(
     # chatter stays out. (A comment, not a docstring: typer would show a docstring as the app's help.)
     from transformers.utils import logging as hf_logging
 
+    from polyfuse.progress import LineSchedule
+
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    LineSchedule.from_env()  # a bad POLYFUSE_PROGRESS_* is refused before any work
 
 
 app.add_typer(train_app, name="train")
@@ -124,6 +127,9 @@ def run(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML: models, prompts and one section per stage (see recipes/; `polyfuse config show recipe`).")],
     work_dir: Annotated[Path | None, typer.Option(help="Work directory (default: the recipe's work_dir, else runs/<name>).")] = None,
     set_: SetOpt = None,
+    check: Annotated[bool, typer.Option("--check", help=(
+        "Only check the recipe (seconds, no weights loaded, nothing written): every model from its config and "
+        "tokenizer files, the data files and prompts; exit code 0, or 2 with one line per problem."))] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Run a recipe's stages in order; finished stages are skipped, interrupted ones resume. Ends with the
@@ -133,6 +139,13 @@ def run(
     from polyfuse.pipeline.summary import print_run_summary
 
     loaded = load_recipe(recipe, set_)
+    if check:
+        from polyfuse.pipeline.checks import check_recipe
+
+        report = check_recipe(loaded)
+        print(report.describe())
+        report.enforce()
+        return
     ctx = run_recipe(loaded, _output_folder(work_dir or loaded.resolved_work_dir), quiet=quiet)
     print_run_summary(ctx, console)
 
@@ -563,7 +576,7 @@ def _read(path: Path, schema, skip_invalid: bool = False):
 
 
 def _check_models(config) -> None:
-    from polyfuse.models.loader import check_models
+    from polyfuse.models.checks import check_models
 
     check_models(config)
 

@@ -21,6 +21,9 @@ class MathConfig(ScorerSettings):
     type: Literal["math"] = "math"
     domains: list[str] | None = ["math"]
 
+    def misses(self, row: Any) -> str | None:
+        return super().misses(row) or (None if row.answer is not None else f"{self.name or self.type} needs the row's `answer`")
+
 
 def _final_answer(text: str) -> str:
     """The text after the last `####` (GSM8K's answer marker), up to the end of that line."""
@@ -42,9 +45,6 @@ def _parse(text: str, timeout: int | None, is_gold: bool = False) -> list:
 @SCORERS.register("math")
 class MathVerifier(Verifier):
     Config = MathConfig
-
-    def applies_to(self, row: SampleRow) -> bool:
-        return row.answer is not None and super().applies_to(row)
 
     def check(self, row: SampleRow) -> tuple[bool, dict[str, Any]]:
         # math-verify's timeouts use SIGALRM, which only works in the main thread; elsewhere they are
