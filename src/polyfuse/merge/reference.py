@@ -20,7 +20,7 @@ def _identity(text: str) -> str:
 
 @dataclass(frozen=True)
 class ModelReference:
-    """`path`: a local folder, a `.gguf` file or a hub id (`org/name@revision`); `lora`: a peft adapter applied
+    """`path`: a local folder or a hub id (`org/name@revision`), or in a recipe a model name; `lora`: a peft adapter applied
     while reading (mergekit's `MODEL+LORA`). Equal references name the same model (`_identity`)."""
 
     path: str = field(compare=False)
