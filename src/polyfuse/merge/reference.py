@@ -20,8 +20,8 @@ def _identity(text: str) -> str:
 
 @dataclass(frozen=True)
 class ModelReference:
-    """`path`: a local folder or a hub id (`org/name@revision`), or in a recipe a model name; `lora`: a peft adapter applied
-    while reading (mergekit's `MODEL+LORA`). Equal references name the same model (`_identity`)."""
+    """`path`: a local folder or a hub id (`org/name@revision`), or in a recipe a model name; `lora`: a peft
+    adapter applied while reading (mergekit's `MODEL+LORA`). Equal references name the same model (`_identity`)."""
 
     path: str = field(compare=False)
     lora: str | None = field(default=None, compare=False)
