@@ -100,12 +100,10 @@ def _merge_inputs(recipe: Any) -> Iterator[tuple[str, ModelSpec]]:
     only once that stage ran), each as a model spec; a `model+lora` reference as its model."""
     if "merge" not in recipe.stages or recipe.merge is None:
         return
-    from polyfuse.merge.sources import split_reference
-
     named = {"pivot", *(source.label for source in recipe.sources)}
-    for name in recipe.merge.referenced_models():
-        if name not in named and stage_reference(name) is None:
-            yield "merge", ModelSpec(path=split_reference(name)[0])
+    for reference in recipe.merge.referenced_models():
+        if reference.path not in named and stage_reference(reference.path) is None:
+            yield "merge", ModelSpec(path=reference.path)
 
 
 def _data_paths(node: Any) -> Iterator[tuple[str, str]]:
