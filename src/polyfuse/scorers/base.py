@@ -74,6 +74,11 @@ class Verifier(Scorer):
     @abstractmethod
     def check(self, row: SampleRow) -> tuple[bool, dict[str, Any]]: ...
 
+    def gold_problem(self, row: SampleRow) -> str | None:
+        """Why no response to `row` can be judged (a gold answer this verifier cannot read), else None:
+        evaluation refuses such rows before any model runs rather than scoring them 0."""
+        return None
+
     def score(self, rows: list[SampleRow]) -> list[tuple[float | bool, dict[str, Any]]]:
         return [self.check(row) for row in rows]
 
