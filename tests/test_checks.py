@@ -264,3 +264,16 @@ def test_a_model_named_in_several_sections_is_checked_once_where_it_is_named_fir
                                                                            **sections})]
     assert found == [("sources.0", "a", "causal-lm"), ("pivot", "p", "causal-lm"),
                      ("score.scorers.0.model", "rm", "sequence-classification")]
+
+
+def test_an_eval_gold_answer_math_verify_cannot_read_stops_the_run_before_its_first_stage(polyfuse_cli, models, tmp_path):
+    """eval's own pre-model checks run with the recipe's, not after training (an empty gold answer too)."""
+    rows = [{"id": "h1", "prompt": "6 * 7 =", "domain": "math", "answer": "42"},
+            {"id": "h2", "prompt": "2 + 3 =", "domain": "math", "answer": "   "}]
+    (tmp_path / "held.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    recipe = _recipe(tmp_path, models, stages=["prompts", "sample", "score", "eval"],
+                     eval={"prompts": {"path": str(tmp_path / "held.jsonl")}, "models": ["pivot"]})
+    result = polyfuse_cli("run", "--check", recipe)
+    assert result.returncode == 2
+    assert "error: eval.prompts: " in result.stderr and "h2" in result.stderr and "empty gold answer" in result.stderr
+    assert not (tmp_path / "work").exists()

@@ -79,8 +79,8 @@ def check_recipe(recipe: Any) -> RecipeCheck:
 
         rows = _read_prompts(recipe, "eval.prompts", recipe.eval.prompts, unbuilt, report)
         verifiers = [c for c in recipe.eval.scorers or [] if SCORERS.get(c.type).kind == "verifier"]
-        if rows:
-            _check_judged(rows, verifiers, "the verifiers of eval.scorers", "eval.prompts", report)
+        if rows and _check_judged(rows, verifiers, "the verifiers of eval.scorers", "eval.prompts", report):
+            _check_golds(rows, verifiers, report)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -131,17 +131,31 @@ def _read_prompts(recipe: Any, where: str, source: PromptSource, unbuilt: Path |
     return rows
 
 
-def _check_judged(rows: list, scorers: list, key: str, where: str, report: RecipeCheck) -> None:
-    """A problem when a prompt is judged by none of `scorers`, naming the first such prompt and why."""
+def _check_judged(rows: list, scorers: list, key: str, where: str, report: RecipeCheck) -> bool:
+    """A problem when a prompt is judged by none of `scorers`, naming the first such prompt and why; True when
+    every prompt is judged."""
     from polyfuse.scorers import unjudged
 
     missed = unjudged(rows, scorers)
     if not missed:
         report.data.append(f"✓ {where}: every prompt is judged by {key}")
-        return
+        return True
     row, reasons = missed[0]
     why = "; ".join(reasons) or "no scorer is given"
     report.problems.append(
         f"{where}: {len(missed)} of {len(rows)} prompts cannot be judged by {key} and would be scored as nothing; "
         f"the first, id {row.id!r} (domain {row.domain!r}): {why}. Give such prompts what a scorer needs (math: "
         "`answer`, code: `tests`), add a scorer for their domain, or leave them out")
+    return False
+
+
+def _check_golds(rows: list, verifiers: list, report: RecipeCheck) -> None:
+    """The eval stage's own pre-model checks (`polyfuse.evaluation.judges`: no empty or unreadable gold answer,
+    every verifier can run here), now rather than after training."""
+    from polyfuse.evaluation import judges
+    from polyfuse.scorers import build_scorer
+
+    try:
+        judges(rows, [build_scorer(config) for config in verifiers])
+    except UserError as err:
+        report.problems.append(f"eval.prompts: {err}")
