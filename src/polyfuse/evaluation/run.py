@@ -1,5 +1,6 @@
-"""The evaluation engine (`polyfuse eval`, a recipe's `eval` stage): greedy accuracy of several models on one
-prompt set, written as a table, JSON, PNG and per-model records."""
+"""The evaluation engine (`polyfuse eval`, a recipe's `eval` stage): greedy accuracy and gold bits per byte of
+several models on one prompt set, written as tables, JSON, PNG and per-item records (what `polyfuse compare`
+reads)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pydantic import Field
 from polyfuse.config import StrictModel
 from polyfuse.data.io import write_rows
 from polyfuse.data.schemas import PromptRow
-from polyfuse.evaluation.evaluate import EvalResult, default_verifiers, evaluate
+from polyfuse.evaluation.evaluate import EVAL_TOKEN_BUDGET, EvalResult, default_verifiers, evaluate
 from polyfuse.evaluation.report import write_eval_report
 from polyfuse.models import ModelSpec
 from polyfuse.progress import progress_bar
@@ -26,9 +27,15 @@ class EvalSettings(StrictModel):
         default=None, description="The verifiers that grade (a reward model gives no accuracy); None: every "
         "registered verifier that needs no options (math, code, toyworld). In a recipe: default the verifiers of "
         "its score section.")
-    batch_size: int = Field(default=64, ge=1, description="Prompts per generate call.")
+    batch_size: int = Field(default=64, ge=1, description="Prompts per engine call (vLLM, servers); the "
+                            "transformers backend batches by token_budget.")
+    token_budget: int = Field(default=EVAL_TOKEN_BUDGET, ge=1, description="transformers: padded tokens per batch "
+                              "over length-sorted prompts (prompt + max_new_tokens per row when generating, prompt + "
+                              "gold answer when scoring).")
     max_new_tokens: int | None = Field(default=None, ge=1, description="Generation budget per prompt (greedy); "
                                        "None: 32 for toy-world prompts, 512 for HumanEval, else 256.")
+    bpb: bool = Field(default=True, description="Measure every gold answer's bits per byte (teacher-forced through "
+                      "each model's template).")
 
 
 def run_eval(models: dict[str, ModelSpec], prompts: list[PromptRow], settings: EvalSettings, out_dir: str | Path,
@@ -41,7 +48,8 @@ def run_eval(models: dict[str, ModelSpec], prompts: list[PromptRow], settings: E
     with progress_bar(disable=quiet) as bar:  # one display, two bars per model
         results = {
             label: evaluate(spec, prompts, scorers, batch_size=settings.batch_size, label=label, bar=bar,
-                            max_new_tokens=settings.max_new_tokens or DEFAULT_NEW_TOKENS)
+                            max_new_tokens=settings.max_new_tokens or DEFAULT_NEW_TOKENS,
+                            token_budget=settings.token_budget, bpb=settings.bpb)
             for label, spec in models.items()
         }
     write_eval_report(results, out_dir, sources=sources)

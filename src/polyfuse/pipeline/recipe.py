@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationInfo, create_model, model_validator
 
-from polyfuse.config import COPIED, StrictModel, apply_overrides, read_yaml, validate
+from polyfuse.config import COPIED, StrictModel, YamlMapping, apply_overrides, read_yaml, validate
 from polyfuse.pipeline.context import STAGES, stage, stage_order
 from polyfuse.pipeline.sources import ToyWorldRef
 from polyfuse.sampling import SampledModel
@@ -139,9 +139,6 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override, resolve `toyworld://` paths and validate a recipe; no model is loaded."""
     data = apply_overrides(read_yaml(path), overrides)
     if _uses_toy_paths(data):
-        from polyfuse.toyworld import ToyWorldConfig, world_dir
-
         toy = validate(ToyWorldRef, data.get("toyworld") or {}, source=f"{path}: toyworld")
-        config = ToyWorldConfig.preset(toy.preset).model_copy(update={"seed": toy.seed})
-        data = _resolve_toy_paths(data, world_dir(config, toy.cache_dir))
+        data = YamlMapping(_resolve_toy_paths(data, toy.root()), getattr(data, "lines", {}))
     return validate(Recipe, data, source=str(path))

@@ -1,5 +1,6 @@
-"""Stage `eval`: greedy accuracy of the recipe's models on held-out prompts, as a table, JSON and PNG, through
-`polyfuse.evaluation.run_eval`; `polyfuse eval` runs the same `execute` on the models it is given."""
+"""Stage `eval`: greedy accuracy and gold bits per byte of the recipe's models on held-out prompts, as a table,
+JSON, PNG and per-item records (what `polyfuse compare` reads), through `polyfuse.evaluation.run_eval`;
+`polyfuse eval` runs the same `execute` on the models it is given."""
 
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ def eval_models(ctx: Context) -> dict[str, ModelSpec]:
 
 @STAGES.register("eval")
 class EvalStage(Stage):
-    """Greedy accuracy per domain on held-out prompts: a table, results.json, results.md and a PNG bar chart."""
+    """Greedy accuracy and gold bits per byte per domain on held-out prompts: tables, results.json, results.md, a
+    PNG bar chart and per-item records."""
 
     name = "eval"
     position = 110
