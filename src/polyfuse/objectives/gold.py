@@ -24,7 +24,13 @@ import torch
 from pydantic import Field, model_validator
 
 from polyfuse.errors import ConfigError
-from polyfuse.objectives.distill import DISTILL_OBJECTIVES, AlignedRow, DistillBatch, DistillObjective, Projection
+from polyfuse.objectives.distill import (
+    DISTILL_OBJECTIVES,
+    AlignedRow,
+    DistillBatch,
+    DistillObjective,
+    Projection,
+)
 from polyfuse.objectives.kd import anchored, batch_projection
 from polyfuse.objectives.topk import (
     GROUP_FIELDS,

@@ -20,7 +20,13 @@ import torch
 from pydantic import Field
 
 from polyfuse.errors import DataError
-from polyfuse.objectives.distill import DISTILL_OBJECTIVES, AlignedRow, DistillBatch, DistillObjective, Projection
+from polyfuse.objectives.distill import (
+    DISTILL_OBJECTIVES,
+    AlignedRow,
+    DistillBatch,
+    DistillObjective,
+    Projection,
+)
 from polyfuse.objectives.topk import (
     GROUP_FIELDS,
     STOP_GROUP,
