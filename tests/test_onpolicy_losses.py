@@ -189,7 +189,7 @@ def test_gold_compat_on_abc(beta, matched, total):
     assert result[1]["kd/unmatched"].mean().item() == pytest.approx(0.11, abs=1e-6)
     assert mean_over_groups(result) == pytest.approx(total, abs=1e-6)
     teacher_group = torch.tensor(loss.targets(row)["teacher_logps"][0][0]).exp()
-    assert sorted(teacher_group.tolist(), reverse=True) == pytest.approx([0.42, 0.06, 0.06, 0.06])
+    assert sorted(teacher_group.tolist(), reverse=True) == pytest.approx([0.42, 0.06, 0.06, 0.06, 0.0])  # K + realised
 
 
 def test_gold_plain_uld_and_the_non_negative_hybrid_on_abc():
@@ -300,16 +300,20 @@ def test_gold_compat_equals_trl_uld_loss_on_full_teacher_distributions(merge, be
     assert worst < TRL_TOLERANCE, worst
 
 
+@pytest.mark.parametrize("seed", [7, 8, 9])
 @pytest.mark.parametrize("merge", ["observed", "bayesian"])
-def test_gold_compat_equals_trl_hybrid_on_a_sparse_top_k_teacher(merge):
-    """K < |V_T|: TRL's own merge and hybrid functions on the teacher that is zero outside its top-K."""
+def test_gold_compat_equals_trl_hybrid_on_a_sparse_top_k_teacher(merge, seed):
+    """K < |V_T|: TRL's own merge and hybrid functions on the teacher that is zero outside what the wire carries
+    (its top-K and the realised token at each position)."""
     from trl.experimental.gold.gold_trainer import ULDLoss
 
-    student_logits, teacher_logits, groups = _gold_case(7)
+    student_logits, teacher_logits, groups = _gold_case(seed)
     uld = _uld_loss(merge, 0.5)
     teacher_probs = torch.softmax(teacher_logits[0, :-1], -1)
     top = teacher_probs.topk(3, -1)
     sparse = torch.zeros_like(teacher_probs).scatter(-1, top.indices, top.values)  # the teacher TRL would see
+    realised = torch.tensor(TEACHER_TOKENS)[:, None]
+    sparse = sparse.scatter(-1, realised, teacher_probs.gather(-1, realised))
     shift = 1 if merge == "observed" else 0  # observed: logits at a token's own position (predicting the next)
     text = len(STUDENT_TOKENS) - 1, len(TEACHER_TOKENS) - 1
     student_probs = torch.softmax(student_logits[0, shift : shift + text[0]], -1)

@@ -12,8 +12,10 @@ Two modes:
   top-K entries plus one tail bucket on each side; the stop token's group is {stop} plus the tail.
 - `gold_compat`: TRL's semantics on the sparse teacher: the observed merge by default, the matched JSD over
   every matched pair on probabilities clamped at 1e-8 and not renormalised (so it can be negative), a teacher
-  entry outside its top-K read as 0 (as TRL would see a teacher that is zero there), no stop group (TRL skips
-  EOS). TRL averages groups per sample, then samples; here the trainer divides by the global group count.
+  entry that the wire does not carry (not in its top-K, not its realised token) read as 0, as TRL would see a
+  teacher that is zero there; no stop group (TRL skips EOS). TRL averages groups per sample, then samples;
+  here the trainer divides by the global group count.
+Both modes keep, besides the teacher's top-K at the group's base position, its realised token there.
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ class GoldObjective(DistillObjective):
         return tuple(GROUP_FIELDS)
 
     def targets(self, row: AlignedRow) -> dict[str, Any]:
-        return group_targets(row, "topk", self.top_k, self.merge_rule(), stop_groups=not self.compat)
+        return group_targets(row, "topk_realised", self.top_k, self.merge_rule(), stop_groups=not self.compat)
 
     def weights(self, projection: Projection) -> tuple[float, float]:
         if self.matched_weight is not None:

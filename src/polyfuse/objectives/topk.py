@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from polyfuse.errors import DataError
-from polyfuse.objectives.distill import AlignedRow, Projection, TargetField
+from polyfuse.objectives.distill import AlignedRow, Projection, TargetField, TeacherOutputs
 
 Merge = Literal["bayesian", "observed"]
-Support = Literal["topk", "top1", "realised"]
+Support = Literal["topk", "topk_realised", "top1", "realised"]
 NO_GROUP, TEXT_GROUP, STOP_GROUP = 0, 1, 2
 LOG_EPS = math.log(1e-8)  # TRL GOLD's probability clamp, in the compatibility mode only
 TAIL_CAP = -1e-7  # TRL: logsumexp of the support is clamped here, so the tail is at least ~1e-7
@@ -165,19 +165,25 @@ def _is_stop(row: AlignedRow, pivot: list[int]) -> bool:
     return row.pivot_bytes is not None and all(row.pivot_bytes[row.labels[j]] is None for j in pivot)
 
 
-def _lookup(ids: np.ndarray, logps: np.ndarray, token: int) -> float:
-    """log p of `token` in one sparse distribution; TRL's clamp (1e-8) when it is not among the K."""
-    hit = np.flatnonzero(ids == token)
-    return max(float(logps[hit[0]]), LOG_EPS) if len(hit) else LOG_EPS
+def _lookup(example: TeacherOutputs, position: int, token: int) -> float:
+    """log p of `token` at one teacher position, from what the wire carries there (its top-K and its realised
+    token); TRL's clamp (1e-8) when it is neither."""
+    hit = np.flatnonzero(example.topk_ids[position] == token)
+    if len(hit):
+        return max(float(example.topk_logprobs[position, hit[0]]), LOG_EPS)
+    return max(float(example.token_logps[position]), LOG_EPS) if example.token_ids[position] == token else LOG_EPS
 
 
 def group_targets(row: AlignedRow, support: Support, top_k: int, merge: Merge = "bayesian",
                   stop_groups: bool = True) -> dict[str, Any]:
-    """The `GROUP_FIELDS` of one row. `support`: the teacher entries each group keeps, `topk` (its top-K), `top1`
-    (its top-1, left out when it is the realised token, which `teacher_realised` carries) or `realised` (none
-    besides the realised text). `stop_groups`: the end-of-turn group is kept (bayesian only; GOLD drops EOS)."""
+    """The `GROUP_FIELDS` of one row. `support`: the teacher entries each group keeps, `topk` (its top-K),
+    `topk_realised` (plus the base position's realised token when it is not among them: everything the wire
+    carries), `top1` (its top-1, left out when it is the realised token, which `teacher_realised` carries) or
+    `realised` (none besides the realised text). `stop_groups`: the end-of-turn group is kept (bayesian only;
+    GOLD drops EOS)."""
     n, teachers = len(row.labels), len(row.examples)
-    width = {"topk": top_k, "top1": 1, "realised": 0}[support]
+    width = {"topk": top_k, "topk_realised": top_k + 1, "top1": 1, "realised": 0}[support]
+    top_k = min(top_k, width)
     kind = np.zeros((n, teachers), np.int8)
     lead = np.zeros((n, teachers), np.int64)
     ids = np.zeros((n, teachers, width), np.int64)
@@ -190,8 +196,8 @@ def group_targets(row: AlignedRow, support: Support, top_k: int, merge: Merge = 
             raise DataError("the teacher outputs have no normalised top-K log-probs (`topk_logprobs`): sparse KL "
                             "targets need them, as a teacher server returns them")
         topk_ids, topk_logps = example.topk_ids, example.topk_logprobs.astype(np.float64)
-        if width > topk_ids.shape[1]:
-            raise DataError(f"top_k {width} is larger than the {topk_ids.shape[1]} log-probs the teacher returned "
+        if top_k > topk_ids.shape[1]:
+            raise DataError(f"top_k {top_k} is larger than the {topk_ids.shape[1]} log-probs the teacher returned "
                             "per position: lower top_k, or ask the teacher for more")
         positions = len(example.token_ids)
         for pivot, teacher in groups:
@@ -207,15 +213,18 @@ def group_targets(row: AlignedRow, support: Support, top_k: int, merge: Merge = 
                 anchor, base = pivot[0] + 1, teacher[0] + 1
                 if pivot[-1] + 1 >= n or teacher[-1] + 1 >= positions:
                     continue
-                prefix = sum(_lookup(topk_ids[k + 1], topk_logps[k + 1], int(example.token_ids[k])) for k in teacher[1:])
+                prefix = sum(_lookup(example, k + 1, int(example.token_ids[k])) for k in teacher[1:])
             kind[anchor, t] = STOP_GROUP if stop else TEXT_GROUP
             lead[anchor, t] = len(pivot) - 1
             realised[anchor, t] = float(example.token_logps[base]) + prefix
             if stop or width == 0:
                 continue
-            ids[anchor, t] = topk_ids[base, :width]
-            logps[anchor, t] = topk_logps[base, :width] + prefix
-            if support == "top1" and topk_ids[base, 0] == example.token_ids[base]:
+            ids[anchor, t, :top_k] = topk_ids[base, :top_k]
+            logps[anchor, t, :top_k] = topk_logps[base, :top_k] + prefix
+            realised_token = example.token_ids[base]
+            if support == "top1" and topk_ids[base, 0] == realised_token:
                 logps[anchor, t, 0] = -np.inf  # the realised entry carries it
+            if support == "topk_realised" and realised_token not in topk_ids[base, :top_k]:
+                ids[anchor, t, top_k], logps[anchor, t, top_k] = realised_token, realised[anchor, t]
     return {"group": kind.tolist(), "group_lead": lead.tolist(), "teacher_ids": ids.tolist(),
             "teacher_logps": logps.tolist(), "teacher_realised": realised.tolist()}
