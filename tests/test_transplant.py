@@ -5,6 +5,7 @@ SmolLM2-135M given Gemma-3's 262k vocabulary; its inputs refused before any work
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import time
@@ -149,14 +150,29 @@ def gemma3_folder(tmp_path_factory):
     return folder
 
 
+def _bits_per_byte(folder: Path, text: str) -> float:
+    tokenizer, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        loss = model(ids, labels=ids).loss.item()
+    return loss * (ids.shape[1] - 1) / len(text.encode()) / math.log(2)
+
+
 @pytest.mark.slow
 def test_smollm2_given_the_gemma3_vocabulary(smollm2_folder, gemma3_folder, tmp_path):
-    """The real pair: 49k -> 262k tokens, OMP (k 64) on CPU; the wall time is in the manifest."""
-    result = transplant(smollm2_folder, gemma3_folder, tmp_path / "smollm2-gemma3-vocab", TransplantOptions(quiet=True))
+    """The real pair, 49k -> 262k tokens. `subword` (each new token from its SmolLM2 pieces) takes minutes on
+    CPU; the default `omp` (k 64) needs a GPU for this vocabulary (about 21 h on 2 loaded cores, extrapolated,
+    docs/performance.md). The transplanted model still reads English: measured 1.36 bits per byte on this text,
+    against 0.79 for SmolLM2 with its own vocabulary."""
+    out = tmp_path / "smollm2-gemma3-vocab"
+    result = transplant(smollm2_folder, gemma3_folder, out, TransplantOptions(method="subword", quiet=True))
     gemma_vocab = AutoTokenizer.from_pretrained(gemma3_folder).get_vocab()
-    assert AutoTokenizer.from_pretrained(result.out).get_vocab() == gemma_vocab
-    new = _embeddings(result.out)
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == gemma_vocab
+    new = _embeddings(out)
     assert new.shape == (len(gemma_vocab), 576) and torch.isfinite(new).all()
     breakdown = result.manifest["token_breakdown"][0]
-    assert breakdown["total"] == len(gemma_vocab) and breakdown["exact_matches"] > 40000
-    print(f"SmolLM2 <- Gemma-3 vocabulary: {result.manifest['seconds']} s, {breakdown}")
+    assert breakdown["total"] == len(gemma_vocab) and breakdown["exact_matches"] > 45000
+    text = ("The capital of France is Paris. It is known for the Eiffel Tower, museums such as the Louvre, and its "
+            "cafes. Water boils at 100 degrees Celsius at sea level.")
+    assert _bits_per_byte(out, text) < 2 * _bits_per_byte(smollm2_folder, text)
+    print(f"SmolLM2 <- Gemma-3 vocabulary (subword): {result.manifest['seconds']} s, {breakdown}")
