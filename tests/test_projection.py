@@ -119,10 +119,10 @@ def test_projection_is_cached_atomically_and_keyed_by_both_tokenizers_and_the_op
         projection(student, teacher, max_pieces=0)
 
 
-def test_pkl_through_a_built_projection_on_the_multi_digit_case(pair):
+def test_pkl_through_a_built_projection_on_the_multi_digit_case(pair, tmp_path):
     """X-Token's motivating case: a student number token read by a digit-splitting teacher."""
     student, teacher = pair
-    w = projection(student, teacher, cache_dir=None)
+    w = projection(student, teacher, cache_dir=tmp_path)
     ids_s, ids_t = student.convert_tokens_to_ids, teacher.convert_tokens_to_ids
     digits = [ids_t(d) for d in "201"]
     probs = np.full((1, len(teacher)), 1e-9)
@@ -162,3 +162,39 @@ def test_real_pair_smollm2_read_in_gemma3(smollm2_tokenizer, gemma3_tokenizer, t
     hello = smol.convert_tokens_to_ids("Ġhello")
     assert spelled[hello] == b" hello" and (cols[rows == hello] == gemma.convert_tokens_to_ids("▁hello")).all()
     assert seconds < 60, seconds
+
+
+def test_kd_and_gold_on_a_real_alignment(smollm2_tokenizer, gemma3_tokenizer, tmp_path):
+    """SmolLM2 student, Gemma-3 teacher on multi-byte text and digits, each in its own chat template: one item
+    per aligned group, the stop group at the student's end-of-turn marker, finite losses and gradients."""
+    from polyfuse.alignment import align_offsets, response_spans
+
+    smol, gemma = smollm2_tokenizer, gemma3_tokenizer
+    prompt, response = [{"role": "user", "content": "Say something."}], "naïve 東京 🙂 costs 1234.5"
+    student, student_spans = response_spans(smol, prompt, response)
+    teacher, teacher_spans = response_spans(gemma, prompt, response)
+    groups = align_offsets(student_spans, teacher_spans)
+    end_s, end_t = student_spans.index(None), teacher_spans.index(None)  # the first marker after the text
+    groups.append(([end_s], [end_t]))
+    generator = np.random.default_rng(0)
+    tokens = np.array(teacher.response_ids)
+    ids = np.stack([np.r_[t, generator.choice(len(gemma), 7, replace=False)] for t in tokens])
+    logps = np.log(np.full((len(tokens), 8), 0.9 / 8))
+    outputs = TeacherOutputs(tokens, ids.astype(np.int32), logps.astype(np.float32), np.zeros(len(tokens)),
+                             logps[:, 0].astype(np.float32), topk_logprobs=logps.astype(np.float32))
+    row = AlignedRow(list(student.response_ids), [outputs], [groups], [None], token_bytes(smol))
+    projections = [projection(smol, gemma, cache_dir=tmp_path)]
+    logits = torch.randn(len(student.response_ids), len(smol), generator=torch.Generator().manual_seed(0))
+    logits.requires_grad_()
+    for name, settings in [("kd", {"top_k": 8}), ("kd", {"beta": 0.5}), ("gold", {"top_k": 8})]:
+        loss = DISTILL_OBJECTIVES.get(name).model_validate(settings)
+        built = loss.targets(row)
+        kinds = np.array(built["group"])[:, 0]
+        assert np.flatnonzero(kinds == 2).tolist() == [end_s]
+        assert np.flatnonzero(kinds == 1).tolist() == [left[-1] for left, _ in groups[:-1]]
+        assert [built["group_lead"][left[-1]][0] for left, _ in groups] == [len(left) - 1 for left, _ in groups]
+        fields = {k: torch.tensor(v, dtype=loss.target_fields[k].dtype) for k, v in built.items()}
+        losses, metrics = loss(DistillBatch(logits, torch.tensor(student.response_ids), projections, **fields))
+        assert metrics["kd/groups"].sum() == len(groups) and (losses >= 0).all()
+        grad, = torch.autograd.grad(losses.sum(), logits)
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0

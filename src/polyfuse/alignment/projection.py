@@ -190,32 +190,33 @@ def matched_pairs(rule: Match, rows: np.ndarray, cols: np.ndarray, weights: np.n
     return top_rows[once], top_cols[once]
 
 
-def _definition_hash(tokenizer) -> bytes:
-    """What decides how a tokenizer splits text: its fast tokenizer's serialised definition, else its vocabulary."""
+def _tokenizer_hash(tokenizer) -> bytes:
+    """Its vocabulary (canonical bytes, special ids) and what decides how it splits text: the fast tokenizer's
+    serialised definition, else its vocabulary's strings."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(f"{type(tokenizer).__name__}:{text}".encode()).digest()
+    vocabulary = _fingerprint(tokenizer, per_tokenizer(tokenizer, "token_bytes", token_bytes))
+    return vocabulary + hashlib.sha256(f"{type(tokenizer).__name__}:{text}".encode()).digest()
 
 
 def cache_key(student, teacher, max_pieces: int, reverse_pass: bool, row_top_k: int) -> str:
     digest = hashlib.sha256(f"polyfuse-projection:{FORMAT_VERSION}:{max_pieces}:{reverse_pass}:{row_top_k}:".encode())
     for tokenizer in (student, teacher):
-        digest.update(_fingerprint(tokenizer, per_tokenizer(tokenizer, "token_bytes", token_bytes)))
-        digest.update(_definition_hash(tokenizer))
+        digest.update(per_tokenizer(tokenizer, "projection-hash", _tokenizer_hash))
     return digest.hexdigest()[:32]
 
 
 def projection(student, teacher, match: Match = "exact", max_pieces: int = 4, reverse_pass: bool = False,
                row_top_k: int = 4, cache_dir: str | Path | None = None,
                teacher_vocab_size: int | None = None) -> Projection:
-    """The `Projection` of `student`'s vocabulary into `teacher`'s (module docstring): W = I when both have the
-    same vocabulary, else W's entries from the cache (`cache_dir`, default `$POLYFUSE_CACHE/projections`) or built
+    """The `Projection` of `student`'s vocabulary into `teacher`'s (module docstring): W = I when every id has the
+    same canonical bytes in both, else W's entries from the cache (`cache_dir`, default `$POLYFUSE_CACHE/projections`) or built
     and cached. `match` picks the hybrid losses' pairs (`matched_pairs`); `teacher_vocab_size` (default
     `len(teacher)`) is GOLD's |V_T|, the teacher's logit width in TRL."""
     if max_pieces < 1 or row_top_k < 1:
         raise ConfigError(f"projection: max_pieces and row_top_k must be >= 1, got {max_pieces} and {row_top_k}")
     shape = (len(student), len(teacher))
-    if student.get_vocab() == teacher.get_vocab():
+    if per_tokenizer(student, "token_bytes", token_bytes) == per_tokenizer(teacher, "token_bytes", token_bytes):
         ids = np.arange(shape[0])
         rows, cols, weights = ids, ids, np.ones(shape[0], np.float32)
     else:
