@@ -9,7 +9,7 @@ import pytest
 
 from polyfuse.config import apply_overrides, load_config
 from polyfuse.errors import ConfigError
-from polyfuse.pipeline.stages.pairs import PairsConfig
+from polyfuse.pairs import PairsConfig
 from polyfuse.registry import Registry
 
 
@@ -21,20 +21,20 @@ def test_wrong_type_names_key_and_type(tmp_path):
 
 
 def test_unknown_and_missing_keys(tmp_path):
-    path = tmp_path / "pairs.yaml"
-    path.write_text("sft_fractoin: 0.5\n")
+    from polyfuse.scorers import ScoreConfig
+
+    path = tmp_path / "score.yaml"
+    path.write_text("chunk_sise: 5\n")
     with pytest.raises(ConfigError) as err:
-        load_config(PairsConfig, path)
-    assert "sft_fractoin: unknown key" in str(err.value) and "reward: required key is missing" in str(
-        err.value
-    )
+        load_config(ScoreConfig, path)
+    assert "chunk_sise: unknown key" in str(err.value) and "scorers: required key is missing" in str(err.value)
 
 
 def test_every_config_error_names_its_yaml_line_and_a_misspelt_key_the_key_meant(tmp_path):
     """The line of the key (a missing key: of the mapping that misses it), and "did you mean" from the keys the
     mapping at that place allows: nested sections, list items, a registry member chosen by its `type` (a
     scorer, a backend), a recipe; an override's value has no line in the file."""
-    from polyfuse.pipeline.stages.score import ScoreConfig
+    from polyfuse.scorers import ScoreConfig
 
     path = tmp_path / "score.yaml"
     path.write_text("scorers:\n"

@@ -263,6 +263,9 @@ def test_models_sharing_a_folder_name_get_distinct_rows():
     }
     with pytest.raises(UserError, match="two models are named 'a'"):
         named_models(["a=one", "a=two"])
+    assert named_models(["x/model", "y/model"]) == {"x/model": "x/model", "y/model": "y/model"}  # distinct rows
+    with pytest.raises(UserError, match="two models are named 'runs/pivot'"):  # one folder twice: which row is which?
+        named_models(["runs/pivot", "runs/pivot/"])
 
 
 def test_chart_tells_sources_from_pivot_stages(tmp_path):

@@ -14,7 +14,7 @@ from polyfuse.config import validate
 from polyfuse.data import SampleRow, read_rows, write_rows
 from polyfuse.data.io import read_metadata, write_metadata
 from polyfuse.errors import ConfigError
-from polyfuse.pipeline.stages.sample import SampleConfig, run_sample
+from polyfuse.sampling import SampleConfig, run_sample
 from test_ddp import free_port
 
 

@@ -267,10 +267,15 @@ def validate(model: type[M], data: dict[str, Any], source: str = "config") -> M:
         raise ConfigError(f"{source}: invalid config\n  " + "\n  ".join(described)) from None
 
 
-def load_config(model: type[M], path: str | Path | None, overrides: list[str] | None = None) -> M:
-    """A stage command's `--config` (with `--set` overrides), validated as the stage's config class."""
+def load_config(model: type[M], path: str | Path | None, overrides: list[str] | None = None,
+                fixed: dict[str, Any] | None = None, command: str = "this command") -> M:
+    """A stage command's `--config` (with `--set` overrides), validated as the stage's config class. `fixed`:
+    the values the command itself sets (`train dpo`: the objective); a config that says otherwise is refused."""
     data = apply_overrides(read_yaml(path) if path is not None else {}, overrides)
     source = config_source(path, overrides)
+    for key, value in (fixed or {}).items():
+        if data.setdefault(key, value) != value:
+            raise ConfigError(f"{source}: {key} is {data[key]!r} but the command is `{command}`")
     for key in getattr(model, "recipe_only", ()):
         if key in data:
             raise ConfigError(f"{source}: {key}: only a recipe's section reads this key; remove it from a command's config")

@@ -6,6 +6,7 @@ from polyfuse.evaluation.evaluate import (
     DomainScore,
     EvalRecord,
     EvalResult,
+    default_verifier_configs,
     default_verifiers,
     evaluate,
     gold_bpb,
@@ -20,13 +21,16 @@ from polyfuse.evaluation.report import (
     markdown_table,
     write_eval_report,
 )
+from polyfuse.evaluation.run import EvalSettings, run_eval
 
 __all__ = [
     "DomainScore",
     "EvalRecord",
     "EvalResult",
+    "EvalSettings",
     "accuracy_table",
     "bpb_table",
+    "default_verifier_configs",
     "default_verifiers",
     "evaluate",
     "gold_bpb",
@@ -38,5 +42,6 @@ __all__ = [
     "load_humaneval",
     "markdown_table",
     "records_file",
+    "run_eval",
     "write_eval_report",
 ]

@@ -34,7 +34,7 @@ from polyfuse.models import ModelSpec, encode
 from polyfuse.models.forward import DEFAULT_TOKEN_BUDGET
 from polyfuse.progress import progress_bar
 from polyfuse.sampling import Backend, EngineModel, SamplingParams, build_backend
-from polyfuse.scorers import SCORERS, Scorer, Verifier, build_scorer
+from polyfuse.scorers import SCORERS, Scorer, ScorerSettings, Verifier, build_scorer
 
 _VERIFY_CHUNK = 16  # rows per verifier call: keeps the progress bar moving and code sandboxes parallel
 # Padded tokens per batch: prompt + max_new_tokens per row when generating, prompt + gold when scoring.
@@ -121,17 +121,20 @@ def gold_text(row: PromptRow) -> str | None:
     return text[:1].upper() + text[1:]
 
 
-def default_verifiers(unsafe_local_code: bool = False) -> list[Scorer]:
-    """Every registered verifier whose config needs no options (math, code, and the toy world's once
-    `polyfuse.toyworld` is imported). `unsafe_local_code` runs the code verifier without its sandbox
-    (see `CodeConfig.unsafe_local`)."""
-    verifiers = []
+def default_verifier_configs(unsafe_local_code: bool = False) -> list[ScorerSettings]:
+    """The config of every registered verifier that needs no options (math, code, toyworld).
+    `unsafe_local_code` runs the code verifier without its sandbox (see `CodeConfig.unsafe_local`)."""
+    configs = []
     for name in SCORERS.names():
         scorer = SCORERS.get(name)
         if issubclass(scorer, Verifier) and not any(f.is_required() for f in scorer.Config.model_fields.values()):
-            options = {"unsafe_local": True} if name == "code" and unsafe_local_code else {}
-            verifiers.append(build_scorer(scorer.Config(**options)))
-    return verifiers
+            configs.append(scorer.Config(**({"unsafe_local": True} if name == "code" and unsafe_local_code else {})))
+    return configs
+
+
+def default_verifiers(unsafe_local_code: bool = False) -> list[Scorer]:
+    """The verifiers of `default_verifier_configs`, built."""
+    return [build_scorer(config) for config in default_verifier_configs(unsafe_local_code)]
 
 
 def _as_sample(prompt: PromptRow, label: str, response: str, params: SamplingParams) -> SampleRow:

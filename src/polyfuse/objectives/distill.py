@@ -172,12 +172,6 @@ def logit_std(logits: torch.Tensor) -> torch.Tensor:
     return logits.float().std(dim=-1)
 
 
-def standardize_logits(logits: torch.Tensor, eps: float = STD_EPS) -> torch.Tensor:
-    """Z-score per position over the full vocabulary, fp32: `(l - mean) / (std + eps)`."""
-    x = logits.float()
-    return (x - x.mean(-1, keepdim=True)) / (logit_std(x)[..., None] + eps)
-
-
 def log_probs_at(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """fp32 log q_theta [N, M] at ids [N, M] (any integer dtype), gathered, so no vocabulary-sized target is
     ever built."""

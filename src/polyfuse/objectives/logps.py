@@ -24,12 +24,3 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
         rows.append(row.gather(-1, row_targets[:, None]).squeeze(-1) - torch.logsumexp(row, dim=-1))
     token_logps = torch.stack(rows) * mask
     return token_logps.sum(-1), mask.sum(-1)
-
-
-def sft_token_loss(
-    logits: torch.Tensor, labels: torch.Tensor, num_items: torch.Tensor | int | None = None
-) -> torch.Tensor:
-    """Negative log-likelihood of the scored tokens divided by `num_items` (the response tokens of the
-    whole optimiser step under gradient accumulation), or by this batch's token count when not given."""
-    sums, counts = sequence_logps(logits, labels)
-    return -sums.sum() / (counts.sum() if num_items is None else num_items)

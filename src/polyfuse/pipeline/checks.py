@@ -28,7 +28,7 @@ from polyfuse.errors import UserError
 from polyfuse.models import ModelSpec
 from polyfuse.models.checks import ModelCheck, check_model, enforce, models_in
 from polyfuse.pipeline.context import stage_reference
-from polyfuse.pipeline.stages.prompts import PromptSource
+from polyfuse.pipeline.sources import PromptSource, load_prompts
 
 
 @dataclass
@@ -78,7 +78,10 @@ def check_recipe(recipe: Any) -> RecipeCheck:
         from polyfuse.scorers import SCORERS
 
         rows = _read_prompts(recipe, "eval.prompts", recipe.eval.prompts, unbuilt, report)
-        verifiers = [c for c in recipe.eval.scorers or [] if SCORERS.get(c.type).kind == "verifier"]
+        from polyfuse.evaluation import default_verifier_configs
+
+        configs = default_verifier_configs() if recipe.eval.scorers is None else recipe.eval.scorers  # as eval grades
+        verifiers = [c for c in configs if SCORERS.get(c.type).kind == "verifier"]
         if rows and _check_judged(rows, verifiers, "the verifiers of eval.scorers", "eval.prompts", report):
             _check_golds(rows, verifiers, report)
     report.seconds = time.perf_counter() - started
@@ -109,8 +112,8 @@ def _merge_inputs(recipe: Any) -> Iterator[tuple[str, ModelSpec]]:
 def _data_paths(node: Any) -> Iterator[tuple[str, str]]:
     """(dotted key, path) of every data file a config names: a `PromptSource`'s `path` and any `data` key."""
     for where, value in walk_config(node):
-        if isinstance(value, PromptSource) and value.path is not None:
-            yield f"{where}.path", value.path
+        if isinstance(value, PromptSource) and value.data_file is not None:
+            yield f"{where}.path", value.data_file
         elif isinstance(value, str) and where.rpartition(".")[2] == "data":
             yield where, value
 
@@ -120,10 +123,10 @@ def _read_prompts(recipe: Any, where: str, source: PromptSource, unbuilt: Path |
     [] when they cannot be read yet (a toy world not built) or at all."""
     if source.toyworld is not None and unbuilt is not None:
         return []
-    if source.path is not None and not Path(source.path).expanduser().exists():
+    if source.data_file is not None and not Path(source.data_file).expanduser().exists():
         return []  # reported as a missing data file
     try:
-        rows = recipe.load_prompts(source)
+        rows = load_prompts(source)
     except UserError as err:
         report.problems.append(f"{where}: {err}")
         return []

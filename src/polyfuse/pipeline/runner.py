@@ -31,6 +31,7 @@ from polyfuse.pipeline.checks import check_recipe
 from polyfuse.pipeline.context import Context, stage
 from polyfuse.pipeline.manifest import Manifest, fingerprint
 from polyfuse.pipeline.recipe import Recipe
+from polyfuse.pipeline.sources import toy_world
 from polyfuse.pipeline.summary import write_run_report
 from polyfuse.progress import is_quiet, set_quiet
 
@@ -86,7 +87,7 @@ def _run(recipe: Recipe, work_dir: str | Path | None, quiet: bool) -> Context:
     if main:
         if recipe.toyworld is not None:
             world_started = time.perf_counter()
-            recipe.world(ctx.quiet)  # built once and cached; every toyworld:// path must exist before hashing inputs
+            toy_world(recipe.toyworld, ctx.quiet)  # built once and cached; every toyworld:// path must exist before hashing inputs
             timings["toy world (build or cache)"] = {"wall_s": round(time.perf_counter() - world_started, 2)}
         check_recipe(recipe).enforce()  # models, data files, prompts: before anything is written
         ctx.work_dir.mkdir(parents=True, exist_ok=True)

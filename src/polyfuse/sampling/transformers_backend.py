@@ -70,7 +70,7 @@ class TransformersBackend(Backend):
             new = out[:, width:].tolist()
             for k, i in enumerate(batch):
                 texts = new[k * params.n : (k + 1) * params.n]
-                done(i, [decode_response(tokenizer, seq, encoded[i][1]) for seq in texts])
+                done(i, [decode_response(tokenizer, seq) for seq in texts])
             start += len(batch)
 
     def score(self, sequences: list[tuple[list[int], int]], token_budget: int = DEFAULT_TOKEN_BUDGET,

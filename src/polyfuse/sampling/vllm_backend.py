@@ -214,7 +214,7 @@ class VllmBackend(Backend):
                 use_tqdm=False,
             )
             for i, output in zip(batch, outputs, strict=True):
-                done(i, [decode_response(self.tokenizer, list(c.token_ids), encoded[i][1]) for c in output.outputs])
+                done(i, [decode_response(self.tokenizer, list(c.token_ids)) for c in output.outputs])
 
     def score(self, sequences: list[tuple[list[int], int]], token_budget: int = 0,
               progress: Callable[[int], None] | None = None) -> list[tuple[float, int]]:

@@ -43,7 +43,8 @@ class DistillTrainConfig(ObjectiveTrainConfig):
     recipe_only: ClassVar[tuple[str, ...]] = ("strategy",)
     objectives = DISTILL_OBJECTIVES
 
-    objective: str = Field(default="uld", description="A distillation objective: uld (InfiFusion) or fusellm.")
+    objective: str = Field(default="uld", description="A registered distillation objective (uld: InfiFusion's; an unknown "
+                           "name is refused with the list).")
     teachers: list[str] | None = Field(
         default=None, description="Teacher names in the store, in this order; None: every teacher stored."
     )

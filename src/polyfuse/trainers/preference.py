@@ -22,6 +22,7 @@ from polyfuse.logprobs import (
     LogpReport,
     check_logp_columns,
     compute_reference_logps,
+    fusion_sources,
     roles_of,
 )
 from polyfuse.models import ModelSpec, encode, load_model, load_tokenizer
@@ -54,7 +55,8 @@ class PreferenceTrainConfig(ObjectiveTrainConfig):
         description="As TRL: the policy's log-probs are compared with references scored without dropout "
         "(M0 in eval mode), so at step 0 DPO's loss is ln 2.",
     )
-    objective: str = Field(default="dpo", description="A preference objective: dpo, ln_dpo, ipo, wrpo, infifpo, ...")
+    objective: str = Field(default="dpo", description="A registered preference objective (`polyfuse train --help` lists "
+                           "them; an unknown name is refused with the list).")
     beta: float | None = Field(default=None, gt=0, description="None: the objective's own default.")
     objective_args: dict[str, Any] = Field(
         default_factory=dict, description="Other hyper-parameters of the objective."
@@ -108,15 +110,10 @@ def ensure_reference_columns(
     max_length: int | None = None,
     report: LogpReport | None = None,
 ) -> list[PreferenceRow]:
-    """Rows with every column the objective reads. Present columns are checked (mean*count = sum);
-    missing `ref_*` columns are computed with `model`, which must be the initial pivot M0."""
+    """Rows with every column the objective reads (checked first by `check_preference_rows`): missing `ref_*`
+    columns are computed with `model`, which must be the initial pivot M0."""
     missing = {c for c in objective.required_columns() for row in rows if getattr(row, c, None) is None}
-    unscorable = sorted(c for c in missing if not c.startswith("ref_"))
-    if unscorable:
-        raise DataError(f"preference data lacks {unscorable}; build it with the fusion data pipeline")
     if not missing:
-        check_logp_columns(rows, "ref")
-        check_logp_columns(rows, "fuse")
         return rows
     logger.info(
         "scoring %d pairs with the initial model for reference columns %s", len(rows), sorted(missing)
@@ -132,6 +129,24 @@ def ensure_reference_columns(
             progress=advance,
             report=report,
         )
+
+
+def check_preference_rows(rows: list[PreferenceRow], objective: PreferenceObjective, name: str) -> None:
+    """What the objective needs of the rows, checked before any model is loaded: every response it scores
+    (WRPO's `chosen_source`), the precomputed columns it reads that only `polyfuse logprobs` writes, and the
+    consistency of those present (mean * count = sum, one `fuse_*` value per source)."""
+    roles = [role for role in objective.roles if role not in ("chosen", "rejected")]
+    lacking = [row.id for row in rows if any(getattr(row, role, None) is None for role in roles)]
+    if lacking:
+        raise DataError(f"{len(lacking)} rows (the first: id {lacking[0]!r}) lack {' or '.join(roles)}, which "
+                        f"objective {name!r} needs (`polyfuse pairs` writes it with `target:` set)")
+    missing = {c for c in objective.required_columns() for row in rows if getattr(row, c, None) is None}
+    unscorable = sorted(c for c in missing if not c.startswith("ref_"))
+    if unscorable:
+        raise DataError(f"the rows lack {unscorable}, which objective {name!r} reads; compute them with "
+                        "`polyfuse logprobs`")
+    check_logp_columns(rows, "ref")
+    check_logp_columns(rows, "fuse")
 
 
 def tokenize_pairs(
@@ -150,10 +165,7 @@ def tokenize_pairs(
     for row in rows:
         feature: dict[str, Any] = {name: getattr(row, name) for name in columns}
         for role in roles:
-            response = getattr(row, role, None)
-            if response is None:
-                raise DataError(f"row {row.id!r}: the objective needs a {role!r} response")
-            encoded = encode(tokenizer, row.prompt, response_text(response))
+            encoded = encode(tokenizer, row.prompt, response_text(getattr(row, role)))  # present: checked before
             count = getattr(row, f"ref_{role}_ntokens", None)
             if count is not None and count != len(encoded.response_ids):
                 raise DataError(
@@ -177,11 +189,22 @@ def train_preference(
     callbacks: list[TrainerCallback] | None = None,
     resume: bool | None = None,
     source_names: list[str] | None = None,
+    data_path: str | Path | None = None,
 ) -> Path:
     """Train `model_spec` (the initial pivot M0) with `config.objective` on `rows` and save a plain HF
     folder (model + tokenizer) at `out_dir`. Missing `ref_*` columns are computed first; `fuse_*` columns
-    must be there already (`polyfuse logprobs`), their sources named by `source_names` in list order."""
+    must be there already (`polyfuse logprobs`), their sources named by `source_names` in list order, or by
+    the metadata of `data_path`, the file the rows came from (errors then name it). The rows are checked
+    before any model is loaded."""
     objective = config.build_objective()
+    try:
+        if data_path is not None:
+            source_names = fusion_sources(data_path, rows)
+        check_preference_rows(rows, objective, config.objective)
+    except DataError as err:
+        if data_path is None or str(err).startswith(str(data_path)):
+            raise
+        raise DataError(f"{data_path}: {err}") from None
     data_hash = data_fingerprint(rows)
     tokenizer = load_tokenizer(model_spec)
     args = training_arguments(config, out_dir)

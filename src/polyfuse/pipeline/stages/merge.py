@@ -63,6 +63,7 @@ class MergeStage(Stage):
     section = MergeConfig
     default = False  # merging is opted into by listing it
     makes_model = True
+    output = "model"
 
     def fill(self, section: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
         """The merge seed (random masks: DARE, DELLA, ...) defaults to the recipe's."""
@@ -100,13 +101,18 @@ class MergeStage(Stage):
                 inputs[f"{where}+lora"] = ref.lora
         return inputs
 
-    def run(self, ctx: Context, folder: Path) -> dict[str, str]:
-        """Merge into `<folder>/model` (the engine resumes an interrupted merge from its finished shards)."""
+    def label(self, recipe: Any) -> str:
+        return f"MERGE({recipe.merge.merge_method})"
+
+    def engine_config(self, ctx: Context) -> MergeConfig:
+        return resolved_merge_config(ctx)
+
+    def execute(self, config: MergeConfig, inputs: dict[str, Any], out: Path, quiet: bool = False,
+                resume: bool | None = None) -> dict[str, str]:
+        """Merge into `out` (the engine resumes an interrupted merge from its finished shards)."""
         from rich.console import Console
 
         from polyfuse.merge import MergeOptions, run_merge
 
-        out = folder / "model"
-        run_merge(resolved_merge_config(ctx), out, SOURCE, MergeOptions(quiet=ctx.quiet),
-                  Console(stderr=True, quiet=ctx.quiet))
+        run_merge(config, out, SOURCE, MergeOptions(quiet=quiet), Console(stderr=True, quiet=quiet))
         return {"model": str(out)}
