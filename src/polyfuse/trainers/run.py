@@ -61,6 +61,10 @@ class TrainingRun:
             trainer = self._trainer(trainer_cls, model, tokenizer, features, collator, expected, trainer_kwargs)
             trainer.add_callback(progress)
             trainer.train(resume_from_checkpoint=resume_from)
+            progress.close()
+            summary = {**summary, "config": self.config.model_dump(), "examples": len(features),
+                       "distributed": distributed_summary(trainer.accelerator)}
+            return save_trained(trainer, tokenizer, self.out_dir, summary, dropout)
         except BaseException:
             scratch = Path(self.args.output_dir)  # keep it only for the checkpoints a rerun can resume from
             if self.args.process_index == 0 and scratch.is_dir() and not checkpoints(scratch):
@@ -68,9 +72,6 @@ class TrainingRun:
             raise
         finally:
             progress.close()  # also when training fails: the terminal gets its cursor back
-        summary = {**summary, "config": self.config.model_dump(), "examples": len(features),
-                   "distributed": distributed_summary(trainer.accelerator)}
-        return save_trained(trainer, tokenizer, self.out_dir, summary, dropout)
 
     def _trainer(self, trainer_cls: type, model: Any, tokenizer: Any, features: Any, collator: Any, expected: str,
                  trainer_kwargs: dict[str, Any]) -> Any:
