@@ -160,6 +160,7 @@ def test_collator_for_falls_back_to_padding_when_the_layouts_disagree():
     assert collator is padded and layout.startswith("padded (log-probs differ by")
 
 
+@pytest.mark.slow
 def test_training_with_and_without_padding_free_gives_the_same_model(tmp_path):
     """End to end, SFT (packed) and DPO (shared prompt) with plain SGD: the saved weights equal those of the
     padded layout, and the summary says which layout trained."""
