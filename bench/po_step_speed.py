@@ -23,8 +23,8 @@ are interleaved for `--rounds` rounds because other jobs share the CPU, and each
 machine's dense-matmul throughput (`_train_bench.matmul_throughput`). The report gives, per tool, the min
 and median over rounds of the mean step time, the ratio to `trl` (goal for `polyfuse:dpo`: <= 0.9), the
 achieved model FLOP/s (`_train_bench` says how they are counted) and its fraction of the matmul
-throughput. `--profile` adds one run per tool with the first measured step under `torch.profiler`
-(top operators by self time, written to `--workdir`).
+throughput. `--profile` runs the (untimed) warm-up step of round 1 under `torch.profiler` (top operators by self
+time, printed and written to `--workdir`).
 
 Run it
 ------
@@ -201,7 +201,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    timer = step_timer(args.warmup + args.steps, args.warmup + 1 if args.profile else None)
+    timer = step_timer(args.warmup + args.steps, 1 if args.profile else None)  # a warm-up step: not timed
     work = Path(tempfile.mkdtemp(prefix="po-step-", dir=args.workdir))
     try:
         run = run_trl if args.worker.startswith("trl") else run_polyfuse
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every tool")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every run")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--profile", action="store_true", help="one more run per tool, a step under torch.profiler")
+    parser.add_argument("--profile", action="store_true", help="the warm-up step of round 1 under torch.profiler (needs --warmup >= 1)")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "polyfuse-po-step-speed"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -279,17 +279,17 @@ def main(argv: list[str] | None = None) -> None:
         peaks.append(matmul_throughput(args.threads))
         print(f"round {round_index + 1}/{args.rounds}: dense matmul {peaks[-1] / 1e9:.1f} GFLOP/s", flush=True)
         for tool in (tools if round_index % 2 == 0 else tools[::-1]):
-            result = launch(script, tool, worker_args(args, model_dir, rows, False),
+            profile = args.profile and round_index == 0
+            result = launch(script, tool, worker_args(args, model_dir, rows, profile),
                             workdir / f"{tool.replace(':', '-')}.log")  # fmt: skip
             results[tool].append(result)
             print(f"  {tool:<22} mean {result['mean']:.3f} s/step (steps {', '.join(f'{t:.2f}' for t in result['times'])};"
                   f" {result['layout']}; load avg {result['load_before']:.2f})", flush=True)  # fmt: skip
     report(args, tools, results, peaks, flops)
-    if args.profile:
-        for tool in tools:
-            table = launch(script, tool, worker_args(args, model_dir, rows, True), workdir / "profile.log")["profile"]
-            (workdir / f"profile-{tool.replace(':', '-')}.txt").write_text(table)
-            print(f"\nprofile of one step, {tool}:\n{table}", flush=True)
+    for tool in tools if args.profile else ():
+        table = results[tool][0]["profile"]
+        (workdir / f"profile-{tool.replace(':', '-')}.txt").write_text(table)
+        print(f"\nprofile of the warm-up step of round 1, {tool}:\n{table}", flush=True)
 
 
 def report(args: argparse.Namespace, tools: list[str], results: dict[str, list[dict[str, Any]]],

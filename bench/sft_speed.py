@@ -18,7 +18,7 @@ Tokens are the real prompt + completion tokens of the measured steps under polyf
 mean per row is printed beside it). As `po_step_speed.py`: each tool in its own subprocess, interleaved
 `--rounds`, the dense-matmul throughput measured every round, min and median of the runs, the ratio
 polyfuse / TRL (goal >= 1.0 in tokens per second), model FLOP/s and their fraction of the matmul
-throughput (`_train_bench`), `--profile` for the top operators of one step.
+throughput (`_train_bench`), `--profile` for the top operators of round 1's (untimed) warm-up step.
 
     pip install -e '.[bench]'
     python bench/sft_speed.py             # SmolLM2-135M-Instruct (minutes)
@@ -131,7 +131,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    timer = step_timer(args.warmup + args.steps, args.warmup + 1 if args.profile else None)
+    timer = step_timer(args.warmup + args.steps, 1 if args.profile else None)  # a warm-up step: not timed
     work = Path(tempfile.mkdtemp(prefix="sft-speed-", dir=args.workdir))
     try:
         run = run_trl if args.worker.startswith("trl") else run_polyfuse
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--profile", action="store_true", help="one more run per tool, a step under torch.profiler")
+    parser.add_argument("--profile", action="store_true", help="the warm-up step of round 1 under torch.profiler (needs --warmup >= 1)")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "polyfuse-po-step-speed"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
         peaks.append(matmul_throughput(args.threads))
         print(f"round {round_index + 1}/{args.rounds}: dense matmul {peaks[-1] / 1e9:.1f} GFLOP/s", flush=True)
         for tool in (tools if round_index % 2 == 0 else tools[::-1]):
-            result = launch(script, tool, worker_args(args, False), workdir / f"sft-{tool.replace(':', '-')}.log")
+            profile = args.profile and round_index == 0
+            result = launch(script, tool, worker_args(args, profile), workdir / f"sft-{tool.replace(':', '-')}.log")
             results[tool].append(result)
             print(f"  {tool:<18} {tokens / result['mean']:8.1f} tokens/s ({result['mean']:.3f} s/step; "
                   f"{result['layout']}; load avg {result['load_before']:.2f})", flush=True)  # fmt: skip
@@ -219,11 +220,10 @@ def main(argv: list[str] | None = None) -> None:
         ratio = statistics.median(speeds[tools[0]]) / statistics.median(speeds["trl:padding_free"])
         print(f"{tools[0]} / trl:padding_free = {ratio:.3f} ({'meets' if ratio >= 1.0 else 'misses'} the goal >= 1.0)")
     print(f"load average now: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    if args.profile:
-        for tool in tools:
-            table = launch(script, tool, worker_args(args, True), workdir / "sft-profile.log")["profile"]
-            (workdir / f"sft-profile-{tool.replace(':', '-')}.txt").write_text(table)
-            print(f"\nprofile of one step, {tool}:\n{table}", flush=True)
+    for tool in tools if args.profile else ():
+        table = results[tool][0]["profile"]
+        (workdir / f"sft-profile-{tool.replace(':', '-')}.txt").write_text(table)
+        print(f"\nprofile of the warm-up step of round 1, {tool}:\n{table}", flush=True)
 
 
 if __name__ == "__main__":
