@@ -16,7 +16,15 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from polyfuse.data import PreferenceRow, SFTRow
 from polyfuse.models import ModelSpec
 from polyfuse.models.forward import forward_logps, pad_batch
-from polyfuse.models.layouts import mask_dtype, mask_problem, pack_batch, shared_prompt_batch, shared_tokens
+from polyfuse.models.layouts import (
+    SEGMENT_ATTENTION,
+    attention_of,
+    mask_dtype,
+    mask_problem,
+    pack_batch,
+    shared_prompt_batch,
+    shared_tokens,
+)
 from polyfuse.objectives import IGNORE_INDEX
 from polyfuse.trainers import PreferenceTrainConfig, SFTTrainConfig, train_preference, train_sft
 from polyfuse.trainers.collate import SequenceCollator, collator_for
@@ -124,6 +132,11 @@ def test_packed_logps_and_sft_loss_equal_the_padded_path(kind):
     assert torch.equal(packed_n, padded_n) and packed_batch["input_ids"].shape == (1, sum(map(len, sequences)))
     assert (packed - padded).abs().max().item() < 1e-5
     assert abs(packed.sum() / packed_n.sum() - padded.sum() / padded_n.sum()).item() < 1e-6  # SFT's token mean
+    # The same under attention per packed sequence (no block-diagonal mask over the whole row).
+    model.set_attn_implementation(SEGMENT_ATTENTION)
+    with torch.no_grad():
+        segments, segments_n, _ = forward_logps(model, packed_batch)
+    assert torch.equal(segments_n, padded_n) and (segments - padded).abs().max().item() < 1e-5
     # The test can fail: without the restarting position ids the sequences see each other.
     joined = {**packed_batch, "position_ids": torch.arange(packed_batch["input_ids"].shape[1])[None]}
     with torch.no_grad():
@@ -149,7 +162,8 @@ def test_collator_for_falls_back_to_padding_when_the_layouts_disagree():
                 for _ in range(3)]  # fmt: skip
     padded = SequenceCollator(0, ("completion",))
     collator, layout = collator_for(model, features, padded, padding_free=True)
-    assert layout == "packed" and collator.padding_free
+    assert layout == "packed" and collator.padding_free and attention_of(model) == SEGMENT_ATTENTION
+    model.set_attn_implementation("sdpa")
     original = model.model.forward
 
     def ignoring_positions(*args, position_ids=None, **kwargs):  # attention as if one sequence

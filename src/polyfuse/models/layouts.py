@@ -29,6 +29,7 @@ import torch
 from polyfuse.objectives.logps import IGNORE_INDEX
 
 NO_GROUP = -1
+SEGMENT_ATTENTION = "polyfuse_segments"
 # Largest per-token difference of a sequence's log-prob between two layouts that counts as agreement:
 # float summation order in fp32; half precision rounds every activation.
 AGREEMENT = {torch.float32: 1e-4, torch.float64: 1e-8}
@@ -47,6 +48,35 @@ def pack_batch(sequences: list[list[int]], prompt_lengths: list[int]) -> dict[st
     as_row = lambda values: torch.tensor([values], dtype=torch.long)  # noqa: E731
     return {"input_ids": as_row(ids), "position_ids": as_row(positions), "labels": as_row(labels),
             "label_groups": as_row(groups)}  # fmt: skip
+
+
+def segment_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None,
+                      **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """sdpa run once per packed sequence (causal, no mask), registered with transformers'
+    `AttentionInterface` as `SEGMENT_ATTENTION`. Under plain sdpa a packed row gets a dense
+    block-diagonal mask and attention over the whole row (its length squared: four times the padded
+    layout's attention time in a SmolLM2 SFT step on CPU, docs/performance.md); here each sequence attends
+    within itself only, as flash attention's variable-length kernels do on a GPU. Only a packed run
+    switches to it (`set_attn_implementation`): transformers builds no mask for it, so every batch must be
+    a packed row whose sequences start where the position ids are 0."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if attention_mask is not None or position_ids is None or query.shape[0] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    bounds = [*(position_ids[0] == 0).nonzero().squeeze(-1).tolist(), query.shape[2]]
+    parts = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]
+             for a, b in zip(bounds, bounds[1:], strict=False) if b > a]  # fmt: skip
+    return torch.cat(parts, dim=1), None
+
+
+def _register_segment_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
+
+
+_register_segment_attention()
 
 
 def shared_prompt_batch(items: list[tuple[list[int], list[list[int]]]], pad_id: int,
@@ -107,7 +137,7 @@ def mask_problem(model: Any, length: int) -> str | None:
     says): an attention kernel without custom masks, or sliding-window layers shorter than `length`
     (a custom mask is used as given, without the window)."""
     config = model.config.get_text_config()
-    kernel = getattr(config, "_attn_implementation", None) or "eager"
+    kernel = attention_of(model)
     if kernel not in ("sdpa", "eager"):
         return f"attention implementation {kernel!r} takes no custom 4D attention mask (sdpa and eager do)"
     window = getattr(config, "sliding_window", None)
@@ -118,27 +148,38 @@ def mask_problem(model: Any, length: int) -> str | None:
 
 def mask_dtype(model: Any) -> torch.dtype | None:
     """None (a boolean mask) for sdpa; the model's dtype (an additive mask) for eager attention."""
-    kernel = getattr(model.config.get_text_config(), "_attn_implementation", None)
-    return None if kernel == "sdpa" else model.dtype
+    return None if attention_of(model) == "sdpa" else model.dtype
+
+
+def attention_of(model: Any) -> str:
+    return getattr(model.config.get_text_config(), "_attn_implementation", None) or "eager"
 
 
 def layouts_disagree(model: Any, plain: dict[str, torch.Tensor], other: dict[str, torch.Tensor],
-                     logps: Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor, Any]]) -> str | None:
-    """Run one batch in both layouts (eval mode, no gradient, the model's device) and compare each
+                     logps: Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor, Any]],
+                     attention: str | None = None) -> str | None:
+    """Run one batch in both layouts (eval mode, no gradient, the model's device; `other` under the
+    attention implementation `attention` when given, which the model keeps if they agree) and compare each
     sequence's log-prob and token count: None when they agree, else what differs."""
     device = next(model.parameters()).device
-    was_training = model.training
+    was_training, kernel = model.training, attention_of(model)
     model.eval()
     try:
         with torch.no_grad():
             a_sums, a_counts, _ = logps(model, {k: v.to(device) for k, v in plain.items()})
+            if attention is not None:
+                model.set_attn_implementation(attention)
             b_sums, b_counts, _ = logps(model, {k: v.to(device) for k, v in other.items()})
     finally:
         model.train(was_training)
+    problem = None
     if not torch.equal(a_counts.cpu(), b_counts.cpu()):
-        return f"token counts differ ({a_counts.tolist()} vs {b_counts.tolist()})"
-    tolerance = AGREEMENT.get(model.dtype, HALF_AGREEMENT)
-    per_token = ((a_sums - b_sums).abs() / a_counts.clamp(min=1)).max().item()
-    if per_token > tolerance:
-        return f"log-probs differ by {per_token:.2g} per token (> {tolerance:g})"
-    return None
+        problem = f"token counts differ ({a_counts.tolist()} vs {b_counts.tolist()})"
+    else:
+        tolerance = AGREEMENT.get(model.dtype, HALF_AGREEMENT)
+        per_token = ((a_sums - b_sums).abs() / a_counts.clamp(min=1)).max().item()
+        if per_token > tolerance:
+            problem = f"log-probs differ by {per_token:.2g} per token (> {tolerance:g})"
+    if problem is not None and attention is not None:
+        model.set_attn_implementation(kernel)
+    return problem

@@ -76,23 +76,32 @@ def collator_for(model: Any, features: Any, padded: SequenceCollator, padding_fr
     conditions, then one forward in each layout, whose per-sequence log-probs and counts must agree
     (`layouts_disagree`). A model that cannot take it trains padded, with a warning saying why."""
     from polyfuse.models.forward import forward_logps
-    from polyfuse.models.layouts import layouts_disagree, mask_dtype, mask_problem
+    from polyfuse.models.layouts import (
+        SEGMENT_ATTENTION,
+        attention_of,
+        layouts_disagree,
+        mask_dtype,
+        mask_problem,
+    )
 
     if not padding_free:
         return padded, "padded"
     rows = [features[i] for i in range(min(sample, len(features)))]
-    reason = None
     if len(padded.roles) > 1:
         fast: SequenceCollator = SharedPromptCollator(padded.pad_token_id, padded.roles, padded.columns,
                                                       mask_dtype=mask_dtype(model))
+        attentions: list[str | None] = [None]
         if not all(same_prompt(f, padded.roles) for f in features):
             reason = "some pair's responses follow different prompt ids"
         else:
             reason = mask_problem(model, max(sum(len(f[f"{r}_input_ids"]) for r in padded.roles) for f in features))
-    else:
-        fast = dataclasses.replace(padded, padding_free=True)
-    if reason is None and rows:
-        reason = layouts_disagree(model, padded(rows), fast(rows), forward_logps)
+    else:  # sdpa: attention per packed sequence (`segment_attention`), else the model's own
+        fast, reason = dataclasses.replace(padded, padding_free=True), None
+        attentions = [SEGMENT_ATTENTION, None] if attention_of(model) == "sdpa" else [None]
+    for attention in attentions if reason is None and rows else ():
+        reason = layouts_disagree(model, padded(rows), fast(rows), forward_logps, attention)
+        if reason is None:
+            break
     if reason is None:
         return fast, "shared_prompt" if isinstance(fast, SharedPromptCollator) else "packed"
     logger.warning("padding_free: %s; training with padded rows", reason)
