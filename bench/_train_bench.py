@@ -78,7 +78,9 @@ def use_bf16() -> bool:
 
 
 def step_timer(stop_after: int, profile_step: int | None = None):
-    """A callback timing every optimiser step and stopping the run after `stop_after` steps; with
+    """A callback timing every optimiser step (wall time in `times`, this process's CPU time in `cpu`: on a
+    shared machine the CPU time measures the work, the wall time also the waiting) and stopping the run
+    after `stop_after` steps; with
     `profile_step`, step `profile_step` (1-based) runs under `torch.profiler` and `table` holds its top
     operators by self time."""
     import torch
@@ -91,8 +93,9 @@ def step_timer(stop_after: int, profile_step: int | None = None):
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
             self.times: list[float] = []
+            self.cpu: list[float] = []
             self.table = ""
-            self._start = 0.0
+            self._start = self._cpu_start = 0.0
             self._profiler = None
 
         def on_step_begin(self, args, state, control, **kwargs):
@@ -103,11 +106,12 @@ def step_timer(stop_after: int, profile_step: int | None = None):
                 self._profiler = torch.profiler.profile(activities=activities)
                 self._profiler.__enter__()
             sync()
-            self._start = time.perf_counter()
+            self._start, self._cpu_start = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
             sync()
             self.times.append(time.perf_counter() - self._start)
+            self.cpu.append(time.process_time() - self._cpu_start)
             if self._profiler is not None:
                 self._profiler.__exit__(None, None, None)
                 key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
@@ -120,8 +124,9 @@ def step_timer(stop_after: int, profile_step: int | None = None):
     return StepTimer()
 
 
-def matmul_throughput(threads: int, size: int = 1024, repeats: int = 5) -> float:
-    """Best FLOP/s of a square dense matmul (fp32 on CPU with `threads` threads; bf16 on a GPU)."""
+def matmul_throughput(threads: int, size: int = 1024, repeats: int = 5) -> tuple[float, float]:
+    """Best FLOP/s of a square dense matmul (fp32 on CPU with `threads` threads; bf16 on a GPU), per second
+    of wall time and per second of this process's CPU time (on a GPU both are wall time)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -129,16 +134,16 @@ def matmul_throughput(threads: int, size: int = 1024, repeats: int = 5) -> float
     size = 8192 if cuda else size
     dtype = torch.bfloat16 if cuda else torch.float32
     a, b = (torch.randn(size, size, dtype=dtype, device="cuda" if cuda else "cpu") for _ in range(2))
-    best = float("inf")
+    wall = cpu = float("inf")
     for _ in range(repeats + 1):  # the first is a warm-up
         if cuda:
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         a @ b
         if cuda:
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+        wall, cpu = min(wall, time.perf_counter() - start), min(cpu, time.process_time() - cpu_start)
+    return 2 * size**3 / wall, 2 * size**3 / (wall if cuda else cpu)
 
 
 def model_shape(model_dir: str | Path) -> dict[str, int]:
@@ -185,3 +190,28 @@ def report_result(result: dict[str, Any]) -> None:
 
 def summarise(values: list[float]) -> str:
     return f"min {min(values):.3f} median {statistics.median(values):.3f}"
+
+
+def describe_run(result: dict[str, Any]) -> str:
+    return (f"wall {result['mean']:.2f} s, CPU {result['cpu']:.2f} s per step (steps {', '.join(f'{t:.1f}' for t in result['times'])}; "
+            f"{result['layout']}; load avg {result['load_before']:.2f})")  # fmt: skip
+
+
+def report_speeds(tools: list[str], results: dict[str, list[dict[str, Any]]], peaks: list[tuple[float, float]],
+                  flops: float, peer: str, work: float, unit: str) -> dict[str, float]:
+    """Per tool, over rounds: min and median of wall and CPU seconds per step, `unit` per CPU second
+    (`work` of them per step), the ratio to `peer` by CPU and by wall time, and the model FLOP/s per CPU
+    second as a fraction of the matmul's per CPU second. Returns the median CPU seconds per step."""
+    peak_wall = statistics.median(p[0] for p in peaks)
+    peak_cpu = statistics.median(p[1] for p in peaks)
+    print(f"\ndense matmul: median {peak_wall / 1e9:.1f} GFLOP/s of wall time, {peak_cpu / 1e9:.1f} of CPU time "
+          f"(per CPU second: min {min(p[1] for p in peaks) / 1e9:.1f}, max {max(p[1] for p in peaks) / 1e9:.1f})")
+    cpu = {tool: statistics.median(r["cpu"] for r in runs) for tool, runs in results.items()}
+    wall = {tool: statistics.median(r["mean"] for r in runs) for tool, runs in results.items()}
+    for tool in tools:
+        ratio = (f" ratio to {peer}: CPU {cpu[tool] / cpu[peer]:.3f}, wall {wall[tool] / wall[peer]:.3f};"
+                 if peer in cpu else "")  # fmt: skip
+        print(f"  {tool:<22} CPU s/step {summarise([r['cpu'] for r in results[tool]])}; wall s/step "
+              f"{summarise([r['mean'] for r in results[tool]])};{ratio} {work / cpu[tool]:.1f} {unit} per CPU s; "
+              f"model {flops / cpu[tool] / 1e9:.2f} GFLOP per CPU s = {flops / cpu[tool] / peak_cpu:.1%} of the matmul's")
+    return cpu

@@ -39,14 +39,15 @@ from typing import Any
 
 from _pairs import build_tiny
 from _train_bench import (
+    describe_run,
     export_gguf,
     launch,
     matmul_throughput,
     model_shape,
     report_result,
+    report_speeds,
     require_trl,
     step_timer,
-    summarise,
     training_flops,
     trl_help,
     use_bf16,
@@ -139,6 +140,7 @@ def worker(args: argparse.Namespace) -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report_result({"tool": args.worker, "times": timer.times, "mean": statistics.mean(timer.times[args.warmup:]),
+                   "cpu": statistics.mean(timer.cpu[args.warmup:]),
                    "layout": layout, "mean_tokens": mean_tokens, "profile": timer.table})  # fmt: skip
 
 
@@ -199,26 +201,17 @@ def main(argv: list[str] | None = None) -> None:
     peaks = []
     for round_index in range(args.rounds):
         peaks.append(matmul_throughput(args.threads))
-        print(f"round {round_index + 1}/{args.rounds}: dense matmul {peaks[-1] / 1e9:.1f} GFLOP/s", flush=True)
+        print(f"round {round_index + 1}/{args.rounds}: dense matmul {peaks[-1][1] / 1e9:.1f} GFLOP per CPU s", flush=True)
         for tool in (tools if round_index % 2 == 0 else tools[::-1]):
             profile = args.profile and round_index == 0
             result = launch(script, tool, worker_args(args, profile), workdir / f"sft-{tool.replace(':', '-')}.log")
             results[tool].append(result)
-            print(f"  {tool:<18} {tokens / result['mean']:8.1f} tokens/s ({result['mean']:.3f} s/step; "
-                  f"{result['layout']}; load avg {result['load_before']:.2f})", flush=True)  # fmt: skip
-    peak = statistics.median(peaks)
-    print(f"\ndense matmul throughput: median {peak / 1e9:.1f} GFLOP/s (min {min(peaks) / 1e9:.1f}, max {max(peaks) / 1e9:.1f})")
-    speeds = {tool: [tokens / r["mean"] for r in runs] for tool, runs in results.items()}
-    for tool in tools:
-        median = statistics.median(speeds[tool])
-        ratio = f"  ratio to trl:padding_free {median / statistics.median(speeds['trl:padding_free']):.3f}" \
-            if "trl:padding_free" in speeds else ""  # fmt: skip
-        achieved = flops * median / tokens
-        print(f"  {tool:<18} tokens/s {summarise(speeds[tool])}{ratio}  model {achieved / 1e9:.2f} GFLOP/s = "
-              f"{achieved / peak:.1%} of the matmul throughput")  # fmt: skip
-    if "trl:padding_free" in speeds:
-        ratio = statistics.median(speeds[tools[0]]) / statistics.median(speeds["trl:padding_free"])
-        print(f"{tools[0]} / trl:padding_free = {ratio:.3f} ({'meets' if ratio >= 1.0 else 'misses'} the goal >= 1.0)")
+            print(f"  {tool:<18} {tokens / result['cpu']:8.1f} tokens per CPU s; {describe_run(result)}", flush=True)
+    cpu = report_speeds(tools, results, peaks, flops, "trl:padding_free", tokens, "tokens")
+    if "trl:padding_free" in cpu:
+        ratio = cpu["trl:padding_free"] / cpu[tools[0]]
+        print(f"{tools[0]} / trl:padding_free, tokens per CPU second = {ratio:.3f} "
+              f"({'meets' if ratio >= 1.0 else 'misses'} the goal >= 1.0)")  # fmt: skip
     print(f"load average now: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     for tool in tools if args.profile else ():
         table = results[tool][0]["profile"]

@@ -28,10 +28,11 @@ def test_po_step_speed_smoke(tmp_path):
     assert "Needs TRL 1.16" in run_bench("po_step_speed.py", "--help")
     out = run_bench("po_step_speed.py", "--smoke", "--threads", "1", "--tools", "polyfuse:dpo,trl",
                     "--workdir", str(tmp_path))  # fmt: skip
-    assert re.search(r"polyfuse:dpo +mean [\d.]+ s/step .*shared_prompt", out), out
-    assert re.search(r"trl +mean [\d.]+ s/step .*precompute_ref_log_probs", out), out
-    assert re.search(r"polyfuse:dpo / trl \(precompute_ref_log_probs\) = [\d.]+", out), out
-    assert re.search(r"dense matmul throughput: median [\d.]+ GFLOP/s", out), out
+    assert re.search(r"polyfuse:dpo +wall [\d.]+ s, CPU [\d.]+ s per step .*shared_prompt", out), out
+    assert re.search(r"trl +wall [\d.]+ s, CPU [\d.]+ s per step .*precompute_ref_log_probs", out), out
+    assert re.search(r"polyfuse:dpo / trl \(precompute_ref_log_probs\), CPU time per step = [\d.]+", out), out
+    assert re.search(r"dense matmul: median [\d.]+ GFLOP/s of wall time", out), out
+    assert re.search(r"model [\d.]+ GFLOP per CPU s = [\d.]+% of the matmul's", out), out
 
 
 @pytest.mark.slow
@@ -39,6 +40,6 @@ def test_sft_speed_smoke(tmp_path):
     assert "Needs TRL 1.16" in run_bench("sft_speed.py", "--help")
     out = run_bench("sft_speed.py", "--smoke", "--threads", "1", "--tools", "polyfuse,trl:padding_free",
                     "--workdir", str(tmp_path))  # fmt: skip
-    assert re.search(r"polyfuse +[\d.]+ tokens/s .*packed", out), out
-    assert re.search(r"trl:padding_free +[\d.]+ tokens/s .*padding_free", out), out
-    assert re.search(r"polyfuse / trl:padding_free = [\d.]+", out), out
+    assert re.search(r"polyfuse +[\d.]+ tokens per CPU s; wall .*packed", out), out
+    assert re.search(r"trl:padding_free +[\d.]+ tokens per CPU s; wall .*padding_free", out), out
+    assert re.search(r"polyfuse / trl:padding_free, tokens per CPU second = [\d.]+", out), out
