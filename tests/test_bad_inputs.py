@@ -188,8 +188,10 @@ def test_file_that_is_not_gguf(tmp_path):
     fake.write_bytes(b"PK\x03\x04 a zip, not a GGUF")
     with pytest.raises(UserError, match="model.gguf is not a GGUF file"):
         load_model(ModelSpec(path=str(fake)))
-    with pytest.raises(UserError, match="missing.gguf not found"):
+    with pytest.raises(UserError, match="missing.gguf: no such file"):
         load_tokenizer(ModelSpec(path=str(tmp_path / "missing.gguf")))
+    with pytest.raises(UserError, match=r"Missing\.GGUF: no such file"):  # any case, a trailing slash: still a file
+        load_tokenizer(ModelSpec(path=str(tmp_path / "Missing.GGUF") + "/"))
 
 
 @pytest.mark.parametrize("device, message", [("cuda:7", "device 'cuda:7' not available"), ("gpu0", "not a device name")])
@@ -630,6 +632,12 @@ CASES = [
          {"d.parquet": b"PAR1" + b"\0" * 64 + b"PAR1"}),
     Case("sft-model-not-gguf", "train sft --data {kit}/sft.jsonl --model m.gguf -o out", r"m\.gguf is not a GGUF file",
          {"m.gguf": b"GGML old"}),
+    Case("sft-model-gguf-missing", "train sft --data {kit}/sft.jsonl --model none.gguf -o out", r"none\.gguf: no such file$"),
+    Case("config-misspelt-key-line", "sample -c bad.yaml --prompts {kit}/prompts.jsonl -o out",
+         r"bad\.yaml: invalid config\n  line 1: models: .*\n  line 2: batch_sise: unknown key; did you mean 'batch_size'\?",
+         {"bad.yaml": "models: []\nbatch_sise: 4\n"}),
+    Case("run-reward-model-a-causal-lm", "run {kit}/recipe.yaml --set score.scorers.0.model.path={world}/pivot --work-dir w",
+         r"score\.scorers\.0\.model \(pivot\): not a reward model: MistralForCausalLM has no sequence-classification head"),
     Case("sft-model-is-a-file", "train sft --data {kit}/sft.jsonl --model ./m -o out", r"\./m: is a file, expected a model folder",
          {"m": "weights?"}),
     Case("distill-corrupt-shard", "train distill --data {kit}/sft.jsonl --teachers t --model {world}/pivot -o out",

@@ -12,6 +12,7 @@ from polyfuse.errors import ConfigError
 from polyfuse.pipeline import recipe as recipe_module
 from polyfuse.pipeline.context import STAGES, Context, Stage, model_stages, stage_order
 from polyfuse.pipeline.recipe import Recipe, load_recipe
+from tiny_lm import build_tiny_model
 
 STAGE_FILES = Path(recipe_module.__file__).parent / "stages"
 ORDER = ["prompts", "sample", "score", "pairs", "sft", "teacher", "distill", "merge", "logprobs", "po", "eval"]
@@ -37,9 +38,9 @@ def test_the_recipe_schema_is_built_from_the_registry():
 
 
 def _recipe(tmp_path: Path, body: str) -> Path:
-    for model in ("a", "p"):  # model folders, as the runner checks before the first stage (no stage loads them)
-        (tmp_path / model).mkdir(exist_ok=True)
-        (tmp_path / model / "config.json").write_text("{}")
+    for model in ("a", "p"):  # models, as the runner checks them before the first stage (no stage loads them)
+        if not (tmp_path / model / "config.json").exists():
+            build_tiny_model(tmp_path / model)
     path = tmp_path / "recipe.yaml"
     path.write_text(f"name: t\nsources: [{{name: a, path: {tmp_path / 'a'}}}]\npivot: {{name: p, path: {tmp_path / 'p'}}}\n"
                     "prompts: {path: prompts.jsonl}\n" + body)
@@ -245,16 +246,16 @@ def test_an_error_in_a_source_is_reported_once_where_it_is(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_recipe(path)
     assert str(err.value).splitlines()[1:] == [
-        "  sources.0.sampling.n: Input should be greater than or equal to 1 (got 0)",
-        "  sources.0.devcie: unknown key",
-        "  pivot.dtype: Input should be 'auto', 'float32', 'bfloat16' or 'float16' (got 'fp64')",
+        "  line 2: sources.0.sampling.n: Input should be greater than or equal to 1 (got 0)",
+        "  line 2: sources.0.devcie: unknown key; did you mean 'device'?",
+        "  line 3: pivot.dtype: Input should be 'auto', 'float32', 'bfloat16' or 'float16' (got 'fp64')",
     ]
     path.write_text(path.read_text().replace("sample: {include_pivot: true}", "sample: {seed: null}")
                     .replace("logprobs: {sources: true}", "logprobs: {sources: [{path: x, devcie: cpu}]}"))
     with pytest.raises(ConfigError) as err:
         load_recipe(path)
-    assert str(err.value).splitlines()[4:] == ["  sample.seed: Input should be a valid integer (got None)",
-                                               "  logprobs.sources.0.devcie: unknown key"]
+    assert str(err.value).splitlines()[4:] == ["  line 6: sample.seed: Input should be a valid integer (got None)",
+                                               "  line 10: logprobs.sources.0.devcie: unknown key; did you mean 'device'?"]
 
 
 def test_one_walk_of_a_config_gives_the_model_paths_a_stage_hashes_and_the_data_files_it_checks():
@@ -262,8 +263,8 @@ def test_one_walk_of_a_config_gives_the_model_paths_a_stage_hashes_and_the_data_
     stage hashes (`paths_in`, keyed by their owner: these keys are in every fingerprint) and the data files a
     run checks before it starts come from it."""
     from polyfuse.config import walk_config
+    from polyfuse.pipeline.checks import _data_paths
     from polyfuse.pipeline.context import paths_in
-    from polyfuse.pipeline.runner import _data_paths
     from polyfuse.pipeline.stages.prompts import PromptSource
 
     class Leaf(StrictModel):

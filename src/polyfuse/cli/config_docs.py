@@ -102,6 +102,7 @@ def stage_config_yaml(stage: str, recipe: bool = False) -> str:
     exclude = tuple(k for k, v in fills.items() if v is None) if recipe else getattr(model, "recipe_only", ())
     text = annotated_yaml(model, _variants(), title=RECIPE_TITLE if stage == "recipe" else None, exclude=exclude,
                           filled={k: v for k, v in fills.items() if v is not None})
+    text += model.yaml_appendix() if hasattr(model, "yaml_appendix") else ""  # what the keys' comments cannot say
     if stage == "recipe":
         from polyfuse.pipeline.context import stage_order
 

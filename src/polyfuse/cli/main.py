@@ -127,6 +127,9 @@ def run(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML: models, prompts and one section per stage (see recipes/; `polyfuse config show recipe`).")],
     work_dir: Annotated[Path | None, typer.Option(help="Work directory (default: the recipe's work_dir, else runs/<name>).")] = None,
     set_: SetOpt = None,
+    check: Annotated[bool, typer.Option("--check", help=(
+        "Only check the recipe (seconds, no weights loaded, nothing written): every model from its config and "
+        "tokenizer files, the data files and prompts; exit code 0, or 2 with one line per problem."))] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Run a recipe's stages in order; finished stages are skipped, interrupted ones resume. Ends with the
@@ -136,6 +139,13 @@ def run(
     from polyfuse.pipeline.summary import print_run_summary
 
     loaded = load_recipe(recipe, set_)
+    if check:
+        from polyfuse.pipeline.checks import check_recipe
+
+        report = check_recipe(loaded)
+        print(report.describe())
+        report.enforce()
+        return
     ctx = run_recipe(loaded, _output_folder(work_dir or loaded.resolved_work_dir), quiet=quiet)
     print_run_summary(ctx, console)
 
@@ -467,17 +477,21 @@ def eval_cmd(
     toy_preset: Annotated[str, typer.Option(help="Toy world preset for --data toyworld.")] = "default",
     max_new_tokens: Annotated[int | None, typer.Option(
         min=1, help="Generation budget per prompt (default: 32 for toyworld, 512 for humaneval, else 256).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per generate call.")] = 16,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per engine call (vllm); transformers batches by --token-budget.")] = 16,
+    token_budget: Annotated[int, typer.Option(min=1, help="transformers: padded tokens per batch (prompt + max new tokens per row; prompt + gold when scoring).")] = 8192,
+    bpb: Annotated[bool, typer.Option(help="Measure each gold answer's bits per byte (teacher-forced).")] = True,
     backend: Annotated[str, typer.Option(help="Inference backend with its default options: transformers or vllm.")] = "transformers",
     unsafe_local_code: Annotated[bool, typer.Option(
         help="Run generated code without the bubblewrap sandbox (it can then touch your files and processes)."
     )] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Greedy accuracy per domain on held-out prompts: a table, results.json, results.md and a PNG bar chart."""
+    """Greedy accuracy and gold bits per byte per domain on held-out prompts: tables, results.json, results.md,
+    a PNG bar chart with 95% intervals, and per-item records (what `polyfuse compare` reads)."""
     from polyfuse.config import validate
     from polyfuse.evaluation import (
         accuracy_table,
+        bpb_table,
         default_verifiers,
         evaluate,
         load_eval_set,
@@ -501,11 +515,49 @@ def eval_cmd(
     scorers = default_verifiers(unsafe_local_code)
     budget = max_new_tokens or DEFAULT_NEW_TOKENS.get(data, 256)
     with progress_bar(disable=quiet) as bar:  # one display, two bars per model
-        results = {spec.label: evaluate(spec, prompts, scorers, batch_size=batch_size, max_new_tokens=budget, bar=bar)
+        results = {spec.label: evaluate(spec, prompts, scorers, batch_size=batch_size, max_new_tokens=budget, bar=bar,
+                                        token_budget=token_budget, bpb=bpb)
                    for spec in specs}
     write_eval_report(results, out)
     console.print(accuracy_table(results))
+    if (bits := bpb_table(results)) is not None:
+        console.print(bits)
     console.print(f"report: {out / 'results.md'}", soft_wrap=True)
+
+
+@app.command()
+def compare(
+    a: Annotated[list[str] | None, typer.Option("--a", help="A run of method A: an eval output (`eval --out`) or a recipe work dir, PATH:MODEL to pick its model (repeatable: one per seed).")] = None,
+    b: Annotated[list[str] | None, typer.Option("--b", help="A run of method B, as --a; the i-th --b is paired with the i-th --a.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the runs and comparisons as an experiment file (docs/evidence shape).")] = None,
+    png: Annotated[Path | None, typer.Option("--png", help="Draw the differences with their 95% intervals.")] = None,
+    experiment: Annotated[str | None, typer.Option(help="The experiment's name in --json (default: 'A vs B').")] = None,
+    level: Annotated[str, typer.Option(help="Bootstrap: auto (seeds when several runs), items, or seeds (two-level).")] = "auto",
+    resamples: Annotated[int, typer.Option(min=100, help="Bootstrap resamples.")] = 10_000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    recompute: Annotated[Path | None, typer.Option(help="Recompute every comparison of an experiment file from its runs and check it (no --a/--b).")] = None,
+) -> None:
+    """Method A against method B, paired by item: per domain and on the average, the accuracy difference in
+    points with its 95% paired bootstrap interval, McNemar's exact p (Holm-corrected over the table) and the
+    gold bits-per-byte difference with its interval."""
+    from polyfuse.evaluation.compare import print_recomputed, run_compare
+
+    if recompute is not None:
+        if a or b:
+            raise UserError("--recompute checks an experiment file on its own; drop --a and --b")
+        if not print_recomputed(recompute, console):
+            raise typer.Exit(1)
+        return
+    if level not in ("auto", "items", "seeds"):
+        raise UserError(f"--level {level!r}: expected auto, items or seeds")
+    if not a or not b:
+        raise UserError("give the runs of both methods: --a PATH[:MODEL] ... --b PATH[:MODEL] ...")
+    for path, suffix in ((json_out, ".json"), (png, ".png")):
+        if path is not None:
+            if path.suffix != suffix or path.is_dir():
+                raise UserError(f"{path}: expected a {suffix} file")
+            _no_file_in_the_way(path, list(path.parents))
+    run_compare(a, b, console, json_out, png, experiment, None if level == "auto" else level, resamples, seed)
 
 
 @toy_app.command("build")
@@ -566,7 +618,7 @@ def _read(path: Path, schema, skip_invalid: bool = False):
 
 
 def _check_models(config) -> None:
-    from polyfuse.models.loader import check_models
+    from polyfuse.models.checks import check_models
 
     check_models(config)
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationInfo, create_model, model_validator
 
-from polyfuse.config import COPIED, StrictModel, apply_overrides, read_yaml, validate
+from polyfuse.config import COPIED, StrictModel, YamlMapping, apply_overrides, read_yaml, validate
 from polyfuse.data.io import ReadReport, read_rows
 from polyfuse.data.schemas import PromptRow
 from polyfuse.errors import ConfigError
@@ -34,6 +34,18 @@ class ToyWorldRef(StrictModel):
     preset: Literal["default", "tiny"] = Field(default="default", description="default, or tiny (seconds to build, for tests).")
     seed: int = Field(default=0, description="World seed: the toy models' weights and data.")
     cache_dir: str | None = Field(default=None, description="None: $POLYFUSE_CACHE, else $XDG_CACHE_HOME/polyfuse, else ~/.cache/polyfuse.")
+
+    def config(self):
+        """The world's `ToyWorldConfig`: the preset with this seed."""
+        from polyfuse.toyworld import ToyWorldConfig
+
+        return ToyWorldConfig.preset(self.preset).model_copy(update={"seed": self.seed})
+
+    def root(self) -> Path:
+        """The world's folder in the cache (built or not)."""
+        from polyfuse.toyworld import world_dir
+
+        return world_dir(self.config(), self.cache_dir)
 
 
 class RecipeBase(StrictModel):
@@ -90,12 +102,11 @@ class RecipeBase(StrictModel):
 
     def world(self, quiet: bool = False):
         """The recipe's toy world, built on first use (cached by config hash)."""
-        from polyfuse.toyworld import ToyWorldConfig, build_world
+        from polyfuse.toyworld import build_world
 
         if self.toyworld is None:
             raise ConfigError("prompts.toyworld needs a 'toyworld' section in the recipe")
-        config = ToyWorldConfig.preset(self.toyworld.preset).model_copy(update={"seed": self.toyworld.seed})
-        return build_world(config, cache_dir=self.toyworld.cache_dir, progress=not quiet)
+        return build_world(self.toyworld.config(), cache_dir=self.toyworld.cache_dir, progress=not quiet)
 
     def load_prompts(self, source: PromptSource) -> list[PromptRow]:
         if source.toyworld is not None:
@@ -170,9 +181,6 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override, resolve `toyworld://` paths and validate a recipe; no model is loaded."""
     data = apply_overrides(read_yaml(path), overrides)
     if _uses_toy_paths(data):
-        from polyfuse.toyworld import ToyWorldConfig, world_dir
-
         toy = validate(ToyWorldRef, data.get("toyworld") or {}, source=f"{path}: toyworld")
-        config = ToyWorldConfig.preset(toy.preset).model_copy(update={"seed": toy.seed})
-        data = _resolve_toy_paths(data, world_dir(config, toy.cache_dir))
+        data = YamlMapping(_resolve_toy_paths(data, toy.root()), getattr(data, "lines", {}))
     return validate(Recipe, data, source=str(path))

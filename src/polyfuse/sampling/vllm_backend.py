@@ -200,7 +200,7 @@ class VllmBackend(Backend):
                             f"{limit} (with one token to generate); raise backend.max_model_len")
 
     def generate(self, prompts: list[Any], params: SamplingParams, done: Done, seeds: list[int] | None = None,
-                 batch_size: int = 32) -> None:
+                 batch_size: int = 32, token_budget: int | None = None) -> None:
         seeds = self.seeds_for(prompts, params, seeds)
         encoded = [render_prompt(self.tokenizer, p) for p in prompts]
         for ids, _ in encoded:

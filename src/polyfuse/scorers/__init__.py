@@ -12,6 +12,7 @@ from polyfuse.scorers.base import (
     Verifier,
     build_scorer,
     parse_scorer_config,
+    unjudged,
 )
 from polyfuse.scorers.code_tests import CodeConfig, CodeVerifier
 from polyfuse.scorers.math_answer import MathConfig, MathVerifier
@@ -38,6 +39,7 @@ __all__ = [
     "ScorerSettings",
     "Verifier",
     "build_scorer",
+    "unjudged",
     "exact_match",
     "parse_scorer_config",
     "run_script",

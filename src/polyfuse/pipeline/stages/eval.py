@@ -1,4 +1,5 @@
-"""Stage `eval`: greedy accuracy of the recipe's models on held-out prompts, as a table, JSON and PNG."""
+"""Stage `eval`: greedy accuracy and gold bits per byte of the recipe's models on held-out prompts, as a table,
+JSON, PNG and per-item records (what `polyfuse compare` reads)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pydantic import Field
 
 from polyfuse.config import StrictModel
 from polyfuse.data.io import write_rows
+from polyfuse.evaluation.evaluate import EVAL_TOKEN_BUDGET
 from polyfuse.models import ModelSpec
 from polyfuse.pipeline.context import STAGES, Context, Stage, model_stages, paths_in
 from polyfuse.pipeline.stages.prompts import PromptSource, seeded_source
@@ -26,8 +28,10 @@ class EvalSection(StrictModel):
     scorers: list[ScorerConfig] | None = Field(
         default=None, description="Default: the verifiers of the recipe's score section (a reward model gives no accuracy)."
     )
-    batch_size: int = Field(default=64, ge=1, description="Prompts per generate call.")
+    batch_size: int = Field(default=64, ge=1, description="Prompts per engine call (vLLM, servers); the transformers backend batches by token_budget.")
+    token_budget: int = Field(default=EVAL_TOKEN_BUDGET, ge=1, description="transformers: padded tokens per batch over length-sorted prompts (prompt + max_new_tokens per row when generating, prompt + gold answer when scoring).")
     max_new_tokens: int = Field(default=32, ge=1, description="Generation budget per prompt (greedy).")
+    bpb: bool = Field(default=True, description="Measure every gold answer's bits per byte (teacher-forced through each model's template).")
 
 
 def _type_of(scorer: Any) -> Any:
@@ -115,7 +119,8 @@ class EvalStage(Stage):
         with progress_bar(disable=ctx.quiet) as bar:  # one display, two bars per model
             results = {
                 label: evaluate(spec, prompts, scorers, batch_size=config.batch_size,
-                                max_new_tokens=config.max_new_tokens, label=label, bar=bar)
+                                max_new_tokens=config.max_new_tokens, label=label, bar=bar,
+                                token_budget=config.token_budget, bpb=config.bpb)
                 for label, spec in eval_models(ctx).items()
             }
         write_eval_report(results, folder, sources={s.label for s in ctx.recipe.sources})
