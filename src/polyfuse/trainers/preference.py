@@ -29,15 +29,12 @@ from polyfuse.models import ModelSpec, encode, load_model, load_tokenizer
 from polyfuse.models.forward import length_limit, pad_token_id
 from polyfuse.objectives import OBJECTIVES, PreferenceBatch, PreferenceObjective
 from polyfuse.progress import progress_task
-from polyfuse.trainers.base import (
-    ObjectiveTrainConfig,
-    PolyfuseTrainer,
-    SequenceCollator,
-    run_training,
-    training_arguments,
-)
 from polyfuse.trainers.checkpoints import data_fingerprint
+from polyfuse.trainers.collate import SequenceCollator, collator_for
+from polyfuse.trainers.config import ObjectiveTrainConfig
 from polyfuse.trainers.memory import check_memory
+from polyfuse.trainers.run import TrainingRun
+from polyfuse.trainers.trainer import PolyfuseTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +95,9 @@ class PreferenceTrainer(PolyfuseTrainer):
         return losses.sum(), {self._named(name): value for name, value in metrics.items()}
 
     def count_items(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.tensor(inputs["input_ids"].shape[0] // len(self.roles))
+        """Pairs: rows per role, or rows of the shared-prompt layout (one per pair)."""
+        rows = inputs["input_ids"].shape[0]
+        return torch.tensor(rows if inputs["attention_mask"].dim() == 4 else rows // len(self.roles))
 
 
 def ensure_reference_columns(
@@ -207,9 +206,9 @@ def train_preference(
         raise DataError(f"{data_path}: {err}") from None
     data_hash = data_fingerprint(rows)
     tokenizer = load_tokenizer(model_spec)
-    args = training_arguments(config, out_dir)
+    run = TrainingRun(config, Path(out_dir), callbacks, resume)
     check_memory(model_spec, config, len(objective.roles))
-    model = load_model(model_spec).to(args.device)  # score the references where training will run
+    model = load_model(model_spec).to(run.device)  # score the references where training will run
     max_length = length_limit(model.config, config.max_length)
     report = LogpReport()
     rows = ensure_reference_columns(
@@ -222,7 +221,8 @@ def train_preference(
             "preference training: dropped %d pairs longer than max_length %d", len(dropped), max_length
         )
     columns = tuple(name for name in features[0] if name.startswith(PRECOMPUTED_PREFIXES)) if features else ()
-    collator = SequenceCollator(pad_token_id(tokenizer), objective.roles, columns)
+    padded = SequenceCollator(pad_token_id(tokenizer), objective.roles, columns)
+    collator, layout = collator_for(model, features, padded, config.padding_free)
     summary = {
         "stage": "preference",
         "objective": objective.model_dump(),
@@ -230,19 +230,7 @@ def train_preference(
         "data": data_hash,
         "dropped": dropped,
         "sources": source_names or [],
+        "layout": layout,
     }
-    return run_training(
-        PreferenceTrainer,
-        model,
-        tokenizer,
-        features,
-        collator,
-        args,
-        config,
-        Path(out_dir),
-        summary,
-        callbacks,
-        resume,
-        objective=objective,
-        candidates=["M0", *(source_names or [])],
-    )
+    return run.train(PreferenceTrainer, model, tokenizer, features, collator, summary,
+                     objective=objective, candidates=["M0", *(source_names or [])])
