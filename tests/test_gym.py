@@ -134,6 +134,12 @@ def test_levels_and_reach():
         if word:
             assert len(word.group(1)) <= source.reach["reversal"] + 2
     assert {r.domain for r in rows} == set(source.mixture)
+    # the merging base stops below the top levels; its fine-tunes see every level (what is left to learn)
+    jobs = {job.recipe.name: job.recipe for job in build_module._jobs(gym)}
+    for name, longest in [("base", gym.gym.base.reach["reversal"] + 2), ("specialist-reversal", 12), ("multitask", 12)]:
+        words = [re.fullmatch(r"Reverse the letters of ([A-Z]+)\.", row.prompt)
+                 for row in build_module._training_rows(gym, jobs[name])]
+        assert max(len(w.group(1)) for w in words if w) == longest
     bad = gym.sources[0].model_dump()
     for reach, message in [({"strings": 1}, "strings"), ({"largest": 5}, "largest"), ({"largest": 0}, "largest")]:
         with pytest.raises(ConfigError, match=f"reach: .*{message}.*expected gym tasks"):

@@ -210,9 +210,9 @@ class _Job:
 
 def _lora_job(base: ModelRecipe, name: str, mixture: dict[str, float] | None, lora: LoraRecipe, folder: str) -> _Job:
     """A LoRA fine-tune of the base: the base's recipe (architecture, tokenizer) with its own name (its seed),
-    data mixture and training length."""
-    recipe = base.model_copy(update=dict(name=name, mixture=mixture, steps=lora.steps, batch_size=lora.batch_size,
-                                         learning_rate=lora.learning_rate))
+    data mixture and training length, on every level of its tasks (the base's `reach` is what is left to learn)."""
+    recipe = base.model_copy(update=dict(name=name, mixture=mixture, reach=None, steps=lora.steps,
+                                         batch_size=lora.batch_size, learning_rate=lora.learning_rate))
     return _Job(recipe, folder, start="merging/base", lora=lora)
 
 

@@ -1,0 +1,85 @@
+"""The fusion gym's calibration (docs/gym.md), measured: is each family's premise of issue 21 met by the `gym` preset?
+
+    python bench/gym_calibration.py --out docs/gym/calibration.json
+
+For one world seed: the `gym` preset is built (or found in the cache: then the build time is the one recorded in
+its world.json), `polyfuse toyworld info`'s premise report runs (validation accuracy of every model, task
+vectors, checks), and two recipe runs measure what the report cannot: `fusechat3-gym` up to SFT (how many
+intra-source pairs its preference prompts give, and the pivot's validation accuracy after SFT: the room left
+for preference optimisation) and `infifpo-gym` up to its pairs (how many cross-model pairs). The load average
+of the machine is recorded before and after, since the wall times depend on it; the CPU seconds of the build do
+not. Runs are cached under `--work-dir`, so a rerun only reads and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from polyfuse.data.io import write_json
+from polyfuse.toyworld import ToyWorldConfig, build_world
+from polyfuse.toyworld.info import VALIDATION_ITEMS, gym_report
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "src" / "polyfuse" / "recipes"
+
+
+def run_recipe(recipe: str, work: Path, stages: list[str], overrides: list[str], seed: int) -> float:
+    """`polyfuse run` of a shipped recipe with `stages` only; returns its wall seconds (0 when already done)."""
+    if (work / "done").is_file():
+        return float((work / "done").read_text())
+    started = time.perf_counter()
+    sets = [f"stages=[{', '.join(stages)}]", f"toyworld.seed={seed}", *overrides]
+    subprocess.run([sys.executable, "-c", "from polyfuse.cli.main import main; main()", "run", str(RECIPES / recipe), "--work-dir", str(work),
+                    "--quiet", *[a for s in sets for a in ("--set", s)]], check=True)
+    seconds = round(time.perf_counter() - started, 1)
+    (work / "done").write_text(str(seconds))
+    return seconds
+
+
+def pairs_report(work: Path) -> dict:
+    return json.loads(next(work.rglob("pairs/**/report.json")).read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=0, help="World seed.")
+    parser.add_argument("--per-domain", type=int, default=VALIDATION_ITEMS, help="Validation items per domain.")
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/gym-calibration"))
+    parser.add_argument("--out", type=Path, default=Path("docs/gym/calibration.json"))
+    args = parser.parse_args()
+    load_before = os.getloadavg()
+    world = build_world(ToyWorldConfig.preset("gym").model_copy(update={"seed": args.seed}))
+    built = json.loads((world.root / "world.json").read_text())
+    report = gym_report(world, per_domain=args.per_domain, quiet=False)
+    work = args.work_dir / f"seed{args.seed}-{world.root.name}"
+    validation = ["eval.prompts.toyworld.split=validation", f"eval.prompts.toyworld.per_domain={args.per_domain}",
+                  "eval.models=[pivot, sft]"]
+    fusechat = run_recipe("fusechat3-gym.yaml", work / "fusechat3", ["prompts", "sample", "score", "pairs", "sft", "eval"],
+                          validation, args.seed)
+    infifpo = run_recipe("infifpo-gym.yaml", work / "infifpo", ["prompts", "sample", "score", "pairs"], [], args.seed)
+    results = json.loads(next((work / "fusechat3").rglob("eval/**/results.json")).read_text())
+    result = {
+        "seed": args.seed, "world": str(world.root), "per_domain": args.per_domain,
+        "build": {"wall_seconds": built["build_seconds"], "cpu_seconds": built.get("cpu_seconds"),
+                  "cpu_seconds_total": round(sum((built.get("cpu_seconds") or {}).values()), 1)},
+        "accuracy": report["accuracy"], "task_vectors": report["task_vectors"],
+        "checks": [asdict(c) for c in report["checks"]],
+        "pairs": {"intra_source (fusechat3-gym)": pairs_report(work / "fusechat3"),
+                  "cross_model (infifpo-gym)": pairs_report(work / "infifpo")},
+        "after_sft": {name: {d: 100 * s["accuracy"] for d, s in r["per_domain"].items()} for name, r in results.items()},
+        "recipe_seconds": {"fusechat3-gym": fusechat, "infifpo-gym": infifpo},
+        "load_average": {"before": load_before, "after": os.getloadavg()},
+    }
+    write_json(args.out, result)
+    print(json.dumps({k: result[k] for k in ("build", "pairs", "after_sft", "load_average")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
