@@ -8,7 +8,7 @@ vectors, checks), and two recipe runs measure what the report cannot: `fusechat3
 intra-source pairs its preference prompts give, and the pivot's validation accuracy after SFT: the room left
 for preference optimisation) and `infifpo-gym` up to its pairs (how many cross-model pairs). The load average
 of the machine is recorded before and after, since the wall times depend on it; the CPU seconds of the build do
-not. Runs are cached under `--work-dir`, so a rerun only reads and prints.
+not. The two runs and the report run side by side. Runs are cached under `--work-dir`, so a rerun only reads and prints.
 """
 
 from __future__ import annotations
@@ -30,17 +30,23 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "src" / "polyfuse" / "recipes"
 
 
-def run_recipe(recipe: str, work: Path, stages: list[str], overrides: list[str], seed: int) -> float:
-    """`polyfuse run` of a shipped recipe with `stages` only; returns its wall seconds (0 when already done)."""
+def start_recipe(recipe: str, work: Path, stages: list[str], overrides: list[str], seed: int) -> subprocess.Popen | None:
+    """Start `polyfuse run` of a shipped recipe with `stages` only (None when an earlier run finished it)."""
     if (work / "done").is_file():
-        return float((work / "done").read_text())
-    started = time.perf_counter()
+        return None
     sets = [f"stages=[{', '.join(stages)}]", f"toyworld.seed={seed}", *overrides]
-    subprocess.run([sys.executable, "-c", "from polyfuse.cli.main import main; main()", "run", str(RECIPES / recipe), "--work-dir", str(work),
-                    "--quiet", *[a for s in sets for a in ("--set", s)]], check=True)
-    seconds = round(time.perf_counter() - started, 1)
-    (work / "done").write_text(str(seconds))
-    return seconds
+    return subprocess.Popen([sys.executable, "-c", "from polyfuse.cli.main import main; main()", "run",
+                             str(RECIPES / recipe), "--work-dir", str(work), "--quiet",
+                             *[a for s in sets for a in ("--set", s)]])
+
+
+def finish_recipe(run: subprocess.Popen | None, work: Path, started: float) -> float:
+    """Wait for a run of `start_recipe`; its wall seconds (recorded in `work`/done)."""
+    if run is not None:
+        if run.wait():
+            raise SystemExit(f"{work}: polyfuse run failed (exit code {run.returncode})")
+        (work / "done").write_text(str(round(time.perf_counter() - started, 1)))
+    return float((work / "done").read_text())
 
 
 def pairs_report(work: Path) -> dict:
@@ -57,13 +63,16 @@ def main() -> None:
     load_before = os.getloadavg()
     world = build_world(ToyWorldConfig.preset("gym").model_copy(update={"seed": args.seed}))
     built = json.loads((world.root / "world.json").read_text())
-    report = gym_report(world, per_domain=args.per_domain, quiet=False)
     work = args.work_dir / f"seed{args.seed}-{world.root.name}"
     validation = ["eval.prompts.toyworld.split=validation", f"eval.prompts.toyworld.per_domain={args.per_domain}",
                   "eval.models=[pivot, sft]"]
-    fusechat = run_recipe("fusechat3-gym.yaml", work / "fusechat3", ["prompts", "sample", "score", "pairs", "sft", "eval"],
-                          validation, args.seed)
-    infifpo = run_recipe("infifpo-gym.yaml", work / "infifpo", ["prompts", "sample", "score", "pairs"], [], args.seed)
+    started = time.perf_counter()  # the two runs and the report are independent: they run side by side
+    fusechat = start_recipe("fusechat3-gym.yaml", work / "fusechat3", ["prompts", "sample", "score", "pairs", "sft", "eval"],
+                            validation, args.seed)
+    infifpo = start_recipe("infifpo-gym.yaml", work / "infifpo", ["prompts", "sample", "score", "pairs"], [], args.seed)
+    report = gym_report(world, per_domain=args.per_domain, quiet=False)
+    seconds = {"fusechat3-gym": finish_recipe(fusechat, work / "fusechat3", started),
+               "infifpo-gym": finish_recipe(infifpo, work / "infifpo", started)}
     results = json.loads(next((work / "fusechat3").rglob("eval/**/results.json")).read_text())
     result = {
         "seed": args.seed, "world": str(world.root), "per_domain": args.per_domain,
@@ -74,7 +83,7 @@ def main() -> None:
         "pairs": {"intra_source (fusechat3-gym)": pairs_report(work / "fusechat3"),
                   "cross_model (infifpo-gym)": pairs_report(work / "infifpo")},
         "after_sft": {name: {d: 100 * s["accuracy"] for d, s in r["per_domain"].items()} for name, r in results.items()},
-        "recipe_seconds": {"fusechat3-gym": fusechat, "infifpo-gym": infifpo},
+        "recipe_seconds": seconds,
         "load_average": {"before": load_before, "after": os.getloadavg()},
     }
     write_json(args.out, result)

@@ -181,9 +181,9 @@ _TINY = dict(hidden_size=32, layers=1, heads=1, steps=4, batch_size=8)
 # and another's second domain. Measured calibration in docs/gym.md.
 _GYM_SOURCES = [
     dict(name="llama-largest", architecture="llama", tokenizer="bpe-bytelevel", vocab_size=512, template="llama3",
-         mixture={"largest": 0.55, "addition": 0.45}, reach={"largest": 2, "addition": 2}),
+         mixture={"largest": 0.5, "addition": 0.5}, reach={"largest": 2, "addition": 2}),
     dict(name="qwen-reversal", architecture="qwen3", tokenizer="unigram", vocab_size=384, template="chatml",
-         mixture={"reversal": 0.75, "largest": 0.25}, reach={"reversal": 8, "largest": 1}, steps=500),
+         mixture={"reversal": 0.6, "largest": 0.4}, reach={"reversal": 8, "largest": 1}, steps=500),
     dict(name="gpt2-addition", architecture="gpt2", tokenizer="wordpiece", vocab_size=320, template="none", layers=3,
          mixture={"addition": 0.8, "reversal": 0.2}, reach={"reversal": 4}, steps=800),
 ]
