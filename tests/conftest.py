@@ -32,8 +32,9 @@ def polyfuse_cli(capsys, monkeypatch):
 
     from polyfuse.cli.main import main
 
-    for key in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
-        monkeypatch.setenv(key, os.environ.get(key, "1"))
+    for key, value in {"TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+                       "HF_HUB_DISABLE_PROGRESS_BARS": "1"}.items():
+        monkeypatch.setenv(key, os.environ.get(key, value))
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
 
     def run(*args) -> CliRun:

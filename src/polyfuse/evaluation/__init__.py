@@ -1,47 +1,29 @@
 """Greedy evaluation of models on verifiable prompts (accuracy and gold bits per byte), accuracy reports,
 paired comparisons of methods with bootstrap intervals, and experiment files."""
 
-from polyfuse.evaluation.datasets import load_eval_set, load_gsm8k, load_humaneval
-from polyfuse.evaluation.evaluate import (
-    DomainScore,
-    EvalRecord,
-    EvalResult,
-    default_verifier_configs,
-    default_verifiers,
-    evaluate,
-    gold_bpb,
-    gold_text,
-    judges,
-    records_file,
-)
-from polyfuse.evaluation.report import (
-    accuracy_table,
-    bpb_table,
-    load_eval_report,
-    markdown_table,
-    write_eval_report,
-)
-from polyfuse.evaluation.run import EvalSettings, run_eval
+from polyfuse.lazy import lazy_exports
 
-__all__ = [
-    "DomainScore",
-    "EvalRecord",
-    "EvalResult",
-    "EvalSettings",
-    "accuracy_table",
-    "bpb_table",
-    "default_verifier_configs",
-    "default_verifiers",
-    "evaluate",
-    "gold_bpb",
-    "gold_text",
-    "judges",
-    "load_eval_report",
-    "load_eval_set",
-    "load_gsm8k",
-    "load_humaneval",
-    "markdown_table",
-    "records_file",
-    "run_eval",
-    "write_eval_report",
-]
+_EXPORTS = {
+    "load_eval_set": "datasets",
+    "load_gsm8k": "datasets",
+    "load_humaneval": "datasets",
+    "DomainScore": "evaluate",
+    "EvalRecord": "evaluate",
+    "EvalResult": "evaluate",
+    "default_verifier_configs": "evaluate",
+    "default_verifiers": "evaluate",
+    "evaluate": "evaluate",
+    "gold_bpb": "evaluate",
+    "gold_text": "evaluate",
+    "judges": "evaluate",
+    "records_file": "evaluate",
+    "accuracy_table": "report",
+    "bpb_table": "report",
+    "load_eval_report": "report",
+    "markdown_table": "report",
+    "write_eval_report": "report",
+    "EvalSettings": "run",
+    "run_eval": "run",
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

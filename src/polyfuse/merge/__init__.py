@@ -5,7 +5,14 @@ safetensors headers, merges with a method of `polyfuse.merge.methods`, and write
 resumable output folder.
 """
 
-from polyfuse.merge.config import MergeConfig, load_merge_config
-from polyfuse.merge.executor import MergeOptions, MergeResult, run_merge
+from polyfuse.lazy import lazy_exports
 
-__all__ = ["MergeConfig", "MergeOptions", "MergeResult", "load_merge_config", "run_merge"]
+_EXPORTS = {
+    "MergeConfig": "config",
+    "load_merge_config": "config",
+    "MergeOptions": "executor",
+    "MergeResult": "executor",
+    "run_merge": "executor",
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

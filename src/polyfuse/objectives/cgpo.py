@@ -17,21 +17,23 @@ import random
 from collections.abc import Sequence
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from polyfuse.errors import DataError
+from polyfuse.lazy import lazy_import
 from polyfuse.objectives.base import logps_column
 from polyfuse.objectives.unpaired import (
     COMPLETION,
     KL_COMPLETION,
     UNPAIRED_OBJECTIVES,
-        UnpairedBatch,
+    UnpairedBatch,
     UnpairedObjective,
     class_metrics,
     reference_point,
     value_losses,
 )
+
+torch = lazy_import("torch")
 
 Assignment = Literal["label_conditional", "policy_anchored", "consensus_anchored"]
 PIVOT_COLUMN = logps_column("ref", COMPLETION, length_normalize=True)  # l_0

@@ -13,9 +13,9 @@ import random
 from collections.abc import Sequence
 from typing import Literal
 
-import torch
 from pydantic import Field
 
+from polyfuse.lazy import lazy_import
 from polyfuse.objectives.base import logps_column
 from polyfuse.objectives.unpaired import (
     COMPLETION,
@@ -28,6 +28,8 @@ from polyfuse.objectives.unpaired import (
     reference_point,
     value_losses,
 )
+
+torch = lazy_import("torch")
 
 KTOLoss = Literal["kto", "apo_zero_unpaired"]
 

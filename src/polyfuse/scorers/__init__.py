@@ -4,46 +4,33 @@ Built-in: `reward_model`, `math`, `code` and `toyworld` (the toy world's exact-m
 imports every module of this package on its first lookup, so a new scorer is one file here.
 """
 
-from polyfuse.scorers.base import (
-    SCORERS,
-    Scorer,
-    ScorerConfig,
-    ScorerSettings,
-    Verifier,
-    build_scorer,
-    parse_scorer_config,
-    unjudged,
-)
-from polyfuse.scorers.code_tests import CodeConfig, CodeVerifier
-from polyfuse.scorers.math_answer import MathConfig, MathVerifier
-from polyfuse.scorers.reward_model import RewardModelConfig, RewardModelScorer
-from polyfuse.scorers.run import ScoreConfig, run_score
-from polyfuse.scorers.sandbox import Limits, Sandbox, SandboxFailure, SandboxReport, run_script
-from polyfuse.scorers.toyworld import ToyVerifier, ToyVerifierConfig, exact_match
+from polyfuse.lazy import lazy_exports
 
-__all__ = [
-    "run_score",
-    "ScoreConfig",
-    "SCORERS",
-    "CodeConfig",
-    "CodeVerifier",
-    "MathConfig",
-    "MathVerifier",
-    "RewardModelConfig",
-    "RewardModelScorer",
-    "Limits",
-    "Sandbox",
-    "SandboxFailure",
-    "SandboxReport",
-    "Scorer",
-    "ToyVerifier",
-    "ToyVerifierConfig",
-    "ScorerConfig",
-    "ScorerSettings",
-    "Verifier",
-    "build_scorer",
-    "unjudged",
-    "exact_match",
-    "parse_scorer_config",
-    "run_script",
-]
+_EXPORTS = {
+    "SCORERS": "base",
+    "Scorer": "base",
+    "ScorerConfig": "base",
+    "ScorerSettings": "base",
+    "Verifier": "base",
+    "build_scorer": "base",
+    "parse_scorer_config": "base",
+    "unjudged": "base",
+    "CodeConfig": "code_tests",
+    "CodeVerifier": "code_tests",
+    "MathConfig": "math_answer",
+    "MathVerifier": "math_answer",
+    "RewardModelConfig": "reward_model",
+    "RewardModelScorer": "reward_model",
+    "ScoreConfig": "run",
+    "run_score": "run",
+    "Limits": "sandbox",
+    "Sandbox": "sandbox",
+    "SandboxFailure": "sandbox",
+    "SandboxReport": "sandbox",
+    "run_script": "sandbox",
+    "ToyVerifier": "toyworld",
+    "ToyVerifierConfig": "toyworld",
+    "exact_match": "toyworld",
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

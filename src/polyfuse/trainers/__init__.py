@@ -1,35 +1,29 @@
-"""Thin `transformers.Trainer` subclasses for SFT, distillation and preference training, and their entry points."""
+"""Thin `transformers.Trainer` subclasses for SFT, distillation and preference training, and their entry points.
 
-from polyfuse.trainers.collate import SequenceCollator, SharedPromptCollator
-from polyfuse.trainers.config import LoraSettings, TrainConfig
-from polyfuse.trainers.distill import DistillCollator, DistillTrainConfig, DistillTrainer, train_distill
-from polyfuse.trainers.preference import (
-    PreferenceTrainConfig,
-    PreferenceTrainer,
-    ensure_reference_columns,
-    tokenize_pairs,
-    train_preference,
-)
-from polyfuse.trainers.sft import SFTTrainConfig, SFTTrainer, tokenize_sft, train_sft
-from polyfuse.trainers.trainer import PolyfuseTrainer
+The names below are imported from their modules on first use, so the configs (`polyfuse.trainers.config`, what
+the stage commands are built from) import without torch and transformers."""
 
-__all__ = [
-    "DistillCollator",
-    "DistillTrainConfig",
-    "DistillTrainer",
-    "LoraSettings",
-    "PolyfuseTrainer",
-    "PreferenceTrainConfig",
-    "PreferenceTrainer",
-    "SFTTrainConfig",
-    "SFTTrainer",
-    "SequenceCollator",
-    "SharedPromptCollator",
-    "TrainConfig",
-    "ensure_reference_columns",
-    "tokenize_pairs",
-    "tokenize_sft",
-    "train_distill",
-    "train_preference",
-    "train_sft",
-]
+from polyfuse.lazy import lazy_exports
+
+_EXPORTS = {
+    "SequenceCollator": "collate",
+    "SharedPromptCollator": "collate",
+    "DistillTrainConfig": "config",
+    "LoraSettings": "config",
+    "PreferenceTrainConfig": "config",
+    "SFTTrainConfig": "config",
+    "TrainConfig": "config",
+    "DistillCollator": "distill",
+    "DistillTrainer": "distill",
+    "train_distill": "distill",
+    "PreferenceTrainer": "preference",
+    "ensure_reference_columns": "preference",
+    "tokenize_pairs": "preference",
+    "train_preference": "preference",
+    "SFTTrainer": "sft",
+    "tokenize_sft": "sft",
+    "train_sft": "sft",
+    "PolyfuseTrainer": "trainer",
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)
