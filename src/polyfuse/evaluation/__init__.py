@@ -1,6 +1,8 @@
 """Greedy evaluation of models on verifiable prompts (accuracy and gold bits per byte), accuracy reports,
 paired comparisons of methods with bootstrap intervals, and experiment files."""
 
+# `evaluate` is named like its module, so it is bound here, where importing the module later cannot rebind it.
+from polyfuse.evaluation.evaluate import evaluate as evaluate
 from polyfuse.lazy import lazy_exports
 
 _EXPORTS = {
@@ -12,7 +14,6 @@ _EXPORTS = {
     "EvalResult": "evaluate",
     "default_verifier_configs": "evaluate",
     "default_verifiers": "evaluate",
-    "evaluate": "evaluate",
     "gold_bpb": "evaluate",
     "gold_text": "evaluate",
     "judges": "evaluate",
@@ -26,4 +27,4 @@ _EXPORTS = {
     "run_eval": "run",
 }
 __getattr__ = lazy_exports(__name__, _EXPORTS)
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "evaluate"])
