@@ -1,8 +1,8 @@
 """Explicit fusion on the offline toy world, over several seeds: SFT only against FuseLLM (MinCE, AvgCE)
 and InfiFusion (pairwise + TIES merge; unified with plain averaging and with uncertainty weighting).
 
-    python bench/explicit_fusion.py --seeds 0 1 2                                          # the full run
-    python bench/explicit_fusion.py --preset tiny --seeds 0 --work-dir runs/explicit-fusion-tiny   # smoke
+    python bench/explicit_fusion.py --seeds 0 1 2 --out docs/explicit-fusion   # the full run
+    python bench/explicit_fusion.py --smoke      # tiny world, seed 0, in runs/explicit-fusion-smoke: the plumbing
 
 Per seed, in `<work-dir>/seed<N>/`:
 1. the `infifusion-unified-toy` recipe up to `teacher`: prompts, sampling, scoring, the training texts (the
@@ -177,8 +177,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--preset", default="default", choices=["default", "tiny"])
     parser.add_argument("--work-dir", type=Path, default=Path("runs/explicit-fusion"))
-    parser.add_argument("--out", type=Path, default=Path("docs/explicit-fusion"))
+    parser.add_argument("--out", type=Path, default=None, help="Folder for the PNG and JSON (default: work dir).")
+    parser.add_argument("--smoke", action="store_true", help="--preset tiny --seeds 0 (default work dir "
+                        "runs/explicit-fusion-smoke): every method on the tiny world, a plumbing test")
     args = parser.parse_args()
+    if args.smoke:
+        args.preset, args.seeds = "tiny", [0]
+        if args.work_dir == parser.get_default("work_dir"):
+            args.work_dir = Path("runs/explicit-fusion-smoke")
+    args.out = args.out or args.work_dir
 
     import torch
 
