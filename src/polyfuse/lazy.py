@@ -9,7 +9,9 @@ itself gets the real module, and nothing changes for it.
 
 from __future__ import annotations
 
+import functools
 import importlib
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -35,14 +37,30 @@ def lazy_import(name: str) -> Any:
     return LazyModule(name)
 
 
-def lazy_exports(package: str, exports: dict[str, str]) -> Any:
-    """A package's module `__getattr__` (PEP 562) that imports `name` from its module `exports[name]` (a module
-    of `package`) when it is first asked for: `from package import name` works as with an eager import, but
-    importing the package, or one light module of it (its config), does not import the heavy ones."""
+def lazy_exports(package: str, exports: dict[str, tuple[str, ...]]) -> Any:
+    """A package's module `__getattr__` (PEP 562) that imports a name from its module (`exports`: module of
+    `package` -> the names it gives the package) when it is first asked for: `from package import name` works
+    as with an eager import, but importing the package, or one light module of it (its config), does not
+    import the heavy ones."""
+    home = {name: module for module, names in exports.items() for name in names}
 
     def __getattr__(name: str) -> Any:
-        if name not in exports:
+        if name not in home:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        return getattr(importlib.import_module(f"{package}.{exports[name]}"), name)
+        return getattr(importlib.import_module(f"{package}.{home[name]}"), name)
 
     return __getattr__
+
+
+def inference_mode(function: Callable[..., Any]) -> Callable[..., Any]:
+    """`@torch.inference_mode()` for a method of a module that must import without torch: the decorator is
+    built when the function runs, not when the module is imported."""
+
+    @functools.wraps(function)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            return function(*args, **kwargs)
+
+    return run

@@ -5,26 +5,11 @@ paired comparisons of methods with bootstrap intervals, and experiment files."""
 from polyfuse.evaluation.evaluate import evaluate as evaluate
 from polyfuse.lazy import lazy_exports
 
-_EXPORTS = {
-    "load_eval_set": "datasets",
-    "load_gsm8k": "datasets",
-    "load_humaneval": "datasets",
-    "DomainScore": "evaluate",
-    "EvalRecord": "evaluate",
-    "EvalResult": "evaluate",
-    "default_verifier_configs": "evaluate",
-    "default_verifiers": "evaluate",
-    "gold_bpb": "evaluate",
-    "gold_text": "evaluate",
-    "judges": "evaluate",
-    "records_file": "evaluate",
-    "accuracy_table": "report",
-    "bpb_table": "report",
-    "load_eval_report": "report",
-    "markdown_table": "report",
-    "write_eval_report": "report",
-    "EvalSettings": "run",
-    "run_eval": "run",
+_EXPORTS = {  # module -> the names it gives the package
+    "datasets": ("load_eval_set", "load_gsm8k", "load_humaneval"),
+    "evaluate": ("DomainScore", "EvalRecord", "EvalResult", "default_verifier_configs", "default_verifiers", "gold_bpb", "gold_text", "judges", "records_file"),
+    "report": ("accuracy_table", "bpb_table", "load_eval_report", "markdown_table", "write_eval_report"),
+    "run": ("EvalSettings", "run_eval"),
 }
 __getattr__ = lazy_exports(__name__, _EXPORTS)
-__all__ = sorted([*_EXPORTS, "evaluate"])
+__all__ = sorted(["evaluate", *(name for names in _EXPORTS.values() for name in names)])

@@ -7,12 +7,9 @@ resumable output folder.
 
 from polyfuse.lazy import lazy_exports
 
-_EXPORTS = {
-    "MergeConfig": "config",
-    "load_merge_config": "config",
-    "MergeOptions": "executor",
-    "MergeResult": "executor",
-    "run_merge": "executor",
+_EXPORTS = {  # module -> the names it gives the package
+    "config": ("MergeConfig", "load_merge_config"),
+    "executor": ("MergeOptions", "MergeResult", "run_merge"),
 }
 __getattr__ = lazy_exports(__name__, _EXPORTS)
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)

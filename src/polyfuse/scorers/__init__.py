@@ -6,31 +6,14 @@ imports every module of this package on its first lookup, so a new scorer is one
 
 from polyfuse.lazy import lazy_exports
 
-_EXPORTS = {
-    "SCORERS": "base",
-    "Scorer": "base",
-    "ScorerConfig": "base",
-    "ScorerSettings": "base",
-    "Verifier": "base",
-    "build_scorer": "base",
-    "parse_scorer_config": "base",
-    "unjudged": "base",
-    "CodeConfig": "code_tests",
-    "CodeVerifier": "code_tests",
-    "MathConfig": "math_answer",
-    "MathVerifier": "math_answer",
-    "RewardModelConfig": "reward_model",
-    "RewardModelScorer": "reward_model",
-    "ScoreConfig": "run",
-    "run_score": "run",
-    "Limits": "sandbox",
-    "Sandbox": "sandbox",
-    "SandboxFailure": "sandbox",
-    "SandboxReport": "sandbox",
-    "run_script": "sandbox",
-    "ToyVerifier": "toyworld",
-    "ToyVerifierConfig": "toyworld",
-    "exact_match": "toyworld",
+_EXPORTS = {  # module -> the names it gives the package
+    "base": ("SCORERS", "Scorer", "ScorerConfig", "ScorerSettings", "Verifier", "build_scorer", "parse_scorer_config", "unjudged"),
+    "code_tests": ("CodeConfig", "CodeVerifier"),
+    "math_answer": ("MathConfig", "MathVerifier"),
+    "reward_model": ("RewardModelConfig", "RewardModelScorer"),
+    "run": ("ScoreConfig", "run_score"),
+    "sandbox": ("Limits", "Sandbox", "SandboxFailure", "SandboxReport", "run_script"),
+    "toyworld": ("ToyVerifier", "ToyVerifierConfig", "exact_match"),
 }
 __getattr__ = lazy_exports(__name__, _EXPORTS)
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)

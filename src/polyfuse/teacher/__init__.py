@@ -3,16 +3,9 @@ computed once offline (`polyfuse teacher`), so no teacher model is loaded while 
 
 from polyfuse.lazy import lazy_exports
 
-_EXPORTS = {
-    "TeacherConfig": "run",
-    "response_topk": "run",
-    "run_teacher": "run",
-    "FORMAT": "store",
-    "TeacherExample": "store",
-    "TeacherStore": "store",
-    "open_stores": "store",
-    "read_shard": "store",
-    "write_shard": "store",
+_EXPORTS = {  # module -> the names it gives the package
+    "run": ("TeacherConfig", "response_topk", "run_teacher"),
+    "store": ("FORMAT", "TeacherExample", "TeacherStore", "open_stores", "read_shard", "write_shard"),
 }
 __getattr__ = lazy_exports(__name__, _EXPORTS)
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)

@@ -5,25 +5,13 @@ the stage commands are built from) import without torch and transformers."""
 
 from polyfuse.lazy import lazy_exports
 
-_EXPORTS = {
-    "SequenceCollator": "collate",
-    "SharedPromptCollator": "collate",
-    "DistillTrainConfig": "config",
-    "LoraSettings": "config",
-    "PreferenceTrainConfig": "config",
-    "SFTTrainConfig": "config",
-    "TrainConfig": "config",
-    "DistillCollator": "distill",
-    "DistillTrainer": "distill",
-    "train_distill": "distill",
-    "PreferenceTrainer": "preference",
-    "ensure_reference_columns": "preference",
-    "tokenize_pairs": "preference",
-    "train_preference": "preference",
-    "SFTTrainer": "sft",
-    "tokenize_sft": "sft",
-    "train_sft": "sft",
-    "PolyfuseTrainer": "trainer",
+_EXPORTS = {  # module -> the names it gives the package
+    "collate": ("SequenceCollator", "SharedPromptCollator"),
+    "config": ("DistillTrainConfig", "LoraSettings", "PreferenceTrainConfig", "SFTTrainConfig", "TrainConfig"),
+    "distill": ("DistillCollator", "DistillTrainer", "train_distill"),
+    "preference": ("PreferenceTrainer", "ensure_reference_columns", "tokenize_pairs", "train_preference"),
+    "sft": ("SFTTrainer", "tokenize_sft", "train_sft"),
+    "trainer": ("PolyfuseTrainer",),
 }
 __getattr__ = lazy_exports(__name__, _EXPORTS)
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)
