@@ -95,12 +95,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "polyfuse-gpu-check"))
-    parser.add_argument("--smoke", action="store_true", help="a tiny random Llama, 4 pairs, one warm-up and one "
+    parser.add_argument("--smoke", action="store_true", help="a tiny random Llama, 8 pairs, one warm-up and one "
                         "timed step per tool; runs on the CPU too (fp32): the plumbing in seconds")
     args = parser.parse_args()
     require_trl()
     if args.smoke:
-        args.pairs, args.batch_size, args.max_length, args.warmup, args.steps, args.threads = 4, 2, 256, 1, 1, 1
+        # 8 pairs: SFT (micro-batch 2 x 2 rows) still makes the warm-up step and a timed one
+        args.pairs, args.batch_size, args.max_length, args.warmup, args.steps, args.threads = 8, 2, 256, 1, 1, 1
     elif not torch.cuda.is_available():
         raise SystemExit("bench/gpu_check.py needs a CUDA device (--smoke runs on the CPU)")
     args.device, args.bf16 = ("cuda", True) if torch.cuda.is_available() else ("cpu", use_bf16())
