@@ -83,16 +83,17 @@ class Protocol:
     preset: str
     seeds: list[int]
     lr_scales: list[float]
-    items: int  # per domain and split (validation, test)
+    items: dict[str, int]  # split (validation, test) -> items per domain
     smoke: bool
     root: Path  # the cache of this setting
     out: Path
 
     @classmethod
     def make(cls, args: argparse.Namespace) -> Protocol:
-        settings = dict(preset=args.preset, items=args.items, smoke=args.smoke, lr_scales=args.lr_scales)
+        items = {"validation": args.validation_items, "test": args.items}
+        settings = dict(preset=args.preset, items=items, smoke=args.smoke, lr_scales=args.lr_scales)
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-        return cls(args.preset, args.seeds, args.lr_scales, args.items, args.smoke,
+        return cls(args.preset, args.seeds, args.lr_scales, items, args.smoke,
                    args.work_dir / f"{args.preset}-{key}", args.out)
 
     @property
@@ -118,7 +119,8 @@ def is_gym(preset: str) -> bool:
 @cache
 def eval_items(preset: str, split: str, per_domain: int) -> tuple[PromptRow, ...]:
     """The validation or test items (seed 0, the same for every run). A world without a validation split (the
-    v1 presets) gives its held-out items alternately to validation and test: disjoint, both held out."""
+    v1 presets) gives its held-out items alternately to validation and test: disjoint, both held out (the
+    first `per_domain` of each)."""
     if is_gym(preset):
         return tuple(world(preset).prompts(split, per_domain=per_domain, seed=0))
     rows = world(preset).prompts("heldout", per_domain=2 * per_domain, seed=0)
@@ -135,7 +137,7 @@ def scores(protocol: Protocol, spec: ModelSpec, split: str) -> Scores:
     model at one path is scored once, whichever rows share it)."""
 
     def compute() -> dict:
-        items = list(eval_items(protocol.preset, split, protocol.items))
+        items = list(eval_items(protocol.preset, split, protocol.items[split]))
         say(f"evaluate {spec.path} on {len(items)} {split} items")
         result = evaluate(spec, items, [build_scorer({"type": "toyworld"})], batch_size=256, max_new_tokens=16,
                           quiet=True)
@@ -155,9 +157,9 @@ def scores(protocol: Protocol, spec: ModelSpec, split: str) -> Scores:
 
 def accuracy(found: Scores) -> tuple[float, float]:
     """(average accuracy, average gold bits per byte) over domains: the selection rule's key."""
-    acc = sum(sum(s.correct) / len(s.correct) for s in found.values()) / len(found)
-    bpb = sum(sum(s.bpb) / len(s.bpb) for s in found.values()) / len(found)
-    return acc, bpb
+    acc = np.mean([np.mean(s.correct) for s in found.values()])
+    bpb = np.mean([np.mean(s.bpb) for s in found.values()])
+    return float(acc), float(bpb)
 
 
 def spec_at(recipe: Recipe, path: str | Path, name: str = "pivot") -> ModelSpec:
@@ -257,7 +259,7 @@ def oracle(family: Family, sources: list[ModelSpec]) -> None:
         family.fixed(source.label, source)
         valid = scores(family.protocol, source, "validation")
         for domain, found in valid.items():
-            key = (sum(found.correct) / len(found.correct), -sum(found.bpb) / len(found.bpb))
+            key = (float(np.mean(found.correct)), -float(np.mean(found.bpb)))
             if domain not in best or key > best[domain][0]:
                 best[domain] = (key, source.label)
     family.picked("oracle", {d: label for d, (_, label) in sorted(best.items())})
@@ -325,7 +327,8 @@ def merge(protocol: Protocol) -> Family:
     the_world = world(protocol.preset)
     family = Family("merge", protocol, lambda path: merge_methods_toy.spec("model", path))
     sft = {**merge_methods_toy.SFT, **({"epochs": 1} if protocol.smoke else {})}
-    if getattr(the_world, "is_gym", False):
+    gym = is_gym(protocol.preset)  # a gym's specialists are fixed: one set of merges stands for every seed
+    if gym:
         base = the_world.merge_base_path
 
         def copies(seed: int) -> dict[str, Path]:
@@ -357,21 +360,36 @@ def merge(protocol: Protocol) -> Family:
     methods = {m.key: m for m in merge_methods_toy.METHODS}
 
     def merged(method: merge_methods_toy.Method, seed: int):
+        seed = protocol.seeds[0] if gym else seed
         return merge_methods_toy.merge(method, base, copies(seed), seed, family.folder / "merges" / f"seed{seed}" / method.key)
 
     for key in MERGES:
         family.per_seed(key, lambda seed, m=methods[key]: merged(m, seed)[1])
-    density = {seed: cached_json(family.folder / "merges" / f"seed{seed}" / "rsaf_density.json", lambda s=seed: {
+    density = {seed: cached_json(merged(methods["rsaf"], seed)[1].parent / "density.json", lambda s=seed: {
         "density": merge_methods_toy.realised_density(merged(methods["rsaf"], s)[0])})["density"] for seed in protocol.seeds}
     family.per_seed("ties-matched", lambda seed: merged(merge_methods_toy.Method(
         "ties_matched", "ties", model_parameters={"weight": 1.0, "density": round(density[seed], 4)}), seed)[1])
     family.chosen["ties-matched"] = {"density": density}
+    for method in [*MERGES, "ties-matched", "multitask"]:
+        family.notes.append(f"{method}: normalised accuracy (FusionBench: / the domain's specialist) "
+                            f"{normalised_accuracy(family, method)}")
     stats = merge_methods_toy.task_vector_stats(base, copies(protocol.seeds[0]))
     norms = {d: round(v, 4) for d, v in stats["relative_norm"].items()}
     shares = {d: round(v, 3) for d, v in stats["embedding_share"].items()}
     family.notes.append(f"task vectors (seed {protocol.seeds[0]}): ||tau||/||theta|| {norms}, "
                         f"share of ||tau||^2 in the embedding {shares}")
     return family
+
+
+def normalised_accuracy(family: Family, method: str) -> dict[str, float | None]:
+    """Per domain, the method's test accuracy over its own specialist's (means over seeds); None where the
+    specialist scores 0."""
+
+    def mean(row: str, domain: str) -> float:
+        return float(np.mean([np.mean(runs[domain].correct) for runs in family.runs[row].values()]))
+
+    return {d: round(mean(method, d) / mean("specialists", d), 3) if mean("specialists", d) else None
+            for d in family.runs["specialists"][family.protocol.seeds[0]]}
 
 
 DISTILL = {  # method -> the explicit-fusion bench's row
@@ -532,9 +550,14 @@ def report(family: Family) -> Evidence:
     write_evidence(family.protocol.out / f"{experiment}.json", evidence)
     chart(evidence, BASELINES.get(family.name, []), family.protocol.out / f"{experiment}.png")
     write_json(family.protocol.root / f"{experiment}-settings.json", {"chosen": family.chosen, "notes": family.notes})
-    print(f"\n## {experiment}: seeds {family.protocol.seeds}, {family.protocol.items} test items per domain\n")
+    print(f"\n## {experiment}: seeds {family.protocol.seeds}, {family.protocol.items['test']} test items per domain\n")
     for method, chosen in family.chosen.items():
-        print(f"- {method}: {chosen}")
+        if "learning_rate" in chosen:
+            grid = ", ".join(f"{lr}: {v['accuracy']:.2f}% / {v['bpb']:.3f}" for lr, v in chosen["validation"].items())
+            print(f"- {method}: lr {chosen['learning_rate']:.3g}" + (f" (validation accuracy / bpb by lr: {grid})"
+                                                                     if grid else ""))
+        else:
+            print(f"- {method}: {chosen}")
     for note in family.notes:
         print(f"- {note}")
     print(f"\n{method_table(family, evidence)}\n")
@@ -557,19 +580,22 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--lr-scales", type=float, nargs="+", default=[1 / 3, 1.0, 3.0],
                         help="the grid: multiples of each method's recipe learning rate")
-    parser.add_argument("--items", type=int, default=None, help="validation and test items per domain "
-                        "(default: 4000 on a gym preset, 75 on a v1 world, whose held-out split is small)")
+    parser.add_argument("--items", type=int, default=None, help="test items per domain (default: 4000 on a gym "
+                        "preset, 75 on a v1 world, whose held-out split is small)")
+    parser.add_argument("--validation-items", type=int, default=None, help="validation items per domain (default: "
+                        "1000 on a gym preset, as many as --items on a v1 world)")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/gym-protocol"))
     parser.add_argument("--out", type=Path, default=None, help="evidence JSON and PNGs (default docs/evidence)")
     parser.add_argument("--smoke", action="store_true", help="tiny world, seed 0, one learning rate, 4 items per "
                         "domain, one epoch (work dir runs/gym-protocol-smoke): the plumbing in seconds")
     args = parser.parse_args()
     if args.smoke:
-        args.preset, args.seeds, args.lr_scales, args.items = "tiny", [0], [1.0], 4
+        args.preset, args.seeds, args.lr_scales, args.items, args.validation_items = "tiny", [0], [1.0], 4, 4
         if args.work_dir == parser.get_default("work_dir"):
             args.work_dir = Path("runs/gym-protocol-smoke")
         args.out = args.out or args.work_dir / "evidence"
     args.items = args.items or (4000 if is_gym(args.preset) else 75)
+    args.validation_items = args.validation_items or (1000 if is_gym(args.preset) else args.items)
     args.out = args.out or Path("docs/evidence")
     if len(args.seeds) < 5 and not args.smoke:
         print(f"note: {len(args.seeds)} seeds; the protocol asks for at least 5", file=sys.stderr)
@@ -580,7 +606,8 @@ def main() -> None:
     started = time.perf_counter()
     evidence = {}
     for name in args.families:
-        say(f"family {name}: {len(args.seeds)} seeds, grid {args.lr_scales}, {args.items} items per domain")
+        say(f"family {name}: {len(args.seeds)} seeds, grid {args.lr_scales}, {args.validation_items} validation "
+            f"and {args.items} test items per domain")
         evidence[name] = report(FAMILIES[name](protocol))
     print(f"\n## Hypotheses ({args.preset})\n\n{hypotheses_table(evidence)}\n")
     say(f"done in {time.perf_counter() - started:.0f}s")
