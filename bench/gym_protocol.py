@@ -70,6 +70,7 @@ Scores = dict[str, ItemScores]  # domain -> one model's items
 Runs = dict[int, Scores]  # seed -> domain -> items
 
 # Barely trained tiny models are never verifier-correct: their responses are ranked by the reward model alone.
+TINY_PRESETS = {"tiny", "gym-tiny"}
 TINY = ["score.scorers=[{type: reward_model, name: rm, normalize: sigmoid, batch_size: 256, "
         "model: {path: toyworld://reward_model}}]", "pairs.gap_window=null"]
 SMOKE = ["prompts.toyworld.per_domain=8", "sample.chunk_size=8", "sft.epochs=1", "sft.batch_size=4",
@@ -243,7 +244,7 @@ def family_recipe(name: str, preset: str, overrides: list[str]) -> Recipe:
 
 
 def world_overrides(protocol: Protocol) -> list[str]:
-    return [*(TINY if protocol.preset == "tiny" else []), *(SMOKE if protocol.smoke else [])]
+    return [*(TINY if protocol.preset in TINY_PRESETS else []), *(SMOKE if protocol.smoke else [])]
 
 
 def with_section(recipe: Recipe, section: str, seed: int, lr: float) -> Recipe:
@@ -501,20 +502,23 @@ def verdict(evidence: dict[str, Evidence], hypothesis: Hypothesis) -> tuple[str,
 
 
 # ------------------------------------------------------------------------------------------------ report
-def method_table(family: Family, evidence: Evidence) -> str:
+def method_table(family: Family, evidence: Evidence, bpb: bool = False) -> str:
     """One row per method: test accuracy and gold bpb (mean over seeds of the domain average), its setting, and
-    its paired difference to each baseline on the average with the 95% interval (two-level bootstrap)."""
+    its paired difference to each baseline on the average with the 95% interval (accuracy in points; with
+    `bpb`, gold bits per byte, lower is better)."""
     baselines = [b for b in BASELINES.get(family.name, []) if b in family.runs]
-    rows = {(c.a, c.b): c for c in evidence.comparisons if c.domain == AVERAGE}
-    lines = ["| method | accuracy (%) | gold bpb | setting | " + " | ".join(f"− {b} (points) [95%]" for b in baselines)
+    listed = evidence.bpb_comparisons if bpb else evidence.comparisons
+    rows = {(c.a, c.b): c for c in listed if c.domain == AVERAGE}
+    unit = "bpb" if bpb else "points"
+    lines = ["| method | accuracy (%) | gold bpb | setting | " + " | ".join(f"− {b} ({unit}) [95%]" for b in baselines)
              + " |", "|---|---:|---:|---|" + "---:|" * len(baselines)]
     for method, runs in family.runs.items():
-        acc, bpb = (float(np.mean(v)) for v in zip(*(accuracy(r) for r in runs.values()), strict=True))
+        acc, bits = (float(np.mean(v)) for v in zip(*(accuracy(r) for r in runs.values()), strict=True))
         chosen = family.chosen.get(method, {})
         setting = f"lr {chosen['learning_rate']:.3g}" if "learning_rate" in chosen else ""
-        cells = [f"{c.diff:+.2f} [{c.ci95[0]:+.2f}, {c.ci95[1]:+.2f}]" if (c := rows.get((method, b))) else ""
-                 for b in baselines]
-        lines.append(f"| {method} | {100 * acc:.2f} | {bpb:.3f} | {setting} | " + " | ".join(cells) + " |")
+        cells = [f"{c.diff:+.{3 if bpb else 2}f} [{c.ci95[0]:+.{3 if bpb else 2}f}, {c.ci95[1]:+.{3 if bpb else 2}f}]"
+                 if (c := rows.get((method, b))) else "" for b in baselines]
+        lines.append(f"| {method} | {100 * acc:.2f} | {bits:.3f} | {setting} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -560,7 +564,8 @@ def report(family: Family) -> Evidence:
             print(f"- {method}: {chosen}")
     for note in family.notes:
         print(f"- {note}")
-    print(f"\n{method_table(family, evidence)}\n")
+    print(f"\nAccuracy, paired differences on the test items:\n\n{method_table(family, evidence)}\n")
+    print(f"Gold bits per byte, paired differences (lower is better):\n\n{method_table(family, evidence, bpb=True)}\n")
     print(f"wrote {family.protocol.out / experiment}.json and .png")
     return evidence
 
@@ -586,11 +591,12 @@ def main() -> None:
                         "1000 on a gym preset, as many as --items on a v1 world)")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/gym-protocol"))
     parser.add_argument("--out", type=Path, default=None, help="evidence JSON and PNGs (default docs/evidence)")
-    parser.add_argument("--smoke", action="store_true", help="tiny world, seed 0, one learning rate, 4 items per "
-                        "domain, one epoch (work dir runs/gym-protocol-smoke): the plumbing in seconds")
+    parser.add_argument("--smoke", action="store_true", help="seed 0, one learning rate, 4 items per domain, a few "
+                        "prompts, one epoch, on the tiny world unless --preset says (work dir runs/gym-protocol-smoke): "
+                        "the plumbing in a minute")
     args = parser.parse_args()
     if args.smoke:
-        args.preset, args.seeds, args.lr_scales, args.items, args.validation_items = "tiny", [0], [1.0], 4, 4
+        args.seeds, args.lr_scales, args.items, args.validation_items = [0], [1.0], 4, 4
         if args.work_dir == parser.get_default("work_dir"):
             args.work_dir = Path("runs/gym-protocol-smoke")
         args.out = args.out or args.work_dir / "evidence"
