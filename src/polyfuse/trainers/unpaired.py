@@ -183,16 +183,16 @@ def prepare_rows(rows: list[UnpairedRow], config: UnpairedTrainConfig, objective
         weights = objective.row_weights([r.prompt_id for r in rows], [r.reward for r in rows], [r.correct for r in rows])
         rows = [row.model_copy(update={WEIGHT_COLUMN: float(w)}) for row, w in zip(rows, weights.tolist(), strict=True) if w > 0]
         summary["fusesft_rows"] = len(rows)
-    if config.objective == "cgpo":
-        summary["sampling"] = _check_classes(rows)
-    if config.objective == "kto":
-        _kto_weight_guidance(rows, objective)
     if not rows:
         raise DataError("no training rows left (every row has FuseSFT weight 0: no response passed its verifiers)")
     unscorable = [c for c in objective.required_columns() if not c.startswith("ref_")]
     unpaired_columns(rows, unscorable, f"objective {config.objective!r}")
     check_logp_columns(rows, "ref")
     check_logp_columns(rows, "fuse")
+    if config.objective == "cgpo":
+        summary["sampling"] = _check_classes(rows)
+    if config.objective == "kto":
+        _kto_weight_guidance(rows, objective)
     return rows, summary
 
 
