@@ -51,7 +51,16 @@ def run_consensus(config: ConsensusConfig, rows: list[UnpairedRow], data_path: s
     """Write `unpaired.jsonl` (the training rows with the consensus columns; its metadata the data's, plus the
     consensus summary), `consensus.json` and, for a held-out split, `calibration.jsonl` into `out_dir`.
     `calibration_rows`: the rows of `config.calibration`, read by the caller."""
-    out_dir = Path(out_dir)
+    try:
+        return _run_consensus(config, rows, data_path, Path(out_dir), calibration_rows)
+    except DataError as err:
+        if str(err).startswith((str(data_path), str(config.calibration))):
+            raise
+        raise DataError(f"{data_path}: {err}") from None
+
+
+def _run_consensus(config: ConsensusConfig, rows: list[UnpairedRow], data_path: str | Path, out_dir: Path,
+                   calibration_rows: list[UnpairedRow] | None) -> dict[str, Path]:
     sources = fusion_sources(data_path, rows)
     if not sources:
         raise DataError(f"{data_path}: the rows have no source scores (fuse_* columns); the consensus needs every "
