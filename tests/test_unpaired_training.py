@@ -115,6 +115,9 @@ def test_cgpo_and_kto_refuse_rows_they_cannot_train_on_before_loading_a_model(tm
         train_unpaired(missing, shifted, UnpairedTrainConfig(objective="kto", batch_size=4), tmp_path / "d")
     with pytest.raises(ValueError, match="batch_size 3: cgpo's micro-batch is half desirable"):
         UnpairedTrainConfig(objective="cgpo", batch_size=3)
+    with pytest.raises(ValueError, match="batch_size 1: kto's KL completions rotate within each micro-batch"):
+        UnpairedTrainConfig(objective="kto", batch_size=1)
+    assert UnpairedTrainConfig(objective="kto", batch_size=1, objective_args={"loss_type": "apo_zero_unpaired"})
     data = tmp_path / "rows.jsonl"
     write_rows(data, rows)
     write_metadata(data, {"consensus": {"calibration": {"prompts": ["p1", "p9"]}}})

@@ -79,6 +79,9 @@ class UnpairedTrainConfig(ObjectiveTrainConfig):
         if self.objective == "cgpo" and self.batch_size % 2:
             raise ValueError(f"batch_size {self.batch_size}: cgpo's micro-batch is half desirable, half undesirable "
                              "rows, so it must be even")
+        if KL_COMPLETION in objective.scored_roles() and self.objective == "kto" and self.batch_size < 2:
+            raise ValueError("batch_size 1: kto's KL completions rotate within each micro-batch, which needs at least "
+                             "2 rows (TRL requires it too); or use objective_args.loss_type: apo_zero_unpaired")
         return objective
 
 
