@@ -195,8 +195,8 @@ def head_token_logps(model: Any, batch: dict[str, torch.Tensor], entropy: bool =
         logps.append(token_logps(logits, tokens[i * HEAD_CHUNK : i * HEAD_CHUNK + len(logits)]))
         if entropy:
             entropies.append(normalized_entropy(logits))
-    empty = states.new_zeros(0, dtype=torch.float32)
-    return (torch.cat(logps) if logps else empty), rows, ((torch.cat(entropies) if entropies else empty) if entropy else None)
+    joined = [torch.cat(parts) if parts else states.new_zeros(0, dtype=torch.float32) for parts in (logps, entropies)]
+    return joined[0], rows, joined[1] if entropy else None
 
 
 def response_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,8 @@ from polyfuse.pipeline.context import STAGES, CommandInput, Context, Stage
 @STAGES.register("pairs")
 class PairsStage(Stage):
     """Build SFT rows and preference pairs with the FuseChat-3.0 rules (or the WRPO and cross-model layouts),
-    ranked by verifier verdicts, a reward model, or both."""
+    ranked by verifier verdicts, a reward model, or both; with `unpaired:`, also every judged response of the
+    preference prompts as a desirable / undesirable row (KTO, CGPO, FuseSFT)."""
 
     name = "pairs"
     position = 40
