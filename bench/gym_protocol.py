@@ -26,8 +26,9 @@ average, without clipping, without LN, the sources and the oracle = best source 
 `merge` (the base, each specialist, the multitask fine-tune, linear, task arithmetic, TIES, RSAF and TIES at
 RSAF's realised density; specialists are the gym's LoRA copies on a gym preset, else full fine-tunes of the
 pivot as bench/merge_methods_toy.py makes them), `distill` (SFT on gold texts vs ULD with uncertainty /
-average weighting and FuseLLM MinCE on the same texts). Not yet: `unpaired` (KTO / CGPO, issue 24) and
-`onpolicy` (issue 25): add a function to `FAMILIES` when their code is on main.
+average weighting and FuseLLM MinCE on the same texts), `unpaired` (CGPO and KTO on the cgpo recipe's
+desirable / undesirable rows, issue 24). Not yet: `onpolicy` (issue 25): add a function to `FAMILIES` (and its
+baselines and hypotheses) when its code is on main.
 
 Resumable: every training run and every evaluation is cached under `--work-dir/<preset>-<settings hash>/`
 by its inputs (family, seed, method, learning rate, split), so a rerun after a kill redoes nothing finished.
@@ -53,7 +54,7 @@ import numpy as np
 from _seeds import cached_json
 
 from polyfuse.data.io import read_rows, write_json, write_rows
-from polyfuse.data.schemas import PromptRow, SampleRow, SFTRow
+from polyfuse.data.schemas import PromptRow, SampleRow, SFTRow, UnpairedRow
 from polyfuse.evaluation import evaluate
 from polyfuse.evaluation.evidence import Evidence, build_evidence, write_evidence
 from polyfuse.evaluation.stats import AVERAGE, ItemScores
@@ -64,7 +65,7 @@ from polyfuse.pipeline.recipe import Recipe, load_recipe
 from polyfuse.pipeline.runner import run_recipe
 from polyfuse.scorers import build_scorer
 from polyfuse.toyworld import ToyWorldConfig, build_world
-from polyfuse.trainers import SFTTrainConfig, train_sft
+from polyfuse.trainers import SFTTrainConfig, train_sft, train_unpaired
 
 Scores = dict[str, ItemScores]  # domain -> one model's items
 Runs = dict[int, Scores]  # seed -> domain -> items
@@ -442,9 +443,55 @@ def distill(protocol: Protocol) -> Family:
     return family
 
 
-FAMILIES: dict[str, Callable[[Protocol], Family]] = {"implicit": implicit, "merge": merge, "distill": distill}
+UNPAIRED = {"cgpo": "[prompts, sample, score, pairs, sft, logprobs, consensus, upo]",  # objective -> its stages
+            "kto": "[prompts, sample, score, pairs, sft, logprobs, upo]"}
+
+
+def unpaired(protocol: Protocol) -> Family:
+    """Unpaired preference fusion (issue 24) on the cgpo recipe's rows: every judged source response of the PO
+    prompts, desirable or undesirable, from the same prompts, samples (the seed samples the same responses) and SFT
+    model for each objective; each objective's data run adds its own KL completions (CGPO's anchors and consensus,
+    KTO's rotation) and trains once at the recipe's rate, which the protocol does not use."""
+
+    @cache
+    def data(seed: int, objective: str) -> tuple[Recipe, Any, Path]:
+        folder = protocol.root / "unpaired" / "data" / f"seed{seed}" / objective
+        overrides = [f"seed={seed}", f"upo.objective={objective}", *world_overrides(protocol),
+                     *(["consensus.calibration_min_rows=12"] if protocol.smoke else [])]  # a smoke has 12 PO prompts
+        say(f"unpaired: {objective} data of seed {seed} (prompts, samples, scores, rows, SFT, log-probs)")
+        if protocol.preset in TINY_PRESETS:  # no verifier passes a tiny model: D / U by the median reward
+            scored = run_recipe(family_recipe("cgpo", protocol.preset, [*overrides, "stages=[prompts, sample, score]"]),
+                                folder, quiet=True).output("score", "scored")
+            median = np.median([r.rewards["rm"] for r in read_rows(scored, SampleRow)])
+            overrides.append(f"pairs.unpaired.threshold={float(median)!r}")
+        recipe = family_recipe("cgpo", protocol.preset, [*overrides, f"stages={UNPAIRED[objective]}"])
+        ctx = run_recipe(recipe, folder, quiet=True)
+        stage = "consensus" if "unpaired" in ctx.outputs.get("consensus", {}) else "logprobs"
+        return recipe, ctx, Path(ctx.output(stage, "unpaired"))
+
+    recipe = data(protocol.seeds[0], "cgpo")[0]
+    family = Family("unpaired", protocol, lambda path: spec_at(recipe, path))
+    family.fixed("pivot", recipe.pivot)
+    family.per_seed("sft", lambda seed: Path(data(seed, "cgpo")[1].output("sft", "model")))
+    oracle(family, list(recipe.sources))
+    for objective in UNPAIRED:
+        def train(seed: int, lr: float, folder: Path, objective: str = objective) -> Path:
+            recipe, ctx, rows = data(seed, objective)
+            model = folder / "model"
+            if not model.is_dir():
+                train_unpaired(spec_at(recipe, ctx.output("sft", "model")), read_rows(rows, UnpairedRow),
+                               with_section(recipe, "upo", seed, lr).upo, model, data_path=rows)
+            return model
+
+        family.tuned(objective, recipe.upo.learning_rate, train)
+    return family
+
+
+FAMILIES: dict[str, Callable[[Protocol], Family]] = {"implicit": implicit, "merge": merge, "distill": distill,
+                                                     "unpaired": unpaired}
 # Baselines every method of a family is compared with (where the family has them).
-BASELINES = {"implicit": ["sft", "dpo"], "merge": ["specialists", "multitask"], "distill": ["sft-gold"]}
+BASELINES = {"implicit": ["sft", "dpo"], "merge": ["specialists", "multitask"], "distill": ["sft-gold"],
+             "unpaired": ["sft"]}
 
 
 # ------------------------------------------------------------------------------------------------ hypotheses
@@ -467,7 +514,8 @@ HYPOTHESES = [
                (("infifpo-max-margin", "infifpo-confidence"), ("infifpo-confidence", "infifpo-average"))),
     Hypothesis("H6", "probability clipping and length normalisation help InfiFPO", "implicit",
                (("infifpo-max-margin", "infifpo-no-clip"), ("infifpo-max-margin", "infifpo-no-ln"))),
-    Hypothesis("H7", "CGPO > InfiFPO > KTO", "unpaired", (("cgpo", "infifpo-max-margin"), ("infifpo-max-margin", "kto"))),
+    # InfiFPO trains on pairs, CGPO and KTO on unpaired rows of another recipe: only CGPO vs KTO shares its data.
+    Hypothesis("H7", "CGPO > InfiFPO > KTO (tested: CGPO > KTO on the same rows)", "unpaired", (("cgpo", "kto"),)),
     Hypothesis("H8", "TA / TIES keep the specialists' gains over the base; TIES > linear", "merge",
                (("task_arithmetic", "base"), ("ties", "base"), ("ties", "linear"))),
     Hypothesis("H9", "RSAF >= TIES at matched density", "merge", (("rsaf", "ties-matched"),)),
