@@ -30,8 +30,9 @@ average weighting and FuseLLM MinCE on the same texts), `unpaired` (CGPO and KTO
 desirable / undesirable rows, issue 24). Not yet: `onpolicy` (issue 25): add a function to `FAMILIES` (and its
 baselines and hypotheses) when its code is on main.
 
-Resumable: every training run and every evaluation is cached under `--work-dir/<preset>-<settings hash>/`
-by its inputs (family, seed, method, learning rate, split), so a rerun after a kill redoes nothing finished.
+Resumable: every training run and every evaluation is cached under `--work-dir/<preset>-<hash of preset, item
+counts, smoke>/` by its inputs (family, seed, method, learning rate; an evaluation by model folder and split), so a
+rerun after a kill, or with more seeds or rates, redoes nothing finished.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class Protocol:
     @classmethod
     def make(cls, args: argparse.Namespace) -> Protocol:
         items = {"validation": args.validation_items, "test": args.items}
-        settings = dict(preset=args.preset, items=items, smoke=args.smoke, lr_scales=args.lr_scales)
+        settings = dict(preset=args.preset, items=items, smoke=args.smoke)  # seeds and rates have their own folders
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
         return cls(args.preset, args.seeds, args.lr_scales, items, args.smoke,
                    args.work_dir / f"{args.preset}-{key}", args.out)
@@ -294,10 +295,11 @@ def implicit(protocol: Protocol) -> Family:
         folder = protocol.root / "implicit" / "data" / f"seed{seed}"
         if method == "wrpo":
             return infifpo_ablation.build_wrpo_data(recipe, ctx, sft, folder / "wrpo")
-        if method == "fusechat-dpo":  # FuseChat-3.0's rule on the same scored samples and split: sources only
+        if method == "fusechat-dpo":  # FuseChat-3.0's rule and gap window on the same scored samples and split
             names = [s.label for s in recipe.sources]
             rows = [r for r in read_rows(ctx.output("score", "scored"), SampleRow) if r.model in names]
-            config = recipe.pairs.model_copy(update={"pair_rule": "intra_source", "sources": names})
+            window = family_recipe("fusechat3", protocol.preset, world_overrides(protocol)).pairs.gap_window
+            config = recipe.pairs.model_copy(update={"pair_rule": "intra_source", "gap_window": window, "sources": names})
             return run_pairs(rows, config, folder / "fusechat-pairs")["preference"]
         return Path(ctx.output("logprobs", "preference"))
 
