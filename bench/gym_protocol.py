@@ -19,7 +19,8 @@ The recipe, per family (`FAMILIES`; adding a family is adding one function to it
    `polyfuse.evaluation.evidence` to `<out>/<preset>-<family>.json` (paired bootstrap over seeds and items),
    with every method against SFT and against DPO (where the family has them) and the pairs the hypotheses
    need; a table of paired differences with 95% intervals and a PNG with error bars; then the hypotheses
-   table H1-H12 (held / not held / inconclusive / not run).
+   table H1-H12 (held / not held / inconclusive / not run) over every family's file in `<out>`, also written to
+   `<out>/<preset>-hypotheses.md`.
 
 Families: `implicit` (the pivot, SFT, FuseChat-3.0 SFT+DPO, DPO, WRPO, InfiFPO max-margin / confidence /
 average, without clipping, without LN, the sources and the oracle = best source per domain on validation),
@@ -54,10 +55,10 @@ import merge_methods_toy
 import numpy as np
 from _seeds import cached_json
 
-from polyfuse.data.io import read_rows, write_json, write_rows
+from polyfuse.data.io import atomic_write_text, read_rows, write_json, write_rows
 from polyfuse.data.schemas import PromptRow, SampleRow, SFTRow, UnpairedRow
 from polyfuse.evaluation import evaluate
-from polyfuse.evaluation.evidence import Evidence, build_evidence, write_evidence
+from polyfuse.evaluation.evidence import Evidence, build_evidence, read_evidence, write_evidence
 from polyfuse.evaluation.stats import AVERAGE, ItemScores
 from polyfuse.models import ModelSpec
 from polyfuse.pairs import run_pairs
@@ -665,7 +666,12 @@ def main() -> None:
         say(f"family {name}: {len(args.seeds)} seeds, grid {args.lr_scales}, {args.validation_items} validation "
             f"and {args.items} test items per domain")
         evidence[name] = report(FAMILIES[name](protocol))
-    print(f"\n## Hypotheses ({args.preset})\n\n{hypotheses_table(evidence)}\n")
+    for name in FAMILIES.keys() - evidence.keys():  # families run before (`--families` runs compose)
+        if (path := args.out / f"{args.preset}-{name}.json").is_file():
+            evidence[name] = read_evidence(path)
+    table = hypotheses_table(evidence)
+    atomic_write_text(args.out / f"{args.preset}-hypotheses.md", table + "\n")
+    print(f"\n## Hypotheses ({args.preset}; families {sorted(evidence)})\n\n{table}\n")
     say(f"done in {time.perf_counter() - started:.0f}s")
 
 

@@ -64,6 +64,8 @@ def test_smoke_writes_evidence_and_resumes(tmp_path):
     verdicts = dict(re.findall(r"^\| (H\d+) \| .* \| (held|not held|inconclusive|not run) \|$", out, re.M))
     assert list(verdicts) == [f"H{k}" for k in range(1, 13)]
     assert verdicts["H12"] == "not run"  # on-policy distillation is not a family yet
+    written = (tmp_path / "evidence" / "tiny-hypotheses.md").read_text()
+    assert dict(re.findall(r"^\| (H\d+) \| .* \| (held|not held|inconclusive|not run) \|$", written, re.M)) == verdicts
     assert all(v != "not run" for k, v in verdicts.items() if k != "H12"), verdicts
     before = {p: p.read_bytes() for p in (tmp_path / "evidence").glob("*.json")}
     again = smoke(tmp_path)
