@@ -1,6 +1,7 @@
 """Every bench keeps working (issue 23, item 8): each script in bench/ has a smoke run (a tiny preset or a tiny
 model, the same code as its documented run) that this file runs as the command a user types, and checks what it
-prints; a new bench without an entry in `SMOKE` fails `test_every_bench_has_a_smoke_run`. The benches that compare
+prints; a new bench without an entry in `SMOKE` (or in `TESTED_ELSEWHERE`, naming the test file that runs its
+smoke run) fails `test_every_bench_has_a_smoke_run`. The benches that compare
 with an optional peer (TRL, mergekit) answer `--help` without it and say what they need.
 
 The smoke runs share one polyfuse cache holding the session's tiny toy world (built once, `tiny_world`), and each
@@ -125,8 +126,16 @@ SMOKE = {
 }  # fmt: skip
 
 
+# benches whose smoke run a test of their own runs (and checks more closely): the test file that does
+TESTED_ELSEWHERE = {"gym_protocol.py": "test_gym_protocol.py"}
+
+
 def test_every_bench_has_a_smoke_run():
-    assert sorted(SMOKE) == BENCHES, "add the bench's smoke run to SMOKE (and a --smoke mode to the bench)"
+    assert not set(SMOKE) & set(TESTED_ELSEWHERE)
+    assert sorted({*SMOKE, *TESTED_ELSEWHERE}) == BENCHES, "add the bench's smoke run to SMOKE (and a --smoke mode)"
+    for script, test_file in TESTED_ELSEWHERE.items():
+        text = (Path(__file__).parent / test_file).read_text()
+        assert script in text and '"--smoke"' in text, f"{test_file} does not run {script} --smoke"
 
 
 HELP = """
@@ -165,10 +174,11 @@ def test_help_works_without_the_optional_peers():
     answers = json.loads(done.stdout.splitlines()[-1])
     for script, (exit_code, text) in answers.items():
         assert exit_code in (0, None) and "usage:" in text, f"{script} --help: exit {exit_code}\n{text}"
-        if "--smoke" in SMOKE[script].args:
+        smoke = SMOKE.get(script, Smoke(("--smoke",), ()))  # a bench tested elsewhere runs with --smoke
+        if "--smoke" in smoke.args:
             assert "--smoke" in text, f"{script} --help does not list --smoke"
-        if SMOKE[script].needs:
-            assert f"Needs {SMOKE[script].needs}" in text, f"{script} --help does not say it needs {SMOKE[script].needs}"
+        if smoke.needs:
+            assert f"Needs {smoke.needs}" in text, f"{script} --help does not say it needs {smoke.needs}"
 
 
 @pytest.fixture(scope="session")
@@ -184,10 +194,9 @@ def bench_cache(tiny_world, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", BENCHES)
+@pytest.mark.parametrize("script", sorted(SMOKE))
 def test_smoke_run(script, bench_cache, tmp_path, request):
-    smoke = SMOKE.get(script)
-    assert smoke is not None, f"{script} has no smoke run in SMOKE"
+    smoke = SMOKE[script]
     if script == "sampling_speed.py":
         request.getfixturevalue("vllm_python")  # the machine's venv, built once and linked from `bench_cache`
     args = [a.replace("{tmp}", str(tmp_path)) for a in smoke.args]

@@ -27,10 +27,11 @@ finally:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("args", "shows"), [
-    (["--help"], ["sample", "score", "pairs", "logprobs", "teacher", "train", "merge"]),
+    (["--help"], ["sample", "score", "pairs", "logprobs", "consensus", "teacher", "train", "merge"]),
     (["sample", "--help"], ["--prompts", "--config", "--out"]),
-    (["train", "--help"], ["sft", "distill", "dpo", "infifpo"]),
+    (["train", "--help"], ["sft", "distill", "dpo", "infifpo", "kto", "cgpo"]),
     (["train", "dpo", "--help"], ["--data", "--model", "Optional: the defaults apply"]),
+    (["train", "cgpo", "--help"], ["--data", "--model", "Optional: the defaults apply"]),
 ])  # fmt: skip
 def test_help_imports_no_torch(args, shows, tmp_path):
     modules_file = tmp_path / "modules.json"

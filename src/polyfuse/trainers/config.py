@@ -23,6 +23,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from polyfuse.config import StrictModel
 from polyfuse.objectives.base import OBJECTIVES
 from polyfuse.objectives.distill import DISTILL_OBJECTIVES
+from polyfuse.objectives.unpaired import KL_COMPLETION, UNPAIRED_OBJECTIVES
 from polyfuse.registry import Registry
 from polyfuse.trainers.distributed import check_lora_supported, fsdp_from_launcher
 
@@ -296,6 +297,39 @@ class PreferenceTrainConfig(ObjectiveTrainConfig):
 
     def objective_values(self) -> dict[str, Any]:
         return {**self.objective_args, **({} if self.beta is None else {"beta": self.beta})}
+
+
+class UnpairedTrainConfig(ObjectiveTrainConfig):
+    """`polyfuse train kto|cgpo|fusesft --config` and a recipe's `upo` section."""
+
+    objectives = UNPAIRED_OBJECTIVES
+
+    learning_rate: float = Field(default=1e-6, gt=0)
+    batch_size: int = Field(default=8, ge=1, description="Micro-batch size per process (cgpo: half desirable, "
+                            "half undesirable rows, so an even number; kto: the block its KL completions rotate in).")
+    shuffle: bool = Field(default=True, description="fusesft: shuffle the rows every epoch (false: file order). kto "
+                          "reads the rows in their order (shuffled when built), cgpo samples them by class.")
+    disable_dropout: bool = Field(
+        default=True, description="As TRL: the policy's log-probs are compared with references scored without "
+        "dropout, so at step 0 every KTO / CGPO row's loss is 0.5.")
+    objective: str = Field(default="cgpo", description="A registered unpaired objective: kto, cgpo or fusesft.")
+    beta: float | None = Field(default=None, gt=0, description="None: the objective's own default (kto, cgpo).")
+    objective_args: dict[str, Any] = Field(default_factory=dict, description="Other hyper-parameters of the objective.")
+    reference_token_budget: int = Field(
+        default=4096, ge=1, description="Padded tokens per forward when missing ref_* columns are computed.")
+
+    def objective_values(self) -> dict[str, Any]:
+        return {**self.objective_args, **({} if self.beta is None else {"beta": self.beta})}
+
+    def build_objective(self) -> Any:
+        objective = super().build_objective()
+        if self.objective == "cgpo" and self.batch_size % 2:
+            raise ValueError(f"batch_size {self.batch_size}: cgpo's micro-batch is half desirable, half undesirable "
+                             "rows, so it must be even")
+        if KL_COMPLETION in objective.scored_roles() and self.objective == "kto" and self.batch_size < 2:
+            raise ValueError("batch_size 1: kto's KL completions rotate within each micro-batch, which needs at least "
+                             "2 rows (TRL requires it too); or use objective_args.loss_type: apo_zero_unpaired")
+        return objective
 
 
 class DistillTrainConfig(ObjectiveTrainConfig):
