@@ -1,6 +1,7 @@
 """The fusion gym's calibration (docs/gym.md), measured: is each family's premise of issue 21 met by the `gym` preset?
 
     python bench/gym_calibration.py --out docs/gym/calibration.json
+    python bench/gym_calibration.py --smoke      # gym-tiny, 4 items per domain: that it runs
 
 For one world seed: the `gym` preset is built (or found in the cache: then the build time is the one recorded in
 its world.json), `polyfuse toyworld info`'s premise report runs (validation accuracy of every model, task
@@ -59,17 +60,25 @@ def main() -> None:
     parser.add_argument("--per-domain", type=int, default=VALIDATION_ITEMS, help="Validation items per domain.")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/gym-calibration"))
     parser.add_argument("--out", type=Path, default=Path("docs/gym/calibration.json"))
+    parser.add_argument("--smoke", action="store_true", help="gym-tiny, 4 items per domain, no SFT, under runs/.")
     args = parser.parse_args()
+    preset, tiny = "gym", []
+    if args.smoke:
+        preset, args.per_domain = "gym-tiny", 4
+        tiny = ["toyworld.preset=gym-tiny", "prompts.toyworld.per_domain=4", "eval.prompts.toyworld.per_domain=4"]
+        args.work_dir, args.out = Path("runs/gym-calibration-smoke"), Path("runs/gym-calibration-smoke/calibration.json")
     load_before = os.getloadavg()
-    world = build_world(ToyWorldConfig.preset("gym").model_copy(update={"seed": args.seed}))
+    world = build_world(ToyWorldConfig.preset(preset).model_copy(update={"seed": args.seed}))
     built = json.loads((world.root / "world.json").read_text())
     work = args.work_dir / f"seed{args.seed}-{world.root.name}"
     validation = ["eval.prompts.toyworld.split=validation", f"eval.prompts.toyworld.per_domain={args.per_domain}",
-                  "eval.models=[pivot, sft]"]
+                  "eval.models=[pivot, sft]", *tiny]
+    stages = ["prompts", "sample", "score", "pairs", "sft", "eval"]
+    if args.smoke:  # gym-tiny's sources are barely trained: no correct sample, no SFT row
+        stages, validation = [s for s in stages if s != "sft"], [*validation, "eval.models=[pivot]"]
     started = time.perf_counter()  # the two runs and the report are independent: they run side by side
-    fusechat = start_recipe("fusechat3-gym.yaml", work / "fusechat3", ["prompts", "sample", "score", "pairs", "sft", "eval"],
-                            validation, args.seed)
-    infifpo = start_recipe("infifpo-gym.yaml", work / "infifpo", ["prompts", "sample", "score", "pairs"], [], args.seed)
+    fusechat = start_recipe("fusechat3-gym.yaml", work / "fusechat3", stages, validation, args.seed)
+    infifpo = start_recipe("infifpo-gym.yaml", work / "infifpo", ["prompts", "sample", "score", "pairs"], tiny, args.seed)
     report = gym_report(world, per_domain=args.per_domain, quiet=False)
     seconds = {"fusechat3-gym": finish_recipe(fusechat, work / "fusechat3", started),
                "infifpo-gym": finish_recipe(infifpo, work / "infifpo", started)}

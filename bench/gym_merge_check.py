@@ -2,6 +2,7 @@
 specialists (one per domain, fine-tuned from the shared base) keep a good part of each specialist's gain?
 
     python bench/gym_merge_check.py --seeds 0 1 --out docs/gym/merge_check.json
+    python bench/gym_merge_check.py --smoke      # gym-tiny, 4 items per domain: that it runs, in seconds
 
 For each world seed: the `gym` preset is built (or found in the cache), the three specialists are merged onto
 the base with `polyfuse.merge` (mergekit semantics) by each method of `METHODS`, and every model is evaluated
@@ -59,9 +60,9 @@ def merge(method: str, model_parameters: dict, parameters: dict, base: Path, mod
     return folder / "model"
 
 
-def check(seed: int, per_domain: int, work: Path, cache_dir: Path | None) -> dict:
+def check(seed: int, per_domain: int, work: Path, cache_dir: Path | None, preset: str = "gym") -> dict:
     started = time.perf_counter()
-    world = build_world(ToyWorldConfig.preset("gym").model_copy(update={"seed": seed}), cache_dir=cache_dir)
+    world = build_world(ToyWorldConfig.preset(preset).model_copy(update={"seed": seed}), cache_dir=cache_dir)
     prompts = world.prompts("validation", per_domain=per_domain, seed=0)
     work = work / f"seed{seed}-{world.root.name}"
     models = {"base": world.merge_base_path, **{f"specialist-{d}": p for d, p in world.specialist_paths.items()},
@@ -75,9 +76,14 @@ def check(seed: int, per_domain: int, work: Path, cache_dir: Path | None) -> dic
     special = {d: scores[f"specialist-{d}"][d] for d in world.domains}
     kept = {name: {d: (s[d] - base[d]) / (special[d] - base[d]) if special[d] != base[d] else None for d in world.domains}
             for name, s in scores.items() if name != "base"}
-    normalised = {name: sum(s[d] / special[d] for d in world.domains) / len(world.domains) for name, s in scores.items()}
+    normalised = {name: sum(s[d] / special[d] for d in world.domains) / len(world.domains) if all(special.values()) else None
+                  for name, s in scores.items()}
     return {"seed": seed, "world": str(world.root), "per_domain": per_domain, "accuracy": scores, "gain_kept": kept,
             "normalised_accuracy": normalised, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def main() -> None:
@@ -87,8 +93,13 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=Path("runs/gym-merge-check"))
     parser.add_argument("--cache-dir", type=Path, default=None, help="Toy world cache (default: polyfuse's).")
     parser.add_argument("--out", type=Path, default=Path("docs/gym/merge_check.json"))
+    parser.add_argument("--smoke", action="store_true", help="gym-tiny, seed 0, 4 items per domain, under runs/.")
     args = parser.parse_args()
-    results = [check(seed, args.per_domain, args.work_dir, args.cache_dir) for seed in args.seeds]
+    preset = "gym"
+    if args.smoke:
+        preset, args.seeds, args.per_domain = "gym-tiny", [0], 4
+        args.work_dir, args.out = Path("runs/gym-merge-check-smoke"), Path("runs/gym-merge-check-smoke/merge_check.json")
+    results = [check(seed, args.per_domain, args.work_dir, args.cache_dir, preset) for seed in args.seeds]
     write_json(args.out, {"methods": {k: list(v) for k, v in METHODS.items()}, "runs": results})
     console = Console()
     for run in results:
@@ -99,7 +110,7 @@ def main() -> None:
             kept = [k for k in run["gain_kept"].get(name, {}).values() if k is not None]
             mean_kept = f"{100 * sum(kept) / len(kept):.0f}%" if kept else "-"
             console.print(f"| {name} | " + " | ".join(f"{scores[d]:.1f}" for d in domains)
-                          + f" | {mean_kept} | {run['normalised_accuracy'][name]:.2f} |")
+                          + f" | {mean_kept} | {_number(run['normalised_accuracy'][name])} |")
 
 
 if __name__ == "__main__":
