@@ -23,7 +23,8 @@ import numpy as np
 from polyfuse.data.schemas import SFTRow, response_text
 from polyfuse.errors import DataError
 from polyfuse.models import ModelSpec, load_tokenizer
-from polyfuse.objectives.distill import AlignedRow, DistillObjective, Groups, TeacherVocabulary
+from polyfuse.objectives.distill import AlignedRow, DistillObjective, Groups, Projection, TeacherVocabulary
+from polyfuse.teacher.online import end_of_turn
 from polyfuse.teacher.store import TeacherExample, TeacherStore, read_shard, read_shard_ids
 
 Alignment = Literal["positional", "offsets", "dp"]
@@ -39,21 +40,26 @@ class Teacher:
     alignment: Alignment
     token_bytes: list[bytes | None] | None = None
     vocabulary: TeacherVocabulary | None = None
+    projection: Projection | None = None
 
 
 def load_teachers(stores: list[TeacherStore], pivot_tokenizer: Any, alignment: Alignment,
-                  vocab: Literal["exact", "mined"] | None) -> list[Teacher]:
-    """Load each teacher's tokenizer only when the alignment or the vocabulary map needs it."""
+                  vocab: Literal["exact", "mined"] | None, match: str | None = None) -> list[Teacher]:
+    """Load each teacher's tokenizer only when the alignment, the vocabulary map or the projection (`match`: its
+    match rule, `DistillObjective.projection_match`) needs it."""
     from polyfuse.alignment import token_bytes, vocab_map
+    from polyfuse.alignment.projection import projection
 
     teachers = []
     for store in stores:
         without_offsets = alignment == "offsets" and not store.manifest["model"].get("offsets", True)
         teacher = Teacher(store, "dp" if without_offsets else alignment)
-        if teacher.alignment == "dp" or vocab is not None:
+        if teacher.alignment == "dp" or vocab is not None or match is not None:
             record = store.manifest["model"]
             tokenizer = load_tokenizer(ModelSpec.model_validate({k: record[k] for k in ModelSpec.model_fields if k in record}))
             teacher.token_bytes = token_bytes(tokenizer)
+            if match is not None:
+                teacher.projection = projection(pivot_tokenizer, tokenizer, match=match)
             if vocab is not None:
                 same_vocab = tokenizer.get_vocab() == pivot_tokenizer.get_vocab()
                 to_pivot = (np.arange(len(tokenizer), dtype=np.int32) if same_vocab
@@ -81,7 +87,7 @@ def align_groups(alignment: Alignment, student_spans: list, teacher: TeacherExam
         groups = [([text_s[a] for a in left], [text_t[b] for b in right]) for left, right in raw]
         texts = set(text_t)
         teacher_spans = [(0, 0) if k in texts else None for k in range(n_teacher)]  # which tokens are text
-    end_s, end_t = _end_of_turn(student_spans), _end_of_turn(teacher_spans)
+    end_s, end_t = end_of_turn(student_spans), end_of_turn(teacher_spans)
     if end_s is not None and end_t is not None:
         groups.append(([end_s], [end_t]))
     return groups
@@ -90,12 +96,6 @@ def align_groups(alignment: Alignment, student_spans: list, teacher: TeacherExam
 def _text_tokens(pieces: list[bytes | None]) -> list[int]:
     end = next((k for k, piece in enumerate(pieces) if piece is None), len(pieces))  # template text follows
     return [k for k in range(end) if pieces[k]]
-
-
-def _end_of_turn(spans: list) -> int | None:
-    """The first span-less (non-text) token after the last text token, if any."""
-    last_text = max((i for i, s in enumerate(spans) if s is not None), default=-1)
-    return next((i for i in range(last_text + 1, len(spans)) if spans[i] is None), None)
 
 
 def distill_features(
