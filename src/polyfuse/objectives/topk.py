@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from polyfuse.errors import DataError
-from polyfuse.objectives.distill import AlignedRow, Projection, TargetField, TeacherOutputs
+from polyfuse.objectives.distill import AlignedRow, DistillBatch, Projection, TargetField, TeacherOutputs
 
 Merge = Literal["bayesian", "observed"]
 Support = Literal["topk", "topk_realised", "top1", "realised"]
@@ -55,8 +55,8 @@ def teacher_metric(teacher: int) -> str:
     return f"kd/teacher{teacher}"
 
 
-def group_weight(batch: Any, teacher: int, anchors: torch.Tensor) -> torch.Tensor | float:
-    """Teacher `teacher`'s weights [G] at `anchors` (a `DistillBatch`), or 1 when the batch has none."""
+def group_weight(batch: DistillBatch, teacher: int, anchors: torch.Tensor) -> torch.Tensor | float:
+    """Teacher `teacher`'s weights [G] at `anchors`, or 1 when the batch has none."""
     weights = batch.targets.get(GROUP_WEIGHT)
     return 1.0 if weights is None else weights.detach()[anchors, teacher].float()
 

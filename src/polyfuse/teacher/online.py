@@ -12,8 +12,10 @@ The student's side of a row (`StudentText`):
 Each teacher (`OnlineTeacher`) renders the **original prompt messages with its own chat template**, appends the
 text and tokenises with offsets (`polyfuse.alignment.response_spans`), and its backend (transformers in
 process, a vLLM engine, an OpenAI-compatible server with vLLM's prompt log-probs) returns the top-K log-probs
-at every response position (`Backend.topk_logprobs`). Only K ids and log-probs per position cross the wire and
-sit in memory. Groups are the byte-offset walk (`align_offsets`) plus the stop pair: the student's stop token
+at every response position (`Backend.topk_logprobs`). A teacher that shares the student's vocabulary and renders
+the prompt to the same ids scores the student's own ids instead (spec 6b: ids on the wire, no re-tokenisation,
+every position paired with itself, as TRL's distillation trainers). Only K ids and log-probs per position cross
+the wire and sit in memory. Groups are the byte-offset walk (`align_offsets`) plus the stop pair: the student's stop token
 against the teacher's end-of-turn marker, when the student stopped.
 
 Several teachers (`Mix`): `route` (MOPD: a row column names its one teacher), `sum` (every teacher on every row,
@@ -110,15 +112,20 @@ def written_text(tokenizer: Any, prompt: Any, completion: str) -> StudentText:
 
 @dataclass(frozen=True)
 class TeacherAnswer:
-    """A teacher's outputs over its own response tokens of one (prompt, text), with their byte spans."""
+    """A teacher's outputs over its own response tokens of one (prompt, text), with their byte spans; or, when it
+    scored the student's own ids (`same_ids`: a teacher with the student's vocabulary and template), over those."""
 
     outputs: TeacherOutputs
     spans: list[Span | None]
+    same_ids: bool = False
 
     def groups(self, student: StudentText) -> Groups:
-        """The student's response tokens aligned with the teacher's: the byte-offset groups, plus the stop pair."""
+        """The student's response tokens aligned with the teacher's: the byte-offset groups, plus the stop pair; on
+        the student's own ids, every position with itself (TRL's per-token pairing)."""
         from polyfuse.alignment import align_offsets
 
+        if self.same_ids:
+            return [([j], [j]) for j in range(len(student.response_ids))]
         groups = align_offsets(student.spans, self.spans)
         teacher_end = end_of_turn(self.spans)
         if student.stop is not None and teacher_end is not None:
@@ -155,6 +162,7 @@ class OnlineTeacher:
         served = backend_max_length(model)
         self.max_length = min(served or 10**9, length_limit(load_config(model), None))
         self.projection: Projection = projection(student_tokenizer, self.tokenizer, match=match)
+        self.same_vocabulary = self.tokenizer.get_vocab() == student_tokenizer.get_vocab()
         self.skipped = 0  # rows this teacher could not score (too long, a template that rewrites the text)
 
     def probe(self) -> None:
@@ -169,32 +177,40 @@ class OnlineTeacher:
             raise UserError(f"teacher {self.name}: top_k {self.top_k} is larger than the {returned} log-probs per "
                             "position it returns; lower objective_args.top_k")
 
-    def score(self, texts: list[tuple[Any, str]]) -> list[TeacherAnswer | None]:
-        """Each (prompt, text) through the teacher's template and backend; None for one it cannot score (longer
-        than it takes, a chat template that rewrites the text), counted in `skipped`."""
+    def score(self, texts: list[StudentText]) -> list[TeacherAnswer | None]:
+        """Each student text through the teacher's backend: its own template and tokens, or the student's own ids
+        when it shares the student's vocabulary and renders the prompt to the same ids (spec 6b: ids on the wire,
+        no re-tokenisation); None for a text it cannot score (longer than it takes, a chat template that rewrites
+        the text), counted in `skipped`."""
         from polyfuse.alignment import response_spans
+        from polyfuse.models import render_prompt
 
-        encoded: list[tuple[Any, list[Span | None]] | None] = []
-        for prompt, text in texts:
-            try:
-                enc, spans = response_spans(self.tokenizer, prompt, text)
-            except DataError as err:
-                logger.debug("teacher %s skips a text: %s", self.name, err)
-                enc, spans = None, []
-            fits = enc is not None and len(enc.input_ids) <= self.max_length
-            encoded.append((enc, byte_spans(spans, text)) if fits else None)
+        encoded: list[tuple[list[int], int, list[int], list[Span | None], bool] | None] = []
+        for text in texts:
+            ids: list[int] | None = None
+            if self.same_vocabulary and render_prompt(self.tokenizer, text.prompt)[0] == text.prompt_ids:
+                ids, prompt_length, response, spans, same = (text.prompt_ids + text.response_ids, len(text.prompt_ids),
+                                                             text.response_ids, [], True)
+            else:
+                try:
+                    enc, char_spans = response_spans(self.tokenizer, text.prompt, text.text)
+                    ids, prompt_length, response, spans, same = (enc.input_ids, len(enc.prompt_ids), enc.response_ids,
+                                                                 byte_spans(char_spans, text.text), False)
+                except DataError as err:
+                    logger.debug("teacher %s skips a text: %s", self.name, err)
+            fits = ids is not None and len(ids) <= self.max_length
+            encoded.append((ids, prompt_length, response, spans, same) if fits else None)
         todo = [i for i, item in enumerate(encoded) if item is not None]
-        answers = self.backend.topk_logprobs([(encoded[i][0].input_ids, len(encoded[i][0].prompt_ids)) for i in todo],
-                                             self.top_k) if todo else []
+        answers = self.backend.topk_logprobs([encoded[i][:2] for i in todo], self.top_k) if todo else []
         out: list[TeacherAnswer | None] = [None] * len(texts)
         for i, answer in zip(todo, answers, strict=True):
-            enc, spans = encoded[i]
+            _, _, response, spans, same = encoded[i]
             outputs = TeacherOutputs(
-                token_ids=np.asarray(enc.response_ids, np.int32), topk_ids=answer.topk_ids,
+                token_ids=np.asarray(response, np.int32), topk_ids=answer.topk_ids,
                 topk_logits=answer.topk_logprobs,  # log-probs: logits up to each position's normaliser
                 std=np.zeros(len(answer.token_logps), np.float32), token_logps=answer.token_logps,
                 topk_logprobs=answer.topk_logprobs)
-            out[i] = TeacherAnswer(outputs, spans)
+            out[i] = TeacherAnswer(outputs, spans, same)
         self.skipped += len(texts) - len(todo)
         return out
 

@@ -40,26 +40,25 @@ class Teacher:
     alignment: Alignment
     token_bytes: list[bytes | None] | None = None
     vocabulary: TeacherVocabulary | None = None
-    projection: Projection | None = None
+
+
+def _tokenizer(store: TeacherStore) -> Any:
+    record = store.manifest["model"]
+    return load_tokenizer(ModelSpec.model_validate({k: record[k] for k in ModelSpec.model_fields if k in record}))
 
 
 def load_teachers(stores: list[TeacherStore], pivot_tokenizer: Any, alignment: Alignment,
-                  vocab: Literal["exact", "mined"] | None, match: str | None = None) -> list[Teacher]:
-    """Load each teacher's tokenizer only when the alignment, the vocabulary map or the projection (`match`: its
-    match rule, `DistillObjective.projection_match`) needs it."""
+                  vocab: Literal["exact", "mined"] | None) -> list[Teacher]:
+    """Load each teacher's tokenizer only when the alignment or the vocabulary map needs it."""
     from polyfuse.alignment import token_bytes, vocab_map
-    from polyfuse.alignment.projection import projection
 
     teachers = []
     for store in stores:
         without_offsets = alignment == "offsets" and not store.manifest["model"].get("offsets", True)
         teacher = Teacher(store, "dp" if without_offsets else alignment)
-        if teacher.alignment == "dp" or vocab is not None or match is not None:
-            record = store.manifest["model"]
-            tokenizer = load_tokenizer(ModelSpec.model_validate({k: record[k] for k in ModelSpec.model_fields if k in record}))
+        if teacher.alignment == "dp" or vocab is not None:
+            tokenizer = _tokenizer(store)
             teacher.token_bytes = token_bytes(tokenizer)
-            if match is not None:
-                teacher.projection = projection(pivot_tokenizer, tokenizer, match=match)
             if vocab is not None:
                 same_vocab = tokenizer.get_vocab() == pivot_tokenizer.get_vocab()
                 to_pivot = (np.arange(len(tokenizer), dtype=np.int32) if same_vocab
@@ -67,6 +66,16 @@ def load_teachers(stores: list[TeacherStore], pivot_tokenizer: Any, alignment: A
                 teacher.vocabulary = TeacherVocabulary(teacher.token_bytes, to_pivot)
         teachers.append(teacher)
     return teachers
+
+
+def store_projections(stores: list[TeacherStore], pivot_tokenizer: Any, match: str | None) -> list[Projection | None]:
+    """Each stored teacher's vocabulary projection for an objective that reads one (`match`: its match rule,
+    `DistillObjective.projection_match`); Nones otherwise."""
+    from polyfuse.alignment.projection import projection
+
+    if match is None:
+        return [None] * len(stores)
+    return [projection(pivot_tokenizer, _tokenizer(store), match=match) for store in stores]
 
 
 def align_groups(alignment: Alignment, student_spans: list, teacher: TeacherExample,

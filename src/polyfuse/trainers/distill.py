@@ -114,7 +114,10 @@ class DistillTrainer(PolyfuseTrainer):
                 raise DataError(f"{name} has {len(value)} positions for {len(rows)} response tokens")
         batch = DistillBatch(outputs.logits[rows, cols], targets[rows, cols], self.projections, **fields)
         losses, metrics = self.objective(batch)
-        return losses.sum(), metrics, outputs
+        total = losses.sum()
+        if not total.requires_grad:  # no item in this micro-batch (no aligned group): a zero that still backpropagates
+            total = outputs.logits.sum() * 0.0
+        return total, metrics, outputs
 
     def count_items(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         if "group" in inputs:  # one item per aligned group and teacher
@@ -132,7 +135,7 @@ def build_features(pivot_tokenizer: Any, rows: list[SFTRow], teacher_dir: str | 
 
     from polyfuse.teacher import open_stores
     from polyfuse.teacher.store import text_hash
-    from polyfuse.teacher.targets import distill_features, load_teachers
+    from polyfuse.teacher.targets import distill_features, load_teachers, store_projections
 
     objective = config.build_objective()
     alignment = config.resolved_alignment()
@@ -140,7 +143,7 @@ def build_features(pivot_tokenizer: Any, rows: list[SFTRow], teacher_dir: str | 
     hashes = {row.id: text_hash(row.prompt, response_text(row.completion)) for row in rows}
     for store in stores:
         store.check_rows(hashes)
-    teachers = load_teachers(stores, pivot_tokenizer, alignment, objective.vocabulary_map(), objective.projection_match())
+    teachers = load_teachers(stores, pivot_tokenizer, alignment, objective.vocabulary_map())
     dropped: list[str] = []
     shutil.rmtree(cache_dir, ignore_errors=True)
 
@@ -152,7 +155,8 @@ def build_features(pivot_tokenizer: Any, rows: list[SFTRow], teacher_dir: str | 
     except DatasetGenerationError as err:  # a data problem found while building: report it, not the wrapper
         shutil.rmtree(cache_dir, ignore_errors=True)
         raise err.__cause__ if isinstance(err.__cause__, UserError) else err from None
-    return dataset, [s.name for s in stores], dropped, [t.projection for t in teachers]
+    return dataset, [s.name for s in stores], dropped, store_projections(stores, pivot_tokenizer,
+                                                                          objective.projection_match())
 
 
 def train_distill(

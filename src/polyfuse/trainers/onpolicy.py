@@ -33,7 +33,7 @@ from transformers import TrainerCallback
 
 from polyfuse.data.schemas import PromptRow, response_text
 from polyfuse.errors import ConfigError, DataError, UserError
-from polyfuse.models import ModelSpec, load_model, load_tokenizer, render_prompt
+from polyfuse.models import ModelSpec, encode, load_model, load_tokenizer, render_prompt
 from polyfuse.models.forward import length_limit, pad_token_id
 from polyfuse.objectives.distill import DISTILL_OBJECTIVES, AlignedRow, DistillObjective
 from polyfuse.objectives.topk import GROUP_WEIGHT, WEIGHT_FIELDS
@@ -167,6 +167,16 @@ class Rollout:
         self.student: Any = None  # the sampling backend, built on the first on-policy step
         self.synced_step: int | None = None
 
+    def longest(self, index: int) -> int:
+        """The longest sequence a row can train on: its prompt and max_new_tokens when it may be sampled, its own
+        completion when it may be read (lmbda < 1)."""
+        sampled = len(self.prompt_ids[index]) + self.config.sampling.max_new_tokens if self.config.lmbda > 0 else 0
+        if self.config.lmbda >= 1:
+            return sampled
+        row = self.rows[index]
+        written = encode(self.tokenizer, row.prompt, response_text(row.model_extra["completion"]))
+        return max(sampled, len(written.input_ids))
+
     def close(self) -> None:
         """Free the teachers and the student's sampling engine."""
         for backend in [*self.teachers, *filter(None, [self.student])]:
@@ -220,7 +230,7 @@ class Rollout:
         answers: list[list[Any]] = []
         for t, teacher in enumerate(self.teachers):
             mine = [k for k, i in enumerate(indices) if self.routed[i] in (None, t)]
-            scored = teacher.score([(texts[k].prompt, texts[k].text) for k in mine])
+            scored = teacher.score([texts[k] for k in mine])
             column: list[Any] = [None] * len(indices)
             for k, answer in zip(mine, scored, strict=True):
                 column[k] = answer
@@ -320,21 +330,21 @@ def train_onpolicy(model_spec: ModelSpec, rows: list[PromptRow], config: OnPolic
         raise UserError("student_backend vllm: refreshing the engine's weights needs it inside this process, which a "
                         "multi-process launch does not allow; sample with the transformers backend")
     tokenizer = load_tokenizer(model_spec)
-    run = TrainingRun(config, Path(out_dir), callbacks, resume)
-    check_memory(model_spec, config, 1)
-    teachers = build_teachers(config, objective, tokenizer)
+    teachers = build_teachers(config, objective, tokenizer)  # a server that is down stops the run here
     rollout = Rollout(rows, routed, config, objective, model_spec, tokenizer, teachers)
     try:
+        run = TrainingRun(config, Path(out_dir), callbacks, resume)
+        check_memory(model_spec, config, 1)
         model = load_model(model_spec).to(run.device)
-        limit = length_limit(model.config, config.max_length) - config.sampling.max_new_tokens
-        if limit < 1:
+        limit = length_limit(model.config, config.max_length)
+        if config.lmbda > 0 and limit <= config.sampling.max_new_tokens:
             raise ConfigError(f"max_length {config.max_length} leaves no room for the prompt: sampling.max_new_tokens "
                               f"is {config.sampling.max_new_tokens}")
-        kept = [i for i, ids in enumerate(rollout.prompt_ids) if len(ids) <= limit]
-        dropped = [rows[i].id for i in range(len(rows)) if len(rollout.prompt_ids[i]) > limit]
+        dropped = [rows[i].id for i in range(len(rows)) if rollout.longest(i) > limit]
+        kept = [i for i in range(len(rows)) if rows[i].id not in set(dropped)]
         if dropped:
-            logger.warning("on-policy distillation: dropped %d prompts longer than max_length - max_new_tokens (%d)",
-                           len(dropped), limit)
+            logger.warning("on-policy distillation: dropped %d rows whose prompt and response (max_new_tokens, or "
+                           "their completion) exceed max_length %d", len(dropped), limit)
         fields = {**{name: objective.target_fields[name] for name in objective.required_fields()}, **WEIGHT_FIELDS}
         summary = {
             "stage": "onpolicy",
