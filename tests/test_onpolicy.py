@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 
 import numpy as np
 import pytest
@@ -40,6 +39,7 @@ from polyfuse.trainers.onpolicy import (
     check_rows,
     train_onpolicy,
 )
+from test_ddp import free_port
 
 EXACT_STEP = dict(optim="sgd", learning_rate=0.5, lr_scheduler="constant", warmup_ratio=0.0, max_grad_norm=0.0,
                   save_steps=0, padding_free=False)
@@ -362,12 +362,6 @@ def test_the_teacher_store_records_the_normaliser_so_offline_kd_trains(tiny_worl
 # ---- bad inputs: one line, exit 2, before any student is loaded ----------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as handle:
-        handle.bind(("127.0.0.1", 0))
-        return handle.getsockname()[1]
-
-
 @pytest.fixture
 def kit(tiny_world, tmp_path):
     rows = tiny_world.prompts("train", per_domain=2)
@@ -407,7 +401,7 @@ def test_bad_inputs_are_one_line_and_exit_2(polyfuse_cli, kit, data, settings, m
 def test_a_teacher_whose_server_is_down_is_one_line_and_exit_2(polyfuse_cli, kit, tiny_world):
     folder, pivot = kit
     config = yaml.safe_load((folder / "cfg.yaml").read_text())
-    url = f"http://127.0.0.1:{_free_port()}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1"
     config["teachers"][0]["backend"] = {"type": "openai", "base_url": url, "max_retries": 0, "timeout": 5}
     (folder / "served.yaml").write_text(yaml.safe_dump(config))
     proc = polyfuse_cli("train", "onpolicy", "-c", folder / "served.yaml", "--prompts", folder / "prompts.jsonl",

@@ -189,9 +189,10 @@ class VllmBackend(Backend):
         # CPU) sets up torch.distributed here, and must tear it down before the next model's engine starts.
         if _launched():
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
-        self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
         with _own_gpus(config.tensor_parallel_size, on_cpu):
             self.engine = vllm.LLM(**self.kwargs)
+        # what vLLM made of it (it caches its settings once an engine core ran in this process)
+        self.in_process = type(self.engine.llm_engine.engine_core).__name__ == "InprocClient"
         self.stop_ids = self.stop_token_ids()
 
     @classmethod

@@ -9,7 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from polyfuse.data.schemas import PromptRow
-from polyfuse.pipeline.context import MODEL, STAGES, CommandInput, Context, TrainingStage, model_specs, paths_in
+from polyfuse.pipeline.context import (
+    MODEL,
+    STAGES,
+    CommandInput,
+    Context,
+    TrainingStage,
+    model_specs,
+    paths_in,
+)
 from polyfuse.sampling import EngineModel
 from polyfuse.trainers.onpolicy import OnPolicyTrainConfig
 
