@@ -43,3 +43,13 @@ def test_sft_speed_smoke(tmp_path):
     assert re.search(r"polyfuse +[\d.]+ tokens per CPU s; wall .*packed", out), out
     assert re.search(r"trl:padding_free +[\d.]+ tokens per CPU s; wall .*padding_free", out), out
     assert re.search(r"polyfuse / trl:padding_free, tokens per CPU second = [\d.]+", out), out
+
+
+@pytest.mark.slow
+def test_onpolicy_speed_smoke(tmp_path):
+    assert "Needs TRL 1.16" in run_bench("onpolicy_speed.py", "--help")
+    out = run_bench("onpolicy_speed.py", "--smoke", "--threads", "1", "--workdir", str(tmp_path))
+    for tool in ("polyfuse", "trl:gkd", "trl:distillation"):
+        assert re.search(rf"  {tool} +steps per wall s [\d.]+ .* [\d]+ trained tokens per step", out), out
+    assert re.search(r"polyfuse / trl:gkd, trained tokens per second: CPU [\d.]+, wall [\d.]+", out), out
+    assert re.search(r"polyfuse / trl:distillation, trained tokens per second: CPU [\d.]+", out), out
