@@ -60,8 +60,13 @@ logger = logging.getLogger(__name__)
 STUDENT_BACKENDS = ("transformers", "vllm")
 
 
-def _default_sampling() -> SamplingSettings:
-    return SamplingSettings(temperature=1.0, max_new_tokens=128)
+class StudentSampling(SamplingSettings):
+    """How the student samples: one response per prompt and step, at temperature 1 by default (TRL's
+    distillation trainers)."""
+
+    n: int = Field(default=1, ge=1, le=1, description="One response per prompt and step.")
+    temperature: float = Field(default=1.0, ge=0.0, description="0: greedy decoding.")
+    max_new_tokens: int = Field(default=128, ge=1, description="Generation budget per response.")
 
 
 class OnPolicyTrainConfig(ObjectiveTrainConfig):
@@ -79,8 +84,7 @@ class OnPolicyTrainConfig(ObjectiveTrainConfig):
         description="Where the student samples: transformers (the training model itself) or vllm (an engine in this "
         "process, its weights refreshed every sync_steps).")
     sync_steps: int = Field(default=1, ge=1, description="vllm student: optimiser steps between weight refreshes.")
-    sampling: SamplingSettings = Field(default_factory=_default_sampling,
-                                       description="The student's sampling (n must be 1).")
+    sampling: StudentSampling = Field(default_factory=StudentSampling, description="How the student samples.")
     lmbda: float = Field(default=1.0, ge=0, le=1, description="Share of steps that sample on-policy (GKD's lambda; "
                          "1: always); the others train on the rows' own `completion`.")
     mix: Mix = Field(default="sum", description="Several teachers: sum (each teacher's groups), route (one teacher per "
@@ -104,8 +108,6 @@ class OnPolicyTrainConfig(ObjectiveTrainConfig):
         if self.student_backend.type not in STUDENT_BACKENDS:
             raise ValueError(f"student_backend {self.student_backend.type!r}: the student samples with transformers "
                              "or vllm (a server cannot take the trainer's weights)")
-        if self.sampling.n != 1:
-            raise ValueError("sampling.n must be 1: one response per prompt and step")
         names = [t.label for t in self.teachers]
         if len(set(names)) != len(names):
             raise ValueError(f"teachers: names must be unique, got {names}")
