@@ -157,6 +157,7 @@ class OnlineTeacher:
         self.backend = build_backend(model)
         self.tokenizer = self.backend.tokenizer
         if not getattr(self.tokenizer, "is_fast", False):
+            self.backend.close()
             raise UserError(f"teacher {self.name}: its tokenizer has no offsets (not a fast tokenizer), which "
                             "on-policy distillation aligns by")
         served = backend_max_length(model)

@@ -340,7 +340,12 @@ def train_onpolicy(model_spec: ModelSpec, rows: list[PromptRow], config: OnPolic
                         "multi-process launch does not allow; sample with the transformers backend")
     tokenizer = load_tokenizer(model_spec)
     teachers = build_teachers(config, objective, tokenizer)  # a server that is down stops the run here
-    rollout = Rollout(rows, routed, config, objective, model_spec, tokenizer, teachers)
+    try:
+        rollout = Rollout(rows, routed, config, objective, model_spec, tokenizer, teachers)
+    except BaseException:
+        for teacher in teachers:
+            teacher.close()
+        raise
     try:
         run = TrainingRun(config, Path(out_dir), callbacks, resume)
         check_memory(model_spec, config, 1)
@@ -349,8 +354,9 @@ def train_onpolicy(model_spec: ModelSpec, rows: list[PromptRow], config: OnPolic
         if config.lmbda > 0 and limit <= config.sampling.max_new_tokens:
             raise ConfigError(f"max_length {config.max_length} leaves no room for the prompt: sampling.max_new_tokens "
                               f"is {config.sampling.max_new_tokens}")
-        dropped = [rows[i].id for i in range(len(rows)) if rollout.longest(i) > limit]
-        kept = [i for i in range(len(rows)) if rows[i].id not in set(dropped)]
+        fits = [rollout.longest(i) <= limit for i in range(len(rows))]
+        kept = [i for i, ok in enumerate(fits) if ok]
+        dropped = [rows[i].id for i, ok in enumerate(fits) if not ok]
         if dropped:
             logger.warning("on-policy distillation: dropped %d rows whose prompt and response (max_new_tokens, or "
                            "their completion) exceed max_length %d", len(dropped), limit)
