@@ -39,7 +39,8 @@ def test_the_routed_recipe_distils_each_domain_from_its_source(tiny_world, tmp_p
 
 
 def test_transplant_then_same_vocabulary_on_policy_distillation(tiny_world, tmp_path):
-    recipe = load_recipe(recipe_path("transplant-onpolicy-toy.yaml"), overrides(tiny_world.root.parent))
+    recipe = load_recipe(recipe_path("transplant-onpolicy-toy.yaml"),
+                         [*overrides(tiny_world.root.parent), "transplant.k=16"])  # the tiny donor is 32 wide
     ctx = run_recipe(recipe, tmp_path / "work", quiet=True)
     donor = tiny_world.source_paths["llama-compare"]
     transplanted = Path(ctx.output("transplant", "model"))

@@ -30,7 +30,7 @@ pairs: {{reward: rm, gap_window: null, sft_fraction: 0.5}}
 sft: {{epochs: 1, batch_size: 4, save_steps: 0}}
 teacher: {{top_k: 4, chunk_size: 4}}
 distill: {{epochs: 1, batch_size: 4, save_steps: 0}}
-transplant: {{donor: llama-compare}}
+transplant: {{donor: llama-compare, k: 16}}
 onpolicy: {{epochs: 1, batch_size: 4, save_steps: 0, objective_args: {{top_k: 4}}, sampling: {{max_new_tokens: 6}},
             max_length: 96}}
 merge: {{merge_method: linear, models: [{{model: sft, parameters: {{weight: 0.5}}}},
@@ -147,13 +147,15 @@ def test_eval_command_writes_what_the_eval_stage_wrote(run, polyfuse_cli, monkey
     for name in ("results.json", "results.md", "prompts.jsonl", "records"):
         assert digest(ours / name) == digest(theirs / name), name
     assert list(json.loads((theirs / "results.json").read_text())) == [
-        *(s.label for s in ctx.recipe.sources), "pivot", "pivot+SFT", "pivot+SFT+ULD", "pivot+SFT+ULD+MERGE(linear)",
-        "pivot+SFT+ULD+MERGE(linear)+INFIFPO"]  # each model stage labelled by its `label` hook
+        *(s.label for s in ctx.recipe.sources), "pivot", *(
+            "pivot+TRANSPLANT" + tail for tail in ("", "+SFT", "+SFT+ULD", "+SFT+ULD+ONPOLICY-KD",
+                                                  "+SFT+ULD+ONPOLICY-KD+MERGE(linear)",
+                                                  "+SFT+ULD+ONPOLICY-KD+MERGE(linear)+INFIFPO"))]  # `label` hooks
 
 
 def test_transplant_command_writes_what_the_transplant_stage_wrote(run, polyfuse_cli):
     ctx, folder = run
     donor = next(s.path for s in ctx.recipe.sources if s.label == "llama-compare")
-    proc = polyfuse_cli("transplant", ctx.recipe.pivot.path, donor, folder / "transplant")
+    proc = polyfuse_cli("transplant", ctx.recipe.pivot.path, donor, folder / "transplant", "--k", ctx.recipe.transplant.k)
     assert proc.returncode == 0, proc.stderr
     assert digest(folder / "transplant") == digest(Path(ctx.output("transplant", "model")))

@@ -24,7 +24,8 @@ class TransplantConfig(StrictModel):
     donor: str = Field(description="A source of the recipe, by name, or a model folder whose tokenizer the pivot gets.")
     method: Method = Field(default="omp", description="How tokensurgeon approximates the donor's new tokens (omp: "
                            "mergekit's recommendation).")
-    k: int = Field(default=64, ge=1, description="Sparsity of omp / stb / mp_rope, neighbours of common_interpolation.")
+    k: int = Field(default=64, ge=1, description="Sparsity of omp (at most the donor's hidden size) / stb / mp_rope, "
+                   "neighbours of common_interpolation.")
     device: str = Field(default="cpu", description="Where tokensurgeon's matrix arithmetic runs: cpu, cuda, cuda:1.")
 
 
