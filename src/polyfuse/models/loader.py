@@ -10,14 +10,10 @@ import os
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field
-from safetensors import SafetensorError
 
 from polyfuse.config import StrictModel
 from polyfuse.errors import UserError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelSpec(StrictModel):
@@ -156,6 +152,8 @@ def load_generation_config(spec: ModelSpec):
 
 def load_model(spec: ModelSpec, task: Literal["causal-lm", "sequence-classification"] = "causal-lm"):
     """Load a model in eval mode on `spec.device`."""
+    import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
@@ -163,7 +161,7 @@ def load_model(spec: ModelSpec, task: Literal["causal-lm", "sequence-classificat
     check_location(spec)
     check_device(spec)
     kwargs = _common_kwargs(spec)
-    kwargs["dtype"] = "auto" if spec.dtype == "auto" else DTYPES[spec.dtype]
+    kwargs["dtype"] = "auto" if spec.dtype == "auto" else getattr(torch, spec.dtype)
     if gguf is None and not spec.allow_pickle:
         kwargs["use_safetensors"] = True
     try:

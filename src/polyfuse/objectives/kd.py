@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
 from pydantic import Field
 
 from polyfuse.errors import DataError
+from polyfuse.lazy import lazy_import
 from polyfuse.objectives.distill import (
     DISTILL_OBJECTIVES,
     AlignedRow,
@@ -40,6 +40,8 @@ from polyfuse.objectives.topk import (
     student_prefix,
     teacher_metric,
 )
+
+torch = lazy_import("torch")
 
 
 def batch_projection(batch: DistillBatch, teacher: int) -> Projection:

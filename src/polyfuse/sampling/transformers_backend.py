@@ -7,9 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
-import numpy as np
-import torch
-
+from polyfuse.lazy import lazy_import
 from polyfuse.models import ModelSpec, load_model
 from polyfuse.models.forward import (
     DEFAULT_TOKEN_BUDGET,
@@ -20,6 +18,9 @@ from polyfuse.models.forward import (
 )
 from polyfuse.models.templates import decode_response, render_prompt
 from polyfuse.sampling.base import BACKENDS, Backend, BackendSettings, Done, PositionTopK, SamplingParams
+
+np = lazy_import("numpy")
+torch = lazy_import("torch")
 
 
 class TransformersSettings(BackendSettings):
@@ -35,7 +36,6 @@ class TransformersBackend(Backend):
         super().__init__(spec, config)
         self.model = model if model is not None else load_model(spec)
 
-    @torch.inference_mode()
     def _sample(self, prompt_ids: list[list[int]], params: SamplingParams, batch_size: int,
                 token_budget: int | None) -> Iterator[tuple[int, list[list[int]]]]:
         """(prompt index, its `params.n` generated id lists, padding after a stop included), batch by batch."""
@@ -73,7 +73,8 @@ class TransformersBackend(Backend):
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             else:
                 kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+            with torch.inference_mode():  # around the call, not the generator: its consumer runs between yields
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
             new = out[:, width:].tolist()
             for k, i in enumerate(batch):
                 yield i, new[k * params.n : (k + 1) * params.n]

@@ -32,13 +32,13 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
-import torch
-
 from polyfuse.errors import DataError, UserError
+from polyfuse.lazy import lazy_import
 from polyfuse.objectives.distill import Groups, Projection, TeacherOutputs
 from polyfuse.objectives.uld import average_weights, topk_entropy, uncertainty_weights
 
+np = lazy_import("numpy")
+torch = lazy_import("torch")
 logger = logging.getLogger(__name__)
 
 Mix = Literal["sum", "route", "average", "confident", "uncertainty"]

@@ -19,7 +19,7 @@ from polyfuse.pipeline.context import (
     paths_in,
 )
 from polyfuse.sampling import EngineModel
-from polyfuse.trainers.onpolicy import OnPolicyTrainConfig
+from polyfuse.trainers.config import OnPolicyTrainConfig
 
 
 @STAGES.register("onpolicy")
