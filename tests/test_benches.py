@@ -74,6 +74,10 @@ SMOKE = {
         r'^GPU_CHECK \{"tool": "TRL DPO \(precomputed ref\)", ',
         r"^TRL DPO \(ref model\) +[\d.]+ +1\.00 ",
     ), needs="TRL"),
+    "gym_calibration.py": Smoke(("--smoke",), (r'"cpu_seconds_total": [\d.]+', r'"intra_source \(fusechat3-gym\)"'),
+                                ("runs/gym-calibration-smoke/calibration.json",)),
+    "gym_merge_check.py": Smoke(("--smoke",), (r"^\| task_arithmetic \(lambda 1\) \| ", r"^\| multitask \| "),
+                                ("runs/gym-merge-check-smoke/merge_check.json",)),
     "infifpo_ablation.py": Smoke(("--smoke",), (
         r"^\| SFT\+WRPO \| ", r"^\| InfiFPO \(max-margin per response\) \| ",
         r"^seed 0: wall [\d.]+ s; PO prompts \d+, cross-model pairs \d+ .*same split: True$",

@@ -149,7 +149,7 @@ def test_every_shipped_recipe_loads_with_its_sections_filled_from_the_recipe():
 
     folder = recipe_path("fusechat3.yaml").parent
     names = sorted(p.name for p in folder.glob("*.yaml"))
-    assert len(names) == 13
+    assert len(names) == 16
     for name in names:
         recipe = load_recipe(folder / name)
         for section in ("pairs", "sft", "distill", "onpolicy", "po", "upo"):
@@ -225,7 +225,7 @@ def test_the_resolved_recipe_loads_again_with_the_same_sections_and_fingerprints
     assert [m["name"] for m in written["logprobs"]["sources"]] == ["llama-compare", "qwen-strings", "gpt2-arithmetic"]
     assert [m["name"] for m in written["sample"]["models"]] == ["llama-compare", "qwen-strings", "gpt2-arithmetic", "pivot"]
     assert written["sft"]["seed"] == written["po"]["seed"] == 0 and written["eval"]["scorers"] == [
-        {"type": "toyworld", "name": None, "domains": ["arithmetic", "strings", "compare"]}]
+        {"type": "toyworld", "name": None, "domains": ["arithmetic", "strings", "compare", "addition", "reversal", "largest"]}]
     # the right pivot: the recipe's M0 at the top (toyworld:// resolved to the built world), and logprobs scores
     # the model sft made, not M0
     again, m0 = load_recipe(tmp_path / "infifpo-toy.resolved.yaml"), load_recipe(recipe_path("infifpo-toy.yaml")).pivot

@@ -20,6 +20,7 @@ from polyfuse.models import encode, render_prompt
 from polyfuse.scorers import SCORERS, ToyVerifierConfig, build_scorer, exact_match
 from polyfuse.toyworld import (
     DOMAINS,
+    GYM_DOMAINS,
     ToyWorldConfig,
     World,
     build_world,
@@ -81,7 +82,8 @@ def test_registered_scorer_judges_toy_domains_only():
 
 
 def test_the_verifier_judges_every_domain_of_the_world_by_default():
-    assert ToyVerifierConfig().domains == list(DOMAINS) == ["arithmetic", "strings", "compare"]
+    assert ToyVerifierConfig().domains == [*DOMAINS, *GYM_DOMAINS] == [
+        "arithmetic", "strings", "compare", "addition", "reversal", "largest"]
 
 
 def test_the_toyworld_verifier_is_registered_like_every_scorer():

@@ -375,7 +375,7 @@ def eval_cmd(
     data: Annotated[str, typer.Option(help="'toyworld', 'humaneval', 'gsm8k:<file.jsonl>', or a PromptRow file.")],
     out: OutOpt,
     limit: Annotated[int | None, typer.Option(min=1, help="Evaluate the first N prompts only.")] = None,
-    per_domain: Annotated[int, typer.Option(min=1, help="Toy world: held-out prompts per domain.")] = 100,
+    per_domain: Annotated[int, typer.Option(min=1, help="Toy world: held-out prompts per domain (a gym: its test split).")] = 100,
     toy_preset: Annotated[str, typer.Option(help="Toy world preset for --data toyworld.")] = "default",
     max_new_tokens: Annotated[int | None, typer.Option(
         min=1, help="Generation budget per prompt (default: 32 for toyworld, 512 for humaneval, else 256).")] = None,
@@ -457,7 +457,7 @@ def compare(
 @toy_app.command("build")
 def toy_build(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML toy world config (overrides the preset); every key: `polyfuse config show toyworld`.")] = None,
-    preset: Annotated[str, typer.Option(help="default or tiny.")] = "default",
+    preset: Annotated[str, typer.Option(help="default, tiny, gym or gym-tiny.")] = "default",
     cache_dir: Annotated[Path | None, typer.Option(help="Cache folder (default $POLYFUSE_CACHE, else $XDG_CACHE_HOME/polyfuse, else ~/.cache/polyfuse).")] = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
@@ -473,18 +473,34 @@ def toy_build(
 @toy_app.command("info")
 def toy_info(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML toy world config; every key: `polyfuse config show toyworld`.")] = None,
-    preset: Annotated[str, typer.Option(help="default or tiny.")] = "default",
+    preset: Annotated[str, typer.Option(help="default, tiny, gym or gym-tiny.")] = "default",
     cache_dir: Annotated[Path | None, typer.Option(help="Cache folder.")] = None,
+    per_domain: Annotated[int | None, typer.Option(min=1, help="Prompts per domain (default: 100 held-out; a gym: 1000, its whole validation set).")] = None,
+    out: Annotated[Path | None, typer.Option(help="A gym: also write the report (accuracies, task vectors, checks) as JSON here.")] = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Held-out accuracy of every toy model on every domain."""
+    """Held-out accuracy of every toy model on every domain; for a fusion gym, validation accuracy of every
+    model (sources, pivot, merging base, specialists, multi-task) and the checks of each family's premise."""
     from polyfuse.evaluation import accuracy_table
     from polyfuse.toyworld import build_world, world_info
 
     world = build_world(_toy_config(config, preset, set_), cache_dir=cache_dir, progress=not quiet)
     console.print(f"toy world: {world.root}")
-    console.print(accuracy_table(world_info(world)))
+    if not world.is_gym:
+        console.print(accuracy_table(world_info(world, per_domain=per_domain or 100)))
+        return
+    from polyfuse.toyworld.info import VALIDATION_ITEMS, gym_report, gym_tables
+
+    report = gym_report(world, per_domain=per_domain or VALIDATION_ITEMS, quiet=quiet)
+    for table in gym_tables(report):
+        console.print(table)
+    if out is not None:
+        from dataclasses import asdict
+
+        from polyfuse.data.io import write_json
+
+        write_json(out, {**report, "world": str(world.root), "checks": [asdict(c) for c in report["checks"]]})
 
 
 def _toy_config(path: Path | None, preset: str, overrides: list[str] | None):

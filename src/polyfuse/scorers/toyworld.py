@@ -1,8 +1,8 @@
 """The `toyworld` verifier: exact match of a response against the gold answer of a toy-world task.
 
 It lives with the other scorers, so the registry finds it like any of them. The toy world
-(`polyfuse.toyworld`, a floor above) checks its own answers with `exact_match`; its domains are the
-verifier's default `domains` (a test keeps the two lists equal)."""
+(`polyfuse.toyworld`, a floor above) checks its own answers with `exact_match`; its domains and the fusion
+gym's are the verifier's default `domains` (a test keeps the lists equal)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def exact_match(response: str, answer: str) -> bool:
 
 class ToyVerifierConfig(ScorerSettings):
     type: Literal["toyworld"] = "toyworld"
-    domains: list[str] | None = ["arithmetic", "strings", "compare"]  # the toy world's domains
+    domains: list[str] | None = ["arithmetic", "strings", "compare", "addition", "reversal", "largest"]  # the toy worlds' and the gym's
 
     def misses(self, row: Any) -> str | None:
         return super().misses(row) or (None if row.answer is not None else f"{self.name or self.type} needs the row's `answer`")

@@ -26,17 +26,21 @@ training loops), `build` (cache, parallel build, `World`), `info` (accuracies).
 """
 
 from polyfuse.toyworld.build import World, build_world, default_cache_dir, world_dir
-from polyfuse.toyworld.config import ModelRecipe, ToyWorldConfig
-from polyfuse.toyworld.info import reward_model_accuracy, world_info
-from polyfuse.toyworld.tasks import DOMAINS, make_prompts
+from polyfuse.toyworld.config import GymSettings, LoraRecipe, ModelRecipe, ToyWorldConfig
+from polyfuse.toyworld.info import gym_report, reward_model_accuracy, world_info
+from polyfuse.toyworld.tasks import DOMAINS, GYM_DOMAINS, make_prompts
 
 __all__ = [
     "DOMAINS",
+    "GYM_DOMAINS",
+    "GymSettings",
+    "LoraRecipe",
     "ModelRecipe",
     "ToyWorldConfig",
     "World",
     "build_world",
     "default_cache_dir",
+    "gym_report",
     "make_prompts",
     "reward_model_accuracy",
     "world_dir",

@@ -20,7 +20,7 @@ from typing import Literal
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from polyfuse.toyworld.tasks import DOMAINS, LETTERS
+from polyfuse.toyworld.tasks import DOMAINS, LETTERS, get_domain
 
 Algorithm = Literal["bpe-bytelevel", "bpe-metaspace", "unigram", "wordpiece"]
 TemplateName = Literal["llama3", "chatml", "gemma", "zephyr", "none"]
@@ -90,13 +90,14 @@ TEMPLATES: dict[str, Template] = {
 _SYLLABLES = [c + v for c in "bcdfghklmnprstvwz" for v in "aeiou"]
 
 
-def training_corpus(seed: int, lines: int = 3000) -> list[str]:
-    """Every symbol on its own, role names, prompts of every domain in the plain format, and
-    pseudo-English filler that gives the algorithms something to merge."""
+def training_corpus(seed: int, lines: int = 3000, domains: list[str] | None = None) -> list[str]:
+    """Every symbol on its own, role names, prompts of every domain (default: the default world's) in the
+    plain format, and pseudo-English filler that gives the algorithms something to merge."""
     rng = random.Random(f"corpus:{seed}")
+    tasks = [get_domain(name) for name in domains] if domains else list(DOMAINS.values())
     corpus = [f"{LETTERS} {LETTERS.lower()} 0123456789 .,?!:+-"] * 20 + ["system user assistant model"] * lines
     for i in range(lines):
-        domain = list(DOMAINS.values())[i % len(DOMAINS)]
+        domain = tasks[i % len(tasks)]
         corpus.append(f"User: {domain.prompt(domain.draw(rng))}\n\nAssistant:")
         words = ["".join(rng.choices(_SYLLABLES, k=rng.randint(1, 3))) for _ in range(rng.randint(4, 12))]
         corpus.append(" ".join(words).capitalize() + rng.choice([".", "?", "!", ","]))
@@ -174,13 +175,15 @@ def _train(algorithm: Algorithm, vocab_size: int, specials: list[str], corpus: l
 
 
 def train_tokenizer(
-    algorithm: Algorithm, vocab_size: int, template: TemplateName, seed: int = 0, corpus_lines: int = 3000
+    algorithm: Algorithm, vocab_size: int, template: TemplateName, seed: int = 0, corpus_lines: int = 3000,
+    domains: list[str] | None = None,
 ) -> PreTrainedTokenizerFast:
-    """A Hugging Face fast tokenizer trained on the toy corpus, with special tokens and chat template."""
+    """A Hugging Face fast tokenizer trained on the toy corpus (prompts of `domains`, default the default
+    world's), with special tokens and chat template."""
     spec = TEMPLATES[template]
     unk = "<unk>"
     specials = list(dict.fromkeys([unk, spec.pad, spec.eos, *([spec.bos] if spec.bos else []), *spec.extra]))
-    tok = _train(algorithm, vocab_size, specials, training_corpus(seed, corpus_lines))
+    tok = _train(algorithm, vocab_size, specials, training_corpus(seed, corpus_lines, domains))
     if spec.bos:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{spec.bos} $A", pair=f"{spec.bos} $A $B", special_tokens=[(spec.bos, tok.token_to_id(spec.bos))]

@@ -31,7 +31,7 @@ from transformers import (
 
 from polyfuse.data import PromptRow
 from polyfuse.models import encode
-from polyfuse.toyworld.config import ModelRecipe
+from polyfuse.toyworld.config import LoraRecipe, ModelRecipe
 
 MAX_POSITIONS = 128
 _CLASSES = {
@@ -66,6 +66,17 @@ def make_model(recipe: ModelRecipe, tokenizer, classifier: bool = False):
         model.loss_type = "ForCausalLM"  # transformers cannot tell it from the name GPT2LMHeadModel, and warns
         model.generation_config.update(**{k: v for k, v in special.items() if k.endswith("token_id")})
     return model
+
+
+def with_lora(model, lora: LoraRecipe, seed: int):
+    """`model` wrapped in a LoRA adapter on every linear layer of its blocks (peft's "all-linear": not the
+    head, not the embeddings), initialised from `seed`."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules="all-linear",
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
 
 
 def _lr_at(step: int, steps: int, peak: float) -> float:
