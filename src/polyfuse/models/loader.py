@@ -1,7 +1,8 @@
 """The one loader for models and tokenizers: hub id, local folder or GGUF file.
 
 Safe by default: `trust_remote_code` is off and only safetensors weights are read unless the user
-explicitly allows pickles (`allow_pickle: true`). GGUF files are not pickles and load either way.
+explicitly allows pickles (`allow_pickle: true`). GGUF files are not pickles and load either way: a model is
+loaded from the GGUF file's export, made once into the cache (`polyfuse.models.gguf`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from safetensors import SafetensorError
 
 from polyfuse.config import StrictModel, walk_config
 from polyfuse.errors import UserError
+from polyfuse.models.gguf import cached_export, check_gguf
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -77,15 +79,11 @@ def check_device(spec: ModelSpec) -> None:
 
 
 def check_location(spec: ModelSpec, needs_config: bool = True) -> None:
-    """Refuse a missing folder, a folder without `config.json` or a file that is not GGUF, naming the path."""
+    """Refuse a missing folder, a folder without `config.json`, or a file that is not GGUF or whose architecture
+    transformers cannot read, naming the path."""
     folder, gguf = spec.location()
     if gguf is not None:
-        file = Path(folder) / gguf
-        if not file.is_file():
-            raise UserError(f"{spec.label}: GGUF file {file} not found")
-        with file.open("rb") as handle:
-            if handle.read(4) != b"GGUF":
-                raise UserError(f"{spec.label}: {file} is not a GGUF file (it does not start with the GGUF magic bytes)")
+        check_gguf(Path(folder).expanduser() / gguf, spec.label)
         return
     local = Path(folder).expanduser()
     if local.exists() or looks_local(folder):
@@ -105,6 +103,17 @@ def check_models(config: Any) -> None:
             check_device(spec)
 
 
+def resolved(spec: ModelSpec, export: bool = True) -> ModelSpec:
+    """`spec` with a GGUF file replaced by the folder of its export (same name): exported on first use, or, with
+    `export=False` (a tokenizer or config needs no weights), only where the export exists already."""
+    folder, gguf = spec.location()
+    if gguf is None:
+        return spec
+    check_location(spec)
+    exported = cached_export(Path(folder).expanduser() / gguf, spec.label, export=export)
+    return spec if exported is None else spec.model_copy(update={"name": spec.label, "path": str(exported), "gguf_file": None})
+
+
 def _common_kwargs(spec: ModelSpec) -> dict:
     _, gguf = spec.location()
     kwargs: dict = {"trust_remote_code": spec.trust_remote_code}
@@ -118,6 +127,7 @@ def _common_kwargs(spec: ModelSpec) -> dict:
 def load_tokenizer(spec: ModelSpec, padding_side: str = "right"):
     from transformers import AutoTokenizer
 
+    spec = resolved(spec, export=False)
     folder, _ = spec.location()
     check_location(spec, needs_config=False)
     try:
@@ -134,6 +144,7 @@ def load_config(spec: ModelSpec):
     """The model's `PretrainedConfig` (context size, architecture) without loading weights."""
     from transformers import AutoConfig
 
+    spec = resolved(spec, export=False)
     folder, _ = spec.location()
     check_location(spec)
     try:
@@ -144,9 +155,10 @@ def load_config(spec: ModelSpec):
 
 def load_generation_config(spec: ModelSpec):
     """The model's `GenerationConfig` (EOS ids, default sampling), as `generate` in transformers sees it: the
-    folder's `generation_config.json`, else derived from `config.json` (and always so for GGUF files)."""
+    folder's `generation_config.json`, else derived from `config.json` (so for GGUF files not exported yet)."""
     from transformers import GenerationConfig
 
+    spec = resolved(spec, export=False)
     folder, gguf = spec.location()
     if gguf is None:
         try:
@@ -157,16 +169,17 @@ def load_generation_config(spec: ModelSpec):
 
 
 def load_model(spec: ModelSpec, task: Literal["causal-lm", "sequence-classification"] = "causal-lm"):
-    """Load a model in eval mode on `spec.device`."""
+    """Load a model in eval mode on `spec.device` (a GGUF file from its export, made on first use)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
-    folder, gguf = spec.location()
-    check_location(spec)
     check_device(spec)
+    spec = resolved(spec)
+    folder, _ = spec.location()
+    check_location(spec)
     kwargs = _common_kwargs(spec)
     kwargs["dtype"] = "auto" if spec.dtype == "auto" else DTYPES[spec.dtype]
-    if gguf is None and not spec.allow_pickle:
+    if not spec.allow_pickle:
         kwargs["use_safetensors"] = True
     try:
         model = auto.from_pretrained(folder, **kwargs)
@@ -175,9 +188,4 @@ def load_model(spec: ModelSpec, task: Literal["causal-lm", "sequence-classificat
         raise UserError(f"{spec.label}: cannot load model from {folder!r}{hint}: {err}") from None
     except (SafetensorError, ValueError) as err:  # a truncated or corrupted weights file, an unknown model type
         raise UserError(f"{spec.label}: cannot load model from {folder!r}: {err}") from None
-    if gguf is not None:
-        # transformers de-quantises GGUF weights into dense tensors of `dtype` but keeps a quantizer marker,
-        # which makes Trainer refuse to fine-tune and save_pretrained write a GGUF quantization config.
-        if getattr(model, "hf_quantizer", None) is not None:
-            model.hf_quantizer.remove_quantization_config(model)
     return model.to(spec.device).eval()
