@@ -10,6 +10,7 @@ import pytest
 
 from polyfuse.data import SampleRow, read_rows, write_rows
 from polyfuse.errors import DataError
+from polyfuse.evaluation import EvalRecord
 from polyfuse.evaluation.datasets import load_eval_set, load_humaneval, load_olmo, load_reasoning_gym
 from polyfuse.scorers import build_scorer
 from polyfuse.scorers.choice import picked_letter
@@ -100,3 +101,20 @@ def test_reasoning_gym_verifier_judges_only_reasoning_gym_rows_and_bad_families_
         load_reasoning_gym("chain_summ", size=2)
     with pytest.raises(DataError, match="unknown system prompt 'terse'"):
         load_reasoning_gym("chain_sum", size=2, system="terse")
+
+
+@pytest.mark.slow
+def test_polyfuse_eval_reads_olmo_and_reasoning_gym_sources(tmp_path, polyfuse_cli):
+    """`polyfuse eval --data rg:<family>` and `olmo:<task>` end to end on a tiny model, each row judged by its
+    verifier; an unknown task is one line and exit code 2."""
+    from tiny_lm import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "tiny")
+    for data, verifier in [("rg:chain_sum", "reasoning_gym"), ("olmo:arc_easy", "choice"), ("olmo:gsm8k", "math")]:
+        out = tmp_path / data.replace(":", "-")
+        result = polyfuse_cli("eval", "--model", model, "--data", data, "--limit", 3, "--max-new-tokens", 2, "-o", out, "-q")
+        assert result.returncode == 0, result.stderr
+        records = [r for path in (out / "records").iterdir() for r in read_rows(path, EvalRecord)]
+        assert len(records) == 3 and {r.verifier for r in records} == {verifier}
+    bad = polyfuse_cli("eval", "--model", model, "--data", "olmo:nope", "-o", tmp_path / "bad", "-q")
+    assert bad.returncode == 2 and "olmo:nope: unknown task" in bad.stderr and not (tmp_path / "bad").exists()

