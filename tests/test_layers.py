@@ -128,7 +128,8 @@ def annotation_types(hint: object) -> Iterator[object]:
         return
     yield hint if origin is None else origin
     for arg in typing.get_args(hint):
-        yield from annotation_types(arg)
+        for inner in arg if isinstance(arg, list) else [arg]:  # Callable[[A, B], C] lists its parameters
+            yield from annotation_types(inner)
 
 
 def objective_inputs() -> Iterator[tuple[str, str, object]]:

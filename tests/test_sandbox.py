@@ -3,8 +3,10 @@ the isolation it reports, and the refusal to run without bubblewrap unless `unsa
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import socket
 import sys
 import time
 from fractions import Fraction
@@ -13,7 +15,7 @@ import pytest
 
 from polyfuse.data import SampleRow
 from polyfuse.errors import ConfigError
-from polyfuse.scorers import build_scorer, sandbox
+from polyfuse.scorers import build_scorer, sandbox_host
 from polyfuse.scorers.sandbox import CandidateError, Limits, Sandbox, SandboxFailure, run_script
 from polyfuse.scorers.sandbox_wire import WireError, from_wire, to_wire
 
@@ -28,7 +30,7 @@ def code_row(response: str) -> SampleRow:
 
 # Skipped only off CI: CI installs bubblewrap, so a missing sandbox there is a failure, not a skip.
 needs_bwrap = pytest.mark.skipif(
-    sandbox.isolation_problem() is not None and not os.environ.get("CI"), reason="no bubblewrap sandbox here"
+    sandbox_host.isolation_problem() is not None and not os.environ.get("CI"), reason="no bubblewrap sandbox here"
 )
 FAST = Limits(timeout_s=5)
 
@@ -154,7 +156,7 @@ def test_script_mode_feeds_stdin_and_reports_exit_status():
 
 
 def test_without_bubblewrap_the_scorer_refuses_unless_unsafe_local(monkeypatch):
-    monkeypatch.setattr(sandbox, "isolation_problem", lambda: "bubblewrap (`bwrap`) is not installed")
+    monkeypatch.setattr(sandbox_host, "isolation_problem", lambda: "bubblewrap (`bwrap`) is not installed")
     rows_verifier = build_scorer({"type": "code", "timeout_s": 5})
     with pytest.raises(ConfigError, match="unsafe_local"):
         rows_verifier.check(code_row("def total(xs):\n    return sum(xs)\n"))
@@ -184,7 +186,7 @@ def test_evaluation_refuses_before_loading_the_model(monkeypatch):
     from polyfuse.evaluation import default_verifiers, evaluate, load_humaneval
     from polyfuse.models import ModelSpec
 
-    monkeypatch.setattr(sandbox, "isolation_problem", lambda: "bubblewrap (`bwrap`) is not installed")
+    monkeypatch.setattr(sandbox_host, "isolation_problem", lambda: "bubblewrap (`bwrap`) is not installed")
     missing = ModelSpec(path="/nonexistent/model")  # loading it would fail with another error
     with pytest.raises(ConfigError, match="refuses to run model-written code"):
         evaluate(missing, load_humaneval(limit=2), default_verifiers(), quiet=True)
@@ -194,7 +196,7 @@ def test_evaluation_refuses_before_loading_the_model(monkeypatch):
 @needs_bwrap
 def test_without_a_cgroup_the_pid_namespace_still_takes_every_process_down(monkeypatch):
     token = f"polyfuse-nocgroup-{os.getpid()}"
-    monkeypatch.setattr(sandbox, "_cgroup_base", lambda: None)
+    monkeypatch.setattr(sandbox_host, "cgroup_base", lambda: None)
     with Sandbox(Limits(timeout_s=5)) as box:
         box.load(
             "import os, sys\nif os.fork() == 0:\n    os.setsid()\n"
@@ -211,3 +213,46 @@ def test_without_a_cgroup_the_pid_namespace_still_takes_every_process_down(monke
         except OSError:
             pass
     assert [a for a in alive if a] == []
+
+
+NETWORK_PROBE = (
+    "import json, socket\n"
+    "def network(port):\n"
+    "    try:\n"
+    "        socket.create_connection(('127.0.0.1', port), timeout=1).close()\n"
+    "        reached = True\n"
+    "    except OSError:\n"
+    "        reached = False\n"
+    "    return {'interfaces': sorted(name for _, name in socket.if_nameindex()), 'reached': reached}\n"
+)
+
+
+@pytest.mark.parametrize("protocol", ["serve", "script"])
+@pytest.mark.parametrize("unsafe_local", [False, True], ids=["bwrap", "unsafe_local"])
+def test_every_mode_cuts_the_network(unsafe_local, protocol):
+    """Isolation and protocol are independent: the network is cut in both protocols of both isolations
+    (for unsafe_local wherever the kernel gives this user a network namespace, as documented; otherwise
+    it sees the host's interfaces and the probe says so)."""
+    if not unsafe_local and sandbox_host.isolation_problem() is not None and not os.environ.get("CI"):
+        pytest.skip("no bubblewrap sandbox here")
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.5)
+    port = listener.getsockname()[1]
+    with listener:
+        if protocol == "serve":
+            with Sandbox(FAST, unsafe_local=unsafe_local) as box:
+                box.load(NETWORK_PROBE)
+                seen = box.call("network", port)
+        else:
+            code, report = run_script(NETWORK_PROBE + f"print(json.dumps(network({port})))\n", "", FAST, unsafe_local)
+            assert code == 0, report.stderr
+            seen = json.loads(report.stdout)
+        try:
+            listener.accept()[0].close()
+            accepted = True
+        except TimeoutError:
+            accepted = False
+    host_interfaces = sorted(name for _, name in socket.if_nameindex())
+    cut = not unsafe_local or sandbox_host.network_namespace_available()
+    assert seen == ({"interfaces": ["lo"], "reached": False} if cut else {"interfaces": host_interfaces, "reached": True})
+    assert accepted is not cut

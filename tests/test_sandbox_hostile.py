@@ -22,7 +22,7 @@ import pytest
 
 from polyfuse.data import SampleRow
 from polyfuse.scorers import build_scorer
-from polyfuse.scorers.sandbox import isolation_problem
+from polyfuse.scorers.sandbox_host import isolation_problem
 
 # Skipped only off CI: CI installs bubblewrap, so a missing sandbox there is a failure, not a skip.
 pytestmark = pytest.mark.skipif(

@@ -76,8 +76,11 @@ def _root(
     # chatter stays out. (A comment, not a docstring: typer would show a docstring as the app's help.)
     from transformers.utils import logging as hf_logging
 
+    from polyfuse.progress import LineSchedule
+
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    LineSchedule.from_env()  # a bad POLYFUSE_PROGRESS_* is refused before any work
 
 
 app.add_typer(train_app, name="train")

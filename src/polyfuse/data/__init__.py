@@ -1,4 +1,4 @@
-"""The one data model shared by every pipeline: prompts, samples, SFT rows and preference pairs."""
+"""The one data model shared by every pipeline: prompts, samples, SFT rows, preference pairs and unpaired rows."""
 
 from polyfuse.data.io import read_rows, write_rows
 from polyfuse.data.schemas import (
@@ -7,9 +7,11 @@ from polyfuse.data.schemas import (
     PromptRow,
     SampleRow,
     SFTRow,
+    UnpairedRow,
     as_messages,
     response_text,
     stable_id,
+    unpaired_columns,
 )
 
 __all__ = [
@@ -18,9 +20,11 @@ __all__ = [
     "PromptRow",
     "SFTRow",
     "SampleRow",
+    "UnpairedRow",
     "as_messages",
     "read_rows",
     "response_text",
     "stable_id",
+    "unpaired_columns",
     "write_rows",
 ]

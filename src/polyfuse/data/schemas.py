@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from polyfuse.errors import DataError
 
 Role = Literal["system", "user", "assistant", "tool"]
 
@@ -145,3 +148,102 @@ class PreferenceRow(Row):
         if chosen == rejected:
             raise ValueError("chosen and rejected are the same response")
         return self
+
+
+# --- Unpaired rows (KTO, CGPO, FuseSFT) -------------------------------------------------------------------
+
+
+class UnpairedRow(Row):
+    """One completion labelled on its own, desirable (D) or undesirable (U): TRL's KTO columns `prompt`,
+    `completion`, `label` (TRL's boolean is read as D / U), plus provenance and the precomputed columns.
+
+    - `prompt_id` groups the completions of one prompt (CGPO's baseline shift, mismatched completions, the
+      calibration split); a row without one is grouped by its prompt.
+    - `source_allocation_weight`: CGPO's sampling weight of the row within its class (never invented).
+    - `kl_completion`: a completion of another prompt, scored on this row's prompt: KTO's KL row and CGPO's
+      anchor, for the reference point z0; fixed when the data is built.
+    - `ref_*`: S, A and n of `completion` and `kl_completion` under the initial pivot M0. `fuse_*`: one value
+      per source, in the data set's source order; `fuse_completion_entropy` is a source's mean token entropy
+      over the completion divided by ln(its vocabulary width), in [0, 1].
+    - `source_consensus` ... `calibrated_entropies`: CGPO's consensus columns (the reference release's names);
+      `fusesft_weight`: the row's FuseSFT weight within its prompt."""
+
+    SOURCE_COLUMNS: ClassVar[tuple[str, ...]] = (
+        "fuse_completion_logps", "fuse_mean_completion_logps", "fuse_completion_ntokens", "fuse_completion_entropy",
+        "source_weights", "calibrated_entropies",
+    )
+
+    prompt: PromptField
+    completion: ResponseField
+    label: Literal["D", "U"]
+    prompt_id: str | None = None
+    domain: str = "general"
+    source: str | None = None
+    sample_id: str | None = None
+    reward: float | None = None
+    correct: bool | None = None
+    source_allocation_weight: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    kl_completion: ResponseField | None = None
+    ref_completion_logps: float | None = None
+    ref_mean_completion_logps: float | None = None
+    ref_completion_ntokens: int | None = None
+    ref_kl_completion_logps: float | None = None
+    ref_mean_kl_completion_logps: float | None = None
+    ref_kl_completion_ntokens: int | None = None
+    fuse_completion_logps: list[float] | None = None
+    fuse_mean_completion_logps: list[float] | None = None
+    fuse_completion_ntokens: list[int] | None = None
+    fuse_completion_entropy: list[Annotated[float, Field(ge=0, le=1)]] | None = None
+    source_consensus: float | None = None
+    baseline_shift: float | None = None
+    aligned_consensus: float | None = None
+    source_weights: list[float] | None = None
+    calibrated_entropies: list[float] | None = None
+    fusesft_weight: float | None = Field(default=None, ge=0, le=1)
+
+    _non_empty = field_validator("prompt")(_check_prompt)
+
+    @field_validator("label", mode="before")
+    @classmethod
+    def _d_or_u(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            return "D" if value else "U"
+        if value not in ("D", "U"):
+            raise ValueError(f"must be 'D' (desirable) or 'U' (undesirable), or TRL's true / false; got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _grouped_and_consistent(self) -> UnpairedRow:
+        if not response_text(self.completion).strip():
+            raise ValueError("completion is empty")
+        if self.prompt_id is None:
+            self.prompt_id = stable_id(as_messages(self.prompt))
+        lengths = {name: len(value) for name in self.SOURCE_COLUMNS if (value := getattr(self, name)) is not None}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"the per-source columns differ in length: {lengths}")
+        return self
+
+
+COLUMN_ORIGINS = {
+    "ref_": "score the rows with the initial pivot first",
+    "fuse_completion_entropy": "each source's normalised token entropy over the completion, from scoring the rows "
+    "with every source",
+    "fuse_": "score the rows with every source first",
+    "kl_completion": "the unpaired data builder assigns each row a completion of another prompt",
+}
+
+
+def unpaired_columns(rows: list[UnpairedRow], names: Sequence[str], needed_for: str) -> dict[str, list[Any]]:
+    """The named columns of every row, or one line naming the first row that lacks one and what needs it."""
+    columns: dict[str, list[Any]] = {}
+    for name in names:
+        values = [getattr(row, name) for row in rows]
+        missing = [row.id for row, value in zip(rows, values, strict=True) if value is None]
+        if missing:
+            others = f" (and {len(missing) - 1} other rows)" if len(missing) > 1 else ""
+            origin = next((hint for key, hint in COLUMN_ORIGINS.items() if name.startswith(key)), None)
+            raise DataError(
+                f"row {missing[0]!r}{others} has no {name!r}, which {needed_for} needs" + (f": {origin}" if origin else "")
+            )
+        columns[name] = values
+    return columns

@@ -1,7 +1,8 @@
 """Training losses as pure functions of tensors: the SFT token loss, the preference objectives
-(`OBJECTIVES`) and the distillation objectives (`DISTILL_OBJECTIVES`).
+(`OBJECTIVES`), the unpaired objectives (`UNPAIRED_OBJECTIVES`: KTO, CGPO, FuseSFT) and the distillation
+objectives (`DISTILL_OBJECTIVES`).
 
-Both registries name this package: on their first lookup they import every module of it, so a new
+The registries name this package: on their first lookup they import every module of it, so a new
 objective registers itself just by being a file here.
 """
 
@@ -11,6 +12,24 @@ from polyfuse.objectives.base import (
     PreferenceObjective,
     logps_column,
     reward_metrics,
+)
+from polyfuse.objectives.cgpo import (
+    CGPO,
+    anchor_partners,
+    cgpo_loss,
+    reference_scores,
+    undesirable_coefficient,
+)
+from polyfuse.objectives.consensus import (
+    Consensus,
+    ConsensusSettings,
+    EntropyCalibration,
+    align_to_pivot,
+    build_consensus,
+    calibration_prompts,
+    check_disjoint,
+    confidence_weights,
+    fit_entropy_calibration,
 )
 from polyfuse.objectives.distill import (
     DISTILL_OBJECTIVES,
@@ -32,6 +51,7 @@ from polyfuse.objectives.fusellm import (
     min_ce_choice,
     soft_cross_entropy,
 )
+from polyfuse.objectives.fusesft import FuseSFT, fusesft_loss, fusesft_row_weights, fusesft_weights
 from polyfuse.objectives.infifpo import (
     FusedReferenceObjective,
     InfiFPO,
@@ -44,6 +64,7 @@ from polyfuse.objectives.infifpo import (
     infifpo_loss,
 )
 from polyfuse.objectives.ipo import IPO, ipo_loss
+from polyfuse.objectives.kto import KTO, kl_partners, kto_loss, shuffled_order
 from polyfuse.objectives.logps import IGNORE_INDEX, sequence_logps, sft_token_loss
 from polyfuse.objectives.uld import (
     ULDObjective,
@@ -54,19 +75,37 @@ from polyfuse.objectives.uld import (
     uld_distance,
     uncertainty_weights,
 )
+from polyfuse.objectives.unpaired import (
+    COMPLETION,
+    KL_COMPLETION,
+    UNPAIRED_OBJECTIVES,
+    UnpairedBatch,
+    UnpairedObjective,
+    reference_point,
+    value_losses,
+)
 from polyfuse.objectives.wrpo import WRPO, wrpo_alpha, wrpo_loss
 
 __all__ = [
+    "CGPO",
+    "COMPLETION",
     "DISTILL_OBJECTIVES",
     "DPO",
     "IGNORE_INDEX",
     "IPO",
+    "KL_COMPLETION",
+    "KTO",
     "OBJECTIVES",
+    "UNPAIRED_OBJECTIVES",
     "WRPO",
     "AlignedRow",
+    "Consensus",
+    "ConsensusSettings",
     "DistillBatch",
     "DistillObjective",
+    "EntropyCalibration",
     "FuseLLMObjective",
+    "FuseSFT",
     "FusedReferenceObjective",
     "InfiFPO",
     "InfiFPOIPO",
@@ -78,22 +117,40 @@ __all__ = [
     "TeacherOutputs",
     "TeacherVocabulary",
     "ULDObjective",
+    "UnpairedBatch",
+    "UnpairedObjective",
+    "align_to_pivot",
+    "anchor_partners",
     "average_weights",
     "avg_ce_weights",
+    "build_consensus",
+    "calibration_prompts",
+    "cgpo_loss",
+    "check_disjoint",
     "clip_to_pivot",
     "confidence_fuse",
+    "confidence_weights",
     "dpo_loss",
+    "fit_entropy_calibration",
     "fuse_references",
     "fuse_sparse",
     "fused_reference",
+    "fusesft_loss",
+    "fusesft_row_weights",
+    "fusesft_weights",
     "infifpo_loss",
     "ipo_loss",
+    "kl_partners",
+    "kto_loss",
     "logit_std",
     "logps_column",
     "min_ce_choice",
+    "reference_point",
+    "reference_scores",
     "reward_metrics",
     "sequence_logps",
     "sft_token_loss",
+    "shuffled_order",
     "soft_cross_entropy",
     "standardize_logits",
     "student_uld_probs",
@@ -102,6 +159,8 @@ __all__ = [
     "topk_entropy",
     "uld_distance",
     "uncertainty_weights",
+    "undesirable_coefficient",
+    "value_losses",
     "wrpo_alpha",
     "wrpo_loss",
 ]

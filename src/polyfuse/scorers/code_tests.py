@@ -26,7 +26,8 @@ from pydantic import Field
 
 from polyfuse.data.schemas import SampleRow
 from polyfuse.scorers.base import SCORERS, ScorerSettings, Verifier
-from polyfuse.scorers.sandbox import Limits, Sandbox, require_isolation, run_script
+from polyfuse.scorers.sandbox import Limits, Sandbox, run_script
+from polyfuse.scorers.sandbox_host import require_isolation
 
 _FENCE = re.compile(r"```(python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 _STDERR_TAIL = 2000

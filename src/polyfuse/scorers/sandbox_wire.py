@@ -7,7 +7,7 @@ built-in types, so nothing the sandbox sends can carry a custom `__eq__`, `__has
 anything else in the input is an error. Numbers of other types (numpy scalars, `Fraction`) are sent as
 the int, float or complex they equal; other objects cannot be sent.
 
-This module is stdlib-only: its source is also the first part of the program run inside the sandbox.
+This module is stdlib-only: it is also installed inside the sandbox, from its source (`sandbox.py`).
 Messages are JSON arrays (`["call", name, args, kwargs]`, `["ok", value]`, ...) framed by a 4-byte
 big-endian length.
 """
