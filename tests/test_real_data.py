@@ -11,7 +11,13 @@ import pytest
 from polyfuse.data import SampleRow, read_rows, write_rows
 from polyfuse.errors import DataError
 from polyfuse.evaluation import EvalRecord
-from polyfuse.evaluation.datasets import load_eval_set, load_humaneval, load_olmo, load_reasoning_gym
+from polyfuse.evaluation.datasets import (
+    SHOT_SEED_OFFSET,
+    load_eval_set,
+    load_humaneval,
+    load_olmo,
+    load_reasoning_gym,
+)
 from polyfuse.scorers import build_scorer
 from polyfuse.scorers.choice import picked_letter
 
@@ -118,3 +124,18 @@ def test_polyfuse_eval_reads_olmo_and_reasoning_gym_sources(tmp_path, polyfuse_c
         assert len(records) == 3 and {r.verifier for r in records} == {verifier}
     bad = polyfuse_cli("eval", "--model", model, "--data", "olmo:nope", "-o", tmp_path / "bad", "-q")
     assert bad.returncode == 2 and "olmo:nope: unknown task" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_reasoning_gym_few_shot_prompts_put_solved_items_of_another_seed_before_the_question():
+    rows = load_reasoning_gym("chain_sum", size=6, seed=3, system=None, shots=2, max_terms=2, max_digits=1)
+    plain = load_reasoning_gym("chain_sum", size=6, seed=3, system=None, max_terms=2, max_digits=1)
+    assert [row.reasoning_gym for row in rows] == [row.reasoning_gym for row in plain]  # the same items
+    for row in rows:
+        roles = [m.role for m in row.prompt]
+        assert roles == ["user", "assistant", "user", "assistant", "user"]
+        assert row.prompt[-1].content == row.reasoning_gym["question"] and row.prompt[:4] == rows[0].prompt[:4]
+    shown = [(m.content, a.content) for m, a in zip(rows[0].prompt[0:4:2], rows[0].prompt[1:4:2], strict=True)]
+    entries = load_reasoning_gym("chain_sum", size=2, seed=3 + SHOT_SEED_OFFSET, system=None, max_terms=2, max_digits=1)
+    assert shown == [(e.reasoning_gym["question"], e.answer) for e in entries]
+    system = load_reasoning_gym("chain_sum", size=1, system="direct", shots=1)[0].prompt
+    assert [m.role for m in system] == ["system", "user", "assistant", "user"]

@@ -61,6 +61,7 @@ OLMO_TASKS = {
     "arc_easy": ("arc_easy", "test_rc_5shot"),
 }
 CHOICE_INSTRUCTION = "Answer with the letter of the correct option."
+SHOT_SEED_OFFSET = 1_000_003  # few-shot examples of a reasoning-gym family come from seed + this: never a test item
 
 
 def _olmo_documents(task: str) -> list[dict]:
@@ -108,30 +109,37 @@ def load_olmo(task: str, limit: int | None = None) -> list[PromptRow]:
     return [_olmo_row(task, doc) for doc in _olmo_documents(task)[:limit]]
 
 
-def load_reasoning_gym(family: str, size: int, seed: int = 0, system: str | None = "default",
+def _reasoning_gym_entries(family: str, size: int, seed: int, options: dict) -> list[dict]:
+    import reasoning_gym
+
+    try:
+        dataset = reasoning_gym.create_dataset(family, size=size, seed=seed, **options)
+    except (ValueError, TypeError, AssertionError) as err:  # unknown family, unknown or invalid option
+        raise DataError(f"rg:{family}: {err}") from None
+    return [json.loads(json.dumps(entry, default=str)) for entry in dataset]
+
+
+def load_reasoning_gym(family: str, size: int, seed: int = 0, system: str | None = "default", shots: int = 0,
                        **options) -> list[PromptRow]:
     """`size` items of a reasoning-gym task family (procedurally generated, deterministic in `seed`), domain
     the family's name. `answer` is the gold answer; the generator's entry is kept under `reasoning_gym` (JSON
     round-tripped, as a data file would give it back) for the `reasoning_gym` verifier. `system`: one of
     reasoning-gym's system prompts (`reasoning_gym.utils.SYSTEM_PROMPTS`, which ask for `<answer>` tags), or
-    None for the bare question. `options`: the family's own config (difficulty ranges)."""
-    import reasoning_gym
+    None. `shots`: that many solved items of the family (drawn with another seed) as earlier chat turns, question
+    then bare answer: the format small models follow (SmolLM2-135M answers none of them without; docs/real-tier.md).
+    `options`: the family's own config (difficulty ranges)."""
     from reasoning_gym.utils import SYSTEM_PROMPTS
 
     if system is not None and system not in SYSTEM_PROMPTS:
         raise DataError(f"rg:{family}: unknown system prompt {system!r}; expected one of {', '.join(SYSTEM_PROMPTS)}")
-    try:
-        dataset = reasoning_gym.create_dataset(family, size=size, seed=seed, **options)
-    except (ValueError, TypeError, AssertionError) as err:  # unknown family, unknown or invalid option
-        raise DataError(f"rg:{family}: {err}") from None
-    rows = []
-    for index, entry in enumerate(dataset):
-        entry = json.loads(json.dumps(entry, default=str))
-        prompt = entry["question"] if system is None else [
-            {"role": "system", "content": SYSTEM_PROMPTS[system]}, {"role": "user", "content": entry["question"]}]
-        rows.append(PromptRow(id=f"rg-{family}-{seed}-{index}", prompt=prompt, domain=family,
-                              answer=str(entry["answer"]), reasoning_gym=entry))
-    return rows
+    entries = _reasoning_gym_entries(family, size, seed, options)
+    examples = _reasoning_gym_entries(family, shots, seed + SHOT_SEED_OFFSET, options) if shots else []
+    context = [{"role": "system", "content": SYSTEM_PROMPTS[system]}] if system else []
+    for example in examples:
+        context += [{"role": "user", "content": example["question"]}, {"role": "assistant", "content": str(example["answer"])}]
+    return [PromptRow(id=f"rg-{family}-{seed}-{index}", domain=family, answer=str(entry["answer"]), reasoning_gym=entry,
+                      prompt=[*context, {"role": "user", "content": entry["question"]}] if context else entry["question"])
+            for index, entry in enumerate(entries)]
 
 
 def load_eval_set(source: str, limit: int | None = None) -> list[PromptRow]:
