@@ -21,8 +21,8 @@ from polyfuse.evaluation.datasets import (
 from polyfuse.scorers import build_scorer
 from polyfuse.scorers.choice import picked_letter
 
-# Chosen for the real tier: SmolLM2-135M-Instruct has room on each (docs/real-tier.md).
-FAMILIES = ["basic_arithmetic", "chain_sum", "letter_counting", "count_bits", "spell_backward", "word_sorting"]
+# Families probed for the real tier (docs/real-tier.md): numeric, counting and string answers.
+FAMILIES = ["basic_arithmetic", "count_bits", "leg_counting", "gcd", "word_sequence_reversal", "spell_backward"]
 
 
 def answered(rows, responses) -> list[SampleRow]:
