@@ -81,13 +81,16 @@ def chart(runs: list[dict], labels: list[str], columns: list[str], path: Path, t
 def evaluate_cached(spec: Any, label: str, recipe: Any, path: Path) -> dict:
     """Greedy held-out accuracy of `spec` on the recipe's eval prompts and verifiers, cached at `path`."""
     from polyfuse.evaluation import evaluate
+    from polyfuse.evaluation.run import DEFAULT_NEW_TOKENS
+    from polyfuse.pipeline.sources import load_prompts
     from polyfuse.scorers import build_scorer
 
     def compute() -> dict:
-        prompts = recipe.load_prompts(recipe.eval.prompts)
+        prompts = load_prompts(recipe.eval.prompts)
         configs = recipe.eval.scorers or [c for c in recipe.score.scorers if c.type != "reward_model"]
-        result = evaluate(spec, prompts, [build_scorer(c) for c in configs], batch_size=recipe.eval.batch_size,
-                          max_new_tokens=recipe.eval.max_new_tokens, label=label, quiet=True)
+        settings = recipe.eval.settings()
+        result = evaluate(spec, prompts, [build_scorer(c) for c in configs], batch_size=settings.batch_size,
+                          max_new_tokens=settings.max_new_tokens or DEFAULT_NEW_TOKENS, label=label, quiet=True)
         return result.summary()
 
     return cached_json(path, compute)

@@ -41,13 +41,12 @@ from polyfuse.data.io import read_rows, write_json
 from polyfuse.data.schemas import PreferenceRow, PromptRow, SampleRow, response_text
 from polyfuse.logprobs import fusion_sources, run_logprobs
 from polyfuse.models import ModelSpec
+from polyfuse.pairs import run_pairs, sft_split
 from polyfuse.pipeline.demo import recipe_path
 from polyfuse.pipeline.recipe import Recipe, load_recipe
 from polyfuse.pipeline.runner import run_recipe
-from polyfuse.pipeline.stages.pairs import in_sft_split, run_pairs
-from polyfuse.pipeline.stages.sample import SampleConfig, run_sample
-from polyfuse.pipeline.stages.score import run_score
-from polyfuse.sampling import EngineModel, SampledModel, SamplingParams
+from polyfuse.sampling import EngineModel, SampleConfig, SampledModel, SamplingParams, run_sample
+from polyfuse.scorers import run_score
 from polyfuse.trainers import PreferenceTrainConfig, train_preference
 
 RECIPE = "infifpo-toy.yaml"
@@ -122,11 +121,9 @@ def build_wrpo_data(recipe: Recipe, ctx: Any, sft: ModelSpec, folder: Path) -> P
     out = folder / "preference.jsonl"
     if out.is_file():
         return out
-    prompts = [
-        p
-        for p in read_rows(ctx.output("prompts", "prompts"), PromptRow)
-        if not in_sft_split(p.id, recipe.pairs.sft_fraction, recipe.pairs.seed)
-    ]
+    prompts = read_rows(ctx.output("prompts", "prompts"), PromptRow)
+    sft_prompts = sft_split([p.id for p in prompts], recipe.pairs.sft_fraction, recipe.pairs.seed)
+    prompts = [p for p in prompts if p.id not in sft_prompts]
     target = SampledModel(**{**sft.model_dump(), "name": TARGET, "sampling": TARGET_SAMPLING.model_dump()})
     config = SampleConfig(
         models=[target],
@@ -151,11 +148,8 @@ def data_counts(recipe: Recipe, ctx: Any, wrpo: Path) -> dict[str, Any]:
     wrpo_report = json.loads((wrpo.parent / "pairs" / "report.json").read_text())
     cross = read_rows(ctx.output("logprobs", "preference"), PreferenceRow)
     triples = read_rows(wrpo, PreferenceRow)
-    po_prompts = {
-        p.id
-        for p in read_rows(ctx.output("prompts", "prompts"), PromptRow)
-        if not in_sft_split(p.id, recipe.pairs.sft_fraction, recipe.pairs.seed)
-    }
+    ids = [p.id for p in read_rows(ctx.output("prompts", "prompts"), PromptRow)]
+    po_prompts = set(ids) - sft_split(ids, recipe.pairs.sft_fraction, recipe.pairs.seed)
     correct = {
         (r.prompt_id, r.response): r.correct for r in read_rows(ctx.output("score", "scored"), SampleRow)
     }
@@ -219,7 +213,7 @@ def train_method(method: Method, recipe: Recipe, sft: ModelSpec, data: Path, fol
             "beta": None,
         }
     )
-    return train_preference(sft, rows, config, model_dir, source_names=fusion_sources(data, rows))
+    return train_preference(sft, rows, config, model_dir, data_path=data)
 
 
 def training_log(model_dir: Path) -> dict[str, Any]:

@@ -10,7 +10,7 @@ and prompt formats, so every text is encoded twice, each model through its own c
 (`polyfuse.models.encode`).
 
 It prints the wall time in total and per model, split into tokenizer load, encoding, model load and
-scoring (measured by wrapping the functions `polyfuse.logprobs.stage` calls; polyfuse itself is not
+scoring (measured by wrapping the functions `polyfuse.logprobs.run` calls; polyfuse itself is not
 changed), the tokens each model scored (mean tokens per prompt and per response: the tokenizers count
 the same text differently), the template mode of each model ("chat" or "plain"), the dropped rows and
 the peak RSS. It then checks the output: every row has `ref_*` (SmolLM2) scalars and `fuse_*` lists
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from polyfuse.data.io import read_metadata, read_rows
     from polyfuse.data.schemas import PreferenceRow
-    from polyfuse.logprobs import stage
+    from polyfuse.logprobs import run as stage
     from polyfuse.models import ModelSpec
 
     torch.set_num_threads(args.threads)

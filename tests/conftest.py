@@ -64,6 +64,15 @@ def smollm2_tokenizer():
 
 
 @pytest.fixture(scope="session")
+def gemma3_tokenizer():
+    """Gemma-3-270M's tokenizer (262k vocabulary), read from its packaged GGUF once per session."""
+    from polyfuse.models import ModelSpec, load_tokenizer
+    from polyfuse.models.packaged import gemma3
+
+    return load_tokenizer(ModelSpec(path=str(gemma3())))
+
+
+@pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     """The `tiny` toy world (three sources, a pivot and a reward model, a few training steps each),
     built once per test session into a temporary cache (about a second)."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 import random
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,7 +27,7 @@ from polyfuse.alignment import (
 )
 from polyfuse.alignment import vocab as vocab_module
 from polyfuse.errors import ConfigError, DataError
-from polyfuse.models import ModelSpec, encode, load_tokenizer
+from polyfuse.models import encode
 from polyfuse.toyworld.tokenizers import train_tokenizer
 
 PROMPT = [{"role": "user", "content": "Say something."}]
@@ -42,21 +41,14 @@ RESPONSES = [
 TEXTS = ["naïve 東京 🙂", "  x 123456 ab.\n\nThe\t\tfoo   bar\u3000x", "Hello, world! <b>bold</b>"]
 
 
-def _gguf_tokenizer(folder: Path, name: str):
-    return load_tokenizer(ModelSpec(path=str(folder), gguf_file=name))
-
-
 @pytest.fixture(scope="module")
 def smollm2(smollm2_tokenizer):
     return smollm2_tokenizer  # read once per session (conftest), shared with test_models
 
 
 @pytest.fixture(scope="module")
-def gemma3():
-    from polyfuse.models import packaged  # installed by the README's test command
-
-    gguf = packaged.gemma3()
-    return _gguf_tokenizer(gguf.parent, gguf.name)
+def gemma3(gemma3_tokenizer):
+    return gemma3_tokenizer  # read once per session (conftest)
 
 
 @pytest.fixture(scope="module")

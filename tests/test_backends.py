@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from polyfuse.config import validate
-from polyfuse.data.io import ShardStore, write_rows
+from polyfuse.data.io import ShardStore, write_metadata, write_rows
 from polyfuse.errors import ConfigError
 from polyfuse.pipeline.demo import recipe_path
 from polyfuse.pipeline.recipe import load_recipe
@@ -71,16 +71,20 @@ def test_a_journal_keeps_complete_records_and_drops_a_cut_off_line(tmp_path):
 
 
 def test_a_journal_left_beside_its_finished_shard_is_deleted_by_the_next_store(tmp_path):
-    """A kill between the shard's rename and the journal's deletion leaves both; the shard is complete, so
-    the next run's store deletes the journal, and keeps the journal of a shard still missing."""
+    """A kill between the shard's sidecar and the journal's deletion leaves both; the shard is complete, so
+    the next run's store deletes the journal, and keeps the journal of a shard still missing, or missing its
+    sidecar (a kill between the shard and its sidecar: the shard is redone, from its journal)."""
     store = ShardStore(tmp_path)
-    for key in ("m-00000", "m-00001"):
+    for key in ("m-00000", "m-00001", "m-00002"):
         store.append(key, {"index": 0, "responses": ["a"]})
-    write_rows(store.path("m-00000"), [{"id": "x"}])  # the shard renamed into place, then the kill
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-00000.jsonl", "m-00000.partial.jsonl", "m-00001.partial.jsonl"]
+    write_rows(store.path("m-00000"), [{"id": "x"}])  # the shard and its sidecar renamed into place, then the kill
+    write_metadata(store.path("m-00000"), {"process": 0, "processes": 1})
+    write_rows(store.path("m-00002"), [{"id": "y"}])  # the shard renamed into place, then the kill
     ShardStore(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-00000.jsonl", "m-00001.partial.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "m-00000.jsonl", "m-00000.jsonl.meta.json", "m-00001.partial.jsonl", "m-00002.jsonl", "m-00002.partial.jsonl"]
     assert ShardStore(tmp_path).journaled("m-00001") == [{"index": 0, "responses": ["a"]}]
+    assert store.done("m-00000") and not store.done("m-00002")
 
 
 def test_a_trained_pivot_cannot_be_run_by_a_server(tmp_path):

@@ -188,8 +188,10 @@ def test_file_that_is_not_gguf(tmp_path):
     fake.write_bytes(b"PK\x03\x04 a zip, not a GGUF")
     with pytest.raises(UserError, match="model.gguf is not a GGUF file"):
         load_model(ModelSpec(path=str(fake)))
-    with pytest.raises(UserError, match="missing.gguf not found"):
+    with pytest.raises(UserError, match="missing.gguf: no such file"):
         load_tokenizer(ModelSpec(path=str(tmp_path / "missing.gguf")))
+    with pytest.raises(UserError, match=r"Missing\.GGUF: no such file"):  # any case, a trailing slash: still a file
+        load_tokenizer(ModelSpec(path=str(tmp_path / "Missing.GGUF") + "/"))
 
 
 @pytest.mark.parametrize("device, message", [("cuda:7", "device 'cuda:7' not available"), ("gpu0", "not a device name")])
@@ -510,6 +512,10 @@ CASES = [
          r"gap_window"),
     Case("pairs-unknown-rule", "pairs -c {kit}/pairs.yaml --set pair_rule=best --scored {kit}/scored.jsonl -o out",
          r"pair_rule: Input should be 'intra_source' or 'cross_model'"),
+    Case("pairs-reward-is-a-verdict", "pairs -c {kit}/pairs.yaml --set reward=toyworld --scored {kit}/scored.jsonl -o out",
+         r"pairs\.reward: 'toyworld' is a verifier's verdict, not a reward; .*leave pairs\.reward out"),
+    Case("pairs-choice-needs-a-reward", "pairs --set pair_choice=largest_gap --scored {kit}/scored.jsonl -o out",
+         r"pair_choice 'largest_gap' ranks pairs by reward, and no reward is given"),
     Case("pairs-out-is-a-file", "pairs -c {kit}/pairs.yaml --scored {kit}/scored.jsonl -o out", r"out: is a file, expected a folder",
          {"out": "the user's file"}),
     # logprobs
@@ -564,8 +570,8 @@ CASES = [
          r"none: no teacher outputs here; run `polyfuse teacher`"),
     Case("distill-not-a-store", "train distill -c {kit}/train.yaml --data {kit}/sft.jsonl --teachers t --model {world}/pivot -o out",
          r"t: no teacher outputs here", {"t/readme.txt": "hi"}),
-    Case("distill-unknown-objective", "train distill -c {kit}/train.yaml --set objective=kd --data {kit}/sft.jsonl --teachers {kit}/teachers --model {world}/pivot -o out",
-         r"objective.*'kd'.*(uld|fusellm)"),
+    Case("distill-unknown-objective", "train distill -c {kit}/train.yaml --set objective=kdd --data {kit}/sft.jsonl --teachers {kit}/teachers --model {world}/pivot -o out",
+         r"objective.*'kdd'.*(uld|fusellm)"),
     Case("dpo-objective-mismatch", "train dpo -c bad.yaml --data {kit}/preference.jsonl --model {world}/pivot -o out",
          r"bad\.yaml: objective is 'ipo' but the command is `train dpo`", {"bad.yaml": {"objective": "ipo"}}),
     Case("dpo-negative-beta", "train dpo --set beta=-1 --data {kit}/preference.jsonl --model {world}/pivot -o out",
@@ -586,6 +592,8 @@ CASES = [
     Case("eval-gsm8k-file-missing", "eval --model {world}/pivot --data gsm8k:none.jsonl -o out", r"none\.jsonl: GSM8K file not found"),
     Case("eval-same-name-twice", "eval --model a={world}/pivot --model a={world}/reward_model --data toyworld -o out",
          r"--model: two models are named 'a'"),
+    Case("eval-same-folder-twice", "eval --model {world}/pivot --model {world}/pivot/ --data toyworld -o out",
+         r"--model: two models are named '.*pivot'"),
     Case("eval-out-is-a-file", "eval --model {world}/pivot --data {kit}/prompts.jsonl -o out", r"out: is a file, expected a folder",
          {"out": "the user's file"}),
     Case("eval-unknown-preset", "eval --model {world}/pivot --data toyworld --toy-preset huge -o out", r"huge.*(default|tiny)"),
@@ -597,8 +605,9 @@ CASES = [
     Case("run-stage-without-section", "run {kit}/recipe.yaml --set merge=null --set stages=[merge] --work-dir w",
          r"stage 'merge' is listed in 'stages' but has no 'merge' section"),
     Case("run-duplicate-model-names", "run {kit}/recipe.yaml --set pivot.name=llama-compare --work-dir w", r"model names must be unique"),
-    Case("run-eval-without-scorers", "run {kit}/recipe.yaml --set stages=[prompts,sample,eval] --set eval.scorers=null --set score=null --work-dir w",
-         r"eval: no scorers to grade with"),
+    Case("run-pairs-nothing-ranks", "run {kit}/recipe.yaml --set pairs.reward=null --work-dir w",
+         r"pairs: no reward is set and the score stage has no verifier, so nothing ranks the responses; set "
+         r"pairs\.reward to one of: rm"),
     Case("run-unknown-scheduler", "run {kit}/recipe.yaml --set sft.lr_scheduler=cosinus --work-dir w", r"sft\.lr_scheduler: 'cosinus'"),
     Case("run-unknown-optim", "run {kit}/recipe.yaml --set po.optim=adam --work-dir w", r"po\.optim: 'adam'"),
     Case("run-work-dir-is-a-file", "run {kit}/recipe.yaml --work-dir w", r"w: is a file, expected a folder", {"w": "the user's file"}),
@@ -630,6 +639,12 @@ CASES = [
          {"d.parquet": b"PAR1" + b"\0" * 64 + b"PAR1"}),
     Case("sft-model-not-gguf", "train sft --data {kit}/sft.jsonl --model m.gguf -o out", r"m\.gguf is not a GGUF file",
          {"m.gguf": b"GGML old"}),
+    Case("sft-model-gguf-missing", "train sft --data {kit}/sft.jsonl --model none.gguf -o out", r"none\.gguf: no such file$"),
+    Case("config-misspelt-key-line", "sample -c bad.yaml --prompts {kit}/prompts.jsonl -o out",
+         r"bad\.yaml: invalid config\n  line 1: models: .*\n  line 2: batch_sise: unknown key; did you mean 'batch_size'\?",
+         {"bad.yaml": "models: []\nbatch_sise: 4\n"}),
+    Case("run-reward-model-a-causal-lm", "run {kit}/recipe.yaml --set score.scorers.0.model.path={world}/pivot --work-dir w",
+         r"score\.scorers\.0\.model \(pivot\): not a reward model: MistralForCausalLM has no sequence-classification head"),
     Case("sft-model-is-a-file", "train sft --data {kit}/sft.jsonl --model ./m -o out", r"\./m: is a file, expected a model folder",
          {"m": "weights?"}),
     Case("distill-corrupt-shard", "train distill --data {kit}/sft.jsonl --teachers t --model {world}/pivot -o out",

@@ -9,7 +9,7 @@ import pytest
 
 from polyfuse.config import apply_overrides, load_config
 from polyfuse.errors import ConfigError
-from polyfuse.pipeline.stages.pairs import PairsConfig
+from polyfuse.pairs import PairsConfig
 from polyfuse.registry import Registry
 
 
@@ -21,13 +21,74 @@ def test_wrong_type_names_key_and_type(tmp_path):
 
 
 def test_unknown_and_missing_keys(tmp_path):
-    path = tmp_path / "pairs.yaml"
-    path.write_text("sft_fractoin: 0.5\n")
+    from polyfuse.scorers import ScoreConfig
+
+    path = tmp_path / "score.yaml"
+    path.write_text("chunk_sise: 5\n")
     with pytest.raises(ConfigError) as err:
-        load_config(PairsConfig, path)
-    assert "sft_fractoin: unknown key" in str(err.value) and "reward: required key is missing" in str(
-        err.value
-    )
+        load_config(ScoreConfig, path)
+    assert "chunk_sise: unknown key" in str(err.value) and "scorers: required key is missing" in str(err.value)
+
+
+def test_every_config_error_names_its_yaml_line_and_a_misspelt_key_the_key_meant(tmp_path):
+    """The line of the key (a missing key: of the mapping that misses it), and "did you mean" from the keys the
+    mapping at that place allows: nested sections, list items, a registry member chosen by its `type` (a
+    scorer, a backend), a recipe; an override's value has no line in the file."""
+    from polyfuse.scorers import ScoreConfig
+
+    path = tmp_path / "score.yaml"
+    path.write_text("scorers:\n"
+                    "  - type: reward_model\n"
+                    "    modle: {path: rm}\n"
+                    "  - {type: math, domians: [math]}\n"
+                    "  - {type: code, timeout: 3}\n"
+                    "chunk_sise: 8\n"
+                    "device: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(ScoreConfig, path)
+    assert str(err.value).splitlines() == [
+        f"{path}: invalid config",
+        "  line 2: scorers.0.model: required key is missing",
+        "  line 3: scorers.0.modle: unknown key; did you mean 'model'?",
+        "  line 4: scorers.1.domians: unknown key; did you mean 'domains'?",
+        "  line 5: scorers.2.timeout: unknown key; did you mean 'timeout_s'?",
+        "  line 7: device: Input should be a valid string (got 3)",
+        "  line 6: chunk_sise: unknown key; did you mean 'chunk_size'?",
+    ]
+    with pytest.raises(ConfigError) as err:
+        load_config(ScoreConfig, path, ["chunk_sise=9", "device=cpu", "scorers.0.modle.path=x"])
+    assert "  line 3: scorers.0.modle: unknown key; did you mean 'model'?" in str(err.value).splitlines()
+    assert "  chunk_sise: unknown key; did you mean 'chunk_size'?" in str(err.value).splitlines()  # from --set
+    path.write_text("scorers: [{type: math}]\nzzz: 1\n")
+    with pytest.raises(ConfigError, match=r"line 2: zzz: unknown key \(the keys here: scorers, chunk_size, device\)$"):
+        load_config(ScoreConfig, path)
+
+
+def test_a_recipe_error_names_its_line_through_sources_backends_and_sections(tmp_path):
+    from polyfuse.pipeline.recipe import load_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text("name: t\n"
+                    "sources:\n"
+                    "  - name: a\n"
+                    "    path: a\n"
+                    "    backend: {type: vllm, tensor_paralel_size: 2}\n"
+                    "    sampling: {temprature: 0.5}\n"
+                    "pivot: {name: p, path: p}\n"
+                    "prompts: {path: p.jsonl, limt: 3}\n"
+                    "sample: {batch_sise: 4}\n")
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path)
+    assert str(err.value).splitlines()[1:] == [
+        "  line 5: sources.0.backend.tensor_paralel_size: unknown key; did you mean 'tensor_parallel_size'?",
+        "  line 6: sources.0.sampling.temprature: unknown key; did you mean 'temperature'?",
+        "  line 8: prompts.limt: unknown key; did you mean 'limit'?",
+        "  line 9: sample.batch_sise: unknown key; did you mean 'batch_size'?",
+    ]
+    path.write_text("name: t\nsources: [{name: a, path: a}]\npivot: {name: p, path: p}\nprompts: {path: p.jsonl}\n"
+                    "stages: [sample, prompts]\n")  # a check across keys: the line of the key it names first
+    with pytest.raises(ConfigError, match=r"invalid config\n  line 5: stages must keep the order \['prompts', 'sample'"):
+        load_recipe(path)
 
 
 def test_overrides_parse_yaml_scalars_and_nested_keys(tmp_path):

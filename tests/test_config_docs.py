@@ -17,7 +17,7 @@ from polyfuse.cli.config_docs import stage_config, stage_config_yaml, stage_name
 from polyfuse.config import StrictModel, _description, _model_in, annotated_yaml, validate
 
 DOCS = Path(__file__).parents[1] / "docs" / "configs.md"
-EXAMPLES_REQUIRED = ["sample", "score", "pairs", "logprobs", "teacher", "sft", "distill", "po", "eval"]
+EXAMPLES_REQUIRED = ["prompts", "sample", "score", "pairs", "logprobs", "teacher", "sft", "distill", "po", "eval"]
 
 
 class Inner(StrictModel):
@@ -54,16 +54,16 @@ def test_annotated_yaml_by_hand():
     )
 
 
-def _examples() -> dict[str, dict]:
-    """`# config: STAGE` YAML blocks of docs/configs.md."""
+def _examples() -> list[tuple[str, dict]]:
+    """`# config: STAGE` YAML blocks of docs/configs.md (a stage may have several)."""
     blocks = re.findall(r"```yaml\n# config: (\S+)\n(.*?)```", DOCS.read_text(), flags=re.S)
-    return {stage: yaml.safe_load(body) for stage, body in blocks}
+    return [(stage, yaml.safe_load(body)) for stage, body in blocks]
 
 
 def test_the_docs_have_one_example_per_stage_and_each_validates():
     examples = _examples()
-    assert sorted(examples) == sorted(EXAMPLES_REQUIRED)
-    for stage, values in examples.items():
+    assert sorted({stage for stage, _ in examples}) == sorted(EXAMPLES_REQUIRED)
+    for stage, values in examples:
         config = validate(stage_config(stage, recipe=stage == "eval"), values, source=f"docs/configs.md: {stage}")
         assert config.model_dump(exclude_unset=True).keys() == values.keys()
 
@@ -129,8 +129,11 @@ def test_config_show_lists_every_backend_with_its_options_and_defaults():
     assert yaml.safe_load(text)["models"][0]["backend"] == "transformers"  # the default, as a value
     assert re.search(r"^    # backend: mapping, default transformers\. ", text, flags=re.M)
     blocks = _commented_blocks(text, "backend")  # one per backend type, every key with its default
-    assert [b["type"] for b in blocks] == BACKENDS.names() == ["openai", "transformers", "vllm"]
-    openai, _, vllm = blocks
+    assert [b["type"] for b in blocks] == BACKENDS.names() and {"openai", "transformers", "vllm"} <= set(BACKENDS.names())
+    for block in blocks:  # each registered backend's own keys and defaults (a new backend is checked the same way)
+        defaults = BACKENDS.get(block["type"]).Config.model_fields
+        assert set(block) == set(defaults), block["type"]
+    openai, vllm = (next(b for b in blocks if b["type"] == name) for name in ("openai", "vllm"))
     assert vllm["tensor_parallel_size"] == 1 and "    #   tensor_parallel_size: 1" in text.splitlines()
     assert vllm == VllmSettings().model_dump(mode="json")
     assert openai["base_url"] is None and "    #   base_url:" in text.splitlines()  # required: no default
@@ -138,7 +141,7 @@ def test_config_show_lists_every_backend_with_its_options_and_defaults():
     assert OpenAISettings.model_validate(served).model_dump(mode="json") == served
     logprobs = stage_config_yaml("logprobs")  # the section's own backend is off (null); each type commented out
     assert yaml.safe_load(logprobs)["backend"] is None
-    assert [b["type"] for b in _commented_blocks(logprobs, "backend")] == ["openai", "transformers", "vllm"] * 3
+    assert [b["type"] for b in _commented_blocks(logprobs, "backend")] == BACKENDS.names() * 3
     # eval's optional list of scorers: every registered scorer type (tests register their own too), not the base
     # class's keys alone
     scorers = [s["type"] for s in _commented_blocks(stage_config_yaml("eval"), "scorers")[0]]

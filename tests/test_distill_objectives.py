@@ -29,7 +29,6 @@ from polyfuse.objectives import (
     logit_std,
     min_ce_choice,
     soft_cross_entropy,
-    standardize_logits,
     student_uld_probs,
     teacher_uld_probs,
     token_cross_entropy,
@@ -37,6 +36,7 @@ from polyfuse.objectives import (
     uld_distance,
     uncertainty_weights,
 )
+from polyfuse.objectives.distill import STD_EPS
 
 LN = math.log
 INF = float("inf")
@@ -51,6 +51,12 @@ def close(actual: torch.Tensor, expected, atol: float = 1e-5) -> bool:
 
 
 # ---- standardisation ----------------------------------------------------------------------------------
+
+
+def standardize_logits(logits, eps=STD_EPS):
+    """The full-vocabulary z-score that ULD's targets reproduce from the stored std: `(l - mean) / (std + eps)`."""
+    x = logits.float()
+    return (x - x.mean(-1, keepdim=True)) / (logit_std(x)[..., None] + eps)
 
 
 def test_standardize_hand_computed_uses_sample_std():

@@ -15,7 +15,7 @@ from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel, LlamaForCausal
 from polyfuse.data import PreferenceRow
 from polyfuse.models import ModelSpec, load_model
 from polyfuse.trainers import PreferenceTrainConfig, train_preference
-from polyfuse.trainers.base import disable_dropout
+from polyfuse.trainers.model_setup import disable_dropout
 from tiny_lm import build_tokenizer, sentence
 
 RATE = 0.5
@@ -78,7 +78,7 @@ def test_disable_dropout_reaches_modules_and_config_rates(tmp_path):
     model.train()
     ids = torch.tensor([[1, 9, 10, 11, 12, 13]])
     assert not torch.equal(model(ids).logits, model(ids).logits)  # attention dropout is on in train mode
-    changed = disable_dropout(model)
+    changed = disable_dropout(model).rates
     assert changed and all(v == RATE for v in changed.values())
     assert torch.equal(model(ids).logits, model(ids).logits)
     assert all(layer.self_attn.attention_dropout == 0.0 for layer in model.model.layers)

@@ -147,7 +147,7 @@ def vllm_recipe_run(vllm_python, tiny_world, tmp_path_factory) -> tuple[Path, di
     return folder / "work", recipe
 
 
-def test_fusechat_toy_recipe_samples_every_source_through_vllm(vllm_recipe_run):
+def test_fusechat_toy_recipe_samples_every_source_through_vllm(vllm_recipe_run, tiny_world):
     work, recipe = vllm_recipe_run
     samples = read_rows(work / "sample" / "samples.jsonl", SampleRow)
     prompts = len((work / "prompts" / "prompts.jsonl").read_text().splitlines())
@@ -163,6 +163,22 @@ def test_fusechat_toy_recipe_samples_every_source_through_vllm(vllm_recipe_run):
     assert meta["backends"] == {"pivot": "transformers", **{name: "vllm" for name in names}}
     results = json.loads((work / "eval" / "results.json").read_text())
     assert set(names) <= set(results)
+    for source in recipe["sources"]:  # gold bits per byte through vLLM's prompt log-probs
+        path = tiny_world.source_paths[source["name"]]
+        assert_gold_bpb_of_transformers(work / "eval", source["name"], ModelSpec(name=source["name"], path=str(path)))
+
+
+def assert_gold_bpb_of_transformers(folder: Path, label: str, spec: ModelSpec) -> None:
+    """The eval output's gold bits per byte of `label` (scored by another backend) equal the transformers
+    backend's on the same prompts (1e-4 per token of log-prob, a few bytes per token)."""
+    from polyfuse.data import PromptRow
+    from polyfuse.evaluation import gold_bpb, load_eval_report
+
+    prompts = read_rows(folder / "prompts.jsonl", PromptRow)
+    expected = gold_bpb(TransformersBackend(spec, TransformersSettings()), prompts)
+    found = [record.bpb for record in load_eval_report(folder)[label].records]
+    assert None not in found and None not in expected and len(found) == len(prompts)
+    assert max(abs(a - b) for a, b in zip(found, expected, strict=True)) <= 1e-3
 
 
 def test_two_processes_share_the_shards_and_give_the_rows_of_one(vllm_python, vllm_recipe_run, tmp_path):

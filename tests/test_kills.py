@@ -212,3 +212,28 @@ def test_ctrl_c_stops_a_toy_world_build_and_its_workers_at_once(tmp_path):
     with pytest.raises(ProcessLookupError):  # no worker left behind in the group
         os.killpg(process.pid, 0)
     assert not cache.exists()  # the temporary folder removed, then the cache folder the command made
+
+
+def test_a_shard_killed_before_its_sidecar_is_written_again_with_it(tiny_world, tmp_path):
+    """A kill just before a sample shard's `.meta.json` sidecar is renamed into place leaves the shard without
+    it: the rerun counts that shard as unfinished and writes both, so no shard is left without its sidecar."""
+    prompts = [{"id": f"p{i}", "prompt": f"{i} + 1 =", "domain": "arithmetic", "answer": str(i + 1)} for i in range(6)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    (tmp_path / "sample.yaml").write_text(yaml.safe_dump({
+        "models": [{"name": "pivot", "path": str(tiny_world.root / "pivot"), "sampling": {"n": 2, "max_new_tokens": 4}}],
+        "chunk_size": 2}))
+
+    def command(out: Path) -> list[str]:
+        return ["sample", "-c", str(tmp_path / "sample.yaml"), "--prompts", str(tmp_path / "prompts.jsonl"), "-o", str(out), "-q"]
+
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    assert launch(command(reference)) == 0
+    middle = "shards/pivot-00001.jsonl"
+    assert launch(command(killed), kill_before=f"{middle}.meta.json") == -signal.SIGKILL
+    assert (killed / middle).exists() and not (killed / f"{middle}.meta.json").exists()  # the window the kill hit
+    assert launch(command(killed)) == 0
+    shards = sorted((killed / "shards").glob("*.jsonl"))
+    assert [s.name for s in shards] == ["pivot-00000.jsonl", "pivot-00001.jsonl", "pivot-00002.jsonl"]
+    assert all(Path(f"{shard}.meta.json").exists() for shard in shards)
+    assert (killed / "samples.jsonl").read_bytes() == (reference / "samples.jsonl").read_bytes()
+    assert temporaries(killed) == []

@@ -19,7 +19,7 @@ from trl import KTOConfig, KTOTrainer
 from polyfuse.models import ModelSpec, load_model
 from polyfuse.models.forward import forward_logps
 from polyfuse.objectives import COMPLETION, KL_COMPLETION, KTO, UnpairedBatch, kl_partners
-from polyfuse.trainers.base import SequenceCollator
+from polyfuse.trainers.collate import SequenceCollator
 from tiny_lm import build_tiny_model, build_tokenizer, sentence
 
 BATCH = 4

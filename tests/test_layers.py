@@ -27,7 +27,7 @@ FLOORS: list[set[str]] = [
     {"__init__", "errors"},  # the package itself holds only its version
     {"config", "registry", "progress"},
     {"data"},
-    {"objectives"},
+    {"objectives", "pairs"},  # pairs: training data from scored samples (data only)
     {"models"},
     {"alignment", "sampling", "scorers", "merge"},
     {"teacher", "evaluation", "logprobs"},  # logprobs scores through the sampling backends

@@ -235,7 +235,7 @@ def test_logprobs_stage_resumes_from_its_finished_shards(tiny_world, tmp_path, m
     lost.unlink()
     out.unlink()
     loaded = []
-    import polyfuse.logprobs.stage as stage
+    import polyfuse.logprobs.run as stage
 
     original = stage.build_backend
     monkeypatch.setattr(stage, "build_backend", lambda spec: loaded.append(spec.label) or original(spec))

@@ -29,7 +29,8 @@ def test_estimate_counts_16_bytes_per_parameter_divided_by_shards(spec, monkeypa
     single = estimate_memory(spec, config, sequences_per_item=1)
     assert single.parameters == single.trainable == parameters
     assert (single.parts["gradients"], single.parts["optimizer"]) == (4 * parameters, 8 * parameters)
-    assert single.parts["weights"] == 8 * parameters  # CPU: the loaded state dict and the model at once
+    assert single.parts["weights"] == 4 * parameters  # fp32
+    assert single.parts["loading copy"] == 4 * parameters  # CPU: the loaded state dict beside the model
     assert single.parts["logits"] == 2 * 16 * 31 * 12  # tokens x vocab x 12 bytes
     assert estimate_memory(spec, config, sequences_per_item=2).parts["activations"] == 2 * single.parts["activations"]
 
@@ -41,6 +42,23 @@ def test_estimate_counts_16_bytes_per_parameter_divided_by_shards(spec, monkeypa
 
     lora = estimate_memory(spec, SFTTrainConfig(lora={"r": 4, "target_modules": ["q_proj"]}, max_length=16), 1)
     assert lora.trainable == 2 * 4 * (32 + 32)  # 2 layers x r x (in + out)
+
+
+def test_each_part_is_labelled_by_what_it_counts_for_smollm2_135m(tmp_path):
+    """SmolLM2-135M's shapes (a config alone: the estimate builds the model on the meta device): 134,515,008
+    parameters, so 0.50 GiB of fp32 weights and, on CPU, a 0.50 GiB copy while they load; never "weights 1.00"."""
+    import json
+
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 576, "intermediate_size": 1536,
+              "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
+              "max_position_embeddings": 8192, "tie_word_embeddings": True}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    estimate = estimate_memory(ModelSpec(path=str(tmp_path)), SFTTrainConfig(batch_size=1, max_length=16), 1)
+    embeddings, layer = 49152 * 576, 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536 + 2 * 576
+    assert estimate.parameters == embeddings + 30 * layer + 576 == 134_515_008
+    assert (estimate.parts["weights"], estimate.parts["loading copy"]) == (4 * 134_515_008, 4 * 134_515_008)
+    assert "weights 0.50, gradients 0.50, optimizer 1.00, " in estimate.describe()
+    assert "loading copy 0.50" in estimate.describe() and "134.5M parameters" in estimate.describe()
 
 
 def test_a_run_that_cannot_fit_is_refused_unless_forced(spec, tmp_path, monkeypatch):

@@ -318,3 +318,45 @@ def test_extract_lora_bad_inputs_exit_2_and_leave_nothing(tmp_path, zoo, monkeyp
     code, text = polyfuse(monkeypatch, capsys, "merge", "extract-lora", zoo["base"], zoo["ft1"], str(out), "-q", *args)
     assert code == 2 and message in text and "Traceback" not in text, text
     assert sorted((p.name, p.stat().st_size) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("tokenizers", [(), ("a",)], ids=["neither", "one"])
+def test_vocabularies_of_different_sizes_without_a_tokenizer_block_are_refused_before_any_read(
+        tmp_path, monkeypatch, capsys, tokenizers):
+    """Same architecture, 64 and 80 embedding rows, no tokenizer files on (at least) one side: one line naming both
+    sizes and models and the way to merge them, before any tensor is read (was a RuntimeError mid-merge)."""
+    from polyfuse.merge.sources import ModelReader
+    from test_merge_mergekit_configs import bpe_tokenizer, pico_llama
+
+    a, b = pico_llama(tmp_path / "a", 1), pico_llama(tmp_path / "b", 2, vocab_size=80)
+    for name in tokenizers:
+        bpe_tokenizer(64, []).save_pretrained(tmp_path / name)
+    monkeypatch.setattr(ModelReader, "read", lambda self, key: pytest.fail(f"{key} read before validation"))
+    config = {"merge_method": "linear", "models": [{"model": a, "parameters": {"weight": 1.0}},
+                                                   {"model": b, "parameters": {"weight": 1.0}}]}
+    code, text = merge_cli(monkeypatch, capsys, tmp_path, config)
+    assert code == 2 and "Traceback" not in text, text
+    line = next(x for x in text.splitlines() if "vocabularies differ" in x)  # the whole message, on one line
+    assert line.startswith(f"error: {tmp_path / 'merge.yaml'}: the vocabularies differ in size")
+    assert f"(embedding rows: models[0] ({a}) 64, models[1] ({b}) 80)" in line and "tokenizer: {source: base}" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_model_listed_twice_counts_its_inputs_once_and_the_same_way(tmp_path, zoo, monkeypatch, capsys):
+    """A linear merge of one path twice reads it twice per tensor: the layout line and the memory estimate both
+    say 2 inputs, and the layout says they are one model; the result is that model."""
+    config = {"merge_method": "linear", "dtype": "float32",
+              "models": [{"model": zoo["ft1"], "parameters": {"weight": 0.5}},
+                         {"model": zoo["ft1"] + "/", "parameters": {"weight": 0.5}}]}
+    code, text = merge_cli(monkeypatch, capsys, tmp_path, config)
+    text = " ".join(text.split())
+    assert code == 0 and "merge linear: 2 inputs (1 distinct model), " in text and "(2 inputs x " in text, text
+    from safetensors.torch import load_file
+
+    merged = {k: v for f in (tmp_path / "out").glob("*.safetensors") for k, v in load_file(f).items()}
+    source = {k: v for f in Path(zoo["ft1"]).glob("*.safetensors") for k, v in load_file(f).items()}
+    assert merged.keys() == source.keys() and all(torch.equal(merged[k], source[k]) for k in merged)
+    ties_config = ties(zoo)
+    ties_config["models"].insert(0, {"model": zoo["base"]})  # mergekit's idiom: the base listed, no parameters
+    code, text = merge_cli(monkeypatch, capsys, tmp_path, ties_config, tmp_path / "ties")
+    assert code == 0 and "merge ties: 3 inputs (the base and 2 models), " in " ".join(text.split()), text

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import weakref
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import yaml
 from polyfuse.errors import ConfigError
 from polyfuse.merge import MergeOptions, load_merge_config, run_merge
 from polyfuse.merge.config import MergeConfig, ParamResolver
-from polyfuse.merge.methods.base import MERGE_METHODS, MergeMethod, TensorTask
+from polyfuse.merge.methods.base import MERGE_METHODS, MergeMethod, Param, TensorTask
+from polyfuse.merge.reference import ModelReference
 from polyfuse.merge.sources import ModelReader, index_model
 from polyfuse.merge.writer import INDEX, MANIFEST
 from tiny_lm import CHAT_TEMPLATE, SPECIALS, WORDS, build_tiny_model
@@ -26,8 +28,7 @@ class WeightedSum(MergeMethod):
 
     name = "engine_test_sum"
     description = "test: weighted sum of task vectors"
-    defaults = {"scale": 1.0}
-    model_defaults = {"weight": None, "density": 1.0}
+    parameters = (Param("weight", per_model=True), Param("density", 1.0, per_model=True), Param("scale", 1.0))
 
     def merge(self, task: TensorTask) -> torch.Tensor:
         deltas = task.deltas()
@@ -166,6 +167,69 @@ def test_required_weight_and_overrides(tmp_path):
                                                                             "parameters.scale=high"])).params("x", 0)
     with pytest.raises(ConfigError, match=r"parameters\.densty: unknown parameter"):
         load_merge_config(write_config(tmp_path, config), ["parameters.weight=1", "parameters.densty=0.5"])
+
+
+def test_map_models_reaches_every_model_the_config_names(tmp_path):
+    """`map_models` rewrites the base, `models:`, slice sources and bases, the tokenizer source and per-token sources
+    (either side of MODEL+LORA), never `union` or `base`; the normal form is rebuilt from the result."""
+    cfg = MergeConfig.model_validate({
+        "merge_method": "linear", "base_model": "b", "parameters": {"weight": 1.0},
+        "slices": [{"base_model": "s", "sources": [{"model": "m1+l1", "layer_range": [0, 1]},
+                                                    {"model": "m2", "layer_range": [0, 1]}]}],
+        "tokenizer": {"source": "m2", "tokens": {"<x>": {"source": "m1+l1"}, "<z>": {"source": {"kind": "zero"}},
+                                                 "<y>": {"source": {"kind": "model_token", "model": "m2", "token_id": 1}}}}})
+    assert [str(r) for r in cfg.named_models()] == ["b", "s", "m1+l1", "m2", "m2", "m1+l1", "m2"]
+    mapped = cfg.map_models(lambda r: ModelReference(f"/p/{r.path}", r.lora and f"/a/{r.lora}"))
+    assert [str(r) for r in mapped.named_models()] == ["/p/b", "/p/s", "/p/m1+/a/l1", "/p/m2", "/p/m2", "/p/m1+/a/l1",
+                                                       "/p/m2"]
+    assert mapped.referenced_models() == {ModelReference("/p/b"): "base_model", ModelReference("/p/s"): "slices[0].base_model",
+                                          ModelReference("/p/m1", "/a/l1"): "slices[0].sources[0]",
+                                          ModelReference("/p/m2"): "slices[0].sources[1]"}
+    assert mapped.output_slices[0].inputs[0].model == ModelReference("/p/m1", "/a/l1")
+    union = MergeConfig.model_validate({"merge_method": "linear", "models": [{"model": "m"}], "tokenizer_source": "union"})
+    assert union.map_models(lambda r: ModelReference("/p")).tokenizer_source == "union"
+    folder = tmp_path / "a+b"  # an existing path is a model even with a '+'; spellings of one folder are one model
+    folder.mkdir()
+    assert ModelReference.parse(str(folder)) == ModelReference.parse(f"{folder}/") != ModelReference.parse("a+b")
+    assert ModelReference.parse("a+b") == ModelReference("a", "b") and ModelReference.parse("org/name/") == ModelReference("org/name")
+
+
+def test_each_parameter_is_declared_once_and_read_by_checks_docs_and_config_show():
+    """A method's `Param`s are its parameters everywhere: required ones are refused when missing, defaults are what
+    a merge gets, and docs/merge-compat.md's table and `polyfuse config show merge` are generated from them."""
+    from polyfuse.cli.config_docs import stage_config_yaml
+    from polyfuse.merge.config import parameter_reference
+
+    builtin = [n for n in MERGE_METHODS.names() if MERGE_METHODS.get(n).__module__.startswith("polyfuse.merge.methods.")]
+    table = ["| parameter | given | what it is | default, by method |", "|---|---|---|---|"]
+    for param, defaults in parameter_reference(builtin):
+        scope = "per model (or for all)" if param.per_model else "for the merge"
+        where = "; ".join(f"{default} {', '.join(f'`{m}`' if ' ' not in m else m for m in owners)}"
+                          for default, owners in defaults.items())
+        table.append(f"| `{param.name}` | {scope} | {param.description.replace('|', chr(92) + '|')} | {where} |")
+    assert "\n".join(table) + "\n" in (Path(__file__).parents[1] / "docs" / "merge-compat.md").read_text()
+    shown = " ".join(line.lstrip("#").strip() for line in stage_config_yaml("merge").splitlines())
+    for name in builtin:
+        method = MERGE_METHODS.get(name)
+        required = {p.name: 0.5 for p in method.parameters if p.required}
+        config = {"merge_method": name, "base_model": "b", "models": [{"model": "m1"}, {"model": "m2"}],
+                  "parameters": required}
+        resolver = ParamResolver.of(MergeConfig.model_validate(config))
+        resolver.check_given()
+        for param in method.parameters:
+            assert f"{param.name} ({'per model' if param.per_model else 'for the merge'}): {param.description};" in shown
+            if param.required:
+                lacking = MergeConfig.model_validate(
+                    {**config, "parameters": {k: v for k, v in required.items() if k != param.name}})
+                where = "models[0].parameters" if param.per_model else "parameters"
+                with pytest.raises(ConfigError, match=rf"{re.escape(where)}\.{param.name}: required by {name}"):
+                    ParamResolver.of(lacking).check_given()
+            elif param.per_model:
+                assert all(p[param.name] == param.default for p in resolver.model_params(["x", "x", "x"], 0.0))
+            else:
+                assert resolver.params("x", 0.0)[param.name] == param.default
+    with pytest.raises(TypeError, match="declare parameters as `parameters = "):
+        type("Legacy", (MergeMethod,), {"defaults": {"t": None}, "merge": lambda self, task: task.base})
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -491,7 +555,7 @@ def test_at_most_one_tensor_per_model_alive(tmp_path, zoo, monkeypatch):
 def test_a_read_tensor_is_the_callers_to_overwrite(zoo):
     """Methods work in place on what the reader returns: a write must reach neither the file nor a later read of
     the same key (a tied head reads `embed_tokens` a second time)."""
-    reader = ModelReader(index_model(zoo["base"], "base_model"))
+    reader = ModelReader(index_model(ModelReference.parse(zoo["base"]), "base_model"))
     key = next(iter(reader.source.tensors))
     first = reader.read(key)
     expected = first.clone()

@@ -20,6 +20,7 @@ from polyfuse.merge import MergeOptions, run_merge
 from polyfuse.merge.config import parse_merge_config
 
 RANDOM = {"dare_ties", "dare_linear", "della", "della_linear"}
+FAST = MergeOptions(quiet=True, smoke_check=False)
 TOLERANCE = 1e-5  # fp32 rounding on weights of order 0.1
 
 
@@ -195,6 +196,29 @@ def test_basic_merges_match_mergekit(tmp_path, pico, method, first, second, base
     assert_same(*run_both(tmp_path, config), method)
 
 
+BASE_USERS = [c for c in BASIC if c[4] is not None and not c[0].startswith("granite")]
+
+
+@pytest.mark.parametrize(("method", "first", "second", "base", "params"), [c[1:] for c in BASE_USERS],
+                         ids=[c[0] for c in BASE_USERS])
+def test_the_base_listed_under_models_without_parameters_matches_mergekit(tmp_path, pico, method, first, second,
+                                                                          base, params):
+    """mergekit's idiom `- model: BASE` (no parameters) first under `models:`, for every method that takes a base:
+    the base is the base, not one more model that lacks a weight (polyfuse crashed there); where the base was
+    not listed already, the merge is the one without the listing."""
+    config = two_models(pico[first], pico[second], method, pico[base], params)
+    listed = base not in (first, second)
+    if listed:
+        config["models"].insert(0, {"model": pico[base]})
+    ours, theirs = run_both(tmp_path, config)
+    assert_same(ours, theirs, method)
+    if listed and method not in RANDOM | {"karcher"}:  # karcher: the same mean, summed in another order
+        del config["models"][0]
+        unlisted = run_merge(parse_merge_config(config, "c"), tmp_path / "unlisted", "c", FAST).out
+        a, b = weights(ours), weights(unlisted)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_nuslerp_weights_summing_to_zero_match_mergekit(tmp_path, pico):
     config = two_models(pico["a"], pico["b"], "nuslerp", pico["c"],
                         {"nuslerp_row_wise": False, "nuslerp_flatten": False})
@@ -260,6 +284,25 @@ def test_gpt2_stack_matches_mergekit(tmp_path, pico):
         assert torch.equal(out[f"transformer.h.{j}.mlp.c_fc.weight"], source[f"transformer.h.{j % 2}.mlp.c_fc.weight"])
 
 
+TIES_EXAMPLE = [  # examples/ties.yml's models: the base, then three fine-tunes
+    {"model": "d"},  # "no parameters necessary for base model" (listed until mergekit e52a51b)
+    {"model": "a", "parameters": {"density": [1, 0.7, 0.1], "weight": 1.0}},
+    {"model": "b", "parameters": {"density": 0.5, "weight": [0, 0.3, 0.7, 1]}},
+    {"model": "c", "parameters": {"density": 0.33, "weight": [{"filter": "mlp", "value": 0.5}, {"value": 0}]}},
+]
+
+
+def ties_example(m: dict, base_listed: bool, first_density: list[float] | None = None, sliced: bool = False) -> dict:
+    """examples/ties.yml on pico models: with the base listed under `models:` or not, another density gradient
+    for the first fine-tune, or as one slice of every model's layers."""
+    models = [dict(e, model=m[e["model"]]) for e in TIES_EXAMPLE[0 if base_listed else 1:]]
+    if first_density is not None:
+        models[int(base_listed)]["parameters"] = dict(models[int(base_listed)]["parameters"], density=first_density)
+    layout = {"slices": [{"sources": [dict(e, layer_range=[0, 2]) for e in models]}]} if sliced else {"models": models}
+    return {**layout, "merge_method": "ties", "base_model": m["d"], "parameters": {"normalize": True, "int8_mask": True},
+            "dtype": "float32"}
+
+
 EXAMPLES = {  # examples/*.yml with local models (13B -> pico, 40 layers -> 4)
     "arcee_fusion": lambda m: {"models": [{"model": m["a"]}, {"model": m["b"]}], "merge_method": "arcee_fusion",
                                "base_model": m["a"], "dtype": "float32"},
@@ -282,12 +325,15 @@ EXAMPLES = {  # examples/*.yml with local models (13B -> pico, 40 layers -> 4)
         "slices": [{"sources": [{"model": m["deep_a"], "layer_range": [0, 3]}]},
                    {"sources": [{"model": m["deep_b"], "layer_range": [1, 4]}]}],
         "merge_method": "passthrough", "dtype": "float32"},
-    "ties": lambda m: {"models": [{"model": m["a"], "parameters": {"density": [1, 0.7, 0.1], "weight": 1.0}},
-                                  {"model": m["b"], "parameters": {"density": 0.5, "weight": [0, 0.3, 0.7, 1]}},
-                                  {"model": m["c"], "parameters": {
-                                      "density": 0.33, "weight": [{"filter": "mlp", "value": 0.5}, {"value": 0}]}}],
-                       "merge_method": "ties", "base_model": m["d"],
-                       "parameters": {"normalize": True, "int8_mask": True}, "dtype": "float32"},
+    "ties": lambda m: ties_example(m, base_listed=False),
+    # The examples that list the base under `models:` with no parameters, mergekit's idiom: arcee_fusion above;
+    # ties.yml as it was at mergekit e10dc5e (and c3661c8, whose density gradient ends at 0); the slices form of
+    # it (4643a47, there with a broken method and layer range); gradient-slerp.yml's "equivalent models: syntax".
+    "ties-base-listed": lambda m: ties_example(m, base_listed=True),
+    "ties-base-listed-density-0": lambda m: ties_example(m, base_listed=True, first_density=[1, 0.7, 0]),
+    "ties-base-listed-slices": lambda m: ties_example(m, base_listed=True, sliced=True),
+    "gradient-slerp-models": lambda m: {**{k: v for k, v in EXAMPLES["gradient-slerp"](m).items() if k != "slices"},
+                                        "models": [{"model": m["deep_a"]}, {"model": m["deep_b"]}]},
 }
 
 
@@ -432,3 +478,39 @@ def test_chat_templates_match_mergekit(tmp_path, pico, template, needle):
         torch.testing.assert_close(a[key].float(), b[key].float(), atol=2**-12, rtol=0, msg=key)
     for folder in (ours, theirs):
         assert needle in AutoTokenizer.from_pretrained(str(folder)).chat_template
+
+
+# --- real weights: SmolLM2-135M-Instruct (the issue's report) ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2_finetunes(smollm2_folder, tmp_path_factory) -> dict[str, str]:
+    """SmolLM2-135M-Instruct and two "fine-tunes" of it (every tensor nudged by seeded noise of 1% of its mean
+    magnitude), stored in bfloat16 so that both tools read the same numbers, then compute in float32."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("smollm2-finetunes")
+    base = load_file(Path(smollm2_folder) / "model.safetensors")
+    folders = {}
+    for name, seed in (("base", None), ("ft1", 1), ("ft2", 2)):
+        folder = root / name
+        shutil.copytree(smollm2_folder, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        save_file({k: (v if generator is None else v + torch.randn(v.shape, generator=generator) * 0.01 * v.abs().mean())
+                   .to(torch.bfloat16) for k, v in base.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+        folders[name] = str(folder)
+    return folders
+
+
+@pytest.mark.slow  # SmolLM2 exported from its GGUF, 3 x 270 MB written, 2 merges of 135M parameters per case
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_the_base_listed_under_models_on_smollm2_matches_mergekit(tmp_path, smollm2_finetunes, method):
+    """The issue's report: `- model: BASE` with no parameters under `models:`, TIES and task arithmetic on real
+    SmolLM2 fine-tunes, was an IndexError; now mergekit's numbers (TIES at density 1: mergekit breaks ties at
+    the trim cut differently, tested on the pico models above)."""
+    models = smollm2_finetunes
+    config = {"merge_method": method, "base_model": models["base"], "dtype": "float32",
+              "models": [{"model": models["base"]}, {"model": models["ft1"], "parameters": {"weight": 0.6}},
+                         {"model": models["ft2"], "parameters": {"weight": 0.4}}]}
+    assert_same(*run_both(tmp_path, config, smoke=method == "ties"), method)

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from polyfuse.errors import ConfigError
@@ -16,7 +17,7 @@ from polyfuse.pipeline.demo import recipe_path
 from polyfuse.pipeline.recipe import load_recipe
 from polyfuse.pipeline.runner import run_recipe
 from polyfuse.pipeline.stages.merge import resolved_merge_config
-from test_pipeline import tiny_overrides
+from test_pipeline import tiny_overrides, tiny_world_sources
 
 STAGES = "[prompts, sample, score, pairs, sft, merge, eval]"
 WEIGHT = 0.25
@@ -114,3 +115,45 @@ def test_merge_is_opt_in_and_existing_recipes_still_load():
         assert "merge" not in recipe.stages and recipe.merge is None
     with pytest.raises(ConfigError, match="'merge' section"):
         load_recipe(recipe_path("fusechat3-toy.yaml"), [f"stages={STAGES}"])
+
+
+@pytest.mark.slow  # three recipe runs
+def test_a_slices_recipe_resolves_every_name_and_reruns_when_a_model_it_names_changes(tiny_world, tmp_path):
+    """Names in `slices:` and `tokenizer.source` resolve like those in `models:`, and every model the merge reads is
+    an input of its fingerprint: changing the weights or the tokenizer of a model that only the slices and the
+    tokenizer source name reruns the merge (they were neither resolved nor fingerprinted)."""
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    pivot, other = (Path(shutil.copytree(tiny_world.pivot_path, tmp_path / name)) for name in ("pivot", "other"))
+    source = tiny_world_sources()[0]
+    section = (f"merge={{merge_method: passthrough, tokenizer: {{source: {source}}}, slices: ["
+               f"{{sources: [{{model: pivot, layer_range: [0, 1]}}]}}, {{sources: [{{model: {source}, "
+               f"layer_range: [0, 1]}}]}}]}}")
+    recipe = load_recipe(recipe_path("fusechat3-toy.yaml"), [
+        *tiny_overrides(tiny_world.root.parent), "stages=[merge]", section, f"pivot.path={pivot}",
+        f"sources.0.path={other}"])
+    work = tmp_path / "work"
+    run = lambda: (run_recipe(recipe, work, quiet=True), (work / "merge/manifest.json").stat().st_mtime_ns)[1]  # noqa: E731
+    first = run()
+    manifest = json.loads((work / "merge/manifest.json").read_text())
+    assert set(manifest["inputs"]) == {"base_model", "slices[1].sources[0]"}
+    out = tensors(work / "merge/model")
+    layer = next(k for k in tensors(other) if ".layers.0." in k)
+    assert torch.equal(out[layer.replace(".0.", ".1.")], tensors(other)[layer])
+    assert run() == first  # unchanged: skipped
+
+    changed = {k: v * 2 if k == layer else v for k, v in tensors(other).items()}
+    for file in other.glob("*.safetensors"):
+        file.unlink()
+    save_file(changed, other / "model.safetensors", metadata={"format": "pt"})
+    second = run()
+    assert second != first and torch.equal(tensors(work / "merge/model")[layer.replace(".0.", ".1.")], changed[layer])
+
+    tokenizer = AutoTokenizer.from_pretrained(other)
+    tokenizer.chat_template = "{{ 'the tokenizer source changed' }}"
+    tokenizer.save_pretrained(other)
+    assert run() != second
+    assert AutoTokenizer.from_pretrained(work / "merge/model").chat_template == tokenizer.chat_template

@@ -26,7 +26,6 @@ from polyfuse.objectives import (
     fused_reference,
     infifpo_loss,
     sequence_logps,
-    sft_token_loss,
     wrpo_alpha,
 )
 from polyfuse.trainers import PreferenceTrainConfig
@@ -188,6 +187,13 @@ def test_sequence_logps_upcasts_low_precision_logits():
     reference = (reference * (labels[:, 1:] != IGNORE_INDEX)).sum(-1)
     assert torch.allclose(sums.double(), reference, atol=1e-5)
     assert counts.tolist() == [3, 3]
+
+
+def sft_token_loss(logits, labels, num_items=None):
+    """SFT's loss as the SFT trainer forms it: minus the summed response-token log-probs (`sequence_logps`),
+    divided by the response tokens of the optimiser step (`num_items`), or of this batch."""
+    sums, counts = sequence_logps(logits, labels)
+    return -sums.sum() / (counts.sum() if num_items is None else num_items)
 
 
 def test_sft_token_loss_is_mean_over_all_scored_tokens():

@@ -12,9 +12,9 @@ import yaml
 
 from polyfuse.config import validate
 from polyfuse.data import SampleRow, read_rows, write_rows
-from polyfuse.data.io import read_metadata
+from polyfuse.data.io import read_metadata, write_metadata
 from polyfuse.errors import ConfigError
-from polyfuse.pipeline.stages.sample import SampleConfig, run_sample
+from polyfuse.sampling import SampleConfig, run_sample
 from test_ddp import free_port
 
 
@@ -47,7 +47,8 @@ def test_a_models_sampling_settings_have_no_seed_of_their_own(tiny_world):
     nothing, so it is refused rather than ignored."""
     entry = sample_config(tiny_world).model_dump(mode="json", exclude=set(SampleConfig.recipe_only))
     entry["models"][1]["sampling"]["seed"] = 7
-    with pytest.raises(ConfigError, match=r"^config: invalid config\n  models.1.sampling.seed: unknown key$"):
+    with pytest.raises(ConfigError, match=r"^config: invalid config\n  models.1.sampling.seed: unknown key \(the keys "
+                                          r"here: n, temperature, top_p, repetition_penalty, max_new_tokens\)$"):
         validate(SampleConfig, entry)
 
 
@@ -58,6 +59,7 @@ def test_finished_shards_are_not_redone(tiny_world, tmp_path):
     model = config.models[0].label
     marker = SampleRow(id="x:0", prompt_id="x", model=model, sample_index=0, prompt="p", response="FROM-SHARD")
     write_rows(out / "shards" / f"{model}-00000.jsonl", [marker])
+    write_metadata(out / "shards" / f"{model}-00000.jsonl", {"process": 0, "processes": 1})  # finished: shard and sidecar
     rows = read_rows(run_sample(prompts, config, out, quiet=True), SampleRow)
     assert rows[0].response == "FROM-SHARD"
     assert len(rows) == 1 + (len(prompts) - 3) * 2 + len(prompts) * 2

@@ -8,10 +8,13 @@ import pytest
 from pydantic import Field
 
 from polyfuse.config import StrictModel
+from polyfuse.data.io import atomic_write_text
+from polyfuse.data.schemas import PromptRow
 from polyfuse.errors import ConfigError
 from polyfuse.pipeline import recipe as recipe_module
-from polyfuse.pipeline.context import STAGES, Context, Stage, model_stages, stage_order
+from polyfuse.pipeline.context import STAGES, CommandInput, Context, Stage, model_stages, stage, stage_order
 from polyfuse.pipeline.recipe import Recipe, load_recipe
+from tiny_lm import build_tiny_model
 
 STAGE_FILES = Path(recipe_module.__file__).parent / "stages"
 ORDER = ["prompts", "sample", "score", "pairs", "sft", "teacher", "distill", "merge", "logprobs", "po", "eval"]
@@ -37,29 +40,33 @@ def test_the_recipe_schema_is_built_from_the_registry():
 
 
 def _recipe(tmp_path: Path, body: str) -> Path:
-    for model in ("a", "p"):  # model folders, as the runner checks before the first stage (no stage loads them)
-        (tmp_path / model).mkdir(exist_ok=True)
-        (tmp_path / model / "config.json").write_text("{}")
+    for model in ("a", "p"):  # models, as the runner checks them before the first stage (no stage loads them)
+        if not (tmp_path / model / "config.json").exists():
+            build_tiny_model(tmp_path / model)
     path = tmp_path / "recipe.yaml"
     path.write_text(f"name: t\nsources: [{{name: a, path: {tmp_path / 'a'}}}]\npivot: {{name: p, path: {tmp_path / 'p'}}}\n"
                     "prompts: {path: prompts.jsonl}\n" + body)
     return path
 
 
-def test_eval_without_score_or_scorers_fails_when_the_recipe_loads(tmp_path):
+def test_eval_without_score_or_scorers_grades_with_the_default_verifiers_as_the_command_does(tmp_path):
+    """One default: an eval section that names no scorers, in a recipe without a score section, grades with every
+    registered verifier that needs no options, as `polyfuse eval` does; a score section's verifiers win."""
+    from polyfuse.evaluation import default_verifier_configs
+
     path = _recipe(tmp_path, "stages: [prompts, eval]\neval: {prompts: {path: held.jsonl}, models: [pivot]}\n")
-    with pytest.raises(ConfigError, match="eval: no scorers to grade with; give 'eval.scorers'"):
-        load_recipe(path)
-    with_scorers = _recipe(tmp_path, "stages: [prompts, eval]\n"
-                           "eval: {prompts: {path: held.jsonl}, models: [pivot], scorers: [{type: math}]}\n")
-    assert load_recipe(with_scorers).eval.scorers[0].type == "math"
+    assert load_recipe(path).eval.scorers is None
+    assert {c.type for c in default_verifier_configs()} >= {"math", "code", "toyworld"}
+    with_score = _recipe(tmp_path, "stages: [prompts, eval]\nscore: {scorers: [{type: math}]}\n"
+                         "eval: {prompts: {path: held.jsonl}, models: [pivot]}\n")
+    assert [c.type for c in load_recipe(with_score).eval.scorers] == ["math"]
 
 
-def test_eval_without_score_exits_2_with_the_message_and_no_traceback(polyfuse_cli, tmp_path):
-    path = _recipe(tmp_path, "stages: [prompts, eval]\neval: {prompts: {path: held.jsonl}, models: [pivot]}\n")
+def test_a_recipe_error_exits_2_with_the_message_and_no_traceback(polyfuse_cli, tmp_path):
+    path = _recipe(tmp_path, "stages: [prompts, eval]\neval: {prompts: {path: held.jsonl}, models: [pivot, po]}\n")
     proc = polyfuse_cli("run", path, "--work-dir", tmp_path / "w")
     assert proc.returncode == 2
-    assert "eval: no scorers to grade with" in proc.stderr
+    assert "eval.models: 'po': neither 'sources', 'pivot'" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "w").exists()  # refused before any work
 
@@ -81,22 +88,26 @@ class CountSection(StrictModel):
 
 
 class CountStage(Stage):
-    """A stage written for this test only: every `every`-th prompt, counted."""
+    """Count every `every`-th prompt (a stage written for this test only)."""
 
     name = "count"
     position = 25  # after sample
     section = CountSection
     default = False
     needs = ("prompts",)
+    command = "count"
+    config_help = "how many prompts to step over"
+    command_inputs = (CommandInput("prompts", "Prompts.", schema=PromptRow),)
 
-    def inputs(self, ctx: Context) -> dict[str, str]:
+    def input_paths(self, ctx: Context) -> dict[str, str]:
         return {"prompts": ctx.output("prompts", "prompts")}
 
-    def run(self, ctx: Context, folder: Path) -> dict[str, str]:
-        lines = Path(ctx.output("prompts", "prompts")).read_text().splitlines()
-        out = folder / "count.txt"
-        out.write_text(str(len(lines[:: ctx.recipe.count.every])))
-        return {"count": str(out)}
+    def inputs(self, ctx: Context) -> dict[str, str]:
+        return self.input_paths(ctx)
+
+    def execute(self, config, inputs, out, quiet=False, resume=None) -> dict[str, str]:
+        atomic_write_text(out / "count.txt", str(len(inputs["prompts"].rows[:: config.every])))
+        return {"count": str(out / "count.txt")}
 
 
 @pytest.fixture
@@ -106,8 +117,9 @@ def count_stage():
     del STAGES._items["count"]
 
 
-def test_adding_a_stage_is_one_class_registered(count_stage, tmp_path):
-    """A new stage needs nothing but its registered class: the schema, the order and the runner follow."""
+def test_adding_a_stage_is_one_class_registered(count_stage, tmp_path, polyfuse_cli):
+    """A new stage needs nothing but its registered class: the schema, the order, the runner and its command
+    follow."""
     from polyfuse.config import read_yaml, validate
     from polyfuse.data.io import write_rows
     from polyfuse.data.schemas import PromptRow
@@ -122,6 +134,11 @@ def test_adding_a_stage_is_one_class_registered(count_stage, tmp_path):
     assert Path(ctx.output("count", "count")).read_text() == "3"
     with pytest.raises(ConfigError, match="count.every"):
         validate(count_stage, {**data, "count": {"every": 0}})
+    # and a command: its section is the --config, its input the --prompts option, and it runs the same `execute`
+    (tmp_path / "count.yaml").write_text("every: 2\n")
+    proc = polyfuse_cli("count", "-c", tmp_path / "count.yaml", "--prompts", tmp_path / "prompts.jsonl", "-o", tmp_path / "c")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "c" / "count.txt").read_text() == "3"
 
 
 def test_every_shipped_recipe_loads_with_its_sections_filled_from_the_recipe():
@@ -212,7 +229,7 @@ def test_the_resolved_recipe_loads_again_with_the_same_sections_and_fingerprints
         m0.name, m0.path) and m0.name == "pivot" and m0.path.endswith("/pivot")
     sft_model = str(tmp_path / "sft" / "model")
     ctx = Context(again, tmp_path, outputs={"pairs": {"preference": "p.jsonl"}, "sft": {"model": sft_model}})
-    scored = stage("logprobs").logprobs_config(ctx).pivot
+    scored = stage("logprobs").engine_config(ctx).pivot
     assert (scored.name, scored.path, scored.backend.type) == ("pivot", sft_model, "transformers")
     assert stage("logprobs").inputs(ctx)["pivot"] == sft_model  # what its manifest records
 
@@ -245,16 +262,16 @@ def test_an_error_in_a_source_is_reported_once_where_it_is(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_recipe(path)
     assert str(err.value).splitlines()[1:] == [
-        "  sources.0.sampling.n: Input should be greater than or equal to 1 (got 0)",
-        "  sources.0.devcie: unknown key",
-        "  pivot.dtype: Input should be 'auto', 'float32', 'bfloat16' or 'float16' (got 'fp64')",
+        "  line 2: sources.0.sampling.n: Input should be greater than or equal to 1 (got 0)",
+        "  line 2: sources.0.devcie: unknown key; did you mean 'device'?",
+        "  line 3: pivot.dtype: Input should be 'auto', 'float32', 'bfloat16' or 'float16' (got 'fp64')",
     ]
     path.write_text(path.read_text().replace("sample: {include_pivot: true}", "sample: {seed: null}")
                     .replace("logprobs: {sources: true}", "logprobs: {sources: [{path: x, devcie: cpu}]}"))
     with pytest.raises(ConfigError) as err:
         load_recipe(path)
-    assert str(err.value).splitlines()[4:] == ["  sample.seed: Input should be a valid integer (got None)",
-                                               "  logprobs.sources.0.devcie: unknown key"]
+    assert str(err.value).splitlines()[4:] == ["  line 6: sample.seed: Input should be a valid integer (got None)",
+                                               "  line 10: logprobs.sources.0.devcie: unknown key; did you mean 'device'?"]
 
 
 def test_one_walk_of_a_config_gives_the_model_paths_a_stage_hashes_and_the_data_files_it_checks():
@@ -262,9 +279,9 @@ def test_one_walk_of_a_config_gives_the_model_paths_a_stage_hashes_and_the_data_
     stage hashes (`paths_in`, keyed by their owner: these keys are in every fingerprint) and the data files a
     run checks before it starts come from it."""
     from polyfuse.config import walk_config
+    from polyfuse.pipeline.checks import _data_paths
     from polyfuse.pipeline.context import paths_in
-    from polyfuse.pipeline.runner import _data_paths
-    from polyfuse.pipeline.stages.prompts import PromptSource
+    from polyfuse.pipeline.sources import PromptSource
 
     class Leaf(StrictModel):
         path: str
@@ -287,3 +304,47 @@ def test_one_walk_of_a_config_gives_the_model_paths_a_stage_hashes_and_the_data_
     assert list(_data_paths({"s": tree})) == [("s.extra.k[1].data", "d.jsonl"), ("s.prompts.path", "p.jsonl")]
     tree.prompts = PromptSource(toyworld={})  # no file to check
     assert list(_data_paths({"s": tree})) == [("s.extra.k[1].data", "d.jsonl")]
+
+
+class PolishStage(Stage):
+    """A model stage written for this test only (never run)."""
+
+    name = "polish"
+    position = 105  # after po
+    default = False
+    makes_model = True
+
+    def execute(self, config, inputs, out, quiet=False, resume=None) -> dict[str, str]:
+        raise AssertionError("not run in this test")
+
+
+def test_a_model_stage_labels_its_own_model_and_eval_needs_no_po_section(tmp_path):
+    """Each model stage says how its model shows in an evaluation row (`Stage.label`); a stage eval does not know
+    is labelled by its name (before the hook, eval read `recipe.po.objective`: an AttributeError without `po`)."""
+    from polyfuse.config import read_yaml, validate
+    from polyfuse.pipeline.stages.eval import eval_models
+
+    STAGES.register("polish")(PolishStage)
+    try:
+        schema = recipe_module._recipe_schema()
+        body = ("stages: [prompts, polish, eval]\n"
+                "eval: {prompts: {path: h.jsonl}, scorers: [{type: math}], models: [pivot, polish]}\n")
+        recipe = validate(schema, read_yaml(_recipe(tmp_path, body)))
+        assert recipe.po is None
+        ctx = Context(recipe, tmp_path, outputs={"polish": {"model": str(tmp_path / "polished")}})
+        models = eval_models(ctx)
+        assert list(models) == ["pivot", "pivot+POLISH"] and models["pivot+POLISH"].path == str(tmp_path / "polished")
+    finally:
+        del STAGES._items["polish"]
+    full = load_recipe(_recipe(tmp_path, "stages: [prompts, sample, score, pairs, sft, po]\nscore: {scorers: [{type: math}]}\nsft: {}\n"
+                               "po: {objective: ln_dpo}\n"))
+    assert [stage(name).label(full) for name in ("sft", "po")] == ["SFT", "LN_DPO"]
+
+
+def test_pairs_reward_naming_a_verifier_says_to_leave_it_out(tmp_path):
+    """Issue 22: `pairs: {reward: math}` read as "rank by the math verifier"; verdicts always rank."""
+    body = "stages: [prompts, sample, score, pairs]\nscore: {scorers: [{type: math}]}\npairs: {reward: math}\n"
+    with pytest.raises(ConfigError, match="pairs.reward: 'math' is a verifier, not a reward scorer; verifier verdicts "
+                                          "always rank .*leave pairs.reward out"):
+        load_recipe(_recipe(tmp_path, body))
+    assert load_recipe(_recipe(tmp_path, body.replace("pairs: {reward: math}", "pairs: {}"))).pairs.reward is None

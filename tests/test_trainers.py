@@ -241,3 +241,23 @@ def test_infifpo_with_lora_reads_source_columns_and_trains_only_adapters(spec, t
     assert first["fusion/ref_margin"] >= first["fusion/pivot_margin"] - 1e-6  # clipping: never below M0's margin
     with pytest.raises(DataError, match="fuse_mean_chosen_logps"):
         train_preference(spec, pair_rows(2), config, tmp_path / "no-sources")
+
+
+def test_trainer_args_pass_any_trainingarguments_option_and_refuse_what_polyfuse_sets(tmp_path):
+    from polyfuse.config import validate
+    from polyfuse.errors import ConfigError
+
+    config = SFTTrainConfig(batch_size=3, warmup_ratio=0.25, trainer_args={"adam_beta2": 0.95, "neftune_noise_alpha": 5.0})
+    args = config.training_arguments(tmp_path / "out")
+    assert (args.adam_beta2, args.neftune_noise_alpha) == (0.95, 5.0)
+    assert (args.per_device_train_batch_size, args.learning_rate, args.seed) == (3, 1e-5, 42)
+    assert args.get_warmup_steps(100) == 25  # warmup_ratio is transformers 5's fractional warmup_steps
+    assert args.output_dir == str(tmp_path / ".out.work") and args.save_total_limit is None
+    for given, message in (({"per_device_train_batch_size": 2}, "polyfuse's key 'batch_size'"),
+                           ({"learning_rate": 1.0}, "polyfuse's key 'learning_rate'"),
+                           ({"output_dir": "x"}, "cannot be set here"),
+                           ({"adam_beta3": 0.9}, "not an option of transformers' TrainingArguments; did you mean adam_beta")):  # fmt: skip
+        with pytest.raises(ConfigError, match=f"trainer_args: .*{message}"):
+            validate(SFTTrainConfig, {"trainer_args": given})
+    with pytest.raises(ConfigError, match="trainer_args: transformers refuses"):
+        SFTTrainConfig(trainer_args={"logging_strategy": "sometimes"}).training_arguments(tmp_path / "bad")

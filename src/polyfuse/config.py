@@ -1,12 +1,13 @@
 """YAML configs validated by pydantic, with CLI overrides.
 
 Every stage and recipe config is a `StrictModel`: unknown keys are errors (a typo must not be silently
-ignored), and any validation failure becomes a `ConfigError` that names the dotted key, the expected
-type and the value given, before any model is loaded.
+ignored, and the closest allowed key is suggested), and any validation failure becomes a `ConfigError` that
+names the file's line, the dotted key, the expected type and the value given, before any model is loaded.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,14 +62,52 @@ def _not_fingerprinted(value: Any) -> dict | None:
     return exclude or None
 
 
+class YamlMapping(dict):
+    """A config file's top-level mapping that remembers the line of every key and list item (`lines`: the
+    key's path, as pydantic reports a location, -> line number), so that a validation error names its line.
+    `apply_overrides` forgets the lines of what it replaces."""
+
+    def __init__(self, data: dict[str, Any], lines: dict[tuple, int]):
+        super().__init__(data)
+        self.lines = lines
+
+
+for _dumper in (yaml.SafeDumper, yaml.Dumper):  # it dumps as the plain mapping it is
+    _dumper.add_representer(YamlMapping, yaml.representer.SafeRepresenter.represent_dict)
+
+
+def _node_lines(node: yaml.Node, path: tuple = ()) -> Iterator[tuple[tuple, int]]:
+    """(path, line) of every mapping key and list item under a composed YAML node."""
+    if isinstance(node, yaml.MappingNode):
+        children = [((*path, key.value), key, value) for key, value in node.value]
+    elif isinstance(node, yaml.SequenceNode):
+        children = [((*path, i), item, item) for i, item in enumerate(node.value)]
+    else:
+        children = []
+    for where, marked, value in children:
+        yield where, marked.start_mark.line + 1
+        yield from _node_lines(value, where)
+
+
+def _load_yaml(text: str) -> tuple[Any, dict[tuple, int]]:
+    """The document and the line of every key and item, from one parse."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        return (None, {}) if node is None else (loader.construct_document(node), dict(_node_lines(node)))
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file's top-level mapping (a `YamlMapping`, which knows its lines)."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{path}: is a folder, expected a YAML config file")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data, lines = _load_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save the file as UTF-8") from None
     except yaml.YAMLError as err:
@@ -79,7 +118,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
-    return data
+    return YamlMapping(data, lines)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
@@ -95,6 +134,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
             raise ConfigError(f"override {key!r}: {raw!r} is not a YAML value ({getattr(err, 'problem', err)})") from None
         node: Any = data
         parts = key.strip().split(".")
+        _forget_lines(data, tuple(int(p) if p.isdigit() else p for p in parts))
         for depth, part in enumerate(parts):
             where = ".".join(parts[:depth]) or "the config"
             if isinstance(node, list):
@@ -113,11 +153,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
     return data
 
 
-def _describe(err: dict[str, Any]) -> str:
+def _forget_lines(data: Any, path: tuple) -> None:
+    """An override replaces the value at `path`: the file's lines of it and of everything under it no longer apply."""
+    lines = getattr(data, "lines", None)
+    if lines is not None:
+        for where in [w for w in lines if w[: len(path)] == path]:
+            del lines[where]
+
+
+def _describe(err: dict[str, Any], model: type[BaseModel], data: Any) -> str:
     key = ".".join(str(p) for p in err["loc"]) or "<root>"
     kind = err["type"]
     if kind == "extra_forbidden":
-        return f"{key}: unknown key"
+        return f"{key}: unknown key{_suggestion(model, data, err['loc'])}"
     if kind == "missing":
         return f"{key}: required key is missing"
     message, given = err["msg"].removeprefix("Value error, "), repr(err.get("input"))
@@ -126,6 +174,78 @@ def _describe(err: dict[str, Any]) -> str:
     if given in message:
         return f"{key}: {message}"
     return f"{key}: {message} (got {given})"
+
+
+def _leading_key(message: str) -> tuple:
+    """The key a check across keys names first (`eval.models: ...`, `stages must keep ...`), as a location."""
+    first = message.removeprefix("Value error, ").split(":", 1)[0].split(" ", 1)[0]
+    return tuple(int(part) if part.isdigit() else part for part in first.split("."))
+
+
+def _line(lines: dict[tuple, int], loc: tuple) -> int | None:
+    """The line of the key at `loc`, else of the nearest key above it that the file has (a missing key: the
+    mapping that misses it)."""
+    for depth in range(len(loc), 0, -1):
+        if loc[:depth] in lines:
+            return lines[loc[:depth]]
+    return None
+
+
+def _suggestion(model: type[BaseModel], data: Any, loc: tuple) -> str:
+    """"; did you mean 'x'?" for an unknown key close to an allowed one, else the allowed keys when few."""
+    allowed = _keys_at(model, data, loc[:-1])
+    if not allowed:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return f" (the keys here: {', '.join(allowed)})" if len(allowed) <= 12 else ""
+
+
+def _keys_at(model: type[BaseModel], data: Any, path: tuple) -> list[str]:
+    """The keys allowed in the mapping at `path` of `data` validated as `model` ([] when not known): the
+    annotations are followed down the path, a registry's field (a scorer, a backend) by the mapping's `type`."""
+    annotation, node = model, data
+    for part in path:
+        annotation = _concrete(annotation, node)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            fields = {info.alias or name: info for name, info in annotation.model_fields.items()}
+            if part not in fields:
+                return []
+            info = fields[part]  # pydantic keeps a field's `Annotated` validators apart from its type
+            annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        elif get_origin(annotation) in (list, tuple) and isinstance(part, int):
+            annotation = get_args(annotation)[0]
+        elif get_origin(annotation) is dict:
+            annotation = get_args(annotation)[1]
+        else:
+            return []
+        node = node[part] if isinstance(node, dict | list) and (isinstance(node, dict) or part < len(node)) else None
+    annotation = _concrete(annotation, node)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [info.alias or name for name, info in annotation.model_fields.items()]
+    return []
+
+
+def _concrete(annotation: Any, node: Any) -> Any:
+    """The model or container type that validates `node`: the member of a union that fits it, a registry's
+    member class for a mapping with `type` (the wrap validator made by `Registry.config_validator`)."""
+    while get_origin(annotation) is Annotated:
+        for meta in annotation.__metadata__:
+            registry = getattr(getattr(meta, "func", None), "registry", None)
+            if registry is not None and isinstance(node, dict) and node.get("type") in registry:
+                return registry.get(node["type"]).Config
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) in (Union, UnionType):
+        members = [a for a in get_args(annotation) if a is not type(None)]
+        wanted = dict if isinstance(node, dict) else list if isinstance(node, list) else None
+        for member in members:
+            plain = _strip_annotated(member)
+            if (wanted is dict and isinstance(plain, type) and issubclass(plain, BaseModel)) or \
+                    (wanted is list and get_origin(plain) is list):
+                return _concrete(member, node)
+        return members[0] if len(members) == 1 else annotation
+    return annotation
 
 
 # The validation context's key for the places (locations, as tuples) that a validator filled with values
@@ -140,14 +260,23 @@ def validate(model: type[M], data: dict[str, Any], source: str = "config") -> M:
         return model.model_validate(data, context=context)
     except ValidationError as exc:
         errors = [e for e in exc.errors() if not any(tuple(e["loc"][: len(c)]) == c for c in context[COPIED])]
-        lines = [_describe(e) for e in errors or exc.errors()]
-        raise ConfigError(f"{source}: invalid config\n  " + "\n  ".join(lines)) from None
+        lines = getattr(data, "lines", {})
+        described = []
+        for error in errors or exc.errors():
+            line = _line(lines, tuple(error["loc"]) or _leading_key(error["msg"]))
+            described.append(("" if line is None else f"line {line}: ") + _describe(error, model, data))
+        raise ConfigError(f"{source}: invalid config\n  " + "\n  ".join(described)) from None
 
 
-def load_config(model: type[M], path: str | Path | None, overrides: list[str] | None = None) -> M:
-    """A stage command's `--config` (with `--set` overrides), validated as the stage's config class."""
+def load_config(model: type[M], path: str | Path | None, overrides: list[str] | None = None,
+                fixed: dict[str, Any] | None = None, command: str = "this command") -> M:
+    """A stage command's `--config` (with `--set` overrides), validated as the stage's config class. `fixed`:
+    the values the command itself sets (`train dpo`: the objective); a config that says otherwise is refused."""
     data = apply_overrides(read_yaml(path) if path is not None else {}, overrides)
     source = config_source(path, overrides)
+    for key, value in (fixed or {}).items():
+        if data.setdefault(key, value) != value:
+            raise ConfigError(f"{source}: {key} is {data[key]!r} but the command is `{command}`")
     for key in getattr(model, "recipe_only", ()):
         if key in data:
             raise ConfigError(f"{source}: {key}: only a recipe's section reads this key; remove it from a command's config")

@@ -78,4 +78,5 @@ class Registry(Generic[T]):
                 raise ValueError(str(err)) from None
             return member.Config.model_validate(value)
 
+        pick.registry = self  # type: ignore[attr-defined]  # how config errors find the keys a member allows
         return pick

@@ -12,22 +12,15 @@ from polyfuse.errors import ConfigError
 
 
 def _command_configs() -> dict[str, type]:
-    """The configs that the stage commands' `--config` takes (a recipe section holds the same keys, less the
-    models, which a recipe names once in `sources` and `pivot`)."""
-    from polyfuse.logprobs import LogprobsConfig
+    """The configs the commands' `--config` takes, by name: every stage's section (the same class as the
+    recipe's section, whose models a recipe names once in `sources` and `pivot`), the toy world's and the
+    recipe's."""
+    from polyfuse.pipeline.context import STAGES
     from polyfuse.pipeline.recipe import RecipeBase
-    from polyfuse.pipeline.stages.pairs import PairsConfig
-    from polyfuse.pipeline.stages.sample import SampleConfig
-    from polyfuse.pipeline.stages.score import ScoreConfig
-    from polyfuse.teacher import TeacherConfig
     from polyfuse.toyworld import ToyWorldConfig
-    from polyfuse.trainers import DistillTrainConfig, PreferenceTrainConfig, SFTTrainConfig
 
-    return {
-        "sample": SampleConfig, "score": ScoreConfig, "pairs": PairsConfig, "logprobs": LogprobsConfig,
-        "teacher": TeacherConfig, "sft": SFTTrainConfig, "distill": DistillTrainConfig, "po": PreferenceTrainConfig,
-        "toyworld": ToyWorldConfig, "recipe": RecipeBase,
-    }
+    sections = {name: STAGES.get(name).section for name in STAGES.names() if STAGES.get(name).section is not None}
+    return {**sections, "toyworld": ToyWorldConfig, "recipe": RecipeBase}
 
 
 def _objective_config(name: str) -> type:
@@ -46,27 +39,20 @@ def _objective_config(name: str) -> type:
 
 def stage_names() -> list[str]:
     from polyfuse.objectives import OBJECTIVES
-    from polyfuse.pipeline.context import STAGES
 
-    sections = [name for name in STAGES.names() if STAGES.get(name).section is not None]
-    return sorted({*_command_configs(), *sections, *(n.replace("_", "-") for n in OBJECTIVES.names())})
+    return sorted({*_command_configs(), *(n.replace("_", "-") for n in OBJECTIVES.names())})
 
 
 def stage_config(stage: str, recipe: bool = False) -> type:
-    """The config class `config show STAGE` documents: the stage command's, or (`recipe`) the recipe
-    section's."""
+    """The config class `config show STAGE` documents: the stage's section (what its command's `--config` and
+    a recipe's section both take), or a preference objective's training config."""
     from polyfuse.objectives import OBJECTIVES
-    from polyfuse.pipeline.context import STAGES
 
     commands = _command_configs()
-    if recipe and stage in STAGES.names() and STAGES.get(stage).section is not None:
-        return STAGES.get(stage).section
     if stage in commands:
         return commands[stage]
     if stage.replace("-", "_") in OBJECTIVES.names():
         return _objective_config(stage.replace("-", "_"))
-    if stage in STAGES.names() and STAGES.get(stage).section is not None:
-        return STAGES.get(stage).section
     raise ConfigError(f"no stage {stage!r}; config show knows: {', '.join(stage_names())}")
 
 
@@ -102,6 +88,7 @@ def stage_config_yaml(stage: str, recipe: bool = False) -> str:
     exclude = tuple(k for k, v in fills.items() if v is None) if recipe else getattr(model, "recipe_only", ())
     text = annotated_yaml(model, _variants(), title=RECIPE_TITLE if stage == "recipe" else None, exclude=exclude,
                           filled={k: v for k, v in fills.items() if v is not None})
+    text += model.yaml_appendix() if hasattr(model, "yaml_appendix") else ""  # what the keys' comments cannot say
     if stage == "recipe":
         from polyfuse.pipeline.context import stage_order
 

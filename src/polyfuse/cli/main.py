@@ -1,6 +1,8 @@
 """`polyfuse`: every pipeline stage as a command, plus `run` for whole recipes, `demo`, and `config show`.
 
-Stage commands take a YAML config (`--config`) validated before any model is loaded; `--set KEY=VALUE`
+The stage commands are generated from the registered stages (`stage_commands`): a command is its stage, its
+`--config` the stage's section, and it runs the stage's `execute`, as `polyfuse run` does. They take a YAML
+config (`--config`) validated before any model is loaded; `--set KEY=VALUE`
 (repeatable) overrides config keys; `polyfuse config show STAGE` prints every key with its type, default
 and meaning. Inputs, models and output locations are checked before any work, so a user mistake prints one
 clear message, exits with code 2 and leaves nothing behind.
@@ -27,33 +29,40 @@ from typer.core import TyperGroup
 from polyfuse.errors import EXIT_USER_ERROR, UserError, storage_error
 
 
-class _TrainCommands(TyperGroup):
-    """`polyfuse train`: its fixed commands plus one per registered preference objective, built the first
-    time the group lists or looks up a command it does not have (importing the objectives imports torch)."""
+class _StageCommands(TyperGroup):
+    """A group whose commands include those generated from the registered stages (`polyfuse sample`, `polyfuse
+    train sft`, one `polyfuse train <objective>` per objective, ...): the stage commands whose name starts with
+    `prefix`, added the first time the group lists or looks up a command it does not have (importing the
+    stages imports torch, so `polyfuse run ...` and a mistyped flag do not pay for it)."""
 
-    def _add_objective_commands(self) -> None:
-        if getattr(self, "_objectives_added", False):
+    prefix = ""
+
+    def _add_stage_commands(self) -> None:
+        if getattr(self, "_stages_added", False):
             return
-        self._objectives_added = True
-        commands = typer.Typer()
-        _register_preference_commands(commands)
-        built = typer.main.get_command(commands)
-        for name, command in (built.commands.items() if hasattr(built, "commands") else [(built.name, built)]):
-            self.add_command(command, name)
+        self._stages_added = True
+        for name, command in stage_commands(self.prefix).items():
+            if name not in self.commands:
+                self.add_command(command, name)
 
     def list_commands(self, ctx: Any) -> list[str]:
-        self._add_objective_commands()
+        self._add_stage_commands()
         return super().list_commands(ctx)
 
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
         command = super().get_command(ctx, cmd_name)
         if command is None:
-            self._add_objective_commands()
+            self._add_stage_commands()
             command = super().get_command(ctx, cmd_name)
         return command
 
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fuse heterogeneous LLMs into one pivot model.")
+class _TrainCommands(_StageCommands):
+    prefix = "train "
+
+
+app = typer.Typer(cls=_StageCommands, no_args_is_help=True, add_completion=False,
+                  help="Fuse heterogeneous LLMs into one pivot model.")
 train_app = typer.Typer(cls=_TrainCommands, no_args_is_help=True,
                         help="Train the pivot: SFT, distillation or preference optimisation.")
 toy_app = typer.Typer(no_args_is_help=True, help="The offline toy world: tiny specialist sources and a weak pivot.")
@@ -103,17 +112,9 @@ def _config_option(what: str, stage: str, optional: bool = False) -> Any:
     return Annotated[Path, typer.Option("--config", "-c", help=text)]
 
 
-SampleConfigOpt = _config_option("the models to sample from, each with its sampling settings", "sample")
-ScoreConfigOpt = _config_option("the reward models and verifiers that score every sample", "score")
-PairsConfigOpt = _config_option("the reward that ranks responses, the pair rule and the SFT / preference split", "pairs")
-LogprobsConfigOpt = _config_option("the initial pivot M0 (ref_* columns) and the sources (fuse_* columns)", "logprobs")
-TeacherConfigOpt = _config_option("the teacher models and how many logits to keep per position", "teacher")
-SFTConfigOpt = _config_option("learning rate, epochs, batch size, LoRA, checkpoints, trackers", "sft", optional=True)
-DistillConfigOpt = _config_option("the objective (uld, fusellm), alignment and the training settings", "distill", optional=True)
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", help="Override a config key: KEY=VALUE (repeatable); a number picks a list item: models.0.device=cuda:1.")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
-ShardedOutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder; a rerun keeps the shards finished here.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", callback=_set_quiet,
                                         help="Quiet: no progress bars or notes; warnings, errors and the result only.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Train even when the memory estimate says it cannot fit.")]
@@ -122,11 +123,91 @@ ResumeOpt = Annotated[
 ]
 
 
+def stage_commands(prefix: str = "") -> dict[str, Any]:
+    """The click commands of the registered stages whose command name starts with `prefix`, keyed by the rest
+    of the name: every stage with a `command` gets one (`polyfuse sample`, `polyfuse train sft`), the `po`
+    stage one per objective."""
+    from polyfuse.pipeline.context import stage, stage_order
+
+    commands: dict[str, Any] = {}
+    for name in stage_order():
+        step = stage(name)
+        for command in step.commands():
+            if command.name.startswith(prefix) and " " not in command.name.removeprefix(prefix):
+                group = typer.Typer(add_completion=False)
+                group.command(command.name.removeprefix(prefix), help=escape(command.help))(_stage_callback(step, command))
+                commands[command.name.removeprefix(prefix)] = typer.main.get_command(group)
+    return commands
+
+
+def _stage_callback(step: Any, command: Any) -> Any:
+    """The function typer turns into `command`: one option per input of the stage (`--prompts`, `--data`,
+    `--model`, ...), its section as `--config`, and the output; it runs the stage's `execute`."""
+    from pydantic import ValidationError
+
+    from polyfuse.pipeline.context import TrainingStage
+
+    training = isinstance(step, TrainingStage)
+    try:
+        step.section()
+        optional = True  # every key has a default that validates: the config file may be left out
+    except ValidationError:
+        optional = False
+    config = _config_option(command.config_help, command.config_name, optional)
+    options: dict[str, Any] = {"config": (config, None if optional else ...)}
+    for item in step.command_inputs:
+        value_type = str if item.kind == "model" else Path  # a model may be a hub id
+        options[item.option] = (Annotated[value_type, typer.Option(help=item.help)], ...)
+    options["out"] = (Annotated[Path, typer.Option("--out", "-o", help=step.output_help)], ...)
+    options["set_"] = (SetOpt, None)
+    if any(item.kind == "rows" for item in step.command_inputs):
+        options["skip_invalid"] = (Annotated[bool, typer.Option(help="Skip malformed data rows and report them.")], False)
+    if training:
+        options["resume"], options["force"] = (ResumeOpt, False), (ForceOpt, False)
+    options["quiet"] = (QuietOpt, False)
+
+    def callback(**values: Any) -> None:
+        _run_stage_command(step, command, values)
+
+    callback.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+        for name, (annotation, default) in options.items()
+    ])
+    return callback
+
+
+def _run_stage_command(step: Any, command: Any, values: dict[str, Any]) -> None:
+    """A stage command: its config, its inputs (data rows, models) and its output location checked in this
+    order before any work, then the stage's `execute`, as a recipe runs it."""
+    from polyfuse.config import load_config
+    from polyfuse.pipeline.context import DataFile
+    from polyfuse.pipeline.sources import read_input
+
+    overrides = [*(values["set_"] or []), *(["force=true"] if values.get("force") else [])]
+    config = load_config(step.section, values["config"], overrides, fixed=command.fixed, command=command.name)
+    inputs: dict[str, Any] = {}
+    for item in step.command_inputs:
+        value = values[item.option]
+        if item.kind == "rows":
+            inputs[item.option] = DataFile(str(value), read_input(value, item.schema, values["skip_invalid"]))
+        elif item.kind == "model":
+            inputs[item.option] = _checked_model(value)
+        else:
+            inputs[item.option] = str(value)
+    _check_models(config)
+    out = _output_file(values["out"]) if Path(step.output).suffix else _output_folder(values["out"])
+    outputs = step.execute(config, inputs, out, quiet=values["quiet"], resume=values.get("resume", False))
+    console.print(f"{'saved' if step.makes_model else 'wrote'} {', '.join(outputs.values())}", soft_wrap=True)
+
+
 @app.command()
 def run(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML: models, prompts and one section per stage (see recipes/; `polyfuse config show recipe`).")],
     work_dir: Annotated[Path | None, typer.Option(help="Work directory (default: the recipe's work_dir, else runs/<name>).")] = None,
     set_: SetOpt = None,
+    check: Annotated[bool, typer.Option("--check", help=(
+        "Only check the recipe (seconds, no weights loaded, nothing written): every model from its config and "
+        "tokenizer files, the data files and prompts; exit code 0, or 2 with one line per problem."))] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Run a recipe's stages in order; finished stages are skipped, interrupted ones resume. Ends with the
@@ -136,6 +217,13 @@ def run(
     from polyfuse.pipeline.summary import print_run_summary
 
     loaded = load_recipe(recipe, set_)
+    if check:
+        from polyfuse.pipeline.checks import check_recipe
+
+        report = check_recipe(loaded)
+        print(report.describe())
+        report.enforce()
+        return
     ctx = run_recipe(loaded, _output_folder(work_dir or loaded.resolved_work_dir), quiet=quiet)
     print_run_summary(ctx, console)
 
@@ -165,204 +253,6 @@ def config_show(
     from polyfuse.cli.config_docs import stage_config_yaml
 
     print(stage_config_yaml(stage, recipe), end="")
-
-
-@app.command()
-def sample(
-    config: SampleConfigOpt,
-    prompts: Annotated[Path, typer.Option(help="Prompts: .jsonl, .parquet or a `datasets` folder of rows with id and prompt.")],
-    out: ShardedOutOpt,
-    set_: SetOpt = None,
-    skip_invalid: Annotated[bool, typer.Option(help="Skip malformed prompt rows and report them.")] = False,
-    quiet: QuietOpt = False,
-) -> None:
-    """Sample N responses per prompt from every model in the config (data parallel under accelerate)."""
-    from polyfuse.config import load_config
-    from polyfuse.data import PromptRow
-    from polyfuse.pipeline.stages.sample import SampleConfig, run_sample
-
-    cfg = load_config(SampleConfig, config, set_)
-    rows = _read(prompts, PromptRow, skip_invalid)
-    _check_models(cfg)
-    console.print(f"wrote {run_sample(rows, cfg, _output_folder(out), quiet=quiet)}")
-
-
-@app.command()
-def score(
-    config: ScoreConfigOpt,
-    samples: Annotated[Path, typer.Option(help="Samples written by `polyfuse sample`.")],
-    out: ShardedOutOpt,
-    set_: SetOpt = None,
-    quiet: QuietOpt = False,
-) -> None:
-    """Score samples with reward models and verifiers (math, code sandbox, toy world)."""
-    from polyfuse.config import load_config
-    from polyfuse.data import SampleRow
-    from polyfuse.pipeline.stages.score import ScoreConfig, run_score
-
-    cfg = load_config(ScoreConfig, config, set_)
-    rows = _read(samples, SampleRow)
-    _check_models(cfg)
-    console.print(f"wrote {run_score(rows, cfg, _output_folder(out), quiet=quiet)}")
-
-
-@app.command()
-def pairs(
-    config: PairsConfigOpt,
-    scored: Annotated[Path, typer.Option(help="Scored samples written by `polyfuse score`.")],
-    out: OutOpt,
-    set_: SetOpt = None,
-) -> None:
-    """Build SFT rows and preference pairs with the FuseChat-3.0 rules (or the WRPO and cross-model layouts)."""
-    import json
-
-    from polyfuse.config import load_config
-    from polyfuse.data import SampleRow
-    from polyfuse.pipeline.stages.pairs import PairsConfig, run_pairs
-
-    cfg = load_config(PairsConfig, config, set_)
-    paths = run_pairs(_read(scored, SampleRow), cfg, _output_folder(out))
-    console.print_json(json.dumps(json.loads(paths["report"].read_text())))
-
-
-@train_app.command("sft")
-def train_sft_cmd(
-    data: Annotated[Path, typer.Option(help="SFT rows (TRL prompt/completion), e.g. from `polyfuse pairs`.")],
-    model: Annotated[str, typer.Option(help="Pivot: hub id, folder or .gguf file.")],
-    out: OutOpt,
-    config: SFTConfigOpt = None,
-    set_: SetOpt = None,
-    resume: ResumeOpt = False,
-    force: ForceOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
-    """Supervised fine-tuning of the pivot on the response tokens of the SFT rows."""
-    from polyfuse.config import load_config
-    from polyfuse.data import SFTRow
-    from polyfuse.trainers import SFTTrainConfig, train_sft
-
-    cfg = load_config(SFTTrainConfig, config, [*(set_ or []), *(["force=true"] if force else [])])
-    rows, spec = _read(data, SFTRow), _checked_model(model)
-    console.print(f"saved {train_sft(spec, rows, cfg, _output_folder(out), resume=resume)}")
-
-
-@train_app.command("distill")
-def train_distill_cmd(
-    data: Annotated[Path, typer.Option(help="SFT rows (TRL prompt/completion): the texts the teachers ran on.")],
-    teachers: Annotated[Path, typer.Option(help="Teacher store written by `polyfuse teacher`.")],
-    model: Annotated[str, typer.Option(help="Pivot (student): hub id, folder or .gguf file.")],
-    out: OutOpt,
-    config: DistillConfigOpt = None,
-    set_: SetOpt = None,
-    resume: ResumeOpt = False,
-    force: ForceOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
-    """Explicit fusion: cross-entropy on the gold response plus ULD (InfiFusion) or fused soft targets
-    (FuseLLM) against the stored teacher outputs; no teacher model is loaded."""
-    from polyfuse.config import load_config
-    from polyfuse.data import SFTRow
-    from polyfuse.trainers import DistillTrainConfig, train_distill
-
-    cfg = load_config(DistillTrainConfig, config, [*(set_ or []), *(["force=true"] if force else [])])
-    rows, spec = _read(data, SFTRow), _checked_model(model)
-    console.print(f"saved {train_distill(spec, rows, teachers, cfg, _output_folder(out), resume=resume)}")
-
-
-def _train_preference_command(objective: str, summary: str):
-    def command(
-        data: Annotated[Path, typer.Option(help="Preference rows (TRL prompt/chosen/rejected), e.g. from `polyfuse logprobs`.")],
-        model: Annotated[str, typer.Option(help="Initial pivot M0 (the SFT checkpoint): hub id, folder or .gguf.")],
-        out: OutOpt,
-        config: Path | None = None,  # its option and help are set below
-        set_: SetOpt = None,
-        resume: ResumeOpt = False,
-        force: ForceOpt = False,
-        quiet: QuietOpt = False,
-    ) -> None:
-        from polyfuse.config import apply_overrides, config_source, read_yaml, validate
-        from polyfuse.data import PreferenceRow
-        from polyfuse.errors import ConfigError, DataError
-        from polyfuse.logprobs import check_logp_columns, fusion_sources
-        from polyfuse.trainers import PreferenceTrainConfig, train_preference
-
-        overrides = [*(set_ or []), *(["force=true"] if force else [])]
-        values = apply_overrides(read_yaml(config) if config else {}, overrides)
-        source = config_source(config, overrides)
-        if values.setdefault("objective", objective) != objective:
-            raise ConfigError(f"{source}: objective is {values['objective']!r} but the command is `train {objective}`")
-        cfg = validate(PreferenceTrainConfig, values, source=source)
-        rows, spec = _read(data, PreferenceRow), _checked_model(model)
-        roles = [role for role in cfg.build_objective().roles if role not in ("chosen", "rejected")]
-        lacking = [row.id for row in rows if any(getattr(row, role, None) is None for role in roles)]
-        if lacking:
-            raise DataError(f"{data}: {len(lacking)} rows (the first: id {lacking[0]!r}) lack {' or '.join(roles)}, "
-                            f"which `train {objective}` needs (`polyfuse pairs` writes it with `target:` set)")
-        try:
-            check_logp_columns(rows, "ref")
-            check_logp_columns(rows, "fuse")
-        except DataError as err:
-            raise DataError(f"{data}: {err}") from None
-        saved = train_preference(
-            spec, rows, cfg, _output_folder(out), source_names=fusion_sources(data, rows), resume=resume
-        )
-        console.print(f"saved {saved}")
-
-    command.__doc__ = escape(summary)  # typer renders help as rich markup
-    command.__annotations__["config"] = _config_option(
-        f"beta and the other {objective} settings, and the training settings", objective, optional=True)
-    return command
-
-
-def _register_preference_commands(target: typer.Typer) -> None:
-    """One `polyfuse train <objective>` per registered objective (adding an objective file adds a command);
-    its help is the first paragraph of the objective's docstring."""
-    from polyfuse.objectives import OBJECTIVES
-
-    for name in OBJECTIVES.names():
-        summary = (inspect.getdoc(OBJECTIVES.get(name)) or name).split("\n\n")[0]
-        target.command(name.replace("_", "-"))(_train_preference_command(name, " ".join(summary.split())))
-
-
-@app.command()
-def logprobs(
-    config: LogprobsConfigOpt,
-    data: Annotated[Path, typer.Option(help="Preference rows (TRL prompt/chosen/rejected, and chosen_source for WRPO).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output file: .jsonl, .parquet, or a folder for `datasets`.")],
-    set_: SetOpt = None,
-    quiet: QuietOpt = False,
-) -> None:
-    """Sequence log-probs of every pair under the initial pivot (ref_* columns) and every source (fuse_*
-    columns), each model through its own tokenizer and chat template; resumable, data parallel under
-    accelerate."""
-    from polyfuse.config import load_config
-    from polyfuse.data import PreferenceRow
-    from polyfuse.logprobs import LogprobsConfig, run_logprobs
-
-    cfg = load_config(LogprobsConfig, config, set_)
-    rows = _read(data, PreferenceRow)
-    _check_models(cfg)
-    console.print(f"wrote {run_logprobs(cfg, rows, _output_file(out), quiet)}")
-
-
-@app.command()
-def teacher(
-    config: TeacherConfigOpt,
-    data: Annotated[Path, typer.Option(help="SFT rows (TRL prompt/completion): the training texts.")],
-    out: ShardedOutOpt,
-    set_: SetOpt = None,
-    quiet: QuietOpt = False,
-) -> None:
-    """Store every model's top-K next-token logits over the response tokens of the training texts, each model
-    through its own tokenizer and chat template; resumable, data parallel under accelerate."""
-    from polyfuse.config import load_config
-    from polyfuse.data import SFTRow
-    from polyfuse.teacher import TeacherConfig, run_teacher
-
-    cfg = load_config(TeacherConfig, config, set_)
-    rows = _read(data, SFTRow)
-    _check_models(cfg)
-    console.print(f"wrote {run_teacher(rows, cfg, _output_folder(out), quiet)}")
 
 
 class _MergeCommands(TyperGroup):
@@ -429,6 +319,27 @@ def merge_extract_lora(
     console.print(f"[green]extracted[/]: {result.out}")
 
 
+@app.command()
+def transplant(
+    model: Annotated[Path, typer.Argument(help="Model folder whose weights are kept.")],
+    donor: Annotated[Path, typer.Argument(help="Model folder whose tokenizer MODEL gets.")],
+    out: Annotated[Path, typer.Argument(help="Output model folder (with transplant.json: what was done).")],
+    method: Annotated[str, typer.Option(help="How tokensurgeon approximates the donor's new tokens: omp (mergekit's "
+                                             "recommendation), common_interpolation, subword, landmark_pca, ...")] = "omp",
+    k: Annotated[int, typer.Option(help="Sparsity of omp / stb / mp_rope, neighbours of common_interpolation.")] = 64,
+    device: Annotated[str, typer.Option(help="Where tokensurgeon's matrix arithmetic runs: cpu, cuda, cuda:1.")] = "cpu",
+    quiet: QuietOpt = False,
+) -> None:
+    """Give MODEL the DONOR's vocabulary without training, through mergekit-tokensurgeon (mergekit 0.1.5): shared
+    tokens keep their embeddings, the donor's other tokens are approximated (OMP by default); rerunning skips a
+    finished transplant."""
+    from polyfuse.merge.transplant import TransplantOptions
+    from polyfuse.merge.transplant import transplant as run_transplant
+
+    result = run_transplant(model, donor, _output_folder(out), TransplantOptions(method, k, device, quiet))
+    console.print(f"[green]{'already transplanted' if result.skipped else 'transplanted'}[/]: {result.out}")
+
+
 @app.command("export")
 def export_cmd(
     gguf: Annotated[Path, typer.Argument(help="The .gguf file (written by llama.cpp).")],
@@ -472,11 +383,6 @@ def named_models(models: list[str]) -> dict[str, str]:
     return named
 
 
-# Generation budget per prompt when `eval --max-new-tokens` is not given: toy answers are a few tokens,
-# HumanEval bodies need room, GSM8K reasoning fits in 256.
-DEFAULT_NEW_TOKENS = {"toyworld": 32, "humaneval": 512}
-
-
 @app.command("eval")
 def eval_cmd(
     model: Annotated[list[str], typer.Option(help="Model to evaluate: folder, hub id or .gguf, or NAME=PATH to name its row (repeatable).")],
@@ -487,46 +393,79 @@ def eval_cmd(
     toy_preset: Annotated[str, typer.Option(help="Toy world preset for --data toyworld.")] = "default",
     max_new_tokens: Annotated[int | None, typer.Option(
         min=1, help="Generation budget per prompt (default: 32 for toyworld, 512 for humaneval, else 256).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per generate call.")] = 16,
-    backend: Annotated[str, typer.Option(help="Inference backend with its default options: transformers or vllm.")] = "transformers",
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Prompts per engine call (vllm, servers); transformers batches by --token-budget (default: the eval stage's, `polyfuse config show eval`).")] = None,
+    token_budget: Annotated[int | None, typer.Option(min=1, help="transformers: padded tokens per batch (prompt + max new tokens per row; prompt + gold when scoring; default: the eval stage's).")] = None,
+    bpb: Annotated[bool | None, typer.Option("--bpb/--no-bpb", help="Measure each gold answer's bits per byte (teacher-forced; default: the eval stage's, on).")] = None,
+    backend: Annotated[str, typer.Option(help="Inference backend with its default options (`polyfuse config show sample` lists them).")] = "transformers",
     unsafe_local_code: Annotated[bool, typer.Option(
         help="Run generated code without the bubblewrap sandbox (it can then touch your files and processes)."
     )] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Greedy accuracy per domain on held-out prompts: a table, results.json, results.md and a PNG bar chart."""
+    """Greedy accuracy and gold bits per byte per domain on held-out prompts (the recipe's `eval` stage on the
+    models given): tables, results.json, results.md, a PNG bar chart with 95% intervals, and per-item records
+    (what `polyfuse compare` reads)."""
     from polyfuse.config import validate
-    from polyfuse.evaluation import (
-        accuracy_table,
-        default_verifiers,
-        evaluate,
-        load_eval_set,
-        write_eval_report,
-    )
-    from polyfuse.progress import progress_bar
+    from polyfuse.evaluation import accuracy_table, bpb_table, default_verifier_configs, load_eval_report
+    from polyfuse.pipeline.context import stage
+    from polyfuse.pipeline.stages.eval import MODELS, EvalSection
     from polyfuse.sampling import EngineModel
-    from polyfuse.toyworld import ToyWorldConfig, build_world
 
-    specs = [validate(EngineModel, {"name": name, "path": path, "backend": backend}, source="--backend")
-             for name, path in named_models(model).items()]
-    _check_models(specs)
+    specs = {name: validate(EngineModel, {"name": name, "path": path, "backend": backend}, source="--backend")
+             for name, path in named_models(model).items()}
+    _check_models(list(specs.values()))
     _output_folder(out)
-    if data not in ("toyworld", "humaneval") and not data.startswith(("gsm8k:", "olmo:", "rg:")) and not Path(data).exists():
-        raise UserError(f"--data {data!r}: neither toyworld, humaneval, gsm8k:<file>, olmo:<task>, rg:<family> "
-                        "nor an existing prompts file")
-    if data == "toyworld":
-        world = build_world(ToyWorldConfig.preset(toy_preset), progress=not quiet)
-        prompts = world.prompts("heldout", per_domain=per_domain)[:limit]
-    else:
-        prompts = load_eval_set(data, limit)
-    scorers = default_verifiers(unsafe_local_code)
-    budget = max_new_tokens or DEFAULT_NEW_TOKENS.get(data, 256)
-    with progress_bar(disable=quiet) as bar:  # one display, two bars per model
-        results = {spec.label: evaluate(spec, prompts, scorers, batch_size=batch_size, max_new_tokens=budget, bar=bar)
-                   for spec in specs}
-    write_eval_report(results, out)
+    toy = {"split": "heldout", "per_domain": per_domain, "world": {"preset": toy_preset}}
+    flags = {
+        "prompts": {"toyworld": toy, "limit": limit} if data == "toyworld" else {"path": data, "limit": limit},
+        "models": list(specs),
+        **({"bpb": bpb} if bpb is not None else {}),
+        **({"max_new_tokens": max_new_tokens} if max_new_tokens else {}),
+        **({"batch_size": batch_size} if batch_size else {}),
+        **({"token_budget": token_budget} if token_budget else {}),
+        **({"scorers": [c.model_dump() for c in default_verifier_configs(True)]} if unsafe_local_code else {}),
+    }
+    stage("eval").execute(validate(EvalSection, flags, source="polyfuse eval"), {MODELS: specs}, out, quiet)
+    results = load_eval_report(out)
     console.print(accuracy_table(results))
+    if (bits := bpb_table(results)) is not None:
+        console.print(bits)
     console.print(f"report: {out / 'results.md'}", soft_wrap=True)
+
+
+@app.command()
+def compare(
+    a: Annotated[list[str] | None, typer.Option("--a", help="A run of method A: an eval output (`eval --out`) or a recipe work dir, PATH:MODEL to pick its model (repeatable: one per seed).")] = None,
+    b: Annotated[list[str] | None, typer.Option("--b", help="A run of method B, as --a; the i-th --b is paired with the i-th --a.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the runs and comparisons as an experiment file (docs/evidence shape).")] = None,
+    png: Annotated[Path | None, typer.Option("--png", help="Draw the differences with their 95% intervals.")] = None,
+    experiment: Annotated[str | None, typer.Option(help="The experiment's name in --json (default: 'A vs B').")] = None,
+    level: Annotated[str, typer.Option(help="Bootstrap: auto (seeds when several runs), items, or seeds (two-level).")] = "auto",
+    resamples: Annotated[int, typer.Option(min=100, help="Bootstrap resamples.")] = 10_000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    recompute: Annotated[Path | None, typer.Option(help="Recompute every comparison of an experiment file from its runs and check it (no --a/--b).")] = None,
+) -> None:
+    """Method A against method B, paired by item: per domain and on the average, the accuracy difference in
+    points with its 95% paired bootstrap interval, McNemar's exact p (Holm-corrected over the table) and the
+    gold bits-per-byte difference with its interval."""
+    from polyfuse.evaluation.compare import print_recomputed, run_compare
+
+    if recompute is not None:
+        if a or b:
+            raise UserError("--recompute checks an experiment file on its own; drop --a and --b")
+        if not print_recomputed(recompute, console):
+            raise typer.Exit(1)
+        return
+    if level not in ("auto", "items", "seeds"):
+        raise UserError(f"--level {level!r}: expected auto, items or seeds")
+    if not a or not b:
+        raise UserError("give the runs of both methods: --a PATH[:MODEL] ... --b PATH[:MODEL] ...")
+    for path, suffix in ((json_out, ".json"), (png, ".png")):
+        if path is not None:
+            if path.suffix != suffix or path.is_dir():
+                raise UserError(f"{path}: expected a {suffix} file")
+            _no_file_in_the_way(path, list(path.parents))
+    run_compare(a, b, console, json_out, png, experiment, None if level == "auto" else level, resamples, seed)
 
 
 @toy_app.command("build")
@@ -571,23 +510,8 @@ def _toy_config(path: Path | None, preset: str, overrides: list[str] | None):
     return validate(ToyWorldConfig, apply_overrides(base, overrides), source=config_source(path or f"preset {preset}", overrides))
 
 
-def _read(path: Path, schema, skip_invalid: bool = False):
-    from polyfuse.data.io import ReadReport, read_rows
-    from polyfuse.errors import DataError
-
-    report = ReadReport()
-    rows = read_rows(path, schema, skip_invalid=skip_invalid, report=report)
-    if not rows:
-        raise DataError(f"{path}: no rows (expected {schema.__name__} rows)")
-    if report.skipped:
-        console.print(f"[yellow]{path}: {report.summary()}[/]")
-        for number, problem in report.skipped[:20]:
-            console.print(f"  line {number}: {problem}")
-    return rows
-
-
 def _check_models(config) -> None:
-    from polyfuse.models.loader import check_models
+    from polyfuse.models.checks import check_models
 
     check_models(config)
 

@@ -310,7 +310,8 @@ class ShardStore:
     """Numbered JSONL shards in one folder. Each shard is written whole and atomically, so after a
     crash a shard either exists complete or not at all; `done()` tells a rerun what is left. The folder is
     made with the first shard: a command refused before its first shard leaves nothing behind. A shard's
-    sidecar (`<key>.jsonl.meta.json`) records which process of a launch wrote it.
+    sidecar (`<key>.jsonl.meta.json`) records which process of a launch wrote it; it is written after the
+    shard, so a shard is finished only once its sidecar exists too (a kill between the two redoes the shard).
 
     A shard being worked on may also keep a journal (`<key>.partial.jsonl`): records appended one line at
     a time as pieces of the shard finish (a server's requests), so a killed run redoes none of them. A
@@ -328,11 +329,11 @@ class ShardStore:
         return self.folder / f"{key}.jsonl"
 
     def done(self, key: str) -> bool:
-        return self.path(key).exists()
+        return self.path(key).exists() and Path(f"{self.path(key)}.meta.json").exists()
 
     def write(self, key: str, rows: Iterable[BaseModel | dict[str, Any]], writer: dict[str, Any]) -> None:
         """Write the shard, then its sidecar (`writer`: `ShardPlan.writer`): a write refused (full disk) leaves
-        nothing, and a kill between the two only a shard that does not say who wrote it."""
+        nothing, and a kill between the two a shard without its sidecar, which `done` counts as unfinished."""
         write_rows(self.path(key), rows)
         write_metadata(self.path(key), writer)
         self.journal(key).unlink(missing_ok=True)

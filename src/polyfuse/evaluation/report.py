@@ -1,26 +1,22 @@
-"""Accuracy reports: a rich table for the terminal, and results.json / results.md / accuracy.png plus
-per-example records on disk. Rows are models; columns are domains, then the average over domains. A run's
-report (`run_report`) adds findings in words: what changed and by how much, with the noise, and why a
-domain did not improve when its training data says why."""
+"""Accuracy reports: rich tables for the terminal, and results.json / results.md / accuracy.png plus
+per-example records on disk. Rows are models; columns are domains, then the average over domains; the chart
+draws each accuracy's 95% bootstrap interval over the items. A run's report (`run_report`) adds findings in
+words: what changed and by how much, with its 95% paired bootstrap interval (`polyfuse.evaluation.stats`),
+and why a domain did not improve when its training data says why."""
 
 from __future__ import annotations
 
 import itertools
 import json
-import math
-import re
-import statistics
-from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from rich.table import Table
 
 from polyfuse.data.io import atomic_write, atomic_write_text, read_rows, write_json, write_rows
-from polyfuse.evaluation.evaluate import EvalRecord, EvalResult
-
-
-def _file_name(label: str) -> str:
-    return re.sub(r"[^\w.-]+", "_", label)
+from polyfuse.evaluation.compare import Comparison, Run, compare_results
+from polyfuse.evaluation.evaluate import EvalRecord, EvalResult, records_file
+from polyfuse.evaluation.stats import AVERAGE, Estimate, bootstrap
 
 
 def _domains(results: dict[str, EvalResult]) -> list[str]:
@@ -33,26 +29,60 @@ def _cells(result: EvalResult, domains: list[str]) -> list[str]:
     return cells + [f"{100 * result.average:.1f}"]
 
 
-def accuracy_table(results: dict[str, EvalResult]) -> Table:
+def _bpb_cells(result: EvalResult, domains: list[str]) -> list[str]:
+    scores = result.per_domain
+    cells = [f"{scores[d].bpb:.3f}" if d in scores and scores[d].bpb is not None else "-" for d in domains]
+    return cells + ["-" if result.average_bpb is None else f"{result.average_bpb:.3f}"]
+
+
+def _has_bpb(results: dict[str, EvalResult]) -> bool:
+    return any(s.bpb is not None for result in results.values() for s in result.per_domain.values())
+
+
+def _table(results: dict[str, EvalResult], title: str, cells) -> Table:
     domains = _domains(results)
-    table = Table(title="Accuracy (%)")
+    table = Table(title=title)
     table.add_column("model")
     for column in [*domains, "average"]:
         table.add_column(column, justify="right")
     for label, result in results.items():
-        table.add_row(label, *_cells(result, domains))
+        table.add_row(label, *cells(result, domains))
     return table
 
 
-def markdown_table(results: dict[str, EvalResult]) -> str:
-    """Rows = models, columns = domains then the average, in percent."""
+def accuracy_table(results: dict[str, EvalResult]) -> Table:
+    return _table(results, "Accuracy (%)", _cells)
+
+
+def bpb_table(results: dict[str, EvalResult]) -> Table | None:
+    """Mean gold bits per byte per domain (lower is better); None when no model has any."""
+    return _table(results, "Gold bits per byte (lower is better)", _bpb_cells) if _has_bpb(results) else None
+
+
+def _markdown(results: dict[str, EvalResult], cells) -> str:
     domains = _domains(results)
-    lines = [
+    return "\n".join([
         "| model | " + " | ".join([*domains, "average"]) + " |",
         "|---|" + "---:|" * (len(domains) + 1),
-        *(f"| {label} | " + " | ".join(_cells(result, domains)) + " |" for label, result in results.items()),
-    ]
-    return "Accuracy (%), greedy decoding.\n\n" + "\n".join(lines) + "\n"
+        *(f"| {label} | " + " | ".join(cells(result, domains)) + " |" for label, result in results.items()),
+    ]) + "\n"
+
+
+def markdown_table(results: dict[str, EvalResult]) -> str:
+    """Rows = models, columns = domains then the average, in percent; then gold bits per byte, when measured."""
+    text = "Accuracy (%), greedy decoding.\n\n" + _markdown(results, _cells)
+    if _has_bpb(results):
+        text += "\nGold bits per byte (teacher-forced gold answer; lower is better).\n\n" + _markdown(results, _bpb_cells)
+    return text
+
+
+def accuracy_intervals(result: EvalResult) -> dict[str, Estimate]:
+    """Each domain's accuracy and the average's, in points, with 95% bootstrap intervals over the items."""
+    by_domain: dict[str, list[bool]] = {}
+    for record in result.records:
+        by_domain.setdefault(record.domain, []).append(record.correct)
+    found = bootstrap([{d: np.array(v, dtype=float) for d, v in by_domain.items()}])
+    return {row: estimate.scaled(100) for row, estimate in found.items()}
 
 
 def _colours(labels: list[str], sources: set[str]) -> list:
@@ -75,13 +105,16 @@ def _chart(results: dict[str, EvalResult], path: Path, sources: set[str], title:
     axes = figure.subplots()
     for (label, result), colour in zip(results.items(), _colours(list(results), sources & set(results)), strict=True):
         k = list(results).index(label)
-        scores = result.per_domain
-        values = [100 * scores[d].accuracy if d in scores else 0.0 for d in groups[:-1]] + [100 * result.average]
+        intervals = accuracy_intervals(result)
+        found = [intervals.get(group) for group in groups]  # a domain this model was not evaluated on: no bar
+        values = [e.value if e else 0.0 for e in found]
+        errors = [[e.value - e.low if e else 0.0 for e in found], [e.high - e.value if e else 0.0 for e in found]]
         bars = axes.bar([g + k * width - 0.4 + width / 2 for g in range(len(groups))], values, width, label=label,
-                        color=colour, edgecolor="black", linewidth=0.4)
+                        color=colour, edgecolor="black", linewidth=0.4, yerr=errors, capsize=2,
+                        error_kw={"elinewidth": 0.6, "ecolor": "black"})
         axes.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
     axes.set_xticks(range(len(groups)), groups)
-    axes.set_ylabel("accuracy (%)")
+    axes.set_ylabel("accuracy (%), 95% interval")
     axes.set_ylim(0, 108)
     axes.set_title(title)
     axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # outside the bars
@@ -94,7 +127,7 @@ def load_eval_report(out_dir: str | Path) -> dict[str, EvalResult]:
     out_dir = Path(out_dir)
     labels = json.loads((out_dir / "results.json").read_text())
     return {
-        label: EvalResult(model=label, records=read_rows(out_dir / "records" / f"{_file_name(label)}.jsonl", EvalRecord))
+        label: EvalResult(model=label, records=read_rows(records_file(out_dir, label), EvalRecord))
         for label in labels
     }
 
@@ -111,92 +144,62 @@ def write_eval_report(
     atomic_write_text(out_dir / "results.md", markdown_table(results))
     _chart(results, out_dir / "accuracy.png", sources or set(), title)
     for label, result in results.items():
-        write_rows(out_dir / "records" / f"{_file_name(label)}.jsonl", result.records)
+        write_rows(records_file(out_dir, label), result.records)
     return out_dir
 
 
-Z95 = 1.96  # two-sided 95% normal quantile
+def compare_labels(runs: list[dict[str, EvalResult]], a: str, b: str) -> Comparison:
+    """Model `a` against model `b` of the same runs (one per seed): the paired comparison of
+    `polyfuse.evaluation.compare`, two-level over seeds when there are several."""
+    return compare_results([Run(a, run[a]) for run in runs], [Run(b, run[b]) for run in runs], names=(a, b))
 
 
-@dataclass
-class Gain:
-    """A change in accuracy, in points, with its noise: the half-width of a 95% interval over the held-out
-    prompts (one run) or the standard deviation over seeds (several)."""
-
-    points: float
-    noise: float
-
-    @property
-    def clear(self) -> bool:
-        return self.points - self.noise > 0
-
-    def __str__(self) -> str:
-        return f"{self.points:+.1f} ± {self.noise:.1f}"
-
-
-def _paired(before: EvalResult, after: EvalResult, domain: str) -> tuple[float, float]:
-    """Mean and variance of the mean of `after - before` per prompt of `domain` (the same prompts)."""
-    base = {r.prompt_id: r.correct for r in before.records if r.domain == domain}
-    diffs = [int(r.correct) - int(base[r.prompt_id]) for r in after.records if r.domain == domain and r.prompt_id in base]
-    if not diffs:
-        return 0.0, 0.0
-    mean = sum(diffs) / len(diffs)
-    spread = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) if len(diffs) > 1 else 0.0
-    return mean, spread / len(diffs)
-
-
-def gains(runs: list[dict[str, EvalResult]], before: str, after: str) -> dict[str, Gain]:
-    """`after - before` per domain and on the average over domains ("average"). One run: paired 95% normal
-    intervals over the prompts; several runs (seeds): mean and standard deviation over the runs."""
-    domains = _domains({k: v for run in runs for k, v in run.items() if k in (before, after)})
-    per_run = []
-    for run in runs:
-        paired = {d: _paired(run[before], run[after], d) for d in domains}
-        average = sum(m for m, _ in paired.values()) / len(domains)
-        per_run.append({**paired, "average": (average, sum(v for _, v in paired.values()) / len(domains) ** 2)})
-    if len(runs) == 1:
-        return {k: Gain(100 * m, 100 * Z95 * math.sqrt(v)) for k, (m, v) in per_run[0].items()}
-    return {k: Gain(100 * statistics.mean(r[k][0] for r in per_run), 100 * statistics.stdev(r[k][0] for r in per_run))
-            for k in per_run[0]}
-
-
-def _mean_accuracy(runs: list[dict[str, EvalResult]], label: str, domain: str | None = None) -> float:
-    values = [r[label].average if domain is None else r[label].per_domain[domain].accuracy for r in runs]
-    return 100 * statistics.mean(values)
+def _gain(row) -> str:
+    return f"{row.diff.value:+.1f} [{row.diff.low:+.1f}, {row.diff.high:+.1f}]"
 
 
 def describe_gains(
     runs: list[dict[str, EvalResult]], sources: set[str], domain_data: dict[str, dict[str, int]] | None = None,
 ) -> list[str]:
-    """Markdown lines that say what fusion changed and by how much, with the noise, and why a domain did not
-    improve when the training data says why. `runs`: the results of one run, or of one run per seed (the
-    same models); the comparison is the pivot before fusion against the last trained model, step by step
-    through the stages between. `domain_data`: per domain, counts of its training data (`SFT rows`, `pairs`,
-    `correct samples`, `samples`)."""
+    """Markdown lines that say what fusion changed and by how much, with 95% paired bootstrap intervals, and
+    why a domain did not improve when the training data says why. `runs`: the results of one run, or of one
+    run per seed (the same models); the comparison is the pivot before fusion against the last trained model
+    (and against SFT, when a later stage followed it), step by step through the stages between.
+    `domain_data`: per domain, counts of its training data (`SFT rows`, `pairs`, `correct samples`, `samples`)."""
     labels = [label for label in runs[0] if label not in sources]
     if len(labels) < 2:
         return []
     before, after = labels[0], labels[-1]
-    total = gains(runs, before, after)
-    prompts = sum(s.total for s in runs[0][after].per_domain.values())
-    noise = (f"95% interval over {prompts} held-out prompts, paired" if len(runs) == 1
-             else f"mean ± standard deviation over {len(runs)} seeds")
-    lines = [f"**{after}** averages {_mean_accuracy(runs, after):.1f}% against {_mean_accuracy(runs, before):.1f}% "
-             f"for **{before}**: {total['average']} points ({noise})."]
+    total = compare_labels(runs, after, before)
+    rows = {row.row: row for row in total.rows}
+    average = rows[AVERAGE]
+    how = (f"95% interval, paired bootstrap over {average.items[0]} held-out prompts; McNemar p = {average.p:.2g}"
+           if len(runs) == 1 else f"95% interval, paired bootstrap over {len(runs)} seeds and their held-out prompts")
+    lines = [f"**{after}** averages {average.a:.1f}% against {average.b:.1f}% for **{before}**: "
+             f"{average.diff.value:+.1f} points [{average.diff.low:+.1f}, {average.diff.high:+.1f}] ({how})."]
+    sft = next((label for label in labels[1:-1] if label.endswith("+SFT")), None)
+    if sft is not None:
+        against = next(r for r in compare_labels(runs, after, sft).rows if r.row == AVERAGE)
+        lines.append(f"Against **{sft}** ({against.b:.1f}%): {_gain(against)} points.")
+    if average.bpb_diff is not None:
+        lines.append(f"Gold bits per byte (lower is better): {average.bpb_b:.3f} → {average.bpb_a:.3f} "
+                     f"({average.bpb_diff.value:+.3f} [{average.bpb_diff.low:+.3f}, {average.bpb_diff.high:+.3f}]).")
     if sources & set(runs[0]):
-        best = max(sources & set(runs[0]), key=lambda s: _mean_accuracy(runs, s))
-        lines.append(f"The best source on average, {best}, has {_mean_accuracy(runs, best):.1f}%.")
+        best = max(sources & set(runs[0]), key=lambda s: np.mean([run[s].average for run in runs]))
+        lines.append(f"The best source on average, {best}, has {100 * np.mean([run[best].average for run in runs]):.1f}%.")
     if len(labels) > 2:
-        steps = [f"{before} {_mean_accuracy(runs, before):.1f}"]
-        steps += [f"{b} {_mean_accuracy(runs, b):.1f} ({gains(runs, a, b)['average']})" for a, b in itertools.pairwise(labels)]
+        steps = [f"{before} {average.b:.1f}"]
+        for a, b in itertools.pairwise(labels):
+            step = next(r for r in compare_labels(runs, b, a).rows if r.row == AVERAGE)
+            steps.append(f"{b} {step.a:.1f} ({_gain(step)})")
         lines.append("Step by step: " + " → ".join(steps) + ".")
     lines.append("")
-    for domain in _domains({before: runs[0][before], after: runs[0][after]}):
-        gain = total[domain]
-        line = (f"- {domain}: {_mean_accuracy(runs, before, domain):.1f} → {_mean_accuracy(runs, after, domain):.1f} "
-                f"({gain})")
-        if not gain.clear:
-            line += ": no clear gain" + _why(domain, domain_data)
+    for row in total.rows:
+        if row.row == AVERAGE:
+            continue
+        line = f"- {row.row}: {row.b:.1f} → {row.a:.1f} ({_gain(row)})"
+        if row.diff.low <= 0:
+            line += ": no clear gain" + _why(row.row, domain_data)
         lines.append(line + ".")
     return lines
 

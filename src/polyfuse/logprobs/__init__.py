@@ -12,7 +12,7 @@ from polyfuse.logprobs.engine import (
     score_encoded,
     score_rows,
 )
-from polyfuse.logprobs.stage import LogprobsConfig, fusion_sources, run_logprobs
+from polyfuse.logprobs.run import LogprobsConfig, fusion_sources, run_logprobs
 
 __all__ = [
     "RESPONSE_ROLES",

@@ -1,23 +1,28 @@
-"""The merge config: mergekit's YAML subset, its refusals, and per-tensor parameter resolution.
+"""The merge config: mergekit's YAML subset, its refusals, its normal form, and per-tensor parameter resolution.
 
 Everything here runs before a single tensor is read, so a bad method name, a missing weight or an
 unsupported `slices:` section fails in a second with exit code 2 instead of after an hour of
 downloading, a common mergekit complaint. Header-level checks (shapes, vocabularies) live in `plan.py`.
+
+The config is normalised once, when it is validated, into mergekit's normal form: a list of output slices
+whose inputs are `ModelReference`s (`MergeConfig.output_slices`); everything after reads that.
 """
 
 from __future__ import annotations
 
 import logging
+import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from polyfuse.config import StrictModel, apply_overrides, read_yaml, validate
 from polyfuse.errors import ConfigError
-from polyfuse.merge.methods.base import MERGE_METHODS, InvalidParameter, MergeMethod
-from polyfuse.merge.sources import split_reference
+from polyfuse.merge.methods.base import MERGE_METHODS, InvalidParameter, MergeMethod, Param
+from polyfuse.merge.reference import ModelReference
 
 DType = Literal["float32", "bfloat16", "float16"]
 Scalar = bool | int | float | str
@@ -25,12 +30,14 @@ REFUSED = {
     "modules": "mergekit's per-module sections (`modules:`, for models with several layer stacks) are not "
                "supported; use `models:`, or `slices:` on a model with one layer stack",
 }
-ENGINE_PARAMS = {"seed": 0}  # polyfuse keys under `parameters` that the engine itself reads
+SEED = Param("seed", 0, description="random masks (DARE, DELLA, ...) are seeded by (seed, tensor name, model index)",
+             explain="seed {v} = random masks are seeded by (seed, tensor name, model index): reruns agree")
+ENGINE_PARAMETERS = (SEED,)  # polyfuse keys under `parameters` that the engine itself reads, for every method
+NOT_MODELS = ("base", "union")  # tokenizer sources that name no model
 CHAT_TEMPLATES = {
     "chatml": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
 }
-IGNORED_PARAMS = {"int8_mask": "a mergekit memory trick; polyfuse always computes in fp32"}
 _FALLBACK = (None, "*")
 logger = logging.getLogger(__name__)
 
@@ -90,10 +97,6 @@ class SliceEntry(StrictModel):
             raise ValueError(f"all sources of a slice must span the same number of layers (got {sorted(lengths)})")
         return value
 
-    @property
-    def length(self) -> int:
-        return self.sources[0].layer_range[1] - self.sources[0].layer_range[0]
-
 
 class ModelToken(StrictModel):
     """A token's embedding taken from one model's row, by id or by token string (mergekit `model_token`)."""
@@ -141,6 +144,31 @@ class TokenizerConfig(StrictModel):
         return value
 
 
+@dataclass(frozen=True)
+class SliceInput:
+    """One input of an output slice, in mergekit's order (sources as listed, the base appended last)."""
+
+    model: ModelReference
+    parameters: Params
+    where: str  # its config key, for messages
+    layer_range: tuple[int, int] | None  # None: the model's full depth (`models:` syntax)
+
+
+@dataclass(frozen=True)
+class OutputSlice:
+    index: int
+    method: type[MergeMethod]
+    inputs: tuple[SliceInput, ...]
+    base: int | None  # index into inputs of the base, for methods that treat it as the base
+    base_model: ModelReference | None  # the slice's base as the config names it (also for methods that ignore it)
+    parameters: Params  # the slice's own (mergekit: above the config's, below the per-model ones)
+    where: str
+
+    def merged(self) -> list[tuple[int, SliceInput]]:
+        """(index into inputs, input) of every input but the base: the models the method merges."""
+        return [(k, entry) for k, entry in enumerate(self.inputs) if k != self.base]
+
+
 class MergeConfig(StrictModel):
     """A mergekit-compatible merge config (docs/merge-compat.md). `dtype` is accepted for compatibility:
     polyfuse always computes in fp32; it is the default of `out_dtype`. Exactly one of `models` and
@@ -151,12 +179,14 @@ class MergeConfig(StrictModel):
     base_model: str | None = Field(default=None, description="The model task vectors are taken against (methods that need one).")
     models: list[ModelEntry] = Field(default=[], description="The input models (give this or `slices`).")
     slices: list[SliceEntry] | None = Field(default=None, description="Layer ranges stacked into the output (give this or `models`).")
-    parameters: Params = Field(default={}, description="Method parameters for every model (weight, density, t, ...).")
+    parameters: Params = Field(default={}, description="Method parameters for every model (weight, density, t, ...); every method's are listed at the end.")
     dtype: DType | None = Field(default=None, description="Accepted as mergekit does; polyfuse computes in fp32. The default of `out_dtype`.")
     out_dtype: DType | None = Field(default=None, description="The output's dtype; default: `dtype`, else the base model's.")
     tokenizer_source: str | None = Field(default=None, description="mergekit's older form of `tokenizer.source`.")
     tokenizer: TokenizerConfig | None = Field(default=None, description="The output vocabulary and per-token embeddings.")
     chat_template: str | None = Field(default=None, description="A template name (chatml, ...) or literal Jinja for the output tokenizer.")
+    _referenced: dict[ModelReference, str] = PrivateAttr(default_factory=dict)  # model -> the key naming it first
+    _slices: tuple[OutputSlice, ...] = PrivateAttr(default=())
 
     @field_validator("parameters")
     @classmethod
@@ -167,49 +197,116 @@ class MergeConfig(StrictModel):
         return value
 
     @model_validator(mode="after")
-    def _one_layout(self) -> MergeConfig:
+    def _normalise(self) -> MergeConfig:
+        """One layout, then the normal form every later step reads (`output_slices`, `referenced_models`)."""
         if bool(self.models) == bool(self.slices):
             raise ValueError("give exactly one of `models` and `slices`")
         if self.tokenizer is not None and self.tokenizer_source is not None:
             raise ValueError("give `tokenizer_source` or a `tokenizer` block, not both (as in mergekit)")
+        self._referenced = {}
+        base = self._reference(self.base_model, "base_model")
+        self._slices = tuple(self._output_slice(index, piece, base) for index, piece in enumerate(self.slices or [None]))
         return self
+
+    def _reference(self, text: str | None, where: str) -> ModelReference | None:
+        if text is None:
+            return None
+        try:
+            reference = ModelReference.parse(text)
+        except ConfigError as err:
+            raise ValueError(f"{where}: {err}") from None
+        self._referenced.setdefault(reference, where)
+        return reference
+
+    def _output_slice(self, index: int, piece: SliceEntry | None, base: ModelReference | None) -> OutputSlice:
+        """mergekit's normal form of one output slice. `models:` is one slice over every model's full depth; a base
+        that is not listed is appended as its last input, also for methods that use it as a plain input (linear,
+        karcher). For those, polyfuse leaves the base out instead when it has no value for a required per-model
+        parameter (mergekit stops with 'missing parameter' there)."""
+        name = (piece.merge_method if piece else None) or self.merge_method
+        if name not in MERGE_METHODS:
+            raise ValueError(f"unknown merge method {name!r}; expected one of: {', '.join(MERGE_METHODS.names())}")
+        method = MERGE_METHODS.get(name)
+        if piece is None:
+            where, parameters = "models", {}
+            inputs = [SliceInput(self._reference(e.model, f"models[{i}]"), e.parameters, f"models[{i}]", None)
+                      for i, e in enumerate(self.models)]
+        else:
+            where, parameters = f"slices[{index}]", piece.parameters
+            base = self._reference(piece.base_model, f"{where}.base_model") or base
+            inputs = [SliceInput(self._reference(s.model, f"{where}.sources[{k}]"), s.parameters,
+                                 f"{where}.sources[{k}]", tuple(s.layer_range)) for k, s in enumerate(piece.sources)]
+        position = next((k for k, e in enumerate(inputs) if e.model == base), None) if base else None
+        if base and position is None and piece is None:
+            needs = [p.name for p in method.parameters if p.per_model and p.required and p.name not in self.parameters]
+            if method.base_policy != "ignored" or not needs:
+                inputs.append(SliceInput(base, {}, "base_model", None))
+                position = len(inputs) - 1
+            else:
+                logger.info("%s: base_model is not merged by %s: it has no %s", where, method.name, needs[0])
+        position = None if method.base_policy == "ignored" else position
+        return OutputSlice(index, method, tuple(inputs), position, base, parameters, where)
+
+    @property
+    def output_slices(self) -> tuple[OutputSlice, ...]:
+        """The config as mergekit normalises it: its output slices."""
+        return self._slices
+
+    def referenced_models(self) -> dict[ModelReference, str]:
+        """Every model the config merges, the base first, each once, with the config key that names it first
+        (mergekit's `referenced_models`)."""
+        return dict(self._referenced)
 
     def method(self) -> type[MergeMethod]:
         return MERGE_METHODS.get(self.merge_method)
 
-    def merged_models(self) -> list[tuple[int, ModelEntry]]:
-        """(index under `models`, entry) of the non-base models: the base may be repeated under `models`,
-        but it is not a task vector."""
-        base = self.base_model if self.method().base_policy != "ignored" else None
-        return [(i, e) for i, e in enumerate(self.models) if base is None or not same_model(e.model, base)]
+    def token_source(self) -> ModelReference | str | None:
+        """The output vocabulary's source (`tokenizer.source` or `tokenizer_source`): `base`, `union`, a model, or
+        None (no tokenizer decision)."""
+        choice = self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
+        return choice if choice in (None, *NOT_MODELS) else ModelReference.parse(choice)
 
-    def token_source(self) -> str | None:
-        """The output vocabulary's source (`tokenizer.source` or `tokenizer_source`); None: no tokenizer decision."""
-        return self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
+    def named_models(self) -> list[ModelReference]:
+        """Every model the config names, wherever it names it (base, models, slices, the tokenizer source and
+        per-token sources), in that order, as often as it names it."""
+        return [ModelReference.parse(owner[key]) for owner, key in _model_keys(self.model_dump(exclude_unset=True))]
 
-    def referenced_models(self) -> list[str]:
-        """Every model the config names, the base first, each once (mergekit's `referenced_models`)."""
-        refs = [self.base_model] if self.base_model else []
-        if self.slices:
-            for piece in self.slices:
-                refs += ([piece.base_model] if piece.base_model else []) + [s.model for s in piece.sources]
-        else:
-            refs += [e.model for e in self.models]
-        unique: list[str] = []
-        for ref in refs:
-            if not any(same_model(ref, seen) for seen in unique):
-                unique.append(ref)
-        return unique
+    @classmethod
+    def yaml_appendix(cls) -> str:
+        """What `polyfuse config show merge` adds after the keys: every method parameter, its default per method."""
+        lines = ["", *textwrap.wrap("Method parameters, under `parameters:` (for the merge) or under a model's "
+                                    "`parameters:` (the per-model ones, which `parameters:` gives every model):", 108)]
+        for param, defaults in parameter_reference():
+            given = "per model" if param.per_model else "for the merge"
+            where = "; ".join(f"{default} {', '.join(owners)}" for default, owners in defaults.items())
+            lines += textwrap.wrap(f"{param.name} ({given}): {param.description}; {where}.", 106,
+                                   initial_indent="  ", subsequent_indent="    ")
+        return "".join(f"#{' ' * bool(line)}{line}\n" for line in lines)
 
-    def reference(self) -> str:
-        """The model whose config and (by default) tokenizer the output follows."""
-        return self.referenced_models()[0]
+    def map_models(self, change: Callable[[ModelReference], ModelReference]) -> MergeConfig:
+        """This config with every model it names (`named_models`) replaced by `change(reference)`."""
+        data = self.model_dump(exclude_unset=True)
+        for owner, key in _model_keys(data):
+            owner[key] = str(change(ModelReference.parse(owner[key])))
+        return validate(MergeConfig, data)
+
+    def updated(self, **changes: Any) -> MergeConfig:
+        """A copy with `changes`, validated and normalised again (`model_copy` would keep the old normal form)."""
+        return validate(MergeConfig, {**self.model_dump(exclude_unset=True), **changes})
 
 
-def same_model(a: str, b: str) -> bool:
-    if Path(a).exists() and Path(b).exists():
-        return Path(a).resolve() == Path(b).resolve()
-    return a.rstrip("/") == b.rstrip("/")
+def _model_keys(data: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
+    """(mapping, key) of every place a dumped config names a model (not `base` or `union`)."""
+    places = [(data, "base_model"), (data, "tokenizer_source")]
+    places += [(entry, "model") for entry in data.get("models") or []]
+    for piece in data.get("slices") or []:
+        places += [(piece, "base_model")] + [(source, "model") for source in piece["sources"]]
+    tokenizer = data.get("tokenizer") or {}
+    places.append((tokenizer, "source"))
+    for rule in (tokenizer.get("tokens") or {}).values():
+        source = rule.get("source")
+        places.append((source, "model") if isinstance(source, dict) else (rule, "source"))
+    return [(owner, key) for owner, key in places if isinstance(owner.get(key), str) and owner[key] not in NOT_MODELS]
 
 
 def load_merge_config(path: str | Path, overrides: list[str] | None = None) -> MergeConfig:
@@ -253,71 +350,16 @@ def refuse_by_name(raw: Any, source: str, where: str = "") -> None:
             refuse_by_name(value, source, f"{where.rstrip('.')}[{i}].")
 
 
-@dataclass
-class SliceInput:
-    """One input of an output slice, in mergekit's order (sources as listed, the base appended last)."""
-
-    model: str
-    parameters: Params
-    where: str  # its config key, for messages
-    layer_range: tuple[int, int] | None  # None: the model's full depth (`models:` syntax)
-
-
-@dataclass
-class OutputSlice:
-    index: int
-    method: type[MergeMethod]
-    inputs: list[SliceInput]
-    base: int | None  # index into inputs of the base, for methods that treat it as the base
-    parameters: Params  # the slice's own (mergekit: above the config's, below the per-model ones)
-    where: str
-
-
-def output_slices(cfg: MergeConfig) -> list[OutputSlice]:
-    """The config as mergekit normalises it: a list of output slices. `models:` is one slice over every
-    model's full depth; a base that is not listed is appended as its last input, also for methods that
-    use it as a plain input (linear, karcher). For those, polyfuse leaves the base out instead when it has
-    no value for a required per-model parameter (mergekit stops with 'missing parameter' there)."""
-    out = []
-    pieces = cfg.slices or [None]
-    for index, piece in enumerate(pieces):
-        method = MERGE_METHODS.get((piece.merge_method if piece else None) or cfg.merge_method)
-        base_ref = (piece.base_model if piece else None) or cfg.base_model
-        if piece is None:
-            inputs = [SliceInput(e.model, e.parameters, f"models[{i}]", None) for i, e in enumerate(cfg.models)]
-            where = "models"
-            parameters: Params = {}
-        else:
-            inputs = [SliceInput(s.model, s.parameters, f"slices[{index}].sources[{k}]", tuple(s.layer_range))
-                      for k, s in enumerate(piece.sources)]
-            where = f"slices[{index}]"
-            parameters = piece.parameters
-        base = next((k for k, e in enumerate(inputs) if base_ref and same_model(e.model, base_ref)), None)
-        if base_ref and base is None and piece is None:
-            needs = [k for k, d in method.model_defaults.items() if d is None and k not in parameters
-                     and k not in cfg.parameters]
-            if method.base_policy != "ignored" or not needs:
-                inputs.append(SliceInput(base_ref, {}, "base_model", None))
-                base = len(inputs) - 1
-            else:
-                logger.info("%s: base_model is not merged by %s: it has no %s", where, method.name, needs[0])
-        if method.base_policy == "ignored":
-            base = None
-        out.append(OutputSlice(index, method, inputs, base, parameters, where))
-    return out
-
-
 def check_method(cfg: MergeConfig, source: str) -> None:
     """Model counts, base, parameter names and required parameters, from the config alone."""
     known = _known_params()
-    for piece in output_slices(cfg):
+    for piece in cfg.output_slices:
         method, name = piece.method, piece.method.name
-        base_ref = (cfg.slices[piece.index].base_model if cfg.slices else None) or cfg.base_model
         where = f"{source}: {piece.where}"
-        if method.base_policy == "required" and base_ref is None:
+        if method.base_policy == "required" and piece.base_model is None:
             raise ConfigError(f"{source}: base_model: required by {name} (task vectors are taken against it)")
-        if method.base_policy != "ignored" and base_ref is not None and piece.base is None:
-            raise ConfigError(f"{where}: the base model {base_ref!r} must be one of the slice's sources "
+        if method.base_policy != "ignored" and piece.base_model is not None and piece.base is None:
+            raise ConfigError(f"{where}: the base model {str(piece.base_model)!r} must be one of the slice's sources "
                               f"(its layers are the base of {name}, as in mergekit)")
         count = len(piece.inputs) - (piece.base is not None)
         what = "inputs" if method.base_policy == "ignored" else "non-base models"
@@ -327,27 +369,12 @@ def check_method(cfg: MergeConfig, source: str) -> None:
                               f"the config gives {count}")
         for key in piece.parameters:
             _check_name(key, method, known, f"{where}.parameters.{key}", per_model=False)
-        for k, entry in enumerate(piece.inputs):
-            if k == piece.base:
-                continue
+        for _, entry in piece.merged():
             for key in entry.parameters:
                 _check_name(key, method, known, f"{source}: {entry.where}.parameters.{key}", per_model=True)
-            for key, default in method.model_defaults.items():
-                if default is None and not any(key in p for p in (entry.parameters, piece.parameters,
-                                                                  cfg.parameters)):
-                    raise ConfigError(f"{source}: {entry.where}.parameters.{key}: required by {name}; "
-                                      f"give it per model or under the global parameters")
-        for key, default in method.defaults.items():
-            if default is None and key not in piece.parameters and key not in cfg.parameters:
-                raise ConfigError(f"{source}: parameters.{key}: required by {name}")
-    for ref in cfg.referenced_models():
-        try:
-            split_reference(ref)
-        except ConfigError as err:
-            raise ConfigError(f"{source}: {err}") from None
-    pieces = output_slices(cfg)
+        ParamResolver(cfg, piece, source).check_given()
     for key in cfg.parameters:
-        if not any(key in p.method.defaults or key in p.method.model_defaults for p in pieces):
+        if not any(p.method.parameter(key) for p in cfg.output_slices):
             _check_name(key, cfg.method(), known, f"{source}: parameters.{key}", per_model=False)
     template = cfg.chat_template
     if template not in (None, "auto", *CHAT_TEMPLATES) and "{{" not in template and "{%" not in template:
@@ -355,23 +382,42 @@ def check_method(cfg: MergeConfig, source: str) -> None:
                           f"({', '.join(CHAT_TEMPLATES)}) nor a Jinja template")
 
 
-def _known_params() -> set[str]:
-    names = set(ENGINE_PARAMS) | set(IGNORED_PARAMS)
+def parameter_reference(methods: list[str] | None = None) -> list[tuple[Param, dict[str, list[str]]]]:
+    """Every parameter that `methods` (default: every registered one) and the engine read, once per declaration
+    (name, scope, description), with the methods that read it grouped by their default (`required` for none):
+    what `polyfuse config show merge` and docs/merge-compat.md list."""
+    rows: dict[tuple[str, bool, str], tuple[Param, dict[str, list[str]]]] = {}
+    declared = [(name, MERGE_METHODS.get(name).parameters) for name in methods or MERGE_METHODS.names()]
+    for owner, params in [*declared, ("every method (the engine)", ENGINE_PARAMETERS)]:
+        for param in params:
+            _, defaults = rows.setdefault((param.name, param.per_model, param.description), (param, {}))
+            default = "required by" if param.required else f"default {_text(param.default)} in"
+            defaults.setdefault(default, []).append(owner)
+    return sorted(rows.values(), key=lambda row: (row[0].name, row[0].per_model))
+
+
+def _text(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _known_params() -> dict[str, list[str]]:
+    """Every parameter name any method (or the engine) reads -> the methods that read it."""
+    owners: dict[str, list[str]] = {p.name: [] for p in ENGINE_PARAMETERS}
     for method_name in MERGE_METHODS.names():
-        method = MERGE_METHODS.get(method_name)
-        names |= set(method.defaults) | set(method.model_defaults)
-    return names
+        for param in MERGE_METHODS.get(method_name).parameters:
+            owners.setdefault(param.name, []).append(method_name)
+    return owners
 
 
-def _check_name(key: str, method: type[MergeMethod], known: set[str], where: str, per_model: bool) -> None:
-    if key in method.model_defaults or (not per_model and (key in method.defaults or key in ENGINE_PARAMS)):
+def _check_name(key: str, method: type[MergeMethod], known: dict[str, list[str]], where: str, per_model: bool) -> None:
+    param = method.parameter(key)
+    if (param is not None and (param.per_model or not per_model)) or (not per_model and key in {p.name for p in ENGINE_PARAMETERS}):
         return
     if key in known:  # a real parameter of another method: harmless, but say it does nothing here
-        why = f" ({IGNORED_PARAMS[key]})" if key in IGNORED_PARAMS else ""
-        logger.warning("%s: ignored by %s%s", where, method.name, why)
+        logger.warning("%s: ignored by %s (a parameter of %s)", where, method.name, ", ".join(known[key][:3]))
         return
     raise ConfigError(f"{where}: unknown parameter for {method.name}; expected one of: "
-                      f"{', '.join(sorted(set(method.model_defaults) | set(method.defaults)))}")
+                      f"{', '.join(sorted(p.name for p in method.parameters))}")
 
 
 def layer_position(layer: int | None, num_layers: int) -> float:
@@ -413,20 +459,38 @@ class ParamResolver:
         self.cfg = cfg
         self.piece = piece
         self.method = piece.method
-        self.models = [(k, e) for k, e in enumerate(piece.inputs) if k != piece.base]
+        self.models = piece.merged()
         self.source = source
 
+    @classmethod
+    def of(cls, cfg: MergeConfig, slice_index: int = 0, source: str = "config") -> ParamResolver:
+        return cls(cfg, cfg.output_slices[slice_index], source)
+
+    def _layers(self, entry: SliceInput | None = None) -> list[tuple[Params, str]]:
+        """Where a parameter may be given, in precedence order: (parameters, the config key that holds them); an
+        input's own only for per-model parameters (`entry`)."""
+        layers = [(entry.parameters, f"{entry.where}.parameters")] if entry is not None else []
+        if self.cfg.slices:
+            layers.append((self.piece.parameters, f"{self.piece.where}.parameters"))
+        return layers + [(self.cfg.parameters, "parameters")]
+
     def params(self, tensor: str, t: float) -> dict[str, Any]:
-        return {key: self._pick([self.piece.parameters, self.cfg.parameters], key, default, tensor, t,
-                                f"parameters.{key}")
-                for key, default in self.method.defaults.items()}
+        return {p.name: self._pick(p, self._layers(), tensor, t, f"parameters.{p.name}")
+                for p in self.method.parameters if not p.per_model}
 
     def model_params(self, keys: list[str], t: float) -> list[dict[str, Any]]:
-        """Per non-base input; `keys[k]`: the tensor name read from input k of the slice."""
-        return [{key: self._pick([entry.parameters, self.piece.parameters, self.cfg.parameters], key, default,
-                                 keys[k], t, f"{entry.where}.parameters.{key}")
-                 for key, default in self.method.model_defaults.items()}
+        """Per non-base input; `keys[k]`: the tensor name read from input k of the slice (the base's included)."""
+        return [{p.name: self._pick(p, self._layers(entry), keys[k], t, f"{entry.where}.parameters.{p.name}")
+                 for p in self.method.parameters if p.per_model}
                 for k, entry in self.models]
+
+    def check_given(self) -> None:
+        """Every required parameter is given somewhere (the config alone; `check` then resolves it per tensor)."""
+        for param in (p for p in self.method.parameters if p.required):
+            for entry in [entry for _, entry in self.models] if param.per_model else [None]:
+                if not any(param.name in given for given, _ in self._layers(entry)):
+                    where = f"{entry.where}.parameters.{param.name}" if entry else f"parameters.{param.name}"
+                    raise self._required(where, "; give it per model or under the global parameters" * param.per_model)
 
     def check(self, tensor: str, keys: list[str], t: float) -> None:
         """Every parameter of this tensor resolves, has its type and a value the method can use (`MergeMethod.check`);
@@ -434,36 +498,31 @@ class ParamResolver:
         try:
             self.method.check(self.params(tensor, t), self.model_params(keys, t))
         except InvalidParameter as err:
-            layers = [(self.piece.parameters, f"{self.piece.where}.parameters"), (self.cfg.parameters, "parameters")]
-            if err.model is not None:
-                entry = self.models[err.model][1]
-                layers.insert(0, (entry.parameters, f"{entry.where}.parameters"))
+            layers = self._layers(self.models[err.model][1] if err.model is not None else None)
             given = next(((p[err.key], name) for p, name in layers if err.key in p), None)
             where = f"{given[1]}.{err.key}" if given else f"{layers[0][1]}.{err.key} (its default)"
             varies = given is not None and isinstance(given[0], list | FilterValue)
             raise ConfigError(f"{self.source}: {where}: {err.message}{f' (at tensor {tensor})' if varies else ''}") from None
 
-    @classmethod
-    def of(cls, cfg: MergeConfig, slice_index: int = 0, source: str = "config") -> ParamResolver:
-        return cls(cfg, output_slices(cfg)[slice_index], source)
-
     def seed(self) -> int:
-        seed = self.cfg.parameters.get("seed", ENGINE_PARAMS["seed"])
+        seed = self.cfg.parameters.get(SEED.name, SEED.default)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ConfigError(f"{self.source}: parameters.seed: expected an integer (got {seed!r})")
         return seed
 
-    def _pick(self, layers: list[Params], key: str, default: Any, tensor: str, t: float, where: str) -> Any:
-        for layer in layers:
-            if key in layer:
-                value = resolve_value(layer[key], tensor, t)
+    def _required(self, where: str, detail: str = "") -> ConfigError:
+        return ConfigError(f"{self.source}: {where}: required by {self.method.name}{detail}")
+
+    def _pick(self, param: Param, layers: list[tuple[Params, str]], tensor: str, t: float, where: str) -> Any:
+        for given, _ in layers:
+            if param.name in given:
+                value = resolve_value(given[param.name], tensor, t)
                 if value is not _MISSING:
-                    _check_type(value, default, f"{self.source}: {where}")
+                    _check_type(value, param.default, f"{self.source}: {where}")
                     return value
-        if default is None:
-            raise ConfigError(f"{self.source}: {where}: required by {self.method.name}, "
-                              f"but no value (and no filter) applies to tensor {tensor}")
-        return default
+        if param.required:
+            raise self._required(where, f", but no value (and no filter) applies to tensor {tensor}")
+        return param.default
 
 
 def _check_type(value: Any, default: Any, where: str) -> None:

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from polyfuse.data.io import write_json
 from polyfuse.errors import ConfigError
-from polyfuse.merge.config import MergeConfig
+from polyfuse.merge.config import MergeConfig, OutputSlice
 from polyfuse.merge.methods.base import MergeMethod, TensorTask
 from polyfuse.merge.output import EXTRA_FILES, REPORT, write_extras
 from polyfuse.merge.plan import MergePlan, TensorPlan, build_plan, describe
@@ -96,7 +96,7 @@ def _merge(cfg: MergeConfig, plan: MergePlan, methods: list[MergeMethod], writer
            options: MergeOptions, console: Console) -> set[str]:
     """Fetch hub weights, then merge and write every pending tensor; returns the tensor names merged."""
     estimate = memory_estimate(plan, limit)
-    layout = f"{len(plan.slices)} slices, {plan.num_layers} layers" if cfg.slices else f"{len(plan.inputs)} models"
+    layout = f"{len(plan.slices)} slices, {plan.num_layers} layers" if cfg.slices else _inputs(plan.slices[0])
     console.print(f"merge {cfg.merge_method}: {layout}, {len(plan.tensors)} tensors, "
                   f"{len(writer.files)} shards ({_size(sum(writer.sizes.values()))} on disk); "
                   f"peak memory estimate {_size(estimate)} "
@@ -127,6 +127,19 @@ def _merge(cfg: MergeConfig, plan: MergePlan, methods: list[MergeMethod], writer
     return pending
 
 
+def _inputs(piece: OutputSlice) -> str:
+    """How many inputs each tensor of a `models:` merge reads (the memory estimate's count too), and what they are:
+    the base, the models, and how many distinct models when one is listed twice."""
+    count, distinct = len(piece.inputs), len({entry.model for entry in piece.inputs})
+    parts = [f"the base and {_plural(count - 1, 'model')}"] if piece.base is not None else []
+    parts += [f"{_plural(distinct, 'distinct model')}"] if distinct < count else []
+    return _plural(count, "input") + (f" ({'; '.join(parts)})" if parts else "")
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
 def memory_estimate(plan: MergePlan, shard_limit: int) -> int:
     """(inputs of the widest tensor) x the largest tensor in fp32 x the working-copy budget, plus one shard."""
     total = sum(t.nbytes for t in plan.tensors)
@@ -152,10 +165,9 @@ def read_task(method: MergeMethod, plan: MergePlan, readers: list[ModelReader], 
         values = remap_rows(values, inputs, plan.vocab, tensor.base)
     base = values.pop(tensor.base) if tensor.base is not None else None
     resolver = plan.resolvers[tensor.slice]
-    keys = [key for k, (_, key) in enumerate(tensor.sources) if k != tensor.base]
     return TensorTask(
         name=tensor.name, base=base, models=values,
-        model_params=resolver.model_params(keys, tensor.t), params=resolver.params(tensor.name, tensor.t),
+        model_params=resolver.model_params(tensor.keys, tensor.t), params=resolver.params(tensor.name, tensor.t),
         seed=resolver.seed(), statistics=statistics, owned=True,
     )
 

@@ -37,6 +37,7 @@ from polyfuse.data.io import atomic_write_folder, remove_stale_temporaries, writ
 from polyfuse.errors import ConfigError
 from polyfuse.merge.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX
 from polyfuse.merge.plan import index_input
+from polyfuse.merge.reference import ModelReference
 from polyfuse.merge.sources import SAFETENSORS_DTYPES, ModelReader, ModelSource
 from polyfuse.progress import progress_bar
 
@@ -89,8 +90,8 @@ def extract_lora(base: str, tuned: str, out: str | Path, options: ExtractOptions
                 re.compile(pattern)
             except re.error as err:
                 raise ConfigError(f"{flag}: {pattern!r} is not a regular expression ({err})") from None
-    base_model = index_input(base, "base", options.allow_pickle)
-    tuned_model = index_input(tuned, "tuned", options.allow_pickle)
+    base_model = index_input(ModelReference.parse(base), "base", options.allow_pickle)
+    tuned_model = index_input(ModelReference.parse(tuned), "tuned", options.allow_pickle)
     modules, saved = _plan(base_model, tuned_model, options)
     if not any(m.kind != "save" for m in modules):
         raise ConfigError(f"{tuned}: no linear or embedding module to decompose (check --include-regex / "

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from polyfuse.errors import ConfigError
+from polyfuse.merge.reference import ModelReference
 from polyfuse.merge.sources import ModelSource, TensorInfo, pickle_tensors, safetensors_header
 
 logger = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ def read_adapter(ref: str, model: ModelSource, aliases: dict[str, str], allow_pi
     file = next((folder / n for n in ADAPTER_WEIGHTS if (folder / n).is_file()), None)
     if file is None:
         raise ConfigError(f"{label}: no {ADAPTER_WEIGHTS[0]} in {folder}")
-    weights = ModelSource(label, ref, folder, config)
+    weights = ModelSource(label, ModelReference(ref), folder, config)
     if file.suffix == ".bin":
         if not allow_pickle:
             raise ConfigError(f"{label}: {file.name} is a pickle, which can run code when loaded; it is read only "

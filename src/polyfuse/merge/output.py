@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from polyfuse.data.io import atomic_write_text, write_json
-from polyfuse.merge.config import CHAT_TEMPLATES, ENGINE_PARAMS, FilterValue, MergeConfig
+from polyfuse.merge.config import CHAT_TEMPLATES, ENGINE_PARAMETERS, FilterValue, MergeConfig, OutputSlice
+from polyfuse.merge.methods.base import Param
 from polyfuse.merge.plan import LAYER_COUNT_KEYS, MergePlan, layer_stacks
 
 RESOLVED = "merge_config.resolved.yaml"
@@ -78,7 +79,7 @@ def _source_sections(plan: MergePlan) -> list[list[dict[str, Any]]]:
 def _write_tokenizer(cfg: MergeConfig, plan: MergePlan, out: Path) -> None:
     from transformers import AutoTokenizer
 
-    folder = plan.inputs[plan.tokenizer_input or 0].folder
+    folder = plan.inputs[plan.tokenizer_input].folder
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
@@ -93,51 +94,15 @@ def _write_tokenizer(cfg: MergeConfig, plan: MergePlan, out: Path) -> None:
     tokenizer.save_pretrained(str(out))
 
 
-def _pct(value: Any) -> str:
-    return f"{float(value) * 100:g}%"
-
-
-EXPLAIN = {
-    "weight": lambda v: f"weight {v} = this model's tensors (or task vector) count {v}x",
-    "density": lambda v: (f"density {v} = keep {_pct(v)} of each task vector's entries, drop the rest" if float(v) < 1
-                          else f"density {v} = keep every entry: no sparsification (as in mergekit)"),
-    "gamma": lambda v: f"gamma {v} = also drop the largest {_pct(v)} of each task vector's entries as outliers "
-                       "(only when density < 1)",
-    "epsilon": lambda v: f"epsilon {v} = keep probabilities range over density ± {v}, by magnitude rank",
-    "lambda": lambda v: f"lambda {v} = the merged task vector is scaled by {v} before it is added to the base",
-    "normalize": lambda v: ("normalize true = divide by the sum of the weights, so weights act as shares" if v
-                            else "normalize false = weights are used as given, not divided by their sum"),
-    "rescale": lambda v: ("rescale true = the kept entries are scaled up to make up for the dropped ones" if v
-                          else "rescale false = dropped entries are not compensated"),
-    "rescale_mode": lambda v: f"rescale_mode {v} = " + ("match each tensor's L1 norm (mergekit)" if v == "l1_norm"
-                                                        else "scale kept entries by 1/density (the paper's rule)"),
-    "t": lambda v: f"t {v} = position between the base (t = 0) and the other model (t = 1)",
-    "select_topk": lambda v: f"select_topk {v} = keep the {_pct(v)} of positions where the task vectors vary most",
-    "filter_wise": lambda v: ("filter_wise true = similarity per row" if v
-                              else "filter_wise false = similarity over the whole tensor"),
-    "int8_mask": lambda v: f"int8_mask {json.dumps(v)} = mergekit's memory-saving mask storage; the result is the same",
-    "sce_mask": lambda v: f"sce_mask {v} = where SCE's variance mask applies",
-    "seed": lambda v: f"seed {v} = random masks are seeded by (seed, tensor name, model index): reruns agree",
-    "k0": lambda v: f"k0 {v} = RSAF (polyfuse reconstruction) keeps {_pct(v)} of a tensor at median rate and no skew",
-    "a": lambda v: f"a {v} = RSAF: how strongly the keep ratio grows with the tensor's rate of change",
-    "b": lambda v: f"b {v} = RSAF: how strongly the keep ratio shrinks with the skewness of |delta|",
-    "k_min": lambda v: f"k_min {v} = RSAF never keeps less than {_pct(v)} of a tensor",
-    "k_max": lambda v: f"k_max {v} = RSAF never keeps more than {_pct(v)} of a tensor",
-}
-
-
-def explain(name: str, value: Any, given: bool, num_layers: int, method=None) -> str:
+def explain(param: Param | None, name: str, value: Any, given: bool, num_layers: int) -> str:
+    """What a parameter's value did, in words (`Param.explained`; gradients and filter lists in general terms)."""
     origin = "" if given else " (default)"
     if isinstance(value, FilterValue) or (isinstance(value, list) and value and isinstance(value[0], FilterValue)):
         return f"{name}: chosen per tensor; the first filter contained in the tensor name wins{origin}"
     if isinstance(value, list):
         return (f"{name}: a gradient over the {num_layers} layers, {value[0]} at layer 0 to {value[-1]} at layer "
                 f"{num_layers - 1}; embeddings, final norm and lm_head get {value[0]}{origin}")
-    own = getattr(method, "explanations", {})
-    if name in own:
-        text = own[name].format(v=value)
-    else:
-        text = EXPLAIN[name](value) if name in EXPLAIN else f"{name} {value} = a parameter of this method"
+    text = param.explained(value) if param is not None else f"{name} {value} = read by another merge method only"
     return text + origin
 
 
@@ -173,28 +138,28 @@ def render_resolved(cfg: MergeConfig, plan: MergePlan) -> str:
             if entry.parameters:
                 lines.append("    parameters:")
                 for key, value in entry.parameters.items():
-                    lines.append(f"      {key}: {_value(value)}  # {explain(key, value, True, layers)}")
+                    lines.append(f"      {key}: {_value(value)}  # "
+                                 f"{explain(_find(key, [piece]), key, value, True, layers)}")
     else:
         lines.append("models:")
-        for _, entry in cfg.merged_models():
-            lines.append(f"  - model: {_value(entry.model)}")
+        for _, entry in plan.slices[0].merged():
+            if entry.where == "base_model":  # appended by the normal form: named once, as base_model
+                continue
+            lines.append(f"  - model: {_value(str(entry.model))}")
             if method.model_defaults:
                 lines.append("    parameters:")
             lines += _model_lines(method, [entry.parameters, cfg.parameters], layers, "      ")
     lines.append("parameters:")
-    defaults, owner = {}, {}
-    for piece in plan.slices:
-        defaults.update(piece.method.defaults)
-        owner.update(dict.fromkeys(piece.method.defaults, piece.method))
-    for key, default in {**defaults, **ENGINE_PARAMS}.items():
-        value = cfg.parameters.get(key, default)
-        lines.append(f"  {key}: {_value(value)}  # "
-                     f"{explain(key, value, key in cfg.parameters, layers, owner.get(key))}")
+    shared = {p.name: p for piece in plan.slices for p in piece.method.parameters if not p.per_model}
+    for param in [*shared.values(), *ENGINE_PARAMETERS]:
+        value = cfg.parameters.get(param.name, param.default)
+        lines.append(f"  {param.name}: {_value(value)}  # "
+                     f"{explain(param, param.name, value, param.name in cfg.parameters, layers)}")
     lines.append("dtype: float32  # compute dtype: polyfuse computes in float32 whatever this says")
     lines.append(f"out_dtype: {plan.out_dtype}  # the merged tensors are saved as {plan.out_dtype}")
     remap = "rows remapped by token string" if plan.vocab is not None and plan.vocab.remaps else "no remap needed"
     choice = cfg.token_source()
-    origin = plan.inputs[plan.tokenizer_input or 0].ref
+    origin = plan.inputs[plan.tokenizer_input].ref
     what = ("the base's tokenizer plus every model's other tokens" if choice == "union"
             else f"the output tokenizer is {origin}'s")
     if cfg.tokenizer is not None:
@@ -207,7 +172,7 @@ def render_resolved(cfg: MergeConfig, plan: MergePlan) -> str:
             lines.append(f"  pad_to_multiple_of: {cfg.tokenizer.pad_to_multiple_of}  # {plan.vocab.rows} rows; "
                          f"padding rows are each model's mean token row")
     else:
-        lines.append(f"tokenizer_source: {_value(choice or 'base')}  # {what}; {remap}")
+        lines.append(f"tokenizer_source: {_value(cfg.tokenizer_source or 'base')}  # {what}; {remap}")
     for note in plan.vocab.notes if plan.vocab is not None else []:
         lines.append(f"# tokenizer: {note}")
     lines.append(f"chat_template: {_value(cfg.chat_template or 'auto')}  # auto = the tokenizer source's template")
@@ -216,12 +181,18 @@ def render_resolved(cfg: MergeConfig, plan: MergePlan) -> str:
 
 def _model_lines(method, layers_of_params: list[dict[str, Any]], num_layers: int, indent: str) -> list[str]:
     lines = []
-    for key, default in method.model_defaults.items():
-        given = next((p for p in layers_of_params if key in p), None)
-        value = given[key] if given is not None else default
-        lines.append(f"{indent}{key}: {_value(value)}  # "
-                     f"{explain(key, value, given is not None, num_layers, method)}")
+    for param in (p for p in method.parameters if p.per_model):
+        given = next((p for p in layers_of_params if param.name in p), None)
+        value = given[param.name] if given is not None else param.default
+        lines.append(f"{indent}{param.name}: {_value(value)}  # "
+                     f"{explain(param, param.name, value, given is not None, num_layers)}")
     return lines
+
+
+def _find(name: str, pieces: list[OutputSlice]) -> Param | None:
+    """The declaration of parameter `name` for these slices' methods, or the engine's."""
+    found = (piece.method.parameter(name) for piece in pieces)
+    return next((p for p in found if p is not None), None) or next((p for p in ENGINE_PARAMETERS if p.name == name), None)
 
 
 def _value(value: Any) -> str:

@@ -1,7 +1,7 @@
 """The merge plan: inputs indexed from headers, every compatibility check, and the output tensor list.
 
 `build_plan` is the last step before any tensor is read. The config is taken as mergekit normalises it,
-a list of output slices (`config.output_slices`); a `models:` config is one slice over every model's full
+a list of output slices (`MergeConfig.output_slices`); a `models:` config is one slice over every model's full
 depth and keeps the base's tensor order. With `slices:`, output layer j of a slice merges layer
 `start_k + j` of every source k; the tensors outside the layers come from the first slice (embeddings) or
 the last one (final norm, head), as in mergekit. Either way the order is deterministic, so the shard
@@ -16,15 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from polyfuse.errors import ConfigError
-from polyfuse.merge.config import (
-    MergeConfig,
-    OutputSlice,
-    ParamResolver,
-    layer_position,
-    output_slices,
-    same_model,
-)
+from polyfuse.merge.config import MergeConfig, OutputSlice, ParamResolver, layer_position
 from polyfuse.merge.lora import read_adapter
+from polyfuse.merge.reference import ModelReference
 from polyfuse.merge.sources import DTYPE_BYTES, ModelSource, TensorInfo, index_model
 from polyfuse.merge.vocab import HEAD_NAMES, VocabPlan, embed_key, head_key, plan_vocab
 
@@ -78,13 +72,13 @@ class TensorPlan:
 @dataclass
 class MergePlan:
     inputs: list[ModelSource]  # every model the config references, once; inputs[0] is the reference
-    slices: list[OutputSlice]
+    slices: tuple[OutputSlice, ...]
     resolvers: list[ParamResolver]  # per slice
     tensors: list[TensorPlan]
     vocab: VocabPlan | None
     out_dtype: str  # torch name: float32, bfloat16, float16
     has_head: bool
-    tokenizer_input: int | None  # index into inputs of the tokenizer source; None: no input has a tokenizer
+    tokenizer_input: int  # index into inputs of the tokenizer source (the base unless a model is named)
     has_base: bool
     output_layers: list[tuple[int, int]] | None = None  # slices: (input, source layer) per output layer
     notes: list[str] = field(default_factory=list)  # decisions to state in the resolved config
@@ -108,16 +102,16 @@ class MergePlan:
 
 def build_plan(cfg: MergeConfig, source: str, allow_pickle: bool = False) -> MergePlan:
     refs = cfg.referenced_models()
-    inputs = [index_input(ref, _where(cfg, ref), allow_pickle) for ref in refs]
-    pieces = output_slices(cfg)
-    position = {id(e): _input_index(inputs, e.model) for p in pieces for e in p.inputs}
+    inputs = [index_input(ref, where, allow_pickle) for ref, where in refs.items()]
+    position = {ref: i for i, ref in enumerate(refs)}  # model -> index into inputs
+    pieces = cfg.output_slices
     reference = inputs[0]
     _check_architectures(inputs, compare_depth=not cfg.slices)
     out_dtype = cfg.out_dtype or cfg.dtype or _storage_dtype(reference)
     heads = [head_key(s) for s in inputs]
     has_head = any(heads)
-    tokenizer_input = _tokenizer_input(cfg, inputs, source)
-    vocab = _plan_vocab(cfg, inputs, tokenizer_input, source)
+    tokenizer_input = _tokenizer_input(cfg, position, source)
+    vocab = _plan_vocab(cfg, inputs, position, tokenizer_input, source)
     dtype = OUT_DTYPES[out_dtype]
     if cfg.slices:
         tensors, output_layers = _sliced_tensors(pieces, position, inputs, heads, vocab, dtype, source)
@@ -125,41 +119,21 @@ def build_plan(cfg: MergeConfig, source: str, allow_pickle: bool = False) -> Mer
         tensors, output_layers = _whole_tensors(pieces[0], position, inputs, heads, vocab, dtype), None
     resolvers = [ParamResolver(cfg, piece, source) for piece in pieces]
     for tensor in tensors:  # every parameter resolves to a usable value for every tensor, or we stop here
-        resolvers[tensor.slice].check(tensor.name, [k for i, (_, k) in enumerate(tensor.sources) if i != tensor.base],
-                                      tensor.t)
+        resolvers[tensor.slice].check(tensor.name, tensor.keys, tensor.t)
     resolvers[0].seed()
     return MergePlan(inputs, pieces, resolvers, tensors, vocab, out_dtype, has_head, tokenizer_input,
                      cfg.base_model is not None, output_layers)
 
 
-def index_input(ref: str, where: str, allow_pickle: bool = False) -> ModelSource:
+def index_input(reference: ModelReference, where: str, allow_pickle: bool = False) -> ModelSource:
     """A model from its headers, with its `+lora` adapter (if any) matched to them: a LoRA on a tied head applies
     to the embedding, as to peft's shared parameter."""
-    source = index_model(ref, where, allow_pickle)
-    if source.lora_ref is not None:
+    source = index_model(reference, where, allow_pickle)
+    if reference.lora is not None:
         embed = embed_key(source)
         aliases = dict.fromkeys(HEAD_NAMES, embed) if head_key(source) is None and embed else {}
-        source.lora = read_adapter(source.lora_ref, source, aliases, allow_pickle)
+        source.lora = read_adapter(reference.lora, source, aliases, allow_pickle)
     return source
-
-
-def _where(cfg: MergeConfig, ref: str) -> str:
-    if cfg.base_model and same_model(ref, cfg.base_model):
-        return "base_model"
-    for i, entry in enumerate(cfg.models):
-        if same_model(ref, entry.model):
-            return f"models[{i}]"
-    for i, piece in enumerate(cfg.slices or []):
-        if piece.base_model and same_model(ref, piece.base_model):
-            return f"slices[{i}].base_model"
-        for k, src in enumerate(piece.sources):
-            if same_model(ref, src.model):
-                return f"slices[{i}].sources[{k}]"
-    return ref
-
-
-def _input_index(inputs: list[ModelSource], ref: str) -> int:
-    return next(i for i, s in enumerate(inputs) if same_model(s.ref, ref))
 
 
 def _check_architectures(inputs: list[ModelSource], compare_depth: bool) -> None:
@@ -183,8 +157,8 @@ def _storage_dtype(source: ModelSource) -> str:
     return {v: k for k, v in OUT_DTYPES.items()}.get(dtype, "float32")
 
 
-def _plan_vocab(cfg: MergeConfig, inputs: list[ModelSource], tokenizer_input: int | None,
-                where: str) -> VocabPlan | None:
+def _plan_vocab(cfg: MergeConfig, inputs: list[ModelSource], position: dict[ModelReference, int],
+                tokenizer_input: int, where: str) -> VocabPlan | None:
     embeds = [embed_key(s) for s in inputs]
     if embeds[0] is None:
         return None
@@ -196,26 +170,25 @@ def _plan_vocab(cfg: MergeConfig, inputs: list[ModelSource], tokenizer_input: in
         if head and source.tensors[head].shape[0] != rows_i:
             raise ConfigError(f"{source.label}: lm_head has {source.tensors[head].shape[0]} rows but the "
                               f"embedding has {rows_i}")
-    return plan_vocab(inputs, rows, cfg, tokenizer_input, where)
+    return plan_vocab(inputs, rows, cfg, position, tokenizer_input, where)
 
 
-def _tokenizer_input(cfg: MergeConfig, inputs: list[ModelSource], where: str) -> int | None:
+def _tokenizer_input(cfg: MergeConfig, position: dict[ModelReference, int], where: str) -> int:
     """The input whose tokenizer the output gets: the base unless the tokenizer source names a model."""
     choice = cfg.token_source()
-    if choice in (None, "base", "union"):
+    if not isinstance(choice, ModelReference):
         return 0
-    index = next((i for i, s in enumerate(inputs) if same_model(s.ref, choice)), -1)
-    if index < 0:
+    if choice not in position:
         key = "tokenizer.source" if cfg.tokenizer is not None else "tokenizer_source"
-        raise ConfigError(f"{where}: {key}: {choice!r} is not one of the config's models; "
+        raise ConfigError(f"{where}: {key}: {str(choice)!r} is not one of the config's models; "
                           f"expected base, union or a model listed in the config")
-    return index
+    return position[choice]
 
 
-def _whole_tensors(piece: OutputSlice, position: dict[int, int], inputs: list[ModelSource],
+def _whole_tensors(piece: OutputSlice, position: dict[ModelReference, int], inputs: list[ModelSource],
                    heads: list[str | None], vocab: VocabPlan | None, dtype: str) -> list[TensorPlan]:
     """`models:` syntax: every tensor of the reference, read under the same name from every input."""
-    indices = [position[id(e)] for e in piece.inputs]
+    indices = [position[e.model] for e in piece.inputs]
     reference = inputs[0]
     names = list(reference.tensors)
     if any(heads) and heads[0] is None:
@@ -225,10 +198,23 @@ def _whole_tensors(piece: OutputSlice, position: dict[int, int], inputs: list[Mo
     for name in names:
         parts = split_layer(name)
         t = layer_position(parts[1], stacks[parts[0]]) if parts else 0.0
-        keys = [(i, _key(inputs[i], name, heads[i])) for i in indices]
-        tensors.append(_tensor_plan(name, keys, piece, t, inputs, heads, vocab, dtype))
+        tensors.append(_tensor_plan(name, _sources(piece, position, inputs, heads, name), piece, t, inputs, heads,
+                                    vocab, dtype))
     _check_key_sets([inputs[i] for i in indices], [heads[i] for i in indices], set(names))
     return tensors
+
+
+def _sources(piece: OutputSlice, position: dict[ModelReference, int], inputs: list[ModelSource],
+             heads: list[str | None], name: str, offset: int | None = None) -> list[tuple[int, str]]:
+    """(index into inputs, key read) of output tensor `name` for every input of `piece`; a layer tensor of a slice
+    (`offset` into the slice) is read from each source's own layer."""
+    sources = []
+    for entry in piece.inputs:
+        i = position[entry.model]
+        parts = split_layer(name) if offset is not None else None
+        layer_name = f"{parts[0]}{entry.layer_range[0] + offset}.{parts[2]}" if parts else None
+        sources.append((i, _key(inputs[i], name, heads[i], layer_name)))
+    return sources
 
 
 def _key(source: ModelSource, name: str, head: str | None, layer_name: str | None = None) -> str:
@@ -246,7 +232,7 @@ def _is_head(name: str) -> bool:
     return name in HEAD_NAMES or name.endswith(tuple(f".{h}" for h in HEAD_NAMES))
 
 
-def _sliced_tensors(pieces: list[OutputSlice], position: dict[int, int], inputs: list[ModelSource],
+def _sliced_tensors(pieces: tuple[OutputSlice, ...], position: dict[ModelReference, int], inputs: list[ModelSource],
                     heads: list[str | None], vocab: VocabPlan | None, dtype: str,
                     where: str) -> tuple[list[TensorPlan], list[tuple[int, int]]]:
     """`slices:` syntax: validated from headers (one layer stack per model, ranges inside it, the same layer
@@ -256,9 +242,7 @@ def _sliced_tensors(pieces: list[OutputSlice], position: dict[int, int], inputs:
     prefix = _single_stack(inputs[0], stacks[0], where)
     for piece in pieces:
         for entry in piece.inputs:
-            i = position[id(entry)]
-            if entry.layer_range is None:  # a slice's base_model, when it is not among the sources
-                raise ConfigError(f"{where}: {piece.where}: the base model must be one of the slice's sources")
+            i = position[entry.model]
             count = stacks[i].get(prefix)
             if count is None or len(stacks[i]) != 1:
                 _single_stack(inputs[i], stacks[i], where)
@@ -274,11 +258,8 @@ def _sliced_tensors(pieces: list[OutputSlice], position: dict[int, int], inputs:
     first, last = pieces[0], pieces[-1]
     pre = [n for n in outside if n == embed_key(reference) or any(w in n for w in PRE_WORDS)]
     post = [n for n in outside if n not in pre]
-    tensors = []
-    for name in pre:
-        tensors.append(_tensor_plan(name, [(position[id(e)], _key(inputs[position[id(e)]], name,
-                                                                heads[position[id(e)]])) for e in first.inputs],
-                                    first, 0.0, inputs, heads, vocab, dtype))
+    tensors = [_tensor_plan(name, _sources(first, position, inputs, heads, name), first, 0.0, inputs, heads, vocab,
+                            dtype) for name in pre]
     output_layers: list[tuple[int, int]] = []
     for piece in pieces:
         length = piece.inputs[0].layer_range[1] - piece.inputs[0].layer_range[0]
@@ -286,21 +267,14 @@ def _sliced_tensors(pieces: list[OutputSlice], position: dict[int, int], inputs:
             j = len(output_layers)
             lead = piece.inputs[0]
             lead_layer = lead.layer_range[0] + offset
-            output_layers.append((position[id(lead)], lead_layer))
-            suffixes = [split_layer(n)[2] for n in inputs[position[id(lead)]].tensors
+            output_layers.append((position[lead.model], lead_layer))
+            suffixes = [split_layer(n)[2] for n in inputs[position[lead.model]].tensors
                         if split_layer(n) and split_layer(n)[:2] == (prefix, lead_layer)]
-            for suffix in suffixes:
-                keys = []
-                for entry in piece.inputs:
-                    i = position[id(entry)]
-                    keys.append((i, _key(inputs[i], f"{prefix}{j}.{suffix}", heads[i],
-                                         f"{prefix}{entry.layer_range[0] + offset}.{suffix}")))
-                tensors.append(_tensor_plan(f"{prefix}{j}.{suffix}", keys, piece,
+            for name in (f"{prefix}{j}.{suffix}" for suffix in suffixes):
+                tensors.append(_tensor_plan(name, _sources(piece, position, inputs, heads, name, offset), piece,
                                             layer_position(offset, length), inputs, heads, vocab, dtype))
-    for name in post:
-        tensors.append(_tensor_plan(name, [(position[id(e)], _key(inputs[position[id(e)]], name,
-                                                                heads[position[id(e)]])) for e in last.inputs],
-                                    last, 0.0, inputs, heads, vocab, dtype))
+    tensors += [_tensor_plan(name, _sources(last, position, inputs, heads, name), last, 0.0, inputs, heads, vocab,
+                             dtype) for name in post]
     return tensors, output_layers
 
 

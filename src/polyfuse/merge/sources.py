@@ -26,6 +26,7 @@ from typing import Any, BinaryIO, Protocol
 import torch
 
 from polyfuse.errors import ConfigError
+from polyfuse.merge.reference import ModelReference
 from polyfuse.models.gguf import resolve_model_path
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
@@ -72,42 +73,37 @@ class ModelSource:
     """One input model as its headers describe it; `where` names its config key in messages."""
 
     where: str
-    ref: str
+    reference: ModelReference
     folder: Path
     config: dict[str, Any]
     tensors: dict[str, TensorInfo] = field(default_factory=dict)  # in file order
     pickle: bool = False
     hub: bool = False  # a hub snapshot: headers read remotely, weights fetched after validation
-    repo: str = ""  # the model's path or hub id: `ref` without a `+lora` part
-    lora_ref: str | None = None  # mergekit's `model+lora`: the adapter applied while reading (`lora`)
-    lora: Adapter | None = None
+    lora: Adapter | None = None  # mergekit's `model+lora`: the adapter applied while reading (`merge.lora`)
+
+    @property
+    def ref(self) -> str:
+        return str(self.reference)
+
+    @property
+    def repo(self) -> str:
+        """The hub id (without `@revision`) or local path of the model itself."""
+        return self.reference.path.partition("@")[0] if self.hub else self.reference.path
 
     @property
     def label(self) -> str:
         return f"{self.where} ({self.ref})"
 
 
-def split_reference(ref: str) -> tuple[str, str | None]:
-    """mergekit's `model+lora`: (model, adapter); a path that exists is a model even with a '+' in its name."""
-    if "+" not in ref or Path(ref).expanduser().exists():
-        return ref, None
-    parts = ref.split("+")
-    if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"{ref}: expected MODEL+LORA, one model and one LoRA adapter (mergekit's syntax)")
-    return parts[0], parts[1]
-
-
-def index_model(ref: str, where: str, allow_pickle: bool = False) -> ModelSource:
-    """A model's config and weight headers; a `+lora` part is recorded (`lora_ref`), matched by the plan."""
-    repo, lora_ref = split_reference(ref)
-    folder, hub = _folder(repo, where)
+def index_model(reference: ModelReference, where: str, allow_pickle: bool = False) -> ModelSource:
+    """A model's config and weight headers; its adapter, if any, is matched by the plan (`plan.index_input`)."""
+    folder, hub = model_folder(reference.path, where)
     config_file = folder / "config.json"
     try:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as err:
         raise ConfigError(f"{where}: {config_file}: model config not readable ({err})") from None
-    source = ModelSource(where, ref, folder, config, hub=hub, repo=repo.partition("@")[0] if hub else repo,
-                         lora_ref=lora_ref)
+    source = ModelSource(where, reference, folder, config, hub=hub)
     if not (hub and _hub_headers(source)):
         _local_headers(source, allow_pickle)
     _check_index(folder, source, where)
@@ -176,10 +172,12 @@ def _hub_headers(source: ModelSource) -> bool:
     return True
 
 
-def _folder(ref: str, where: str) -> tuple[Path, bool]:
-    """(local folder, is it a hub snapshot). A hub model (`org/name`, or mergekit's `org/name@revision`) is
-    fetched without its weights here: config, index and tokenizer files only; the snapshot folder's name is the
-    commit, pinned for later fetches. A `.gguf` file is its export, made once into the cache."""
+def model_folder(ref: str, where: str) -> tuple[Path, bool]:
+    """(local folder, is it a hub snapshot): the one place a merge turns a model path into a folder, so every
+    kind of model reference (a folder, a hub id, and any other form polyfuse learns to read) is accepted or
+    refused here. A hub model (`org/name`, or mergekit's `org/name@revision`) is fetched without its weights:
+    config, index and tokenizer files only; the snapshot folder's name is the commit, pinned for later fetches.
+    A `.gguf` file is its export, made once into the cache."""
     ref = resolve_model_path(ref, where)
     path = Path(ref).expanduser()
     if path.is_dir():

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from polyfuse.errors import ConfigError
+from polyfuse.merge.reference import ModelReference
 from polyfuse.merge.sources import ModelSource
 
 if TYPE_CHECKING:
@@ -95,12 +96,10 @@ def _tokenizer_files(source: ModelSource) -> tuple[tuple[str, str], ...]:
                  for name in TOKENIZER_FILES if (source.folder / name).is_file())
 
 
-def plan_vocab(inputs: list[ModelSource], rows: list[int], cfg: MergeConfig, source_index: int | None,
-               where: str) -> VocabPlan:
-    """Row maps for every input. `rows[i]`: input i's embedding rows; `source_index`: the input whose
-    tokenizer the output uses (ignored for `union`)."""
-    from polyfuse.merge.config import same_model
-
+def plan_vocab(inputs: list[ModelSource], rows: list[int], cfg: MergeConfig, position: dict[ModelReference, int],
+               source_index: int, where: str) -> VocabPlan:
+    """Row maps for every input. `rows[i]`: input i's embedding rows; `position`: model -> index into inputs;
+    `source_index`: the input whose tokenizer the output uses (ignored for `union`)."""
     choice = cfg.token_source()
     if choice is None and len(set(rows)) == 1:
         stamps = {_tokenizer_files(source) for source in inputs}
@@ -109,7 +108,14 @@ def plan_vocab(inputs: list[ModelSource], rows: list[int], cfg: MergeConfig, sou
     vocabs = [read_vocab(source) for source in inputs]
     notes = []
     missing = [s for s, v in zip(inputs, vocabs, strict=True) if v is None]
-    if choice is None and missing:  # no tokenizer decision: rows merge by index, shapes already checked
+    if choice is None and missing:  # no tokenizer decision: rows merge by index, when they are the same tokens
+        if len(set(rows)) > 1:
+            sizes = ", ".join(f"{s.label} {n}" for s, n in zip(inputs, rows, strict=True))
+            raise ConfigError(f"{where}: the vocabularies differ in size (embedding rows: {sizes}) and "
+                              f"{'no model has' if len(missing) == len(inputs) else missing[0].label + ' has no'} "
+                              f"tokenizer files to match rows by token; give every model its tokenizer files and "
+                              f"add a tokenizer block (`tokenizer: {{source: base}}`, or union, or a model) to "
+                              f"merge them by token string")
         names = ", ".join(s.label for s in missing)
         notes.append(f"{names}: no tokenizer files; embedding rows merged by index (no tokenizer decision "
                      f"needs them)")
@@ -129,11 +135,13 @@ def plan_vocab(inputs: list[ModelSource], rows: list[int], cfg: MergeConfig, sou
                          f"(e.g. {beyond[0][1]!r}, id {beyond[0][0]}); treated as tokens it lacks")
     usable = [{t: idx for t, idx in v.items() if idx < n} for v, n in zip(vocabs, rows, strict=True)]
     if choice is None:
-        for source, vocab in zip(inputs[1:], usable[1:], strict=True):
+        for source, vocab, count in zip(inputs[1:], usable[1:], rows[1:], strict=True):
             if vocab != usable[0]:
-                raise ConfigError(f"{where}: {_difference(source, vocab, usable[0])}. Merging rows by index "
-                                  f"would mix different tokens; set tokenizer_source: base to remap rows by "
-                                  f"token string, or distil into the pivot vocabulary first")
+                raise ConfigError(f"{where}: {_difference(source, vocab, usable[0])} ({len(vocab)} tokens in "
+                                  f"{count} rows; the base {len(usable[0])} in {rows[0]}). Merging rows by index "
+                                  f"would mix different tokens; add `tokenizer: {{source: base}}` (or "
+                                  f"tokenizer_source: base; or union, or a model) to remap rows by token string, "
+                                  f"or distil into the pivot vocabulary first")
     added: list[str] = []
     if choice == "union":
         output = dict(vocabs[0])
@@ -143,7 +151,7 @@ def plan_vocab(inputs: list[ModelSource], rows: list[int], cfg: MergeConfig, sou
                     added.append(token)
                     output[token] = len(output)
     else:
-        output = dict(vocabs[source_index or 0])
+        output = dict(vocabs[source_index])
     token_rules = (cfg.tokenizer.tokens or {}) if cfg.tokenizer is not None else {}
     for token in token_rules:
         if token not in output:
@@ -156,14 +164,12 @@ def plan_vocab(inputs: list[ModelSource], rows: list[int], cfg: MergeConfig, sou
     else:
         out_rows = max(rows[0], length) if choice is not None else rows[0]
     maps = [_row_map(output, vocab, n, out_rows, padding=not pad) for vocab, n in zip(usable, rows, strict=True)]
-    fills = []
-    for token, rule in token_rules.items():
-        fills.append(_fill(output[token], token, rule, inputs, vocabs, same_model, where))
+    fills = [_fill(output[token], token, rule, position, vocabs, where) for token, rule in token_rules.items()]
     return VocabPlan(out_rows, maps, added, fills, length if pad and out_rows > length else None, notes)
 
 
-def _fill(row: int, token: str, rule, inputs: list[ModelSource], vocabs: list[dict[str, int] | None],
-          same_model, where: str) -> Fill:
+def _fill(row: int, token: str, rule, position: dict[ModelReference, int], vocabs: list[dict[str, int] | None],
+          where: str) -> Fill:
     """The explicit default of one `tokenizer.tokens` entry; checked from tokenizers before any tensor is read."""
     source = rule.source
     at = f"{where}: tokenizer.tokens.{token}"
@@ -172,7 +178,7 @@ def _fill(row: int, token: str, rule, inputs: list[ModelSource], vocabs: list[di
     if getattr(source, "kind", None) == "zero":
         return Fill(row, "zero", force=rule.force, token=token)
     model = source if isinstance(source, str) else source.model
-    index = next((i for i, s in enumerate(inputs) if same_model(s.ref, model)), -1)
+    index = position.get(ModelReference.parse(model), -1)
     if index < 0:
         raise ConfigError(f"{at}: model {model!r} is not one of the config's models")
     vocab = vocabs[index] or {}

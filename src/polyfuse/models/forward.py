@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import torch
 
-from polyfuse.objectives.logps import IGNORE_INDEX, sequence_logps
+from polyfuse.objectives.logps import IGNORE_INDEX, sequence_logps, token_logps_of
 
 logger = logging.getLogger(__name__)
 
@@ -81,27 +81,62 @@ def plan_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
 
 
 def forward_response(model: Any, batch: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
-    """The model's own forward with the LM head only from the first position that predicts a scored token of
-    some row (`logits_to_keep`): with left padding that is the longest response + 1 positions, so prompts are
-    never projected onto the vocabulary. Returns the outputs and the labels cut to the kept positions (kept
-    position k predicts label k + 1)."""
-    labels = batch["labels"]
-    scored = (labels[:, 1:] != IGNORE_INDEX).any(0)
-    first = int(scored.int().argmax()) if bool(scored.any()) else 0
+    """The model's own forward with the LM head only where it predicts a scored token (`logits_to_keep`),
+    so prompts are never projected onto the vocabulary. Returns the outputs and the labels cut to the kept
+    positions (kept position k predicts label k + 1). A padded batch keeps its last positions from the
+    first one that predicts a scored token of some row (with left padding: the longest response + 1); a
+    packed one (`layouts.pack_batch`, no attention mask) keeps exactly the predicting positions plus the
+    last one, and its labels become [ignored, their targets...] (`label_groups` likewise)."""
+    outputs, keep = _forward_kept(model, batch)
+    return outputs, cut_to_kept(batch["labels"], keep)
+
+
+def _forward_kept(model: Any, batch: dict[str, torch.Tensor]) -> tuple[Any, int | torch.Tensor]:
+    keep = _kept_positions(batch["labels"], packed="attention_mask" not in batch)
     outputs = model(
         input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
+        attention_mask=batch.get("attention_mask"),
         position_ids=batch["position_ids"],
-        logits_to_keep=labels.shape[1] - first,
+        logits_to_keep=keep if isinstance(keep, int) else keep[1:],
         use_cache=False,
     )
-    return outputs, labels[:, first:]
+    return outputs, keep
+
+
+def _kept_positions(labels: torch.Tensor, packed: bool) -> int | torch.Tensor:
+    """How many last positions keep their logits, or (packed) the kept positions' indices after a leading
+    -1 (the index of the ignored first label)."""
+    scored = (labels[:, 1:] != IGNORE_INDEX).any(0)
+    if packed:
+        predicting = scored.nonzero().squeeze(-1)
+        last = torch.tensor([labels.shape[1] - 1], device=labels.device)
+        return torch.cat([torch.tensor([-1], device=labels.device), predicting, last])
+    first = int(scored.int().argmax()) if bool(scored.any()) else 0
+    return labels.shape[1] - first
+
+
+def cut_to_kept(values: torch.Tensor, keep: int | torch.Tensor) -> torch.Tensor:
+    """A label-aligned tensor cut as `forward_response` cuts the labels."""
+    if isinstance(keep, int):
+        return values[:, -keep:] if keep else values[:, :0]
+    return torch.cat([values.new_full((values.shape[0], 1), IGNORE_INDEX), values[:, keep[1:-1] + 1]], dim=1)
 
 
 def forward_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """(S, n) of every row of a padded batch on the model's device, and the model outputs (`forward_response`)."""
-    outputs, labels = forward_response(model, batch)
-    sums, counts = sequence_logps(outputs.logits, labels)
+    """(S, n) of every sequence of a batch on the model's device, and the model outputs
+    (`forward_response`): one per row of a padded batch, one per `label_groups` index of the layouts that
+    hold several sequences in a row (`polyfuse.models.layouts`)."""
+    outputs, keep = _forward_kept(model, batch)
+    labels = cut_to_kept(batch["labels"], keep)
+    if "label_groups" not in batch:
+        sums, counts = sequence_logps(outputs.logits, labels)
+        return sums, counts, outputs
+    groups = cut_to_kept(batch["label_groups"], keep)[:, 1:]
+    tokens, mask = token_logps_of(outputs.logits, labels)
+    size = int(batch["label_groups"].max()) + 1
+    index = groups.clamp(min=0)[mask]
+    sums = tokens.new_zeros(size).index_add(0, index, tokens[mask])
+    counts = torch.zeros(size, dtype=torch.long, device=index.device).index_add(0, index, torch.ones_like(index))
     return sums, counts, outputs
 
 

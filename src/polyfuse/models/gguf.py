@@ -13,8 +13,10 @@ the merge) reads that folder.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import re
 import struct
 from collections import Counter
 from pathlib import Path
@@ -47,14 +49,26 @@ def sha256(file: Path) -> str:
     return _digest(str(file.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
+def is_gguf_path(path: str) -> bool:
+    """A path that names a GGUF file (`.gguf` in any case; a trailing slash does not make it a folder)."""
+    return path.rstrip("/").lower().endswith(".gguf")
+
+
+def check_gguf_file(file: Path, label: str) -> None:
+    """Refuse a missing file, a folder, or a file without the GGUF magic bytes, naming it."""
+    if not file.is_file():
+        raise UserError(f"{label}: {file}: {'is a folder, expected a GGUF file' if file.is_dir() else 'no such file'}")
+    with file.open("rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise UserError(f"{label}: {file} is not a GGUF file (it does not start with the GGUF magic bytes); "
+                            "give a .gguf file written by llama.cpp or a model folder")
+
+
 def architecture(file: Path) -> str:
     """`general.architecture` of a GGUF file from its first bytes (llama.cpp writes that key first), else
-    from the full metadata; a file without the GGUF magic bytes is refused."""
+    from the full metadata."""
     with file.open("rb") as handle:
-        head = handle.read(24)  # magic, version, tensor count, metadata count
-        if len(head) < 24 or head[:4] != b"GGUF":
-            raise UserError(f"{file} is not a GGUF file (it does not start with the GGUF magic bytes); "
-                            "give a .gguf file written by llama.cpp or a model folder")
+        handle.read(24)  # magic, version, tensor count, metadata count
         try:
             (length,) = struct.unpack("<Q", handle.read(8))
             key = handle.read(min(length, 64))
@@ -67,25 +81,37 @@ def architecture(file: Path) -> str:
     return str(info(file)["architecture"])
 
 
+@functools.lru_cache(maxsize=1)
+def supported_architectures() -> frozenset[str]:
+    """The GGUF architectures transformers' loader reads."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    names = set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"}
+    with contextlib.suppress(ImportError):  # transformers >= 5: the architectures its own GGUF reader adds
+        from transformers.integrations.gguf import GGUF_CONFIG_ARCHS
+
+        names |= set(GGUF_CONFIG_ARCHS)
+    return frozenset(names)
+
+
+def is_supported(name: str) -> bool:
+    """Whether transformers de-quantises GGUF architecture `name` (llama.cpp spells some names differently:
+    `qwen2moe` is transformers' `qwen2_moe`)."""
+    return bool({name, name.replace("-", "_"), re.sub("moe$", "_moe", name)} & supported_architectures())
+
+
 def check_gguf(file: Path, label: str) -> None:
     """Refuse, before any work, a missing file, a file that is not GGUF, or an architecture this transformers
     cannot de-quantise, saying what to do instead."""
     from transformers import __version__ as transformers_version
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    if not file.is_file():
-        raise UserError(f"{label}: GGUF file {file} not found" + (" (it is a folder)" if file.is_dir() else ""))
-    try:
-        name = architecture(file)
-    except UserError as err:
-        raise UserError(f"{label}: {err}") from None
-    # transformers spells some llama.cpp names with an underscore (qwen2moe -> qwen2_moe).
-    known = {arch.replace("_", "") for arch in GGUF_SUPPORTED_ARCHITECTURES} - {"general", "tokenizer"}
-    if name.replace("_", "").replace("-", "") not in known:
+    check_gguf_file(file, label)
+    name = architecture(file)
+    if not is_supported(name):
         raise UserError(
             f"{label}: {file}: transformers {transformers_version} cannot de-quantise GGUF architecture {name!r} "
-            f"(it reads {', '.join(sorted(known))}); give the model's safetensors folder or hub id instead, "
-            "or upgrade transformers if a newer version reads it")
+            f"(it reads {', '.join(sorted(supported_architectures()))}); give the model's safetensors folder or hub "
+            "id instead, or upgrade transformers if a newer version reads it")
 
 
 def info(file: Path) -> dict[str, Any]:
@@ -192,8 +218,8 @@ def cached_export(file: Path, label: str, export: bool = True) -> Path | None:
 def resolve_model_path(ref: str, where: str) -> str:
     """A model reference as the merge and other folder readers want it: a `.gguf` file becomes the folder of
     its cached export, anything else is returned as it is."""
-    if not ref.endswith(".gguf"):
+    if not is_gguf_path(ref):
         return ref
-    file = Path(ref).expanduser()
+    file = Path(ref.rstrip("/")).expanduser()
     check_gguf(file, where)
     return str(cached_export(file, where))

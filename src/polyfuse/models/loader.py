@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
 from safetensors import SafetensorError
 
-from polyfuse.config import StrictModel, walk_config
+from polyfuse.config import StrictModel
 from polyfuse.errors import UserError
-from polyfuse.models.gguf import cached_export, check_gguf
+from polyfuse.models.gguf import cached_export, check_gguf_file, is_gguf_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,12 +37,13 @@ class ModelSpec(StrictModel):
 
     @property
     def label(self) -> str:
-        return self.name or Path(self.path.rstrip("/")).name.removesuffix(".gguf")
+        name = Path(self.path.rstrip("/")).name
+        return self.name or (name[: -len(".gguf")] if is_gguf_path(name) else name)
 
     def location(self) -> tuple[str, str | None]:
         """(folder or hub id, gguf file name or None)."""
-        if self.gguf_file is None and self.path.endswith(".gguf"):
-            file = Path(self.path)
+        if self.gguf_file is None and is_gguf_path(self.path):
+            file = Path(self.path.rstrip("/"))
             return str(file.parent), file.name
         return self.path, self.gguf_file
 
@@ -55,7 +56,7 @@ def looks_local(path: str) -> bool:
     Deciding this up front turns a typo in a local path into "no such folder" at once, instead of a minute
     of retried hub requests ending in an unrelated message.
     """
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or path.endswith(".gguf"):
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or is_gguf_path(path):
         return True
     if path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path:
         return True
@@ -79,11 +80,10 @@ def check_device(spec: ModelSpec) -> None:
 
 
 def check_location(spec: ModelSpec, needs_config: bool = True) -> None:
-    """Refuse a missing folder, a folder without `config.json`, or a file that is not GGUF or whose architecture
-    transformers cannot read, naming the path."""
+    """Refuse a missing folder, a folder without `config.json` or a file that is not GGUF, naming the path."""
     folder, gguf = spec.location()
     if gguf is not None:
-        check_gguf(Path(folder).expanduser() / gguf, spec.label)
+        check_gguf_file(Path(folder).expanduser() / gguf, spec.label)
         return
     local = Path(folder).expanduser()
     if local.exists() or looks_local(folder):
@@ -92,15 +92,6 @@ def check_location(spec: ModelSpec, needs_config: bool = True) -> None:
             raise UserError(f"{spec.label}: {folder}: {kind}")
         if needs_config and not (local / "config.json").is_file():
             raise UserError(f"{spec.label}: {folder}: no config.json in this folder; is it a Hugging Face model folder?")
-
-
-def check_models(config: Any) -> None:
-    """`check_location` and `check_device` for every `ModelSpec` inside a config (pydantic models, lists,
-    dicts), so that a wrong path or device is refused before any model is loaded or any output written."""
-    for _, spec in walk_config(config):
-        if isinstance(spec, ModelSpec):
-            check_location(spec)
-            check_device(spec)
 
 
 def resolved(spec: ModelSpec, export: bool = True) -> ModelSpec:

@@ -79,7 +79,8 @@ def encode(tokenizer, prompt: Any, response: str) -> Encoded:
     return Encoded(prompt_ids, response_ids, "plain")
 
 
-def decode_response(tokenizer, ids: list[int], mode: TemplateMode) -> str:
-    """The text of generated ids, without special tokens and the plain format's leading space."""
+def decode_response(tokenizer, ids: list[int]) -> str:
+    """The text of generated ids, without special tokens and without surrounding whitespace, in both template
+    modes: the plain format's leading space, and the newlines a chat template puts around a turn."""
     text = tokenizer.decode(ids, skip_special_tokens=True)
     return text.strip()

@@ -40,7 +40,6 @@ from polyfuse.objectives.distill import (
     TeacherOutputs,
     TeacherVocabulary,
     logit_std,
-    standardize_logits,
     token_cross_entropy,
 )
 from polyfuse.objectives.dpo import DPO, LengthNormalizedDPO, dpo_loss
@@ -65,7 +64,7 @@ from polyfuse.objectives.infifpo import (
 )
 from polyfuse.objectives.ipo import IPO, ipo_loss
 from polyfuse.objectives.kto import KTO, kl_partners, kto_loss, shuffled_order
-from polyfuse.objectives.logps import IGNORE_INDEX, sequence_logps, sft_token_loss
+from polyfuse.objectives.logps import IGNORE_INDEX, sequence_logps
 from polyfuse.objectives.uld import (
     ULDObjective,
     average_weights,
@@ -149,10 +148,8 @@ __all__ = [
     "reference_scores",
     "reward_metrics",
     "sequence_logps",
-    "sft_token_loss",
     "shuffled_order",
     "soft_cross_entropy",
-    "standardize_logits",
     "student_uld_probs",
     "teacher_uld_probs",
     "token_cross_entropy",

@@ -18,8 +18,11 @@ reference code (CVPR 2024, `logit.std(-1)`); over a vocabulary the two definitio
 
 from __future__ import annotations
 
+import warnings
 from abc import abstractmethod
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -38,9 +41,11 @@ class DistillBatch:
     (row-major order of the scored positions: position j's logits predict response token j). The targets
     are the fields the objective declares, each with N first (`batch.teacher_probs`, ...)."""
 
-    def __init__(self, logits: torch.Tensor, labels: torch.Tensor, **targets: torch.Tensor | None):
+    def __init__(self, logits: torch.Tensor, labels: torch.Tensor,
+                 projections: Sequence[Projection | None] = (), **targets: torch.Tensor | None):
         self.logits = logits  # [N, V] student logits (any dtype; losses compute in fp32), carries gradients
         self.labels = labels  # [N] gold next tokens (pivot vocabulary)
+        self.projections = tuple(projections)  # per teacher: its vocabulary projection (`Projection`), if needed
         self.targets = {name: value for name, value in targets.items() if value is not None}
 
     def __getattr__(self, name: str) -> torch.Tensor:
@@ -76,6 +81,8 @@ class TeacherOutputs:
     topk_logits: np.ndarray  # [P, K] their raw logits
     std: np.ndarray  # [P] the std of the full-vocabulary logits (`logit_std`, for logit standardisation)
     token_logps: np.ndarray  # [P] the log-prob of each of its tokens
+    # [P, K] the normalised log-probs of the top-K ids (what a teacher server returns); None: a store without them
+    topk_logprobs: np.ndarray | None = field(default=None, kw_only=True)
 
     @property
     def cross_entropy(self) -> float:
@@ -89,6 +96,59 @@ class TeacherVocabulary:
 
     token_bytes: list[bytes | None]  # by teacher id: the token's text as bytes; None: a special token
     to_pivot: np.ndarray  # [V_teacher] the pivot id of each teacher id; -1: none (an exact map)
+
+
+@dataclass(frozen=True)
+class Projection:
+    """How a student's distribution is read in a teacher's vocabulary (X-Token, arXiv 2605.21699): the sparse
+    matrix W [V_S, V_T] (each student token's weights over teacher tokens, rows summing to 1), held transposed
+    as a torch sparse CSR tensor [V_T, V_S] so that the student's mass on a few teacher ids is a row gather;
+    and the one-to-one matched pairs that the hybrid losses (GOLD, H-KL) compare directly. Built once per
+    tokenizer pair (`polyfuse.alignment.projection`); `identity` for a shared vocabulary."""
+
+    weights_t: torch.Tensor  # sparse CSR [V_T, V_S]: W transposed
+    matched_student: torch.Tensor  # [M] int64 student ids, paired one-to-one with
+    matched_teacher: torch.Tensor  # [M] int64 teacher ids
+    teacher_vocab_size: int  # |V_T| in GOLD's adaptive weight |matched| / |V_T| (the teacher's logit width)
+
+    @classmethod
+    def from_entries(cls, student_ids: np.ndarray, teacher_ids: np.ndarray, weights: np.ndarray,
+                     shape: tuple[int, int], matched: tuple[np.ndarray, np.ndarray],
+                     teacher_vocab_size: int | None = None) -> Projection:
+        """From W's nonzero entries (student id, teacher id, weight) and its shape (V_S, V_T)."""
+        coo = torch.sparse_coo_tensor(
+            torch.from_numpy(np.stack([np.asarray(teacher_ids, np.int64), np.asarray(student_ids, np.int64)])),
+            torch.from_numpy(np.asarray(weights, np.float32)), (shape[1], shape[0]), check_invariants=True).coalesce()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+            transposed = coo.to_sparse_csr()
+        return cls(transposed, torch.as_tensor(matched[0], dtype=torch.long),
+                   torch.as_tensor(matched[1], dtype=torch.long), teacher_vocab_size or shape[1])
+
+    @classmethod
+    def identity(cls, vocab_size: int) -> Projection:
+        """W = I: a teacher that shares the student's vocabulary; every token is matched to itself."""
+        ids = np.arange(vocab_size)
+        return cls.from_entries(ids, ids, np.ones(vocab_size), (vocab_size, vocab_size), (ids, ids))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(V_S, V_T), W's shape."""
+        return int(self.weights_t.shape[1]), int(self.weights_t.shape[0])
+
+    @cached_property
+    def teacher_to_student(self) -> torch.Tensor:
+        """[V_T] the matched student id of each teacher id, -1 for none."""
+        out = torch.full((self.shape[1],), -1, dtype=torch.long)
+        out[self.matched_teacher] = self.matched_student
+        return out
+
+    @cached_property
+    def student_matched(self) -> torch.Tensor:
+        """[V_S] bool: the student id is in a matched pair."""
+        out = torch.zeros(self.shape[0], dtype=torch.bool)
+        out[self.matched_student] = True
+        return out
 
 
 @dataclass(frozen=True)
@@ -110,12 +170,6 @@ def logit_std(logits: torch.Tensor) -> torch.Tensor:
     """Per-position sample std over the full vocabulary, fp32: the one statistic a teacher stores so that its
     top-K logits can be standardised offline exactly as the student's are online."""
     return logits.float().std(dim=-1)
-
-
-def standardize_logits(logits: torch.Tensor, eps: float = STD_EPS) -> torch.Tensor:
-    """Z-score per position over the full vocabulary, fp32: `(l - mean) / (std + eps)`."""
-    x = logits.float()
-    return (x - x.mean(-1, keepdim=True)) / (logit_std(x)[..., None] + eps)
 
 
 def log_probs_at(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

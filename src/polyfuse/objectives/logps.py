@@ -8,8 +8,8 @@ import torch
 IGNORE_INDEX = -100
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of log-probs of the scored tokens of each row, and their count.
+def token_logps_of(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of every scored token (0 elsewhere), and the mask of scored tokens, both (rows, length - 1).
 
     `labels` is aligned with the input ids (`IGNORE_INDEX` on prompt and padding); token k is predicted by
     `logits[k-1]`. The logits are upcast to fp32 one row at a time, which bounds the extra memory to one
@@ -22,14 +22,10 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     for row_logits, row_targets in zip(logits[:, :-1], safe_targets, strict=True):
         row = row_logits.float()
         rows.append(row.gather(-1, row_targets[:, None]).squeeze(-1) - torch.logsumexp(row, dim=-1))
-    token_logps = torch.stack(rows) * mask
+    return torch.stack(rows) * mask, mask
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of log-probs of the scored tokens of each row (`token_logps_of`), and their count."""
+    token_logps, mask = token_logps_of(logits, labels)
     return token_logps.sum(-1), mask.sum(-1)
-
-
-def sft_token_loss(
-    logits: torch.Tensor, labels: torch.Tensor, num_items: torch.Tensor | int | None = None
-) -> torch.Tensor:
-    """Negative log-likelihood of the scored tokens divided by `num_items` (the response tokens of the
-    whole optimiser step under gradient accumulation), or by this batch's token count when not given."""
-    sums, counts = sequence_logps(logits, labels)
-    return -sums.sum() / (counts.sum() if num_items is None else num_items)

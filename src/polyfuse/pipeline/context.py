@@ -26,6 +26,13 @@ the current pivot first when the stage runs. In the same way `sample`'s models a
 recipe's pivot with `include_pivot`) and its seed the recipe's, both filled by `fill`; `logprobs` hands
 the current pivot to its engine when it runs, and `fill` can turn a recipe's `sources: true` into the
 list of the recipe's sources (`model_specs`), so recipes keep their key.
+
+One way into a stage. A stage's engine lives in its component package (`polyfuse.sampling.run_sample`,
+`polyfuse.pairs.run_pairs`, `polyfuse.trainers.train_sft`, ...); the stage is the adapter that hands it the
+section and the files of earlier stages (`execute`). Its command (`polyfuse sample`, `polyfuse train sft`,
+... built by `polyfuse.cli` from `command` and `command_inputs`) calls the same `execute` with the config file
+and the files named on the command line, so a command and a recipe's stage run the same code with the same
+defaults, and the engine validates once, for both.
 """
 
 from __future__ import annotations
@@ -33,11 +40,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
 from polyfuse.config import fingerprinted, walk_config
+from polyfuse.data.io import read_rows
 from polyfuse.errors import ConfigError
 from polyfuse.models import ModelSpec
 from polyfuse.registry import Registry
@@ -69,6 +77,40 @@ class Context:
         return self.recipe.pivot
 
 
+MODEL = "model"  # the input of a training stage that is the model it trains (`--model`)
+
+
+@dataclass(frozen=True)
+class CommandInput:
+    """What a stage's command reads, `--<option>`: a data file of rows of `schema` (`rows`), a path handed on as
+    it is (`path`: a folder such as the teacher store), or the model to train (`model`: hub id, folder, .gguf)."""
+
+    option: str
+    help: str
+    kind: Literal["rows", "path", "model"] = "rows"
+    schema: Any = None
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """An input file and its rows, as `Stage.execute` receives a `rows` input."""
+
+    path: str
+    rows: list[Any]
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command that runs a stage: its name (`sample`, `train dpo`), the config values it fixes (the objective
+    of `train dpo`), its help, what its `--config` holds and the name `polyfuse config show` documents it by."""
+
+    name: str
+    fixed: dict[str, Any]
+    help: str
+    config_help: str
+    config_name: str
+
+
 class Stage(ABC):
     """One step of a recipe. A subclass sets the class attributes and implements `run` (and `inputs` when
     it reads files or models), then registers itself: `@STAGES.register("name")`.
@@ -82,7 +124,12 @@ class Stage(ABC):
     - `seeded`: the recipe's `seed` is the default `seed` of its section (filled by `fill`);
     - `every_process`: under `accelerate launch` the stage runs on every process, which share its work
       (sharded inference, data-parallel training); any other stage runs on the main process alone;
-    - `needs`: the stages that must run before it (`requires` when that depends on the recipe).
+    - `needs`: the stages that must run before it (`requires` when that depends on the recipe);
+    - `command`: the name of its command (`train sft`; None: none is generated), `config_help` what its
+      `--config` holds, `command_inputs` the files it reads, and `output` where its engine writes inside the
+      stage folder ("": the folder itself), which the command's `-o` names (`output_help`).
+
+    The class docstring is the command's help.
     """
 
     name: ClassVar[str]
@@ -95,6 +142,11 @@ class Stage(ABC):
     seeded: ClassVar[bool] = False
     every_process: ClassVar[bool] = False
     needs: ClassVar[tuple[str, ...]] = ()
+    command: ClassVar[str | None] = None
+    config_help: ClassVar[str] = ""
+    command_inputs: ClassVar[tuple[CommandInput, ...]] = ()
+    output: ClassVar[str] = ""
+    output_help: ClassVar[str] = "Output folder."
 
     def field(self) -> tuple[Any, Any]:
         """(annotation, default) of the stage's field in the recipe schema."""
@@ -136,29 +188,62 @@ class Stage(ABC):
         """The files and models the stage reads, name -> path (hashed into its fingerprint)."""
         return {}
 
+    def commands(self) -> list[Command]:
+        """The commands that run this stage (one, `command`, unless a stage has several: `train <objective>`)."""
+        if self.command is None:
+            return []
+        return [Command(self.command, {}, " ".join((type(self).__doc__ or "").split()), self.config_help, self.name)]
+
+    def label(self, recipe: Any) -> str:
+        """How the model this stage makes shows in an evaluation row (`pivot+SFT+DPO`)."""
+        return self.name.upper()
+
+    def engine_config(self, ctx: Context) -> Any:
+        """The section as the engine runs it: the recipe's, with what the run knows by now (the current pivot)."""
+        return getattr(ctx.recipe, self.name)
+
+    def input_paths(self, ctx: Context) -> dict[str, str]:
+        """The files of `command_inputs` (option -> path) as the stages before this one wrote them."""
+        return {}
+
+    def read_inputs(self, ctx: Context) -> dict[str, Any]:
+        """`input_paths`, a `DataFile` for each `rows` input: what `execute` takes."""
+        kinds = {i.option: i for i in self.command_inputs}
+        return {option: DataFile(path, read_rows(path, kinds[option].schema)) if kinds[option].kind == "rows" else path
+                for option, path in self.input_paths(ctx).items()}
+
     @abstractmethod
+    def execute(self, config: Any, inputs: dict[str, Any], out: Path, quiet: bool = False,
+                resume: bool | None = None) -> dict[str, str]:
+        """Run the engine with `config` (the section) on `inputs` (option of `command_inputs` -> `DataFile`, path
+        or `ModelSpec`), writing to `out`; returns the outputs, name -> path. What the stage and its command
+        both run. `resume`: training stages only (None: resume this run's checkpoints, as recipes do)."""
+
     def run(self, ctx: Context, folder: Path) -> dict[str, str]:
         """Do the work in `folder`; return the outputs, name -> path."""
+        out = folder / self.output if self.output else folder
+        return self.execute(self.engine_config(ctx), self.read_inputs(ctx), out, quiet=ctx.quiet)
 
 
 class TrainingStage(Stage):
     """A stage that trains the current pivot into the pivot of the stages after it (sft, distill, po): it
     runs on every process (data-parallel training), takes the recipe's seed, and reads the files it trains
-    on (`training_data`) and the pivot."""
+    on (`input_paths`) and the pivot (its `model` input; a command's `--model`)."""
 
     every_process = True
     makes_model = True
     seeded = True
-
-    @abstractmethod
-    def training_data(self, ctx: Context) -> dict[str, str]:
-        """The files it trains on, name -> path."""
+    output = "model"
+    output_help = "Output model folder."
 
     def pivot(self, ctx: Context) -> ModelSpec:
         return ctx.current_pivot(self.name)
 
     def inputs(self, ctx: Context) -> dict[str, str]:
-        return {**self.training_data(ctx), "pivot": self.pivot(ctx).path}
+        return {**self.input_paths(ctx), "pivot": self.pivot(ctx).path}
+
+    def read_inputs(self, ctx: Context) -> dict[str, Any]:
+        return {**super().read_inputs(ctx), MODEL: self.pivot(ctx)}
 
 
 STAGES: Registry[type[Stage]] = Registry("stage", package="polyfuse.pipeline.stages")

@@ -6,7 +6,8 @@ its section, whether it runs by default, the stages it needs before it and its o
 Paths of the form `toyworld://pivot` or `toyworld://sources/<name>` point into the recipe's toy world;
 they are resolved from the world's config hash alone, so validation needs no model and no build.
 Relative paths are relative to the current directory. How the `merge` section names models is
-described in `polyfuse.pipeline.stages.merge`.
+described in `polyfuse.pipeline.stages.merge`. The schema reads no file: prompts and the toy world are read
+by `polyfuse.pipeline.sources` when the stages run.
 """
 
 from __future__ import annotations
@@ -17,23 +18,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationInfo, create_model, model_validator
 
-from polyfuse.config import COPIED, StrictModel, apply_overrides, read_yaml, validate
-from polyfuse.data.io import ReadReport, read_rows
-from polyfuse.data.schemas import PromptRow
-from polyfuse.errors import ConfigError
+from polyfuse.config import COPIED, StrictModel, YamlMapping, apply_overrides, read_yaml, validate
 from polyfuse.pipeline.context import STAGES, stage, stage_order
-from polyfuse.pipeline.stages.prompts import PromptSource
+from polyfuse.pipeline.sources import ToyWorldRef
 from polyfuse.sampling import SampledModel
 
 TOY_SCHEME = "toyworld://"
-
-
-class ToyWorldRef(StrictModel):
-    """The toy world the recipe's toyworld:// paths point into (built on first use, then cached)."""
-
-    preset: Literal["default", "tiny"] = Field(default="default", description="default, or tiny (seconds to build, for tests).")
-    seed: int = Field(default=0, description="World seed: the toy models' weights and data.")
-    cache_dir: str | None = Field(default=None, description="None: $POLYFUSE_CACHE, else $XDG_CACHE_HOME/polyfuse, else ~/.cache/polyfuse.")
 
 
 class RecipeBase(StrictModel):
@@ -42,7 +32,8 @@ class RecipeBase(StrictModel):
     name: str = Field(description="The run's name.")
     work_dir: str | None = Field(default=None, description="None: runs/<name>; every stage writes in <work_dir>/<stage>.")
     seed: int = Field(default=0, description="Default seed of sampling, the split and training (a section's own seed wins).")
-    toyworld: ToyWorldRef | None = None
+    toyworld: ToyWorldRef | None = Field(default=None, description="The toy world of the recipe's toyworld:// paths "
+                                         "and toy-world prompts (built on first use, then cached).")
     sources: list[SampledModel] = Field(min_length=1, description="The source models, each with its sampling settings.")
     pivot: SampledModel = Field(description="The pivot (target) model.")
 
@@ -87,28 +78,6 @@ class RecipeBase(StrictModel):
     @property
     def resolved_work_dir(self) -> Path:
         return Path(self.work_dir or f"runs/{self.name}")
-
-    def world(self, quiet: bool = False):
-        """The recipe's toy world, built on first use (cached by config hash)."""
-        from polyfuse.toyworld import ToyWorldConfig, build_world
-
-        if self.toyworld is None:
-            raise ConfigError("prompts.toyworld needs a 'toyworld' section in the recipe")
-        config = ToyWorldConfig.preset(self.toyworld.preset).model_copy(update={"seed": self.toyworld.seed})
-        return build_world(config, cache_dir=self.toyworld.cache_dir, progress=not quiet)
-
-    def load_prompts(self, source: PromptSource) -> list[PromptRow]:
-        if source.toyworld is not None:
-            spec = source.toyworld
-            rows = self.world().prompts(spec.split, per_domain=spec.per_domain, domains=spec.domains, seed=spec.seed)
-        else:
-            report = ReadReport()
-            rows = read_rows(source.path, PromptRow, skip_invalid=source.skip_invalid, report=report)
-            if report.skipped:
-                from rich.console import Console
-
-                Console(stderr=True).print(f"[yellow]{source.path}: {report.summary()}[/]")
-        return rows[: source.limit] if source.limit else rows
 
     def save_resolved(self, path: Path) -> None:
         """The recipe as its stages run with it: every default and every value a section takes from the rest of
@@ -170,9 +139,6 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override, resolve `toyworld://` paths and validate a recipe; no model is loaded."""
     data = apply_overrides(read_yaml(path), overrides)
     if _uses_toy_paths(data):
-        from polyfuse.toyworld import ToyWorldConfig, world_dir
-
         toy = validate(ToyWorldRef, data.get("toyworld") or {}, source=f"{path}: toyworld")
-        config = ToyWorldConfig.preset(toy.preset).model_copy(update={"seed": toy.seed})
-        data = _resolve_toy_paths(data, world_dir(config, toy.cache_dir))
+        data = YamlMapping(_resolve_toy_paths(data, toy.root()), getattr(data, "lines", {}))
     return validate(Recipe, data, source=str(path))

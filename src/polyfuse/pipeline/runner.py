@@ -19,22 +19,19 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 
-from polyfuse.config import walk_config
 from polyfuse.data.hashing import hash_path
 from polyfuse.data.io import remove_stale_temporaries, write_json
 from polyfuse.data.sharded import process_state
-from polyfuse.errors import ConfigError, DataError
-from polyfuse.models.loader import check_models
+from polyfuse.errors import DataError
+from polyfuse.pipeline.checks import check_recipe
 from polyfuse.pipeline.context import Context, stage
 from polyfuse.pipeline.manifest import Manifest, fingerprint
 from polyfuse.pipeline.recipe import Recipe
-from polyfuse.pipeline.stages.prompts import PromptSource
+from polyfuse.pipeline.sources import toy_world
 from polyfuse.pipeline.summary import write_run_report
 from polyfuse.progress import is_quiet, set_quiet
 
@@ -54,25 +51,6 @@ def _broadcast(state, value):
 def _wait_until_done(manifest: Manifest, print_: str) -> None:
     while not manifest.is_done(print_):
         time.sleep(POLL_S)
-
-
-def _check_inputs(recipe: Recipe) -> None:
-    """Every model path and device, and every data file, of the stages to run, before the first stage writes
-    anything: a typo in the last stage's section must not cost the run up to it."""
-    sections = {name: getattr(recipe, name, None) for name in recipe.stages}
-    check_models([recipe.sources, recipe.pivot, *sections.values()])
-    for where, path in _data_paths(sections):
-        if not Path(path).expanduser().exists():
-            raise ConfigError(f"{where}: {path}: data file not found")
-
-
-def _data_paths(node: Any) -> Iterator[tuple[str, str]]:
-    """(dotted key, path) of every data file a config names: a `PromptSource`'s `path` and any `data` key."""
-    for where, value in walk_config(node):
-        if isinstance(value, PromptSource) and value.path is not None:
-            yield f"{where}.path", value.path
-        elif isinstance(value, str) and where.rpartition(".")[2] == "data":
-            yield where, value
 
 
 def _refuse_empty_inputs(name: str, inputs: dict[str, str], work_dir: Path) -> None:
@@ -109,9 +87,9 @@ def _run(recipe: Recipe, work_dir: str | Path | None, quiet: bool) -> Context:
     if main:
         if recipe.toyworld is not None:
             world_started = time.perf_counter()
-            recipe.world(ctx.quiet)  # built once and cached; every toyworld:// path must exist before hashing inputs
+            toy_world(recipe.toyworld, ctx.quiet)  # built once and cached; every toyworld:// path must exist before hashing inputs
             timings["toy world (build or cache)"] = {"wall_s": round(time.perf_counter() - world_started, 2)}
-        _check_inputs(recipe)
+        check_recipe(recipe).enforce()  # models, data files, prompts: before anything is written
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(ctx.work_dir, recursive=True)  # of writers killed in an earlier run
         recipe.save_resolved(ctx.work_dir / "recipe.resolved.yaml")

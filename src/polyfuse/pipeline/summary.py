@@ -1,9 +1,10 @@
 """The end of a recipe run: `report.md` and `report.json` in the work folder (written by `run_recipe`), and what
-`polyfuse run` and `polyfuse demo` print (the accuracy table and the report's path).
+`polyfuse run` and `polyfuse demo` print (the accuracy table, the gains and the report's path).
 
-The report says in words what fusion changed and by how much, with the noise, and why a domain did not
-improve when its training data says why; its wall-time table covers the whole run, the toy world's build
-included (`run.json`, written by the runner).
+The report says in words what fusion changed and by how much, with its 95% paired bootstrap interval (against
+the pivot before fusion, and against SFT when a stage followed it), and why a domain did not improve when its
+training data says why; its wall-time table covers the whole run, the toy world's build included (`run.json`,
+written by the runner).
 """
 
 from __future__ import annotations
@@ -93,4 +94,7 @@ def print_run_summary(ctx: Context, console: Console) -> None:
         console.print(f"[green]done[/]: {ctx.work_dir}", soft_wrap=True)
         return
     console.print(accuracy_table(load_eval_report(Path(ctx.output("eval", "results")).parent)))
+    findings = json.loads((ctx.work_dir / "report.json").read_text())["findings"]
+    for line in findings[: findings.index("")] if "" in findings else findings:  # the gains, with their intervals
+        console.print(line.replace("**", ""), soft_wrap=True, highlight=False)
     console.print(f"[green]done[/]: {ctx.work_dir}; report: {ctx.work_dir / REPORT}", soft_wrap=True)  # paths stay whole

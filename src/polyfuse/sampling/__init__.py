@@ -17,8 +17,11 @@ from polyfuse.sampling.base import (
     build_backend,
     request_seed,
 )
+from polyfuse.sampling.run import SampleConfig, run_sample
 
 __all__ = [
+    "run_sample",
+    "SampleConfig",
     "BACKENDS",
     "Backend",
     "BackendConfig",

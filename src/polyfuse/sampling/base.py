@@ -11,7 +11,7 @@ file in this package: an options class (a `BackendSettings` subclass whose `type
     @BACKENDS.register("echo")
     class EchoBackend(Backend):
         Config = EchoSettings
-        def generate(self, prompts, params, done, seeds=None, batch_size=32):
+        def generate(self, prompts, params, done, seeds=None, batch_size=32, token_budget=None):
             for i, prompt in enumerate(prompts):
                 done(i, [str(prompt)] * params.n)
 
@@ -93,14 +93,17 @@ class Backend(ABC):
 
     @abstractmethod
     def generate(self, prompts: list[Any], params: SamplingParams, done: Done, seeds: list[int] | None = None,
-                 batch_size: int = 32) -> None:
+                 batch_size: int = 32, token_budget: int | None = None) -> None:
         """Call `done(index into prompts, params.n response texts)` as each request finishes, in any order
         (the sample stage writes each one down, so a killed run resends nothing it has). `prompts` are TRL
         prompts (strings or message lists); `seeds[i]` is the seed of prompt i (None: derived from
-        `params.seed`); `batch_size` is how many prompts one engine call takes."""
+        `params.seed`); `batch_size` is how many prompts one engine call takes. `token_budget`, where the
+        backend batches itself (transformers), cuts its batches by padded tokens instead (rows x (longest
+        prompt + max_new_tokens) x n), over length-sorted prompts."""
 
     def generate_all(self, prompts: list[Any], params: SamplingParams, seeds: list[int] | None = None,
-                     batch_size: int = 32, progress: Callable[[int], None] | None = None) -> list[list[str]]:
+                     batch_size: int = 32, progress: Callable[[int], None] | None = None,
+                     token_budget: int | None = None) -> list[list[str]]:
         """Every prompt's responses, in prompt order; `progress` is called with each finished count."""
         results: list[list[str]] = [[] for _ in prompts]
 
@@ -109,7 +112,7 @@ class Backend(ABC):
             if progress is not None:
                 progress(1)
 
-        self.generate(prompts, params, done, seeds, batch_size)
+        self.generate(prompts, params, done, seeds, batch_size, token_budget)
         return results
 
     def score(self, sequences: list[tuple[list[int], int]], token_budget: int = DEFAULT_TOKEN_BUDGET,

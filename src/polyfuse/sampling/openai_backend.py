@@ -109,7 +109,7 @@ class OpenAIBackend(Backend):
             raise UserError(f"{where}: the server answered {err.status_code} {tries}: {_message(err)}") from None
 
     def generate(self, prompts: list[Any], params: SamplingParams, done: Done, seeds: list[int] | None = None,
-                 batch_size: int = 32) -> None:
+                 batch_size: int = 32, token_budget: int | None = None) -> None:
         seeds = self.seeds_for(prompts, params, seeds)
         common: dict[str, Any] = {"model": self.served, "n": params.n, "temperature": params.temperature,
                                   "top_p": params.top_p, "max_tokens": params.max_new_tokens}

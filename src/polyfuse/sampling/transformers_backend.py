@@ -1,5 +1,6 @@
 """`backend: transformers` (the default): the model in this process, batched `generate` over left-padded
-prompts sorted by length, and sequence scoring by the shared forward kernel."""
+prompts sorted by length (batches of `batch_size` prompts, or cut by a token budget), and sequence scoring
+by the shared forward kernel."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any, Literal
 import torch
 
 from polyfuse.models import ModelSpec, load_model
-from polyfuse.models.forward import DEFAULT_TOKEN_BUDGET, pad_token_id, score_sequences
+from polyfuse.models.forward import DEFAULT_TOKEN_BUDGET, pad_token_id, plan_batches, score_sequences
 from polyfuse.models.templates import decode_response, render_prompt
 from polyfuse.sampling.base import BACKENDS, Backend, BackendSettings, Done, SamplingParams
 
@@ -29,16 +30,21 @@ class TransformersBackend(Backend):
 
     @torch.inference_mode()
     def generate(self, prompts: list[Any], params: SamplingParams, done: Done, seeds: list[int] | None = None,
-                 batch_size: int = 32) -> None:
+                 batch_size: int = 32, token_budget: int | None = None) -> None:
         tokenizer, model = self.tokenizer, self.model
         encoded = [render_prompt(tokenizer, p) for p in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i][0]))
         pad_id = pad_token_id(tokenizer)
         eos = self.stop_token_ids()
         device = next(model.parameters()).device
-        per_batch = max(1, batch_size // params.n) if params.n > 1 else batch_size
-        for start in range(0, len(order), per_batch):
-            batch = order[start : start + per_batch]
+        if token_budget is None:
+            order = sorted(range(len(prompts)), key=lambda i: len(encoded[i][0]))
+            per_batch = max(1, batch_size // params.n) if params.n > 1 else batch_size
+            batches = [order[start : start + per_batch] for start in range(0, len(order), per_batch)]
+        else:  # each row holds its prompt and max_new_tokens, n times
+            lengths = [len(ids) + params.max_new_tokens for ids, _ in encoded]
+            batches = plan_batches(lengths, max(1, token_budget // params.n))
+        start = 0
+        for batch in batches:
             width = max(len(encoded[i][0]) for i in batch)
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -64,7 +70,8 @@ class TransformersBackend(Backend):
             new = out[:, width:].tolist()
             for k, i in enumerate(batch):
                 texts = new[k * params.n : (k + 1) * params.n]
-                done(i, [decode_response(tokenizer, seq, encoded[i][1]) for seq in texts])
+                done(i, [decode_response(tokenizer, seq) for seq in texts])
+            start += len(batch)
 
     def score(self, sequences: list[tuple[list[int], int]], token_budget: int = DEFAULT_TOKEN_BUDGET,
               progress: Callable[[int], None] | None = None) -> list[tuple[float, int]]:

@@ -201,7 +201,7 @@ class VllmBackend(Backend):
                             f"{limit} (with one token to generate); raise backend.max_model_len")
 
     def generate(self, prompts: list[Any], params: SamplingParams, done: Done, seeds: list[int] | None = None,
-                 batch_size: int = 32) -> None:
+                 batch_size: int = 32, token_budget: int | None = None) -> None:
         seeds = self.seeds_for(prompts, params, seeds)
         encoded = [render_prompt(self.tokenizer, p) for p in prompts]
         for ids, _ in encoded:
@@ -215,7 +215,7 @@ class VllmBackend(Backend):
                 use_tqdm=False,
             )
             for i, output in zip(batch, outputs, strict=True):
-                done(i, [decode_response(self.tokenizer, list(c.token_ids), encoded[i][1]) for c in output.outputs])
+                done(i, [decode_response(self.tokenizer, list(c.token_ids)) for c in output.outputs])
 
     def score(self, sequences: list[tuple[list[int], int]], token_budget: int = 0,
               progress: Callable[[int], None] | None = None) -> list[tuple[float, int]]:

@@ -12,14 +12,18 @@ from polyfuse.scorers.base import (
     Verifier,
     build_scorer,
     parse_scorer_config,
+    unjudged,
 )
 from polyfuse.scorers.code_tests import CodeConfig, CodeVerifier
 from polyfuse.scorers.math_answer import MathConfig, MathVerifier
 from polyfuse.scorers.reward_model import RewardModelConfig, RewardModelScorer
+from polyfuse.scorers.run import ScoreConfig, run_score
 from polyfuse.scorers.sandbox import Limits, Sandbox, SandboxFailure, SandboxReport, run_script
 from polyfuse.scorers.toyworld import ToyVerifier, ToyVerifierConfig, exact_match
 
 __all__ = [
+    "run_score",
+    "ScoreConfig",
     "SCORERS",
     "CodeConfig",
     "CodeVerifier",
@@ -38,6 +42,7 @@ __all__ = [
     "ScorerSettings",
     "Verifier",
     "build_scorer",
+    "unjudged",
     "exact_match",
     "parse_scorer_config",
     "run_script",

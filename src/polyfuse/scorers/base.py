@@ -37,6 +37,14 @@ class ScorerSettings(StrictModel):
     name: str | None = Field(default=None, description="Key of its scores in the rows' rewards / verdicts; None: the type.")
     domains: list[str] | None = Field(default=None, description="Score rows of these domains only; None: every domain.")
 
+    def misses(self, row: Any) -> str | None:
+        """Why this scorer cannot judge `row` (a prompt or a sample: its `domain`, `answer`, `tests`), from the
+        config alone, so that prompts nothing can judge are found before any model runs; None when it can.
+        A scorer that needs a field of the row adds its own reason."""
+        if self.domains is not None and row.domain not in self.domains:
+            return f"{self.name or self.type} judges the domains {', '.join(self.domains)} only"
+        return None
+
 
 class Scorer(ABC):
     Config: ClassVar[type[ScorerSettings]]
@@ -47,7 +55,7 @@ class Scorer(ABC):
         self.name = config.name or config.type
 
     def applies_to(self, row: SampleRow) -> bool:
-        return self.config.domains is None or row.domain in self.config.domains
+        return self.config.misses(row) is None
 
     def require_ready(self) -> None:
         """Raise a UserError if this scorer cannot run on this machine; called before heavy work."""
@@ -65,6 +73,11 @@ class Verifier(Scorer):
 
     @abstractmethod
     def check(self, row: SampleRow) -> tuple[bool, dict[str, Any]]: ...
+
+    def gold_problem(self, row: SampleRow) -> str | None:
+        """Why no response to `row` can be judged (a gold answer this verifier cannot read), else None:
+        evaluation refuses such rows before any model runs rather than scoring them 0."""
+        return None
 
     def score(self, rows: list[SampleRow]) -> list[tuple[float | bool, dict[str, Any]]]:
         return [self.check(row) for row in rows]
@@ -86,6 +99,16 @@ def parse_scorer_config(data: dict[str, Any] | ScorerSettings, source: str = "sc
     if isinstance(data, ScorerSettings):
         return data
     return validate(_OneScorer, {"scorer": data}, source).scorer
+
+
+def unjudged(rows: list[Any], configs: list[ScorerSettings]) -> list[tuple[Any, list[str]]]:
+    """(row, why each scorer misses it) of every row that none of `configs` can judge."""
+    found = []
+    for row in rows:
+        reasons = [config.misses(row) for config in configs]
+        if all(reasons):
+            found.append((row, reasons))
+    return found
 
 
 def build_scorer(config: ScorerSettings | dict[str, Any], device: str | None = None) -> Scorer:

@@ -55,6 +55,9 @@ class CodeConfig(ScorerSettings):
             max_output_bytes=self.max_output_bytes,
         )
 
+    def misses(self, row: Any) -> str | None:
+        return super().misses(row) or (None if row.tests else f"{self.name or self.type} needs the row's `tests`")
+
 
 def _top_level(code: str) -> list[ast.stmt] | None:
     try:
@@ -140,9 +143,6 @@ def _same_output(got: str, expected: str) -> bool:
 class CodeVerifier(Verifier):
     Config = CodeConfig
     config: CodeConfig
-
-    def applies_to(self, row: SampleRow) -> bool:
-        return bool(row.tests) and super().applies_to(row)
 
     def require_ready(self) -> None:
         require_isolation(self.config.unsafe_local)

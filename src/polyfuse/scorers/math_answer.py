@@ -21,6 +21,9 @@ class MathConfig(ScorerSettings):
     type: Literal["math"] = "math"
     domains: list[str] | None = ["math"]
 
+    def misses(self, row: Any) -> str | None:
+        return super().misses(row) or (None if row.answer is not None else f"{self.name or self.type} needs the row's `answer`")
+
 
 def _final_answer(text: str) -> str:
     """The text after the last `####` (GSM8K's answer marker), up to the end of that line."""
@@ -39,17 +42,21 @@ def _parse(text: str, timeout: int | None, is_gold: bool = False) -> list:
     return parse(text, parsing_timeout=timeout) or parse(as_latex, parsing_timeout=timeout)
 
 
+def _timeout() -> int | None:
+    """math-verify's timeouts use SIGALRM, which only works in the main thread; elsewhere they are turned off
+    rather than letting every parse fail silently."""
+    return 5 if threading.current_thread() is threading.main_thread() else None
+
+
 @SCORERS.register("math")
 class MathVerifier(Verifier):
     Config = MathConfig
 
-    def applies_to(self, row: SampleRow) -> bool:
-        return row.answer is not None and super().applies_to(row)
+    def gold_problem(self, row: SampleRow) -> str | None:
+        return None if _parse(row.answer or "", _timeout(), is_gold=True) else "math-verify cannot parse its gold answer"
 
     def check(self, row: SampleRow) -> tuple[bool, dict[str, Any]]:
-        # math-verify's timeouts use SIGALRM, which only works in the main thread; elsewhere they are
-        # turned off rather than letting every parse fail silently.
-        timeout = 5 if threading.current_thread() is threading.main_thread() else None
+        timeout = _timeout()
         gold = _parse(row.answer or "", timeout, is_gold=True)
         if not gold:
             return False, {"error": "gold answer could not be parsed", "gold": row.answer}

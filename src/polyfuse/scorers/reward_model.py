@@ -21,6 +21,7 @@ from pydantic import Field
 from polyfuse.data.schemas import SampleRow
 from polyfuse.errors import ConfigError
 from polyfuse.models import ModelSpec, encode, load_model, load_tokenizer
+from polyfuse.models.checks import SEQUENCE_CLASSIFIER
 from polyfuse.scorers.base import SCORERS, Scorer, ScorerSettings
 
 _CUSTOM_HEADS = ("ArmoRM", "RewardModelWithGating")
@@ -28,7 +29,8 @@ _CUSTOM_HEADS = ("ArmoRM", "RewardModelWithGating")
 
 class RewardModelConfig(ScorerSettings):
     type: Literal["reward_model"] = "reward_model"
-    model: ModelSpec = Field(description="A sequence-classification model with one output (a reward head).")
+    model: ModelSpec = Field(description="A sequence-classification model with one output (a reward head).",
+                             json_schema_extra=SEQUENCE_CLASSIFIER)
     normalize: Literal["none", "sigmoid"] = Field(default="none", description="sigmoid maps rewards into (0, 1).")
     batch_size: int = Field(default=8, ge=1, description="Responses per forward.")
     max_length: int | None = Field(default=None, ge=2, description="Keep only the last tokens of longer inputs.")

@@ -21,13 +21,13 @@ class ToyVerifierConfig(ScorerSettings):
     type: Literal["toyworld"] = "toyworld"
     domains: list[str] | None = ["arithmetic", "strings", "compare"]  # the toy world's domains
 
+    def misses(self, row: Any) -> str | None:
+        return super().misses(row) or (None if row.answer is not None else f"{self.name or self.type} needs the row's `answer`")
+
 
 @SCORERS.register("toyworld")
 class ToyVerifier(Verifier):
     Config = ToyVerifierConfig
-
-    def applies_to(self, row: SampleRow) -> bool:
-        return row.answer is not None and super().applies_to(row)
 
     def check(self, row: SampleRow) -> tuple[bool, dict[str, Any]]:
         return exact_match(row.response, row.answer or ""), {"gold": row.answer}

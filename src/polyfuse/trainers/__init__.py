@@ -1,6 +1,7 @@
 """Thin `transformers.Trainer` subclasses for SFT, distillation and preference training, and their entry points."""
 
-from polyfuse.trainers.base import LoraSettings, PolyfuseTrainer, SequenceCollator, TrainConfig
+from polyfuse.trainers.collate import SequenceCollator, SharedPromptCollator
+from polyfuse.trainers.config import LoraSettings, TrainConfig
 from polyfuse.trainers.distill import DistillCollator, DistillTrainConfig, DistillTrainer, train_distill
 from polyfuse.trainers.preference import (
     PreferenceTrainConfig,
@@ -10,6 +11,7 @@ from polyfuse.trainers.preference import (
     train_preference,
 )
 from polyfuse.trainers.sft import SFTTrainConfig, SFTTrainer, tokenize_sft, train_sft
+from polyfuse.trainers.trainer import PolyfuseTrainer
 
 __all__ = [
     "DistillCollator",
@@ -22,6 +24,7 @@ __all__ = [
     "SFTTrainConfig",
     "SFTTrainer",
     "SequenceCollator",
+    "SharedPromptCollator",
     "TrainConfig",
     "ensure_reference_columns",
     "tokenize_pairs",

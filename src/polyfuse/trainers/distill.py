@@ -25,15 +25,12 @@ from polyfuse.models import ModelSpec, load_model, load_tokenizer
 from polyfuse.models.forward import forward_response, length_limit, pad_token_id
 from polyfuse.objectives import IGNORE_INDEX
 from polyfuse.objectives.distill import DISTILL_OBJECTIVES, DistillBatch, DistillObjective, TargetField
-from polyfuse.trainers.base import (
-    ObjectiveTrainConfig,
-    PolyfuseTrainer,
-    SequenceCollator,
-    run_training,
-    training_arguments,
-)
 from polyfuse.trainers.checkpoints import data_fingerprint
+from polyfuse.trainers.collate import SequenceCollator, collator_for
+from polyfuse.trainers.config import ObjectiveTrainConfig
 from polyfuse.trainers.memory import check_memory
+from polyfuse.trainers.run import TrainingRun
+from polyfuse.trainers.trainer import PolyfuseTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +40,8 @@ class DistillTrainConfig(ObjectiveTrainConfig):
     recipe_only: ClassVar[tuple[str, ...]] = ("strategy",)
     objectives = DISTILL_OBJECTIVES
 
-    objective: str = Field(default="uld", description="A distillation objective: uld (InfiFusion) or fusellm.")
+    objective: str = Field(default="uld", description="A registered distillation objective (uld: InfiFusion's; an unknown "
+                           "name is refused with the list).")
     teachers: list[str] | None = Field(
         default=None, description="Teacher names in the store, in this order; None: every teacher stored."
     )
@@ -149,16 +147,17 @@ def train_distill(
     objective = config.build_objective()
     out_dir = Path(out_dir)
     tokenizer = load_tokenizer(model_spec)
-    args = training_arguments(config, out_dir)
+    run = TrainingRun(config, out_dir, callbacks, resume)
     check_memory(model_spec, config, 1)
-    model = load_model(model_spec)
+    model = load_model(model_spec).to(run.device)
     max_length = length_limit(model.config, config.max_length)
-    cache_dir = out_dir.with_name(f".{out_dir.name}.targets-{args.process_index}")  # one per process: no races
+    cache_dir = out_dir.with_name(f".{out_dir.name}.targets-{run.args.process_index}")  # one per process: no races
     features, teachers, dropped = build_features(tokenizer, rows, teacher_dir, config, max_length, cache_dir)
     if dropped:
         logger.warning("distillation: dropped %d rows longer than max_length %d", len(dropped), max_length)
     fields = {name: objective.target_fields[name] for name in objective.required_fields()}
-    collator = DistillCollator(pad_token_id(tokenizer), ("completion",), fields=fields)
+    padded = DistillCollator(pad_token_id(tokenizer), ("completion",), fields=fields)
+    collator, layout = collator_for(model, features, padded, config.padding_free)
     summary = {
         "stage": "distill",
         "objective": {"name": config.objective, **objective.model_dump()},
@@ -167,8 +166,8 @@ def train_distill(
         "model": model_spec.model_dump(),
         "data": data_fingerprint(rows),
         "dropped": dropped,
+        "layout": layout,
     }
-    saved = run_training(DistillTrainer, model, tokenizer, features, collator, args, config, out_dir, summary,
-                         callbacks, resume, objective=objective)
+    saved = run.train(DistillTrainer, model, tokenizer, features, collator, summary, objective=objective)
     shutil.rmtree(cache_dir, ignore_errors=True)
     return saved

@@ -107,3 +107,22 @@ def launcher_sharding() -> dict[str, Any]:
     if stage is not None:
         return {"type": "DEEPSPEED", "processes": processes, "zero_stage": stage}
     return {"type": "DDP" if processes > 1 else "NO", "processes": processes, "zero_stage": 0}
+
+
+def enable_fsdp_on_cpu(accelerator: Any, plugin_args: dict[str, Any]) -> None:
+    """FSDP on CPU processes too. accelerate turns the launcher's FSDP into an FSDP plugin only for
+    accelerator devices and otherwise settles on plain DDP (MULTI_CPU), silently. Here the plugin built
+    from `fsdp_config` is put in place and both of accelerate's state objects are told the run is FSDP,
+    through their public `distributed_type` attribute (an `AcceleratorState` created later, e.g. by the
+    optimizer wrapper, copies it from `PartialState`); `accelerator.prepare` then shards the model with
+    FSDP2 over the gloo group. The one place polyfuse overrides accelerate's choice; tests/test_ddp.py
+    checks that each process holds about half of the parameters."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(**plugin_args)
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState().distributed_type = DistributedType.FSDP

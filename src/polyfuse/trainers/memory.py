@@ -12,8 +12,12 @@ What is counted (bytes per device):
   and the layer inputs with gradient checkpointing), plus the LM head's logits with their fp32 upcast,
   log-softmax and gradient (`12 x vocab` bytes per token, fp32). Values are 2 bytes under bf16, else 4.
 - **On CPU (fp32)**, where the process's resident memory is what fills up, also the runtime itself
-  (Python, torch, transformers: `RUNTIME_BYTES`) and, while the weights load, a second copy of them;
-  the devices are the host's available memory shared by the local processes.
+  (Python, torch, transformers: `RUNTIME_BYTES`) and, while the weights load, a second copy of them
+  (the state dict read from disk beside the model: its own part, `loading copy`); the devices are the
+  host's available memory shared by the local processes.
+
+Each part is labelled by what it counts: `weights` is 4 bytes per parameter (fp32, the precision Trainer
+keeps), so 134.5M parameters are 0.50 GiB of weights, plus 0.50 GiB of loading copy on CPU.
 
 It is an upper bound for rows shorter than `max_length`; `bench/memory_estimate.py` compares it with the
 measured peak.
@@ -119,8 +123,10 @@ def estimate_memory(spec: Any, config: Any, sequences_per_item: int) -> MemoryEs
         available, device = float(free), "GPU"
     else:
         parts["runtime"] = RUNTIME_BYTES
-        # Loading holds the state dict read from disk and the model at once.
-        parts["weights"] = max(parts["weights"], 2 * 4 * parameters / (shards if stage == 3 else 1))
+        # Loading holds the state dict read from disk and the model at once: a second copy of the weights.
+        loading = 2 * 4 * parameters / (shards if stage == 3 else 1) - parts["weights"]
+        if loading > 0:
+            parts["loading copy"] = loading
         import psutil
 
         local = int(os.environ.get("LOCAL_WORLD_SIZE", sharding["processes"]))

@@ -22,21 +22,19 @@ from polyfuse.logprobs import (
     LogpReport,
     check_logp_columns,
     compute_reference_logps,
+    fusion_sources,
     roles_of,
 )
 from polyfuse.models import ModelSpec, encode, load_model, load_tokenizer
 from polyfuse.models.forward import length_limit, pad_token_id
 from polyfuse.objectives import OBJECTIVES, PreferenceBatch, PreferenceObjective
 from polyfuse.progress import progress_task
-from polyfuse.trainers.base import (
-    ObjectiveTrainConfig,
-    PolyfuseTrainer,
-    SequenceCollator,
-    run_training,
-    training_arguments,
-)
 from polyfuse.trainers.checkpoints import data_fingerprint
+from polyfuse.trainers.collate import SequenceCollator, collator_for
+from polyfuse.trainers.config import ObjectiveTrainConfig
 from polyfuse.trainers.memory import check_memory
+from polyfuse.trainers.run import TrainingRun
+from polyfuse.trainers.trainer import PolyfuseTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +52,8 @@ class PreferenceTrainConfig(ObjectiveTrainConfig):
         description="As TRL: the policy's log-probs are compared with references scored without dropout "
         "(M0 in eval mode), so at step 0 DPO's loss is ln 2.",
     )
-    objective: str = Field(default="dpo", description="A preference objective: dpo, ln_dpo, ipo, wrpo, infifpo, ...")
+    objective: str = Field(default="dpo", description="A registered preference objective (`polyfuse train --help` lists "
+                           "them; an unknown name is refused with the list).")
     beta: float | None = Field(default=None, gt=0, description="None: the objective's own default.")
     objective_args: dict[str, Any] = Field(
         default_factory=dict, description="Other hyper-parameters of the objective."
@@ -96,7 +95,9 @@ class PreferenceTrainer(PolyfuseTrainer):
         return losses.sum(), {self._named(name): value for name, value in metrics.items()}
 
     def count_items(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.tensor(inputs["input_ids"].shape[0] // len(self.roles))
+        """Pairs: rows per role, or rows of the shared-prompt layout (one per pair)."""
+        rows = inputs["input_ids"].shape[0]
+        return torch.tensor(rows if inputs["attention_mask"].dim() == 4 else rows // len(self.roles))
 
 
 def ensure_reference_columns(
@@ -108,15 +109,10 @@ def ensure_reference_columns(
     max_length: int | None = None,
     report: LogpReport | None = None,
 ) -> list[PreferenceRow]:
-    """Rows with every column the objective reads. Present columns are checked (mean*count = sum);
-    missing `ref_*` columns are computed with `model`, which must be the initial pivot M0."""
+    """Rows with every column the objective reads (checked first by `check_preference_rows`): missing `ref_*`
+    columns are computed with `model`, which must be the initial pivot M0."""
     missing = {c for c in objective.required_columns() for row in rows if getattr(row, c, None) is None}
-    unscorable = sorted(c for c in missing if not c.startswith("ref_"))
-    if unscorable:
-        raise DataError(f"preference data lacks {unscorable}; build it with the fusion data pipeline")
     if not missing:
-        check_logp_columns(rows, "ref")
-        check_logp_columns(rows, "fuse")
         return rows
     logger.info(
         "scoring %d pairs with the initial model for reference columns %s", len(rows), sorted(missing)
@@ -132,6 +128,24 @@ def ensure_reference_columns(
             progress=advance,
             report=report,
         )
+
+
+def check_preference_rows(rows: list[PreferenceRow], objective: PreferenceObjective, name: str) -> None:
+    """What the objective needs of the rows, checked before any model is loaded: every response it scores
+    (WRPO's `chosen_source`), the precomputed columns it reads that only `polyfuse logprobs` writes, and the
+    consistency of those present (mean * count = sum, one `fuse_*` value per source)."""
+    roles = [role for role in objective.roles if role not in ("chosen", "rejected")]
+    lacking = [row.id for row in rows if any(getattr(row, role, None) is None for role in roles)]
+    if lacking:
+        raise DataError(f"{len(lacking)} rows (the first: id {lacking[0]!r}) lack {' or '.join(roles)}, which "
+                        f"objective {name!r} needs (`polyfuse pairs` writes it with `target:` set)")
+    missing = {c for c in objective.required_columns() for row in rows if getattr(row, c, None) is None}
+    unscorable = sorted(c for c in missing if not c.startswith("ref_"))
+    if unscorable:
+        raise DataError(f"the rows lack {unscorable}, which objective {name!r} reads; compute them with "
+                        "`polyfuse logprobs`")
+    check_logp_columns(rows, "ref")
+    check_logp_columns(rows, "fuse")
 
 
 def tokenize_pairs(
@@ -150,10 +164,7 @@ def tokenize_pairs(
     for row in rows:
         feature: dict[str, Any] = {name: getattr(row, name) for name in columns}
         for role in roles:
-            response = getattr(row, role, None)
-            if response is None:
-                raise DataError(f"row {row.id!r}: the objective needs a {role!r} response")
-            encoded = encode(tokenizer, row.prompt, response_text(response))
+            encoded = encode(tokenizer, row.prompt, response_text(getattr(row, role)))  # present: checked before
             count = getattr(row, f"ref_{role}_ntokens", None)
             if count is not None and count != len(encoded.response_ids):
                 raise DataError(
@@ -177,16 +188,27 @@ def train_preference(
     callbacks: list[TrainerCallback] | None = None,
     resume: bool | None = None,
     source_names: list[str] | None = None,
+    data_path: str | Path | None = None,
 ) -> Path:
     """Train `model_spec` (the initial pivot M0) with `config.objective` on `rows` and save a plain HF
     folder (model + tokenizer) at `out_dir`. Missing `ref_*` columns are computed first; `fuse_*` columns
-    must be there already (`polyfuse logprobs`), their sources named by `source_names` in list order."""
+    must be there already (`polyfuse logprobs`), their sources named by `source_names` in list order, or by
+    the metadata of `data_path`, the file the rows came from (errors then name it). The rows are checked
+    before any model is loaded."""
     objective = config.build_objective()
+    try:
+        if data_path is not None:
+            source_names = fusion_sources(data_path, rows)
+        check_preference_rows(rows, objective, config.objective)
+    except DataError as err:
+        if data_path is None or str(err).startswith(str(data_path)):
+            raise
+        raise DataError(f"{data_path}: {err}") from None
     data_hash = data_fingerprint(rows)
     tokenizer = load_tokenizer(model_spec)
-    args = training_arguments(config, out_dir)
+    run = TrainingRun(config, Path(out_dir), callbacks, resume)
     check_memory(model_spec, config, len(objective.roles))
-    model = load_model(model_spec).to(args.device)  # score the references where training will run
+    model = load_model(model_spec).to(run.device)  # score the references where training will run
     max_length = length_limit(model.config, config.max_length)
     report = LogpReport()
     rows = ensure_reference_columns(
@@ -199,7 +221,8 @@ def train_preference(
             "preference training: dropped %d pairs longer than max_length %d", len(dropped), max_length
         )
     columns = tuple(name for name in features[0] if name.startswith(PRECOMPUTED_PREFIXES)) if features else ()
-    collator = SequenceCollator(pad_token_id(tokenizer), objective.roles, columns)
+    padded = SequenceCollator(pad_token_id(tokenizer), objective.roles, columns)
+    collator, layout = collator_for(model, features, padded, config.padding_free)
     summary = {
         "stage": "preference",
         "objective": objective.model_dump(),
@@ -207,19 +230,7 @@ def train_preference(
         "data": data_hash,
         "dropped": dropped,
         "sources": source_names or [],
+        "layout": layout,
     }
-    return run_training(
-        PreferenceTrainer,
-        model,
-        tokenizer,
-        features,
-        collator,
-        args,
-        config,
-        Path(out_dir),
-        summary,
-        callbacks,
-        resume,
-        objective=objective,
-        candidates=["M0", *(source_names or [])],
-    )
+    return run.train(PreferenceTrainer, model, tokenizer, features, collator, summary,
+                     objective=objective, candidates=["M0", *(source_names or [])])

@@ -13,15 +13,12 @@ from polyfuse.data.schemas import SFTRow, response_text
 from polyfuse.models import ModelSpec, encode, load_model, load_tokenizer
 from polyfuse.models.forward import length_limit, pad_token_id
 from polyfuse.objectives import IGNORE_INDEX
-from polyfuse.trainers.base import (
-    PolyfuseTrainer,
-    SequenceCollator,
-    TrainConfig,
-    run_training,
-    training_arguments,
-)
 from polyfuse.trainers.checkpoints import data_fingerprint
+from polyfuse.trainers.collate import SequenceCollator, collator_for
+from polyfuse.trainers.config import TrainConfig
 from polyfuse.trainers.memory import check_memory
+from polyfuse.trainers.run import TrainingRun
+from polyfuse.trainers.trainer import PolyfuseTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -68,15 +65,15 @@ def train_sft(
 ) -> Path:
     """Fine-tune `model_spec` on `rows` and save a plain HF folder (model + tokenizer) at `out_dir`."""
     tokenizer = load_tokenizer(model_spec)
-    args = training_arguments(config, out_dir)
+    run = TrainingRun(config, Path(out_dir), callbacks, resume)
     check_memory(model_spec, config, 1)
-    model = load_model(model_spec)
+    model = load_model(model_spec).to(run.device)
     max_length = length_limit(model.config, config.max_length)
     features, dropped = tokenize_sft(tokenizer, rows, max_length)
     if dropped:
         logger.warning("SFT: dropped %d rows longer than max_length %d", len(dropped), max_length)
-    collator = SequenceCollator(pad_token_id(tokenizer), SFTTrainer.roles)
-    summary = {"stage": "sft", "model": model_spec.model_dump(), "data": data_fingerprint(rows), "dropped": dropped}
-    return run_training(
-        SFTTrainer, model, tokenizer, features, collator, args, config, Path(out_dir), summary, callbacks, resume
-    )
+    padded = SequenceCollator(pad_token_id(tokenizer), SFTTrainer.roles)
+    collator, layout = collator_for(model, features, padded, config.padding_free)
+    summary = {"stage": "sft", "model": model_spec.model_dump(), "data": data_fingerprint(rows), "dropped": dropped,
+               "layout": layout}
+    return run.train(SFTTrainer, model, tokenizer, features, collator, summary)

@@ -41,8 +41,6 @@ class ArceeFusion(MergeMethod):
     description = "Arcee Fusion: the other model's entries whose change is an importance outlier"
     min_models = 1
     max_models = 1
-    defaults = {}
-    model_defaults = {}
 
     def merge(self, task: TensorTask) -> torch.Tensor:
         task = task.to_fp32()

@@ -5,14 +5,15 @@ executor can run it tensor by tensor in bounded memory; it works in place on ten
 Methods that need statistics over the whole model first (RSAF's median rate) implement `tensor_statistics` and
 `finish_statistics`; the executor then makes a statistics pass before the merge pass.
 
-Adding a method is adding one file in this package that subclasses `MergeMethod` and registers it in
-`MERGE_METHODS`.
+Adding a method is adding one file in this package that subclasses `MergeMethod`, declares its `parameters` and
+registers it in `MERGE_METHODS`.
 """
 
 from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -72,9 +73,50 @@ class TensorTask:
         )
 
 
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a merge method, declared once: config validation (name, required, type of the default),
+    the resolved config (`explain`), docs/merge-compat.md and `polyfuse config show merge` all read it.
+
+    `default` None: required. `per_model`: given per input model (mergekit's per-input scope; the base takes no
+    value), else once for the merge. `explain`: what a value did, for the resolved config: a format string with
+    `{v}`, or a function of the value."""
+
+    name: str
+    default: Any = None
+    per_model: bool = False
+    description: str = ""
+    explain: str | Callable[[Any], str] = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is None
+
+    def explained(self, value: Any) -> str:
+        if callable(self.explain):
+            return self.explain(value)
+        return self.explain.format(v=value) if self.explain else f"{self.name} {value} = {self.description}"
+
+    def but(self, default: Any) -> Param:
+        """The same parameter with another default (mergekit's methods of one family differ only there)."""
+        return replace(self, default=default)
+
+
+def percent(value: Any) -> str:
+    return f"{float(value) * 100:g}%"
+
+
+WEIGHT = Param("weight", per_model=True, description="this model's weight",
+               explain="weight {v} = this model's tensors (or task vector) count {v}x")
+DENSITY = Param("density", 1.0, per_model=True, description="the fraction of the task vector's entries kept",
+                explain=lambda v: (f"density {v} = keep {percent(v)} of each task vector's entries, drop the rest"
+                                   if float(v) < 1 else
+                                   f"density {v} = keep every entry: no sparsification (as in mergekit)"))
+
+
 class MergeMethod(ABC):
-    """One merge method. Class attributes describe its parameters for validation and for the resolved
-    config: `defaults` (global), `model_defaults` (per model; a name mapped to None is required)."""
+    """One merge method. `parameters` declares every parameter it reads (`Param`); `defaults` (global) and
+    `model_defaults` (per model) are derived from them, a name mapped to None being required."""
 
     name: ClassVar[str]
     # mergekit's base policy: "required" (task vectors against it), "optional" (used as the base when given),
@@ -82,10 +124,22 @@ class MergeMethod(ABC):
     base_policy: ClassVar[str] = "required"
     min_models: ClassVar[int] = 1  # non-base models (all inputs for base_policy "ignored")
     max_models: ClassVar[int | None] = None
+    parameters: ClassVar[tuple[Param, ...]] = ()
     defaults: ClassVar[dict[str, Any]] = {}
     model_defaults: ClassVar[dict[str, Any]] = {}
     description: ClassVar[str] = ""  # one line for logs and the resolved config
-    explanations: ClassVar[dict[str, str]] = {}  # parameter -> what its value means here ("{v}": the value)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if {"defaults", "model_defaults"} & set(vars(cls)):
+            raise TypeError(f"{cls.__name__}: declare parameters as `parameters = (Param(...), ...)`; defaults and "
+                            f"model_defaults are derived from them")
+        cls.defaults = {p.name: p.default for p in cls.parameters if not p.per_model}
+        cls.model_defaults = {p.name: p.default for p in cls.parameters if p.per_model}
+
+    @classmethod
+    def parameter(cls, name: str) -> Param | None:
+        return next((p for p in cls.parameters if p.name == name), None)
 
     @abstractmethod
     def merge(self, task: TensorTask) -> torch.Tensor: ...

@@ -9,14 +9,24 @@ from __future__ import annotations
 
 import torch
 
-from polyfuse.merge.methods.base import MERGE_METHODS, InvalidParameter, TensorTask
+from polyfuse.merge.methods.base import (
+    DENSITY,
+    MERGE_METHODS,
+    InvalidParameter,
+    Param,
+    TensorTask,
+    percent,
+)
 from polyfuse.merge.methods.sparsify import magnitude_trim
-from polyfuse.merge.methods.task_arithmetic import TaskVectorMerge
+from polyfuse.merge.methods.task_arithmetic import TaskVectorMerge, family_parameters
+
+GAMMA = Param("gamma", 0.01, per_model=True, description="the fraction of largest task-vector entries dropped as outliers",
+              explain=lambda v: f"gamma {v} = also drop the largest {percent(v)} of each task vector's entries as "
+                                f"outliers (only when density < 1)")
 
 
 class _Breadcrumbs(TaskVectorMerge):
-    defaults = {**TaskVectorMerge.defaults, "normalize": False, "rescale": False, "rescale_mode": "l1_norm"}
-    model_defaults = {"weight": None, "density": 1.0, "gamma": 0.01}
+    parameters = family_parameters(DENSITY, GAMMA, normalize=False, rescale=False, rescale_mode="l1_norm")
 
     @classmethod
     def check(cls, params, model_params) -> None:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from polyfuse.merge.methods.base import MERGE_METHODS, TensorTask
+from polyfuse.merge.methods.base import DENSITY, MERGE_METHODS, TensorTask
 from polyfuse.merge.methods.sparsify import dare_drop
-from polyfuse.merge.methods.task_arithmetic import TaskVectorMerge
+from polyfuse.merge.methods.task_arithmetic import TaskVectorMerge, family_parameters
 
 
 class _Dare(TaskVectorMerge):
-    defaults = {**TaskVectorMerge.defaults, "normalize": False, "rescale": True, "rescale_mode": "paper"}
-    model_defaults = {"weight": None, "density": 1.0}
+    parameters = family_parameters(DENSITY, normalize=False, rescale=True, rescale_mode="paper")
 
     def sparsify(self, task: TensorTask, index: int, tau: torch.Tensor) -> torch.Tensor:
         rescale, mode = self.rescale_settings(task)

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import torch
 
-from polyfuse.merge.methods.base import MERGE_METHODS, TensorTask
+from polyfuse.merge.methods.base import DENSITY, MERGE_METHODS, Param, TensorTask
 from polyfuse.merge.methods.sparsify import check_epsilon, della_magprune
-from polyfuse.merge.methods.task_arithmetic import TaskVectorMerge
+from polyfuse.merge.methods.task_arithmetic import TaskVectorMerge, family_parameters
+
+EPSILON = Param("epsilon", 0.15, per_model=True, description="keep probabilities range over density ± epsilon, by "
+                                                          "magnitude rank",
+                explain="epsilon {v} = keep probabilities range over density ± {v}, by magnitude rank")
 
 
 class _Della(TaskVectorMerge):
-    model_defaults = {"weight": None, "density": 1.0, "epsilon": 0.15}
+    parameters = family_parameters(DENSITY, EPSILON, normalize=False, rescale=True, rescale_mode="paper")
 
     @classmethod
     def check(cls, params, model_params) -> None:
@@ -41,11 +45,10 @@ class Della(_Della):
     name = "della"
     description = "DELLA: magnitude-ranked random drop, rescale, sign election, disjoint mean"
     consensus = True
-    defaults = {**TaskVectorMerge.defaults, "normalize": True, "rescale": True, "rescale_mode": "paper"}
+    parameters = family_parameters(DENSITY, EPSILON, normalize=True, rescale=True, rescale_mode="paper")
 
 
 @MERGE_METHODS.register("della_linear")
 class DellaLinear(_Della):
     name = "della_linear"
     description = "DELLA + task arithmetic: magnitude-ranked random drop, rescale, weighted sum"
-    defaults = {**TaskVectorMerge.defaults, "normalize": False, "rescale": True, "rescale_mode": "paper"}

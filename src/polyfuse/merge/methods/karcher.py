@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from polyfuse.merge.methods.base import MERGE_METHODS, MergeMethod, TensorTask
+from polyfuse.merge.methods.base import MERGE_METHODS, MergeMethod, Param, TensorTask
 from polyfuse.merge.methods.sphere import blend
 
 
@@ -59,12 +59,12 @@ class Karcher(MergeMethod):
     description = "Karcher mean: the Riemannian mean of the inputs' directions, scaled by their mean norm"
     base_policy = "ignored"
     min_models = 1
-    defaults = {"max_iter": 10, "tol": 1e-5}
-    model_defaults = {}
-    explanations = {
-        "max_iter": "max_iter {v} = at most {v} Riemannian mean iterations per tensor",
-        "tol": "tol {v} = stop when the tangent norm falls below {v}; inputs with a smaller norm are left out",
-    }
+    parameters = (
+        Param("max_iter", 10, description="the most Riemannian mean iterations per tensor",
+              explain="max_iter {v} = at most {v} Riemannian mean iterations per tensor"),
+        Param("tol", 1e-5, description="the tangent norm to stop at; inputs with a smaller norm are left out",
+              explain="tol {v} = stop when the tangent norm falls below {v}; inputs with a smaller norm are left out"),
+    )
 
     def merge(self, task: TensorTask) -> torch.Tensor:
         task = task.to_fp32()

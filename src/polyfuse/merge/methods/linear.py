@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from polyfuse.merge.methods.base import MERGE_METHODS, MergeMethod, TensorTask
+from polyfuse.merge.methods.base import MERGE_METHODS, WEIGHT, MergeMethod, TensorTask
 from polyfuse.merge.methods.sparsify import check_weight_sum, weighted_merge
+from polyfuse.merge.methods.task_arithmetic import NORMALIZE
 
 
 @MERGE_METHODS.register("linear")
@@ -17,8 +18,7 @@ class Linear(MergeMethod):
     name = "linear"
     description = "linear (model soup): sum_i w_i th_i / sum_i w_i"
     base_policy = "ignored"
-    defaults = {"normalize": True}
-    model_defaults = {"weight": None}
+    parameters = (WEIGHT, NORMALIZE.but(True))
 
     @classmethod
     def check(cls, params, model_params) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from polyfuse.errors import ConfigError
-from polyfuse.merge.methods.base import MERGE_METHODS, MergeMethod, TensorTask
+from polyfuse.merge.methods.base import MERGE_METHODS, MergeMethod, Param, TensorTask
 
 NORM_PRODUCT_FLOOR = 1e-6
 DENOMINATOR_EPS = 1e-8
@@ -39,8 +39,10 @@ class ModelStock(MergeMethod):
     name = "model_stock"
     description = "Model Stock: interpolate the base towards the models' mean by their task vectors' angle"
     min_models = 2
-    defaults = {"filter_wise": False}
-    model_defaults = {}
+    parameters = (Param("filter_wise", False, description="the task vectors' angle per row instead of over the whole "
+                                                       "tensor",
+                        explain=lambda v: ("filter_wise true = similarity per row" if v
+                                           else "filter_wise false = similarity over the whole tensor")),)
 
     def merge(self, task: TensorTask) -> torch.Tensor:
         task = task.to_fp32()

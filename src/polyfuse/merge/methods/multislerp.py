@@ -15,7 +15,7 @@ import math
 import torch
 
 from polyfuse.errors import UserError
-from polyfuse.merge.methods.base import MERGE_METHODS, MergeMethod, TensorTask
+from polyfuse.merge.methods.base import MERGE_METHODS, WEIGHT, MergeMethod, Param, TensorTask
 from polyfuse.merge.methods.sparsify import check_weight_sum
 from polyfuse.merge.methods.sphere import blend
 
@@ -26,13 +26,13 @@ class MultiSlerp(MergeMethod):
     description = "Multi-SLERP: weighted interpolation of several models on the hypersphere"
     base_policy = "optional"
     min_models = 1
-    defaults = {"normalize_weights": True, "eps": 1e-8}
-    model_defaults = {"weight": None}
-    explanations = {
-        "weight": "weight {v} = this model's weight in the spherical mean",
-        "normalize_weights": "normalize_weights {v} = true: weights are divided by their sum",
-        "eps": "eps {v} = guards the norms against division by zero",
-    }
+    parameters = (
+        WEIGHT,
+        Param("normalize_weights", True, description="divide the weights by their sum",
+              explain="normalize_weights {v} = true: weights are divided by their sum"),
+        Param("eps", 1e-8, description="guards the norms against division by zero",
+              explain="eps {v} = guards the norms against division by zero"),
+    )
 
     @classmethod
     def check(cls, params, model_params) -> None:

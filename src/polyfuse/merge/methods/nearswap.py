@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from polyfuse.merge.methods.base import MERGE_METHODS, InvalidParameter, MergeMethod, TensorTask
+from polyfuse.merge.methods.base import MERGE_METHODS, InvalidParameter, MergeMethod, Param, TensorTask
 
 DIFF_FLOOR = 1e-6
 
@@ -19,10 +19,10 @@ class NearSwap(MergeMethod):
     description = "NearSwap: the other model's entries where they are within t of the base"
     min_models = 1
     max_models = 1
-    defaults = {"t": None}  # required
-    model_defaults = {}
-    explanations = {"t": "t {v} = entries within {v} of the base take the other model's value; farther ones "
-                          "mix in proportion t / |difference|"}
+    parameters = (Param("t", description="the distance to the base within which entries take the other model's "
+                                         "value",
+                        explain="t {v} = entries within {v} of the base take the other model's value; farther ones "
+                                "mix in proportion t / |difference|"),)
 
     @classmethod
     def check(cls, params, model_params) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from polyfuse.merge.methods.base import MERGE_METHODS, MergeMethod, TensorTask
+from polyfuse.merge.methods.base import MERGE_METHODS, WEIGHT, MergeMethod, Param, TensorTask
 from polyfuse.merge.methods.sphere import blend, slerp_weights
 
 NORM_FLOOR = 1e-7
@@ -46,13 +46,13 @@ class NuSlerp(MergeMethod):
     base_policy = "optional"
     min_models = 2
     max_models = 2
-    defaults = {"nuslerp_row_wise": False, "nuslerp_flatten": True}
-    model_defaults = {"weight": None}
-    explanations = {
-        "weight": "weight {v} = this model's share of the interpolation (t = w_2 / (w_1 + w_2))",
-        "nuslerp_row_wise": "nuslerp_row_wise {v} = interpolate each column vector on its own (when not flattened)",
-        "nuslerp_flatten": "nuslerp_flatten {v} = true: the whole tensor is one vector; false: per row",
-    }
+    parameters = (
+        WEIGHT,
+        Param("nuslerp_row_wise", False, description="interpolate each column vector on its own (when not flattened)",
+              explain="nuslerp_row_wise {v} = interpolate each column vector on its own (when not flattened)"),
+        Param("nuslerp_flatten", True, description="true: the whole tensor is one vector; false: per row",
+              explain="nuslerp_flatten {v} = true: the whole tensor is one vector; false: per row"),
+    )
 
     def merge(self, task: TensorTask) -> torch.Tensor:
         task = task.to_fp32()

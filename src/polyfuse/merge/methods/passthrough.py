@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from polyfuse.merge.methods.base import MERGE_METHODS, MergeMethod, TensorTask
+from polyfuse.merge.methods.base import MERGE_METHODS, MergeMethod, Param, TensorTask
 
 
 @MERGE_METHODS.register("passthrough")
@@ -19,9 +19,8 @@ class Passthrough(MergeMethod):
     base_policy = "ignored"
     min_models = 1
     max_models = 1
-    defaults = {}
-    model_defaults = {"scale": 1.0}
-    explanations = {"scale": "scale {v} = this model's tensors are multiplied by {v}"}
+    parameters = (Param("scale", 1.0, per_model=True, description="the factor this model's tensors are multiplied by",
+                        explain="scale {v} = this model's tensors are multiplied by {v}"),)
 
     def merge(self, task: TensorTask) -> torch.Tensor:
         task = task.to_fp32()

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from polyfuse.merge.methods.base import MERGE_METHODS, MergeMethod, TensorTask
+from polyfuse.merge.methods.base import MERGE_METHODS, MergeMethod, Param, TensorTask
+
+CHANGE_EPSILON = Param("epsilon", 1e-5, description="a task-vector entry counts as changed when |tau| is above this",
+                       explain="epsilon {v} = a task-vector entry counts as changed when |tau| > {v}")
 
 
 def changed_masks(taus: list[torch.Tensor], epsilon: float) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -42,9 +45,7 @@ class Ram(MergeMethod):
     name = "ram"
     description = "RAM: unique task-vector changes kept, shared ones averaged over the models that made them"
     min_models = 1
-    defaults = {"epsilon": 1e-5}
-    model_defaults = {}
-    explanations = {"epsilon": "epsilon {v} = a task-vector entry counts as changed when |tau| > {v}"}
+    parameters = (CHANGE_EPSILON,)
 
     def merge(self, task: TensorTask) -> torch.Tensor:
         task = task.to_fp32()

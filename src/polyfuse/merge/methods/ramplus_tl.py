@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from polyfuse.merge.methods.base import MERGE_METHODS, MergeMethod, TensorTask
-from polyfuse.merge.methods.ram import changed_masks, ram_delta
+from polyfuse.merge.methods.base import MERGE_METHODS, MergeMethod, Param, TensorTask
+from polyfuse.merge.methods.ram import CHANGE_EPSILON, changed_masks, ram_delta
 
 
 @MERGE_METHODS.register("ramplus_tl")
@@ -19,13 +19,13 @@ class RamPlusTensorLocal(MergeMethod):
     name = "ramplus_tl"
     description = "RAM+ (tensor-local): RAM with unique changes scaled by 1 + r * clamp(shared / unique, 0, alpha)"
     min_models = 1
-    defaults = {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}
-    model_defaults = {}
-    explanations = {
-        "r": "r {v} = unique changes are scaled by 1 + {v} * clamp(shared / unique, 0, alpha)",
-        "alpha": "alpha {v} = the cap of the shared / unique ratio",
-        "epsilon": "epsilon {v} = a task-vector entry counts as changed when |tau| > {v}",
-    }
+    parameters = (
+        Param("r", 0.1, description="unique changes are scaled by 1 + r * clamp(shared / unique, 0, alpha)",
+              explain="r {v} = unique changes are scaled by 1 + {v} * clamp(shared / unique, 0, alpha)"),
+        Param("alpha", 0.2, description="the cap of the shared / unique ratio",
+              explain="alpha {v} = the cap of the shared / unique ratio"),
+        CHANGE_EPSILON,
+    )
 
     def merge(self, task: TensorTask) -> torch.Tensor:
         task = task.to_fp32()

@@ -19,13 +19,26 @@ from typing import Any
 
 import torch
 
-from polyfuse.merge.methods.base import MERGE_METHODS, InvalidParameter, TensorTask
+from polyfuse.merge.methods.base import MERGE_METHODS, WEIGHT, InvalidParameter, Param, TensorTask, percent
 from polyfuse.merge.methods.sparsify import magnitude_trim
-from polyfuse.merge.methods.task_arithmetic import TaskVectorMerge
+from polyfuse.merge.methods.task_arithmetic import LAMBDA, NORMALIZE, TaskVectorMerge
 
 RATE_FLOOR = 1e-12
 CHUNK = 1 << 22  # entries per float64 chunk when accumulating moments
 SIGMA_RELATIVE_EPS = 1e-12  # sigma below this times the mean |delta| counts as 0 (all |delta| equal)
+RSAF_PARAMETERS = (
+    Param("k0", 0.5, description="the keep ratio of a tensor at the median rate and no skew",
+          explain=lambda v: f"k0 {v} = RSAF (polyfuse reconstruction) keeps {percent(v)} of a tensor at median rate "
+                            f"and no skew"),
+    Param("a", 0.5, description="how strongly the keep ratio grows with the tensor's rate of change",
+          explain="a {v} = RSAF: how strongly the keep ratio grows with the tensor's rate of change"),
+    Param("b", 0.1, description="how strongly the keep ratio shrinks with the skewness of |delta|",
+          explain="b {v} = RSAF: how strongly the keep ratio shrinks with the skewness of |delta|"),
+    Param("k_min", 0.1, description="the smallest keep ratio",
+          explain=lambda v: f"k_min {v} = RSAF never keeps less than {percent(v)} of a tensor"),
+    Param("k_max", 0.9, description="the largest keep ratio",
+          explain=lambda v: f"k_max {v} = RSAF never keeps more than {percent(v)} of a tensor"),
+)
 
 
 def delta_statistics(base: torch.Tensor, model: torch.Tensor) -> dict[str, float]:
@@ -86,8 +99,7 @@ class Rsaf(TaskVectorMerge):
         "RSAF (polyfuse reconstruction): TIES with a per-tensor keep ratio from the delta's rate and skewness"
     )
     consensus = True
-    defaults = {"lambda": 1.0, "normalize": True, "k0": 0.5, "a": 0.5, "b": 0.1, "k_min": 0.1, "k_max": 0.9}
-    model_defaults = {"weight": 1.0}
+    parameters = (WEIGHT.but(1.0), LAMBDA, NORMALIZE.but(True), *RSAF_PARAMETERS)
 
     def __init__(self) -> None:
         self.keep_ratio_log: dict[str, list[float]] = {}  # tensor name -> realised k per source, filled by merge

@@ -17,8 +17,16 @@ from collections.abc import Sequence
 
 import torch
 
-from polyfuse.merge.methods.base import MERGE_METHODS, InvalidParameter, MergeMethod, TensorTask
+from polyfuse.merge.methods.base import (
+    MERGE_METHODS,
+    InvalidParameter,
+    MergeMethod,
+    Param,
+    TensorTask,
+    percent,
+)
 from polyfuse.merge.methods.sparsify import weighted_merge
+from polyfuse.merge.methods.task_arithmetic import INT8_MASK
 
 SCE_MASK_MODES = ("upstream", "weights_only")
 ETA_SUM_EPS = 1e-6  # upstream: a smaller sum of mean squares gives uniform eta
@@ -66,8 +74,15 @@ def sce_weights(energies: Sequence[float], zero_sum_below: float = ETA_SUM_EPS) 
 class Sce(MergeMethod):
     name = "sce"
     description = "SCE (FuseChat 2.0): variance select, energy weights, sign erase, fuse"
-    defaults = {"select_topk": 1.0, "sce_mask": "upstream", "int8_mask": False}
-    model_defaults = {}
+    parameters = (
+        Param("select_topk", 1.0, description="the fraction of positions kept, those where the task vectors vary most",
+              explain=lambda v: f"select_topk {v} = keep the {percent(v)} of positions where the task vectors vary "
+                                f"most"),
+        Param("sce_mask", "upstream", description="where the variance mask applies: `upstream` (mergekit) or "
+                                                  "`weights_only` (the FuseChat-7B-v2.0 fork)",
+              explain="sce_mask {v} = where SCE's variance mask applies"),
+        INT8_MASK,
+    )
 
     def eta(self, task: TensorTask) -> list[float]:
         """The per-model merge coefficients of this tensor (for logs and tests)."""

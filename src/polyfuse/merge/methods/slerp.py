@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from polyfuse.merge.methods.base import MERGE_METHODS, InvalidParameter, MergeMethod, TensorTask
+from polyfuse.merge.methods.base import MERGE_METHODS, InvalidParameter, MergeMethod, Param, TensorTask
 from polyfuse.merge.methods.sphere import blend, slerp_weights
 
 NORM_EPS = 1e-8
@@ -35,8 +35,8 @@ class Slerp(MergeMethod):
     description = "SLERP: spherical interpolation from the base (t = 0) to the other model (t = 1)"
     min_models = 1
     max_models = 1
-    defaults = {"t": None}  # required
-    model_defaults = {}
+    parameters = (Param("t", description="the position between the base (t = 0) and the other model (t = 1)",
+                        explain="t {v} = position between the base (t = 0) and the other model (t = 1)"),)
 
     @classmethod
     def check(cls, params, model_params) -> None:

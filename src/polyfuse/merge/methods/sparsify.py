@@ -239,8 +239,10 @@ def weighted_merge(
 
     mixed = torch.zeros_like(deltas[0])
     election = torch.zeros_like(deltas[0])
+    # each w_i delta_i rounded before it is summed, as mergekit does: where the weighted deltas cancel exactly, a
+    # fused multiply-add (`add_(delta, alpha=w)`) leaves a residue of either sign and elects the other sign
     for delta, weight in zip(deltas, weights, strict=True):
-        election.add_(delta, alpha=float(weight) if elect_weighted else 1.0)
+        election.add_(delta * float(weight) if elect_weighted else delta)
     elected_sign = torch.where(election >= 0, 1.0, -1.0)
     del election
     divisor = torch.zeros_like(deltas[0]) if normalize else None

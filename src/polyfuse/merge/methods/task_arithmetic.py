@@ -15,16 +15,41 @@ from typing import Any, ClassVar
 
 import torch
 
-from polyfuse.merge.methods.base import MERGE_METHODS, MergeMethod, TensorTask
+from polyfuse.merge.methods.base import MERGE_METHODS, WEIGHT, MergeMethod, Param, TensorTask
 from polyfuse.merge.methods.sparsify import check_rescale_mode, weighted_merge
+
+LAMBDA = Param("lambda", 1.0, description="the scale of the merged task vector before it is added to the base",
+               explain="lambda {v} = the merged task vector is scaled by {v} before it is added to the base")
+NORMALIZE = Param("normalize", False, description="divide by the sum of the weights, so weights act as shares",
+                  explain=lambda v: ("normalize true = divide by the sum of the weights, so weights act as shares" if v
+                                     else "normalize false = weights are used as given, not divided by their sum"))
+INT8_MASK = Param("int8_mask", False, description="mergekit's memory-saving mask storage; no effect (masks are boolean)",
+                  explain=lambda v: f"int8_mask {str(v).lower()} = mergekit's memory-saving mask storage; the result "
+                                    f"is the same")
+RESCALE = Param("rescale", True, description="scale the kept entries up to make up for the dropped ones",
+                explain=lambda v: ("rescale true = the kept entries are scaled up to make up for the dropped ones" if v
+                                   else "rescale false = dropped entries are not compensated"))
+RESCALE_MODE = Param("rescale_mode", "paper", description="how to rescale: `paper` (1/keep probability) or `l1_norm` "
+                                                          "(match each tensor's L1 norm, mergekit)",
+                     explain=lambda v: f"rescale_mode {v} = " + ("match each tensor's L1 norm (mergekit)"
+                                                                 if v == "l1_norm" else
+                                                                 "scale kept entries by 1/density (the paper's rule)"))
+
+
+def family_parameters(*per_model: Param, normalize: bool, rescale: bool | None = None,
+                      rescale_mode: str = "paper") -> tuple[Param, ...]:
+    """The parameters of a task-vector method: weight and its own per-model ones (density, gamma, epsilon), then
+    lambda, int8_mask, normalize and, for the methods that rescale what they keep, rescale and rescale_mode;
+    mergekit's methods of the family differ only in these defaults."""
+    rescaling = () if rescale is None else (RESCALE.but(rescale), RESCALE_MODE.but(rescale_mode))
+    return (WEIGHT, *per_model, LAMBDA, INT8_MASK, NORMALIZE.but(normalize), *rescaling)
 
 
 class TaskVectorMerge(MergeMethod):
     """th0 + lambda * combine_i(w_i * sparsify(tau_i)); subclasses override `sparsify` and the class flags."""
 
     consensus: ClassVar[bool] = False  # TIES sign election + disjoint merge
-    defaults: ClassVar[dict[str, Any]] = {"lambda": 1.0, "int8_mask": False, "normalize": False}
-    model_defaults: ClassVar[dict[str, Any]] = {"weight": None}
+    parameters = family_parameters(normalize=False)
 
     @classmethod
     def check(cls, params: dict[str, Any], model_params: list[dict[str, Any]]) -> None:

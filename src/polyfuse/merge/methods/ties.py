@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from polyfuse.merge.methods.base import MERGE_METHODS, TensorTask
+from polyfuse.merge.methods.base import DENSITY, MERGE_METHODS, TensorTask
 from polyfuse.merge.methods.sparsify import magnitude_trim
-from polyfuse.merge.methods.task_arithmetic import TaskVectorMerge
+from polyfuse.merge.methods.task_arithmetic import TaskVectorMerge, family_parameters
 
 
 @MERGE_METHODS.register("ties")
@@ -15,8 +15,7 @@ class Ties(TaskVectorMerge):
     name = "ties"
     description = "TIES: magnitude trim to density, sign election, disjoint mean"
     consensus = True
-    defaults = {**TaskVectorMerge.defaults, "normalize": True, "rescale": False, "rescale_mode": "l1_norm"}
-    model_defaults = {"weight": None, "density": 1.0}
+    parameters = family_parameters(DENSITY, normalize=True, rescale=False, rescale_mode="l1_norm")
 
     def sparsify(self, task: TensorTask, index: int, tau: torch.Tensor) -> torch.Tensor:
         rescale, mode = self.rescale_settings(task)

@@ -1,5 +1,6 @@
-"""Stage `distill`: explicit fusion on the SFT rows against the `teacher` stage's stored outputs, with
-one of two strategies (InfiFusion's pairwise and unified fusion, FuseLLM / FuseChat):
+"""Stage `distill`: explicit fusion on the SFT rows against the `teacher` stage's stored outputs, through
+`polyfuse.trainers.train_distill`, with one of two strategies (InfiFusion's pairwise and unified fusion,
+FuseLLM / FuseChat):
 
 - `unified`: one run with every stored teacher, giving the stage's `model`;
 - `pairwise`: one run per teacher model (the sources, unless the teacher section lists its own), each
@@ -14,39 +15,55 @@ A pairwise run that finished is kept when the stage resumes after a kill.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from polyfuse.data.io import read_rows
 from polyfuse.data.schemas import SFTRow
-from polyfuse.pipeline.context import STAGES, Context, TrainingStage
+from polyfuse.pipeline.context import MODEL, STAGES, CommandInput, Context, TrainingStage
+from polyfuse.pipeline.stages.teacher import teacher_models
 from polyfuse.trainers import DistillTrainConfig
 
 
 @STAGES.register("distill")
 class DistillStage(TrainingStage):
+    """Explicit fusion: cross-entropy on the gold response plus ULD (InfiFusion) or fused soft targets (FuseLLM)
+    against the stored teacher outputs; no teacher model is loaded."""
+
     name = "distill"
     position = 70
     section = DistillTrainConfig
     default = False  # explicit fusion is opted into by listing it
     needs = ("teacher",)
+    command = "train distill"
+    config_help = "the objective, alignment and the training settings"
+    command_inputs = (
+        CommandInput("data", "SFT rows (TRL prompt/completion): the texts the teachers ran on.", schema=SFTRow),
+        CommandInput("teachers", "Teacher store written by `polyfuse teacher`.", kind="path"),
+        CommandInput(MODEL, "Pivot (student): hub id, folder or .gguf file.", kind="model"),
+    )
 
-    def training_data(self, ctx: Context) -> dict[str, str]:
-        return {"sft": ctx.output("teacher", "sft"), "store": ctx.output("teacher", "store")}
+    def label(self, recipe: Any) -> str:
+        return recipe.distill.objective.upper()
 
-    def run(self, ctx: Context, folder: Path) -> dict[str, str]:
+    def input_paths(self, ctx: Context) -> dict[str, str]:
+        return {"data": ctx.output("teacher", "sft"), "teachers": ctx.output("teacher", "store")}
+
+    def execute(self, config: DistillTrainConfig, inputs: dict[str, Any], out: Path, quiet: bool = False,
+                resume: bool | None = None) -> dict[str, str]:
         from polyfuse.trainers import train_distill
 
-        config = ctx.recipe.distill
-        rows = read_rows(ctx.output("teacher", "sft"), SFTRow)
-        store = ctx.output("teacher", "store")
-        pivot = self.pivot(ctx)
-        if config.strategy == "unified":
-            return {"model": str(train_distill(pivot, rows, store, config, folder / "model"))}
-        own = [pivot.label] if ctx.recipe.teacher.include_pivot else []
+        return {"model": str(train_distill(inputs[MODEL], inputs["data"].rows, inputs["teachers"], config, out,
+                                           resume=resume))}
+
+    def run(self, ctx: Context, folder: Path) -> dict[str, str]:
+        if ctx.recipe.distill.strategy == "unified":
+            return super().run(ctx, folder)
+        inputs, config = self.read_inputs(ctx), ctx.recipe.distill
+        pivot, teachers = teacher_models(ctx)
+        own = [pivot.label] if pivot is not None else []
         outputs = {}
-        for teacher in ctx.recipe.teacher.models:
+        for teacher in teachers:
             out = folder / teacher.label
             if not (out / "polyfuse_training.json").exists():  # saved atomically: present means finished
-                pairwise = config.model_copy(update={"teachers": [*own, teacher.label]})
-                train_distill(pivot, rows, store, pairwise, out)
+                self.execute(config.model_copy(update={"teachers": [*own, teacher.label]}), inputs, out, ctx.quiet)
             outputs[teacher.label] = str(out)
         return outputs

@@ -1,4 +1,6 @@
-"""Stage `eval`: greedy accuracy of the recipe's models on held-out prompts, as a table, JSON and PNG."""
+"""Stage `eval`: greedy accuracy and gold bits per byte of the recipe's models on held-out prompts, as a table,
+JSON, PNG and per-item records (what `polyfuse compare` reads), through `polyfuse.evaluation.run_eval`;
+`polyfuse eval` runs the same `execute` on the models it is given."""
 
 from __future__ import annotations
 
@@ -7,27 +9,34 @@ from typing import Any
 
 from pydantic import Field
 
-from polyfuse.config import StrictModel
-from polyfuse.data.io import write_rows
+from polyfuse.evaluation import EvalSettings, run_eval
 from polyfuse.models import ModelSpec
-from polyfuse.pipeline.context import STAGES, Context, Stage, model_stages, paths_in
-from polyfuse.pipeline.stages.prompts import PromptSource, seeded_source
-from polyfuse.progress import progress_bar
+from polyfuse.pipeline.context import STAGES, Context, Stage, model_stages, paths_in, stage
+from polyfuse.pipeline.sources import PromptSource, load_prompts, recipe_source
 from polyfuse.sampling import BACKENDS
-from polyfuse.scorers import ScorerConfig
+
+# Generation budget per prompt when `max_new_tokens` is not given: toy answers are a few tokens, HumanEval
+# bodies need room; anything else gets the engine's default (256, GSM8K reasoning).
+NEW_TOKENS = {"toyworld": 32, "humaneval": 512}
+MODELS = "models"  # the input of `execute`: row label -> model
 
 
-class EvalSection(StrictModel):
+class EvalSection(EvalSettings):
+    """A recipe's `eval` section and what `polyfuse eval` runs with: the prompts, the models (in a recipe, by
+    name) and the evaluation settings."""
+
     prompts: PromptSource
     models: list[str] = Field(
         default_factory=lambda: ["sources", "pivot", "sft", "po"],
         description="'sources', 'pivot', a source name, or a model stage name (sft, merge, po: its output model).",
     )
-    scorers: list[ScorerConfig] | None = Field(
-        default=None, description="Default: the verifiers of the recipe's score section (a reward model gives no accuracy)."
-    )
-    batch_size: int = Field(default=64, ge=1, description="Prompts per generate call.")
-    max_new_tokens: int = Field(default=32, ge=1, description="Generation budget per prompt (greedy).")
+
+    def settings(self) -> EvalSettings:
+        """The evaluation settings, the generation budget resolved by the prompt source."""
+        kind = "toyworld" if self.prompts.toyworld is not None else self.prompts.path
+        budget = self.max_new_tokens or NEW_TOKENS.get(kind)
+        return EvalSettings.model_validate({**self.model_dump(include=set(EvalSettings.model_fields)),
+                                            "max_new_tokens": budget})
 
 
 def _type_of(scorer: Any) -> Any:
@@ -40,7 +49,8 @@ def _unknown_model(recipe, name: str) -> bool:
 
 
 def eval_models(ctx: Context) -> dict[str, ModelSpec]:
-    """Display label -> model, in the order the recipe's `eval.models` lists them."""
+    """Display label -> model, in the order the recipe's `eval.models` lists them; a model a stage made is
+    labelled by the stages that made it (`pivot+SFT+DPO`, each stage's `label`)."""
     recipe = ctx.recipe
     sources = {s.label: s for s in recipe.sources}
     makers = model_stages()
@@ -54,31 +64,23 @@ def eval_models(ctx: Context) -> dict[str, ModelSpec]:
             chosen[name] = sources[name]
         else:
             steps = [s for s in recipe.stages[: recipe.stages.index(name) + 1] if s in makers]
-            label = "pivot+" + "+".join(_step_label(ctx, s) for s in steps)
+            label = "pivot+" + "+".join(stage(s).label(recipe) for s in steps)
             chosen[label] = recipe.pivot.model_copy(update={"path": ctx.output(name, "model"), "gguf_file": None})
     return chosen
 
 
-def _step_label(ctx: Context, stage: str) -> str:
-    """How a model stage shows in a label: SFT, the preference objective (DPO, ...), MERGE(method)."""
-    if stage == "sft":
-        return "SFT"
-    if stage == "merge":
-        return f"MERGE({ctx.recipe.merge.merge_method})"
-    if stage == "distill":
-        return ctx.recipe.distill.objective.upper()
-    return ctx.recipe.po.objective.upper()
-
-
 @STAGES.register("eval")
 class EvalStage(Stage):
+    """Greedy accuracy and gold bits per byte per domain on held-out prompts: tables, results.json, results.md, a
+    PNG bar chart and per-item records."""
+
     name = "eval"
     position = 110
     section = EvalSection
 
     def fill(self, section: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
         if "prompts" in section:
-            section["prompts"] = seeded_source(section["prompts"], recipe.get("seed", 0))
+            section["prompts"] = recipe_source(section["prompts"], recipe)
         score = recipe.get("score")
         if section.get("scorers") is None and isinstance(score, dict) and isinstance(score.get("scorers"), list):
             section["scorers"] = [c for c in score["scorers"] if _type_of(c) != "reward_model"]
@@ -88,9 +90,6 @@ class EvalStage(Stage):
         return {"scorers": "the verifiers of the recipe's score section"}
 
     def check(self, recipe) -> None:
-        if recipe.eval.scorers is None:
-            raise ValueError("eval: no scorers to grade with; give 'eval.scorers' (e.g. [{type: math}]) "
-                             "or a 'score' section, whose verifiers eval then uses")
         trained = [name for name in recipe.eval.models if name in model_stages()]
         if trained and not BACKENDS.get(recipe.pivot.backend.type).loads_weights:
             raise ValueError(f"eval.models: {trained[0]!r} is a model this recipe trains, and the pivot's backend "
@@ -104,20 +103,13 @@ class EvalStage(Stage):
         models = {label: spec.path for label, spec in eval_models(ctx).items()}
         return {**models, **paths_in(ctx.recipe.eval.model_dump())}
 
-    def run(self, ctx: Context, folder: Path) -> dict[str, str]:
-        from polyfuse.evaluation import evaluate, write_eval_report
-        from polyfuse.scorers import build_scorer
+    def read_inputs(self, ctx: Context) -> dict[str, Any]:
+        return {MODELS: eval_models(ctx), "sources": {s.label for s in ctx.recipe.sources}}
 
-        config = ctx.recipe.eval
-        prompts = ctx.recipe.load_prompts(config.prompts)
-        write_rows(folder / "prompts.jsonl", prompts)
-        scorers = [build_scorer(c) for c in config.scorers]
-        with progress_bar(disable=ctx.quiet) as bar:  # one display, two bars per model
-            results = {
-                label: evaluate(spec, prompts, scorers, batch_size=config.batch_size,
-                                max_new_tokens=config.max_new_tokens, label=label, bar=bar)
-                for label, spec in eval_models(ctx).items()
-            }
-        write_eval_report(results, folder, sources={s.label for s in ctx.recipe.sources})
-        return {"results": str(folder / "results.json"), "table": str(folder / "results.md"),
-                "chart": str(folder / "accuracy.png")}
+    def execute(self, config: EvalSection, inputs: dict[str, Any], out: Path, quiet: bool = False,
+                resume: bool | None = None) -> dict[str, str]:
+        """`inputs`: the models (row label -> model) and, optionally, which of them are sources (drawn apart)."""
+        run_eval(inputs[MODELS], load_prompts(config.prompts, quiet), config.settings(), out, quiet,
+                 sources=inputs.get("sources"))
+        return {"results": str(out / "results.json"), "table": str(out / "results.md"),
+                "chart": str(out / "accuracy.png")}

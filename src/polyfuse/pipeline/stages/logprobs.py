@@ -1,6 +1,6 @@
 """Stage `logprobs`: sequence log-probs of the pairs under the current pivot (`ref_*`) and, unless
-`sources: false`, under every source of the recipe (`fuse_*`, for InfiFPO). Each model is scored through
-its own `backend:` (or the section's `backend`)."""
+`sources: false`, under every source of the recipe (`fuse_*`, for InfiFPO), through
+`polyfuse.logprobs.run_logprobs`. Each model is scored through its own `backend:` (or the section's `backend`)."""
 
 from __future__ import annotations
 
@@ -8,20 +8,29 @@ from pathlib import Path
 from typing import Any
 
 from polyfuse.config import fingerprinted
-from polyfuse.data.io import read_rows
 from polyfuse.data.schemas import PreferenceRow
-from polyfuse.logprobs import LogprobsConfig
-from polyfuse.pipeline.context import STAGES, Context, Stage, model_specs, model_stages
+from polyfuse.logprobs import LogprobsConfig, run_logprobs
+from polyfuse.pipeline.context import STAGES, CommandInput, Context, Stage, model_specs, model_stages
 from polyfuse.sampling import BACKENDS, EngineModel
 
 
 @STAGES.register("logprobs")
 class LogprobsStage(Stage):
+    """Sequence log-probs of every pair under the initial pivot (ref_* columns) and every source (fuse_*
+    columns), each model through its own tokenizer and chat template; resumable, data parallel under
+    accelerate."""
+
     name = "logprobs"
     position = 90
     section = LogprobsConfig
     every_process = True
     needs = ("pairs",)
+    command = "logprobs"
+    config_help = "the initial pivot M0 (ref_* columns) and the sources (fuse_* columns)"
+    command_inputs = (CommandInput("data", "Preference rows (TRL prompt/chosen/rejected, and chosen_source for WRPO).",
+                                   schema=PreferenceRow),)
+    output = "preference.jsonl"
+    output_help = "Output file: .jsonl, .parquet, or a folder for `datasets`."
 
     def fill(self, section: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
         """The pivot is the recipe's (replaced by the current pivot when the stage runs); `sources: true` (the
@@ -52,22 +61,22 @@ class LogprobsStage(Stage):
         """The section (its sources with their backends) and the pivot's backend (its path is an input)."""
         return {**super().config(recipe), "pivot_backend": fingerprinted(recipe.logprobs.backend or recipe.pivot.backend)}
 
-    def logprobs_config(self, ctx: Context) -> LogprobsConfig:
+    def engine_config(self, ctx: Context) -> LogprobsConfig:
+        """The section with the current pivot as M0."""
         pivot = model_specs([ctx.current_pivot("logprobs")], EngineModel)[0]
         return ctx.recipe.logprobs.model_copy(update={"pivot": EngineModel.model_validate(pivot)})
 
+    def input_paths(self, ctx: Context) -> dict[str, str]:
+        return {"data": ctx.output("pairs", "preference")}
+
     def inputs(self, ctx: Context) -> dict[str, str]:
-        config = self.logprobs_config(ctx)
+        config = self.engine_config(ctx)
         return {
             "preference": ctx.output("pairs", "preference"),
             "pivot": config.pivot.path,
             **{f"sources[{i}]": s.path for i, s in enumerate(config.sources)},
         }
 
-    def run(self, ctx: Context, folder: Path) -> dict[str, str]:
-        from polyfuse.logprobs import run_logprobs
-
-        rows = read_rows(ctx.output("pairs", "preference"), PreferenceRow)
-        out = folder / "preference.jsonl"
-        run_logprobs(self.logprobs_config(ctx), rows, out, ctx.quiet)
-        return {"preference": str(out)}
+    def execute(self, config: LogprobsConfig, inputs: dict[str, Any], out: Path, quiet: bool = False,
+                resume: bool | None = None) -> dict[str, str]:
+        return {"preference": str(run_logprobs(config, inputs["data"].rows, out, quiet))}

@@ -2,9 +2,11 @@
 
 Recipes fuse in steps (InfiFusion, FuseChat 2.0: distil each source into its own copy of the pivot, then
 merge the copies), so a merge must be able to name models that only exist once earlier stages have run.
-In the `merge` section a model may be given as a path or named: `pivot` (the recipe's pivot), a source
-name, or a stage that ran before `merge` (`sft`: its output model; `stage:key`: its output `key`). Stage
-names are reserved: write `./sft` for a folder of that name. `base_model` defaults to the current pivot
+Wherever the `merge` section names a model (`base_model`, `models`, `slices` sources and bases, the tokenizer
+source, per-token sources, either side of `MODEL+LORA`) it may be given as a path or named: `pivot` (the
+recipe's pivot), a source name, or a stage that ran before `merge` (`sft`: its output model; `stage:key`: its
+output `key`); every model it reads is an input of the stage's fingerprint. Stage names are reserved: write
+`./sft` for a folder of that name. `base_model` defaults to the current pivot
 (the latest model a stage produced), the merge seed to the recipe's, and the merged model becomes the
 pivot of the stages after it.
 """
@@ -17,10 +19,10 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, Field
 
 from polyfuse.merge.config import MergeConfig, check_method, parse_merge_config
+from polyfuse.merge.reference import ModelReference
 from polyfuse.pipeline.context import STAGES, Context, Stage, model_stages, stage_reference
 
 SOURCE = "merge"  # how error messages name the recipe section
-NOT_MODELS = ("base", "union")  # `tokenizer_source` values that name no model
 CURRENT_PIVOT = "<current pivot>"  # the merge base before the stages run; resolved when the stage runs
 
 
@@ -40,15 +42,16 @@ def model_path(ctx: Context, name: str) -> str:
 
 
 def resolved_merge_config(ctx: Context) -> MergeConfig:
-    """The `merge` section with every name resolved to a path and the base defaulted to the current pivot;
-    checked like a `polyfuse merge` config."""
-    section = ctx.recipe.merge
-    tokenizer = section.tokenizer_source
-    cfg = section.model_copy(update={
-        "base_model": model_path(ctx, section.base_model) if section.base_model else ctx.current_pivot("merge").path,
-        "models": [e.model_copy(update={"model": model_path(ctx, e.model)}) for e in section.models],
-        "tokenizer_source": tokenizer if tokenizer in (None, *NOT_MODELS) else model_path(ctx, tokenizer),
-    })
+    """The `merge` section with every model name resolved to a path, wherever the section names a model (a
+    model's LoRA adapter too), and the base defaulted to the current pivot; checked like a `polyfuse merge`
+    config."""
+
+    def resolve(ref: ModelReference) -> ModelReference:
+        return ModelReference(model_path(ctx, ref.path), None if ref.lora is None else model_path(ctx, ref.lora))
+
+    cfg = ctx.recipe.merge.map_models(resolve)
+    if cfg.base_model is None:
+        cfg = cfg.updated(base_model=ctx.current_pivot("merge").path)
     check_method(cfg, SOURCE)
     return cfg
 
@@ -60,6 +63,7 @@ class MergeStage(Stage):
     section = MergeConfig
     default = False  # merging is opted into by listing it
     makes_model = True
+    output = "model"
 
     def fill(self, section: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
         """The merge seed (random masks: DARE, DELLA, ...) defaults to the recipe's."""
@@ -76,28 +80,39 @@ class MergeStage(Stage):
         """Named stages must run before `merge`; the method's needs are checked with the base defaulted."""
         earlier = recipe.stages[: recipe.stages.index("merge")]
         makers = model_stages()
-        names = [recipe.merge.base_model, recipe.merge.tokenizer_source, *(e.model for e in recipe.merge.models)]
-        for name in filter(None, names):
-            reference = stage_reference(name)
-            if reference and reference[0] not in earlier:
-                raise ValueError(f"merge: {name!r} names the stage {reference[0]!r}, which does not run before merge")
-            if reference and reference[1] == "model" and reference[0] not in makers:
-                raise ValueError(f"merge: {name!r}: the stage {reference[0]!r} makes no model "
-                                 f"(model stages: {', '.join(makers)}; or name an output, stage:key)")
-        check_method(recipe.merge.model_copy(update={"base_model": recipe.merge.base_model or CURRENT_PIVOT}), SOURCE)
+        for ref in recipe.merge.named_models():
+            for name in filter(None, (ref.path, ref.lora)):
+                reference = stage_reference(name)
+                if reference and reference[0] not in earlier:
+                    raise ValueError(f"merge: {name!r} names the stage {reference[0]!r}, which does not run before "
+                                     f"merge")
+                if reference and reference[1] == "model" and reference[0] not in makers:
+                    raise ValueError(f"merge: {name!r}: the stage {reference[0]!r} makes no model "
+                                     f"(model stages: {', '.join(makers)}; or name an output, stage:key)")
+        section = recipe.merge
+        check_method(section if section.base_model else section.updated(base_model=CURRENT_PIVOT), SOURCE)
 
     def inputs(self, ctx: Context) -> dict[str, str]:
-        """The models the merge reads."""
-        cfg = resolved_merge_config(ctx)
-        return {"base_model": cfg.base_model, **{f"models[{i}]": e.model for i, e in enumerate(cfg.models)}}
+        """Every model the merge reads, by the config key that names it first (a LoRA adapter as KEY+lora)."""
+        inputs = {}
+        for ref, where in resolved_merge_config(ctx).referenced_models().items():
+            inputs[where] = ref.path
+            if ref.lora is not None:
+                inputs[f"{where}+lora"] = ref.lora
+        return inputs
 
-    def run(self, ctx: Context, folder: Path) -> dict[str, str]:
-        """Merge into `<folder>/model` (the engine resumes an interrupted merge from its finished shards)."""
+    def label(self, recipe: Any) -> str:
+        return f"MERGE({recipe.merge.merge_method})"
+
+    def engine_config(self, ctx: Context) -> MergeConfig:
+        return resolved_merge_config(ctx)
+
+    def execute(self, config: MergeConfig, inputs: dict[str, Any], out: Path, quiet: bool = False,
+                resume: bool | None = None) -> dict[str, str]:
+        """Merge into `out` (the engine resumes an interrupted merge from its finished shards)."""
         from rich.console import Console
 
         from polyfuse.merge import MergeOptions, run_merge
 
-        out = folder / "model"
-        run_merge(resolved_merge_config(ctx), out, SOURCE, MergeOptions(quiet=ctx.quiet),
-                  Console(stderr=True, quiet=ctx.quiet))
+        run_merge(config, out, SOURCE, MergeOptions(quiet=quiet), Console(stderr=True, quiet=quiet))
         return {"model": str(out)}

@@ -1,32 +1,56 @@
 """Stage `po`: preference optimisation of the current pivot with one registered objective, on the pairs
-(with the `logprobs` stage's reference and source columns when it ran)."""
+(with the `logprobs` stage's reference and source columns when it ran), through
+`polyfuse.trainers.train_preference`; its commands are `polyfuse train <objective>`, one per objective."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
+from typing import Any
 
-from polyfuse.data.io import read_rows
 from polyfuse.data.schemas import PreferenceRow
-from polyfuse.pipeline.context import STAGES, Context, TrainingStage
+from polyfuse.pipeline.context import MODEL, STAGES, Command, CommandInput, Context, TrainingStage
 from polyfuse.trainers import PreferenceTrainConfig
 
 
 @STAGES.register("po")
 class POStage(TrainingStage):
+    """Preference optimisation with one objective of `polyfuse.objectives`; reads precomputed columns, loads no
+    reference or source model."""
+
     name = "po"
     position = 100
     section = PreferenceTrainConfig
     needs = ("pairs",)
+    command_inputs = (
+        CommandInput("data", "Preference rows (TRL prompt/chosen/rejected), e.g. from `polyfuse logprobs`.",
+                     schema=PreferenceRow),
+        CommandInput(MODEL, "Initial pivot M0 (the SFT checkpoint): hub id, folder or .gguf.", kind="model"),
+    )
 
-    def training_data(self, ctx: Context) -> dict[str, str]:
-        return {"preference": ctx.outputs.get("logprobs", {}).get("preference") or ctx.output("pairs", "preference")}
+    def commands(self) -> list[Command]:
+        """One `train <objective>` per registered objective (adding an objective file adds a command), which
+        fixes the objective; its help is the first paragraph of the objective's docstring."""
+        from polyfuse.objectives import OBJECTIVES
 
-    def run(self, ctx: Context, folder: Path) -> dict[str, str]:
-        from polyfuse.logprobs import fusion_sources
+        commands = []
+        for name in OBJECTIVES.names():
+            summary = (inspect.getdoc(OBJECTIVES.get(name)) or name).split("\n\n")[0]
+            cli = name.replace("_", "-")
+            commands.append(Command(f"train {cli}", {"objective": name}, " ".join(summary.split()),
+                                    f"beta and the other {name} settings, and the training settings", cli))
+        return commands
+
+    def label(self, recipe: Any) -> str:
+        return recipe.po.objective.upper()
+
+    def input_paths(self, ctx: Context) -> dict[str, str]:
+        return {"data": ctx.outputs.get("logprobs", {}).get("preference") or ctx.output("pairs", "preference")}
+
+    def execute(self, config: PreferenceTrainConfig, inputs: dict[str, Any], out: Path, quiet: bool = False,
+                resume: bool | None = None) -> dict[str, str]:
         from polyfuse.trainers import train_preference
 
-        data = self.training_data(ctx)["preference"]
-        rows = read_rows(data, PreferenceRow)
-        model = train_preference(self.pivot(ctx), rows, ctx.recipe.po, folder / "model",
-                                 source_names=fusion_sources(data, rows))
+        data = inputs["data"]
+        model = train_preference(inputs[MODEL], data.rows, config, out, resume=resume, data_path=data.path)
         return {"model": str(model)}

@@ -1,71 +1,36 @@
-"""Stage `score`: every sample gets a reward from each reward scorer and a verdict from each verifier
-that applies to it. Resumable by chunk of samples and data parallel under `accelerate launch`, like
-`sample` (`polyfuse.data.sharded`)."""
+"""Stage `score`: every sample gets a reward from each reward scorer and a verdict from each verifier that
+applies to it, through `polyfuse.scorers.run_score`."""
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field
-
-from polyfuse.config import StrictModel
-from polyfuse.data.io import ShardStore, read_rows, write_rows
 from polyfuse.data.schemas import SampleRow
-from polyfuse.data.sharded import ShardPlan
-from polyfuse.pipeline.context import STAGES, Context, Stage, paths_in
-from polyfuse.progress import progress_bar
-from polyfuse.scorers import ScorerConfig, build_scorer
-
-
-class ScoreConfig(StrictModel):
-    scorers: list[ScorerConfig] = Field(min_length=1, description="Reward models and verifiers; every one scores every sample of its domains.")
-    chunk_size: int = Field(default=1024, ge=1, description="Samples per resumable shard.")
-    device: str = Field(default="cpu", description="Device of the reward models.")
-
-
-def run_score(samples: list[SampleRow], config: ScoreConfig, out_dir: str | Path, quiet: bool = False) -> Path:
-    out_dir = Path(out_dir)
-    store = ShardStore(out_dir / "shards")
-    chunks = [samples[i : i + config.chunk_size] for i in range(0, len(samples), config.chunk_size)]
-    keys = [f"scored-{c:05d}" for c in range(len(chunks))]
-    plan = ShardPlan(1, len(chunks))
-    todo = plan.todo(0, lambda c: store.done(keys[c]))
-    if todo:
-        scorers = [build_scorer(cfg, device=config.device) for cfg in config.scorers]
-        with progress_bar(disable=quiet or not plan.is_main) as bar:
-            task = bar.add_task("score", total=sum(len(chunks[c]) for c in todo))
-            for c in todo:
-                rows = [row.model_copy(deep=True) for row in chunks[c]]
-                for scorer in scorers:
-                    picked = [row for row in rows if scorer.applies_to(row)]
-                    for row, (value, details) in zip(picked, scorer.score(picked), strict=True):
-                        if scorer.kind == "reward":
-                            row.rewards[scorer.name] = float(value)
-                        else:
-                            row.verdicts[scorer.name] = bool(value)
-                        if details:
-                            row.details[scorer.name] = details
-                store.write(keys[c], rows, plan.writer)
-                bar.advance(task, len(rows))
-        del scorers
-        gc.collect()
-    out = out_dir / "scored.jsonl"
-    plan.on_main(lambda: write_rows(out, store.read_all(SampleRow, keys)))
-    return out
+from polyfuse.pipeline.context import STAGES, CommandInput, Context, Stage, paths_in
+from polyfuse.scorers import ScoreConfig, run_score
 
 
 @STAGES.register("score")
 class ScoreStage(Stage):
+    """Score samples with reward models and verifiers (math, code sandbox, toy world)."""
+
     name = "score"
     position = 30
     section = ScoreConfig
     every_process = True
     needs = ("sample",)
+    command = "score"
+    config_help = "the reward models and verifiers that score every sample"
+    command_inputs = (CommandInput("samples", "Samples written by `polyfuse sample`.", schema=SampleRow),)
+    output_help = "Output folder; a rerun keeps the shards finished here."
+
+    def input_paths(self, ctx: Context) -> dict[str, str]:
+        return {"samples": ctx.output("sample", "samples")}
 
     def inputs(self, ctx: Context) -> dict[str, str]:
-        return {"samples": ctx.output("sample", "samples"), **paths_in(ctx.recipe.score.model_dump())}
+        return {**self.input_paths(ctx), **paths_in(ctx.recipe.score.model_dump())}
 
-    def run(self, ctx: Context, folder: Path) -> dict[str, str]:
-        samples = read_rows(ctx.output("sample", "samples"), SampleRow)
-        return {"scored": str(run_score(samples, ctx.recipe.score, folder, quiet=ctx.quiet))}
+    def execute(self, config: ScoreConfig, inputs: dict[str, Any], out: Path, quiet: bool = False,
+                resume: bool | None = None) -> dict[str, str]:
+        return {"scored": str(run_score(inputs["samples"].rows, config, out, quiet=quiet))}

@@ -1,4 +1,5 @@
-"""`polyfuse logprobs`: score a preference file once with the initial pivot M0 and every source.
+"""The log-prob engine's run (`polyfuse logprobs`, a recipe's `logprobs` stage): score a preference file once
+with the initial pivot M0 and every source.
 
 Each model scores the fixed text of every response through its **own** tokenizer and chat template
 (the convention of `polyfuse.models.templates`). M0's values become the `ref_*` columns; the sources'
@@ -30,7 +31,6 @@ from polyfuse.data.schemas import PreferenceRow
 from polyfuse.data.sharded import ShardPlan
 from polyfuse.errors import ConfigError, DataError
 from polyfuse.logprobs.engine import (
-    check_logp_columns,
     column_names,
     encode_row,
     logp_columns,
@@ -148,8 +148,6 @@ def run_logprobs(config: LogprobsConfig, rows: list[PreferenceRow], out: str | P
     def gather() -> None:
         per_model = [[s.scores for s in store.read_all(ShardScores, keys[k])] for k in range(len(models))]
         scored = [_with_columns(rows[i], [scores[n] for scores in per_model]) for n, i in enumerate(kept)]
-        check_logp_columns(scored, "ref")
-        check_logp_columns(scored, "fuse")
         write_rows(out, scored)
         records = [model_record(m, tok, seen) for m, tok, seen in zip(models, tokenizers, modes, strict=True)]
         write_metadata(out, {

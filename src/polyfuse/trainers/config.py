@@ -1,0 +1,255 @@
+"""The training config (`polyfuse config show sft`), and the `TrainingArguments` Trainer is built with.
+
+Why not TRL's habit of making the config a `TrainingArguments` subclass: building a `TrainingArguments`
+sets up the device and, under a launcher, the process group (its `__post_init__` reads `self.device`),
+and a recipe validates every stage's section when it loads (`run --check`, before any stage): a
+dataclass built there would start distributed state in the parent process. Its ~130 keys would also
+bury polyfuse's in `config show`, and its errors do not name the key. So the config stays a pydantic
+model with polyfuse's keys, and `trainer_args` passes any other `TrainingArguments` option through by
+its own name (checked against the dataclass's fields when the config validates): every transformers
+option works without a mapping. The keys that are transformers' under another name are in `RENAMED`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field, ValidationError, field_validator, model_validator
+from transformers import Trainer, TrainingArguments
+
+from polyfuse.config import StrictModel
+from polyfuse.registry import Registry
+from polyfuse.trainers.distributed import check_lora_supported, fsdp_from_launcher
+
+# transformers renamed `gradient_checkpointing` to `activation_checkpointing` (5.20); vLLM 0.32 pins < 5.20.
+_CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in inspect.signature(TrainingArguments).parameters
+                  else "gradient_checkpointing")
+
+# polyfuse's key -> the TrainingArguments field it is. transformers 5 takes a warm-up *ratio* as a float
+# `warmup_steps` in [0, 1) (`warmup_ratio` was removed), which is what polyfuse's `warmup_ratio` (< 1) is.
+RENAMED = {"batch_size": "per_device_train_batch_size", "grad_accum": "gradient_accumulation_steps",
+           "epochs": "num_train_epochs", "lr_scheduler": "lr_scheduler_type", "warmup_ratio": "warmup_steps"}  # fmt: skip
+# What polyfuse's design fixes, so `trainer_args` may not change it (with the reason).
+FIXED = {
+    "output_dir": "the scratch folder beside the output (`.<out>.work`)",
+    "remove_unused_columns": "the collators read the precomputed columns",
+    "save_strategy": "set by save_steps (0: none)",
+    "save_total_limit": "polyfuse's save_total_limit counts complete checkpoints only",
+    "eval_strategy": "training stages do not evaluate; the eval stage does",
+    "train_sampling_strategy": "set by shuffle",
+    "gradient_checkpointing": "set by gradient_checkpointing",
+    "activation_checkpointing": "set by gradient_checkpointing",
+    "report_to": "set by report_to",
+    "fsdp": "set by the launcher's accelerate config (examples/accelerate/)",
+    "fsdp_config": "set by the launcher's accelerate config (examples/accelerate/)",
+}
+
+
+def trainer_fields() -> set[str]:
+    return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+class LoraSettings(StrictModel):
+    """A LoRA adapter (peft); the saved model has the adapter merged into plain weights."""
+
+    r: int = Field(default=16, ge=1, description="Rank of the adapter matrices.")
+    alpha: float = Field(default=32.0, gt=0, description="Scaling: the update is alpha / r times A @ B.")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default="all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]), or every linear layer but the head."
+    )
+
+
+class TrainConfig(StrictModel):
+    learning_rate: float = Field(default=1e-5, gt=0, description="Peak learning rate.")
+    epochs: float = Field(default=1.0, gt=0, description="Passes over the data (fractions allowed).")
+    batch_size: int = Field(default=8, ge=1, description="Micro-batch size per process.")
+    grad_accum: int = Field(default=1, ge=1, description="Micro-batches per optimiser step.")
+    max_length: int = Field(default=2048, ge=2, description="Longer rows are dropped, never truncated.")
+    lr_scheduler: str = Field(default="cosine", description="A transformers schedule: linear, cosine, constant, constant_with_warmup, ...")
+    warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0, description="Share of the steps spent warming up.")
+    weight_decay: float = Field(default=0.0, ge=0.0, description="Decoupled weight decay (AdamW).")
+    max_grad_norm: float = Field(default=1.0, ge=0.0, description="0 disables clipping.")
+    optim: str = Field(default="adamw_torch", description="A transformers optimizer: adamw_torch, adafactor, sgd, ...")
+    seed: int = Field(default=42, description="Seed of initialisation (LoRA), data order and dropout.")
+    shuffle: bool = Field(default=True, description="Shuffle the rows every epoch (false: file order).")
+    bf16: bool = Field(default=False, description="Mixed precision in bfloat16 (weights stay float32).")
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations in the backward pass: less memory, about 30% slower.")
+    logging_steps: int = Field(default=1, ge=1, description="Log loss and metrics every this many steps.")
+    save_steps: int = Field(
+        default=500, ge=0,
+        description="Write a resumable checkpoint (weights, optimizer, scheduler, RNG, data position) every "
+        "this many optimiser steps; 0: none. A killed run resumes from the last complete one.",
+    )
+    save_total_limit: int | None = Field(
+        default=2, ge=1, description="Complete checkpoints kept (the oldest go first); None: all."
+    )
+    report_to: list[str] = Field(
+        default_factory=list,
+        description="Experiment trackers, as Trainer names them: tensorboard, wandb, mlflow, trackio, ...; "
+        "empty: none.",
+    )
+    run_name: str | None = Field(default=None, description="The run's name in the trackers.")
+    logging_dir: str | None = Field(
+        default=None, description="TensorBoard event folder; None: <output's parent>/logs/<output's name>."
+    )
+    lora: LoraSettings | None = None
+    force: bool = Field(
+        default=False, description="Train even when the memory estimate exceeds the memory of the devices."
+    )
+    disable_dropout: bool = Field(
+        default=False,
+        description="Set every dropout of the policy to 0 while training (nn.Dropout modules and config-level "
+        "rates such as Llama's attention_dropout); the saved config keeps the model's own rates. Preference "
+        "objectives default to true, as TRL's DPOTrainer; SFT and distillation keep the model's dropout.",
+    )
+    padding_free: bool = Field(
+        default=True,
+        description="Compute no padding: SFT and distillation pack a micro-batch's sequences into one row, "
+        "position ids restarting at each (TRL's padding_free); preference objectives hold each pair's "
+        "prompt once, its responses behind a block mask (prefix sharing). Exact: the loss equals the "
+        "padded layout's. A model that cannot take the layout (checked on the first rows) trains padded, "
+        "with a warning saying why.",
+    )
+    trainer_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Any other transformers TrainingArguments option by its own name (adam_beta2, "
+        "lr_scheduler_kwargs, torch_compile, neftune_noise_alpha, dataloader_num_workers, ...), passed "
+        "through as given.",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, value: Any) -> Any:
+        """Trainer's spellings: a name, a list, "none" or "all"."""
+        if isinstance(value, str):
+            value = [value]
+        return [] if value in (None, ["none"]) else value
+
+    @field_validator("report_to")
+    @classmethod
+    def _installed_trackers(cls, value: list[str]) -> list[str]:
+        from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+        for name in value:
+            if name != "all" and name not in INTEGRATION_TO_CALLBACK:
+                raise ValueError(f"{name!r} is not a tracker of transformers; one of all, none, "
+                                 f"{', '.join(INTEGRATION_TO_CALLBACK)}")
+            if name != "all" and name not in get_available_reporting_integrations():
+                raise ValueError(f"{name!r}: its package is not installed (pip install {name})")
+        return value
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        from transformers import SchedulerType
+
+        names = [s.value for s in SchedulerType]
+        if value not in names:
+            raise ValueError(f"{value!r} is not a learning-rate schedule of transformers; one of {', '.join(names)}")
+        return value
+
+    @field_validator("optim")
+    @classmethod
+    def _usable_optimizer(cls, value: str) -> str:
+        """A name transformers knows, whose package is installed: asked of Trainer's own (static) lookup,
+        with the default arguments (no model, no device is needed for that)."""
+        from transformers.training_args import OptimizerNames
+
+        names = [o.value for o in OptimizerNames]
+        if value not in names:
+            raise ValueError(f"{value!r} is not an optimizer of transformers; one of {', '.join(names)}")
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments) if f.default is not dataclasses.MISSING}
+        try:
+            Trainer.get_optimizer_cls_and_kwargs(SimpleNamespace(**{**defaults, "optim": value}))
+        except (ImportError, ValueError) as err:
+            raise ValueError(f"{value!r} cannot be used here: {err}") from None
+        return value
+
+    @field_validator("trainer_args")
+    @classmethod
+    def _trainer_options(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """Names of TrainingArguments' fields, none that a polyfuse key already sets or polyfuse fixes."""
+        import difflib
+
+        known = trainer_fields()
+        own = {trainer: key for key, trainer in RENAMED.items()} | {k: k for k in cls.model_fields if k in known}
+        for name in value:
+            if name in FIXED:
+                raise ValueError(f"{name!r} cannot be set here: {FIXED[name]}")
+            if name in own:
+                raise ValueError(f"{name!r} is polyfuse's key {own[name]!r}: set that instead")
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise ValueError(f"{name!r} is not an option of transformers' TrainingArguments{hint}")
+        return value
+
+    def training_arguments(self, out_dir: str | Path) -> TrainingArguments:
+        """Trainer's arguments: polyfuse's keys under transformers' names (same-named ones as they are,
+        `RENAMED` ones renamed), then `trainer_args`. Building them also sets up the (distributed) device;
+        Trainer's scratch folder is a hidden sibling of `out_dir`, removed after saving."""
+        out_dir = Path(out_dir)
+        check_lora_supported(self.lora)
+        known = trainer_fields()
+        values = self.model_dump(exclude={"lora", "trainer_args", "report_to", "save_total_limit"})
+        passed = {RENAMED.get(key, key): value for key, value in values.items() if RENAMED.get(key, key) in known}
+        del passed["gradient_checkpointing"]  # transformers' name depends on its version: `_CHECKPOINTING`
+        arguments = {
+            **passed,
+            "output_dir": str(out_dir.with_name(f".{out_dir.name}.work")),
+            "train_sampling_strategy": "random" if self.shuffle else "sequential",
+            _CHECKPOINTING: self.gradient_checkpointing,
+            f"{_CHECKPOINTING}_kwargs": {"use_reentrant": False} if self.gradient_checkpointing else None,
+            "save_strategy": "steps" if self.save_steps else "no",
+            "save_steps": self.save_steps or 500,
+            "save_total_limit": None,  # applied to complete checkpoints only (`CompleteCheckpoints`)
+            "eval_strategy": "no",
+            "report_to": [name for name in self.report_to if name != "tensorboard"] or "none",  # see `tracking_callbacks`
+            "remove_unused_columns": False,
+            # defaults of polyfuse's own, which trainer_args may change
+            "dataloader_num_workers": 0,
+            "ddp_find_unused_parameters": False,
+            "dataloader_pin_memory": torch.cuda.is_available(),
+            **self.trainer_args,
+            **fsdp_from_launcher(),
+        }
+        try:
+            return TrainingArguments(**arguments)
+        except (TypeError, ValueError) as err:
+            from polyfuse.errors import ConfigError
+
+            raise ConfigError(f"trainer_args: transformers refuses these training arguments: {err}") from None
+
+
+class ObjectiveTrainConfig(TrainConfig):
+    """Training with a loss from a registry of objectives (`objectives`): its name and hyper-parameters,
+    checked when the config validates, so a wrong one fails before any model is loaded."""
+
+    objectives: ClassVar[Registry[Any]]
+
+    objective: str
+    objective_args: dict[str, Any] = Field(default_factory=dict, description="Its hyper-parameters.")
+
+    @model_validator(mode="after")
+    def _objective_is_valid(self) -> ObjectiveTrainConfig:
+        self.build_objective()
+        return self
+
+    def objective_values(self) -> dict[str, Any]:
+        """The hyper-parameters the objective is built with."""
+        return self.objective_args
+
+    def build_objective(self) -> Any:
+        """The objective; its problems become one ValueError naming it, which the config's validation
+        reports with the key it came from."""
+        try:
+            return self.objectives.get(self.objective).model_validate(self.objective_values())
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+            raise ValueError(f"objective {self.objective!r}: {problems}") from None
