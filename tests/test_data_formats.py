@@ -17,7 +17,7 @@ import yaml
 from polyfuse.cli.config_docs import stage_config
 from polyfuse.config import _type_text, validate
 from polyfuse.data.io import read_rows
-from polyfuse.data.schemas import Message, PreferenceRow, PromptRow, SampleRow, SFTRow
+from polyfuse.data.schemas import Message, PreferenceRow, PromptRow, SampleRow, SFTRow, UnpairedRow
 from polyfuse.evaluation.datasets import load_gsm8k
 from polyfuse.evaluation.evaluate import EvalRecord
 from polyfuse.logprobs.engine import check_logp_columns
@@ -28,7 +28,7 @@ from polyfuse.teacher.store import ARRAYS
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FORMATS = ROOT / "docs" / "data-formats.md"
-SCHEMAS = {schema.__name__: schema for schema in (PromptRow, SampleRow, SFTRow, PreferenceRow, EvalRecord, Message)}
+SCHEMAS = {schema.__name__: schema for schema in (PromptRow, SampleRow, SFTRow, PreferenceRow, UnpairedRow, EvalRecord, Message)}
 FENCE = re.compile(r"^```(yaml|yml|jsonl|json)\n(.*?)^```", re.S | re.M)
 MARKER = re.compile(r"<!-- example: ([\w-]+) -->\s*$")
 # What a part of a recipe leaves out, to validate it as a whole recipe.
@@ -103,7 +103,7 @@ def test_every_page_example_kind_is_found():
     """The examples this test relies on are there (a renamed marker would silently drop them)."""
     kinds = {kind for _, kind, _, _ in examples()}
     assert {"recipe", "recipe-part", "merge", "gsm8k", "PromptRow", "SampleRow", "SFTRow", "PreferenceRow",
-            "EvalRecord"} <= kinds
+            "UnpairedRow", "EvalRecord"} <= kinds
 
 
 def _table(marker: str) -> list[list[str]]:
@@ -125,7 +125,8 @@ def _default(field) -> str:
     return f"`{json.dumps(field.default_factory() if field.default_factory is not None else field.default)}`"
 
 
-@pytest.mark.parametrize("schema", [PromptRow, SampleRow, SFTRow, PreferenceRow, EvalRecord], ids=lambda s: s.__name__)
+@pytest.mark.parametrize("schema", [PromptRow, SampleRow, SFTRow, PreferenceRow, UnpairedRow, EvalRecord],
+                         ids=lambda s: s.__name__)
 def test_the_field_tables_are_the_schemas(schema):
     """Each documented field table lists exactly the schema's fields, in order, with its type and default."""
     documented = [row[:3] for row in _table(f"fields: {schema.__name__}")]

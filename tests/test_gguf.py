@@ -140,7 +140,7 @@ def test_files_that_are_not_readable_gguf_are_refused_naming_them(tmp_path, cach
     with pytest.raises(UserError, match=r"pivot: .*rwkv\.gguf: transformers .* cannot de-quantise GGUF architecture "
                                         r"'rwkv7' \(it reads .*llama.*\); give the model's safetensors folder"):
         check_gguf(other, "pivot")
-    with pytest.raises(UserError, match=r"GGUF file .*missing\.gguf not found"):
+    with pytest.raises(UserError, match=r"missing\.gguf: no such file"):
         load_model(ModelSpec(path=str(tmp_path / "missing.gguf")))
 
     for args, message in [
@@ -157,7 +157,7 @@ def test_files_that_are_not_readable_gguf_are_refused_naming_them(tmp_path, cach
         {"model": str(zipped), "parameters": {"weight": 1.0}}]}))
     result = polyfuse_cli("merge", tmp_path / "merge.yaml", tmp_path / "merged", "-q")
     assert result.returncode == 2 and "model.gguf is not a GGUF file" in result.stderr
-    with pytest.raises(UserError, match=r"models\[0\]: GGUF file .*nothing\.gguf not found"):
+    with pytest.raises(UserError, match=r"models\[0\]: .*nothing\.gguf: no such file"):
         resolve_model_path(str(tmp_path / "nothing.gguf"), "models[0]")
 
 
