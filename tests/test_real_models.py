@@ -53,7 +53,8 @@ def test_the_shipped_prompts_are_what_their_script_makes(monkeypatch):
 
 
 CUT = ["prompts.path={prompts}", "sources.0.sampling.max_new_tokens=12", "sources.1.sampling.max_new_tokens=12",
-       "sft.epochs=1", "po.epochs=1", "eval.prompts.limit=3", "eval.models=[pivot, po]", "eval.max_new_tokens=6"]
+       "sft.epochs=1", "po.epochs=1", "sft.warmup_ratio=0", "po.warmup_ratio=0",  # one step: a warm-up would make its lr 0
+       "eval.prompts.limit=3", "eval.models=[pivot, po]", "eval.max_new_tokens=6"]
 # Six prompts on which the 24-prompt walkthrough drew correct and incorrect answers (docs/real-models.md), so
 # that both halves of the exact split give rows; most of the recipe's prompts get no correct answer at all.
 PROMPTS = ["rg-basic_arithmetic-1000-0", "rg-gcd-1000-0", "rg-gcd-1000-1", "rg-gcd-1000-4", "rg-gcd-1000-5", "rg-gcd-1000-6"]
@@ -73,8 +74,10 @@ def test_the_walkthrough_recipe_runs_cut_down_on_the_real_gguf_models(vllm_pytho
                              "--quiet", *overrides], env=engine_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"), cwd=ROOT,
                             capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stderr[-4000:]
-    work = tmp_path / "work"
+    check_cut_down_run(tmp_path / "work")
 
+
+def check_cut_down_run(work: Path) -> None:
     samples = read_rows(work / "sample" / "samples.jsonl", SampleRow)
     assert len(samples) == 6 * 4 * 2 and {s.model for s in samples} == {"gemma3", "smollm2"}
     manifest = json.loads((work / "sample" / "manifest.json").read_text())
@@ -86,7 +89,8 @@ def test_the_walkthrough_recipe_runs_cut_down_on_the_real_gguf_models(vllm_pytho
     assert report["ranked_by"] == "verifiers alone" and report["tie_break"] == "shorter"
     sft = read_rows(work / "pairs" / "sft.jsonl", SFTRow)
     pairs = read_rows(work / "logprobs" / "preference.jsonl", PreferenceRow)
-    assert sft and pairs and not {r.prompt_id for r in sft} & {r.prompt_id for r in pairs}
+    assert sft and pairs and not {r.id for r in sft} & {r.id for r in pairs}  # row ids are prompt ids
+    assert all(scored[r.sample_id].verdicts["math"] for r in sft)
     for pair in pairs:  # correct over incorrect, each with M0's and both sources' log-probs
         assert scored[pair.chosen_id].verdicts["math"] and not scored[pair.rejected_id].verdicts["math"]
         assert pair.ref_chosen_logps is not None and len(pair.fuse_chosen_logps) == 2
@@ -100,4 +104,4 @@ def test_the_walkthrough_recipe_runs_cut_down_on_the_real_gguf_models(vllm_pytho
     assert any(not trained["sft"][k].equal(pivot[k]) for k in pivot)
     assert any(not trained["po"][k].equal(trained["sft"][k]) for k in pivot)  # InfiFPO's step moved the SFT model
     results = json.loads((work / "eval" / "results.json").read_text())
-    assert {"pivot", "po"} <= set(results)
+    assert set(results) == {"pivot", "pivot+SFT+INFIFPO"}
