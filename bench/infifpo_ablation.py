@@ -45,14 +45,15 @@ from polyfuse.pairs import run_pairs, sft_split
 from polyfuse.pipeline.demo import recipe_path
 from polyfuse.pipeline.recipe import Recipe, load_recipe
 from polyfuse.pipeline.runner import run_recipe
-from polyfuse.sampling import EngineModel, SampleConfig, SampledModel, SamplingParams, run_sample
+from polyfuse.sampling import EngineModel, SampleConfig, SampledModel, run_sample
+from polyfuse.sampling.base import SamplingSettings
 from polyfuse.scorers import run_score
 from polyfuse.trainers import PreferenceTrainConfig, train_preference
 
 RECIPE = "infifpo-toy.yaml"
 DATA_STAGES = "[prompts, sample, score, pairs, sft, logprobs]"
 TARGET = "sft"  # WRPO: the label of the SFT model's own samples (y_wt, y_l)
-TARGET_SAMPLING = SamplingParams(n=4, temperature=0.8, max_new_tokens=16)
+TARGET_SAMPLING = SamplingSettings(n=4, temperature=0.8, max_new_tokens=16)  # its seed: the recipe's
 PIVOT_LABEL = "pivot (before SFT)"
 TINY_SCORERS = (
     "score.scorers=[{type: reward_model, name: rm, normalize: sigmoid, batch_size: 256, "

@@ -115,8 +115,8 @@ def smollm2_folder():
 # (`pytest`); `pytest -m "not slow"` is the fast lane for development. Kept in one place so the marks are
 # not repeated in every file (a test may also carry `@pytest.mark.slow` itself).
 # The inference-engine tests (real vLLM engines and servers) are slow too and run in CI.
-SLOW_MODULES = {"test_pipeline", "test_distill_recipes", "test_ddp", "test_multiprocess_run", "test_engines",
-                "test_engines_server"}
+SLOW_MODULES = {"test_pipeline", "test_distill_recipes", "test_unpaired_recipes", "test_ddp", "test_multiprocess_run",
+                "test_engines", "test_engines_server"}
 SLOW_TESTS = {
     "test_merge_stage": {"test_merge_of_the_current_pivot_is_task_arithmetic_by_hand", "test_eval_lists_the_merged_model",
                          "test_rerun_skips_the_merge_and_a_changed_weight_redoes_it"},

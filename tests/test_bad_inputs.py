@@ -336,6 +336,12 @@ SAMPLES = [
 SCORED = [{**s, "rewards": {"rm": 0.1 * n}, "verdicts": {"toyworld": n % 2 == 0}} for n, s in enumerate(SAMPLES)]
 SFT = [{"id": f"s{i}", "prompt": f"{i} + 1 =", "completion": str(i + 1)} for i in range(4)]
 PREFERENCE = [{"id": f"q{i}", "prompt": f"{i} + 2 =", "chosen": str(i + 2), "rejected": str(i + 3)} for i in range(4)]
+# Unpaired rows as `polyfuse logprobs` writes them for two sources (without the entropy: `ENTROPY` adds it).
+UNPAIRED = [{"id": f"u{i}", "prompt": f"{i // 2} + 1 =", "prompt_id": f"p{i // 2}", "completion": str(i),
+             "label": "DU"[i % 2], "ref_mean_completion_logps": -1.0 - 0.1 * i,
+             "fuse_mean_completion_logps": [-1.0, -2.0 + 0.1 * i]} for i in range(8)]  # fmt: skip
+ENTROPY = [{**row, "fuse_completion_entropy": [0.3, 0.2 + 0.05 * i]} for i, row in enumerate(UNPAIRED)]
+TWO_SOURCES = json.dumps({"sources": [{"name": "a"}, {"name": "b"}]})
 
 
 def _write(path: Path, content: Any) -> None:
@@ -666,6 +672,22 @@ CASES = [
     Case("run-prompts-file-missing", "run {kit}/recipe.yaml --set prompts.toyworld=null --set prompts.path=none.jsonl --work-dir w",
          r"none\.jsonl: (data file not found|no such)"),
     Case("config-show-unknown-stage", "config show smaple", r"smaple.*sample"),
+    # unpaired rows (KTO, CGPO, FuseSFT)
+    Case("unpaired-label-neither-d-nor-u", "train cgpo --data u.jsonl --model {world}/pivot -o out",
+         r"u\.jsonl:1: .*label.*must be 'D' \(desirable\) or 'U' \(undesirable\), or TRL's true / false; got 'maybe'",
+         {"u.jsonl": [{**UNPAIRED[0], "label": "maybe"}]}),
+    Case("consensus-without-entropy-column", "consensus --data s.jsonl --set calibration_min_rows=1 -o out",
+         r"s\.jsonl: row 'u0' \(and \d+ other rows\) has no 'fuse_completion_entropy', which the CGPO consensus needs",
+         {"s.jsonl": UNPAIRED, "s.jsonl.meta.json": TWO_SOURCES}),
+    Case("consensus-calibration-overlaps-training", "consensus --data s.jsonl --set calibration=c.jsonl -o out",
+         r"the calibration split overlaps training: 1 prompts in both \(e\.g\. 'p0'\)",
+         {"s.jsonl": ENTROPY, "s.jsonl.meta.json": TWO_SOURCES, "c.jsonl": ENTROPY[:2], "c.jsonl.meta.json": TWO_SOURCES}),
+    Case("cgpo-trains-on-calibration-prompts", "train cgpo --data s.jsonl --model {world}/pivot -o out",
+         r"s\.jsonl: 1 prompts of the training rows are in the consensus step's calibration split",
+         {"s.jsonl": [{**row, "aligned_consensus": -1.0} for row in ENTROPY],
+          "s.jsonl.meta.json": json.dumps({**json.loads(TWO_SOURCES), "consensus": {"calibration": {"prompts": ["p3"]}}})}),
+    Case("run-po-and-upo", "run {kit}/recipe.yaml --set stages=[prompts,sample,score,pairs,sft,po,upo] --set upo={{}} "
+         "--work-dir w", r"a recipe trains with pairs \(po\) or with unpaired rows \(upo\), not both"),
 ]
 
 

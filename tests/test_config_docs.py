@@ -17,7 +17,8 @@ from polyfuse.cli.config_docs import stage_config, stage_config_yaml, stage_name
 from polyfuse.config import StrictModel, _description, _model_in, annotated_yaml, validate
 
 DOCS = Path(__file__).parents[1] / "docs" / "configs.md"
-EXAMPLES_REQUIRED = ["prompts", "sample", "score", "pairs", "logprobs", "teacher", "sft", "distill", "po", "eval"]
+EXAMPLES_REQUIRED = ["prompts", "sample", "score", "pairs", "logprobs", "consensus", "teacher", "sft", "distill", "po",
+                     "upo", "eval"]
 
 
 class Inner(StrictModel):
@@ -84,7 +85,8 @@ def test_config_show_is_yaml_with_every_key_and_its_default(stage):
             assert values[name] == (list(default) if isinstance(default, tuple) else default), name
     if stage != "prompts" and not any(f.is_required() for f in model.model_fields.values()):  # prompts: a path or
         # the toy world. The printed defaults are a valid config as they are (an objective's: for `train NAME`).
-        validate(stage_config("po") if issubclass(model, stage_config("po")) else model, values, source=stage)
+        trainer = next((c for c in (stage_config("po"), stage_config("upo")) if issubclass(model, c)), model)
+        validate(trainer, values, source=stage)
 
 
 def test_every_key_of_every_stage_is_described():

@@ -205,3 +205,36 @@ def test_two_processes_share_the_shards_and_give_the_rows_of_one(vllm_python, vl
     shards = sorted((tmp_path / "two" / "shards").glob("*.jsonl"))
     assert [read_metadata(s) for s in shards] == [{"process": p, "processes": 2} for p in (0, 1, 0)]  # in turn
     assert [r.model_dump() for r in parallel] == [r.model_dump() for r in one]
+
+
+@pytest.mark.parametrize("top_k", [None, 3], ids=["exact", "top-3"])
+def test_source_entropies_on_vllm_are_the_transformers_values_or_within_the_top_k_bound(vllm_python, tiny_world,
+                                                                                        tmp_path, top_k):
+    """Unpaired rows through `polyfuse logprobs` with a source on vLLM: the engine starts with the prompt log-probs
+    the entropy needs; from the whole vocabulary (`prompt_logprobs=-1`) the completion entropy is the transformers
+    path's, from the top 3 it is within the bound recorded in the metadata."""
+    from polyfuse.data import UnpairedRow
+
+    name = "qwen-strings"
+    source = ModelSpec(name=name, path=str(tiny_world.source_paths[name]))
+    rows = [UnpairedRow(id=f"u{k}", prompt=f"{k} + {k} =", prompt_id=f"p{k}", completion=f"{2 * k} " * (1 + k % 3),
+                        label="DU"[k % 2], kl_completion=f"{k + 1}") for k in range(6)]  # fmt: skip
+    write_rows(tmp_path / "rows.jsonl", rows)
+    config = {"pivot": {"name": "pivot", "path": str(tiny_world.pivot_path)},
+              "sources": [{**source.model_dump(), "backend": {"type": "vllm"}}], "entropy_top_k": top_k}
+    (tmp_path / "logprobs.yaml").write_text(yaml.safe_dump(config))
+    result = subprocess.run([str(vllm_python), "-m", "polyfuse", "logprobs", "--config", str(tmp_path / "logprobs.yaml"),
+                             "--data", str(tmp_path / "rows.jsonl"), "--out", str(tmp_path / "scored.jsonl"), "-q"],
+                            env=engine_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    scored = read_rows(tmp_path / "scored.jsonl", UnpairedRow)
+    model, tokenizer = load_model(source), load_tokenizer(source)
+    sequences = [(e.input_ids, len(e.prompt_ids)) for e in (encode(tokenizer, r.prompt, r.completion) for r in rows)]
+    expected = score_sequences(model, sequences, pad_token_id(tokenizer), entropy=True)
+    entropy = read_metadata(tmp_path / "scored.jsonl")["entropy"][name]
+    bound = 1e-5 if top_k is None else entropy["max_error"]
+    assert entropy == "exact" if top_k is None else (entropy["top_k"] == 3 and 0 < bound < 0.5)
+    for row, (total, count, summed) in zip(scored, expected, strict=True):
+        assert row.fuse_completion_ntokens == [count] and abs(row.fuse_mean_completion_logps[0] - total / count) < 1e-4
+        assert abs(row.fuse_completion_entropy[0] - summed / count) <= bound + 1e-5

@@ -18,7 +18,8 @@ from trl import KTOConfig, KTOTrainer
 
 from polyfuse.models import ModelSpec, load_model
 from polyfuse.models.forward import forward_logps
-from polyfuse.objectives import COMPLETION, KL_COMPLETION, KTO, UnpairedBatch, kl_partners
+from polyfuse.objectives import COMPLETION, KL_COMPLETION, KTO, UnpairedBatch
+from polyfuse.pairs import kl_partners
 from polyfuse.trainers.collate import SequenceCollator
 from tiny_lm import build_tiny_model, build_tokenizer, sentence
 
@@ -180,3 +181,54 @@ def test_four_adamw_steps_give_trls_parameters_and_metrics(folder, tmp_path):
     moved = torch.cat([(p - initial.get_parameter(name)).detach().abs().flatten() for name, p in policy.named_parameters()])
     assert diffs.max() < 1e-5 and (diffs > 1e-7).float().mean() < 1e-3
     assert moved.max() > 1e-3  # four steps at lr 1e-3 moved the weights far more than the tolerance
+
+
+def test_polyfuse_train_kto_gives_trls_parameters_losses_and_metrics(folder, tmp_path):
+    """The whole `polyfuse train kto` path against TRL's KTOTrainer on the same conversational rows: polyfuse's own
+    template encoding, its reference columns (scored by M0 before training), the sequential micro-batches of the
+    rotation, the detached KL forward, the packed layout, four AdamW steps; TRL's rows keep their order, so the
+    polyfuse rows carry the KL completions of TRL's rotation."""
+    import json
+
+    from polyfuse.data import UnpairedRow
+    from polyfuse.trainers import UnpairedTrainConfig, train_unpaired
+
+    rows = kto_rows()
+    conversational = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+                       "completion": [{"role": "assistant", "content": r["completion"].strip()}], "label": r["label"]}
+                      for r in rows]  # fmt: skip
+    args = KTOConfig(
+        output_dir=str(tmp_path / "trl"), per_device_train_batch_size=BATCH, max_steps=len(LABELS) // BATCH,
+        learning_rate=LR, lr_scheduler_type="constant", optim="adamw_torch", gradient_checkpointing=False, bf16=False,
+        use_cpu=True, report_to=[], save_strategy="no", logging_steps=1, precompute_ref_log_probs=True,
+        desirable_weight=1.33, max_length=64, seed=0, disable_tqdm=True,
+    )  # fmt: skip
+    from transformers import AutoModelForCausalLM
+
+    trainer = KTOTrainer(model=AutoModelForCausalLM.from_pretrained(folder), args=args,
+                         train_dataset=Dataset.from_list(conversational), processing_class=build_tokenizer())
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+
+    partners = kl_partners([str(i) for i in range(len(rows))], BATCH)
+    unpaired = [UnpairedRow(id=f"r{i}", prompt=c["prompt"], completion=c["completion"], label=c["label"],
+                            kl_completion=conversational[partners[i]]["completion"])
+                for i, c in enumerate(conversational)]  # fmt: skip
+    config = UnpairedTrainConfig(objective="kto", objective_args={"desirable_weight": 1.33}, learning_rate=LR,
+                                 batch_size=BATCH, epochs=1, lr_scheduler="constant", warmup_ratio=0.0, max_length=64,
+                                 save_steps=0, logging_steps=1)  # fmt: skip
+    out = train_unpaired(ModelSpec(path=folder), unpaired, config, tmp_path / "polyfuse")
+    ours = [entry for entry in json.loads((out / "polyfuse_training.json").read_text())["log_history"] if "loss" in entry]
+    assert len(ours) == len(logged) == len(LABELS) // BATCH
+    for step, (mine, theirs) in enumerate(zip(ours, logged, strict=True)):
+        assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-6), step
+        for name in ("kl", "rewards/chosen", "rewards/rejected", "logps/chosen"):
+            if name in theirs:
+                assert mine[name] == pytest.approx(theirs[name], abs=tolerance(name)), (step, name)
+    trained = dict(trainer.model.named_parameters())
+    policy = load_model(ModelSpec(path=str(out)))
+    diffs = torch.cat([(p - trained[name]).detach().abs().flatten() for name, p in policy.named_parameters()])
+    moved = torch.cat([(p - load_model(ModelSpec(path=folder)).get_parameter(name)).detach().abs().flatten()
+                       for name, p in policy.named_parameters()])  # fmt: skip
+    assert diffs.max() < 1e-5 and (diffs > 1e-7).float().mean() < 1e-3
+    assert moved.max() > 1e-3

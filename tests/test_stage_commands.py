@@ -1,6 +1,8 @@
 """A stage's command is the stage: `polyfuse <stage>` on the files a recipe's stage read, with the section that
 stage ran with as its `--config`, writes the same outputs, for every registered stage. One recipe on the tiny
-toy world runs all eleven stages; each command then runs again outside it."""
+toy world runs the eleven stages of pairs; a second the stages of unpaired rows (pairs' unpaired layout, their
+log-probs, the consensus step, `upo`: a recipe trains with one of po or upo); each command then runs again
+outside them."""
 
 from __future__ import annotations
 
@@ -71,11 +73,39 @@ def _config_file(name: str, config, folder: Path) -> Path:
     return path
 
 
-def test_the_recipe_ran_every_stage(run):
+UNPAIRED = "stages: [prompts, sample, score, pairs, sft, logprobs, consensus, upo]"
+
+
+@pytest.fixture(scope="module")
+def unpaired_run(run, tiny_world):
+    """The recipe of unpaired rows on the same world: labelled by the reward model against its median reward there
+    (the verifiers fail every response of the tiny world), then CGPO."""
+    import statistics
+
+    from polyfuse.data import SampleRow, read_rows
+    from polyfuse.pipeline.recipe import load_recipe
+    from polyfuse.pipeline.runner import run_recipe
+
+    ctx, folder = run
+    rewards = [r.rewards["rm"] for r in read_rows(ctx.output("score", "scored"), SampleRow)]
+    body = (folder.parent / "recipe.yaml").read_text().split("stages:")[0] + UNPAIRED + (
+        f"\nsample: {{batch_size: 8, chunk_size: 5}}\nscore: {{scorers: [{{type: reward_model, name: rm, model: "
+        f"{{path: toyworld://reward_model}}}}], chunk_size: 16}}\npairs: {{reward: rm, gap_window: null, sft_fraction: "
+        f"0.5, unpaired: {{threshold: {statistics.median(rewards)}}}}}\nsft: {{epochs: 1, batch_size: 4, save_steps: 0}}"
+        f"\nlogprobs: {{chunk_size: 4}}\nconsensus: {{calibration_min_rows: 4}}\nupo: {{objective: cgpo, epochs: 1, "
+        f"batch_size: 4, save_steps: 0}}\n")
+    (folder.parent / "unpaired.yaml").write_text(body)
+    return run_recipe(load_recipe(folder.parent / "unpaired.yaml"), folder.parent / "unpaired-work", quiet=True), folder
+
+
+def test_the_recipes_ran_every_stage(run, unpaired_run):
     ctx, _ = run
-    assert set(ctx.outputs) == set(STAGES.names()) == {
-        "prompts", "sample", "score", "pairs", "sft", "teacher", "distill", "merge", "logprobs", "po", "eval"}
+    assert set(ctx.outputs) | set(unpaired_run[0].outputs) == set(STAGES.names()) == {
+        "prompts", "sample", "score", "pairs", "sft", "teacher", "distill", "merge", "logprobs", "consensus", "po",
+        "upo", "eval"}
     assert json.loads(Path(ctx.output("pairs", "report")).read_text())["pairs"] > 0
+    report = json.loads(Path(unpaired_run[0].output("pairs", "report")).read_text())
+    assert report["unpaired_desirable"] > 0 and report["unpaired_undesirable"] > 0
 
 
 COMMANDS = {  # stage -> (the command, its options besides --config and -o), from what the recipe's stage read
@@ -93,12 +123,31 @@ COMMANDS = {  # stage -> (the command, its options besides --config and -o), fro
 }
 
 
+UNPAIRED_COMMANDS = {  # the stages of unpaired rows, from the second recipe
+    "pairs": ("pairs", lambda ctx: ["--scored", ctx.output("score", "scored")]),
+    "logprobs": ("logprobs", lambda ctx: ["--data", ctx.output("pairs", "unpaired")], "unpaired.jsonl"),
+    "consensus": ("consensus", lambda ctx: ["--data", ctx.output("logprobs", "unpaired")]),
+    "upo": ("train cgpo", lambda ctx: ["--data", ctx.output("consensus", "unpaired"), "--model",
+                                       ctx.output("sft", "model")]),
+}
+
+
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_a_stage_command_writes_what_the_recipe_stage_wrote(run, name, polyfuse_cli):
+    check_command(run, name, COMMANDS[name], polyfuse_cli)
+
+
+@pytest.mark.parametrize("name", sorted(UNPAIRED_COMMANDS))
+def test_a_stage_command_of_unpaired_rows_writes_what_the_recipe_stage_wrote(unpaired_run, name, polyfuse_cli):
+    ctx, folder = unpaired_run
+    check_command((ctx, folder / "unpaired"), name, UNPAIRED_COMMANDS[name], polyfuse_cli)
+
+
+def check_command(run, name, spec, polyfuse_cli):
     ctx, folder = run
     step = stage(name)
-    command, options = COMMANDS[name]
-    out = folder / name / (step.output or "out")
+    command, options, *file_name = spec  # the output file, when it is not the stage's usual one
+    out = folder / name / (file_name[0] if file_name else step.output or "out")
     config = _config_file(name, step.engine_config(ctx), folder / "configs")
     proc = polyfuse_cli(*command.split(), "-c", config, *options(ctx), "-o", out, "-q")
     assert proc.returncode == 0, proc.stderr

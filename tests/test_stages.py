@@ -17,7 +17,8 @@ from polyfuse.pipeline.recipe import Recipe, load_recipe
 from tiny_lm import build_tiny_model
 
 STAGE_FILES = Path(recipe_module.__file__).parent / "stages"
-ORDER = ["prompts", "sample", "score", "pairs", "sft", "teacher", "distill", "merge", "logprobs", "po", "eval"]
+ORDER = ["prompts", "sample", "score", "pairs", "sft", "teacher", "distill", "merge", "logprobs", "consensus", "po", "upo",
+         "eval"]
 
 
 def test_one_file_per_stage_each_registering_the_stage_of_its_name():
@@ -27,7 +28,7 @@ def test_one_file_per_stage_each_registering_the_stage_of_its_name():
         cls = STAGES.get(name)
         assert cls.name == name and cls.__module__ == f"polyfuse.pipeline.stages.{name}"
     assert stage_order() == ORDER
-    assert model_stages() == ["sft", "distill", "merge", "po"]
+    assert model_stages() == ["sft", "distill", "merge", "po", "upo"]
 
 
 def test_the_recipe_schema_is_built_from_the_registry():
@@ -148,10 +149,10 @@ def test_every_shipped_recipe_loads_with_its_sections_filled_from_the_recipe():
 
     folder = recipe_path("fusechat3.yaml").parent
     names = sorted(p.name for p in folder.glob("*.yaml"))
-    assert len(names) == 9
+    assert len(names) == 11
     for name in names:
         recipe = load_recipe(folder / name)
-        for section in ("pairs", "sft", "distill", "po"):
+        for section in ("pairs", "sft", "distill", "po", "upo"):
             if getattr(recipe, section) is not None:
                 assert getattr(recipe, section).seed == recipe.seed, (name, section)
         if recipe.teacher is not None:
@@ -240,14 +241,17 @@ def test_recipe_fills_names_the_keys_that_fill_gives_a_section():
     from polyfuse.pipeline.context import stage
 
     raw = {"seed": 7, "sources": [{"name": "a", "path": "a", "sampling": {"n": 2}}], "pivot": {"name": "p", "path": "p"},
-           "score": {"scorers": [{"type": "reward_model", "model": {"path": "rm"}}, {"type": "math"}]}}
-    expected = {"prompts": set(), "sample": {"seed", "models"}, "score": set(), "pairs": {"seed"}, "sft": {"seed"},
-                "teacher": {"models"}, "distill": {"seed"}, "merge": set(), "logprobs": {"pivot", "sources"},
-                "po": {"seed"}, "eval": {"scorers"}}
+           "score": {"scorers": [{"type": "reward_model", "model": {"path": "rm"}}, {"type": "math"}]},
+           "stages": ["pairs", "upo"], "upo": {"objective": "kto", "batch_size": 6}}
+    expected = {"prompts": set(), "sample": {"seed", "models"}, "score": set(), "pairs": {"seed", "unpaired"},
+                "sft": {"seed"}, "teacher": {"models"}, "distill": {"seed"}, "merge": set(),
+                "logprobs": {"pivot", "sources"}, "consensus": set(), "po": {"seed"}, "upo": {"seed"},
+                "eval": {"scorers"}}
     assert {name: set(stage(name).recipe_fills()) for name in STAGES.names()} == expected
     for name in STAGES.names():
         filled = stage(name).fill({}, dict(raw))
         assert (filled == {"parameters": {"seed": 7}}) if name == "merge" else set(filled) == expected[name], name
+    assert stage("pairs").fill({}, dict(raw))["unpaired"] == {"kl_completion": "rotation", "kl_block": 6}
     assert [k for k, v in stage("logprobs").recipe_fills().items() if v is None] == ["pivot"]  # set when it runs
 
 

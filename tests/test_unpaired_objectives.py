@@ -24,7 +24,6 @@ from polyfuse.objectives import (
     FuseSFT,
     UnpairedBatch,
     align_to_pivot,
-    anchor_partners,
     build_consensus,
     calibration_prompts,
     cgpo_loss,
@@ -34,12 +33,11 @@ from polyfuse.objectives import (
     fusesft_loss,
     fusesft_row_weights,
     fusesft_weights,
-    kl_partners,
     kto_loss,
     reference_scores,
-    shuffled_order,
     undesirable_coefficient,
 )
+from polyfuse.pairs import anchor_partners, kl_partners, shuffled_order
 
 
 def t(*values: float) -> torch.Tensor:

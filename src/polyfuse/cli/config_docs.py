@@ -3,7 +3,7 @@ documentation of every key is the code that validates it."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, create_model
 
@@ -23,36 +23,43 @@ def _command_configs() -> dict[str, type]:
     return {**sections, "toyworld": ToyWorldConfig, "recipe": RecipeBase}
 
 
-def _objective_config(name: str) -> type:
-    """The preference-training config with `objective: name` and that objective's own keys under
-    `objective_args` (what `polyfuse train NAME --config` takes)."""
-    from polyfuse.objectives import OBJECTIVES
-    from polyfuse.trainers import PreferenceTrainConfig
+def _objective_registries() -> list[tuple[Any, type]]:
+    """(registry, training config) of the objectives with a `polyfuse train NAME` command each: the preference
+    objectives (`po`) and the unpaired ones (`upo`)."""
+    from polyfuse.objectives import OBJECTIVES, UNPAIRED_OBJECTIVES
+    from polyfuse.trainers import PreferenceTrainConfig, UnpairedTrainConfig
 
-    objective = OBJECTIVES.get(name)
-    return create_model(
-        f"{name} training", __base__=PreferenceTrainConfig, __doc__=PreferenceTrainConfig.__doc__,
-        objective=(Literal[name], Field(default=name, description="The preference objective.")),  # type: ignore[valid-type]
-        objective_args=(objective, Field(default_factory=objective, description=f"The hyper-parameters of {name}.")),
-    )
+    return [(OBJECTIVES, PreferenceTrainConfig), (UNPAIRED_OBJECTIVES, UnpairedTrainConfig)]
+
+
+def _objective_config(name: str) -> type | None:
+    """The training config with `objective: name` and that objective's own keys under `objective_args` (what
+    `polyfuse train NAME --config` takes), or None when no registry has the objective."""
+    for registry, base in _objective_registries():
+        if name in registry.names():
+            objective = registry.get(name)
+            return create_model(
+                f"{name} training", __base__=base, __doc__=base.__doc__,
+                objective=(Literal[name], Field(default=name, description="The objective.")),  # type: ignore[valid-type]
+                objective_args=(objective, Field(default_factory=objective, description=f"The hyper-parameters of {name}.")),
+            )
+    return None
 
 
 def stage_names() -> list[str]:
-    from polyfuse.objectives import OBJECTIVES
-
-    return sorted({*_command_configs(), *(n.replace("_", "-") for n in OBJECTIVES.names())})
+    names = {n.replace("_", "-") for registry, _ in _objective_registries() for n in registry.names()}
+    return sorted({*_command_configs(), *names})
 
 
 def stage_config(stage: str, recipe: bool = False) -> type:
     """The config class `config show STAGE` documents: the stage's section (what its command's `--config` and
-    a recipe's section both take), or a preference objective's training config."""
-    from polyfuse.objectives import OBJECTIVES
-
+    a recipe's section both take), or an objective's training config."""
     commands = _command_configs()
     if stage in commands:
         return commands[stage]
-    if stage.replace("-", "_") in OBJECTIVES.names():
-        return _objective_config(stage.replace("-", "_"))
+    config = _objective_config(stage.replace("-", "_"))
+    if config is not None:
+        return config
     raise ConfigError(f"no stage {stage!r}; config show knows: {', '.join(stage_names())}")
 
 

@@ -203,6 +203,11 @@ class UnpairedRow(Row):
 
     _non_empty = field_validator("prompt")(_check_prompt)
 
+    @property
+    def desirable(self) -> bool:
+        """TRL's boolean label: True for D."""
+        return self.label == "D"
+
     @field_validator("label", mode="before")
     @classmethod
     def _d_or_u(cls, value: Any) -> Any:
@@ -224,12 +229,23 @@ class UnpairedRow(Row):
         return self
 
 
+class ScoredRow:
+    """What `polyfuse logprobs` reads: a row with a `label` is an `UnpairedRow`, any other a `PreferenceRow`
+    (`model_validate` picks the schema per row; a file must hold one kind, which the log-prob engine checks)."""
+
+    @staticmethod
+    def model_validate(record: dict[str, Any]) -> PreferenceRow | UnpairedRow:
+        return (UnpairedRow if "label" in record else PreferenceRow).model_validate(record)
+
+
 COLUMN_ORIGINS = {
     "ref_": "score the rows with the initial pivot first",
     "fuse_completion_entropy": "each source's normalised token entropy over the completion, from scoring the rows "
     "with every source",
     "fuse_": "score the rows with every source first",
     "kl_completion": "the unpaired data builder assigns each row a completion of another prompt",
+    "aligned_consensus": "build CGPO's source consensus first (`polyfuse consensus`, a recipe's `consensus` stage)",
+    "fusesft_weight": "the FuseSFT trainer computes it from the rows' rewards",
 }
 
 

@@ -14,19 +14,23 @@ scored) and reported.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from polyfuse.data.schemas import PreferenceRow, response_text
+from polyfuse.data.schemas import PreferenceRow, UnpairedRow, response_text
 from polyfuse.errors import DataError
 from polyfuse.models.forward import DEFAULT_TOKEN_BUDGET, length_limit, pad_token_id, score_sequences
 from polyfuse.models.templates import Encoded, encode
 
 logger = logging.getLogger(__name__)
 
-# Responses a preference row can hold; `chosen_source` is WRPO's y_ws and is scored when present.
-RESPONSE_ROLES = ("chosen", "rejected", "chosen_source")
+ScoredRow = PreferenceRow | UnpairedRow
+
+# Responses a row can hold: a preference row's (`chosen_source` is WRPO's y_ws, scored when present), and an
+# unpaired row's (`kl_completion`: a completion of another prompt for KTO's / CGPO's reference point).
+RESPONSE_ROLES = ("chosen", "rejected", "chosen_source", "completion", "kl_completion")
+SOURCE_ROLES = ("completion",)  # what the sources score of an unpaired row (CGPO's consensus reads no other)
 
 
 def column_names(role: str, prefix: str = "ref") -> tuple[str, str, str]:
@@ -36,13 +40,18 @@ def column_names(role: str, prefix: str = "ref") -> tuple[str, str, str]:
     return f"{prefix}_{role}_logps", f"{prefix}_mean_{role}_logps", f"{prefix}_{role}_ntokens"
 
 
-def roles_of(row: PreferenceRow) -> list[str]:
+def roles_of(row: ScoredRow) -> list[str]:
     return [role for role in RESPONSE_ROLES if getattr(row, role, None) is not None]
 
 
-def encode_row(tokenizer: Any, row: PreferenceRow) -> dict[str, Encoded]:
-    """Every response of a pair under one tokenizer's convention."""
-    return {role: encode(tokenizer, row.prompt, response_text(getattr(row, role))) for role in roles_of(row)}
+def source_roles(row: ScoredRow) -> list[str]:
+    """The responses a source scores: every one of a pair (InfiFPO), the completion of an unpaired row."""
+    return [role for role in roles_of(row) if not isinstance(row, UnpairedRow) or role in SOURCE_ROLES]
+
+
+def encode_row(tokenizer: Any, row: ScoredRow, roles: list[str] | None = None) -> dict[str, Encoded]:
+    """The responses of a row (`roles`, default all it has) under one tokenizer's convention."""
+    return {role: encode(tokenizer, row.prompt, response_text(getattr(row, role))) for role in roles or roles_of(row)}
 
 
 @dataclass
@@ -60,7 +69,7 @@ def _as_list(value: Any) -> list:
     return value if isinstance(value, list) else [value]
 
 
-def check_logp_columns(rows: list[PreferenceRow], prefix: str = "ref") -> None:
+def check_logp_columns(rows: Sequence[ScoredRow], prefix: str = "ref") -> None:
     """Fail loudly on a row whose (S, A, n) columns disagree or whose n is not positive. `fuse_*`
     columns hold one value per source and are checked element by element."""
     for row in rows:
@@ -87,20 +96,20 @@ def check_logp_columns(rows: list[PreferenceRow], prefix: str = "ref") -> None:
 def compute_reference_logps(
     model: Any,
     tokenizer: Any,
-    rows: list[PreferenceRow],
+    rows: list[ScoredRow],
     token_budget: int = DEFAULT_TOKEN_BUDGET,
     max_length: int | None = None,
     overflow: Literal["drop", "error"] = "drop",
     progress: Callable[[int], None] | None = None,
     report: LogpReport | None = None,
-) -> list[PreferenceRow]:
+) -> list[ScoredRow]:
     """Rows with `ref_{role}_logps` (S), `ref_mean_{role}_logps` (A) and `ref_{role}_ntokens` (n) for every
     response role under `model` (the initial pivot M0). `max_length` is capped at the model's context
     size; longer pairs are dropped (listed in `report`) or, with `overflow="error"`, raise `DataError`.
     `progress` is called with the number of sequences scored since the last call."""
     max_length = length_limit(model.config, max_length)
     report = report if report is not None else LogpReport()
-    kept: list[PreferenceRow] = []
+    kept: list[ScoredRow] = []
     encoded: list[dict[str, Encoded]] = []
     for row in rows:
         responses = encode_row(tokenizer, row)
@@ -145,12 +154,15 @@ def score_encoded(
     return out
 
 
-def logp_columns(row_id: str, scores: dict[str, tuple[float, int]], prefix: str) -> dict[str, float | int]:
-    """The (S, A, n) columns of one row's scores; a response with no scored token is an error."""
+def logp_columns(row_id: str, scores: dict[str, Sequence[float]], prefix: str) -> dict[str, float | int]:
+    """The (S, A, n) columns of one row's scores (S, n[, entropy sum, ...]) and, where an entropy sum was scored,
+    the mean normalised entropy `{prefix}_{role}_entropy`; a response with no scored token is an error."""
     columns: dict[str, float | int] = {}
-    for role, (total, count) in scores.items():
+    for role, (total, count, *entropy) in scores.items():
         if count == 0:
             raise DataError(f"row {row_id!r}: the {role} response has no scored tokens")
         sum_name, mean_name, count_name = column_names(role, prefix)
-        columns.update({sum_name: total, mean_name: total / count, count_name: count})
+        columns.update({sum_name: total, mean_name: total / count, count_name: int(count)})
+        if entropy:
+            columns[f"{prefix}_{role}_entropy"] = min(1.0, max(0.0, entropy[0] / count))  # [0, 1] up to rounding
     return columns

@@ -21,26 +21,34 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
 from polyfuse.config import StrictModel
 from polyfuse.data.io import ShardStore, read_metadata, write_metadata, write_rows
-from polyfuse.data.schemas import PreferenceRow
+from polyfuse.data.schemas import UnpairedRow
 from polyfuse.data.sharded import ShardPlan
 from polyfuse.errors import ConfigError, DataError
 from polyfuse.logprobs.engine import (
-    column_names,
+    ScoredRow,
     encode_row,
     logp_columns,
     roles_of,
     score_encoded,
+    source_roles,
 )
 from polyfuse.models import load_config, load_tokenizer
 from polyfuse.models.forward import DEFAULT_TOKEN_BUDGET, length_limit
 from polyfuse.models.records import model_record
-from polyfuse.sampling import BackendConfig, BackendSettings, EngineModel, backend_max_length, build_backend
+from polyfuse.sampling import (
+    BACKENDS,
+    BackendConfig,
+    BackendSettings,
+    EngineModel,
+    backend_max_length,
+    build_backend,
+)
 
 # Version of the sequence convention (`polyfuse.models.templates`) the columns were computed with.
 CONVENTION = "polyfuse-logps-1"
@@ -66,6 +74,11 @@ class LogprobsConfig(StrictModel):
     )
     max_length: int | None = Field(default=None, ge=2, description="None: each model's context size.")
     overflow: Literal["drop", "error"] = Field(default="drop", description="A pair longer than max_length: drop it (and count it), or stop.")
+    entropy_top_k: int | None = Field(
+        default=None, ge=1, description="Unpaired rows on the vllm backend: estimate each source's completion "
+        "entropy from the k largest log-probs of each position (the largest error bound goes to the metadata) "
+        "instead of all V of them (exact, but V numbers per token leave the engine: slow for large vocabularies). "
+        "The transformers backend is always exact.")
     chunk_size: int = Field(default=1024, ge=1, description="Rows per resumable shard.")
 
     @field_validator("backend")
@@ -90,12 +103,17 @@ class LogprobsConfig(StrictModel):
 
 class ShardScores(StrictModel):
     id: str
-    scores: dict[str, tuple[float, int]]  # role -> (S, n)
+    scores: dict[str, list[float]]  # role -> [S, n] (and the entropy sum [, its error bound] where scored)
 
 
-def run_logprobs(config: LogprobsConfig, rows: list[PreferenceRow], out: str | Path, quiet: bool = False) -> Path:
+def run_logprobs(config: LogprobsConfig, rows: list[ScoredRow], out: str | Path, quiet: bool = False) -> Path:
     """Write `rows` with M0's `ref_*` columns and the sources' `fuse_*` lists to `out` (format by
-    suffix), plus its metadata sidecar. Shards live in `<out's folder>/shards-<out's name>/`."""
+    suffix), plus its metadata sidecar. Shards live in `<out's folder>/shards-<out's name>/`.
+
+    Preference rows: M0 and every source score every response. Unpaired rows (KTO, CGPO): M0 scores the
+    completion and the `kl_completion`; the sources score the completion, with its mean normalised token entropy
+    (`fuse_completion_entropy`, CGPO's consensus weights), exact, or estimated from the `entropy_top_k` largest
+    log-probs of each position on vLLM, the largest error bound recorded in the metadata."""
     from polyfuse.progress import progress_bar
 
     models = config.models()
@@ -103,15 +121,20 @@ def run_logprobs(config: LogprobsConfig, rows: list[PreferenceRow], out: str | P
     if len(set(labels)) != len(labels):
         raise ConfigError(f"model names must be unique, got {labels}")
     if not rows:
-        raise DataError("no preference rows to score")
+        raise DataError("no rows to score")
+    unpaired = _row_kind(rows)
+    if unpaired:  # the sources' engines start able to give the entropies
+        models = [models[0], *(m.model_copy(update={"backend": BACKENDS.get(m.backend.type).entropy_settings(
+            m.backend, config.entropy_top_k)}) for m in models[1:])]
     out = Path(out)
+    roles = [roles_of if k == 0 else source_roles for k in range(len(models))]  # per model: what it scores of a row
     tokenizers = [load_tokenizer(m) for m in models]
     limits = [_limit(m, config.max_length) for m in models]
     lengths: list[list[int]] = [[] for _ in models]  # per model: the longest response's sequence, per row
     modes: list[Counter] = [Counter() for _ in models]  # per model: template modes seen
     for k, tokenizer in enumerate(tokenizers):
         for row in rows:
-            responses = encode_row(tokenizer, row).values()
+            responses = encode_row(tokenizer, row, roles[k](row)).values()
             lengths[k].append(max(len(e.input_ids) for e in responses))
             modes[k].update(e.mode for e in responses)
 
@@ -134,13 +157,16 @@ def run_logprobs(config: LogprobsConfig, rows: list[PreferenceRow], out: str | P
             todo = [(c, keys[k][c]) for c in plan.todo(k, lambda c, k=k: store.done(keys[k][c]))]
             if not todo:
                 continue
-            sequences = sum(len(roles_of(rows[i])) for c, _ in todo for i in chunks[c])
+            sequences = sum(len(roles[k](rows[i])) for c, _ in todo for i in chunks[c])
             task = bar.add_task(f"log-probs {spec.label}", total=sequences)
+            entropy = unpaired and k > 0
             with build_backend(spec) as backend:  # freed before the next model's
                 for c, key in todo:
                     scores = score_encoded(
-                        lambda sequences, t=task: backend.score(sequences, config.token_budget, lambda n: bar.advance(t, n)),
-                        [encode_row(tokenizers[k], rows[i]) for i in chunks[c]],
+                        lambda sequences, t=task, e=entropy: backend.score(
+                            sequences, config.token_budget, lambda n: bar.advance(t, n), entropy=e,
+                            entropy_top_k=config.entropy_top_k),
+                        [encode_row(tokenizers[k], rows[i], roles[k](rows[i])) for i in chunks[c]],
                     )
                     shard = [ShardScores(id=rows[i].id, scores=s) for i, s in zip(chunks[c], scores, strict=True)]
                     store.write(key, shard, plan.writer)
@@ -159,10 +185,31 @@ def run_logprobs(config: LogprobsConfig, rows: list[PreferenceRow], out: str | P
             "max_length": {label: limit for label, limit in zip(labels, limits, strict=True)},
             "rows": len(scored),
             "dropped": dropped,
+            **({"entropy": _entropy_record(models[1:], per_model[1:], config.entropy_top_k)} if unpaired else {}),
         })
 
     plan.on_main(gather)
     return out
+
+
+def _row_kind(rows: list[ScoredRow]) -> bool:
+    """Whether the rows are unpaired rows (else preference rows); a file of both is refused."""
+    kinds = {isinstance(row, UnpairedRow) for row in rows}
+    if len(kinds) > 1:
+        raise DataError("the rows mix preference rows (chosen / rejected) and unpaired rows (completion / label); "
+                        "score each kind in a file of its own")
+    return kinds.pop()
+
+
+def _entropy_record(sources: list[EngineModel], scores: list[list[dict[str, list[float]]]],
+                    top_k: int | None) -> dict[str, Any]:
+    """How each source's entropy column was computed: exact, or estimated from the top k with the largest error
+    bound of a row's mean (the bound of each position's estimate, averaged over the row's tokens)."""
+    record: dict[str, Any] = {}
+    for model, rows in zip(sources, scores, strict=True):
+        bounds = [s[3] / s[1] for row in rows for s in row.values() if len(s) > 3]
+        record[model.label] = {"top_k": top_k, "max_error": max(bounds, default=0.0)} if bounds else "exact"
+    return record
 
 
 def _limit(model: EngineModel, max_length: int | None) -> int:
@@ -173,22 +220,22 @@ def _limit(model: EngineModel, max_length: int | None) -> int:
     return limit if backend is None else min(limit, backend)
 
 
-def _with_columns(row: PreferenceRow, scores: list[dict[str, tuple[float, int]]]) -> PreferenceRow:
-    """`ref_*` from M0 (scores[0]); `fuse_*` lists, one entry per source, from the rest."""
+def _with_columns(row: ScoredRow, scores: list[dict[str, list[float]]]) -> ScoredRow:
+    """`ref_*` from M0 (scores[0]); `fuse_*` lists, one entry per source, from the rest (the entropy too, where
+    the sources scored one)."""
     update = logp_columns(row.id, scores[0], "ref")
-    for role in scores[0]:
+    for role in scores[1] if len(scores) > 1 else ():
         per_source = [logp_columns(row.id, {role: s[role]}, "fuse") for s in scores[1:]]
-        if per_source:
-            for name in column_names(role, "fuse"):
-                update[name] = [columns[name] for columns in per_source]
+        for name in per_source[0]:
+            update[name] = [columns[name] for columns in per_source]
     return row.model_copy(update=update)
 
 
-def fusion_sources(path: str | Path, rows: list[PreferenceRow]) -> list[str]:
-    """The ordered source names of a preference file's `fuse_*` columns, from its metadata; refuses a file
+def fusion_sources(path: str | Path, rows: list[ScoredRow]) -> list[str]:
+    """The ordered source names of a data file's `fuse_*` columns, from its metadata; refuses a file
     with `fuse_*` columns but no source list, and rows whose lists do not have one value per source."""
     names = [s["name"] for s in read_metadata(path).get("sources", [])]
-    fuse_columns = sorted({c for row in rows for c in (row.model_extra or {}) if c.startswith("fuse_")})
+    fuse_columns = sorted({c for row in rows for c, value in row if c.startswith("fuse_") and value is not None})
     if fuse_columns and not names:
         raise DataError(
             f"{path}: has {fuse_columns} but its metadata ({path}.meta.json) lists no sources; "

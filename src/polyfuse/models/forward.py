@@ -20,6 +20,7 @@ One way to lay out sequences and run a causal LM over their responses:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -177,31 +178,44 @@ def token_logps(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return logits.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def head_token_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs, rows) of every scored token by the hidden-state path, row-major."""
+def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """H / ln V at each position: the full-vocabulary entropy of the next-token distribution in fp32, divided
+    by the log of the logits' width V (the LM head's), so it lies in [0, 1] (CGPO's Hbar terms)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    return torch.special.entr(probs).sum(-1) / math.log(logits.shape[-1])
+
+
+def head_token_logps(model: Any, batch: dict[str, torch.Tensor], entropy: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(log-probs, rows, normalised entropies or None) of every scored token by the hidden-state path,
+    row-major."""
     states, tokens, rows = scored_hidden_states(model, batch)
-    chunks = [
-        token_logps(logits, tokens[i * HEAD_CHUNK : i * HEAD_CHUNK + len(logits)])
-        for i, logits in enumerate(head_logits(model, states))
-    ]
-    return (torch.cat(chunks) if chunks else states.new_zeros(0, dtype=torch.float32)), rows
+    logps, entropies = [], []
+    for i, logits in enumerate(head_logits(model, states)):
+        logps.append(token_logps(logits, tokens[i * HEAD_CHUNK : i * HEAD_CHUNK + len(logits)]))
+        if entropy:
+            entropies.append(normalized_entropy(logits))
+    joined = [torch.cat(parts) if parts else states.new_zeros(0, dtype=torch.float32) for parts in (logps, entropies)]
+    return joined[0], rows, joined[1] if entropy else None
 
 
 def response_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(S, n) of every row of a padded batch: the decoder's hidden states at the positions that predict a
     scored token, through the output embeddings chunk by chunk, fp32 log-softmax. Inference only: it calls
     the decoder and the head directly, past any wrapper's forward."""
-    logps, rows = head_token_logps(model, batch)
-    batch_size = batch["labels"].shape[0]
-    sums = torch.zeros(batch_size, dtype=torch.float32, device=logps.device).index_add_(0, rows, logps)
-    return sums, (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
+    logps, rows, _ = head_token_logps(model, batch)
+    return _row_sums(logps, rows, batch), (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
+
+
+def _row_sums(values: torch.Tensor, rows: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.zeros(batch["labels"].shape[0], dtype=torch.float32, device=values.device).index_add_(0, rows, values)
 
 
 def head_only_agrees(model: Any, batch: dict[str, torch.Tensor]) -> bool:
     """Whether the hidden-state head path gives the model's own per-token log-probs on `batch`
     (`|a - b| <= HEAD_ATOL + HEAD_RTOL |b|`). A model that post-processes its logits fails; callers then
     use the model's own forward for the whole run."""
-    fast, _ = head_token_logps(model, batch)
+    fast, _, _ = head_token_logps(model, batch)
     logits, tokens, _ = forward_scored_logits(model, batch)
     slow = token_logps(logits, tokens)
     agrees = bool(((fast - slow).abs() <= HEAD_ATOL + HEAD_RTOL * slow.abs()).all())
@@ -216,11 +230,13 @@ def score_sequences(
     pad_id: int,
     token_budget: int = DEFAULT_TOKEN_BUDGET,
     progress: Callable[[int], None] | None = None,
-) -> list[tuple[float, int]]:
-    """(S, n) of each `(input ids, prompt length)` sequence, in input order, under `model` in eval mode."""
+    entropy: bool = False,
+) -> list[tuple[float, ...]]:
+    """(S, n) of each `(input ids, prompt length)` sequence, in input order, under `model` in eval mode; with
+    `entropy`, (S, n, sum of H / ln V over the scored positions) (`normalized_entropy`, exact)."""
     device = next(model.parameters()).device
-    results: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)
-    head_only = None  # whether `response_logps` reproduces the model's own forward (checked on batch 1)
+    results: list[tuple[float, ...]] = [(0.0, 0)] * len(sequences)
+    head_only = None  # whether the hidden-state head path reproduces the model's own forward (checked on batch 1)
     model.eval()
     with torch.inference_mode():
         for indices in plan_batches([len(ids) for ids, _ in sequences], token_budget):
@@ -230,11 +246,15 @@ def score_sequences(
             if head_only is None:
                 head_only = head_only_agrees(model, batch)
             if head_only:
-                sums, counts = response_logps(model, batch)
+                logps, rows, entropies = head_token_logps(model, batch, entropy)
             else:
-                sums, counts, _ = forward_logps(model, batch)
-            for index, total, count in zip(indices, sums.tolist(), counts.tolist(), strict=True):
-                results[index] = (total, count)
+                logits, tokens, rows = forward_scored_logits(model, batch)
+                logps, entropies = token_logps(logits, tokens), normalized_entropy(logits) if entropy else None
+            columns = [_row_sums(logps, rows, batch), (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)]
+            if entropies is not None:
+                columns.append(_row_sums(entropies, rows, batch))
+            for index, *values in zip(indices, *(c.tolist() for c in columns), strict=True):
+                results[index] = tuple(values)
             if progress is not None:
                 progress(len(chunk))
     return results

@@ -15,7 +15,6 @@ from polyfuse.objectives.base import (
 )
 from polyfuse.objectives.cgpo import (
     CGPO,
-    anchor_partners,
     cgpo_loss,
     reference_scores,
     undesirable_coefficient,
@@ -63,7 +62,7 @@ from polyfuse.objectives.infifpo import (
     infifpo_loss,
 )
 from polyfuse.objectives.ipo import IPO, ipo_loss
-from polyfuse.objectives.kto import KTO, kl_partners, kto_loss, shuffled_order
+from polyfuse.objectives.kto import KTO, kto_loss
 from polyfuse.objectives.logps import IGNORE_INDEX, sequence_logps
 from polyfuse.objectives.uld import (
     ULDObjective,
@@ -119,7 +118,6 @@ __all__ = [
     "UnpairedBatch",
     "UnpairedObjective",
     "align_to_pivot",
-    "anchor_partners",
     "average_weights",
     "avg_ce_weights",
     "build_consensus",
@@ -139,7 +137,6 @@ __all__ = [
     "fusesft_weights",
     "infifpo_loss",
     "ipo_loss",
-    "kl_partners",
     "kto_loss",
     "logit_std",
     "logps_column",
@@ -148,7 +145,6 @@ __all__ = [
     "reference_scores",
     "reward_metrics",
     "sequence_logps",
-    "shuffled_order",
     "soft_cross_entropy",
     "student_uld_probs",
     "teacher_uld_probs",

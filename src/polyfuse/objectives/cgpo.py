@@ -13,20 +13,17 @@ with a label-dependent reference and class-conditional aggregation.
 
 from __future__ import annotations
 
-import random
-from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from pydantic import Field
 
-from polyfuse.errors import DataError
 from polyfuse.objectives.base import logps_column
 from polyfuse.objectives.unpaired import (
     COMPLETION,
     KL_COMPLETION,
     UNPAIRED_OBJECTIVES,
-        UnpairedBatch,
+    UnpairedBatch,
     UnpairedObjective,
     class_metrics,
     reference_point,
@@ -88,23 +85,6 @@ def cgpo_loss(
         "cgpo/beta_margin_abs_max": (beta * margins).detach().abs().max(),
     }
     return scale * pointwise, metrics | class_metrics(desirable, beta * rewards, policy)
-
-
-def anchor_partners(prompt_ids: Sequence[str], seed: int = 42) -> list[int]:
-    """For each row, the row whose completion is its anchor (CGPO's `anchor_completion`): the rows are
-    shuffled once with `seed`, and each row takes the next row in that cyclic order whose prompt differs, as
-    the reference release's `make_mismatched_anchor_completions` (the same Python RNG, so the same anchors)."""
-    if len(set(prompt_ids)) < 2:
-        raise DataError("CGPO's anchor completions need rows of at least two distinct prompts")
-    order = list(range(len(prompt_ids)))
-    random.Random(seed).shuffle(order)
-    position = {row: offset for offset, row in enumerate(order)}
-    partners = []
-    for row, prompt in enumerate(prompt_ids):
-        start = position[row]
-        following = (order[(start + k) % len(order)] for k in range(1, len(order)))
-        partners.append(next(c for c in following if prompt_ids[c] != prompt))
-    return partners
 
 
 @UNPAIRED_OBJECTIVES.register("cgpo")

@@ -9,8 +9,6 @@ What polyfuse decided where TRL leaves room: docs/design.md ("Unpaired objective
 
 from __future__ import annotations
 
-import random
-from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -52,29 +50,6 @@ def kto_loss(
     losses, rewards, _ = value_losses(policy_logps, reference_logps, desirable, z0, beta)
     weights = torch.where(desirable, *(torch.full_like(losses, w) for w in (desirable_weight, undesirable_weight)))
     return weights * losses, {"kl": z0, **class_metrics(desirable, beta * rewards, policy_logps)}
-
-
-def kl_partners(prompt_ids: Sequence[str], block: int) -> list[int]:
-    """For each row, the row whose completion is its KL completion: TRL's rotation by one inside each block
-    of `block` consecutive rows (the first row of a block takes the block's last completion). A partner
-    that shares the row's prompt is skipped for the next one back in the block (project decision KTO-b),
-    unless every row of the block has that prompt; with distinct prompts this is TRL's rotation exactly."""
-    partners = []
-    for start in range(0, len(prompt_ids), block):
-        size = min(block, len(prompt_ids) - start)
-        for offset in range(size):
-            candidates = [start + (offset - back) % size for back in range(1, size)]
-            other = [c for c in candidates if prompt_ids[c] != prompt_ids[start + offset]]
-            partners.append((other or candidates or [start + offset])[0])
-    return partners
-
-
-def shuffled_order(count: int, seed: int) -> list[int]:
-    """The seeded row order KTO data is written in before the rotation (KTO-b), so blocks mix classes and
-    prompts; training then reads the rows in this order."""
-    order = list(range(count))
-    random.Random(seed).shuffle(order)
-    return order
 
 
 @UNPAIRED_OBJECTIVES.register("kto")

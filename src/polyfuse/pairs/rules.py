@@ -34,6 +34,7 @@ from pydantic import Field, model_validator
 from polyfuse.config import StrictModel
 from polyfuse.data.schemas import PreferenceRow, SampleRow, SFTRow, assistant, stable_id
 from polyfuse.errors import ConfigError
+from polyfuse.pairs.unpaired import UnpairedSettings, build_unpaired
 
 
 class PairsConfig(StrictModel):
@@ -59,6 +60,10 @@ class PairsConfig(StrictModel):
     sources: list[str] | None = Field(default=None, description="Models that may give SFT targets and pairs; default all.")
     target: str | None = Field(default=None, description="WRPO: the SFT pivot whose samples give y_wt and y_l.")
     seed: int = Field(default=0, description="Seed of the SFT / preference split and of the random choices.")
+    unpaired: UnpairedSettings | None = Field(
+        default=None, description="Also write every judged response of the preference prompts as a desirable / "
+        "undesirable row (unpaired.jsonl: KTO, CGPO, FuseSFT); None: not. A recipe whose stages include `upo` "
+        "sets it.")
 
     @model_validator(mode="after")
     def _consistent(self) -> PairsConfig:
@@ -67,6 +72,9 @@ class PairsConfig(StrictModel):
         if self.reward is None and self.pair_choice != "random":
             raise ValueError(f"pair_choice {self.pair_choice!r} ranks pairs by reward, and no reward is given; set "
                              "`reward` to a reward scorer or use pair_choice: random")
+        if self.unpaired is not None and self.unpaired.threshold is not None and self.reward is None:
+            raise ValueError("unpaired.threshold labels responses by their reward, and no reward is given; set "
+                             "`reward` to a reward scorer or leave the threshold out (the verifiers label)")
         return self
 
 
@@ -167,6 +175,25 @@ def _check_rankable(samples: list[SampleRow], config: PairsConfig) -> None:
                           f"responses; {hint}")
 
 
+def pair_models(samples: list[SampleRow], config: PairsConfig) -> list[str]:
+    """The models whose responses give SFT targets, pairs and unpaired rows, in sample order: `sources` (default
+    all), never the WRPO `target`."""
+    order = list(dict.fromkeys(r.model for r in samples))
+    return [m for m in order if m in set(config.sources or order) and m != config.target]
+
+
+def unpaired_rows(samples: list[SampleRow], config: PairsConfig) -> tuple[list, dict]:
+    """The unpaired rows (`polyfuse.pairs.unpaired`) of the preference prompts of the split `build_pairs` makes,
+    and their counts."""
+    if config.unpaired is None:
+        return [], {}
+    _check_rankable(samples, config)
+    prompt_ids = {row.prompt_id for row in samples}
+    ranking = _Ranking(config, samples)
+    return build_unpaired(samples, config.unpaired, prompt_ids - sft_split(prompt_ids, config.sft_fraction, config.seed),
+                          pair_models(samples, config), ranking.reward)
+
+
 def build_pairs(samples: list[SampleRow], config: PairsConfig) -> tuple[list[SFTRow], list[PreferenceRow], dict]:
     """SFT rows, preference rows and the counts report (see the module docstring for the rules)."""
     _check_rankable(samples, config)
@@ -174,7 +201,7 @@ def build_pairs(samples: list[SampleRow], config: PairsConfig) -> tuple[list[SFT
     for row in samples:
         by_prompt[row.prompt_id].append(row)
     order = list(dict.fromkeys(r.model for r in samples))
-    allowed = set(config.sources or order) - ({config.target} if config.target else set())
+    allowed = set(pair_models(samples, config))
     ranking = _Ranking(config, samples)
     sft_prompts = sft_split(by_prompt, config.sft_fraction, config.seed)
     counts: Counter[str] = Counter()

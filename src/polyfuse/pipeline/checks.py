@@ -110,11 +110,12 @@ def _merge_inputs(recipe: Any) -> Iterator[tuple[str, ModelSpec]]:
 
 
 def _data_paths(node: Any) -> Iterator[tuple[str, str]]:
-    """(dotted key, path) of every data file a config names: a `PromptSource`'s `path` and any `data` key."""
+    """(dotted key, path) of every data file a config names: a `PromptSource`'s `path` and any `data` or
+    `calibration` key."""
     for where, value in walk_config(node):
         if isinstance(value, PromptSource) and value.data_file is not None:
             yield f"{where}.path", value.data_file
-        elif isinstance(value, str) and where.rpartition(".")[2] == "data":
+        elif isinstance(value, str) and where.rpartition(".")[2] in ("data", "calibration"):
             yield where, value
 
 

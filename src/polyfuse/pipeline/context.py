@@ -249,6 +249,20 @@ class TrainingStage(Stage):
 STAGES: Registry[type[Stage]] = Registry("stage", package="polyfuse.pipeline.stages")
 
 
+def objective_commands(objectives: Registry[Any]) -> list[Command]:
+    """One `train <objective>` per objective of a registry (adding an objective file adds a command), which fixes
+    the objective; its help is the first paragraph of the objective's docstring."""
+    import inspect
+
+    commands = []
+    for name in objectives.names():
+        summary = (inspect.getdoc(objectives.get(name)) or name).split("\n\n")[0]
+        cli = name.replace("_", "-")
+        commands.append(Command(f"train {cli}", {"objective": name}, " ".join(summary.split()),
+                                f"the {name} settings and the training settings", cli))
+    return commands
+
+
 def stage(name: str) -> Stage:
     return STAGES.get(name)()
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from rich.console import Console
 
-from polyfuse.data import PreferenceRow, SampleRow, SFTRow, read_rows
+from polyfuse.data import PreferenceRow, SampleRow, SFTRow, UnpairedRow, read_rows
 from polyfuse.data.io import atomic_write_text, write_json
 from polyfuse.data.sharded import process_state
 from polyfuse.evaluation import accuracy_table, load_eval_report
@@ -28,7 +28,7 @@ REPORT = "report.md"
 
 
 def domain_data(ctx: Context) -> dict[str, dict[str, int]]:
-    """Per domain, what the run trained on: SFT rows and preference pairs (from `pairs`), and how many sampled
+    """Per domain, what the run trained on: SFT rows, preference pairs and unpaired rows (from `pairs`), and how many sampled
     responses there were and how many the verifiers passed (from `score`)."""
     data: dict[str, Counter] = {}
 
@@ -39,6 +39,10 @@ def domain_data(ctx: Context) -> dict[str, dict[str, int]]:
     if "pairs" in ctx.outputs:
         add(read_rows(ctx.output("pairs", "sft"), SFTRow), "SFT rows")
         add(read_rows(ctx.output("pairs", "preference"), PreferenceRow), "pairs")
+        if "unpaired" in ctx.outputs["pairs"]:
+            unpaired = read_rows(ctx.output("pairs", "unpaired"), UnpairedRow)
+            add(unpaired, "unpaired D rows", lambda row: row.label == "D")
+            add(unpaired, "unpaired U rows", lambda row: row.label == "U")
     if "score" in ctx.outputs:
         samples = [row for row in read_rows(ctx.output("score", "scored"), SampleRow) if row.correct is not None]
         add(samples, "samples")

@@ -116,12 +116,21 @@ class Backend(ABC):
         return results
 
     def score(self, sequences: list[tuple[list[int], int]], token_budget: int = DEFAULT_TOKEN_BUDGET,
-              progress: Callable[[int], None] | None = None) -> list[tuple[float, int]]:
+              progress: Callable[[int], None] | None = None, entropy: bool = False,
+              entropy_top_k: int | None = None) -> list[tuple[float, ...]]:
         """(sum of the response tokens' log-probs in fp32, response token count) of each `(ids, prompt
         length)` sequence, in input order. `token_budget` bounds a forward's padded tokens where the
-        backend batches itself (transformers); `progress` is called with each finished count."""
+        backend batches itself (transformers); `progress` is called with each finished count. With `entropy`,
+        also the sum over the same positions of the next-token entropy divided by ln V (V: the LM head's
+        width), and, where it is estimated from each position's `entropy_top_k` largest log-probs (vllm),
+        the sum of the estimate's error bounds (else the entropy is exact and the bound absent)."""
         raise ConfigError(f"{self.spec.label}: the {self.config.type!r} backend cannot score sequences; "
                           "use the transformers or vllm backend")
+
+    @classmethod
+    def entropy_settings(cls, config: BackendSettings, entropy_top_k: int | None) -> BackendSettings:
+        """The options an engine that will score entropies is started with (vllm: enough prompt log-probs)."""
+        return config
 
     @classmethod
     def max_length(cls, spec: ModelSpec, config: BackendSettings) -> int | None:

@@ -74,8 +74,10 @@ class TransformersBackend(Backend):
             start += len(batch)
 
     def score(self, sequences: list[tuple[list[int], int]], token_budget: int = DEFAULT_TOKEN_BUDGET,
-              progress: Callable[[int], None] | None = None) -> list[tuple[float, int]]:
-        return score_sequences(self.model, sequences, pad_token_id(self.tokenizer), token_budget, progress)
+              progress: Callable[[int], None] | None = None, entropy: bool = False,
+              entropy_top_k: int | None = None) -> list[tuple[float, ...]]:
+        """The entropy is always exact here (the full logits are at hand): `entropy_top_k` is not needed."""
+        return score_sequences(self.model, sequences, pad_token_id(self.tokenizer), token_budget, progress, entropy)
 
     def close(self) -> None:
         self.model = None

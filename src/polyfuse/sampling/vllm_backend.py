@@ -25,6 +25,7 @@ the engine ("CPU Generator does not use offset") when a seeded request's prefill
 from __future__ import annotations
 
 import gc
+import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -156,6 +157,35 @@ def _own_gpus(tensor_parallel_size: int, on_cpu: bool) -> Iterator[None]:
             os.environ["CUDA_VISIBLE_DEVICES"] = visible
 
 
+def topk_entropy(top_logps: list[float], kth: float, vocab: int) -> tuple[float, float]:
+    """(estimate, error bound) of one position's H / ln V from the log-probs of the tokens it knows, the k
+    largest (`kth` the smallest of them) and maybe the scored token. The known tokens give their exact terms;
+    the tail mass m = 1 - their sum lies on the r = V - known others, each at most exp(kth), so the tail's
+    entropy is between m * -kth (every tail token as likely as the k-th) and m * ln(r / m) (spread evenly). The
+    estimate is the middle of the two; the bound is half their gap. Both divided by ln V."""
+    probs = [math.exp(lp) for lp in top_logps]
+    known = -math.fsum(p * lp for p, lp in zip(probs, top_logps, strict=True) if p > 0)
+    mass, rest = max(0.0, 1.0 - math.fsum(probs)), vocab - len(top_logps)
+    if mass <= 0.0 or rest <= 0:
+        return known / math.log(vocab), 0.0
+    low, high = mass * -kth, mass * math.log(rest / mass)
+    high = max(high, low)  # equal but for rounding: rest * exp(kth) >= mass
+    return (known + (low + high) / 2) / math.log(vocab), (high - low) / 2 / math.log(vocab)
+
+
+def position_entropy(entries: dict[int, Any], top_k: int | None, vocab: int) -> tuple[float, float]:
+    """(H / ln V, error bound) of one prompt position from vLLM's prompt log-probs there: exact from the full
+    vocabulary (`top_k` None), else `topk_entropy` from the k entries of rank <= k plus the scored token."""
+    logps = [entry.logprob for entry in entries.values()]
+    if top_k is None:
+        if len(logps) != vocab:
+            raise UserError(f"vLLM returned {len(logps)} prompt log-probs of a {vocab}-token vocabulary; the engine "
+                            "needs max_logprobs -1 for the exact entropy")
+        return -math.fsum(math.exp(lp) * lp for lp in logps if lp > -math.inf) / math.log(vocab), 0.0
+    kth = min(entry.logprob for entry in entries.values() if entry.rank is not None and entry.rank <= top_k)
+    return topk_entropy(logps, kth, vocab)
+
+
 @BACKENDS.register("vllm")
 class VllmBackend(Backend):
     Config = VllmSettings
@@ -218,23 +248,44 @@ class VllmBackend(Backend):
                 done(i, [decode_response(self.tokenizer, list(c.token_ids)) for c in output.outputs])
 
     def score(self, sequences: list[tuple[list[int], int]], token_budget: int = 0,
-              progress: Callable[[int], None] | None = None) -> list[tuple[float, int]]:
+              progress: Callable[[int], None] | None = None, entropy: bool = False,
+              entropy_top_k: int | None = None) -> list[tuple[float, ...]]:
+        """Prompt log-probs; with `entropy`, each position's distribution from the full vocabulary's prompt
+        log-probs (exact; the engine must allow them: `entropy_settings`) or from its `entropy_top_k` largest
+        (`topk_entropy`: an estimate and its error bound)."""
         for ids, _ in sequences:
             self._check_length(ids, "sequence to score")
         greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=1)
+        wanted = 0 if not entropy else (-1 if entropy_top_k is None else entropy_top_k)
+        vocab = self.engine.model_config.get_vocab_size()
         step = 256  # sequences per engine call, for the progress bar
-        results: list[tuple[float, int]] = []
+        results: list[tuple[float, ...]] = []
         for start in range(0, len(sequences), step):
             chunk = sequences[start : start + step]
             outputs = self.engine.generate([{"prompt_token_ids": ids} for ids, _ in chunk],
-                                           self._sampling(greedy, None, prompt_logprobs=0), use_tqdm=False)
+                                           self._sampling(greedy, None, prompt_logprobs=wanted), use_tqdm=False)
             for (ids, prompt_length), output in zip(chunk, outputs, strict=True):
-                # prompt_logprobs[j] holds log p(ids[j] | ids[:j]) (None at j = 0).
-                logps = [output.prompt_logprobs[j][ids[j]].logprob for j in range(prompt_length, len(ids))]
-                results.append((float(sum(logps)), len(logps)))
+                # prompt_logprobs[j] holds log p(ids[j] | ids[:j]) (None at j = 0), and with entropy the
+                # distribution it was drawn from (all of it, or its top k plus ids[j]).
+                positions = [output.prompt_logprobs[j] for j in range(prompt_length, len(ids))]
+                logps = [entries[ids[j]].logprob for j, entries in zip(range(prompt_length, len(ids)), positions, strict=True)]
+                values: tuple[float, ...] = (float(sum(logps)), len(logps))
+                if entropy:
+                    estimates = [position_entropy(entries, entropy_top_k, vocab) for entries in positions]
+                    values += (sum(h for h, _ in estimates),)
+                    if entropy_top_k is not None:
+                        values += (sum(bound for _, bound in estimates),)
+                results.append(values)
             if progress is not None:
                 progress(len(chunk))
         return results
+
+    @classmethod
+    def entropy_settings(cls, config: VllmSettings, entropy_top_k: int | None) -> VllmSettings:
+        """`max_logprobs` -1 (every log-prob of the vocabulary may be asked for) for the exact entropy, at least
+        `entropy_top_k` for the estimate; a value the user gave in `engine_args` is kept."""
+        wanted = -1 if entropy_top_k is None else max(entropy_top_k, 20)
+        return config.model_copy(update={"engine_args": {"max_logprobs": wanted, **config.engine_args}})
 
     def close(self) -> None:
         """Shut the engine down and release its memory before the next model's engine starts."""

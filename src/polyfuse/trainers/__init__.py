@@ -1,4 +1,5 @@
-"""Thin `transformers.Trainer` subclasses for SFT, distillation and preference training, and their entry points."""
+"""Thin `transformers.Trainer` subclasses for SFT, distillation, preference and unpaired training, and their entry
+points."""
 
 from polyfuse.trainers.collate import SequenceCollator, SharedPromptCollator
 from polyfuse.trainers.config import LoraSettings, TrainConfig
@@ -12,6 +13,7 @@ from polyfuse.trainers.preference import (
 )
 from polyfuse.trainers.sft import SFTTrainConfig, SFTTrainer, tokenize_sft, train_sft
 from polyfuse.trainers.trainer import PolyfuseTrainer
+from polyfuse.trainers.unpaired import UnpairedTrainConfig, UnpairedTrainer, train_unpaired
 
 __all__ = [
     "DistillCollator",
@@ -26,10 +28,13 @@ __all__ = [
     "SequenceCollator",
     "SharedPromptCollator",
     "TrainConfig",
+    "UnpairedTrainConfig",
+    "UnpairedTrainer",
     "ensure_reference_columns",
     "tokenize_pairs",
     "tokenize_sft",
     "train_distill",
     "train_preference",
     "train_sft",
+    "train_unpaired",
 ]

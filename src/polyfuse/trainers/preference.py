@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 from transformers import TrainerCallback
 
-from polyfuse.data.schemas import PreferenceRow, response_text
+from polyfuse.data.schemas import PreferenceRow, UnpairedRow, response_text
 from polyfuse.errors import DataError
 from polyfuse.logprobs import (
     LogpReport,
@@ -27,7 +27,7 @@ from polyfuse.logprobs import (
 )
 from polyfuse.models import ModelSpec, encode, load_model, load_tokenizer
 from polyfuse.models.forward import length_limit, pad_token_id
-from polyfuse.objectives import OBJECTIVES, PreferenceBatch, PreferenceObjective
+from polyfuse.objectives import OBJECTIVES, PreferenceBatch, PreferenceObjective, UnpairedObjective
 from polyfuse.progress import progress_task
 from polyfuse.trainers.checkpoints import data_fingerprint
 from polyfuse.trainers.collate import SequenceCollator, collator_for
@@ -103,19 +103,19 @@ class PreferenceTrainer(PolyfuseTrainer):
 def ensure_reference_columns(
     model: Any,
     tokenizer: Any,
-    rows: list[PreferenceRow],
-    objective: PreferenceObjective,
+    rows: list[PreferenceRow] | list[UnpairedRow],
+    objective: PreferenceObjective | UnpairedObjective,
     token_budget: int = 4096,
     max_length: int | None = None,
     report: LogpReport | None = None,
-) -> list[PreferenceRow]:
-    """Rows with every column the objective reads (checked first by `check_preference_rows`): missing `ref_*`
-    columns are computed with `model`, which must be the initial pivot M0."""
+) -> list[PreferenceRow] | list[UnpairedRow]:
+    """Rows with every column the objective reads (checked first by `check_preference_rows`, or the unpaired
+    trainer's checks): missing `ref_*` columns are computed with `model`, which must be the initial pivot M0."""
     missing = {c for c in objective.required_columns() for row in rows if getattr(row, c, None) is None}
     if not missing:
         return rows
     logger.info(
-        "scoring %d pairs with the initial model for reference columns %s", len(rows), sorted(missing)
+        "scoring %d rows with the initial model for reference columns %s", len(rows), sorted(missing)
     )
     total = sum(len(roles_of(row)) for row in rows)
     with progress_task("reference log-probs", total) as advance:
@@ -149,17 +149,20 @@ def check_preference_rows(rows: list[PreferenceRow], objective: PreferenceObject
 
 
 def tokenize_pairs(
-    tokenizer: Any, rows: list[PreferenceRow], roles: tuple[str, ...], max_length: int
+    tokenizer: Any, rows: list[PreferenceRow | UnpairedRow], roles: tuple[str, ...], max_length: int,
+    columns: tuple[str, ...] | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Features for `SequenceCollator` (ids per role plus the precomputed columns every row has), and the
-    ids of rows dropped for exceeding `max_length`. A response whose token count differs from its
-    `ref_*_ntokens` column means the references scored other tokens: that is an error."""
-    candidates = rows[0].model_dump(exclude_none=True) if rows else {}
-    columns = sorted(
-        name
-        for name in candidates
-        if name.startswith(PRECOMPUTED_PREFIXES) and all(getattr(row, name, None) is not None for row in rows)
-    )
+    """Features for `SequenceCollator` (ids per role plus the precomputed `columns`, by default every `ref_*` /
+    `fuse_*` column every row has), and the ids of rows dropped for exceeding `max_length`. A response whose
+    token count differs from its `ref_*_ntokens` column means the references scored other tokens: that is an
+    error."""
+    if columns is None:
+        candidates = rows[0].model_dump(exclude_none=True) if rows else {}
+        columns = tuple(sorted(
+            name
+            for name in candidates
+            if name.startswith(PRECOMPUTED_PREFIXES) and all(getattr(row, name, None) is not None for row in rows)
+        ))
     features, dropped = [], []
     for row in rows:
         feature: dict[str, Any] = {name: getattr(row, name) for name in columns}

@@ -1,5 +1,6 @@
-"""Stage `logprobs`: sequence log-probs of the pairs under the current pivot (`ref_*`) and, unless
-`sources: false`, under every source of the recipe (`fuse_*`, for InfiFPO), through
+"""Stage `logprobs`: sequence log-probs of the pairs (or, when the recipe trains with `upo`, of the unpaired rows)
+under the current pivot (`ref_*`) and, unless `sources: false`, under every source of the recipe (`fuse_*`, for
+InfiFPO and CGPO; with the sources' completion entropies for unpaired rows), through
 `polyfuse.logprobs.run_logprobs`. Each model is scored through its own `backend:` (or the section's `backend`)."""
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from polyfuse.config import fingerprinted
-from polyfuse.data.schemas import PreferenceRow
+from polyfuse.data.schemas import ScoredRow, UnpairedRow
 from polyfuse.logprobs import LogprobsConfig, run_logprobs
 from polyfuse.pipeline.context import STAGES, CommandInput, Context, Stage, model_specs, model_stages
 from polyfuse.sampling import BACKENDS, EngineModel
@@ -16,9 +17,9 @@ from polyfuse.sampling import BACKENDS, EngineModel
 
 @STAGES.register("logprobs")
 class LogprobsStage(Stage):
-    """Sequence log-probs of every pair under the initial pivot (ref_* columns) and every source (fuse_*
-    columns), each model through its own tokenizer and chat template; resumable, data parallel under
-    accelerate."""
+    """Sequence log-probs of every pair or unpaired row under the initial pivot (ref_* columns) and every source
+    (fuse_* columns; for unpaired rows also each source's completion entropy), each model through its own
+    tokenizer and chat template; resumable, data parallel under accelerate."""
 
     name = "logprobs"
     position = 90
@@ -27,8 +28,8 @@ class LogprobsStage(Stage):
     needs = ("pairs",)
     command = "logprobs"
     config_help = "the initial pivot M0 (ref_* columns) and the sources (fuse_* columns)"
-    command_inputs = (CommandInput("data", "Preference rows (TRL prompt/chosen/rejected, and chosen_source for WRPO).",
-                                   schema=PreferenceRow),)
+    command_inputs = (CommandInput("data", "Preference rows (TRL prompt/chosen/rejected, and chosen_source for WRPO), "
+                                   "or unpaired rows (prompt/completion/label, and kl_completion).", schema=ScoredRow),)
     output = "preference.jsonl"
     output_help = "Output file: .jsonl, .parquet, or a folder for `datasets`."
 
@@ -66,17 +67,29 @@ class LogprobsStage(Stage):
         pivot = model_specs([ctx.current_pivot("logprobs")], EngineModel)[0]
         return ctx.recipe.logprobs.model_copy(update={"pivot": EngineModel.model_validate(pivot)})
 
+    def rows_key(self, recipe) -> str:
+        """The rows the recipe scores: the unpaired rows when it trains on them (`upo`), else the pairs."""
+        return "unpaired" if "upo" in recipe.stages else "preference"
+
     def input_paths(self, ctx: Context) -> dict[str, str]:
-        return {"data": ctx.output("pairs", "preference")}
+        return {"data": ctx.output("pairs", self.rows_key(ctx.recipe))}
 
     def inputs(self, ctx: Context) -> dict[str, str]:
         config = self.engine_config(ctx)
+        key = self.rows_key(ctx.recipe)
         return {
-            "preference": ctx.output("pairs", "preference"),
+            key: ctx.output("pairs", key),
             "pivot": config.pivot.path,
             **{f"sources[{i}]": s.path for i, s in enumerate(config.sources)},
         }
 
+    def run(self, ctx: Context, folder: Path) -> dict[str, str]:
+        """The scored rows go to `<rows>.jsonl` in the stage folder: `preference.jsonl` or `unpaired.jsonl`."""
+        out = folder / f"{self.rows_key(ctx.recipe)}.jsonl"
+        return self.execute(self.engine_config(ctx), self.read_inputs(ctx), out, quiet=ctx.quiet)
+
     def execute(self, config: LogprobsConfig, inputs: dict[str, Any], out: Path, quiet: bool = False,
                 resume: bool | None = None) -> dict[str, str]:
-        return {"preference": str(run_logprobs(config, inputs["data"].rows, out, quiet))}
+        rows = inputs["data"].rows
+        key = "unpaired" if rows and isinstance(rows[0], UnpairedRow) else "preference"
+        return {key: str(run_logprobs(config, rows, out, quiet))}

@@ -14,7 +14,8 @@ from polyfuse.pipeline.context import STAGES, CommandInput, Context, Stage
 @STAGES.register("pairs")
 class PairsStage(Stage):
     """Build SFT rows and preference pairs with the FuseChat-3.0 rules (or the WRPO and cross-model layouts),
-    ranked by verifier verdicts, a reward model, or both."""
+    ranked by verifier verdicts, a reward model, or both; with `unpaired:`, also every judged response of the
+    preference prompts as a desirable / undesirable row (KTO, CGPO, FuseSFT)."""
 
     name = "pairs"
     position = 40
@@ -41,10 +42,31 @@ class PairsStage(Stage):
         if recipe.pairs.reward is None and "verifier" not in kinds.values():
             raise ValueError("pairs: no reward is set and the score stage has no verifier, so nothing ranks the "
                              f"responses; set pairs.reward to one of: {', '.join(rewards)}, or add a verifier")
-        for fraction, stage, rows in ((0.0, "sft", "SFT rows"), (1.0, "po", "preference pairs")):
+        for fraction, stage, rows in ((0.0, "sft", "SFT rows"), (1.0, "po", "preference pairs"), (1.0, "upo", "unpaired rows")):
             if recipe.pairs.sft_fraction == fraction and stage in recipe.stages:
                 raise ValueError(f"pairs.sft_fraction is {fraction:g}: no prompt gives {rows}, but the recipe runs "
                                  f"'{stage}'")
+
+    def fill(self, section: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
+        """The seed, and, when the recipe trains with `upo`, the unpaired rows its objective needs: their KL
+        completions' rule and, for kto, the block they rotate in (upo's batch_size); what the section gives wins."""
+        from polyfuse.pipeline.stages.upo import kl_rule
+        from polyfuse.trainers import UnpairedTrainConfig
+
+        section = super().fill(section, recipe)
+        upo, unpaired = recipe.get("upo"), section.get("unpaired", {})
+        if "upo" in (recipe.get("stages") or []) and isinstance(upo, dict) and isinstance(unpaired, dict):
+            defaults = UnpairedTrainConfig.model_fields
+            args = upo.get("objective_args")
+            rule = kl_rule(upo.get("objective", defaults["objective"].default), args if isinstance(args, dict) else {})
+            filled = {"kl_completion": rule, "kl_block": upo.get("batch_size", defaults["batch_size"].default)}
+            unpaired.update({k: v for k, v in filled.items() if k not in unpaired and (rule == "rotation" or k != "kl_block")})
+            section["unpaired"] = unpaired
+        return section
+
+    def recipe_fills(self) -> dict[str, str | None]:
+        return {**super().recipe_fills(), "unpaired": "when the recipe trains with `upo`: the KL completions its "
+                "objective needs (kl_completion, and kto's kl_block = upo.batch_size)"}
 
     def input_paths(self, ctx: Context) -> dict[str, str]:
         return {"scored": ctx.output("score", "scored")}

@@ -4,12 +4,19 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
 from polyfuse.data.schemas import PreferenceRow
-from polyfuse.pipeline.context import MODEL, STAGES, Command, CommandInput, Context, TrainingStage
+from polyfuse.pipeline.context import (
+    MODEL,
+    STAGES,
+    Command,
+    CommandInput,
+    Context,
+    TrainingStage,
+    objective_commands,
+)
 from polyfuse.trainers import PreferenceTrainConfig
 
 
@@ -29,20 +36,18 @@ class POStage(TrainingStage):
     )
 
     def commands(self) -> list[Command]:
-        """One `train <objective>` per registered objective (adding an objective file adds a command), which
-        fixes the objective; its help is the first paragraph of the objective's docstring."""
+        """One `train <objective>` per registered preference objective (adding an objective file adds a command)."""
         from polyfuse.objectives import OBJECTIVES
 
-        commands = []
-        for name in OBJECTIVES.names():
-            summary = (inspect.getdoc(OBJECTIVES.get(name)) or name).split("\n\n")[0]
-            cli = name.replace("_", "-")
-            commands.append(Command(f"train {cli}", {"objective": name}, " ".join(summary.split()),
-                                    f"beta and the other {name} settings, and the training settings", cli))
-        return commands
+        return objective_commands(OBJECTIVES)
 
     def label(self, recipe: Any) -> str:
         return recipe.po.objective.upper()
+
+    def check(self, recipe: Any) -> None:
+        if "upo" in recipe.stages:
+            raise ValueError("stages: a recipe trains with pairs (po) or with unpaired rows (upo), not both; run "
+                             "two recipes with the same seed to compare them on the same samples")
 
     def input_paths(self, ctx: Context) -> dict[str, str]:
         return {"data": ctx.outputs.get("logprobs", {}).get("preference") or ctx.output("pairs", "preference")}
