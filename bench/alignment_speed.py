@@ -27,6 +27,7 @@ Run it
 ------
     python bench/alignment_speed.py                      # 1000 responses, reference DP on 30
     python bench/alignment_speed.py --responses 200 --reference 10 --skip-mined
+    python bench/alignment_speed.py --smoke              # two toy-world tokenizers, 12 responses: seconds
 """
 
 from __future__ import annotations
@@ -60,6 +61,14 @@ def to_response_indices(groups, index_a: list[int], index_b: list[int]):
     return [([index_a[i] for i in a], [index_b[j] for j in b]) for a, b in groups]
 
 
+def toy_tokenizers() -> dict:
+    """The smoke run's pair: two toy-world tokenizers of different algorithms and templates."""
+    from polyfuse.toyworld.tokenizers import train_tokenizer
+
+    return {"toy byte-level BPE": train_tokenizer("bpe-bytelevel", 400, "llama3"),
+            "toy metaspace BPE": train_tokenizer("bpe-metaspace", 400, "zephyr")}
+
+
 def best_of(repeats: int, compute):
     """(result, best wall time in seconds) of `repeats` calls of `compute`."""
     times = []
@@ -78,7 +87,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the offsets and DP timings (best kept)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-mined", action="store_true", help="time only the exact vocabulary maps")
+    parser.add_argument("--smoke", action="store_true", help="two toy-world tokenizers (byte-level BPE, "
+                        "SentencePiece-style BPE) instead of SmolLM2 and Gemma-3, 12 responses, one round: seconds")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.responses, args.reference, args.long, args.repeats = 12, 4, 256, 1
 
     import torch
 
@@ -88,17 +101,17 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = [(r["prompt"], r["chosen"][0]["content"]) for r in synthetic_pairs(args.responses, seed=args.seed)]
     started = time.perf_counter()
-    tokenizers = {}
-    for name, gguf in (("SmolLM2", smollm2_gguf()), ("Gemma-3", gemma3_gguf())):
-        tokenizers[name] = load_tokenizer(ModelSpec(path=str(gguf.parent), gguf_file=gguf.name))
-    print(f"tokenizers loaded from GGUF in {time.perf_counter() - started:.1f} s")
-    smol, gemma = tokenizers["SmolLM2"], tokenizers["Gemma-3"]
+    tokenizers = toy_tokenizers() if args.smoke else {
+        name: load_tokenizer(ModelSpec(path=str(gguf.parent), gguf_file=gguf.name))
+        for name, gguf in (("SmolLM2", smollm2_gguf()), ("Gemma-3", gemma3_gguf()))}
+    print(f"tokenizers {', '.join(tokenizers)} loaded in {time.perf_counter() - started:.1f} s")
+    (first, one), (second, other) = tokenizers.items()
     tables = {name: token_bytes(t) for name, t in tokenizers.items()}
 
     spans, spans_time = best_of(
-        args.repeats, lambda: [(response_spans(smol, p, r), response_spans(gemma, p, r)) for p, r in rows])
+        args.repeats, lambda: [(response_spans(one, p, r), response_spans(other, p, r)) for p, r in rows])
     offset_groups, walk_time = best_of(args.repeats, lambda: [align_offsets(a[1], b[1]) for a, b in spans])
-    texts = [(text_tokens(tables["SmolLM2"], *a), text_tokens(tables["Gemma-3"], *b)) for a, b in spans]
+    texts = [(text_tokens(tables[first], *a), text_tokens(tables[second], *b)) for a, b in spans]
     sides = [(a[1], b[1]) for a, b in texts]
     tokens = sum(len(a) + len(b) for a, b in sides)
     dp_groups, dp_time = best_of(args.repeats, lambda: [align_dp(a, b) for a, b in sides])
@@ -150,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---:|---:|---:|")
     methods = ["exact"] if args.skip_mined else ["exact", "mined"]
     with tempfile.TemporaryDirectory() as cache:
-        for source, pivot in (("SmolLM2", "Gemma-3"), ("Gemma-3", "SmolLM2")):
+        for source, pivot in ((first, second), (second, first)):
             for method in methods:
                 started = time.perf_counter()
                 mapping = vocab_map(tokenizers[source], tokenizers[pivot], method, cache_dir=cache)

@@ -1,6 +1,7 @@
 """Run `polyfuse demo` for several seeds and print the per-domain accuracy table, mean and spread.
 
     python bench/demo_seeds.py --seeds 0 1 2 --work-dir runs/demo-seeds
+    python bench/demo_seeds.py --smoke    # the tiny world, seed 0, in runs/demo-seeds-smoke: seconds
 
 Each seed changes sampling, the SFT/PO split and training; the toy world itself (seed 0) is shared.
 The Markdown table printed at the end is what `docs/results.md` records.
@@ -23,7 +24,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--work-dir", type=Path, default=Path("runs/demo-seeds"))
     parser.add_argument("--preset", default="default")
+    parser.add_argument("--smoke", action="store_true", help="--preset tiny --seeds 0 (default work dir "
+                        "runs/demo-seeds-smoke): the plumbing in seconds")
     args = parser.parse_args()
+    if args.smoke:
+        args.preset, args.seeds = "tiny", [0]
+        if args.work_dir == parser.get_default("work_dir"):
+            args.work_dir = Path("runs/demo-seeds-smoke")
     summaries = [run_demo(args.work_dir / f"seed{seed}", seed=seed, preset=args.preset, quiet=True)
                  for seed in args.seeds]
     models = list(summaries[0]["accuracy"])

@@ -14,6 +14,7 @@ Each phase prints its wall time, its peak RSS and the logged losses; the last li
 
     python bench/distill_real.py                    # 16 texts, 4 steps, 2 threads
     python bench/distill_real.py --texts 32 --steps 8
+    python bench/distill_real.py --smoke            # the tiny toy world's pivot and a source, 4 short texts: seconds
 """
 
 from __future__ import annotations
@@ -27,24 +28,30 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _pairs import gemma3_gguf, peak_rss_mib, smollm2_gguf, synthetic_pairs  # noqa: E402
+from _pairs import gemma3_gguf, peak_rss_mib, smollm2_gguf, synthetic_pairs, tiny_world  # noqa: E402
 
 
-def texts(n: int) -> list:
-    """SFT rows: synthetic chat prompts with their first response, clipped to 80 words (CPU time)."""
+def texts(n: int, prompt_words: int = 60, response_words: int = 80) -> list:
+    """SFT rows: synthetic chat prompts with their first response, clipped (CPU time)."""
     from polyfuse.data import SFTRow
 
     rows = []
     for pair in synthetic_pairs(n, seed=1):
-        words = pair["chosen"][0]["content"].split()[:80]
-        prompt = [{**m, "content": " ".join(m["content"].split()[:60])} for m in pair["prompt"]]
+        words = pair["chosen"][0]["content"].split()[:response_words]
+        prompt = [{**m, "content": " ".join(m["content"].split()[:prompt_words])} for m in pair["prompt"]]
         rows.append(SFTRow(id=pair["id"], prompt=prompt, completion=" ".join(words)))
     return rows
 
 
-def models():
+def models(smoke: bool):
+    """(student, teacher): SmolLM2 and Gemma-3, or in a smoke run the tiny toy world's pivot and one source
+    (other architecture, other tokenizer)."""
     from polyfuse.models import ModelSpec
 
+    if smoke:
+        world = tiny_world()
+        return (ModelSpec(name="pivot", path=str(world.pivot_path)),
+                ModelSpec(name="llama-compare", path=str(world.source_paths["llama-compare"])))
     smol, gemma = smollm2_gguf(), gemma3_gguf()
     return (ModelSpec(name="smollm2", path=str(smol.parent), gguf_file=smol.name),
             ModelSpec(name="gemma3", path=str(gemma.parent), gguf_file=gemma.name))
@@ -75,8 +82,8 @@ def phase(name: str, args: argparse.Namespace) -> dict:
     from polyfuse.trainers import DistillTrainConfig, train_distill
 
     torch.set_num_threads(args.threads)
-    student, teacher = models()
-    rows = texts(args.texts)
+    student, teacher = models(args.smoke)
+    rows = texts(args.texts, 4, 6) if args.smoke else texts(args.texts)  # the toy models have 128 positions
     store = args.work_dir / "store"
     started = time.perf_counter()
     if name == "teacher":
@@ -93,8 +100,8 @@ def phase(name: str, args: argparse.Namespace) -> dict:
                                   "positions_per_s": round(manifest["positions"] / scoring, 1)}
     else:
         batch = max(1, args.texts // args.steps)
-        objective = {"uld": {"objective": "uld", "teachers": ["gemma3"]},
-                     "fusellm": {"objective": "fusellm", "teachers": ["smollm2", "gemma3"]}}[name]
+        objective = {"uld": {"objective": "uld", "teachers": [teacher.label]},
+                     "fusellm": {"objective": "fusellm", "teachers": [student.label, teacher.label]}}[name]
         config = DistillTrainConfig(**objective, batch_size=batch, epochs=1, learning_rate=1e-5, max_length=512,
                                     warmup_ratio=0.0, logging_steps=1)
         out = train_distill(student, rows, store, config, args.work_dir / name)
@@ -112,15 +119,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work-dir", type=Path, default=Path("runs/distill-real"))
+    parser.add_argument("--smoke", action="store_true", help="the tiny toy world's pivot (student) and a source "
+                        "(teacher) instead of SmolLM2 and Gemma-3, 4 short texts, 1 step: the plumbing in seconds")
     parser.add_argument("--phase", choices=["teacher", "uld", "fusellm"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smoke:
+        args.texts, args.steps, args.threads = 4, 1, 1
     if args.phase:
         print("RESULT " + json.dumps(phase(args.phase, args)))
         return
     results = []
     for name in ("teacher", "uld", "fusellm"):
         command = [sys.executable, __file__, "--phase", name, "--texts", str(args.texts), "--steps", str(args.steps),
-                   "--threads", str(args.threads), "--work-dir", str(args.work_dir)]
+                   "--threads", str(args.threads), "--work-dir", str(args.work_dir), *(["--smoke"] if args.smoke else [])]
         proc = subprocess.run(command, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"phase {name} failed:\n{proc.stderr[-4000:]}")

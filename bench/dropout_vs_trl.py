@@ -7,18 +7,21 @@ the reference's are not, and the loss moves away from ln 2. The tools tokenise t
 pairs with the same chat template; the reference of polyfuse is the precomputed `ref_*` columns (M0 in
 eval mode), TRL's a reference model scoring in eval mode.
 
-    pip install --no-deps trl==1.16.0
-    python bench/dropout_vs_trl.py
+    pip install -e '.[bench]'       # TRL 1.16 (or: pip install --no-deps trl==1.16.0)
+    python bench/dropout_vs_trl.py   # seconds: the test suite runs it as it is
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import random
 import sys
 import tempfile
 from pathlib import Path
+
+from _train_bench import require_trl, trl_help
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -82,7 +85,9 @@ def trl_first_loss(model_dir: str, data: list[dict], disable: bool, work: Path) 
     return next(e["loss"] for e in trainer.state.log_history if "loss" in e)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " " + trl_help()).parse_args(argv)
+    require_trl()
     work = Path(tempfile.mkdtemp(prefix="dropout-vs-trl-"))
     model_dir = build_gpt2(work / "gpt2", 0.1)
     data = rows(8)

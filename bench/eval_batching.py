@@ -4,6 +4,7 @@ world's held-out prompts, with every toy model; plus the cost of the gold bits p
 measures (one token-budget `score` call per model).
 
     python bench/eval_batching.py [--preset tiny --per-domain 100 --rounds 3 --budgets 4096 8192 16384]
+    python bench/eval_batching.py --smoke    # 4 prompts per domain, one round, two settings: seconds
 
 Rounds interleave the settings (A, B, C, A, B, C, ...) so that load on a shared machine hits each alike; the
 best round per setting is reported, and the responses of every setting are checked to be the same.
@@ -27,7 +28,11 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--budgets", type=int, nargs="+", default=[4096, 8192, 16384])
+    parser.add_argument("--smoke", action="store_true", help="tiny world, 4 prompts per domain, 8 new tokens, "
+                        "one round, one budget: seconds")
     args = parser.parse_args()
+    if args.smoke:
+        args.preset, args.per_domain, args.max_new_tokens, args.rounds, args.budgets = "tiny", 4, 8, 1, [4096]
 
     import torch
 

@@ -1,8 +1,8 @@
 """Explicit fusion on the offline toy world, over several seeds: SFT only against FuseLLM (MinCE, AvgCE)
 and InfiFusion (pairwise + TIES merge; unified with plain averaging and with uncertainty weighting).
 
-    python bench/explicit_fusion.py --seeds 0 1 2                                          # the full run
-    python bench/explicit_fusion.py --preset tiny --seeds 0 --work-dir runs/explicit-fusion-tiny   # smoke
+    python bench/explicit_fusion.py --seeds 0 1 2 --out docs/explicit-fusion   # the full run
+    python bench/explicit_fusion.py --smoke      # tiny world, seed 0, in runs/explicit-fusion-smoke: the plumbing
 
 Per seed, in `<work-dir>/seed<N>/`:
 1. the `infifusion-unified-toy` recipe up to `teacher`: prompts, sampling, scoring, the training texts (the
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _seeds import cell_values, chart, evaluate_cached, markdown, mean_sd, timed
+from _seeds import SMOKE_DATA, cell_values, chart, evaluate_cached, markdown, mean_sd, timed
 from rich.console import Console
 
 from polyfuse.data.io import read_rows, write_json
@@ -76,9 +76,13 @@ METHODS = [
 
 
 def seed_recipe(seed: int, preset: str) -> Recipe:
-    overrides = [f"seed={seed}", f"toyworld.preset={preset}", f"stages={DATA_STAGES}", "teacher.include_pivot=true"]
-    if preset == "tiny":  # barely trained models are never verifier-correct: rank by the reward model alone
+    """The recipe of one seed; preset `smoke` is the tiny world on a few prompts, one epoch."""
+    world = "tiny" if preset == "smoke" else preset
+    overrides = [f"seed={seed}", f"toyworld.preset={world}", f"stages={DATA_STAGES}", "teacher.include_pivot=true"]
+    if world == "tiny":  # barely trained models are never verifier-correct: rank by the reward model alone
         overrides += [TINY_SCORERS, "eval.scorers=[{type: toyworld}]", "pairs.gap_window=null"]
+    if preset == "smoke":
+        overrides += [*SMOKE_DATA, "distill.epochs=1", "distill.batch_size=4"]
     return load_recipe(recipe_path(RECIPE), overrides)
 
 
@@ -177,8 +181,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--preset", default="default", choices=["default", "tiny"])
     parser.add_argument("--work-dir", type=Path, default=Path("runs/explicit-fusion"))
-    parser.add_argument("--out", type=Path, default=Path("docs/explicit-fusion"))
+    parser.add_argument("--out", type=Path, default=None, help="Folder for the PNG and JSON (default: work dir).")
+    parser.add_argument("--smoke", action="store_true", help="every method on the tiny world with 8 prompts per "
+                        "domain, one epoch, seed 0 (default work dir runs/explicit-fusion-smoke): the plumbing")
     args = parser.parse_args()
+    if args.smoke:
+        args.preset, args.seeds = "smoke", [0]
+        if args.work_dir == parser.get_default("work_dir"):
+            args.work_dir = Path("runs/explicit-fusion-smoke")
+    args.out = args.out or args.work_dir
 
     import torch
 

@@ -2,7 +2,7 @@
 its fusion/LN/clip ablations, on polyfuse's offline toy world, over several seeds.
 
     python bench/infifpo_ablation.py --seeds 0 1 2                                     # the full run
-    python bench/infifpo_ablation.py --preset tiny --seeds 0 --work-dir runs/infifpo-ablation-tiny   # smoke
+    python bench/infifpo_ablation.py --smoke    # tiny world, seed 0, in runs/infifpo-ablation-smoke: the plumbing
 
 Per seed, in `<work-dir>/seed<N>/`:
 1. the `infifpo-toy` recipe up to `logprobs` (sources n=4 + pivot n=8, cross-model pairs, SFT on half of the
@@ -15,7 +15,7 @@ Per seed, in `<work-dir>/seed<N>/`:
 Every step is skipped when its output exists, so a killed run resumes. The seed sets the prompts, sampling,
 the SFT/PO split (`pairs.seed`) and the SFT and PO training seeds; the toy world (world seed 0) is shared.
 The last row, InfiFPO with `fusion: none` (LN-DPO at InfiFPO's beta), is a control that isolates fusion.
-With `--preset tiny` (a plumbing test) responses are ranked by the reward model alone: the barely trained
+With `--preset tiny` (and `--smoke`, a plumbing test on a few prompts) responses are ranked by the reward model alone: the barely trained
 tiny models are never verifier-correct, so verifier gating would leave no SFT rows.
 
 Prints a Markdown table (rows = methods, columns = toy domains then their average, mean ± standard
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _seeds import cell_values, chart, evaluate_cached, markdown, mean_sd, timed
+from _seeds import SMOKE_DATA, cell_values, chart, evaluate_cached, markdown, mean_sd, timed
 
 from polyfuse.data.io import read_rows, write_json
 from polyfuse.data.schemas import PreferenceRow, PromptRow, SampleRow, response_text
@@ -102,16 +102,21 @@ def trained_spec(recipe: Recipe, path: str | Path) -> ModelSpec:
 
 
 def seed_recipe(seed: int, preset: str) -> Recipe:
+    """The recipe of one seed; preset `smoke` is the tiny world on a few prompts, one epoch."""
+    world = "tiny" if preset == "smoke" else preset
     overrides = [
         f"seed={seed}",
-        f"toyworld.preset={preset}",
+        f"toyworld.preset={world}",
         f"stages={DATA_STAGES}",
         f"pairs.seed={seed}",
         f"sft.seed={seed}",
         f"po.seed={seed}",
     ]
-    if preset == "tiny":  # barely trained models are never verifier-correct: rank by the reward model alone
+    if world == "tiny":  # barely trained models are never verifier-correct: rank by the reward model alone
         overrides += [TINY_SCORERS, "eval.scorers=[{type: toyworld}]"]
+    if preset == "smoke":
+        overrides += [*SMOKE_DATA, "sft.epochs=1", "sft.batch_size=4", "po.epochs=1", "po.batch_size=4",
+                      "po.logging_steps=1"]  # 3 steps: log each, the details print first and last
     return load_recipe(recipe_path(RECIPE), overrides)
 
 
@@ -340,7 +345,13 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=None, help="Folder for the PNG and JSON (default: work dir)."
     )
+    parser.add_argument("--smoke", action="store_true", help="every method on the tiny world with 8 prompts per "
+                        "domain, one epoch, seed 0 (default work dir runs/infifpo-ablation-smoke): the plumbing")
     args = parser.parse_args()
+    if args.smoke:
+        args.preset, args.seeds = "smoke", [0]
+        if args.work_dir == parser.get_default("work_dir"):
+            args.work_dir = Path("runs/infifpo-ablation-smoke")
     import torch
 
     torch.set_num_threads(1)  # tiny models on shared cores: one thread is as fast and never oversubscribed

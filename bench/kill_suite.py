@@ -2,6 +2,7 @@
 what a rerun gets back.
 
     python bench/kill_suite.py --random 20 --work-dir runs/kill-suite
+    python bench/kill_suite.py --smoke     # one kill, before the first rename, and its rerun
 
 An uninterrupted run gives the reference and the list of its renames (every atomic write's commit point).
 Then, for every n, a fresh work folder runs the recipe killed (SIGKILL) just before its n-th rename and is
@@ -37,7 +38,11 @@ def main() -> None:
     parser.add_argument("--random", type=int, default=20, help="random-moment kills")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--every", type=int, default=1, help="kill before every n-th rename only")
+    parser.add_argument("--smoke", action="store_true", help="one kill, before the first rename, no random kill "
+                        "(the reference run, the killed run and its rerun)")
     args = parser.parse_args()
+    if args.smoke:
+        args.every, args.random = 10**9, 0
     shutil.rmtree(args.work_dir, ignore_errors=True)
     args.work_dir.mkdir(parents=True)
     recipe = args.work_dir / "recipe.yaml"

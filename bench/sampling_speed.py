@@ -3,6 +3,7 @@ backend (a vLLM server), on the same prompts and model (SmolLM2-135M-Instruct fr
 exported to a safetensors folder in fp32), interleaved round by round.
 
     python bench/sampling_speed.py [--prompts 16 --n 4 --max-new-tokens 64 --rounds 3]
+    python bench/sampling_speed.py --smoke   # the tiny toy world's pivot, 2 prompts, 8 tokens, one round
 
 Every measurement runs in a fresh process of the vLLM venv (`polyfuse.sampling.vllm_env`, built on first
 use), so all three use the same torch; the server is started for its turn of each round and stopped after
@@ -25,6 +26,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from _pairs import tiny_world
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
@@ -67,7 +70,7 @@ def worker(args: argparse.Namespace) -> None:
 
     backend_options: dict = {"type": args.worker}
     if args.worker == "vllm":
-        backend_options.update(max_model_len=512, max_num_seqs=args.prompts * args.n)
+        backend_options.update(max_model_len=args.max_model_len, max_num_seqs=args.prompts * args.n)
     if args.worker == "openai":
         backend_options.update(base_url=args.url, model="smollm2", concurrency=args.prompts)
     spec = EngineModel.model_validate({"name": "smollm2", "path": args.model, "dtype": args.dtype,
@@ -96,10 +99,11 @@ def worker(args: argparse.Namespace) -> None:
                       "threads": torch.get_num_threads()}))
 
 
-def start_server(python: Path, model: str, port: int, log: Path, dtype: str, seqs: int) -> tuple[subprocess.Popen, float]:
+def start_server(python: Path, model: str, port: int, log: Path, dtype: str, seqs: int,
+                 length: int) -> tuple[subprocess.Popen, float]:
     command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name",
                "smollm2", "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, "--enforce-eager",
-               "--max-model-len", "512", "--max-num-seqs", str(seqs), "--max-num-batched-tokens", str(seqs * 512),
+               "--max-model-len", str(length), "--max-num-seqs", str(seqs), "--max-num-batched-tokens", str(seqs * length),
                "--disable-log-stats"]
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
@@ -126,9 +130,9 @@ def environment() -> dict[str, str]:
 def export_smollm2(folder: Path) -> Path:
     if not (folder / "config.json").is_file():
         from polyfuse.models import ModelSpec, load_model, load_tokenizer
-        from test_models import smollm2_gguf
+        from polyfuse.models.packaged import smollm2
 
-        spec = ModelSpec(path=str(smollm2_gguf()))
+        spec = ModelSpec(path=str(smollm2()))
         load_model(spec).save_pretrained(folder)
         load_tokenizer(spec).save_pretrained(folder)
         config = json.loads((folder / "config.json").read_text())
@@ -148,6 +152,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="Weights and compute of every backend (the server's too).")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/polyfuse-sampling-speed"))
+    parser.add_argument("--smoke", action="store_true", help="the tiny toy world's pivot instead of SmolLM2, 2 prompts "
+                        "x n=1 x 8 new tokens, one round: the plumbing (each backend still starts its engine)")
+    parser.add_argument("--max-model-len", type=int, default=512, help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=["transformers", "vllm", "openai"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
@@ -155,15 +162,18 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    if args.smoke:
+        args.prompts, args.n, args.max_new_tokens, args.rounds, args.max_model_len = 2, 1, 8, 1, 128
 
     from polyfuse.sampling.vllm_env import ensure_vllm_env
     from test_ddp import free_port
 
     python = ensure_vllm_env()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    model = str(export_smollm2(args.workdir / "SmolLM2-135M-Instruct"))
+    model = str(tiny_world().pivot_path if args.smoke else export_smollm2(args.workdir / "SmolLM2-135M-Instruct"))
     common = [str(python), __file__, "--model", model, "--prompts", str(args.prompts), "--n", str(args.n),
-              "--max-new-tokens", str(args.max_new_tokens), "--dtype", args.dtype, "--batch-size", str(args.batch_size)]
+              "--max-new-tokens", str(args.max_new_tokens), "--dtype", args.dtype, "--batch-size", str(args.batch_size),
+              "--max-model-len", str(args.max_model_len)]
     results: dict[str, list[dict]] = {"transformers": [], "vllm": [], "openai": []}
     print(f"load: {os.getloadavg()[0]:.1f}; {args.dtype}; {args.prompts} prompts x n={args.n} x {args.max_new_tokens} new tokens, "
           f"transformers batch {args.batch_size or args.prompts * args.n} sequences, {args.rounds} rounds", flush=True)
@@ -176,7 +186,7 @@ def main() -> None:
             if name == "openai":
                 port = free_port()
                 server, server_start = start_server(python, model, port, args.workdir / "server.log", args.dtype,
-                                                    args.prompts * args.n)
+                                                    args.prompts * args.n, args.max_model_len)
                 extra = ["--url", f"http://127.0.0.1:{port}/v1", "--server-pid", str(server.pid)]
             try:
                 out = subprocess.run([*common, "--worker", name, *extra], capture_output=True, text=True,

@@ -20,6 +20,7 @@ Run it
 ------
     python bench/sandbox_throughput.py                 # 3 rounds each, 2 workers
     python bench/sandbox_throughput.py --rounds 1 --limit 40
+    python bench/sandbox_throughput.py --smoke           # one round of the first 4 problems: seconds
 """
 
 from __future__ import annotations
@@ -84,7 +85,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--limit", type=int, default=None, help="first N problems only")
+    parser.add_argument("--smoke", action="store_true", help="--rounds 1 --limit 4: seconds")
     args = parser.parse_args()
+    if args.smoke:
+        args.rounds, args.limit = 1, 4
     problems = list(read_problems().values())[: args.limit]
     rows = [
         SampleRow(id=p["task_id"], prompt=p["prompt"], domain="code", tests=p["test"], entry_point=p["entry_point"],

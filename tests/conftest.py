@@ -33,8 +33,9 @@ def polyfuse_cli(capsys, monkeypatch):
 
     from polyfuse.cli.main import main
 
-    for key in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
-        monkeypatch.setenv(key, os.environ.get(key, "1"))
+    for key, value in {"TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+                       "HF_HUB_DISABLE_PROGRESS_BARS": "1"}.items():
+        monkeypatch.setenv(key, os.environ.get(key, value))
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
 
     def run(*args) -> CliRun:
@@ -125,6 +126,15 @@ SLOW_TESTS = {
     "test_checkpoints": {"test_killed_while_saving_resumes_from_the_last_complete_checkpoint_with_the_cli",
                          "test_killed_after_a_step_resumes_automatically"},
     "test_toyworld": {"test_every_tokenizer_algorithm_trains_reproducibly_across_processes"},
+    # a command in a new interpreter (file-size limits, full or read-only disks, kills, a venv), or a real model
+    # generating: seconds of CPU each, most of it importing torch or de-quantising the GGUF
+    "test_bad_inputs": {"test_file_size_limit_is_a_clear_error_naming_the_output",
+                        "test_disk_refusals_are_clear_errors_that_leave_nothing"},
+    "test_merge_bad_inputs": {"test_a_full_disk_mid_merge_leaves_no_folder_behind",
+                              "test_merge_killed_before_its_first_manifest_can_be_rerun"},
+    "test_openai_backend": {"test_a_killed_sample_stage_resumed_with_other_server_settings_resends_nothing"},
+    "test_humaneval": {"test_a_venv_under_tmp_passes_the_proof"},
+    "test_models": {"test_gguf_chat_convention_and_generation", "test_a_gguf_model_loads_as_a_plain_trainable_model"},
 }
 
 

@@ -300,7 +300,7 @@ class ConfidenceCE(DistillObjective):
     """Written for the test below: CE weighted per position by how sure the aligned teachers were of their own
     token (the mean of their stored token probabilities; 1 where no teacher is aligned)."""
 
-    target_fields = {"confidence": TargetField(torch.float32)}
+    target_fields = {"confidence": TargetField("float32")}
     default_alignment = "positional"
 
     def targets(self, row: AlignedRow) -> dict:

@@ -37,8 +37,8 @@ def test_gguf_chat_convention_and_generation(smollm2):
     assert backend.generate_all(["What is the capital of France?", "Say hi"], greedy, batch_size=2) == first
 
 
-def test_plain_fallback_has_no_double_bos_and_scores_eos(smollm2):
-    _, _, tokenizer = smollm2
+def test_plain_fallback_has_no_double_bos_and_scores_eos(smollm2_tokenizer):
+    tokenizer = smollm2_tokenizer
     template = tokenizer.chat_template
     tokenizer.chat_template = None
     try:

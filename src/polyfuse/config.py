@@ -32,7 +32,7 @@ class StrictModel(BaseModel):
     """`recipe_only`: the keys only a recipe's section reads (a stage's config class is also the `--config`
     of its command, which refuses them rather than ignore them)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, defer_build=True)
     recipe_only: ClassVar[tuple[str, ...]] = ()
 
 

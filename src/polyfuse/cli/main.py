@@ -81,14 +81,19 @@ def _print_version(value: bool) -> None:
 def _root(
     version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
-    # Runs before any command (not for `--help`): polyfuse reports progress itself, so transformers'
-    # chatter stays out. (A comment, not a docstring: typer would show a docstring as the app's help.)
-    from transformers.utils import logging as hf_logging
-
+    # Runs before any command (and before a command's `--help`): polyfuse reports progress itself, so
+    # transformers' chatter stays out. Said through the environment, which transformers reads when the command
+    # imports it: importing it here would cost a second before every `--help`. (A comment, not a docstring:
+    # typer would show a docstring as the app's help.)
     from polyfuse.progress import LineSchedule
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # imported already (main() called in a Python process): too late for that
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     LineSchedule.from_env()  # a bad POLYFUSE_PROGRESS_* is refused before any work
 
 

@@ -12,7 +12,6 @@ from polyfuse.config import StrictModel
 from polyfuse.data.io import write_rows
 from polyfuse.data.schemas import PromptRow
 from polyfuse.evaluation.evaluate import EVAL_TOKEN_BUDGET, EvalResult, default_verifiers, evaluate
-from polyfuse.evaluation.report import write_eval_report
 from polyfuse.models import ModelSpec
 from polyfuse.progress import progress_bar
 from polyfuse.scorers import ScorerConfig, build_scorer
@@ -42,6 +41,8 @@ def run_eval(models: dict[str, ModelSpec], prompts: list[PromptRow], settings: E
              quiet: bool = False, sources: set[str] | None = None) -> dict[str, EvalResult]:
     """Evaluate every model (row label -> model) on `prompts` and write the report into `out_dir` (the prompts
     too, as `prompts.jsonl`); `sources` names the source models, drawn apart in the chart."""
+    from polyfuse.evaluation.report import write_eval_report  # numpy, matplotlib: not for `polyfuse --help`
+
     out_dir = Path(out_dir)
     write_rows(out_dir / "prompts.jsonl", prompts)
     scorers = default_verifiers() if settings.scorers is None else [build_scorer(c) for c in settings.scorers]

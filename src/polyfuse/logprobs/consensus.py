@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from pydantic import Field
 
 from polyfuse.data.io import read_metadata, write_json, write_metadata, write_rows
 from polyfuse.data.schemas import UnpairedRow, unpaired_columns
 from polyfuse.errors import DataError
+from polyfuse.lazy import lazy_import
 from polyfuse.logprobs.run import fusion_sources
 from polyfuse.objectives.cgpo import PIVOT_COLUMN
 from polyfuse.objectives.consensus import (
@@ -31,6 +31,8 @@ from polyfuse.objectives.consensus import (
     check_disjoint,
 )
 from polyfuse.progress import note
+
+torch = lazy_import("torch")
 
 SCORES, ENTROPIES = "fuse_mean_completion_logps", "fuse_completion_entropy"
 

@@ -5,7 +5,11 @@ safetensors headers, merges with a method of `polyfuse.merge.methods`, and write
 resumable output folder.
 """
 
-from polyfuse.merge.config import MergeConfig, load_merge_config
-from polyfuse.merge.executor import MergeOptions, MergeResult, run_merge
+from polyfuse.lazy import lazy_exports
 
-__all__ = ["MergeConfig", "MergeOptions", "MergeResult", "load_merge_config", "run_merge"]
+_EXPORTS = {  # module -> the names it gives the package
+    "config": ("MergeConfig", "load_merge_config"),
+    "executor": ("MergeOptions", "MergeResult", "run_merge"),
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)

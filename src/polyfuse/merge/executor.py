@@ -27,7 +27,6 @@ from polyfuse.merge.smoke import SmokeResult, smoke_check
 from polyfuse.merge.sources import FLOAT_DTYPES, ModelReader, fetch_weights, file_stamp
 from polyfuse.merge.vocab import remap_rows
 from polyfuse.merge.writer import ShardWriter, parse_size
-from polyfuse.models.loader import DTYPES
 from polyfuse.progress import progress_bar
 
 WORKING_COPIES = 3  # stacked deltas, masks and the result: the method's budget per input tensor
@@ -181,7 +180,7 @@ def merge_tensor(method: MergeMethod, plan: MergePlan, readers: list[ModelReader
     if tuple(result.shape) != tensor.shape:
         raise RuntimeError(f"{method.name} returned shape {list(result.shape)} for {tensor.name}, "
                            f"expected {list(tensor.shape)}")
-    return result.to(DTYPES[plan.out_dtype])
+    return result.to(getattr(torch, plan.out_dtype))
 
 
 def _statistics_pass(method: MergeMethod, plan: MergePlan, readers: list[ModelReader], bar,

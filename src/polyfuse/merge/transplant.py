@@ -140,7 +140,9 @@ def _fingerprint(inputs: dict[str, str], options: TransplantOptions) -> str:
 
 def _run_tokensurgeon(command: list[str], folder: Path, quiet: bool) -> str:
     """Run it, its output streamed to this process's stderr (unless quiet) and kept in `transplant.log`."""
-    environment = {key: value for key, value in os.environ.items() if key != "TQDM_DISABLE"}  # its bars, unless quiet
+    # its bars and transformers' messages, which the CLI turns off for its own process (cli.main)
+    quieted = ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY")
+    environment = {key: value for key, value in os.environ.items() if key not in quieted}
     log_path = folder / "transplant.log"
     with log_path.open("wb") as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                                        env=environment) as process:

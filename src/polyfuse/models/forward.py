@@ -24,9 +24,10 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
-import torch
-
+from polyfuse.lazy import lazy_import
 from polyfuse.objectives.logps import IGNORE_INDEX, sequence_logps, token_logps_of
+
+torch = lazy_import("torch")
 
 logger = logging.getLogger(__name__)
 

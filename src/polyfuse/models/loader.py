@@ -11,15 +11,11 @@ import os
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field
-from safetensors import SafetensorError
 
 from polyfuse.config import StrictModel
 from polyfuse.errors import UserError
 from polyfuse.models.gguf import cached_export, check_gguf_file, is_gguf_path
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelSpec(StrictModel):
@@ -161,6 +157,8 @@ def load_generation_config(spec: ModelSpec):
 
 def load_model(spec: ModelSpec, task: Literal["causal-lm", "sequence-classification"] = "causal-lm"):
     """Load a model in eval mode on `spec.device` (a GGUF file from its export, made on first use)."""
+    import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
@@ -169,7 +167,7 @@ def load_model(spec: ModelSpec, task: Literal["causal-lm", "sequence-classificat
     folder, _ = spec.location()
     check_location(spec)
     kwargs = _common_kwargs(spec)
-    kwargs["dtype"] = "auto" if spec.dtype == "auto" else DTYPES[spec.dtype]
+    kwargs["dtype"] = "auto" if spec.dtype == "auto" else getattr(torch, spec.dtype)
     if not spec.allow_pickle:
         kwargs["use_safetensors"] = True
     try:

@@ -13,12 +13,14 @@ from abc import abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import torch
 from pydantic import Field
 
 from polyfuse.config import StrictModel
 from polyfuse.errors import DataError
+from polyfuse.lazy import lazy_import
 from polyfuse.registry import Registry
+
+torch = lazy_import("torch")
 
 
 @dataclass

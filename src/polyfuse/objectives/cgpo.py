@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import Field
 
+from polyfuse.lazy import lazy_import
 from polyfuse.objectives.base import logps_column
 from polyfuse.objectives.unpaired import (
     COMPLETION,
@@ -29,6 +29,8 @@ from polyfuse.objectives.unpaired import (
     reference_point,
     value_losses,
 )
+
+torch = lazy_import("torch")
 
 Assignment = Literal["label_conditional", "policy_anchored", "consensus_anchored"]
 PIVOT_COLUMN = logps_column("ref", COMPLETION, length_normalize=True)  # l_0

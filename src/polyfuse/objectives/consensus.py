@@ -19,11 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from polyfuse.config import StrictModel
 from polyfuse.errors import ConfigError, DataError
+from polyfuse.lazy import lazy_import
+
+torch = lazy_import("torch")
 
 logger = logging.getLogger(__name__)
 

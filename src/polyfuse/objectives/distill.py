@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, ClassVar, Literal
 
-import numpy as np
-import torch
-
 from polyfuse.config import StrictModel
 from polyfuse.errors import DataError
+from polyfuse.lazy import lazy_import
 from polyfuse.registry import Registry
+
+np = lazy_import("numpy")
+torch = lazy_import("torch")
 
 STD_EPS = 1e-6
 Groups = list[tuple[list[int], list[int]]]  # (pivot response indices, teacher response indices)
@@ -65,10 +66,15 @@ class DistillBatch:
 class TargetField:
     """How the collator batches one target field: each row gives one entry per response position, and the
     rows' entries are concatenated in row order. `sparse`: an entry is a list whose length varies (ids or
-    probabilities of a sparse distribution), zero-padded to the batch's longest."""
+    probabilities of a sparse distribution), zero-padded to the batch's longest. `kind`: the torch dtype's name
+    (`long`, `float32`), so declaring a field imports no torch."""
 
-    dtype: torch.dtype
+    kind: str
     sparse: bool = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.kind)
 
 
 @dataclass(frozen=True)

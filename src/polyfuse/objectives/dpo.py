@@ -7,11 +7,13 @@ the same counts).
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
+from polyfuse.lazy import lazy_import
 from polyfuse.objectives.base import OBJECTIVES, PreferenceBatch, PreferenceObjective, reward_metrics
+
+torch = lazy_import("torch")
+F = lazy_import("torch.nn.functional")
 
 
 def dpo_loss(

@@ -12,10 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-import numpy as np
-import torch
 from pydantic import Field
 
+from polyfuse.lazy import lazy_import
 from polyfuse.objectives.distill import (
     DISTILL_OBJECTIVES,
     AlignedRow,
@@ -28,6 +27,9 @@ from polyfuse.objectives.distill import (
     log_probs_at,
     token_cross_entropy,
 )
+
+np = lazy_import("numpy")
+torch = lazy_import("torch")
 
 
 def soft_cross_entropy(
@@ -129,8 +131,8 @@ class FuseLLMObjective(DistillObjective):
     applied offline, when the targets are built (`targets`)."""
 
     target_fields = {
-        "target_ids": TargetField(torch.long, sparse=True),  # per position: the fused target's ids (pivot vocabulary)
-        "target_probs": TargetField(torch.float32, sparse=True),  # their probabilities, summing to 1
+        "target_ids": TargetField("long", sparse=True),  # per position: the fused target's ids (pivot vocabulary)
+        "target_probs": TargetField("float32", sparse=True),  # their probabilities, summing to 1
     }
 
     ce_weight: float = Field(default=0.9, ge=0, le=1)

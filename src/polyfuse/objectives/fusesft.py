@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import torch
 from pydantic import Field
 
 from polyfuse.errors import DataError
+from polyfuse.lazy import lazy_import
 from polyfuse.objectives.unpaired import COMPLETION, UNPAIRED_OBJECTIVES, UnpairedBatch, UnpairedObjective
+
+torch = lazy_import("torch")
 
 WEIGHT_COLUMN = "fusesft_weight"
 EPS = 1e-6

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
 from pydantic import Field, model_validator
 
 from polyfuse.errors import ConfigError
+from polyfuse.lazy import lazy_import
 from polyfuse.objectives.distill import (
     DISTILL_OBJECTIVES,
     AlignedRow,
@@ -45,6 +45,8 @@ from polyfuse.objectives.topk import (
     sparse_divergence,
     student_prefix,
 )
+
+torch = lazy_import("torch")
 
 Match = Literal["strings", "exact", "relaxed", "none"]
 

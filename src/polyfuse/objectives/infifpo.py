@@ -14,13 +14,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Literal
 
-import torch
 from pydantic import Field, model_validator
 
+from polyfuse.lazy import lazy_import
 from polyfuse.objectives.base import OBJECTIVES, PreferenceBatch, PreferenceObjective, logps_column
 from polyfuse.objectives.dpo import dpo_loss
 from polyfuse.objectives.ipo import ipo_loss
 from polyfuse.objectives.wrpo import WRPO_ROLES, wrpo_alpha, wrpo_loss
+
+torch = lazy_import("torch")
 
 Fusion = Literal["max_margin", "average", "confidence", "none"]
 MaxMargin = Literal["per_example", "per_response"]

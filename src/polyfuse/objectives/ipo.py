@@ -5,9 +5,9 @@ normalized") do.
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field
 
+from polyfuse.lazy import lazy_import
 from polyfuse.objectives.base import (
     OBJECTIVES,
     PreferenceBatch,
@@ -15,6 +15,8 @@ from polyfuse.objectives.base import (
     logps_column,
     reward_metrics,
 )
+
+torch = lazy_import("torch")
 
 
 def ipo_loss(

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
 from pydantic import Field
 
 from polyfuse.errors import DataError
+from polyfuse.lazy import lazy_import
 from polyfuse.objectives.distill import (
     DISTILL_OBJECTIVES,
     AlignedRow,
@@ -36,6 +36,8 @@ from polyfuse.objectives.topk import (
     sparse_divergence,
     student_prefix,
 )
+
+torch = lazy_import("torch")
 
 
 def batch_projection(batch: DistillBatch, teacher: int) -> Projection:

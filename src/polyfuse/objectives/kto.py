@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import Field
 
+from polyfuse.lazy import lazy_import
 from polyfuse.objectives.base import logps_column
 from polyfuse.objectives.unpaired import (
     COMPLETION,
@@ -26,6 +26,8 @@ from polyfuse.objectives.unpaired import (
     reference_point,
     value_losses,
 )
+
+torch = lazy_import("torch")
 
 KTOLoss = Literal["kto", "apo_zero_unpaired"]
 

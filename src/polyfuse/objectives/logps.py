@@ -3,7 +3,9 @@ engine, so training and reference scoring count exactly the same tokens."""
 
 from __future__ import annotations
 
-import torch
+from polyfuse.lazy import lazy_import
+
+torch = lazy_import("torch")
 
 IGNORE_INDEX = -100
 

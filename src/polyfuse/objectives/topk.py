@@ -25,11 +25,12 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-import numpy as np
-import torch
-
 from polyfuse.errors import DataError
+from polyfuse.lazy import lazy_import
 from polyfuse.objectives.distill import AlignedRow, Projection, TargetField, TeacherOutputs
+
+np = lazy_import("numpy")
+torch = lazy_import("torch")
 
 Merge = Literal["bayesian", "observed"]
 Support = Literal["topk", "topk_realised", "top1", "realised"]
@@ -38,11 +39,11 @@ LOG_EPS = math.log(1e-8)  # TRL GOLD's probability clamp, in the compatibility m
 TAIL_CAP = -1e-7  # TRL: logsumexp of the support is clamped here, so the tail is at least ~1e-7
 
 GROUP_FIELDS = {
-    "group": TargetField(torch.int8),  # [T]: 0 none, 1 a text group is anchored here, 2 the stop group
-    "group_lead": TargetField(torch.long),  # [T]: the group's pivot tokens other than the anchor
-    "teacher_ids": TargetField(torch.long),  # [T, S]: the support's teacher ids (teacher vocabulary)
-    "teacher_logps": TargetField(torch.float32),  # [T, S]: their merged log-probs, -inf for none
-    "teacher_realised": TargetField(torch.float32),  # [T]: log P_teacher(the group's text)
+    "group": TargetField("int8"),  # [T]: 0 none, 1 a text group is anchored here, 2 the stop group
+    "group_lead": TargetField("long"),  # [T]: the group's pivot tokens other than the anchor
+    "teacher_ids": TargetField("long"),  # [T, S]: the support's teacher ids (teacher vocabulary)
+    "teacher_logps": TargetField("float32"),  # [T, S]: their merged log-probs, -inf for none
+    "teacher_realised": TargetField("float32"),  # [T]: log P_teacher(the group's text)
 }
 
 

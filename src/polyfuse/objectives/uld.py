@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import numpy as np
-import torch
 from pydantic import Field
 
+from polyfuse.lazy import lazy_import
 from polyfuse.objectives.distill import (
     DISTILL_OBJECTIVES,
     STD_EPS,
@@ -27,6 +26,9 @@ from polyfuse.objectives.distill import (
     logit_std,
     token_cross_entropy,
 )
+
+np = lazy_import("numpy")
+torch = lazy_import("torch")
 
 
 def teacher_uld_probs(
@@ -121,9 +123,9 @@ class ULDObjective(DistillObjective):
     teacher: pairwise fusion; several: unified). Positions with no aligned teacher get CE only."""
 
     target_fields = {
-        "teacher_probs": TargetField(torch.float32),  # [T, K] per position: sort_desc(softmax(z_topK / tau)), 0-padded
-        "teacher_mask": TargetField(torch.bool),  # [T]: teacher t has a position aligned to this one
-        "teacher_entropy": TargetField(torch.float32),  # [T]: H of the raw top-K softmax, in [0, ln K]
+        "teacher_probs": TargetField("float32"),  # [T, K] per position: sort_desc(softmax(z_topK / tau)), 0-padded
+        "teacher_mask": TargetField("bool"),  # [T]: teacher t has a position aligned to this one
+        "teacher_entropy": TargetField("float32"),  # [T]: H of the raw top-K softmax, in [0, ln K]
     }
     default_alignment = "positional"  # ULD's published rule; `offsets` is the option
 

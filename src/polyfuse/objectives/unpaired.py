@@ -17,16 +17,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
 from polyfuse.config import StrictModel
+from polyfuse.lazy import lazy_import
 from polyfuse.objectives.base import PreferenceBatch
 from polyfuse.registry import Registry
+
+torch = lazy_import("torch")
 
 COMPLETION = "completion"
 KL_COMPLETION = "kl_completion"
 
-RankMean = Callable[[torch.Tensor], torch.Tensor]
+RankMean = Callable[["torch.Tensor"], "torch.Tensor"]
 
 
 @dataclass(kw_only=True)

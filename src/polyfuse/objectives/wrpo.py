@@ -7,11 +7,13 @@ Roles: `chosen_source` = y_ws, `chosen` = y_wt, `rejected` = y_l.
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field
 
+from polyfuse.lazy import lazy_import
 from polyfuse.objectives.base import OBJECTIVES, PreferenceBatch, PreferenceObjective
 from polyfuse.objectives.dpo import dpo_loss
+
+torch = lazy_import("torch")
 
 WRPO_ROLES = ("chosen_source", "chosen", "rejected")
 

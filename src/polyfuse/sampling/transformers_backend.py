@@ -7,12 +7,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
-import torch
-
+from polyfuse.lazy import inference_mode, lazy_import
 from polyfuse.models import ModelSpec, load_model
 from polyfuse.models.forward import DEFAULT_TOKEN_BUDGET, pad_token_id, plan_batches, score_sequences
 from polyfuse.models.templates import decode_response, render_prompt
 from polyfuse.sampling.base import BACKENDS, Backend, BackendSettings, Done, SamplingParams
+
+torch = lazy_import("torch")
 
 
 class TransformersSettings(BackendSettings):
@@ -28,7 +29,7 @@ class TransformersBackend(Backend):
         super().__init__(spec, config)
         self.model = model if model is not None else load_model(spec)
 
-    @torch.inference_mode()
+    @inference_mode
     def generate(self, prompts: list[Any], params: SamplingParams, done: Done, seeds: list[int] | None = None,
                  batch_size: int = 32, token_budget: int | None = None) -> None:
         tokenizer, model = self.tokenizer, self.model

@@ -4,46 +4,16 @@ Built-in: `reward_model`, `math`, `code` and `toyworld` (the toy world's exact-m
 imports every module of this package on its first lookup, so a new scorer is one file here.
 """
 
-from polyfuse.scorers.base import (
-    SCORERS,
-    Scorer,
-    ScorerConfig,
-    ScorerSettings,
-    Verifier,
-    build_scorer,
-    parse_scorer_config,
-    unjudged,
-)
-from polyfuse.scorers.code_tests import CodeConfig, CodeVerifier
-from polyfuse.scorers.math_answer import MathConfig, MathVerifier
-from polyfuse.scorers.reward_model import RewardModelConfig, RewardModelScorer
-from polyfuse.scorers.run import ScoreConfig, run_score
-from polyfuse.scorers.sandbox import Limits, Sandbox, SandboxFailure, SandboxReport, run_script
-from polyfuse.scorers.toyworld import ToyVerifier, ToyVerifierConfig, exact_match
+from polyfuse.lazy import lazy_exports
 
-__all__ = [
-    "run_score",
-    "ScoreConfig",
-    "SCORERS",
-    "CodeConfig",
-    "CodeVerifier",
-    "MathConfig",
-    "MathVerifier",
-    "RewardModelConfig",
-    "RewardModelScorer",
-    "Limits",
-    "Sandbox",
-    "SandboxFailure",
-    "SandboxReport",
-    "Scorer",
-    "ToyVerifier",
-    "ToyVerifierConfig",
-    "ScorerConfig",
-    "ScorerSettings",
-    "Verifier",
-    "build_scorer",
-    "unjudged",
-    "exact_match",
-    "parse_scorer_config",
-    "run_script",
-]
+_EXPORTS = {  # module -> the names it gives the package
+    "base": ("SCORERS", "Scorer", "ScorerConfig", "ScorerSettings", "Verifier", "build_scorer", "parse_scorer_config", "unjudged"),
+    "code_tests": ("CodeConfig", "CodeVerifier"),
+    "math_answer": ("MathConfig", "MathVerifier"),
+    "reward_model": ("RewardModelConfig", "RewardModelScorer"),
+    "run": ("ScoreConfig", "run_score"),
+    "sandbox": ("Limits", "Sandbox", "SandboxFailure", "SandboxReport", "run_script"),
+    "toyworld": ("ToyVerifier", "ToyVerifierConfig", "exact_match"),
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import threading
 from typing import Any, Literal
 
-from math_verify import parse, verify
-
 from polyfuse.data.schemas import SampleRow
+from polyfuse.lazy import lazy_import
 from polyfuse.scorers.base import SCORERS, ScorerSettings, Verifier
+
+math_verify = lazy_import("math_verify")  # sympy: seconds, only when a row is checked
 
 
 class MathConfig(ScorerSettings):
@@ -38,8 +39,8 @@ def _parse(text: str, timeout: int | None, is_gold: bool = False) -> list:
     as_latex = f"${text}$"
     if is_gold and "$" not in text and "\\boxed" not in text:
         # A gold answer is the answer itself, so bare LaTeX is read whole (`2\\sqrt{2}` is not `2`).
-        return parse(as_latex, parsing_timeout=timeout) or parse(text, parsing_timeout=timeout)
-    return parse(text, parsing_timeout=timeout) or parse(as_latex, parsing_timeout=timeout)
+        return math_verify.parse(as_latex, parsing_timeout=timeout) or math_verify.parse(text, parsing_timeout=timeout)
+    return math_verify.parse(text, parsing_timeout=timeout) or math_verify.parse(as_latex, parsing_timeout=timeout)
 
 
 def _timeout() -> int | None:
@@ -62,4 +63,4 @@ class MathVerifier(Verifier):
             return False, {"error": "gold answer could not be parsed", "gold": row.answer}
         answer = _parse(row.response, timeout)
         details = {"gold": str(gold[-1]), "extracted": str(answer[-1]) if answer else None}
-        return bool(answer) and verify(gold, answer, timeout_seconds=timeout), details
+        return bool(answer) and math_verify.verify(gold, answer, timeout_seconds=timeout), details

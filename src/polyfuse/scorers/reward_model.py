@@ -15,14 +15,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
 from pydantic import Field
 
 from polyfuse.data.schemas import SampleRow
 from polyfuse.errors import ConfigError
+from polyfuse.lazy import inference_mode, lazy_import
 from polyfuse.models import ModelSpec, encode, load_model, load_tokenizer
 from polyfuse.models.checks import SEQUENCE_CLASSIFIER
 from polyfuse.scorers.base import SCORERS, Scorer, ScorerSettings
+
+torch = lazy_import("torch")
 
 _CUSTOM_HEADS = ("ArmoRM", "RewardModelWithGating")
 
@@ -75,7 +77,7 @@ class RewardModelScorer(Scorer):
         limit = self.config.max_length
         return (ids[-limit:], True) if limit and len(ids) > limit else (ids, False)
 
-    @torch.inference_mode()
+    @inference_mode
     def score(self, rows: list[SampleRow]) -> list[tuple[float | bool, dict[str, Any]]]:
         encoded = [self._ids(row) for row in rows]
         order = sorted(range(len(rows)), key=lambda i: len(encoded[i][0]))

@@ -22,8 +22,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
-import torch
 from pydantic import Field
 
 from polyfuse.config import StrictModel
@@ -31,6 +29,7 @@ from polyfuse.data.io import remove_stale_temporaries, write_json
 from polyfuse.data.schemas import SFTRow, response_text
 from polyfuse.data.sharded import ShardPlan
 from polyfuse.errors import ConfigError, DataError
+from polyfuse.lazy import lazy_import
 from polyfuse.models import ModelSpec, encode, load_config, load_model, load_tokenizer
 from polyfuse.models.forward import (
     DEFAULT_TOKEN_BUDGET,
@@ -48,6 +47,9 @@ from polyfuse.models.forward import (
 from polyfuse.models.records import model_record
 from polyfuse.objectives.distill import logit_std
 from polyfuse.teacher.store import FORMAT, TeacherExample, text_hash, write_shard
+
+np = lazy_import("numpy")
+torch = lazy_import("torch")
 
 
 class TeacherConfig(StrictModel):

@@ -29,11 +29,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from polyfuse.data.io import atomic_write
 from polyfuse.errors import DataError
+from polyfuse.lazy import lazy_import
 from polyfuse.objectives.distill import TeacherOutputs
+
+np = lazy_import("numpy")
 
 FORMAT = "polyfuse-teacher-1"
 ARRAYS = ("token_ids", "spans", "topk_ids", "topk_logits", "std", "token_logps")

@@ -1,40 +1,20 @@
 """Thin `transformers.Trainer` subclasses for SFT, distillation, preference and unpaired training, and their entry
-points."""
+points.
 
-from polyfuse.trainers.collate import SequenceCollator, SharedPromptCollator
-from polyfuse.trainers.config import LoraSettings, TrainConfig
-from polyfuse.trainers.distill import DistillCollator, DistillTrainConfig, DistillTrainer, train_distill
-from polyfuse.trainers.preference import (
-    PreferenceTrainConfig,
-    PreferenceTrainer,
-    ensure_reference_columns,
-    tokenize_pairs,
-    train_preference,
-)
-from polyfuse.trainers.sft import SFTTrainConfig, SFTTrainer, tokenize_sft, train_sft
-from polyfuse.trainers.trainer import PolyfuseTrainer
-from polyfuse.trainers.unpaired import UnpairedTrainConfig, UnpairedTrainer, train_unpaired
+The names below are imported from their modules on first use, so the configs (`polyfuse.trainers.config`, what
+the stage commands are built from) import without torch and transformers."""
 
-__all__ = [
-    "DistillCollator",
-    "DistillTrainConfig",
-    "DistillTrainer",
-    "LoraSettings",
-    "PolyfuseTrainer",
-    "PreferenceTrainConfig",
-    "PreferenceTrainer",
-    "SFTTrainConfig",
-    "SFTTrainer",
-    "SequenceCollator",
-    "SharedPromptCollator",
-    "TrainConfig",
-    "UnpairedTrainConfig",
-    "UnpairedTrainer",
-    "ensure_reference_columns",
-    "tokenize_pairs",
-    "tokenize_sft",
-    "train_distill",
-    "train_preference",
-    "train_sft",
-    "train_unpaired",
-]
+from polyfuse.lazy import lazy_exports
+
+_EXPORTS = {  # module -> the names it gives the package
+    "collate": ("SequenceCollator", "SharedPromptCollator"),
+    "config": ("DistillTrainConfig", "LoraSettings", "PreferenceTrainConfig", "SFTTrainConfig", "TrainConfig",
+               "UnpairedTrainConfig"),
+    "distill": ("DistillCollator", "DistillTrainer", "train_distill"),
+    "preference": ("PreferenceTrainer", "ensure_reference_columns", "tokenize_pairs", "train_preference"),
+    "sft": ("SFTTrainer", "tokenize_sft", "train_sft"),
+    "trainer": ("PolyfuseTrainer",),
+    "unpaired": ("UnpairedTrainer", "train_unpaired"),
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)

@@ -16,19 +16,19 @@ import dataclasses
 import inspect
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import torch
 from pydantic import Field, ValidationError, field_validator, model_validator
-from transformers import Trainer, TrainingArguments
 
 from polyfuse.config import StrictModel
+from polyfuse.objectives.base import OBJECTIVES
+from polyfuse.objectives.distill import DISTILL_OBJECTIVES
+from polyfuse.objectives.unpaired import KL_COMPLETION, UNPAIRED_OBJECTIVES
 from polyfuse.registry import Registry
 from polyfuse.trainers.distributed import check_lora_supported, fsdp_from_launcher
 
-# transformers renamed `gradient_checkpointing` to `activation_checkpointing` (5.20); vLLM 0.32 pins < 5.20.
-_CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in inspect.signature(TrainingArguments).parameters
-                  else "gradient_checkpointing")
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
 
 # polyfuse's key -> the TrainingArguments field it is. transformers 5 takes a warm-up *ratio* as a float
 # `warmup_steps` in [0, 1) (`warmup_ratio` was removed), which is what polyfuse's `warmup_ratio` (< 1) is.
@@ -51,7 +51,17 @@ FIXED = {
 
 
 def trainer_fields() -> set[str]:
+    from transformers import TrainingArguments
+
     return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+def checkpointing_key() -> str:
+    """transformers renamed `gradient_checkpointing` to `activation_checkpointing` (5.20); vLLM 0.32 pins < 5.20."""
+    from transformers import TrainingArguments
+
+    return ("activation_checkpointing" if "activation_checkpointing" in inspect.signature(TrainingArguments).parameters
+            else "gradient_checkpointing")
 
 
 class LoraSettings(StrictModel):
@@ -159,6 +169,7 @@ class TrainConfig(StrictModel):
     def _usable_optimizer(cls, value: str) -> str:
         """A name transformers knows, whose package is installed: asked of Trainer's own (static) lookup,
         with the default arguments (no model, no device is needed for that)."""
+        from transformers import Trainer, TrainingArguments
         from transformers.training_args import OptimizerNames
 
         names = [o.value for o in OptimizerNames]
@@ -194,18 +205,22 @@ class TrainConfig(StrictModel):
         """Trainer's arguments: polyfuse's keys under transformers' names (same-named ones as they are,
         `RENAMED` ones renamed), then `trainer_args`. Building them also sets up the (distributed) device;
         Trainer's scratch folder is a hidden sibling of `out_dir`, removed after saving."""
+        import torch
+        from transformers import TrainingArguments
+
         out_dir = Path(out_dir)
         check_lora_supported(self.lora)
         known = trainer_fields()
         values = self.model_dump(exclude={"lora", "trainer_args", "report_to", "save_total_limit"})
         passed = {RENAMED.get(key, key): value for key, value in values.items() if RENAMED.get(key, key) in known}
-        del passed["gradient_checkpointing"]  # transformers' name depends on its version: `_CHECKPOINTING`
+        del passed["gradient_checkpointing"]  # transformers' name depends on its version: `checkpointing_key`
+        checkpointing = checkpointing_key()
         arguments = {
             **passed,
             "output_dir": str(out_dir.with_name(f".{out_dir.name}.work")),
             "train_sampling_strategy": "random" if self.shuffle else "sequential",
-            _CHECKPOINTING: self.gradient_checkpointing,
-            f"{_CHECKPOINTING}_kwargs": {"use_reentrant": False} if self.gradient_checkpointing else None,
+            checkpointing: self.gradient_checkpointing,
+            f"{checkpointing}_kwargs": {"use_reentrant": False} if self.gradient_checkpointing else None,
             "save_strategy": "steps" if self.save_steps else "no",
             "save_steps": self.save_steps or 500,
             "save_total_limit": None,  # applied to complete checkpoints only (`CompleteCheckpoints`)
@@ -253,3 +268,88 @@ class ObjectiveTrainConfig(TrainConfig):
         except ValidationError as err:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
             raise ValueError(f"objective {self.objective!r}: {problems}") from None
+
+
+class SFTTrainConfig(TrainConfig):
+    """SFT takes the shared settings only; its own class keeps recipes and overrides explicit."""
+
+
+class PreferenceTrainConfig(ObjectiveTrainConfig):
+    """`polyfuse train <objective> --config` and a recipe's `po` section."""
+
+    objectives = OBJECTIVES
+
+    learning_rate: float = Field(default=1e-6, gt=0)
+    disable_dropout: bool = Field(
+        default=True,
+        description="As TRL: the policy's log-probs are compared with references scored without dropout "
+        "(M0 in eval mode), so at step 0 DPO's loss is ln 2.",
+    )
+    objective: str = Field(default="dpo", description="A registered preference objective (`polyfuse train --help` lists "
+                           "them; an unknown name is refused with the list).")
+    beta: float | None = Field(default=None, gt=0, description="None: the objective's own default.")
+    objective_args: dict[str, Any] = Field(
+        default_factory=dict, description="Other hyper-parameters of the objective."
+    )
+    reference_token_budget: int = Field(
+        default=4096, ge=1, description="Padded tokens per forward when missing ref_* columns are computed."
+    )
+
+    def objective_values(self) -> dict[str, Any]:
+        return {**self.objective_args, **({} if self.beta is None else {"beta": self.beta})}
+
+
+class UnpairedTrainConfig(ObjectiveTrainConfig):
+    """`polyfuse train kto|cgpo|fusesft --config` and a recipe's `upo` section."""
+
+    objectives = UNPAIRED_OBJECTIVES
+
+    learning_rate: float = Field(default=1e-6, gt=0)
+    batch_size: int = Field(default=8, ge=1, description="Micro-batch size per process (cgpo: half desirable, "
+                            "half undesirable rows, so an even number; kto: the block its KL completions rotate in).")
+    shuffle: bool = Field(default=True, description="fusesft: shuffle the rows every epoch (false: file order). kto "
+                          "reads the rows in their order (shuffled when built), cgpo samples them by class.")
+    disable_dropout: bool = Field(
+        default=True, description="As TRL: the policy's log-probs are compared with references scored without "
+        "dropout, so at step 0 every KTO / CGPO row's loss is 0.5.")
+    objective: str = Field(default="cgpo", description="A registered unpaired objective: kto, cgpo or fusesft.")
+    beta: float | None = Field(default=None, gt=0, description="None: the objective's own default (kto, cgpo).")
+    objective_args: dict[str, Any] = Field(default_factory=dict, description="Other hyper-parameters of the objective.")
+    reference_token_budget: int = Field(
+        default=4096, ge=1, description="Padded tokens per forward when missing ref_* columns are computed.")
+
+    def objective_values(self) -> dict[str, Any]:
+        return {**self.objective_args, **({} if self.beta is None else {"beta": self.beta})}
+
+    def build_objective(self) -> Any:
+        objective = super().build_objective()
+        if self.objective == "cgpo" and self.batch_size % 2:
+            raise ValueError(f"batch_size {self.batch_size}: cgpo's micro-batch is half desirable, half undesirable "
+                             "rows, so it must be even")
+        if KL_COMPLETION in objective.scored_roles() and self.objective == "kto" and self.batch_size < 2:
+            raise ValueError("batch_size 1: kto's KL completions rotate within each micro-batch, which needs at least "
+                             "2 rows (TRL requires it too); or use objective_args.loss_type: apo_zero_unpaired")
+        return objective
+
+
+class DistillTrainConfig(ObjectiveTrainConfig):
+    """`polyfuse train distill --config` and a recipe's `distill` section."""
+
+    recipe_only: ClassVar[tuple[str, ...]] = ("strategy",)
+    objectives = DISTILL_OBJECTIVES
+
+    objective: str = Field(default="uld", description="A registered distillation objective (uld: InfiFusion's; an unknown "
+                           "name is refused with the list).")
+    teachers: list[str] | None = Field(
+        default=None, description="Teacher names in the store, in this order; None: every teacher stored."
+    )
+    alignment: Literal["positional", "offsets", "dp"] | None = Field(
+        default=None, description="None: the objective's own (uld: positional, as published; fusellm: offsets)."
+    )
+    strategy: Literal["unified", "pairwise"] = Field(
+        default="unified",
+        description="Recipe: one run with every teacher (`unified`), or one per source (`pairwise`, then merge them).",
+    )
+
+    def resolved_alignment(self) -> str:
+        return self.alignment or self.build_objective().default_alignment

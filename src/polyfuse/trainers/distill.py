@@ -13,10 +13,9 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 from transformers import TrainerCallback
 
 from polyfuse.data.schemas import SFTRow, response_text
@@ -24,38 +23,15 @@ from polyfuse.errors import DataError, UserError
 from polyfuse.models import ModelSpec, load_model, load_tokenizer
 from polyfuse.models.forward import forward_response, length_limit, pad_token_id
 from polyfuse.objectives import IGNORE_INDEX
-from polyfuse.objectives.distill import DISTILL_OBJECTIVES, DistillBatch, DistillObjective, TargetField
+from polyfuse.objectives.distill import DistillBatch, DistillObjective, TargetField
 from polyfuse.trainers.checkpoints import data_fingerprint
 from polyfuse.trainers.collate import SequenceCollator, collator_for
-from polyfuse.trainers.config import ObjectiveTrainConfig
+from polyfuse.trainers.config import DistillTrainConfig
 from polyfuse.trainers.memory import check_memory
 from polyfuse.trainers.run import TrainingRun
 from polyfuse.trainers.trainer import PolyfuseTrainer
 
 logger = logging.getLogger(__name__)
-
-class DistillTrainConfig(ObjectiveTrainConfig):
-    """`polyfuse train distill --config` and a recipe's `distill` section."""
-
-    recipe_only: ClassVar[tuple[str, ...]] = ("strategy",)
-    objectives = DISTILL_OBJECTIVES
-
-    objective: str = Field(default="uld", description="A registered distillation objective (uld: InfiFusion's; an unknown "
-                           "name is refused with the list).")
-    teachers: list[str] | None = Field(
-        default=None, description="Teacher names in the store, in this order; None: every teacher stored."
-    )
-    alignment: Literal["positional", "offsets", "dp"] | None = Field(
-        default=None, description="None: the objective's own (uld: positional, as published; fusellm: offsets)."
-    )
-    strategy: Literal["unified", "pairwise"] = Field(
-        default="unified",
-        description="Recipe: one run with every teacher (`unified`), or one per source (`pairwise`, then merge them).",
-    )
-
-    def resolved_alignment(self) -> str:
-        return self.alignment or self.build_objective().default_alignment
-
 
 @dataclass
 class DistillCollator(SequenceCollator):

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field
 from transformers import TrainerCallback
 
 from polyfuse.data.schemas import PreferenceRow, UnpairedRow, response_text
@@ -27,11 +26,11 @@ from polyfuse.logprobs import (
 )
 from polyfuse.models import ModelSpec, encode, load_model, load_tokenizer
 from polyfuse.models.forward import length_limit, pad_token_id
-from polyfuse.objectives import OBJECTIVES, PreferenceBatch, PreferenceObjective, UnpairedObjective
+from polyfuse.objectives import PreferenceBatch, PreferenceObjective, UnpairedObjective
 from polyfuse.progress import progress_task
 from polyfuse.trainers.checkpoints import data_fingerprint
 from polyfuse.trainers.collate import SequenceCollator, collator_for
-from polyfuse.trainers.config import ObjectiveTrainConfig
+from polyfuse.trainers.config import PreferenceTrainConfig
 from polyfuse.trainers.memory import check_memory
 from polyfuse.trainers.run import TrainingRun
 from polyfuse.trainers.trainer import PolyfuseTrainer
@@ -39,31 +38,6 @@ from polyfuse.trainers.trainer import PolyfuseTrainer
 logger = logging.getLogger(__name__)
 
 PRECOMPUTED_PREFIXES = ("ref_", "fuse_")
-
-
-class PreferenceTrainConfig(ObjectiveTrainConfig):
-    """`polyfuse train <objective> --config` and a recipe's `po` section."""
-
-    objectives = OBJECTIVES
-
-    learning_rate: float = Field(default=1e-6, gt=0)
-    disable_dropout: bool = Field(
-        default=True,
-        description="As TRL: the policy's log-probs are compared with references scored without dropout "
-        "(M0 in eval mode), so at step 0 DPO's loss is ln 2.",
-    )
-    objective: str = Field(default="dpo", description="A registered preference objective (`polyfuse train --help` lists "
-                           "them; an unknown name is refused with the list).")
-    beta: float | None = Field(default=None, gt=0, description="None: the objective's own default.")
-    objective_args: dict[str, Any] = Field(
-        default_factory=dict, description="Other hyper-parameters of the objective."
-    )
-    reference_token_budget: int = Field(
-        default=4096, ge=1, description="Padded tokens per forward when missing ref_* columns are computed."
-    )
-
-    def objective_values(self) -> dict[str, Any]:
-        return {**self.objective_args, **({} if self.beta is None else {"beta": self.beta})}
 
 
 class PreferenceTrainer(PolyfuseTrainer):

@@ -15,16 +15,12 @@ from polyfuse.models.forward import length_limit, pad_token_id
 from polyfuse.objectives import IGNORE_INDEX
 from polyfuse.trainers.checkpoints import data_fingerprint
 from polyfuse.trainers.collate import SequenceCollator, collator_for
-from polyfuse.trainers.config import TrainConfig
+from polyfuse.trainers.config import SFTTrainConfig
 from polyfuse.trainers.memory import check_memory
 from polyfuse.trainers.run import TrainingRun
 from polyfuse.trainers.trainer import PolyfuseTrainer
 
 logger = logging.getLogger(__name__)
-
-
-class SFTTrainConfig(TrainConfig):
-    """SFT takes the shared settings only; its own class keeps recipes and overrides explicit."""
 
 
 class SFTTrainer(PolyfuseTrainer):

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field
 from transformers import TrainerCallback
 
 from polyfuse.data.schemas import UnpairedRow, unpaired_columns
@@ -35,12 +34,12 @@ from polyfuse.errors import DataError
 from polyfuse.logprobs import LogpReport, calibration_prompt_ids, check_logp_columns, fusion_sources
 from polyfuse.models import ModelSpec, load_model, load_tokenizer
 from polyfuse.models.forward import forward_logps, length_limit, pad_token_id
-from polyfuse.objectives import KL_COMPLETION, UNPAIRED_OBJECTIVES, UnpairedBatch, UnpairedObjective
+from polyfuse.objectives import KL_COMPLETION, UnpairedBatch, UnpairedObjective
 from polyfuse.objectives.fusesft import WEIGHT_COLUMN
 from polyfuse.pairs import rotation_mismatch, with_kl_completions
 from polyfuse.trainers.checkpoints import data_fingerprint
 from polyfuse.trainers.collate import SequenceCollator, collator_for
-from polyfuse.trainers.config import ObjectiveTrainConfig
+from polyfuse.trainers.config import UnpairedTrainConfig
 from polyfuse.trainers.memory import check_memory
 from polyfuse.trainers.preference import ensure_reference_columns, tokenize_pairs
 from polyfuse.trainers.run import TrainingRun
@@ -50,39 +49,6 @@ logger = logging.getLogger(__name__)
 
 LABEL = "desirable"  # the feature holding each row's label (True: D), `UnpairedRow.desirable`
 SAMPLING_WEIGHT = "source_allocation_weight"
-
-
-class UnpairedTrainConfig(ObjectiveTrainConfig):
-    """`polyfuse train kto|cgpo|fusesft --config` and a recipe's `upo` section."""
-
-    objectives = UNPAIRED_OBJECTIVES
-
-    learning_rate: float = Field(default=1e-6, gt=0)
-    batch_size: int = Field(default=8, ge=1, description="Micro-batch size per process (cgpo: half desirable, "
-                            "half undesirable rows, so an even number; kto: the block its KL completions rotate in).")
-    shuffle: bool = Field(default=True, description="fusesft: shuffle the rows every epoch (false: file order). kto "
-                          "reads the rows in their order (shuffled when built), cgpo samples them by class.")
-    disable_dropout: bool = Field(
-        default=True, description="As TRL: the policy's log-probs are compared with references scored without "
-        "dropout, so at step 0 every KTO / CGPO row's loss is 0.5.")
-    objective: str = Field(default="cgpo", description="A registered unpaired objective: kto, cgpo or fusesft.")
-    beta: float | None = Field(default=None, gt=0, description="None: the objective's own default (kto, cgpo).")
-    objective_args: dict[str, Any] = Field(default_factory=dict, description="Other hyper-parameters of the objective.")
-    reference_token_budget: int = Field(
-        default=4096, ge=1, description="Padded tokens per forward when missing ref_* columns are computed.")
-
-    def objective_values(self) -> dict[str, Any]:
-        return {**self.objective_args, **({} if self.beta is None else {"beta": self.beta})}
-
-    def build_objective(self) -> Any:
-        objective = super().build_objective()
-        if self.objective == "cgpo" and self.batch_size % 2:
-            raise ValueError(f"batch_size {self.batch_size}: cgpo's micro-batch is half desirable, half undesirable "
-                             "rows, so it must be even")
-        if KL_COMPLETION in objective.scored_roles() and self.objective == "kto" and self.batch_size < 2:
-            raise ValueError("batch_size 1: kto's KL completions rotate within each micro-batch, which needs at least "
-                             "2 rows (TRL requires it too); or use objective_args.loss_type: apo_zero_unpaired")
-        return objective
 
 
 @dataclass

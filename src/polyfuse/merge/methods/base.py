@@ -17,10 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
-import torch
-
 from polyfuse.errors import ConfigError
+from polyfuse.lazy import lazy_import
 from polyfuse.registry import Registry
+
+torch = lazy_import("torch")
 
 
 @dataclass
