@@ -104,6 +104,13 @@ SMOKE = {
     "merge_vs_mergekit.py": Smoke(("--smoke", "--work", "{tmp}/mvm"), (
         r"^\| linear \| [\d.e+-]+ \(.*\); 0 of \d+ entries differ by > 1e-06 x max", r"^\| dare_ties \| ", r"^\| extract_lora \| ",
     ), needs="mergekit"),
+    "onpolicy_speed.py": Smoke(("--smoke", "--threads", "1", "--workdir", "{tmp}/onpolicy"), (
+        r"  polyfuse +steps per wall s [\d.]+ .* [\d]+ trained tokens per step",
+        r"  trl:gkd +steps per wall s [\d.]+ .* [\d]+ trained tokens per step",
+        r"  trl:distillation +steps per wall s [\d.]+ .* [\d]+ trained tokens per step",
+        r"polyfuse / trl:gkd, trained tokens per second: CPU [\d.]+, wall [\d.]+",
+        r"polyfuse / trl:distillation, trained tokens per second: CPU [\d.]+",
+    ), needs="TRL 1.16"),
     "po_step_speed.py": Smoke(("--smoke", "--threads", "1", "--tools", "polyfuse:dpo,trl", "--workdir", "{tmp}/po"), (
         r"polyfuse:dpo +wall [\d.]+ s, CPU [\d.]+ s per step .*shared_prompt",
         r"trl +wall [\d.]+ s, CPU [\d.]+ s per step .*precompute_ref_log_probs",

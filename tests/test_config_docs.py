@@ -17,8 +17,8 @@ from polyfuse.cli.config_docs import stage_config, stage_config_yaml, stage_name
 from polyfuse.config import StrictModel, _description, _model_in, annotated_yaml, validate
 
 DOCS = Path(__file__).parents[1] / "docs" / "configs.md"
-EXAMPLES_REQUIRED = ["prompts", "sample", "score", "pairs", "logprobs", "consensus", "teacher", "sft", "distill", "po",
-                     "upo", "eval"]
+EXAMPLES_REQUIRED = ["prompts", "sample", "score", "pairs", "logprobs", "consensus", "teacher", "sft", "distill",
+                     "onpolicy", "transplant", "po", "upo", "eval"]
 
 
 class Inner(StrictModel):

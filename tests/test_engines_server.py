@@ -11,6 +11,7 @@ CPU wheel) and stopped by its process id. It serves the tiny toy world's `llama-
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -58,15 +60,15 @@ class Server:
         return self.metric("vllm:request_success_total")
 
 
-@pytest.fixture(scope="module")
-def toy_server(vllm_python, tiny_world, tmp_path_factory):
+@contextlib.contextmanager
+def vllm_server(vllm_python, model: Path, served: str, log: Path, *options: str) -> Iterator[Server]:
+    """A vLLM OpenAI-compatible server of `model` on a free port of 127.0.0.1, from the vLLM venv; stopped (with the
+    engine process it started) on exit."""
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
     command = [
-        str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_world.source_paths[SERVED]),
-        "--served-model-name", SERVED, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-        "--enforce-eager", "--max-model-len", "128", "--max-num-seqs", "16",
-        "--max-num-batched-tokens", "2048",  # >= max-num-seqs x max-model-len: seeded prefills are never split
+        str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+        "--served-model-name", served, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+        "--enforce-eager", *options,
     ]
     cores = ",".join(map(str, sorted(os.sched_getaffinity(0))))
     start = time.perf_counter()
@@ -93,6 +95,16 @@ def toy_server(vllm_python, tiny_world, tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def toy_server(vllm_python, tiny_world, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with vllm_server(vllm_python, tiny_world.source_paths[SERVED], SERVED, log, "--max-model-len", "128",
+                     "--max-num-seqs", "16",
+                     "--max-num-batched-tokens", "2048",  # >= max-num-seqs x max-model-len: seeded prefills never split
+                     ) as server:
+        yield server
 
 
 def served_source(server: Server, **options) -> dict:

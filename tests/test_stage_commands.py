@@ -1,8 +1,8 @@
 """A stage's command is the stage: `polyfuse <stage>` on the files a recipe's stage read, with the section that
 stage ran with as its `--config`, writes the same outputs, for every registered stage. One recipe on the tiny
-toy world runs the eleven stages of pairs; a second the stages of unpaired rows (pairs' unpaired layout, their
-log-probs, the consensus step, `upo`: a recipe trains with one of po or upo); each command then runs again
-outside them."""
+toy world runs the thirteen stages of pairs (a tokenizer transplant and on-policy distillation among them); a
+second the stages of unpaired rows (pairs' unpaired layout, their log-probs, the consensus step, `upo`: a recipe
+trains with one of po or upo); each command then runs again outside them."""
 
 from __future__ import annotations
 
@@ -25,18 +25,22 @@ sources:
 {sources}
 pivot: {{name: pivot, path: toyworld://pivot}}
 prompts: {{toyworld: {{split: train, per_domain: 4}}}}
-stages: [prompts, sample, score, pairs, sft, teacher, distill, merge, logprobs, po, eval]
+stages: [prompts, sample, score, pairs, transplant, sft, teacher, distill, onpolicy, merge, logprobs, po, eval]
 sample: {{batch_size: 8, chunk_size: 5}}
 score: {{scorers: [{{type: reward_model, name: rm, model: {{path: toyworld://reward_model}}}}], chunk_size: 16}}
 pairs: {{reward: rm, gap_window: null, sft_fraction: 0.5}}
 sft: {{epochs: 1, batch_size: 4, save_steps: 0}}
 teacher: {{top_k: 4, chunk_size: 4}}
 distill: {{epochs: 1, batch_size: 4, save_steps: 0}}
+transplant: {{donor: llama-compare, k: 16}}
+onpolicy: {{epochs: 1, batch_size: 4, save_steps: 0, objective_args: {{top_k: 4}}, sampling: {{max_new_tokens: 6}},
+            max_length: 96}}
 merge: {{merge_method: linear, models: [{{model: sft, parameters: {{weight: 0.5}}}},
                                         {{model: distill, parameters: {{weight: 0.5}}}}], dtype: float32}}
 logprobs: {{chunk_size: 4}}
 po: {{objective: infifpo, epochs: 1, batch_size: 4, save_steps: 0}}
-eval: {{prompts: {{toyworld: {{split: heldout, per_domain: 2, seed: 0}}}}, models: [sources, pivot, sft, distill, merge, po],
+eval: {{prompts: {{toyworld: {{split: heldout, per_domain: 2, seed: 0}}}}, models: [sources, pivot, transplant, sft, distill,
+                                                                           onpolicy, merge, po],
         scorers: [{{type: toyworld}}], batch_size: 4, max_new_tokens: 6}}
 """
 
@@ -101,8 +105,8 @@ def unpaired_run(run, tiny_world):
 def test_the_recipes_ran_every_stage(run, unpaired_run):
     ctx, _ = run
     assert set(ctx.outputs) | set(unpaired_run[0].outputs) == set(STAGES.names()) == {
-        "prompts", "sample", "score", "pairs", "sft", "teacher", "distill", "merge", "logprobs", "consensus", "po",
-        "upo", "eval"}
+        "prompts", "sample", "score", "pairs", "transplant", "sft", "teacher", "distill", "onpolicy", "merge",
+        "logprobs", "consensus", "po", "upo", "eval"}
     assert json.loads(Path(ctx.output("pairs", "report")).read_text())["pairs"] > 0
     report = json.loads(Path(unpaired_run[0].output("pairs", "report")).read_text())
     assert report["unpaired_desirable"] > 0 and report["unpaired_undesirable"] > 0
@@ -113,10 +117,12 @@ COMMANDS = {  # stage -> (the command, its options besides --config and -o), fro
     "sample": ("sample", lambda ctx: ["--prompts", ctx.output("prompts", "prompts")]),
     "score": ("score", lambda ctx: ["--samples", ctx.output("sample", "samples")]),
     "pairs": ("pairs", lambda ctx: ["--scored", ctx.output("score", "scored")]),
-    "sft": ("train sft", lambda ctx: ["--data", ctx.output("pairs", "sft"), "--model", ctx.recipe.pivot.path]),
+    "sft": ("train sft", lambda ctx: ["--data", ctx.output("pairs", "sft"), "--model", ctx.output("transplant", "model")]),
     "teacher": ("teacher", lambda ctx: ["--data", ctx.output("pairs", "sft")]),
     "distill": ("train distill", lambda ctx: ["--data", ctx.output("teacher", "sft"), "--teachers",
                                               ctx.output("teacher", "store"), "--model", ctx.output("sft", "model")]),
+    "onpolicy": ("train onpolicy", lambda ctx: ["--prompts", ctx.output("prompts", "prompts"), "--model",
+                                                ctx.output("distill", "model")]),
     "logprobs": ("logprobs", lambda ctx: ["--data", ctx.output("pairs", "preference")]),
     "po": ("train infifpo", lambda ctx: ["--data", ctx.output("logprobs", "preference"), "--model",
                                          ctx.output("merge", "model")]),
@@ -189,5 +195,15 @@ def test_eval_command_writes_what_the_eval_stage_wrote(run, polyfuse_cli, monkey
     for name in ("results.json", "results.md", "prompts.jsonl", "records"):
         assert digest(ours / name) == digest(theirs / name), name
     assert list(json.loads((theirs / "results.json").read_text())) == [
-        *(s.label for s in ctx.recipe.sources), "pivot", "pivot+SFT", "pivot+SFT+ULD", "pivot+SFT+ULD+MERGE(linear)",
-        "pivot+SFT+ULD+MERGE(linear)+INFIFPO"]  # each model stage labelled by its `label` hook
+        *(s.label for s in ctx.recipe.sources), "pivot", *(
+            "pivot+TRANSPLANT" + tail for tail in ("", "+SFT", "+SFT+ULD", "+SFT+ULD+ONPOLICY-KD",
+                                                  "+SFT+ULD+ONPOLICY-KD+MERGE(linear)",
+                                                  "+SFT+ULD+ONPOLICY-KD+MERGE(linear)+INFIFPO"))]  # `label` hooks
+
+
+def test_transplant_command_writes_what_the_transplant_stage_wrote(run, polyfuse_cli):
+    ctx, folder = run
+    donor = next(s.path for s in ctx.recipe.sources if s.label == "llama-compare")
+    proc = polyfuse_cli("transplant", ctx.recipe.pivot.path, donor, folder / "transplant", "--k", ctx.recipe.transplant.k)
+    assert proc.returncode == 0, proc.stderr
+    assert digest(folder / "transplant") == digest(Path(ctx.output("transplant", "model")))

@@ -17,8 +17,8 @@ from polyfuse.pipeline.recipe import Recipe, load_recipe
 from tiny_lm import build_tiny_model
 
 STAGE_FILES = Path(recipe_module.__file__).parent / "stages"
-ORDER = ["prompts", "sample", "score", "pairs", "sft", "teacher", "distill", "merge", "logprobs", "consensus", "po", "upo",
-         "eval"]
+ORDER = ["prompts", "sample", "score", "pairs", "transplant", "sft", "teacher", "distill", "onpolicy", "merge",
+         "logprobs", "consensus", "po", "upo", "eval"]
 
 
 def test_one_file_per_stage_each_registering_the_stage_of_its_name():
@@ -28,7 +28,7 @@ def test_one_file_per_stage_each_registering_the_stage_of_its_name():
         cls = STAGES.get(name)
         assert cls.name == name and cls.__module__ == f"polyfuse.pipeline.stages.{name}"
     assert stage_order() == ORDER
-    assert model_stages() == ["sft", "distill", "merge", "po", "upo"]
+    assert model_stages() == ["transplant", "sft", "distill", "onpolicy", "merge", "po", "upo"]
 
 
 def test_the_recipe_schema_is_built_from_the_registry():
@@ -36,7 +36,7 @@ def test_the_recipe_schema_is_built_from_the_registry():
     assert [name for name in fields if name in STAGES] == ORDER  # one section per stage, in stage order
     assert fields["prompts"].is_required()
     assert Recipe.model_fields["stages"].default_factory() == [
-        "prompts", "sample", "score", "pairs", "sft", "logprobs", "po", "eval"  # opt-in: teacher, distill, merge
+        "prompts", "sample", "score", "pairs", "sft", "logprobs", "po", "eval"  # opt-in: teacher, distill, merge, ...
     ]
 
 
@@ -149,15 +149,18 @@ def test_every_shipped_recipe_loads_with_its_sections_filled_from_the_recipe():
 
     folder = recipe_path("fusechat3.yaml").parent
     names = sorted(p.name for p in folder.glob("*.yaml"))
-    assert len(names) == 11
+    assert len(names) == 13
     for name in names:
         recipe = load_recipe(folder / name)
-        for section in ("pairs", "sft", "distill", "po", "upo"):
+        for section in ("pairs", "sft", "distill", "onpolicy", "po", "upo"):
             if getattr(recipe, section) is not None:
                 assert getattr(recipe, section).seed == recipe.seed, (name, section)
         if recipe.teacher is not None:
             assert [m.model_dump() for m in recipe.teacher.models] == [
                 s.model_dump(exclude={"sampling", "backend"}) for s in recipe.sources]
+        if recipe.onpolicy is not None:  # the sources as teachers, each with its own backend
+            assert [m.model_dump() for m in recipe.onpolicy.teachers] == [
+                s.model_dump(exclude={"sampling"}) for s in recipe.sources]
         assert recipe.sample.models[: len(recipe.sources)] == recipe.sources and recipe.sample.seed == recipe.seed
         if recipe.logprobs is not None and recipe.logprobs.sources:
             assert [m.model_dump() for m in recipe.logprobs.sources] == [
@@ -246,7 +249,7 @@ def test_recipe_fills_names_the_keys_that_fill_gives_a_section():
     expected = {"prompts": set(), "sample": {"seed", "models"}, "score": set(), "pairs": {"seed", "unpaired"},
                 "sft": {"seed"}, "teacher": {"models"}, "distill": {"seed"}, "merge": set(),
                 "logprobs": {"pivot", "sources"}, "consensus": set(), "po": {"seed"}, "upo": {"seed"},
-                "eval": {"scorers"}}
+                "eval": {"scorers"}, "transplant": set(), "onpolicy": {"seed", "teachers"}}
     assert {name: set(stage(name).recipe_fills()) for name in STAGES.names()} == expected
     for name in STAGES.names():
         filled = stage(name).fill({}, dict(raw))

@@ -20,13 +20,15 @@ from polyfuse.merge import transplant as transplant_module
 from polyfuse.merge.transplant import TransplantOptions, token_breakdown, transplant
 from tiny_lm import build_tiny_model
 
+TOY_K = 16
+
 
 @pytest.fixture(scope="module")
 def toy_transplant(tiny_world, tmp_path_factory):
     model, donor = tiny_world.pivot_path, tiny_world.source_paths["llama-compare"]
     out = tmp_path_factory.mktemp("transplant") / "pivot-llama-vocab"
     start = time.perf_counter()
-    result = transplant(model, donor, out, TransplantOptions(quiet=True))
+    result = transplant(model, donor, out, TransplantOptions(k=TOY_K, quiet=True))  # k <= the donor's width 32
     return model, donor, result, time.perf_counter() - start
 
 
@@ -45,6 +47,8 @@ def test_toy_transplant_gives_the_donor_vocabulary_and_keeps_shared_rows(toy_tra
     shared = [(model_vocab[token], donor_id) for token, donor_id in donor_vocab.items() if token in model_vocab]
     assert len(shared) > 50
     assert all(torch.equal(new[donor_id], old[model_id]) for model_id, donor_id in shared)  # copied, not approximated
+    # approximated rows on the model's scale (k above the donor's width gave norms ~1e6)
+    assert new.norm(dim=1).max() < 4 * old.norm(dim=1).max()
     loaded = AutoModelForCausalLM.from_pretrained(out)
     ids = AutoTokenizer.from_pretrained(out)("12 < 47", return_tensors="pt").input_ids
     logits = loaded(ids).logits
@@ -55,7 +59,7 @@ def test_toy_transplant_records_what_it_did(toy_transplant):
     model, donor, result, _ = toy_transplant
     manifest = json.loads((result.out / "transplant.json").read_text())
     assert manifest == result.manifest and not result.skipped
-    assert manifest["mergekit"] == "0.1.5" and manifest["method"] == "omp" and manifest["k"] == 64
+    assert manifest["mergekit"] == "0.1.5" and manifest["method"] == "omp" and manifest["k"] == TOY_K
     assert manifest["command"][:4] == ["mergekit-tokensurgeon", str(model), str(donor), str(result.out)]
     (breakdown,) = manifest["token_breakdown"]  # tied embeddings: one matrix rebuilt
     assert breakdown["total"] == breakdown["exact_matches"] + breakdown["tokens_to_approximate"] == 512
@@ -66,7 +70,7 @@ def test_toy_transplant_records_what_it_did(toy_transplant):
 def test_rerun_skips_a_finished_transplant_and_redoes_it_when_an_input_changed(toy_transplant, tmp_path, monkeypatch):
     model, donor, result, _ = toy_transplant
     monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("tokensurgeon ran again"))
-    again = transplant(model, donor, result.out, TransplantOptions(quiet=True))
+    again = transplant(model, donor, result.out, TransplantOptions(k=TOY_K, quiet=True))
     assert again.skipped and again.manifest == result.manifest
     copy = tmp_path / "pivot"
     shutil.copytree(model, copy)
@@ -82,7 +86,7 @@ def test_rerun_skips_a_finished_transplant_and_redoes_it_when_an_input_changed(t
     monkeypatch.setattr(transplant_module, "_run_tokensurgeon", fake_run)
     config = json.loads((copy / "config.json").read_text())
     (copy / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))
-    redone = transplant(copy, donor, out, TransplantOptions(quiet=True))
+    redone = transplant(copy, donor, out, TransplantOptions(k=TOY_K, quiet=True))
     assert len(calls) == 1 and not redone.skipped and redone.manifest["fingerprint"] != result.manifest["fingerprint"]
     assert json.loads((out / "transplant.json").read_text())["token_breakdown"] == [{"exact_matches": 1, "total": 1}]
 
@@ -123,6 +127,15 @@ def test_bad_inputs_are_one_line_and_exit_2(polyfuse_cli, tiny_folders, args, me
     assert message.format(root=tiny_folders) in " ".join(result.stderr.split())
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert not (tiny_folders / "out").exists()
+
+
+def test_an_omp_k_above_the_donor_width_is_one_line_and_exit_2(polyfuse_cli, tiny_world, tmp_path):
+    """tokensurgeon 0.1.5's OMP with more atoms than the donor's 32 dimensions gives embeddings of norm ~1e6."""
+    donor = tiny_world.source_paths["llama-compare"]
+    result = polyfuse_cli("transplant", tiny_world.pivot_path, donor, tmp_path / "out", "--k", "33", "-q")
+    assert result.returncode == 2, result.stderr
+    assert f"transplant k 33 is larger than DONOR {donor}'s hidden size 32" in " ".join(result.stderr.split())
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 def test_a_mergekit_other_than_the_pinned_one_is_refused(polyfuse_cli, tiny_folders, monkeypatch):

@@ -331,7 +331,8 @@ def transplant(
     out: Annotated[Path, typer.Argument(help="Output model folder (with transplant.json: what was done).")],
     method: Annotated[str, typer.Option(help="How tokensurgeon approximates the donor's new tokens: omp (mergekit's "
                                              "recommendation), common_interpolation, subword, landmark_pca, ...")] = "omp",
-    k: Annotated[int, typer.Option(help="Sparsity of omp / stb / mp_rope, neighbours of common_interpolation.")] = 64,
+    k: Annotated[int, typer.Option(help="Sparsity of omp (at most the donor's hidden size) / stb / mp_rope, "
+                                        "neighbours of common_interpolation.")] = 64,
     device: Annotated[str, typer.Option(help="Where tokensurgeon's matrix arithmetic runs: cpu, cuda, cuda:1.")] = "cpu",
     quiet: QuietOpt = False,
 ) -> None:

@@ -5,7 +5,9 @@ re-implements.
 tokensurgeon keeps MODEL's embedding rows of the tokens both vocabularies share, and approximates the rows of the
 donor's other tokens. polyfuse's default is mergekit's own, and what its documentation recommends for most models:
 `omp` (orthogonal matching pursuit: each new token's donor embedding as a sparse combination of at most `k` = 64
-shared tokens, the same coefficients applied in MODEL's space). The other methods are options.
+shared tokens, the same coefficients applied in MODEL's space). The other methods are options. `k` above the
+donor's hidden size is refused: tokensurgeon 0.1.5 then returns embeddings of norm ~1e6 (measured on a 32-wide
+toy donor: k 32 gives norms like the model's own, k 33 and 64 do not).
 
 Pinned to mergekit 0.1.5 (its command line and output are what this module reads). The inputs are checked before
 any work: local model folders with safetensors weights and a tokenizer, different vocabularies, a free output.
@@ -92,6 +94,12 @@ def _check_model_folder(path: Path, role: str) -> dict[str, Any]:
     return config
 
 
+def _hidden_size(config: dict[str, Any]) -> int | None:
+    """The embedding width from config.json (multimodal configs keep it in `text_config`; GPT-2 calls it n_embd)."""
+    config = config.get("text_config") or config
+    return config.get("hidden_size") or config.get("n_embd")
+
+
 def _vocabulary(path: Path) -> dict[str, int]:
     from transformers import AutoTokenizer
 
@@ -106,13 +114,17 @@ def check_inputs(model: Path, donor: Path, out: Path, options: TransplantOptions
     if options.k < 1:
         raise ConfigError(f"transplant k must be >= 1, got {options.k}")
     _check_model_folder(model, "MODEL")
-    _check_model_folder(donor, "DONOR")
+    width = _hidden_size(_check_model_folder(donor, "DONOR"))
     if out.resolve() in (model.resolve(), donor.resolve()):
         raise UserError(f"OUT {out}: is one of the inputs; choose a new folder")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
         raise UserError(f"OUT {out}: exists and is not a polyfuse transplant; choose a new folder or remove it")
     if _vocabulary(model) == _vocabulary(donor):
         raise UserError(f"MODEL {model} and DONOR {donor} have the same vocabulary: nothing to transplant")
+    if options.method == "omp" and width is not None and options.k > width:
+        raise ConfigError(f"transplant k {options.k} is larger than DONOR {donor}'s hidden size {width}: omp fits "
+                          f"each new token with k of the donor's embeddings, and more than {width} of them make the "
+                          f"fit degenerate (embeddings of norm ~1e6); use --k {width} or less")
 
 
 def tokensurgeon_command(model: Path, donor: Path, out: Path, options: TransplantOptions) -> list[str]:

@@ -24,7 +24,9 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
+from polyfuse.errors import DataError
 from polyfuse.lazy import lazy_import
+from polyfuse.objectives.distill import logit_std
 from polyfuse.objectives.logps import IGNORE_INDEX, sequence_logps, token_logps_of
 
 torch = lazy_import("torch")
@@ -223,6 +225,63 @@ def head_only_agrees(model: Any, batch: dict[str, torch.Tensor]) -> bool:
     if not agrees:
         logger.warning("%s post-processes its logits: scoring with its own forward", type(model).__name__)
     return agrees
+
+
+def topk_outputs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """What a teacher gives at each position [N, V] that predicts `tokens` [N]: the top-K ids, their raw logits
+    and normalised log-probs (descending), the log-normaliser (`logsumexp`), the std of the logits (`logit_std`)
+    and the log-prob of the token itself; fp32."""
+    logits = logits.float()
+    normaliser = torch.logsumexp(logits, dim=-1)
+    values, ids = logits.topk(min(k, logits.shape[-1]), dim=-1)
+    return {"topk_ids": ids, "topk_logits": values, "topk_logprobs": values - normaliser[:, None],
+            "logsumexp": normaliser, "std": logit_std(logits),
+            "token_logps": logits.gather(-1, tokens[:, None]).squeeze(-1) - normaliser}
+
+
+def response_topk(model: Any, batch: dict[str, torch.Tensor], k: int, head_only: bool
+                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """`topk_outputs` at every position that predicts a response token (row-major), and each one's row.
+    `head_only`: decoder states through the output embeddings (`head_logits`); otherwise the model's own
+    forward, for models that post-process their logits."""
+    if head_only:
+        states, tokens, rows = scored_hidden_states(model, batch)
+        chunks = [topk_outputs(logits, tokens[i * HEAD_CHUNK : i * HEAD_CHUNK + len(logits)], k)
+                  for i, logits in enumerate(head_logits(model, states))]
+    else:
+        positions, tokens, rows = forward_scored_logits(model, batch)
+        chunks = [topk_outputs(positions[i : i + HEAD_CHUNK], tokens[i : i + HEAD_CHUNK], k)
+                  for i in range(0, len(tokens), HEAD_CHUNK)]
+    if not chunks:
+        raise DataError("a batch has no response tokens")
+    return {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}, rows
+
+
+def score_topk(model: Any, sequences: list[tuple[list[int], int]], pad_id: int, k: int,
+               token_budget: int = DEFAULT_TOKEN_BUDGET) -> list[dict[str, torch.Tensor]]:
+    """`topk_outputs` over the response positions of each `(input ids, prompt length)` sequence, in input order,
+    under `model` in eval mode (token-budget batches, the head-only path where it agrees with the model's own
+    forward, as `score_sequences`)."""
+    device = next(model.parameters()).device
+    results: list[dict[str, torch.Tensor]] = [{}] * len(sequences)
+    head_only = None
+    training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for indices in plan_batches([len(ids) for ids, _ in sequences], token_budget):
+                chunk = [sequences[i] for i in indices]
+                batch = pad_batch([ids for ids, _ in chunk], [p for _, p in chunk], pad_id, side="left")
+                batch = {name: value.to(device) for name, value in batch.items()}
+                if head_only is None:
+                    head_only = head_only_agrees(model, batch)
+                outputs, rows = response_topk(model, batch, k, head_only)
+                for position, index in enumerate(indices):
+                    mine = rows == position
+                    results[index] = {name: value[mine].cpu() for name, value in outputs.items()}
+    finally:
+        model.train(training)
+    return results
 
 
 def score_sequences(

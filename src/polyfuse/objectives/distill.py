@@ -212,6 +212,11 @@ class DistillObjective(StrictModel):
         (`AlignedRow.vocabularies`, with the pivot's token bytes); None: no map."""
         return None
 
+    def projection_match(self) -> str | None:
+        """The match rule of the vocabulary projection (`Projection`) each teacher needs in the batch, built from
+        both tokenizers (`polyfuse.alignment.projection`); None: the objective reads no projection."""
+        return None
+
     @abstractmethod
     def targets(self, row: AlignedRow) -> dict[str, Any]:
         """The `required_fields()` of one row, each with one entry per pivot response position."""

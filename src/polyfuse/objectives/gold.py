@@ -40,10 +40,12 @@ from polyfuse.objectives.topk import (
     STOP_GROUP,
     Merge,
     group_targets,
+    group_weight,
     jsd_terms,
     sorted_l1,
     sparse_divergence,
     student_prefix,
+    teacher_metric,
 )
 
 torch = lazy_import("torch")
@@ -122,6 +124,9 @@ class GoldObjective(DistillObjective):
     def vocabulary_map(self) -> Literal["exact"]:
         return "exact"  # for the pivot's token bytes, which tell the stop group from text
 
+    def projection_match(self) -> str:
+        return self.match_rule()
+
     def required_fields(self) -> tuple[str, ...]:
         return tuple(GROUP_FIELDS)
 
@@ -164,13 +169,16 @@ class GoldObjective(DistillObjective):
         logps = torch.log_softmax(batch.logits.float() / self.tau, dim=-1)
         losses = logps.new_zeros(len(logps))
         parts: dict[str, list[torch.Tensor]] = {"loss": [], "matched": [], "unmatched": []}
+        per_teacher: dict[str, torch.Tensor] = {}
         for teacher in range(batch.require("group").shape[1]):
             anchors = anchored(batch, teacher)
             if len(anchors):
                 out = self.group_losses(logps, batch, teacher, anchors)
-                losses = losses.index_add(0, anchors, out["loss"])
+                losses = losses.index_add(0, anchors, out["loss"] * group_weight(batch, teacher, anchors))
                 for name, value in out.items():
                     parts[name].append(value.detach())
+                per_teacher[teacher_metric(teacher)] = out["loss"].detach()
         metrics = {f"kd/{name}" if name != "loss" else "loss/kd": torch.cat(v) if v else losses.detach()[:0]
                    for name, v in parts.items()}
+        metrics.update(per_teacher)
         return losses, {**metrics, "kd/groups": (batch.require("group") > 0).sum(-1).float()}

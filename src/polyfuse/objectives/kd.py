@@ -4,7 +4,9 @@ tokenizers the student is read in the teacher's vocabulary through X-Token's pro
 2605.21699). Spec: `methods/onpolicy-distillation.md`, sections 2.2, 2.3 and 6 (c)-(d).
 
 Per aligned group (`polyfuse.objectives.topk`), the buckets are:
-- beta = 0: the teacher's top-K ids, the student's mass on each `log (W^T v_S)[id]`, plus the tail;
+- beta = 0: the teacher's top-K ids, the student's mass on each `log (W^T v_S)[id]`, plus the tail, in a group of
+  one token on each side; a group of several tokens on either side is compared on {its realised text} plus the
+  tail (the top-K there ranks the teacher's last piece, which W does not pair with the student's; docs/design.md);
 - 0 < beta < 1: {the teacher's top-1, the realised group text} plus the tail (TRL's server path); the realised
   entry is the joint probability of the group's text on both sides, so it needs no W;
 - beta = 1: {the realised group text} plus the tail;
@@ -32,9 +34,11 @@ from polyfuse.objectives.topk import (
     STOP_GROUP,
     Support,
     group_targets,
+    group_weight,
     projected_logps,
     sparse_divergence,
     student_prefix,
+    teacher_metric,
 )
 
 torch = lazy_import("torch")
@@ -61,13 +65,14 @@ def kd_group_losses(logps: torch.Tensor, batch: DistillBatch, teacher: int, anch
     stop = batch.require("group")[anchors, teacher] == STOP_GROUP
     student_realised = (logps[anchors, batch.labels[anchors]] + prefix)[:, None]
     teacher_realised = batch.require("teacher_realised")[anchors, teacher].float()[:, None]
-    realised_valid = (stop | (support != "topk"))[:, None]
     if support == "realised":
-        return sparse_divergence(student_realised, teacher_realised, realised_valid, beta, tail)
+        return sparse_divergence(student_realised, teacher_realised, torch.ones_like(stop)[:, None], beta, tail)
     ids = batch.require("teacher_ids")[anchors, teacher]
     teacher_logps = batch.require("teacher_logps")[anchors, teacher].float()
     student = projected_logps(logps[anchors], ids, batch_projection(batch, teacher)) + prefix[:, None]
     valid = torch.isfinite(teacher_logps) & torch.isfinite(student) & ~stop[:, None]
+    # top1 always keeps the realised entry; topk where no top-K entry is left (the stop, several tokens, none W reaches)
+    realised_valid = (stop | (support != "topk") | ~valid.any(-1))[:, None]
     return sparse_divergence(torch.cat([student, student_realised], -1), torch.cat([teacher_logps, teacher_realised], -1),
                              torch.cat([valid, realised_valid], -1), beta, tail)
 
@@ -92,6 +97,9 @@ class KDObjective(DistillObjective):
     def vocabulary_map(self) -> Literal["exact"]:
         return "exact"  # for the pivot's token bytes, which tell the stop group from text
 
+    def projection_match(self) -> str:
+        return "exact"
+
     def required_fields(self) -> tuple[str, ...]:
         sparse = () if self.support() == "realised" else ("teacher_ids", "teacher_logps")
         return ("group", "group_lead", "teacher_realised", *sparse)
@@ -103,12 +111,14 @@ class KDObjective(DistillObjective):
     def __call__(self, batch: DistillBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logps = torch.log_softmax(batch.logits.float() / self.tau, dim=-1)
         losses = logps.new_zeros(len(logps))
-        per_group = []
+        per_group, per_teacher = [], {}
         for teacher in range(batch.require("group").shape[1]):
             anchors = anchored(batch, teacher)
             if len(anchors):
                 divergence = kd_group_losses(logps, batch, teacher, anchors, self.beta, self.support(), self.tail)
-                losses = losses.index_add(0, anchors, divergence)
+                losses = losses.index_add(0, anchors, divergence * group_weight(batch, teacher, anchors))
                 per_group.append(divergence.detach())
+                per_teacher[teacher_metric(teacher)] = divergence.detach()
         groups = (batch.require("group") > 0).sum(-1).float()
-        return losses, {"loss/kd": torch.cat(per_group) if per_group else losses.detach()[:0], "kd/groups": groups}
+        return losses, {"loss/kd": torch.cat(per_group) if per_group else losses.detach()[:0], "kd/groups": groups,
+                        **per_teacher}

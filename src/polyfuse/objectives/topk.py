@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from polyfuse.errors import DataError
 from polyfuse.lazy import lazy_import
-from polyfuse.objectives.distill import AlignedRow, Projection, TargetField, TeacherOutputs
+from polyfuse.objectives.distill import AlignedRow, DistillBatch, Projection, TargetField, TeacherOutputs
 
 np = lazy_import("numpy")
 torch = lazy_import("torch")
@@ -45,6 +45,21 @@ GROUP_FIELDS = {
     "teacher_logps": TargetField("float32"),  # [T, S]: their merged log-probs, -inf for none
     "teacher_realised": TargetField("float32"),  # [T]: log P_teacher(the group's text)
 }
+# [T]: each teacher's weight at its anchors when several teachers are mixed at each position (on-policy
+# `mix`); a batch without it weighs every group 1.
+GROUP_WEIGHT = "group_weight"
+WEIGHT_FIELDS = {GROUP_WEIGHT: TargetField("float32")}
+
+
+def teacher_metric(teacher: int) -> str:
+    """The metric of one teacher's group losses (the trainer names it after the teacher: `kd/loss/<name>`)."""
+    return f"kd/teacher{teacher}"
+
+
+def group_weight(batch: DistillBatch, teacher: int, anchors: torch.Tensor) -> torch.Tensor | float:
+    """Teacher `teacher`'s weights [G] at `anchors`, or 1 when the batch has none."""
+    weights = batch.targets.get(GROUP_WEIGHT)
+    return 1.0 if weights is None else weights.detach()[anchors, teacher].float()
 
 
 # ---- divergences over a few buckets ----------------------------------------------------------------------
@@ -181,7 +196,12 @@ def group_targets(row: AlignedRow, support: Support, top_k: int, merge: Merge = 
     `topk_realised` (plus the base position's realised token when it is not among them: everything the wire
     carries), `top1` (its top-1, left out when it is the realised token, which `teacher_realised` carries) or
     `realised` (none besides the realised text). `stop_groups`: the end-of-turn group is kept (bayesian only;
-    GOLD drops EOS)."""
+    GOLD drops EOS).
+
+    With `topk`, a group of several tokens on either side keeps none of the teacher's top-K: its entries rank
+    candidates for the group's last teacher piece, which W cannot pair with the student's candidates for its own
+    last piece (W weighs a student token's first piece); such a group is compared on its realised text alone
+    (`kd`, docs/design.md)."""
     n, teachers = len(row.labels), len(row.examples)
     width = {"topk": top_k, "topk_realised": top_k + 1, "top1": 1, "realised": 0}[support]
     top_k = min(top_k, width)
@@ -195,7 +215,8 @@ def group_targets(row: AlignedRow, support: Support, top_k: int, merge: Merge = 
             continue
         if example.topk_logprobs is None:
             raise DataError("the teacher outputs have no normalised top-K log-probs (`topk_logprobs`): sparse KL "
-                            "targets need them, as a teacher server returns them")
+                            "targets need them; a teacher store written before it recorded each position's "
+                            "logsumexp lacks them: rerun `polyfuse teacher`")
         topk_ids, topk_logps = example.topk_ids, example.topk_logprobs.astype(np.float64)
         if top_k > topk_ids.shape[1]:
             raise DataError(f"top_k {top_k} is larger than the {topk_ids.shape[1]} log-probs the teacher returned "
@@ -218,7 +239,7 @@ def group_targets(row: AlignedRow, support: Support, top_k: int, merge: Merge = 
             kind[anchor, t] = STOP_GROUP if stop else TEXT_GROUP
             lead[anchor, t] = len(pivot) - 1
             realised[anchor, t] = float(example.token_logps[base]) + prefix
-            if stop or width == 0:
+            if stop or width == 0 or (support == "topk" and (len(pivot) > 1 or len(teacher) > 1)):
                 continue
             ids[anchor, t, :top_k] = topk_ids[base, :top_k]
             logps[anchor, t, :top_k] = topk_logps[base, :top_k] + prefix

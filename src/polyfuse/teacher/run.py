@@ -33,19 +33,14 @@ from polyfuse.lazy import lazy_import
 from polyfuse.models import ModelSpec, encode, load_config, load_model, load_tokenizer
 from polyfuse.models.forward import (
     DEFAULT_TOKEN_BUDGET,
-    HEAD_CHUNK,
-    forward_scored_logits,
-    head_logits,
     head_only_agrees,
     length_limit,
     pad_batch,
     pad_token_id,
     plan_batches,
-    scored_hidden_states,
-    token_logps,
+    response_topk,
 )
 from polyfuse.models.records import model_record
-from polyfuse.objectives.distill import logit_std
 from polyfuse.teacher.store import FORMAT, TeacherExample, text_hash, write_shard
 
 np = lazy_import("numpy")
@@ -82,32 +77,6 @@ def row_hashes(rows: list[SFTRow]) -> dict[str, str]:
     return {row.id: text_hash(row.prompt, response_text(row.completion)) for row in rows}
 
 
-def _topk_outputs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
-    values, ids = logits.topk(min(k, logits.shape[-1]), dim=-1)
-    return {"topk_ids": ids, "topk_logits": values, "std": logit_std(logits), "token_logps": token_logps(logits, tokens)}
-
-
-def response_topk(model: Any, batch: dict[str, torch.Tensor], k: int, head_only: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Top-K outputs at every position that predicts a response token (row-major), and each one's row.
-    `head_only`: decoder states through the output embeddings (`head_logits`); otherwise the model's own
-    forward, for models that post-process their logits."""
-    if head_only:
-        states, tokens, rows = scored_hidden_states(model, batch)
-        chunks = [
-            _topk_outputs(logits, tokens[i * HEAD_CHUNK : i * HEAD_CHUNK + len(logits)], k)
-            for i, logits in enumerate(head_logits(model, states))
-        ]
-    else:
-        positions, tokens, rows = forward_scored_logits(model, batch)
-        chunks = [
-            _topk_outputs(positions[i : i + HEAD_CHUNK].float(), tokens[i : i + HEAD_CHUNK], k)
-            for i in range(0, len(tokens), HEAD_CHUNK)
-        ]
-    if not chunks:
-        raise DataError("a batch has no response tokens")
-    return {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}, rows
-
-
 def _score_chunk(model: Any, tokenizer: Any, encoded: list[tuple[str, Any, list]], config: TeacherConfig,
                  head_only: bool | None, advance) -> tuple[dict[str, TeacherExample], bool | None]:
     """The examples of one chunk, and whether the head-only path reproduces the model's own forward (decided
@@ -134,6 +103,7 @@ def _score_chunk(model: Any, tokenizer: Any, encoded: list[tuple[str, Any, list]
                     topk_ids=outputs["topk_ids"][mine].cpu().numpy().astype(np.int32),
                     topk_logits=outputs["topk_logits"][mine].cpu().numpy().astype(np.float16),
                     std=outputs["std"][mine].cpu().numpy().astype(np.float32),
+                    logsumexp=outputs["logsumexp"][mine].cpu().numpy().astype(np.float32),
                     token_logps=outputs["token_logps"][mine].cpu().numpy().astype(np.float32),
                 )
             advance(len(indices))

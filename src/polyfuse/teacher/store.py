@@ -14,6 +14,10 @@ source computes that source only. A shard is a compressed `.npz` (no pickles) wr
 | `topk_logits` | P x K | float16 | their raw logits |
 | `std` | P | float32 | the std of the full-vocabulary logits (`logit_std`, for logit standardisation) |
 | `token_logps` | P | float32 | log-prob of the token itself (the model's CE on the gold text, for MinCE) |
+| `logsumexp` | P | float32 | the log-normaliser of the full-vocabulary logits (absent in stores written before it was added) |
+
+The normalised top-K log-probs that the sparse KL losses read (`kd`, `gold`) are `topk_logits - logsumexp`,
+computed when a shard is read (fp16 logits: about 1e-2 in log-prob at logits near 30).
 
 Position p of an example holds the distribution that *predicts* its p-th response token (logits at t predict
 token t+1), so aligned tokens pair the positions that predict them.
@@ -25,7 +29,7 @@ import hashlib
 import json
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +42,7 @@ np = lazy_import("numpy")
 
 FORMAT = "polyfuse-teacher-1"
 ARRAYS = ("token_ids", "spans", "topk_ids", "topk_logits", "std", "token_logps")
+OPTIONAL = ("logsumexp",)  # arrays added since the format was fixed; older shards lack them
 
 
 @dataclass(frozen=True)
@@ -46,13 +51,18 @@ class TeacherExample(TeacherOutputs):
     character span, which only the alignment reads."""
 
     spans: np.ndarray
+    logsumexp: np.ndarray | None = field(default=None, kw_only=True)
 
     def span_list(self) -> list[tuple[int, int] | None]:
         return [None if start < 0 else (int(start), int(end)) for start, end in self.spans]
 
     def outputs(self) -> TeacherOutputs:
-        """The arrays an objective reads, as the objectives' own plain type."""
-        return TeacherOutputs(**{f.name: getattr(self, f.name) for f in fields(TeacherOutputs)})
+        """The arrays an objective reads, as the objectives' own plain type; with the log-normaliser stored,
+        the normalised top-K log-probs too."""
+        arrays = {f.name: getattr(self, f.name) for f in fields(TeacherOutputs)}
+        if self.logsumexp is not None and self.topk_logprobs is None:
+            arrays["topk_logprobs"] = self.topk_logits.astype(np.float32) - self.logsumexp[:, None]
+        return TeacherOutputs(**arrays)
 
 
 def write_shard(path: Path, examples: dict[str, TeacherExample]) -> None:
@@ -65,14 +75,18 @@ def write_shard(path: Path, examples: dict[str, TeacherExample]) -> None:
     }
     for name in ARRAYS:
         arrays[name] = np.concatenate([getattr(examples[i], name) for i in ids]) if ids else np.zeros(0)
+    for name in OPTIONAL:
+        if ids and all(getattr(examples[i], name) is not None for i in ids):
+            arrays[name] = np.concatenate([getattr(examples[i], name) for i in ids])
     atomic_write(path, lambda handle: np.savez_compressed(handle, **arrays))
 
 
-def _read_arrays(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Arrays of a shard; a damaged shard (truncated, overwritten) is a `DataError` that says how to mend it."""
+def _read_arrays(path: Path, names: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Arrays of a shard (`optional` ones when it has them); a damaged shard (truncated, overwritten) is a
+    `DataError` that says how to mend it."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            return {name: data[name] for name in names}
+            return {name: data[name] for name in (*names, *(n for n in optional if n in data.files))}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise DataError(f"{path}: a damaged teacher shard ({err}); delete it and rerun `polyfuse teacher`, "
                         "which recomputes only the missing shards") from None
@@ -84,10 +98,11 @@ def read_shard_ids(path: Path) -> list[str]:
 
 
 def read_shard(path: Path) -> dict[str, TeacherExample]:
-    arrays = _read_arrays(path, ("example_ids", "offsets", *ARRAYS))
+    arrays = _read_arrays(path, ("example_ids", "offsets", *ARRAYS), OPTIONAL)
     ids, offsets = arrays["example_ids"].tolist(), arrays["offsets"]
+    stored = [name for name in (*ARRAYS, *OPTIONAL) if name in arrays]
     return {
-        example_id: TeacherExample(**{name: arrays[name][offsets[e] : offsets[e + 1]] for name in ARRAYS})
+        example_id: TeacherExample(**{name: arrays[name][offsets[e] : offsets[e + 1]] for name in stored})
         for e, example_id in enumerate(ids)
     }
 

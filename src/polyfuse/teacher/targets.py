@@ -23,7 +23,8 @@ import numpy as np
 from polyfuse.data.schemas import SFTRow, response_text
 from polyfuse.errors import DataError
 from polyfuse.models import ModelSpec, load_tokenizer
-from polyfuse.objectives.distill import AlignedRow, DistillObjective, Groups, TeacherVocabulary
+from polyfuse.objectives.distill import AlignedRow, DistillObjective, Groups, Projection, TeacherVocabulary
+from polyfuse.teacher.online import end_of_turn
 from polyfuse.teacher.store import TeacherExample, TeacherStore, read_shard, read_shard_ids
 
 Alignment = Literal["positional", "offsets", "dp"]
@@ -41,6 +42,11 @@ class Teacher:
     vocabulary: TeacherVocabulary | None = None
 
 
+def _tokenizer(store: TeacherStore) -> Any:
+    record = store.manifest["model"]
+    return load_tokenizer(ModelSpec.model_validate({k: record[k] for k in ModelSpec.model_fields if k in record}))
+
+
 def load_teachers(stores: list[TeacherStore], pivot_tokenizer: Any, alignment: Alignment,
                   vocab: Literal["exact", "mined"] | None) -> list[Teacher]:
     """Load each teacher's tokenizer only when the alignment or the vocabulary map needs it."""
@@ -51,8 +57,7 @@ def load_teachers(stores: list[TeacherStore], pivot_tokenizer: Any, alignment: A
         without_offsets = alignment == "offsets" and not store.manifest["model"].get("offsets", True)
         teacher = Teacher(store, "dp" if without_offsets else alignment)
         if teacher.alignment == "dp" or vocab is not None:
-            record = store.manifest["model"]
-            tokenizer = load_tokenizer(ModelSpec.model_validate({k: record[k] for k in ModelSpec.model_fields if k in record}))
+            tokenizer = _tokenizer(store)
             teacher.token_bytes = token_bytes(tokenizer)
             if vocab is not None:
                 same_vocab = tokenizer.get_vocab() == pivot_tokenizer.get_vocab()
@@ -61,6 +66,16 @@ def load_teachers(stores: list[TeacherStore], pivot_tokenizer: Any, alignment: A
                 teacher.vocabulary = TeacherVocabulary(teacher.token_bytes, to_pivot)
         teachers.append(teacher)
     return teachers
+
+
+def store_projections(stores: list[TeacherStore], pivot_tokenizer: Any, match: str | None) -> list[Projection | None]:
+    """Each stored teacher's vocabulary projection for an objective that reads one (`match`: its match rule,
+    `DistillObjective.projection_match`); Nones otherwise."""
+    from polyfuse.alignment.projection import projection
+
+    if match is None:
+        return [None] * len(stores)
+    return [projection(pivot_tokenizer, _tokenizer(store), match=match) for store in stores]
 
 
 def align_groups(alignment: Alignment, student_spans: list, teacher: TeacherExample,
@@ -81,7 +96,7 @@ def align_groups(alignment: Alignment, student_spans: list, teacher: TeacherExam
         groups = [([text_s[a] for a in left], [text_t[b] for b in right]) for left, right in raw]
         texts = set(text_t)
         teacher_spans = [(0, 0) if k in texts else None for k in range(n_teacher)]  # which tokens are text
-    end_s, end_t = _end_of_turn(student_spans), _end_of_turn(teacher_spans)
+    end_s, end_t = end_of_turn(student_spans), end_of_turn(teacher_spans)
     if end_s is not None and end_t is not None:
         groups.append(([end_s], [end_t]))
     return groups
@@ -90,12 +105,6 @@ def align_groups(alignment: Alignment, student_spans: list, teacher: TeacherExam
 def _text_tokens(pieces: list[bytes | None]) -> list[int]:
     end = next((k for k, piece in enumerate(pieces) if piece is None), len(pieces))  # template text follows
     return [k for k in range(end) if pieces[k]]
-
-
-def _end_of_turn(spans: list) -> int | None:
-    """The first span-less (non-text) token after the last text token, if any."""
-    last_text = max((i for i, s in enumerate(spans) if s is not None), default=-1)
-    return next((i for i in range(last_text + 1, len(spans)) if spans[i] is None), None)
 
 
 def distill_features(

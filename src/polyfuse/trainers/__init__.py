@@ -8,8 +8,8 @@ from polyfuse.lazy import lazy_exports
 
 _EXPORTS = {  # module -> the names it gives the package
     "collate": ("SequenceCollator", "SharedPromptCollator"),
-    "config": ("DistillTrainConfig", "LoraSettings", "PreferenceTrainConfig", "SFTTrainConfig", "TrainConfig",
-               "UnpairedTrainConfig"),
+    "config": ("DistillTrainConfig", "LoraSettings", "OnPolicyTrainConfig", "PreferenceTrainConfig", "SFTTrainConfig",
+               "TrainConfig", "UnpairedTrainConfig"),
     "distill": ("DistillCollator", "DistillTrainer", "train_distill"),
     "preference": ("PreferenceTrainer", "ensure_reference_columns", "tokenize_pairs", "train_preference"),
     "sft": ("SFTTrainer", "tokenize_sft", "train_sft"),

@@ -25,6 +25,8 @@ from polyfuse.objectives.base import OBJECTIVES
 from polyfuse.objectives.distill import DISTILL_OBJECTIVES
 from polyfuse.objectives.unpaired import KL_COMPLETION, UNPAIRED_OBJECTIVES
 from polyfuse.registry import Registry
+from polyfuse.sampling.base import BackendConfig, EngineModel, SamplingSettings
+from polyfuse.teacher.online import WEIGHTED, Mix
 from polyfuse.trainers.distributed import check_lora_supported, fsdp_from_launcher
 
 if TYPE_CHECKING:
@@ -353,3 +355,68 @@ class DistillTrainConfig(ObjectiveTrainConfig):
 
     def resolved_alignment(self) -> str:
         return self.alignment or self.build_objective().default_alignment
+
+
+STUDENT_BACKENDS = ("transformers", "vllm")
+
+
+class StudentSampling(SamplingSettings):
+    """How the student samples: one response per prompt and step, at temperature 1 by default (TRL's
+    distillation trainers)."""
+
+    n: int = Field(default=1, ge=1, le=1, description="One response per prompt and step.")
+    temperature: float = Field(default=1.0, ge=0.0, description="0: greedy decoding.")
+    max_new_tokens: int = Field(default=128, ge=1, description="Generation budget per response.")
+
+
+class OnPolicyTrainConfig(ObjectiveTrainConfig):
+    """`polyfuse train onpolicy --config` and a recipe's `onpolicy` section."""
+
+    recipe_only: ClassVar[tuple[str, ...]] = ("data",)
+    objectives = DISTILL_OBJECTIVES
+
+    objective: str = Field(default="kd", description="A group loss: kd (forward / reverse KL, JSD; X-Token P-KL across "
+                           "tokenizers) or gold (GOLD's hybrid, H-KL); its top_k is what each teacher returns.")
+    teachers: list[EngineModel] = Field(min_length=1, description="The teachers, each with its backend (transformers, "
+                                        "vllm, openai); in a recipe: default its sources.")
+    student_backend: BackendConfig = Field(
+        default="transformers", validate_default=True,
+        description="Where the student samples: transformers (the training model itself) or vllm (an engine in this "
+        "process, its weights refreshed every sync_steps).")
+    sync_steps: int = Field(default=1, ge=1, description="vllm student: optimiser steps between weight refreshes.")
+    sampling: StudentSampling = Field(default_factory=StudentSampling, description="How the student samples.")
+    lmbda: float = Field(default=1.0, ge=0, le=1, description="Share of steps that sample on-policy (GKD's lambda; "
+                         "1: always); the others train on the rows' own `completion`.")
+    mix: Mix = Field(default="sum", description="Several teachers: sum (each teacher's groups), route (one teacher per "
+                     "row, by route_by: MOPD), or per position: average, confident, uncertainty.")
+    route_by: str | None = Field(default=None, description="mix route: the row column naming its teacher (teacher_id, "
+                                 "domain, ...).")
+    routes: dict[str, str] = Field(default_factory=dict, description="mix route: column value -> teacher name; a value "
+                                   "not listed must itself be a teacher name.")
+    uncertainty_tau: float = Field(default=1.0, gt=0, description="mix uncertainty: softmax(-H / tau) over teachers.")
+    disable_dropout: bool = Field(default=True, description="Dropout off while training and sampling (as TRL's GKD "
+                                  "and distillation trainers).")
+    data: str | None = Field(default=None, description="Recipe: prompt rows (with `completion` when lmbda < 1); "
+                             "default: the prompts stage's (lmbda 1) or the pairs stage's SFT rows.")
+
+    @model_validator(mode="after")
+    def _check_on_policy(self) -> OnPolicyTrainConfig:
+        objective = self.build_objective()
+        if objective.projection_match() is None:
+            raise ValueError(f"objective {self.objective!r} reads stored teacher logits; on-policy distillation trains "
+                             "with a group loss: kd or gold")
+        if self.student_backend.type not in STUDENT_BACKENDS:
+            raise ValueError(f"student_backend {self.student_backend.type!r}: the student samples with transformers "
+                             "or vllm (a server cannot take the trainer's weights)")
+        names = [t.label for t in self.teachers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"teachers: names must be unique, got {names}")
+        if (self.mix == "route") != (self.route_by is not None):
+            raise ValueError("mix route needs route_by (the column naming each row's teacher), and route_by needs "
+                             "mix route")
+        unknown = sorted({t for t in self.routes.values() if t not in names})
+        if unknown:
+            raise ValueError(f"routes: {unknown} name no teacher; teachers: {', '.join(names)}")
+        if self.mix in WEIGHTED and getattr(objective, "compat", False):
+            raise ValueError(f"mix {self.mix}: gold_compat (TRL's observed merge) mixes teachers by sum or route only")
+        return self

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,13 @@ from polyfuse.errors import DataError, UserError
 from polyfuse.models import ModelSpec, load_model, load_tokenizer
 from polyfuse.models.forward import forward_response, length_limit, pad_token_id
 from polyfuse.objectives import IGNORE_INDEX
-from polyfuse.objectives.distill import DistillBatch, DistillObjective, TargetField
+from polyfuse.objectives.distill import (
+    DistillBatch,
+    DistillObjective,
+    Projection,
+    TargetField,
+)
+from polyfuse.objectives.topk import GROUP_WEIGHT, WEIGHT_FIELDS, teacher_metric
 from polyfuse.trainers.checkpoints import data_fingerprint
 from polyfuse.trainers.collate import SequenceCollator, collator_for
 from polyfuse.trainers.config import DistillTrainConfig
@@ -56,37 +63,54 @@ class DistillCollator(SequenceCollator):
 
 
 class DistillTrainer(PolyfuseTrainer):
-    """The student's logits at the response positions, with the targets, go to a `DistillObjective`."""
+    """The student's logits at the response positions, with the targets (and, for the group losses, each teacher's
+    vocabulary projection), go to a `DistillObjective`. One loss item is a response token, or for the group
+    losses (`kd`, `gold`) an aligned group of one teacher, weighted by its `group_weight` when teachers are mixed
+    at each position."""
 
-    def __init__(self, *args: Any, objective: DistillObjective, **kwargs: Any):
+    def __init__(self, *args: Any, objective: DistillObjective, projections: Sequence[Projection | None] = (),
+                 teacher_names: Sequence[str] = (), **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.objective = objective
+        self.projections = tuple(projections)
+        self.metric_names = {teacher_metric(t): f"kd/loss/{name}" for t, name in enumerate(teacher_names)}
+
+    def _record(self, metrics: dict[str, torch.Tensor]) -> None:
+        super()._record({self.metric_names.get(name, name): value for name, value in metrics.items()})
 
     def micro_batch_loss(self, model, inputs):
         outputs, labels = forward_response(model, inputs)
         targets = labels[:, 1:]
         rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # row-major, as the collator concatenates
-        fields = {name: inputs[name] for name in self.objective.required_fields()}
+        names = [*self.objective.required_fields(), *(n for n in WEIGHT_FIELDS if n in inputs)]
+        fields = {name: inputs[name] for name in names}
         for name, value in fields.items():
             if len(value) != len(rows):
                 raise DataError(f"{name} has {len(value)} positions for {len(rows)} response tokens")
-        batch = DistillBatch(logits=outputs.logits[rows, cols], labels=targets[rows, cols], **fields)
+        batch = DistillBatch(outputs.logits[rows, cols], targets[rows, cols], self.projections, **fields)
         losses, metrics = self.objective(batch)
-        return losses.sum(), metrics, outputs
+        total = losses.sum()
+        if not total.requires_grad:  # no item in this micro-batch (no aligned group): a zero that still backpropagates
+            total = outputs.logits.sum() * 0.0
+        return total, metrics, outputs
 
     def count_items(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "group" in inputs:  # one item per aligned group and teacher
+            groups = inputs["group"] > 0
+            return (groups * inputs[GROUP_WEIGHT]).sum() if GROUP_WEIGHT in inputs else groups.sum()
         return (inputs["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
 def build_features(pivot_tokenizer: Any, rows: list[SFTRow], teacher_dir: str | Path, config: DistillTrainConfig,
-                   max_length: int, cache_dir: Path) -> tuple[Any, list[str], list[str]]:
-    """The training set with its targets (an on-disk Dataset), the teacher names, and the dropped row ids."""
+                   max_length: int, cache_dir: Path) -> tuple[Any, list[str], list[str], list[Projection | None]]:
+    """The training set with its targets (an on-disk Dataset), the teacher names, the dropped row ids and each
+    teacher's vocabulary projection (None for objectives that read none)."""
     from datasets import Dataset
     from datasets.exceptions import DatasetGenerationError
 
     from polyfuse.teacher import open_stores
     from polyfuse.teacher.store import text_hash
-    from polyfuse.teacher.targets import distill_features, load_teachers
+    from polyfuse.teacher.targets import distill_features, load_teachers, store_projections
 
     objective = config.build_objective()
     alignment = config.resolved_alignment()
@@ -106,7 +130,8 @@ def build_features(pivot_tokenizer: Any, rows: list[SFTRow], teacher_dir: str | 
     except DatasetGenerationError as err:  # a data problem found while building: report it, not the wrapper
         shutil.rmtree(cache_dir, ignore_errors=True)
         raise err.__cause__ if isinstance(err.__cause__, UserError) else err from None
-    return dataset, [s.name for s in stores], dropped
+    return dataset, [s.name for s in stores], dropped, store_projections(stores, pivot_tokenizer,
+                                                                          objective.projection_match())
 
 
 def train_distill(
@@ -128,7 +153,8 @@ def train_distill(
     model = load_model(model_spec).to(run.device)
     max_length = length_limit(model.config, config.max_length)
     cache_dir = out_dir.with_name(f".{out_dir.name}.targets-{run.args.process_index}")  # one per process: no races
-    features, teachers, dropped = build_features(tokenizer, rows, teacher_dir, config, max_length, cache_dir)
+    features, teachers, dropped, projections = build_features(tokenizer, rows, teacher_dir, config, max_length,
+                                                              cache_dir)
     if dropped:
         logger.warning("distillation: dropped %d rows longer than max_length %d", len(dropped), max_length)
     fields = {name: objective.target_fields[name] for name in objective.required_fields()}
@@ -144,6 +170,7 @@ def train_distill(
         "dropped": dropped,
         "layout": layout,
     }
-    saved = run.train(DistillTrainer, model, tokenizer, features, collator, summary, objective=objective)
+    saved = run.train(DistillTrainer, model, tokenizer, features, collator, summary, objective=objective,
+                      projections=projections, teacher_names=teachers)
     shutil.rmtree(cache_dir, ignore_errors=True)
     return saved

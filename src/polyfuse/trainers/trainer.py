@@ -59,6 +59,8 @@ class PolyfuseTrainer(Trainer):
 
     def _record(self, metrics: dict[str, torch.Tensor]) -> None:
         for name, value in metrics.items():
+            if value.numel() == 0:  # nothing measured in this micro-batch (no aligned group): not a 0/0 mean
+                continue
             value = value.detach().float()
             self._metric_sums[name] = self._metric_sums.get(name, 0) + value.sum()
             self._metric_counts[name] = self._metric_counts.get(name, 0) + value.numel()
