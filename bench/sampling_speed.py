@@ -130,9 +130,9 @@ def environment() -> dict[str, str]:
 def export_smollm2(folder: Path) -> Path:
     if not (folder / "config.json").is_file():
         from polyfuse.models import ModelSpec, load_model, load_tokenizer
-        from test_models import smollm2_gguf
+        from polyfuse.models.packaged import smollm2
 
-        spec = ModelSpec(path=str(smollm2_gguf()))
+        spec = ModelSpec(path=str(smollm2()))
         load_model(spec).save_pretrained(folder)
         load_tokenizer(spec).save_pretrained(folder)
         config = json.loads((folder / "config.json").read_text())
