@@ -9,6 +9,8 @@ responses (chosen, rejected, and any other role the objective asks for).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +159,18 @@ def tokenize_pairs(
     return features, dropped
 
 
+@contextmanager
+def named_data_errors(data_path: str | Path | None) -> Iterator[None]:
+    """A `DataError` raised inside names `data_path`, the file the rows came from, once (an error that already
+    starts with it is left as it is)."""
+    try:
+        yield
+    except DataError as err:
+        if data_path is None or str(err).startswith(str(data_path)):
+            raise
+        raise DataError(f"{data_path}: {err}") from None
+
+
 def train_preference(
     model_spec: ModelSpec,
     rows: list[PreferenceRow],
@@ -173,14 +187,10 @@ def train_preference(
     the metadata of `data_path`, the file the rows came from (errors then name it). The rows are checked
     before any model is loaded."""
     objective = config.build_objective()
-    try:
+    with named_data_errors(data_path):
         if data_path is not None:
             source_names = fusion_sources(data_path, rows)
         check_preference_rows(rows, objective, config.objective)
-    except DataError as err:
-        if data_path is None or str(err).startswith(str(data_path)):
-            raise
-        raise DataError(f"{data_path}: {err}") from None
     data_hash = data_fingerprint(rows)
     tokenizer = load_tokenizer(model_spec)
     run = TrainingRun(config, Path(out_dir), callbacks, resume)

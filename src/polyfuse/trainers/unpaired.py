@@ -41,7 +41,7 @@ from polyfuse.trainers.checkpoints import data_fingerprint
 from polyfuse.trainers.collate import SequenceCollator, collator_for
 from polyfuse.trainers.config import UnpairedTrainConfig
 from polyfuse.trainers.memory import check_memory
-from polyfuse.trainers.preference import ensure_reference_columns, tokenize_pairs
+from polyfuse.trainers.preference import ensure_reference_columns, named_data_errors, tokenize_pairs
 from polyfuse.trainers.run import TrainingRun
 from polyfuse.trainers.trainer import PolyfuseTrainer
 
@@ -238,13 +238,9 @@ def train_unpaired(
     `polyfuse consensus`). `data_path`, the file the rows came from, names the sources and the calibration split
     (its metadata) and prefixes the errors. The rows are checked before any model is loaded."""
     objective = config.build_objective()
-    try:
+    with named_data_errors(data_path):
         sources = fusion_sources(data_path, rows) if data_path is not None else []
         rows, prepared = prepare_rows(rows, config, objective, data_path)
-    except DataError as err:
-        if data_path is None or str(err).startswith(str(data_path)):
-            raise
-        raise DataError(f"{data_path}: {err}") from None
     data_hash = data_fingerprint(rows)
     tokenizer = load_tokenizer(model_spec)
     run = TrainingRun(config, Path(out_dir), callbacks, resume)
