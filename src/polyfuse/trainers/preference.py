@@ -9,8 +9,6 @@ responses (chosen, rejected, and any other role the objective asks for).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,7 @@ import torch
 from transformers import TrainerCallback
 
 from polyfuse.data.schemas import PreferenceRow, UnpairedRow, response_text
-from polyfuse.errors import DataError
+from polyfuse.errors import DataError, named_data_errors
 from polyfuse.logprobs import (
     LogpReport,
     check_logp_columns,
@@ -157,18 +155,6 @@ def tokenize_pairs(
         else:
             features.append(feature)
     return features, dropped
-
-
-@contextmanager
-def named_data_errors(data_path: str | Path | None) -> Iterator[None]:
-    """A `DataError` raised inside names `data_path`, the file the rows came from, once (an error that already
-    starts with it is left as it is)."""
-    try:
-        yield
-    except DataError as err:
-        if data_path is None or str(err).startswith(str(data_path)):
-            raise
-        raise DataError(f"{data_path}: {err}") from None
 
 
 def train_preference(

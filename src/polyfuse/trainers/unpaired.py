@@ -30,7 +30,7 @@ import torch
 from transformers import TrainerCallback
 
 from polyfuse.data.schemas import UnpairedRow, unpaired_columns
-from polyfuse.errors import DataError
+from polyfuse.errors import DataError, named_data_errors
 from polyfuse.logprobs import LogpReport, calibration_prompt_ids, check_logp_columns, fusion_sources
 from polyfuse.models import ModelSpec, load_model, load_tokenizer
 from polyfuse.models.forward import forward_logps, length_limit, pad_token_id
@@ -41,7 +41,7 @@ from polyfuse.trainers.checkpoints import data_fingerprint
 from polyfuse.trainers.collate import SequenceCollator, collator_for
 from polyfuse.trainers.config import UnpairedTrainConfig
 from polyfuse.trainers.memory import check_memory
-from polyfuse.trainers.preference import ensure_reference_columns, named_data_errors, tokenize_pairs
+from polyfuse.trainers.preference import ensure_reference_columns, tokenize_pairs
 from polyfuse.trainers.run import TrainingRun
 from polyfuse.trainers.trainer import PolyfuseTrainer
 
