@@ -164,13 +164,7 @@ def load_base(tiny: bool, work: Path):
     from polyfuse.models import ModelSpec, load_model, load_tokenizer
 
     spec = ModelSpec(path=str(smollm2_gguf()), dtype="float32")
-    model = load_model(spec)
-    # The weights are dequantised fp32, but transformers keeps a GGUF "quantizer" on the model and then
-    # refuses `save_pretrained`; drop it (and its config entry) to save a plain fp32 checkpoint.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    return model, load_tokenizer(spec)
+    return load_model(spec), load_tokenizer(spec)  # the GGUF's de-quantised export: a plain fp32 checkpoint
 
 
 def seeded(*parts: object) -> torch.Generator:
