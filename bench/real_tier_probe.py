@@ -6,15 +6,15 @@ teacher-forced (the forward passes the gold bits-per-byte metric needs), on a fe
 
 Each model is loaded once (from its GGUF's export in the polyfuse cache), decodes greedily and is judged as
 `polyfuse eval` judges (the first of the `reasoning_gym`, `math`, `code`, `choice` verifiers that applies);
-`--first-line` keeps each response's first line (Gemma-3-270M, a base model, never emits EOS in the plain format). Gold bits per byte here is a probe's own: -log2 p(gold response, end-of-turn included) / UTF-8
-bytes of the gold text, through the model's own chat template (`polyfuse.models.forward.score_sequences`).
+`--first-line` keeps each response's first line (Gemma-3-270M, a base model, never emits EOS in the plain format). Gold
+bits per byte is `polyfuse eval`'s (`polyfuse.evaluation.gold_bpb`): -log2 p(gold response, end-of-turn included) /
+UTF-8 bytes of the gold text, through the model's own chat template.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import time
@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 
+from polyfuse import evaluation
 from polyfuse.data import SampleRow
 from polyfuse.evaluation.datasets import load_olmo, load_reasoning_gym
+from polyfuse.evaluation.evaluate import gold_text
 from polyfuse.models import ModelSpec, encode, packaged
-from polyfuse.models.forward import pad_token_id, score_sequences
 from polyfuse.sampling import SamplingParams
 from polyfuse.sampling.transformers_backend import TransformersBackend, TransformersSettings
 from polyfuse.scorers import build_scorer
@@ -57,17 +58,12 @@ def cpu_seconds() -> float:
 
 
 def gold_bpb(backend: TransformersBackend, rows) -> tuple[list[float], float, float, int]:
-    """Gold bits per byte of each row, the wall and CPU time of the forward passes, and their token count."""
-    tokenizer = backend.tokenizer
-    sequences = []
-    for row in rows:
-        encoded = encode(tokenizer, row.prompt, row.answer)
-        sequences.append((encoded.input_ids, len(encoded.prompt_ids)))
+    """Gold bits per byte of each row (`polyfuse.evaluation.gold_bpb`, as `polyfuse eval`), the wall and CPU time
+    of the forward passes, and their token count."""
+    tokens = sum(len(encode(backend.tokenizer, row.prompt, gold_text(row)).input_ids) for row in rows)
     start, cpu = time.perf_counter(), cpu_seconds()
-    scores = score_sequences(backend.model, sequences, pad_token_id(tokenizer))
-    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
-    bpb = [-total / math.log(2) / max(1, len(row.answer.encode())) for (total, _), row in zip(scores, rows, strict=True)]
-    return bpb, seconds, cpu, sum(len(ids) for ids, _ in sequences)
+    bpb = evaluation.gold_bpb(backend, rows)
+    return bpb, time.perf_counter() - start, cpu_seconds() - cpu, tokens
 
 
 def greedy_verdicts(backend: TransformersBackend, rows, verifiers, new_tokens: int, first_line: bool) -> list[tuple[bool, str]]:
@@ -79,11 +75,8 @@ def greedy_verdicts(backend: TransformersBackend, rows, verifiers, new_tokens: i
         responses = [(response.strip().splitlines() or [""])[0] for response in responses]
     samples = [SampleRow(**row.model_dump(exclude={"id"}), id=f"{row.id}-greedy", prompt_id=row.id, model="probe",
                          sample_index=0, response=response) for row, response in zip(rows, responses, strict=True)]
-    verdicts = []
-    for sample in samples:
-        verifier = next(v for v in verifiers if v.applies_to(sample))
-        verdicts.append((bool(verifier.score([sample])[0][0]), sample.response))
-    return verdicts
+    return [(bool(verifier.score([sample])[0][0]), sample.response)
+            for sample, verifier in zip(samples, evaluation.judges(rows, verifiers), strict=True)]
 
 
 def probe(label: str, tasks: dict[str, tuple[list, int]], threads: int, first_line: bool) -> dict:

@@ -250,7 +250,7 @@ def demo(
 
 @config_app.command("show")
 def config_show(
-    stage: Annotated[str, typer.Argument(help="sample, score, pairs, logprobs, consensus, teacher, sft, distill, po or upo (or an objective: dpo, ipo, kto, cgpo, ...), prompts, eval, merge, toyworld or recipe.")],
+    stage: Annotated[str, typer.Argument(help="sample, score, pairs, logprobs, consensus, teacher, sft, distill, po or upo (or an objective: dpo, ipo, kto, cgpo, ...), onpolicy, transplant, prompts, eval, merge, toyworld or recipe.")],
     recipe: Annotated[bool, typer.Option("--recipe", help="The stage's section of a recipe (its models come from the recipe's sources and pivot).")] = False,
 ) -> None:
     """Print a stage's config as YAML with its defaults, each key annotated with its type, constraints and

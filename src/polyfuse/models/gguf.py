@@ -203,8 +203,10 @@ def cached_export(file: Path, label: str, export: bool = True) -> Path | None:
     from filelock import FileLock
 
     folder = cache_dir() / sha256(file)
-    if read_record(folder) is not None or not export:
-        return folder if read_record(folder) is not None else None
+    if read_record(folder) is not None:
+        return folder
+    if not export:
+        return None
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(folder.parent / f".{folder.name}.lock"):
         if read_record(folder) is None:
