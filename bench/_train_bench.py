@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -49,25 +48,12 @@ def require_trl() -> None:
 
 
 def export_gguf(folder: Path) -> Path:
-    """Load the SmolLM2 GGUF once with polyfuse's loader and save it as a plain safetensors HF folder.
-    transformers marks a GGUF-loaded model as quantized and refuses to save it, but its weights are already
-    dequantized torch tensors: the marker is dropped before saving."""
-    from polyfuse.models import ModelSpec, load_model, load_tokenizer
+    """SmolLM2-135M-Instruct as a plain safetensors folder: its GGUF exported into `folder` once (`polyfuse
+    export`: de-quantised float32, no quantization_config)."""
+    from polyfuse.models.gguf import export_gguf as export
 
-    if (folder / "config.json").exists():
-        return folder
-    gguf = smollm2_gguf()
-    print(f"exporting {gguf.name} to {folder} ...", flush=True)
-    spec = ModelSpec(path=str(gguf.parent), gguf_file=gguf.name)
-    staging = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    model = load_model(spec)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(staging)
-    load_tokenizer(spec).save_pretrained(staging)
-    os.replace(staging, folder)
+    if not (folder / "config.json").exists():
+        export(smollm2_gguf(), folder)
     return folder
 
 

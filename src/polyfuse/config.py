@@ -8,6 +8,7 @@ names the file's line, the dotted key, the expected type and the value given, be
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from types import UnionType
@@ -442,3 +443,9 @@ def _constraints(metadata: list[Any]) -> str:
     symbols = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "length >="}
     found = [f"{symbols[k]} {getattr(m, k)}" for m in metadata for k in symbols if getattr(m, k, None) is not None]
     return f" ({', '.join(found)})" if found else ""
+
+
+def cache_root() -> Path:
+    """polyfuse's cache: `$POLYFUSE_CACHE`, else `$XDG_CACHE_HOME/polyfuse`, else `~/.cache/polyfuse`."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(os.environ.get("POLYFUSE_CACHE") or (Path(xdg) / "polyfuse" if xdg else "~/.cache/polyfuse")).expanduser()

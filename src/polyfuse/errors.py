@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 EXIT_USER_ERROR = 2
 
@@ -24,6 +26,19 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A data file has a malformed row; the message names the file and line."""
+
+
+@contextmanager
+def named_data_errors(path: object, *also: object) -> Iterator[None]:
+    """A `DataError` raised inside names `path`, the file the rows came from, first: once, so an error that
+    already starts with it (or with one of the files `also` names) is left as it is. `path` None: nothing to add."""
+    try:
+        yield
+    except DataError as err:
+        named = tuple(str(p) for p in (path, *also) if p is not None)
+        if path is None or str(err).startswith(named):
+            raise
+        raise DataError(f"{path}: {err}") from None
 
 
 class StorageError(UserError):

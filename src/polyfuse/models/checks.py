@@ -25,7 +25,6 @@ over any config (a stage's, a recipe's) knows what each model is used as.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import warnings
 from collections.abc import Iterable
@@ -38,6 +37,7 @@ from pydantic import BaseModel
 
 from polyfuse.config import walk_config
 from polyfuse.errors import UserError
+from polyfuse.models.gguf import is_supported, supported_architectures
 from polyfuse.models.loader import ModelSpec, _common_kwargs, check_device, check_location
 
 Task = Literal["causal-lm", "sequence-classification"]
@@ -211,11 +211,10 @@ def _check_gguf(file: Path, check: ModelCheck, chat: bool) -> None:
         return
     architecture = metadata.get("general.architecture", "?")
     check.found.append(f"GGUF {architecture}, {tensors} tensors")
-    supported = _gguf_architectures()
-    names = {architecture, architecture.replace("-", "_"), re.sub("moe$", "_moe", architecture)}
-    if not names & supported:
+    if not is_supported(architecture):
         check.problems.append(f"{file}: transformers' GGUF loader does not support the architecture {architecture!r} "
-                              f"(it reads {', '.join(sorted(supported))}); export it to a safetensors folder elsewhere")
+                              f"(it reads {', '.join(sorted(supported_architectures()))}); export it to a safetensors "
+                              "folder elsewhere")
     if check.task == "sequence-classification":
         check.problems.append(f"not a reward model: a GGUF file holds a language model ({architecture}) and no "
                               "reward head, so transformers would put a new, untrained one with 2 outputs on it; a "
@@ -241,18 +240,6 @@ def gguf_header(path: str, mtime_ns: int, size: int) -> tuple[dict[str, Any], in
     if tokens is not None and isinstance(eos, int) and 0 <= eos < len(tokens.data):
         metadata["eos_token"] = bytes(tokens.parts[tokens.data[eos]]).decode("utf-8", errors="replace")
     return metadata, len(reader.tensors)
-
-
-def _gguf_architectures() -> set[str]:
-    """The GGUF architectures transformers' loader reads."""
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-
-    names = set(GGUF_SUPPORTED_ARCHITECTURES)
-    with contextlib.suppress(ImportError):  # transformers >= 5: the architectures its own GGUF reader adds
-        from transformers.integrations.gguf import GGUF_CONFIG_ARCHS
-
-        names |= set(GGUF_CONFIG_ARCHS)
-    return names
 
 
 def _check_template(template: Any, eos: str | None, check: ModelCheck, tokenizer: Any = None) -> None:

@@ -5,7 +5,7 @@ One way to lay out sequences and run a causal LM over their responses:
 - `pad_batch`: prompt + response ids padded into a batch whose labels hold the response tokens only;
   position ids count real tokens, so left padding gives the same positions as none;
 - `plan_batches`: batches cut by a **token budget** over length-sorted sequences, so a batch pads only to
-  the next-longest sequence;
+  the next-longest sequence (`padded_batches`: both, on the model's device, for the scoring loops);
 - the **response-only head**: the LM head runs only on positions that predict a response token, either
   through the model's own forward (`forward_response`, `logits_to_keep`) or, for inference, straight from
   the decoder's hidden states through the output embeddings `HEAD_CHUNK` positions at a time
@@ -82,6 +82,19 @@ def plan_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
         else:
             batches.append([index])
     return batches
+
+
+def padded_batches(model: Any, sequences: Sequence[tuple[list[int], int]], pad_id: int, token_budget: int
+                   ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """The `(input ids, prompt length)` sequences in `plan_batches` order, left-padded on the model's device:
+    (indices into `sequences`, batch). The scoring loops of the log-prob engine, the teacher store and the
+    on-policy teachers; the caller holds inference mode around the loop (a generator must not hold it across
+    yields)."""
+    device = next(model.parameters()).device
+    for indices in plan_batches([len(ids) for ids, _ in sequences], token_budget):
+        chunk = [sequences[i] for i in indices]
+        batch = pad_batch([ids for ids, _ in chunk], [p for _, p in chunk], pad_id, side="left")
+        yield indices, {name: value.to(device) for name, value in batch.items()}
 
 
 def forward_response(model: Any, batch: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
@@ -262,17 +275,13 @@ def score_topk(model: Any, sequences: list[tuple[list[int], int]], pad_id: int, 
     """`topk_outputs` over the response positions of each `(input ids, prompt length)` sequence, in input order,
     under `model` in eval mode (token-budget batches, the head-only path where it agrees with the model's own
     forward, as `score_sequences`)."""
-    device = next(model.parameters()).device
     results: list[dict[str, torch.Tensor]] = [{}] * len(sequences)
     head_only = None
     training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for indices in plan_batches([len(ids) for ids, _ in sequences], token_budget):
-                chunk = [sequences[i] for i in indices]
-                batch = pad_batch([ids for ids, _ in chunk], [p for _, p in chunk], pad_id, side="left")
-                batch = {name: value.to(device) for name, value in batch.items()}
+            for indices, batch in padded_batches(model, sequences, pad_id, token_budget):
                 if head_only is None:
                     head_only = head_only_agrees(model, batch)
                 outputs, rows = response_topk(model, batch, k, head_only)
@@ -294,15 +303,11 @@ def score_sequences(
 ) -> list[tuple[float, ...]]:
     """(S, n) of each `(input ids, prompt length)` sequence, in input order, under `model` in eval mode; with
     `entropy`, (S, n, sum of H / ln V over the scored positions) (`normalized_entropy`, exact)."""
-    device = next(model.parameters()).device
     results: list[tuple[float, ...]] = [(0.0, 0)] * len(sequences)
     head_only = None  # whether the hidden-state head path reproduces the model's own forward (checked on batch 1)
     model.eval()
     with torch.inference_mode():
-        for indices in plan_batches([len(ids) for ids, _ in sequences], token_budget):
-            chunk = [sequences[i] for i in indices]
-            batch = pad_batch([ids for ids, _ in chunk], [p for _, p in chunk], pad_id, side="left")
-            batch = {k: v.to(device) for k, v in batch.items()}
+        for indices, batch in padded_batches(model, sequences, pad_id, token_budget):
             if head_only is None:
                 head_only = head_only_agrees(model, batch)
             if head_only:
@@ -316,5 +321,5 @@ def score_sequences(
             for index, *values in zip(indices, *(c.tolist() for c in columns), strict=True):
                 results[index] = tuple(values)
             if progress is not None:
-                progress(len(chunk))
+                progress(len(indices))
     return results

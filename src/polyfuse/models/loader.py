@@ -1,7 +1,8 @@
 """The one loader for models and tokenizers: hub id, local folder or GGUF file.
 
 Safe by default: `trust_remote_code` is off and only safetensors weights are read unless the user
-explicitly allows pickles (`allow_pickle: true`). GGUF files are not pickles and load either way.
+explicitly allows pickles (`allow_pickle: true`). GGUF files are not pickles and load either way: a model is
+loaded from the GGUF file's export, made once into the cache (`polyfuse.models.gguf`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pydantic import Field
 
 from polyfuse.config import StrictModel
 from polyfuse.errors import UserError
+from polyfuse.models.gguf import cached_export, check_gguf_file, is_gguf_path
 
 
 class ModelSpec(StrictModel):
@@ -40,11 +42,6 @@ class ModelSpec(StrictModel):
             file = Path(self.path.rstrip("/"))
             return str(file.parent), file.name
         return self.path, self.gguf_file
-
-
-def is_gguf_path(path: str) -> bool:
-    """A path that names a GGUF file (`.gguf` in any case; a trailing slash does not make it a folder)."""
-    return path.rstrip("/").lower().endswith(".gguf")
 
 
 def looks_local(path: str) -> bool:
@@ -82,13 +79,7 @@ def check_location(spec: ModelSpec, needs_config: bool = True) -> None:
     """Refuse a missing folder, a folder without `config.json` or a file that is not GGUF, naming the path."""
     folder, gguf = spec.location()
     if gguf is not None:
-        file = Path(folder) / gguf
-        if not file.is_file():
-            kind = "is a folder, expected a GGUF file" if file.is_dir() else "no such file"
-            raise UserError(f"{spec.label}: {file}: {kind}")
-        with file.open("rb") as handle:
-            if handle.read(4) != b"GGUF":
-                raise UserError(f"{spec.label}: {file} is not a GGUF file (it does not start with the GGUF magic bytes)")
+        check_gguf_file(Path(folder).expanduser() / gguf, spec.label)
         return
     local = Path(folder).expanduser()
     if local.exists() or looks_local(folder):
@@ -97,6 +88,17 @@ def check_location(spec: ModelSpec, needs_config: bool = True) -> None:
             raise UserError(f"{spec.label}: {folder}: {kind}")
         if needs_config and not (local / "config.json").is_file():
             raise UserError(f"{spec.label}: {folder}: no config.json in this folder; is it a Hugging Face model folder?")
+
+
+def resolved(spec: ModelSpec, export: bool = True) -> ModelSpec:
+    """`spec` with a GGUF file replaced by the folder of its export (same name): exported on first use, or, with
+    `export=False` (a tokenizer or config needs no weights), only where the export exists already."""
+    folder, gguf = spec.location()
+    if gguf is None:
+        return spec
+    check_location(spec)
+    exported = cached_export(Path(folder).expanduser() / gguf, spec.label, export=export)
+    return spec if exported is None else spec.model_copy(update={"name": spec.label, "path": str(exported), "gguf_file": None})
 
 
 def _common_kwargs(spec: ModelSpec) -> dict:
@@ -112,6 +114,7 @@ def _common_kwargs(spec: ModelSpec) -> dict:
 def load_tokenizer(spec: ModelSpec, padding_side: str = "right"):
     from transformers import AutoTokenizer
 
+    spec = resolved(spec, export=False)
     folder, _ = spec.location()
     check_location(spec, needs_config=False)
     try:
@@ -128,6 +131,7 @@ def load_config(spec: ModelSpec):
     """The model's `PretrainedConfig` (context size, architecture) without loading weights."""
     from transformers import AutoConfig
 
+    spec = resolved(spec, export=False)
     folder, _ = spec.location()
     check_location(spec)
     try:
@@ -138,9 +142,10 @@ def load_config(spec: ModelSpec):
 
 def load_generation_config(spec: ModelSpec):
     """The model's `GenerationConfig` (EOS ids, default sampling), as `generate` in transformers sees it: the
-    folder's `generation_config.json`, else derived from `config.json` (and always so for GGUF files)."""
+    folder's `generation_config.json`, else derived from `config.json` (so for GGUF files not exported yet)."""
     from transformers import GenerationConfig
 
+    spec = resolved(spec, export=False)
     folder, gguf = spec.location()
     if gguf is None:
         try:
@@ -151,18 +156,19 @@ def load_generation_config(spec: ModelSpec):
 
 
 def load_model(spec: ModelSpec, task: Literal["causal-lm", "sequence-classification"] = "causal-lm"):
-    """Load a model in eval mode on `spec.device`."""
+    """Load a model in eval mode on `spec.device` (a GGUF file from its export, made on first use)."""
     import torch
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
-    folder, gguf = spec.location()
-    check_location(spec)
     check_device(spec)
+    spec = resolved(spec)
+    folder, _ = spec.location()
+    check_location(spec)
     kwargs = _common_kwargs(spec)
     kwargs["dtype"] = "auto" if spec.dtype == "auto" else getattr(torch, spec.dtype)
-    if gguf is None and not spec.allow_pickle:
+    if not spec.allow_pickle:
         kwargs["use_safetensors"] = True
     try:
         model = auto.from_pretrained(folder, **kwargs)
@@ -171,9 +177,4 @@ def load_model(spec: ModelSpec, task: Literal["causal-lm", "sequence-classificat
         raise UserError(f"{spec.label}: cannot load model from {folder!r}{hint}: {err}") from None
     except (SafetensorError, ValueError) as err:  # a truncated or corrupted weights file, an unknown model type
         raise UserError(f"{spec.label}: cannot load model from {folder!r}: {err}") from None
-    if gguf is not None:
-        # transformers de-quantises GGUF weights into dense tensors of `dtype` but keeps a quantizer marker,
-        # which makes Trainer refuse to fine-tune and save_pretrained write a GGUF quantization config.
-        if getattr(model, "hf_quantizer", None) is not None:
-            model.hf_quantizer.remove_quantization_config(model)
     return model.to(spec.device).eval()

@@ -5,6 +5,8 @@ its section, whether it runs by default, the stages it needs before it and its o
 
 Paths of the form `toyworld://pivot` or `toyworld://sources/<name>` point into the recipe's toy world;
 they are resolved from the world's config hash alone, so validation needs no model and no build.
+`packaged://<name>` is a real GGUF model shipped in a PyPI package (`polyfuse.models.packaged`: smollm2,
+gemma3, qwen-coder), so a recipe on them runs on any machine that installed the packages.
 Relative paths are relative to the current directory. How the `merge` section names models is
 described in `polyfuse.pipeline.stages.merge`. The schema reads no file: prompts and the toy world are read
 by `polyfuse.pipeline.sources` when the stages run.
@@ -12,6 +14,7 @@ by `polyfuse.pipeline.sources` when the stages run.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +27,7 @@ from polyfuse.pipeline.sources import ToyWorldRef
 from polyfuse.sampling import SampledModel
 
 TOY_SCHEME = "toyworld://"
+PACKAGED_SCHEME = "packaged://"
 
 
 class RecipeBase(StrictModel):
@@ -117,28 +121,34 @@ def _recipe_schema() -> type[RecipeBase]:
 Recipe = _recipe_schema()
 
 
-def _resolve_toy_paths(node: Any, root: Path) -> Any:
+def _resolve_scheme(node: Any, scheme: str, resolve: Callable[[str], str]) -> Any:
+    """`node` with every string `scheme + rest` replaced by `resolve(rest)`."""
     if isinstance(node, dict):
-        return {k: _resolve_toy_paths(v, root) for k, v in node.items()}
+        return {k: _resolve_scheme(v, scheme, resolve) for k, v in node.items()}
     if isinstance(node, list):
-        return [_resolve_toy_paths(v, root) for v in node]
-    if isinstance(node, str) and node.startswith(TOY_SCHEME):
-        return str(root / node.removeprefix(TOY_SCHEME))
+        return [_resolve_scheme(v, scheme, resolve) for v in node]
+    if isinstance(node, str) and node.startswith(scheme):
+        return resolve(node.removeprefix(scheme))
     return node
 
 
-def _uses_toy_paths(node: Any) -> bool:
+def _uses_scheme(node: Any, scheme: str) -> bool:
     if isinstance(node, dict):
-        return any(_uses_toy_paths(v) for v in node.values())
+        return any(_uses_scheme(v, scheme) for v in node.values())
     if isinstance(node, list):
-        return any(_uses_toy_paths(v) for v in node)
-    return isinstance(node, str) and node.startswith(TOY_SCHEME)
+        return any(_uses_scheme(v, scheme) for v in node)
+    return isinstance(node, str) and node.startswith(scheme)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override, resolve `toyworld://` paths and validate a recipe; no model is loaded."""
+    """Read, override, resolve `toyworld://` and `packaged://` paths and validate a recipe; no model is loaded."""
     data = apply_overrides(read_yaml(path), overrides)
-    if _uses_toy_paths(data):
-        toy = validate(ToyWorldRef, data.get("toyworld") or {}, source=f"{path}: toyworld")
-        data = YamlMapping(_resolve_toy_paths(data, toy.root()), getattr(data, "lines", {}))
+    if _uses_scheme(data, TOY_SCHEME):
+        root = validate(ToyWorldRef, data.get("toyworld") or {}, source=f"{path}: toyworld").root()
+        data = YamlMapping(_resolve_scheme(data, TOY_SCHEME, lambda rest: str(root / rest)), getattr(data, "lines", {}))
+    if _uses_scheme(data, PACKAGED_SCHEME):
+        from polyfuse.models.packaged import packaged_model
+
+        data = YamlMapping(_resolve_scheme(data, PACKAGED_SCHEME, lambda name: str(packaged_model(name, str(path)))),
+                           getattr(data, "lines", {}))
     return validate(Recipe, data, source=str(path))

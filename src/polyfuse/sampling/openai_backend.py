@@ -157,7 +157,6 @@ class OpenAIBackend(Backend):
         self._run(len(sequences), request)
         return results
 
-
     def topk_logprobs(self, sequences: list[tuple[list[int], int]], k: int,
                       token_budget: int = 0) -> list[PositionTopK]:
         """Through vLLM's `prompt_logprobs` extension of `/v1/completions` (one generated token, greedy): each prompt

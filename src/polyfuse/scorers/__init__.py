@@ -1,6 +1,7 @@
 """Scorers: reward models (a number per response) and verifiers (pass/fail per response).
 
-Built-in: `reward_model`, `math`, `code` and `toyworld` (the toy world's exact-match verifier); `SCORERS`
+Built-in: `reward_model`, `math`, `code`, `choice` (multiple choice), `reasoning_gym` (a family's own
+`score_answer`) and `toyworld` (the toy world's exact-match verifier); `SCORERS`
 imports every module of this package on its first lookup, so a new scorer is one file here.
 """
 

@@ -35,9 +35,8 @@ from polyfuse.models.forward import (
     DEFAULT_TOKEN_BUDGET,
     head_only_agrees,
     length_limit,
-    pad_batch,
     pad_token_id,
-    plan_batches,
+    padded_batches,
     response_topk,
 )
 from polyfuse.models.records import model_record
@@ -81,15 +80,11 @@ def _score_chunk(model: Any, tokenizer: Any, encoded: list[tuple[str, Any, list]
                  head_only: bool | None, advance) -> tuple[dict[str, TeacherExample], bool | None]:
     """The examples of one chunk, and whether the head-only path reproduces the model's own forward (decided
     on the first batch of the run, as in the log-prob engine; None until a batch was scored)."""
-    pad_id = pad_token_id(tokenizer)
-    device = next(model.parameters()).device
+    sequences = [(e.input_ids, len(e.prompt_ids)) for _, e, _ in encoded]
     results: dict[int, TeacherExample] = {}
     model.eval()
     with torch.inference_mode():
-        for indices in plan_batches([len(e.input_ids) for _, e, _ in encoded], config.token_budget):
-            chunk = [encoded[i][1] for i in indices]
-            batch = pad_batch([e.input_ids for e in chunk], [len(e.prompt_ids) for e in chunk], pad_id, side="left")
-            batch = {name: value.to(device) for name, value in batch.items()}
+        for indices, batch in padded_batches(model, sequences, pad_token_id(tokenizer), config.token_budget):
             if head_only is None:
                 head_only = head_only_agrees(model, batch)
             outputs, rows = response_topk(model, batch, config.top_k, head_only)

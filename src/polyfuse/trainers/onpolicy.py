@@ -55,6 +55,7 @@ from polyfuse.trainers.run import TrainingRun
 
 logger = logging.getLogger(__name__)
 
+
 def check_rows(rows: list[PromptRow], config: OnPolicyTrainConfig, where: str) -> list[int | None]:
     """Every row's teacher index (None: all teachers), and the rows' `completion`s when lmbda < 1, checked before
     any model is loaded: a value that names no teacher, or a missing completion, is one line naming the row."""

@@ -16,7 +16,7 @@ import torch
 from transformers import TrainerCallback
 
 from polyfuse.data.schemas import PreferenceRow, UnpairedRow, response_text
-from polyfuse.errors import DataError
+from polyfuse.errors import DataError, named_data_errors
 from polyfuse.logprobs import (
     LogpReport,
     check_logp_columns,
@@ -173,14 +173,10 @@ def train_preference(
     the metadata of `data_path`, the file the rows came from (errors then name it). The rows are checked
     before any model is loaded."""
     objective = config.build_objective()
-    try:
+    with named_data_errors(data_path):
         if data_path is not None:
             source_names = fusion_sources(data_path, rows)
         check_preference_rows(rows, objective, config.objective)
-    except DataError as err:
-        if data_path is None or str(err).startswith(str(data_path)):
-            raise
-        raise DataError(f"{data_path}: {err}") from None
     data_hash = data_fingerprint(rows)
     tokenizer = load_tokenizer(model_spec)
     run = TrainingRun(config, Path(out_dir), callbacks, resume)

@@ -30,7 +30,7 @@ import torch
 from transformers import TrainerCallback
 
 from polyfuse.data.schemas import UnpairedRow, unpaired_columns
-from polyfuse.errors import DataError
+from polyfuse.errors import DataError, named_data_errors
 from polyfuse.logprobs import LogpReport, calibration_prompt_ids, check_logp_columns, fusion_sources
 from polyfuse.models import ModelSpec, load_model, load_tokenizer
 from polyfuse.models.forward import forward_logps, length_limit, pad_token_id
@@ -238,13 +238,9 @@ def train_unpaired(
     `polyfuse consensus`). `data_path`, the file the rows came from, names the sources and the calibration split
     (its metadata) and prefixes the errors. The rows are checked before any model is loaded."""
     objective = config.build_objective()
-    try:
+    with named_data_errors(data_path):
         sources = fusion_sources(data_path, rows) if data_path is not None else []
         rows, prepared = prepare_rows(rows, config, objective, data_path)
-    except DataError as err:
-        if data_path is None or str(err).startswith(str(data_path)):
-            raise
-        raise DataError(f"{data_path}: {err}") from None
     data_hash = data_fingerprint(rows)
     tokenizer = load_tokenizer(model_spec)
     run = TrainingRun(config, Path(out_dir), callbacks, resume)
