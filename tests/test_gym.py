@@ -256,3 +256,19 @@ def test_gym_recipes_evaluate_on_the_fixed_test_split():
     distill = load_recipe(recipe_path("infifusion-unified-gym.yaml"))
     world = ToyWorldConfig.preset("gym")
     assert distill.teacher.data.endswith(f"{world.key()}/texts/gold.jsonl")
+
+
+def test_gym_preference_recipes_sample_alike():
+    """The fair protocol builds both pair rules from infifpo-gym's source samples, and fusechat3-gym is measured
+    for the intra-source count (docs/gym.md): the two must draw the same prompts and sample every source
+    alike, at the temperature that makes a source's samples disagree (the paper's 0.7-0.8 gave 12 pairs)."""
+    from polyfuse.pipeline.demo import recipe_path
+    from polyfuse.pipeline.recipe import load_recipe
+
+    fusechat, infifpo = (load_recipe(recipe_path(f"{n}.yaml")) for n in ("fusechat3-gym", "infifpo-gym"))
+    assert fusechat.prompts.toyworld == infifpo.prompts.toyworld
+    assert fusechat.pairs.sft_fraction == infifpo.pairs.sft_fraction
+    for a, b in zip(fusechat.sources, infifpo.sources, strict=True):
+        assert (a.sampling.n, a.sampling.temperature, a.sampling.top_p) == (b.sampling.n, b.sampling.temperature,
+                                                                           b.sampling.top_p)
+        assert a.sampling.temperature > 1.0 and a.sampling.top_p == 1.0
