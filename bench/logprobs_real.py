@@ -66,9 +66,9 @@ def instrument(stage: Any, timings: dict[str, dict[str, float]], tokens: dict[st
         current[:] = [spec.label]
         return timed(spec.label, "model load", build_backend, spec)
 
-    def encode_(tokenizer: Any, row: Any) -> Any:
+    def encode_(tokenizer: Any, row: Any, roles: list[str] | None = None) -> Any:
         label = labels[id(tokenizer)]
-        encoded = timed(label, "encode", encode_row, tokenizer, row)
+        encoded = timed(label, "encode", encode_row, tokenizer, row, roles)
         for role, e in encoded.items():
             tokens[label]["prompt"].append(len(e.prompt_ids))
             tokens[label][role].append(len(e.response_ids))
