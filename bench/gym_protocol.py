@@ -44,7 +44,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -330,9 +330,11 @@ def merge(protocol: Protocol) -> Family:
     ships them (LoRA fine-tunes of a shared base); elsewhere they are the pivot fine-tuned on one domain's gold
     answers per seed (merge_methods_toy's copies) and on all three (multitask)."""
     the_world = world(protocol.preset)
+    gym = is_gym(protocol.preset)
+    if gym:  # a gym's specialists and merges are fixed by the world and evaluated greedily: other seeds would be
+        protocol = replace(protocol, seeds=protocol.seeds[:1])  # copies of the first, narrowing intervals falsely
     family = Family("merge", protocol, lambda path: merge_methods_toy.spec("model", path))
     sft = {**merge_methods_toy.SFT, **({"epochs": 1} if protocol.smoke else {})}
-    gym = is_gym(protocol.preset)  # a gym's specialists are fixed: one set of merges stands for every seed
     if gym:
         base = the_world.merge_base_path
 

@@ -78,6 +78,16 @@ SMOKE = {
                                 ("runs/gym-calibration-smoke/calibration.json",)),
     "gym_merge_check.py": Smoke(("--smoke",), (r"^\| task_arithmetic \(lambda 1\) \| ", r"^\| multitask \| "),
                                 ("runs/gym-merge-check-smoke/merge_check.json",)),
+    # polyfuse merge and mergekit-yaml on the same gym-tiny specialists: equal to 1e-7 on every tensor
+    "gym_merge_parity.py": Smoke(("--smoke",), (
+        *(rf"^\| {m} \| (0\.00e\+00|\d\.\d\de-(0[7-9]|[1-9]\d)) \| " for m in (
+            r"task_arithmetic \(lambda 1\)", r"task_arithmetic \(lambda 0\.5\)", r"ties \(density 0\.5\)",
+            r"linear \(average\)")),
+        r"^LoRA check \(rank 2\): addition: max rank [12], unchanged 4 tensors, ",
+    ), ("runs/gym-merge-parity-smoke/parity.json",)),
+    "gym_merge_diagnose.py": Smoke(("--smoke",), (
+        r"^\| base \+ tau\[addition\] \+ tau\[reversal\] \| ", r"^signs \{'coordinates': \d+, 'share_not_all_agree': "),
+        ("runs/gym-merge-diagnose-smoke/diagnosis.json",)),
     "infifpo_ablation.py": Smoke(("--smoke",), (
         r"^\| SFT\+WRPO \| ", r"^\| InfiFPO \(max-margin per response\) \| ",
         r"^seed 0: wall [\d.]+ s; PO prompts \d+, cross-model pairs \d+ .*same split: True$",

@@ -1,0 +1,118 @@
+"""Is the fusion gym's merging failure a polyfuse bug or the method? The same merges of the gym's LoRA specialists
+by `polyfuse merge` and by mergekit's own `mergekit-yaml`, compared tensor by tensor and scored on the same
+validation items; plus a check that each specialist is its base plus a rank-r update in the LoRA'd layers only.
+
+    python bench/gym_merge_parity.py --cache-dir /tmp/gymcal/cache --out docs/gym/merge_parity.json
+    python bench/gym_merge_parity.py --smoke        # gym-tiny, 4 items per domain: that it runs
+
+The merges are `gym_merge_check.METHODS` (task arithmetic at lambda 1 and 0.5, TIES at density 0.5, linear);
+each config is written once and given to both tools (CLI against CLI). Reported per method: the largest
+|polyfuse - mergekit| over all tensors (and per tensor in the JSON), and validation accuracy per domain of both
+outputs (`--per-domain` items, seed 0: gym_merge_check's items). Work is cached under `--work-dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from gym_merge_check import METHODS, accuracy
+from merge_methods_toy import weights
+
+from polyfuse.data.io import atomic_write_text, write_json
+from polyfuse.toyworld import ToyWorldConfig, build_world
+
+TOOLS = {  # tool -> command line of CONFIG OUT
+    "polyfuse": lambda config, out: [sys.executable, "-c", "from polyfuse.cli.main import main; main()", "merge",
+                                     str(config), str(out)],
+    "mergekit": lambda config, out: ["mergekit-yaml", str(config), str(out), "--random-seed", "0", "--quiet"],
+}
+
+
+def lora_check(base: Path, specialist: Path, rank: int) -> dict:
+    """Where the specialist differs from its base, and the numerical rank of each 2-D difference (a merged LoRA of
+    rank r has rank <= r; a tensor outside the LoRA'd layers must be unchanged)."""
+    theta, tuned = weights(base), weights(specialist)
+    changed, ranks = {}, {}
+    for name, value in theta.items():
+        delta = (tuned[name] - value).double()
+        changed[name] = float(delta.abs().max())
+        if delta.ndim == 2 and changed[name] > 0:
+            sv = torch.linalg.svdvals(delta)
+            ranks[name] = int((sv > sv[0] * 1e-6).sum())
+    return {"max_abs_change": changed, "rank": ranks, "max_rank": max(ranks.values(), default=0), "lora_rank": rank,
+            "unchanged": sorted(n for n, c in changed.items() if c == 0)}
+
+
+def parity(name: str, spec: tuple, base: Path, models: list[Path], folder: Path) -> dict:
+    method, model_parameters, parameters = spec
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "merge.yaml"
+    # linear ignores a base: polyfuse drops a weightless base_model (logged), mergekit stops with 'missing
+    # parameter weight' there, so the shared config leaves it out (the mean of the specialists either way)
+    atomic_write_text(config, yaml.safe_dump({
+        "merge_method": method, **({"base_model": str(base)} if method != "linear" else {}), "dtype": "float32",
+        "models": [{"model": str(m), "parameters": model_parameters} for m in models], "parameters": parameters,
+    }, sort_keys=False))
+    outs = {}
+    for tool, command in TOOLS.items():
+        out = folder / tool
+        if not any(out.glob("*.safetensors")):
+            subprocess.run(command(config, out), check=True, stdout=subprocess.DEVNULL)
+        outs[tool] = out
+    ours, theirs = weights(outs["polyfuse"]), weights(outs["mergekit"])
+    if set(ours) != set(theirs):
+        raise SystemExit(f"{name}: tensor names differ: {sorted(set(ours) ^ set(theirs))}")
+    diff = {k: float((ours[k] - theirs[k]).abs().max()) for k in sorted(ours)}
+    return {"outputs": {t: str(p) for t, p in outs.items()}, "max_abs_diff": max(diff.values()), "per_tensor": diff}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--per-domain", type=int, default=300, help="Validation items per domain.")
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/gym-merge-parity"))
+    parser.add_argument("--cache-dir", type=Path, default=None, help="Toy world cache (default: polyfuse's).")
+    parser.add_argument("--out", type=Path, default=Path("docs/gym/merge_parity.json"))
+    parser.add_argument("--smoke", action="store_true", help="gym-tiny, 4 items per domain, under runs/.")
+    args = parser.parse_args()
+    preset = "gym"
+    if args.smoke:
+        preset, args.per_domain = "gym-tiny", 4
+        args.work_dir, args.out = Path("runs/gym-merge-parity-smoke"), Path("runs/gym-merge-parity-smoke/parity.json")
+    started = time.perf_counter()
+    config = ToyWorldConfig.preset(preset)
+    world = build_world(config, cache_dir=args.cache_dir)
+    work = args.work_dir / world.root.name
+    prompts = world.prompts("validation", per_domain=args.per_domain, seed=0)
+    base, specialists = world.merge_base_path, world.specialist_paths
+    report: dict = {"world": str(world.root), "per_domain": args.per_domain, "lora": {}, "specialists": {}, "merges": {}}
+    for domain, path in specialists.items():
+        report["lora"][domain] = lora_check(base, path, config.gym.specialist.rank)
+        report["specialists"][domain] = accuracy(domain, path, prompts, work / "eval" / f"specialist-{domain}.json")
+    for name, spec in METHODS.items():
+        slug = name.split()[0] + "-" + "".join(c for c in name.split("(")[1] if c.isalnum())
+        row = parity(name, spec, base, list(specialists.values()), work / slug)
+        row["accuracy"] = {tool: accuracy(f"{name} [{tool}]", Path(out), prompts, work / "eval" / f"{slug}-{tool}.json")
+                           for tool, out in row["outputs"].items()}
+        report["merges"][name] = row
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    write_json(args.out, report)
+    print(f"LoRA check (rank {config.gym.specialist.rank}): " + ", ".join(
+        f"{d}: max rank {r['max_rank']}, unchanged {len(r['unchanged'])} tensors" for d, r in report["lora"].items()))
+    domains = world.domains
+    print("| merge | max abs diff | " + " | ".join(f"{d} polyfuse / mergekit" for d in domains) + " |")
+    for name, row in report["merges"].items():
+        acc = row["accuracy"]
+        print(f"| {name} | {row['max_abs_diff']:.2e} | "
+              + " | ".join(f"{acc['polyfuse'][d]:.1f} / {acc['mergekit'][d]:.1f}" for d in domains) + " |")
+    print(json.dumps({d: {k: round(v, 1) for k, v in s.items()} for d, s in report["specialists"].items()}))
+
+
+if __name__ == "__main__":
+    main()
