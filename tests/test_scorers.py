@@ -80,7 +80,7 @@ def test_config_dispatch_by_type_and_round_trip():
 
 
 def test_config_errors_name_the_key():
-    with pytest.raises(ConfigError, match="unknown scorer 'nope'; expected one of: code, "):
+    with pytest.raises(ConfigError, match="unknown scorer 'nope'; expected one of: choice, code, coin_test, echo_test, math, "):
         parse_scorer_config({"type": "nope"})
     with pytest.raises(ConfigError, match="scorer.timeout_sec: unknown key"):
         parse_scorer_config({"type": "code", "timeout_sec": 3})
