@@ -335,6 +335,7 @@ def merge(protocol: Protocol) -> Family:
         protocol = replace(protocol, seeds=protocol.seeds[:1])  # copies of the first, narrowing intervals falsely
     family = Family("merge", protocol, lambda path: merge_methods_toy.spec("model", path))
     sft = {**merge_methods_toy.SFT, **({"epochs": 1} if protocol.smoke else {})}
+    count = merge_methods_toy.SMOKE["train_per_domain"] if protocol.smoke else merge_methods_toy.TRAIN_PER_DOMAIN
     if gym:
         base = the_world.merge_base_path
 
@@ -349,13 +350,13 @@ def merge(protocol: Protocol) -> Family:
         @cache
         def copies(seed: int) -> dict[str, Path]:
             say(f"merge: specialists of seed {seed}")
-            return {d: merge_methods_toy.train_copy(the_world, d, seed, sft, family.folder / "copies" / f"seed{seed}" / d)
+            return {d: merge_methods_toy.train_copy(the_world, d, seed, sft, count, family.folder / "copies" / f"seed{seed}" / d)
                     for d in the_world.domains}
 
         def multitask(seed: int) -> Path:
             model = family.folder / "multitask" / f"seed{seed}" / "model"
             if not model.is_dir():
-                rows = [r for d in the_world.domains for r in merge_methods_toy.sft_rows(the_world, d, seed)]
+                rows = [r for d in the_world.domains for r in merge_methods_toy.sft_rows(the_world, d, seed, count)]
                 train_sft(family.spec(base), rows, SFTTrainConfig(**sft, seed=seed), model)
             return model
 
