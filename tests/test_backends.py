@@ -140,3 +140,13 @@ def test_one_served_model_cannot_score_several_models(tmp_path):
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     with pytest.raises(ConfigError, match="logprobs." + refusal.format(4)):  # the recipe's pivot and 3 sources
         load_recipe(tmp_path / "recipe.yaml")
+
+
+def test_the_openai_backend_refuses_source_entropies_in_one_line(tiny_world):
+    """A server returns a few log-probs per position, not the distribution CGPO's consensus entropy needs."""
+    from polyfuse.models import ModelSpec
+    from polyfuse.sampling.openai_backend import OpenAIBackend
+
+    backend = OpenAIBackend(ModelSpec(name="src", path=str(tiny_world.pivot_path)), OpenAISettings(base_url="http://127.0.0.1:9/v1"))
+    with pytest.raises(ConfigError, match="src: backend openai cannot give source completion entropies"):
+        backend.score([([1, 2, 3], 1)], entropy=True)
