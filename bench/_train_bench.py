@@ -14,11 +14,13 @@ bf16 on a GPU, measured in the same run with the same threads), how far a step i
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,17 @@ from typing import Any
 from _pairs import smollm2_gguf
 
 RESULT_TAG = "TRAIN_BENCH_RESULT "
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """The options every training bench shares: seed, profiling, its work folder (`name` under the temp dir) and
+    the hidden ones by which it launches itself as a worker per tool."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true", help="the warm-up step of round 1 under torch.profiler (needs --warmup >= 1)")
+    parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / name))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--rows", help=argparse.SUPPRESS)
 
 
 def trl_help() -> str:

@@ -51,6 +51,7 @@ from typing import Any
 
 from _pairs import WORDS, build_tiny
 from _train_bench import (
+    add_run_arguments,
     describe_run,
     export_gguf,
     launch,
@@ -238,12 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=2, help="measured steps per run")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every tool")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every run")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--profile", action="store_true", help="the warm-up step of round 1 under torch.profiler (needs --warmup >= 1)")
-    parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "polyfuse-po-step-speed"))
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
-    parser.add_argument("--rows", help=argparse.SUPPRESS)
+    add_run_arguments(parser, "polyfuse-po-step-speed")
     args = parser.parse_args(argv)
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     if args.worker:
