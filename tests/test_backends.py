@@ -150,3 +150,5 @@ def test_the_openai_backend_refuses_source_entropies_in_one_line(tiny_world):
     backend = OpenAIBackend(ModelSpec(name="src", path=str(tiny_world.pivot_path)), OpenAISettings(base_url="http://127.0.0.1:9/v1"))
     with pytest.raises(ConfigError, match="src: backend openai cannot give source completion entropies"):
         backend.score([([1, 2, 3], 1)], entropy=True)
+    with pytest.raises(ConfigError, match="src: backend openai cannot give source completion entropies"):
+        OpenAIBackend.entropy_settings(backend.spec, backend.config, None)  # the log-prob stage asks before any engine starts

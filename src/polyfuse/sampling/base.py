@@ -174,8 +174,9 @@ class Backend(ABC):
                           "use the transformers, vllm or openai backend")
 
     @classmethod
-    def entropy_settings(cls, config: BackendSettings, entropy_top_k: int | None) -> BackendSettings:
-        """The options an engine that will score entropies is started with (vllm: enough prompt log-probs)."""
+    def entropy_settings(cls, spec: ModelSpec, config: BackendSettings, entropy_top_k: int | None) -> BackendSettings:
+        """The options an engine that will score entropies is started with (vllm: enough prompt log-probs);
+        called before any engine starts, so a backend that cannot give them refuses here."""
         return config
 
     @classmethod

@@ -137,12 +137,17 @@ class OpenAIBackend(Backend):
 
         self._run(len(prompts), request)
 
+    @classmethod
+    def entropy_settings(cls, spec: ModelSpec, config: OpenAISettings, entropy_top_k: int | None) -> OpenAISettings:
+        """A server returns a few log-probs per position, not the distribution the entropy needs."""
+        raise ConfigError(f"{spec.label}: backend openai cannot give source completion entropies (unpaired rows, "
+                          "CGPO's consensus): score the sources with backend transformers or vllm")
+
     def score(self, sequences: list[tuple[list[int], int]], token_budget: int = 0,
               progress: Callable[[int], None] | None = None, entropy: bool = False,
               entropy_top_k: int | None = None) -> list[tuple[float, int]]:
-        if entropy:  # a server returns a few log-probs per position, not the distribution the entropy needs
-            raise ConfigError(f"{self.spec.label}: backend openai cannot give source completion entropies (unpaired "
-                              "rows, CGPO's consensus): score the sources with backend transformers or vllm")
+        if entropy:
+            self.entropy_settings(self.spec, self.config, entropy_top_k)  # refuses
         results: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)
 
         async def request(client: Any, i: int) -> None:

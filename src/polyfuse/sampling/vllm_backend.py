@@ -349,7 +349,7 @@ class VllmBackend(Backend):
         return results
 
     @classmethod
-    def entropy_settings(cls, config: VllmSettings, entropy_top_k: int | None) -> VllmSettings:
+    def entropy_settings(cls, spec: ModelSpec, config: VllmSettings, entropy_top_k: int | None) -> VllmSettings:
         """`max_logprobs` -1 (every log-prob of the vocabulary may be asked for) for the exact entropy, at least
         `entropy_top_k` for the estimate; a value the user gave in `engine_args` is kept."""
         wanted = -1 if entropy_top_k is None else max(entropy_top_k, 20)
