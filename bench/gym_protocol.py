@@ -353,7 +353,6 @@ def implicit(protocol: Protocol) -> Family:
     family = Family("implicit", protocol, lambda path: spec_at(recipe, path))
     family.fixed("pivot", recipe.pivot)
     family.per_seed("sft", lambda seed: Path(data(seed)[1].output("sft", "model")))
-    oracle(family, list(recipe.sources))
     rows = {m.key: m for m in [*infifpo_ablation.METHODS, FUSECHAT_DPO]}
     for method, row in ((k, rows[v]) for k, v in IMPLICIT.items()):
         def train(seed: int, lr: float, folder: Path, method: str = method, row=row) -> Path | None:
@@ -364,6 +363,7 @@ def implicit(protocol: Protocol) -> Family:
             return infifpo_ablation.train_method(row, with_section(recipe, "po", seed, lr), sft, path, folder)
 
         family.tuned(method, recipe.po.learning_rate, train)
+    oracle(family, list(recipe.sources))  # after the methods: fixed models, needed once, not first
     for seed in protocol.seeds:  # what each seed's data holds and cost (the rows built so far)
         folder = protocol.root / "implicit" / "data" / f"seed{seed}"
         ctx = data(seed)[1]
