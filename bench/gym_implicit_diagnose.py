@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from polyfuse.data.io import read_rows, write_json, write_rows
 from polyfuse.data.schemas import PreferenceRow, PromptRow, SampleRow, SFTRow, response_text
 from polyfuse.evaluation import evaluate
+from polyfuse.evaluation.stats import AVERAGE, compare_methods
 from polyfuse.models import ModelSpec
 from polyfuse.scorers import build_scorer
 
@@ -109,7 +110,8 @@ def on_policy_pairs(pairs: list[PreferenceRow], target_scored: Path) -> list[Pre
 
 
 def control(root: Path, seed: int, pairs: list[PreferenceRow], lr_scales: list[float]) -> dict:
-    """DPO on on-policy pairs at each rate of the grid (seed `seed`), scored on validation beside the SFT model."""
+    """DPO on on-policy pairs at each rate of the grid (seed `seed`), and every model of that seed's grid (the
+    protocol's and this one's) against the SFT model on the validation items: paired, 95% item-bootstrap interval."""
     import gym_protocol
     import infifpo_ablation
 
@@ -126,10 +128,18 @@ def control(root: Path, seed: int, pairs: list[PreferenceRow], lr_scales: list[f
     dpo = next(m for m in infifpo_ablation.METHODS if m.key == "dpo")
     for scale in lr_scales:
         lr = recipe.po.learning_rate * scale
-        folder = path.parent / f"lr{lr:.3g}"
-        model = infifpo_ablation.train_method(dpo, gym_protocol.with_section(recipe, "po", seed, lr), sft, path, folder)
-        found[f"dpo lr {lr:.3g}"] = gym_protocol.accuracy(gym_protocol.scores(protocol, gym_protocol.spec_at(recipe, model),
-                                                                             "validation"))
+        infifpo_ablation.train_method(dpo, gym_protocol.with_section(recipe, "po", seed, lr), sft, path,
+                                      path.parent / f"lr{lr:.3g}")
+    baseline = gym_protocol.scores(protocol, sft, "validation")
+    found["vs_sft_on_validation"] = {}  # every seed-`seed` model of the protocol's grid and of this control
+    for model in sorted([*(root / "implicit").glob(f"*/lr*/seed{seed}/model"), *path.parent.glob("lr*/model")]):
+        spec = gym_protocol.spec_at(recipe, model)
+        if gym_protocol.eval_path(protocol, spec, "validation").is_file() or model.parent.parent == path.parent:
+            row = next(r for r in compare_methods([gym_protocol.scores(protocol, spec, "validation")], [baseline])
+                       if r.row == AVERAGE)
+            name = str(model.parent.relative_to(root / "implicit")).replace(f"/seed{seed}", "")
+            found["vs_sft_on_validation"][name] = {"accuracy": round(row.a, 2), "diff": round(row.diff.value, 2),
+                                                   "ci95": [round(row.diff.low, 2), round(row.diff.high, 2)]}
     return {k: {"accuracy": round(100 * v[0], 2), "bpb": round(v[1], 4)} if isinstance(v, tuple) else v
             for k, v in found.items()}
 
