@@ -319,7 +319,7 @@ class VllmBackend(Backend):
               progress: Callable[[int], None] | None = None, entropy: bool = False,
               entropy_top_k: int | None = None) -> list[tuple[float, ...]]:
         """Prompt log-probs; with `entropy`, each position's distribution from the full vocabulary's prompt
-        log-probs (exact; the engine must allow them: `entropy_settings`) or from its `entropy_top_k` largest
+        log-probs (exact; the engine must allow them: `logprob_settings`) or from its `entropy_top_k` largest
         (`topk_entropy`: an estimate and its error bound)."""
         for ids, _ in sequences:
             self._check_length(ids, "sequence to score")
@@ -349,10 +349,12 @@ class VllmBackend(Backend):
         return results
 
     @classmethod
-    def entropy_settings(cls, spec: ModelSpec, config: VllmSettings, entropy_top_k: int | None) -> VllmSettings:
-        """`max_logprobs` -1 (every log-prob of the vocabulary may be asked for) for the exact entropy, at least
-        `entropy_top_k` for the estimate; a value the user gave in `engine_args` is kept."""
-        wanted = -1 if entropy_top_k is None else max(entropy_top_k, 20)
+    def logprob_settings(cls, spec: ModelSpec, config: VllmSettings, top_k: int | None,
+                         entropy: bool = False) -> VllmSettings:
+        """`max_logprobs` -1 (every log-prob of the vocabulary may be asked for: the exact entropy), else at least
+        `top_k` (and vLLM's default 20); a value the user gave in `engine_args` is kept (`topk_logprobs` refuses
+        one below the top_k asked for)."""
+        wanted = -1 if top_k is None else max(top_k, 20)
         return config.model_copy(update={"engine_args": {"max_logprobs": wanted, **config.engine_args}})
 
     def close(self) -> None:
