@@ -166,14 +166,23 @@ def _own_gpus(tensor_parallel_size: int, on_cpu: bool) -> Iterator[None]:
     if len(share) < tensor_parallel_size:
         raise UserError(f"{count} processes x tensor_parallel_size {tensor_parallel_size} need "
                         f"{count * tensor_parallel_size} GPUs; {len(devices)} are visible")
-    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(share)
+    with _environment("CUDA_VISIBLE_DEVICES", ",".join(share)):
+        yield
+
+
+@contextmanager
+def _environment(name: str, value: str | None) -> Iterator[None]:
+    """The environment variable `name` set to `value` (None: left as it is) while an engine starts, then restored."""
+    before = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
     try:
         yield
     finally:
-        if visible is None:
-            del os.environ["CUDA_VISIBLE_DEVICES"]
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = visible
+        if value is not None and before is None:
+            del os.environ[name]
+        elif value is not None:
+            os.environ[name] = before
 
 
 def topk_entropy(top_logps: list[float], kth: float, vocab: int) -> tuple[float, float]:
@@ -209,7 +218,9 @@ def position_entropy(entries: dict[int, Any], top_k: int | None, vocab: int) -> 
 class VllmBackend(Backend):
     Config = VllmSettings
 
-    def __init__(self, spec: ModelSpec, config: VllmSettings):
+    def __init__(self, spec: ModelSpec, config: VllmSettings, in_process: bool = False):
+        """`in_process`: start the engine inside this process (VLLM_ENABLE_V1_MULTIPROCESSING=0 while it starts),
+        where a trainer can refresh its weights (`load_weights`); otherwise the environment decides."""
         super().__init__(spec, config)
         vllm = _import_vllm(spec)
         on_cpu = _on_cpu()
@@ -218,9 +229,11 @@ class VllmBackend(Backend):
         self.kwargs = engine_kwargs(resolved(spec), config, on_cpu, _context(spec))
         # An engine inside this process (VLLM_ENABLE_V1_MULTIPROCESSING=0: starts faster, samples slower on
         # CPU) sets up torch.distributed here, and must tear it down before the next model's engine starts.
-        if _launched():
+        launched = _launched()
+        if launched:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
-        with _own_gpus(config.tensor_parallel_size, on_cpu):
+        with (_own_gpus(config.tensor_parallel_size, on_cpu),
+              _environment("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if in_process and not launched else None)):
             self.engine = vllm.LLM(**self.kwargs)
         # what vLLM made of it (it caches its settings once an engine core ran in this process)
         self.in_process = type(self.engine.llm_engine.engine_core).__name__ == "InprocClient"
