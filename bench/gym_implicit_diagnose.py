@@ -13,7 +13,8 @@ and runs, as bench/gym_protocol.py left them in its work folder:
    at the protocol's grid and scored on the validation items beside SFT. If it beats SFT where the recipe's
    pairs do not, the DPO code works and the recipe's off-policy pairs are what leaves it at SFT.
 
-    python bench/gym_implicit_diagnose.py --root /tmp/ev-implicit/gym-<key> --seed 0
+    python bench/gym_implicit_diagnose.py --root /tmp/ev-implicit/gym-<key> --seed 0 --control 0.0333 0.1 0.3 1
+    python bench/gym_implicit_diagnose.py --smoke   # the protocol's smoke run (tiny world), then every check on it
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +39,10 @@ from polyfuse.scorers import build_scorer
 
 
 def reference_check(sft_model: Path, rows: list[PreferenceRow], count: int, seed: int) -> dict:
-    """sum log p(response | prompt) under the SFT model by plain transformers (the response's tokens: the full
-    conversation's tokens after the prompt's with the generation prompt, the end-of-turn token included) against
-    the stored `ref_chosen_logps` / `ref_rejected_logps`."""
+    """sum log p(response | prompt) under the SFT model by plain transformers against the stored
+    `ref_chosen_logps` / `ref_rejected_logps`. The response's tokens are, as TRL takes them, every token of the
+    templated conversation after the templated prompt (with its generation prompt): the answer, the end-of-turn
+    token and what the template writes after it."""
     tokenizer = AutoTokenizer.from_pretrained(sft_model)
     model = AutoModelForCausalLM.from_pretrained(sft_model, dtype=torch.float32).eval()
     picked = random.Random(seed).sample(rows, min(count, len(rows)))
@@ -52,10 +56,7 @@ def reference_check(sft_model: Path, rows: list[PreferenceRow], count: int, seed
             with torch.no_grad():
                 logits = model(torch.tensor([ids])).logits[0].float()
             logps = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
-            # the template may close the turn with tokens after the end-of-turn one: score up to the first stop
-            eot = tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else None
-            end = next((k + 1 for k in range(start, len(ids)) if ids[k] == eot), len(ids))
-            gaps.append(abs(float(logps[start - 1 : end - 1].sum()) - stored))
+            gaps.append(abs(float(logps[start - 1 :].sum()) - stored))
     return {"pairs_checked": len(picked), "max_abs_diff": max(gaps), "mean_abs_diff": float(np.mean(gaps))}
 
 
@@ -109,7 +110,8 @@ def on_policy_pairs(pairs: list[PreferenceRow], target_scored: Path) -> list[Pre
             if row.id in wrong and wrong[row.id].response.strip() != response_text(row.chosen).strip()]
 
 
-def control(root: Path, seed: int, pairs: list[PreferenceRow], lr_scales: list[float]) -> dict:
+def control(root: Path, seed: int, pairs: list[PreferenceRow], lr_scales: list[float], preset: str,
+            items: dict[str, int], smoke: bool) -> dict:
     """DPO on on-policy pairs at each rate of the grid (seed `seed`), and every model of that seed's grid (the
     protocol's and this one's) against the SFT model on the validation items: paired, 95% item-bootstrap interval."""
     import gym_protocol
@@ -120,11 +122,12 @@ def control(root: Path, seed: int, pairs: list[PreferenceRow], lr_scales: list[f
     path = root / "implicit" / "control-on-policy" / f"seed{seed}" / "pairs.jsonl"
     if not path.is_file():
         write_rows(path, rows)
-    protocol = gym_protocol.Protocol("gym", [seed], lr_scales, {"validation": 1000, "test": 4000}, False,
-                                     root, Path("unused"))
-    recipe = gym_protocol.family_recipe("infifpo", "gym", [f"seed={seed}"])
+    protocol = gym_protocol.Protocol(preset, [seed], lr_scales, items, smoke, root, Path("unused"))
+    recipe = gym_protocol.family_recipe("infifpo", preset, [f"seed={seed}", *gym_protocol.world_overrides(protocol)])
     sft = gym_protocol.spec_at(recipe, data / "sft" / "model")
     found = {"pairs": pair_stats_of(rows), "sft": gym_protocol.accuracy(gym_protocol.scores(protocol, sft, "validation"))}
+    if not rows:  # a world whose verifiers pass nothing (tiny) judges no SFT sample wrong
+        return {"pairs": found["pairs"], "note": "no SFT sample was judged wrong by a verifier: nothing to train"}
     dpo = next(m for m in infifpo_ablation.METHODS if m.key == "dpo")
     for scale in lr_scales:
         lr = recipe.po.learning_rate * scale
@@ -153,13 +156,27 @@ def pair_stats_of(rows: list[PreferenceRow]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, required=True, help="gym_protocol's work folder of the setting")
+    parser.add_argument("--root", type=Path, default=None, help="gym_protocol's work folder of the setting")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reference-pairs", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("docs/evidence/gym-implicit-diagnose.json"))
     parser.add_argument("--control", type=float, nargs="*", default=None, metavar="LR_SCALE",
                         help="run the on-policy positive control at these multiples of the recipe's PO rate")
+    parser.add_argument("--preset", default="gym", help="the world the protocol ran on")
+    parser.add_argument("--items", type=int, nargs=2, default=[1000, 4000], metavar=("VALIDATION", "TEST"),
+                        help="the protocol's items per domain (its cache folder's setting)")
+    parser.add_argument("--smoke", action="store_true", help="run gym_protocol.py --smoke --families implicit (tiny "
+                        "world, under runs/), then every check and the control at one rate on it")
     args = parser.parse_args()
+    if args.smoke:
+        work = Path("runs/gym-protocol-smoke")
+        subprocess.run([sys.executable, str(Path(__file__).parent / "gym_protocol.py"), "--smoke", "--families",
+                        "implicit", "--work-dir", str(work)], check=True, stdout=subprocess.DEVNULL)
+        args.root = next(work.glob("tiny-*"))
+        args.preset, args.items, args.reference_pairs, args.control = "tiny", [4, 4], 4, [1.0]
+        args.out = Path("runs/gym-implicit-diagnose-smoke.json")
+    if args.root is None:
+        parser.error("--root is required (or --smoke)")
     torch.set_num_threads(1)
     data = args.root / "implicit" / "data" / f"seed{args.seed}"
     sft_model = data / "sft" / "model"
@@ -175,9 +192,11 @@ def main() -> None:
         "runs": trajectories(args.root / "implicit"),
     }
     if args.control is not None:
-        report["on_policy_control"] = control(args.root, args.seed, pairs, args.control or [0.1, 0.3, 1.0])
+        report["on_policy_control"] = control(args.root, args.seed, pairs, args.control or [0.1, 0.3, 1.0], args.preset,
+                                              dict(zip(("validation", "test"), args.items, strict=True)), args.smoke)
     write_json(args.out, report)
     print(json.dumps(report, indent=1))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
