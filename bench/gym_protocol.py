@@ -39,13 +39,15 @@ rerun after a kill, or with more seeds or rates, redoes nothing finished.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
@@ -111,6 +113,16 @@ def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+@contextmanager
+def exclusive(lock: Path) -> Iterator[None]:
+    """One process at a time through a data run, a training or an evaluation, so that protocol processes started
+    side by side (`--data-only` seeds, single rates) on one cache wait for each other's work instead of redoing it."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 # ------------------------------------------------------------------------------------------------ the world
 @cache
 def world(preset: str):
@@ -156,7 +168,8 @@ def scores(protocol: Protocol, spec: ModelSpec, split: str) -> Scores:
         return out
 
     key = hashlib.sha256(str(Path(spec.path).resolve()).encode()).hexdigest()[:16]
-    data = cached_json(protocol.root / "eval" / key / f"{split}.json", compute)
+    with exclusive(protocol.root / "eval" / key / f"{split}.lock"):
+        data = cached_json(protocol.root / "eval" / key / f"{split}.json", compute)
     return {d: ItemScores(np.array([c == "1" for c in v["correct"]]), np.array(v["bpb"], dtype=float))
             for d, v in data.items()}
 
@@ -208,8 +221,9 @@ class Family:
 
         def trained(seed: int, lr: float) -> Path | None:
             started, run = time.perf_counter(), folder / f"lr{lr:.3g}" / f"seed{seed}"
-            cached = (run / "model").is_dir()
-            model = train(seed, lr, run)
+            with exclusive(run / "train.lock"):
+                cached = (run / "model").is_dir()
+                model = train(seed, lr, run)
             if model is not None and not cached:
                 say(f"{self.name}: trained {method} at lr {lr:.3g}, seed {seed} in {time.perf_counter() - started:.1f}s")
             return model
@@ -482,8 +496,13 @@ def unpaired_data(protocol: Protocol, seed: int, objective: str) -> tuple[Recipe
     objective adds its own KL completions (CGPO's anchors, the sources' scores and the consensus; KTO's rotation,
     scored under M0 only)."""
     key = (protocol.root, seed, objective)
-    if key in _UNPAIRED_DATA:
-        return _UNPAIRED_DATA[key]
+    if key not in _UNPAIRED_DATA:
+        with exclusive(unpaired_folder(protocol, seed, objective).parent / f"{objective}.lock"):
+            _UNPAIRED_DATA[key] = _unpaired_run(protocol, seed, objective)
+    return _UNPAIRED_DATA[key]
+
+
+def _unpaired_run(protocol: Protocol, seed: int, objective: str) -> tuple[Recipe, Any, Path]:
     folder = unpaired_folder(protocol, seed, objective)
     overrides = [f"seed={seed}", f"upo.objective={objective}", f"upo.epochs={DATA_RUN_EPOCHS}",
                  *(["logprobs.sources=false"] if objective == "kto" else []), *world_overrides(protocol),
@@ -503,8 +522,7 @@ def unpaired_data(protocol: Protocol, seed: int, objective: str) -> tuple[Recipe
     ctx = run_recipe(recipe, folder, quiet=True)
     say(f"unpaired: {objective} data of seed {seed} ready in {time.perf_counter() - started:.0f}s")
     stage = "consensus" if "unpaired" in ctx.outputs.get("consensus", {}) else "logprobs"
-    _UNPAIRED_DATA[key] = recipe, ctx, Path(ctx.output(stage, "unpaired"))
-    return _UNPAIRED_DATA[key]
+    return recipe, ctx, Path(ctx.output(stage, "unpaired"))
 
 
 def unpaired(protocol: Protocol) -> Family:
