@@ -557,7 +557,7 @@ FAMILIES: dict[str, Callable[[Protocol], Family]] = {"implicit": implicit, "merg
                                                      "unpaired": unpaired}
 # Baselines every method of a family is compared with (where the family has them).
 BASELINES = {"implicit": ["sft", "dpo"], "merge": ["specialists", "multitask"], "distill": ["sft-gold"],
-             "unpaired": ["sft"]}
+             "unpaired": ["sft", "pivot"]}
 
 
 # ------------------------------------------------------------------------------------------------ hypotheses
