@@ -25,7 +25,7 @@ FAMILIES = {
     "unpaired": {"pivot", "sft", "oracle", "cgpo", "kto"},
 }
 BASELINES = {"implicit": ["sft", "dpo"], "merge": ["specialists", "multitask"], "distill": ["sft-gold"],
-             "unpaired": ["sft"]}
+             "unpaired": ["sft", "pivot"]}
 
 
 def smoke(tmp_path: Path) -> str:
@@ -67,6 +67,10 @@ def test_smoke_writes_evidence_and_resumes(tmp_path):
     written = (tmp_path / "evidence" / "tiny-hypotheses.md").read_text()
     assert dict(re.findall(r"^\| (H\d+) \| .* \| (held|not held|inconclusive|not run) \|$", written, re.M)) == verdicts
     assert all(v != "not run" for k, v in verdicts.items() if k != "H12"), verdicts
+    unpaired = next((tmp_path / "work").glob("tiny-*/unpaired/data/seed0"))
+    for stage in ("prompts", "sample", "score", "sft"):  # KTO's data run took CGPO's (hard links), never redid them
+        assert (unpaired / "kto" / stage / "manifest.json").read_bytes() == (unpaired / "cgpo" / stage /
+                                                                             "manifest.json").read_bytes()
     before = {p: p.read_bytes() for p in (tmp_path / "evidence").glob("*.json")}
     again = smoke(tmp_path)
     assert not re.search(r"\] (\w+: trained|evaluate) ", again), again  # no training, no evaluation
