@@ -4,6 +4,7 @@ family on one toy world, the same data per family, the same tuning budget, >= 5 
     python bench/gym_protocol.py --preset tiny                       # every family, 5 seeds, 3 learning rates
     python bench/gym_protocol.py --preset gym --families merge       # one family
     python bench/gym_protocol.py --smoke                             # tiny world, 1 seed, 1 rate, few items
+    python bench/gym_protocol.py --preset gym --families unpaired --seeds 3 --data-only   # one seed's data, in parallel
 
 The recipe, per family (`FAMILIES`; adding a family is adding one function to it):
 1. **Data, built once per seed and shared by every method of the family**: the family's recipe (the
