@@ -28,8 +28,9 @@ average, without clipping, without LN, the sources and the oracle = best source 
 RSAF's realised density; specialists are the gym's LoRA copies on a gym preset, else full fine-tunes of the
 pivot as bench/merge_methods_toy.py makes them), `distill` (SFT on gold texts vs ULD with uncertainty /
 average weighting and FuseLLM MinCE on the same texts), `unpaired` (CGPO and KTO on the cgpo recipe's
-desirable / undesirable rows, issue 24). Not yet: `onpolicy` (issue 25): add a function to `FAMILIES` (and its
-baselines and hypotheses) when its code is on main.
+desirable / undesirable rows, issue 24), `onpolicy` (issue 25: from the distill family's SFT model of each seed,
+X-Token P-KL off-policy on the gold texts vs on the student's samples, MOPD-routed teachers vs the best one, GOLD,
+ULD and polyfuse's hybrid on the student's samples).
 
 Resumable: every training run and every evaluation is cached under `--work-dir/<preset>-<hash of preset, item
 counts, smoke>/` by its inputs (family, seed, method, learning rate; an evaluation by model folder and split), so a

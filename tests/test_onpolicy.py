@@ -22,8 +22,8 @@ from polyfuse.models import ModelSpec, encode, load_model, load_tokenizer, rende
 from polyfuse.models.forward import forward_response
 from polyfuse.objectives import DISTILL_OBJECTIVES, IGNORE_INDEX
 from polyfuse.objectives.distill import AlignedRow, DistillBatch, Projection, TeacherOutputs
-from polyfuse.sampling import EngineModel, SamplingParams, build_backend
 from polyfuse.objectives.topk import projected_logps
+from polyfuse.sampling import EngineModel, SamplingParams, build_backend
 from polyfuse.teacher.online import (
     OnlineTeacher,
     TeacherAnswer,
