@@ -207,9 +207,11 @@ class Family:
         """A model per seed at one setting (SFT, a specialist, a merge)."""
         self.runs[method] = {seed: scores(self.protocol, self.spec(model(seed)), "test") for seed in self.protocol.seeds}
 
-    def tuned(self, method: str, base_lr: float, train: Train, folder: Path | None = None) -> None:
+    def tuned(self, method: str, base_lr: float, train: Train, folder: Path | None = None,
+              seeds: list[int] | None = None) -> None:
         """The protocol for one trained method: the grid with seed 0 on validation, then every seed on test. `folder`:
-        where its runs live when another family shares them (default: this family's folder)."""
+        where its runs live when another family shares them (default: this family's folder); `seeds` (default the
+        protocol's): `[]` only chooses the rate, whose other seeds a later call trains and scores."""
         folder = folder or self.folder / method
 
         def trained(seed: int, lr: float) -> Path | None:
@@ -230,13 +232,14 @@ class Family:
             validation[lr] = accuracy(scores(self.protocol, self.spec(model), "validation"))
         best = max(grid, key=lambda lr: (validation[lr][0], -validation[lr][1])) if validation else grid[0]
         runs = {}
-        for seed in self.protocol.seeds:
+        for seed in self.protocol.seeds if seeds is None else seeds:
             model = trained(seed, best)
             if model is None:
                 self.notes.append(f"{method}: no training data; not run")
                 return
             runs[seed] = scores(self.protocol, self.spec(model), "test")
-        self.runs[method] = runs
+        if runs:
+            self.runs[method] = runs
         self.chosen[method] = {"learning_rate": best, "validation": {f"{lr:.3g}": {"accuracy": 100 * a, "bpb": b}
                                                                     for lr, (a, b) in validation.items()}}
 
@@ -430,10 +433,10 @@ def gold_texts(protocol: Protocol) -> Path:
     return path
 
 
-def sft_gold(family: Family) -> Callable[[int], Path]:
+def sft_gold(family: Family, seeds: list[int] | None = None) -> Callable[[int], Path]:
     """SFT on the gold texts with the explicit-fusion recipe's `distill` settings: the baseline of the distill and
     onpolicy families, whose runs (under the distill family's folder) both families share; returns each seed's
-    model at the chosen rate."""
+    model at the chosen rate (trained when first asked for). `seeds`: as `Family.tuned`'s."""
     protocol = family.protocol
     recipe = family_recipe("infifusion-unified", protocol.preset, world_overrides(protocol))
     rows = read_rows(gold_texts(protocol), SFTRow)
@@ -446,7 +449,7 @@ def sft_gold(family: Family) -> Callable[[int], Path]:
         return model
 
     folder = protocol.root / "distill" / "sft-gold"
-    family.tuned("sft-gold", recipe.distill.learning_rate, sft, folder)
+    family.tuned("sft-gold", recipe.distill.learning_rate, sft, folder, seeds)
     chosen = family.chosen["sft-gold"]["learning_rate"]
     return lambda seed: sft(seed, chosen, run_folder(folder, chosen, seed))
 
@@ -511,7 +514,7 @@ def onpolicy(protocol: Protocol) -> Family:
     family = Family("onpolicy", protocol, lambda path: spec_at(recipe, path))
     family.fixed("pivot", recipe.pivot)
     oracle(family, list(recipe.sources))
-    start = sft_gold(family)
+    start = sft_gold(family, seeds=[])  # each seed's start is trained when its first method needs it
     valid = {s.label: accuracy(scores(protocol, s, "validation")) for s in recipe.sources}
     one = max(valid, key=lambda label: (valid[label][0], -valid[label][1]))
     section = recipe.onpolicy
@@ -533,6 +536,9 @@ def onpolicy(protocol: Protocol) -> Family:
             return model
 
         family.tuned(method, section.learning_rate, train)
+    sft_gold(family)  # the baseline's test rows, every run already trained
+    first = ["pivot", *(s.label for s in recipe.sources), "oracle", "sft-gold"]
+    family.runs = {m: family.runs[m] for m in [*first, *(m for m in family.runs if m not in first)] if m in family.runs}
     if "learning_rate" in family.chosen.get("onpolicy-one-teacher", {}):
         family.chosen["onpolicy-one-teacher"]["teacher"] = one
     return family
