@@ -29,8 +29,9 @@ average, without clipping, without LN, the sources and the oracle = best source 
 RSAF's realised density; specialists are the gym's LoRA copies on a gym preset, else full fine-tunes of the
 pivot as bench/merge_methods_toy.py makes them), `distill` (SFT on gold texts vs ULD with uncertainty /
 average weighting and FuseLLM MinCE on the same texts), `unpaired` (CGPO and KTO on the cgpo recipe's
-desirable / undesirable rows, issue 24). Not yet: `onpolicy` (issue 25): add a function to `FAMILIES` (and its
-baselines and hypotheses) when its code is on main.
+desirable / undesirable rows, issue 24), `onpolicy` (issue 25: from the distill family's SFT model of each seed,
+X-Token P-KL off-policy on the gold texts vs on the student's samples, MOPD-routed teachers vs the best one, GOLD,
+ULD and polyfuse's hybrid on the student's samples).
 
 Resumable: every training run and every evaluation is cached under `--work-dir/<preset>-<hash of preset, item
 counts, smoke>/` by its inputs (family, seed, method, learning rate; an evaluation by model folder and split), so a
@@ -72,7 +73,8 @@ from polyfuse.pipeline.recipe import Recipe, load_recipe
 from polyfuse.pipeline.runner import run_recipe
 from polyfuse.scorers import build_scorer
 from polyfuse.toyworld import ToyWorldConfig, build_world
-from polyfuse.trainers import SFTTrainConfig, train_sft, train_unpaired
+from polyfuse.trainers import OnPolicyTrainConfig, SFTTrainConfig, train_sft, train_unpaired
+from polyfuse.trainers.onpolicy import train_onpolicy
 
 Scores = dict[str, ItemScores]  # domain -> one model's items
 Runs = dict[int, Scores]  # seed -> domain -> items
@@ -188,6 +190,11 @@ def spec_at(recipe: Recipe, path: str | Path, name: str = "pivot") -> ModelSpec:
 
 
 # ------------------------------------------------------------------------------------------------ the table
+def run_folder(folder: Path, lr: float, seed: int) -> Path:
+    """One training run's folder under its method's."""
+    return folder / f"lr{lr:.3g}" / f"seed{seed}"
+
+
 Train = Callable[[int, float, Path], Path | None]  # (seed, learning rate, folder) -> model folder; None: no data
 
 
@@ -216,12 +223,15 @@ class Family:
         """A model per seed at one setting (SFT, a specialist, a merge)."""
         self.runs[method] = {seed: scores(self.protocol, self.spec(model(seed)), "test") for seed in self.protocol.seeds}
 
-    def tuned(self, method: str, base_lr: float, train: Train) -> None:
-        """The protocol for one trained method: the grid with seed 0 on validation, then every seed on test."""
-        folder = self.folder / method
+    def tuned(self, method: str, base_lr: float, train: Train, folder: Path | None = None,
+              seeds: list[int] | None = None) -> None:
+        """The protocol for one trained method: the grid with seed 0 on validation, then every seed on test. `folder`:
+        where its runs live when another family shares them (default: this family's folder); `seeds` (default the
+        protocol's): `[]` only chooses the rate, whose other seeds a later call trains and scores."""
+        folder = folder or self.folder / method
 
         def trained(seed: int, lr: float) -> Path | None:
-            started, run = time.perf_counter(), folder / f"lr{lr:.3g}" / f"seed{seed}"
+            started, run = time.perf_counter(), run_folder(folder, lr, seed)
             with exclusive(run / "train.lock"):
                 cached = (run / "model").is_dir()
                 model = train(seed, lr, run)
@@ -239,13 +249,14 @@ class Family:
             validation[lr] = accuracy(scores(self.protocol, self.spec(model), "validation"))
         best = max(grid, key=lambda lr: (validation[lr][0], -validation[lr][1])) if validation else grid[0]
         runs = {}
-        for seed in self.protocol.seeds:
+        for seed in self.protocol.seeds if seeds is None else seeds:
             model = trained(seed, best)
             if model is None:
                 self.notes.append(f"{method}: no training data; not run")
                 return
             runs[seed] = scores(self.protocol, self.spec(model), "test")
-        self.runs[method] = runs
+        if runs:
+            self.runs[method] = runs
         self.chosen[method] = {"learning_rate": best, "validation": {f"{lr:.3g}": {"accuracy": 100 * a, "bpb": b}
                                                                     for lr, (a, b) in validation.items()}}
 
@@ -439,6 +450,27 @@ def gold_texts(protocol: Protocol) -> Path:
     return path
 
 
+def sft_gold(family: Family, seeds: list[int] | None = None) -> Callable[[int], Path]:
+    """SFT on the gold texts with the explicit-fusion recipe's `distill` settings: the baseline of the distill and
+    onpolicy families, whose runs (under the distill family's folder) both families share; returns each seed's
+    model at the chosen rate (trained when first asked for). `seeds`: as `Family.tuned`'s."""
+    protocol = family.protocol
+    recipe = family_recipe("infifusion-unified", protocol.preset, world_overrides(protocol))
+    rows = read_rows(gold_texts(protocol), SFTRow)
+
+    def sft(seed: int, lr: float, folder: Path) -> Path:
+        model = folder / "model"
+        if not model.is_dir():
+            settings = {**explicit_fusion.train_settings(recipe), "learning_rate": lr, "seed": seed}
+            train_sft(recipe.pivot, rows, SFTTrainConfig(**settings), model)
+        return model
+
+    folder = protocol.root / "distill" / "sft-gold"
+    family.tuned("sft-gold", recipe.distill.learning_rate, sft, folder, seeds)
+    chosen = family.chosen["sft-gold"]["learning_rate"]
+    return lambda seed: sft(seed, chosen, run_folder(folder, chosen, seed))
+
+
 def distill(protocol: Protocol) -> Family:
     """Explicit fusion on gold texts: SFT on the texts vs ULD and FuseLLM distilling the sources (and, for FuseLLM,
     the pivot) on the same texts; the teachers' outputs are computed once."""
@@ -451,18 +483,81 @@ def distill(protocol: Protocol) -> Family:
     family = Family("distill", protocol, lambda path: spec_at(recipe, path))
     family.fixed("pivot", recipe.pivot)
     oracle(family, list(recipe.sources))
-
-    def sft(seed: int, lr: float, folder: Path) -> Path:
-        model = folder / "model"
-        if not model.is_dir():
-            settings = {**explicit_fusion.train_settings(recipe), "learning_rate": lr, "seed": seed}
-            train_sft(recipe.pivot, rows, SFTTrainConfig(**settings), model)
-        return model
-
-    family.tuned("sft-gold", recipe.distill.learning_rate, sft)
+    sft_gold(family)
     for key, row in DISTILL.items():
         family.tuned(key, recipe.distill.learning_rate, lambda seed, lr, folder, row=row: explicit_fusion.train_method(
             row, with_section(recipe, "distill", seed, lr), rows, store, folder))
+    return family
+
+
+@dataclass(frozen=True)
+class Distiller:
+    """One row of the onpolicy family: the recipe's `onpolicy` section with `objective` (its `args` over the
+    section's top_k), `lmbda` (1: the student's own samples; 0: the gold texts only, which the teachers score the
+    same at every epoch, i.e. stored teacher outputs) and each prompt routed to its domain's teacher (MOPD) or
+    every prompt to one teacher."""
+
+    lmbda: float
+    objective: str = "kd"
+    args: dict[str, Any] = field(default_factory=dict)
+    routed: bool = True
+
+
+ONPOLICY = {
+    "offpolicy-xtoken": Distiller(0.0),  # X-Token P-KL on the gold texts: off-policy, the same teachers and loss
+    "onpolicy-xtoken": Distiller(1.0),  # the same on the student's samples
+    "onpolicy-one-teacher": Distiller(1.0, routed=False),  # every prompt to the best source on validation
+    "onpolicy-gold": Distiller(1.0, "gold", {"mode": "gold_compat"}),  # TRL's GOLD hybrid
+    "onpolicy-uld": Distiller(1.0, "gold", {"mode": "gold_compat", "match": "none"}),  # GOLD's plain ULD
+    "onpolicy-hybrid": Distiller(1.0, "gold", {"mode": "hybrid"}),  # polyfuse's non-negative hybrid
+}
+ONPOLICY_SMOKE = ["onpolicy.epochs=1", "onpolicy.batch_size=4"]
+# From an SFT model (not the recipe's raw pivot): a lower rate, and the step budget a shared 2-core CPU affords
+# (47 steps of 32 prompts: half the texts; docs/results.md has the sizing).
+ONPOLICY_FROM_SFT = ["onpolicy.epochs=0.5", "onpolicy.learning_rate=3.0e-4"]
+
+
+def onpolicy(protocol: Protocol) -> Family:
+    """On-policy distillation (issue 25) on the distill family's gold texts, as GKD and MOPD run it: the student is
+    the pivot after SFT on the texts (the distill family's `sft-gold` run of the same seed, at its chosen rate),
+    which samples an answer to each text's prompt while the sources score its tokens through their own tokenizers
+    (`polyfuse.trainers.onpolicy`); against that SFT model and the same teachers and loss on the texts themselves
+    (off-policy, the same steps); losses X-Token P-KL, GOLD, ULD, polyfuse's hybrid; routed teachers against one.
+    (From the pivot itself, the on-policy step budget a CPU affords leaves every method at 0%: docs/results.md.)"""
+    texts = gold_texts(protocol)
+    recipe = family_recipe("onpolicy", protocol.preset, [f"onpolicy.data={texts}", *world_overrides(protocol),
+                                                         *(ONPOLICY_SMOKE if protocol.smoke else ONPOLICY_FROM_SFT)])
+    rows = read_rows(texts, PromptRow)
+    family = Family("onpolicy", protocol, lambda path: spec_at(recipe, path))
+    family.fixed("pivot", recipe.pivot)
+    oracle(family, list(recipe.sources))
+    start = sft_gold(family, seeds=[])  # each seed's start is trained when its first method needs it
+    valid = {s.label: accuracy(scores(protocol, s, "validation")) for s in recipe.sources}
+    one = max(valid, key=lambda label: (valid[label][0], -valid[label][1]))
+    section = recipe.onpolicy
+
+    def config(row: Distiller, seed: int, lr: float) -> OnPolicyTrainConfig:
+        args = section.objective_args if row.objective == section.objective else {"top_k": section.objective_args["top_k"]}
+        update: dict[str, Any] = {"seed": seed, "learning_rate": lr, "lmbda": row.lmbda, "objective": row.objective,
+                                  "objective_args": {**args, **row.args}}
+        if not row.routed:
+            update |= {"mix": "sum", "route_by": None, "routes": {},
+                       "teachers": [t.model_dump() for t in section.teachers if t.label == one]}
+        return OnPolicyTrainConfig.model_validate({**section.model_dump(exclude={"data"}), **update})
+
+    for method, row in ONPOLICY.items():
+        def train(seed: int, lr: float, folder: Path, row: Distiller = row) -> Path:
+            model = folder / "model"
+            if not model.is_dir():
+                train_onpolicy(spec_at(recipe, start(seed)), rows, config(row, seed, lr), model, where=str(texts))
+            return model
+
+        family.tuned(method, section.learning_rate, train)
+    sft_gold(family)  # the baseline's test rows, every run already trained
+    first = ["pivot", *(s.label for s in recipe.sources), "oracle", "sft-gold"]
+    family.runs = {m: family.runs[m] for m in [*first, *(m for m in family.runs if m not in first)] if m in family.runs}
+    if "learning_rate" in family.chosen.get("onpolicy-one-teacher", {}):
+        family.chosen["onpolicy-one-teacher"]["teacher"] = one
     return family
 
 
@@ -555,10 +650,10 @@ def unpaired(protocol: Protocol) -> Family:
 
 
 FAMILIES: dict[str, Callable[[Protocol], Family]] = {"implicit": implicit, "merge": merge, "distill": distill,
-                                                     "unpaired": unpaired}
+                                                     "unpaired": unpaired, "onpolicy": onpolicy}
 # Baselines every method of a family is compared with (where the family has them).
 BASELINES = {"implicit": ["sft", "dpo"], "merge": ["specialists", "multitask"], "distill": ["sft-gold"],
-             "unpaired": ["sft", "pivot"]}
+             "unpaired": ["sft", "pivot"], "onpolicy": ["sft-gold"]}
 
 
 # ------------------------------------------------------------------------------------------------ hypotheses
@@ -589,7 +684,9 @@ HYPOTHESES = [
     Hypothesis("H10", "ULD / FuseLLM distillation on gold texts > SFT alone", "distill",
                (("uld-uncertainty", "sft-gold"), ("fusellm-min-ce", "sft-gold"))),
     Hypothesis("H11", "uncertainty weighting > plain average", "distill", (("uld-uncertainty", "uld-average"),)),
-    Hypothesis("H12", "on-policy > off-policy distillation; X-Token > GOLD > ULD; two teachers > one", "onpolicy", ()),
+    Hypothesis("H12", "on-policy > off-policy distillation; X-Token > GOLD > ULD; two (routed) teachers > one",
+               "onpolicy", (("onpolicy-xtoken", "offpolicy-xtoken"), ("onpolicy-xtoken", "onpolicy-gold"),
+                            ("onpolicy-gold", "onpolicy-uld"), ("onpolicy-xtoken", "onpolicy-one-teacher"))),
 ]
 
 

@@ -247,15 +247,16 @@ def test_gym_recipes_evaluate_on_the_fixed_test_split():
     from polyfuse.pipeline.demo import recipe_path
     from polyfuse.pipeline.recipe import load_recipe
 
-    for name in ("fusechat3-gym", "infifpo-gym", "infifusion-unified-gym", "cgpo-gym"):
+    for name in ("fusechat3-gym", "infifpo-gym", "infifusion-unified-gym", "onpolicy-gym", "cgpo-gym"):
         recipe = load_recipe(recipe_path(f"{name}.yaml"), ["toyworld.seed=3", "seed=5"])
         assert recipe.toyworld.preset == "gym" and recipe.prompts.toyworld.split == "train"
         toy = recipe.eval.prompts.toyworld
         assert (toy.split, toy.per_domain, toy.seed) == ("test", 4000, 0)  # the same items for every seed
         assert [s.name for s in recipe.sources] == ["llama-largest", "qwen-reversal", "gpt2-addition"]
-    distill = load_recipe(recipe_path("infifusion-unified-gym.yaml"))
+    distill, onpolicy = (load_recipe(recipe_path(f"{n}.yaml")) for n in ("infifusion-unified-gym", "onpolicy-gym"))
     world = ToyWorldConfig.preset("gym")
-    assert distill.teacher.data.endswith(f"{world.key()}/texts/gold.jsonl")
+    assert distill.teacher.data.endswith(f"{world.key()}/texts/gold.jsonl") and onpolicy.onpolicy.data == distill.teacher.data
+    assert set(onpolicy.onpolicy.routes) == set(world.domains)  # MOPD: every domain routed to its teacher
 
 
 def test_gym_preference_recipes_sample_alike():
