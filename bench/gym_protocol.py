@@ -4,6 +4,7 @@ family on one toy world, the same data per family, the same tuning budget, >= 5 
     python bench/gym_protocol.py --preset tiny                       # every family, 5 seeds, 3 learning rates
     python bench/gym_protocol.py --preset gym --families merge       # one family
     python bench/gym_protocol.py --smoke                             # tiny world, 1 seed, 1 rate, few items
+    python bench/gym_protocol.py --preset gym --families unpaired --seeds 3 --data-only   # one seed's data, in parallel
 
 The recipe, per family (`FAMILIES`; adding a family is adding one function to it):
 1. **Data, built once per seed and shared by every method of the family**: the family's recipe (the
@@ -40,11 +41,15 @@ rerun after a kill, or with more seeds or rates, redoes nothing finished.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
+import os
+import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
@@ -111,6 +116,16 @@ def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+@contextmanager
+def exclusive(lock: Path) -> Iterator[None]:
+    """One process at a time through a data run, a training or an evaluation, so that protocol processes started
+    side by side (`--data-only` seeds, single rates) on one cache wait for each other's work instead of redoing it."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 # ------------------------------------------------------------------------------------------------ the world
 @cache
 def world(preset: str):
@@ -156,7 +171,8 @@ def scores(protocol: Protocol, spec: ModelSpec, split: str) -> Scores:
         return out
 
     key = hashlib.sha256(str(Path(spec.path).resolve()).encode()).hexdigest()[:16]
-    data = cached_json(protocol.root / "eval" / key / f"{split}.json", compute)
+    with exclusive(protocol.root / "eval" / key / f"{split}.lock"):
+        data = cached_json(protocol.root / "eval" / key / f"{split}.json", compute)
     return {d: ItemScores(np.array([c == "1" for c in v["correct"]]), np.array(v["bpb"], dtype=float))
             for d, v in data.items()}
 
@@ -216,8 +232,9 @@ class Family:
 
         def trained(seed: int, lr: float) -> Path | None:
             started, run = time.perf_counter(), run_folder(folder, lr, seed)
-            cached = (run / "model").is_dir()
-            model = train(seed, lr, run)
+            with exclusive(run / "train.lock"):
+                cached = (run / "model").is_dir()
+                model = train(seed, lr, run)
             if model is not None and not cached:
                 say(f"{self.name}: trained {method} at lr {lr:.3g}, seed {seed} in {time.perf_counter() - started:.1f}s")
             return model
@@ -546,31 +563,74 @@ def onpolicy(protocol: Protocol) -> Family:
 
 UNPAIRED = {"cgpo": "[prompts, sample, score, pairs, sft, logprobs, consensus, upo]",  # objective -> its stages
             "kto": "[prompts, sample, score, pairs, sft, logprobs, upo]"}
+# Stages whose config and inputs no objective changes: KTO's data run takes CGPO's (same seed) instead of redoing them.
+SHARED_STAGES = ("prompts", "sample", "score", "sft")
+# The data run's own `upo` stage (the pipeline scores unpaired rows only when a recipe trains on them) trains a few
+# steps: the protocol trains every (seed, rate) itself.
+DATA_RUN_EPOCHS = 0.001
+
+
+def share_stages(source: Path, target: Path, stages: tuple[str, ...]) -> None:
+    """Hard-linked copies of `source`'s finished stage folders in `target` (a stage's files are written once, by
+    atomic rename, so neither run can change the other's); the runner still checks each one's fingerprint
+    against its own recipe and redoes a stage that differs."""
+    for name in stages:
+        if (source / name / "manifest.json").is_file() and not (target / name).exists():
+            shutil.copytree(source / name, target / name, copy_function=os.link)
+
+
+def unpaired_folder(protocol: Protocol, seed: int, objective: str) -> Path:
+    return protocol.root / "unpaired" / "data" / f"seed{seed}" / objective
+
+
+_UNPAIRED_DATA: dict[tuple[Path, int, str], tuple[Recipe, Any, Path]] = {}
+
+
+def unpaired_data(protocol: Protocol, seed: int, objective: str) -> tuple[Recipe, Any, Path]:
+    """One seed's data run for one objective: (recipe, run context, the rows it trains on). KTO's run reuses CGPO's
+    prompts, samples, scores and SFT model of the same seed (`share_stages`, checked by their fingerprints); each
+    objective adds its own KL completions (CGPO's anchors, the sources' scores and the consensus; KTO's rotation,
+    scored under M0 only)."""
+    key = (protocol.root, seed, objective)
+    if key not in _UNPAIRED_DATA:
+        with exclusive(unpaired_folder(protocol, seed, objective).parent / f"{objective}.lock"):
+            _UNPAIRED_DATA[key] = _unpaired_run(protocol, seed, objective)
+    return _UNPAIRED_DATA[key]
+
+
+def _unpaired_run(protocol: Protocol, seed: int, objective: str) -> tuple[Recipe, Any, Path]:
+    folder = unpaired_folder(protocol, seed, objective)
+    overrides = [f"seed={seed}", f"upo.objective={objective}", f"upo.epochs={DATA_RUN_EPOCHS}",
+                 *(["logprobs.sources=false"] if objective == "kto" else []), *world_overrides(protocol),
+                 *(["consensus.calibration_min_rows=12"] if protocol.smoke else [])]  # a smoke has 12 PO prompts
+    if objective != "cgpo":
+        unpaired_data(protocol, seed, "cgpo")
+        folder.mkdir(parents=True, exist_ok=True)
+        share_stages(unpaired_folder(protocol, seed, "cgpo"), folder, SHARED_STAGES)
+    say(f"unpaired: {objective} data of seed {seed} (prompts, samples, scores, rows, SFT, log-probs)")
+    if protocol.preset in TINY_PRESETS:  # no verifier passes a tiny model: D / U by the median reward
+        scored = run_recipe(family_recipe("cgpo", protocol.preset, [*overrides, "stages=[prompts, sample, score]"]),
+                            folder, quiet=True).output("score", "scored")
+        median = np.median([r.rewards["rm"] for r in read_rows(scored, SampleRow)])
+        overrides.append(f"pairs.unpaired.threshold={float(median)!r}")
+    recipe = family_recipe("cgpo", protocol.preset, [*overrides, f"stages={UNPAIRED[objective]}"])
+    started = time.perf_counter()
+    ctx = run_recipe(recipe, folder, quiet=True)
+    say(f"unpaired: {objective} data of seed {seed} ready in {time.perf_counter() - started:.0f}s")
+    stage = "consensus" if "unpaired" in ctx.outputs.get("consensus", {}) else "logprobs"
+    return recipe, ctx, Path(ctx.output(stage, "unpaired"))
 
 
 def unpaired(protocol: Protocol) -> Family:
-    """Unpaired preference fusion (issue 24) on the cgpo recipe's rows: every judged source response of the PO
-    prompts, desirable or undesirable, from the same prompts, samples (the seed samples the same responses) and SFT
-    model for each objective; each objective's data run adds its own KL completions (CGPO's anchors and consensus,
-    KTO's rotation) and trains once at the recipe's rate, which the protocol does not use."""
+    """Unpaired preference fusion (issue 24) on the cgpo recipe's rows (`unpaired_data`): every judged source
+    response of the PO prompts, desirable or undesirable, the same prompts, samples, rows and SFT model for CGPO
+    and KTO."""
 
-    @cache
     def data(seed: int, objective: str) -> tuple[Recipe, Any, Path]:
-        folder = protocol.root / "unpaired" / "data" / f"seed{seed}" / objective
-        overrides = [f"seed={seed}", f"upo.objective={objective}", *world_overrides(protocol),
-                     *(["consensus.calibration_min_rows=12"] if protocol.smoke else [])]  # a smoke has 12 PO prompts
-        say(f"unpaired: {objective} data of seed {seed} (prompts, samples, scores, rows, SFT, log-probs)")
-        if protocol.preset in TINY_PRESETS:  # no verifier passes a tiny model: D / U by the median reward
-            scored = run_recipe(family_recipe("cgpo", protocol.preset, [*overrides, "stages=[prompts, sample, score]"]),
-                                folder, quiet=True).output("score", "scored")
-            median = np.median([r.rewards["rm"] for r in read_rows(scored, SampleRow)])
-            overrides.append(f"pairs.unpaired.threshold={float(median)!r}")
-        recipe = family_recipe("cgpo", protocol.preset, [*overrides, f"stages={UNPAIRED[objective]}"])
-        ctx = run_recipe(recipe, folder, quiet=True)
-        stage = "consensus" if "unpaired" in ctx.outputs.get("consensus", {}) else "logprobs"
-        return recipe, ctx, Path(ctx.output(stage, "unpaired"))
+        return unpaired_data(protocol, seed, objective)
 
     recipe = data(protocol.seeds[0], "cgpo")[0]
+    trained = family_recipe("cgpo", protocol.preset, world_overrides(protocol)).upo  # the recipe's rate and epochs
     family = Family("unpaired", protocol, lambda path: spec_at(recipe, path))
     family.fixed("pivot", recipe.pivot)
     family.per_seed("sft", lambda seed: Path(data(seed, "cgpo")[1].output("sft", "model")))
@@ -580,11 +640,12 @@ def unpaired(protocol: Protocol) -> Family:
             recipe, ctx, rows = data(seed, objective)
             model = folder / "model"
             if not model.is_dir():
-                train_unpaired(spec_at(recipe, ctx.output("sft", "model")), read_rows(rows, UnpairedRow),
-                               with_section(recipe, "upo", seed, lr).upo, model, data_path=rows)
+                config = with_section(recipe, "upo", seed, lr).upo.model_copy(update={"epochs": trained.epochs})
+                train_unpaired(spec_at(recipe, ctx.output("sft", "model")), read_rows(rows, UnpairedRow), config,
+                               model, data_path=rows)
             return model
 
-        family.tuned(objective, recipe.upo.learning_rate, train)
+        family.tuned(objective, trained.learning_rate, train)
     return family
 
 
@@ -592,7 +653,7 @@ FAMILIES: dict[str, Callable[[Protocol], Family]] = {"implicit": implicit, "merg
                                                      "unpaired": unpaired, "onpolicy": onpolicy}
 # Baselines every method of a family is compared with (where the family has them).
 BASELINES = {"implicit": ["sft", "dpo"], "merge": ["specialists", "multitask"], "distill": ["sft-gold"],
-             "unpaired": ["sft"], "onpolicy": ["sft-gold"]}
+             "unpaired": ["sft", "pivot"], "onpolicy": ["sft-gold"]}
 
 
 # ------------------------------------------------------------------------------------------------ hypotheses
@@ -745,6 +806,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="seed 0, one learning rate, 4 items per domain, a few "
                         "prompts, one epoch, on the tiny world unless --preset says (work dir runs/gym-protocol-smoke): "
                         "the plumbing in a minute")
+    parser.add_argument("--data-only", action="store_true", help="unpaired: build the data of each of --seeds (both "
+                        "objectives) and stop; run it for different seeds in parallel processes before the protocol")
     args = parser.parse_args()
     if args.smoke:
         args.seeds, args.lr_scales, args.items, args.validation_items = [0], [1.0], 4, 4
@@ -761,6 +824,11 @@ def main() -> None:
     torch.set_num_threads(1)  # tiny models on shared cores: one thread is as fast and never oversubscribed
     protocol = Protocol.make(args)
     started = time.perf_counter()
+    if args.data_only:
+        for seed in args.seeds:
+            for objective in UNPAIRED:
+                unpaired_data(protocol, seed, objective)
+        return
     evidence = {}
     for name in args.families:
         say(f"family {name}: {len(args.seeds)} seeds, grid {args.lr_scales}, {args.validation_items} validation "

@@ -27,7 +27,7 @@ FAMILIES = {
                  "onpolicy-gold", "onpolicy-uld", "onpolicy-hybrid"},
 }
 BASELINES = {"implicit": ["sft", "dpo"], "merge": ["specialists", "multitask"], "distill": ["sft-gold"],
-             "unpaired": ["sft"], "onpolicy": ["sft-gold"]}
+             "unpaired": ["sft", "pivot"], "onpolicy": ["sft-gold"]}
 
 
 def smoke(tmp_path: Path) -> str:
@@ -71,6 +71,10 @@ def test_smoke_writes_evidence_and_resumes(tmp_path):
     distill, onpolicy = (json.loads((tmp_path / "evidence" / f"tiny-{f}.json").read_text()) for f in ("distill", "onpolicy"))
     shared = {(r["seed"], r["domain"]): r["correct"] for r in distill["runs"] if r["method"] == "sft-gold"}
     assert shared == {(r["seed"], r["domain"]): r["correct"] for r in onpolicy["runs"] if r["method"] == "sft-gold"}
+    unpaired = next((tmp_path / "work").glob("tiny-*/unpaired/data/seed0"))
+    for stage in ("prompts", "sample", "score", "sft"):  # KTO's data run took CGPO's (hard links), never redid them
+        assert (unpaired / "kto" / stage / "manifest.json").read_bytes() == (unpaired / "cgpo" / stage /
+                                                                             "manifest.json").read_bytes()
     before = {p: p.read_bytes() for p in (tmp_path / "evidence").glob("*.json")}
     again = smoke(tmp_path)
     assert not re.search(r"\] (\w+: trained|evaluate) ", again), again  # no training, no evaluation
