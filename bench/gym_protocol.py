@@ -49,6 +49,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import _uld_stats
 import explicit_fusion
 import infifpo_ablation
 import merge_methods_toy
@@ -202,16 +203,24 @@ class Family:
         """A model per seed at one setting (SFT, a specialist, a merge)."""
         self.runs[method] = {seed: scores(self.protocol, self.spec(model(seed)), "test") for seed in self.protocol.seeds}
 
+    def run_folder(self, method: str, seed: int, lr: float, kd: float = 1.0) -> Path:
+        """Where one training run of a grid point lives (the default weight keeps the folder it had before the
+        weight was tuned)."""
+        return self.folder / method / (f"lr{lr:.3g}" + ("" if kd == 1.0 else f"-kd{kd:.3g}")) / f"seed{seed}"
+
+    def chosen_model(self, method: str, seed: int) -> Path:
+        """The model folder of a tuned method's chosen setting at `seed`."""
+        chosen = self.chosen[method]
+        return self.run_folder(method, seed, chosen["learning_rate"], chosen.get("kd_scale", 1.0)) / "model"
+
     def tuned(self, method: str, base_lr: float, train: Train, kd_scales: Sequence[float] | None = None) -> None:
         """The protocol for one trained method: the grid with seed 0 on validation, then every seed on test. A
         distillation method (`kd_scales` given; `train` then takes the scale as a fourth argument) also tunes the
         weight of its distillation term, coordinate-wise: the rate at the method's default weight first, then each
         multiple of that weight in `kd_scales` at the chosen rate (1 = the default, already trained)."""
-        folder = self.folder / method
-
         def trained(seed: int, lr: float, kd: float = 1.0) -> Path | None:
-            name = f"lr{lr:.3g}" + ("" if kd == 1.0 else f"-kd{kd:.3g}")  # the default weight keeps its old folder
-            started, run = time.perf_counter(), folder / name / f"seed{seed}"
+            started, run = time.perf_counter(), self.run_folder(method, seed, lr, kd)
+            name = run.parent.name
             cached = (run / "model").is_dir()
             model = train(seed, lr, run) if kd_scales is None else train(seed, lr, run, kd)
             if model is not None and not cached:
@@ -488,7 +497,26 @@ def distill(protocol: Protocol) -> Family:
         family.tuned(key, recipe.distill.learning_rate, lambda seed, lr, folder, kd, row=row: explicit_fusion.train_method(
             kd_scaled(row, recipe, kd), with_section(recipe, "distill", seed, lr), rows, store, folder),
             protocol.kd_scales)
+    uld_report(family, recipe, rows, store)
     return family
+
+
+def uld_report(family: Family, recipe: Recipe, rows: list[SFTRow], store: Path) -> None:
+    """What ULD's weights and terms do here (`_uld_stats`), on every 10th text, for the pivot and each tuned method's
+    seed-0 model: written to `<out>/<preset>-distill-uld.json`, summarised in the notes."""
+    students = {"pivot": Path(recipe.pivot.path), **{m: family.chosen_model(m, family.protocol.seeds[0])
+                                                      for m in family.chosen if "learning_rate" in family.chosen[m]}}
+    key = hashlib.sha256(json.dumps({k: str(v) for k, v in students.items()}).encode()).hexdigest()[:16]
+    found = cached_json(family.folder / "uld-stats" / f"{key}.json", lambda: _uld_stats.uld_statistics(
+        recipe.pivot, [s.label for s in recipe.sources], rows[::10], store, students, family.folder / ".uld-features"))
+    write_json(family.protocol.out / f"{family.protocol.preset}-distill-uld.json", found)
+    right = {d: (v["weight_on_right_teachers_uncertainty"], v["weight_on_right_teachers_average"])
+             for d, v in found["teachers"].items()}
+    family.notes.append("ULD weight on the teachers whose top-1 is the text's next token (uncertainty, average): "
+                        + ", ".join(f"{d} {u:.2f} / {a:.2f}" for d, (u, a) in right.items()))
+    family.notes.append("seed-0 students (CE, ULD-uncertainty term, gradient norms CE / ULD, logit std): " + "; ".join(
+        f"{m} {v['ce']:.3f}, {v['kd_uncertainty']:.3f}, {v['grad_ce']:.3f} / {v['grad_kd_uncertainty']:.3f}, "
+        f"{v['logit_std']:.2f}" for m, v in found["students"].items()))
 
 
 UNPAIRED = {"cgpo": "[prompts, sample, score, pairs, sft, logprobs, consensus, upo]",  # objective -> its stages

@@ -61,6 +61,12 @@ def test_smoke_writes_evidence_and_resumes(tmp_path):
             assert c.ci95[0] <= c.diff <= c.ci95[1] and 0 <= c.p <= 1
         assert recompute(evidence) == evidence
         assert (tmp_path / "evidence" / f"tiny-{family}.png").stat().st_size > 0
+    uld = json.loads((tmp_path / "evidence" / "tiny-distill-uld.json").read_text())  # what ULD's weights do there
+    assert set(uld["students"]) == {"pivot", "sft-gold", "uld-uncertainty", "uld-average", "fusellm-min-ce"}
+    for found in uld["teachers"].values():
+        for weighting in ("uncertainty", "average"):  # per position the weights sum to 1 (0 where none is aligned)
+            total = sum(t[f"weight_{weighting}"] for t in found["teachers"].values())
+            assert total == pytest.approx(1 - found["no_teacher_aligned"] / found["positions"], abs=2e-3)
     verdicts = dict(re.findall(r"^\| (H\d+) \| .* \| (held|not held|inconclusive|not run) \|$", out, re.M))
     assert list(verdicts) == [f"H{k}" for k in range(1, 13)]
     assert verdicts["H12"] == "not run"  # on-policy distillation is not a family yet
