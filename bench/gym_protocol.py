@@ -508,7 +508,7 @@ def uld_report(family: Family, recipe: Recipe, rows: list[SFTRow], store: Path) 
                                                       for m in family.chosen if "learning_rate" in family.chosen[m]}}
     key = hashlib.sha256(json.dumps({k: str(v) for k, v in students.items()}).encode()).hexdigest()[:16]
     found = cached_json(family.folder / "uld-stats" / f"{key}.json", lambda: _uld_stats.uld_statistics(
-        recipe.pivot, [s.label for s in recipe.sources], rows[::10], store, students, family.folder / ".uld-features"))
+        recipe.pivot, [s.label for s in recipe.sources], rows[::10], store, students, family.folder / "uld-stats" / f".features-{key}"))
     write_json(family.protocol.out / f"{family.protocol.preset}-distill-uld.json", found)
     right = {d: (v["weight_on_right_teachers_uncertainty"], v["weight_on_right_teachers_average"])
              for d, v in found["teachers"].items()}
