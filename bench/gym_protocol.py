@@ -48,13 +48,14 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+import _uld_stats
 import explicit_fusion
 import infifpo_ablation
 import merge_methods_toy
@@ -67,6 +68,7 @@ from polyfuse.evaluation import evaluate
 from polyfuse.evaluation.evidence import Evidence, build_evidence, read_evidence, write_evidence
 from polyfuse.evaluation.stats import AVERAGE, ItemScores
 from polyfuse.models import ModelSpec
+from polyfuse.objectives import DISTILL_OBJECTIVES
 from polyfuse.pairs import run_pairs
 from polyfuse.pipeline.demo import recipe_path
 from polyfuse.pipeline.recipe import Recipe, load_recipe
@@ -94,6 +96,7 @@ class Protocol:
     preset: str
     seeds: list[int]
     lr_scales: list[float]
+    kd_scales: list[float]  # the distillation term's weight: multiples of each distillation method's default
     items: dict[str, int]  # split (validation, test) -> items per domain
     smoke: bool
     root: Path  # the cache of this setting
@@ -104,7 +107,7 @@ class Protocol:
         items = {"validation": args.validation_items, "test": args.items}
         settings = dict(preset=args.preset, items=items, smoke=args.smoke)  # seeds and rates have their own folders
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-        return cls(args.preset, args.seeds, args.lr_scales, items, args.smoke,
+        return cls(args.preset, args.seeds, args.lr_scales, args.kd_scales, items, args.smoke,
                    args.work_dir / f"{args.preset}-{key}", args.out)
 
     @property
@@ -190,9 +193,10 @@ def spec_at(recipe: Recipe, path: str | Path, name: str = "pivot") -> ModelSpec:
 
 
 # ------------------------------------------------------------------------------------------------ the table
-def run_folder(folder: Path, lr: float, seed: int) -> Path:
-    """One training run's folder under its method's."""
-    return folder / f"lr{lr:.3g}" / f"seed{seed}"
+def run_folder(folder: Path, lr: float, seed: int, kd: float = 1.0) -> Path:
+    """One training run's folder under its method's; a distillation weight other than the default (x1) adds to the
+    rate's name, so the default keeps the folder it had before the weight was tuned."""
+    return folder / (f"lr{lr:.3g}" + ("" if kd == 1.0 else f"-kd{kd:.3g}")) / f"seed{seed}"
 
 
 Train = Callable[[int, float, Path], Path | None]  # (seed, learning rate, folder) -> model folder; None: no data
@@ -207,6 +211,7 @@ class Family:
     spec: Callable[[Path], ModelSpec]  # a trained model's spec from its folder
     runs: dict[str, Runs] = field(default_factory=dict)
     chosen: dict[str, dict[str, Any]] = field(default_factory=dict)
+    folders: dict[str, Path] = field(default_factory=dict)  # tuned method -> where its runs live
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -223,48 +228,77 @@ class Family:
         """A model per seed at one setting (SFT, a specialist, a merge)."""
         self.runs[method] = {seed: scores(self.protocol, self.spec(model(seed)), "test") for seed in self.protocol.seeds}
 
+    def chosen_model(self, method: str, seed: int) -> Path:
+        """The model folder of a tuned method's chosen setting at `seed`."""
+        chosen = self.chosen[method]
+        return run_folder(self.folders[method], chosen["learning_rate"], seed, chosen.get("kd_scale", 1.0)) / "model"
+
     def tuned(self, method: str, base_lr: float, train: Train, folder: Path | None = None,
-              seeds: list[int] | None = None) -> None:
+              seeds: list[int] | None = None, kd_scales: Sequence[float] | None = None) -> None:
         """The protocol for one trained method: the grid with seed 0 on validation, then every seed on test. `folder`:
         where its runs live when another family shares them (default: this family's folder); `seeds` (default the
-        protocol's): `[]` only chooses the rate, whose other seeds a later call trains and scores."""
-        folder = folder or self.folder / method
+        protocol's): `[]` only chooses the rate, whose other seeds a later call trains and scores. A distillation
+        method (`kd_scales` given; `train` then takes the scale as a fourth argument) also tunes the weight of its
+        distillation term, coordinate-wise: the rate at the method's default weight first, then each multiple of
+        that weight in `kd_scales` at the chosen rate (1 = the default, already trained)."""
+        folder = self.folders.setdefault(method, folder or self.folder / method)
 
-        def trained(seed: int, lr: float) -> Path | None:
-            started, run = time.perf_counter(), run_folder(folder, lr, seed)
+        def trained(seed: int, lr: float, kd: float = 1.0) -> Path | None:
+            started, run = time.perf_counter(), run_folder(folder, lr, seed, kd)
             with exclusive(run / "train.lock"):
                 cached = (run / "model").is_dir()
-                model = train(seed, lr, run)
+                model = train(seed, lr, run) if kd_scales is None else train(seed, lr, run, kd)
             if model is not None and not cached:
-                say(f"{self.name}: trained {method} at lr {lr:.3g}, seed {seed} in {time.perf_counter() - started:.1f}s")
+                say(f"{self.name}: trained {method} at {run.parent.name}, seed {seed} in "
+                    f"{time.perf_counter() - started:.1f}s")
             return model
 
         grid = [base_lr * scale for scale in self.protocol.lr_scales]
-        validation = {}
-        for lr in grid if self.protocol.tuning else []:
-            model = trained(0, lr)
+        validation: dict[tuple[float, float], tuple[float, float]] = {}
+
+        def validate(lr: float, kd: float) -> bool:
+            model = trained(0, lr, kd)
             if model is None:
                 self.notes.append(f"{method}: no training data; not run")
+                return False
+            validation[(lr, kd)] = accuracy(scores(self.protocol, self.spec(model), "validation"))
+            return True
+
+        def best(points: list[tuple[float, float]]) -> tuple[float, float]:
+            return max(points, key=lambda point: (validation[point][0], -validation[point][1]))
+
+        chosen = (grid[0], 1.0)
+        weights = [kd for kd in kd_scales or [] if kd != 1.0]
+        if self.protocol.tuning or weights:
+            if not all(validate(lr, 1.0) for lr in grid):
                 return
-            validation[lr] = accuracy(scores(self.protocol, self.spec(model), "validation"))
-        best = max(grid, key=lambda lr: (validation[lr][0], -validation[lr][1])) if validation else grid[0]
+            chosen = best([(lr, 1.0) for lr in grid])
+            if not all(validate(chosen[0], kd) for kd in weights):
+                return
+            chosen = best([chosen, *((chosen[0], kd) for kd in weights)])
         runs = {}
         for seed in self.protocol.seeds if seeds is None else seeds:
-            model = trained(seed, best)
+            model = trained(seed, *chosen)
             if model is None:
                 self.notes.append(f"{method}: no training data; not run")
                 return
             runs[seed] = scores(self.protocol, self.spec(model), "test")
         if runs:
             self.runs[method] = runs
-        self.chosen[method] = {"learning_rate": best, "validation": {f"{lr:.3g}": {"accuracy": 100 * a, "bpb": b}
-                                                                    for lr, (a, b) in validation.items()}}
+        self.chosen[method] = {"learning_rate": chosen[0], **({"kd_scale": chosen[1]} if kd_scales else {}),
+                               "validation": {grid_key(lr, kd if kd_scales else None): {"accuracy": 100 * a, "bpb": b}
+                                              for (lr, kd), (a, b) in validation.items()}}
 
     def picked(self, method: str, per_domain: dict[str, str]) -> None:
         """A row that takes each domain from another row (the oracle, each domain's own specialist)."""
         self.runs[method] = {seed: {d: self.runs[m][seed][d] for d, m in per_domain.items()}
                              for seed in self.protocol.seeds}
         self.chosen[method] = {"per_domain": per_domain}
+
+
+def grid_key(lr: float, kd: float | None) -> str:
+    """A grid point's name in the settings and the tables: the rate, and a distillation method's weight scale."""
+    return f"{lr:.3g}" if kd is None else f"{lr:.3g} kd x{kd:.3g}"
 
 
 def family_recipe(name: str, preset: str, overrides: list[str]) -> Recipe:
@@ -471,6 +505,21 @@ def sft_gold(family: Family, seeds: list[int] | None = None) -> Callable[[int], 
     return lambda seed: sft(seed, chosen, run_folder(folder, chosen, seed))
 
 
+def kd_scaled(row: explicit_fusion.Method, recipe: Recipe, scale: float) -> explicit_fusion.Method:
+    """The row with the weight of its distillation term times `scale`, the CE term's left as it is: ULD's
+    `lambda_kd`; FuseLLM's `1 - ce_weight` (a convex pair, so its CE weight becomes `1 - scale * (1 - ce_weight)`:
+    0.9 -> 0.99 at scale 0.1)."""
+    if scale == 1.0:
+        return row
+    args = {**recipe.distill.objective_args, **row.args} if row.objective == "uld" else dict(row.args)
+    default = DISTILL_OBJECTIVES.get(row.objective)(**args)
+    if row.objective == "uld":
+        args["lambda_kd"] = default.lambda_kd * scale
+    else:
+        args["ce_weight"] = 1 - scale * (1 - default.ce_weight)
+    return replace(row, args=args)
+
+
 def distill(protocol: Protocol) -> Family:
     """Explicit fusion on gold texts: SFT on the texts vs ULD and FuseLLM distilling the sources (and, for FuseLLM,
     the pivot) on the same texts; the teachers' outputs are computed once."""
@@ -485,9 +534,29 @@ def distill(protocol: Protocol) -> Family:
     oracle(family, list(recipe.sources))
     sft_gold(family)
     for key, row in DISTILL.items():
-        family.tuned(key, recipe.distill.learning_rate, lambda seed, lr, folder, row=row: explicit_fusion.train_method(
-            row, with_section(recipe, "distill", seed, lr), rows, store, folder))
+        family.tuned(key, recipe.distill.learning_rate, lambda seed, lr, folder, kd, row=row: explicit_fusion.train_method(
+            kd_scaled(row, recipe, kd), with_section(recipe, "distill", seed, lr), rows, store, folder),
+            kd_scales=protocol.kd_scales)
+    uld_report(family, recipe, rows, store)
     return family
+
+
+def uld_report(family: Family, recipe: Recipe, rows: list[SFTRow], store: Path) -> None:
+    """What ULD's weights and terms do here (`_uld_stats`), on every 10th text, for the pivot and each tuned method's
+    seed-0 model: written to `<out>/<preset>-distill-uld.json`, summarised in the notes."""
+    students = {"pivot": Path(recipe.pivot.path), **{m: family.chosen_model(m, family.protocol.seeds[0])
+                                                      for m in family.chosen if "learning_rate" in family.chosen[m]}}
+    key = hashlib.sha256(json.dumps({k: str(v) for k, v in students.items()}).encode()).hexdigest()[:16]
+    found = cached_json(family.folder / "uld-stats" / f"{key}.json", lambda: _uld_stats.uld_statistics(
+        recipe.pivot, [s.label for s in recipe.sources], rows[::10], store, students, family.folder / "uld-stats" / f".features-{key}"))
+    write_json(family.protocol.out / f"{family.protocol.preset}-distill-uld.json", found)
+    right = {d: (v["weight_on_right_teachers_uncertainty"], v["weight_on_right_teachers_average"])
+             for d, v in found["teachers"].items()}
+    family.notes.append("ULD weight on the teachers whose top-1 is the text's next token (uncertainty, average): "
+                        + ", ".join(f"{d} {u:.2f} / {a:.2f}" for d, (u, a) in right.items()))
+    family.notes.append("seed-0 students (CE, ULD-uncertainty term, gradient norms CE / ULD, logit std): " + "; ".join(
+        f"{m} {v['ce']:.3f}, {v['kd_uncertainty']:.3f}, {v['grad_ce']:.3f} / {v['grad_kd_uncertainty']:.3f}, "
+        f"{v['logit_std']:.2f}" for m, v in found["students"].items()))
 
 
 @dataclass(frozen=True)
@@ -728,6 +797,7 @@ def method_table(family: Family, evidence: Evidence, bpb: bool = False) -> str:
         acc, bits = (float(np.mean(v)) for v in zip(*(accuracy(r) for r in runs.values()), strict=True))
         chosen = family.chosen.get(method, {})
         setting = f"lr {chosen['learning_rate']:.3g}" if "learning_rate" in chosen else ""
+        setting += f", kd x{chosen['kd_scale']:.3g}" if "kd_scale" in chosen else ""
         cells = [f"{c.diff:+.{3 if bpb else 2}f} [{c.ci95[0]:+.{3 if bpb else 2}f}, {c.ci95[1]:+.{3 if bpb else 2}f}]"
                  if (c := rows.get((method, b))) else "" for b in baselines]
         lines.append(f"| {method} | {100 * acc:.2f} | {bits:.3f} | {setting} | " + " | ".join(cells) + " |")
@@ -770,7 +840,8 @@ def report(family: Family) -> Evidence:
     for method, chosen in family.chosen.items():
         if "learning_rate" in chosen:
             grid = ", ".join(f"{lr}: {v['accuracy']:.2f}% / {v['bpb']:.3f}" for lr, v in chosen["validation"].items())
-            print(f"- {method}: lr {chosen['learning_rate']:.3g}" + (f" (validation accuracy / bpb by lr: {grid})"
+            weight = f", distillation weight x{chosen['kd_scale']:.3g}" if "kd_scale" in chosen else ""
+            print(f"- {method}: lr {chosen['learning_rate']:.3g}{weight}" + (f" (validation accuracy / bpb by lr: {grid})"
                                                                      if grid else ""))
         else:
             print(f"- {method}: {chosen}")
@@ -797,6 +868,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--lr-scales", type=float, nargs="+", default=[1 / 3, 1.0, 3.0],
                         help="the grid: multiples of each method's recipe learning rate")
+    parser.add_argument("--kd-scales", type=float, nargs="+", default=[1.0, 0.1],
+                        help="distillation methods also tune their distillation term's weight: multiples of the "
+                        "method's default (ULD lambda_kd 1, FuseLLM 1 - ce_weight = 0.1), tried at the chosen rate")
     parser.add_argument("--items", type=int, default=None, help="test items per domain (default: 4000 on a gym "
                         "preset, 75 on a v1 world, whose held-out split is small)")
     parser.add_argument("--validation-items", type=int, default=None, help="validation items per domain (default: "
@@ -810,7 +884,7 @@ def main() -> None:
                         "objectives) and stop; run it for different seeds in parallel processes before the protocol")
     args = parser.parse_args()
     if args.smoke:
-        args.seeds, args.lr_scales, args.items, args.validation_items = [0], [1.0], 4, 4
+        args.seeds, args.lr_scales, args.kd_scales, args.items, args.validation_items = [0], [1.0], [1.0], 4, 4
         if args.work_dir == parser.get_default("work_dir"):
             args.work_dir = Path("runs/gym-protocol-smoke")
         args.out = args.out or args.work_dir / "evidence"
