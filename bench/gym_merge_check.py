@@ -14,12 +14,12 @@ cached under `--work-dir`, so a rerun only prints.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import yaml
+from _gym import gym_arguments
 from rich.console import Console
 
 from polyfuse.data.io import atomic_write_text, write_json
@@ -87,19 +87,9 @@ def _number(value: float | None) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="World seeds.")
-    parser.add_argument("--per-domain", type=int, default=1000, help="Validation items per domain.")
-    parser.add_argument("--work-dir", type=Path, default=Path("runs/gym-merge-check"))
-    parser.add_argument("--cache-dir", type=Path, default=None, help="Toy world cache (default: polyfuse's).")
-    parser.add_argument("--out", type=Path, default=Path("docs/gym/merge_check.json"))
-    parser.add_argument("--smoke", action="store_true", help="gym-tiny, seed 0, 4 items per domain, under runs/.")
-    args = parser.parse_args()
-    preset = "gym"
-    if args.smoke:
-        preset, args.seeds, args.per_domain = "gym-tiny", [0], 4
-        args.work_dir, args.out = Path("runs/gym-merge-check-smoke"), Path("runs/gym-merge-check-smoke/merge_check.json")
-    results = [check(seed, args.per_domain, args.work_dir, args.cache_dir, preset) for seed in args.seeds]
+    args = gym_arguments(__doc__, "gym-merge-check", "docs/gym/merge_check.json", "merge_check.json",
+                         per_domain=1000, seeds=[0, 1])
+    results = [check(seed, args.per_domain, args.work_dir, args.cache_dir, args.preset) for seed in args.seeds]
     write_json(args.out, {"methods": {k: list(v) for k, v in METHODS.items()}, "runs": results})
     console = Console()
     for run in results:

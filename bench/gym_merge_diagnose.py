@@ -18,12 +18,11 @@ are greedy on gym_merge_check's validation items and cached under `--work-dir`.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import time
-from pathlib import Path
 
 import torch
+from _gym import gym_arguments
 from gym_merge_check import accuracy, merge
 from merge_methods_toy import task_vector_stats, weights
 
@@ -59,19 +58,9 @@ def kind_cosines(taus: dict[str, dict[str, torch.Tensor]]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--per-domain", type=int, default=300, help="Validation items per domain.")
-    parser.add_argument("--work-dir", type=Path, default=Path("runs/gym-merge-diagnose"))
-    parser.add_argument("--cache-dir", type=Path, default=None, help="Toy world cache (default: polyfuse's).")
-    parser.add_argument("--out", type=Path, default=Path("docs/gym/merge_diagnosis.json"))
-    parser.add_argument("--smoke", action="store_true", help="gym-tiny, 4 items per domain, under runs/.")
-    args = parser.parse_args()
-    preset = "gym"
-    if args.smoke:
-        preset, args.per_domain = "gym-tiny", 4
-        args.work_dir, args.out = Path("runs/gym-merge-diagnose-smoke"), Path("runs/gym-merge-diagnose-smoke/diagnosis.json")
+    args = gym_arguments(__doc__, "gym-merge-diagnose", "docs/gym/merge_diagnosis.json", "diagnosis.json")
     started = time.perf_counter()
-    world = build_world(ToyWorldConfig.preset(preset), cache_dir=args.cache_dir)
+    world = build_world(ToyWorldConfig.preset(args.preset), cache_dir=args.cache_dir)
     work = args.work_dir / world.root.name
     prompts = world.prompts("validation", per_domain=args.per_domain, seed=0)
     base, specialists = world.merge_base_path, world.specialist_paths

@@ -13,7 +13,6 @@ outputs (`--per-domain` items, seed 0: gym_merge_check's items). Work is cached 
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from _gym import gym_arguments
 from gym_merge_check import METHODS, accuracy
 from merge_methods_toy import weights
 
@@ -74,19 +74,9 @@ def parity(name: str, spec: tuple, base: Path, models: list[Path], folder: Path)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--per-domain", type=int, default=300, help="Validation items per domain.")
-    parser.add_argument("--work-dir", type=Path, default=Path("runs/gym-merge-parity"))
-    parser.add_argument("--cache-dir", type=Path, default=None, help="Toy world cache (default: polyfuse's).")
-    parser.add_argument("--out", type=Path, default=Path("docs/gym/merge_parity.json"))
-    parser.add_argument("--smoke", action="store_true", help="gym-tiny, 4 items per domain, under runs/.")
-    args = parser.parse_args()
-    preset = "gym"
-    if args.smoke:
-        preset, args.per_domain = "gym-tiny", 4
-        args.work_dir, args.out = Path("runs/gym-merge-parity-smoke"), Path("runs/gym-merge-parity-smoke/parity.json")
+    args = gym_arguments(__doc__, "gym-merge-parity", "docs/gym/merge_parity.json", "parity.json")
     started = time.perf_counter()
-    config = ToyWorldConfig.preset(preset)
+    config = ToyWorldConfig.preset(args.preset)
     world = build_world(config, cache_dir=args.cache_dir)
     work = args.work_dir / world.root.name
     prompts = world.prompts("validation", per_domain=args.per_domain, seed=0)

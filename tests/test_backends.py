@@ -151,4 +151,4 @@ def test_the_openai_backend_refuses_source_entropies_in_one_line(tiny_world):
     with pytest.raises(ConfigError, match="src: backend openai cannot give source completion entropies"):
         backend.score([([1, 2, 3], 1)], entropy=True)
     with pytest.raises(ConfigError, match="src: backend openai cannot give source completion entropies"):
-        OpenAIBackend.entropy_settings(backend.spec, backend.config, None)  # the log-prob stage asks before any engine starts
+        OpenAIBackend.logprob_settings(backend.spec, backend.config, None, entropy=True)  # the log-prob stage asks before any engine starts

@@ -78,6 +78,7 @@ def test_a_recipe_error_exits_2_with_the_message_and_no_traceback(polyfuse_cli, 
     ("stages: [prompts, eval]\neval: {prompts: {path: h.jsonl}, scorers: [{type: math}], models: [pivot, po]}\n",
      "eval.models: 'po': neither 'sources', 'pivot', a source name nor a model stage of this recipe"),
     ("stages: [prompts, sample, score]\n", "stage 'score' is listed in 'stages' but has no 'score' section"),
+    ("stages: [transplant]\ntransplant: {k: 8}\n", "transplant: donor is required"),  # the command's is --donor
 ])
 def test_each_stage_checks_what_it_needs_from_the_others(tmp_path, body, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -1,4 +1,4 @@
-"""`polyfuse transplant` (`polyfuse.merge.transplant`): mergekit-tokensurgeon run on a toy-world pair (the pivot,
+"""`polyfuse transplant` (the `transplant` stage's command; `polyfuse.merge.transplant`): mergekit-tokensurgeon run on a toy-world pair (the pivot,
 SentencePiece-style BPE, given the byte-level BPE vocabulary of `llama-compare`) and, in the slow lane, on
 SmolLM2-135M given Gemma-3's 262k vocabulary; its inputs refused before any work, its record, its rerun."""
 
@@ -113,26 +113,29 @@ def tiny_folders(tmp_path_factory):
 
 
 @pytest.mark.parametrize("args, message", [
-    ("{root}/missing {root}/model {root}/out", "MODEL {root}/missing: no such folder"),
-    ("{root}/model.gguf {root}/model {root}/out", "MODEL {root}/model.gguf: a GGUF file; tokensurgeon reads model folders"),
-    ("{root}/model {root}/pickled {root}/out", "DONOR {root}/pickled: no .safetensors weights (pickle checkpoints are not"),
-    ("{root}/model {root}/model {root}/out", "have the same vocabulary: nothing to transplant"),
-    ("{root}/model {root}/model {root}/busy", "OUT {root}/busy: exists and is not a polyfuse transplant"),
-    ("{root}/model {root}/model {root}/out --method nearest", "transplant method 'nearest': expected one of omp,"),
-    ("{root}/model {root}/model {root}/out --k 0", "transplant k must be >= 1, got 0"),
+    ("--model {root}/missing --donor {root}/model -o {root}/out", "MODEL {root}/missing: no such folder"),
+    ("--model {root}/model.gguf --donor {root}/model -o {root}/out", "MODEL {root}/model.gguf: a GGUF file; tokensurgeon reads model folders"),
+    ("--model {root}/model --donor {root}/pickled -o {root}/out", "DONOR {root}/pickled: no .safetensors weights (pickle checkpoints are not"),
+    ("--model {root}/model --donor {root}/model -o {root}/out", "have the same vocabulary: nothing to transplant"),
+    ("--model {root}/model --donor {root}/model -o {root}/busy", "OUT {root}/busy: exists and is not a polyfuse transplant"),
+    ("--model {root}/model --donor {root}/model -o {root}/out --set method=nearest", "--set method=nearest: invalid config method: Input should be 'omp',"),
+    ("--model {root}/model --donor {root}/model -o {root}/out --set k=0", "--set k=0: invalid config k: Input should be greater than or equal to 1 (got 0)"),
+    ("--model {root}/model --donor {root}/model -o {root}/out --set donor={root}/model", "donor: only a recipe's section reads"),
 ])
 def test_bad_inputs_are_one_line_and_exit_2(polyfuse_cli, tiny_folders, args, message):
     result = polyfuse_cli("transplant", *args.format(root=tiny_folders).split(), "-q")
     assert result.returncode == 2, result.stderr
     assert message.format(root=tiny_folders) in " ".join(result.stderr.split())
-    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    lines = 2 if "invalid config" in message else 1  # a config's errors: its name, then one line per key
+    assert len(result.stderr.strip().splitlines()) == lines and "Traceback" not in result.stderr
     assert not (tiny_folders / "out").exists()
 
 
 def test_an_omp_k_above_the_donor_width_is_one_line_and_exit_2(polyfuse_cli, tiny_world, tmp_path):
     """tokensurgeon 0.1.5's OMP with more atoms than the donor's 32 dimensions gives embeddings of norm ~1e6."""
     donor = tiny_world.source_paths["llama-compare"]
-    result = polyfuse_cli("transplant", tiny_world.pivot_path, donor, tmp_path / "out", "--k", "33", "-q")
+    result = polyfuse_cli("transplant", "--model", tiny_world.pivot_path, "--donor", donor, "-o", tmp_path / "out",
+                          "--set", "k=33", "-q")
     assert result.returncode == 2, result.stderr
     assert f"transplant k 33 is larger than DONOR {donor}'s hidden size 32" in " ".join(result.stderr.split())
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
@@ -140,7 +143,8 @@ def test_an_omp_k_above_the_donor_width_is_one_line_and_exit_2(polyfuse_cli, tin
 
 def test_a_mergekit_other_than_the_pinned_one_is_refused(polyfuse_cli, tiny_folders, monkeypatch):
     monkeypatch.setattr(transplant_module.metadata, "version", lambda name: "0.2.0")
-    result = polyfuse_cli("transplant", tiny_folders / "model", tiny_folders / "model", tiny_folders / "out")
+    result = polyfuse_cli("transplant", "--model", tiny_folders / "model", "--donor", tiny_folders / "model", "-o",
+                          tiny_folders / "out")
     assert result.returncode == 2
     assert "pinned to mergekit 0.1.5" in result.stderr and "found 0.2.0" in result.stderr
 

@@ -225,10 +225,10 @@ def test_logprobs_of_unpaired_rows_m0_scores_both_roles_the_sources_the_completi
 def test_vllm_asks_the_engine_for_enough_prompt_log_probs():
     from polyfuse.sampling.vllm_backend import VllmBackend, VllmSettings
 
-    assert VllmBackend.entropy_settings(ModelSpec(path="m"), VllmSettings(), None).engine_args == {"max_logprobs": -1}
-    assert VllmBackend.entropy_settings(ModelSpec(path="m"), VllmSettings(), 50).engine_args == {"max_logprobs": 50}
+    assert VllmBackend.logprob_settings(ModelSpec(path="m"), VllmSettings(), None).engine_args == {"max_logprobs": -1}
+    assert VllmBackend.logprob_settings(ModelSpec(path="m"), VllmSettings(), 50).engine_args == {"max_logprobs": 50}
     kept = VllmSettings(engine_args={"max_logprobs": 7})
-    assert VllmBackend.entropy_settings(ModelSpec(path="m"), kept, None).engine_args == {"max_logprobs": 7}  # the user's wins
+    assert VllmBackend.logprob_settings(ModelSpec(path="m"), kept, None).engine_args == {"max_logprobs": 7}  # the user's wins
 
 
 # --- The consensus step ---------------------------------------------------------------------------------------

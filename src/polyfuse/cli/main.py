@@ -324,28 +324,6 @@ def merge_extract_lora(
     console.print(f"[green]extracted[/]: {result.out}")
 
 
-@app.command()
-def transplant(
-    model: Annotated[Path, typer.Argument(help="Model folder whose weights are kept.")],
-    donor: Annotated[Path, typer.Argument(help="Model folder whose tokenizer MODEL gets.")],
-    out: Annotated[Path, typer.Argument(help="Output model folder (with transplant.json: what was done).")],
-    method: Annotated[str, typer.Option(help="How tokensurgeon approximates the donor's new tokens: omp (mergekit's "
-                                             "recommendation), common_interpolation, subword, landmark_pca, ...")] = "omp",
-    k: Annotated[int, typer.Option(help="Sparsity of omp (at most the donor's hidden size) / stb / mp_rope, "
-                                        "neighbours of common_interpolation.")] = 64,
-    device: Annotated[str, typer.Option(help="Where tokensurgeon's matrix arithmetic runs: cpu, cuda, cuda:1.")] = "cpu",
-    quiet: QuietOpt = False,
-) -> None:
-    """Give MODEL the DONOR's vocabulary without training, through mergekit-tokensurgeon (mergekit 0.1.5): shared
-    tokens keep their embeddings, the donor's other tokens are approximated (OMP by default); rerunning skips a
-    finished transplant."""
-    from polyfuse.merge.transplant import TransplantOptions
-    from polyfuse.merge.transplant import transplant as run_transplant
-
-    result = run_transplant(model, donor, _output_folder(out), TransplantOptions(method, k, device, quiet))
-    console.print(f"[green]{'already transplanted' if result.skipped else 'transplanted'}[/]: {result.out}")
-
-
 @app.command("export")
 def export_cmd(
     gguf: Annotated[Path, typer.Argument(help="The .gguf file (written by llama.cpp).")],

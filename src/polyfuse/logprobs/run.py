@@ -124,8 +124,8 @@ def run_logprobs(config: LogprobsConfig, rows: list[ScoredRow], out: str | Path,
         raise DataError("no rows to score")
     unpaired = _row_kind(rows)
     if unpaired:  # the sources' engines start able to give the entropies
-        models = [models[0], *(m.model_copy(update={"backend": BACKENDS.get(m.backend.type).entropy_settings(
-            m, m.backend, config.entropy_top_k)}) for m in models[1:])]
+        models = [models[0], *(m.model_copy(update={"backend": BACKENDS.get(m.backend.type).logprob_settings(
+            m, m.backend, config.entropy_top_k, entropy=True)}) for m in models[1:])]
     out = Path(out)
     roles = [roles_of if k == 0 else source_roles for k in range(len(models))]  # per model: what it scores of a row
     tokenizers = [load_tokenizer(m) for m in models]

@@ -1,6 +1,6 @@
-"""Tokenizer transplant (`polyfuse transplant MODEL DONOR OUT`): give MODEL the DONOR's vocabulary without training,
-through mergekit's `mergekit-tokensurgeon` (arXiv 2506.06607), which polyfuse runs as it is and never
-re-implements.
+"""Tokenizer transplant (`polyfuse transplant --model MODEL --donor DONOR -o OUT`): give MODEL the DONOR's vocabulary
+without training, through mergekit's `mergekit-tokensurgeon` (arXiv 2506.06607), which polyfuse runs as it is and
+never re-implements.
 
 tokensurgeon keeps MODEL's embedding rows of the tokens both vocabularies share, and approximates the rows of the
 donor's other tokens. polyfuse's default is mergekit's own, and what its documentation recommends for most models:
@@ -124,7 +124,7 @@ def check_inputs(model: Path, donor: Path, out: Path, options: TransplantOptions
     if options.method == "omp" and width is not None and options.k > width:
         raise ConfigError(f"transplant k {options.k} is larger than DONOR {donor}'s hidden size {width}: omp fits "
                           f"each new token with k of the donor's embeddings, and more than {width} of them make the "
-                          f"fit degenerate (embeddings of norm ~1e6); use --k {width} or less")
+                          f"fit degenerate (embeddings of norm ~1e6); use k {width} or less")
 
 
 def tokensurgeon_command(model: Path, donor: Path, out: Path, options: TransplantOptions) -> list[str]:

@@ -29,7 +29,6 @@ import re
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +36,7 @@ from pydantic import BaseModel
 
 from polyfuse.config import walk_config
 from polyfuse.errors import UserError
+from polyfuse.models.gguf import info as gguf_info
 from polyfuse.models.gguf import is_supported, supported_architectures
 from polyfuse.models.loader import ModelSpec, _common_kwargs, check_device, check_location
 
@@ -204,13 +204,13 @@ def _check_reward_head(config: Any, architectures: list[str], classifiers: list[
 def _check_gguf(file: Path, check: ModelCheck, chat: bool) -> None:
     """The header (metadata and tensor table) read with the `gguf` package; no tensor data is read."""
     try:
-        metadata, tensors = gguf_header(str(file), file.stat().st_mtime_ns, file.stat().st_size)
+        header = gguf_info(file)
     except Exception as err:  # gguf's reader raises whatever a damaged file trips it into
         check.problems.append(f"{file}: not a readable GGUF file, truncated or damaged "
                               f"({type(err).__name__}: {_first_line(err)})")
         return
-    architecture = metadata.get("general.architecture", "?")
-    check.found.append(f"GGUF {architecture}, {tensors} tensors")
+    architecture = header["architecture"] or "?"
+    check.found.append(f"GGUF {architecture}, {sum(header['tensor_types'].values())} tensors")
     if not is_supported(architecture):
         check.problems.append(f"{file}: transformers' GGUF loader does not support the architecture {architecture!r} "
                               f"(it reads {', '.join(sorted(supported_architectures()))}); export it to a safetensors "
@@ -220,26 +220,7 @@ def _check_gguf(file: Path, check: ModelCheck, chat: bool) -> None:
                               "reward head, so transformers would put a new, untrained one with 2 outputs on it; a "
                               "reward model is a folder with a sequence classifier with one output (num_labels 1)")
     if chat:
-        _check_template(metadata.get("tokenizer.chat_template"), metadata.get("eos_token"), check)
-
-
-@lru_cache(maxsize=16)
-def gguf_header(path: str, mtime_ns: int, size: int) -> tuple[dict[str, Any], int]:
-    """(metadata without the vocabulary arrays, plus `eos_token`: the EOS id's token; tensor count) of a GGUF
-    file, cached per file version (`mtime_ns`, `size`): a model named in several places is read once."""
-    from gguf import GGUFReader, GGUFValueType
-
-    reader = GGUFReader(path)
-    metadata: dict[str, Any] = {}
-    for key, item in reader.fields.items():
-        if item.types and item.types[0] == GGUFValueType.STRING:
-            metadata[key] = bytes(item.parts[item.data[0]]).decode("utf-8", errors="replace")
-        elif item.types and item.types[0] != GGUFValueType.ARRAY and item.data:
-            metadata[key] = item.parts[item.data[0]].tolist()[0]
-    tokens, eos = reader.fields.get("tokenizer.ggml.tokens"), metadata.get("tokenizer.ggml.eos_token_id")
-    if tokens is not None and isinstance(eos, int) and 0 <= eos < len(tokens.data):
-        metadata["eos_token"] = bytes(tokens.parts[tokens.data[eos]]).decode("utf-8", errors="replace")
-    return metadata, len(reader.tensors)
+        _check_template(header["chat_template"], header["eos_token"], check)
 
 
 def _check_template(template: Any, eos: str | None, check: ModelCheck, tokenizer: Any = None) -> None:

@@ -114,36 +114,45 @@ def check_gguf(file: Path, label: str) -> None:
             "id instead, or upgrade transformers if a newer version reads it")
 
 
-def info(file: Path) -> dict[str, Any]:
-    """What a GGUF file holds, from its metadata: architecture, name, quantisation (llama.cpp's file type,
-    e.g. Q4_K_M), tensor types, vocabulary size, context length, chat template."""
-    from gguf import GGUFReader, LlamaFileType
-    from transformers.modeling_gguf_pytorch_utils import read_field
+@functools.lru_cache(maxsize=16)
+def _header(path: str, size: int, mtime_ns: int) -> dict[str, Any]:
+    from gguf import GGUFReader, GGUFValueType, LlamaFileType
 
-    try:
-        reader = GGUFReader(file)
-    except (ValueError, OSError, IndexError) as err:
-        raise UserError(f"{file}: not a readable GGUF file ({err})") from None
-
-    def field(key: str) -> Any:
-        values = read_field(reader, key)
-        return values[0] if values else None
-
-    arch, file_type = field("general.architecture"), field("general.file_type")
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    reader = GGUFReader(path)
+    metadata: dict[str, Any] = {}
+    for key, item in reader.fields.items():
+        if item.types and item.types[0] == GGUFValueType.STRING:
+            metadata[key] = bytes(item.parts[item.data[0]]).decode("utf-8", errors="replace")
+        elif item.types and item.types[0] != GGUFValueType.ARRAY and item.data:
+            metadata[key] = item.parts[item.data[0]].tolist()[0]
+    arch, file_type = metadata.get("general.architecture"), metadata.get("general.file_type")
     try:
         quantization = LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None else None
     except ValueError:
         quantization = f"file type {file_type}"
+    tokens, eos = reader.fields.get("tokenizer.ggml.tokens"), metadata.get("tokenizer.ggml.eos_token_id")
+    eos_token = None
+    if tokens is not None and isinstance(eos, int) and 0 <= eos < len(tokens.data):
+        eos_token = bytes(tokens.parts[tokens.data[eos]]).decode("utf-8", errors="replace")
     return {
         "architecture": arch,
-        "name": field("general.name"),
+        "name": metadata.get("general.name"),
         "quantization": quantization,
         "tensor_types": dict(Counter(tensor.tensor_type.name for tensor in reader.tensors)),
         "vocab_size": len(tokens.data) if tokens is not None else None,
-        "context_length": field(f"{arch}.context_length"),
-        "chat_template": field("tokenizer.chat_template"),
+        "context_length": metadata.get(f"{arch}.context_length"),
+        "chat_template": metadata.get("tokenizer.chat_template"),
+        "eos_token": eos_token,
     }
+
+
+def info(file: Path) -> dict[str, Any]:
+    """What a GGUF file holds, from its header (no tensor data is read): architecture, name, quantisation
+    (llama.cpp's file type, e.g. Q4_K_M), tensor types, vocabulary size, context length, chat template and the
+    end-of-sequence token. Read once per file version (size, modification time): a model named in several
+    places is read once. The one reader of GGUF metadata (the export record, the model checks)."""
+    stat = file.stat()
+    return dict(_header(str(file.resolve()), stat.st_size, stat.st_mtime_ns))
 
 
 def export_gguf(file: str | Path, out: str | Path, dtype: str = "float32", label: str | None = None,
@@ -164,9 +173,12 @@ def export_gguf(file: str | Path, out: str | Path, dtype: str = "float32", label
     if out.is_dir() and any(out.iterdir()) and not replace:
         raise UserError(f"{out}: the folder exists and holds something other than this file's {dtype} export; "
                         "give a new or empty folder")
-    details = info(file)
+    try:
+        details = info(file)
+    except (ValueError, OSError, IndexError) as err:
+        raise UserError(f"{file}: not a readable GGUF file ({err})") from None
     record = {"source": str(file.resolve()), "sha256": sha256(file), "bytes": file.stat().st_size,
-              **{key: value for key, value in details.items() if key != "chat_template"},
+              **{key: value for key, value in details.items() if key not in ("chat_template", "eos_token")},
               "chat_template": details["chat_template"] is not None, "dtype": dtype,
               "transformers": transformers.__version__, "polyfuse": __version__}
 

@@ -174,9 +174,12 @@ class Backend(ABC):
                           "use the transformers, vllm or openai backend")
 
     @classmethod
-    def entropy_settings(cls, spec: ModelSpec, config: BackendSettings, entropy_top_k: int | None) -> BackendSettings:
-        """The options an engine that will score entropies is started with (vllm: enough prompt log-probs);
-        called before any engine starts, so a backend that cannot give them refuses here."""
+    def logprob_settings(cls, spec: ModelSpec, config: BackendSettings, top_k: int | None,
+                         entropy: bool = False) -> BackendSettings:
+        """The options an engine is started with when it will return `top_k` log-probs per position (None: every
+        log-prob of the vocabulary), for a teacher's top-K or, with `entropy`, a source's completion entropy
+        (vllm: enough prompt log-probs); called before any engine starts, so a backend that cannot give them
+        refuses here."""
         return config
 
     @classmethod

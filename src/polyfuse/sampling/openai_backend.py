@@ -138,8 +138,12 @@ class OpenAIBackend(Backend):
         self._run(len(prompts), request)
 
     @classmethod
-    def entropy_settings(cls, spec: ModelSpec, config: OpenAISettings, entropy_top_k: int | None) -> OpenAISettings:
-        """A server returns a few log-probs per position, not the distribution the entropy needs."""
+    def logprob_settings(cls, spec: ModelSpec, config: OpenAISettings, top_k: int | None,
+                         entropy: bool = False) -> OpenAISettings:
+        """A server returns a few log-probs per position (the probe checks a teacher's top_k), not the
+        distribution an entropy needs."""
+        if not entropy:
+            return config
         raise ConfigError(f"{spec.label}: backend openai cannot give source completion entropies (unpaired rows, "
                           "CGPO's consensus): score the sources with backend transformers or vllm")
 
@@ -147,7 +151,7 @@ class OpenAIBackend(Backend):
               progress: Callable[[int], None] | None = None, entropy: bool = False,
               entropy_top_k: int | None = None) -> list[tuple[float, int]]:
         if entropy:
-            self.entropy_settings(self.spec, self.config, entropy_top_k)  # refuses
+            self.logprob_settings(self.spec, self.config, entropy_top_k, entropy=True)  # refuses
         results: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)
 
         async def request(client: Any, i: int) -> None:

@@ -166,14 +166,23 @@ def _own_gpus(tensor_parallel_size: int, on_cpu: bool) -> Iterator[None]:
     if len(share) < tensor_parallel_size:
         raise UserError(f"{count} processes x tensor_parallel_size {tensor_parallel_size} need "
                         f"{count * tensor_parallel_size} GPUs; {len(devices)} are visible")
-    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(share)
+    with _environment("CUDA_VISIBLE_DEVICES", ",".join(share)):
+        yield
+
+
+@contextmanager
+def _environment(name: str, value: str | None) -> Iterator[None]:
+    """The environment variable `name` set to `value` (None: left as it is) while an engine starts, then restored."""
+    before = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
     try:
         yield
     finally:
-        if visible is None:
-            del os.environ["CUDA_VISIBLE_DEVICES"]
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = visible
+        if value is not None and before is None:
+            del os.environ[name]
+        elif value is not None:
+            os.environ[name] = before
 
 
 def topk_entropy(top_logps: list[float], kth: float, vocab: int) -> tuple[float, float]:
@@ -209,7 +218,9 @@ def position_entropy(entries: dict[int, Any], top_k: int | None, vocab: int) -> 
 class VllmBackend(Backend):
     Config = VllmSettings
 
-    def __init__(self, spec: ModelSpec, config: VllmSettings):
+    def __init__(self, spec: ModelSpec, config: VllmSettings, in_process: bool = False):
+        """`in_process`: start the engine inside this process (VLLM_ENABLE_V1_MULTIPROCESSING=0 while it starts),
+        where a trainer can refresh its weights (`load_weights`); otherwise the environment decides."""
         super().__init__(spec, config)
         vllm = _import_vllm(spec)
         on_cpu = _on_cpu()
@@ -218,9 +229,11 @@ class VllmBackend(Backend):
         self.kwargs = engine_kwargs(resolved(spec), config, on_cpu, _context(spec))
         # An engine inside this process (VLLM_ENABLE_V1_MULTIPROCESSING=0: starts faster, samples slower on
         # CPU) sets up torch.distributed here, and must tear it down before the next model's engine starts.
-        if _launched():
+        launched = _launched()
+        if launched:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
-        with _own_gpus(config.tensor_parallel_size, on_cpu):
+        with (_own_gpus(config.tensor_parallel_size, on_cpu),
+              _environment("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if in_process and not launched else None)):
             self.engine = vllm.LLM(**self.kwargs)
         # what vLLM made of it (it caches its settings once an engine core ran in this process)
         self.in_process = type(self.engine.llm_engine.engine_core).__name__ == "InprocClient"
@@ -319,7 +332,7 @@ class VllmBackend(Backend):
               progress: Callable[[int], None] | None = None, entropy: bool = False,
               entropy_top_k: int | None = None) -> list[tuple[float, ...]]:
         """Prompt log-probs; with `entropy`, each position's distribution from the full vocabulary's prompt
-        log-probs (exact; the engine must allow them: `entropy_settings`) or from its `entropy_top_k` largest
+        log-probs (exact; the engine must allow them: `logprob_settings`) or from its `entropy_top_k` largest
         (`topk_entropy`: an estimate and its error bound)."""
         for ids, _ in sequences:
             self._check_length(ids, "sequence to score")
@@ -349,10 +362,12 @@ class VllmBackend(Backend):
         return results
 
     @classmethod
-    def entropy_settings(cls, spec: ModelSpec, config: VllmSettings, entropy_top_k: int | None) -> VllmSettings:
-        """`max_logprobs` -1 (every log-prob of the vocabulary may be asked for) for the exact entropy, at least
-        `entropy_top_k` for the estimate; a value the user gave in `engine_args` is kept."""
-        wanted = -1 if entropy_top_k is None else max(entropy_top_k, 20)
+    def logprob_settings(cls, spec: ModelSpec, config: VllmSettings, top_k: int | None,
+                         entropy: bool = False) -> VllmSettings:
+        """`max_logprobs` -1 (every log-prob of the vocabulary may be asked for: the exact entropy), else at least
+        `top_k` (and vLLM's default 20); a value the user gave in `engine_args` is kept (`topk_logprobs` refuses
+        one below the top_k asked for)."""
+        wanted = -1 if top_k is None else max(top_k, 20)
         return config.model_copy(update={"engine_args": {"max_logprobs": wanted, **config.engine_args}})
 
     def close(self) -> None:

@@ -140,20 +140,17 @@ class TeacherAnswer:
 class OnlineTeacher:
     """One teacher scoring texts on demand through its backend, with its tokenizer and its projection from the
     student's vocabulary (`projection`; W = I for a shared vocabulary). `top_k`: the log-probs it returns per
-    position; a vLLM engine is started with `max_logprobs` of at least that."""
+    position, which its engine is started able to give (the backends' `logprob_settings`)."""
 
     def __init__(self, model: Any, top_k: int, student_tokenizer: Any, match: str = "exact"):
         from polyfuse.alignment.projection import projection
         from polyfuse.models import load_config
         from polyfuse.models.forward import length_limit
-        from polyfuse.sampling import backend_max_length, build_backend
+        from polyfuse.sampling import BACKENDS, backend_max_length, build_backend
 
         self.name, self.top_k = model.label, top_k
-        if model.backend.type == "vllm":
-            engine_args = dict(model.backend.engine_args)
-            engine_args["max_logprobs"] = max(int(engine_args.get("max_logprobs", 20)), top_k)
-            model = model.model_copy(update={"backend": model.backend.model_copy(update={"engine_args": engine_args})})
-        self.model = model
+        settings = BACKENDS.get(model.backend.type).logprob_settings(model, model.backend, top_k)
+        model = self.model = model.model_copy(update={"backend": settings})
         self.backend = build_backend(model)
         self.tokenizer = self.backend.tokenizer
         if not getattr(self.tokenizer, "is_fast", False):

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from polyfuse.config import cache_root
 from polyfuse.data import PromptRow, SFTRow
 from polyfuse.data.io import (
     follow_umask,
@@ -59,10 +60,8 @@ WORLD_FILE = "world.json"
 
 
 def default_cache_dir() -> Path:
-    """`$POLYFUSE_CACHE/toyworld`, else `$XDG_CACHE_HOME/polyfuse/toyworld`, else `~/.cache/polyfuse/toyworld`."""
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = os.environ.get("POLYFUSE_CACHE") or (str(Path(xdg) / "polyfuse") if xdg else "~/.cache/polyfuse")
-    return Path(base).expanduser() / "toyworld"
+    """`<cache>/toyworld` (`polyfuse.config.cache_root`)."""
+    return cache_root() / "toyworld"
 
 
 def world_dir(config: ToyWorldConfig, cache_dir: str | Path | None = None) -> Path:

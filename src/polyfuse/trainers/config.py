@@ -276,12 +276,26 @@ class SFTTrainConfig(TrainConfig):
     """SFT takes the shared settings only; its own class keeps recipes and overrides explicit."""
 
 
-class PreferenceTrainConfig(ObjectiveTrainConfig):
+class ReferenceTrainConfig(ObjectiveTrainConfig):
+    """Training the policy against a frozen reference's log-probs (the paired `po` and unpaired `upo` objectives):
+    their shared settings, a small learning rate, `beta` beside the objective's other hyper-parameters, and the
+    budget of the reference's forwards."""
+
+    learning_rate: float = Field(default=1e-6, gt=0)
+    objective_args: dict[str, Any] = Field(default_factory=dict, description="Other hyper-parameters of the objective.")
+    beta: float | None = Field(default=None, gt=0, description="None: the objective's own default.")
+    reference_token_budget: int = Field(
+        default=4096, ge=1, description="Padded tokens per forward when missing ref_* columns are computed.")
+
+    def objective_values(self) -> dict[str, Any]:
+        return {**self.objective_args, **({} if self.beta is None else {"beta": self.beta})}
+
+
+class PreferenceTrainConfig(ReferenceTrainConfig):
     """`polyfuse train <objective> --config` and a recipe's `po` section."""
 
     objectives = OBJECTIVES
 
-    learning_rate: float = Field(default=1e-6, gt=0)
     disable_dropout: bool = Field(
         default=True,
         description="As TRL: the policy's log-probs are compared with references scored without dropout "
@@ -289,24 +303,13 @@ class PreferenceTrainConfig(ObjectiveTrainConfig):
     )
     objective: str = Field(default="dpo", description="A registered preference objective (`polyfuse train --help` lists "
                            "them; an unknown name is refused with the list).")
-    beta: float | None = Field(default=None, gt=0, description="None: the objective's own default.")
-    objective_args: dict[str, Any] = Field(
-        default_factory=dict, description="Other hyper-parameters of the objective."
-    )
-    reference_token_budget: int = Field(
-        default=4096, ge=1, description="Padded tokens per forward when missing ref_* columns are computed."
-    )
-
-    def objective_values(self) -> dict[str, Any]:
-        return {**self.objective_args, **({} if self.beta is None else {"beta": self.beta})}
 
 
-class UnpairedTrainConfig(ObjectiveTrainConfig):
+class UnpairedTrainConfig(ReferenceTrainConfig):
     """`polyfuse train kto|cgpo|fusesft --config` and a recipe's `upo` section."""
 
     objectives = UNPAIRED_OBJECTIVES
 
-    learning_rate: float = Field(default=1e-6, gt=0)
     batch_size: int = Field(default=8, ge=1, description="Micro-batch size per process (cgpo: half desirable, "
                             "half undesirable rows, so an even number; kto: the block its KL completions rotate in).")
     shuffle: bool = Field(default=True, description="fusesft: shuffle the rows every epoch (false: file order). kto "
@@ -315,13 +318,6 @@ class UnpairedTrainConfig(ObjectiveTrainConfig):
         default=True, description="As TRL: the policy's log-probs are compared with references scored without "
         "dropout, so at step 0 every KTO / CGPO row's loss is 0.5.")
     objective: str = Field(default="cgpo", description="A registered unpaired objective: kto, cgpo or fusesft.")
-    beta: float | None = Field(default=None, gt=0, description="None: the objective's own default (kto, cgpo).")
-    objective_args: dict[str, Any] = Field(default_factory=dict, description="Other hyper-parameters of the objective.")
-    reference_token_budget: int = Field(
-        default=4096, ge=1, description="Padded tokens per forward when missing ref_* columns are computed.")
-
-    def objective_values(self) -> dict[str, Any]:
-        return {**self.objective_args, **({} if self.beta is None else {"beta": self.beta})}
 
     def build_objective(self) -> Any:
         objective = super().build_objective()

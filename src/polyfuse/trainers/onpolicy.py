@@ -127,15 +127,7 @@ class Rollout:
             if settings.type == "transformers":
                 self.student = BACKENDS.get("transformers")(self.spec, settings, model=model)
             else:  # an engine inside this process, whose weights are refreshed in place (`load_weights`)
-                before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-                os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-                try:
-                    self.student = BACKENDS.get("vllm")(self.spec, settings)
-                finally:
-                    if before is None:
-                        del os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"]
-                    else:
-                        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = before
+                self.student = BACKENDS.get("vllm")(self.spec, settings, in_process=True)
         return self.student
 
     def refresh(self, model: Any, step: int) -> None:
