@@ -162,9 +162,9 @@ LONGEST = ["test_onpolicy_engines", "test_engines", "test_kills", "test_real_mod
            "test_stage_commands", "test_distill_recipes", "test_unpaired_recipes", "test_pipeline",
            "tests/test_benches.py::test_smoke_run[merge_vs_mergekit.py]",
            "tests/test_benches.py::test_smoke_run[sampling_speed.py]"]  # after the other engine tests: see below
-# Two vLLM engines starting at once on 2 cores (each binds its OpenMP threads to every core and asks for its KV
-# cache in free memory) made sampling_speed's smoke run, which starts four, fail: it runs while no other test of an
-# engine does (`_engine_slot`).
+# sampling_speed's smoke run, which starts four vLLM engines, failed under `-n 2 --dist loadfile` while another
+# engine started (each binds its OpenMP threads to every core and needs its KV cache in free memory): it runs
+# while no other test of an engine does (`_engine_slot`).
 ENGINE_ALONE = {"tests/test_benches.py::test_smoke_run[sampling_speed.py]"}
 
 
