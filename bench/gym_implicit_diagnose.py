@@ -122,7 +122,7 @@ def control(root: Path, seed: int, pairs: list[PreferenceRow], lr_scales: list[f
     path = root / "implicit" / "control-on-policy" / f"seed{seed}" / "pairs.jsonl"
     if not path.is_file():
         write_rows(path, rows)
-    protocol = gym_protocol.Protocol(preset, [seed], lr_scales, items, smoke, root, Path("unused"))
+    protocol = gym_protocol.Protocol(preset, [seed], lr_scales, [1.0], items, smoke, root, Path("unused"))
     recipe = gym_protocol.family_recipe("infifpo", preset, [f"seed={seed}", *gym_protocol.world_overrides(protocol)])
     sft = gym_protocol.spec_at(recipe, data / "sft" / "model")
     found = {"pairs": pair_stats_of(rows), "sft": gym_protocol.accuracy(gym_protocol.scores(protocol, sft, "validation"))}

@@ -4,6 +4,7 @@ family on one toy world, the same data per family, the same tuning budget, >= 5 
     python bench/gym_protocol.py --preset tiny                       # every family, 5 seeds, 3 learning rates
     python bench/gym_protocol.py --preset gym --families merge       # one family
     python bench/gym_protocol.py --smoke                             # tiny world, 1 seed, 1 rate, few items
+    python bench/gym_protocol.py --preset gym --families unpaired --seeds 3 --data-only   # one seed's data, in parallel
 
 The recipe, per family (`FAMILIES`; adding a family is adding one function to it):
 1. **Data, built once per seed and shared by every method of the family**: the family's recipe (the
@@ -28,8 +29,9 @@ average, without clipping, without LN, the sources and the oracle = best source 
 RSAF's realised density; specialists are the gym's LoRA copies on a gym preset, else full fine-tunes of the
 pivot as bench/merge_methods_toy.py makes them), `distill` (SFT on gold texts vs ULD with uncertainty /
 average weighting and FuseLLM MinCE on the same texts), `unpaired` (CGPO and KTO on the cgpo recipe's
-desirable / undesirable rows, issue 24). Not yet: `onpolicy` (issue 25): add a function to `FAMILIES` (and its
-baselines and hypotheses) when its code is on main.
+desirable / undesirable rows, issue 24), `onpolicy` (issue 25: from the distill family's SFT model of each seed,
+X-Token P-KL off-policy on the gold texts vs on the student's samples, MOPD-routed teachers vs the best one, GOLD,
+ULD and polyfuse's hybrid on the student's samples).
 
 Resumable: every training run and every evaluation is cached under `--work-dir/<preset>-<hash of preset, item
 counts, smoke>/` by its inputs (family, seed, method, learning rate; an evaluation by model folder and split), so a
@@ -39,17 +41,21 @@ rerun after a kill, or with more seeds or rates, redoes nothing finished.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
 
+import _uld_stats
 import explicit_fusion
 import infifpo_ablation
 import merge_methods_toy
@@ -62,13 +68,15 @@ from polyfuse.evaluation import evaluate
 from polyfuse.evaluation.evidence import Evidence, build_evidence, read_evidence, write_evidence
 from polyfuse.evaluation.stats import AVERAGE, ItemScores
 from polyfuse.models import ModelSpec
+from polyfuse.objectives import DISTILL_OBJECTIVES
 from polyfuse.pairs import run_pairs
 from polyfuse.pipeline.demo import recipe_path
 from polyfuse.pipeline.recipe import Recipe, load_recipe
 from polyfuse.pipeline.runner import run_recipe
 from polyfuse.scorers import build_scorer
 from polyfuse.toyworld import ToyWorldConfig, build_world
-from polyfuse.trainers import SFTTrainConfig, train_sft, train_unpaired
+from polyfuse.trainers import OnPolicyTrainConfig, SFTTrainConfig, train_sft, train_unpaired
+from polyfuse.trainers.onpolicy import train_onpolicy
 
 Scores = dict[str, ItemScores]  # domain -> one model's items
 Runs = dict[int, Scores]  # seed -> domain -> items
@@ -88,6 +96,7 @@ class Protocol:
     preset: str
     seeds: list[int]
     lr_scales: list[float]
+    kd_scales: list[float]  # the distillation term's weight: multiples of each distillation method's default
     items: dict[str, int]  # split (validation, test) -> items per domain
     smoke: bool
     root: Path  # the cache of this setting
@@ -99,7 +108,7 @@ class Protocol:
         items = {"validation": args.validation_items, "test": args.items}
         settings = dict(preset=args.preset, items=items, smoke=args.smoke)  # seeds and rates have their own folders
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-        return cls(args.preset, args.seeds, args.lr_scales, items, args.smoke,
+        return cls(args.preset, args.seeds, args.lr_scales, args.kd_scales, items, args.smoke,
                    args.work_dir / f"{args.preset}-{key}", args.out, tuple(args.methods or ()))
 
     @property
@@ -109,6 +118,16 @@ class Protocol:
 
 def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+@contextmanager
+def exclusive(lock: Path) -> Iterator[None]:
+    """One process at a time through a data run, a training or an evaluation, so that protocol processes started
+    side by side (`--data-only` seeds, single rates) on one cache wait for each other's work instead of redoing it."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 # ------------------------------------------------------------------------------------------------ the world
@@ -156,7 +175,8 @@ def scores(protocol: Protocol, spec: ModelSpec, split: str) -> Scores:
         return out
 
     path = eval_path(protocol, spec, split)
-    data = cached_json(path, lambda: timed(path.with_suffix(".cost.json"), compute))
+    with exclusive(path.with_suffix(".lock")):
+        data = cached_json(path, lambda: timed(path.with_suffix(".cost.json"), compute))
     return {d: ItemScores(np.array([c == "1" for c in v["correct"]]), np.array(v["bpb"], dtype=float))
             for d, v in data.items()}
 
@@ -202,6 +222,12 @@ def spec_at(recipe: Recipe, path: str | Path, name: str = "pivot") -> ModelSpec:
 
 
 # ------------------------------------------------------------------------------------------------ the table
+def run_folder(folder: Path, lr: float, seed: int, kd: float = 1.0) -> Path:
+    """One training run's folder under its method's; a distillation weight other than the default (x1) adds to the
+    rate's name, so the default keeps the folder it had before the weight was tuned."""
+    return folder / (f"lr{lr:.3g}" + ("" if kd == 1.0 else f"-kd{kd:.3g}")) / f"seed{seed}"
+
+
 Train = Callable[[int, float, Path], Path | None]  # (seed, learning rate, folder) -> model folder; None: no data
 
 
@@ -214,6 +240,7 @@ class Family:
     spec: Callable[[Path], ModelSpec]  # a trained model's spec from its folder
     runs: dict[str, Runs] = field(default_factory=dict)
     chosen: dict[str, dict[str, Any]] = field(default_factory=dict)
+    folders: dict[str, Path] = field(default_factory=dict)  # tuned method -> where its runs live
     notes: list[str] = field(default_factory=list)
     data: dict[int, dict[str, Any]] = field(default_factory=dict)  # seed -> what its shared data holds and cost
 
@@ -231,21 +258,36 @@ class Family:
         """A model per seed at one setting (SFT, a specialist, a merge)."""
         self.runs[method] = {seed: scores(self.protocol, self.spec(model(seed)), "test") for seed in self.protocol.seeds}
 
-    def tuned(self, method: str, base_lr: float, train: Train) -> None:
-        """The protocol for one trained method: the grid with seed 0 on validation, then every seed on test."""
+    def chosen_model(self, method: str, seed: int) -> Path:
+        """The model folder of a tuned method's chosen setting at `seed`."""
+        chosen = self.chosen[method]
+        return run_folder(self.folders[method], chosen["learning_rate"], seed, chosen.get("kd_scale", 1.0)) / "model"
+
+    def tuned(self, method: str, base_lr: float, train: Train, folder: Path | None = None,
+              seeds: list[int] | None = None, kd_scales: Sequence[float] | None = None) -> None:
+        """The protocol for one trained method: the grid with seed 0 on validation, then every seed on test. `folder`:
+        where its runs live when another family shares them (default: this family's folder); `seeds` (default the
+        protocol's): `[]` only chooses the rate, whose other seeds a later call trains and scores. A distillation
+        method (`kd_scales` given; `train` then takes the scale as a fourth argument) also tunes the weight of its
+        distillation term, coordinate-wise: the rate at the method's default weight first, then each multiple of
+        that weight in `kd_scales` at the chosen rate (1 = the default, already trained)."""
         if self.protocol.methods and method not in self.protocol.methods:
             return
-        folder = self.folder / method
+        folder = self.folders.setdefault(method, folder or self.folder / method)
         evaluations: list[Path] = []
 
-        def trained(seed: int, lr: float) -> Path | None:
-            run = folder / f"lr{lr:.3g}" / f"seed{seed}"
-            if (run / "model").is_dir():
-                return train(seed, lr, run)
-            model = timed(run / "cost.json", lambda: train(seed, lr, run))
-            if model is not None:
-                say(f"{self.name}: trained {method} at lr {lr:.3g}, seed {seed} in "
-                    f"{json.loads((run / 'cost.json').read_text())['wall_s']:.1f}s")
+        def trained(seed: int, lr: float, kd: float = 1.0) -> Path | None:
+            started, run = time.perf_counter(), run_folder(folder, lr, seed, kd)
+            with exclusive(run / "train.lock"):
+                cached = (run / "model").is_dir()
+
+                def work() -> Path | None:
+                    return train(seed, lr, run) if kd_scales is None else train(seed, lr, run, kd)
+
+                model = work() if cached else timed(run / "cost.json", work)
+            if model is not None and not cached:
+                say(f"{self.name}: trained {method} at {run.parent.name}, seed {seed} in "
+                    f"{time.perf_counter() - started:.1f}s")
             return model
 
         def scored(model: Path, split: str) -> Scores:
@@ -253,26 +295,42 @@ class Family:
             return scores(self.protocol, self.spec(model), split)
 
         grid = [base_lr * scale for scale in self.protocol.lr_scales]
-        validation = {}
-        for lr in grid if self.protocol.tuning else []:
-            model = trained(0, lr)
+        validation: dict[tuple[float, float], tuple[float, float]] = {}
+
+        def validate(lr: float, kd: float) -> bool:
+            model = trained(0, lr, kd)
             if model is None:
                 self.notes.append(f"{method}: no training data; not run")
+                return False
+            validation[(lr, kd)] = accuracy(scored(model, "validation"))
+            return True
+
+        def best(points: list[tuple[float, float]]) -> tuple[float, float]:
+            return max(points, key=lambda point: (validation[point][0], -validation[point][1]))
+
+        chosen = (grid[0], 1.0)
+        weights = [kd for kd in kd_scales or [] if kd != 1.0]
+        if self.protocol.tuning or weights:
+            if not all(validate(lr, 1.0) for lr in grid):
                 return
-            validation[lr] = accuracy(scored(model, "validation"))
-        best = max(grid, key=lambda lr: (validation[lr][0], -validation[lr][1])) if validation else grid[0]
+            chosen = best([(lr, 1.0) for lr in grid])
+            if not all(validate(chosen[0], kd) for kd in weights):
+                return
+            chosen = best([chosen, *((chosen[0], kd) for kd in weights)])
         runs = {}
-        for seed in self.protocol.seeds:
-            model = trained(seed, best)
+        for seed in self.protocol.seeds if seeds is None else seeds:
+            model = trained(seed, *chosen)
             if model is None:
                 self.notes.append(f"{method}: no training data; not run")
                 return
             runs[seed] = scored(model, "test")
-        self.runs[method] = runs
-        trainings = [folder / f"lr{lr:.3g}" / f"seed{seed}" / "cost.json" for lr, seed in
-                     dict.fromkeys([*((lr, 0) for lr in validation), *((best, seed) for seed in self.protocol.seeds)])]
-        self.chosen[method] = {"learning_rate": best, "validation": {f"{lr:.3g}": {"accuracy": 100 * a, "bpb": b}
-                                                                    for lr, (a, b) in validation.items()},
+        if runs:
+            self.runs[method] = runs
+        trainings = [run_folder(folder, lr, seed, kd) / "cost.json" for lr, kd, seed in dict.fromkeys(
+            [*((lr, kd, 0) for lr, kd in validation), *((*chosen, seed) for seed in runs)])]
+        self.chosen[method] = {"learning_rate": chosen[0], **({"kd_scale": chosen[1]} if kd_scales else {}),
+                               "validation": {grid_key(lr, kd if kd_scales else None): {"accuracy": 100 * a, "bpb": b}
+                                              for (lr, kd), (a, b) in validation.items()},
                                "cost": {"training": cost(trainings), "evaluation": cost(evaluations)}}
 
     def picked(self, method: str, per_domain: dict[str, str]) -> None:
@@ -280,6 +338,11 @@ class Family:
         self.runs[method] = {seed: {d: self.runs[m][seed][d] for d, m in per_domain.items()}
                              for seed in self.protocol.seeds}
         self.chosen[method] = {"per_domain": per_domain}
+
+
+def grid_key(lr: float, kd: float | None) -> str:
+    """A grid point's name in the settings and the tables: the rate, and a distillation method's weight scale."""
+    return f"{lr:.3g}" if kd is None else f"{lr:.3g} kd x{kd:.3g}"
 
 
 def family_recipe(name: str, preset: str, overrides: list[str]) -> Recipe:
@@ -502,6 +565,42 @@ def gold_texts(protocol: Protocol) -> Path:
     return path
 
 
+def sft_gold(family: Family, seeds: list[int] | None = None) -> Callable[[int], Path]:
+    """SFT on the gold texts with the explicit-fusion recipe's `distill` settings: the baseline of the distill and
+    onpolicy families, whose runs (under the distill family's folder) both families share; returns each seed's
+    model at the chosen rate (trained when first asked for). `seeds`: as `Family.tuned`'s."""
+    protocol = family.protocol
+    recipe = family_recipe("infifusion-unified", protocol.preset, world_overrides(protocol))
+    rows = read_rows(gold_texts(protocol), SFTRow)
+
+    def sft(seed: int, lr: float, folder: Path) -> Path:
+        model = folder / "model"
+        if not model.is_dir():
+            settings = {**explicit_fusion.train_settings(recipe), "learning_rate": lr, "seed": seed}
+            train_sft(recipe.pivot, rows, SFTTrainConfig(**settings), model)
+        return model
+
+    folder = protocol.root / "distill" / "sft-gold"
+    family.tuned("sft-gold", recipe.distill.learning_rate, sft, folder, seeds)
+    chosen = family.chosen["sft-gold"]["learning_rate"]
+    return lambda seed: sft(seed, chosen, run_folder(folder, chosen, seed))
+
+
+def kd_scaled(row: explicit_fusion.Method, recipe: Recipe, scale: float) -> explicit_fusion.Method:
+    """The row with the weight of its distillation term times `scale`, the CE term's left as it is: ULD's
+    `lambda_kd`; FuseLLM's `1 - ce_weight` (a convex pair, so its CE weight becomes `1 - scale * (1 - ce_weight)`:
+    0.9 -> 0.99 at scale 0.1)."""
+    if scale == 1.0:
+        return row
+    args = {**recipe.distill.objective_args, **row.args} if row.objective == "uld" else dict(row.args)
+    default = DISTILL_OBJECTIVES.get(row.objective)(**args)
+    if row.objective == "uld":
+        args["lambda_kd"] = default.lambda_kd * scale
+    else:
+        args["ce_weight"] = 1 - scale * (1 - default.ce_weight)
+    return replace(row, args=args)
+
+
 def distill(protocol: Protocol) -> Family:
     """Explicit fusion on gold texts: SFT on the texts vs ULD and FuseLLM distilling the sources (and, for FuseLLM,
     the pivot) on the same texts; the teachers' outputs are computed once."""
@@ -514,48 +613,174 @@ def distill(protocol: Protocol) -> Family:
     family = Family("distill", protocol, lambda path: spec_at(recipe, path))
     family.fixed("pivot", recipe.pivot)
     oracle(family, list(recipe.sources))
-
-    def sft(seed: int, lr: float, folder: Path) -> Path:
-        model = folder / "model"
-        if not model.is_dir():
-            settings = {**explicit_fusion.train_settings(recipe), "learning_rate": lr, "seed": seed}
-            train_sft(recipe.pivot, rows, SFTTrainConfig(**settings), model)
-        return model
-
-    family.tuned("sft-gold", recipe.distill.learning_rate, sft)
+    sft_gold(family)
     for key, row in DISTILL.items():
-        family.tuned(key, recipe.distill.learning_rate, lambda seed, lr, folder, row=row: explicit_fusion.train_method(
-            row, with_section(recipe, "distill", seed, lr), rows, store, folder))
+        family.tuned(key, recipe.distill.learning_rate, lambda seed, lr, folder, kd, row=row: explicit_fusion.train_method(
+            kd_scaled(row, recipe, kd), with_section(recipe, "distill", seed, lr), rows, store, folder),
+            kd_scales=protocol.kd_scales)
+    uld_report(family, recipe, rows, store)
+    return family
+
+
+def uld_report(family: Family, recipe: Recipe, rows: list[SFTRow], store: Path) -> None:
+    """What ULD's weights and terms do here (`_uld_stats`), on every 10th text, for the pivot and each tuned method's
+    seed-0 model: written to `<out>/<preset>-distill-uld.json`, summarised in the notes."""
+    students = {"pivot": Path(recipe.pivot.path), **{m: family.chosen_model(m, family.protocol.seeds[0])
+                                                      for m in family.chosen if "learning_rate" in family.chosen[m]}}
+    key = hashlib.sha256(json.dumps({k: str(v) for k, v in students.items()}).encode()).hexdigest()[:16]
+    found = cached_json(family.folder / "uld-stats" / f"{key}.json", lambda: _uld_stats.uld_statistics(
+        recipe.pivot, [s.label for s in recipe.sources], rows[::10], store, students, family.folder / "uld-stats" / f".features-{key}"))
+    write_json(family.protocol.out / f"{family.protocol.preset}-distill-uld.json", found)
+    right = {d: (v["weight_on_right_teachers_uncertainty"], v["weight_on_right_teachers_average"])
+             for d, v in found["teachers"].items()}
+    family.notes.append("ULD weight on the teachers whose top-1 is the text's next token (uncertainty, average): "
+                        + ", ".join(f"{d} {u:.2f} / {a:.2f}" for d, (u, a) in right.items()))
+    family.notes.append("seed-0 students (CE, ULD-uncertainty term, gradient norms CE / ULD, logit std): " + "; ".join(
+        f"{m} {v['ce']:.3f}, {v['kd_uncertainty']:.3f}, {v['grad_ce']:.3f} / {v['grad_kd_uncertainty']:.3f}, "
+        f"{v['logit_std']:.2f}" for m, v in found["students"].items()))
+
+
+@dataclass(frozen=True)
+class Distiller:
+    """One row of the onpolicy family: the recipe's `onpolicy` section with `objective` (its `args` over the
+    section's top_k), `lmbda` (1: the student's own samples; 0: the gold texts only, which the teachers score the
+    same at every epoch, i.e. stored teacher outputs) and each prompt routed to its domain's teacher (MOPD) or
+    every prompt to one teacher."""
+
+    lmbda: float
+    objective: str = "kd"
+    args: dict[str, Any] = field(default_factory=dict)
+    routed: bool = True
+
+
+ONPOLICY = {
+    "offpolicy-xtoken": Distiller(0.0),  # X-Token P-KL on the gold texts: off-policy, the same teachers and loss
+    "onpolicy-xtoken": Distiller(1.0),  # the same on the student's samples
+    "onpolicy-one-teacher": Distiller(1.0, routed=False),  # every prompt to the best source on validation
+    "onpolicy-gold": Distiller(1.0, "gold", {"mode": "gold_compat"}),  # TRL's GOLD hybrid
+    "onpolicy-uld": Distiller(1.0, "gold", {"mode": "gold_compat", "match": "none"}),  # GOLD's plain ULD
+    "onpolicy-hybrid": Distiller(1.0, "gold", {"mode": "hybrid"}),  # polyfuse's non-negative hybrid
+}
+ONPOLICY_SMOKE = ["onpolicy.epochs=1", "onpolicy.batch_size=4"]
+# From an SFT model (not the recipe's raw pivot): a lower rate, and the step budget a shared 2-core CPU affords
+# (47 steps of 32 prompts: half the texts; docs/results.md has the sizing).
+ONPOLICY_FROM_SFT = ["onpolicy.epochs=0.5", "onpolicy.learning_rate=3.0e-4"]
+
+
+def onpolicy(protocol: Protocol) -> Family:
+    """On-policy distillation (issue 25) on the distill family's gold texts, as GKD and MOPD run it: the student is
+    the pivot after SFT on the texts (the distill family's `sft-gold` run of the same seed, at its chosen rate),
+    which samples an answer to each text's prompt while the sources score its tokens through their own tokenizers
+    (`polyfuse.trainers.onpolicy`); against that SFT model and the same teachers and loss on the texts themselves
+    (off-policy, the same steps); losses X-Token P-KL, GOLD, ULD, polyfuse's hybrid; routed teachers against one.
+    (From the pivot itself, the on-policy step budget a CPU affords leaves every method at 0%: docs/results.md.)"""
+    texts = gold_texts(protocol)
+    recipe = family_recipe("onpolicy", protocol.preset, [f"onpolicy.data={texts}", *world_overrides(protocol),
+                                                         *(ONPOLICY_SMOKE if protocol.smoke else ONPOLICY_FROM_SFT)])
+    rows = read_rows(texts, PromptRow)
+    family = Family("onpolicy", protocol, lambda path: spec_at(recipe, path))
+    family.fixed("pivot", recipe.pivot)
+    oracle(family, list(recipe.sources))
+    start = sft_gold(family, seeds=[])  # each seed's start is trained when its first method needs it
+    valid = {s.label: accuracy(scores(protocol, s, "validation")) for s in recipe.sources}
+    one = max(valid, key=lambda label: (valid[label][0], -valid[label][1]))
+    section = recipe.onpolicy
+
+    def config(row: Distiller, seed: int, lr: float) -> OnPolicyTrainConfig:
+        args = section.objective_args if row.objective == section.objective else {"top_k": section.objective_args["top_k"]}
+        update: dict[str, Any] = {"seed": seed, "learning_rate": lr, "lmbda": row.lmbda, "objective": row.objective,
+                                  "objective_args": {**args, **row.args}}
+        if not row.routed:
+            update |= {"mix": "sum", "route_by": None, "routes": {},
+                       "teachers": [t.model_dump() for t in section.teachers if t.label == one]}
+        return OnPolicyTrainConfig.model_validate({**section.model_dump(exclude={"data"}), **update})
+
+    for method, row in ONPOLICY.items():
+        def train(seed: int, lr: float, folder: Path, row: Distiller = row) -> Path:
+            model = folder / "model"
+            if not model.is_dir():
+                train_onpolicy(spec_at(recipe, start(seed)), rows, config(row, seed, lr), model, where=str(texts))
+            return model
+
+        family.tuned(method, section.learning_rate, train)
+    sft_gold(family)  # the baseline's test rows, every run already trained
+    first = ["pivot", *(s.label for s in recipe.sources), "oracle", "sft-gold"]
+    family.runs = {m: family.runs[m] for m in [*first, *(m for m in family.runs if m not in first)] if m in family.runs}
+    if "learning_rate" in family.chosen.get("onpolicy-one-teacher", {}):
+        family.chosen["onpolicy-one-teacher"]["teacher"] = one
     return family
 
 
 UNPAIRED = {"cgpo": "[prompts, sample, score, pairs, sft, logprobs, consensus, upo]",  # objective -> its stages
             "kto": "[prompts, sample, score, pairs, sft, logprobs, upo]"}
+# Stages whose config and inputs no objective changes: KTO's data run takes CGPO's (same seed) instead of redoing them.
+SHARED_STAGES = ("prompts", "sample", "score", "sft")
+# The data run's own `upo` stage (the pipeline scores unpaired rows only when a recipe trains on them) trains a few
+# steps: the protocol trains every (seed, rate) itself.
+DATA_RUN_EPOCHS = 0.001
+
+
+def share_stages(source: Path, target: Path, stages: tuple[str, ...]) -> None:
+    """Hard-linked copies of `source`'s finished stage folders in `target` (a stage's files are written once, by
+    atomic rename, so neither run can change the other's); the runner still checks each one's fingerprint
+    against its own recipe and redoes a stage that differs."""
+    for name in stages:
+        if (source / name / "manifest.json").is_file() and not (target / name).exists():
+            shutil.copytree(source / name, target / name, copy_function=os.link)
+
+
+def unpaired_folder(protocol: Protocol, seed: int, objective: str) -> Path:
+    return protocol.root / "unpaired" / "data" / f"seed{seed}" / objective
+
+
+_UNPAIRED_DATA: dict[tuple[Path, int, str], tuple[Recipe, Any, Path]] = {}
+
+
+def unpaired_data(protocol: Protocol, seed: int, objective: str) -> tuple[Recipe, Any, Path]:
+    """One seed's data run for one objective: (recipe, run context, the rows it trains on). KTO's run reuses CGPO's
+    prompts, samples, scores and SFT model of the same seed (`share_stages`, checked by their fingerprints); each
+    objective adds its own KL completions (CGPO's anchors, the sources' scores and the consensus; KTO's rotation,
+    scored under M0 only)."""
+    key = (protocol.root, seed, objective)
+    if key not in _UNPAIRED_DATA:
+        with exclusive(unpaired_folder(protocol, seed, objective).parent / f"{objective}.lock"):
+            _UNPAIRED_DATA[key] = _unpaired_run(protocol, seed, objective)
+    return _UNPAIRED_DATA[key]
+
+
+def _unpaired_run(protocol: Protocol, seed: int, objective: str) -> tuple[Recipe, Any, Path]:
+    folder = unpaired_folder(protocol, seed, objective)
+    overrides = [f"seed={seed}", f"upo.objective={objective}", f"upo.epochs={DATA_RUN_EPOCHS}",
+                 *(["logprobs.sources=false"] if objective == "kto" else []), *world_overrides(protocol),
+                 *(["consensus.calibration_min_rows=12"] if protocol.smoke else [])]  # a smoke has 12 PO prompts
+    if objective != "cgpo":
+        unpaired_data(protocol, seed, "cgpo")
+        folder.mkdir(parents=True, exist_ok=True)
+        share_stages(unpaired_folder(protocol, seed, "cgpo"), folder, SHARED_STAGES)
+    say(f"unpaired: {objective} data of seed {seed} (prompts, samples, scores, rows, SFT, log-probs)")
+    if protocol.preset in TINY_PRESETS:  # no verifier passes a tiny model: D / U by the median reward
+        scored = run_recipe(family_recipe("cgpo", protocol.preset, [*overrides, "stages=[prompts, sample, score]"]),
+                            folder, quiet=True).output("score", "scored")
+        median = np.median([r.rewards["rm"] for r in read_rows(scored, SampleRow)])
+        overrides.append(f"pairs.unpaired.threshold={float(median)!r}")
+    recipe = family_recipe("cgpo", protocol.preset, [*overrides, f"stages={UNPAIRED[objective]}"])
+    started = time.perf_counter()
+    ctx = run_recipe(recipe, folder, quiet=True)
+    say(f"unpaired: {objective} data of seed {seed} ready in {time.perf_counter() - started:.0f}s")
+    stage = "consensus" if "unpaired" in ctx.outputs.get("consensus", {}) else "logprobs"
+    return recipe, ctx, Path(ctx.output(stage, "unpaired"))
 
 
 def unpaired(protocol: Protocol) -> Family:
-    """Unpaired preference fusion (issue 24) on the cgpo recipe's rows: every judged source response of the PO
-    prompts, desirable or undesirable, from the same prompts, samples (the seed samples the same responses) and SFT
-    model for each objective; each objective's data run adds its own KL completions (CGPO's anchors and consensus,
-    KTO's rotation) and trains once at the recipe's rate, which the protocol does not use."""
+    """Unpaired preference fusion (issue 24) on the cgpo recipe's rows (`unpaired_data`): every judged source
+    response of the PO prompts, desirable or undesirable, the same prompts, samples, rows and SFT model for CGPO
+    and KTO."""
 
-    @cache
     def data(seed: int, objective: str) -> tuple[Recipe, Any, Path]:
-        folder = protocol.root / "unpaired" / "data" / f"seed{seed}" / objective
-        overrides = [f"seed={seed}", f"upo.objective={objective}", *world_overrides(protocol),
-                     *(["consensus.calibration_min_rows=12"] if protocol.smoke else [])]  # a smoke has 12 PO prompts
-        say(f"unpaired: {objective} data of seed {seed} (prompts, samples, scores, rows, SFT, log-probs)")
-        if protocol.preset in TINY_PRESETS:  # no verifier passes a tiny model: D / U by the median reward
-            scored = run_recipe(family_recipe("cgpo", protocol.preset, [*overrides, "stages=[prompts, sample, score]"]),
-                                folder, quiet=True).output("score", "scored")
-            median = np.median([r.rewards["rm"] for r in read_rows(scored, SampleRow)])
-            overrides.append(f"pairs.unpaired.threshold={float(median)!r}")
-        recipe = family_recipe("cgpo", protocol.preset, [*overrides, f"stages={UNPAIRED[objective]}"])
-        ctx = run_recipe(recipe, folder, quiet=True)
-        stage = "consensus" if "unpaired" in ctx.outputs.get("consensus", {}) else "logprobs"
-        return recipe, ctx, Path(ctx.output(stage, "unpaired"))
+        return unpaired_data(protocol, seed, objective)
 
     recipe = data(protocol.seeds[0], "cgpo")[0]
+    trained = family_recipe("cgpo", protocol.preset, world_overrides(protocol)).upo  # the recipe's rate and epochs
     family = Family("unpaired", protocol, lambda path: spec_at(recipe, path))
     family.fixed("pivot", recipe.pivot)
     family.per_seed("sft", lambda seed: Path(data(seed, "cgpo")[1].output("sft", "model")))
@@ -565,19 +790,20 @@ def unpaired(protocol: Protocol) -> Family:
             recipe, ctx, rows = data(seed, objective)
             model = folder / "model"
             if not model.is_dir():
-                train_unpaired(spec_at(recipe, ctx.output("sft", "model")), read_rows(rows, UnpairedRow),
-                               with_section(recipe, "upo", seed, lr).upo, model, data_path=rows)
+                config = with_section(recipe, "upo", seed, lr).upo.model_copy(update={"epochs": trained.epochs})
+                train_unpaired(spec_at(recipe, ctx.output("sft", "model")), read_rows(rows, UnpairedRow), config,
+                               model, data_path=rows)
             return model
 
-        family.tuned(objective, recipe.upo.learning_rate, train)
+        family.tuned(objective, trained.learning_rate, train)
     return family
 
 
 FAMILIES: dict[str, Callable[[Protocol], Family]] = {"implicit": implicit, "merge": merge, "distill": distill,
-                                                     "unpaired": unpaired}
+                                                     "unpaired": unpaired, "onpolicy": onpolicy}
 # Baselines every method of a family is compared with (where the family has them).
 BASELINES = {"implicit": ["sft", "dpo"], "merge": ["specialists", "multitask"], "distill": ["sft-gold"],
-             "unpaired": ["sft"]}
+             "unpaired": ["sft", "pivot"], "onpolicy": ["sft-gold"]}
 
 
 # ------------------------------------------------------------------------------------------------ hypotheses
@@ -608,7 +834,9 @@ HYPOTHESES = [
     Hypothesis("H10", "ULD / FuseLLM distillation on gold texts > SFT alone", "distill",
                (("uld-uncertainty", "sft-gold"), ("fusellm-min-ce", "sft-gold"))),
     Hypothesis("H11", "uncertainty weighting > plain average", "distill", (("uld-uncertainty", "uld-average"),)),
-    Hypothesis("H12", "on-policy > off-policy distillation; X-Token > GOLD > ULD; two teachers > one", "onpolicy", ()),
+    Hypothesis("H12", "on-policy > off-policy distillation; X-Token > GOLD > ULD; two (routed) teachers > one",
+               "onpolicy", (("onpolicy-xtoken", "offpolicy-xtoken"), ("onpolicy-xtoken", "onpolicy-gold"),
+                            ("onpolicy-gold", "onpolicy-uld"), ("onpolicy-xtoken", "onpolicy-one-teacher"))),
 ]
 
 
@@ -650,6 +878,7 @@ def method_table(family: Family, evidence: Evidence, bpb: bool = False) -> str:
         acc, bits = (float(np.mean(v)) for v in zip(*(accuracy(r) for r in runs.values()), strict=True))
         chosen = family.chosen.get(method, {})
         setting = f"lr {chosen['learning_rate']:.3g}" if "learning_rate" in chosen else ""
+        setting += f", kd x{chosen['kd_scale']:.3g}" if "kd_scale" in chosen else ""
         cells = [f"{c.diff:+.{3 if bpb else 2}f} [{c.ci95[0]:+.{3 if bpb else 2}f}, {c.ci95[1]:+.{3 if bpb else 2}f}]"
                  if (c := rows.get((method, b))) else "" for b in baselines]
         lines.append(f"| {method} | {100 * acc:.2f} | {bits:.3f} | {setting} | " + " | ".join(cells) + " |")
@@ -696,7 +925,8 @@ def report(family: Family) -> Evidence:
     for method, chosen in family.chosen.items():
         if "learning_rate" in chosen:
             grid = ", ".join(f"{lr}: {v['accuracy']:.2f}% / {v['bpb']:.3f}" for lr, v in chosen["validation"].items())
-            print(f"- {method}: lr {chosen['learning_rate']:.3g}" + (f" (validation accuracy / bpb by lr: {grid})"
+            weight = f", distillation weight x{chosen['kd_scale']:.3g}" if "kd_scale" in chosen else ""
+            print(f"- {method}: lr {chosen['learning_rate']:.3g}{weight}" + (f" (validation accuracy / bpb by lr: {grid})"
                                                                      if grid else ""))
         else:
             print(f"- {method}: {chosen}")
@@ -723,6 +953,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--lr-scales", type=float, nargs="+", default=[1 / 3, 1.0, 3.0],
                         help="the grid: multiples of each method's recipe learning rate")
+    parser.add_argument("--kd-scales", type=float, nargs="+", default=[1.0, 0.1],
+                        help="distillation methods also tune their distillation term's weight: multiples of the "
+                        "method's default (ULD lambda_kd 1, FuseLLM 1 - ce_weight = 0.1), tried at the chosen rate")
     parser.add_argument("--items", type=int, default=None, help="test items per domain (default: 4000 on a gym "
                         "preset, 75 on a v1 world, whose held-out split is small)")
     parser.add_argument("--validation-items", type=int, default=None, help="validation items per domain (default: "
@@ -735,9 +968,11 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="seed 0, one learning rate, 4 items per domain, a few "
                         "prompts, one epoch, on the tiny world unless --preset says (work dir runs/gym-protocol-smoke): "
                         "the plumbing in a minute")
+    parser.add_argument("--data-only", action="store_true", help="unpaired: build the data of each of --seeds (both "
+                        "objectives) and stop; run it for different seeds in parallel processes before the protocol")
     args = parser.parse_args()
     if args.smoke:
-        args.seeds, args.lr_scales, args.items, args.validation_items = [0], [1.0], 4, 4
+        args.seeds, args.lr_scales, args.kd_scales, args.items, args.validation_items = [0], [1.0], [1.0], 4, 4
         if args.work_dir == parser.get_default("work_dir"):
             args.work_dir = Path("runs/gym-protocol-smoke")
         args.out = args.out or args.work_dir / "evidence"
@@ -751,6 +986,11 @@ def main() -> None:
     torch.set_num_threads(1)  # tiny models on shared cores: one thread is as fast and never oversubscribed
     protocol = Protocol.make(args)
     started = time.perf_counter()
+    if args.data_only:
+        for seed in args.seeds:
+            for objective in UNPAIRED:
+                unpaired_data(protocol, seed, objective)
+        return
     evidence = {}
     for name in args.families:
         say(f"family {name}: {len(args.seeds)} seeds, grid {args.lr_scales}, {args.validation_items} validation "

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,12 +95,15 @@ def vllm_python():
 
 
 def engine_env(**extra: str) -> dict[str, str]:
-    """The environment of a process in the vLLM venv: this checkout's code first, vLLM's CPU settings."""
+    """The environment of a process in the vLLM venv: this checkout's code first, vLLM's CPU settings. The KV cache
+    is 1 GiB (vLLM's least; polyfuse's default is 2): the test engines hold a few thousand tokens, and vLLM refuses
+    to start when the machine has less free memory than the cache asks for, as on a 2-core machine running two
+    engines or servers (seen: a Gemma-3 server refused with 0.67 GiB free)."""
     import os
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    return {**os.environ, "PYTHONPATH": f"{root / 'src'}{os.pathsep}{root / 'tests'}", "VLLM_CPU_KVCACHE_SPACE": "2",
+    return {**os.environ, "PYTHONPATH": f"{root / 'src'}{os.pathsep}{root / 'tests'}", "VLLM_CPU_KVCACHE_SPACE": "1",
             "VLLM_HOST_IP": "127.0.0.1", "TQDM_DISABLE": "1", **extra}
 
 
@@ -111,6 +116,16 @@ def smollm2_folder():
 
     return Path(resolve_model_path(str(smollm2()), "SmolLM2-135M-Instruct"))
 
+
+
+@pytest.fixture(scope="session")
+def gemma3_folder():
+    """Gemma-3-270M (the packaged GGUF) as a safetensors folder: its export in the polyfuse cache, as
+    `smollm2_folder`."""
+    from polyfuse.models.gguf import resolve_model_path
+    from polyfuse.models.packaged import gemma3
+
+    return Path(resolve_model_path(str(gemma3()), "Gemma-3-270M"))
 
 # The end-to-end and subprocess tests: whole recipes, model training, launched processes. They run in CI
 # (`pytest`); `pytest -m "not slow"` is the fast lane for development. Kept in one place so the marks are
@@ -138,9 +153,57 @@ SLOW_TESTS = {
 }
 
 
-@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+# Under `pytest -n 2` (the README's test command) each test module is one unit of work for a worker, so its module
+# fixtures are built once (`--dist loadgroup`: the `xdist_group` marks below), and every bench smoke run is a unit
+# of its own (they share only session fixtures). The units are handed out in collection order
+# (`--no-loadscope-reorder`): the longest first (`LONGEST`, measured), then the other slow ones, then the fast
+# modules, which fill the end evenly.
+LONGEST = ["test_onpolicy_engines", "test_engines", "test_kills", "test_real_models", "test_engines_server",
+           "test_stage_commands", "test_distill_recipes", "test_unpaired_recipes", "test_pipeline",
+           "tests/test_benches.py::test_smoke_run[merge_vs_mergekit.py]",
+           "tests/test_benches.py::test_smoke_run[sampling_speed.py]"]  # after the other engine tests: see below
+# sampling_speed's smoke run, which starts four vLLM engines, failed under `-n 2 --dist loadfile` while another
+# engine started (each binds its OpenMP threads to every core and needs its KV cache in free memory): it runs
+# while no other test of an engine does (`_engine_slot`).
+ENGINE_ALONE = {"tests/test_benches.py::test_smoke_run[sampling_speed.py]"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker, and before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
+    units = {}
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1]
         if module in SLOW_MODULES or item.originalname in SLOW_TESTS.get(module, ()):
             item.add_marker(pytest.mark.slow)
+        units[item] = item.nodeid if module == "test_benches" else module
+        if units[item] == module:  # a test without the mark is a unit of its own
+            item.add_marker(pytest.mark.xdist_group(module))
+    slow_units = {units[item] for item in items if item.get_closest_marker("slow")}
+    order = {unit: k for k, unit in enumerate(dict.fromkeys(units.values()))}
+    rank = {unit: k for k, unit in enumerate(LONGEST)}
+    items.sort(key=lambda item: (rank.get(units[item], len(rank)), units[item] not in slow_units, order[units[item]]))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    with _engine_slot(item):
+        yield
+
+
+@contextlib.contextmanager
+def _engine_slot(item):
+    """Under xdist, a test that starts vLLM engines holds a shared lock on a file of the run (an ENGINE_ALONE test
+    an exclusive one) for its setup, call and teardown."""
+    alone = item.nodeid.split("@")[0] in ENGINE_ALONE  # xdist appends "@group" to a grouped test's id
+    if not os.environ.get("PYTEST_XDIST_WORKER") or not (alone or "vllm_python" in item.fixturenames):
+        yield
+        return
+    import fcntl
+
+    run = os.environ["PYTEST_XDIST_TESTRUNUID"]  # the same in every worker of a run
+    with open(Path(tempfile.gettempdir()) / f"polyfuse-vllm-engines-{run}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

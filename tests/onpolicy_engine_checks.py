@@ -2,8 +2,8 @@
 
     python onpolicy_engine_checks.py JOB.json OUT.json
 
-- a teacher engine (its own process) returns top-K log-probs above vLLM's default limit of 20 (`OnlineTeacher`
-  starts it with `max_logprobs`);
+- a teacher engine returns top-K log-probs above vLLM's default limit of 20 (`OnlineTeacher` starts it with
+  `max_logprobs`);
 - a student engine inside this process samples ids and takes new weights in place (`load_weights`), then scores
   sequences with them;
 - `train_onpolicy` runs with `student_backend: vllm` (weights refreshed every step) and a teacher of another
@@ -28,6 +28,9 @@ def main() -> None:
 
     job = json.loads(open(sys.argv[1]).read())
     out: dict = {}
+    # Every engine here runs inside this process: for these tiny models the start dominates, and it is half as long
+    # there (an engine process of its own re-imports vLLM); the engine tests' other checks run vLLM's default.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     student_spec = ModelSpec.model_validate(job["student"])
     start = time.perf_counter()
     teacher = OnlineTeacher(EngineModel.model_validate(job["teacher"]), job["k"], load_tokenizer(student_spec))
@@ -37,7 +40,6 @@ def main() -> None:
                    for a in answers]
     teacher.close()
 
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     start = time.perf_counter()
     student = VllmBackend(student_spec, VllmSettings(max_model_len=128, max_num_seqs=8))
     out["student_start_s"], out["in_process"] = time.perf_counter() - start, student.in_process
@@ -51,7 +53,6 @@ def main() -> None:
     out["refresh_s"] = time.perf_counter() - start
     out["scores"] = student.score([tuple(s) for s in job["student_sequences"]])
     student.close()
-    del os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"]
 
     config = OnPolicyTrainConfig.model_validate(job["train"])
     rows = [PromptRow.model_validate(r) for r in job["rows"]]

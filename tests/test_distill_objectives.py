@@ -315,6 +315,25 @@ def test_uld_objective_hand_computed_average_and_uncertainty():
     assert close(loss, [0.647584, 0.693147])
 
 
+def test_uncertainty_weights_turn_the_uld_pull_from_the_median_to_the_confident_teacher():
+    # Why uncertainty weighting can cost accuracy on gold texts (docs/results.md, gym distillation): ULD is an L1
+    # distance between sorted vectors, so d kd / d P_s[j] = sum_i w_i sign(P_s[j] - P_i[j]). Student [0.7, 0.3]
+    # between A [1, 0] (H 0) and B [0.5, 0.5] (H ln 10): average weights [0.5, 0.5] cancel (the weighted median:
+    # no pull at all); uncertainty weights [0.909091, 0.090909] give g = [-0.818182, +0.818182], and through the
+    # softmax (dP0/dl0 = 0.7*0.3 = 0.21, dP1/dl0 = -0.21) d kd / d l = [-0.343636, +0.343636] toward A's shape;
+    # lambda_kd scales it. Row 1 (no teacher aligned) is CE only: softmax - one-hot = [0.5, -0.5].
+    def gradient(weighting: str, lambda_kd: float = 1.0) -> torch.Tensor:
+        logits = t([[LN(0.7), LN(0.3)], [0.0, 0.0]]).requires_grad_()
+        loss, _ = ULDObjective(**UNIFORM_ULD, weighting=weighting, lambda_kd=lambda_kd)(uld_batch(logits=logits))
+        loss.sum().backward()
+        return logits.grad
+
+    ce = t([[-0.3, 0.3], [0.5, -0.5]])  # softmax - one-hot: CE's own gradient
+    assert close(gradient("average"), ce)
+    assert close(gradient("uncertainty") - ce, [[-0.343636, 0.343636], [0.0, 0.0]])
+    assert close(gradient("uncertainty", lambda_kd=0.1) - ce, [[-0.034364, 0.034364], [0.0, 0.0]])
+
+
 def test_uld_pairwise_weights_are_one_under_both_weightings():
     # one teacher (B): ULD 0.4 with weight 1 -> 0.356675 + 0.4 = 0.756675
     pairwise = uld_batch(

@@ -247,15 +247,16 @@ def test_gym_recipes_evaluate_on_the_fixed_test_split():
     from polyfuse.pipeline.demo import recipe_path
     from polyfuse.pipeline.recipe import load_recipe
 
-    for name in ("fusechat3-gym", "infifpo-gym", "infifusion-unified-gym"):
+    for name in ("fusechat3-gym", "infifpo-gym", "infifusion-unified-gym", "onpolicy-gym", "cgpo-gym"):
         recipe = load_recipe(recipe_path(f"{name}.yaml"), ["toyworld.seed=3", "seed=5"])
         assert recipe.toyworld.preset == "gym" and recipe.prompts.toyworld.split == "train"
         toy = recipe.eval.prompts.toyworld
         assert (toy.split, toy.per_domain, toy.seed) == ("test", 4000, 0)  # the same items for every seed
         assert [s.name for s in recipe.sources] == ["llama-largest", "qwen-reversal", "gpt2-addition"]
-    distill = load_recipe(recipe_path("infifusion-unified-gym.yaml"))
+    distill, onpolicy = (load_recipe(recipe_path(f"{n}.yaml")) for n in ("infifusion-unified-gym", "onpolicy-gym"))
     world = ToyWorldConfig.preset("gym")
-    assert distill.teacher.data.endswith(f"{world.key()}/texts/gold.jsonl")
+    assert distill.teacher.data.endswith(f"{world.key()}/texts/gold.jsonl") and onpolicy.onpolicy.data == distill.teacher.data
+    assert set(onpolicy.onpolicy.routes) == set(world.domains)  # MOPD: every domain routed to its teacher
 
 
 def test_gym_preference_recipes_sample_alike():
@@ -272,3 +273,21 @@ def test_gym_preference_recipes_sample_alike():
         assert (a.sampling.n, a.sampling.temperature, a.sampling.top_p) == (b.sampling.n, b.sampling.temperature,
                                                                            b.sampling.top_p)
         assert a.sampling.temperature > 1.0 and a.sampling.top_p == 1.0
+
+
+def test_cgpo_gym_recipe_takes_the_gym_sampling_and_its_unpaired_rows():
+    """cgpo-gym (the fair protocol's unpaired family) samples as infifpo-gym from the same prompts and trains on
+    the unpaired rows: anchors for CGPO, and for KTO a rotation in blocks of its micro-batch, whose rows and KL
+    rows must fit max_length (kto refuses to drop rows from a block)."""
+    from polyfuse.pipeline.demo import recipe_path
+    from polyfuse.pipeline.recipe import load_recipe
+
+    cgpo, infifpo = (load_recipe(recipe_path(f"{n}.yaml")) for n in ("cgpo-gym", "infifpo-gym"))
+    assert cgpo.prompts.toyworld == infifpo.prompts.toyworld and cgpo.pairs.sft_fraction == 0.5
+    for a, b in zip(cgpo.sources, infifpo.sources, strict=True):
+        assert (a.name, a.sampling) == (b.name, b.sampling)
+    assert "upo" in cgpo.stages and cgpo.pairs.unpaired.kl_completion == "anchor" and cgpo.logprobs.sources
+    kto = load_recipe(recipe_path("cgpo-gym.yaml"), ["upo.objective=kto", "logprobs.sources=false",
+                                                     "stages=[prompts, sample, score, pairs, sft, logprobs, upo]"])
+    assert (kto.pairs.unpaired.kl_completion, kto.pairs.unpaired.kl_block) == ("rotation", kto.upo.batch_size)
+    assert kto.upo.max_length >= 2 * kto.sft.max_length

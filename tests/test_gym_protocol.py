@@ -27,9 +27,11 @@ FAMILIES = {
     "merge": {"base", "specialists", "multitask", "linear", "task_arithmetic", "ties", "rsaf", "ties-matched"},
     "distill": {"pivot", "oracle", "sft-gold", "uld-uncertainty", "uld-average", "fusellm-min-ce"},
     "unpaired": {"pivot", "sft", "oracle", "cgpo", "kto"},
+    "onpolicy": {"pivot", "oracle", "sft-gold", "offpolicy-xtoken", "onpolicy-xtoken", "onpolicy-one-teacher",
+                 "onpolicy-gold", "onpolicy-uld", "onpolicy-hybrid"},
 }
 BASELINES = {"implicit": ["sft", "dpo"], "merge": ["specialists", "multitask"], "distill": ["sft-gold"],
-             "unpaired": ["sft"]}
+             "unpaired": ["sft", "pivot"], "onpolicy": ["sft-gold"]}
 
 
 def smoke(tmp_path: Path) -> str:
@@ -65,12 +67,24 @@ def test_smoke_writes_evidence_and_resumes(tmp_path):
             assert c.ci95[0] <= c.diff <= c.ci95[1] and 0 <= c.p <= 1
         assert recompute(evidence) == evidence
         assert (tmp_path / "evidence" / f"tiny-{family}.png").stat().st_size > 0
+    uld = json.loads((tmp_path / "evidence" / "tiny-distill-uld.json").read_text())  # what ULD's weights do there
+    assert set(uld["students"]) == {"pivot", "sft-gold", "uld-uncertainty", "uld-average", "fusellm-min-ce"}
+    for found in uld["teachers"].values():
+        for weighting in ("uncertainty", "average"):  # per position the weights sum to 1 (0 where none is aligned)
+            total = sum(t[f"weight_{weighting}"] for t in found["teachers"].values())
+            assert total == pytest.approx(1 - found["no_teacher_aligned"] / found["positions"], abs=2e-3)
     verdicts = dict(re.findall(r"^\| (H\d+) \| .* \| (held|not held|inconclusive|not run) \|$", out, re.M))
     assert list(verdicts) == [f"H{k}" for k in range(1, 13)]
-    assert verdicts["H12"] == "not run"  # on-policy distillation is not a family yet
     written = (tmp_path / "evidence" / "tiny-hypotheses.md").read_text()
     assert dict(re.findall(r"^\| (H\d+) \| .* \| (held|not held|inconclusive|not run) \|$", written, re.M)) == verdicts
-    assert all(v != "not run" for k, v in verdicts.items() if k != "H12"), verdicts
+    assert all(v != "not run" for v in verdicts.values()), verdicts
+    distill, onpolicy = (json.loads((tmp_path / "evidence" / f"tiny-{f}.json").read_text()) for f in ("distill", "onpolicy"))
+    shared = {(r["seed"], r["domain"]): r["correct"] for r in distill["runs"] if r["method"] == "sft-gold"}
+    assert shared == {(r["seed"], r["domain"]): r["correct"] for r in onpolicy["runs"] if r["method"] == "sft-gold"}
+    unpaired = next((tmp_path / "work").glob("tiny-*/unpaired/data/seed0"))
+    for stage in ("prompts", "sample", "score", "sft"):  # KTO's data run took CGPO's (hard links), never redid them
+        assert (unpaired / "kto" / stage / "manifest.json").read_bytes() == (unpaired / "cgpo" / stage /
+                                                                             "manifest.json").read_bytes()
     before = {p: p.read_bytes() for p in (tmp_path / "evidence").glob("*.json")}
     again = smoke(tmp_path)
     assert not re.search(r"\] (\w+: trained|evaluate) ", again), again  # no training, no evaluation
@@ -94,7 +108,7 @@ def test_tuning_picks_the_best_validation_rate_runs_only_the_asked_methods_and_r
     monkeypatch.syspath_prepend(str(BENCH))
     import gym_protocol
 
-    protocol = gym_protocol.Protocol("tiny", [0, 1, 2, 3, 4], [0.1, 0.3, 1.0], {"validation": 4, "test": 4}, False,
+    protocol = gym_protocol.Protocol("tiny", [0, 1, 2, 3, 4], [0.1, 0.3, 1.0], [1.0], {"validation": 4, "test": 4}, False,
                                      tmp_path, tmp_path / "out", methods=("dpo",))
     best_lr = 3e-4 * 0.3
 
@@ -142,3 +156,52 @@ def test_pair_stats_counts_who_wrote_the_rejected_side_and_the_margins(tmp_path,
     assert (stats["chosen_correct"], stats["rejected_correct"]) == (1.0, 0.0)
     assert stats["reward_margin"] == pytest.approx((0.4 + 0.2 + 0.3) / 3, abs=1e-4)
     assert stats["ref_logp_margin"] == pytest.approx((10 + 4 + 2) / 3, abs=1e-4)
+
+
+def test_distillation_weight_is_tuned_at_the_chosen_rate_then_every_seed_trains_the_winner(monkeypatch, tmp_path):
+    # Validation accuracy by (rate, weight scale): the rate is chosen at the default weight (3 beats 1 and 9), then
+    # the weight at that rate (x0.1 beats x1); every seed then trains (3, x0.1), in its own folder.
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gym_protocol
+
+    from polyfuse.evaluation.stats import ItemScores
+
+    validation = {"lr1": 0.2, "lr3": 0.5, "lr9": 0.1, "lr3-kd0.1": 0.7}
+    trained: list[tuple[str, int, float]] = []
+
+    def scores(protocol, spec, split):
+        grid_point = Path(spec.path).parent.parent.name
+        accuracy = validation[grid_point] if split == "validation" else 0.5
+        return {"d": ItemScores(np.array([True] * int(10 * accuracy) + [False] * (10 - int(10 * accuracy))),
+                                np.zeros(10))}
+
+    def train(seed, lr, folder, kd):
+        trained.append((folder.parent.name, seed, kd))
+        return folder / "model"
+
+    monkeypatch.setattr(gym_protocol, "scores", scores)
+    protocol = gym_protocol.Protocol("gym", [0, 1], [1.0, 3.0, 9.0], [1.0, 0.1], {"validation": 10, "test": 10},
+                                     False, tmp_path, tmp_path)
+    family = gym_protocol.Family("distill", protocol, lambda path: gym_protocol.ModelSpec(name="m", path=str(path)))
+    family.tuned("uld", 1.0, train, kd_scales=protocol.kd_scales)
+    assert trained == [("lr1", 0, 1.0), ("lr3", 0, 1.0), ("lr9", 0, 1.0), ("lr3-kd0.1", 0, 0.1),
+                       ("lr3-kd0.1", 0, 0.1), ("lr3-kd0.1", 1, 0.1)]
+    assert family.chosen["uld"]["learning_rate"] == 3.0 and family.chosen["uld"]["kd_scale"] == 0.1
+    assert {k: v["accuracy"] for k, v in family.chosen["uld"]["validation"].items()} == {
+        "1 kd x1": 20.0, "3 kd x1": 50.0, "9 kd x1": 10.0, "3 kd x0.1": 70.0}
+    assert set(family.runs["uld"]) == {0, 1}
+
+
+def test_distillation_weight_scale_multiplies_the_distillation_term_of_each_method(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gym_protocol
+
+    from polyfuse.pipeline.demo import recipe_path
+    from polyfuse.pipeline.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path("infifusion-unified-gym.yaml"), ["toyworld.preset=gym"])
+    uld, fusellm = gym_protocol.DISTILL["uld-uncertainty"], gym_protocol.DISTILL["fusellm-min-ce"]
+    assert gym_protocol.kd_scaled(uld, recipe, 1.0) == uld  # the default: the row itself, its folder unchanged
+    assert gym_protocol.kd_scaled(uld, recipe, 0.1).args == {"lambda_kd": 0.1, "top_k": 10, "weighting": "uncertainty"}
+    # FuseLLM: 0.9 CE + 0.1 fusion -> the fusion term's weight 0.1 * 0.1 = 0.01, CE 0.99
+    assert gym_protocol.kd_scaled(fusellm, recipe, 0.1).args == {"fusion": "min_ce", "ce_weight": pytest.approx(0.99)}

@@ -22,14 +22,17 @@ from polyfuse.models import ModelSpec, encode, load_model, load_tokenizer, rende
 from polyfuse.models.forward import forward_response
 from polyfuse.objectives import DISTILL_OBJECTIVES, IGNORE_INDEX
 from polyfuse.objectives.distill import AlignedRow, DistillBatch, Projection, TeacherOutputs
+from polyfuse.objectives.topk import projected_logps
 from polyfuse.sampling import EngineModel, SamplingParams, build_backend
 from polyfuse.teacher.online import (
     OnlineTeacher,
     TeacherAnswer,
     byte_spans,
     common_groups,
+    end_of_turn,
     mix_weights,
     sampled_text,
+    turn_end,
 )
 from polyfuse.trainers.distill import DistillCollator
 from polyfuse.trainers.onpolicy import (
@@ -93,7 +96,8 @@ def test_groups_across_smollm2_and_gemma3_cover_the_same_bytes_on_both_sides(smo
     teacher_spans = byte_spans(spans, TEXT)
     outputs = TeacherOutputs(np.array(encoded.response_ids), np.zeros((len(spans), 1), np.int32),
                              np.zeros((len(spans), 1), np.float32), np.zeros(len(spans)), np.zeros(len(spans)))
-    groups = TeacherAnswer(outputs, teacher_spans).groups(student)
+    special = [t in set(gemma.all_special_ids) for t in encoded.response_ids]
+    groups = TeacherAnswer(outputs, teacher_spans, end=end_of_turn(teacher_spans, special)).groups(student)
     *text_groups, stop = groups
     covered = 0
     for left, right in text_groups:
@@ -136,6 +140,35 @@ def test_transformers_backend_top_k_and_sampled_ids(tiny_world):
     for ids, text in zip(sampled, texts, strict=True):
         assert tokenizer.decode(ids[0], skip_special_tokens=True).strip() == text[0]
         assert all(t not in stops for t in ids[0][:-1]) and (ids[0][-1] in stops or len(ids[0]) == 12)
+
+
+def test_the_teachers_end_of_turn_is_a_special_token_and_w_pairs_it_with_the_students_stop(tiny_world):
+    """Before an empty text the gpt2 toy tokenizer emits a lone word-start marker with no characters: it is not the
+    teacher's end of turn (read as one, a student that stopped at once was told the teacher does so with
+    probability 1, which emptied the gym's addition answers); and W gives the student's end-of-turn token weight 1
+    on the teacher's, so where the teacher would end and the student did not stop, the teacher's end-of-turn mass
+    meets the student's stop mass instead of a tail that any token fills."""
+    student = load_tokenizer(toy(tiny_world, "pivot"))
+    stop = turn_end(student, set(student.all_special_ids))
+    assert stop == student.eos_token_id
+    teacher = OnlineTeacher(toy(tiny_world, "gpt2-arithmetic"), 4, student)
+    try:
+        prompt = "What is 3 + 4?"
+        empty = sampled_text(prompt, render_prompt(student, prompt)[0], [stop], {stop}, token_bytes(student))
+        assert (empty.text, empty.stop) == ("", 0)
+        answer = teacher.score([empty])[0]
+        assert teacher.tokenizer.convert_ids_to_tokens(answer.outputs.token_ids.tolist()) == ["▁", "<|endoftext|>"]
+        assert end_of_turn(answer.spans) == 0  # the spans alone cannot tell the marker from the end of turn
+        assert answer.end == 1 and answer.groups(empty) == [([0], [1])]
+        teacher_end = teacher.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        column = teacher.projection.weights_t.to_dense()[teacher_end]
+        assert column.nonzero().flatten().tolist() == [stop] and column[stop] == 1
+        assert teacher_end not in teacher.projection.matched_teacher.tolist()  # no hybrid pair: GOLD skips EOS
+        logps = torch.log_softmax(torch.randn(2, len(student), generator=torch.Generator().manual_seed(0)), -1)
+        found = projected_logps(logps, torch.tensor([[teacher_end], [teacher_end]]), teacher.projection)
+        assert torch.allclose(found[:, 0], logps[:, stop])
+    finally:
+        teacher.close()
 
 
 # ---- the loss on the student's own tokens, against TRL -------------------------------------------------------

@@ -22,7 +22,6 @@ from polyfuse.models import ModelSpec, encode, load_model, load_tokenizer, rende
 from polyfuse.models.forward import pad_token_id, score_sequences
 from polyfuse.sampling import EngineModel, build_backend
 from test_engines_server import vllm_server
-from test_transplant import gemma3_folder  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -84,19 +83,19 @@ def test_vllm_engine_as_teacher_and_as_student(vllm_python, tiny_world, tmp_path
 
 
 @pytest.fixture(scope="module")
-def gemma_server(vllm_python, gemma3_folder, tmp_path_factory):  # noqa: F811
+def gemma_server(vllm_python, gemma3_folder, tmp_path_factory):
     log = tmp_path_factory.mktemp("gemma-server") / "server.log"
     with vllm_server(vllm_python, gemma3_folder, GEMMA, log, "--max-model-len", "512", "--max-num-seqs", "8",
                      "--max-num-batched-tokens", "4096", "--max-logprobs", str(SERVER_TOP_K)) as server:
         yield server
 
 
-def served_gemma(server, gemma3_folder) -> dict:  # noqa: F811
+def served_gemma(server, gemma3_folder) -> dict:
     return {"name": GEMMA, "path": str(gemma3_folder),
             "backend": {"type": "openai", "base_url": server.url, "model": GEMMA, "max_retries": 1}}
 
 
-def test_served_gemma_top_k_equals_transformers(gemma_server, gemma3_folder):  # noqa: F811
+def test_served_gemma_top_k_equals_transformers(gemma_server, gemma3_folder):
     tokenizer = load_tokenizer(ModelSpec(path=str(gemma3_folder)))
     sequences = [(e.input_ids, len(e.prompt_ids)) for e in (encode(tokenizer, p, r) for p, r in PAIRS)]
     served = build_backend(EngineModel.model_validate(served_gemma(gemma_server, gemma3_folder)))
@@ -121,7 +120,7 @@ def _history(folder: Path) -> dict:
     return json.loads((folder / "out" / "polyfuse_training.json").read_text())["log_history"][0]
 
 
-def test_smollm2_learns_on_policy_from_a_served_gemma3_and_itself(gemma_server, gemma3_folder, smollm2_folder,  # noqa: F811
+def test_smollm2_learns_on_policy_from_a_served_gemma3_and_itself(gemma_server, gemma3_folder, smollm2_folder,
                                                                   polyfuse_cli, tmp_path):
     """Two teachers, two vocabularies, mixed at each position by uncertainty: Gemma-3 behind `vllm serve` (the
     student's text re-tokenised through Gemma's format) and SmolLM2 itself in process (the student's own ids)."""
@@ -137,7 +136,7 @@ def test_smollm2_learns_on_policy_from_a_served_gemma3_and_itself(gemma_server, 
     assert np.isfinite(history["loss"]) and history["kd/loss/gemma-3-270m"] > 0
 
 
-def test_smollm2_learns_on_policy_from_gemma3_in_process(gemma3_folder, smollm2_folder, polyfuse_cli, tmp_path):  # noqa: F811
+def test_smollm2_learns_on_policy_from_gemma3_in_process(gemma3_folder, smollm2_folder, polyfuse_cli, tmp_path):
     from polyfuse.data import PromptRow
 
     rows = [PromptRow(id="q0", prompt="What is 12 times 12?"), PromptRow(id="q1", prompt="Count to five.")]
@@ -148,7 +147,7 @@ def test_smollm2_learns_on_policy_from_gemma3_in_process(gemma3_folder, smollm2_
     assert history["onpolicy/groups/gemma-3-270m"] > 0 and np.isfinite(history["loss"])
 
 
-def test_the_toy_pivot_learns_from_a_served_teacher_and_toy_teachers(gemma_server, gemma3_folder, tiny_world,  # noqa: F811
+def test_the_toy_pivot_learns_from_a_served_teacher_and_toy_teachers(gemma_server, gemma3_folder, tiny_world,
                                                                      polyfuse_cli, tmp_path):
     """The toy world with a served teacher: each domain routed, `strings` to Gemma-3 behind the server."""
     rows = tiny_world.prompts("train", per_domain=2)
@@ -163,7 +162,7 @@ def test_the_toy_pivot_learns_from_a_served_teacher_and_toy_teachers(gemma_serve
     assert sum(history[f"onpolicy/groups/{t['name']}"] for t in teachers) > 0 and np.isfinite(history["loss"])
 
 
-def test_a_top_k_larger_than_the_server_returns_is_one_line_and_exit_2(gemma_server, gemma3_folder,  # noqa: F811
+def test_a_top_k_larger_than_the_server_returns_is_one_line_and_exit_2(gemma_server, gemma3_folder,
                                                                         smollm2_folder, polyfuse_cli, tmp_path):
     from polyfuse.data import PromptRow
 

@@ -150,7 +150,7 @@ def test_every_shipped_recipe_loads_with_its_sections_filled_from_the_recipe():
 
     folder = recipe_path("fusechat3.yaml").parent
     names = sorted(p.name for p in folder.glob("*.yaml"))
-    assert len(names) == 17
+    assert len(names) == 19
     for name in names:
         recipe = load_recipe(folder / name)
         for section in ("pairs", "sft", "distill", "onpolicy", "po", "upo"):

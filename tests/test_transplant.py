@@ -149,16 +149,6 @@ def test_a_mergekit_other_than_the_pinned_one_is_refused(polyfuse_cli, tiny_fold
     assert "pinned to mergekit 0.1.5" in result.stderr and "found 0.2.0" in result.stderr
 
 
-@pytest.fixture(scope="module")
-def gemma3_folder():
-    """Gemma-3-270M (the packaged GGUF) as a safetensors folder: its export in the polyfuse cache, as
-    `smollm2_folder` (conftest)."""
-    from polyfuse.models.gguf import resolve_model_path
-    from polyfuse.models.packaged import gemma3
-
-    return Path(resolve_model_path(str(gemma3()), "Gemma-3-270M"))
-
-
 def _bits_per_byte(folder: Path, text: str) -> float:
     tokenizer, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)
     ids = tokenizer(text, return_tensors="pt").input_ids

@@ -8,7 +8,10 @@ Row v (a student token) is built from string rules:
   `0.9 * 0.1^i` and normalised to sum 1. A piece list whose bytes do not spell the token (a tokenizer that
   adds a word-start space, a normaliser, bytes that are not whole UTF-8 characters) is replaced by the greedy
   longest match over the teacher's canonical bytes; a token neither can spell gets no row;
-- special tokens get no row: the stop token is compared on its own (`objectives.topk`), never through W.
+- special tokens get no row, but for `stop_pair`: the student's end-of-turn token gets weight 1.0 on the
+  teacher's, so that where the teacher would end its turn and the student did not stop, the student's stop mass
+  meets the teacher's end-of-turn mass (as one shared vocabulary compares them); the student's own stop token
+  is still compared on its own (`objectives.topk`). Not a matched pair of the hybrid losses (GOLD skips EOS).
 `reverse_pass` (off by default, as the spec decides: its effect is unpublished) adds each teacher token's own
 re-tokenisation by the student into the same cells, then keeps each row's `row_top_k` largest entries,
 renormalises, and gives every exact match back its single 1.0. NeMo-RL's "scale trick" is not implemented.
@@ -208,11 +211,12 @@ def cache_key(student, teacher, max_pieces: int, reverse_pass: bool, row_top_k: 
 
 def projection(student, teacher, match: Match = "exact", max_pieces: int = 4, reverse_pass: bool = False,
                row_top_k: int = 4, cache_dir: str | Path | None = None,
-               teacher_vocab_size: int | None = None) -> Projection:
+               teacher_vocab_size: int | None = None, stop_pair: tuple[int, int] | None = None) -> Projection:
     """The `Projection` of `student`'s vocabulary into `teacher`'s (module docstring): W = I when every id has the
     same canonical bytes in both, else W's entries from the cache (`cache_dir`, default `$POLYFUSE_CACHE/projections`) or built
     and cached. `match` picks the hybrid losses' pairs (`matched_pairs`); `teacher_vocab_size` (default
-    `len(teacher)`) is GOLD's |V_T|, the teacher's logit width in TRL."""
+    `len(teacher)`) is GOLD's |V_T|, the teacher's logit width in TRL; `stop_pair`: (the student's end-of-turn id,
+    the teacher's), W's one row for a special token."""
     if max_pieces < 1 or row_top_k < 1:
         raise ConfigError(f"projection: max_pieces and row_top_k must be >= 1, got {max_pieces} and {row_top_k}")
     shape = (len(student), len(teacher))
@@ -231,4 +235,6 @@ def projection(student, teacher, match: Match = "exact", max_pieces: int = 4, re
                                                        teacher_ids=cols.astype(np.int32), weights=weights,
                                                        stats=json.dumps(stats)))
     pairs = matched_pairs(match, rows, cols, weights, student, teacher)
+    if stop_pair is not None and not np.isin(stop_pair[0], rows):  # W = I pairs them already
+        rows, cols, weights = np.r_[rows, stop_pair[0]], np.r_[cols, stop_pair[1]], np.r_[weights, np.float32(1.0)]
     return Projection.from_entries(rows, cols, weights, shape, pairs, teacher_vocab_size)

@@ -93,10 +93,23 @@ def byte_spans(spans: list[Span | None], text: str) -> list[Span | None]:
     return [None if s is None else (int(offsets[s[0]]), int(offsets[s[1]])) for s in spans]
 
 
-def end_of_turn(spans: list[Span | None]) -> int | None:
-    """The first span-less (non-text) token after the last text token, if any: the end-of-turn marker."""
+def end_of_turn(spans: list[Span | None], special: list[bool] | None = None) -> int | None:
+    """The first span-less (non-text) token after the last text token, if any: the end-of-turn marker. With
+    `special` (which tokens are special), only a special token is one: before an empty text, a tokenizer's lone
+    word-start marker (a '▁' with no characters) is span-less too, and read as the end of turn it would tell the
+    student that the teacher stops at once with probability 1."""
     last_text = max((i for i, s in enumerate(spans) if s is not None), default=-1)
-    return next((i for i in range(last_text + 1, len(spans)) if spans[i] is None), None)
+    return next((i for i in range(last_text + 1, len(spans)) if spans[i] is None and (special is None or special[i])),
+                None)
+
+
+def turn_end(tokenizer: Any, specials: set[int]) -> int | None:
+    """The id of the special token that ends an assistant turn in the tokenizer's own template, if any."""
+    from polyfuse.alignment import response_spans
+
+    encoded, spans = response_spans(tokenizer, PROBE_PROMPT, "Hello.")
+    end = end_of_turn(spans, [t in specials for t in encoded.response_ids])
+    return None if end is None else int(encoded.response_ids[end])
 
 
 def written_text(tokenizer: Any, prompt: Any, completion: str) -> StudentText:
@@ -118,6 +131,7 @@ class TeacherAnswer:
     outputs: TeacherOutputs
     spans: list[Span | None]
     same_ids: bool = False
+    end: int | None = None  # the teacher's end-of-turn token among its response tokens
 
     def groups(self, student: StudentText) -> Groups:
         """The student's response tokens aligned with the teacher's: the byte-offset groups, plus the stop pair; on
@@ -127,9 +141,8 @@ class TeacherAnswer:
         if self.same_ids:
             return [([j], [j]) for j in range(len(student.response_ids))]
         groups = align_offsets(student.spans, self.spans)
-        teacher_end = end_of_turn(self.spans)
-        if student.stop is not None and teacher_end is not None:
-            groups.append(([student.stop], [teacher_end]))
+        if student.stop is not None and self.end is not None:
+            groups.append(([student.stop], [self.end]))
         return groups
 
     def entropy(self) -> torch.Tensor:
@@ -159,7 +172,10 @@ class OnlineTeacher:
                             "on-policy distillation aligns by")
         served = backend_max_length(model)
         self.max_length = min(served or 10**9, length_limit(load_config(model), None))
-        self.projection: Projection = projection(student_tokenizer, self.tokenizer, match=match)
+        self.specials = set(self.tokenizer.all_special_ids)
+        stops = (turn_end(student_tokenizer, set(student_tokenizer.all_special_ids)), turn_end(self.tokenizer, self.specials))
+        self.projection: Projection = projection(student_tokenizer, self.tokenizer, match=match,
+                                                 stop_pair=None if None in stops else stops)
         self.same_vocabulary = self.tokenizer.get_vocab() == student_tokenizer.get_vocab()
         self.skipped = 0  # rows this teacher could not score (too long, a template that rewrites the text)
 
@@ -208,7 +224,7 @@ class OnlineTeacher:
                 topk_logits=answer.topk_logprobs,  # log-probs: logits up to each position's normaliser
                 std=np.zeros(len(answer.token_logps), np.float32), token_logps=answer.token_logps,
                 topk_logprobs=answer.topk_logprobs)
-            out[i] = TeacherAnswer(outputs, spans, same)
+            out[i] = TeacherAnswer(outputs, spans, same, end_of_turn(spans, [t in self.specials for t in response]))
         self.skipped += len(texts) - len(todo)
         return out
 
