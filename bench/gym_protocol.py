@@ -53,7 +53,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import _uld_stats
 import explicit_fusion
@@ -63,7 +63,7 @@ import numpy as np
 from _seeds import cached_json
 
 from polyfuse.data.io import atomic_write_text, read_rows, write_json, write_rows
-from polyfuse.data.schemas import PromptRow, SampleRow, SFTRow, UnpairedRow
+from polyfuse.data.schemas import PreferenceRow, PromptRow, SampleRow, SFTRow, UnpairedRow
 from polyfuse.evaluation import evaluate
 from polyfuse.evaluation.evidence import Evidence, build_evidence, read_evidence, write_evidence
 from polyfuse.evaluation.stats import AVERAGE, ItemScores
@@ -101,6 +101,7 @@ class Protocol:
     smoke: bool
     root: Path  # the cache of this setting
     out: Path
+    methods: tuple[str, ...] = ()  # the trained methods to run (empty: all); baselines always run
 
     @classmethod
     def make(cls, args: argparse.Namespace) -> Protocol:
@@ -108,7 +109,7 @@ class Protocol:
         settings = dict(preset=args.preset, items=items, smoke=args.smoke)  # seeds and rates have their own folders
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
         return cls(args.preset, args.seeds, args.lr_scales, args.kd_scales, items, args.smoke,
-                   args.work_dir / f"{args.preset}-{key}", args.out)
+                   args.work_dir / f"{args.preset}-{key}", args.out, tuple(args.methods or ()))
 
     @property
     def tuning(self) -> bool:
@@ -173,11 +174,39 @@ def scores(protocol: Protocol, spec: ModelSpec, split: str) -> Scores:
             found["bpb"].append(record[item.id].bpb)
         return out
 
-    key = hashlib.sha256(str(Path(spec.path).resolve()).encode()).hexdigest()[:16]
-    with exclusive(protocol.root / "eval" / key / f"{split}.lock"):
-        data = cached_json(protocol.root / "eval" / key / f"{split}.json", compute)
+    path = eval_path(protocol, spec, split)
+    with exclusive(path.with_suffix(".lock")):
+        data = cached_json(path, lambda: timed(path.with_suffix(".cost.json"), compute))
     return {d: ItemScores(np.array([c == "1" for c in v["correct"]]), np.array(v["bpb"], dtype=float))
             for d, v in data.items()}
+
+
+def eval_path(protocol: Protocol, spec: ModelSpec, split: str) -> Path:
+    key = hashlib.sha256(str(Path(spec.path).resolve()).encode()).hexdigest()[:16]
+    return protocol.root / "eval" / key / f"{split}.json"
+
+
+T = TypeVar("T")
+
+
+def timed(record: Path, work: Callable[[], T]) -> T:
+    """`work`'s result; its wall time and the machine's 1-minute load average before and after it go to `record`,
+    so that the cost of a cached result is still known when a rerun reads it (the machine is shared)."""
+    started, load = time.perf_counter(), os.getloadavg()[0]
+    result = work()
+    write_json(record, {"wall_s": round(time.perf_counter() - started, 1),
+                        "load_1min": [round(load, 2), round(os.getloadavg()[0], 2)]})
+    return result
+
+
+def cost(records: list[Path]) -> dict[str, Any]:
+    """Total wall time of the recorded runs and the load range they ran under (runs made before costs were
+    recorded are counted as untimed)."""
+    found = [json.loads(p.read_text()) for p in records if p.is_file()]
+    loads = [x for f in found for x in f["load_1min"]]
+    return {"runs": len(records), "untimed": len(records) - len(found),
+            "wall_s": round(sum(f["wall_s"] for f in found), 1),
+            "load_1min": [min(loads), max(loads)] if loads else None}
 
 
 def accuracy(found: Scores) -> tuple[float, float]:
@@ -213,6 +242,7 @@ class Family:
     chosen: dict[str, dict[str, Any]] = field(default_factory=dict)
     folders: dict[str, Path] = field(default_factory=dict)  # tuned method -> where its runs live
     notes: list[str] = field(default_factory=list)
+    data: dict[int, dict[str, Any]] = field(default_factory=dict)  # seed -> what its shared data holds and cost
 
     @property
     def folder(self) -> Path:
@@ -241,17 +271,28 @@ class Family:
         method (`kd_scales` given; `train` then takes the scale as a fourth argument) also tunes the weight of its
         distillation term, coordinate-wise: the rate at the method's default weight first, then each multiple of
         that weight in `kd_scales` at the chosen rate (1 = the default, already trained)."""
+        if self.protocol.methods and method not in self.protocol.methods:
+            return
         folder = self.folders.setdefault(method, folder or self.folder / method)
+        evaluations: list[Path] = []
 
         def trained(seed: int, lr: float, kd: float = 1.0) -> Path | None:
             started, run = time.perf_counter(), run_folder(folder, lr, seed, kd)
             with exclusive(run / "train.lock"):
                 cached = (run / "model").is_dir()
-                model = train(seed, lr, run) if kd_scales is None else train(seed, lr, run, kd)
+
+                def work() -> Path | None:
+                    return train(seed, lr, run) if kd_scales is None else train(seed, lr, run, kd)
+
+                model = work() if cached else timed(run / "cost.json", work)
             if model is not None and not cached:
                 say(f"{self.name}: trained {method} at {run.parent.name}, seed {seed} in "
                     f"{time.perf_counter() - started:.1f}s")
             return model
+
+        def scored(model: Path, split: str) -> Scores:
+            evaluations.append(eval_path(self.protocol, self.spec(model), split).with_suffix(".cost.json"))
+            return scores(self.protocol, self.spec(model), split)
 
         grid = [base_lr * scale for scale in self.protocol.lr_scales]
         validation: dict[tuple[float, float], tuple[float, float]] = {}
@@ -261,7 +302,7 @@ class Family:
             if model is None:
                 self.notes.append(f"{method}: no training data; not run")
                 return False
-            validation[(lr, kd)] = accuracy(scores(self.protocol, self.spec(model), "validation"))
+            validation[(lr, kd)] = accuracy(scored(model, "validation"))
             return True
 
         def best(points: list[tuple[float, float]]) -> tuple[float, float]:
@@ -282,12 +323,15 @@ class Family:
             if model is None:
                 self.notes.append(f"{method}: no training data; not run")
                 return
-            runs[seed] = scores(self.protocol, self.spec(model), "test")
+            runs[seed] = scored(model, "test")
         if runs:
             self.runs[method] = runs
+        trainings = [run_folder(folder, lr, seed, kd) / "cost.json" for lr, kd, seed in dict.fromkeys(
+            [*((lr, kd, 0) for lr, kd in validation), *((*chosen, seed) for seed in runs)])]
         self.chosen[method] = {"learning_rate": chosen[0], **({"kd_scale": chosen[1]} if kd_scales else {}),
                                "validation": {grid_key(lr, kd if kd_scales else None): {"accuracy": 100 * a, "bpb": b}
-                                              for (lr, kd), (a, b) in validation.items()}}
+                                              for (lr, kd), (a, b) in validation.items()},
+                               "cost": {"training": cost(trainings), "evaluation": cost(evaluations)}}
 
     def picked(self, method: str, per_domain: dict[str, str]) -> None:
         """A row that takes each domain from another row (the oracle, each domain's own specialist)."""
@@ -332,12 +376,14 @@ def oracle(family: Family, sources: list[ModelSpec]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ families
-IMPLICIT = {  # method -> the ablation bench's row (objective, arguments; beta: the objective's default)
-    "dpo": "dpo", "wrpo": "wrpo", "infifpo-max-margin": "infifpo-max-margin",
+FUSECHAT_DPO = infifpo_ablation.Method("fusechat-dpo", "FuseChat-3.0 SFT+DPO", "dpo")
+# method -> the ablation bench's row (objective, arguments; beta: the objective's default), in the order they run:
+# the main comparisons first, so that a run cut short (and resumed later) has them; the InfiFPO ablations last.
+IMPLICIT = {
+    "dpo": "dpo", "fusechat-dpo": FUSECHAT_DPO.key, "infifpo-max-margin": "infifpo-max-margin", "wrpo": "wrpo",
     "infifpo-confidence": "infifpo-confidence", "infifpo-average": "infifpo-average",
     "infifpo-no-clip": "infifpo-max-margin-no-clip", "infifpo-no-ln": "infifpo-max-margin-no-ln",
 }
-FUSECHAT_DPO = infifpo_ablation.Method("fusechat-dpo", "FuseChat-3.0 SFT+DPO", "dpo")
 
 
 def implicit(protocol: Protocol) -> Family:
@@ -370,9 +416,8 @@ def implicit(protocol: Protocol) -> Family:
     family = Family("implicit", protocol, lambda path: spec_at(recipe, path))
     family.fixed("pivot", recipe.pivot)
     family.per_seed("sft", lambda seed: Path(data(seed)[1].output("sft", "model")))
-    oracle(family, list(recipe.sources))
-    rows = {m.key: m for m in infifpo_ablation.METHODS}
-    for method, row in [(FUSECHAT_DPO.key, FUSECHAT_DPO), *((k, rows[v]) for k, v in IMPLICIT.items())]:
+    rows = {m.key: m for m in [*infifpo_ablation.METHODS, FUSECHAT_DPO]}
+    for method, row in ((k, rows[v]) for k, v in IMPLICIT.items()):
         def train(seed: int, lr: float, folder: Path, method: str = method, row=row) -> Path | None:
             recipe, _, sft = data(seed)
             path = pairs(seed, method)
@@ -381,7 +426,43 @@ def implicit(protocol: Protocol) -> Family:
             return infifpo_ablation.train_method(row, with_section(recipe, "po", seed, lr), sft, path, folder)
 
         family.tuned(method, recipe.po.learning_rate, train)
+    oracle(family, list(recipe.sources))  # after the methods: fixed models, needed once, not first
+    for seed in protocol.seeds:  # what each seed's data holds and cost (the rows built so far)
+        folder = protocol.root / "implicit" / "data" / f"seed{seed}"
+        ctx = data(seed)[1]
+        built = {"cross-model": Path(ctx.output("logprobs", "preference")),
+                 "fusechat": pairs(seed, "fusechat-dpo") if (folder / "fusechat-pairs").is_dir() else None,
+                 "wrpo": pairs(seed, "wrpo") if (folder / "wrpo" / "preference.jsonl").is_file() else None}
+        family.data[seed] = {
+            "pairs_report": json.loads(Path(ctx.output("pairs", "report")).read_text()),
+            "pairs": {rule: pair_stats(path) for rule, path in built.items() if path is not None},
+            "stage_seconds": {stage: json.loads((folder / stage / "manifest.json").read_text()).get("wall_s")
+                              for stage in ctx.outputs}}
     return family
+
+
+def pair_stats(path: Path) -> dict[str, Any]:
+    """How many pairs, how often each side is verifier-correct, who wrote the rejected side, and the margins the
+    objectives start from: the reward model's and the reference (SFT) model's log-prob of chosen minus rejected."""
+    rows = read_rows(path, PreferenceRow)
+    if not rows:
+        return {"pairs": 0}
+
+    def mean(values: list[float | None]) -> float | None:
+        found = [v for v in values if v is not None]
+        return round(float(np.mean(found)), 4) if found else None
+
+    authors: dict[str, int] = {}
+    for row in rows:
+        author = (row.rejected_id or "").split(":")[1] if (row.rejected_id or "").count(":") == 2 else "?"
+        authors[author] = authors.get(author, 0) + 1
+    return {"pairs": len(rows), "chosen_correct": mean([float(r.chosen_correct) for r in rows if r.chosen_correct is not None]),
+            "rejected_correct": mean([float(r.rejected_correct) for r in rows if r.rejected_correct is not None]),
+            "rejected_by": dict(sorted(authors.items())),
+            "reward_margin": mean([r.chosen_reward - r.rejected_reward for r in rows
+                                   if r.chosen_reward is not None and r.rejected_reward is not None]),
+            "ref_logp_margin": mean([r.ref_chosen_logps - r.ref_rejected_logps for r in rows
+                                     if r.ref_chosen_logps is not None and r.ref_rejected_logps is not None])}
 
 
 MERGES = ["linear", "task_arithmetic", "ties", "rsaf"]
@@ -830,8 +911,12 @@ def chart(evidence: Evidence, baselines: list[str], path: Path) -> None:
 
 
 def report(family: Family) -> Evidence:
+    """The family's experiment file (with how its runs were made and what they cost), table and chart."""
     experiment = f"{family.protocol.preset}-{family.name}"
     evidence = build_evidence(experiment, family.runs, comparison_pairs(family))
+    evidence.protocol = {"seeds": family.protocol.seeds, "lr_scales": family.protocol.lr_scales,
+                         "methods_run": list(family.runs), "chosen": family.chosen, "notes": family.notes,
+                         "data": {str(seed): found for seed, found in family.data.items()}}
     family.protocol.out.mkdir(parents=True, exist_ok=True)
     write_evidence(family.protocol.out / f"{experiment}.json", evidence)
     chart(evidence, BASELINES.get(family.name, []), family.protocol.out / f"{experiment}.png")
@@ -877,6 +962,9 @@ def main() -> None:
                         "1000 on a gym preset, as many as --items on a v1 world)")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/gym-protocol"))
     parser.add_argument("--out", type=Path, default=None, help="evidence JSON and PNGs (default docs/evidence)")
+    parser.add_argument("--methods", nargs="+", default=None, help="run only these trained methods (baselines always "
+                        "run; the evidence then holds only them): share a family's methods between processes or "
+                        "run the first ones first; a later run without it takes every finished one from the cache")
     parser.add_argument("--smoke", action="store_true", help="seed 0, one learning rate, 4 items per domain, a few "
                         "prompts, one epoch, on the tiny world unless --preset says (work dir runs/gym-protocol-smoke): "
                         "the plumbing in a minute")

@@ -135,6 +135,10 @@ SMOKE = {
     "sampling_speed.py": Smoke(("--smoke", "--workdir", "{tmp}/sampling"), (
         r"^\| transformers \| [\d.]+ \| [\d.]+ \| [\d.]+ \| 1\.00x \|", r"^\| vllm \| ", r"^\| openai \| ",
     )),
+    "gym_implicit_diagnose.py": Smoke(("--smoke",), (
+        r'^  "po_prompts_also_in_sft": 0$', r'^  "max_abs_diff": (\d(\.\d+)?e-(0[4-9]|[1-9]\d)|0\.0+\d?),$',  # reference log-probs = transformers
+        r"^wrote runs/gym-implicit-diagnose-smoke\.json$",
+    ), ("runs/gym-implicit-diagnose-smoke.json",)),
     "real_math_prompts.py": Smoke(("--smoke",), (
         r"^wrote 24 prompts to real-math-smoke/real-math-train\.jsonl$", r"^wrote 24 prompts to real-math-smoke/real-math-test\.jsonl$",
     ), ("real-math-smoke/real-math-train.jsonl",)),

@@ -75,7 +75,8 @@ def test_experiment_file_round_trip(tmp_path):
     evidence = build_evidence("gym-po", methods, [("dpo", "sft"), ("dpo", "pivot")], resamples=2000)
     path = write_evidence(tmp_path / "docs/evidence/gym-po.json", evidence)
     raw = json.loads(path.read_text())
-    assert set(raw) == {"experiment", "items", "runs", "comparisons", "bpb_comparisons", "bootstrap"}
+    assert set(raw) == {"experiment", "items", "runs", "comparisons", "bpb_comparisons", "bootstrap", "protocol"}
+    assert raw["protocol"] == {}  # free-form, for the reader: how the runs were made
     assert raw["items"] == {"arith": 40, "words": 25} and len(raw["runs"]) == 3 * 3 * 2
     assert all(set(r) == RUN_KEYS for r in raw["runs"]) and all(set(c) == COMPARISON_KEYS for c in raw["comparisons"])
     assert [(c["a"], c["b"], c["domain"]) for c in raw["comparisons"]] == [
@@ -85,6 +86,8 @@ def test_experiment_file_round_trip(tmp_path):
     assert first["correct"] == "".join("1" if x else "0" for x in methods["dpo"][0]["arith"].correct)
     read = read_evidence(path)
     assert read == evidence and recompute(read) == read  # every interval recomputes from the runs alone
+    evidence.protocol = {"chosen": {"dpo": {"learning_rate": 3e-5}}, "data": {"0": {"pairs": 1842}}}
+    assert read_evidence(write_evidence(tmp_path / "with-protocol.json", evidence)) == evidence
     # the diff is the mean over seeds of the unweighted mean over domains, in points
     average = next(c for c in read.comparisons if c.b == "pivot" and c.domain == AVERAGE)
     by_seed = [np.mean([methods["dpo"][s][d].correct.mean() - methods["pivot"][s][d].correct.mean()

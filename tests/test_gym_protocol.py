@@ -14,7 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from polyfuse.data.io import write_rows
+from polyfuse.data.schemas import PreferenceRow
 from polyfuse.evaluation.evidence import read_evidence, recompute
+from polyfuse.evaluation.stats import ItemScores
+from polyfuse.models import ModelSpec
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 FAMILIES = {
@@ -44,7 +48,7 @@ def test_smoke_writes_evidence_and_resumes(tmp_path):
     out = smoke(tmp_path)
     for family, methods in FAMILIES.items():
         path = tmp_path / "evidence" / f"tiny-{family}.json"
-        assert set(json.loads(path.read_text())) == {"experiment", "items", "runs", "comparisons", "bpb_comparisons",
+        assert set(json.loads(path.read_text())) == {"experiment", "items", "runs", "comparisons", "bpb_comparisons", "protocol",
                                                      "bootstrap"}
         evidence = read_evidence(path)  # validates every run against `items`
         assert evidence.experiment == f"tiny-{family}"
@@ -98,6 +102,60 @@ def test_validation_and_test_items_are_disjoint_held_out_items(monkeypatch):
             ("arithmetic", "compare", "strings"), 20)
     held_out = {r.id for r in gym_protocol.world("tiny").prompts("heldout", per_domain=40, seed=0)}
     assert {r.id for r in (*validation, *test)} == held_out
+
+
+def test_tuning_picks_the_best_validation_rate_runs_only_the_asked_methods_and_records_costs(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gym_protocol
+
+    protocol = gym_protocol.Protocol("tiny", [0, 1, 2, 3, 4], [0.1, 0.3, 1.0], [1.0], {"validation": 4, "test": 4}, False,
+                                     tmp_path, tmp_path / "out", methods=("dpo",))
+    best_lr = 3e-4 * 0.3
+
+    def scores(protocol, spec, split):  # validation accuracy peaks at the middle rate; test is per seed
+        lr = float(Path(spec.path).parts[-3].removeprefix("lr"))
+        right = 3 if abs(lr - best_lr) < 1e-12 else 1
+        return {"d": ItemScores(np.array([True] * right + [False] * (4 - right)), np.ones(4))}
+
+    monkeypatch.setattr(gym_protocol, "scores", scores)
+    trained = []
+
+    def train(seed, lr, folder):  # as the benches' train: an existing model is returned as it is
+        if not (folder / "model").is_dir():
+            trained.append((seed, round(lr, 12)))
+        (folder / "model").mkdir(parents=True, exist_ok=True)
+        return folder / "model"
+
+    family = gym_protocol.Family("implicit", protocol, lambda path: ModelSpec(path=str(path)))
+    family.tuned("dpo", 3e-4, train)
+    family.tuned("wrpo", 3e-4, train)  # not asked for: neither trained nor a row
+    assert list(family.runs) == ["dpo"] and sorted(family.runs["dpo"]) == [0, 1, 2, 3, 4]
+    chosen = family.chosen["dpo"]
+    assert chosen["learning_rate"] == pytest.approx(best_lr)
+    assert [v["accuracy"] for v in chosen["validation"].values()] == [25.0, 75.0, 25.0]
+    # the grid at seed 0, then seeds 1-4 at the chosen rate (seed 0 at it is already trained): 7 runs, each timed
+    assert trained == [(0, 3e-5), (0, 9e-5), (0, 3e-4), *((s, 9e-5) for s in (1, 2, 3, 4))]
+    cost = chosen["cost"]["training"]
+    assert (cost["runs"], cost["untimed"]) == (7, 0) and cost["wall_s"] >= 0 and len(cost["load_1min"]) == 2
+    assert chosen["cost"]["evaluation"]["runs"] == 8  # 3 validation + 5 test evaluations (not timed here)
+    family.tuned("dpo", 3e-4, train)  # a rerun trains nothing
+    assert len(trained) == 7
+
+
+def test_pair_stats_counts_who_wrote_the_rejected_side_and_the_margins(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gym_protocol
+
+    rows = [PreferenceRow(id=f"p{i}", prompt="q", chosen="a", rejected="b", chosen_id=f"p{i}:src:0",
+                          rejected_id=f"p{i}:{who}:1", chosen_reward=0.9, rejected_reward=reward,
+                          chosen_correct=True, rejected_correct=False, ref_chosen_logps=-1.0, ref_rejected_logps=ref)
+            for i, (who, reward, ref) in enumerate([("pivot", 0.5, -11.0), ("pivot", 0.7, -5.0), ("src", 0.6, -3.0)])]
+    write_rows(tmp_path / "pairs.jsonl", rows)
+    stats = gym_protocol.pair_stats(tmp_path / "pairs.jsonl")
+    assert stats["pairs"] == 3 and stats["rejected_by"] == {"pivot": 2, "src": 1}
+    assert (stats["chosen_correct"], stats["rejected_correct"]) == (1.0, 0.0)
+    assert stats["reward_margin"] == pytest.approx((0.4 + 0.2 + 0.3) / 3, abs=1e-4)
+    assert stats["ref_logp_margin"] == pytest.approx((10 + 4 + 2) / 3, abs=1e-4)
 
 
 def test_distillation_weight_is_tuned_at_the_chosen_rate_then_every_seed_trains_the_winner(monkeypatch, tmp_path):

@@ -7,10 +7,10 @@ The shape is issue 21's (item 6) and the evidence protocol's (section 5)::
      "runs": [{"method", "seed", "split": "test", "domain", "correct": "0110...", "bpb": [float, ...]}],
      "comparisons": [{"a", "b", "domain": domain or "average", "diff": points, "ci95": [low, high], "p"}]}
 
-plus two keys of polyfuse's: `bpb_comparisons` (the same rows for gold bits per byte, `diff = bpb_a - bpb_b`,
-no test) and `bootstrap` (the interval's level, resamples, seed and confidence, so a recomputation draws the
-same resamples). `correct` has one character per item, in one item order for every method of a
-(seed, domain); `bpb` is empty when a run has no gold bits per byte. Comparisons use the `test` runs;
+plus three keys of polyfuse's: `bpb_comparisons` (the same rows for gold bits per byte, `diff = bpb_a - bpb_b`,
+no test), `bootstrap` (the interval's level, resamples, seed and confidence, so a recomputation draws the
+same resamples) and `protocol` (free-form: how the runs were made, for the reader). `correct` has one
+character per item, in one item order for every method of a (seed, domain); `bpb` is empty when a run has no gold bits per byte. Comparisons use the `test` runs;
 `validation` runs may be included. `p` is McNemar's exact test on the row's discordant counts, pooled over
 its (seed, domain) strata, not Holm-corrected.
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -85,6 +85,9 @@ class Evidence(_Strict):
     comparisons: list[Comparison] = Field(default_factory=list)
     bpb_comparisons: list[BpbComparison] = Field(default_factory=list)
     bootstrap: BootstrapSettings = Field(default_factory=BootstrapSettings)
+    protocol: dict[str, Any] = Field(default_factory=dict, description=(
+        "How the runs were made (chosen settings, data counts, wall time): a record for the reader, unused by "
+        "the statistics."))
 
     @model_validator(mode="after")
     def _consistent(self) -> Evidence:
