@@ -179,7 +179,9 @@ def main() -> None:
                 extra = ["--url", f"http://127.0.0.1:{port}/v1", "--server-pid", str(server.pid)]
             try:
                 out = subprocess.run([*common, "--worker", name, *extra], capture_output=True, text=True,
-                                     env=environment(), check=True)
+                                     env=environment(), check=False)
+                if out.returncode != 0:  # the worker's own error, not only its exit status
+                    sys.exit(f"the {name} worker failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
             finally:
                 if server is not None:
                     os.killpg(server.pid, signal.SIGTERM)

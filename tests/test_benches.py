@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -236,9 +237,12 @@ def test_smoke_run(script, bench_cache, tmp_path, request):
     if script == "sampling_speed.py":
         request.getfixturevalue("vllm_python")  # the machine's venv, built once and linked from `bench_cache`
     args = [a.replace("{tmp}", str(tmp_path)) for a in smoke.args]
-    env = {**os.environ, "POLYFUSE_CACHE": str(bench_cache), "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=900, check=False, env=env)  # fmt: skip
+    # A short TMPDIR of its own: vLLM binds IPC sockets there, whose paths must stay under 107 bytes (an xdist
+    # worker's tmp_path, /tmp/pytest-of-root/pytest-N/popen-gwK/test_..., leaves no room for the socket's name).
+    with tempfile.TemporaryDirectory(prefix="pf-bench-") as short_tmp:
+        env = {**os.environ, "POLYFUSE_CACHE": str(bench_cache), "TMPDIR": short_tmp, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=900, check=False, env=env)  # fmt: skip
     assert done.returncode == 0, f"{script} {' '.join(args)}:\n{done.stdout[-3000:]}\n{done.stderr[-4000:]}"
     for pattern in smoke.prints:
         assert re.search(pattern, done.stdout, re.MULTILINE), f"{script}: no line matches {pattern!r}:\n{done.stdout}"
