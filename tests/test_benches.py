@@ -239,7 +239,7 @@ def test_smoke_run(script, bench_cache, tmp_path, request):
     args = [a.replace("{tmp}", str(tmp_path)) for a in smoke.args]
     # A short TMPDIR of its own: vLLM binds IPC sockets there, whose paths must stay under 107 bytes (an xdist
     # worker's tmp_path, /tmp/pytest-of-root/pytest-N/popen-gwK/test_..., leaves no room for the socket's name).
-    with tempfile.TemporaryDirectory(prefix="pf-bench-") as short_tmp:
+    with tempfile.TemporaryDirectory(prefix="pf-bench-", ignore_cleanup_errors=True) as short_tmp:
         env = {**os.environ, "POLYFUSE_CACHE": str(bench_cache), "TMPDIR": short_tmp, "OMP_NUM_THREADS": "1"}
         done = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=tmp_path, capture_output=True,
                               text=True, timeout=900, check=False, env=env)  # fmt: skip
