@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
 import numpy as np
-from pydantic import Field, SerializeAsAny, WrapValidator
+from pydantic import Field, SerializeAsAny, WrapValidator, model_serializer
 
 from polyfuse.config import StrictModel
 from polyfuse.data.schemas import stable_id
@@ -57,6 +57,15 @@ class SamplingSettings(StrictModel):
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @model_serializer(mode="wrap")
+    def _no_empty_stop(self, handler: Any) -> dict[str, Any]:
+        """No `stop` key without stop strings: the configs, fingerprints and rows of such runs stay what they were
+        before stop strings existed, so their cached stages stay valid."""
+        data = handler(self)
+        if not self.stop:
+            data.pop("stop", None)
+        return data
 
 
 class SamplingParams(SamplingSettings):
