@@ -93,11 +93,14 @@ class Sizes:
     po_lr: float = 5e-5  # DPO and InfiFPO (LoRA)
     device: str = "cpu"
     vllm: bool = False  # sample the sources with vLLM (the GPU size)
+    qwen: bool = False  # Qwen2.5-Coder-1.5B-Instruct as a further source and teacher (its export: ~6 CPU minutes, once)
 
+
+LATER_KNOBS = {"qwen": False}  # knob -> its default
 
 PRESETS = {
     "cpu": Sizes(),
-    "smoke": Sizes(train_pool=24, test_items=2, specialist_steps=1, sample_prompts=2, samples=2, gold_texts=2,
+    "smoke": Sizes(train_pool=24, test_items=2, specialist_steps=2, sample_prompts=2, samples=2, gold_texts=2,
                    train_epochs=1.0, batch=2, max_new_tokens=4, shots=0),
     # one H100 (bench/gpu_check.py, <= 8 minutes): 20x the test items and 10x the training, vLLM sampling
     "gpu": Sizes(train_pool=4000, test_items=1000, specialist_steps=150, sample_prompts=300, samples=8,
@@ -301,7 +304,8 @@ def distill_recipe(tier: Tier, texts: Path) -> Recipe:
     sizes = tier.sizes
     recipe = {
         "name": "real-tier-distill", "seed": 0,
-        "sources": [{"name": "gemma3", "path": tier.teacher_path(), "device": sizes.device}],
+        "sources": [{"name": "gemma3", "path": tier.teacher_path(), "device": sizes.device},
+                    *([{"name": "qwen-coder", "path": "packaged://qwen-coder", "device": sizes.device}] if sizes.qwen else [])],
         "pivot": tier.pivot().model_dump(exclude_defaults=True),
         "prompts": {"path": str(tier.root / "data" / "test.jsonl")},  # unused by the teacher stage (it reads `data`)
         "stages": ["prompts", "teacher"],
@@ -348,7 +352,8 @@ def implicit_recipe(tier: Tier, trained: dict[str, str], prompts: Path) -> Recip
     sources = [{**pivot, "name": "smollm2"}, *({"name": f"spec-{t}", "path": trained[t], "device": sizes.device}
                                               for t in tier.tasks),
                {"name": "gemma3", "path": tier.teacher_path(), "device": sizes.device,
-                "sampling": {**sampling, "stop": ["\n"]}}]  # a base model: it never ends its turn
+                "sampling": {**sampling, "stop": ["\n"]}},  # a base model: it never ends its turn
+               *([{"name": "qwen-coder", "path": "packaged://qwen-coder", "device": sizes.device}] if sizes.qwen else [])]
     recipe = {
         "name": "real-tier-implicit", "seed": 0,
         "sources": [{"sampling": sampling, **s, "backend": backend} for s in sources],
@@ -437,7 +442,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="evidence JSON and PNGs (default docs/evidence)")
     args = parser.parse_args()
     name, sizes = sizes_of(args)
-    key = hashlib.sha256(json.dumps(asdict(sizes), sort_keys=True).encode()).hexdigest()[:10]
+    # knobs added later count only when set, so that a cache made before them is still found
+    hashed = {k: v for k, v in asdict(sizes).items() if not (k in LATER_KNOBS and v == LATER_KNOBS[k])}
+    key = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:10]
     work = args.work_dir.with_name(args.work_dir.name + "-smoke") if args.smoke else args.work_dir
     tier = Tier(sizes, work / f"{name}-{key}", args.out or (work / "evidence" if args.smoke else Path("docs/evidence")),
                 args.smoke)
