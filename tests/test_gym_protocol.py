@@ -4,6 +4,7 @@ around it, prints the hypotheses table, and a rerun redoes nothing; validation a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -108,8 +109,11 @@ def test_tuning_picks_the_best_validation_rate_runs_only_the_asked_methods_and_r
     monkeypatch.syspath_prepend(str(BENCH))
     import gym_protocol
 
-    protocol = gym_protocol.Protocol("tiny", [0, 1, 2, 3, 4], [0.1, 0.3, 1.0], [1.0], {"validation": 4, "test": 4}, False,
+    protocol = gym_protocol.Protocol("tiny", [0, 1, 2, 3, 4], None, [1.0], {"validation": 4, "test": 4}, False,
                                      tmp_path, tmp_path / "out", methods=("dpo",))
+    # no --lr-scales: each family's own grid, the preference families' reaching a tenth of the recipe's rate
+    assert protocol.grid("implicit") == [0.1, 0.3, 1.0] and protocol.grid("distill") == pytest.approx([1 / 3, 1, 3])
+    assert dataclasses.replace(protocol, lr_scales=[2.0]).grid("implicit") == [2.0]
     best_lr = 3e-4 * 0.3
 
     def scores(protocol, spec, split):  # validation accuracy peaks at the middle rate; test is per seed
