@@ -20,7 +20,14 @@ import signal
 import sys
 import tempfile
 
-PRELOAD = ["torch", "transformers", "datasets", "polyfuse.cli.main", "polyfuse.pipeline.runner", "polyfuse.trainers"]
+# What a run of the tiny recipe imports, beyond `import transformers` (lazy: the model classes, the trainer) and
+# polyfuse's CLI (lazy: stages, toy world, trainers, plots, statistics): a kill-and-rerun of that recipe took
+# 11-12 s with the first six preloaded and 6-7 s with all (load 3, 2 cores).
+PRELOAD = ["torch", "transformers", "datasets", "polyfuse.cli.main", "polyfuse.pipeline.runner", "polyfuse.trainers",
+           "transformers.modeling_utils", "transformers.trainer", "peft", "accelerate", "matplotlib.pyplot",
+           "scipy.stats", "polyfuse.toyworld", "polyfuse.pipeline.stages", "polyfuse.trainers.preference",
+           "polyfuse.trainers.sft", "polyfuse.evaluation", *(f"transformers.models.{arch}.modeling_{arch}"
+                                                             for arch in ("gpt2", "llama", "mistral", "qwen3"))]
 
 
 def install(kill_before: str | None, contains: str | None, log: str | None, kill_at: int | None = None) -> None:
