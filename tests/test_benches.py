@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from warm_python import run_script
+import warm_python
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 BENCHES = sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("_"))
@@ -245,7 +245,7 @@ def test_smoke_run(script, bench_cache, tmp_path, request):
     # worker's tmp_path, /tmp/pytest-of-root/pytest-N/popen-gwK/test_..., leaves no room for the socket's name).
     with tempfile.TemporaryDirectory(prefix="pf-bench-", ignore_cleanup_errors=True) as short_tmp:
         env = {**os.environ, "POLYFUSE_CACHE": str(bench_cache), "TMPDIR": short_tmp, "OMP_NUM_THREADS": "1"}
-        done = run_script(BENCH / script, args, tmp_path, env, timeout=900)  # as `python bench/SCRIPT ARGS`
+        done = warm_python.run([BENCH / script, *args], tmp_path, env, timeout=900)  # python bench/SCRIPT ARGS
     assert done.returncode == 0, f"{script} {' '.join(args)}:\n{done.stdout[-3000:]}\n{done.stderr[-4000:]}"
     for pattern in smoke.prints:
         assert re.search(pattern, done.stdout, re.MULTILINE), f"{script}: no line matches {pattern!r}:\n{done.stdout}"
