@@ -89,13 +89,20 @@ SMOKE = ["prompts.toyworld.per_domain=8", "sample.chunk_size=8", "sft.epochs=1",
          "po.epochs=1", "po.batch_size=4", "distill.epochs=1", "distill.batch_size=4"]
 
 
+# The grid, in multiples of each method's recipe learning rate. The preference families go down to a tenth: their
+# recipes' 3e-4 overshoots on the gym: on 1/3, 1, 3 every PO and unpaired objective chose the lowest rate, accuracy
+# falling with the rate; on 0.1, 0.3, 1 the implicit methods chose 0.1, and DPO at 1/30 did no better (results.md).
+DEFAULT_LR_SCALES = [1 / 3, 1.0, 3.0]
+LR_SCALES = {"implicit": [0.1, 0.3, 1.0], "unpaired": [0.1, 0.3, 1.0]}
+
+
 @dataclass(frozen=True)
 class Protocol:
     """What one run of the protocol is: the world, the seeds, the grid and the item counts."""
 
     preset: str
     seeds: list[int]
-    lr_scales: list[float]
+    lr_scales: list[float] | None  # None: each family's own grid (`LR_SCALES`)
     kd_scales: list[float]  # the distillation term's weight: multiples of each distillation method's default
     items: dict[str, int]  # split (validation, test) -> items per domain
     smoke: bool
@@ -111,9 +118,9 @@ class Protocol:
         return cls(args.preset, args.seeds, args.lr_scales, args.kd_scales, items, args.smoke,
                    args.work_dir / f"{args.preset}-{key}", args.out, tuple(args.methods or ()))
 
-    @property
-    def tuning(self) -> bool:
-        return len(self.lr_scales) > 1
+    def grid(self, family: str) -> list[float]:
+        """The learning-rate multiples a family's methods are tuned over."""
+        return self.lr_scales or LR_SCALES.get(family, DEFAULT_LR_SCALES)
 
 
 def say(message: str) -> None:
@@ -264,13 +271,15 @@ class Family:
         return run_folder(self.folders[method], chosen["learning_rate"], seed, chosen.get("kd_scale", 1.0)) / "model"
 
     def tuned(self, method: str, base_lr: float, train: Train, folder: Path | None = None,
-              seeds: list[int] | None = None, kd_scales: Sequence[float] | None = None) -> None:
+              seeds: list[int] | None = None, kd_scales: Sequence[float] | None = None,
+              scales: Sequence[float] | None = None) -> None:
         """The protocol for one trained method: the grid with seed 0 on validation, then every seed on test. `folder`:
         where its runs live when another family shares them (default: this family's folder); `seeds` (default the
         protocol's): `[]` only chooses the rate, whose other seeds a later call trains and scores. A distillation
         method (`kd_scales` given; `train` then takes the scale as a fourth argument) also tunes the weight of its
         distillation term, coordinate-wise: the rate at the method's default weight first, then each multiple of
-        that weight in `kd_scales` at the chosen rate (1 = the default, already trained)."""
+        that weight in `kd_scales` at the chosen rate (1 = the default, already trained). `scales` (default the
+        family's grid): `[1.0]` trains `base_lr` alone, an ablation at its parent method's chosen rate."""
         if self.protocol.methods and method not in self.protocol.methods:
             return
         folder = self.folders.setdefault(method, folder or self.folder / method)
@@ -294,7 +303,7 @@ class Family:
             evaluations.append(eval_path(self.protocol, self.spec(model), split).with_suffix(".cost.json"))
             return scores(self.protocol, self.spec(model), split)
 
-        grid = [base_lr * scale for scale in self.protocol.lr_scales]
+        grid = [base_lr * scale for scale in scales or self.protocol.grid(self.name)]
         validation: dict[tuple[float, float], tuple[float, float]] = {}
 
         def validate(lr: float, kd: float) -> bool:
@@ -310,7 +319,7 @@ class Family:
 
         chosen = (grid[0], 1.0)
         weights = [kd for kd in kd_scales or [] if kd != 1.0]
-        if self.protocol.tuning or weights:
+        if len(grid) > 1 or weights:
             if not all(validate(lr, 1.0) for lr in grid):
                 return
             chosen = best([(lr, 1.0) for lr in grid])
@@ -713,6 +722,11 @@ def onpolicy(protocol: Protocol) -> Family:
 
 UNPAIRED = {"cgpo": "[prompts, sample, score, pairs, sft, logprobs, consensus, upo]",  # objective -> its stages
             "kto": "[prompts, sample, score, pairs, sft, logprobs, upo]"}
+# CGPO with one thing changed (issue 24 item 5), at CGPO's chosen rate on the same rows: the other two reference
+# assignments, and no warm-up of the U rows.
+CGPO_ABLATIONS = {"cgpo-policy-anchored": {"reference": "policy_anchored"},
+                  "cgpo-consensus-anchored": {"reference": "consensus_anchored"},
+                  "cgpo-no-warmup": {"undesirable_warmup_steps": 0}}
 # Stages whose config and inputs no objective changes: KTO's data run takes CGPO's (same seed) instead of redoing them.
 SHARED_STAGES = ("prompts", "sample", "score", "sft")
 # The data run's own `upo` stage (the pipeline scores unpaired rows only when a recipe trains on them) trains a few
@@ -785,17 +799,24 @@ def unpaired(protocol: Protocol) -> Family:
     family.fixed("pivot", recipe.pivot)
     family.per_seed("sft", lambda seed: Path(data(seed, "cgpo")[1].output("sft", "model")))
     oracle(family, list(recipe.sources))
-    for objective in UNPAIRED:
-        def train(seed: int, lr: float, folder: Path, objective: str = objective) -> Path:
+    def trainer(objective: str, changed: dict[str, Any]) -> Train:
+        def train(seed: int, lr: float, folder: Path) -> Path:
             recipe, ctx, rows = data(seed, objective)
             model = folder / "model"
             if not model.is_dir():
-                config = with_section(recipe, "upo", seed, lr).upo.model_copy(update={"epochs": trained.epochs})
+                section = with_section(recipe, "upo", seed, lr).upo
+                config = section.model_copy(update={"epochs": trained.epochs,
+                                                    "objective_args": {**section.objective_args, **changed}})
                 train_unpaired(spec_at(recipe, ctx.output("sft", "model")), read_rows(rows, UnpairedRow), config,
                                model, data_path=rows)
             return model
+        return train
 
-        family.tuned(objective, trained.learning_rate, train)
+    for objective in UNPAIRED:
+        family.tuned(objective, trained.learning_rate, trainer(objective, {}))
+    if "learning_rate" in family.chosen.get("cgpo", {}):
+        for variant, changed in CGPO_ABLATIONS.items():
+            family.tuned(variant, family.chosen["cgpo"]["learning_rate"], trainer("cgpo", changed), scales=[1.0])
     return family
 
 
@@ -803,7 +824,7 @@ FAMILIES: dict[str, Callable[[Protocol], Family]] = {"implicit": implicit, "merg
                                                      "unpaired": unpaired, "onpolicy": onpolicy}
 # Baselines every method of a family is compared with (where the family has them).
 BASELINES = {"implicit": ["sft", "dpo"], "merge": ["specialists", "multitask"], "distill": ["sft-gold"],
-             "unpaired": ["sft", "pivot"], "onpolicy": ["sft-gold"]}
+             "unpaired": ["sft", "pivot", "cgpo"], "onpolicy": ["sft-gold"]}
 
 
 # ------------------------------------------------------------------------------------------------ hypotheses
@@ -914,7 +935,7 @@ def report(family: Family) -> Evidence:
     """The family's experiment file (with how its runs were made and what they cost), table and chart."""
     experiment = f"{family.protocol.preset}-{family.name}"
     evidence = build_evidence(experiment, family.runs, comparison_pairs(family))
-    evidence.protocol = {"seeds": family.protocol.seeds, "lr_scales": family.protocol.lr_scales,
+    evidence.protocol = {"seeds": family.protocol.seeds, "lr_scales": family.protocol.grid(family.name),
                          "methods_run": list(family.runs), "chosen": family.chosen, "notes": family.notes,
                          "data": {str(seed): found for seed, found in family.data.items()}}
     family.protocol.out.mkdir(parents=True, exist_ok=True)
@@ -951,8 +972,9 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny", help="toy world preset (tiny, default; gym, gym-tiny)")
     parser.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--lr-scales", type=float, nargs="+", default=[1 / 3, 1.0, 3.0],
-                        help="the grid: multiples of each method's recipe learning rate")
+    parser.add_argument("--lr-scales", type=float, nargs="+", default=None,
+                        help="the grid: multiples of each method's recipe learning rate (default: 0.1, 0.3, 1 for the "
+                        "preference families, implicit and unpaired; 1/3, 1, 3 for the others)")
     parser.add_argument("--kd-scales", type=float, nargs="+", default=[1.0, 0.1],
                         help="distillation methods also tune their distillation term's weight: multiples of the "
                         "method's default (ULD lambda_kd 1, FuseLLM 1 - ce_weight = 0.1), tried at the chosen rate")
@@ -993,7 +1015,7 @@ def main() -> None:
         return
     evidence = {}
     for name in args.families:
-        say(f"family {name}: {len(args.seeds)} seeds, grid {args.lr_scales}, {args.validation_items} validation "
+        say(f"family {name}: {len(args.seeds)} seeds, grid {protocol.grid(name)}, {args.validation_items} validation "
             f"and {args.items} test items per domain")
         evidence[name] = report(FAMILIES[name](protocol))
     for name in FAMILIES.keys() - evidence.keys():  # families run before (`--families` runs compose)

@@ -4,6 +4,7 @@ around it, prints the hypotheses table, and a rerun redoes nothing; validation a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -25,12 +26,13 @@ FAMILIES = {
                  "infifpo-average", "infifpo-no-clip", "infifpo-no-ln"},
     "merge": {"base", "specialists", "multitask", "linear", "task_arithmetic", "ties", "rsaf", "ties-matched"},
     "distill": {"pivot", "oracle", "sft-gold", "uld-uncertainty", "uld-average", "fusellm-min-ce"},
-    "unpaired": {"pivot", "sft", "oracle", "cgpo", "kto"},
+    "unpaired": {"pivot", "sft", "oracle", "cgpo", "kto", "cgpo-policy-anchored", "cgpo-consensus-anchored",
+                 "cgpo-no-warmup"},
     "onpolicy": {"pivot", "oracle", "sft-gold", "offpolicy-xtoken", "onpolicy-xtoken", "onpolicy-one-teacher",
                  "onpolicy-gold", "onpolicy-uld", "onpolicy-hybrid"},
 }
 BASELINES = {"implicit": ["sft", "dpo"], "merge": ["specialists", "multitask"], "distill": ["sft-gold"],
-             "unpaired": ["sft", "pivot"], "onpolicy": ["sft-gold"]}
+             "unpaired": ["sft", "pivot", "cgpo"], "onpolicy": ["sft-gold"]}
 
 
 def smoke(tmp_path: Path) -> str:
@@ -83,6 +85,12 @@ def test_smoke_writes_evidence_and_resumes(tmp_path):
     for stage in ("prompts", "sample", "score", "sft"):  # KTO's data run took CGPO's (hard links), never redid them
         assert (unpaired / "kto" / stage / "manifest.json").read_bytes() == (unpaired / "cgpo" / stage /
                                                                              "manifest.json").read_bytes()
+    for variant, changed in {"policy-anchored": ("reference", "policy_anchored"),
+                             "no-warmup": ("undesirable_warmup_steps", 0)}.items():  # one change, CGPO's rate
+        (run,) = unpaired.parents[1].glob(f"cgpo-{variant}/*/seed0/model/polyfuse_training.json")
+        config = json.loads(run.read_text())["config"]
+        assert config["objective_args"][changed[0]] == changed[1] and config["objective"] == "cgpo"
+        assert run.parts[-4] == next(unpaired.parents[1].glob("cgpo/*/seed0")).parts[-2]
     before = {p: p.read_bytes() for p in (tmp_path / "evidence").glob("*.json")}
     again = smoke(tmp_path)
     assert not re.search(r"\] (\w+: trained|evaluate) ", again), again  # no training, no evaluation
@@ -106,8 +114,11 @@ def test_tuning_picks_the_best_validation_rate_runs_only_the_asked_methods_and_r
     monkeypatch.syspath_prepend(str(BENCH))
     import gym_protocol
 
-    protocol = gym_protocol.Protocol("tiny", [0, 1, 2, 3, 4], [0.1, 0.3, 1.0], [1.0], {"validation": 4, "test": 4}, False,
+    protocol = gym_protocol.Protocol("tiny", [0, 1, 2, 3, 4], None, [1.0], {"validation": 4, "test": 4}, False,
                                      tmp_path, tmp_path / "out", methods=("dpo",))
+    # no --lr-scales: each family's own grid, the preference families' reaching a tenth of the recipe's rate
+    assert protocol.grid("implicit") == [0.1, 0.3, 1.0] and protocol.grid("distill") == pytest.approx([1 / 3, 1, 3])
+    assert dataclasses.replace(protocol, lr_scales=[2.0]).grid("implicit") == [2.0]
     best_lr = 3e-4 * 0.3
 
     def scores(protocol, spec, split):  # validation accuracy peaks at the middle rate; test is per seed

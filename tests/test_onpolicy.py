@@ -171,6 +171,29 @@ def test_the_teachers_end_of_turn_is_a_special_token_and_w_pairs_it_with_the_stu
         teacher.close()
 
 
+def test_offline_projections_pair_the_end_of_turn_as_on_policy_does(tiny_world, tmp_path):
+    """A stored teacher's W (`polyfuse train distill` with a projecting objective) gives the student's end-of-turn
+    token weight 1 on the teacher's, the same matrix the on-policy teacher builds, not a W whose only row for
+    the teacher's end of turn is the catch-all remainder."""
+    from polyfuse.data import SFTRow
+    from polyfuse.teacher import TeacherConfig, open_stores, run_teacher
+    from polyfuse.teacher.targets import store_projections
+
+    student = load_tokenizer(toy(tiny_world, "pivot"))
+    teacher_spec = toy(tiny_world, "gpt2-arithmetic")
+    run_teacher([SFTRow(id="r0", prompt="What is 3 + 4?", completion="7")], TeacherConfig(models=[teacher_spec], top_k=4),
+                tmp_path / "store", quiet=True)
+    (offline,) = store_projections(open_stores(tmp_path / "store"), student, "exact")
+    online = OnlineTeacher(teacher_spec, 4, student)
+    try:
+        teacher_end = online.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        column = offline.weights_t.to_dense()[teacher_end]
+        assert column.nonzero().flatten().tolist() == [student.eos_token_id] and column[student.eos_token_id] == 1
+        assert torch.equal(offline.weights_t.to_dense(), online.projection.weights_t.to_dense())
+    finally:
+        online.close()
+
+
 # ---- the loss on the student's own tokens, against TRL -------------------------------------------------------
 
 

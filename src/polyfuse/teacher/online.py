@@ -112,6 +112,14 @@ def turn_end(tokenizer: Any, specials: set[int]) -> int | None:
     return None if end is None else int(encoded.response_ids[end])
 
 
+def stop_pair(student_tokenizer: Any, teacher_tokenizer: Any) -> tuple[int, int] | None:
+    """(the student's end-of-turn id, the teacher's): the one special-token row of a projection W, so that where the
+    teacher ends its turn its mass meets the student's stop, not the catch-all remainder; None when either has none."""
+    stops = (turn_end(student_tokenizer, set(student_tokenizer.all_special_ids)),
+             turn_end(teacher_tokenizer, set(teacher_tokenizer.all_special_ids)))
+    return None if None in stops else stops
+
+
 def written_text(tokenizer: Any, prompt: Any, completion: str) -> StudentText:
     """A written completion (a data row's) in the student's own template: spans from its offsets, the stop at its
     end-of-turn marker."""
@@ -173,9 +181,8 @@ class OnlineTeacher:
         served = backend_max_length(model)
         self.max_length = min(served or 10**9, length_limit(load_config(model), None))
         self.specials = set(self.tokenizer.all_special_ids)
-        stops = (turn_end(student_tokenizer, set(student_tokenizer.all_special_ids)), turn_end(self.tokenizer, self.specials))
         self.projection: Projection = projection(student_tokenizer, self.tokenizer, match=match,
-                                                 stop_pair=None if None in stops else stops)
+                                                 stop_pair=stop_pair(student_tokenizer, self.tokenizer))
         self.same_vocabulary = self.tokenizer.get_vocab() == student_tokenizer.get_vocab()
         self.skipped = 0  # rows this teacher could not score (too long, a template that rewrites the text)
 

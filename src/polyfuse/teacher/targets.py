@@ -24,7 +24,7 @@ from polyfuse.data.schemas import SFTRow, response_text
 from polyfuse.errors import DataError
 from polyfuse.models import ModelSpec, load_tokenizer
 from polyfuse.objectives.distill import AlignedRow, DistillObjective, Groups, Projection, TeacherVocabulary
-from polyfuse.teacher.online import end_of_turn
+from polyfuse.teacher.online import end_of_turn, stop_pair
 from polyfuse.teacher.store import TeacherExample, TeacherStore, read_shard, read_shard_ids
 
 Alignment = Literal["positional", "offsets", "dp"]
@@ -70,12 +70,14 @@ def load_teachers(stores: list[TeacherStore], pivot_tokenizer: Any, alignment: A
 
 def store_projections(stores: list[TeacherStore], pivot_tokenizer: Any, match: str | None) -> list[Projection | None]:
     """Each stored teacher's vocabulary projection for an objective that reads one (`match`: its match rule,
-    `DistillObjective.projection_match`); Nones otherwise."""
+    `DistillObjective.projection_match`) with the end-of-turn pair as on-policy builds it; Nones otherwise."""
     from polyfuse.alignment.projection import projection
 
     if match is None:
         return [None] * len(stores)
-    return [projection(pivot_tokenizer, _tokenizer(store), match=match) for store in stores]
+    tokenizers = [_tokenizer(store) for store in stores]
+    return [projection(pivot_tokenizer, tokenizer, match=match, stop_pair=stop_pair(pivot_tokenizer, tokenizer))
+            for tokenizer in tokenizers]
 
 
 def align_groups(alignment: Alignment, student_spans: list, teacher: TeacherExample,
