@@ -8,13 +8,12 @@ import dataclasses
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import warm_python
 from polyfuse.data.io import write_rows
 from polyfuse.data.schemas import PreferenceRow
 from polyfuse.evaluation.evidence import read_evidence, recompute
@@ -38,9 +37,8 @@ BASELINES = {"implicit": ["sft", "dpo"], "merge": ["specialists", "multitask"], 
 
 def smoke(tmp_path: Path) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(BENCH / "gym_protocol.py"), "--smoke", "--work-dir",
-                           str(tmp_path / "work"), "--out", str(tmp_path / "evidence")],
-                          capture_output=True, text=True, env=env, timeout=900, check=False)  # fmt: skip
+    done = warm_python.run([BENCH / "gym_protocol.py", "--smoke", "--work-dir", tmp_path / "work", "--out",
+                            tmp_path / "evidence"], env=env, timeout=900)  # as python bench/gym_protocol.py
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done.stdout
 
