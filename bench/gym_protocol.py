@@ -271,13 +271,15 @@ class Family:
         return run_folder(self.folders[method], chosen["learning_rate"], seed, chosen.get("kd_scale", 1.0)) / "model"
 
     def tuned(self, method: str, base_lr: float, train: Train, folder: Path | None = None,
-              seeds: list[int] | None = None, kd_scales: Sequence[float] | None = None) -> None:
+              seeds: list[int] | None = None, kd_scales: Sequence[float] | None = None,
+              scales: Sequence[float] | None = None) -> None:
         """The protocol for one trained method: the grid with seed 0 on validation, then every seed on test. `folder`:
         where its runs live when another family shares them (default: this family's folder); `seeds` (default the
         protocol's): `[]` only chooses the rate, whose other seeds a later call trains and scores. A distillation
         method (`kd_scales` given; `train` then takes the scale as a fourth argument) also tunes the weight of its
         distillation term, coordinate-wise: the rate at the method's default weight first, then each multiple of
-        that weight in `kd_scales` at the chosen rate (1 = the default, already trained)."""
+        that weight in `kd_scales` at the chosen rate (1 = the default, already trained). `scales` (default the
+        family's grid): `[1.0]` trains `base_lr` alone, an ablation at its parent method's chosen rate."""
         if self.protocol.methods and method not in self.protocol.methods:
             return
         folder = self.folders.setdefault(method, folder or self.folder / method)
@@ -301,7 +303,7 @@ class Family:
             evaluations.append(eval_path(self.protocol, self.spec(model), split).with_suffix(".cost.json"))
             return scores(self.protocol, self.spec(model), split)
 
-        grid = [base_lr * scale for scale in self.protocol.grid(self.name)]
+        grid = [base_lr * scale for scale in scales or self.protocol.grid(self.name)]
         validation: dict[tuple[float, float], tuple[float, float]] = {}
 
         def validate(lr: float, kd: float) -> bool:
@@ -720,6 +722,11 @@ def onpolicy(protocol: Protocol) -> Family:
 
 UNPAIRED = {"cgpo": "[prompts, sample, score, pairs, sft, logprobs, consensus, upo]",  # objective -> its stages
             "kto": "[prompts, sample, score, pairs, sft, logprobs, upo]"}
+# CGPO with one thing changed (issue 24 item 5), at CGPO's chosen rate on the same rows: the other two reference
+# assignments, and no warm-up of the U rows.
+CGPO_ABLATIONS = {"cgpo-policy-anchored": {"reference": "policy_anchored"},
+                  "cgpo-consensus-anchored": {"reference": "consensus_anchored"},
+                  "cgpo-no-warmup": {"undesirable_warmup_steps": 0}}
 # Stages whose config and inputs no objective changes: KTO's data run takes CGPO's (same seed) instead of redoing them.
 SHARED_STAGES = ("prompts", "sample", "score", "sft")
 # The data run's own `upo` stage (the pipeline scores unpaired rows only when a recipe trains on them) trains a few
@@ -792,17 +799,24 @@ def unpaired(protocol: Protocol) -> Family:
     family.fixed("pivot", recipe.pivot)
     family.per_seed("sft", lambda seed: Path(data(seed, "cgpo")[1].output("sft", "model")))
     oracle(family, list(recipe.sources))
-    for objective in UNPAIRED:
-        def train(seed: int, lr: float, folder: Path, objective: str = objective) -> Path:
+    def trainer(objective: str, changed: dict[str, Any]) -> Train:
+        def train(seed: int, lr: float, folder: Path) -> Path:
             recipe, ctx, rows = data(seed, objective)
             model = folder / "model"
             if not model.is_dir():
-                config = with_section(recipe, "upo", seed, lr).upo.model_copy(update={"epochs": trained.epochs})
+                section = with_section(recipe, "upo", seed, lr).upo
+                config = section.model_copy(update={"epochs": trained.epochs,
+                                                    "objective_args": {**section.objective_args, **changed}})
                 train_unpaired(spec_at(recipe, ctx.output("sft", "model")), read_rows(rows, UnpairedRow), config,
                                model, data_path=rows)
             return model
+        return train
 
-        family.tuned(objective, trained.learning_rate, train)
+    for objective in UNPAIRED:
+        family.tuned(objective, trained.learning_rate, trainer(objective, {}))
+    if "learning_rate" in family.chosen.get("cgpo", {}):
+        for variant, changed in CGPO_ABLATIONS.items():
+            family.tuned(variant, family.chosen["cgpo"]["learning_rate"], trainer("cgpo", changed), scales=[1.0])
     return family
 
 
@@ -810,7 +824,7 @@ FAMILIES: dict[str, Callable[[Protocol], Family]] = {"implicit": implicit, "merg
                                                      "unpaired": unpaired, "onpolicy": onpolicy}
 # Baselines every method of a family is compared with (where the family has them).
 BASELINES = {"implicit": ["sft", "dpo"], "merge": ["specialists", "multitask"], "distill": ["sft-gold"],
-             "unpaired": ["sft", "pivot"], "onpolicy": ["sft-gold"]}
+             "unpaired": ["sft", "pivot", "cgpo"], "onpolicy": ["sft-gold"]}
 
 
 # ------------------------------------------------------------------------------------------------ hypotheses

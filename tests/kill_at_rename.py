@@ -9,18 +9,17 @@ never renamed into place.
 Or the kill point is the n-th rename of the run (`kill_at`), as `bench/kill_suite.py` uses it.
 
 `launch` runs the command in a child of a fork server that has imported torch, transformers and polyfuse
-once, so a kill-and-rerun costs the work, not the imports.
+once (`warm_python`), so a kill-and-rerun costs the work, not the imports.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import sys
 import tempfile
 
-PRELOAD = ["torch", "transformers", "datasets", "polyfuse.cli.main", "polyfuse.pipeline.runner", "polyfuse.trainers"]
+from warm_python import fork_server
 
 
 def install(kill_before: str | None, contains: str | None, log: str | None, kill_at: int | None = None) -> None:
@@ -62,20 +61,13 @@ def _child(argv: list[str], kill_before: str | None, contains: str | None, log: 
     main(argv)
 
 
-_context = None
-
-
 def launch(argv: list[str], kill_before: str | None = None, contains: str | None = None, log: str | None = None,
            kill_after_s: float | None = None, kill_at: int | None = None, timeout_s: float = 600) -> int:
     """Run `polyfuse ARGV` with the kill point (see `install`); returns the exit code: 0, or -9 when killed (at
     the kill point, or after `kill_after_s` seconds: a random kill). Anything else raises, with the output."""
-    global _context
-    if _context is None:
-        _context = multiprocessing.get_context("forkserver")
-        _context.set_forkserver_preload(PRELOAD)
     handle, output = tempfile.mkstemp(prefix="polyfuse-kill-", suffix=".out")
     os.close(handle)
-    process = _context.Process(target=_child, args=(argv, kill_before, contains, log, output, kill_at))
+    process = fork_server().Process(target=_child, args=(argv, kill_before, contains, log, output, kill_at))
     process.start()
     process.join(kill_after_s if kill_after_s is not None else timeout_s)
     if process.exitcode is None:

@@ -5,7 +5,9 @@ smoke run) fails `test_every_bench_has_a_smoke_run`. The benches that compare
 with an optional peer (TRL, mergekit) answer `--help` without it and say what they need.
 
 The smoke runs share one polyfuse cache holding the session's tiny toy world (built once, `tiny_world`), and each
-runs in its own folder (its working directory and TMPDIR), so nothing is written into the checkout."""
+runs in its own folder (its working directory and TMPDIR), so nothing is written into the checkout. They run as
+`python bench/SCRIPT ARGS` would, in a child of a fork server that imported torch, transformers and polyfuse once
+(`warm_python`): a new interpreter spends seconds on those imports."""
 
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+import warm_python
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 BENCHES = sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("_"))
@@ -246,8 +250,7 @@ def test_smoke_run(script, bench_cache, tmp_path, request):
     # worker's tmp_path, /tmp/pytest-of-root/pytest-N/popen-gwK/test_..., leaves no room for the socket's name).
     with tempfile.TemporaryDirectory(prefix="pf-bench-", ignore_cleanup_errors=True) as short_tmp:
         env = {**os.environ, "POLYFUSE_CACHE": str(bench_cache), "TMPDIR": short_tmp, "OMP_NUM_THREADS": "1"}
-        done = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=900, check=False, env=env)  # fmt: skip
+        done = warm_python.run([BENCH / script, *args], tmp_path, env, timeout=900)  # python bench/SCRIPT ARGS
     assert done.returncode == 0, f"{script} {' '.join(args)}:\n{done.stdout[-3000:]}\n{done.stderr[-4000:]}"
     for pattern in smoke.prints:
         assert re.search(pattern, done.stdout, re.MULTILINE), f"{script}: no line matches {pattern!r}:\n{done.stdout}"

@@ -9,12 +9,12 @@ import json
 import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
+import warm_python
 from polyfuse.data import SFTRow, write_rows
 from polyfuse.errors import UserError
 from polyfuse.trainers.checkpoints import MARKER, checkpoints, is_complete, resolve_resume
@@ -28,7 +28,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], env=ENV, capture_output=True, text=True, timeout=300)
+    """`python ARGS` (in a warm child: `warm_python`)."""
+    return warm_python.run(list(args), env=ENV, timeout=300)
 
 
 def train(world: Path, out: Path, kill_at: str = "", resume: str = "") -> subprocess.CompletedProcess:

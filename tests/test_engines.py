@@ -51,7 +51,8 @@ def test_vllm_backend_agrees_with_transformers_on_smollm2(vllm_python, smollm2_f
            "max_new_tokens": 32, "seeded": GREEDY[:4], "sequences": sequences}
     (tmp_path / "job.json").write_text(json.dumps(job))
     result = subprocess.run([str(vllm_python), "tests/engine_checks.py", str(tmp_path / "job.json"), str(tmp_path / "out.json")],
-                            env=engine_env(), capture_output=True, text=True, timeout=900)
+                            env=engine_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"), capture_output=True, text=True,
+                            timeout=900)  # the engine in this process: see `vllm_recipe_run`
     assert result.returncode == 0, result.stderr[-4000:]
     vllm = json.loads((tmp_path / "out.json").read_text())
 
@@ -146,8 +147,10 @@ def vllm_recipe(tiny_world, work) -> dict:
 @pytest.fixture(scope="module")
 def vllm_recipe_run(vllm_python, tiny_world, tmp_path_factory) -> tuple[Path, dict]:
     """The recipe run once. Its nine engines (three sources: sampling, scoring, evaluation) run inside the
-    polyfuse process (VLLM_ENABLE_V1_MULTIPROCESSING=0): for tiny models the start dominates, and it is
-    half as long there; vLLM's default (an engine process of its own) is what the other tests run."""
+    polyfuse process (VLLM_ENABLE_V1_MULTIPROCESSING=0), as the other engines of this file do: for tiny models
+    the start dominates, and it is half as long there (an engine process of its own imports vLLM twice more);
+    vLLM's default, an engine process of its own, is what the two-process test runs (under a launcher) and the
+    server tests and `bench/sampling_speed.py --smoke` (test_benches) run."""
     folder = tmp_path_factory.mktemp("vllm-recipe")
     recipe = vllm_recipe(tiny_world, folder / "work")
     (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))

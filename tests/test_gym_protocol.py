@@ -8,13 +8,12 @@ import dataclasses
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import warm_python
 from polyfuse.data.io import write_rows
 from polyfuse.data.schemas import PreferenceRow
 from polyfuse.evaluation.evidence import read_evidence, recompute
@@ -27,19 +26,19 @@ FAMILIES = {
                  "infifpo-average", "infifpo-no-clip", "infifpo-no-ln"},
     "merge": {"base", "specialists", "multitask", "linear", "task_arithmetic", "ties", "rsaf", "ties-matched"},
     "distill": {"pivot", "oracle", "sft-gold", "uld-uncertainty", "uld-average", "fusellm-min-ce"},
-    "unpaired": {"pivot", "sft", "oracle", "cgpo", "kto"},
+    "unpaired": {"pivot", "sft", "oracle", "cgpo", "kto", "cgpo-policy-anchored", "cgpo-consensus-anchored",
+                 "cgpo-no-warmup"},
     "onpolicy": {"pivot", "oracle", "sft-gold", "offpolicy-xtoken", "onpolicy-xtoken", "onpolicy-one-teacher",
                  "onpolicy-gold", "onpolicy-uld", "onpolicy-hybrid"},
 }
 BASELINES = {"implicit": ["sft", "dpo"], "merge": ["specialists", "multitask"], "distill": ["sft-gold"],
-             "unpaired": ["sft", "pivot"], "onpolicy": ["sft-gold"]}
+             "unpaired": ["sft", "pivot", "cgpo"], "onpolicy": ["sft-gold"]}
 
 
 def smoke(tmp_path: Path) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(BENCH / "gym_protocol.py"), "--smoke", "--work-dir",
-                           str(tmp_path / "work"), "--out", str(tmp_path / "evidence")],
-                          capture_output=True, text=True, env=env, timeout=900, check=False)  # fmt: skip
+    done = warm_python.run([BENCH / "gym_protocol.py", "--smoke", "--work-dir", tmp_path / "work", "--out",
+                            tmp_path / "evidence"], env=env, timeout=900)  # as python bench/gym_protocol.py
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -86,6 +85,12 @@ def test_smoke_writes_evidence_and_resumes(tmp_path):
     for stage in ("prompts", "sample", "score", "sft"):  # KTO's data run took CGPO's (hard links), never redid them
         assert (unpaired / "kto" / stage / "manifest.json").read_bytes() == (unpaired / "cgpo" / stage /
                                                                              "manifest.json").read_bytes()
+    for variant, changed in {"policy-anchored": ("reference", "policy_anchored"),
+                             "no-warmup": ("undesirable_warmup_steps", 0)}.items():  # one change, CGPO's rate
+        (run,) = unpaired.parents[1].glob(f"cgpo-{variant}/*/seed0/model/polyfuse_training.json")
+        config = json.loads(run.read_text())["config"]
+        assert config["objective_args"][changed[0]] == changed[1] and config["objective"] == "cgpo"
+        assert run.parts[-4] == next(unpaired.parents[1].glob("cgpo/*/seed0")).parts[-2]
     before = {p: p.read_bytes() for p in (tmp_path / "evidence").glob("*.json")}
     again = smoke(tmp_path)
     assert not re.search(r"\] (\w+: trained|evaluate) ", again), again  # no training, no evaluation

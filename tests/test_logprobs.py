@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+import warm_python
 from polyfuse.data import PreferenceRow, read_rows, response_text, write_rows
 from polyfuse.data.io import read_metadata
 from polyfuse.errors import DataError
@@ -260,7 +261,8 @@ def test_fusion_sources_refuses_unnamed_or_misshapen_lists(tmp_path):
 
 
 def polyfuse_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "polyfuse", *map(str, args)], capture_output=True, text=True)
+    """`python -m polyfuse ARGS` (in a warm child: `warm_python`)."""
+    return warm_python.run(["-m", "polyfuse", *args])
 
 
 def test_cli_logprobs_then_train_infifpo(tiny_world, tmp_path):

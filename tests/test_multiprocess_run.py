@@ -58,7 +58,7 @@ def launch_two(work: Path, extra: list[str]) -> subprocess.CompletedProcess:
 def test_two_processes_rerun_with_changed_seeds_give_the_single_process_outputs(tiny_world, tmp_path):
     cache = tiny_world.root.parent
     parallel = tmp_path / "two-processes"  # one work folder for every rerun: each seed change redoes all
-    for seed in (1, 2, 3):
+    for seed in (1, 2):  # the second seed changes every stage's inputs: each folder is deleted and redone
         single = tmp_path / f"one-process-{seed}"
         run_recipe(load_recipe(recipe_path("fusechat3-toy.yaml"), overrides(cache, seed)), single, quiet=True)
         result = launch_two(parallel, overrides(cache, seed))
@@ -67,7 +67,7 @@ def test_two_processes_rerun_with_changed_seeds_give_the_single_process_outputs(
         assert len(list((parallel / "sample" / "shards").glob("*.jsonl"))) > 2  # really sharded
         assert_one_report_of_this_run(parallel, result, skipped=False)
     before = {p: p.stat().st_mtime_ns for p in parallel.rglob("manifest.json")}
-    again = launch_two(parallel, overrides(cache, 3))  # unchanged: every stage is skipped
+    again = launch_two(parallel, overrides(cache, 2))  # unchanged: every stage is skipped
     assert again.returncode == 0, again.stderr[-4000:]
     assert {p: p.stat().st_mtime_ns for p in parallel.rglob("manifest.json")} == before
     assert_one_report_of_this_run(parallel, again, skipped=True)

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+import warm_python
 from polyfuse.data import PreferenceRow, SampleRow, SFTRow, read_rows
 from polyfuse.data.io import read_metadata
 from polyfuse.pipeline.demo import TINY_OVERRIDES, recipe_path
@@ -121,24 +118,23 @@ def test_changed_config_reruns_that_stage_and_what_follows(reference_run, tiny_w
     assert [s for s in STAGES if after[s] != before[s]] == ["po", "eval"]
 
 
-def _run_cli(work: Path, overrides: list[str]) -> subprocess.Popen:
-    args = [sys.executable, "-m", "polyfuse", "run", str(recipe_path("fusechat3-toy.yaml")), "--work-dir", str(work),
-            "--quiet"]
+def _run_cli(work: Path, overrides: list[str]) -> warm_python.Started:
+    """`python -m polyfuse run` of the tiny recipe, started in a process group of its own (a warm child:
+    `warm_python`)."""
+    args = ["-m", "polyfuse", "run", str(recipe_path("fusechat3-toy.yaml")), "--work-dir", str(work), "--quiet"]
     for item in overrides:
         args += ["--set", item]
-    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return warm_python.start(args)
 
 
 def _kill_when(work: Path, overrides: list[str], ready) -> None:
     proc = _run_cli(work, overrides)
     deadline = time.time() + 240
     while not ready(work):
-        assert proc.poll() is None, f"run ended before the kill point: {proc.stderr.read()}"
+        assert proc.poll() is None, f"run ended before the kill point: {proc.stderr()}"
         assert time.time() < deadline, "kill point never reached"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.kill()  # SIGKILL to its process group
 
 
 def _sampling_half_done(work: Path) -> bool:
@@ -158,5 +154,5 @@ def test_killed_run_resumes_to_the_same_result(reference_run, tiny_world, tmp_pa
     _kill_when(work, overrides, kill_point)
     assert not (work / "eval/manifest.json").exists()
     proc = _run_cli(work, overrides)
-    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    assert proc.wait(timeout=300) == 0, proc.stderr()
     assert outputs(work) == outputs(reference_run)
