@@ -340,7 +340,8 @@ def distill_family(tier: Tier) -> None:
             method, recipe, rows, Path(store), tier.root / "distill" / method.key)))
         runs[key] = scores(tier, key, tier.spec(key, model))
     report(tier, "distill", runs, [(m, "sft-gold") for m in [*DISTILL, "pivot"]],
-           {"texts": len(rows), "teachers": {"uld": "gemma3", "fusellm": "gemma3 and the pivot"}})
+           {"texts": len(rows), "teachers": {"uld": [t.label for t in recipe.sources],
+                                              "fusellm": [*(t.label for t in recipe.sources), "pivot"]}})
 
 
 def implicit_recipe(tier: Tier, trained: dict[str, str], prompts: Path) -> Recipe:
