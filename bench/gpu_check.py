@@ -10,6 +10,7 @@ Figures go to stdout as one JSON line per tool and a table; record them in docs/
     python bench/gpu_check.py            # about two minutes on one recent GPU
     python bench/gpu_check.py --smoke    # a tiny random Llama, one step per tool, on CUDA or the CPU: seconds
 
+The real-model tier at its GPU size runs on the same machine: `python bench/real_tier.py --gpu` (docs/real-tier.md).
 Written for a lent GPU machine; it refuses to run without CUDA, except `--smoke` (the plumbing, fp32 on a CPU).
 """
 

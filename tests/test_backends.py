@@ -53,6 +53,8 @@ def test_vllm_engine_arguments_follow_the_model_and_work_around_chunked_seeded_p
     assert cpu["swap_space"] == 0
     gpu = engine_kwargs(model, model.backend, on_cpu=False, context=8192)
     assert "max_model_len" not in gpu and "enforce_eager" not in gpu and gpu["max_num_seqs"] == 8
+    stops = model.model_copy(update={"sampling": model.sampling.model_copy(update={"stop": ["\n"]})})
+    assert engine_kwargs(stops, model.backend, on_cpu=True, context=8192)["skip_tokenizer_init"] is False  # it detokenizes
     pickles = model.model_copy(update={"allow_pickle": True, "path": "/folder/m"})
     assert "load_format" not in engine_kwargs(pickles, model.backend, on_cpu=True, context=None)
 

@@ -147,6 +147,11 @@ SMOKE = {
     "real_math_prompts.py": Smoke(("--smoke",), (
         r"^wrote 24 prompts to real-math-smoke/real-math-train\.jsonl$", r"^wrote 24 prompts to real-math-smoke/real-math-test\.jsonl$",
     ), ("real-math-smoke/real-math-train.jsonl",)),
+    "real_tier.py": Smoke(("--smoke",), (
+        r"^\| linear \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", r"^\| rsaf − specialists \| [+-][\d.]+ \[",
+        r"^\| uld − sft-gold \| ", r"^\| infifpo − dpo \| ", r"^wrote runs/real-tier-smoke/evidence/real-implicit\.json and \.png$",
+    ), tuple(f"runs/real-tier-smoke/evidence/real-{family}.{ext}" for family in ("merge", "distill", "implicit")
+             for ext in ("json", "png"))),
     "real_tier_probe.py": Smoke(("--smoke",), (
         r"^smollm2 +rg:gcd +acc +[\d.]+% \(2\) +gen .* bpb [\d.]+",
         r"^written runs/real_tier_probe\.json",

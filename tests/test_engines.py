@@ -22,6 +22,7 @@ from polyfuse.data.io import read_metadata
 from polyfuse.logprobs import compute_reference_logps, encode_row
 from polyfuse.models import ModelSpec, encode, load_model, load_tokenizer
 from polyfuse.models.forward import pad_token_id, score_sequences
+from polyfuse.models.templates import cut_at_stop
 from polyfuse.pipeline.demo import recipe_path
 from polyfuse.sampling import SamplingParams
 from polyfuse.sampling.transformers_backend import TransformersBackend, TransformersSettings
@@ -44,7 +45,9 @@ def test_vllm_backend_agrees_with_transformers_on_smollm2(vllm_python, smollm2_f
     spec = ModelSpec(name="smollm2", path=str(smollm2_folder))
     tokenizer = load_tokenizer(spec)
     sequences = [(e.input_ids, len(e.prompt_ids)) for e in (encode(tokenizer, p, r) for p, r in SCORED)]
-    job = {"model": {**spec.model_dump(), "backend": {"type": "vllm", "max_model_len": 512}}, "greedy": GREEDY,
+    stop = [".", ","]  # vLLM's own stop strings: the engine starts with its tokenizer to match them
+    job = {"model": {**spec.model_dump(), "backend": {"type": "vllm", "max_model_len": 512}, "sampling": {"stop": stop}},
+           "greedy": GREEDY,
            "max_new_tokens": 32, "seeded": GREEDY[:4], "sequences": sequences}
     (tmp_path / "job.json").write_text(json.dumps(job))
     result = subprocess.run([str(vllm_python), "tests/engine_checks.py", str(tmp_path / "job.json"), str(tmp_path / "out.json")],
@@ -61,6 +64,14 @@ def test_vllm_backend_agrees_with_transformers_on_smollm2(vllm_python, smollm2_f
         first = [tokenizer(text, add_special_tokens=False)["input_ids"][:1] for text in (ours[0], theirs[0])]
         assert first[0] == first[1], (ours, theirs)  # the first token of every response agrees
     assert identical >= len(GREEDY) // 2
+
+    # stop strings: each response is the engine's own full greedy text up to the earliest stop string, as the
+    # transformers backend's (same stop strings) is of its own
+    assert vllm["detokenizes"]
+    stopped = backend.generate_all(GREEDY, SamplingParams(temperature=0.0, max_new_tokens=32, stop=stop), batch_size=4)
+    for cut, whole, ours_cut, ours in zip(vllm["stopped"], vllm["greedy"], stopped, greedy, strict=True):
+        assert cut[0] == cut_at_stop(whole[0], stop).strip() and ours_cut[0] == cut_at_stop(ours[0], stop).strip()
+    assert any(c != w for c, w in zip(vllm["stopped"], vllm["greedy"], strict=True))  # some response was cut
 
     first, again, other = vllm["seeded"]
     assert first == again  # the same seeds give the same samples

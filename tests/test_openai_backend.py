@@ -148,6 +148,19 @@ def test_requests_carry_token_ids_seeds_and_the_mapped_parameters(tiny_world, se
         build_backend(spec)
 
 
+def test_stop_strings_are_sent_and_the_response_ends_before_them(tiny_world, serve):
+    """The server gets OpenAI's `stop`; the text is cut before the earliest stop string as a server that applies
+    it returns it (this one answers " answer N.K " whatever it is sent), so every backend gives the same text."""
+    server = serve()
+    with build_backend(model(tiny_world, server.url)) as backend:
+        texts = backend.generate_all(["a", "b"], PARAMS.model_copy(update={"stop": [".", "never"]}))
+        plain = backend.generate_all(["a"], PARAMS)
+    assert [body["stop"] for body in server.bodies[:2]] == [[".", "never"]] * 2
+    assert "stop" not in server.bodies[2]
+    assert sorted(t for pair in texts for t in pair) == ["answer 1", "answer 1", "answer 2", "answer 2"]
+    assert plain == [["answer 3.0", "answer 3.1"]]
+
+
 def test_it_runs_inside_a_running_event_loop(tiny_world, serve):
     """From code that already runs an event loop (a Jupyter cell), where `asyncio.run` refuses."""
     import asyncio

@@ -84,3 +84,40 @@ def test_two_processes_give_the_same_rows_as_one(tiny_world, tmp_path):
     assert [r.model_dump() for r in parallel] == [r.model_dump() for r in single]
     shards = (tmp_path / "ddp" / "shards").glob("*.jsonl")
     assert sorted(read_metadata(s)["process"] for s in shards) == [0, 0, 1, 1]  # 4 shards, taken in turn
+
+
+def test_a_stop_string_ends_the_response_and_is_not_kept(tiny_world):
+    """transformers stops at the token that completes a stop string (`stop_strings`), and the response is the text
+    before the earliest stop string, as vLLM and OpenAI return it: the greedy text without stop strings, cut."""
+    from polyfuse.models import ModelSpec, render_prompt
+    from polyfuse.sampling import SamplingParams
+    from polyfuse.sampling.transformers_backend import TransformersBackend, TransformersSettings
+
+    backend = TransformersBackend(ModelSpec(path=str(next(iter(tiny_world.source_paths.values())))), TransformersSettings())
+    prompts = [p.prompt for p in tiny_world.prompts("train", per_domain=2)]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=16)
+    full = backend.generate_all(prompts, greedy)
+    first = next(i for i, (text,) in enumerate(full) if len(text) >= 6)
+    stop = full[first][0][2:4]  # two characters inside the first long response
+    cut = backend.generate_all(prompts, greedy.model_copy(update={"stop": [stop, "never-generated"]}))
+    for (whole,), (response,) in zip(full, cut, strict=True):
+        assert response == whole.split(stop)[0].strip()
+        assert stop not in response
+    assert cut != full  # at least the first long response was cut
+    # generation itself stopped: the ids end with the token that completed the stop string
+    prompt_ids = render_prompt(backend.tokenizer, prompts[first])[0]
+    ids = next(backend._sample([prompt_ids], greedy.model_copy(update={"stop": [stop]}), 4, None))[1][0]
+    ids = [i for i in ids if i != backend.tokenizer.pad_token_id]
+    assert stop in backend.tokenizer.decode(ids, skip_special_tokens=True)
+    assert stop not in backend.tokenizer.decode(ids[:-1], skip_special_tokens=True)
+
+
+def test_stop_must_be_a_list_of_non_empty_strings():
+    from polyfuse.sampling.base import SamplingSettings
+
+    assert SamplingSettings(stop=["\n", "User:"]).stop == ["\n", "User:"]
+    with pytest.raises(ConfigError, match=r"stop: Input should be a valid list"):
+        validate(SamplingSettings, {"stop": "\n"})
+    with pytest.raises(ConfigError, match=r"stop\.0: String should have at least 1 character"):
+        validate(SamplingSettings, {"stop": [""]})
+    assert "stop" not in SamplingSettings().model_dump()  # runs without stop strings keep their fingerprints

@@ -79,8 +79,15 @@ def encode(tokenizer, prompt: Any, response: str) -> Encoded:
     return Encoded(prompt_ids, response_ids, "plain")
 
 
-def decode_response(tokenizer, ids: list[int]) -> str:
+def decode_response(tokenizer, ids: list[int], stop: list[str] | None = None) -> str:
     """The text of generated ids, without special tokens and without surrounding whitespace, in both template
-    modes: the plain format's leading space, and the newlines a chat template puts around a turn."""
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    return text.strip()
+    modes: the plain format's leading space, and the newlines a chat template puts around a turn. With `stop`,
+    the text ends before the earliest stop string (which is not kept), as vLLM and OpenAI return it."""
+    return cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop or []).strip()
+
+
+def cut_at_stop(text: str, stop: list[str]) -> str:
+    """`text` up to (not including) the earliest of the `stop` strings, as vLLM and OpenAI return it; applied to every
+    backend's text, so that all give the same response whichever engine stopped early."""
+    ends = [found for s in stop if (found := text.find(s)) >= 0]
+    return text[: min(ends)] if ends else text

@@ -30,13 +30,14 @@ from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
 import numpy as np
-from pydantic import Field, SerializeAsAny, WrapValidator
+from pydantic import Field, SerializeAsAny, WrapValidator, model_serializer
 
 from polyfuse.config import StrictModel
 from polyfuse.data.schemas import stable_id
 from polyfuse.errors import ConfigError, UserError
 from polyfuse.models import ModelSpec, load_generation_config, load_tokenizer
 from polyfuse.models.forward import DEFAULT_TOKEN_BUDGET
+from polyfuse.models.templates import decode_response
 from polyfuse.registry import Registry
 
 
@@ -49,10 +50,22 @@ class SamplingSettings(StrictModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling: keep the most likely tokens up to this mass.")
     repetition_penalty: float = Field(default=1.0, gt=0.0, description="Above 1 discourages repeated tokens.")
     max_new_tokens: int = Field(default=256, ge=1, description="Generation budget per response.")
+    stop: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="Strings that end a response (not kept in it), e.g. [\"\\n\"] for a base "
+        "model that never emits EOS; as vLLM's and OpenAI's `stop`.")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @model_serializer(mode="wrap")
+    def _no_empty_stop(self, handler: Any) -> dict[str, Any]:
+        """No `stop` key without stop strings: the configs, fingerprints and rows of such runs stay what they were
+        before stop strings existed, so their cached stages stay valid."""
+        data = handler(self)
+        if not self.stop:
+            data.pop("stop", None)
+        return data
 
 
 class SamplingParams(SamplingSettings):
@@ -68,6 +81,7 @@ def request_seed(seed: int, position: int) -> int:
 
 
 Done = Callable[[int, list[str]], None]
+
 
 
 @dataclass(frozen=True)
@@ -188,6 +202,10 @@ class Backend(ABC):
         options alone, before any engine starts (the log-prob stage drops longer pairs before it scores
         anything); None: no limit of its own (the model's context still applies)."""
         return None
+
+    def response_text(self, ids: list[int], params: SamplingParams) -> str:
+        """A response's text from its generated ids: decoded, cut at the first stop string, stripped."""
+        return decode_response(self.tokenizer, ids, params.stop)
 
     def seeds_for(self, prompts: list[Any], params: SamplingParams, seeds: list[int] | None) -> list[int]:
         return seeds if seeds is not None else [request_seed(params.seed, i) for i in range(len(prompts))]

@@ -31,7 +31,7 @@ from polyfuse.config import NOT_FINGERPRINTED
 from polyfuse.data.schemas import as_messages
 from polyfuse.errors import ConfigError, UserError
 from polyfuse.models import ModelSpec
-from polyfuse.models.templates import render_prompt
+from polyfuse.models.templates import cut_at_stop, render_prompt
 from polyfuse.sampling.base import (
     BACKENDS,
     Backend,
@@ -121,6 +121,8 @@ class OpenAIBackend(Backend):
         seeds = self.seeds_for(prompts, params, seeds)
         common: dict[str, Any] = {"model": self.served, "n": params.n, "temperature": params.temperature,
                                   "top_p": params.top_p, "max_tokens": params.max_new_tokens}
+        if params.stop:
+            common["stop"] = params.stop
         if params.repetition_penalty != 1.0:  # not in OpenAI's API; vLLM and SGLang read it from the body
             common["extra_body"] = {"repetition_penalty": params.repetition_penalty}
 
@@ -133,7 +135,7 @@ class OpenAIBackend(Backend):
                 ids, _ = render_prompt(self.tokenizer, prompts[i])
                 reply = await client.completions.create(prompt=ids, seed=seed, **common)
                 texts = [choice.text for choice in sorted(reply.choices, key=lambda c: c.index)]
-            done(i, [text.strip() for text in texts])
+            done(i, [cut_at_stop(text, params.stop).strip() for text in texts])
 
         self._run(len(prompts), request)
 

@@ -16,7 +16,7 @@ from polyfuse.models.forward import (
     score_sequences,
     score_topk,
 )
-from polyfuse.models.templates import decode_response, render_prompt
+from polyfuse.models.templates import render_prompt
 from polyfuse.sampling.base import BACKENDS, Backend, BackendSettings, Done, PositionTopK, SamplingParams
 
 np = lazy_import("numpy")
@@ -69,6 +69,8 @@ class TransformersBackend(Backend):
                 "eos_token_id": eos,
                 "repetition_penalty": params.repetition_penalty,
             }
+            if params.stop:  # transformers keeps the stop string in the ids: `response_text` cuts it
+                kwargs.update(stop_strings=params.stop, tokenizer=tokenizer)
             if params.greedy:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             else:
@@ -84,7 +86,7 @@ class TransformersBackend(Backend):
                  batch_size: int = 32, token_budget: int | None = None) -> None:
         encoded = [render_prompt(self.tokenizer, p)[0] for p in prompts]
         for i, texts in self._sample(encoded, params, batch_size, token_budget):
-            done(i, [decode_response(self.tokenizer, seq) for seq in texts])
+            done(i, [self.response_text(seq, params) for seq in texts])
 
     def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams,
                      seeds: list[int] | None = None) -> list[list[list[int]]]:

@@ -36,7 +36,7 @@ from pydantic import Field
 from polyfuse.errors import UserError
 from polyfuse.models import ModelSpec, load_config
 from polyfuse.models.loader import resolved
-from polyfuse.models.templates import decode_response, render_prompt
+from polyfuse.models.templates import render_prompt
 from polyfuse.sampling.base import (
     BACKENDS,
     Backend,
@@ -121,7 +121,8 @@ def engine_kwargs(spec: ModelSpec, config: VllmSettings, on_cpu: bool, context: 
     the model's context size)."""
     kwargs: dict[str, Any] = {
         "model": spec.path,
-        "skip_tokenizer_init": True,
+        # polyfuse hands the engine token ids; it loads its tokenizer only to match a sampled model's stop strings
+        "skip_tokenizer_init": not getattr(getattr(spec, "sampling", None), "stop", None),
         "dtype": spec.dtype,
         "trust_remote_code": spec.trust_remote_code,
         "tensor_parallel_size": config.tensor_parallel_size,
@@ -238,6 +239,7 @@ class VllmBackend(Backend):
         # what vLLM made of it (it caches its settings once an engine core ran in this process)
         self.in_process = type(self.engine.llm_engine.engine_core).__name__ == "InprocClient"
         self.stop_ids = self.stop_token_ids()
+        self.detokenizes = not self.kwargs["skip_tokenizer_init"]
 
     @classmethod
     def max_length(cls, spec: ModelSpec, config: VllmSettings) -> int | None:
@@ -252,9 +254,12 @@ class VllmBackend(Backend):
     def _sampling(self, params: SamplingParams, seed: int | None, **extra: Any) -> Any:
         from vllm import SamplingParams as VllmParams
 
+        # Stop strings are matched on detokenized text: the engine then needs its tokenizer (`engine_kwargs`).
+        # Without one it runs to the token budget and `response_text` cuts the same text.
+        stop = {"stop": params.stop, "detokenize": True} if params.stop and self.detokenizes else {"detokenize": False}
         return VllmParams(
             n=params.n, temperature=params.temperature, top_p=params.top_p, repetition_penalty=params.repetition_penalty,
-            max_tokens=params.max_new_tokens, seed=seed, stop_token_ids=self.stop_ids, detokenize=False, **extra,
+            max_tokens=params.max_new_tokens, seed=seed, stop_token_ids=self.stop_ids, **stop, **extra,
         )
 
     def _check_length(self, ids: list[int], what: str) -> None:
@@ -278,7 +283,7 @@ class VllmBackend(Backend):
                 use_tqdm=False,
             )
             for i, output in zip(batch, outputs, strict=True):
-                done(i, [decode_response(self.tokenizer, list(c.token_ids)) for c in output.outputs])
+                done(i, [self.response_text(list(c.token_ids), params) for c in output.outputs])
 
     def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams,
                      seeds: list[int] | None = None) -> list[list[list[int]]]:
