@@ -83,7 +83,6 @@ def request_seed(seed: int, position: int) -> int:
 Done = Callable[[int, list[str]], None]
 
 
-
 @dataclass(frozen=True)
 class PositionTopK:
     """A model's answer at the P response positions of one scored sequence (`Backend.topk_logprobs`): position p
