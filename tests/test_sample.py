@@ -48,7 +48,7 @@ def test_a_models_sampling_settings_have_no_seed_of_their_own(tiny_world):
     entry = sample_config(tiny_world).model_dump(mode="json", exclude=set(SampleConfig.recipe_only))
     entry["models"][1]["sampling"]["seed"] = 7
     with pytest.raises(ConfigError, match=r"^config: invalid config\n  models.1.sampling.seed: unknown key \(the keys "
-                                          r"here: n, temperature, top_p, repetition_penalty, max_new_tokens\)$"):
+                                          r"here: n, temperature, top_p, repetition_penalty, max_new_tokens, stop\)$"):
         validate(SampleConfig, entry)
 
 
