@@ -43,6 +43,7 @@ from polyfuse.sampling.base import (
     BackendSettings,
     Done,
     PositionTopK,
+    SampledModel,
     SamplingParams,
     ranked_topk,
 )
@@ -122,7 +123,7 @@ def engine_kwargs(spec: ModelSpec, config: VllmSettings, on_cpu: bool, context: 
     kwargs: dict[str, Any] = {
         "model": spec.path,
         # polyfuse hands the engine token ids; it loads its tokenizer only to match a sampled model's stop strings
-        "skip_tokenizer_init": not getattr(getattr(spec, "sampling", None), "stop", None),
+        "skip_tokenizer_init": not (isinstance(spec, SampledModel) and spec.sampling.stop),
         "dtype": spec.dtype,
         "trust_remote_code": spec.trust_remote_code,
         "tensor_parallel_size": config.tensor_parallel_size,
