@@ -6,8 +6,10 @@ checkout's code.)"""
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
+from filelock import FileLock
 
 from polyfuse.sampling import vllm_env
 
@@ -52,3 +54,27 @@ def test_an_empty_or_missing_folder_may_be_built(tmp_path):
     vllm_env.check_replaceable(tmp_path)
     vllm_env.check_replaceable(tmp_path / "new")
 
+
+
+def test_a_second_caller_waits_for_the_first_to_finish(tmp_path):
+    """pytest-xdist workers (and a bench's subprocess) call `ensure_vllm_env` at once: each waits for the lock
+    the other holds, so two pips never install into one venv together (CI saw pip's temporary files vanish)."""
+    folder = tmp_path / "venv"
+    folder.mkdir()
+    (folder / "someone-elses.txt").write_text("x")  # refused as soon as the lock is taken: nothing is built
+    outcome = []
+
+    def second_caller():
+        try:
+            vllm_env.ensure_vllm_env(folder, polyfuse="polyfuse==0.1.0", quiet=True)
+        except vllm_env.UserError as err:
+            outcome.append(str(err))
+
+    with FileLock(vllm_env.lock_of(folder)):
+        waiter = threading.Thread(target=second_caller)
+        waiter.start()
+        waiter.join(timeout=1.0)
+        assert waiter.is_alive() and outcome == []  # blocked while the first holds the lock
+    waiter.join(timeout=10)
+    assert not waiter.is_alive() and "not a vLLM venv made by polyfuse" in outcome[0]
+    assert (folder / "someone-elses.txt").read_text() == "x"

@@ -35,6 +35,8 @@ import sys
 from importlib.metadata import distributions
 from pathlib import Path
 
+from filelock import FileLock
+
 from polyfuse import __version__
 from polyfuse.config import cache_root
 from polyfuse.data.io import write_json
@@ -129,12 +131,28 @@ def ensure_vllm_env(folder: str | Path | None = None, polyfuse: str | None = Non
             print("+", " ".join(command), flush=True)
         subprocess.run(command, check=True, stdout=out)
 
-    pip = [str(python_of(folder)), "-m", "pip", "--disable-pip-version-check"]
-    if read_marker(folder) == wanted and python_of(folder).is_file():
-        if checkout is not None and editable_source(folder) != checkout.as_uri():
-            run(*pip, "install", "--quiet", "--no-deps", "-e", str(checkout))  # the same dependencies, this code
-        return python_of(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(lock_of(folder)):  # pytest-xdist workers and parallel runs check, build and re-point in turn
+        if read_marker(folder) == wanted and python_of(folder).is_file():
+            if checkout is not None and editable_source(folder) != checkout.as_uri():
+                run(*pip_of(folder), "install", "--quiet", "--no-deps", "-e", str(checkout))  # same deps, this code
+            return python_of(folder)
+        _build(folder, wanted, checkout, polyfuse, run)
+    return python_of(folder)
+
+
+def pip_of(folder: Path) -> list[str]:
+    return [str(python_of(folder)), "-m", "pip", "--disable-pip-version-check"]
+
+
+def lock_of(folder: Path) -> Path:
+    """The lock file beside the venv: inside it, a rebuild's `rmtree` would delete it while held."""
+    return folder.parent / f".{folder.name}.lock"
+
+
+def _build(folder: Path, wanted: dict[str, str], checkout: Path | None, polyfuse: str, run) -> None:
     check_replaceable(folder)
+    pip = pip_of(folder)
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
@@ -146,7 +164,6 @@ def ensure_vllm_env(folder: str | Path | None = None, polyfuse: str | None = Non
     run(*pip, "install", "--quiet", "-c", str(constraints), VLLM, *(["-e", str(checkout)] if checkout else [polyfuse]))
     run(*pip, "uninstall", "--quiet", "-y", *CUDA_EXTRAS)
     write_json(folder / MARKER, wanted)  # last: only a finished build is reused
-    return python_of(folder)
 
 
 def main(argv: list[str]) -> None:
