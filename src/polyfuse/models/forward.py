@@ -227,17 +227,30 @@ def _row_sums(values: torch.Tensor, rows: torch.Tensor, batch: dict[str, torch.T
     return torch.zeros(batch["labels"].shape[0], dtype=torch.float32, device=values.device).index_add_(0, rows, values)
 
 
+def forward_token_logps(model: Any, batch: dict[str, torch.Tensor], entropy: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`head_token_logps` by the model's own forward (for a model that post-processes its logits)."""
+    logits, tokens, rows = forward_scored_logits(model, batch)
+    return token_logps(logits, tokens), rows, normalized_entropy(logits) if entropy else None
+
+
+def head_only_check(model: Any, batch: dict[str, torch.Tensor], entropy: bool = False
+                    ) -> tuple[bool, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """`head_only_agrees`, and `batch`'s (log-probs, rows, entropies or None) by the path to use from now on: the
+    check ran both paths, so a caller that needs no more than these does not run the batch a third time."""
+    fast = head_token_logps(model, batch, entropy)
+    slow = forward_token_logps(model, batch, entropy)
+    agrees = bool(((fast[0] - slow[0]).abs() <= HEAD_ATOL + HEAD_RTOL * slow[0].abs()).all())
+    if not agrees:
+        logger.warning("%s post-processes its logits: scoring with its own forward", type(model).__name__)
+    return agrees, fast if agrees else slow
+
+
 def head_only_agrees(model: Any, batch: dict[str, torch.Tensor]) -> bool:
     """Whether the hidden-state head path gives the model's own per-token log-probs on `batch`
     (`|a - b| <= HEAD_ATOL + HEAD_RTOL |b|`). A model that post-processes its logits fails; callers then
     use the model's own forward for the whole run."""
-    fast, _, _ = head_token_logps(model, batch)
-    logits, tokens, _ = forward_scored_logits(model, batch)
-    slow = token_logps(logits, tokens)
-    agrees = bool(((fast - slow).abs() <= HEAD_ATOL + HEAD_RTOL * slow.abs()).all())
-    if not agrees:
-        logger.warning("%s post-processes its logits: scoring with its own forward", type(model).__name__)
-    return agrees
+    return head_only_check(model, batch)[0]
 
 
 def topk_outputs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
@@ -308,13 +321,10 @@ def score_sequences(
     model.eval()
     with torch.inference_mode():
         for indices, batch in padded_batches(model, sequences, pad_id, token_budget):
-            if head_only is None:
-                head_only = head_only_agrees(model, batch)
-            if head_only:
-                logps, rows, entropies = head_token_logps(model, batch, entropy)
+            if head_only is None:  # the check's own results score the first batch
+                head_only, (logps, rows, entropies) = head_only_check(model, batch, entropy)
             else:
-                logits, tokens, rows = forward_scored_logits(model, batch)
-                logps, entropies = token_logps(logits, tokens), normalized_entropy(logits) if entropy else None
+                logps, rows, entropies = (head_token_logps if head_only else forward_token_logps)(model, batch, entropy)
             columns = [_row_sums(logps, rows, batch), (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)]
             if entropies is not None:
                 columns.append(_row_sums(entropies, rows, batch))
