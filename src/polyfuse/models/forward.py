@@ -13,7 +13,9 @@ One way to lay out sequences and run a causal LM over their responses:
   and fp32 logits never exceed one chunk x vocabulary (a 262k vocabulary makes the head the larger half
   of a small model's work);
 - `head_only_agrees`: the one check that the hidden-state path reproduces the model's own forward (a model
-  that post-processes its logits, e.g. Gemma's soft-capping, does not), run on a run's first batch;
+  that post-processes its logits, e.g. Gemma's soft-capping, does not), run on the first batch a model scores and
+  remembered for that model object (an in-process teacher is asked once per training step: checking every call
+  ran its first batch three times);
 - `pad_token_id`: the pad id of a tokenizer without one is its EOS (the padding is masked out anyway).
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -36,6 +39,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_TOKEN_BUDGET = 4096
 HEAD_CHUNK = 512  # scored positions per LM-head call
 HEAD_ATOL, HEAD_RTOL = 1e-3, 1e-4  # per-token log-prob agreement of the two head paths (fp32)
+_HEAD_ONLY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> `head_only_agrees` on its first batch
 
 
 def pad_token_id(tokenizer: Any) -> int:
@@ -243,6 +247,7 @@ def head_only_check(model: Any, batch: dict[str, torch.Tensor], entropy: bool = 
     agrees = bool(((fast[0] - slow[0]).abs() <= HEAD_ATOL + HEAD_RTOL * slow[0].abs()).all())
     if not agrees:
         logger.warning("%s post-processes its logits: scoring with its own forward", type(model).__name__)
+    _HEAD_ONLY[model] = agrees
     return agrees, fast if agrees else slow
 
 
@@ -289,7 +294,7 @@ def score_topk(model: Any, sequences: list[tuple[list[int], int]], pad_id: int, 
     under `model` in eval mode (token-budget batches, the head-only path where it agrees with the model's own
     forward, as `score_sequences`)."""
     results: list[dict[str, torch.Tensor]] = [{}] * len(sequences)
-    head_only = None
+    head_only = _HEAD_ONLY.get(model)
     training = model.training
     model.eval()
     try:
@@ -317,7 +322,7 @@ def score_sequences(
     """(S, n) of each `(input ids, prompt length)` sequence, in input order, under `model` in eval mode; with
     `entropy`, (S, n, sum of H / ln V over the scored positions) (`normalized_entropy`, exact)."""
     results: list[tuple[float, ...]] = [(0.0, 0)] * len(sequences)
-    head_only = None  # whether the hidden-state head path reproduces the model's own forward (checked on batch 1)
+    head_only = _HEAD_ONLY.get(model)  # whether the head path reproduces the model's forward (None: not checked yet)
     model.eval()
     with torch.inference_mode():
         for indices, batch in padded_batches(model, sequences, pad_id, token_budget):
