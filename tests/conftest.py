@@ -127,6 +127,23 @@ def gemma3_folder():
 
     return Path(resolve_model_path(str(gemma3()), "Gemma-3-270M"))
 
+
+@pytest.fixture(scope="session")
+def gemma3_twin(gemma3_folder):
+    """Gemma-3's architecture and real 262k-token tokenizer with 2 random layers of width 64 (`tiny_lm.random_twin`,
+    cached per machine): for the tests where the vocabulary is the point and the weights are not."""
+    from tiny_lm import random_twin
+
+    return random_twin(gemma3_folder, "gemma3")
+
+
+@pytest.fixture(scope="session")
+def smollm2_twin(smollm2_folder):
+    """SmolLM2's architecture and real 49k-token tokenizer, random and tiny, as `gemma3_twin`."""
+    from tiny_lm import random_twin
+
+    return random_twin(smollm2_folder, "smollm2")
+
 # The end-to-end and subprocess tests: whole recipes, model training, launched processes. They run in CI
 # (`pytest`); `pytest -m "not slow"` is the fast lane for development. Kept in one place so the marks are
 # not repeated in every file (a test may also carry `@pytest.mark.slow` itself).
