@@ -136,8 +136,8 @@ def test_smollm2_learns_on_policy_from_a_served_gemma3_and_itself(gemma_server, 
     proc = _run(polyfuse_cli, tmp_path, teachers, rows[:2], str(smollm2_twin), mix="uncertainty")
     assert proc.returncode == 0, proc.stderr
     history = _history(tmp_path)
-    assert history["onpolicy/groups/gemma-3-270m"] > 0 and history["onpolicy/groups/self"] > 0
-    assert np.isfinite(history["loss"]) and history["kd/loss/gemma-3-270m"] > 0
+    assert history[f"onpolicy/groups/{GEMMA}"] > 0 and history["onpolicy/groups/self"] > 0
+    assert np.isfinite(history["loss"]) and history[f"kd/loss/{GEMMA}"] > 0
 
 
 def test_smollm2_learns_on_policy_from_gemma3_in_process(gemma3_twin, smollm2_twin, polyfuse_cli, tmp_path):
@@ -148,7 +148,7 @@ def test_smollm2_learns_on_policy_from_gemma3_in_process(gemma3_twin, smollm2_tw
                 objective="gold")
     assert proc.returncode == 0, proc.stderr
     history = _history(tmp_path)
-    assert history["onpolicy/groups/gemma-3-270m"] > 0 and np.isfinite(history["loss"])
+    assert history[f"onpolicy/groups/{GEMMA}"] > 0 and np.isfinite(history["loss"])
 
 
 def test_the_toy_pivot_learns_from_a_served_teacher_and_toy_teachers(gemma_server, gemma3_twin, tiny_world,
