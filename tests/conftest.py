@@ -182,9 +182,9 @@ LONGEST = ["test_engines", "test_onpolicy_engines", "test_real_models", "test_gg
            "test_stage_commands", "test_humaneval", "test_gym_protocol",
            "tests/test_benches.py::test_smoke_run[real_tier_probe.py]", "tests/test_benches.py::test_smoke_run[onpolicy_speed.py]",
            "test_toyworld", "test_pipeline", "test_logprobs"]  # measured 2026-12-08 (`--durations`), longest first
-# sampling_speed's smoke run, which starts four vLLM engines, failed under `-n 2 --dist loadfile` while another
-# engine started (each binds its OpenMP threads to every core and needs its KV cache in free memory): it runs
-# while no other test of an engine does (`_engine_slot`).
+# sampling_speed's smoke run, which starts vLLM engines (four then, two now: its vLLM backend's and a server's),
+# failed under `-n 2 --dist loadfile` while another engine started (each binds its OpenMP threads to every core and
+# needs its KV cache in free memory): it runs while no other test of an engine does (`_engine_slot`).
 ENGINE_ALONE = {"tests/test_benches.py::test_smoke_run[sampling_speed.py]"}
 
 
