@@ -14,11 +14,16 @@ One way to lay out sequences and run a causal LM over their responses:
   of a small model's work);
 - `head_only_agrees`: the one check that the hidden-state path reproduces the model's own forward (a model
   that post-processes its logits, e.g. Gemma's soft-capping, does not), run on a run's first batch;
-- `pad_token_id`: the pad id of a tokenizer without one is its EOS (the padding is masked out anyway).
+- `pad_token_id`: the pad id of a tokenizer without one is its EOS (the padding is masked out anyway);
+- `prefill` and `continuation_logps`: one KV cache of a batch of prompts serving both the scoring of given
+  continuations (evaluation's gold answers) and greedy generation from the same prompts (`generate` goes on
+  from the cache), so evaluation runs each prompt through the model once.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -36,6 +41,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_TOKEN_BUDGET = 4096
 HEAD_CHUNK = 512  # scored positions per LM-head call
 HEAD_ATOL, HEAD_RTOL = 1e-3, 1e-4  # per-token log-prob agreement of the two head paths (fp32)
+CHECK_ROWS = 4  # rows of a run's first batch on which `head_only_agrees` compares the two paths
 
 
 def pad_token_id(tokenizer: Any) -> int:
@@ -228,9 +234,11 @@ def _row_sums(values: torch.Tensor, rows: torch.Tensor, batch: dict[str, torch.T
 
 
 def head_only_agrees(model: Any, batch: dict[str, torch.Tensor]) -> bool:
-    """Whether the hidden-state head path gives the model's own per-token log-probs on `batch`
-    (`|a - b| <= HEAD_ATOL + HEAD_RTOL |b|`). A model that post-processes its logits fails; callers then
-    use the model's own forward for the whole run."""
+    """Whether the hidden-state head path gives the model's own per-token log-probs on the first `CHECK_ROWS`
+    rows of `batch` (`|a - b| <= HEAD_ATOL + HEAD_RTOL |b|`). A model that post-processes its logits fails on
+    any row; callers then use the model's own forward for the whole run. (A few rows, not the batch: on a full
+    token-budget batch the check cost as much as scoring it.)"""
+    batch = {name: value[:CHECK_ROWS] for name, value in batch.items()}
     fast, _, _ = head_token_logps(model, batch)
     logits, tokens, _ = forward_scored_logits(model, batch)
     slow = token_logps(logits, tokens)
@@ -322,4 +330,60 @@ def score_sequences(
                 results[index] = tuple(values)
             if progress is not None:
                 progress(len(indices))
+    return results
+
+
+def cache_argument(model: Any) -> str:
+    """The name under which `model`'s forward and `generate` take a KV cache: `cache` since transformers 5.x
+    renamed `past_key_values` (the old name still works there, with a warning)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+    """The KV cache of each row of a left-padded prompt batch without its last token: `generate(input_ids,
+    attention_mask, cache=...)` runs that token itself and goes on, and `continuation_logps` scores
+    continuations from it. Positions count real tokens, as `generate` counts them."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    if input_ids.shape[1] > 1:
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=position_ids[:, :-1],
+              use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
+    return cache
+
+
+def continuation_logps(model: Any, cache: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       continuations: list[list[int]]) -> list[tuple[float, int]]:
+    """(sum of log p, token count) of each row's `continuations` (empty: (0, 0)) after its prompt, from the
+    `prefill` cache of the same left-padded batch, which is left as it was (each chunk of rows scores on a
+    copy). The model's own forward gives the logits (whatever it does to them), `HEAD_CHUNK` scored positions
+    at a time; fp32 log-softmax as `token_logps`."""
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(continuations)
+    rows = [i for i, tokens in enumerate(continuations) if tokens]
+    width = max((len(continuations[i]) for i in rows), default=1)
+    per_chunk = max(1, HEAD_CHUNK // width)
+    device = input_ids.device
+    for start in range(0, len(rows), per_chunk):
+        chunk = rows[start : start + per_chunk]
+        # the input: each row's last prompt token, then its continuation but the last (right-padded)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long, device=device)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long, device=device)
+        for r, i in enumerate(chunk):
+            tokens = continuations[i]
+            ids[r, : len(tokens)] = torch.tensor([int(input_ids[i, -1]), *tokens[:-1]], device=device)
+            mask[r, : len(tokens)] = 1
+        index = torch.tensor(chunk, device=device)
+        prompt_mask = attention_mask[index]
+        start_position = prompt_mask.sum(-1, keepdim=True) - 1
+        rows_cache = copy.deepcopy(cache)
+        if rows_cache.get_seq_length() > 0:  # an empty cache (one-token prompts) has no rows to pick
+            rows_cache.batch_select_indices(index)
+        logits = model(input_ids=ids, attention_mask=torch.cat([prompt_mask[:, :-1], mask], dim=1),
+                       position_ids=start_position + torch.arange(width, device=device), use_cache=True,
+                       **{cache_argument(model): rows_cache}).logits
+        for r, i in enumerate(chunk):
+            tokens = continuations[i]
+            target = torch.tensor(tokens, device=device)
+            results[i] = (float(token_logps(logits[r, : len(tokens)], target).sum()), len(tokens))
     return results

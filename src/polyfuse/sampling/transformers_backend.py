@@ -11,8 +11,11 @@ from polyfuse.lazy import lazy_import
 from polyfuse.models import ModelSpec, load_model
 from polyfuse.models.forward import (
     DEFAULT_TOKEN_BUDGET,
+    cache_argument,
+    continuation_logps,
     pad_token_id,
     plan_batches,
+    prefill,
     score_sequences,
     score_topk,
 )
@@ -36,51 +39,102 @@ class TransformersBackend(Backend):
         super().__init__(spec, config)
         self.model = model if model is not None else load_model(spec)
 
+    def _batches(self, lengths: list[int], params: SamplingParams, batch_size: int,
+                 token_budget: int | None) -> list[list[int]]:
+        """Prompt indices by batch: `batch_size` prompts over length-sorted ones, or cut by `token_budget` over
+        `lengths` (each row: its prompt and max_new_tokens, n times)."""
+        if token_budget is None:
+            order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+            per_batch = max(1, batch_size // params.n) if params.n > 1 else batch_size
+            return [order[start : start + per_batch] for start in range(0, len(order), per_batch)]
+        return plan_batches(lengths, max(1, token_budget // params.n))
+
+    def _padded(self, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ids and attention mask of prompts, on the model's device."""
+        width = max(len(seq) for seq in prompt_ids)
+        ids = torch.full((len(prompt_ids), width), pad_token_id(self.tokenizer), dtype=torch.long)
+        mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+        for row, seq in enumerate(prompt_ids):
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
+        device = next(self.model.parameters()).device
+        return ids.to(device), mask.to(device)
+
+    def _generate_options(self, params: SamplingParams) -> dict[str, Any]:
+        """`generate`'s keyword arguments for `params`."""
+        options: dict[str, Any] = {
+            "max_new_tokens": params.max_new_tokens,
+            "num_return_sequences": params.n,
+            "pad_token_id": pad_token_id(self.tokenizer),
+            "eos_token_id": self.stop_token_ids(),
+            "repetition_penalty": params.repetition_penalty,
+        }
+        if params.stop:  # transformers keeps the stop string in the ids: `response_text` cuts it
+            options.update(stop_strings=params.stop, tokenizer=self.tokenizer)
+        if params.greedy:
+            options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            options.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+        return options
+
     def _sample(self, prompt_ids: list[list[int]], params: SamplingParams, batch_size: int,
                 token_budget: int | None) -> Iterator[tuple[int, list[list[int]]]]:
         """(prompt index, its `params.n` generated id lists, padding after a stop included), batch by batch."""
-        tokenizer, model = self.tokenizer, self.model
-        pad_id = pad_token_id(tokenizer)
-        eos = self.stop_token_ids()
-        device = next(model.parameters()).device
-        if token_budget is None:
-            order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
-            per_batch = max(1, batch_size // params.n) if params.n > 1 else batch_size
-            batches = [order[start : start + per_batch] for start in range(0, len(order), per_batch)]
-        else:  # each row holds its prompt and max_new_tokens, n times
-            lengths = [len(ids) + params.max_new_tokens for ids in prompt_ids]
-            batches = plan_batches(lengths, max(1, token_budget // params.n))
+        options = self._generate_options(params)
+        lengths = [len(ids) + params.max_new_tokens for ids in prompt_ids]
         start = 0
-        for batch in batches:
-            width = max(len(prompt_ids[i]) for i in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                seq = prompt_ids[i]
-                ids[row, width - len(seq) :] = torch.tensor(seq)
-                mask[row, width - len(seq) :] = 1
+        for batch in self._batches(lengths, params, batch_size, token_budget):
+            ids, mask = self._padded([prompt_ids[i] for i in batch])
             # `generate` draws from one generator for the whole batch, so per-request seeds cannot apply:
             # the batch is seeded by its offset, and results do not depend on what ran before in this process.
             torch.manual_seed(params.seed + start)
-            kwargs: dict[str, Any] = {
-                "max_new_tokens": params.max_new_tokens,
-                "num_return_sequences": params.n,
-                "pad_token_id": pad_id,
-                "eos_token_id": eos,
-                "repetition_penalty": params.repetition_penalty,
-            }
-            if params.stop:  # transformers keeps the stop string in the ids: `response_text` cuts it
-                kwargs.update(stop_strings=params.stop, tokenizer=tokenizer)
-            if params.greedy:
-                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            else:
-                kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
             with torch.inference_mode():  # around the call, not the generator: its consumer runs between yields
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-            new = out[:, width:].tolist()
+                out = self.model.generate(input_ids=ids, attention_mask=mask, **options)
+            new = out[:, ids.shape[1] :].tolist()
             for k, i in enumerate(batch):
                 yield i, new[k * params.n : (k + 1) * params.n]
             start += len(batch)
+
+    def greedy_and_score(self, prompts: list[Any], golds: list[tuple[list[int], int] | None], params: SamplingParams,
+                         batch_size: int = 32, token_budget: int | None = None,
+                         generated: Callable[[int], None] | None = None,
+                         scored: Callable[[int], None] | None = None) -> tuple[list[str], list[tuple[float, ...] | None]]:
+        """As `Backend.greedy_and_score`, with one prefill per prompt: its KV cache (all but the last prompt token,
+        `prefill`) serves the gold answer's teacher-forced forward (`continuation_logps`) and greedy `generate`,
+        which goes on from it. A gold whose prompt part is not the generation prompt (a template without the
+        prefix property: `encode` falls back to the plain format) is scored on its own by `score`. Batches:
+        prompt + the longer of max_new_tokens and the gold answer per row, by `token_budget` (else `batch_size`)."""
+        if not params.greedy or params.n != 1:
+            return super().greedy_and_score(prompts, golds, params, batch_size, token_budget, generated, scored)
+        encoded = [render_prompt(self.tokenizer, p)[0] for p in prompts]
+        found: list[tuple[float, ...] | None] = [None] * len(prompts)
+        apart = [i for i, gold in enumerate(golds) if gold is not None and gold[0][: gold[1]] != encoded[i]]
+        if apart:
+            for i, values in zip(apart, self.score([golds[i] for i in apart], token_budget or DEFAULT_TOKEN_BUDGET,
+                                                   scored), strict=True):
+                found[i] = values
+        continuations = [gold[0][gold[1] :] if gold is not None and i not in apart else []
+                         for i, gold in enumerate(golds)]
+        lengths = [len(ids) + max(params.max_new_tokens, len(c)) for ids, c in zip(encoded, continuations, strict=True)]
+        texts: list[str] = [""] * len(prompts)
+        options = self._generate_options(params)
+        self.model.eval()
+        for batch in self._batches(lengths, params, batch_size, token_budget):
+            ids, mask = self._padded([encoded[i] for i in batch])
+            with torch.inference_mode():
+                cache = prefill(self.model, ids, mask)
+                sums = continuation_logps(self.model, cache, ids, mask, [continuations[i] for i in batch])
+                out = self.model.generate(input_ids=ids, attention_mask=mask, **options,
+                                          **{cache_argument(self.model): cache})
+            for k, i in enumerate(batch):
+                texts[i] = self.response_text(out[k, ids.shape[1] :].tolist(), params)
+                if continuations[i]:
+                    found[i] = sums[k]
+            if scored is not None:
+                scored(sum(1 for i in batch if continuations[i]))
+            if generated is not None:
+                generated(len(batch))
+        return texts, found
 
     def generate(self, prompts: list[Any], params: SamplingParams, done: Done, seeds: list[int] | None = None,
                  batch_size: int = 32, token_budget: int | None = None) -> None:
