@@ -336,7 +336,8 @@ def score_sequences(
 def cache_argument(model: Any) -> str:
     """The name under which `model`'s forward and `generate` take a KV cache: `cache` since transformers 5.x
     renamed `past_key_values` (the old name still works there, with a warning)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model: its transformers model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:

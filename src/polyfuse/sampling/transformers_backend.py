@@ -1,6 +1,8 @@
 """`backend: transformers` (the default): the model in this process, batched `generate` over left-padded
 prompts sorted by length (batches of `batch_size` prompts, or cut by a token budget), and sequence scoring
-by the shared forward kernel."""
+by the shared forward kernel. A prompt is run through the model once however many responses it gets (its KV cache
+copied for each of `n`, `polyfuse.models.forward.prefill`), and once for evaluation's gold answer and greedy answer
+(`greedy_and_score`)."""
 
 from __future__ import annotations
 
@@ -64,7 +66,6 @@ class TransformersBackend(Backend):
         """`generate`'s keyword arguments for `params`."""
         options: dict[str, Any] = {
             "max_new_tokens": params.max_new_tokens,
-            "num_return_sequences": params.n,
             "pad_token_id": pad_token_id(self.tokenizer),
             "eos_token_id": self.stop_token_ids(),
             "repetition_penalty": params.repetition_penalty,
@@ -89,7 +90,14 @@ class TransformersBackend(Backend):
             # the batch is seeded by its offset, and results do not depend on what ran before in this process.
             torch.manual_seed(params.seed + start)
             with torch.inference_mode():  # around the call, not the generator: its consumer runs between yields
-                out = self.model.generate(input_ids=ids, attention_mask=mask, **options)
+                if params.n > 1:  # each prompt prefilled once, its cache copied for its n responses
+                    cache = prefill(self.model, ids, mask)
+                    cache.batch_repeat_interleave(params.n)
+                    ids, mask = ids.repeat_interleave(params.n, dim=0), mask.repeat_interleave(params.n, dim=0)
+                    out = self.model.generate(input_ids=ids, attention_mask=mask, **options,
+                                              **{cache_argument(self.model): cache})
+                else:
+                    out = self.model.generate(input_ids=ids, attention_mask=mask, **options)
             new = out[:, ids.shape[1] :].tolist()
             for k, i in enumerate(batch):
                 yield i, new[k * params.n : (k + 1) * params.n]
