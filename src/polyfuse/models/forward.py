@@ -42,6 +42,7 @@ DEFAULT_TOKEN_BUDGET = 4096
 HEAD_CHUNK = 512  # scored positions per LM-head call
 HEAD_ATOL, HEAD_RTOL = 1e-3, 1e-4  # per-token log-prob agreement of the two head paths (fp32)
 CHECK_ROWS = 4  # rows of a run's first batch on which `head_only_agrees` compares the two paths
+MIN_SHARED_PREFIX = 32  # prompt tokens that prompts must share for `prefix_groups` to batch them together
 
 
 def pad_token_id(tokenizer: Any) -> int:
@@ -340,25 +341,71 @@ def cache_argument(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
-def prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
-    """The KV cache of each row of a left-padded prompt batch without its last token: `generate(input_ids,
-    attention_mask, cache=...)` runs that token itself and goes on, and `continuation_logps` scores
-    continuations from it. Positions count real tokens, as `generate` counts them."""
+def common_prefix(sequences: Sequence[Sequence[int]]) -> int:
+    """The length of the longest prefix all `sequences` share."""
+    shortest = min(len(seq) for seq in sequences)
+    return next((k for k in range(shortest) if len({seq[k] for seq in sequences}) > 1), shortest)
+
+
+def prefix_groups(prompts: Sequence[Sequence[int]], min_shared: int = MIN_SHARED_PREFIX) -> list[list[int]]:
+    """Indices of `prompts` grouped so that a group's prompts share a prefix of at least `min_shared` tokens (the
+    few-shot examples and system prompt of one task), each group in index order; the prompts that share none go
+    together in one last group. Batches cut within a group let `prefill` compute that prefix once."""
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i])  # lexicographic: shared prefixes are neighbours
+    runs: list[list[int]] = []
+    for index in order:
+        if runs and common_prefix([prompts[runs[-1][-1]], prompts[index]]) >= min_shared:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    loose = sorted(i for run in runs if len(run) == 1 for i in run)
+    return [sorted(run) for run in runs if len(run) > 1] + ([loose] if loose else [])
+
+
+def prefill(model: Any, prompts: list[list[int]], pad_id: int, extra: int = 0
+            ) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """A batch of prompts laid out for `generate` and the KV cache of all but their last column: (cache,
+    input_ids, attention_mask) on the model's device. `generate(input_ids, attention_mask, cache=...)` runs the
+    last token itself and goes on; `continuation_logps` scores continuations from the same cache. The prefix all
+    prompts share is computed once (one row) and copied to every row, the rest left-padded after it: the layout
+    is [shared prefix | padding | the rest of the prompt], positions counting real tokens (as `generate` counts
+    them). A model with a sliding attention window narrower than the batch's width (`extra`: the tokens to come)
+    gets plain left padding, since the window counts padded columns."""
     from transformers import DynamicCache
 
+    device = next(model.parameters()).device
+    shared = min(common_prefix(prompts), min(len(p) for p in prompts) - 1)
+    window = getattr(model.config, "sliding_window", None)
+    if window and max(len(p) for p in prompts) + extra > window:
+        shared = 0
+    rest = [p[shared:] for p in prompts]
+    width = max(len(r) for r in rest)
+    input_ids = torch.full((len(prompts), shared + width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), shared + width), dtype=torch.long)
+    input_ids[:, :shared] = torch.tensor(prompts[0][:shared], dtype=torch.long)
+    attention_mask[:, :shared] = 1
+    for row, tokens in enumerate(rest):
+        input_ids[row, shared + width - len(tokens) :] = torch.tensor(tokens, dtype=torch.long)
+        attention_mask[row, shared + width - len(tokens) :] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
-    if input_ids.shape[1] > 1:
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=position_ids[:, :-1],
-              use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
-    return cache
+    argument = {cache_argument(model): cache}
+    if shared:
+        model(input_ids=input_ids[:1, :shared], position_ids=position_ids[:1, :shared], use_cache=True,
+              logits_to_keep=1, **argument)
+        cache.batch_repeat_interleave(len(prompts))
+    if width > 1:
+        model(input_ids=input_ids[:, shared:-1], attention_mask=attention_mask[:, :-1],
+              position_ids=position_ids[:, shared:-1], use_cache=True, logits_to_keep=1, **argument)
+    return cache, input_ids, attention_mask
 
 
 def continuation_logps(model: Any, cache: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        continuations: list[list[int]]) -> list[tuple[float, int]]:
     """(sum of log p, token count) of each row's `continuations` (empty: (0, 0)) after its prompt, from the
-    `prefill` cache of the same left-padded batch, which is left as it was (each chunk of rows scores on a
-    copy). The model's own forward gives the logits (whatever it does to them), `HEAD_CHUNK` scored positions
+    `prefill` cache of the same batch (its `input_ids` and `attention_mask`), which is left as it was (each chunk
+    of rows scores on a copy). The model's own forward gives the logits (whatever it does to them), `HEAD_CHUNK` scored positions
     at a time; fp32 log-softmax as `token_logps`."""
     results: list[tuple[float, int]] = [(0.0, 0)] * len(continuations)
     rows = [i for i, tokens in enumerate(continuations) if tokens]

@@ -18,6 +18,7 @@ from polyfuse.models.forward import (
     pad_token_id,
     plan_batches,
     prefill,
+    prefix_groups,
     score_sequences,
     score_topk,
 )
@@ -41,26 +42,21 @@ class TransformersBackend(Backend):
         super().__init__(spec, config)
         self.model = model if model is not None else load_model(spec)
 
-    def _batches(self, lengths: list[int], params: SamplingParams, batch_size: int,
+    def _batches(self, prompt_ids: list[list[int]], lengths: list[int], params: SamplingParams, batch_size: int,
                  token_budget: int | None) -> list[list[int]]:
-        """Prompt indices by batch: `batch_size` prompts over length-sorted ones, or cut by `token_budget` over
-        `lengths` (each row: its prompt and max_new_tokens, n times)."""
-        if token_budget is None:
-            order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-            per_batch = max(1, batch_size // params.n) if params.n > 1 else batch_size
-            return [order[start : start + per_batch] for start in range(0, len(order), per_batch)]
-        return plan_batches(lengths, max(1, token_budget // params.n))
-
-    def _padded(self, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded ids and attention mask of prompts, on the model's device."""
-        width = max(len(seq) for seq in prompt_ids)
-        ids = torch.full((len(prompt_ids), width), pad_token_id(self.tokenizer), dtype=torch.long)
-        mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-        for row, seq in enumerate(prompt_ids):
-            ids[row, width - len(seq) :] = torch.tensor(seq)
-            mask[row, width - len(seq) :] = 1
-        device = next(self.model.parameters()).device
-        return ids.to(device), mask.to(device)
+        """Prompt indices by batch, within groups of prompts that share a prefix (`prefix_groups`: `prefill`
+        computes it once): `batch_size` prompts over length-sorted ones, or cut by `token_budget` over `lengths`
+        (each row: its prompt and max_new_tokens, n times)."""
+        batches = []
+        for group in prefix_groups(prompt_ids):
+            if token_budget is None:
+                order = sorted(group, key=lambda i: lengths[i])
+                per_batch = max(1, batch_size // params.n) if params.n > 1 else batch_size
+                batches += [order[start : start + per_batch] for start in range(0, len(order), per_batch)]
+            else:
+                planned = plan_batches([lengths[i] for i in group], max(1, token_budget // params.n))
+                batches += [[group[k] for k in batch] for batch in planned]
+        return batches
 
     def _generate_options(self, params: SamplingParams) -> dict[str, Any]:
         """`generate`'s keyword arguments for `params`."""
@@ -84,20 +80,19 @@ class TransformersBackend(Backend):
         options = self._generate_options(params)
         lengths = [len(ids) + params.max_new_tokens for ids in prompt_ids]
         start = 0
-        for batch in self._batches(lengths, params, batch_size, token_budget):
-            ids, mask = self._padded([prompt_ids[i] for i in batch])
+        for batch in self._batches(prompt_ids, lengths, params, batch_size, token_budget):
             # `generate` draws from one generator for the whole batch, so per-request seeds cannot apply:
             # the batch is seeded by its offset, and results do not depend on what ran before in this process.
             torch.manual_seed(params.seed + start)
             with torch.inference_mode():  # around the call, not the generator: its consumer runs between yields
-                if params.n > 1:  # each prompt prefilled once, its cache copied for its n responses
-                    cache = prefill(self.model, ids, mask)
+                # each prompt's shared prefix and the rest prefilled once, the cache copied for its n responses
+                cache, ids, mask = prefill(self.model, [prompt_ids[i] for i in batch], pad_token_id(self.tokenizer),
+                                           params.max_new_tokens)
+                if params.n > 1:
                     cache.batch_repeat_interleave(params.n)
                     ids, mask = ids.repeat_interleave(params.n, dim=0), mask.repeat_interleave(params.n, dim=0)
-                    out = self.model.generate(input_ids=ids, attention_mask=mask, **options,
-                                              **{cache_argument(self.model): cache})
-                else:
-                    out = self.model.generate(input_ids=ids, attention_mask=mask, **options)
+                out = self.model.generate(input_ids=ids, attention_mask=mask, **options,
+                                          **{cache_argument(self.model): cache})
             new = out[:, ids.shape[1] :].tolist()
             for k, i in enumerate(batch):
                 yield i, new[k * params.n : (k + 1) * params.n]
@@ -127,10 +122,10 @@ class TransformersBackend(Backend):
         texts: list[str] = [""] * len(prompts)
         options = self._generate_options(params)
         self.model.eval()
-        for batch in self._batches(lengths, params, batch_size, token_budget):
-            ids, mask = self._padded([encoded[i] for i in batch])
+        for batch in self._batches(encoded, lengths, params, batch_size, token_budget):
             with torch.inference_mode():
-                cache = prefill(self.model, ids, mask)
+                cache, ids, mask = prefill(self.model, [encoded[i] for i in batch], pad_token_id(self.tokenizer),
+                                           max(lengths[i] - len(encoded[i]) for i in batch))
                 sums = continuation_logps(self.model, cache, ids, mask, [continuations[i] for i in batch])
                 out = self.model.generate(input_ids=ids, attention_mask=mask, **options,
                                           **{cache_argument(self.model): cache})
