@@ -414,13 +414,14 @@ def own_forward_logps(model, ids: list[int], prompt_length: int) -> float:
 @pytest.mark.parametrize("model", ["llama", "gemma3-window-8", "gemma3-window-256"])
 def test_one_prefill_gives_the_plain_paths_answers_and_gold_log_probs(tiny_model_dir, tmp_path_factory, model):
     """The transformers backend's one-prefill evaluation (a KV cache serving the gold answer's forward and greedy
-    `generate`) against the plain path on the same backend (`generate_all`; `score` of every gold sequence) and
+    `generate`) against the plain path on the same model (each prompt generated alone; the forward kernel's
+    `score_sequences` of every gold sequence) and
     against each gold sequence's log-probs by one unpadded forward of the model. Prompts of many lengths over several
     token-budget batches, a multi-turn prompt, a row without a gold answer, and (Gemma-3 with an 8-token window)
     prompts longer than a sliding-window layer keeps."""
     from polyfuse.evaluation.evaluate import _gold_sequences
+    from polyfuse.models.forward import score_sequences
     from polyfuse.sampling import SamplingParams
-    from polyfuse.sampling.base import Backend
     from polyfuse.sampling.transformers_backend import TransformersBackend, TransformersSettings
 
     folder = tiny_model_dir if model == "llama" else _gemma3_dir(tiny_model_dir, tmp_path_factory, int(model.split("-")[-1]))
@@ -439,11 +440,12 @@ def test_one_prefill_gives_the_plain_paths_answers_and_gold_log_probs(tiny_model
 
     texts, sums = backend.greedy_and_score([r.prompt for r in rows], golds, params, token_budget=150,
                                            generated=count("generated"), scored=count("scored"))
-    plain_texts, plain_sums = Backend.greedy_and_score(backend, [r.prompt for r in rows], golds, params, token_budget=150)
+    plain_texts = [t for (t,) in backend.generate_all([r.prompt for r in rows], params, batch_size=1)]
+    plain_sums = score_sequences(backend.model, golds[:-1], backend.tokenizer.pad_token_id, 150)
     assert texts == plain_texts and len(set(texts)) > 1  # the same greedy answers, and not all alike
-    assert sums[-1] is None and plain_sums[-1] is None
+    assert sums[-1] is None
     assert counts == {"generated": len(rows), "scored": len(rows) - 1}
-    for (ids, prompt_length), (total, n), (plain_total, plain_n) in zip(golds[:-1], sums[:-1], plain_sums[:-1], strict=True):
+    for (ids, prompt_length), (total, n), (plain_total, plain_n) in zip(golds[:-1], sums[:-1], plain_sums, strict=True):
         assert n == plain_n == len(ids) - prompt_length
         assert total == pytest.approx(own_forward_logps(backend.model, ids, prompt_length), rel=1e-6, abs=1e-4)
         if model == "llama":  # Gemma's soft-capped logits: `score` may take the head-only path (see test_forward.py)

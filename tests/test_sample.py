@@ -141,7 +141,7 @@ def test_one_prefill_for_n_responses_gives_transformers_own_samples(tiny_world):
     for stop in ([], ["e"]):
         params = SamplingParams(n=3, temperature=1.0, max_new_tokens=8, seed=11, stop=stop)
         ours = dict(backend._sample(prompt_ids, params, batch_size=len(prompt_ids) * 3, token_budget=None))
-        (order,) = backend._batches(prompt_ids, [len(p) for p in prompt_ids], params, len(prompt_ids) * 3, None)  # one batch
+        (order,) = backend._batches(prompt_ids, [len(p) for p in prompt_ids], len(prompt_ids) * 3, None, n=3)  # one batch
         padded = pad_batch([prompt_ids[i] for i in order], [len(prompt_ids[i]) for i in order], backend.tokenizer.pad_token_id,
                            side="left")
         torch.manual_seed(params.seed)

@@ -42,19 +42,19 @@ class TransformersBackend(Backend):
         super().__init__(spec, config)
         self.model = model if model is not None else load_model(spec)
 
-    def _batches(self, prompt_ids: list[list[int]], lengths: list[int], params: SamplingParams, batch_size: int,
-                 token_budget: int | None) -> list[list[int]]:
+    def _batches(self, prompt_ids: list[list[int]], lengths: list[int], batch_size: int, token_budget: int | None,
+                 n: int = 1) -> list[list[int]]:
         """Prompt indices by batch, within groups of prompts that share a prefix (`prefix_groups`: `prefill`
         computes it once): `batch_size` prompts over length-sorted ones, or cut by `token_budget` over `lengths`
-        (each row: its prompt and max_new_tokens, n times)."""
+        (each row: its prompt and what follows it, n times)."""
         batches = []
         for group in prefix_groups(prompt_ids):
             if token_budget is None:
                 order = sorted(group, key=lambda i: lengths[i])
-                per_batch = max(1, batch_size // params.n) if params.n > 1 else batch_size
+                per_batch = max(1, batch_size // n)
                 batches += [order[start : start + per_batch] for start in range(0, len(order), per_batch)]
             else:
-                planned = plan_batches([lengths[i] for i in group], max(1, token_budget // params.n))
+                planned = plan_batches([lengths[i] for i in group], max(1, token_budget // n))
                 batches += [[group[k] for k in batch] for batch in planned]
         return batches
 
@@ -80,7 +80,7 @@ class TransformersBackend(Backend):
         options = self._generate_options(params)
         lengths = [len(ids) + params.max_new_tokens for ids in prompt_ids]
         start = 0
-        for batch in self._batches(prompt_ids, lengths, params, batch_size, token_budget):
+        for batch in self._batches(prompt_ids, lengths, batch_size, token_budget, params.n):
             # `generate` draws from one generator for the whole batch, so per-request seeds cannot apply:
             # the batch is seeded by its offset, and results do not depend on what ran before in this process.
             torch.manual_seed(params.seed + start)
@@ -122,7 +122,7 @@ class TransformersBackend(Backend):
         texts: list[str] = [""] * len(prompts)
         options = self._generate_options(params)
         self.model.eval()
-        for batch in self._batches(encoded, lengths, params, batch_size, token_budget):
+        for batch in self._batches(encoded, lengths, batch_size, token_budget):
             with torch.inference_mode():
                 cache, ids, mask = prefill(self.model, [encoded[i] for i in batch], pad_token_id(self.tokenizer),
                                            max(lengths[i] - len(encoded[i]) for i in batch))
@@ -165,8 +165,26 @@ class TransformersBackend(Backend):
     def score(self, sequences: list[tuple[list[int], int]], token_budget: int = DEFAULT_TOKEN_BUDGET,
               progress: Callable[[int], None] | None = None, entropy: bool = False,
               entropy_top_k: int | None = None) -> list[tuple[float, ...]]:
-        """The entropy is always exact here (the full logits are at hand): `entropy_top_k` is not needed."""
-        return score_sequences(self.model, sequences, pad_token_id(self.tokenizer), token_budget, progress, entropy)
+        """Sequences whose prompts share a prefix are batched together and each batch's prompts prefilled once
+        (`prefill`: the shared prefix as one row), the responses scored from that KV cache by the model's own forward
+        (`continuation_logps`). With `entropy` (exact here: the full logits are at hand, `entropy_top_k` is not
+        needed), or an empty prompt, the forward kernel's `score_sequences` runs each whole sequence."""
+        if entropy or any(prompt_length == 0 for _, prompt_length in sequences):
+            return score_sequences(self.model, sequences, pad_token_id(self.tokenizer), token_budget, progress, entropy)
+        prompts = [ids[:prompt_length] for ids, prompt_length in sequences]
+        responses = [ids[prompt_length:] for ids, prompt_length in sequences]
+        results: list[tuple[float, ...]] = [(0.0, 0)] * len(sequences)
+        self.model.eval()
+        for batch in self._batches(prompts, [len(ids) for ids, _ in sequences], len(sequences), token_budget):
+            with torch.inference_mode():
+                cache, ids, mask = prefill(self.model, [prompts[i] for i in batch], pad_token_id(self.tokenizer),
+                                           max(len(responses[i]) for i in batch))
+                for i, values in zip(batch, continuation_logps(self.model, cache, ids, mask, [responses[i] for i in batch]),
+                                     strict=True):
+                    results[i] = values
+            if progress is not None:
+                progress(len(batch))
+        return results
 
     def close(self) -> None:
         self.model = None
