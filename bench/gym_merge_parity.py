@@ -6,16 +6,18 @@ validation items; plus a check that each specialist is its base plus a rank-r up
     python bench/gym_merge_parity.py --smoke        # gym-tiny, 4 items per domain: that it runs
 
 The merges are `gym_merge_check.METHODS` (task arithmetic at lambda 1 and 0.5, TIES at density 0.5, linear);
-each config is written once and given to both tools (CLI against CLI). Reported per method: the largest
+each config is written once and given to both tools (CLI against CLI: each tool's command-line entry point, called
+in this process, which has imported torch and transformers already; a new interpreter per merge would spend 5-7 CPU
+seconds importing them again, most of the smoke run). Reported per method: the largest
 |polyfuse - mergekit| over all tensors (and per tensor in the JSON), and validation accuracy per domain of both
 outputs (`--per-domain` items, seed 0: gym_merge_check's items). Work is cached under `--work-dir`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import subprocess
-import sys
+import os
 import time
 from pathlib import Path
 
@@ -28,11 +30,32 @@ from merge_methods_toy import weights
 from polyfuse.data.io import atomic_write_text, write_json
 from polyfuse.toyworld import ToyWorldConfig, build_world
 
-TOOLS = {  # tool -> command line of CONFIG OUT
-    "polyfuse": lambda config, out: [sys.executable, "-c", "from polyfuse.cli.main import main; main()", "merge",
-                                     str(config), str(out)],
-    "mergekit": lambda config, out: ["mergekit-yaml", str(config), str(out), "--random-seed", "0", "--quiet"],
-}
+
+def polyfuse_merge(config: Path, out: Path) -> None:
+    """`polyfuse merge CONFIG OUT --quiet`."""
+    from polyfuse.cli.main import main
+
+    main(["merge", str(config), str(out), "--quiet"])
+
+
+def mergekit_yaml(config: Path, out: Path) -> None:
+    """`mergekit-yaml CONFIG OUT --random-seed 0 --quiet` (the console script's click command)."""
+    from mergekit.scripts.run_yaml import main
+
+    main([str(config), str(out), "--random-seed", "0", "--quiet"])
+
+
+TOOLS = {"polyfuse": polyfuse_merge, "mergekit": mergekit_yaml}  # tool -> its command on CONFIG OUT
+
+
+def run_tool(tool: str, config: Path, out: Path) -> None:
+    """A tool's command in this process, its report to stdout dropped; an exit code other than 0 stops the bench."""
+    try:
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            TOOLS[tool](config, out)
+    except SystemExit as stop:  # click's commands end with SystemExit, 0 on success
+        if stop.code not in (0, None):
+            raise SystemExit(f"{tool} on {config} failed (exit {stop.code})") from None
 
 
 def lora_check(base: Path, specialist: Path, rank: int) -> dict:
@@ -61,10 +84,10 @@ def parity(name: str, spec: tuple, base: Path, models: list[Path], folder: Path)
         "models": [{"model": str(m), "parameters": model_parameters} for m in models], "parameters": parameters,
     }, sort_keys=False))
     outs = {}
-    for tool, command in TOOLS.items():
+    for tool in TOOLS:
         out = folder / tool
         if not any(out.glob("*.safetensors")):
-            subprocess.run(command(config, out), check=True, stdout=subprocess.DEVNULL)
+            run_tool(tool, config, out)
         outs[tool] = out
     ours, theirs = weights(outs["polyfuse"]), weights(outs["mergekit"])
     if set(ours) != set(theirs):

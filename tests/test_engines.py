@@ -26,6 +26,7 @@ from polyfuse.models.templates import cut_at_stop
 from polyfuse.pipeline.demo import recipe_path
 from polyfuse.sampling import SamplingParams
 from polyfuse.sampling.transformers_backend import TransformersBackend, TransformersSettings
+from test_gguf import CHAT
 from test_pipeline import tiny_overrides
 
 GREEDY = [
@@ -41,21 +42,30 @@ SCORED = [
 ]
 
 
-def test_vllm_backend_agrees_with_transformers_on_smollm2(vllm_python, smollm2_folder, tmp_path):
+STOP = [".", ","]  # vLLM's own stop strings: the engine starts with its tokenizer to match them
+
+
+@pytest.fixture(scope="module")
+def smollm2_engine_checks(vllm_python, smollm2_folder, tmp_path_factory) -> dict:
+    """tests/engine_checks.py on SmolLM2-135M-Instruct's export: one engine start for the checks of the two tests
+    below (a start of its own for the second cost a vLLM import and an engine start, ~15 CPU seconds)."""
+    folder = tmp_path_factory.mktemp("smollm2-engine")
     spec = ModelSpec(name="smollm2", path=str(smollm2_folder))
-    tokenizer = load_tokenizer(spec)
-    sequences = [(e.input_ids, len(e.prompt_ids)) for e in (encode(tokenizer, p, r) for p, r in SCORED)]
-    stop = [".", ","]  # vLLM's own stop strings: the engine starts with its tokenizer to match them
-    job = {"model": {**spec.model_dump(), "backend": {"type": "vllm", "max_model_len": 512}, "sampling": {"stop": stop}},
-           "greedy": GREEDY,
-           "max_new_tokens": 32, "seeded": GREEDY[:4], "sequences": sequences}
-    (tmp_path / "job.json").write_text(json.dumps(job))
-    result = subprocess.run([str(vllm_python), "tests/engine_checks.py", str(tmp_path / "job.json"), str(tmp_path / "out.json")],
+    sequences = [(e.input_ids, len(e.prompt_ids)) for e in (encode(load_tokenizer(spec), p, r) for p, r in SCORED)]
+    job = {"model": {**spec.model_dump(), "backend": {"type": "vllm", "max_model_len": 512}, "sampling": {"stop": STOP}},
+           "greedy": GREEDY, "max_new_tokens": 32, "seeded": GREEDY[:4], "sequences": sequences, "chat": CHAT}
+    (folder / "job.json").write_text(json.dumps(job))
+    result = subprocess.run([str(vllm_python), "tests/engine_checks.py", str(folder / "job.json"), str(folder / "out.json")],
                             env=engine_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"), capture_output=True, text=True,
                             timeout=900)  # the engine in this process: see `vllm_recipe_run`
     assert result.returncode == 0, result.stderr[-4000:]
-    vllm = json.loads((tmp_path / "out.json").read_text())
+    return {**json.loads((folder / "out.json").read_text()), "sequences": sequences}
 
+
+def test_vllm_backend_agrees_with_transformers_on_smollm2(smollm2_engine_checks, smollm2_folder):
+    spec = ModelSpec(name="smollm2", path=str(smollm2_folder))
+    tokenizer = load_tokenizer(spec)
+    vllm, sequences, stop = smollm2_engine_checks, smollm2_engine_checks["sequences"], STOP
     backend = TransformersBackend(spec, TransformersSettings())
     greedy = backend.generate_all(GREEDY, SamplingParams(temperature=0.0, max_new_tokens=32), batch_size=4)
     identical = sum(a == b for a, b in zip(vllm["greedy"], greedy, strict=True))
@@ -85,6 +95,26 @@ def test_vllm_backend_agrees_with_transformers_on_smollm2(vllm_python, smollm2_f
         worst = max(worst, abs(total - expected_total) / count)
     print(f"log-prob sums: largest difference per token {worst:.2e}")
     assert worst <= 1e-4
+
+
+def test_vllm_loads_an_export_with_its_tokenizer_and_agrees_with_transformers(smollm2_engine_checks, smollm2_folder):
+    """vLLM reads the exported GGUF folder (`polyfuse.models.gguf`) itself (weights, tokenizer, chat template: the
+    engine loads its tokenizer) and gives transformers' greedy text and prompt log-probs."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    vllm = smollm2_engine_checks["chat"]
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_folder).eval()
+    ids = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert vllm["prompt"] == tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    assert vllm["ids"] == ids
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+        greedy = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):]
+    expected = logits[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(vllm["logps"]), expected, atol=1e-4)
+    assert vllm["text"] == tokenizer.decode(greedy, skip_special_tokens=True)
 
 
 def test_the_venv_runs_this_checkouts_code_without_pythonpath(vllm_python, tmp_path):

@@ -3,13 +3,13 @@ the cache wherever a model folder is accepted, and the refusals of files that ar
 
 The fast tests use a tiny Llama written as a real GGUF (`tiny_gguf`: Q8_0 tensors, byte-level BPE, chat
 template); the slow ones the real SmolLM2-135M-Instruct (Q4_1) and Gemma-3-270M (Q4_K_M) GGUFs, each
-compared with transformers' own `gguf_file=` load, and the vLLM engine loading an export."""
+compared with transformers' own `gguf_file=` load. The vLLM engine loading an export is checked in
+tests/test_engines.py, on the engine its other SmolLM2 checks start."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,6 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from conftest import engine_env
 from polyfuse.errors import UserError
 from polyfuse.models import ModelSpec, load_model, load_tokenizer, packaged
 from polyfuse.models.gguf import RECORD, check_gguf, resolve_model_path
@@ -169,41 +168,3 @@ def test_real_gguf_exports_equal_transformers_gguf_loads(model):
     file = getattr(packaged, model)()
     folder = Path(resolve_model_path(str(file), model))
     assert_export_equals_gguf_load(folder, file)
-
-
-@pytest.mark.slow
-def test_vllm_loads_an_export_with_its_tokenizer_and_agrees_with_transformers(vllm_python, smollm2_folder, tmp_path):
-    """vLLM reads the exported folder itself (weights, tokenizer, chat template: no `skip_tokenizer_init`) and
-    gives transformers' greedy text and prompt log-probs."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    script = f"""
-import json, sys
-from vllm import LLM, SamplingParams
-llm = LLM(model={str(smollm2_folder)!r}, dtype="float32", max_model_len=512, max_num_seqs=4,
-          max_num_batched_tokens=2048, enforce_eager=True, load_format="safetensors")
-prompt = llm.get_tokenizer().apply_chat_template({CHAT!r}, add_generation_prompt=True, tokenize=False)
-greedy = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]
-scored = llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
-logps = [next(iter(d.values())).logprob for d in scored.prompt_logprobs[1:]]
-json.dump({{"prompt": prompt, "ids": list(greedy.prompt_token_ids), "text": greedy.outputs[0].text,
-           "logps": logps}}, open(sys.argv[1], "w"))
-"""
-    (tmp_path / "check.py").write_text("if __name__ == '__main__':\n" + "".join(f"    {line}\n" for line in script.strip().splitlines()))
-    result = subprocess.run([str(vllm_python), str(tmp_path / "check.py"), str(tmp_path / "out.json")],
-                            env=engine_env(VLLM_CPU_OMP_THREADS_BIND="0-1", VLLM_ENABLE_V1_MULTIPROCESSING="0"),
-                            capture_output=True, text=True, timeout=900)  # in this process: half the start
-    assert result.returncode == 0, result.stderr[-4000:]
-    vllm = json.loads((tmp_path / "out.json").read_text())
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
-    model = AutoModelForCausalLM.from_pretrained(smollm2_folder).eval()
-    ids = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, return_dict=True)["input_ids"]
-    assert vllm["prompt"] == tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
-    assert vllm["ids"] == ids
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0].log_softmax(-1)
-        greedy = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):]
-    expected = logits[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
-    assert torch.allclose(torch.tensor(vllm["logps"]), expected, atol=1e-4)
-    assert vllm["text"] == tokenizer.decode(greedy, skip_special_tokens=True)

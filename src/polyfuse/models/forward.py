@@ -13,7 +13,9 @@ One way to lay out sequences and run a causal LM over their responses:
   and fp32 logits never exceed one chunk x vocabulary (a 262k vocabulary makes the head the larger half
   of a small model's work);
 - `head_only_agrees`: the one check that the hidden-state path reproduces the model's own forward (a model
-  that post-processes its logits, e.g. Gemma's soft-capping, does not), run on a run's first batch;
+  that post-processes its logits, e.g. Gemma's soft-capping, does not), run on the first rows of the first batch a
+  model scores and remembered for that model object (an in-process teacher is asked once per training step:
+  checking every call ran its first batch three times);
 - `pad_token_id`: the pad id of a tokenizer without one is its EOS (the padding is masked out anyway);
 - `prefill` and `continuation_logps`: one KV cache of a batch of prompts serving both the scoring of given
   continuations (evaluation's gold answers) and greedy generation from the same prompts (`generate` goes on
@@ -26,6 +28,7 @@ import copy
 import inspect
 import logging
 import math
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -41,8 +44,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_TOKEN_BUDGET = 4096
 HEAD_CHUNK = 512  # scored positions per LM-head call
 HEAD_ATOL, HEAD_RTOL = 1e-3, 1e-4  # per-token log-prob agreement of the two head paths (fp32)
-CHECK_ROWS = 4  # rows of a run's first batch on which `head_only_agrees` compares the two paths
+CHECK_ROWS = 4  # rows of a model's first batch on which `head_only_check` compares the two paths
 MIN_SHARED_PREFIX = 32  # prompt tokens that prompts must share for `prefix_groups` to batch them together
+_HEAD_ONLY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> `head_only_agrees` on its first batch
 
 
 def pad_token_id(tokenizer: Any) -> int:
@@ -234,19 +238,36 @@ def _row_sums(values: torch.Tensor, rows: torch.Tensor, batch: dict[str, torch.T
     return torch.zeros(batch["labels"].shape[0], dtype=torch.float32, device=values.device).index_add_(0, rows, values)
 
 
-def head_only_agrees(model: Any, batch: dict[str, torch.Tensor]) -> bool:
-    """Whether the hidden-state head path gives the model's own per-token log-probs on the first `CHECK_ROWS`
-    rows of `batch` (`|a - b| <= HEAD_ATOL + HEAD_RTOL |b|`). A model that post-processes its logits fails on
-    any row; callers then use the model's own forward for the whole run. (A few rows, not the batch: on a full
-    token-budget batch the check cost as much as scoring it.)"""
-    batch = {name: value[:CHECK_ROWS] for name, value in batch.items()}
-    fast, _, _ = head_token_logps(model, batch)
-    logits, tokens, _ = forward_scored_logits(model, batch)
-    slow = token_logps(logits, tokens)
-    agrees = bool(((fast - slow).abs() <= HEAD_ATOL + HEAD_RTOL * slow.abs()).all())
+def forward_token_logps(model: Any, batch: dict[str, torch.Tensor], entropy: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`head_token_logps` by the model's own forward (for a model that post-processes its logits)."""
+    logits, tokens, rows = forward_scored_logits(model, batch)
+    return token_logps(logits, tokens), rows, normalized_entropy(logits) if entropy else None
+
+
+def head_only_check(model: Any, batch: dict[str, torch.Tensor], entropy: bool = False
+                    ) -> tuple[bool, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """`head_only_agrees`, and `batch`'s (log-probs, rows, entropies or None) by the path to use from now on. The
+    paths are compared on the first `CHECK_ROWS` rows (a model that post-processes its logits fails on any row; on a
+    whole token-budget batch the check cost as much as scoring it); a batch of no more rows is scored by the check."""
+    few = {name: value[:CHECK_ROWS] for name, value in batch.items()}
+    fast = head_token_logps(model, few, entropy)
+    slow = forward_token_logps(model, few, entropy)
+    agrees = bool(((fast[0] - slow[0]).abs() <= HEAD_ATOL + HEAD_RTOL * slow[0].abs()).all())
     if not agrees:
         logger.warning("%s post-processes its logits: scoring with its own forward", type(model).__name__)
-    return agrees
+    _HEAD_ONLY[model] = agrees
+    if len(batch["input_ids"]) <= CHECK_ROWS:
+        return agrees, fast if agrees else slow
+    return agrees, (head_token_logps if agrees else forward_token_logps)(model, batch, entropy)
+
+
+def head_only_agrees(model: Any, batch: dict[str, torch.Tensor]) -> bool:
+    """Whether the hidden-state head path gives the model's own per-token log-probs on the first `CHECK_ROWS`
+    rows of `batch` (`|a - b| <= HEAD_ATOL + HEAD_RTOL |b|`). A model that post-processes its logits fails; callers
+    then use the model's own forward for the whole run."""
+    few = {name: value[:CHECK_ROWS] for name, value in batch.items()}
+    return head_only_check(model, few)[0]
 
 
 def topk_outputs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
@@ -285,7 +306,7 @@ def score_topk(model: Any, sequences: list[tuple[list[int], int]], pad_id: int, 
     under `model` in eval mode (token-budget batches, the head-only path where it agrees with the model's own
     forward, as `score_sequences`)."""
     results: list[dict[str, torch.Tensor]] = [{}] * len(sequences)
-    head_only = None
+    head_only = _HEAD_ONLY.get(model)
     training = model.training
     model.eval()
     try:
@@ -313,17 +334,14 @@ def score_sequences(
     """(S, n) of each `(input ids, prompt length)` sequence, in input order, under `model` in eval mode; with
     `entropy`, (S, n, sum of H / ln V over the scored positions) (`normalized_entropy`, exact)."""
     results: list[tuple[float, ...]] = [(0.0, 0)] * len(sequences)
-    head_only = None  # whether the hidden-state head path reproduces the model's own forward (checked on batch 1)
+    head_only = _HEAD_ONLY.get(model)  # whether the head path reproduces the model's forward (None: not checked yet)
     model.eval()
     with torch.inference_mode():
         for indices, batch in padded_batches(model, sequences, pad_id, token_budget):
-            if head_only is None:
-                head_only = head_only_agrees(model, batch)
-            if head_only:
-                logps, rows, entropies = head_token_logps(model, batch, entropy)
+            if head_only is None:  # the check's own results score the first batch
+                head_only, (logps, rows, entropies) = head_only_check(model, batch, entropy)
             else:
-                logits, tokens, rows = forward_scored_logits(model, batch)
-                logps, entropies = token_logps(logits, tokens), normalized_entropy(logits) if entropy else None
+                logps, rows, entropies = (head_token_logps if head_only else forward_token_logps)(model, batch, entropy)
             columns = [_row_sums(logps, rows, batch), (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)]
             if entropies is not None:
                 columns.append(_row_sums(entropies, rows, batch))
