@@ -64,3 +64,15 @@ def test_the_check_refuses_a_model_that_post_processes_its_logits(caplog):
 @pytest.mark.parametrize(("pad", "eos", "expected"), [(3, 7, 3), (None, 7, 7), (0, 7, 0)])
 def test_pad_id_is_the_pad_token_else_eos(pad, eos, expected):
     assert pad_token_id(SimpleNamespace(pad_token_id=pad, eos_token_id=eos)) == expected
+
+
+def test_prefix_groups_batch_prompts_that_share_a_prefix():
+    from polyfuse.models.forward import common_prefix, prefix_groups
+
+    shot = list(range(100, 140))  # a 40-token few-shot head
+    prompts = [shot + [1, 2], [7, 8, 9], shot + [1, 3, 4], shot[:20] + [5], shot + [2], [7, 8]]
+    assert common_prefix([prompts[0], prompts[2]]) == 41 and common_prefix(prompts) == 0
+    assert common_prefix([[1, 2], [1, 2, 3]]) == 2
+    # 0, 2, 4 share 40 >= 32 tokens; 3 shares only 20 with them and goes with the rest, in index order
+    assert prefix_groups(prompts) == [[0, 2, 4], [1, 3, 5]]
+    assert prefix_groups(prompts, min_shared=2) == [[1, 5], [0, 2, 3, 4]]  # groups in the order of their prompts
