@@ -339,11 +339,13 @@ def test_generation_by_token_budget_returns_unbatched_answers_in_input_order(tin
     spy.__wrapped__ = module.plan_batches
     monkeypatch.setattr(module, "plan_batches", spy)
     assert backend.generate_all(prompts, params, token_budget=200) == one_by_one
-    (lengths, budget, batches), = planned
-    assert lengths == [len(render_prompt(backend.tokenizer, p)[0]) + MAX_NEW_TOKENS for p in prompts]
-    assert budget == 200 and 1 < len(batches) < len(prompts)  # several batches, some of several prompts
-    assert all(len(b) * max(lengths[i] for i in b) <= 200 for b in batches if len(b) > 1)
-    assert sorted(i for b in batches for i in b) == list(range(len(prompts)))
+    # planned within each group of prompts sharing a prefix (`prefix_groups`): every prompt in one group's plan
+    assert sorted(length for lengths, _, _ in planned for length in lengths) == sorted(
+        len(render_prompt(backend.tokenizer, p)[0]) + MAX_NEW_TOKENS for p in prompts)
+    batches = [[lengths[i] for i in batch] for lengths, budget, found in planned for batch in found]
+    assert all(budget == 200 for _, budget, _ in planned)
+    assert 1 < len(batches) < len(prompts)  # several batches, some of several prompts
+    assert all(len(b) * max(b) <= 200 for b in batches if len(b) > 1)
 
 
 def test_gold_texts_are_olmes_gold_bpb_continuations():
@@ -383,3 +385,68 @@ def test_unjudgeable_golds_are_refused_before_loading(answer, problem):
                PromptRow(id="g2", prompt="What is 2 + 2?", domain="math", answer="4")]
     with pytest.raises(UserError, match=re.escape(f"1 prompts cannot be judged, e.g. {problem}")):
         evaluate(ModelSpec(path="/nonexistent/model"), prompts, default_verifiers(), quiet=True)
+
+
+def _gemma3_dir(tiny_model_dir, tmp_path_factory, sliding_window: int):
+    """A randomly initialised 2-layer Gemma-3 (one sliding-window layer, one global) sharing the tiny tokenizer:
+    a model with another cache layout and logits it post-processes (soft-capping)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(1)
+    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+                              sliding_window=sliding_window, layer_types=["sliding_attention", "full_attention"],
+                              final_logit_softcapping=3.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    folder = tmp_path_factory.mktemp("tiny-gemma3")
+    Gemma3ForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def own_forward_logps(model, ids: list[int], prompt_length: int) -> float:
+    """Sum of the log-probs of ids[prompt_length:] by one unpadded forward of the model itself (fp32)."""
+    with torch.inference_mode():
+        logps = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+    return sum(logps[k - 1, ids[k]].item() for k in range(prompt_length, len(ids)))
+
+
+@pytest.mark.parametrize("model", ["llama", "gemma3-window-8", "gemma3-window-256"])
+def test_one_prefill_gives_the_plain_paths_answers_and_gold_log_probs(tiny_model_dir, tmp_path_factory, model):
+    """The transformers backend's one-prefill evaluation (a KV cache serving the gold answer's forward and greedy
+    `generate`) against the plain path on the same model (each prompt generated alone; the forward kernel's
+    `score_sequences` of every gold sequence) and
+    against each gold sequence's log-probs by one unpadded forward of the model. Prompts of many lengths over several
+    token-budget batches, a multi-turn prompt, a row without a gold answer, and (Gemma-3 with an 8-token window)
+    prompts longer than a sliding-window layer keeps."""
+    from polyfuse.evaluation.evaluate import _gold_sequences
+    from polyfuse.models.forward import score_sequences
+    from polyfuse.sampling import SamplingParams
+    from polyfuse.sampling.transformers_backend import TransformersBackend, TransformersSettings
+
+    folder = tiny_model_dir if model == "llama" else _gemma3_dir(tiny_model_dir, tmp_path_factory, int(model.split("-")[-1]))
+    backend = TransformersBackend(ModelSpec(path=str(folder)), TransformersSettings())
+    rows = [PromptRow(id=f"p{k}", prompt=f"Question {'x' * k}?", domain="alpha", answer=f"gold {k} " * (k % 4 + 1))
+            for k in (3, 40, 1, 25, 9, 60, 2)]
+    rows.append(PromptRow(id="turns", domain="alpha", answer="ok", prompt=[
+        {"role": "user", "content": "Say ok."}, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "Again."}]))
+    rows.append(PromptRow(id="no-gold", prompt="Nothing to score", domain="alpha", tests="assert True"))
+    golds = _gold_sequences(backend, rows)
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=MAX_NEW_TOKENS)
+    counts = {"generated": 0, "scored": 0}
+
+    def count(key):
+        return lambda n: counts.__setitem__(key, counts[key] + n)
+
+    texts, sums = backend.greedy_and_score([r.prompt for r in rows], golds, params, token_budget=150,
+                                           generated=count("generated"), scored=count("scored"))
+    plain_texts = [t for (t,) in backend.generate_all([r.prompt for r in rows], params, batch_size=1)]
+    plain_sums = score_sequences(backend.model, golds[:-1], backend.tokenizer.pad_token_id, 150)
+    assert texts == plain_texts and len(set(texts)) > 1  # the same greedy answers, and not all alike
+    assert sums[-1] is None
+    assert counts == {"generated": len(rows), "scored": len(rows) - 1}
+    for (ids, prompt_length), (total, n), (plain_total, plain_n) in zip(golds[:-1], sums[:-1], plain_sums, strict=True):
+        assert n == plain_n == len(ids) - prompt_length
+        assert total == pytest.approx(own_forward_logps(backend.model, ids, prompt_length), rel=1e-6, abs=1e-4)
+        if model == "llama":  # Gemma's soft-capped logits: `score` may take the head-only path (see test_forward.py)
+            assert total == pytest.approx(plain_total, rel=1e-6, abs=1e-4)

@@ -64,15 +64,18 @@ def test_the_check_refuses_a_model_that_post_processes_its_logits(caplog):
 
 
 @pytest.mark.parametrize(("build", "head_only"), [(_llama, True), (_softcapped_gemma, False)])
-def test_the_first_top_k_batch_is_checked_and_scored_by_the_path_chosen(build, head_only):
-    """The top-K scorer decides the path on a model's first batch from the check's own two passes (no third) and
-    returns that path's outputs; later batches keep the decision."""
-    model, batch = build(), _batch(60)
+@pytest.mark.parametrize("rows", [3, 5], ids=["scored-by-the-check", "larger-than-the-check"])
+def test_the_first_top_k_batch_is_checked_and_scored_by_the_path_chosen(build, head_only, rows):
+    """The top-K scorer decides the path on a model's first batch (its first `CHECK_ROWS` rows; a batch of no more
+    rows is scored by the check's own two passes, not a third) and returns that path's outputs; later batches keep
+    the decision."""
+    model = build()
+    batch = {name: value[:rows] for name, value in _batch(60).items()}
     with torch.inference_mode():
-        outputs, rows, chosen = checked_response_topk(model, batch, 5, None)
-        expected, expected_rows = response_topk(model, batch, 5, head_only)
+        outputs, positions, chosen = checked_response_topk(model, batch, 5, None)
+        expected, expected_positions = response_topk(model, batch, 5, head_only)
         again = checked_response_topk(model, batch, 5, chosen)
-    assert chosen is head_only and again[2] is head_only and torch.equal(rows, expected_rows)
+    assert chosen is head_only and again[2] is head_only and torch.equal(positions, expected_positions)
     for name, value in expected.items():
         assert torch.equal(outputs[name], value) and torch.equal(again[0][name], value), name
 
@@ -80,3 +83,15 @@ def test_the_first_top_k_batch_is_checked_and_scored_by_the_path_chosen(build, h
 @pytest.mark.parametrize(("pad", "eos", "expected"), [(3, 7, 3), (None, 7, 7), (0, 7, 0)])
 def test_pad_id_is_the_pad_token_else_eos(pad, eos, expected):
     assert pad_token_id(SimpleNamespace(pad_token_id=pad, eos_token_id=eos)) == expected
+
+
+def test_prefix_groups_batch_prompts_that_share_a_prefix():
+    from polyfuse.models.forward import common_prefix, prefix_groups
+
+    shot = list(range(100, 140))  # a 40-token few-shot head
+    prompts = [shot + [1, 2], [7, 8, 9], shot + [1, 3, 4], shot[:20] + [5], shot + [2], [7, 8]]
+    assert common_prefix([prompts[0], prompts[2]]) == 41 and common_prefix(prompts) == 0
+    assert common_prefix([[1, 2], [1, 2, 3]]) == 2
+    # 0, 2, 4 share 40 >= 32 tokens; 3 shares only 20 with them and goes with the rest, in index order
+    assert prefix_groups(prompts) == [[0, 2, 4], [1, 3, 5]]
+    assert prefix_groups(prompts, min_shared=2) == [[1, 5], [0, 2, 3, 4]]  # groups in the order of their prompts

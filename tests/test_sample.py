@@ -121,3 +121,34 @@ def test_stop_must_be_a_list_of_non_empty_strings():
     with pytest.raises(ConfigError, match=r"stop\.0: String should have at least 1 character"):
         validate(SamplingSettings, {"stop": [""]})
     assert "stop" not in SamplingSettings().model_dump()  # runs without stop strings keep their fingerprints
+
+
+def test_one_prefill_for_n_responses_gives_transformers_own_samples(tiny_world):
+    """Each prompt is prefilled once (the batch's shared prefix once for all) and its KV cache copied for its n
+    responses; the samples are those of transformers' own `generate(num_return_sequences=n)` on the same prompts,
+    left-padded, in the same row order and seed (the same random draws, one row per response), with a stop string
+    too."""
+    import torch
+
+    from polyfuse.models import ModelSpec, render_prompt
+    from polyfuse.models.forward import common_prefix, pad_batch
+    from polyfuse.sampling import SamplingParams
+    from polyfuse.sampling.transformers_backend import TransformersBackend, TransformersSettings
+
+    backend = TransformersBackend(ModelSpec(path=str(next(iter(tiny_world.source_paths.values())))), TransformersSettings())
+    prompt_ids = [render_prompt(backend.tokenizer, p.prompt)[0] for p in tiny_world.prompts("train", per_domain=3)]
+    assert common_prefix(prompt_ids) > 0  # the template's head: a prefix the prefill shares
+    for stop in ([], ["e"]):
+        params = SamplingParams(n=3, temperature=1.0, max_new_tokens=8, seed=11, stop=stop)
+        ours = dict(backend._sample(prompt_ids, params, batch_size=len(prompt_ids) * 3, token_budget=None))
+        (order,) = backend._batches(prompt_ids, [len(p) for p in prompt_ids], len(prompt_ids) * 3, None, n=3)  # one batch
+        padded = pad_batch([prompt_ids[i] for i in order], [len(prompt_ids[i]) for i in order], backend.tokenizer.pad_token_id,
+                           side="left")
+        torch.manual_seed(params.seed)
+        with torch.inference_mode():
+            out = backend.model.generate(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"],
+                                         num_return_sequences=3, **backend._generate_options(params))
+        theirs = out[:, padded["input_ids"].shape[1]:].tolist()
+        for k, i in enumerate(order):
+            assert ours[i] == theirs[3 * k : 3 * k + 3]
+        assert len({tuple(seq) for seqs in ours.values() for seq in seqs}) > len(prompt_ids)  # n differ per prompt

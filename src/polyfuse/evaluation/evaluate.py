@@ -9,9 +9,11 @@ over domains, `overall` the fraction of all prompts.
 **Gold bits per byte** (the evidence protocol's continuous metric): for every prompt with a gold answer,
 the gold text (`gold_text`) is teacher-forced through the model's own tokenizer and template by polyfuse's
 sequence convention (`polyfuse.models.encode`: its response tokens, the end-of-turn marker and whatever the
-template writes after it, are the scored tokens) and scored by the backend's `score`, so every backend
-gives it: `bpb = -(sum of ln p over the scored tokens) / (ln 2 * UTF-8 bytes of the gold text)`. Lower is
-better. Generation and scoring batches are cut by a token budget over length-sorted prompts.
+template writes after it, are the scored tokens) and scored by the backend (`Backend.greedy_and_score`, so
+every backend gives it): `bpb = -(sum of ln p over the scored tokens) / (ln 2 * UTF-8 bytes of the gold text)`.
+Lower is better. Generation and scoring batches are cut by a token budget over length-sorted prompts; the
+transformers backend runs each prompt through the model once for both its gold answer and its greedy answer
+(one KV cache, `polyfuse.models.forward.prefill`), the other backends score, then generate.
 """
 
 from __future__ import annotations
@@ -221,34 +223,49 @@ def evaluate(
     return _evaluate(model, prompts, picked, params, batching, label, quiet, bar)
 
 
+def _gold_sequences(backend: Backend, prompts: list[PromptRow]) -> list[tuple[list[int], int] | None]:
+    """Each prompt's gold answer as a scored `(ids, prompt length)` sequence through the model's own template
+    (`encode`); None without a gold answer."""
+    sequences: list[tuple[list[int], int] | None] = []
+    for prompt in prompts:
+        gold = gold_text(prompt)
+        encoded = encode(backend.tokenizer, prompt.prompt, gold) if gold else None
+        sequences.append(None if encoded is None else (encoded.input_ids, len(encoded.prompt_ids)))
+    return sequences
+
+
+def _bits(prompts: list[PromptRow], sums: list[tuple[float, ...] | None]) -> list[float | None]:
+    """Bits per UTF-8 byte of each gold answer from its summed log-prob (nats)."""
+    return [None if found is None else -found[0] / (math.log(2) * len(gold_text(p).encode("utf-8")))
+            for p, found in zip(prompts, sums, strict=True)]
+
+
 def gold_bpb(backend: Backend, prompts: list[PromptRow], token_budget: int = EVAL_TOKEN_BUDGET,
              progress: Callable[[int], None] | None = None) -> list[float | None]:
     """Each prompt's gold bits per byte under `backend`'s model (None without a gold answer), in input order;
     all gold answers share the token-budget batches of one `score` call."""
-    golds = [gold_text(p) for p in prompts]
-    scored = [i for i, gold in enumerate(golds) if gold]
-    encoded = [encode(backend.tokenizer, prompts[i].prompt, golds[i]) for i in scored]
-    sums = backend.score([(e.input_ids, len(e.prompt_ids)) for e in encoded], token_budget, progress)
-    bits: list[float | None] = [None] * len(prompts)
-    for i, (total, _) in zip(scored, sums, strict=True):
-        bits[i] = -total / (math.log(2) * len(golds[i].encode("utf-8")))
-    return bits
+    golds = _gold_sequences(backend, prompts)
+    scored = [i for i, gold in enumerate(golds) if gold is not None]
+    sums: list[tuple[float, ...] | None] = [None] * len(prompts)
+    for i, found in zip(scored, backend.score([golds[i] for i in scored], token_budget, progress), strict=True):
+        sums[i] = found
+    return _bits(prompts, sums)
 
 
 def _evaluate(backend: Backend, prompts: list[PromptRow], picked: list[Scorer], params: SamplingParams,
               batching: _Batching, label: str, quiet: bool, bar: Progress | None) -> EvalResult:
     verdicts: list[tuple[Any, dict[str, Any]]] = [(False, {})] * len(prompts)
-    bits: list[float | None] = [None] * len(prompts)
     with nullcontext(bar) if bar is not None else progress_bar(disable=quiet) as bar:
-        with_gold = sum(1 for p in prompts if gold_text(p))
-        if batching.bpb and with_gold:
-            scoring = bar.add_task(f"gold bpb {label}", total=with_gold)
-            bits = gold_bpb(backend, prompts, batching.token_budget, lambda n: bar.advance(scoring, n))
+        golds = _gold_sequences(backend, prompts) if batching.bpb else [None] * len(prompts)
+        scoring = bar.add_task(f"gold bpb {label}", total=sum(gold is not None for gold in golds))
         generating = bar.add_task(f"generate {label}", total=len(prompts))
-        outputs = backend.generate_all([p.prompt for p in prompts], params, batch_size=batching.batch_size,
-                                       token_budget=batching.token_budget,
-                                       progress=lambda n: bar.advance(generating, n))
-        rows = [_as_sample(p, label, out[0], params) for p, out in zip(prompts, outputs, strict=True)]
+        # one call for both: the transformers backend prefills each prompt once for its gold answer and its answer
+        responses, sums = backend.greedy_and_score(
+            [p.prompt for p in prompts], golds, params, batch_size=batching.batch_size,
+            token_budget=batching.token_budget, generated=lambda n: bar.advance(generating, n),
+            scored=lambda n: bar.advance(scoring, n))
+        bits = _bits(prompts, sums)
+        rows = [_as_sample(p, label, response, params) for p, response in zip(prompts, responses, strict=True)]
         verifying = bar.add_task(f"verify {label}", total=len(rows))
         for verifier in {id(v): v for v in picked}.values():
             indices = [i for i, v in enumerate(picked) if v is verifier]

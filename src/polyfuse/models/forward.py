@@ -13,14 +13,19 @@ One way to lay out sequences and run a causal LM over their responses:
   and fp32 logits never exceed one chunk x vocabulary (a 262k vocabulary makes the head the larger half
   of a small model's work);
 - `head_only_agrees`: the one check that the hidden-state path reproduces the model's own forward (a model
-  that post-processes its logits, e.g. Gemma's soft-capping, does not), run on the first batch a model scores and
-  remembered for that model object (an in-process teacher is asked once per training step: checking every call
-  ran its first batch three times);
-- `pad_token_id`: the pad id of a tokenizer without one is its EOS (the padding is masked out anyway).
+  that post-processes its logits, e.g. Gemma's soft-capping, does not), run on the first rows of the first batch a
+  model scores and remembered for that model object (an in-process teacher is asked once per training step:
+  checking every call ran its first batch three times);
+- `pad_token_id`: the pad id of a tokenizer without one is its EOS (the padding is masked out anyway);
+- `prefill` and `continuation_logps`: one KV cache of a batch of prompts serving both the scoring of given
+  continuations (evaluation's gold answers) and greedy generation from the same prompts (`generate` goes on
+  from the cache), so evaluation runs each prompt through the model once.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
 import math
 import weakref
@@ -39,6 +44,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_TOKEN_BUDGET = 4096
 HEAD_CHUNK = 512  # scored positions per LM-head call
 HEAD_ATOL, HEAD_RTOL = 1e-3, 1e-4  # per-token log-prob agreement of the two head paths (fp32)
+CHECK_ROWS = 4  # rows of a model's first batch on which `head_only_check` compares the two paths
+MIN_SHARED_PREFIX = 32  # prompt tokens that prompts must share for `prefix_groups` to batch them together
 _HEAD_ONLY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> `head_only_agrees` on its first batch
 
 
@@ -240,12 +247,16 @@ def forward_token_logps(model: Any, batch: dict[str, torch.Tensor], entropy: boo
 
 def head_only_check(model: Any, batch: dict[str, torch.Tensor], entropy: bool = False
                     ) -> tuple[bool, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """`head_only_agrees`, and `batch`'s (log-probs, rows, entropies or None) by the path to use from now on: the
-    check ran both paths, so a caller that needs no more than these does not run the batch a third time."""
-    fast = head_token_logps(model, batch, entropy)
-    slow = forward_token_logps(model, batch, entropy)
+    """`head_only_agrees`, and `batch`'s (log-probs, rows, entropies or None) by the path to use from now on. The
+    paths are compared on the first `CHECK_ROWS` rows (a model that post-processes its logits fails on any row; on a
+    whole token-budget batch the check cost as much as scoring it); a batch of no more rows is scored by the check."""
+    few = {name: value[:CHECK_ROWS] for name, value in batch.items()}
+    fast = head_token_logps(model, few, entropy)
+    slow = forward_token_logps(model, few, entropy)
     agrees = _paths_agree(model, fast[0], slow[0])
-    return agrees, fast if agrees else slow
+    if len(batch["input_ids"]) <= CHECK_ROWS:
+        return agrees, fast if agrees else slow
+    return agrees, (head_token_logps if agrees else forward_token_logps)(model, batch, entropy)
 
 
 def _paths_agree(model: Any, fast: torch.Tensor, slow: torch.Tensor) -> bool:
@@ -259,10 +270,11 @@ def _paths_agree(model: Any, fast: torch.Tensor, slow: torch.Tensor) -> bool:
 
 
 def head_only_agrees(model: Any, batch: dict[str, torch.Tensor]) -> bool:
-    """Whether the hidden-state head path gives the model's own per-token log-probs on `batch`
-    (`|a - b| <= HEAD_ATOL + HEAD_RTOL |b|`). A model that post-processes its logits fails; callers then
-    use the model's own forward for the whole run."""
-    return head_only_check(model, batch)[0]
+    """Whether the hidden-state head path gives the model's own per-token log-probs on the first `CHECK_ROWS`
+    rows of `batch` (`|a - b| <= HEAD_ATOL + HEAD_RTOL |b|`). A model that post-processes its logits fails; callers
+    then use the model's own forward for the whole run."""
+    few = {name: value[:CHECK_ROWS] for name, value in batch.items()}
+    return head_only_check(model, few)[0]
 
 
 def topk_outputs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
@@ -297,15 +309,16 @@ def response_topk(model: Any, batch: dict[str, torch.Tensor], k: int, head_only:
 
 def checked_response_topk(model: Any, batch: dict[str, torch.Tensor], k: int, head_only: bool | None
                           ) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
-    """`response_topk` and the `head_only` to use from now on. None (a model's first batch): both paths run once,
-    their token log-probs are `head_only_agrees`' check, and the chosen path's outputs are returned (before, the
-    check's two passes were followed by a third)."""
-    if head_only is not None:
-        return (*response_topk(model, batch, k, head_only), head_only)
-    fast, fast_rows = response_topk(model, batch, k, True)
-    slow, slow_rows = response_topk(model, batch, k, False)
-    agrees = _paths_agree(model, fast["token_logps"], slow["token_logps"])
-    return (fast, fast_rows, True) if agrees else (slow, slow_rows, False)
+    """`response_topk` and the `head_only` to use from now on. None (a model's first batch): both paths run on its
+    first `CHECK_ROWS` rows, their token log-probs are `head_only_check`'s comparison, and a batch of no more rows
+    is scored by the check (before, the check's two passes were followed by a third)."""
+    if head_only is None:
+        few = {name: value[:CHECK_ROWS] for name, value in batch.items()}
+        fast, slow = response_topk(model, few, k, True), response_topk(model, few, k, False)
+        head_only = _paths_agree(model, fast[0]["token_logps"], slow[0]["token_logps"])
+        if len(batch["input_ids"]) <= CHECK_ROWS:
+            return (*(fast if head_only else slow), head_only)
+    return (*response_topk(model, batch, k, head_only), head_only)
 
 
 def score_topk(model: Any, sequences: list[tuple[list[int], int]], pad_id: int, k: int,
@@ -355,4 +368,107 @@ def score_sequences(
                 results[index] = tuple(values)
             if progress is not None:
                 progress(len(indices))
+    return results
+
+
+def cache_argument(model: Any) -> str:
+    """The name under which `model`'s forward and `generate` take a KV cache: `cache` since transformers 5.x
+    renamed `past_key_values` (the old name still works there, with a warning)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model: its transformers model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def common_prefix(sequences: Sequence[Sequence[int]]) -> int:
+    """The length of the longest prefix all `sequences` share."""
+    shortest = min(len(seq) for seq in sequences)
+    return next((k for k in range(shortest) if len({seq[k] for seq in sequences}) > 1), shortest)
+
+
+def prefix_groups(prompts: Sequence[Sequence[int]], min_shared: int = MIN_SHARED_PREFIX) -> list[list[int]]:
+    """Indices of `prompts` grouped so that a group's prompts share a prefix of at least `min_shared` tokens (the
+    few-shot examples and system prompt of one task), each group in index order; the prompts that share none go
+    together in one last group. Batches cut within a group let `prefill` compute that prefix once."""
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i])  # lexicographic: shared prefixes are neighbours
+    runs: list[list[int]] = []
+    for index in order:
+        if runs and common_prefix([prompts[runs[-1][-1]], prompts[index]]) >= min_shared:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    loose = sorted(i for run in runs if len(run) == 1 for i in run)
+    return [sorted(run) for run in runs if len(run) > 1] + ([loose] if loose else [])
+
+
+def prefill(model: Any, prompts: list[list[int]], pad_id: int, extra: int = 0
+            ) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """A batch of prompts laid out for `generate` and the KV cache of all but their last column: (cache,
+    input_ids, attention_mask) on the model's device. `generate(input_ids, attention_mask, cache=...)` runs the
+    last token itself and goes on; `continuation_logps` scores continuations from the same cache. The prefix all
+    prompts share is computed once (one row) and copied to every row, the rest left-padded after it: the layout
+    is [shared prefix | padding | the rest of the prompt], positions counting real tokens (as `generate` counts
+    them). A model with a sliding attention window narrower than the batch's width (`extra`: the tokens to come)
+    gets plain left padding, since the window counts padded columns."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    shared = min(common_prefix(prompts), min(len(p) for p in prompts) - 1)
+    window = getattr(model.config, "sliding_window", None)
+    if window and max(len(p) for p in prompts) + extra > window:
+        shared = 0
+    rest = [p[shared:] for p in prompts]
+    width = max(len(r) for r in rest)
+    input_ids = torch.full((len(prompts), shared + width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), shared + width), dtype=torch.long)
+    input_ids[:, :shared] = torch.tensor(prompts[0][:shared], dtype=torch.long)
+    attention_mask[:, :shared] = 1
+    for row, tokens in enumerate(rest):
+        input_ids[row, shared + width - len(tokens) :] = torch.tensor(tokens, dtype=torch.long)
+        attention_mask[row, shared + width - len(tokens) :] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    argument = {cache_argument(model): cache}
+    if shared:
+        model(input_ids=input_ids[:1, :shared], position_ids=position_ids[:1, :shared], use_cache=True,
+              logits_to_keep=1, **argument)
+        cache.batch_repeat_interleave(len(prompts))
+    if width > 1:
+        model(input_ids=input_ids[:, shared:-1], attention_mask=attention_mask[:, :-1],
+              position_ids=position_ids[:, shared:-1], use_cache=True, logits_to_keep=1, **argument)
+    return cache, input_ids, attention_mask
+
+
+def continuation_logps(model: Any, cache: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       continuations: list[list[int]]) -> list[tuple[float, int]]:
+    """(sum of log p, token count) of each row's `continuations` (empty: (0, 0)) after its prompt, from the
+    `prefill` cache of the same batch (its `input_ids` and `attention_mask`), which is left as it was (each chunk
+    of rows scores on a copy). The model's own forward gives the logits (whatever it does to them), `HEAD_CHUNK` scored positions
+    at a time; fp32 log-softmax as `token_logps`."""
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(continuations)
+    rows = [i for i, tokens in enumerate(continuations) if tokens]
+    width = max((len(continuations[i]) for i in rows), default=1)
+    per_chunk = max(1, HEAD_CHUNK // width)
+    device = input_ids.device
+    for start in range(0, len(rows), per_chunk):
+        chunk = rows[start : start + per_chunk]
+        # the input: each row's last prompt token, then its continuation but the last (right-padded)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long, device=device)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long, device=device)
+        for r, i in enumerate(chunk):
+            tokens = continuations[i]
+            ids[r, : len(tokens)] = torch.tensor([int(input_ids[i, -1]), *tokens[:-1]], device=device)
+            mask[r, : len(tokens)] = 1
+        index = torch.tensor(chunk, device=device)
+        prompt_mask = attention_mask[index]
+        start_position = prompt_mask.sum(-1, keepdim=True) - 1
+        rows_cache = copy.deepcopy(cache)
+        if rows_cache.get_seq_length() > 0:  # an empty cache (one-token prompts) has no rows to pick
+            rows_cache.batch_select_indices(index)
+        logits = model(input_ids=ids, attention_mask=torch.cat([prompt_mask[:, :-1], mask], dim=1),
+                       position_ids=start_position + torch.arange(width, device=device), use_cache=True,
+                       **{cache_argument(model): rows_cache}).logits
+        for r, i in enumerate(chunk):
+            tokens = continuations[i]
+            target = torch.tensor(tokens, device=device)
+            results[i] = (float(token_logps(logits[r, : len(tokens)], target).sum()), len(tokens))
     return results

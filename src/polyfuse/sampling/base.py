@@ -159,6 +159,22 @@ class Backend(ABC):
         self.generate(prompts, params, done, seeds, batch_size, token_budget)
         return results
 
+    def greedy_and_score(self, prompts: list[Any], golds: list[tuple[list[int], int] | None], params: SamplingParams,
+                         batch_size: int = 32, token_budget: int | None = None,
+                         generated: Callable[[int], None] | None = None,
+                         scored: Callable[[int], None] | None = None) -> tuple[list[str], list[tuple[float, ...] | None]]:
+        """What evaluation needs of a model: each prompt's one greedy response (`params`: temperature 0, n 1) and
+        `score`'s (S, n) of each gold `(ids, prompt length)` sequence (None: no gold), in input order; `generated`
+        and `scored` are called with each finished count. Here `score` then `generate_all`; a backend that can
+        prefill each prompt once for both (transformers) overrides it."""
+        wanted = [i for i, gold in enumerate(golds) if gold is not None]
+        sums = self.score([golds[i] for i in wanted], token_budget or DEFAULT_TOKEN_BUDGET, scored) if wanted else []
+        found: list[tuple[float, ...] | None] = [None] * len(prompts)
+        for i, values in zip(wanted, sums, strict=True):
+            found[i] = values
+        texts = self.generate_all(prompts, params, batch_size=batch_size, progress=generated, token_budget=token_budget)
+        return [t[0] for t in texts], found
+
     def score(self, sequences: list[tuple[list[int], int]], token_budget: int = DEFAULT_TOKEN_BUDGET,
               progress: Callable[[int], None] | None = None, entropy: bool = False,
               entropy_top_k: int | None = None) -> list[tuple[float, ...]]:
