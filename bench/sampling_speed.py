@@ -7,7 +7,8 @@ exported to a safetensors folder in fp32), interleaved round by round.
 
 Every measurement runs in a fresh process of the vLLM venv (`polyfuse.sampling.vllm_env`, built on first
 use), so all three use the same torch; the server is started for its turn of each round and stopped after
-it, so an idle engine never competes with the others. Reported per backend: engine start (seconds until
+it, so an idle engine never competes with the others (`--smoke`: one process measures the three in turn, the
+server up throughout). Reported per backend: engine start (seconds until
 the backend was ready: model load, engine set-up, or the server answering /health), wall time of the
 sampling itself (after a short warm-up call), and generated tokens per CPU-second (the response texts
 re-tokenised, the same count for every backend; CPU time of the measuring process and its children,
@@ -65,14 +66,20 @@ def cpu_seconds(pid: int) -> float:
 
 
 def worker(args: argparse.Namespace) -> None:
-    """One measurement in this process: build the backend, sample, print one JSON line."""
+    """The measurements of `--worker`'s backends in this process, in turn, one JSON line each."""
+    for name in args.worker.split(","):
+        print(json.dumps(measure(args, name)), flush=True)
+
+
+def measure(args: argparse.Namespace, name: str) -> dict:
+    """One measurement: build the backend, sample."""
     from polyfuse.models import load_tokenizer
     from polyfuse.sampling import EngineModel, SamplingParams, build_backend
 
-    backend_options: dict = {"type": args.worker}
-    if args.worker == "vllm":
+    backend_options: dict = {"type": name}
+    if name == "vllm":
         backend_options.update(max_model_len=args.max_model_len, max_num_seqs=args.prompts * args.n)
-    if args.worker == "openai":
+    if name == "openai":
         backend_options.update(base_url=args.url, model="smollm2", concurrency=args.prompts)
     spec = EngineModel.model_validate({"name": "smollm2", "path": args.model, "dtype": args.dtype,
                                        "backend": backend_options})
@@ -82,12 +89,12 @@ def worker(args: argparse.Namespace) -> None:
     backend = build_backend(spec)
     started = time.perf_counter() - start
     backend.generate_all(prompts[:1], params.model_copy(update={"max_new_tokens": 4}))  # warm-up, not timed
-    processes = [os.getpid(), *([args.server_pid] if args.server_pid else [])]  # with vLLM's engine processes
+    processes = [os.getpid(), *([args.server_pid] if name == "openai" else [])]  # with vLLM's engine processes
     cpu_before = sum(map(cpu_seconds, processes))
     start = time.perf_counter()
     # vLLM and the server take every prompt at once (they batch continuously); transformers takes
     # `--batch-size` sequences per `generate` call (0: all of them in one call, its best case here).
-    sequences = args.batch_size if args.worker == "transformers" and args.batch_size else args.prompts * args.n
+    sequences = args.batch_size if name == "transformers" and args.batch_size else args.prompts * args.n
     texts = backend.generate_all(prompts, params, batch_size=sequences)
     wall = time.perf_counter() - start
     cpu = sum(map(cpu_seconds, processes)) - cpu_before
@@ -96,8 +103,8 @@ def worker(args: argparse.Namespace) -> None:
     tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for group in texts for t in group)
     import torch
 
-    print(json.dumps({"backend": args.worker, "start_s": started, "wall_s": wall, "cpu_s": cpu, "tokens": tokens,
-                      "threads": torch.get_num_threads()}))
+    return {"backend": name, "start_s": started, "wall_s": wall, "cpu_s": cpu, "tokens": tokens,
+            "threads": torch.get_num_threads()}
 
 
 def start_server(python: Path, model: str, port: int, log: Path, dtype: str, seqs: int,
@@ -119,13 +126,13 @@ def start_server(python: Path, model: str, port: int, log: Path, dtype: str, seq
             time.sleep(1)
 
 
-def environment() -> dict[str, str]:
+def environment(**extra: str) -> dict[str, str]:
     from conftest import engine_env
 
     # Every backend may use every core: transformers' torch threads (tests/conftest.py, imported above, sets
     # OMP_NUM_THREADS=1 for the test suite) and vLLM's bound OpenMP threads.
     cores = sorted(os.sched_getaffinity(0))
-    return engine_env(VLLM_CPU_OMP_THREADS_BIND=",".join(map(str, cores)), OMP_NUM_THREADS=str(len(cores)))
+    return engine_env(VLLM_CPU_OMP_THREADS_BIND=",".join(map(str, cores)), OMP_NUM_THREADS=str(len(cores)), **extra)
 
 
 
@@ -144,7 +151,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="the tiny toy world's pivot instead of SmolLM2, 2 prompts "
                         "x n=1 x 8 new tokens, one round: the plumbing (each backend still starts its engine)")
     parser.add_argument("--max-model-len", type=int, default=512, help=argparse.SUPPRESS)
-    parser.add_argument("--worker", choices=["transformers", "vllm", "openai"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # backends to measure in this process, comma-separated
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--server-pid", type=int, default=0, help=argparse.SUPPRESS)
@@ -166,34 +173,41 @@ def main() -> None:
     results: dict[str, list[dict]] = {"transformers": [], "vllm": [], "openai": []}
     print(f"load: {os.getloadavg()[0]:.1f}; {args.dtype}; {args.prompts} prompts x n={args.n} x {args.max_new_tokens} new tokens, "
           f"transformers batch {args.batch_size or args.prompts * args.n} sequences, {args.rounds} rounds", flush=True)
+    # A smoke run measures nothing but the plumbing: its three backends share one worker process (vLLM's engine in
+    # it, not in a process of its own) while the server runs; started per backend, they cost ~3 vLLM-venv starts
+    # more (each ~5-13 CPU s of imports and engine start-up for a few tokens).
+    worker_env = environment(VLLM_ENABLE_V1_MULTIPROCESSING="0") if args.smoke else environment()
     for round_ in range(args.rounds):
         order = ["transformers", "vllm", "openai"]
         order = order[round_ % 3 :] + order[: round_ % 3]  # interleaved: each backend goes first once in 3 rounds
-        for name in order:
+        for group in [order] if args.smoke else [[name] for name in order]:
             extra: list[str] = []
             server = None
-            if name == "openai":
+            if "openai" in group:
                 port = free_port()
                 server, server_start = start_server(python, model, port, args.workdir / "server.log", args.dtype,
                                                     args.prompts * args.n, args.max_model_len)
                 extra = ["--url", f"http://127.0.0.1:{port}/v1", "--server-pid", str(server.pid)]
             try:
-                out = subprocess.run([*common, "--worker", name, *extra], capture_output=True, text=True,
-                                     env=environment(), check=False)
+                out = subprocess.run([*common, "--worker", ",".join(group), *extra], capture_output=True, text=True,
+                                     env=worker_env, check=False)
                 if out.returncode != 0:  # the worker's own error, not only its exit status
-                    sys.exit(f"the {name} worker failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
+                    sys.exit(f"the {'/'.join(group)} worker failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
             finally:
                 if server is not None:
                     os.killpg(server.pid, signal.SIGTERM)
                     server.wait()
-            record = json.loads(out.stdout.strip().splitlines()[-1])
-            if server is not None:
-                record["start_s"] = server_start
-            record["tokens_per_cpu_s"] = record["tokens"] / record["cpu_s"]
-            results[name].append(record)
-            print(f"round {round_ + 1} {name:12s} start {record['start_s']:6.1f} s  sampling {record['wall_s']:6.1f} s  "
-                  f"{record['tokens']} tokens  {record['tokens_per_cpu_s']:6.1f} tokens/CPU-s  "
-                  f"(load {os.getloadavg()[0]:.1f}; {record['threads']} torch threads in the measuring process)", flush=True)
+            for line in [line for line in out.stdout.splitlines() if line.startswith('{"backend": ')]:  # not vLLM's logs
+                record = json.loads(line)
+                name = record["backend"]
+                if name == "openai":
+                    record["start_s"] = server_start
+                record["tokens_per_cpu_s"] = record["tokens"] / record["cpu_s"]
+                results[name].append(record)
+                print(f"round {round_ + 1} {name:12s} start {record['start_s']:6.1f} s  sampling {record['wall_s']:6.1f} s  "
+                      f"{record['tokens']} tokens  {record['tokens_per_cpu_s']:6.1f} tokens/CPU-s  "
+                      f"(load {os.getloadavg()[0]:.1f}; {record['threads']} torch threads in the measuring process)",
+                      flush=True)
     best = {name: max(records, key=lambda r: r["tokens_per_cpu_s"]) for name, records in results.items()}
     base = best["transformers"]
     print("\n| backend | engine start (s) | sampling wall (s) | tokens / CPU-s | vs transformers (tokens/CPU-s) | vs transformers (wall) |")

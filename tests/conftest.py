@@ -127,6 +127,23 @@ def gemma3_folder():
 
     return Path(resolve_model_path(str(gemma3()), "Gemma-3-270M"))
 
+
+@pytest.fixture(scope="session")
+def gemma3_twin(gemma3_folder):
+    """Gemma-3's architecture and real 262k-token tokenizer with 2 random layers of width 64 (`tiny_lm.random_twin`,
+    cached per machine): for the tests where the vocabulary is the point and the weights are not."""
+    from tiny_lm import random_twin
+
+    return random_twin(gemma3_folder, "gemma3")
+
+
+@pytest.fixture(scope="session")
+def smollm2_twin(smollm2_folder):
+    """SmolLM2's architecture and real 49k-token tokenizer, random and tiny, as `gemma3_twin`."""
+    from tiny_lm import random_twin
+
+    return random_twin(smollm2_folder, "smollm2")
+
 # The end-to-end and subprocess tests: whole recipes, model training, launched processes. They run in CI
 # (`pytest`); `pytest -m "not slow"` is the fast lane for development. Kept in one place so the marks are
 # not repeated in every file (a test may also carry `@pytest.mark.slow` itself).
@@ -165,9 +182,9 @@ LONGEST = ["test_engines", "test_onpolicy_engines", "test_real_models", "test_gg
            "test_stage_commands", "test_humaneval", "test_gym_protocol",
            "tests/test_benches.py::test_smoke_run[real_tier_probe.py]", "tests/test_benches.py::test_smoke_run[onpolicy_speed.py]",
            "test_toyworld", "test_pipeline", "test_logprobs"]  # measured 2026-12-08 (`--durations`), longest first
-# sampling_speed's smoke run, which starts four vLLM engines, failed under `-n 2 --dist loadfile` while another
-# engine started (each binds its OpenMP threads to every core and needs its KV cache in free memory): it runs
-# while no other test of an engine does (`_engine_slot`).
+# sampling_speed's smoke run, which starts vLLM engines (four then, two now: its vLLM backend's and a server's),
+# failed under `-n 2 --dist loadfile` while another engine started (each binds its OpenMP threads to every core and
+# needs its KV cache in free memory): it runs while no other test of an engine does (`_engine_slot`).
 ENGINE_ALONE = {"tests/test_benches.py::test_smoke_run[sampling_speed.py]"}
 
 

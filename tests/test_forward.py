@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from polyfuse.models.forward import (
+    checked_response_topk,
     forward_logps,
     head_only_agrees,
     pad_batch,
     pad_token_id,
     response_logps,
+    response_topk,
 )
 
 
@@ -59,6 +61,23 @@ def test_the_check_refuses_a_model_that_post_processes_its_logits(caplog):
         slow, _, _ = forward_logps(model, batch)
     assert (fast - slow).abs().max() > 1e-2  # the two paths really differ: the check is not vacuous
     assert "post-processes its logits" in caplog.text
+
+
+@pytest.mark.parametrize(("build", "head_only"), [(_llama, True), (_softcapped_gemma, False)])
+@pytest.mark.parametrize("rows", [3, 5], ids=["scored-by-the-check", "larger-than-the-check"])
+def test_the_first_top_k_batch_is_checked_and_scored_by_the_path_chosen(build, head_only, rows):
+    """The top-K scorer decides the path on a model's first batch (its first `CHECK_ROWS` rows; a batch of no more
+    rows is scored by the check's own two passes, not a third) and returns that path's outputs; later batches keep
+    the decision."""
+    model = build()
+    batch = {name: value[:rows] for name, value in _batch(60).items()}
+    with torch.inference_mode():
+        outputs, positions, chosen = checked_response_topk(model, batch, 5, None)
+        expected, expected_positions = response_topk(model, batch, 5, head_only)
+        again = checked_response_topk(model, batch, 5, chosen)
+    assert chosen is head_only and again[2] is head_only and torch.equal(positions, expected_positions)
+    for name, value in expected.items():
+        assert torch.equal(outputs[name], value) and torch.equal(again[0][name], value), name
 
 
 @pytest.mark.parametrize(("pad", "eos", "expected"), [(3, 7, 3), (None, 7, 7), (0, 7, 0)])

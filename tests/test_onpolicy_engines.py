@@ -1,9 +1,13 @@
 """On-policy distillation through the real engines (slow lane): a vLLM engine as a teacher (top-K above vLLM's
 default 20) and as the student (sampled ids, weights refreshed in place from the trainer, a training run that
-samples with it), in the vLLM venv; and a real `vllm serve` of Gemma-3-270M (262k vocabulary) started here on
-127.0.0.1, as the teacher of SmolLM2-135M-Instruct (49k) and of the toy world's pivot, next to teachers in
-process: top-K equal to transformers', multi-teacher runs across tokenizers, and a top-K larger than the server
-returns refused in one line."""
+samples with it), in the vLLM venv; and a real `vllm serve` of Gemma-3 (262k vocabulary) started here on
+127.0.0.1, as the teacher of SmolLM2 (49k) and of the toy world's pivot, next to teachers in process: top-K
+equal to transformers', multi-teacher runs across tokenizers, and a top-K larger than the server returns refused
+in one line. Gemma-3 and SmolLM2 here are their random twins (`gemma3_twin`, `smollm2_twin`: the real
+architectures and tokenizers, 2 layers of width 64): every check compares an engine with transformers on the
+same weights or follows token ids across the two vocabularies, which the real weights do not change; they cost
+a tenth of the 270M / 135M models to load, serve and train (tests/test_real_models.py and test_engines.py keep
+the real weights where they are the point)."""
 
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from test_engines_server import vllm_server
 pytestmark = pytest.mark.slow
 
 PAIRS = [("Which is largest: 3, 17, 9?", "17 is the largest."), ("Reverse ABC", "CBA")]
-GEMMA = "gemma-3-270m"
+GEMMA = "gemma-3-twin"
 SERVER_TOP_K = 16
 
 
@@ -83,23 +87,23 @@ def test_vllm_engine_as_teacher_and_as_student(vllm_python, tiny_world, tmp_path
 
 
 @pytest.fixture(scope="module")
-def gemma_server(vllm_python, gemma3_folder, tmp_path_factory):
+def gemma_server(vllm_python, gemma3_twin, tmp_path_factory):
     log = tmp_path_factory.mktemp("gemma-server") / "server.log"
-    with vllm_server(vllm_python, gemma3_folder, GEMMA, log, "--max-model-len", "512", "--max-num-seqs", "8",
+    with vllm_server(vllm_python, gemma3_twin, GEMMA, log, "--max-model-len", "512", "--max-num-seqs", "8",
                      "--max-num-batched-tokens", "4096", "--max-logprobs", str(SERVER_TOP_K)) as server:
         yield server
 
 
-def served_gemma(server, gemma3_folder) -> dict:
-    return {"name": GEMMA, "path": str(gemma3_folder),
+def served_gemma(server, gemma3_twin) -> dict:
+    return {"name": GEMMA, "path": str(gemma3_twin),
             "backend": {"type": "openai", "base_url": server.url, "model": GEMMA, "max_retries": 1}}
 
 
-def test_served_gemma_top_k_equals_transformers(gemma_server, gemma3_folder):
-    tokenizer = load_tokenizer(ModelSpec(path=str(gemma3_folder)))
+def test_served_gemma_top_k_equals_transformers(gemma_server, gemma3_twin):
+    tokenizer = load_tokenizer(ModelSpec(path=str(gemma3_twin)))
     sequences = [(e.input_ids, len(e.prompt_ids)) for e in (encode(tokenizer, p, r) for p, r in PAIRS)]
-    served = build_backend(EngineModel.model_validate(served_gemma(gemma_server, gemma3_folder)))
-    in_process = build_backend(EngineModel(path=str(gemma3_folder)))
+    served = build_backend(EngineModel.model_validate(served_gemma(gemma_server, gemma3_twin)))
+    in_process = build_backend(EngineModel(path=str(gemma3_twin)))
     for theirs, mine in zip(served.topk_logprobs(sequences, SERVER_TOP_K),
                             in_process.topk_logprobs(sequences, SERVER_TOP_K), strict=True):
         assert np.allclose(theirs.topk_logprobs, mine.topk_logprobs, atol=2e-3)
@@ -120,7 +124,7 @@ def _history(folder: Path) -> dict:
     return json.loads((folder / "out" / "polyfuse_training.json").read_text())["log_history"][0]
 
 
-def test_smollm2_learns_on_policy_from_a_served_gemma3_and_itself(gemma_server, gemma3_folder, smollm2_folder,
+def test_smollm2_learns_on_policy_from_a_served_gemma3_and_itself(gemma_server, gemma3_twin, smollm2_twin,
                                                                   polyfuse_cli, tmp_path):
     """Two teachers, two vocabularies, mixed at each position by uncertainty: Gemma-3 behind `vllm serve` (the
     student's text re-tokenised through Gemma's format) and SmolLM2 itself in process (the student's own ids)."""
@@ -128,30 +132,30 @@ def test_smollm2_learns_on_policy_from_a_served_gemma3_and_itself(gemma_server, 
 
     rows = [PromptRow(id=f"q{i}", prompt=p) for i, p in enumerate(["What is 12 times 12?", "Name a prime above 90.",
                                                                    "Write the number 1234567 in words."])]
-    teachers = [served_gemma(gemma_server, gemma3_folder), {"name": "self", "path": str(smollm2_folder)}]
-    proc = _run(polyfuse_cli, tmp_path, teachers, rows[:2], str(smollm2_folder), mix="uncertainty")
+    teachers = [served_gemma(gemma_server, gemma3_twin), {"name": "self", "path": str(smollm2_twin)}]
+    proc = _run(polyfuse_cli, tmp_path, teachers, rows[:2], str(smollm2_twin), mix="uncertainty")
     assert proc.returncode == 0, proc.stderr
     history = _history(tmp_path)
-    assert history["onpolicy/groups/gemma-3-270m"] > 0 and history["onpolicy/groups/self"] > 0
-    assert np.isfinite(history["loss"]) and history["kd/loss/gemma-3-270m"] > 0
+    assert history[f"onpolicy/groups/{GEMMA}"] > 0 and history["onpolicy/groups/self"] > 0
+    assert np.isfinite(history["loss"]) and history[f"kd/loss/{GEMMA}"] > 0
 
 
-def test_smollm2_learns_on_policy_from_gemma3_in_process(gemma3_folder, smollm2_folder, polyfuse_cli, tmp_path):
+def test_smollm2_learns_on_policy_from_gemma3_in_process(gemma3_twin, smollm2_twin, polyfuse_cli, tmp_path):
     from polyfuse.data import PromptRow
 
     rows = [PromptRow(id="q0", prompt="What is 12 times 12?"), PromptRow(id="q1", prompt="Count to five.")]
-    proc = _run(polyfuse_cli, tmp_path, [{"name": GEMMA, "path": str(gemma3_folder)}], rows, str(smollm2_folder),
+    proc = _run(polyfuse_cli, tmp_path, [{"name": GEMMA, "path": str(gemma3_twin)}], rows, str(smollm2_twin),
                 objective="gold")
     assert proc.returncode == 0, proc.stderr
     history = _history(tmp_path)
-    assert history["onpolicy/groups/gemma-3-270m"] > 0 and np.isfinite(history["loss"])
+    assert history[f"onpolicy/groups/{GEMMA}"] > 0 and np.isfinite(history["loss"])
 
 
-def test_the_toy_pivot_learns_from_a_served_teacher_and_toy_teachers(gemma_server, gemma3_folder, tiny_world,
+def test_the_toy_pivot_learns_from_a_served_teacher_and_toy_teachers(gemma_server, gemma3_twin, tiny_world,
                                                                      polyfuse_cli, tmp_path):
     """The toy world with a served teacher: each domain routed, `strings` to Gemma-3 behind the server."""
     rows = tiny_world.prompts("train", per_domain=2)
-    teachers = [served_gemma(gemma_server, gemma3_folder),
+    teachers = [served_gemma(gemma_server, gemma3_twin),
                 {"name": "llama-compare", "path": str(tiny_world.source_paths["llama-compare"])},
                 {"name": "gpt2-arithmetic", "path": str(tiny_world.source_paths["gpt2-arithmetic"])}]
     proc = _run(polyfuse_cli, tmp_path, teachers, rows, str(tiny_world.pivot_path), mix="route", route_by="domain",
@@ -162,12 +166,12 @@ def test_the_toy_pivot_learns_from_a_served_teacher_and_toy_teachers(gemma_serve
     assert sum(history[f"onpolicy/groups/{t['name']}"] for t in teachers) > 0 and np.isfinite(history["loss"])
 
 
-def test_a_top_k_larger_than_the_server_returns_is_one_line_and_exit_2(gemma_server, gemma3_folder,
-                                                                        smollm2_folder, polyfuse_cli, tmp_path):
+def test_a_top_k_larger_than_the_server_returns_is_one_line_and_exit_2(gemma_server, gemma3_twin,
+                                                                        smollm2_twin, polyfuse_cli, tmp_path):
     from polyfuse.data import PromptRow
 
-    proc = _run(polyfuse_cli, tmp_path, [served_gemma(gemma_server, gemma3_folder)],
-                [PromptRow(id="q0", prompt="Hi")], str(smollm2_folder), objective_args={"top_k": 32})
+    proc = _run(polyfuse_cli, tmp_path, [served_gemma(gemma_server, gemma3_twin)],
+                [PromptRow(id="q0", prompt="Hi")], str(smollm2_twin), objective_args={"top_k": 32})
     assert proc.returncode == 2
     line = proc.stderr.strip()
     assert "\n" not in line and gemma_server.url in line and "32" in line and str(SERVER_TOP_K) in line, line

@@ -58,6 +58,58 @@ def build_tiny_model(folder: Path, seed: int = 0, max_positions: int = 64) -> st
     return str(folder)
 
 
+# A real model's architecture cut to 2 layers of width 64 (head_dim 64, which vLLM's CPU attention supports).
+TWIN_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "head_dim": 64}
+TWIN_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                        "generation_config.json")
+
+
+def random_twin(folder: Path, label: str, seed: int = 0) -> Path:
+    """A random-weight model of `folder`'s architecture (`TWIN_SHAPE`) saved with `folder`'s real tokenizer files,
+    cached once per machine in the polyfuse cache: for tests of a cross-tokenizer mechanism (top-K through an
+    engine, on-policy teachers of another vocabulary) that need the real vocabulary, not the real weights. The
+    weights are drawn with standard deviation 0.2 (not the usual 0.02) so a position's top tokens stand apart
+    by more than the engines' rounding: top-K ids compare without ties."""
+    import hashlib
+    import json
+    import shutil
+    import tempfile
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from polyfuse.config import cache_root
+
+    source = json.loads((folder / "config.json").read_text())
+    key = hashlib.sha256(json.dumps([source, TWIN_SHAPE, seed, (folder / "tokenizer.json").stat().st_size],
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    out = cache_root() / "twins" / f"{label}-{key}"
+    if (out / "model.safetensors").exists():
+        return out
+    config = AutoConfig.from_pretrained(folder)
+    for name, value in TWIN_SHAPE.items():
+        setattr(config, name, value)
+    if getattr(config, "layer_types", None):  # keep both attention kinds (Gemma-3: sliding, then full)
+        config.layer_types = config.layer_types[-TWIN_SHAPE["num_hidden_layers"]:]
+    if getattr(config, "query_pre_attn_scalar", None):
+        config.query_pre_attn_scalar = TWIN_SHAPE["head_dim"]
+    config.initializer_range = 0.2
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    model.save_pretrained(building)
+    for name in TWIN_TOKENIZER_FILES:
+        if (folder / name).exists():
+            shutil.copyfile(folder / name, building / name)
+    try:
+        building.rename(out)  # whole or absent; another process may have won the race
+    except OSError:
+        shutil.rmtree(building, ignore_errors=True)
+    return out
+
+
 def sentence(rng: random.Random, low: int = 2, high: int = 12) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
 

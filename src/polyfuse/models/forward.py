@@ -253,13 +253,20 @@ def head_only_check(model: Any, batch: dict[str, torch.Tensor], entropy: bool = 
     few = {name: value[:CHECK_ROWS] for name, value in batch.items()}
     fast = head_token_logps(model, few, entropy)
     slow = forward_token_logps(model, few, entropy)
-    agrees = bool(((fast[0] - slow[0]).abs() <= HEAD_ATOL + HEAD_RTOL * slow[0].abs()).all())
-    if not agrees:
-        logger.warning("%s post-processes its logits: scoring with its own forward", type(model).__name__)
-    _HEAD_ONLY[model] = agrees
+    agrees = _paths_agree(model, fast[0], slow[0])
     if len(batch["input_ids"]) <= CHECK_ROWS:
         return agrees, fast if agrees else slow
     return agrees, (head_token_logps if agrees else forward_token_logps)(model, batch, entropy)
+
+
+def _paths_agree(model: Any, fast: torch.Tensor, slow: torch.Tensor) -> bool:
+    """Whether the head path's per-token log-probs `fast` match the model's own forward's `slow`; remembered
+    for `model`."""
+    agrees = bool(((fast - slow).abs() <= HEAD_ATOL + HEAD_RTOL * slow.abs()).all())
+    if not agrees:
+        logger.warning("%s post-processes its logits: scoring with its own forward", type(model).__name__)
+    _HEAD_ONLY[model] = agrees
+    return agrees
 
 
 def head_only_agrees(model: Any, batch: dict[str, torch.Tensor]) -> bool:
@@ -300,6 +307,20 @@ def response_topk(model: Any, batch: dict[str, torch.Tensor], k: int, head_only:
     return {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}, rows
 
 
+def checked_response_topk(model: Any, batch: dict[str, torch.Tensor], k: int, head_only: bool | None
+                          ) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
+    """`response_topk` and the `head_only` to use from now on. None (a model's first batch): both paths run on its
+    first `CHECK_ROWS` rows, their token log-probs are `head_only_check`'s comparison, and a batch of no more rows
+    is scored by the check (before, the check's two passes were followed by a third)."""
+    if head_only is None:
+        few = {name: value[:CHECK_ROWS] for name, value in batch.items()}
+        fast, slow = response_topk(model, few, k, True), response_topk(model, few, k, False)
+        head_only = _paths_agree(model, fast[0]["token_logps"], slow[0]["token_logps"])
+        if len(batch["input_ids"]) <= CHECK_ROWS:
+            return (*(fast if head_only else slow), head_only)
+    return (*response_topk(model, batch, k, head_only), head_only)
+
+
 def score_topk(model: Any, sequences: list[tuple[list[int], int]], pad_id: int, k: int,
                token_budget: int = DEFAULT_TOKEN_BUDGET) -> list[dict[str, torch.Tensor]]:
     """`topk_outputs` over the response positions of each `(input ids, prompt length)` sequence, in input order,
@@ -312,9 +333,7 @@ def score_topk(model: Any, sequences: list[tuple[list[int], int]], pad_id: int, 
     try:
         with torch.inference_mode():
             for indices, batch in padded_batches(model, sequences, pad_id, token_budget):
-                if head_only is None:
-                    head_only = head_only_agrees(model, batch)
-                outputs, rows = response_topk(model, batch, k, head_only)
+                outputs, rows, head_only = checked_response_topk(model, batch, k, head_only)
                 for position, index in enumerate(indices):
                     mine = rows == position
                     results[index] = {name: value[mine].cpu() for name, value in outputs.items()}

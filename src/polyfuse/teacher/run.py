@@ -33,11 +33,10 @@ from polyfuse.lazy import lazy_import
 from polyfuse.models import ModelSpec, encode, load_config, load_model, load_tokenizer
 from polyfuse.models.forward import (
     DEFAULT_TOKEN_BUDGET,
-    head_only_agrees,
+    checked_response_topk,
     length_limit,
     pad_token_id,
     padded_batches,
-    response_topk,
 )
 from polyfuse.models.records import model_record
 from polyfuse.teacher.store import FORMAT, TeacherExample, text_hash, write_shard
@@ -85,9 +84,7 @@ def _score_chunk(model: Any, tokenizer: Any, encoded: list[tuple[str, Any, list]
     model.eval()
     with torch.inference_mode():
         for indices, batch in padded_batches(model, sequences, pad_token_id(tokenizer), config.token_budget):
-            if head_only is None:
-                head_only = head_only_agrees(model, batch)
-            outputs, rows = response_topk(model, batch, config.top_k, head_only)
+            outputs, rows, head_only = checked_response_topk(model, batch, config.top_k, head_only)
             rows = rows.cpu()
             for position, index in enumerate(indices):
                 mine = rows == position
