@@ -18,6 +18,7 @@ import ast
 import builtins
 import json
 import re
+import threading
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
@@ -59,9 +60,19 @@ class CodeConfig(ScorerSettings):
         return super().misses(row) or (None if row.tests else f"{self.name or self.type} needs the row's `tests`")
 
 
+# CPython 3.11 keeps one AST-conversion depth counter per interpreter: two threads in `ast.parse` at once (the
+# scorer's workers) can fail with "SystemError: AST constructor recursion depth mismatch" (CPython gh-106905).
+_AST_LOCK = threading.Lock()
+
+
+def _parse(code: str) -> ast.Module:
+    with _AST_LOCK:
+        return ast.parse(code)
+
+
 def _top_level(code: str) -> list[ast.stmt] | None:
     try:
-        return ast.parse(code).body
+        return _parse(code).body
     except SyntaxError:
         return None
 
@@ -101,7 +112,7 @@ def build_program(response: str, prompt: Any, entry_point: str | None) -> tuple[
 def _free_names(tests: str) -> list[str]:
     """Names the tests read, in order of first use (the candidate may define some of them)."""
     seen: dict[str, None] = {}
-    for node in ast.walk(ast.parse(tests)):
+    for node in ast.walk(_parse(tests)):
         if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
             seen.setdefault(node.id)
     return list(seen)
