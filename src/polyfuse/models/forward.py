@@ -12,7 +12,7 @@ One way to lay out sequences and run a causal LM over their responses:
   (`scored_hidden_states` + `head_logits`), so prompts and padding are never projected onto the vocabulary
   and fp32 logits never exceed one chunk x vocabulary (a 262k vocabulary makes the head the larger half
   of a small model's work);
-- `head_only_agrees`: the one check that the hidden-state path reproduces the model's own forward (a model
+- `head_only_check`: the one check that the hidden-state path reproduces the model's own forward (a model
   that post-processes its logits, e.g. Gemma's soft-capping, does not), run on the first rows of the first batch a
   model scores and remembered for that model object (an in-process teacher is asked once per training step:
   checking every call ran its first batch three times);
@@ -46,7 +46,7 @@ HEAD_CHUNK = 512  # scored positions per LM-head call
 HEAD_ATOL, HEAD_RTOL = 1e-3, 1e-4  # per-token log-prob agreement of the two head paths (fp32)
 CHECK_ROWS = 4  # rows of a model's first batch on which `head_only_check` compares the two paths
 MIN_SHARED_PREFIX = 32  # prompt tokens that prompts must share for `prefix_groups` to batch them together
-_HEAD_ONLY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> `head_only_agrees` on its first batch
+_HEAD_ONLY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> `head_only_check`'s verdict on its first batch
 
 
 def pad_token_id(tokenizer: Any) -> int:
@@ -247,7 +247,9 @@ def forward_token_logps(model: Any, batch: dict[str, torch.Tensor], entropy: boo
 
 def head_only_check(model: Any, batch: dict[str, torch.Tensor], entropy: bool = False
                     ) -> tuple[bool, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """`head_only_agrees`, and `batch`'s (log-probs, rows, entropies or None) by the path to use from now on. The
+    """Whether the hidden-state head path gives the model's own per-token log-probs (`|a - b| <= HEAD_ATOL +
+    HEAD_RTOL |b|`; a model that post-processes its logits fails, and is then scored by its own forward), and
+    `batch`'s (log-probs, rows, entropies or None) by the path to use from now on. The
     paths are compared on the first `CHECK_ROWS` rows (a model that post-processes its logits fails on any row; on a
     whole token-budget batch the check cost as much as scoring it); a batch of no more rows is scored by the check."""
     few = {name: value[:CHECK_ROWS] for name, value in batch.items()}
@@ -267,14 +269,6 @@ def _paths_agree(model: Any, fast: torch.Tensor, slow: torch.Tensor) -> bool:
         logger.warning("%s post-processes its logits: scoring with its own forward", type(model).__name__)
     _HEAD_ONLY[model] = agrees
     return agrees
-
-
-def head_only_agrees(model: Any, batch: dict[str, torch.Tensor]) -> bool:
-    """Whether the hidden-state head path gives the model's own per-token log-probs on the first `CHECK_ROWS`
-    rows of `batch` (`|a - b| <= HEAD_ATOL + HEAD_RTOL |b|`). A model that post-processes its logits fails; callers
-    then use the model's own forward for the whole run."""
-    few = {name: value[:CHECK_ROWS] for name, value in batch.items()}
-    return head_only_check(model, few)[0]
 
 
 def topk_outputs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
