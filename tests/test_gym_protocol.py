@@ -126,7 +126,8 @@ def test_tuning_picks_the_best_validation_rate_runs_only_the_asked_methods_and_r
     protocol = gym_protocol.Protocol("tiny", [0, 1, 2, 3, 4], None, [1.0], {"validation": 4, "test": 4}, False,
                                      tmp_path, tmp_path / "out", methods=("dpo",))
     # no --lr-scales: each family's own grid, the preference families' reaching a tenth of the recipe's rate
-    assert protocol.grid("implicit") == [0.1, 0.3, 1.0] and protocol.grid("distill") == pytest.approx([1 / 3, 1, 3])
+    assert protocol.grid("implicit") == [0.1, 0.3, 1.0] and protocol.grid("distill") == pytest.approx([1 / 9, 1 / 3, 1, 3])
+    assert protocol.grid("merge") == pytest.approx([1 / 3, 1, 3]) and len(protocol.grid("onpolicy")) == 6
     assert dataclasses.replace(protocol, lr_scales=[2.0]).grid("implicit") == [2.0]
     best_lr = 3e-4 * 0.3
 
