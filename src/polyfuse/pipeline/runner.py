@@ -34,7 +34,7 @@ from pathlib import Path
 from rich.console import Console
 
 from polyfuse.data.hashing import hash_path
-from polyfuse.data.io import atomic_write_folder, remove_stale_temporaries, write_json
+from polyfuse.data.io import atomic_write_folder, link_or_copy, remove_stale_temporaries, write_json
 from polyfuse.data.sharded import process_state
 from polyfuse.errors import DataError
 from polyfuse.pipeline.checks import check_recipe
@@ -86,13 +86,6 @@ def _claimed(stage_cache: Path, name: str, print_: str):
         yield
 
 
-def _link_or_copy(source: str, target: str) -> None:
-    try:
-        os.link(source, target)
-    except OSError:  # another filesystem
-        shutil.copy2(source, target)
-
-
 def _moved(value, old: str, new: str):
     """An output as it reads in the run that takes the stage over: paths under `old` moved under `new`."""
     if isinstance(value, str) and (value == old or value.startswith(old + os.sep)):
@@ -118,7 +111,7 @@ def _reuse(stage_cache: Path, name: str, print_: str, folder: Path) -> bool:
     data.update(outputs=_moved(data["outputs"], found["written"], str(folder)), reused_from=str(source))
 
     def fill(tmp: Path) -> None:  # in a temporary folder renamed into place: a kill leaves no half copy
-        shutil.copytree(source, tmp, copy_function=_link_or_copy, dirs_exist_ok=True)
+        shutil.copytree(source, tmp, copy_function=link_or_copy, dirs_exist_ok=True)
         write_json(tmp / "manifest.json", data)  # a new file: the link to the source's manifest is replaced
 
     atomic_write_folder(folder, fill)
@@ -149,7 +142,8 @@ def _run(recipe: Recipe, work_dir: str | Path | None, quiet: bool, stage_cache: 
     started = time.perf_counter()
     state = process_state()
     main = state.is_main_process
-    ctx = Context(recipe=recipe, work_dir=Path(work_dir or recipe.resolved_work_dir), quiet=quiet or not main)
+    ctx = Context(recipe=recipe, work_dir=Path(work_dir or recipe.resolved_work_dir), quiet=quiet or not main,
+                  stage_cache=stage_cache)
     say = console.print if main and not is_quiet() else (lambda *_: None)
     timings: dict[str, dict] = {}
     if main:
