@@ -45,7 +45,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -138,6 +137,14 @@ def exclusive(lock: Path) -> Iterator[None]:
     with open(lock, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
+
+
+def stage_cache(protocol: Protocol) -> Path:
+    """Where every data run of the protocol shares finished work by content (`run_recipe`'s stage cache): the
+    implicit and unpaired families' recipes differ only after their SFT data, so each seed's SFT model is trained
+    once, and the sources' samples (the implicit recipe also samples the pivot) are drawn once; KTO's data run and
+    CGPO's data ablations take CGPO's stages of equal fingerprints."""
+    return protocol.root / "stages"
 
 
 # ------------------------------------------------------------------------------------------------ the world
@@ -407,7 +414,8 @@ def implicit(protocol: Protocol) -> Family:
     def data(seed: int) -> tuple[Recipe, Any, ModelSpec]:
         recipe = family_recipe("infifpo", protocol.preset, [stages, f"seed={seed}", *world_overrides(protocol)])
         say(f"implicit: data of seed {seed} (prompts, samples, scores, pairs, SFT, log-probs)")
-        ctx = run_recipe(recipe, protocol.root / "implicit" / "data" / f"seed{seed}", quiet=True)
+        ctx = run_recipe(recipe, protocol.root / "implicit" / "data" / f"seed{seed}", quiet=True,
+                         stage_cache=stage_cache(protocol))
         return recipe, ctx, spec_at(recipe, ctx.output("sft", "model"))
 
     @cache
@@ -620,7 +628,7 @@ def distill(protocol: Protocol) -> Family:
         "stages=[prompts, teacher]", f"teacher.data={gold_texts(protocol)}", "teacher.include_pivot=true",
         *world_overrides(protocol)])
     say("distill: teacher outputs on the gold texts")
-    ctx = run_recipe(recipe, protocol.root / "distill" / "data", quiet=True)
+    ctx = run_recipe(recipe, protocol.root / "distill" / "data", quiet=True, stage_cache=stage_cache(protocol))
     rows, store = read_rows(gold_texts(protocol), SFTRow), Path(ctx.output("teacher", "store"))
     family = Family("distill", protocol, lambda path: spec_at(recipe, path))
     family.fixed("pivot", recipe.pivot)
@@ -734,21 +742,9 @@ CGPO_ABLATIONS = {"cgpo-policy-anchored": {"reference": "policy_anchored"},
 # calibration, the sources' plain mean (the spec's `mean_consensus`; the same calibration prompts held out, so the
 # same training rows).
 CGPO_DATA_ABLATIONS = {"cgpo-no-calibration": ["consensus.aggregation=mean"]}
-# Stages whose config and inputs no objective changes: KTO's data run takes CGPO's (same seed) instead of redoing them;
-# a CGPO data ablation also takes its rows and log-probs.
-SHARED_STAGES = ("prompts", "sample", "score", "sft")
 # The data run's own `upo` stage (the pipeline scores unpaired rows only when a recipe trains on them) trains a few
 # steps: the protocol trains every (seed, rate) itself.
 DATA_RUN_EPOCHS = 0.001
-
-
-def share_stages(source: Path, target: Path, stages: tuple[str, ...]) -> None:
-    """Hard-linked copies of `source`'s finished stage folders in `target` (a stage's files are written once, by
-    atomic rename, so neither run can change the other's); the runner still checks each one's fingerprint
-    against its own recipe and redoes a stage that differs."""
-    for name in stages:
-        if (source / name / "manifest.json").is_file() and not (target / name).exists():
-            shutil.copytree(source / name, target / name, copy_function=os.link)
 
 
 def unpaired_folder(protocol: Protocol, seed: int, objective: str) -> Path:
@@ -760,7 +756,7 @@ _UNPAIRED_DATA: dict[tuple[Path, int, str], tuple[Recipe, Any, Path]] = {}
 
 def unpaired_data(protocol: Protocol, seed: int, objective: str) -> tuple[Recipe, Any, Path]:
     """One seed's data run for one objective: (recipe, run context, the rows it trains on). KTO's run reuses CGPO's
-    prompts, samples, scores and SFT model of the same seed (`share_stages`, checked by their fingerprints); each
+    prompts, samples, scores and SFT model of the same seed (`stage_cache`, by their fingerprints); each
     objective adds its own KL completions (CGPO's anchors, the sources' scores and the consensus; KTO's rotation,
     scored under M0 only)."""
     key = (protocol.root, seed, objective)
@@ -778,20 +774,17 @@ def _unpaired_run(protocol: Protocol, seed: int, name: str) -> tuple[Recipe, Any
                  *(["logprobs.sources=false"] if objective == "kto" else []), *world_overrides(protocol),
                  *(["consensus.calibration_min_rows=12"] if protocol.smoke else []),  # a smoke has 12 PO prompts
                  *CGPO_DATA_ABLATIONS.get(name, [])]
-    if name != "cgpo":
+    if name != "cgpo":  # CGPO's run first: the others take its stages of equal fingerprints (`stage_cache`)
         unpaired_data(protocol, seed, "cgpo")
-        folder.mkdir(parents=True, exist_ok=True)
-        shared = (*SHARED_STAGES, "pairs", "logprobs") if objective == "cgpo" else SHARED_STAGES
-        share_stages(unpaired_folder(protocol, seed, "cgpo"), folder, shared)
     say(f"unpaired: {name} data of seed {seed} (prompts, samples, scores, rows, SFT, log-probs)")
     if protocol.preset in TINY_PRESETS:  # no verifier passes a tiny model: D / U by the median reward
         scored = run_recipe(family_recipe("cgpo", protocol.preset, [*overrides, "stages=[prompts, sample, score]"]),
-                            folder, quiet=True).output("score", "scored")
+                            folder, quiet=True, stage_cache=stage_cache(protocol)).output("score", "scored")
         median = np.median([r.rewards["rm"] for r in read_rows(scored, SampleRow)])
         overrides.append(f"pairs.unpaired.threshold={float(median)!r}")
     recipe = family_recipe("cgpo", protocol.preset, [*overrides, f"stages={UNPAIRED[objective]}"])
     started = time.perf_counter()
-    ctx = run_recipe(recipe, folder, quiet=True)
+    ctx = run_recipe(recipe, folder, quiet=True, stage_cache=stage_cache(protocol))
     say(f"unpaired: {name} data of seed {seed} ready in {time.perf_counter() - started:.0f}s")
     stage = "consensus" if "unpaired" in ctx.outputs.get("consensus", {}) else "logprobs"
     return recipe, ctx, Path(ctx.output(stage, "unpaired"))

@@ -82,12 +82,20 @@ def test_smoke_writes_evidence_and_resumes(tmp_path):
     shared = {(r["seed"], r["domain"]): r["correct"] for r in distill["runs"] if r["method"] == "sft-gold"}
     assert shared == {(r["seed"], r["domain"]): r["correct"] for r in onpolicy["runs"] if r["method"] == "sft-gold"}
     unpaired = next((tmp_path / "work").glob("tiny-*/unpaired/data/seed0"))
+
+    def taken(run: Path, stage: str, source: Path) -> bool:  # the stage cache gave `run` the stage `source` finished
+        manifest, origin = (json.loads((f / stage / "manifest.json").read_text()) for f in (run, source))
+        return (manifest.get("reused_from") == str((source / stage).resolve())
+                and manifest["fingerprint"] == origin["fingerprint"] and manifest["status"] == "done")
+
     for stage in ("prompts", "sample", "score", "sft"):  # KTO's data run took CGPO's (hard links), never redid them
-        assert (unpaired / "kto" / stage / "manifest.json").read_bytes() == (unpaired / "cgpo" / stage /
-                                                                             "manifest.json").read_bytes()
+        assert taken(unpaired / "kto", stage, unpaired / "cgpo")
     for stage in ("prompts", "sample", "score", "pairs", "sft", "logprobs"):  # no calibration: CGPO's rows, scores
-        assert (unpaired / "cgpo-no-calibration" / stage / "manifest.json").read_bytes() == (
-            unpaired / "cgpo" / stage / "manifest.json").read_bytes()
+        assert taken(unpaired / "cgpo-no-calibration", stage, unpaired / "cgpo")
+    model = "sft/model/model.safetensors"  # the implicit family's SFT model is the unpaired family's: trained once
+    implicit = unpaired.parents[2] / "implicit" / "data" / "seed0"
+    assert taken(unpaired / "cgpo", "sft", implicit)
+    assert (unpaired / "cgpo" / model).stat().st_ino == (implicit / model).stat().st_ino
     plain, calibrated = (json.loads((unpaired / run / "consensus" / "consensus.json").read_text())
                          for run in ("cgpo-no-calibration", "cgpo"))
     assert (plain["settings"]["aggregation"], calibrated["settings"]["aggregation"]) == ("mean", "calibrated_entropy")
