@@ -414,8 +414,9 @@ def implicit(protocol: Protocol) -> Family:
     def data(seed: int) -> tuple[Recipe, Any, ModelSpec]:
         recipe = family_recipe("infifpo", protocol.preset, [stages, f"seed={seed}", *world_overrides(protocol)])
         say(f"implicit: data of seed {seed} (prompts, samples, scores, pairs, SFT, log-probs)")
-        ctx = run_recipe(recipe, protocol.root / "implicit" / "data" / f"seed{seed}", quiet=True,
-                         stage_cache=stage_cache(protocol))
+        folder = protocol.root / "implicit" / "data" / f"seed{seed}"
+        with exclusive(folder.with_suffix(".lock")):  # `--jobs` runs the family's methods in two processes
+            ctx = run_recipe(recipe, folder, quiet=True, stage_cache=stage_cache(protocol))
         return recipe, ctx, spec_at(recipe, ctx.output("sft", "model"))
 
     @cache
@@ -628,7 +629,8 @@ def distill(protocol: Protocol) -> Family:
         "stages=[prompts, teacher]", f"teacher.data={gold_texts(protocol)}", "teacher.include_pivot=true",
         *world_overrides(protocol)])
     say("distill: teacher outputs on the gold texts")
-    ctx = run_recipe(recipe, protocol.root / "distill" / "data", quiet=True, stage_cache=stage_cache(protocol))
+    with exclusive(protocol.root / "distill" / "data.lock"):
+        ctx = run_recipe(recipe, protocol.root / "distill" / "data", quiet=True, stage_cache=stage_cache(protocol))
     rows, store = read_rows(gold_texts(protocol), SFTRow), Path(ctx.output("teacher", "store"))
     family = Family("distill", protocol, lambda path: spec_at(recipe, path))
     family.fixed("pivot", recipe.pivot)
@@ -974,6 +976,57 @@ def hypotheses_table(evidence: dict[str, Evidence]) -> str:
     return "\n".join(lines)
 
 
+# What `--jobs` hands to its worker processes, the longest first (docs/gym.md, "Budget"): (family, its trained methods;
+# empty: all). The implicit family is split in two halves of its methods (each seed's data is built once, under a
+# lock, whichever needs it first); the unpaired family stays whole (CGPO's ablations run at CGPO's chosen rate), and so
+# do onpolicy and distill (both tune `sft-gold`, trained once under its run locks).
+WORK_UNITS: list[tuple[str, tuple[str, ...]]] = [
+    ("implicit", ("dpo", "fusechat-dpo", "infifpo-max-margin", "wrpo")),
+    ("implicit", ("infifpo-confidence", "infifpo-average", "infifpo-no-clip", "infifpo-no-ln")),
+    ("onpolicy", ()), ("unpaired", ()), ("distill", ()), ("merge", ()),
+]
+
+
+def work_units(families: list[str], methods: list[str] | None) -> list[tuple[str, tuple[str, ...]]]:
+    """The units of `WORK_UNITS` for these families (with `--methods`: one unit per family, those methods)."""
+    if methods:
+        return [(name, tuple(methods)) for name in families]
+    return [(name, found) for name, found in WORK_UNITS if name in families]
+
+
+def share_work(args: argparse.Namespace, root: Path) -> None:
+    """Run the families' trainings and evaluations in `args.jobs` worker processes of this script (one thread each),
+    a unit at a time each, the longest first; they share the cache through its file locks. Each worker's output
+    goes to `<root>/logs/`; a failed unit stops the run with its log's tail."""
+    import subprocess
+
+    common = [sys.executable, __file__, "--preset", args.preset, "--seeds", *map(str, args.seeds), "--kd-scales",
+              *map(str, args.kd_scales), "--items", str(args.items), "--validation-items", str(args.validation_items),
+              "--work-dir", str(args.work_dir), "--out", str(args.out), "--worker",
+              *(["--lr-scales", *map(str, args.lr_scales)] if args.lr_scales else []), *(["--smoke"] if args.smoke else [])]
+    queue = list(work_units(args.families, args.methods))
+    running: dict[subprocess.Popen, tuple[str, Path, float]] = {}
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    while queue or running:
+        while queue and len(running) < args.jobs:
+            name, methods = queue.pop(0)
+            unit = name + (f"-{methods[0]}" if methods else "")
+            log = root / "logs" / f"{unit}.log"
+            command = [*common, "--families", name, *(["--methods", *methods] if methods else [])]
+            with open(log, "w") as handle:
+                running[subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)] = (unit, log, time.perf_counter())
+            say(f"worker: {unit} started (log {log})")
+        time.sleep(1)
+        for process in [p for p in running if p.poll() is not None]:
+            unit, log, started = running.pop(process)
+            if process.returncode != 0:
+                for other in running:
+                    other.terminate()
+                sys.exit(f"worker {unit} failed (exit {process.returncode}); the end of {log}:\n"
+                         + "\n".join(log.read_text().splitlines()[-30:]))
+            say(f"worker: {unit} done in {time.perf_counter() - started:.0f}s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny", help="toy world preset (tiny, default; gym, gym-tiny)")
@@ -999,6 +1052,10 @@ def main() -> None:
                         "the plumbing in a minute")
     parser.add_argument("--data-only", action="store_true", help="unpaired: build the data of each of --seeds (both "
                         "objectives) and stop; run it for different seeds in parallel processes before the protocol")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes (one thread each) sharing the families' "
+                        "work, the longest units first (`WORK_UNITS`); the reports and the hypotheses table are then "
+                        "written once, from the cache, when every worker is done")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a `--jobs` worker: no report
     args = parser.parse_args()
     if args.smoke:
         args.seeds, args.lr_scales, args.kd_scales, args.items, args.validation_items = [0], [1.0], [1.0], 4, 4
@@ -1020,6 +1077,12 @@ def main() -> None:
             for objective in UNPAIRED:
                 unpaired_data(protocol, seed, objective)
         return
+    if args.worker:
+        for name in args.families:
+            FAMILIES[name](protocol)
+        return
+    if args.jobs > 1:
+        share_work(args, protocol.root)
     evidence = {}
     for name in args.families:
         say(f"family {name}: {len(args.seeds)} seeds, grid {protocol.grid(name)}, {args.validation_items} validation "
