@@ -35,16 +35,16 @@ BASELINES = {"implicit": ["sft", "dpo"], "merge": ["specialists", "multitask"], 
              "unpaired": ["sft", "pivot", "cgpo"], "onpolicy": ["sft-gold"]}
 
 
-def smoke(tmp_path: Path) -> str:
+def smoke(tmp_path: Path, *options: str) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = warm_python.run([BENCH / "gym_protocol.py", "--smoke", "--work-dir", tmp_path / "work", "--out",
-                            tmp_path / "evidence"], env=env, timeout=900)  # as python bench/gym_protocol.py
+                            tmp_path / "evidence", *options], env=env, timeout=900)  # as python bench/gym_protocol.py
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done.stdout
 
 
 @pytest.mark.slow
-def test_smoke_writes_evidence_and_resumes(tmp_path):
+def test_smoke_writes_evidence_and_resumes(tmp_path, monkeypatch):
     out = smoke(tmp_path)
     for family, methods in FAMILIES.items():
         path = tmp_path / "evidence" / f"tiny-{family}.json"
@@ -111,6 +111,19 @@ def test_smoke_writes_evidence_and_resumes(tmp_path):
     again = smoke(tmp_path)
     assert not re.search(r"\] (\w+: trained|evaluate) ", again), again  # no training, no evaluation
     assert {p: p.read_bytes() for p in before} == before
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gym_protocol
+
+    workers = smoke(tmp_path / "jobs", "--jobs", "2")  # two workers: the same runs, chosen rates and intervals
+    assert workers.count("worker: ") == 2 * len(gym_protocol.work_units(list(FAMILIES), None)), workers
+    for path in before:
+        if path.name.endswith("-uld.json"):
+            continue
+        serial, parallel = (json.loads(p.read_text()) for p in (path, tmp_path / "jobs" / "evidence" / path.name))
+        assert parallel["runs"] == serial["runs"] and parallel["comparisons"] == serial["comparisons"], path.name
+        assert ({m: c.get("learning_rate") for m, c in parallel["protocol"]["chosen"].items()}
+                == {m: c.get("learning_rate") for m, c in serial["protocol"]["chosen"].items()})
+    assert (tmp_path / "jobs" / "evidence" / "tiny-hypotheses.md").read_text() == written
 
 
 def test_validation_and_test_items_are_disjoint_held_out_items(monkeypatch):
