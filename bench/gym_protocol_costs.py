@@ -5,14 +5,16 @@ be projected from counts (docs/gym.md, "Budget") without running it whole on a s
     python bench/gym_protocol_costs.py --run runs/gym-protocol/gym-fbc3d68940 --seed 0 --out runs/gym-costs.json
 
 Components: sampling one chunk of one source, scoring 1,024 samples (reward model and verifier), one SFT epoch, one
-DPO training (the implicit family's recipe), one CGPO training (the unpaired family's, at its recipe rate) with its
-rows' preparation apart, and one test evaluation (12,000 items). Nothing under `--run` is written; every output goes
+DPO training (the implicit family's recipe), one CGPO training (the unpaired family's, at its recipe rate) and reading
+its rows apart, the unpaired log-probs (M0 and every source, with entropies) of a tenth of the rows, and one test
+evaluation (12,000 items). Nothing under `--run` is written; every output goes
 to `--scratch`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -24,6 +26,7 @@ import infifpo_ablation
 from polyfuse.data.io import read_rows, write_json
 from polyfuse.data.schemas import PromptRow, SampleRow, SFTRow, UnpairedRow
 from polyfuse.evaluation import evaluate
+from polyfuse.logprobs import LogprobsConfig, run_logprobs
 from polyfuse.sampling import SampleConfig, run_sample
 from polyfuse.scorers import build_scorer
 from polyfuse.scorers.run import ScoreConfig, run_score
@@ -83,13 +86,20 @@ def main() -> None:
         train_unpaired(gym_protocol.spec_at(cgpo, unpaired / "sft" / "model"), read_rows(rows_path, UnpairedRow), section,
                        args.scratch / "cgpo", data_path=rows_path)
 
+    def logprobs() -> None:  # M0 and every source, with entropies, on a tenth of the rows
+        section = json.loads((unpaired / "logprobs" / "manifest.json").read_text())["config"]["section"]
+        pivot = section["pivot"] | {"path": str(unpaired / "sft" / "model")}
+        rows = read_rows(unpaired / "pairs" / "unpaired.jsonl", UnpairedRow)
+        run_logprobs(LogprobsConfig.model_validate({**section, "pivot": pivot}), rows[::10], args.scratch / "logprobs.jsonl",
+                     quiet=True)
+
     def evaluation() -> None:
         items = list(gym_protocol.eval_items("gym", "test", 4000))
         evaluate(sft, items, [build_scorer({"type": "toyworld"})], batch_size=256, max_new_tokens=16, quiet=True)
 
     components = {"sample: 1 chunk x 1 source": sample, "score: 1,024 samples": score, "sft: 1 epoch": sft_epoch,
                   "dpo: 1 training": dpo, "cgpo: reading its rows": cgpo_rows, "cgpo: 1 training": cgpo_training,
-                  "eval: 12,000 test items": evaluation}
+                  "logprobs: a tenth of the unpaired rows": logprobs, "eval: 12,000 test items": evaluation}
     found: dict[str, float] = {}
     for name, work in components.items():
         if args.only and not any(name.startswith(o) for o in args.only):
