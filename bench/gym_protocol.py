@@ -976,14 +976,15 @@ def hypotheses_table(evidence: dict[str, Evidence]) -> str:
     return "\n".join(lines)
 
 
-# What `--jobs` hands to its worker processes, the longest first (docs/gym.md, "Budget"): (family, its trained methods;
-# empty: all). The implicit family is split in two halves of its methods (each seed's data is built once, under a
-# lock, whichever needs it first); the unpaired family stays whole (CGPO's ablations run at CGPO's chosen rate), and so
-# do onpolicy and distill (both tune `sft-gold`, trained once under its run locks).
+# What `--jobs` hands to its worker processes, the longest first (docs/gym.md, "Budget": projected CPU seconds): (family,
+# its trained methods; empty: all). The unpaired family stays whole (CGPO's ablations run at CGPO's chosen rate), and so
+# do distill and onpolicy (both tune `sft-gold`, trained once under its run locks); the implicit family is split in two
+# halves of its methods (each seed's data is built once, under a lock, by whichever needs it first).
 WORK_UNITS: list[tuple[str, tuple[str, ...]]] = [
+    ("unpaired", ()), ("distill", ()),
     ("implicit", ("dpo", "fusechat-dpo", "infifpo-max-margin", "wrpo")),
     ("implicit", ("infifpo-confidence", "infifpo-average", "infifpo-no-clip", "infifpo-no-ln")),
-    ("onpolicy", ()), ("unpaired", ()), ("distill", ()), ("merge", ()),
+    ("onpolicy", ()), ("merge", ()),
 ]
 
 
