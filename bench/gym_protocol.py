@@ -5,6 +5,7 @@ family on one toy world, the same data per family, the same tuning budget, >= 5 
     python bench/gym_protocol.py --preset gym --families merge       # one family
     python bench/gym_protocol.py --smoke                             # tiny world, 1 seed, 1 rate, few items
     python bench/gym_protocol.py --preset gym --families unpaired --seeds 3 --data-only   # one seed's data, in parallel
+    python bench/gym_protocol.py --preset gym --jobs 2               # two worker processes, the longest units first
 
 The recipe, per family (`FAMILIES`; adding a family is adding one function to it):
 1. **Data, built once per seed and shared by every method of the family**: the family's recipe (the
@@ -32,6 +33,11 @@ average weighting and FuseLLM MinCE on the same texts), `unpaired` (CGPO and KTO
 desirable / undesirable rows, issue 24), `onpolicy` (issue 25: from the distill family's SFT model of each seed,
 X-Token P-KL off-policy on the gold texts vs on the student's samples, MOPD-routed teachers vs the best one, GOLD,
 ULD and polyfuse's hybrid on the student's samples).
+
+Every data run goes through one stage cache (`stage_cache`): a stage or sampling shard that another run of the
+protocol finished with the same fingerprint is taken as hard links (the implicit and unpaired families train each
+seed's SFT model once and sample the sources once). `--jobs N` shares the families' work (`WORK_UNITS`) between N
+worker processes through the cache's file locks, then writes the reports and the hypotheses table once.
 
 Resumable: every training run and every evaluation is cached under `--work-dir/<preset>-<hash of preset, item
 counts, smoke>/` by its inputs (family, seed, method, learning rate; an evaluation by model folder and split), so a
