@@ -234,31 +234,10 @@ def _jobs(config: ToyWorldConfig) -> list[_Job]:
 
 
 def _next_jobs(jobs: list[_Job], finished: str | None) -> list[_Job]:
-    """The jobs that can start once `finished` is built (None: at the start)."""
-    return [job for job in jobs if job.start == finished]
-
-
-def _chain_costs(jobs: list[_Job]) -> dict[str, int]:
-    """Folder -> the job's cost plus the costliest chain of fine-tunes that start from it."""
-    chains: dict[str, int] = {}
-
-    def chain(job: _Job) -> int:
-        if job.folder not in chains:
-            chains[job.folder] = job.cost + max((chain(k) for k in _next_jobs(jobs, job.folder)), default=0)
-        return chains[job.folder]
-
-    for job in jobs:
-        chain(job)
-    return chains
-
-
-def _take_longest(ready: list[_Job], chains: dict[str, int]) -> _Job:
-    """Remove and return the ready job with the costliest chain: a free worker takes the critical path first
-    (the `gym` base, then its multitask fine-tune: a quarter of the build's CPU) and the short jobs fill the end,
-    not a queue in the order jobs became ready."""
-    job = max(ready, key=lambda j: chains[j.folder])
-    ready.remove(job)
-    return job
+    """The jobs that can start once `finished` is built (None: at the start), those that others start from
+    first (they are on the critical path), then the longest."""
+    ready = [job for job in jobs if job.start == finished]
+    return sorted(ready, key=lambda j: (not any(k.start == j.folder for k in jobs), -j.cost))
 
 
 def _gold_texts(config: ToyWorldConfig) -> list[SFTRow]:
@@ -357,18 +336,17 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
 
 
 def _train_all(config: ToyWorldConfig, root: Path, bar) -> dict[str, tuple[float, float]]:
-    """Build every model, in this process or (workers > 1) in worker processes, each free worker taking the ready
-    job with the costliest chain (`_take_longest`; a fine-tune is ready once the model it starts from is built)."""
+    """Build every model, in this process or (workers > 1) in worker processes, longest jobs first (a
+    fine-tune once the model it starts from is built)."""
     jobs = _jobs(config)
-    chains = _chain_costs(jobs)
     tasks = {job.folder: bar.add_task(f"train {job.recipe.name}", total=job.recipe.steps) for job in jobs}
     trained: dict[str, tuple[float, float]] = {}
-    ready = _next_jobs(jobs, None)
     if config.workers == 1:
-        while ready:
-            job = _take_longest(ready, chains)
+        waiting = _next_jobs(jobs, None)
+        while waiting:
+            job = waiting.pop(0)
             trained[job.recipe.name] = _run_job(config, job, root, lambda t=tasks[job.folder]: bar.advance(t))
-            ready += _next_jobs(jobs, job.folder)
+            waiting += _next_jobs(jobs, job.folder)
         return trained
     # Fork on Linux: workers start at once and callers need no `if __name__ == "__main__"` guard.
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
@@ -380,18 +358,19 @@ def _train_all(config: ToyWorldConfig, root: Path, bar) -> dict[str, tuple[float
                 bar.advance(tasks[queue.get_nowait()])
 
     pool = ProcessPoolExecutor(config.workers, mp_context=context, initializer=_init_worker, initargs=(queue,))
-    running: dict[Any, _Job] = {}
     try:
-        while ready or running:
-            while ready and len(running) < config.workers:  # submitted only to a free worker: no queue to wait in
-                job = _take_longest(ready, chains)
-                running[pool.submit(_worker_job, config, job, root)] = job
-            done, _ = wait(running, timeout=0.2, return_when=FIRST_COMPLETED)
+        futures = {pool.submit(_worker_job, config, job, root): job for job in _next_jobs(jobs, None)}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
             drain()
             for future in done:
-                finished = running.pop(future)
+                finished = futures[future]
                 trained[finished.recipe.name] = future.result()  # re-raises a worker's error
-                ready += _next_jobs(jobs, finished.folder)
+                for job in _next_jobs(jobs, finished.folder):
+                    started = pool.submit(_worker_job, config, job, root)
+                    futures[started] = job
+                    pending.add(started)
     except BaseException:
         _stop_workers(pool)
         raise
