@@ -18,7 +18,6 @@ from polyfuse.data import SFTRow
 from polyfuse.data.io import read_rows
 from polyfuse.errors import ConfigError, UserError
 from polyfuse.models import encode
-from polyfuse.progress import progress_bar
 from polyfuse.scorers import ToyVerifierConfig
 from polyfuse.toyworld import GYM_DOMAINS, ModelRecipe, ToyWorldConfig, World, build_world, gym_report
 from polyfuse.toyworld import build as build_module
@@ -221,31 +220,6 @@ def test_gym_build_is_the_same_in_two_workers(gym_tiny, tmp_path):
 
 
 # --- build speed: the same bytes, sooner -------------------------------------------------------------
-
-
-def test_a_free_worker_takes_the_costliest_chain_first(monkeypatch, tmp_path):
-    """The gym's base goes first (its multitask fine-tune makes its chain the longest), and the multitask starts as
-    soon as the base is built, ahead of sources that were ready before it; the short jobs come last."""
-    gym = ToyWorldConfig.preset("gym")
-    jobs = build_module._jobs(gym)
-    by_name = {job.recipe.name: job for job in jobs}
-    chains = build_module._chain_costs(jobs)
-    assert chains["merging/base"] == by_name["base"].cost + by_name["multitask"].cost
-    assert chains["merging/multitask"] == by_name["multitask"].cost
-    # two workers: base and the longest source start; base finishes first, its fine-tunes become ready
-    ready = build_module._next_jobs(jobs, None)
-    started = [build_module._take_longest(ready, chains).recipe.name for _ in range(2)]
-    ready += build_module._next_jobs(jobs, "merging/base")
-    assert started == ["base", "gpt2-addition"]
-    assert build_module._take_longest(ready, chains).recipe.name == "multitask"
-    assert {"llama-largest", "qwen-reversal", "reward_model"} <= {job.recipe.name for job in ready}
-    # one worker runs them in the same order, each fine-tune after its base
-    order = []
-    monkeypatch.setattr(build_module, "_run_job", lambda config, job, root, advance: order.append(job.recipe.name) or (0.0, 0.0))
-    with progress_bar(disable=True) as bar:
-        build_module._train_all(gym.model_copy(update={"workers": 1}), tmp_path, bar)
-    assert order == ["base", "gpt2-addition", "multitask", "llama-largest", "qwen-reversal", "reward_model",
-                     "specialist-addition", "specialist-reversal", "specialist-largest", "pivot"]
 
 
 def test_padding_each_batch_from_one_table_gives_the_tensors_of_padding_the_batch():
