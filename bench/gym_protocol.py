@@ -93,7 +93,10 @@ SMOKE = ["prompts.toyworld.per_domain=8", "sample.chunk_size=8", "sft.epochs=1",
 # recipes' 3e-4 overshoots on the gym: on 1/3, 1, 3 every PO and unpaired objective chose the lowest rate, accuracy
 # falling with the rate; on 0.1, 0.3, 1 the implicit methods chose 0.1, and DPO at 1/30 did no better (results.md).
 DEFAULT_LR_SCALES = [1 / 3, 1.0, 3.0]
-LR_SCALES = {"implicit": [0.1, 0.3, 1.0], "unpaired": [0.1, 0.3, 1.0]}
+# Each family's grid as its evidence file records it: the preference families' recipes overshoot at their rate, and
+# the distill and on-policy grids were extended below their edge (docs/design.md), so one command reruns them all.
+LR_SCALES = {"implicit": [0.1, 0.3, 1.0], "unpaired": [0.1, 0.3, 1.0], "distill": [1 / 9, 1 / 3, 1.0, 3.0],
+             "onpolicy": [1 / 81, 1 / 27, 1 / 9, 1 / 3, 1.0, 3.0]}
 
 
 @dataclass(frozen=True)
@@ -727,7 +730,12 @@ UNPAIRED = {"cgpo": "[prompts, sample, score, pairs, sft, logprobs, consensus, u
 CGPO_ABLATIONS = {"cgpo-policy-anchored": {"reference": "policy_anchored"},
                   "cgpo-consensus-anchored": {"reference": "consensus_anchored"},
                   "cgpo-no-warmup": {"undesirable_warmup_steps": 0}}
-# Stages whose config and inputs no objective changes: KTO's data run takes CGPO's (same seed) instead of redoing them.
+# CGPO on a consensus built another way (its data run changes the consensus step only): without the entropy
+# calibration, the sources' plain mean (the spec's `mean_consensus`; the same calibration prompts held out, so the
+# same training rows).
+CGPO_DATA_ABLATIONS = {"cgpo-no-calibration": ["consensus.aggregation=mean"]}
+# Stages whose config and inputs no objective changes: KTO's data run takes CGPO's (same seed) instead of redoing them;
+# a CGPO data ablation also takes its rows and log-probs.
 SHARED_STAGES = ("prompts", "sample", "score", "sft")
 # The data run's own `upo` stage (the pipeline scores unpaired rows only when a recipe trains on them) trains a few
 # steps: the protocol trains every (seed, rate) itself.
@@ -762,16 +770,20 @@ def unpaired_data(protocol: Protocol, seed: int, objective: str) -> tuple[Recipe
     return _UNPAIRED_DATA[key]
 
 
-def _unpaired_run(protocol: Protocol, seed: int, objective: str) -> tuple[Recipe, Any, Path]:
-    folder = unpaired_folder(protocol, seed, objective)
+def _unpaired_run(protocol: Protocol, seed: int, name: str) -> tuple[Recipe, Any, Path]:
+    """`name`: an objective of UNPAIRED or a CGPO data ablation."""
+    folder = unpaired_folder(protocol, seed, name)
+    objective = "cgpo" if name in CGPO_DATA_ABLATIONS else name
     overrides = [f"seed={seed}", f"upo.objective={objective}", f"upo.epochs={DATA_RUN_EPOCHS}",
                  *(["logprobs.sources=false"] if objective == "kto" else []), *world_overrides(protocol),
-                 *(["consensus.calibration_min_rows=12"] if protocol.smoke else [])]  # a smoke has 12 PO prompts
-    if objective != "cgpo":
+                 *(["consensus.calibration_min_rows=12"] if protocol.smoke else []),  # a smoke has 12 PO prompts
+                 *CGPO_DATA_ABLATIONS.get(name, [])]
+    if name != "cgpo":
         unpaired_data(protocol, seed, "cgpo")
         folder.mkdir(parents=True, exist_ok=True)
-        share_stages(unpaired_folder(protocol, seed, "cgpo"), folder, SHARED_STAGES)
-    say(f"unpaired: {objective} data of seed {seed} (prompts, samples, scores, rows, SFT, log-probs)")
+        shared = (*SHARED_STAGES, "pairs", "logprobs") if objective == "cgpo" else SHARED_STAGES
+        share_stages(unpaired_folder(protocol, seed, "cgpo"), folder, shared)
+    say(f"unpaired: {name} data of seed {seed} (prompts, samples, scores, rows, SFT, log-probs)")
     if protocol.preset in TINY_PRESETS:  # no verifier passes a tiny model: D / U by the median reward
         scored = run_recipe(family_recipe("cgpo", protocol.preset, [*overrides, "stages=[prompts, sample, score]"]),
                             folder, quiet=True).output("score", "scored")
@@ -780,7 +792,7 @@ def _unpaired_run(protocol: Protocol, seed: int, objective: str) -> tuple[Recipe
     recipe = family_recipe("cgpo", protocol.preset, [*overrides, f"stages={UNPAIRED[objective]}"])
     started = time.perf_counter()
     ctx = run_recipe(recipe, folder, quiet=True)
-    say(f"unpaired: {objective} data of seed {seed} ready in {time.perf_counter() - started:.0f}s")
+    say(f"unpaired: {name} data of seed {seed} ready in {time.perf_counter() - started:.0f}s")
     stage = "consensus" if "unpaired" in ctx.outputs.get("consensus", {}) else "logprobs"
     return recipe, ctx, Path(ctx.output(stage, "unpaired"))
 
@@ -799,9 +811,9 @@ def unpaired(protocol: Protocol) -> Family:
     family.fixed("pivot", recipe.pivot)
     family.per_seed("sft", lambda seed: Path(data(seed, "cgpo")[1].output("sft", "model")))
     oracle(family, list(recipe.sources))
-    def trainer(objective: str, changed: dict[str, Any]) -> Train:
+    def trainer(data_run: str, changed: dict[str, Any]) -> Train:
         def train(seed: int, lr: float, folder: Path) -> Path:
-            recipe, ctx, rows = data(seed, objective)
+            recipe, ctx, rows = data(seed, data_run)
             model = folder / "model"
             if not model.is_dir():
                 section = with_section(recipe, "upo", seed, lr).upo
@@ -817,6 +829,8 @@ def unpaired(protocol: Protocol) -> Family:
     if "learning_rate" in family.chosen.get("cgpo", {}):
         for variant, changed in CGPO_ABLATIONS.items():
             family.tuned(variant, family.chosen["cgpo"]["learning_rate"], trainer("cgpo", changed), scales=[1.0])
+        for variant in CGPO_DATA_ABLATIONS:
+            family.tuned(variant, family.chosen["cgpo"]["learning_rate"], trainer(variant, {}), scales=[1.0])
     return family
 
 

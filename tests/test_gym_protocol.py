@@ -27,7 +27,7 @@ FAMILIES = {
     "merge": {"base", "specialists", "multitask", "linear", "task_arithmetic", "ties", "rsaf", "ties-matched"},
     "distill": {"pivot", "oracle", "sft-gold", "uld-uncertainty", "uld-average", "fusellm-min-ce"},
     "unpaired": {"pivot", "sft", "oracle", "cgpo", "kto", "cgpo-policy-anchored", "cgpo-consensus-anchored",
-                 "cgpo-no-warmup"},
+                 "cgpo-no-warmup", "cgpo-no-calibration"},
     "onpolicy": {"pivot", "oracle", "sft-gold", "offpolicy-xtoken", "onpolicy-xtoken", "onpolicy-one-teacher",
                  "onpolicy-gold", "onpolicy-uld", "onpolicy-hybrid"},
 }
@@ -85,6 +85,15 @@ def test_smoke_writes_evidence_and_resumes(tmp_path):
     for stage in ("prompts", "sample", "score", "sft"):  # KTO's data run took CGPO's (hard links), never redid them
         assert (unpaired / "kto" / stage / "manifest.json").read_bytes() == (unpaired / "cgpo" / stage /
                                                                              "manifest.json").read_bytes()
+    for stage in ("prompts", "sample", "score", "pairs", "sft", "logprobs"):  # no calibration: CGPO's rows, scores
+        assert (unpaired / "cgpo-no-calibration" / stage / "manifest.json").read_bytes() == (
+            unpaired / "cgpo" / stage / "manifest.json").read_bytes()
+    plain, calibrated = (json.loads((unpaired / run / "consensus" / "consensus.json").read_text())
+                         for run in ("cgpo-no-calibration", "cgpo"))
+    assert (plain["settings"]["aggregation"], calibrated["settings"]["aggregation"]) == ("mean", "calibrated_entropy")
+    assert plain["calibration"]["prompts"] == calibrated["calibration"]["prompts"]  # the same rows left to train on
+    sources = len(plain["summary"]["sources"])
+    assert [plain["summary"][f"source_weight/{i}"] for i in range(sources)] == pytest.approx([1 / sources] * sources)
     for variant, changed in {"policy-anchored": ("reference", "policy_anchored"),
                              "no-warmup": ("undesirable_warmup_steps", 0)}.items():  # one change, CGPO's rate
         (run,) = unpaired.parents[1].glob(f"cgpo-{variant}/*/seed0/model/polyfuse_training.json")
@@ -117,7 +126,8 @@ def test_tuning_picks_the_best_validation_rate_runs_only_the_asked_methods_and_r
     protocol = gym_protocol.Protocol("tiny", [0, 1, 2, 3, 4], None, [1.0], {"validation": 4, "test": 4}, False,
                                      tmp_path, tmp_path / "out", methods=("dpo",))
     # no --lr-scales: each family's own grid, the preference families' reaching a tenth of the recipe's rate
-    assert protocol.grid("implicit") == [0.1, 0.3, 1.0] and protocol.grid("distill") == pytest.approx([1 / 3, 1, 3])
+    assert protocol.grid("implicit") == [0.1, 0.3, 1.0] and protocol.grid("distill") == pytest.approx([1 / 9, 1 / 3, 1, 3])
+    assert protocol.grid("merge") == pytest.approx([1 / 3, 1, 3]) and len(protocol.grid("onpolicy")) == 6
     assert dataclasses.replace(protocol, lr_scales=[2.0]).grid("implicit") == [2.0]
     best_lr = 3e-4 * 0.3
 
