@@ -296,6 +296,9 @@ def _train_job(config: ToyWorldConfig, job: _Job, root: Path, advance: Callable[
 _PROGRESS: Any = None  # in a worker process: the queue that carries finished steps to the parent
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # malloc.h
+
+
 def _keep_freed_memory() -> None:
     """Let glibc keep the memory a worker frees instead of handing it back to the kernel at once: every training
     step frees and reallocates activations of a few MB, which the defaults unmap and fault back in (5.9 million
@@ -304,9 +307,6 @@ def _keep_freed_memory() -> None:
     if mallopt is not None:
         mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's ceiling: blocks up to 32 MB come from the heap
         mallopt(_M_TRIM_THRESHOLD, 1 << 30)  # and the heap is not trimmed below its peak
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # malloc.h
 
 
 def _init_worker(queue: Any) -> None:
