@@ -205,7 +205,13 @@ def scores(protocol: Protocol, spec: ModelSpec, split: str) -> Scores:
 
 
 def eval_path(protocol: Protocol, spec: ModelSpec, split: str) -> Path:
-    key = hashlib.sha256(str(Path(spec.path).resolve()).encode()).hexdigest()[:16]
+    """Keyed by the model's folder; a model a stage took over from another run (the stage cache: the unpaired
+    family's SFT model is the implicit family's) by that run's folder, so that it is evaluated once."""
+    model = Path(spec.path)
+    manifest = model.parent / "manifest.json"
+    if manifest.is_file() and (source := json.loads(manifest.read_text()).get("reused_from")):
+        model = Path(source) / model.name
+    key = hashlib.sha256(str(model.resolve()).encode()).hexdigest()[:16]
     return protocol.root / "eval" / key / f"{split}.json"
 
 

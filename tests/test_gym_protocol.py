@@ -126,6 +126,19 @@ def test_smoke_writes_evidence_and_resumes(tmp_path, monkeypatch):
     assert (tmp_path / "jobs" / "evidence" / "tiny-hypotheses.md").read_text() == written
 
 
+def test_a_model_taken_over_from_another_run_shares_its_evaluation(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gym_protocol
+
+    protocol = gym_protocol.Protocol("tiny", [0], None, [1.0], {}, False, tmp_path / "root", tmp_path / "out")
+    first, second, other = (tmp_path / run / "sft" for run in ("first", "second", "other"))
+    for folder, manifest in [(first, {}), (second, {"reused_from": str(first)}), (other, {})]:
+        (folder / "model").mkdir(parents=True)
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    path = {f: gym_protocol.eval_path(protocol, ModelSpec(path=str(f / "model")), "test") for f in (first, second, other)}
+    assert path[second] == path[first] != path[other]
+
+
 def test_validation_and_test_items_are_disjoint_held_out_items(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     import gym_protocol
