@@ -161,47 +161,48 @@ def _run(recipe: Recipe, work_dir: str | Path | None, quiet: bool, stage_cache: 
         folder = ctx.work_dir / name
         manifest = Manifest(folder)
         decision, claim = None, ExitStack()
-        if main:
-            inputs = {k: hash_path(v) for k, v in step.inputs(ctx).items()}
-            config = step.config(recipe)
-            print_ = fingerprint(config, inputs)
-            if stage_cache is not None:
-                claim.enter_context(_claimed(stage_cache, name, print_))
-            done = manifest.is_done(print_)
-            reused = not done and stage_cache is not None and _reuse(stage_cache, name, print_, folder)
-            if done and stage_cache is not None:  # finished here, maybe before there was a cache
-                _register(stage_cache, name, print_, folder)
-            done = done or reused
-            if not done:
-                _refuse_empty_inputs(name, step.inputs(ctx), ctx.work_dir)
-                if manifest.read().get("fingerprint") not in (None, print_):
-                    shutil.rmtree(folder)  # config or inputs changed: partial work is not reusable
-                folder.mkdir(parents=True, exist_ok=True)
-                manifest.start(name, config, inputs, print_)
-            decision = (print_, done)
-        print_, done = _broadcast(state, decision)
-        if done:
-            claim.close()
+        with claim:  # released at the latest here, an error included: another process may wait on it
+            if main:
+                inputs = {k: hash_path(v) for k, v in step.inputs(ctx).items()}
+                config = step.config(recipe)
+                print_ = fingerprint(config, inputs)
+                if stage_cache is not None:
+                    claim.enter_context(_claimed(stage_cache, name, print_))
+                done = manifest.is_done(print_)
+                reused = not done and stage_cache is not None and _reuse(stage_cache, name, print_, folder)
+                if done and stage_cache is not None:  # finished here, maybe before there was a cache
+                    _register(stage_cache, name, print_, folder)
+                done = done or reused
+                if not done:
+                    _refuse_empty_inputs(name, step.inputs(ctx), ctx.work_dir)
+                    if manifest.read().get("fingerprint") not in (None, print_):
+                        shutil.rmtree(folder)  # config or inputs changed: partial work is not reusable
+                    folder.mkdir(parents=True, exist_ok=True)
+                    manifest.start(name, config, inputs, print_)
+                decision = (print_, done)
+            print_, done = _broadcast(state, decision)
+            if done:
+                claim.close()
+                ctx.outputs[name] = manifest.read()["outputs"]
+                timings[name] = {"wall_s": manifest.read().get("wall_s"), "skipped": True}
+                say(f"[green]✓[/] {name}: finished earlier, skipped")
+                continue
+            say(f"[bold]▶ {name}[/]")
+            stage_started = time.perf_counter()
+            if main or step.every_process:
+                outputs = step.run(ctx, folder)
+            if main:
+                manifest.finish(outputs)
+                if stage_cache is not None:
+                    _register(stage_cache, name, print_, folder)
+                claim.close()
+            if step.every_process:
+                state.wait_for_everyone()
+            elif not main:
+                _wait_until_done(manifest, print_)
             ctx.outputs[name] = manifest.read()["outputs"]
-            timings[name] = {"wall_s": manifest.read().get("wall_s"), "skipped": True}
-            say(f"[green]✓[/] {name}: finished earlier, skipped")
-            continue
-        say(f"[bold]▶ {name}[/]")
-        stage_started = time.perf_counter()
-        if main or step.every_process:
-            outputs = step.run(ctx, folder)
-        if main:
-            manifest.finish(outputs)
-            if stage_cache is not None:
-                _register(stage_cache, name, print_, folder)
-            claim.close()
-        if step.every_process:
-            state.wait_for_everyone()
-        elif not main:
-            _wait_until_done(manifest, print_)
-        ctx.outputs[name] = manifest.read()["outputs"]
-        timings[name] = {"wall_s": round(time.perf_counter() - stage_started, 2)}
-        say(f"[green]✓[/] {name}: done in {timings[name]['wall_s']:.1f}s")
+            timings[name] = {"wall_s": round(time.perf_counter() - stage_started, 2)}
+            say(f"[green]✓[/] {name}: done in {timings[name]['wall_s']:.1f}s")
     if main:  # this run's wall times, the toy world's build included (a skipped stage: its earlier time)
         write_json(ctx.work_dir / "run.json", {"recipe": recipe.name, "wall_s": round(time.perf_counter() - started, 2),
                                                "steps": timings})
