@@ -12,12 +12,19 @@ SFT, DPO and the log-prob engine so that every stage sees the same tokens:
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from polyfuse.data.schemas import as_messages
 
 TemplateMode = Literal["chat", "plain"]
+_Result = TypeVar("_Result")
+_MEMO_SIZE = 1 << 17  # (prompt, response) encodings kept: every evaluation of a protocol repeats the same items
+_memo: OrderedDict[tuple, Any] = OrderedDict()
 
 
 @dataclass(frozen=True)
@@ -54,8 +61,59 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def _tokenizer_key(tokenizer) -> tuple:
+    """What a tokenizer's ids depend on: its backend (vocabulary, merges, normalizer, pre-tokenizer, post-processor,
+    added tokens), its class, size, chat template and BOS / EOS. The backend's hash is computed once per tokenizer
+    object; the rest is read on every call, so a template set or a token added later gives a new key."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow tokenizer: no serialised form to key on, never memoised
+        return ()
+    digest = tokenizer.__dict__.get("_polyfuse_backend_hash")
+    if digest is None:
+        digest = hashlib.sha256(backend.to_str().encode()).hexdigest()
+        tokenizer.__dict__["_polyfuse_backend_hash"] = digest
+    return (digest, type(tokenizer).__name__, len(tokenizer), getattr(tokenizer, "chat_template", None),
+            tokenizer.bos_token, tokenizer.eos_token_id)
+
+
+def _memoised(tokenizer, what: tuple, compute: Callable[[], _Result]) -> _Result:
+    """`compute()` once per tokenizer content and `what`: the same tokens for the same texts, so the 12,000 items
+    that every model of a protocol is evaluated on are rendered and tokenised once per tokenizer, not per model
+    (about a third of a gym evaluation's CPU, docs/gym.md "Budget"). Callers get their own lists."""
+    tokenizer_key = _tokenizer_key(tokenizer)
+    if not tokenizer_key or what[1] is None:
+        return compute()
+    key = (tokenizer_key, *what)
+    found = _memo.get(key)
+    if found is None:
+        found = _memo[key] = compute()
+        if len(_memo) > _MEMO_SIZE:
+            _memo.popitem(last=False)
+    else:
+        _memo.move_to_end(key)
+    return _copied(found)
+
+
+def _copied(found: Any) -> Any:
+    if isinstance(found, Encoded):
+        return Encoded(list(found.prompt_ids), list(found.response_ids), found.mode)
+    ids, mode = found
+    return list(ids), mode
+
+
+def _prompt_key(prompt: Any) -> str | None:
+    """A prompt as a memo key: a text, or messages as JSON; None (not memoised) for anything else."""
+    if isinstance(prompt, str):
+        return prompt
+    return json.dumps(prompt, sort_keys=True) if isinstance(prompt, list) else None
+
+
 def render_prompt(tokenizer, prompt: Any, mode: TemplateMode | None = None) -> tuple[list[int], TemplateMode]:
     """Token ids that ask `tokenizer`'s model for the assistant's next turn."""
+    return _memoised(tokenizer, ("prompt", _prompt_key(prompt), mode), lambda: _render_prompt(tokenizer, prompt, mode))
+
+
+def _render_prompt(tokenizer, prompt: Any, mode: TemplateMode | None) -> tuple[list[int], TemplateMode]:
     messages = as_messages(prompt)
     if (mode or ("chat" if has_chat_template(tokenizer) else "plain")) == "chat":
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -65,16 +123,20 @@ def render_prompt(tokenizer, prompt: Any, mode: TemplateMode | None = None) -> t
 
 def encode(tokenizer, prompt: Any, response: str) -> Encoded:
     """Prompt ids and scored response ids of (prompt, response) under the model's own convention."""
+    return _memoised(tokenizer, ("encode", _prompt_key(prompt), response), lambda: _encode(tokenizer, prompt, response))
+
+
+def _encode(tokenizer, prompt: Any, response: str) -> Encoded:
     messages = as_messages(prompt)
     if has_chat_template(tokenizer):
-        prompt_ids, _ = render_prompt(tokenizer, messages, "chat")
+        prompt_ids, _ = _render_prompt(tokenizer, messages, "chat")
         full = tokenizer.apply_chat_template(
             messages + [{"role": "assistant", "content": response}], tokenize=False, add_generation_prompt=False
         )
         full_ids = _ids(tokenizer, full)
         if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
             return Encoded(prompt_ids, full_ids[len(prompt_ids) :], "chat")
-    prompt_ids, _ = render_prompt(tokenizer, messages, "plain")
+    prompt_ids, _ = _render_prompt(tokenizer, messages, "plain")
     response_ids = tokenizer(" " + response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return Encoded(prompt_ids, response_ids, "plain")
 
