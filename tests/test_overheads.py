@@ -5,6 +5,8 @@ evaluation identical with the memo warm) and the distillation collator's one-ten
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import pytest
 import torch
 
@@ -13,6 +15,12 @@ from polyfuse.models import ModelSpec, encode, load_tokenizer, render_prompt, te
 from polyfuse.objectives.uld import ULDObjective
 from polyfuse.scorers import build_scorer
 from polyfuse.trainers.distill import DistillCollator
+
+
+@pytest.fixture(autouse=True)
+def empty_memo(monkeypatch):
+    monkeypatch.setattr(templates, "_memo", OrderedDict())
+    monkeypatch.setattr(templates, "_memo_tokens", 0)
 
 
 def _tokenizers(world):
@@ -45,6 +53,18 @@ def test_callers_get_their_own_lists(tiny_world):
     assert render_prompt(tokenizer, "2+2=")[0] == templates._render_prompt(tokenizer, "2+2=", None)[0]
 
 
+def test_the_memo_keeps_at_most_its_token_budget(tiny_world, monkeypatch):
+    tokenizer = load_tokenizer(ModelSpec(path=str(tiny_world.pivot_path)))
+    prompts = tiny_world.prompts("heldout", per_domain=5, seed=0)
+    monkeypatch.setattr(templates, "_MEMO_TOKENS", 100)
+    for prompt in prompts:
+        assert encode(tokenizer, prompt.prompt, prompt.answer) == templates._encode(tokenizer, prompt.prompt, prompt.answer)
+        kept = sum(len(a) + len(b if b is not None else ()) for a, b, _ in templates._memo.values())
+        assert kept == templates._memo_tokens <= 100 and templates._memo
+    for prompt in prompts:  # the first ones were dropped: computed again, the same ids
+        assert encode(tokenizer, prompt.prompt, prompt.answer) == templates._encode(tokenizer, prompt.prompt, prompt.answer)
+
+
 def test_a_changed_template_or_vocabulary_is_a_new_key(tiny_world):
     tokenizer = load_tokenizer(ModelSpec(path=str(tiny_world.pivot_path)))
     before = encode(tokenizer, "2+2=", "4")
@@ -61,12 +81,11 @@ def test_an_evaluation_is_identical_with_the_memo(tiny_world, warm, monkeypatch)
     prompts = tiny_world.prompts("heldout", per_domain=6, seed=0)
     spec = ModelSpec(path=str(tiny_world.pivot_path))
     scorers = [build_scorer({"type": "toyworld"})]
-    templates._memo.clear()
     if warm:  # another model with this tokenizer was evaluated on these items in this process
         evaluate(spec, prompts, scorers, max_new_tokens=8, quiet=True)
         assert templates._memo
     memoised = evaluate(spec, prompts, scorers, max_new_tokens=8, quiet=True)
-    templates._memo.clear()
+    monkeypatch.setattr(templates, "_memo", OrderedDict())
     monkeypatch.setattr(templates, "_tokenizer_key", lambda tokenizer: ())  # no memo: every text tokenised afresh
     fresh = evaluate(spec, prompts, scorers, max_new_tokens=8, quiet=True)
     assert not templates._memo

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,8 +24,11 @@ from polyfuse.data.schemas import as_messages
 
 TemplateMode = Literal["chat", "plain"]
 _Result = TypeVar("_Result")
-_MEMO_SIZE = 1 << 17  # (prompt, response) encodings kept: every evaluation of a protocol repeats the same items
-_memo: OrderedDict[tuple, Any] = OrderedDict()
+# Token ids the memo keeps (8 bytes each: 64 MiB), least recently used dropped first: every evaluation of a protocol
+# repeats the same items (24,000 gym test items take ~1M)
+_MEMO_TOKENS = 8 << 20
+_memo: OrderedDict[tuple, tuple[array, array | None, TemplateMode]] = OrderedDict()
+_memo_tokens = 0
 
 
 @dataclass(frozen=True)
@@ -80,25 +84,25 @@ def _memoised(tokenizer, what: tuple, compute: Callable[[], _Result]) -> _Result
     """`compute()` once per tokenizer content and `what`: the same tokens for the same texts, so the 12,000 items
     that every model of a protocol is evaluated on are rendered and tokenised once per tokenizer, not per model
     (about a third of a gym evaluation's CPU, docs/gym.md "Budget"). Callers get their own lists."""
+    global _memo_tokens
     tokenizer_key = _tokenizer_key(tokenizer)
     if not tokenizer_key or what[1] is None:
         return compute()
     key = (tokenizer_key, *what)
     found = _memo.get(key)
-    if found is None:
-        found = _memo[key] = compute()
-        if len(_memo) > _MEMO_SIZE:
-            _memo.popitem(last=False)
-    else:
+    if found is not None:
         _memo.move_to_end(key)
-    return _copied(found)
-
-
-def _copied(found: Any) -> Any:
-    if isinstance(found, Encoded):
-        return Encoded(list(found.prompt_ids), list(found.response_ids), found.mode)
-    ids, mode = found
-    return list(ids), mode
+        first, second, mode = found
+        return Encoded(list(first), list(second), mode) if second is not None else (list(first), mode)  # type: ignore[return-value]
+    result = compute()
+    first, second, mode = ((result.prompt_ids, result.response_ids, result.mode) if isinstance(result, Encoded)
+                           else (result[0], None, result[1]))  # fmt: skip
+    _memo[key] = (array("q", first), None if second is None else array("q", second), mode)
+    _memo_tokens += len(first) + len(second or ())
+    while _memo_tokens > _MEMO_TOKENS and _memo:
+        _, (dropped, dropped_second, _) = _memo.popitem(last=False)
+        _memo_tokens -= len(dropped) + len(dropped_second or ())
+    return result
 
 
 def _prompt_key(prompt: Any) -> str | None:
