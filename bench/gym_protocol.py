@@ -117,6 +117,7 @@ class Protocol:
     root: Path  # the cache of this setting
     out: Path
     methods: tuple[str, ...] = ()  # the trained methods to run (empty: all); baselines always run
+    cgpo_ablations: bool = False  # CGPO's one-change variants (issue 24), a diagnosis rather than a hypothesis
 
     @classmethod
     def make(cls, args: argparse.Namespace) -> Protocol:
@@ -124,7 +125,7 @@ class Protocol:
         settings = dict(preset=args.preset, items=items, smoke=args.smoke)  # seeds and rates have their own folders
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
         return cls(args.preset, args.seeds, args.lr_scales, args.kd_scales, items, args.smoke,
-                   args.work_dir / f"{args.preset}-{key}", args.out, tuple(args.methods or ()))
+                   args.work_dir / f"{args.preset}-{key}", args.out, tuple(args.methods or ()), args.cgpo_ablations)
 
     def grid(self, family: str) -> list[float]:
         """The learning-rate multiples a family's methods are tuned over."""
@@ -833,7 +834,7 @@ def unpaired(protocol: Protocol) -> Family:
 
     for objective in UNPAIRED:
         family.tuned(objective, trained.learning_rate, trainer(objective, {}))
-    if "learning_rate" in family.chosen.get("cgpo", {}):
+    if protocol.cgpo_ablations and "learning_rate" in family.chosen.get("cgpo", {}):
         for variant, changed in CGPO_ABLATIONS.items():
             family.tuned(variant, family.chosen["cgpo"]["learning_rate"], trainer("cgpo", changed), scales=[1.0])
         for variant in CGPO_DATA_ABLATIONS:
@@ -1016,7 +1017,8 @@ def share_work(args: argparse.Namespace, root: Path) -> None:
     common = [sys.executable, __file__, "--preset", args.preset, "--seeds", *map(str, args.seeds), "--kd-scales",
               *map(str, args.kd_scales), "--items", str(args.items), "--validation-items", str(args.validation_items),
               "--work-dir", str(args.work_dir), "--out", str(args.out), "--worker",
-              *(["--lr-scales", *map(str, args.lr_scales)] if args.lr_scales else []), *(["--smoke"] if args.smoke else [])]
+              *(["--lr-scales", *map(str, args.lr_scales)] if args.lr_scales else []), *(["--smoke"] if args.smoke else []),
+              *(["--cgpo-ablations"] if args.cgpo_ablations else [])]
     queue = list(work_units(args.families, args.methods))
     running: dict[subprocess.Popen, tuple[str, Path, float]] = {}
     (root / "logs").mkdir(parents=True, exist_ok=True)
@@ -1046,8 +1048,9 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--lr-scales", type=float, nargs="+", default=None,
-                        help="the grid: multiples of each method's recipe learning rate (default: 0.1, 0.3, 1 for the "
-                        "preference families, implicit and unpaired; 1/3, 1, 3 for the others)")
+                        help="the grid: multiples of each method's recipe learning rate (default: each family's own, "
+                        "`LR_SCALES`: 0.1, 0.3, 1 for implicit and unpaired, 1/9 ... 3 for distill, 1/81 ... 3 for "
+                        "onpolicy, 1/3, 1, 3 otherwise)")
     parser.add_argument("--kd-scales", type=float, nargs="+", default=[1.0, 0.1],
                         help="distillation methods also tune their distillation term's weight: multiples of the "
                         "method's default (ULD lambda_kd 1, FuseLLM 1 - ce_weight = 0.1), tried at the chosen rate")
@@ -1065,6 +1068,9 @@ def main() -> None:
                         "the plumbing in a minute")
     parser.add_argument("--data-only", action="store_true", help="unpaired: build the data of each of --seeds (both "
                         "objectives) and stop; run it for different seeds in parallel processes before the protocol")
+    parser.add_argument("--cgpo-ablations", action="store_true", help="unpaired: also CGPO's one-change variants at "
+                        "its chosen rate (the other two reference assignments, no U warm-up, no entropy calibration; "
+                        "issue 24's diagnosis, not one of the hypotheses; about 820 CPU-s on the gym)")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (one thread each) sharing the families' "
                         "work, the longest units first (`WORK_UNITS`); the reports and the hypotheses table are then "
                         "written once, from the cache, when every worker is done")

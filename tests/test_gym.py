@@ -73,6 +73,8 @@ def test_gym_presets_meet_the_layout_of_the_issue():
     assert sorted(seconds) == sorted(GYM_DOMAINS)  # so every domain is covered by two sources
     assert set(gym.pivot.mixture) <= set(GYM_SISTER_TASKS) | set(GYM_DOMAINS)
     assert gym.key() != ToyWorldConfig.preset("gym-tiny").key() != gym.model_copy(update={"seed": 1}).key()
+    # FusionBench's baseline: the multi-task LoRA gets the specialists' budget per domain, no more
+    assert gym.gym.multitask.steps == gym.gym.specialist.steps * len(gym.domains)
     with pytest.raises(ConfigError, match="unknown domains"):
         validate(ToyWorldConfig, {**gym.model_dump(), "domains": ["arithmetic"]})
     with pytest.raises(ConfigError, match="unknown domains"):

@@ -37,8 +37,8 @@ BASELINES = {"implicit": ["sft", "dpo"], "merge": ["specialists", "multitask"], 
 
 def smoke(tmp_path: Path, *options: str) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = warm_python.run([BENCH / "gym_protocol.py", "--smoke", "--work-dir", tmp_path / "work", "--out",
-                            tmp_path / "evidence", *options], env=env, timeout=900)  # as python bench/gym_protocol.py
+    done = warm_python.run([BENCH / "gym_protocol.py", "--smoke", "--cgpo-ablations", "--work-dir", tmp_path / "work",
+                            "--out", tmp_path / "evidence", *options], env=env, timeout=900)  # as the script
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done.stdout
 

@@ -192,7 +192,7 @@ _GYM_BASE = dict(name="base", architecture="llama", tokenizer="bpe-metaspace", v
                  reach={"reversal": 3, "largest": 1}, steps=400)
 _GYM = dict(
     domains=list(GYM_DOMAINS), sources=_GYM_SOURCES, pivot=_GYM_PIVOT, reward_model=_REWARD,
-    gym=dict(base=_GYM_BASE, specialist=dict(steps=300), multitask=dict(steps=900)),
+    gym=dict(base=_GYM_BASE, specialist=dict(steps=200), multitask=dict(steps=600)),
 )
 
 PRESETS: dict[str, dict] = {
