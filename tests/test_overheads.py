@@ -10,6 +10,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
+from polyfuse.data.schemas import Message
 from polyfuse.evaluation import evaluate
 from polyfuse.models import ModelSpec, encode, load_tokenizer, render_prompt, templates
 from polyfuse.objectives.uld import ULDObjective
@@ -39,6 +40,8 @@ def test_memoised_ids_equal_fresh_ones_for_every_template(tiny_world):
                                                                                             None), name
             messages = [{"role": "user", "content": prompt.prompt}]
             assert encode(tokenizer, messages, prompt.answer) == encode(tokenizer, prompt.prompt, prompt.answer)
+            as_models = [Message(role="user", content=prompt.prompt)]  # pydantic messages, as PromptRow holds them
+            assert encode(tokenizer, as_models, prompt.answer) == encode(tokenizer, prompt.prompt, prompt.answer)
 
 
 def test_callers_get_their_own_lists(tiny_world):

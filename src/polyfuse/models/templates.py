@@ -106,10 +106,13 @@ def _memoised(tokenizer, what: tuple, compute: Callable[[], _Result]) -> _Result
 
 
 def _prompt_key(prompt: Any) -> str | None:
-    """A prompt as a memo key: a text, or messages as JSON; None (not memoised) for anything else."""
+    """A prompt as a memo key: a text, or its messages as JSON; None (not memoised) for anything else."""
     if isinstance(prompt, str):
         return prompt
-    return json.dumps(prompt, sort_keys=True) if isinstance(prompt, list) else None
+    try:
+        return json.dumps(as_messages(prompt), sort_keys=True)
+    except (TypeError, ValueError):
+        return None
 
 
 def render_prompt(tokenizer, prompt: Any, mode: TemplateMode | None = None) -> tuple[list[int], TemplateMode]:
