@@ -86,9 +86,8 @@ def test_vllm_engine_as_teacher_and_as_student(warm_vllm, tiny_world, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def gemma_server(vllm_python, gemma3_twin, tmp_path_factory):
-    log = tmp_path_factory.mktemp("gemma-server") / "server.log"
-    with vllm_server(vllm_python, gemma3_twin, GEMMA, log, "--max-model-len", "512", "--max-num-seqs", "8",
+def gemma_server(warm_vllm, gemma3_twin):
+    with vllm_server(warm_vllm, gemma3_twin, GEMMA, "--max-model-len", "512", "--max-num-seqs", "8",
                      "--max-num-batched-tokens", "4096", "--max-logprobs", str(SERVER_TOP_K)) as server:
         yield server
 
