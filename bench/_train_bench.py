@@ -180,7 +180,7 @@ def launch(script: str, tool: str, args: list[str], log: Path, in_process: bool 
     command = [script, "--worker", tool, *args]
     with log.open("w") as stderr:
         if in_process:
-            code, stdout = _run_here(command, stderr)
+            code, stdout = run_script_here(command, stderr)
         else:
             done = subprocess.run([sys.executable, *command], stdout=subprocess.PIPE, stderr=stderr, text=True,
                                   check=False)
@@ -193,8 +193,9 @@ def launch(script: str, tool: str, args: list[str], log: Path, in_process: bool 
     return result
 
 
-def _run_here(command: list[str], stderr: Any) -> tuple[int, str]:
-    """`python SCRIPT ARGS` run as `__main__` in this process: its exit code and what it printed."""
+def run_script_here(command: list[str], stderr: Any) -> tuple[int, str]:
+    """`python SCRIPT ARGS` run as `__main__` in this process (a smoke run's plumbing, without a new interpreter's
+    imports): its exit code and what it printed; its standard error goes to `stderr`."""
     argv, stdout = sys.argv, io.StringIO()
     sys.argv = list(command)
     try:
