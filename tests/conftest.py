@@ -199,13 +199,13 @@ SLOW_TESTS = {
 # of its own (they share only session fixtures). The units are handed out in collection order
 # (`--no-loadscope-reorder`): the longest first (`LONGEST`, measured), then the other slow ones, then the fast
 # modules, which fill the end evenly.
-LONGEST = ["test_engines", "test_onpolicy_engines", "test_real_models", "test_gguf", "test_transplant",
-           "test_engines_server", "test_ddp", "test_kills", "test_multiprocess_run",
+LONGEST = ["test_engines", "test_onpolicy_engines", "test_real_models", "test_transplant", "test_gguf",
+           "test_engines_server", "test_kills", "test_ddp", "test_multiprocess_run",
            "tests/test_benches.py::test_smoke_run[sampling_speed.py]",  # after the other engine tests: see below
-           "test_bad_inputs", "test_merge_mergekit_configs", "tests/test_benches.py::test_smoke_run[merge_vs_mergekit.py]",
-           "test_stage_commands", "test_humaneval", "test_gym_protocol",
-           "tests/test_benches.py::test_smoke_run[real_tier_probe.py]", "tests/test_benches.py::test_smoke_run[onpolicy_speed.py]",
-           "test_toyworld", "test_pipeline", "test_logprobs"]  # measured 2026-12-08 (`--durations`), longest first
+           "test_bad_inputs", "test_humaneval", "test_gym_protocol", "test_stage_commands", "test_toyworld",
+           "test_unpaired_recipes", "test_pipeline", "test_distill_recipes", "test_merge_mergekit_configs",
+           "test_merge_bad_inputs", "tests/test_benches.py::test_smoke_run[gym_calibration.py]",
+           "test_logprobs"]  # measured 2026-12-08 04:03-04:27 (`--durations`), longest first
 # sampling_speed's smoke run, which starts vLLM engines (four then, two now: its vLLM backend's and a server's),
 # failed under `-n 2 --dist loadfile` while another engine started (each binds its OpenMP threads to every core and
 # needs its KV cache in free memory): it runs while no other test of an engine does (`_engine_slot`).
