@@ -5,6 +5,7 @@ family on one toy world, the same data per family, the same tuning budget, >= 5 
     python bench/gym_protocol.py --preset gym --families merge       # one family
     python bench/gym_protocol.py --smoke                             # tiny world, 1 seed, 1 rate, few items
     python bench/gym_protocol.py --preset gym --families unpaired --seeds 3 --data-only   # one seed's data, in parallel
+    python bench/gym_protocol.py --preset gym --jobs 2               # two worker processes, the longest units first
 
 The recipe, per family (`FAMILIES`; adding a family is adding one function to it):
 1. **Data, built once per seed and shared by every method of the family**: the family's recipe (the
@@ -33,6 +34,11 @@ desirable / undesirable rows, issue 24), `onpolicy` (issue 25: from the distill 
 X-Token P-KL off-policy on the gold texts vs on the student's samples, MOPD-routed teachers vs the best one, GOLD,
 ULD and polyfuse's hybrid on the student's samples).
 
+Every data run goes through one stage cache (`stage_cache`): a stage or sampling shard that another run of the
+protocol finished with the same fingerprint is taken as hard links (the implicit and unpaired families train each
+seed's SFT model once and sample the sources once). `--jobs N` shares the families' work (`WORK_UNITS`) between N
+worker processes through the cache's file locks, then writes the reports and the hypotheses table once.
+
 Resumable: every training run and every evaluation is cached under `--work-dir/<preset>-<hash of preset, item
 counts, smoke>/` by its inputs (family, seed, method, learning rate; an evaluation by model folder and split), so a
 rerun after a kill, or with more seeds or rates, redoes nothing finished.
@@ -45,7 +51,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -93,7 +98,10 @@ SMOKE = ["prompts.toyworld.per_domain=8", "sample.chunk_size=8", "sft.epochs=1",
 # recipes' 3e-4 overshoots on the gym: on 1/3, 1, 3 every PO and unpaired objective chose the lowest rate, accuracy
 # falling with the rate; on 0.1, 0.3, 1 the implicit methods chose 0.1, and DPO at 1/30 did no better (results.md).
 DEFAULT_LR_SCALES = [1 / 3, 1.0, 3.0]
-LR_SCALES = {"implicit": [0.1, 0.3, 1.0], "unpaired": [0.1, 0.3, 1.0]}
+# Each family's grid as its evidence file records it: the preference families' recipes overshoot at their rate, and
+# the distill and on-policy grids were extended below their edge (docs/design.md), so one command reruns them all.
+LR_SCALES = {"implicit": [0.1, 0.3, 1.0], "unpaired": [0.1, 0.3, 1.0], "distill": [1 / 9, 1 / 3, 1.0, 3.0],
+             "onpolicy": [1 / 81, 1 / 27, 1 / 9, 1 / 3, 1.0, 3.0]}
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,7 @@ class Protocol:
     root: Path  # the cache of this setting
     out: Path
     methods: tuple[str, ...] = ()  # the trained methods to run (empty: all); baselines always run
+    cgpo_ablations: bool = False  # CGPO's one-change variants (issue 24), a diagnosis rather than a hypothesis
 
     @classmethod
     def make(cls, args: argparse.Namespace) -> Protocol:
@@ -116,7 +125,7 @@ class Protocol:
         settings = dict(preset=args.preset, items=items, smoke=args.smoke)  # seeds and rates have their own folders
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
         return cls(args.preset, args.seeds, args.lr_scales, args.kd_scales, items, args.smoke,
-                   args.work_dir / f"{args.preset}-{key}", args.out, tuple(args.methods or ()))
+                   args.work_dir / f"{args.preset}-{key}", args.out, tuple(args.methods or ()), args.cgpo_ablations)
 
     def grid(self, family: str) -> list[float]:
         """The learning-rate multiples a family's methods are tuned over."""
@@ -135,6 +144,14 @@ def exclusive(lock: Path) -> Iterator[None]:
     with open(lock, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
+
+
+def stage_cache(protocol: Protocol) -> Path:
+    """Where every data run of the protocol shares finished work by content (`run_recipe`'s stage cache): the
+    implicit and unpaired families' recipes differ only after their SFT data, so each seed's SFT model is trained
+    once, and the sources' samples (the implicit recipe also samples the pivot) are drawn once; KTO's data run and
+    CGPO's data ablations take CGPO's stages of equal fingerprints."""
+    return protocol.root / "stages"
 
 
 # ------------------------------------------------------------------------------------------------ the world
@@ -189,7 +206,13 @@ def scores(protocol: Protocol, spec: ModelSpec, split: str) -> Scores:
 
 
 def eval_path(protocol: Protocol, spec: ModelSpec, split: str) -> Path:
-    key = hashlib.sha256(str(Path(spec.path).resolve()).encode()).hexdigest()[:16]
+    """Keyed by the model's folder; a model a stage took over from another run (the stage cache: the unpaired
+    family's SFT model is the implicit family's) by that run's folder, so that it is evaluated once."""
+    model = Path(spec.path)
+    manifest = model.parent / "manifest.json"
+    if manifest.is_file() and (source := json.loads(manifest.read_text()).get("reused_from")):
+        model = Path(source) / model.name
+    key = hashlib.sha256(str(model.resolve()).encode()).hexdigest()[:16]
     return protocol.root / "eval" / key / f"{split}.json"
 
 
@@ -404,7 +427,9 @@ def implicit(protocol: Protocol) -> Family:
     def data(seed: int) -> tuple[Recipe, Any, ModelSpec]:
         recipe = family_recipe("infifpo", protocol.preset, [stages, f"seed={seed}", *world_overrides(protocol)])
         say(f"implicit: data of seed {seed} (prompts, samples, scores, pairs, SFT, log-probs)")
-        ctx = run_recipe(recipe, protocol.root / "implicit" / "data" / f"seed{seed}", quiet=True)
+        folder = protocol.root / "implicit" / "data" / f"seed{seed}"
+        with exclusive(folder.with_suffix(".lock")):  # `--jobs` runs the family's methods in two processes
+            ctx = run_recipe(recipe, folder, quiet=True, stage_cache=stage_cache(protocol))
         return recipe, ctx, spec_at(recipe, ctx.output("sft", "model"))
 
     @cache
@@ -617,7 +642,8 @@ def distill(protocol: Protocol) -> Family:
         "stages=[prompts, teacher]", f"teacher.data={gold_texts(protocol)}", "teacher.include_pivot=true",
         *world_overrides(protocol)])
     say("distill: teacher outputs on the gold texts")
-    ctx = run_recipe(recipe, protocol.root / "distill" / "data", quiet=True)
+    with exclusive(protocol.root / "distill" / "data.lock"):
+        ctx = run_recipe(recipe, protocol.root / "distill" / "data", quiet=True, stage_cache=stage_cache(protocol))
     rows, store = read_rows(gold_texts(protocol), SFTRow), Path(ctx.output("teacher", "store"))
     family = Family("distill", protocol, lambda path: spec_at(recipe, path))
     family.fixed("pivot", recipe.pivot)
@@ -727,20 +753,13 @@ UNPAIRED = {"cgpo": "[prompts, sample, score, pairs, sft, logprobs, consensus, u
 CGPO_ABLATIONS = {"cgpo-policy-anchored": {"reference": "policy_anchored"},
                   "cgpo-consensus-anchored": {"reference": "consensus_anchored"},
                   "cgpo-no-warmup": {"undesirable_warmup_steps": 0}}
-# Stages whose config and inputs no objective changes: KTO's data run takes CGPO's (same seed) instead of redoing them.
-SHARED_STAGES = ("prompts", "sample", "score", "sft")
+# CGPO on a consensus built another way (its data run changes the consensus step only): without the entropy
+# calibration, the sources' plain mean (the spec's `mean_consensus`; the same calibration prompts held out, so the
+# same training rows).
+CGPO_DATA_ABLATIONS = {"cgpo-no-calibration": ["consensus.aggregation=mean"]}
 # The data run's own `upo` stage (the pipeline scores unpaired rows only when a recipe trains on them) trains a few
 # steps: the protocol trains every (seed, rate) itself.
 DATA_RUN_EPOCHS = 0.001
-
-
-def share_stages(source: Path, target: Path, stages: tuple[str, ...]) -> None:
-    """Hard-linked copies of `source`'s finished stage folders in `target` (a stage's files are written once, by
-    atomic rename, so neither run can change the other's); the runner still checks each one's fingerprint
-    against its own recipe and redoes a stage that differs."""
-    for name in stages:
-        if (source / name / "manifest.json").is_file() and not (target / name).exists():
-            shutil.copytree(source / name, target / name, copy_function=os.link)
 
 
 def unpaired_folder(protocol: Protocol, seed: int, objective: str) -> Path:
@@ -752,7 +771,7 @@ _UNPAIRED_DATA: dict[tuple[Path, int, str], tuple[Recipe, Any, Path]] = {}
 
 def unpaired_data(protocol: Protocol, seed: int, objective: str) -> tuple[Recipe, Any, Path]:
     """One seed's data run for one objective: (recipe, run context, the rows it trains on). KTO's run reuses CGPO's
-    prompts, samples, scores and SFT model of the same seed (`share_stages`, checked by their fingerprints); each
+    prompts, samples, scores and SFT model of the same seed (`stage_cache`, by their fingerprints); each
     objective adds its own KL completions (CGPO's anchors, the sources' scores and the consensus; KTO's rotation,
     scored under M0 only)."""
     key = (protocol.root, seed, objective)
@@ -762,25 +781,26 @@ def unpaired_data(protocol: Protocol, seed: int, objective: str) -> tuple[Recipe
     return _UNPAIRED_DATA[key]
 
 
-def _unpaired_run(protocol: Protocol, seed: int, objective: str) -> tuple[Recipe, Any, Path]:
-    folder = unpaired_folder(protocol, seed, objective)
+def _unpaired_run(protocol: Protocol, seed: int, name: str) -> tuple[Recipe, Any, Path]:
+    """`name`: an objective of UNPAIRED or a CGPO data ablation."""
+    folder = unpaired_folder(protocol, seed, name)
+    objective = "cgpo" if name in CGPO_DATA_ABLATIONS else name
     overrides = [f"seed={seed}", f"upo.objective={objective}", f"upo.epochs={DATA_RUN_EPOCHS}",
                  *(["logprobs.sources=false"] if objective == "kto" else []), *world_overrides(protocol),
-                 *(["consensus.calibration_min_rows=12"] if protocol.smoke else [])]  # a smoke has 12 PO prompts
-    if objective != "cgpo":
+                 *(["consensus.calibration_min_rows=12"] if protocol.smoke else []),  # a smoke has 12 PO prompts
+                 *CGPO_DATA_ABLATIONS.get(name, [])]
+    if name != "cgpo":  # CGPO's run first: the others take its stages of equal fingerprints (`stage_cache`)
         unpaired_data(protocol, seed, "cgpo")
-        folder.mkdir(parents=True, exist_ok=True)
-        share_stages(unpaired_folder(protocol, seed, "cgpo"), folder, SHARED_STAGES)
-    say(f"unpaired: {objective} data of seed {seed} (prompts, samples, scores, rows, SFT, log-probs)")
+    say(f"unpaired: {name} data of seed {seed} (prompts, samples, scores, rows, SFT, log-probs)")
     if protocol.preset in TINY_PRESETS:  # no verifier passes a tiny model: D / U by the median reward
         scored = run_recipe(family_recipe("cgpo", protocol.preset, [*overrides, "stages=[prompts, sample, score]"]),
-                            folder, quiet=True).output("score", "scored")
+                            folder, quiet=True, stage_cache=stage_cache(protocol)).output("score", "scored")
         median = np.median([r.rewards["rm"] for r in read_rows(scored, SampleRow)])
         overrides.append(f"pairs.unpaired.threshold={float(median)!r}")
     recipe = family_recipe("cgpo", protocol.preset, [*overrides, f"stages={UNPAIRED[objective]}"])
     started = time.perf_counter()
-    ctx = run_recipe(recipe, folder, quiet=True)
-    say(f"unpaired: {objective} data of seed {seed} ready in {time.perf_counter() - started:.0f}s")
+    ctx = run_recipe(recipe, folder, quiet=True, stage_cache=stage_cache(protocol))
+    say(f"unpaired: {name} data of seed {seed} ready in {time.perf_counter() - started:.0f}s")
     stage = "consensus" if "unpaired" in ctx.outputs.get("consensus", {}) else "logprobs"
     return recipe, ctx, Path(ctx.output(stage, "unpaired"))
 
@@ -799,9 +819,9 @@ def unpaired(protocol: Protocol) -> Family:
     family.fixed("pivot", recipe.pivot)
     family.per_seed("sft", lambda seed: Path(data(seed, "cgpo")[1].output("sft", "model")))
     oracle(family, list(recipe.sources))
-    def trainer(objective: str, changed: dict[str, Any]) -> Train:
+    def trainer(data_run: str, changed: dict[str, Any]) -> Train:
         def train(seed: int, lr: float, folder: Path) -> Path:
-            recipe, ctx, rows = data(seed, objective)
+            recipe, ctx, rows = data(seed, data_run)
             model = folder / "model"
             if not model.is_dir():
                 section = with_section(recipe, "upo", seed, lr).upo
@@ -814,9 +834,11 @@ def unpaired(protocol: Protocol) -> Family:
 
     for objective in UNPAIRED:
         family.tuned(objective, trained.learning_rate, trainer(objective, {}))
-    if "learning_rate" in family.chosen.get("cgpo", {}):
+    if protocol.cgpo_ablations and "learning_rate" in family.chosen.get("cgpo", {}):
         for variant, changed in CGPO_ABLATIONS.items():
             family.tuned(variant, family.chosen["cgpo"]["learning_rate"], trainer("cgpo", changed), scales=[1.0])
+        for variant in CGPO_DATA_ABLATIONS:
+            family.tuned(variant, family.chosen["cgpo"]["learning_rate"], trainer(variant, {}), scales=[1.0])
     return family
 
 
@@ -967,14 +989,68 @@ def hypotheses_table(evidence: dict[str, Evidence]) -> str:
     return "\n".join(lines)
 
 
+# What `--jobs` hands to its worker processes, the longest first (docs/gym.md, "Budget": projected CPU seconds): (family,
+# its trained methods; empty: all). The unpaired family stays whole (CGPO's ablations run at CGPO's chosen rate), and so
+# do distill and onpolicy (both tune `sft-gold`, trained once under its run locks); the implicit family is split in two
+# halves of its methods (each seed's data is built once, under a lock, by whichever needs it first).
+WORK_UNITS: list[tuple[str, tuple[str, ...]]] = [
+    ("unpaired", ()), ("distill", ()),
+    ("implicit", ("dpo", "fusechat-dpo", "infifpo-max-margin", "wrpo")),
+    ("implicit", ("infifpo-confidence", "infifpo-average", "infifpo-no-clip", "infifpo-no-ln")),
+    ("onpolicy", ()), ("merge", ()),
+]
+
+
+def work_units(families: list[str], methods: list[str] | None) -> list[tuple[str, tuple[str, ...]]]:
+    """The units of `WORK_UNITS` for these families (with `--methods`: one unit per family, those methods)."""
+    if methods:
+        return [(name, tuple(methods)) for name in families]
+    return [(name, found) for name, found in WORK_UNITS if name in families]
+
+
+def share_work(args: argparse.Namespace, root: Path) -> None:
+    """Run the families' trainings and evaluations in `args.jobs` worker processes of this script (one thread each),
+    a unit at a time each, the longest first; they share the cache through its file locks. Each worker's output
+    goes to `<root>/logs/`; a failed unit stops the run with its log's tail."""
+    import subprocess
+
+    common = [sys.executable, __file__, "--preset", args.preset, "--seeds", *map(str, args.seeds), "--kd-scales",
+              *map(str, args.kd_scales), "--items", str(args.items), "--validation-items", str(args.validation_items),
+              "--work-dir", str(args.work_dir), "--out", str(args.out), "--worker",
+              *(["--lr-scales", *map(str, args.lr_scales)] if args.lr_scales else []), *(["--smoke"] if args.smoke else []),
+              *(["--cgpo-ablations"] if args.cgpo_ablations else [])]
+    queue = list(work_units(args.families, args.methods))
+    running: dict[subprocess.Popen, tuple[str, Path, float]] = {}
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    while queue or running:
+        while queue and len(running) < args.jobs:
+            name, methods = queue.pop(0)
+            unit = name + (f"-{methods[0]}" if methods else "")
+            log = root / "logs" / f"{unit}.log"
+            command = [*common, "--families", name, *(["--methods", *methods] if methods else [])]
+            with open(log, "w") as handle:
+                running[subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)] = (unit, log, time.perf_counter())
+            say(f"worker: {unit} started (log {log})")
+        time.sleep(1)
+        for process in [p for p in running if p.poll() is not None]:
+            unit, log, started = running.pop(process)
+            if process.returncode != 0:
+                for other in running:
+                    other.terminate()
+                sys.exit(f"worker {unit} failed (exit {process.returncode}); the end of {log}:\n"
+                         + "\n".join(log.read_text().splitlines()[-30:]))
+            say(f"worker: {unit} done in {time.perf_counter() - started:.0f}s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny", help="toy world preset (tiny, default; gym, gym-tiny)")
     parser.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--lr-scales", type=float, nargs="+", default=None,
-                        help="the grid: multiples of each method's recipe learning rate (default: 0.1, 0.3, 1 for the "
-                        "preference families, implicit and unpaired; 1/3, 1, 3 for the others)")
+                        help="the grid: multiples of each method's recipe learning rate (default: each family's own, "
+                        "`LR_SCALES`: 0.1, 0.3, 1 for implicit and unpaired, 1/9 ... 3 for distill, 1/81 ... 3 for "
+                        "onpolicy, 1/3, 1, 3 otherwise)")
     parser.add_argument("--kd-scales", type=float, nargs="+", default=[1.0, 0.1],
                         help="distillation methods also tune their distillation term's weight: multiples of the "
                         "method's default (ULD lambda_kd 1, FuseLLM 1 - ce_weight = 0.1), tried at the chosen rate")
@@ -992,6 +1068,13 @@ def main() -> None:
                         "the plumbing in a minute")
     parser.add_argument("--data-only", action="store_true", help="unpaired: build the data of each of --seeds (both "
                         "objectives) and stop; run it for different seeds in parallel processes before the protocol")
+    parser.add_argument("--cgpo-ablations", action="store_true", help="unpaired: also CGPO's one-change variants at "
+                        "its chosen rate (the other two reference assignments, no U warm-up, no entropy calibration; "
+                        "issue 24's diagnosis, not one of the hypotheses; about 820 CPU-s on the gym)")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes (one thread each) sharing the families' "
+                        "work, the longest units first (`WORK_UNITS`); the reports and the hypotheses table are then "
+                        "written once, from the cache, when every worker is done")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a `--jobs` worker: no report
     args = parser.parse_args()
     if args.smoke:
         args.seeds, args.lr_scales, args.kd_scales, args.items, args.validation_items = [0], [1.0], [1.0], 4, 4
@@ -1013,6 +1096,12 @@ def main() -> None:
             for objective in UNPAIRED:
                 unpaired_data(protocol, seed, objective)
         return
+    if args.worker:
+        for name in args.families:
+            FAMILIES[name](protocol)
+        return
+    if args.jobs > 1:
+        share_work(args, protocol.root)
     evidence = {}
     for name in args.families:
         say(f"family {name}: {len(args.seeds)} seeds, grid {protocol.grid(name)}, {args.validation_items} validation "

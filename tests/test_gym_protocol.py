@@ -27,7 +27,7 @@ FAMILIES = {
     "merge": {"base", "specialists", "multitask", "linear", "task_arithmetic", "ties", "rsaf", "ties-matched"},
     "distill": {"pivot", "oracle", "sft-gold", "uld-uncertainty", "uld-average", "fusellm-min-ce"},
     "unpaired": {"pivot", "sft", "oracle", "cgpo", "kto", "cgpo-policy-anchored", "cgpo-consensus-anchored",
-                 "cgpo-no-warmup"},
+                 "cgpo-no-warmup", "cgpo-no-calibration"},
     "onpolicy": {"pivot", "oracle", "sft-gold", "offpolicy-xtoken", "onpolicy-xtoken", "onpolicy-one-teacher",
                  "onpolicy-gold", "onpolicy-uld", "onpolicy-hybrid"},
 }
@@ -35,16 +35,16 @@ BASELINES = {"implicit": ["sft", "dpo"], "merge": ["specialists", "multitask"], 
              "unpaired": ["sft", "pivot", "cgpo"], "onpolicy": ["sft-gold"]}
 
 
-def smoke(tmp_path: Path) -> str:
+def smoke(tmp_path: Path, *options: str) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = warm_python.run([BENCH / "gym_protocol.py", "--smoke", "--work-dir", tmp_path / "work", "--out",
-                            tmp_path / "evidence"], env=env, timeout=900)  # as python bench/gym_protocol.py
+    done = warm_python.run([BENCH / "gym_protocol.py", "--smoke", "--cgpo-ablations", "--work-dir", tmp_path / "work",
+                            "--out", tmp_path / "evidence", *options], env=env, timeout=900)  # as the script
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done.stdout
 
 
 @pytest.mark.slow
-def test_smoke_writes_evidence_and_resumes(tmp_path):
+def test_smoke_writes_evidence_and_resumes(tmp_path, monkeypatch):
     out = smoke(tmp_path)
     for family, methods in FAMILIES.items():
         path = tmp_path / "evidence" / f"tiny-{family}.json"
@@ -82,9 +82,25 @@ def test_smoke_writes_evidence_and_resumes(tmp_path):
     shared = {(r["seed"], r["domain"]): r["correct"] for r in distill["runs"] if r["method"] == "sft-gold"}
     assert shared == {(r["seed"], r["domain"]): r["correct"] for r in onpolicy["runs"] if r["method"] == "sft-gold"}
     unpaired = next((tmp_path / "work").glob("tiny-*/unpaired/data/seed0"))
+
+    def taken(run: Path, stage: str, source: Path) -> bool:  # the stage cache gave `run` the stage `source` has
+        manifest, origin = (json.loads((f / stage / "manifest.json").read_text()) for f in (run, source))
+        return ("reused_from" in manifest and manifest["fingerprint"] == origin["fingerprint"]
+                and manifest["status"] == "done")
+
     for stage in ("prompts", "sample", "score", "sft"):  # KTO's data run took CGPO's (hard links), never redid them
-        assert (unpaired / "kto" / stage / "manifest.json").read_bytes() == (unpaired / "cgpo" / stage /
-                                                                             "manifest.json").read_bytes()
+        assert taken(unpaired / "kto", stage, unpaired / "cgpo")
+    for stage in ("prompts", "sample", "score", "pairs", "sft", "logprobs"):  # no calibration: CGPO's rows, scores
+        assert taken(unpaired / "cgpo-no-calibration", stage, unpaired / "cgpo")
+    implicit = unpaired.parents[2] / "implicit" / "data" / "seed0"  # samples the pivot too: the sources' shards shared
+    shards = sorted((unpaired / "cgpo" / "sample" / "shards").glob("*.jsonl"))
+    assert shards and all(p.stat().st_ino == (implicit / "sample" / "shards" / p.name).stat().st_ino for p in shards)
+    plain, calibrated = (json.loads((unpaired / run / "consensus" / "consensus.json").read_text())
+                         for run in ("cgpo-no-calibration", "cgpo"))
+    assert (plain["settings"]["aggregation"], calibrated["settings"]["aggregation"]) == ("mean", "calibrated_entropy")
+    assert plain["calibration"]["prompts"] == calibrated["calibration"]["prompts"]  # the same rows left to train on
+    sources = len(plain["summary"]["sources"])
+    assert [plain["summary"][f"source_weight/{i}"] for i in range(sources)] == pytest.approx([1 / sources] * sources)
     for variant, changed in {"policy-anchored": ("reference", "policy_anchored"),
                              "no-warmup": ("undesirable_warmup_steps", 0)}.items():  # one change, CGPO's rate
         (run,) = unpaired.parents[1].glob(f"cgpo-{variant}/*/seed0/model/polyfuse_training.json")
@@ -95,6 +111,32 @@ def test_smoke_writes_evidence_and_resumes(tmp_path):
     again = smoke(tmp_path)
     assert not re.search(r"\] (\w+: trained|evaluate) ", again), again  # no training, no evaluation
     assert {p: p.read_bytes() for p in before} == before
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gym_protocol
+
+    workers = smoke(tmp_path / "jobs", "--jobs", "2")  # two workers: the same runs, chosen rates and intervals
+    assert workers.count("worker: ") == 2 * len(gym_protocol.work_units(list(FAMILIES), None)), workers
+    for path in before:
+        if path.name.endswith("-uld.json"):
+            continue
+        serial, parallel = (json.loads(p.read_text()) for p in (path, tmp_path / "jobs" / "evidence" / path.name))
+        assert parallel["runs"] == serial["runs"] and parallel["comparisons"] == serial["comparisons"], path.name
+        assert ({m: c.get("learning_rate") for m, c in parallel["protocol"]["chosen"].items()}
+                == {m: c.get("learning_rate") for m, c in serial["protocol"]["chosen"].items()})
+    assert (tmp_path / "jobs" / "evidence" / "tiny-hypotheses.md").read_text() == written
+
+
+def test_a_model_taken_over_from_another_run_shares_its_evaluation(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gym_protocol
+
+    protocol = gym_protocol.Protocol("tiny", [0], None, [1.0], {}, False, tmp_path / "root", tmp_path / "out")
+    first, second, other = (tmp_path / run / "sft" for run in ("first", "second", "other"))
+    for folder, manifest in [(first, {}), (second, {"reused_from": str(first)}), (other, {})]:
+        (folder / "model").mkdir(parents=True)
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    path = {f: gym_protocol.eval_path(protocol, ModelSpec(path=str(f / "model")), "test") for f in (first, second, other)}
+    assert path[second] == path[first] != path[other]
 
 
 def test_validation_and_test_items_are_disjoint_held_out_items(monkeypatch):
@@ -117,7 +159,8 @@ def test_tuning_picks_the_best_validation_rate_runs_only_the_asked_methods_and_r
     protocol = gym_protocol.Protocol("tiny", [0, 1, 2, 3, 4], None, [1.0], {"validation": 4, "test": 4}, False,
                                      tmp_path, tmp_path / "out", methods=("dpo",))
     # no --lr-scales: each family's own grid, the preference families' reaching a tenth of the recipe's rate
-    assert protocol.grid("implicit") == [0.1, 0.3, 1.0] and protocol.grid("distill") == pytest.approx([1 / 3, 1, 3])
+    assert protocol.grid("implicit") == [0.1, 0.3, 1.0] and protocol.grid("distill") == pytest.approx([1 / 9, 1 / 3, 1, 3])
+    assert protocol.grid("merge") == pytest.approx([1 / 3, 1, 3]) and len(protocol.grid("onpolicy")) == 6
     assert dataclasses.replace(protocol, lr_scales=[2.0]).grid("implicit") == [2.0]
     best_lr = 3e-4 * 0.3
 

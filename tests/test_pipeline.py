@@ -156,3 +156,28 @@ def test_killed_run_resumes_to_the_same_result(reference_run, tiny_world, tmp_pa
     proc = _run_cli(work, overrides)
     assert proc.wait(timeout=300) == 0, proc.stderr()
     assert outputs(work) == outputs(reference_run)
+
+
+def test_stage_cache_shares_finished_stages_by_fingerprint(reference_run, tiny_world, tmp_path):
+    """A run through a stage cache takes every stage another run finished with the same fingerprint as hard links
+    (the same bytes, nothing retrained, its outputs in its own folder); a changed config reruns that stage and
+    what follows."""
+    cache, first, second = tmp_path / "stages", reference_run, tmp_path / "second"
+    recipe = load_recipe(recipe_path("fusechat3-toy.yaml"), tiny_overrides(tiny_world.root.parent))
+    before = {s: (first / s / "manifest.json").stat().st_mtime_ns for s in STAGES}
+    run_recipe(recipe, first, quiet=True, stage_cache=cache)  # finished before the cache: only registered
+    assert {s: (first / s / "manifest.json").stat().st_mtime_ns for s in STAGES} == before
+    ctx = run_recipe(recipe, second, quiet=True, stage_cache=cache)
+    assert outputs(second) == outputs(reference_run)
+    for stage in STAGES:
+        manifest = json.loads((second / stage / "manifest.json").read_text())
+        assert manifest["reused_from"] == str((first / stage).resolve()) and manifest["status"] == "done"
+        assert all(str(p).startswith(str(second / stage)) for p in ctx.outputs[stage].values())
+    model = "sft/model/model.safetensors"
+    assert (second / model).stat().st_ino == (first / model).stat().st_ino  # a link, not a retraining
+    changed = load_recipe(recipe_path("fusechat3-toy.yaml"), [*tiny_overrides(tiny_world.root.parent), "po.beta=0.2"])
+    third = tmp_path / "third"
+    run_recipe(changed, third, quiet=True, stage_cache=cache)
+    assert [s for s in STAGES if "reused_from" not in json.loads((third / s / "manifest.json").read_text())] == ["po", "eval"]
+    assert outputs(third)["sft/model"] == outputs(reference_run)["sft/model"]
+    assert outputs(third)["po/model"] != outputs(reference_run)["po/model"]

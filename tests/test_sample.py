@@ -64,6 +64,37 @@ def test_finished_shards_are_not_redone(tiny_world, tmp_path):
     assert len(rows) == 1 + (len(prompts) - 3) * 2 + len(prompts) * 2
 
 
+def test_a_shard_cache_shares_a_models_shards_between_runs_by_content(tiny_world, tmp_path):
+    """A run that samples a model another run sampled (same settings, weights, prompts, seed) takes its shards as hard
+    links; the rows are those of a run without the cache, and a model with other settings is sampled anew."""
+    from polyfuse.sampling import ShardCache
+
+    prompts = tiny_world.prompts("train", per_domain=2)
+    config = sample_config(tiny_world)
+    shared, other = config.models
+    plain = read_rows(run_sample(prompts, config, tmp_path / "plain", quiet=True), SampleRow)
+    cache = ShardCache(tmp_path / "cache", ["weights-a", "weights-b"])
+    run_sample(prompts, config.model_copy(update={"models": [shared]}), tmp_path / "first", quiet=True,
+               cache=ShardCache(cache.folder, ["weights-a"]))
+    hotter = other.model_copy(update={"sampling": other.sampling.model_copy(update={"temperature": 1.5})})
+    for name, second in [("same", other), ("hotter", hotter)]:
+        out = tmp_path / name
+        rows = read_rows(run_sample(prompts, config.model_copy(update={"models": [shared, second]}), out, quiet=True,
+                                    cache=cache), SampleRow)
+        linked = [(out / "shards" / f"{shared.label}-{c:05d}.jsonl").stat().st_ino for c in range(2)]
+        assert linked == [(tmp_path / "first" / "shards" / f"{shared.label}-{c:05d}.jsonl").stat().st_ino for c in range(2)]
+        assert [r.response for r in rows if r.model == shared.label] == [r.response for r in plain if r.model == shared.label]
+    assert [r.response for r in rows if r.model == other.label] != [r.response for r in plain if r.model == other.label]
+    again = read_rows(run_sample(prompts, config, tmp_path / "again", quiet=True, cache=cache), SampleRow)
+    assert [r.model_dump() for r in again] == [r.model_dump() for r in plain]  # "same" sampled the other model too
+    assert (tmp_path / "again" / "shards" / f"{other.label}-00000.jsonl").stat().st_ino == (
+        tmp_path / "same" / "shards" / f"{other.label}-00000.jsonl").stat().st_ino
+    changed = ShardCache(cache.folder, ["weights-a", "other-weights"])  # another checkpoint of the same name
+    run_sample(prompts, config, tmp_path / "retrained", quiet=True, cache=changed)
+    assert (tmp_path / "retrained" / "shards" / f"{other.label}-00000.jsonl").stat().st_ino != (
+        tmp_path / "same" / "shards" / f"{other.label}-00000.jsonl").stat().st_ino
+
+
 def test_two_processes_give_the_same_rows_as_one(tiny_world, tmp_path):
     prompts = tiny_world.prompts("train", per_domain=2)
     write_rows(tmp_path / "prompts.jsonl", prompts)

@@ -155,6 +155,15 @@ def raise_for_storage(err: BaseException, path: Path) -> None:
         raise problem from err
 
 
+def link_or_copy(source: str | Path, target: str | Path) -> None:
+    """A hard link of a finished file (written once, by atomic rename, so no writer changes it in place), or a copy
+    where the two paths are on different filesystems."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 

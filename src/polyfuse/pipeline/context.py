@@ -60,6 +60,7 @@ class Context:
     work_dir: Path
     outputs: dict[str, dict[str, str]] = field(default_factory=dict)
     quiet: bool = False
+    stage_cache: Path | None = None  # where runs share finished work by content (`run_recipe`)
 
     def output(self, stage: str, key: str) -> str:
         if stage not in self.outputs:

@@ -17,11 +17,12 @@ from polyfuse.sampling.base import (
     build_backend,
     request_seed,
 )
-from polyfuse.sampling.run import SampleConfig, run_sample
+from polyfuse.sampling.run import SampleConfig, ShardCache, run_sample
 
 __all__ = [
     "run_sample",
     "SampleConfig",
+    "ShardCache",
     "BACKENDS",
     "Backend",
     "BackendConfig",

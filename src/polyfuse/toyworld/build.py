@@ -20,6 +20,7 @@ and reused at once.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import multiprocessing
 import os
@@ -295,9 +296,23 @@ def _train_job(config: ToyWorldConfig, job: _Job, root: Path, advance: Callable[
 _PROGRESS: Any = None  # in a worker process: the queue that carries finished steps to the parent
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # malloc.h
+
+
+def _keep_freed_memory() -> None:
+    """Let glibc keep the memory a worker frees instead of handing it back to the kernel at once: every training
+    step frees and reallocates activations of a few MB, which the defaults unmap and fault back in (5.9 million
+    page faults, 14 s of system time in a build of the `gym` preset). The numbers computed do not change."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform == "linux" else None  # glibc only
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's ceiling: blocks up to 32 MB come from the heap
+        mallopt(_M_TRIM_THRESHOLD, 1 << 30)  # and the heap is not trimmed below its peak
+
+
 def _init_worker(queue: Any) -> None:
     global _PROGRESS
     _PROGRESS = queue
+    _keep_freed_memory()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # a forked child must not use the parent's thread pool
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
 

@@ -87,12 +87,22 @@ def _lr_at(step: int, steps: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded batch and its attention mask."""
-    width = max(len(s) for s in seqs)
-    ids = torch.tensor([s + [value] * (width - len(s)) for s in seqs])
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-    return ids, mask
+def _padded(seqs: list[list[int]], value: int) -> torch.Tensor:
+    """Every sequence right-padded with `value` to the longest, as one table built once: a step's batch is
+    rows of it (`_batch`), not a tensor built from Python lists every step."""
+    table = torch.full((len(seqs), max(map(len, seqs))), value, dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        table[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return table
+
+
+def _batch(lengths: torch.Tensor, batch: list[int], *tables: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The attention mask of the sequences `batch` (their lengths in `lengths`), right-padded to their longest,
+    then those rows of each padded table cut to that width: the same tensors as padding the batch itself."""
+    index = torch.tensor(batch)
+    width = int(lengths[index].max())
+    mask = (torch.arange(width) < lengths[index, None]).long()
+    return mask, *(table[:, :width][index] for table in tables)
 
 
 def lm_examples(tokenizer, rows: list[PromptRow]) -> list[tuple[list[int], list[int]]]:
@@ -138,12 +148,13 @@ def train_lm(model, tokenizer, recipe: ModelRecipe, rows: list[PromptRow], seed:
              advance: Callable[[], None] | None = None) -> float:
     """Teach `model` the answers of `rows` (loss on the response tokens only)."""
     examples = lm_examples(tokenizer, rows)
-    pad = tokenizer.pad_token_id
+    lengths = torch.tensor([len(ids) for ids, _ in examples])
+    ids = _padded([ids for ids, _ in examples], tokenizer.pad_token_id)
+    labels = _padded([labels for _, labels in examples], -100)
 
     def loss_of(batch: list[int]) -> torch.Tensor:
-        ids, mask = _pad([examples[i][0] for i in batch], pad)
-        labels, _ = _pad([examples[i][1] for i in batch], -100)
-        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        mask, batch_ids, batch_labels = _batch(lengths, batch, ids, labels)
+        return model(input_ids=batch_ids, attention_mask=mask, labels=batch_labels).loss
 
     return _fit(model, recipe, len(examples), loss_of, seed, advance)
 
@@ -151,13 +162,14 @@ def train_lm(model, tokenizer, recipe: ModelRecipe, rows: list[PromptRow], seed:
 def train_reward_model(model, tokenizer, recipe: ModelRecipe, examples: list[tuple[PromptRow, str, bool]],
                        seed: int, advance: Callable[[], None] | None = None) -> float:
     """Teach a one-logit classifier to score (prompt, response) pairs by their verifier label."""
-    encoded = [(encode(tokenizer, row.prompt, response).input_ids, float(label)) for row, response, label in examples]
-    pad = tokenizer.pad_token_id
+    encoded = [encode(tokenizer, row.prompt, response).input_ids for row, response, _ in examples]
+    lengths = torch.tensor([len(ids) for ids in encoded])
+    ids = _padded(encoded, tokenizer.pad_token_id)
+    targets = torch.tensor([float(label) for _, _, label in examples])
 
     def loss_of(batch: list[int]) -> torch.Tensor:
-        ids, mask = _pad([encoded[i][0] for i in batch], pad)
-        target = torch.tensor([encoded[i][1] for i in batch])
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, 0]
-        return torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+        mask, batch_ids = _batch(lengths, batch, ids)
+        logits = model(input_ids=batch_ids, attention_mask=mask).logits[:, 0]
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, targets[batch])
 
     return _fit(model, recipe, len(encoded), loss_of, seed, advance)

@@ -8,7 +8,8 @@ from typing import Any
 
 from polyfuse.data.schemas import PromptRow
 from polyfuse.pipeline.context import STAGES, CommandInput, Context, Stage, paths_in
-from polyfuse.sampling import SampleConfig, run_sample
+from polyfuse.pipeline.manifest import Manifest
+from polyfuse.sampling import SampleConfig, ShardCache, run_sample
 
 
 @STAGES.register("sample")
@@ -45,5 +46,15 @@ class SampleStage(Stage):
         return {**self.input_paths(ctx), **paths_in(ctx.recipe.sample.model_dump())}
 
     def execute(self, config: SampleConfig, inputs: dict[str, Any], out: Path, quiet: bool = False,
-                resume: bool | None = None) -> dict[str, str]:
-        return {"samples": str(run_sample(inputs["prompts"].rows, config, out, quiet=quiet))}
+                resume: bool | None = None, cache: ShardCache | None = None) -> dict[str, str]:
+        return {"samples": str(run_sample(inputs["prompts"].rows, config, out, quiet=quiet, cache=cache))}
+
+    def run(self, ctx: Context, folder: Path) -> dict[str, str]:
+        """Through a stage cache, each (model, chunk) shard is shared by content with other runs: the models'
+        weights hashes are the ones the runner recorded as this stage's inputs."""
+        config = self.engine_config(ctx)
+        cache = None
+        if ctx.stage_cache is not None:
+            inputs = Manifest(folder).read()["inputs"]
+            cache = ShardCache(ctx.stage_cache / "sample-shards", [inputs[f"models[{m}]"] for m in range(len(config.models))])
+        return self.execute(config, self.read_inputs(ctx), folder, quiet=ctx.quiet, cache=cache)
