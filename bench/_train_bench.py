@@ -15,8 +15,11 @@ bf16 on a GPU, measured in the same run with the same threads), how far a step i
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
+import runpy
 import statistics
 import subprocess
 import sys
@@ -168,19 +171,42 @@ def training_flops(shape: dict[str, int], sequences: list[tuple[int, int]]) -> f
     return sum(6 * n * t + 6 * layers * d * t * t + 6 * hidden * vocab * r for t, r in sequences)
 
 
-def launch(script: str, tool: str, args: list[str], log: Path) -> dict[str, Any]:
+def launch(script: str, tool: str, args: list[str], log: Path, in_process: bool = False) -> dict[str, Any]:
     """Run one worker (`script --worker tool ...`) in its own process; its result line as a dict, with the
-    load average before it started."""
+    load average before it started. `in_process` (the benches' `--smoke`, which checks the plumbing) runs it in
+    this process instead: a new interpreter costs 4-6 CPU seconds of imports (torch, transformers, TRL), more
+    than a smoke run's one step."""
     load = os.getloadavg()[0]
+    command = [script, "--worker", tool, *args]
     with log.open("w") as stderr:
-        done = subprocess.run([sys.executable, script, "--worker", tool, *args], stdout=subprocess.PIPE,
-                              stderr=stderr, text=True, check=False)  # fmt: skip
-    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_TAG)]
-    if done.returncode or not lines:
-        raise SystemExit(f"{tool} failed (exit {done.returncode}); see {log}")
+        if in_process:
+            code, stdout = run_script_here(command, stderr)
+        else:
+            done = subprocess.run([sys.executable, *command], stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                  check=False)
+            code, stdout = done.returncode, done.stdout
+    lines = [line for line in stdout.splitlines() if line.startswith(RESULT_TAG)]
+    if code or not lines:
+        raise SystemExit(f"{tool} failed (exit {code}); see {log}")
     result = json.loads(lines[-1][len(RESULT_TAG):])
     result["load_before"] = load
     return result
+
+
+def run_script_here(command: list[str], stderr: Any) -> tuple[int, str]:
+    """`python SCRIPT ARGS` run as `__main__` in this process (a smoke run's plumbing, without a new interpreter's
+    imports): its exit code and what it printed; its standard error goes to `stderr`."""
+    argv, stdout = sys.argv, io.StringIO()
+    sys.argv = list(command)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            runpy.run_path(command[0], run_name="__main__")
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
+    finally:
+        sys.argv = argv
+    return code, stdout.getvalue()
 
 
 def report_result(result: dict[str, Any]) -> None:

@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from _train_bench import run_script_here
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from polyfuse.data.io import read_rows, write_json, write_rows
@@ -170,8 +170,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         work = Path("runs/gym-protocol-smoke")
-        subprocess.run([sys.executable, str(Path(__file__).parent / "gym_protocol.py"), "--smoke", "--families",
-                        "implicit", "--work-dir", str(work)], check=True, stdout=subprocess.DEVNULL)
+        code, _ = run_script_here([str(Path(__file__).parent / "gym_protocol.py"), "--smoke", "--families", "implicit",
+                                   "--work-dir", str(work)], sys.stderr)  # in this process: a new one imports for seconds
+        if code:
+            sys.exit(f"gym_protocol.py --smoke failed (exit {code})")
         args.root = next(work.glob("tiny-*"))
         args.preset, args.items, args.reference_pairs, args.control = "tiny", [4, 4], 4, [1.0]
         args.out = Path("runs/gym-implicit-diagnose-smoke.json")

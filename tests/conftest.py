@@ -94,6 +94,30 @@ def vllm_python():
     return ensure_vllm_env()
 
 
+# What a polyfuse process in the vLLM venv imports before its work (torch, transformers, polyfuse: ~7 CPU s; `import
+# vllm` itself is lazy) and what its first in-process engine start imports (~3 CPU s: the engine, the CPU worker and
+# attention, the model classes of the test models), found by comparing `sys.modules` before and after a start.
+VLLM_PRELOAD = ["torch", "transformers", "transformers.modeling_utils", "polyfuse.cli.main", "polyfuse.pipeline.runner",
+                "polyfuse.sampling.vllm_backend", "polyfuse.sampling.transformers_backend", "vllm.entrypoints.llm",
+                "vllm.v1.engine.core", "vllm.v1.engine.llm_engine", "vllm.v1.worker.cpu_worker",
+                "vllm.v1.worker.cpu_model_runner", "vllm.v1.attention.backends.cpu_attn", "vllm.v1.core.sched.scheduler",
+                "vllm.model_executor.model_loader", "compressed_tensors", "mistral_common.protocol.instruct.request",
+                "vllm.entrypoints.anthropic", *(f"vllm.model_executor.models.{arch}"
+                                                for arch in ("llama", "mistral", "gpt2", "qwen3", "gemma3"))]
+
+
+@pytest.fixture(scope="session")
+def warm_vllm(vllm_python):
+    """`python ARGS` in the vLLM venv without the ~13 CPU seconds a new interpreter there spends importing torch,
+    transformers and vLLM and setting up its first engine: a fork server there (`warm_python.Server`) with
+    `VLLM_PRELOAD` imported; `warm_vllm.run(argv, env=engine_env(...), timeout=...)` as `subprocess.run`."""
+    from warm_python import Server
+
+    server = Server(vllm_python, VLLM_PRELOAD, engine_env())
+    yield server
+    server.close()
+
+
 def engine_env(**extra: str) -> dict[str, str]:
     """The environment of a process in the vLLM venv: this checkout's code first, vLLM's CPU settings. The KV cache
     is 1 GiB (vLLM's least; polyfuse's default is 2): the test engines hold a few thousand tokens, and vLLM refuses
@@ -175,13 +199,13 @@ SLOW_TESTS = {
 # of its own (they share only session fixtures). The units are handed out in collection order
 # (`--no-loadscope-reorder`): the longest first (`LONGEST`, measured), then the other slow ones, then the fast
 # modules, which fill the end evenly.
-LONGEST = ["test_engines", "test_onpolicy_engines", "test_real_models", "test_gguf", "test_transplant",
-           "test_engines_server", "test_ddp", "test_kills", "test_multiprocess_run",
+LONGEST = ["test_engines", "test_onpolicy_engines", "test_real_models", "test_transplant", "test_gguf",
+           "test_engines_server", "test_kills", "test_ddp", "test_multiprocess_run",
            "tests/test_benches.py::test_smoke_run[sampling_speed.py]",  # after the other engine tests: see below
-           "test_bad_inputs", "test_merge_mergekit_configs", "tests/test_benches.py::test_smoke_run[merge_vs_mergekit.py]",
-           "test_stage_commands", "test_humaneval", "test_gym_protocol",
-           "tests/test_benches.py::test_smoke_run[real_tier_probe.py]", "tests/test_benches.py::test_smoke_run[onpolicy_speed.py]",
-           "test_toyworld", "test_pipeline", "test_logprobs"]  # measured 2026-12-08 (`--durations`), longest first
+           "test_bad_inputs", "test_humaneval", "test_gym_protocol", "test_stage_commands", "test_toyworld",
+           "test_unpaired_recipes", "test_pipeline", "test_distill_recipes", "test_merge_mergekit_configs",
+           "test_merge_bad_inputs", "tests/test_benches.py::test_smoke_run[gym_calibration.py]",
+           "test_logprobs"]  # measured 2026-12-08 04:03-04:27 (`--durations`), longest first
 # sampling_speed's smoke run, which starts vLLM engines (four then, two now: its vLLM backend's and a server's),
 # failed under `-n 2 --dist loadfile` while another engine started (each binds its OpenMP threads to every core and
 # needs its KV cache in free memory): it runs while no other test of an engine does (`_engine_slot`).

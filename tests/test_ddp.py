@@ -13,7 +13,6 @@ import os
 import random
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+import warm_python
 from ddp_train import main as train_locally
 from polyfuse.data import PreferenceRow, SFTRow, read_rows, write_rows
 from polyfuse.data.io import write_metadata
@@ -84,13 +84,13 @@ def losses(path: Path) -> list[float]:
 def launch(script_args: list[str], config: list[str] | None = None) -> subprocess.CompletedProcess:
     """2 CPU processes under `accelerate launch`: plain DDP, or what the accelerate `config` file says."""
     how = ["--config_file", *config] if config else ["--multi_gpu"]
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", "2",
+    command = [  # the launcher in a warm child (`warm_python`); the processes it starts are new interpreters
+        "-m", "accelerate.commands.launch", *how, "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()), *script_args,
     ]  # fmt: skip
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    return warm_python.run(command, env=env, timeout=400)
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def test_teacher_under_two_processes_stores_what_one_process_stores(tmp_path):
     cli = ["-m", "polyfuse", "teacher", "-c", str(tmp_path / "teacher.yaml"), "--data", str(tmp_path / "sft.jsonl"), "-q"]
     result = launch([*cli, "-o", str(tmp_path / "ddp")])
     assert result.returncode == 0, result.stderr[-4000:]
-    single = subprocess.run([sys.executable, *cli, "-o", str(tmp_path / "single")], capture_output=True, text=True)
+    single = warm_python.run([*cli, "-o", tmp_path / "single"])
     assert single.returncode == 0, single.stderr[-4000:]
     for ddp, one in zip(open_stores(tmp_path / "ddp"), open_stores(tmp_path / "single"), strict=True):
         assert ddp.manifest["examples"] == one.manifest["examples"] and len(ddp.shards()) == 4

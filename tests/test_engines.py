@@ -46,7 +46,7 @@ STOP = [".", ","]  # vLLM's own stop strings: the engine starts with its tokeniz
 
 
 @pytest.fixture(scope="module")
-def smollm2_engine_checks(vllm_python, smollm2_folder, tmp_path_factory) -> dict:
+def smollm2_engine_checks(warm_vllm, smollm2_folder, tmp_path_factory) -> dict:
     """tests/engine_checks.py on SmolLM2-135M-Instruct's export: one engine start for the checks of the two tests
     below (a start of its own for the second cost a vLLM import and an engine start, ~15 CPU seconds)."""
     folder = tmp_path_factory.mktemp("smollm2-engine")
@@ -55,9 +55,8 @@ def smollm2_engine_checks(vllm_python, smollm2_folder, tmp_path_factory) -> dict
     job = {"model": {**spec.model_dump(), "backend": {"type": "vllm", "max_model_len": 512}, "sampling": {"stop": STOP}},
            "greedy": GREEDY, "max_new_tokens": 32, "seeded": GREEDY[:4], "sequences": sequences, "chat": CHAT}
     (folder / "job.json").write_text(json.dumps(job))
-    result = subprocess.run([str(vllm_python), "tests/engine_checks.py", str(folder / "job.json"), str(folder / "out.json")],
-                            env=engine_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"), capture_output=True, text=True,
-                            timeout=900)  # the engine in this process: see `vllm_recipe_run`
+    result = warm_vllm.run(["tests/engine_checks.py", folder / "job.json", folder / "out.json"],
+                           env=engine_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"), timeout=900)  # see `vllm_recipe_run`
     assert result.returncode == 0, result.stderr[-4000:]
     return {**json.loads((folder / "out.json").read_text()), "sequences": sequences}
 
@@ -126,7 +125,7 @@ def test_the_venv_runs_this_checkouts_code_without_pythonpath(vllm_python, tmp_p
     assert Path(found) == Path(__file__).resolve().parents[1] / "src" / "polyfuse" / "__init__.py"
 
 
-def test_pairs_longer_than_the_engines_max_model_len_are_dropped_before_anything_is_scored(vllm_python, tiny_world,
+def test_pairs_longer_than_the_engines_max_model_len_are_dropped_before_anything_is_scored(warm_vllm, tiny_world,
                                                                                            tmp_path):
     """A source on vLLM scores at most `max_model_len - 1` tokens (a request leaves one to generate): longer pairs
     are dropped for every model when the stage starts, like pairs beyond a model's context, instead of stopping
@@ -143,10 +142,9 @@ def test_pairs_longer_than_the_engines_max_model_len_are_dropped_before_anything
     config = {"pivot": {"name": "pivot", "path": str(tiny_world.pivot_path)},
               "sources": [{**source.model_dump(), "backend": {"type": "vllm", "max_model_len": max_model_len}}]}
     (tmp_path / "logprobs.yaml").write_text(yaml.safe_dump(config))
-    result = subprocess.run([str(vllm_python), "-m", "polyfuse", "logprobs", "--config", str(tmp_path / "logprobs.yaml"),
-                             "--data", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "scored.jsonl"), "-q"],
-                            env=engine_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"), capture_output=True, text=True,
-                            timeout=600)
+    result = warm_vllm.run(["-m", "polyfuse", "logprobs", "--config", tmp_path / "logprobs.yaml", "--data",
+                            tmp_path / "pairs.jsonl", "--out", tmp_path / "scored.jsonl", "-q"],
+                           env=engine_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"), timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     meta = read_metadata(tmp_path / "scored.jsonl")
     assert meta["max_length"] == {"pivot": 128, name: max_model_len - 1}
@@ -175,7 +173,7 @@ def vllm_recipe(tiny_world, work) -> dict:
 
 
 @pytest.fixture(scope="module")
-def vllm_recipe_run(vllm_python, tiny_world, tmp_path_factory) -> tuple[Path, dict]:
+def vllm_recipe_run(warm_vllm, tiny_world, tmp_path_factory) -> tuple[Path, dict]:
     """The recipe run once. Its nine engines (three sources: sampling, scoring, evaluation) run inside the
     polyfuse process (VLLM_ENABLE_V1_MULTIPROCESSING=0), as the other engines of this file do: for tiny models
     the start dominates, and it is half as long there (an engine process of its own imports vLLM twice more);
@@ -184,9 +182,8 @@ def vllm_recipe_run(vllm_python, tiny_world, tmp_path_factory) -> tuple[Path, di
     folder = tmp_path_factory.mktemp("vllm-recipe")
     recipe = vllm_recipe(tiny_world, folder / "work")
     (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    result = subprocess.run([str(vllm_python), "-m", "polyfuse", "run", str(folder / "recipe.yaml"), "--quiet"],
-                            env=engine_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"), capture_output=True, text=True,
-                            timeout=900)
+    result = warm_vllm.run(["-m", "polyfuse", "run", folder / "recipe.yaml", "--quiet"],
+                           env=engine_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"), timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     return folder / "work", recipe
 
@@ -252,7 +249,7 @@ def test_two_processes_share_the_shards_and_give_the_rows_of_one(vllm_python, vl
 
 
 @pytest.mark.parametrize("top_k", [None, 3], ids=["exact", "top-3"])
-def test_source_entropies_on_vllm_are_the_transformers_values_or_within_the_top_k_bound(vllm_python, tiny_world,
+def test_source_entropies_on_vllm_are_the_transformers_values_or_within_the_top_k_bound(warm_vllm, tiny_world,
                                                                                         tmp_path, top_k):
     """Unpaired rows through `polyfuse logprobs` with a source on vLLM: the engine starts with the prompt log-probs
     the entropy needs; from the whole vocabulary (`prompt_logprobs=-1`) the completion entropy is the transformers
@@ -267,10 +264,9 @@ def test_source_entropies_on_vllm_are_the_transformers_values_or_within_the_top_
     config = {"pivot": {"name": "pivot", "path": str(tiny_world.pivot_path)},
               "sources": [{**source.model_dump(), "backend": {"type": "vllm"}}], "entropy_top_k": top_k}
     (tmp_path / "logprobs.yaml").write_text(yaml.safe_dump(config))
-    result = subprocess.run([str(vllm_python), "-m", "polyfuse", "logprobs", "--config", str(tmp_path / "logprobs.yaml"),
-                             "--data", str(tmp_path / "rows.jsonl"), "--out", str(tmp_path / "scored.jsonl"), "-q"],
-                            env=engine_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"), capture_output=True, text=True,
-                            timeout=600)
+    result = warm_vllm.run(["-m", "polyfuse", "logprobs", "--config", tmp_path / "logprobs.yaml", "--data",
+                            tmp_path / "rows.jsonl", "--out", tmp_path / "scored.jsonl", "-q"],
+                           env=engine_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"), timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     scored = read_rows(tmp_path / "scored.jsonl", UnpairedRow)
     model, tokenizer = load_model(source), load_tokenizer(source)

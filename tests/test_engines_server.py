@@ -17,7 +17,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import warm_python
 from conftest import engine_env
 from polyfuse.config import apply_overrides, read_yaml
 from polyfuse.data import PreferenceRow, SampleRow, read_rows, write_rows
@@ -38,13 +38,18 @@ from polyfuse.sampling import SampledModel, SamplingParams, build_backend
 from test_ddp import free_port
 from test_engines import assert_gold_bpb_of_transformers
 from test_pipeline import tiny_overrides
+from warm_python import ServedChild
 
 SERVED = "llama-compare"
 
 
 class Server:
-    def __init__(self, process: subprocess.Popen, url: str, log: Path, started_s: float):
-        self.process, self.url, self.log, self.started_s = process, url, log, started_s
+    def __init__(self, process: ServedChild, url: str, started_s: float):
+        self.process, self.url, self.started_s = process, url, started_s
+
+    def log(self) -> str:
+        """What the server printed so far (its last 4,000 characters)."""
+        return (self.process.stdout() + self.process.stderr())[-4000:]
 
     def metric(self, name: str) -> float:
         """The sum of a Prometheus counter or gauge of the server over its labels."""
@@ -61,46 +66,38 @@ class Server:
 
 
 @contextlib.contextmanager
-def vllm_server(vllm_python, model: Path, served: str, log: Path, *options: str) -> Iterator[Server]:
-    """A vLLM OpenAI-compatible server of `model` on a free port of 127.0.0.1, from the vLLM venv; stopped (with the
-    engine process it started) on exit."""
+def vllm_server(warm_vllm, model: Path, served: str, *options: str) -> Iterator[Server]:
+    """A vLLM OpenAI-compatible server of `model` on a free port of 127.0.0.1, in the vLLM venv (a child of its fork
+    server, `warm_vllm`: vLLM imported, as is its engine process, forked from it); stopped with the engine
+    process it started on exit."""
     port = free_port()
-    command = [
-        str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-        "--served-model-name", served, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-        "--enforce-eager", *options,
-    ]
+    command = ["-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", served, "--host",
+               "127.0.0.1", "--port", port, "--dtype", "float32", "--enforce-eager", *options]
     cores = ",".join(map(str, sorted(os.sched_getaffinity(0))))
     start = time.perf_counter()
-    with log.open("w") as handle:
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env=engine_env(VLLM_CPU_OMP_THREADS_BIND=cores))
-    url = f"http://127.0.0.1:{port}/v1"
+    process = warm_vllm.start(command, env=engine_env(VLLM_CPU_OMP_THREADS_BIND=cores))
+    server = Server(process, f"http://127.0.0.1:{port}/v1", 0.0)
     try:
         while True:
-            assert process.poll() is None, f"the vLLM server exited:\n{log.read_text()[-4000:]}"
-            assert time.perf_counter() - start < 600, f"no /health after 600 s:\n{log.read_text()[-4000:]}"
+            assert process.poll() is None, f"the vLLM server exited:\n{server.log()}"
+            assert time.perf_counter() - start < 600, f"no /health after 600 s:\n{server.log()}"
             try:
-                if urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=5).status == 200:
+                if urllib.request.urlopen(server.url.removesuffix("/v1") + "/health", timeout=5).status == 200:
                     break
             except OSError:
                 time.sleep(1)
-        server = Server(process, url, log, time.perf_counter() - start)
+        server.started_s = time.perf_counter() - start
         print(f"\nvLLM server answered /health after {server.started_s:.0f} s")
         yield server
     finally:
         os.killpg(process.pid, signal.SIGTERM)  # the server and the engine process it started
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=60)  # then SIGKILL
 
 
 @pytest.fixture(scope="module")
-def toy_server(vllm_python, tiny_world, tmp_path_factory):
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with vllm_server(vllm_python, tiny_world.source_paths[SERVED], SERVED, log, "--max-model-len", "128",
+def toy_server(warm_vllm, tiny_world):
+    with vllm_server(warm_vllm, tiny_world.source_paths[SERVED], SERVED, "--max-model-len", "128",
                      "--max-num-seqs", "16",
                      "--max-num-batched-tokens", "2048",  # >= max-num-seqs x max-model-len: seeded prefills never split
                      ) as server:
@@ -147,24 +144,25 @@ def test_a_killed_client_resends_nothing_it_has(toy_server, tiny_world, tmp_path
               "chunk_size": 64, "seed": 3}
     (tmp_path / "sample.yaml").write_text(yaml.safe_dump(config))
 
-    def command(out: str) -> list[str]:
-        return [sys.executable, "-m", "polyfuse", "sample", "--config", str(tmp_path / "sample.yaml"),
-                "--prompts", str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / out), "--quiet"]
+    def command(out: str) -> list[str]:  # `python -m polyfuse sample ...` in a warm child (`warm_python`)
+        return ["-m", "polyfuse", "sample", "--config", tmp_path / "sample.yaml", "--prompts", tmp_path / "prompts.jsonl",
+                "--out", tmp_path / out, "--quiet"]
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    subprocess.run(command("whole"), env=env, check=True, timeout=600)
+    done = warm_python.run(command("whole"), env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
     whole = read_rows(tmp_path / "whole" / "samples.jsonl", SampleRow)
 
     journal = tmp_path / "killed" / "shards" / f"{SERVED}-00000.partial.jsonl"
-    client = subprocess.Popen(command("killed"), env=env)
+    client = warm_python.start(command("killed"), env=env)
     while not journal.exists() or journal.read_text().count("\n") < 16:
         assert client.poll() is None, "the client finished before it could be killed"
         time.sleep(0.02)
-    os.kill(client.pid, signal.SIGKILL)
-    client.wait()
+    client.kill()  # SIGKILL
     kept = journal.read_bytes().count(b"\n")  # complete records; a cut-off last line is redone
     before = toy_server.finished_requests()
-    subprocess.run(command("killed"), env=env, check=True, timeout=600)
+    done = warm_python.run(command("killed"), env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
     assert toy_server.finished_requests() - before == 2 * (len(prompts) - kept)  # vLLM counts each of n=2
     resumed = read_rows(tmp_path / "killed" / "samples.jsonl", SampleRow)
     assert len(resumed) == 2 * len(prompts) and len({r.id for r in resumed}) == len(resumed)

@@ -8,6 +8,7 @@ tests/test_engines.py, on the engine its other SmolLM2 checks start."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -160,9 +161,19 @@ def test_files_that_are_not_readable_gguf_are_refused_naming_them(tmp_path, cach
         resolve_model_path(str(tmp_path / "nothing.gguf"), "models[0]")
 
 
+@pytest.fixture
+def one_gguf_parse(monkeypatch):
+    """gguf-py's `GGUFReader` of each file made once for the test: transformers' `gguf_file=` loads parse the whole
+    file three times (tokenizer, config, weights), each a Python loop over every metadata entry (~9 CPU s for
+    Gemma-3's 262k-token vocabulary); the reader is a read-only view of the file, so what they read is the same."""
+    import gguf
+
+    monkeypatch.setattr(gguf, "GGUFReader", functools.cache(gguf.GGUFReader))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["smollm2", "gemma3"])
-def test_real_gguf_exports_equal_transformers_gguf_loads(model):
+def test_real_gguf_exports_equal_transformers_gguf_loads(model, one_gguf_parse):
     """SmolLM2-135M-Instruct (Q4_1, chat template) and Gemma-3-270M (Q4_K_M, Q5_0, Q6_K; no template): their
     exports (the cache's, as every stage loads them) against transformers' own de-quantisation."""
     file = getattr(packaged, model)()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import random
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -324,12 +323,11 @@ def test_two_processes_under_accelerate_write_the_same_file(tiny_world, tmp_path
     (tmp_path / "logprobs.yaml").write_text(json.dumps(config))
     write_rows(tmp_path / "pairs.jsonl", toy_rows(tiny_world, 3))
     args = ["-m", "polyfuse", "logprobs", "-c", str(tmp_path / "logprobs.yaml"), "--data", str(tmp_path / "pairs.jsonl"), "-q"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",  # in a warm child
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(free_port())]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([*launch, *args, "--out", str(tmp_path / "ddp" / "out.jsonl")], env=env,
-                         capture_output=True, text=True, timeout=300)
+    ddp = warm_python.run([*launch, *args, "--out", tmp_path / "ddp" / "out.jsonl"], env=env, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     single = polyfuse_cli(*args[2:], "--out", tmp_path / "single" / "out.jsonl")
     assert single.returncode == 0, single.stderr[-3000:]

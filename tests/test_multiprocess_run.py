@@ -9,11 +9,11 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+import warm_python
 from polyfuse.pipeline.demo import recipe_path
 from polyfuse.pipeline.recipe import load_recipe
 from polyfuse.pipeline.runner import run_recipe
@@ -44,14 +44,14 @@ def outputs(work: Path) -> dict[str, object]:
 
 
 def launch_two(work: Path, extra: list[str]) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    command = [  # the launcher in a warm child (`warm_python`); the processes it starts are new interpreters
+        "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()), "-m", "polyfuse", "run", str(recipe_path("fusechat3-toy.yaml")),
         "--work-dir", str(work), "--quiet", *[a for o in extra for a in ("--set", o)],
     ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    return warm_python.run(command, env=env, timeout=900)
 
 
 @pytest.mark.slow

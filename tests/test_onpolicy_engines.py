@@ -12,7 +12,6 @@ the real weights where they are the point)."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ GEMMA = "gemma-3-twin"
 SERVER_TOP_K = 16
 
 
-def test_vllm_engine_as_teacher_and_as_student(vllm_python, tiny_world, tmp_path):
+def test_vllm_engine_as_teacher_and_as_student(warm_vllm, tiny_world, tmp_path):
     teacher = EngineModel(name="llama-compare", path=str(tiny_world.source_paths["llama-compare"]),
                           backend={"type": "vllm", "max_model_len": 128, "max_num_seqs": 8})
     student = ModelSpec(name="pivot", path=str(tiny_world.pivot_path))
@@ -60,8 +59,8 @@ def test_vllm_engine_as_teacher_and_as_student(vllm_python, tiny_world, tmp_path
                   "learning_rate": 1e-3, "save_steps": 0, "max_length": 96},
     }
     (tmp_path / "job.json").write_text(json.dumps(job))
-    result = subprocess.run([str(vllm_python), "tests/onpolicy_engine_checks.py", str(tmp_path / "job.json"),
-                             str(tmp_path / "out.json")], env=engine_env(), capture_output=True, text=True, timeout=1200)
+    result = warm_vllm.run(["tests/onpolicy_engine_checks.py", tmp_path / "job.json", tmp_path / "out.json"],
+                           env=engine_env(), timeout=1200)
     assert result.returncode == 0, result.stderr[-4000:]
     out = json.loads((tmp_path / "out.json").read_text())
     print(f"\nteacher engine {out['teacher_start_s']:.0f} s, student engine {out['student_start_s']:.0f} s, "
@@ -87,9 +86,8 @@ def test_vllm_engine_as_teacher_and_as_student(vllm_python, tiny_world, tmp_path
 
 
 @pytest.fixture(scope="module")
-def gemma_server(vllm_python, gemma3_twin, tmp_path_factory):
-    log = tmp_path_factory.mktemp("gemma-server") / "server.log"
-    with vllm_server(vllm_python, gemma3_twin, GEMMA, log, "--max-model-len", "512", "--max-num-seqs", "8",
+def gemma_server(warm_vllm, gemma3_twin):
+    with vllm_server(warm_vllm, gemma3_twin, GEMMA, "--max-model-len", "512", "--max-num-seqs", "8",
                      "--max-num-batched-tokens", "4096", "--max-logprobs", str(SERVER_TOP_K)) as server:
         yield server
 

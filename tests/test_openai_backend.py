@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import yaml
 
+import warm_python
 from polyfuse.errors import ConfigError, UserError
 from polyfuse.models import load_tokenizer, render_prompt
 from polyfuse.sampling import SampledModel, SamplingParams, build_backend, request_seed
@@ -229,12 +226,11 @@ def test_a_killed_sample_stage_resumed_with_other_server_settings_resends_nothin
               "pivot": {"name": "pivot", "path": str(tiny_world.pivot_path)}}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     journal = tmp_path / "work" / "sample" / "shards" / "served-00000.partial.jsonl"
-    run = subprocess.Popen([sys.executable, "-m", "polyfuse", "run", str(tmp_path / "recipe.yaml"), "-q"])
+    run = warm_python.start(["-m", "polyfuse", "run", tmp_path / "recipe.yaml", "-q"])  # in a warm child
     try:
         assert first.held.wait(timeout=120), "the run never reached the held request"
     finally:
-        os.kill(run.pid, signal.SIGKILL)
-        run.wait()
+        run.kill()  # SIGKILL
     assert journal.read_text().count("\n") == 5 and len(first.bodies) == 6
 
     backend.update(base_url=second.url, concurrency=4, timeout=30, max_retries=1)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -61,7 +60,7 @@ PROMPTS = ["rg-basic_arithmetic-1000-0", "rg-gcd-1000-0", "rg-gcd-1000-1", "rg-g
 
 
 @pytest.mark.slow
-def test_the_walkthrough_recipe_runs_cut_down_on_the_real_gguf_models(vllm_python, tmp_path):
+def test_the_walkthrough_recipe_runs_cut_down_on_the_real_gguf_models(warm_vllm, tmp_path):
     """Six prompts, 12 tokens, one step of SFT and of InfiFPO: every stage's output is there, the pairs come
     from the verdicts alone (chosen correct, rejected not), and the trained pivot differs from SmolLM2."""
     prompts = [r for r in read_rows(DATA / "real-math-train.jsonl", PromptRow) if r.id in PROMPTS]
@@ -70,9 +69,8 @@ def test_the_walkthrough_recipe_runs_cut_down_on_the_real_gguf_models(vllm_pytho
     # The venv need not hold the model packages: their files are located here and named directly.
     overrides += ["--set", f"sources.0.path={gemma3()}", "--set", f"sources.1.path={smollm2()}",
                   "--set", f"pivot.path={smollm2()}"]
-    result = subprocess.run([str(vllm_python), "-m", "polyfuse", "run", str(RECIPE), "--work-dir", str(tmp_path / "work"),
-                             "--quiet", *overrides], env=engine_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"), cwd=ROOT,
-                            capture_output=True, text=True, timeout=1500)
+    result = warm_vllm.run(["-m", "polyfuse", "run", RECIPE, "--work-dir", tmp_path / "work", "--quiet", *overrides],
+                           cwd=ROOT, env=engine_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"), timeout=1500)
     assert result.returncode == 0, result.stderr[-4000:]
     check_cut_down_run(tmp_path / "work")
 

@@ -4,12 +4,11 @@ under `accelerate launch` with the same rows as one process."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import yaml
 
+import warm_python
 from polyfuse.config import validate
 from polyfuse.data import SampleRow, read_rows, write_rows
 from polyfuse.data.io import read_metadata, write_metadata
@@ -102,14 +101,14 @@ def test_two_processes_give_the_same_rows_as_one(tiny_world, tmp_path):
     config = sample_config(tiny_world)
     (tmp_path / "sample.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json", exclude=set(config.recipe_only))))
     single = read_rows(run_sample(prompts, config, tmp_path / "single", quiet=True), SampleRow)
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    command = [  # the launcher in a warm child (`warm_python`); the processes it starts are new interpreters
+        "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()), "-m", "polyfuse", "sample", "--config", str(tmp_path / "sample.yaml"),
         "--prompts", str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / "ddp"), "--quiet",
     ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    result = warm_python.run(command, env=env, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     parallel = read_rows(tmp_path / "ddp" / "samples.jsonl", SampleRow)
     assert [r.model_dump() for r in parallel] == [r.model_dump() for r in single]

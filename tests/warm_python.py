@@ -7,19 +7,30 @@ about thirty times (`kill_at_rename`), `test_benches` runs some thirty bench scr
 `polyfuse` or a script a few times each. The child sees what a new interpreter would: the script's folder (for
 `-m`, the working directory) first on `sys.path` and then a plain interpreter's path (not pytest's), its own
 working directory, environment, `sys.argv`, temporary folder and process group, and its output in files of its own.
+
+`Server` does the same for another interpreter (the vLLM venv's, `conftest.warm_vllm`): this file run there as a
+script (`--serve SOCKET MODULE...`) imports the modules once and forks a child per request on a Unix socket.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import functools
+import importlib
 import json
 import multiprocessing
 import os
 import runpy
+import select
+import selectors
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+import traceback
 from pathlib import Path
 
 # What the tiny recipe and the bench scripts import beyond `import transformers` (lazy: the model classes, the
@@ -118,3 +129,125 @@ def run(argv: list[str], cwd: Path | None = None, env: dict[str, str] | None = N
     started = start(argv, cwd, env)
     code = started.wait(timeout)
     return subprocess.CompletedProcess([sys.executable, *started.argv], code, started.stdout(), started.stderr())
+
+
+def _run_forked(request: dict) -> int:
+    """A forked child of `serve`: the request run as `_child` runs it, ended as an interpreter ends (exit code of
+    `sys.exit`, a traceback and 1 for an exception, the exit functions run, the output flushed)."""
+    try:
+        _child(request["argv"], request["cwd"], request["env"], _plain_path(request["env"].get("PYTHONPATH")),
+               request["out"], request["err"])
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
+        if not isinstance(stop.code, int | None):
+            print(stop.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001  (an uncaught exception: the traceback, exit code 1, as Python does)
+        traceback.print_exc()
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    return code
+
+
+def serve(address: str, preload: list[str]) -> None:
+    """The fork server of `Server`, in its interpreter: each connection sends one request (a JSON line), gets the
+    forked child's pid, then its exit code when it ends. Ends with its parent."""
+    for name in preload:
+        importlib.import_module(name)
+    parent = os.getppid()
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(address + ".part")
+    listener.listen()
+    os.replace(address + ".part", address)  # ready
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ)
+    waiting: dict[int, socket.socket] = {}
+    while os.getppid() == parent:
+        if selector.select(timeout=0.2):
+            connection, _ = listener.accept()
+            request = json.loads(connection.makefile().readline())
+            pid = os.fork()
+            if pid == 0:
+                listener.close()
+                connection.close()
+                os._exit(_run_forked(request))
+            connection.sendall(f"{pid}\n".encode())
+            waiting[pid] = connection
+        while waiting:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            if pid in waiting:
+                with waiting.pop(pid) as connection:
+                    connection.sendall(f"{os.waitstatus_to_exitcode(status)}\n".encode())
+
+
+class Server:
+    """A fork server in the interpreter `python` with `preload` imported (started at once, ready at the first
+    `start`): its `start` and `run` are the module's, for that interpreter."""
+
+    def __init__(self, python: str | Path, preload: list[str], env: dict[str, str]):
+        self.python, self._folder = str(python), tempfile.TemporaryDirectory(prefix="warm-")  # a short socket path
+        self.address = os.path.join(self._folder.name, "socket")
+        self._process = subprocess.Popen([self.python, __file__, "--serve", self.address, *preload], env=env)
+
+    def start(self, argv: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> ServedChild:
+        while not os.path.exists(self.address):
+            if self._process.poll() is not None:
+                raise RuntimeError(f"the fork server of {self.python} exited with {self._process.returncode}")
+            time.sleep(0.1)
+        return ServedChild(self.address, list(map(str, argv)), cwd or Path.cwd(), dict(os.environ if env is None else env))
+
+    def run(self, argv: list[str], cwd: Path | None = None, env: dict[str, str] | None = None,
+            timeout: float | None = None) -> subprocess.CompletedProcess:
+        started = self.start(argv, cwd, env)
+        code = started.wait(timeout)
+        return subprocess.CompletedProcess([self.python, *started.argv], code, started.stdout(), started.stderr())
+
+    def close(self) -> None:
+        self._process.terminate()
+        self._process.wait()
+        self._folder.cleanup()
+
+
+class ServedChild(Started):
+    """A `python ARGS` started by a `Server`: `Started`'s interface, the exit code from the server."""
+
+    def __init__(self, address: str, argv: list[str], cwd: Path, env: dict[str, str]):
+        self.argv, self._folder = argv, tempfile.TemporaryDirectory(prefix="warm-python-")
+        self._out, self._err = Path(self._folder.name) / "stdout", Path(self._folder.name) / "stderr"
+        self._connection = socket.socket(socket.AF_UNIX)
+        self._connection.connect(address)
+        request = {"argv": argv, "cwd": str(cwd), "env": env, "out": str(self._out), "err": str(self._err)}
+        self._connection.sendall((json.dumps(request) + "\n").encode())
+        self._replies = self._connection.makefile()
+        self.pid, self._code = int(self._replies.readline()), None
+
+    def poll(self) -> int | None:
+        return self._receive() if self._code is not None or self._ready(0) else None
+
+    def _ready(self, timeout: float | None) -> bool:
+        return bool(select.select([self._connection], [], [], timeout)[0])
+
+    def _receive(self) -> int:
+        if self._code is None:
+            self._code = int(self._replies.readline())
+            self._connection.close()
+        return self._code
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self._code is None and not self._ready(timeout):
+            self.kill()
+            raise subprocess.TimeoutExpired(self.argv, timeout, self.stdout(), self.stderr())
+        return self._receive()
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        self._receive()
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--serve"]:
+    serve(sys.argv[2], sys.argv[3:])
