@@ -6,8 +6,9 @@ be projected from counts (docs/gym.md, "Budget") without running it whole on a s
 
 Components: sampling one chunk of one source, scoring 1,024 samples (reward model and verifier), one SFT epoch, one
 DPO training (the implicit family's recipe), one CGPO training (the unpaired family's, at its recipe rate) and reading
-its rows apart, the unpaired log-probs (M0 and every source, with entropies) of a tenth of the rows, and one test
-evaluation (12,000 items). Nothing under `--run` is written; every output goes
+its rows apart, the unpaired log-probs (M0 and every source, with entropies) of a tenth of the rows, one training of
+each distillation method (SFT on the gold texts, ULD with uncertainty weights, FuseLLM MinCE; `--distill-run`: the
+distill family's data, whose teacher store the trainings read) and one test evaluation (12,000 items). Nothing under `--run` is written; every output goes
 to `--scratch`.
 """
 
@@ -20,6 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import explicit_fusion
 import gym_protocol
 import infifpo_ablation
 
@@ -30,7 +32,7 @@ from polyfuse.logprobs import LogprobsConfig, run_logprobs
 from polyfuse.sampling import SampleConfig, run_sample
 from polyfuse.scorers import build_scorer
 from polyfuse.scorers.run import ScoreConfig, run_score
-from polyfuse.trainers import train_sft, train_unpaired
+from polyfuse.trainers import SFTTrainConfig, train_sft, train_unpaired
 
 
 def cpu(work: Callable[[], object]) -> float:
@@ -42,6 +44,8 @@ def cpu(work: Callable[[], object]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="a protocol cache: <work-dir>/gym-<key>")
+    parser.add_argument("--distill-run", type=Path, default=None,
+                        help="a protocol cache whose distill family's data is done (default: --run)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scratch", type=Path, default=Path("runs/gym-costs"))
     parser.add_argument("--out", type=Path, default=Path("runs/gym-costs.json"))
@@ -97,9 +101,27 @@ def main() -> None:
         items = list(gym_protocol.eval_items("gym", "test", 4000))
         evaluate(sft, items, [build_scorer({"type": "toyworld"})], batch_size=256, max_new_tokens=16, quiet=True)
 
+    distill_root = (args.distill_run or args.run) / "distill"
+    distill_recipe = gym_protocol.family_recipe("infifusion-unified", "gym", [])
+
+    def distill_training(key: str) -> Callable[[], object]:
+        def train() -> object:
+            gold = read_rows(gym_protocol.world("gym").gold_texts_path, SFTRow)
+            recipe = gym_protocol.with_section(distill_recipe, "distill", args.seed, distill_recipe.distill.learning_rate)
+            if key == "sft-gold":
+                settings = explicit_fusion.train_settings(recipe)
+                return train_sft(recipe.pivot, gold, SFTTrainConfig(**settings), args.scratch / key / "model")
+            return explicit_fusion.train_method(gym_protocol.DISTILL[key], recipe, gold,
+                                                distill_root / "data" / "teacher" / "store", args.scratch / key)
+        return train
+
     components = {"sample: 1 chunk x 1 source": sample, "score: 1,024 samples": score, "sft: 1 epoch": sft_epoch,
                   "dpo: 1 training": dpo, "cgpo: reading its rows": cgpo_rows, "cgpo: 1 training": cgpo_training,
-                  "logprobs: a tenth of the unpaired rows": logprobs, "eval: 12,000 test items": evaluation}
+                  "logprobs: a tenth of the unpaired rows": logprobs,
+                  "distill: sft-gold, 1 training": distill_training("sft-gold"),
+                  "distill: uld-uncertainty, 1 training": distill_training("uld-uncertainty"),
+                  "distill: fusellm-min-ce, 1 training": distill_training("fusellm-min-ce"),
+                  "eval: 12,000 test items": evaluation}
     found: dict[str, float] = {}
     for name, work in components.items():
         if args.only and not any(name.startswith(o) for o in args.only):

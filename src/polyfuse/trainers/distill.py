@@ -51,8 +51,8 @@ class DistillCollator(SequenceCollator):
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = super().__call__(features)
         for name, spec in self.fields.items():
-            if not spec.sparse:
-                batch[name] = torch.cat([torch.tensor(f[name], dtype=spec.dtype) for f in features])
+            if not spec.sparse:  # one tensor from all rows' entries: a tensor per row cost more than the cat
+                batch[name] = torch.tensor([entry for f in features for entry in f[name]], dtype=spec.dtype)
                 continue
             positions = [entry for f in features for entry in f[name]]
             padded = torch.zeros((len(positions), max(map(len, positions))), dtype=spec.dtype)
