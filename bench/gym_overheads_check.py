@@ -5,6 +5,7 @@ with a model of the same method trained before the change (`--before <folder>/<k
 `bench/gym_protocol_costs.py --only distill` run on the code before):
 
     python bench/gym_overheads_check.py --run <cache>/gym-fbc3d68940 --before runs/gym-costs eval uld-uncertainty:2
+    python bench/gym_overheads_check.py --smoke --run runs/gym-protocol-smoke/tiny-<key> eval   # the plumbing
 """
 
 from __future__ import annotations
@@ -44,16 +45,19 @@ def main() -> None:
     parser.add_argument("--before", type=Path, default=None, help="models trained before the change: <before>/<key>/model")
     parser.add_argument("--scratch", type=Path, default=Path("runs/gym-overheads"))
     parser.add_argument("--out", type=Path, default=Path("runs/gym-overheads.json"))
+    parser.add_argument("--smoke", action="store_true", help="on a `gym_protocol.py --smoke` run: 4 test items per "
+                        "domain (distillation keys need a gym preset's gold texts)")
     parser.add_argument("what", nargs="+", help="eval, and distillation keys (key or key:times)")
     args = parser.parse_args()
+    preset = args.run.name.rsplit("-", 1)[0]  # the protocol names its cache <preset>-<key>
     import torch
 
     torch.set_num_threads(1)
     found: dict[str, object] = {}
     if "eval" in args.what:
-        recipe = gym_protocol.family_recipe("infifpo", "gym", ["seed=0"])
+        recipe = gym_protocol.family_recipe("infifpo", preset, ["seed=0"])
         sft = gym_protocol.spec_at(recipe, args.run / "implicit" / "data" / "seed0" / "sft" / "model")
-        items = list(gym_protocol.eval_items("gym", "test", 4000))
+        items = list(gym_protocol.eval_items(preset, "test", 4 if args.smoke else 4000))
 
         def run() -> object:
             return evaluate(sft, items, [build_scorer({"type": "toyworld"})], batch_size=256, max_new_tokens=16, quiet=True)
@@ -67,11 +71,11 @@ def main() -> None:
         found["eval"] = {"cpu_s memo off / first / warm": [off, first, warm],
                          "identical": records[0] == records[1] == records[2]}
         print(found, flush=True)
-    distill = gym_protocol.family_recipe("infifusion-unified", "gym", [])
-    recipe = gym_protocol.with_section(distill, "distill", 0, distill.distill.learning_rate)
-    gold = read_rows(gym_protocol.world("gym").gold_texts_path, SFTRow)
-    store = (args.distill_run or args.run) / "distill" / "data" / "teacher" / "store"
-    def train(key: str, folder: Path) -> Path:
+    def train(key: str, folder: Path) -> Path:  # on a gym preset: its gold texts
+        distill = gym_protocol.family_recipe("infifusion-unified", preset, [])
+        recipe = gym_protocol.with_section(distill, "distill", 0, distill.distill.learning_rate)
+        gold = read_rows(gym_protocol.world(preset).gold_texts_path, SFTRow)
+        store = (args.distill_run or args.run) / "distill" / "data" / "teacher" / "store"
         if key == "sft-gold":
             return train_sft(recipe.pivot, gold, SFTTrainConfig(**explicit_fusion.train_settings(recipe)), folder / "model")
         return explicit_fusion.train_method(gym_protocol.DISTILL[key], recipe, gold, store, folder)

@@ -3,6 +3,7 @@
 be projected from counts (docs/gym.md, "Budget") without running it whole on a shared machine:
 
     python bench/gym_protocol_costs.py --run runs/gym-protocol/gym-fbc3d68940 --seed 0 --out runs/gym-costs.json
+    python bench/gym_protocol_costs.py --smoke --run runs/gym-protocol-smoke/tiny-<key>   # on a --smoke protocol run
 
 Components: sampling one chunk of one source, scoring 1,024 samples (reward model and verifier), one SFT epoch, one
 DPO training (the implicit family's recipe), one CGPO training (the unpaired family's, at its recipe rate) and reading
@@ -50,15 +51,20 @@ def main() -> None:
     parser.add_argument("--scratch", type=Path, default=Path("runs/gym-costs"))
     parser.add_argument("--out", type=Path, default=Path("runs/gym-costs.json"))
     parser.add_argument("--only", nargs="+", default=None, help="measure only these components")
+    parser.add_argument("--smoke", action="store_true", help="on a `gym_protocol.py --smoke` run (its world's "
+                        "preset, 4 test items per domain), the components whose data a smoke run holds: the plumbing")
     args = parser.parse_args()
+    preset = args.run.name.rsplit("-", 1)[0]  # the protocol names its cache <preset>-<key>
+    if args.smoke:
+        args.only = args.only or ["sample", "score", "sft", "dpo", "cgpo", "eval"]
     import torch
 
     torch.set_num_threads(1)
     shutil.rmtree(args.scratch, ignore_errors=True)
     implicit = args.run / "implicit" / "data" / f"seed{args.seed}"
     unpaired = args.run / "unpaired" / "data" / f"seed{args.seed}" / "cgpo"
-    recipe = gym_protocol.family_recipe("infifpo", "gym", [f"seed={args.seed}"])
-    cgpo = gym_protocol.family_recipe("cgpo", "gym", [f"seed={args.seed}"])
+    recipe = gym_protocol.family_recipe("infifpo", preset, [f"seed={args.seed}"])
+    cgpo = gym_protocol.family_recipe("cgpo", preset, [f"seed={args.seed}"])
     sft = gym_protocol.spec_at(recipe, implicit / "sft" / "model")
     prompts = read_rows(implicit / "prompts" / "prompts.jsonl", PromptRow)
     samples = read_rows(implicit / "sample" / "samples.jsonl", SampleRow)
@@ -98,15 +104,15 @@ def main() -> None:
                      quiet=True)
 
     def evaluation() -> None:
-        items = list(gym_protocol.eval_items("gym", "test", 4000))
+        items = list(gym_protocol.eval_items(preset, "test", 4 if args.smoke else 4000))
         evaluate(sft, items, [build_scorer({"type": "toyworld"})], batch_size=256, max_new_tokens=16, quiet=True)
 
     distill_root = (args.distill_run or args.run) / "distill"
-    distill_recipe = gym_protocol.family_recipe("infifusion-unified", "gym", [])
+    distill_recipe = gym_protocol.family_recipe("infifusion-unified", preset, [])
 
     def distill_training(key: str) -> Callable[[], object]:
         def train() -> object:
-            gold = read_rows(gym_protocol.world("gym").gold_texts_path, SFTRow)
+            gold = read_rows(gym_protocol.world(preset).gold_texts_path, SFTRow)
             recipe = gym_protocol.with_section(distill_recipe, "distill", args.seed, distill_recipe.distill.learning_rate)
             if key == "sft-gold":
                 settings = explicit_fusion.train_settings(recipe)

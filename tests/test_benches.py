@@ -172,7 +172,8 @@ SMOKE = {
 
 
 # benches whose smoke run a test of their own runs (and checks more closely): the test file that does
-TESTED_ELSEWHERE = {"gym_protocol.py": "test_gym_protocol.py"}
+TESTED_ELSEWHERE = {"gym_protocol.py": "test_gym_protocol.py", "gym_protocol_costs.py": "test_gym_protocol.py",
+                    "gym_overheads_check.py": "test_gym_protocol.py"}  # both read a finished smoke protocol run
 
 
 def test_every_bench_has_a_smoke_run():

@@ -124,6 +124,20 @@ def test_smoke_writes_evidence_and_resumes(tmp_path, monkeypatch):
         assert ({m: c.get("learning_rate") for m, c in parallel["protocol"]["chosen"].items()}
                 == {m: c.get("learning_rate") for m, c in serial["protocol"]["chosen"].items()})
     assert (tmp_path / "jobs" / "evidence" / "tiny-hypotheses.md").read_text() == written
+    (root,) = (tmp_path / "work").glob("tiny-*")  # the cost benches' smoke runs, on this finished protocol run
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for script, options in {"gym_protocol_costs.py": [], "gym_overheads_check.py": ["eval"]}.items():
+        out = tmp_path / f"{script}.json"
+        done = warm_python.run([BENCH / script, "--smoke", "--run", root, "--scratch", tmp_path / script, "--out", out,
+                                *options], env=env, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        found = json.loads(out.read_text())
+        if script == "gym_protocol_costs.py":  # every component a smoke run has data for, each timed
+            assert [name.split(":")[0] for name in found["cpu_s"]] == ["sample", "score", "sft", "dpo", "cgpo", "cgpo",
+                                                                       "eval"]
+            assert all(seconds >= 0 for seconds in found["cpu_s"].values())
+        else:  # the tokenising memo off, cold and warm give the same evaluation records
+            assert found["eval"]["identical"] is True and len(found["eval"]["cpu_s memo off / first / warm"]) == 3
 
 
 def test_a_model_taken_over_from_another_run_shares_its_evaluation(tmp_path, monkeypatch):
