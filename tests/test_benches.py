@@ -91,7 +91,7 @@ SMOKE = {
         r"^LoRA check \(rank 2\): addition: max rank [12], unchanged 4 tensors, ",
     ), ("runs/gym-merge-parity-smoke/parity.json",)),
     "gym_resolution.py": Smoke(("--smoke",), (
-        r"^## merge \(1 seed, items per domain addition 4,000", r"^\| ties − base \| -4\.97 \| \[-[\d.]+, -[\d.]+\] \| ±0\.\d\d \| \(one seed\)",
+        r"^## merge \(1 seed, items per domain addition 4,000", r"^\| ties − base \| \+5\.13 \| \[\+[\d.]+, \+[\d.]+\] \| ±0\.\d\d \| \(one seed\)",
     ), ("runs/gym-resolution-smoke.md",)),
     "gym_merge_diagnose.py": Smoke(("--smoke",), (
         r"^\| base \+ tau\[addition\] \+ tau\[reversal\] \| ", r"^signs \{'coordinates': \d+, 'share_not_all_agree': "),
