@@ -12,26 +12,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-import explicit_fusion
-import gym_protocol
+from gym_protocol_costs import protocol_evaluation, timed, train_distill
 
-from polyfuse.data.io import read_rows, write_json
-from polyfuse.data.schemas import SFTRow
-from polyfuse.evaluation import evaluate
+from polyfuse.data.io import write_json
 from polyfuse.models import templates
-from polyfuse.scorers import build_scorer
-from polyfuse.trainers import SFTTrainConfig, train_sft
-
-
-def cpu(work: Callable[[], object]) -> tuple[float, object]:
-    started = time.process_time()
-    result = work()
-    return round(time.process_time() - started, 1), result
 
 
 def weights_hash(model: Path) -> str:
@@ -55,35 +42,22 @@ def main() -> None:
     torch.set_num_threads(1)
     found: dict[str, object] = {}
     if "eval" in args.what:
-        recipe = gym_protocol.family_recipe("infifpo", preset, ["seed=0"])
-        sft = gym_protocol.spec_at(recipe, args.run / "implicit" / "data" / "seed0" / "sft" / "model")
-        items = list(gym_protocol.eval_items(preset, "test", 4 if args.smoke else 4000))
-
-        def run() -> object:
-            return evaluate(sft, items, [build_scorer({"type": "toyworld"})], batch_size=256, max_new_tokens=16, quiet=True)
+        run = protocol_evaluation(args.run, preset, 0, args.smoke)
 
         keyed = templates._tokenizer_key
         templates._tokenizer_key = lambda tokenizer: ()  # the memo off
-        off, plain = cpu(run)
+        off, plain = timed(run)
         templates._tokenizer_key = keyed
-        (first, cold), (warm, again) = cpu(run), cpu(run)
+        (first, cold), (warm, again) = timed(run), timed(run)
         records = [[r.model_dump() for r in result.records] for result in (plain, cold, again)]
         found["eval"] = {"cpu_s memo off / first / warm": [off, first, warm],
                          "identical": records[0] == records[1] == records[2]}
         print(found, flush=True)
-    def train(key: str, folder: Path) -> Path:  # on a gym preset: its gold texts
-        distill = gym_protocol.family_recipe("infifusion-unified", preset, [])
-        recipe = gym_protocol.with_section(distill, "distill", 0, distill.distill.learning_rate)
-        gold = read_rows(gym_protocol.world(preset).gold_texts_path, SFTRow)
-        store = (args.distill_run or args.run) / "distill" / "data" / "teacher" / "store"
-        if key == "sft-gold":
-            return train_sft(recipe.pivot, gold, SFTTrainConfig(**explicit_fusion.train_settings(recipe)), folder / "model")
-        return explicit_fusion.train_method(gym_protocol.DISTILL[key], recipe, gold, store, folder)
-
+    store = (args.distill_run or args.run) / "distill" / "data" / "teacher" / "store"  # on a gym: its gold texts
     for spec in (w for w in args.what if w != "eval"):
         key, times = (spec.split(":") + ["1"])[:2]
         for n in range(1, int(times) + 1):
-            spent, model = cpu(partial(train, key, args.scratch / f"{key}-{n}"))
+            spent, model = timed(partial(train_distill, key, preset, 0, store, args.scratch / f"{key}-{n}"))
             same = None if args.before is None else weights_hash(Path(model)) == weights_hash(args.before / key / "model")
             found[f"{key} #{n}"] = {"cpu_s": spent, "identical_to_before": same}
             print(found, flush=True)

@@ -36,10 +36,32 @@ from polyfuse.scorers.run import ScoreConfig, run_score
 from polyfuse.trainers import SFTTrainConfig, train_sft, train_unpaired
 
 
-def cpu(work: Callable[[], object]) -> float:
+def timed(work: Callable[[], object]) -> tuple[float, object]:
+    """(CPU seconds of this process, rounded to 0.1; what `work` returned)."""
     started = time.process_time()
-    work()
-    return round(time.process_time() - started, 1)
+    result = work()
+    return round(time.process_time() - started, 1), result
+
+
+def protocol_evaluation(run: Path, preset: str, seed: int, smoke: bool) -> Callable[[], object]:
+    """One test evaluation as the protocol runs it (12,000 items on a gym; 4 per domain for a smoke), of the
+    implicit family's SFT model of `seed`."""
+    recipe = gym_protocol.family_recipe("infifpo", preset, [f"seed={seed}"])
+    sft = gym_protocol.spec_at(recipe, run / "implicit" / "data" / f"seed{seed}" / "sft" / "model")
+    items = list(gym_protocol.eval_items(preset, "test", 4 if smoke else 4000))
+    return lambda: evaluate(sft, items, [build_scorer({"type": "toyworld"})], batch_size=256, max_new_tokens=16,
+                            quiet=True)
+
+
+def train_distill(key: str, preset: str, seed: int, store: Path, folder: Path) -> Path:
+    """One training of a distillation method (`gym_protocol.DISTILL` key, or `sft-gold`) on a gym's gold texts, at
+    the recipe's rate; returns its model folder."""
+    distill = gym_protocol.family_recipe("infifusion-unified", preset, [])
+    recipe = gym_protocol.with_section(distill, "distill", seed, distill.distill.learning_rate)
+    gold = read_rows(gym_protocol.world(preset).gold_texts_path, SFTRow)
+    if key == "sft-gold":
+        return train_sft(recipe.pivot, gold, SFTTrainConfig(**explicit_fusion.train_settings(recipe)), folder / "model")
+    return Path(explicit_fusion.train_method(gym_protocol.DISTILL[key], recipe, gold, store, folder))
 
 
 def main() -> None:
@@ -103,23 +125,12 @@ def main() -> None:
         run_logprobs(LogprobsConfig.model_validate({**section, "pivot": pivot}), rows[::10], args.scratch / "logprobs.jsonl",
                      quiet=True)
 
-    def evaluation() -> None:
-        items = list(gym_protocol.eval_items(preset, "test", 4 if args.smoke else 4000))
-        evaluate(sft, items, [build_scorer({"type": "toyworld"})], batch_size=256, max_new_tokens=16, quiet=True)
+    evaluation = protocol_evaluation(args.run, preset, args.seed, args.smoke)
 
-    distill_root = (args.distill_run or args.run) / "distill"
-    distill_recipe = gym_protocol.family_recipe("infifusion-unified", preset, [])
+    store = (args.distill_run or args.run) / "distill" / "data" / "teacher" / "store"
 
     def distill_training(key: str) -> Callable[[], object]:
-        def train() -> object:
-            gold = read_rows(gym_protocol.world(preset).gold_texts_path, SFTRow)
-            recipe = gym_protocol.with_section(distill_recipe, "distill", args.seed, distill_recipe.distill.learning_rate)
-            if key == "sft-gold":
-                settings = explicit_fusion.train_settings(recipe)
-                return train_sft(recipe.pivot, gold, SFTTrainConfig(**settings), args.scratch / key / "model")
-            return explicit_fusion.train_method(gym_protocol.DISTILL[key], recipe, gold,
-                                                distill_root / "data" / "teacher" / "store", args.scratch / key)
-        return train
+        return lambda: train_distill(key, preset, args.seed, store, args.scratch / key)
 
     components = {"sample: 1 chunk x 1 source": sample, "score: 1,024 samples": score, "sft: 1 epoch": sft_epoch,
                   "dpo: 1 training": dpo, "cgpo: reading its rows": cgpo_rows, "cgpo: 1 training": cgpo_training,
@@ -132,7 +143,7 @@ def main() -> None:
     for name, work in components.items():
         if args.only and not any(name.startswith(o) for o in args.only):
             continue
-        found[name] = cpu(work)
+        found[name] = timed(work)[0]
         print(f"{name}: {found[name]} CPU s", flush=True)
     write_json(args.out, {"cpu_s": found, "run": str(args.run), "seed": args.seed})
 
